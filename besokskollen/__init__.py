@@ -1,0 +1,1 @@
+"""Besökskollen: composition of ingest, streams and query_api, configuration and the CLI."""

@@ -1,0 +1,94 @@
+"""Composition: wires storage, ingest, the stream core and the query API into the processes the
+CLI starts. The topologies differ only in the hand-off chosen here."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+
+from clickhouse_connect.driver.client import Client
+from fastapi import FastAPI
+from starlette.applications import Starlette
+
+from besokskollen.config import Settings
+from ingest import app as ingest_app
+from ingest.handoff import Handoff, InProcessHandoff, KafkaHandoff
+from ingest.salts import Salts
+from ingest.visitors import Visitors
+from query_api.app import create_app as create_query_app
+from query_api.deps import Context
+from query_api.keys import KeyStore
+from streams import migrations, storage
+from streams.core import StreamCore
+from streams.embedded import EmbeddedRunner
+from streams.sessions import has_open_session
+from streams.sites import SiteRegistry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ACCOUNT = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    settings: Settings
+    client: Client
+    sites: SiteRegistry
+    keys: KeyStore
+    visitors: Visitors
+
+    @property
+    def query_context(self) -> Context:
+        return Context(self.client, self.sites, self.keys)
+
+
+def open_services(settings: Settings) -> Services:
+    """Connect, migrate (every process does, idempotently), and make sure BK_ADMIN_KEY exists."""
+    client = storage.connect(settings.clickhouse_url)
+    migrations.migrate(client)
+    keys = KeyStore(client)
+    if settings.admin_key and keys.lookup(settings.admin_key) is None:
+        keys.create(DEFAULT_ACCOUNT, key=settings.admin_key)
+    visitors = Visitors(Salts(client), partial(has_open_session, client), settings.session_timeout_s)
+    return Services(settings, client, SiteRegistry(client), keys, visitors)
+
+
+def make_handoff(services: Services, core: StreamCore | None = None) -> Handoff:
+    """Embedded (the given or a new stream core in this process) unless Kafka is configured."""
+    settings = services.settings
+    if settings.embedded:
+        return InProcessHandoff(EmbeddedRunner(core or StreamCore(services.client, settings.session_timeout_s)))
+    return KafkaHandoff(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions)
+
+
+def _lifespan(handoff: Handoff):
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await handoff.start()
+        try:
+            yield
+        finally:
+            await handoff.stop()  # drains: events answered 202 are written before exit
+
+    return lifespan
+
+
+def server_app(services: Services, handoff: Handoff) -> FastAPI:
+    """`up`: tracking endpoint and query API in one process."""
+    app = create_query_app(services.query_context, lifespan=_lifespan(handoff))
+    app.router.routes.extend(ingest_app.routes(services.settings, services.sites, services.visitors, handoff))
+    return app
+
+
+def ingest_server_app(services: Services, handoff: Handoff) -> Starlette:
+    """`ingest`: the tracking endpoint alone."""
+    return Starlette(routes=ingest_app.routes(services.settings, services.sites, services.visitors, handoff),
+                     lifespan=_lifespan(handoff))
+
+
+def api_server_app(services: Services) -> FastAPI:
+    """`api`: the query API alone."""
+    return create_query_app(services.query_context)

@@ -1,0 +1,136 @@
+"""`besokskollen` command line (SPEC §4). Flags override the BK_ environment."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from besokskollen.config import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {}
+    if getattr(args, "data", None):
+        overrides["clickhouse_url"] = "chdb://" + str(Path(args.data).resolve())
+    return Settings(**overrides)
+
+
+def _serve(app, host: str, port: int) -> None:
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    from besokskollen import demo
+    from besokskollen.app import DEFAULT_ACCOUNT, make_handoff, open_services, server_app
+    from streams.core import StreamCore
+
+    settings = _settings(args)
+    services = open_services(settings)
+    core = StreamCore(services.client, settings.session_timeout_s) if settings.embedded else None
+    if args.demo:
+        if core is None:
+            raise SystemExit("--demo seeds through the embedded stream core; unset BK_KAFKA_BOOTSTRAP")
+        site = demo.seed(services, core)
+        key = settings.admin_key or services.keys.create(DEFAULT_ACCOUNT)
+        base = f"http://{args.host}:{args.port}/api/v1"
+        print(f"\nDemo site {site.site_id!r} is ready. API key (user level): {key}\n")
+        for path in (f"popular/products?site_id={site.site_id}&days=7&limit=5",
+                     f"stats/overview?site_id={site.site_id}&period=30d",
+                     "sites"):
+            print(f'curl -H "Authorization: Bearer {key}" "{base}/{path}"')
+        print()
+    _serve(server_app(services, make_handoff(services, core)), args.host, args.port)
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from besokskollen.app import ingest_server_app, make_handoff, open_services
+
+    settings = _settings(args)
+    if settings.embedded:
+        raise SystemExit("`ingest` hands events to Kafka: set BK_KAFKA_BOOTSTRAP (or run `besokskollen up`)")
+    services = open_services(settings)
+    _serve(ingest_server_app(services, make_handoff(services)), args.host, args.port)
+
+
+def cmd_api(args: argparse.Namespace) -> None:
+    from besokskollen.app import api_server_app, open_services
+
+    _serve(api_server_app(open_services(_settings(args))), args.host, args.port)
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from streams import worker
+
+    worker.run(_settings(args), args.loglevel)
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    from streams import migrations, storage
+
+    applied = migrations.migrate(storage.connect(_settings(args).clickhouse_url))
+    print(f"applied migrations: {applied}" if applied else "schema is up to date")
+
+
+def cmd_keys_create(args: argparse.Namespace) -> None:
+    from besokskollen.app import open_services
+
+    services = open_services(_settings(args))
+    if args.site:
+        site = services.sites.get(args.site)
+        if site is None:
+            raise SystemExit(f"no site with id {args.site!r}")
+        if site.account_id != args.account:
+            raise SystemExit(f"site {args.site!r} belongs to account {site.account_id!r}, not {args.account!r}")
+    print(services.keys.create(args.account, args.site or ""))
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="besokskollen", description="Privacy-friendly web and affiliate analytics")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    def with_data(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--data", help="data folder of the embedded ClickHouse (overrides BK_CLICKHOUSE_URL)")
+        return p
+
+    up = with_data(commands.add_parser("up", help="embedded topology in one process"))
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8080)
+    up.add_argument("--demo", action="store_true", help="seed a demo site with 90 days of traffic")
+    up.set_defaults(func=cmd_up)
+
+    ingest = with_data(commands.add_parser("ingest", help="tracking endpoint → Kafka"))
+    ingest.add_argument("--host", default="127.0.0.1")
+    ingest.add_argument("--port", type=int, default=8081)
+    ingest.set_defaults(func=cmd_ingest)
+
+    api = with_data(commands.add_parser("api", help="query API"))
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8082)
+    api.set_defaults(func=cmd_api)
+
+    worker = with_data(commands.add_parser("worker", help="Faust stream worker"))
+    worker.add_argument("--loglevel", default="info")
+    worker.set_defaults(func=cmd_worker)
+
+    with_data(commands.add_parser("migrate", help="create or upgrade the schema")).set_defaults(func=cmd_migrate)
+
+    keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    create = with_data(keys.add_parser("create", help="print a new bk_… key"))
+    create.add_argument("--account", required=True)
+    create.add_argument("--site", help="make a site-level key for this site")
+    create.set_defaults(func=cmd_keys_create)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""All configuration, read once from the environment (`BK_` prefix); CLI flags override."""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_clickhouse_url() -> str:
+    return "chdb://" + str(Path("./data").resolve())
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BK_", extra="ignore")
+
+    clickhouse_url: str = _default_clickhouse_url()
+    kafka_bootstrap: str | None = None
+    kafka_topic: str = "events"
+    # Partitions of the events topic when it is created; the most workers that can share it.
+    kafka_partitions: int = 4
+    admin_key: str | None = None
+    trusted_proxies: str = "127.0.0.1/32,::1/128"
+    session_timeout_s: int = 1800
+    # Largest accepted /api/event body; larger answers 413.
+    max_event_bytes: int = 16 * 1024
+
+    @field_validator("clickhouse_url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        if not url.startswith(("chdb://", "http://", "https://")):
+            raise ValueError("BK_CLICKHOUSE_URL must start with chdb://, http:// or https://")
+        return url
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @cached_property
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(
+            ipaddress.ip_network(cidr.strip(), strict=False)
+            for cidr in self.trusted_proxies.split(",")
+            if cidr.strip()
+        )
+
+    @property
+    def embedded(self) -> bool:
+        """No Kafka configured: ingest hands events to the stream core in-process."""
+        return self.kafka_bootstrap is None

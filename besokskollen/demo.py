@@ -1,0 +1,101 @@
+"""`up --demo`: a demo affiliate site with 90 days of realistic traffic, put through the same
+enrichment and stream core as live events (only the clock is the events' own)."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta, timezone
+
+from rich.progress import Progress
+
+from besokskollen.app import DEFAULT_ACCOUNT, Services
+from ingest import useragents
+from ingest.enrich import enrich
+from ingest.event import IncomingEvent
+from streams.core import StreamCore
+from streams.events import sites_with_events
+from streams.sites import Site, site_id_for
+
+DEMO_DOMAIN = "mobildelar.se"
+DAYS = 90
+
+# (product id, category, brand, partner, popularity weight)
+_PRODUCTS = [
+    ("iphone-15-skal", "mobilskal", "apple", "teknikdelar", 9), ("iphone-16-skal", "mobilskal", "apple", "teknikdelar", 7),
+    ("samsung-s24-glas", "skarmskydd", "samsung", "kjell", 8), ("samsung-s24-skal", "mobilskal", "samsung", "kjell", 5),
+    ("airpods-pro-2", "horlurar", "apple", "elgiganten", 6), ("pixel-9-glas", "skarmskydd", "google", "teknikdelar", 3),
+    ("usb-c-laddare-30w", "laddare", "anker", "kjell", 6), ("magsafe-laddare", "laddare", "apple", "elgiganten", 4),
+    ("powerbank-10000", "laddare", "anker", "teknikdelar", 4), ("iphone-15-glas", "skarmskydd", "apple", "kjell", 7),
+    ("galaxy-buds-3", "horlurar", "samsung", "elgiganten", 3), ("lightning-kabel-2m", "kablar", "apple", "clas-ohlson", 2),
+    ("usb-c-kabel-1m", "kablar", "anker", "clas-ohlson", 3), ("ipad-air-fodral", "surfplattor", "apple", "teknikdelar", 2),
+    ("oneplus-12-skal", "mobilskal", "oneplus", "kjell", 1),
+]
+_PAGES = ["/", "/mobilskal", "/skarmskydd", "/laddare", "/horlurar", "/guider/basta-skalet-2026", "/om-oss"]
+_REFERRERS = [("https://www.google.se/", 45), ("", 25), ("https://www.bing.com/", 5), ("https://duckduckgo.com/", 3),
+              ("https://l.facebook.com/", 6), ("https://www.instagram.com/", 4), ("https://www.reddit.com/", 2),
+              ("https://www.flashback.org/t123", 3), ("https://prisjakt.nu/produkt/123", 7)]
+_COUNTRIES = [("SE", 78), ("NO", 6), ("FI", 5), ("DK", 4), ("DE", 3), ("US", 2), ("GB", 2)]
+_AGENTS = [
+    ("Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Mobile/15E148 Safari/604.1", 38),
+    ("Mozilla/5.0 (Linux; Android 14; SM-S921B) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Mobile Safari/537.36", 22),
+    ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36", 25),
+    ("Mozilla/5.0 (Macintosh; Intel Mac OS X 14_6) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Safari/605.1.15", 10),
+    ("Mozilla/5.0 (iPad; CPU OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Mobile/15E148 Safari/604.1", 5),
+]
+
+
+def _pick(rng: random.Random, weighted: list[tuple]) -> tuple:
+    return rng.choices(weighted, weights=[w[-1] for w in weighted])[0]
+
+
+def _visit(rng: random.Random, site: Site, start: datetime) -> list[tuple[datetime, IncomingEvent]]:
+    """One session: a landing page, maybe more pages, maybe an affiliate click."""
+    referrer = _pick(rng, _REFERRERS)[0]
+    product = _pick(rng, _PRODUCTS)
+    landing = rng.choice([f"/produkt/{product[0]}"] * 3 + _PAGES)
+    pages = [landing] + [rng.choice(_PAGES + [f"/produkt/{_pick(rng, _PRODUCTS)[0]}"])
+                         for _ in range(rng.choices([0, 1, 2, 3, 5], weights=[45, 25, 15, 10, 5])[0])]
+    out, at = [], start
+    for i, page in enumerate(pages):
+        out.append((at, IncomingEvent(site_id=site.site_id, name="pageview", url=f"https://{site.domain}{page}",
+                                      referrer=referrer if i == 0 else f"https://{site.domain}{pages[i - 1]}")))
+        at += timedelta(seconds=rng.randint(8, 240))
+    if rng.random() < 0.22:
+        clicked = product if rng.random() < 0.6 else _pick(rng, _PRODUCTS)
+        out.append((at, IncomingEvent(
+            site_id=site.site_id, name="click", url=f"https://{site.domain}{pages[-1]}",
+            product={"id": clicked[0], "category_slug": clicked[1], "brand_slug": clicked[2], "partner_slug": clicked[3]})))
+    return out
+
+
+def seed(services: Services, core: StreamCore, now: datetime | None = None, seed_value: int = 42) -> Site:
+    """Create the demo site and feed it DAYS days of traffic ending now, unless it has data."""
+    now = now or datetime.now(timezone.utc)
+    site = (services.sites.get(site_id_for(DEMO_DOMAIN))
+            or services.sites.create(DEFAULT_ACCOUNT, DEMO_DOMAIN, "Mobildelar (demo)"))
+    if sites_with_events(services.client, [site.site_id]):
+        return site
+    rng = random.Random(seed_value)
+    people = [(f"81.{rng.randint(1, 250)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}",
+               _pick(rng, _AGENTS)[0], _pick(rng, _COUNTRIES)[0]) for _ in range(6000)]
+    first_day = (now - timedelta(days=DAYS - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    with Progress() as progress:
+        task = progress.add_task(f"Seeding {DAYS} days of demo traffic", total=DAYS)
+        for day in range(DAYS):
+            midnight = first_day + timedelta(days=day)
+            growth = 0.7 + 0.6 * day / DAYS
+            weekday = 1.15 if midnight.weekday() < 5 else 0.8
+            events = []
+            for _ in range(int(rng.gauss(260, 30) * growth * weekday)):
+                ip, agent, country = rng.choice(people)
+                # Busier in the evening (Swedish time), quiet at night.
+                start = midnight + timedelta(hours=min(23.99, max(0.0, rng.gauss(16, 4.5))))
+                for at, incoming in _visit(rng, site, start):
+                    if at <= now:
+                        events.append(enrich(incoming, site, useragents.parse(agent), agent, "127.0.0.1",
+                                             {"x-forwarded-for": ip, "cf-ipcountry": country},
+                                             services.settings.trusted_networks, services.visitors, at))
+            core.process(events)
+            progress.advance(task)
+    core.sessions.evict_idle()
+    return site

@@ -1,0 +1,1 @@
+"""Ingestion: the event wire contract, validation, enrichment and the hand-off to the stream core."""

@@ -1,0 +1,52 @@
+"""Who sent a request: the client IP (honouring X-Forwarded-For only from trusted proxies) and
+its country (a trusted edge's header, else the offline iptocc database). Raw IPs go no further
+than the visitor-id hash."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+
+import iptocc
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Edges that geolocate for us (Cloudflare, Vercel, CloudFront).
+_COUNTRY_HEADERS = ("cf-ipcountry", "x-vercel-ip-country", "cloudfront-viewer-country")
+
+
+def _trusted(address: str, trusted: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
+
+
+def client_ip(peer: str, headers: Mapping[str, str], trusted: Sequence[Network]) -> str:
+    """The right-most X-Forwarded-For entry that is not itself a trusted proxy."""
+    if not _trusted(peer, trusted):
+        return peer
+    forwarded = [part.strip() for part in headers.get("x-forwarded-for", "").split(",") if part.strip()]
+    for hop in reversed(forwarded):
+        if not _trusted(hop, trusted):
+            return hop
+    return forwarded[0] if forwarded else peer
+
+
+@lru_cache(maxsize=50_000)
+def _lookup(ip: str) -> str:
+    try:
+        return iptocc.country_code(ip) or ""
+    except ValueError:
+        return ""
+
+
+def country(ip: str, peer: str, headers: Mapping[str, str], trusted: Sequence[Network]) -> str:
+    if _trusted(peer, trusted):
+        for name in _COUNTRY_HEADERS:
+            code = headers.get(name, "").strip().upper()
+            if len(code) == 2 and code.isalpha() and code != "XX":
+                return code
+    return _lookup(ip)

@@ -1,0 +1,50 @@
+"""Enrichment (SPEC §5.2): a validated client event plus request facts → an `Event` ready for the
+stream core. Pure apart from the visitor-id salts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from urllib.parse import urlsplit
+
+from uuid6 import uuid7
+
+from ingest import clients, referrers
+from ingest.event import Event, IncomingEvent
+from ingest.useragents import Agent
+from ingest.visitors import Visitors
+from streams.sites import Site
+
+
+def enrich(incoming: IncomingEvent, site: Site, agent: Agent, user_agent: str, peer: str,
+           headers: Mapping[str, str], trusted: Sequence[clients.Network], visitors: Visitors,
+           at: datetime) -> Event:
+    ip = clients.client_ip(peer, headers, trusted)
+    url = urlsplit(incoming.url)
+    source = referrers.classify(incoming.url, incoming.referrer, site.domain)
+    product = incoming.product
+    return Event(
+        event_id=str(uuid7()),
+        site_id=site.site_id,
+        timestamp=at,
+        name=incoming.name,
+        visitor_id=visitors.visitor_id(site.site_id, ip, user_agent, at),
+        hostname=(url.hostname or "").removeprefix("www."),
+        pathname=url.path or "/",
+        referrer=incoming.referrer or "",
+        source=source.source,
+        channel=source.channel,
+        utm_source=source.utm_source,
+        utm_medium=source.utm_medium,
+        utm_campaign=source.utm_campaign,
+        country=clients.country(ip, peer, headers, trusted),
+        device=agent.device,
+        browser=agent.browser,
+        os=agent.os,
+        props=incoming.props,
+        product_id=product.id if product else "",
+        product_slug=product.slug if product else "",
+        category_slug=product.category_slug if product else "",
+        brand_slug=product.brand_slug if product else "",
+        partner_slug=product.partner_slug if product else "",
+    )

@@ -1,0 +1,97 @@
+"""Referrer and UTM tags → a source name and a channel (search, social, referral, direct, email,
+paid). The maintained referer-parser data on PyPI is from 2016, so the known hosts live here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
+
+# Host suffix (without "www.") → (source, channel). Matched on the registrable tail, so
+# "news.google.se" and "google.com" both find Google.
+_KNOWN: dict[str, tuple[str, str]] = {}
+
+
+def _add(source: str, channel: str, *hosts: str) -> None:
+    for host in hosts:
+        _KNOWN[host] = (source, channel)
+
+
+_add("Google", "search", "google", "googleusercontent.com")
+_add("Bing", "search", "bing.com")
+_add("DuckDuckGo", "search", "duckduckgo.com")
+_add("Yahoo", "search", "yahoo.com", "search.yahoo.com")
+_add("Ecosia", "search", "ecosia.org")
+_add("Yandex", "search", "yandex.ru", "yandex.com")
+_add("Baidu", "search", "baidu.com")
+_add("Brave", "search", "search.brave.com")
+_add("Qwant", "search", "qwant.com")
+_add("Startpage", "search", "startpage.com")
+_add("Perplexity", "search", "perplexity.ai")
+_add("ChatGPT", "referral", "chatgpt.com", "chat.openai.com")
+_add("Facebook", "social", "facebook.com", "fb.com", "m.facebook.com", "l.facebook.com", "lm.facebook.com")
+_add("Instagram", "social", "instagram.com", "l.instagram.com")
+_add("LinkedIn", "social", "linkedin.com", "lnkd.in")
+_add("Reddit", "social", "reddit.com", "old.reddit.com", "out.reddit.com")
+_add("X/Twitter", "social", "twitter.com", "t.co", "x.com")
+_add("YouTube", "social", "youtube.com", "youtu.be", "m.youtube.com")
+_add("TikTok", "social", "tiktok.com")
+_add("Pinterest", "social", "pinterest.com", "pinterest.se", "pin.it")
+_add("Snapchat", "social", "snapchat.com")
+_add("Threads", "social", "threads.net")
+_add("Mastodon", "social", "mastodon.social")
+_add("Flashback", "social", "flashback.org")
+_add("Gmail", "email", "mail.google.com")
+_add("Outlook", "email", "outlook.live.com", "outlook.office.com")
+
+_PAID_MEDIUMS = {"cpc", "ppc", "paid", "paidsearch", "paid_search", "paid_social", "display", "cpm", "banner"}
+_EMAIL_MEDIUMS = {"email", "e-mail", "newsletter", "nyhetsbrev"}
+_SOCIAL_MEDIUMS = {"social", "social-network", "social_media", "sm"}
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    source: str = ""
+    channel: str = "direct"
+    utm_source: str = ""
+    utm_medium: str = ""
+    utm_campaign: str = ""
+
+
+def _known(host: str) -> tuple[str, str] | None:
+    host = host.removeprefix("www.")
+    if host in _KNOWN:
+        return _KNOWN[host]
+    labels = host.split(".")
+    for i in range(1, len(labels)):
+        if (hit := _KNOWN.get(".".join(labels[i:]))) is not None:
+            return hit
+    # Search engines live on many country domains: google.se, google.co.uk, …
+    for label in labels[:-1]:
+        if label in _KNOWN:
+            return _KNOWN[label]
+    return None
+
+
+def classify(page_url: str, referrer: str | None, site_host: str) -> Source:
+    """Source of a page view from its referrer and the page URL's utm_* tags."""
+    query = parse_qs(urlsplit(page_url).query)
+    utm = {k: query[k][0][:200] for k in ("utm_source", "utm_medium", "utm_campaign") if k in query}
+    medium = utm.get("utm_medium", "").lower()
+
+    ref_host = (urlsplit(referrer).hostname or "").lower() if referrer else ""
+    self_host = site_host.lower().removeprefix("www.")
+    if ref_host and ref_host.removeprefix("www.") == self_host:
+        ref_host = ""  # a self-referral is direct traffic
+
+    source, channel = "", "direct"
+    if ref_host:
+        source, channel = _known(ref_host) or (ref_host.removeprefix("www."), "referral")
+    if utm.get("utm_source") and not source:
+        source, channel = _known(utm["utm_source"].lower()) or (utm["utm_source"], "referral")
+    if medium in _PAID_MEDIUMS:
+        channel = "paid"
+    elif medium in _EMAIL_MEDIUMS:
+        channel = "email"
+    elif medium in _SOCIAL_MEDIUMS:
+        channel = "social"
+    return Source(source, channel, utm.get("utm_source", ""), utm.get("utm_medium", ""), utm.get("utm_campaign", ""))

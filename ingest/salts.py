@@ -1,0 +1,59 @@
+"""Daily salts for visitor ids (SPEC §5.2): 16 random bytes per UTC day, shared by every ingest
+process through ClickHouse, deleted once they are older than yesterday's."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from datetime import date, datetime, timedelta, timezone
+
+from clickhouse_connect.driver.client import Client
+
+from streams.storage import INSERT_SETTINGS
+
+
+class Salts:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._cache: dict[date, bytes] = {}
+        self._lock = threading.Lock()
+
+    def for_day(self, day: date) -> bytes:
+        if (salt := self._cache.get(day)) is not None:
+            return salt
+        with self._lock:
+            if day not in self._cache:
+                self._cache[day] = self._read(day) or self._create(day)
+            return self._cache[day]
+
+    def cached(self, day: date) -> bytes | None:
+        return self._cache.get(day)
+
+    def _read(self, day: date) -> bytes | None:
+        # Every process proposes a salt the first time it needs one; all agree on the earliest.
+        rows = self._client.query(
+            "SELECT salt FROM salts WHERE day = {day:Date} ORDER BY created_at, salt LIMIT 1",
+            parameters={"day": day},
+        ).result_rows
+        return bytes.fromhex(rows[0][0]) if rows else None
+
+    def _create(self, day: date) -> bytes:
+        created = datetime.fromtimestamp(time.time(), timezone.utc)
+        self._client.insert(
+            "salts", [[day, secrets.token_hex(16), created]],
+            column_names=["day", "salt", "created_at"], settings=INSERT_SETTINGS,
+        )
+        if day >= datetime.now(timezone.utc).date():
+            self._purge(before=day - timedelta(days=1))
+        salt = self._read(day)
+        assert salt is not None, "salt insert not visible"
+        return salt
+
+    def _purge(self, before: date) -> None:
+        """Forget salts older than yesterday's: past visitor ids can then never be recomputed."""
+        self._client.command(
+            "ALTER TABLE salts DELETE WHERE day < {before:Date}", parameters={"before": before}
+        )
+        for day in [d for d in self._cache if d < before]:
+            del self._cache[day]

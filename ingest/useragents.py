@@ -1,0 +1,38 @@
+"""User agent → device, browser, OS, and whether it is a bot. Both libraries are slow per call
+(crawlerdetect ≈ 150 µs), so verdicts are cached per user-agent string."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import ua_parser
+from crawlerdetect import CrawlerDetect
+
+_crawlers = CrawlerDetect()
+_TABLETS = ("ipad", "tablet", "kindle", "tab ")
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    browser: str
+    os: str
+    device: str  # Desktop, Mobile or Tablet
+    is_bot: bool
+
+
+@lru_cache(maxsize=20_000)
+def parse(user_agent: str) -> Agent:
+    if not user_agent or _crawlers.isCrawler(user_agent):
+        return Agent("", "", "", is_bot=True)
+    result = ua_parser.parse(user_agent)
+    browser = result.user_agent.family if result.user_agent else ""
+    os_name = result.os.family if result.os else ""
+    device_family = (result.device.family if result.device else "").lower()
+    if any(t in device_family for t in _TABLETS) or ("android" in os_name.lower() and "mobile" not in user_agent.lower()):
+        device = "Tablet"
+    elif os_name in ("iOS", "Android") or "mobile" in user_agent.lower():
+        device = "Mobile"
+    else:
+        device = "Desktop"
+    return Agent(browser if browser != "Other" else "", os_name if os_name != "Other" else "", device, is_bot=False)

@@ -1,0 +1,29 @@
+"""The query API application: routers under /api/v1, error shapes, OpenAPI."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from query_api import affiliate, errors, sites, stats
+from query_api.deps import Context
+from query_api.models import ErrorResponse
+
+PREFIX = "/api/v1"
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 429, 500)}
+
+
+def create_app(context: Context, **fastapi_kwargs) -> FastAPI:
+    app = FastAPI(
+        title="Besökskollen API",
+        version="1",
+        openapi_url=f"{PREFIX}/openapi.json",
+        docs_url=f"{PREFIX}/docs",
+        redoc_url=None,
+        **fastapi_kwargs,
+    )
+    app.state.context = context
+    errors.install(app)
+    for module in (sites, stats, affiliate):
+        app.include_router(module.router, prefix=PREFIX, responses=_ERRORS)
+    return app

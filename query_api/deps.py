@@ -1,0 +1,78 @@
+"""Request context for the query API: shared clients, the caller's key, and the site it may read."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import orjson
+from clickhouse_connect.driver.client import Client
+from fastapi import Depends, Request
+from fastapi.responses import Response
+
+from query_api.errors import APIError
+from query_api.keys import ApiKey, KeyStore
+from streams.sites import Site, SiteRegistry
+
+CACHE_CONTROL = "public, max-age=1800, stale-while-revalidate=3600, stale-if-error=86400"
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    client: Client
+    sites: SiteRegistry
+    keys: KeyStore
+
+
+def context(request: Request) -> Context:
+    return request.app.state.context
+
+
+Ctx = Annotated[Context, Depends(context)]
+
+
+def api_key(request: Request, ctx: Ctx) -> ApiKey:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise APIError(401, "unauthorized", "missing API key: send Authorization: Bearer bk_…",
+                       {"WWW-Authenticate": "Bearer"})
+    key = ctx.keys.lookup(token.strip())
+    if key is None:
+        raise APIError(401, "unauthorized", "invalid API key", {"WWW-Authenticate": "Bearer"})
+    return key
+
+
+Key = Annotated[ApiKey, Depends(api_key)]
+
+
+def user_key(key: Key) -> ApiKey:
+    if not key.user_level:
+        raise APIError(403, "forbidden", "this endpoint needs a user-level API key")
+    return key
+
+
+UserKey = Annotated[ApiKey, Depends(user_key)]
+
+
+def readable_site(ctx: Context, key: ApiKey, site_id: str) -> Site:
+    site = ctx.sites.get(site_id)
+    if site is None:
+        raise APIError(404, "site_not_found", f"no site with id {site_id!r}")
+    if (key.site_id and key.site_id != site.site_id) or key.account_id != site.account_id:
+        raise APIError(403, "forbidden", f"this API key has no access to site {site_id!r}")
+    return site
+
+
+def cached_json(request: Request, payload: dict[str, Any], status: int = 200) -> Response:
+    """JSON; a GET gets the ISR-friendly cache headers and a strong ETag, and a matching
+    If-None-Match gets 304."""
+    body = orjson.dumps(payload)
+    if request.method != "GET":
+        return Response(body, status_code=status, media_type="application/json")
+    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    headers = {"Cache-Control": CACHE_CONTROL, "ETag": etag}
+    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers=headers)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)

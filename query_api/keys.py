@@ -1,0 +1,61 @@
+"""API keys (`bk_…`): stored only as SHA-256 hashes. User-level keys reach every site of their
+account; site-level keys one site."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from clickhouse_connect.driver.client import Client
+
+from streams.read_cache import ReadThroughCache
+from streams.storage import INSERT_SETTINGS
+
+PREFIX = "bk_"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    account_id: str
+    site_id: str  # "" for a user-level key
+
+    @property
+    def user_level(self) -> bool:
+        return not self.site_id
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyStore:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._cache: ReadThroughCache[str, ApiKey] = ReadThroughCache(self._load)
+
+    def create(self, account_id: str, site_id: str = "", key: str | None = None) -> str:
+        """Store a key (a new random one unless given) and return it; the only time it is seen."""
+        key = key or PREFIX + secrets.token_urlsafe(24)
+        if not key.startswith(PREFIX):
+            raise ValueError(f"API keys start with {PREFIX!r}")
+        self._client.insert(
+            "api_keys", [[hash_key(key), key[:7], account_id, site_id, datetime.now(timezone.utc)]],
+            column_names=["key_hash", "prefix", "account_id", "site_id", "created_at"], settings=INSERT_SETTINGS,
+        )
+        self._cache.put(hash_key(key), ApiKey(account_id, site_id))
+        return key
+
+    def answers_without_io(self, key: str) -> bool:
+        return self._cache.answers_without_io(hash_key(key))
+
+    def lookup(self, key: str) -> ApiKey | None:
+        return self._cache.get(hash_key(key))
+
+    def _load(self, digest: str) -> ApiKey | None:
+        rows = self._client.query(
+            "SELECT account_id, site_id FROM api_keys FINAL WHERE key_hash = {h:String} LIMIT 1",
+            parameters={"h": digest},
+        ).result_rows
+        return ApiKey(*rows[0]) if rows else None

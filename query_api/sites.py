@@ -1,0 +1,62 @@
+"""`/sites`: list, create and read the sites of the caller's account (user-level keys only)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from query_api import stats
+from query_api.deps import Ctx, UserKey, cached_json, readable_site
+from query_api.errors import APIError
+from query_api.models import SiteCreate, SiteList, SiteResponse
+from query_api.periods import stats_period
+from streams.events import sites_with_events
+from streams.sites import Site, normalize_domain, site_id_for
+
+router = APIRouter(tags=["sites"])
+
+
+def _out(site: Site, has_data: bool, visitors_7d: int | None = None) -> dict:
+    # A site counts as verified once its tracker has delivered an event.
+    out = {"id": site.site_id, "domain": site.domain, "name": site.name, "timezone": site.timezone,
+           "verified": has_data, "has_data": has_data}
+    if visitors_7d is not None:
+        out["visitors_7d"] = visitors_7d
+    return out
+
+
+@router.get("/sites", response_model=SiteList, response_model_exclude_none=True)
+def list_sites(request: Request, ctx: Ctx, key: UserKey,
+               include_stats: Annotated[bool, Query(description="Include visitors of the last 7 days")] = False) -> Response:
+    sites = ctx.sites.list(key.account_id)
+    with_data = sites_with_events(ctx.client, [s.site_id for s in sites])
+    data = [
+        _out(s, s.site_id in with_data,
+             stats.visitors(ctx.client, s.site_id, stats_period("7d", s.timezone)) if include_stats else None)
+        for s in sites
+    ]
+    return cached_json(request, {"data": data, "meta": {"total": len(data)}})
+
+
+@router.post("/sites", response_model=SiteResponse, status_code=201)
+def create_site(request: Request, ctx: Ctx, key: UserKey, body: SiteCreate) -> Response:
+    domain = normalize_domain(body.domain)
+    if "." not in domain or not site_id_for(domain):
+        raise APIError(400, "invalid_field", "domain must be a domain name such as example.com")
+    try:
+        ZoneInfo(body.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise APIError(400, "invalid_field", f"timezone: unknown timezone {body.timezone!r}") from None
+    if ctx.sites.get(site_id_for(domain)) is not None:
+        raise APIError(409, "site_exists", f"a site for {domain} exists already")
+    site = ctx.sites.create(key.account_id, domain, body.name, body.timezone)
+    return cached_json(request, {"data": _out(site, False)}, status=201)
+
+
+@router.get("/sites/{site_id}", response_model=SiteResponse, response_model_exclude_none=True)
+def get_site(request: Request, ctx: Ctx, key: UserKey, site_id: str) -> Response:
+    site = readable_site(ctx, key, site_id)
+    return cached_json(request, {"data": _out(site, site.site_id in sites_with_events(ctx.client, [site.site_id]))})

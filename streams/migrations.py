@@ -1,0 +1,161 @@
+"""Versioned, idempotent schema migrations: the one place that owns table DDL.
+
+Each migration runs once per database; its statements are `IF NOT EXISTS` so two processes that
+start at the same moment and both migrate end in the same schema. Append new migrations at the
+end; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from clickhouse_connect.driver.client import Client
+
+log = logging.getLogger(__name__)
+
+# Keyed by event_id (+ time in the sort key): a redelivered event collapses into one row, and
+# every read of raw events uses FINAL, so duplicates never reach a number.
+_EVENTS = """
+CREATE TABLE IF NOT EXISTS events (
+    event_id      UUID,
+    site_id       LowCardinality(String),
+    timestamp     DateTime64(3, 'UTC'),
+    name          LowCardinality(String),
+    visitor_id    UInt64,
+    session_id    UInt64,
+    hostname      String,
+    pathname      String,
+    referrer      String,
+    source        LowCardinality(String),
+    channel       LowCardinality(String),
+    utm_source    String,
+    utm_medium    String,
+    utm_campaign  String,
+    country       LowCardinality(String),
+    device        LowCardinality(String),
+    browser       LowCardinality(String),
+    os            LowCardinality(String),
+    props         Map(String, String),
+    product_id    String,
+    product_slug  String,
+    category_slug String,
+    brand_slug    String,
+    partner_slug  String
+) ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(timestamp)
+ORDER BY (site_id, timestamp, event_id)
+"""
+
+# One row per session state; `version` is the number of events applied, so the newest state
+# wins under FINAL. Sorted by visitor so the stream core can find a visitor's open session fast.
+_SESSIONS = """
+CREATE TABLE IF NOT EXISTS sessions (
+    site_id       LowCardinality(String),
+    visitor_id    UInt64,
+    session_id    UInt64,
+    start         DateTime64(3, 'UTC'),
+    end           DateTime64(3, 'UTC'),
+    entry_page    String,
+    exit_page     String,
+    pageviews     UInt32,
+    events        UInt32,
+    source        LowCardinality(String),
+    channel       LowCardinality(String),
+    referrer      String,
+    utm_source    String,
+    utm_medium    String,
+    utm_campaign  String,
+    country       LowCardinality(String),
+    device        LowCardinality(String),
+    browser       LowCardinality(String),
+    os            LowCardinality(String),
+    version       UInt32
+) ENGINE = ReplacingMergeTree(version)
+ORDER BY (site_id, visitor_id, session_id)
+"""
+
+# Summed per UTC hour. Each insert carries a deduplication token made from its events' ids, so a
+# batch that is written twice (a retry after a timeout) is counted once.
+_AFFILIATE_CLICKS_HOURLY = """
+CREATE TABLE IF NOT EXISTS affiliate_clicks_hourly (
+    site_id       LowCardinality(String),
+    hour          DateTime('UTC'),
+    product_id    String,
+    product_slug  String,
+    category_slug LowCardinality(String),
+    brand_slug    LowCardinality(String),
+    partner_slug  LowCardinality(String),
+    clicks        UInt64
+) ENGINE = SummingMergeTree(clicks)
+PARTITION BY toYYYYMM(hour)
+ORDER BY (site_id, hour, product_id, product_slug, category_slug, brand_slug, partner_slug)
+SETTINGS non_replicated_deduplication_window = 10000
+"""
+
+_SITES = """
+CREATE TABLE IF NOT EXISTS sites (
+    site_id     String,
+    account_id  String,
+    domain      String,
+    name        String,
+    timezone    String,
+    created_at  DateTime64(3, 'UTC'),
+    deleted     UInt8,
+    version     UInt64
+) ENGINE = ReplacingMergeTree(version)
+ORDER BY site_id
+"""
+
+_API_KEYS = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_hash    String,
+    prefix      String,
+    account_id  String,
+    site_id     String,
+    created_at  DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree
+ORDER BY key_hash
+"""
+
+# Several ingest processes may propose a salt for the same day; everyone uses the earliest one.
+_SALTS = """
+CREATE TABLE IF NOT EXISTS salts (
+    day         Date,
+    salt        String,
+    created_at  DateTime64(6, 'UTC')
+) ENGINE = MergeTree
+ORDER BY (day, created_at, salt)
+"""
+
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (1, "initial schema", [_EVENTS, _SESSIONS, _AFFILIATE_CLICKS_HOURLY, _SITES, _API_KEYS, _SALTS]),
+]
+
+_LEDGER = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     UInt32,
+    name        String,
+    applied_at  DateTime64(3, 'UTC') DEFAULT now64(3)
+) ENGINE = ReplacingMergeTree
+ORDER BY version
+"""
+
+
+def applied_versions(client: Client) -> set[int]:
+    client.command(_LEDGER)
+    return {row[0] for row in client.query("SELECT DISTINCT version FROM schema_migrations").result_rows}
+
+
+def migrate(client: Client) -> list[int]:
+    """Apply the migrations this database lacks; returns the versions applied now."""
+    done = applied_versions(client)
+    applied = []
+    for version, name, statements in MIGRATIONS:
+        if version in done:
+            continue
+        for statement in statements:
+            client.command(statement)
+        client.insert("schema_migrations", [[version, name]], column_names=["version", "name"])
+        log.info("applied migration %d: %s", version, name)
+        applied.append(version)
+    return applied

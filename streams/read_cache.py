@@ -1,0 +1,51 @@
+"""A read-through cache for small registries (sites, API keys) read on every request.
+
+Hits come from memory. A miss asks the database, at most once a second per key, so a row created
+by another process is seen within a second while a flood of unknown keys costs little."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+_MAX_MISSES = 10_000  # bounded: clients may send any key they like
+
+
+class ReadThroughCache(Generic[K, V]):
+    def __init__(self, load: Callable[[K], V | None], miss_ttl_s: float = 1.0) -> None:
+        self._load = load
+        self._miss_ttl_s = miss_ttl_s
+        self._hits: dict[K, V] = {}
+        self._misses: dict[K, float] = {}
+        self._lock = threading.Lock()
+
+    def answers_without_io(self, key: K) -> bool:
+        return key in self._hits or self._fresh_miss(key)
+
+    def get(self, key: K) -> V | None:
+        if (value := self._hits.get(key)) is not None:
+            return value
+        if self._fresh_miss(key):
+            return None
+        value = self._load(key)
+        with self._lock:
+            if value is None:
+                if len(self._misses) >= _MAX_MISSES:
+                    self._misses.clear()
+                self._misses[key] = time.monotonic()
+            else:
+                self._hits[key] = value
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        with self._lock:
+            self._hits[key] = value
+            self._misses.pop(key, None)
+
+    def _fresh_miss(self, key: K) -> bool:
+        return time.monotonic() - self._misses.get(key, -1e9) < self._miss_ttl_s

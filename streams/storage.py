@@ -1,0 +1,24 @@
+"""Opens ClickHouse through clickhouse-connect: `chdb:///abs/path` runs the engine in-process,
+`http(s)://…` talks to a server. Every other module gets its client from here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+# The embedded engine (26.x) defaults to async inserts; a server may not. Pin what the stream core
+# relies on — an insert is visible when it returns and retried blocks are deduplicated — so both
+# topologies behave the same.
+INSERT_SETTINGS = {"async_insert": 0, "insert_deduplicate": 1}
+
+
+def connect(url: str) -> Client:
+    if url.startswith("chdb://"):
+        path = Path(url.removeprefix("chdb://"))
+        if not path.is_absolute():
+            raise ValueError(f"chdb URL needs an absolute path, got {url!r}")
+        path.mkdir(parents=True, exist_ok=True)
+        return clickhouse_connect.get_client(interface="chdb", path=str(path))
+    return clickhouse_connect.get_client(dsn=url)

@@ -1,0 +1,61 @@
+"""The distributed driver: a Faust app whose agent feeds batches from the events topic to the
+same stream core the embedded runner uses. Run N of them; Kafka shares the partitions.
+
+Faust's transactional mode and windowed tables are not used (see SPEC §6 and INFRA-NOTES:
+known defects); the agent runs with concurrency 1 (#606) and the core's writes are idempotent."""
+
+from __future__ import annotations
+
+import logging
+
+import faust
+
+from besokskollen.config import Settings
+from ingest.event import Event
+from streams import migrations, storage
+from streams.core import StreamCore, process_until_written
+
+log = logging.getLogger(__name__)
+
+BATCH_MAX = 2000
+BATCH_WITHIN_S = 0.2
+
+
+def broker_urls(bootstrap: str) -> list[str]:
+    return [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
+
+
+def create_app(settings: Settings) -> faust.App:
+    if settings.kafka_bootstrap is None:
+        raise SystemExit("the worker needs BK_KAFKA_BOOTSTRAP (without Kafka, `besokskollen up` runs the stream core)")
+    app = faust.App(
+        "besokskollen",
+        broker=broker_urls(settings.kafka_bootstrap),
+        topic_partitions=settings.kafka_partitions,
+        topic_replication_factor=1,
+        web_enabled=False,
+        consumer_auto_offset_reset="earliest",
+    )
+    topic = app.topic(settings.kafka_topic, key_type=bytes, value_type=bytes,
+                      partitions=settings.kafka_partitions)
+    client = storage.connect(settings.clickhouse_url)
+    migrations.migrate(client)
+    core = StreamCore(client, settings.session_timeout_s)
+
+    @app.agent(topic, concurrency=1)
+    async def process(stream: faust.StreamT) -> None:
+        async for values in stream.take(BATCH_MAX, within=BATCH_WITHIN_S):
+            await process_until_written(core, [Event.from_bytes(value) for value in values])
+
+    @app.on_partitions_revoked.connect
+    async def forget_sessions(app: faust.App, revoked: set, **kwargs) -> None:
+        # Visitors on revoked partitions now belong to another worker; if they come back, their
+        # sessions are read again from ClickHouse instead of from a stale memory.
+        core.sessions.clear()
+
+    return app
+
+
+def run(settings: Settings, loglevel: str = "info") -> None:
+    app = create_app(settings)
+    faust.Worker(app, loglevel=loglevel).execute_from_commandline()
