@@ -3,17 +3,13 @@ This is the only code path that differs between the two topologies."""
 
 from __future__ import annotations
 
-import logging
 from typing import Protocol
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
 
 from ingest.event import Event
 from streams.embedded import EmbeddedRunner
-
-log = logging.getLogger(__name__)
+from streams.topic import ensure_topic
 
 
 class Handoff(Protocol):
@@ -43,32 +39,23 @@ class KafkaHandoff:
         self._bootstrap = bootstrap
         self._topic = topic
         self._partitions = partitions
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        await ensure_topic(self._bootstrap, self._topic, self._partitions)
+        # aiokafka binds to the running loop, so the producer is made here, not in __init__.
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap,
+            bootstrap_servers=self._bootstrap,
             acks="all",
             enable_idempotence=True,
             compression_type="gzip",
             linger_ms=5,
         )
-
-    async def start(self) -> None:
-        await ensure_topic(self._bootstrap, self._topic, self._partitions)
         await self._producer.start()
 
     async def send(self, event: Event) -> None:
         await self._producer.send_and_wait(self._topic, event.to_bytes(), key=event.kafka_key)
 
     async def stop(self) -> None:
-        await self._producer.stop()
-
-
-async def ensure_topic(bootstrap: str, topic: str, partitions: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
-        log.info("created topic %s with %d partitions", topic, partitions)
-    except TopicAlreadyExistsError:
-        pass
-    finally:
-        await admin.close()
+        if self._producer is not None:
+            await self._producer.stop()

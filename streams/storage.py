@@ -21,4 +21,6 @@ def connect(url: str) -> Client:
             raise ValueError(f"chdb URL needs an absolute path, got {url!r}")
         path.mkdir(parents=True, exist_ok=True)
         return clickhouse_connect.get_client(interface="chdb", path=str(path))
-    return clickhouse_connect.get_client(dsn=url)
+    # No session id: a server session runs one query at a time, and this client is shared by
+    # the threads of a process (request handlers, the stream core).
+    return clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False)

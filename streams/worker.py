@@ -6,6 +6,7 @@ known defects); the agent runs with concurrency 1 (#606) and the core's writes a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import faust
@@ -14,6 +15,7 @@ from besokskollen.config import Settings
 from ingest.event import Event
 from streams import migrations, storage
 from streams.core import StreamCore, process_until_written
+from streams.topic import ensure_topic
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ def create_app(settings: Settings) -> faust.App:
         web_enabled=False,
         consumer_auto_offset_reset="earliest",
     )
-    topic = app.topic(settings.kafka_topic, key_type=bytes, value_type=bytes,
+    topic = app.topic(settings.kafka_topic, key_serializer="raw", value_serializer="raw",
                       partitions=settings.kafka_partitions)
     client = storage.connect(settings.clickhouse_url)
     migrations.migrate(client)
@@ -45,7 +47,7 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(topic, concurrency=1)
     async def process(stream: faust.StreamT) -> None:
         async for values in stream.take(BATCH_MAX, within=BATCH_WITHIN_S):
-            await process_until_written(core, [Event.from_bytes(value) for value in values])
+            await process_until_written(core, _decode(values))
 
     @app.on_partitions_revoked.connect
     async def forget_sessions(app: faust.App, revoked: set, **kwargs) -> None:
@@ -56,6 +58,19 @@ def create_app(settings: Settings) -> faust.App:
     return app
 
 
+def _decode(values: list[bytes]) -> list[Event]:
+    """Events of a batch; a record that is not an event (only a foreign producer can write one)
+    is logged and skipped rather than crash the agent on every restart."""
+    events = []
+    for value in values:
+        try:
+            events.append(Event.from_bytes(value))
+        except ValueError:
+            log.error("skipping a record that is not an event: %r", value[:200])
+    return events
+
+
 def run(settings: Settings, loglevel: str = "info") -> None:
     app = create_app(settings)
+    asyncio.run(ensure_topic(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions))
     faust.Worker(app, loglevel=loglevel).execute_from_commandline()

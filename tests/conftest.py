@@ -1,0 +1,133 @@
+"""Shared fixtures: the embedded topology in-process, and real processes (Kafka broker, the
+ClickHouse HTTP front, besokskollen ingest/worker/api/up) started and stopped by pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_KEY = "bk_test_admin_key_0123456789"
+BROWSER = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.1):
+    """Poll `check` until it returns something truthy (returned), or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def process(args: list[str], log_path: Path, env: dict[str, str] | None = None, ready_url: str | None = None,
+            timeout: float = 60) -> Iterator[subprocess.Popen]:
+    """A child process with its output in `log_path`, stopped by pid (TERM, then KILL)."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, **(env or {})})
+    try:
+        if ready_url:
+            def ready() -> bool:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{args} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+                return _http_ok(ready_url)
+            wait_until(ready, timeout, f"{args} at {ready_url}", interval=0.2)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# -- embedded topology, in this process -----------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory):
+    """One chDB data path per process (the engine allows no second), shared by in-process tests;
+    each test uses sites of its own."""
+    from besokskollen.app import open_services
+    from besokskollen.config import Settings
+
+    path = tmp_path_factory.mktemp("chdb")
+    return open_services(Settings(clickhouse_url=f"chdb://{path}", admin_key=ADMIN_KEY, kafka_bootstrap=None))
+
+
+@pytest.fixture
+async def embedded(services):
+    """The `up` application (ingest + stream core + query API) and its hand-off, started."""
+    from besokskollen.app import make_handoff, server_app
+
+    handoff = make_handoff(services)
+    await handoff.start()
+    app = server_app(services, handoff)
+    try:
+        yield app, handoff
+    finally:
+        await handoff.stop()
+
+
+@pytest.fixture
+async def client(embedded):
+    app, _ = embedded
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
+                                 headers={"authorization": f"Bearer {ADMIN_KEY}"}) as c:
+        yield c
+
+
+# -- distributed parts, as real processes ----------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory) -> Iterator[str]:
+    data = tmp_path_factory.mktemp("kafka")
+    port = free_port()
+    script = ROOT / "deploy" / "kafka"
+    subprocess.run([str(script / "start.sh"), "--data", str(data), "--port", str(port),
+                    "--controller-port", str(free_port())], check=True, timeout=180)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(script / "stop.sh"), "--data", str(data)], check=False, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def clickhouse_http(tmp_path_factory) -> Iterator[str]:
+    """A ClickHouse HTTP endpoint over one chDB data path, shared by child processes."""
+    tmp = tmp_path_factory.mktemp("chfront")
+    ready = tmp / "ready"
+    with process([sys.executable, "-m", "tests.chfront", "--path", str(tmp / "data"), "--port", "0",
+                  "--ready-file", str(ready)], tmp / "chfront.log"):
+        port = wait_until(lambda: ready.exists() and ready.read_text().strip(), 30, "the ClickHouse HTTP front")
+        yield f"http://127.0.0.1:{port}/?compress=false"

@@ -1,0 +1,129 @@
+"""End to end through real processes: events posted to /api/event come back from the query API
+with exactly the numbers the events imply — in the embedded topology (`besokskollen up`) and the
+distributed one (Kafka, a Faust worker, separate ingest and API processes, one ClickHouse)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_KEY, free_port, process, wait_until
+from tests.traffic import PRODUCTS, Traffic
+
+VISITORS = 350  # ≈ 1,100 events
+DOMAIN = "shop.example"
+SITE = "shop-example"
+AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
+CLI = [sys.executable, "-m", "besokskollen.cli"]
+
+
+def traffic() -> Traffic:
+    return Traffic.generate(SITE, VISITORS, seed=11)
+
+
+def expected_answers(t: Traffic) -> dict:
+    clicks = t.expected_clicks()
+    ranked = sorted(clicks.items(), key=lambda kv: (-kv[1], kv[0]))
+    apple = {pid for pid, _, brand in PRODUCTS if brand == "apple"}
+    total = sum(clicks.values())
+    return {
+        "overview": t.expected_overview(),
+        "products": [{"product_id": p, "product_slug": p, "clicks": n} for p, n in ranked],
+        "total_clicks": total,
+        "apple_total": sum(n for p, n in clicks.items() if p in apple),
+    }
+
+
+def answers(api: str) -> dict:
+    """The API's answers for the numbers `expected_answers` predicts, plus the raw responses."""
+    with httpx.Client(base_url=api, headers=AUTH, timeout=10) as c:
+        overview = c.get(f"/api/v1/stats/overview?site_id={SITE}&period=7d").json()["data"]
+        products = c.get(f"/api/v1/popular/products?site_id={SITE}&days=1").json()
+        apple = c.get(f"/api/v1/popular/products?site_id={SITE}&days=7&brand_slug=apple").json()
+    return {
+        "overview": {k: overview[k] for k in ("visitors", "pageviews", "sessions", "bounce_rate")},
+        "products": products["data"],
+        "total_clicks": products["meta"]["total_clicks"],
+        "apple_total": apple["meta"]["total_clicks"],
+        "raw": {"overview": overview, "products": products, "apple": apple},
+    }
+
+
+def settle(api: str, expected: dict, timeout: float = 90) -> dict:
+    """Poll until the API agrees with `expected` (freshness is seconds) or time runs out; the
+    caller asserts on what came back, so a mismatch shows as a diff."""
+    last: dict = {}
+
+    def agrees() -> bool:
+        nonlocal last
+        last = answers(api)
+        return {k: last[k] for k in expected} == expected
+
+    try:
+        wait_until(agrees, timeout, "the query API to reflect every event", interval=0.5)
+    except TimeoutError:
+        pass
+    return last
+
+
+async def post_all(t: Traffic, ingest: str) -> None:
+    async with httpx.AsyncClient(base_url=ingest, timeout=30) as client:
+        await t.send(client)
+
+
+def create_site(api: str) -> None:
+    response = httpx.post(f"{api}/api/v1/sites", json={"domain": DOMAIN}, headers=AUTH)
+    assert response.status_code == 201, response.text
+    assert response.json()["data"]["id"] == SITE
+
+
+@pytest.fixture(scope="module")
+def embedded_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("up")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with process([*CLI, "up", "--data", str(tmp / "data"), "--port", str(port)], tmp / "up.log",
+                 env={"BK_ADMIN_KEY": ADMIN_KEY}, ready_url=f"{base}/api/v1/openapi.json"):
+        create_site(base)
+        t = traffic()
+        asyncio.run(post_all(t, base))
+        expected = expected_answers(t)
+        yield expected, settle(base, expected)
+
+
+def test_embedded_topology_counts_exactly(embedded_run):
+    expected, got = embedded_run
+    assert len(traffic().posts) >= 1000
+    assert {k: got[k] for k in expected} == expected
+    overview = got["raw"]["overview"]
+    assert len(overview["daily"]) == 7 and overview["daily"][-1]["pageviews"] == expected["overview"]["pageviews"]
+    meta = got["raw"]["products"]["meta"]
+    assert meta["confidence"] == "high" and set(meta["period"]) == {"from", "to"}
+
+
+def test_distributed_topology_matches_events_and_embedded(embedded_run, kafka, clickhouse_http, tmp_path):
+    expected, embedded = embedded_run
+    env = {"BK_KAFKA_BOOTSTRAP": kafka, "BK_CLICKHOUSE_URL": clickhouse_http, "BK_ADMIN_KEY": ADMIN_KEY,
+           "BK_KAFKA_TOPIC": f"events-{tmp_path.name}"}
+    ingest_port, api_port = free_port(), free_port()
+    ingest, api = f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{api_port}"
+    with (
+        process([*CLI, "api", "--port", str(api_port)], tmp_path / "api.log", env,
+                ready_url=f"{api}/api/v1/openapi.json"),
+        process([*CLI, "ingest", "--port", str(ingest_port)], tmp_path / "ingest.log", env,
+                ready_url=f"{ingest}/api/event"),
+        process([*CLI, "worker"], tmp_path / "worker.log", env),
+    ):
+        create_site(api)
+        t = traffic()
+        asyncio.run(post_all(t, ingest))
+        got = settle(api, expected)
+
+    assert {k: got[k] for k in expected} == expected
+    # Same events, same answers as the embedded topology, response for response.
+    assert got["raw"]["overview"] == embedded["raw"]["overview"]
+    assert got["raw"]["products"] == embedded["raw"]["products"]
+    assert got["raw"]["apple"] == embedded["raw"]["apple"]

@@ -1,0 +1,93 @@
+"""POST /api/event: validation, bots, limits — and that nothing accepted is lost around them."""
+
+from __future__ import annotations
+
+import uuid
+
+import orjson
+import pytest
+
+from tests.conftest import BROWSER
+from tests.traffic import Traffic
+
+
+@pytest.fixture
+async def site(client):
+    response = await client.post("/api/v1/sites", json={"domain": f"ingest-{uuid.uuid4().hex[:10]}.example"})
+    assert response.status_code == 201, response.text
+    return response.json()["data"]["id"]
+
+
+def pageview(site_id: str, **extra) -> dict:
+    return {"site_id": site_id, "name": "pageview", "url": "https://ingest.example/a", **extra}
+
+
+async def post(client, body: bytes | dict, **headers):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    return await client.post("/api/event", headers={"user-agent": BROWSER, **headers}, **kwargs)
+
+
+@pytest.mark.parametrize("body, status, code, field", [
+    (b"{not json", 400, "invalid_json", None),
+    (b"[1, 2]", 400, "invalid_json", None),
+    ({"site_id": "x", "url": "https://a.example/"}, 400, "missing_field", "name"),
+    ({"name": "pageview", "url": "https://a.example/"}, 400, "invalid_field", "site_id"),
+    ({"site_id": "x", "name": "pageview"}, 400, "missing_field", "url"),
+    ({"site_id": "x", "name": "click", "url": "https://a.example/"}, 400, "invalid_field", "product"),
+    ({"site_id": "x", "name": "pageview", "url": "https://a.example/", "props": {"k": 1}}, 400, "invalid_field", "props.k"),
+    ({"site_id": "x", "name": "pageview", "url": "https://a.example/", "props": {f"k{i}": "v" for i in range(31)}},
+     400, "invalid_field", "props"),
+    ({"site_id": "no-such-site", "name": "pageview", "url": "https://a.example/"}, 404, "unknown_site", "no-such-site"),
+    ({"domain": "no-such.example", "name": "pageview", "url": "https://a.example/"}, 404, "unknown_site", "no-such.example"),
+])
+async def test_bad_input_is_a_clear_4xx(client, body, status, code, field):
+    response = await post(client, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    if field:
+        assert field in error["message"]
+    assert response.headers["access-control-allow-origin"] == "*"
+
+
+async def test_oversized_body_is_413(client, site):
+    response = await post(client, pageview(site, props={"big": "x" * 1999, **{f"k{i}": "y" * 1999 for i in range(9)}}))
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "body_too_large"
+
+
+@pytest.mark.parametrize("headers", [
+    {"user-agent": "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"},
+    {"user-agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/131.0 Safari/537.36"},
+    {"user-agent": ""},
+    {"sec-purpose": "prefetch"},
+])
+async def test_bots_are_accepted_and_dropped_visibly(client, site, headers):
+    response = await post(client, pageview(site), **headers)
+    assert response.status_code == 202
+    assert response.headers["x-dropped"] == "bot"
+
+
+async def test_text_plain_beacons_and_domain_lookup_are_accepted(client, site):
+    response = await post(client, orjson.dumps(pageview(site)), **{"content-type": "text/plain"})
+    assert response.status_code == 202, response.text
+    assert response.content == b""
+    listing = (await client.get(f"/api/v1/sites/{site}")).json()["data"]
+    response = await post(client, {"domain": "www." + listing["domain"], "name": "pageview", "url": "https://x.example/"})
+    assert response.status_code == 202, response.text
+
+
+async def test_nothing_accepted_is_lost_around_bad_input(client, embedded, site):
+    """Bad requests interleaved with good ones: every accepted event is counted, no bad one is."""
+    traffic = Traffic.generate(site, visitors=40, seed=3)
+    bad = [b"{", {"site_id": site, "url": "https://a/"}, {"site_id": "nope", "name": "pageview", "url": "https://a/"}]
+    for i, item in enumerate(traffic.posts):
+        if i % 7 == 0:
+            assert (await post(client, bad[i % len(bad)])).status_code in (400, 404)
+        response = await post(client, item.body, **{"user-agent": item.agent, "x-forwarded-for": item.ip})
+        assert response.status_code == 202
+    await embedded[1].runner.drain()
+
+    overview = (await client.get(f"/api/v1/stats/overview?site_id={site}&period=7d")).json()["data"]
+    expected = traffic.expected_overview()
+    assert {k: overview[k] for k in expected} == expected
