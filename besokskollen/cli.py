@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import uvicorn
@@ -131,6 +130,3 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     args.func(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

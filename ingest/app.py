@@ -82,6 +82,14 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
 
     async def post_event(request: Request) -> Response:
         try:
+            return await accept(request)
+        except Exception:
+            # Storage or broker trouble is ours, not the client's: say so with a retryable 503.
+            log.exception("could not accept an event")
+            return _error(503, "unavailable", "the event could not be stored; retry later")
+
+    async def accept(request: Request) -> Response:
+        try:
             body = await _read_body(request, settings.max_event_bytes)
         except ClientDisconnect:
             return _error(400, "incomplete_body", "the request body was cut off")

@@ -17,7 +17,7 @@ VISITORS = 350  # ≈ 1,100 events
 DOMAIN = "shop.example"
 SITE = "shop-example"
 AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
-CLI = [sys.executable, "-m", "besokskollen.cli"]
+CLI = [sys.executable, "-m", "besokskollen"]
 
 
 def traffic() -> Traffic:

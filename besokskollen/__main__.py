@@ -1,0 +1,3 @@
+from besokskollen.cli import main
+
+main()
