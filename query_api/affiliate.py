@@ -21,13 +21,13 @@ WHERE site_id = {site:String} AND hour >= {start:DateTime('UTC')} AND hour <= {e
   AND ({brand:String} = '' OR brand_slug = {brand:String})
 """
 _PRODUCTS = f"""
-SELECT product_id, product_slug, sum(clicks) AS n FROM affiliate_clicks_hourly {_FILTERS}
+SELECT product_id, product_slug, sum(clicks) AS n FROM affiliate_clicks_hourly FINAL {_FILTERS}
 GROUP BY product_id, product_slug
 HAVING n >= {{min_clicks:UInt64}}
 ORDER BY n DESC, product_slug, product_id
 LIMIT {{limit:UInt32}}
 """
-_TOTAL = f"SELECT sum(clicks) FROM affiliate_clicks_hourly {_FILTERS}"
+_TOTAL = f"SELECT sum(clicks) FROM affiliate_clicks_hourly FINAL {_FILTERS}"
 
 
 def confidence(total_clicks: int) -> str:

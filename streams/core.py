@@ -1,4 +1,4 @@
-"""The stream core: one batch of enriched events → sessions, raw events and click rollups.
+"""The stream core: one batch of enriched events → raw events, sessions and click rollups.
 
 Plain Python with no knowledge of who delivers the batch: the embedded runner calls it with events
 from ingest in the same process, the Faust agent with events from a Kafka partition."""
@@ -13,7 +13,8 @@ from clickhouse_connect.driver.client import Client
 from ingest.event import Event
 from streams import events as raw_events
 from streams import rollups
-from streams.sessions import SessionStore
+from streams import sessions
+from streams.sessions import OpenSession, SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +29,21 @@ class StreamCore:
         self._batches = 0
 
     def process(self, batch: list[Event]) -> None:
+        """Idempotent: processing a batch again, whole or in part, changes no number."""
         if not batch:
             return
         batch = sorted(batch, key=lambda e: e.timestamp)  # stable: per-visitor order is kept
         self.sessions.load_missing(batch)
-        touched = {}
+        touched: dict[tuple[str, int], OpenSession] = {}
         assigned = []
         for event in batch:
-            session = self.sessions.apply(event)
-            touched[session.session_id] = session
+            session = self.sessions.assign(event)
+            touched[(event.site_id, session.session_id)] = session
             assigned.append((event, session.session_id))
-        # Raw events first: sessions and rollups can be rebuilt from them, never the reverse.
+        # Raw events first: sessions and rollups are rebuilt from them.
         raw_events.write(self._client, assigned)
-        self.sessions.write(touched.values())
-        rollups.write_clicks(self._client, batch)
+        sessions.rebuild(self._client, ((site_id, s) for (site_id, _), s in touched.items()))
+        rollups.rebuild_clicks(self._client, batch)
         self._batches += 1
         if self._batches % _EVICT_EVERY == 0:
             self.sessions.evict_idle()

@@ -46,8 +46,9 @@ PARTITION BY toYYYYMM(timestamp)
 ORDER BY (site_id, timestamp, event_id)
 """
 
-# One row per session state; `version` is the number of events applied, so the newest state
-# wins under FINAL. Sorted by visitor so the stream core can find a visitor's open session fast.
+# Rebuilt from raw events after every batch that touches a session; `version` is the rebuild
+# time, so the newest rebuild wins under FINAL. Sorted by visitor so the stream core finds a
+# visitor's open session fast.
 _SESSIONS = """
 CREATE TABLE IF NOT EXISTS sessions (
     site_id       LowCardinality(String),
@@ -69,13 +70,13 @@ CREATE TABLE IF NOT EXISTS sessions (
     device        LowCardinality(String),
     browser       LowCardinality(String),
     os            LowCardinality(String),
-    version       UInt32
+    version       UInt64
 ) ENGINE = ReplacingMergeTree(version)
 ORDER BY (site_id, visitor_id, session_id)
 """
 
-# Summed per UTC hour. Each insert carries a deduplication token made from its events' ids, so a
-# batch that is written twice (a retry after a timeout) is counted once.
+# Clicks per UTC hour, rebuilt from raw events for every hour a batch touches; the latest
+# rebuild (highest `version`) wins under FINAL.
 _AFFILIATE_CLICKS_HOURLY = """
 CREATE TABLE IF NOT EXISTS affiliate_clicks_hourly (
     site_id       LowCardinality(String),
@@ -85,11 +86,11 @@ CREATE TABLE IF NOT EXISTS affiliate_clicks_hourly (
     category_slug LowCardinality(String),
     brand_slug    LowCardinality(String),
     partner_slug  LowCardinality(String),
-    clicks        UInt64
-) ENGINE = SummingMergeTree(clicks)
+    clicks        UInt64,
+    version       UInt64
+) ENGINE = ReplacingMergeTree(version)
 PARTITION BY toYYYYMM(hour)
 ORDER BY (site_id, hour, product_id, product_slug, category_slug, brand_slug, partner_slug)
-SETTINGS non_replicated_deduplication_window = 10000
 """
 
 _SITES = """

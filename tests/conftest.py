@@ -3,6 +3,7 @@ ClickHouse HTTP front, besokskollen ingest/worker/api/up) started and stopped by
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -120,6 +121,27 @@ def kafka(tmp_path_factory) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         subprocess.run([str(script / "stop.sh"), "--data", str(data)], check=False, timeout=60)
+
+
+def stable_group_size(bootstrap: str, group: str) -> int:
+    """Members of a Kafka consumer group once it is Stable (0 while it rebalances)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import GroupCoordinatorNotAvailableError
+
+    async def describe() -> int:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            try:
+                (response,) = await admin.describe_consumer_groups([group])
+            except GroupCoordinatorNotAvailableError:  # the group's first member has not joined yet
+                return 0
+            _error, _group, state, _ptype, _protocol, members, *_ = response.groups[0]
+            return len(members) if state == "Stable" else 0
+        finally:
+            await admin.close()
+
+    return asyncio.run(describe())
 
 
 @pytest.fixture(scope="session")

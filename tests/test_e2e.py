@@ -1,6 +1,7 @@
 """End to end through real processes: events posted to /api/event come back from the query API
 with exactly the numbers the events imply — in the embedded topology (`besokskollen up`) and the
-distributed one (Kafka, a Faust worker, separate ingest and API processes, one ClickHouse)."""
+distributed one (Kafka, two Faust worker processes, separate ingest and API processes, one
+ClickHouse behind the HTTP front)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, free_port, process, wait_until
+from tests.conftest import ADMIN_KEY, free_port, process, stable_group_size, wait_until
 from tests.traffic import PRODUCTS, Traffic
 
 VISITORS = 350  # ≈ 1,100 events
@@ -115,12 +116,17 @@ def test_distributed_topology_matches_events_and_embedded(embedded_run, kafka, c
                 ready_url=f"{api}/api/v1/openapi.json"),
         process([*CLI, "ingest", "--port", str(ingest_port)], tmp_path / "ingest.log", env,
                 ready_url=f"{ingest}/api/event"),
-        process([*CLI, "worker"], tmp_path / "worker.log", env),
+        process([*CLI, "worker"], tmp_path / "worker-1.log", env),
+        process([*CLI, "worker"], tmp_path / "worker-2.log", env),  # the partitions are shared
     ):
+        # Both workers in the group, sharing the partitions, before the first event is sent.
+        wait_until(lambda: stable_group_size(kafka, "besokskollen") == 2, 90, "two workers in the consumer group",
+                   interval=0.5)
         create_site(api)
         t = traffic()
         asyncio.run(post_all(t, ingest))
         got = settle(api, expected)
+        assert stable_group_size(kafka, "besokskollen") == 2
 
     assert {k: got[k] for k in expected} == expected
     # Same events, same answers as the embedded topology, response for response.
