@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from clickhouse_connect.driver.client import Client
 
@@ -63,7 +63,9 @@ class SessionStore:
                 parameters={"site": site_id, "visitors": sorted(visitors), "since": since - self._timeout},
             ).result_rows
             for visitor_id, session_id, start, end in rows:  # ordered by end: the latest wins
-                self._open[(site_id, visitor_id)] = OpenSession(session_id, start, end)
+                # The client returns UTC columns as naive datetimes; events are aware.
+                self._open[(site_id, visitor_id)] = OpenSession(
+                    session_id, start.replace(tzinfo=timezone.utc), end.replace(tzinfo=timezone.utc))
 
     def assign(self, e: Event) -> OpenSession:
         key = (e.site_id, e.visitor_id)

@@ -1,0 +1,478 @@
+"""The query API (SPEC §7, the published reference) through the in-process `up` application:
+keys and scopes, errors, cache headers, sites, parameters, the overview and popular products."""
+
+from __future__ import annotations
+
+import random
+import re
+import uuid
+from collections import Counter
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import ROUND_HALF_UP, Decimal
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from ingest.event import Event
+from streams.core import StreamCore
+from tests.conftest import BROWSER
+
+CACHE_CONTROL = "public, max-age=1800, stale-while-revalidate=3600, stale-if-error=86400"
+API = "/api/v1"
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _domain(prefix: str = "qa") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}.example"
+
+
+async def create_site(client, **body) -> dict:
+    response = await client.post(f"{API}/sites", json={"domain": _domain(), **body})
+    assert response.status_code == 201, response.text
+    return response.json()["data"]
+
+
+@pytest.fixture
+async def site(client) -> dict:
+    return await create_site(client)
+
+
+def bearer(key: str) -> dict:
+    return {"authorization": f"Bearer {key}"}
+
+
+def assert_error(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message"}
+    assert isinstance(body["error"]["code"], str) and body["error"]["code"]
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+async def post_event(client, site_id: str, ip: str, name: str = "pageview", path: str = "/", **extra):
+    response = await client.post(
+        "/api/event", json={"site_id": site_id, "name": name, "url": f"https://shop.example{path}", **extra},
+        headers={"user-agent": BROWSER, "x-forwarded-for": ip})
+    assert response.status_code == 202, response.text
+    assert "x-dropped" not in response.headers
+
+
+def half_up(value: Decimal) -> int:
+    return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def click(site: str, at: datetime, product_id: str, slug: str = "", category: str = "", brand: str = "",
+          partner: str = "kjell", visitor: int = 1) -> Event:
+    return Event(event_id=str(uuid.uuid4()), site_id=site, timestamp=at, name="click", visitor_id=visitor,
+                 pathname="/p", product_id=product_id, product_slug=slug or product_id, category_slug=category,
+                 brand_slug=brand, partner_slug=partner)
+
+
+def utc_today() -> date:
+    return datetime.now(timezone.utc).date()
+
+
+# -- keys, scopes, errors ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/stats/overview?site_id={site}", "/popular/products?site_id={site}", "/sites",
+                                  "/sites/{site}"])
+async def test_missing_or_unknown_key_is_401(client, site, path):
+    url = API + path.format(site=site["id"])
+    request = client.build_request("GET", url)
+    del request.headers["authorization"]
+    response = await client.send(request)
+    assert_error(response, 401)
+    assert response.headers["www-authenticate"].lower().startswith("bearer")
+    for header in ("", "Bearer ", "Basic dXNlcjpwYXNz", "Bearer bk_no_such_key_0000000000", "bk_test_admin_key_0123456789"):
+        assert_error(await client.get(url, headers={"authorization": header}), 401)
+
+
+async def test_site_level_key_reads_only_its_own_site(client, services, site):
+    other = await create_site(client)
+    key = services.keys.create("default", site["id"])
+    for path in ("stats/overview", "popular/products"):
+        response = await client.get(f"{API}/{path}?site_id={site['id']}", headers=bearer(key))
+        assert response.status_code == 200, response.text
+        assert "data" in response.json()
+        error = assert_error(await client.get(f"{API}/{path}?site_id={other['id']}", headers=bearer(key)), 403)
+        assert other["id"] in error["message"]
+    # Sites are for user-level keys only.
+    assert_error(await client.get(f"{API}/sites", headers=bearer(key)), 403)
+    assert_error(await client.get(f"{API}/sites/{site['id']}", headers=bearer(key)), 403)
+    assert_error(await client.post(f"{API}/sites", json={"domain": _domain()}, headers=bearer(key)), 403)
+
+
+async def test_site_level_key_sees_clicks_sent_to_its_site(client, embedded, services, site):
+    key = services.keys.create("default", site["id"])
+    product = {"id": "iphone-15-skal", "category_slug": "mobilskal", "brand_slug": "apple", "partner_slug": "kjell"}
+    for ip in ("81.227.0.1", "81.227.0.2", "81.227.0.1"):
+        await post_event(client, site["id"], ip, name="click", product=product)
+    await embedded[1].runner.drain()
+    body = (await client.get(f"{API}/popular/products?site_id={site['id']}&days=1", headers=bearer(key))).json()
+    assert body["data"] == [{"product_id": "iphone-15-skal", "product_slug": "iphone-15-skal", "clicks": 3}]
+    assert body["meta"]["total_clicks"] == 3
+
+
+async def test_user_key_of_another_account_is_403(client, services, site):
+    key = services.keys.create(f"acct-{uuid.uuid4().hex[:8]}")
+    for path in ("stats/overview", "popular/products"):
+        assert_error(await client.get(f"{API}/{path}?site_id={site['id']}", headers=bearer(key)), 403)
+    assert_error(await client.get(f"{API}/sites/{site['id']}", headers=bearer(key)), 403)
+    # Its own account has no sites: the listing does not leak other accounts' sites.
+    listing = (await client.get(f"{API}/sites", headers=bearer(key))).json()
+    assert listing == {"data": [], "meta": {"total": 0}}
+
+
+@pytest.mark.parametrize("path", ["/stats/overview?site_id={id}", "/popular/products?site_id={id}", "/sites/{id}"])
+async def test_unknown_site_is_404(client, path):
+    assert_error(await client.get(API + path.format(id=f"no-such-{uuid.uuid4().hex[:8]}")), 404)
+
+
+# -- caching -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/stats/overview?site_id={site}", "/popular/products?site_id={site}&days=7",
+                                  "/sites", "/sites/{site}"])
+async def test_get_has_cache_headers_and_a_strong_etag(client, site, path):
+    url = API + path.format(site=site["id"])
+    response = await client.get(url)
+    assert response.status_code == 200, response.text
+    assert response.headers["cache-control"] == CACHE_CONTROL
+    etag = response.headers["etag"]
+    assert re.fullmatch(r'"[^"]+"', etag), etag  # quoted, and not weak (no W/)
+
+    again = await client.get(url, headers={"if-none-match": etag})
+    assert again.status_code == 304
+    assert again.content == b""
+    assert again.headers["etag"] == etag
+
+    listed = await client.get(url, headers={"if-none-match": f'"nope", {etag}'})
+    assert listed.status_code == 304
+    stale = await client.get(url, headers={"if-none-match": '"something-else"'})
+    assert stale.status_code == 200
+    assert stale.json() == response.json()
+
+
+async def test_if_none_match_uses_weak_comparison_and_star(client, site):
+    url = f"{API}/sites/{site['id']}"
+    etag = (await client.get(url)).headers["etag"]
+    assert (await client.get(url, headers={"if-none-match": "W/" + etag})).status_code == 304
+    assert (await client.get(url, headers={"if-none-match": "*"})).status_code == 304
+
+
+async def test_etag_changes_when_the_data_does(client, embedded, site):
+    url = f"{API}/stats/overview?site_id={site['id']}&period=7d"
+    before = (await client.get(url)).headers["etag"]
+    await post_event(client, site["id"], "81.227.9.9")
+    await embedded[1].runner.drain()
+    after = await client.get(url, headers={"if-none-match": before})
+    assert after.status_code == 200
+    assert after.headers["etag"] != before
+    assert after.json()["data"]["pageviews"] == 1
+
+
+# -- sites ---------------------------------------------------------------------------------------
+
+async def test_create_site_answers_201_with_the_site(client):
+    label = f"qa-{uuid.uuid4().hex[:10]}"
+    response = await client.post(f"{API}/sites", json={"domain": f"https://www.{label}.example/start", "name": "Min sajt"})
+    assert response.status_code == 201, response.text
+    assert set(response.json()) == {"data"}
+    data = response.json()["data"]
+    assert data["id"] == f"{label}-example"
+    assert data["domain"] == f"{label}.example"
+    assert data["name"] == "Min sajt"
+    assert data["timezone"] == "Europe/Stockholm"
+    assert data["verified"] is False and data["has_data"] is False
+
+    fetched = await client.get(f"{API}/sites/{data['id']}")
+    assert fetched.status_code == 200
+    assert fetched.json()["data"] == data
+
+
+async def test_create_site_with_timezone(client):
+    data = await create_site(client, timezone="America/New_York")
+    assert data["timezone"] == "America/New_York"
+
+
+async def test_duplicate_domain_is_409(client, site):
+    for domain in (site["domain"], "www." + site["domain"], site["domain"].upper()):
+        assert_error(await client.post(f"{API}/sites", json={"domain": domain}), 409)
+
+
+@pytest.mark.parametrize("body", [
+    {"domain": "localhost"},
+    {"domain": "ab"},
+    {"domain": "..."},
+    {"domain": _domain(), "timezone": "Mars/Olympus_Mons"},
+    {"domain": _domain(), "timezone": ""},
+    {"name": "no domain"},
+    {"domain": 17},
+])
+async def test_bad_site_is_400(client, body):
+    assert_error(await client.post(f"{API}/sites", json=body), 400)
+
+
+async def test_list_sites_with_total_and_stats(client, embedded):
+    busy, quiet = await create_site(client), await create_site(client)
+    ips = ["81.227.1.1", "81.227.1.2", "81.227.1.3", "81.227.1.1"]
+    for ip in ips:
+        await post_event(client, busy["id"], ip)
+    await embedded[1].runner.drain()
+
+    plain = (await client.get(f"{API}/sites")).json()
+    assert plain["meta"]["total"] == len(plain["data"])
+    by_id = {s["id"]: s for s in plain["data"]}
+    assert {busy["id"], quiet["id"]} <= set(by_id)
+    assert all("visitors_7d" not in s for s in plain["data"])
+    assert by_id[busy["id"]]["has_data"] is True and by_id[busy["id"]]["verified"] is True
+    assert by_id[quiet["id"]]["has_data"] is False
+
+    with_stats = (await client.get(f"{API}/sites?include_stats=true")).json()
+    assert with_stats["meta"]["total"] == len(with_stats["data"])
+    by_id = {s["id"]: s for s in with_stats["data"]}
+    assert by_id[busy["id"]]["visitors_7d"] == len(set(ips))
+    assert by_id[quiet["id"]]["visitors_7d"] == 0
+
+
+# -- parameters ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("query", [
+    "stats/overview?site_id={site}&period=5d",
+    "stats/overview?site_id={site}&period=custom",
+    "stats/overview?site_id={site}&period=custom&from=2025-01-10",
+    "stats/overview?site_id={site}&period=custom&to=2025-01-10",
+    "stats/overview?site_id={site}&period=custom&from=2025-01-10&to=2025-01-09",
+    "stats/overview?site_id={site}&period=custom&from=2025-13-01&to=2025-12-31",
+    "stats/overview?site_id={site}&period=custom&from=10/01/2025&to=2025-01-12",
+    "stats/overview?period=7d",
+    "popular/products?site_id={site}&days=0",
+    "popular/products?site_id={site}&days=-3",
+    "popular/products?site_id={site}&days=seven",
+    "popular/products?site_id={site}&limit=1000",
+    "popular/products?site_id={site}&limit=0",
+    "popular/products?site_id={site}&min_clicks=-1",
+    "popular/products",
+])
+async def test_bad_parameters_are_400(client, site, query):
+    assert_error(await client.get(f"{API}/" + query.format(site=site["id"])), 400)
+
+
+async def test_openapi_is_served_with_the_paths(client):
+    response = await client.get(f"{API}/openapi.json")
+    assert response.status_code == 200
+    spec = response.json()
+    paths = spec["paths"]
+    for path, method in [("/api/v1/stats/overview", "get"), ("/api/v1/popular/products", "get"),
+                         ("/api/v1/sites", "get"), ("/api/v1/sites", "post"), ("/api/v1/sites/{site_id}", "get")]:
+        assert method in paths.get(path, {}), path
+        responses = paths[path][method]["responses"]
+        ok = responses.get("200") or responses.get("201")
+        assert ok and "schema" in ok["content"]["application/json"], (path, method)
+        assert "401" in responses and "403" in responses
+    schemas = spec["components"]["schemas"]
+    assert {"OverviewResponse", "PopularProductsResponse", "ErrorResponse"} <= set(schemas)
+
+
+# -- overview ------------------------------------------------------------------------------------
+
+async def test_overview_daily_series_covers_every_day_oldest_first(client, embedded, services, site):
+    tz = ZoneInfo(site["timezone"])
+    today = datetime.now(tz).date()
+    first = today - timedelta(days=4)
+
+    # Today, live through the tracking endpoint: 3 visitors, 5 pageviews, 1 custom event.
+    live = [("81.227.2.1", "pageview"), ("81.227.2.1", "pageview"), ("81.227.2.2", "pageview"),
+            ("81.227.2.3", "pageview"), ("81.227.2.3", "signup"), ("81.227.2.2", "pageview")]
+    for ip, name in live:
+        await post_event(client, site["id"], ip, name=name)
+    await embedded[1].runner.drain()
+
+    # Two days ago (and before the period), imported with explicit times: one visitor on two days.
+    def at(day: date, hour: int) -> datetime:
+        return datetime.combine(day, time(hour), tz).astimezone(timezone.utc)
+
+    historic = [(today - timedelta(days=2), 10, 901), (today - timedelta(days=2), 11, 902),
+                (today - timedelta(days=2), 11, 902), (today - timedelta(days=3), 9, 901),
+                (first - timedelta(days=1), 12, 903)]
+    StreamCore(services.client, 1800).process([
+        Event(event_id=str(uuid.uuid4()), site_id=site["id"], timestamp=at(day, hour), name="pageview",
+              visitor_id=visitor, pathname="/h") for day, hour, visitor in historic])
+
+    response = await client.get(f"{API}/stats/overview?site_id={site['id']}&period=custom"
+                                f"&from={first.isoformat()}&to={today.isoformat()}")
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert data["period"] == {"from": first.isoformat(), "to": today.isoformat()}
+
+    days = [first + timedelta(days=i) for i in range((today - first).days + 1)]
+    pageviews, visitors = Counter(), {d: set() for d in days}
+    for day, _, visitor in historic:
+        if day in visitors:
+            pageviews[day] += 1
+            visitors[day].add(("h", visitor))
+    for ip, name in live:
+        visitors[today].add(("live", ip))
+        pageviews[today] += name == "pageview"
+    expected = [{"date": d.isoformat(), "visitors": len(visitors[d]), "pageviews": pageviews[d]} for d in days]
+    assert data["daily"] == expected
+    assert [p["pageviews"] for p in data["daily"]] == [0, 1, 3, 0, 5]  # sanity: zeros included
+    assert data["pageviews"] == sum(pageviews.values())
+    # Unique over the period, not a sum of daily uniques: visitor 901 came on two days.
+    assert data["visitors"] == len(set().union(*visitors.values())) == 5
+    assert data["visitors"] < sum(p["visitors"] for p in data["daily"])
+
+
+# 12.5 and 62.5 tell half-away-from-zero from Python's round() (half to even: 12 and 62).
+@pytest.mark.parametrize("bounces, sessions, rate", [(1, 8, 13), (5, 8, 63), (3, 8, 38), (1, 3, 33)])
+async def test_bounce_rate_rounds_half_away_from_zero(client, embedded, bounces, sessions, rate):
+    site = await create_site(client)
+    for i in range(sessions):
+        ip = f"81.227.4.{i + 1}"
+        await post_event(client, site["id"], ip, path="/in")
+        if i >= bounces:
+            await post_event(client, site["id"], ip, path="/next")
+    await embedded[1].runner.drain()
+
+    data = (await client.get(f"{API}/stats/overview?site_id={site['id']}&period=7d")).json()["data"]
+    assert data["sessions"] == sessions
+    assert data["visitors"] == sessions
+    assert data["pageviews"] == bounces + 2 * (sessions - bounces)
+    assert half_up(Decimal(bounces) * 100 / sessions) == rate
+    assert data["bounce_rate"] == rate
+
+
+async def test_overview_of_an_empty_site_is_zeros(client, site):
+    data = (await client.get(f"{API}/stats/overview?site_id={site['id']}&period=7d")).json()["data"]
+    assert (data["visitors"], data["pageviews"], data["sessions"], data["bounce_rate"]) == (0, 0, 0, 0)
+    assert len(data["daily"]) == 7
+    dates = [date.fromisoformat(p["date"]) for p in data["daily"]]
+    assert dates == sorted(dates) and dates[-1] == datetime.now(ZoneInfo(site["timezone"])).date()
+    assert data["period"] == {"from": dates[0].isoformat(), "to": dates[-1].isoformat()}
+
+
+# -- popular products ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("days", [1, 7, 30, None])
+async def test_popular_period_is_whole_utc_days(client, site, days):
+    url = f"{API}/popular/products?site_id={site['id']}" + (f"&days={days}" if days else "")
+    today = utc_today()
+    meta = (await client.get(url)).json()["meta"]
+    first = today - timedelta(days=(days or 30) - 1)
+    assert meta["period"] == {"from": f"{first.isoformat()}T00:00:00Z", "to": f"{today.isoformat()}T23:59:59Z"}
+    assert meta["total_clicks"] == 0
+    assert meta["confidence"] == "low"
+
+
+async def test_confidence_follows_total_clicks(client, services, site):
+    now = datetime.now(timezone.utc)
+    sizes = {"c9": 9, "c10": 10, "c49": 49, "c50": 50}
+    batch = [click(site["id"], now - timedelta(minutes=i), f"prod-{category}", category=category)
+             for category, n in sizes.items() for i in range(n)]
+    StreamCore(services.client, 1800).process(batch)
+
+    def expected(total: int) -> str:
+        return "high" if total >= 50 else "medium" if total >= 10 else "low"
+
+    for category, n in sizes.items():
+        body = (await client.get(f"{API}/popular/products?site_id={site['id']}&days=2&category_slug={category}")).json()
+        assert body["meta"]["total_clicks"] == n
+        assert body["meta"]["confidence"] == expected(n)
+        assert body["data"] == [{"product_id": f"prod-{category}", "product_slug": f"prod-{category}", "clicks": n}]
+    assert [expected(n) for n in sizes.values()] == ["low", "medium", "medium", "high"]
+    body = (await client.get(f"{API}/popular/products?site_id={site['id']}&days=2")).json()
+    assert body["meta"]["total_clicks"] == sum(sizes.values())
+    assert body["meta"]["confidence"] == "high"
+
+
+# (product_id, product_slug, category, brand, clicks). Ids run against slugs, so a tie ordered by
+# slug is told apart from one ordered by id or by arrival.
+PRODUCTS = [
+    ("id-9", "alpha", "mobilskal", "apple", 5),
+    ("id-1", "bravo", "mobilskal", "samsung", 5),
+    ("id-5", "charlie", "laddare", "apple", 7),
+    ("id-3", "delta", "laddare", "samsung", 1),
+    ("id-2", "echo", "mobilskal", "apple", 3),
+    ("id-7", "foxtrot", "horlurar", "apple", 5),
+]
+
+
+def expected_popular(category: str = "", brand: str = "", min_clicks: int = 0, limit: int = 20) -> tuple[list, int]:
+    chosen = [p for p in PRODUCTS if (not category or p[2] == category) and (not brand or p[3] == brand)]
+    total = sum(p[4] for p in chosen)
+    ranked = sorted((p for p in chosen if p[4] >= min_clicks), key=lambda p: (-p[4], p[1]))
+    return [{"product_id": p[0], "product_slug": p[1], "clicks": p[4]} for p in ranked[:limit]], total
+
+
+@pytest.fixture
+async def catalogue(client, services) -> dict:
+    """A site whose clicks of PRODUCTS arrive shuffled over the last three UTC days."""
+    site = await create_site(client)
+    now = datetime.now(timezone.utc)
+    today_start = datetime.combine(now.date(), time.min, timezone.utc)
+    rng = random.Random(11)
+    events = []
+    for pid, slug, category, brand, n in PRODUCTS:
+        for _ in range(n):
+            moment = today_start - timedelta(days=rng.randint(0, 2)) + timedelta(seconds=rng.randint(0, 86399))
+            events.append(click(site["id"], min(moment, now), pid, slug, category, brand, visitor=rng.randint(1, 5)))
+    rng.shuffle(events)
+    core = StreamCore(services.client, 1800)
+    core.process(events[:11])
+    core.process(events[11:])
+    return site
+
+
+@pytest.mark.parametrize("params", [
+    {},
+    {"category_slug": "mobilskal"},
+    {"brand_slug": "apple"},
+    {"category_slug": "mobilskal", "brand_slug": "apple"},
+    {"category_slug": "no-such-category"},
+    {"min_clicks": 5},
+    {"min_clicks": 6},
+    {"limit": 2},
+    {"limit": 1, "min_clicks": 4, "brand_slug": "samsung"},
+    {"limit": 3, "brand_slug": "apple"},
+])
+async def test_popular_products_filters_and_ordering(client, catalogue, params):
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    response = await client.get(f"{API}/popular/products?site_id={catalogue['id']}&days=3&{query}")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    data, total = expected_popular(params.get("category_slug", ""), params.get("brand_slug", ""),
+                                   params.get("min_clicks", 0), params.get("limit", 20))
+    assert body["data"] == data
+    assert body["meta"]["total_clicks"] == total
+
+
+async def test_popular_default_limit_is_20(client, services, site):
+    now = datetime.now(timezone.utc)
+    StreamCore(services.client, 1800).process(
+        [click(site["id"], now, f"p{i:02d}") for i in range(25) for _ in range(1 + i % 3)])
+    data = (await client.get(f"{API}/popular/products?site_id={site['id']}")).json()["data"]
+    assert len(data) == 20
+    assert [d["clicks"] for d in data] == sorted((d["clicks"] for d in data), reverse=True)
+
+
+async def test_clicks_older_than_the_window_are_excluded(client, services, site):
+    today = utc_today()
+    window_start = datetime.combine(today - timedelta(days=2), time.min, timezone.utc)  # days=3
+    StreamCore(services.client, 1800).process([
+        click(site["id"], window_start - timedelta(seconds=1), "just-before"),
+        click(site["id"], window_start - timedelta(days=5), "long-ago"),
+        click(site["id"], window_start, "first-moment"),
+        click(site["id"], datetime.now(timezone.utc), "now"),
+    ])
+
+    async def products(days: int) -> dict[str, int]:
+        body = (await client.get(f"{API}/popular/products?site_id={site['id']}&days={days}")).json()
+        assert body["meta"]["total_clicks"] == sum(d["clicks"] for d in body["data"])
+        return {d["product_id"]: d["clicks"] for d in body["data"]}
+
+    assert await products(3) == {"first-moment": 1, "now": 1}
+    assert await products(4) == {"first-moment": 1, "now": 1, "just-before": 1}
+    assert await products(1) == {"now": 1}
+    assert await products(30) == {"first-moment": 1, "now": 1, "just-before": 1, "long-ago": 1}

@@ -1,0 +1,238 @@
+"""Sessions and the stream core (SPEC §6, §7) against the shared chDB database: timeouts,
+bounces, a worker restart in mid-session, the day a session belongs to, and idempotent writes."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import ROUND_HALF_UP, Decimal
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from ingest.event import Event
+from query_api.affiliate import popular_products
+from query_api.periods import Period
+from query_api.stats import overview
+from streams.core import StreamCore
+
+TIMEOUT = 1800
+STOCKHOLM = "Europe/Stockholm"
+T0 = datetime(2025, 2, 3, 10, 0, tzinfo=timezone.utc)  # a Monday; Stockholm is UTC+1 then
+
+
+def _site() -> str:
+    return f"sess-{uuid.uuid4().hex[:12]}"
+
+
+def event(site: str, visitor: int, at: datetime, name: str = "pageview", path: str = "/", **extra) -> Event:
+    return Event(event_id=str(uuid.uuid4()), site_id=site, timestamp=at, name=name, visitor_id=visitor,
+                 pathname=path, **extra)
+
+
+def click(site: str, visitor: int, at: datetime, product: str) -> Event:
+    return event(site, visitor, at, "click", product_id=product, product_slug=product,
+                 category_slug="mobilskal", brand_slug="apple", partner_slug="kjell")
+
+
+def utc(moment: datetime) -> datetime:
+    """The driver answers DateTime64(3, 'UTC') columns with naive datetimes."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def stored_sessions(client, site: str) -> list[tuple]:
+    rows = client.query(
+        "SELECT visitor_id, start, end, pageviews, events, entry_page, exit_page FROM sessions FINAL"
+        " WHERE site_id = {s:String} ORDER BY visitor_id, start", parameters={"s": site}).result_rows
+    return [(v, utc(start), utc(end), *rest) for v, start, end, *rest in rows]
+
+
+def session_ids(client, site: str) -> list[int]:
+    return [r[0] for r in client.query(
+        "SELECT session_id FROM events FINAL WHERE site_id = {s:String} ORDER BY timestamp",
+        parameters={"s": site}).result_rows]
+
+
+def day_period(first: date, last: date | None = None) -> Period:
+    return Period(first, last or first, STOCKHOLM)
+
+
+def half_up(value: Decimal) -> int:
+    return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def test_gap_below_timeout_continues_and_at_timeout_starts_a_new_session(services):
+    client, site = services.client, _site()
+    core = StreamCore(client, TIMEOUT)
+    just_inside = T0 + timedelta(seconds=TIMEOUT - 1)
+    exactly_timeout = just_inside + timedelta(seconds=TIMEOUT)
+    core.process([event(site, 1, T0, path="/a"), event(site, 1, just_inside, path="/b")])
+    core.process([event(site, 1, exactly_timeout, path="/c")])
+
+    rows = stored_sessions(client, site)
+    assert [(r[3], r[4], r[5], r[6]) for r in rows] == [(2, 2, "/a", "/b"), (1, 1, "/c", "/c")]
+    assert [r[1] for r in rows] == [T0, exactly_timeout]
+    assert rows[0][2] == just_inside
+    ids = session_ids(client, site)
+    assert ids[0] == ids[1] != ids[2]
+
+    result = overview(client, site, day_period(T0.date()))
+    assert (result["sessions"], result["pageviews"], result["visitors"]) == (2, 3, 1)
+
+
+def test_sessions_of_different_visitors_do_not_mix(services):
+    client, site = services.client, _site()
+    StreamCore(client, TIMEOUT).process([
+        event(site, 1, T0), event(site, 2, T0 + timedelta(minutes=1)), event(site, 1, T0 + timedelta(minutes=2)),
+    ])
+    assert [(r[0], r[3]) for r in stored_sessions(client, site)] == [(1, 2), (2, 1)]
+
+
+def test_bounce_is_at_most_one_pageview_and_no_other_event(services):
+    client, site = services.client, _site()
+    m = lambda minutes: T0 + timedelta(minutes=minutes)  # noqa: E731
+    sessions = {
+        1: [event(site, 1, m(0))],                                            # bounce
+        2: [event(site, 2, m(0)), event(site, 2, m(5), path="/b")],           # two pageviews
+        3: [event(site, 3, m(0)), event(site, 3, m(1), name="signup")],       # pageview + custom event
+        4: [event(site, 4, m(0)), click(site, 4, m(1), "iphone-15-skal")],    # pageview + click
+        5: [event(site, 5, m(0), name="signup")],                             # no pageview, an event
+        6: [event(site, 6, m(0))],                                            # bounce
+        7: [event(site, 7, m(0))],                                            # bounce
+        8: [event(site, 8, m(0)), event(site, 8, m(1))],                      # two pageviews
+    }
+    StreamCore(client, TIMEOUT).process([e for evs in sessions.values() for e in evs])
+
+    bounces = sum(1 for evs in sessions.values()
+                  if sum(e.is_pageview for e in evs) <= 1 and all(e.is_pageview for e in evs))
+    assert bounces == 3
+    result = overview(client, site, day_period(T0.date()))
+    assert result["sessions"] == len(sessions)
+    assert result["pageviews"] == sum(e.is_pageview for evs in sessions.values() for e in evs)
+    assert result["visitors"] == len(sessions)
+    # 3 / 8 = 37.5 %: whole numbers, half away from zero.
+    assert result["bounce_rate"] == half_up(Decimal(bounces) / len(sessions) * 100) == 38
+
+
+def test_session_continues_across_a_worker_restart(services):
+    """A new stream core (a restarted or rebalanced worker) picks the open session up from storage."""
+    client, site = services.client, _site()
+    StreamCore(client, TIMEOUT).process([event(site, 7, T0, path="/a")])
+    restarted = StreamCore(client, TIMEOUT)
+    assert len(restarted.sessions) == 0
+    restarted.process([event(site, 7, T0 + timedelta(minutes=10), path="/b")])
+    StreamCore(client, TIMEOUT).process([event(site, 7, T0 + timedelta(minutes=20), name="signup")])
+
+    rows = stored_sessions(client, site)
+    assert len(rows) == 1
+    _, start, end, pageviews, events, entry, exit_ = rows[0]
+    assert (start, end, pageviews, events, entry, exit_) == (T0, T0 + timedelta(minutes=20), 2, 3, "/a", "/b")
+    assert len(set(session_ids(client, site))) == 1
+
+    result = overview(client, site, day_period(T0.date()))
+    assert (result["sessions"], result["pageviews"], result["visitors"], result["bounce_rate"]) == (1, 2, 1, 0)
+
+
+def test_restart_after_the_timeout_starts_a_new_session(services):
+    client, site = services.client, _site()
+    StreamCore(client, TIMEOUT).process([event(site, 7, T0)])
+    StreamCore(client, TIMEOUT).process([event(site, 7, T0 + timedelta(seconds=TIMEOUT))])
+    assert [r[3] for r in stored_sessions(client, site)] == [1, 1]
+    assert overview(client, site, day_period(T0.date()))["sessions"] == 2
+
+
+def test_a_session_belongs_to_the_local_day_it_started(services):
+    client, site = services.client, _site()
+    tz = ZoneInfo(STOCKHOLM)
+    first_day = date(2025, 1, 15)
+    start = datetime(2025, 1, 15, 23, 50, tzinfo=tz).astimezone(timezone.utc)
+    after_midnight = datetime(2025, 1, 16, 0, 10, tzinfo=tz).astimezone(timezone.utc)
+    assert start.date() == after_midnight.date()  # the same UTC day: only the site's timezone splits them
+    StreamCore(client, TIMEOUT).process([event(site, 3, start, path="/a"), event(site, 3, after_midnight, path="/b")])
+    assert len(stored_sessions(client, site)) == 1
+
+    day1 = overview(client, site, day_period(first_day))
+    day2 = overview(client, site, day_period(first_day + timedelta(days=1)))
+    both = overview(client, site, day_period(first_day, first_day + timedelta(days=1)))
+    assert (day1["sessions"], day1["pageviews"], day1["visitors"]) == (1, 1, 1)
+    assert (day2["sessions"], day2["pageviews"], day2["visitors"]) == (0, 1, 1)
+    assert (both["sessions"], both["pageviews"], both["visitors"]) == (1, 2, 1)
+    assert [(d["date"], d["pageviews"]) for d in both["daily"]] == [("2025-01-15", 1), ("2025-01-16", 1)]
+    assert day2["bounce_rate"] == 0
+
+
+def _clicks(client, site: str) -> dict[str, int]:
+    """Clicks per product on T0's UTC day, as the popular-products query reads the rollup."""
+    day = datetime.combine(T0.date(), time.min, timezone.utc)
+    found = popular_products(client, site, day, day + timedelta(days=1, seconds=-1), limit=100)
+    assert found["meta"]["total_clicks"] == sum(p["clicks"] for p in found["data"])
+    return {p["product_id"]: p["clicks"] for p in found["data"]}
+
+
+def test_the_same_batch_twice_is_counted_once(services):
+    """A retried batch (the same events again, as process_until_written does) doubles neither the
+    click rollups nor raw events, nor the number of sessions."""
+    client, site = services.client, _site()
+    batch = [event(site, 1, T0), click(site, 1, T0 + timedelta(minutes=1), "a"),
+             click(site, 1, T0 + timedelta(minutes=2), "a"), click(site, 2, T0 + timedelta(hours=1), "b"),
+             event(site, 2, T0 + timedelta(hours=1, minutes=1))]
+    core = StreamCore(client, TIMEOUT)
+    core.process(batch)
+    core.process([e.model_copy() for e in batch])
+
+    expected_clicks: dict[str, int] = {}
+    for e in batch:
+        if e.name == "click":
+            expected_clicks[e.product_id] = expected_clicks.get(e.product_id, 0) + 1
+    assert _clicks(client, site) == expected_clicks == {"a": 2, "b": 1}
+    final = client.query("SELECT count() FROM events FINAL WHERE site_id = {s:String}", parameters={"s": site})
+    assert final.result_rows[0][0] == len(batch)
+    result = overview(client, site, day_period(T0.date()))
+    assert (result["pageviews"], result["visitors"], result["sessions"]) == (2, 2, 2)
+
+
+def test_a_retried_batch_does_not_inflate_sessions(services):
+    client, site = services.client, _site()
+    batch = [event(site, 1, T0, path="/only"), event(site, 2, T0), event(site, 2, T0 + timedelta(minutes=1))]
+    core = StreamCore(client, TIMEOUT)
+    core.process(batch)
+    before = stored_sessions(client, site)
+    core.process([e.model_copy() for e in batch])
+
+    assert stored_sessions(client, site) == before
+    assert [(r[0], r[3], r[4]) for r in before] == [(1, 1, 1), (2, 2, 2)]
+    assert overview(client, site, day_period(T0.date()))["bounce_rate"] == 50
+
+
+def test_a_different_batch_is_not_taken_for_a_retry(services):
+    """Deduplication is keyed by the batch's events: equal rollup rows from other events count."""
+    client, site = services.client, _site()
+    core = StreamCore(client, TIMEOUT)
+    core.process([click(site, 1, T0, "a")])
+    core.process([click(site, 1, T0 + timedelta(minutes=1), "a")])
+    assert _clicks(client, site) == {"a": 2}
+
+
+def test_a_partly_redelivered_batch_counts_each_event_once(services):
+    """Redelivery after a crash need not reproduce the original batches: any mix of seen and new
+    events ends in the numbers the distinct events imply."""
+    client, site = services.client, _site()
+    seen = [event(site, 1, T0), click(site, 1, T0 + timedelta(minutes=1), "a"),
+            click(site, 1, T0 + timedelta(minutes=2), "b"), event(site, 2, T0 + timedelta(minutes=3))]
+    new = [click(site, 1, T0 + timedelta(minutes=4), "a"), event(site, 2, T0 + timedelta(minutes=5), path="/x")]
+    core = StreamCore(client, TIMEOUT)
+    core.process(seen)
+    core.process([seen[1], seen[3], new[0]])
+    core.process([*seen, *new])
+
+    distinct = {e.event_id: e for e in [*seen, *new]}.values()
+    expected_clicks: dict[str, int] = {}
+    for e in distinct:
+        if e.name == "click":
+            expected_clicks[e.product_id] = expected_clicks.get(e.product_id, 0) + 1
+    assert _clicks(client, site) == expected_clicks
+    assert [(r[0], r[3], r[4]) for r in stored_sessions(client, site)] == [
+        (v, sum(e.is_pageview for e in distinct if e.visitor_id == v), sum(e.visitor_id == v for e in distinct))
+        for v in (1, 2)]
+    result = overview(client, site, day_period(T0.date()))
+    assert (result["pageviews"], result["sessions"], result["bounce_rate"]) == (3, 2, 0)
