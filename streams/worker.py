@@ -47,7 +47,14 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(topic, concurrency=1)
     async def process(stream: faust.StreamT) -> None:
         async for values in stream.take(BATCH_MAX, within=BATCH_WITHIN_S):
-            await process_until_written(core, _decode(values))
+            # take() acks a batch's offsets when control returns to it, even when the agent is
+            # cancelled (worker shutdown): so a batch being written is finished first.
+            writing = asyncio.ensure_future(process_until_written(core, _decode(values)))
+            try:
+                await asyncio.shield(writing)
+            except asyncio.CancelledError:
+                await writing
+                raise
 
     @app.on_partitions_revoked.connect
     async def forget_sessions(app: faust.App, revoked: set, **kwargs) -> None:
