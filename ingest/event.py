@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 MAX_PROPS = 30
 
@@ -44,6 +45,14 @@ class IncomingEvent(BaseModel):
         default_factory=dict, max_length=MAX_PROPS
     )
     product: Product | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _absolute_http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http(s) URL")
+        return url
 
     @model_validator(mode="after")
     def _check(self) -> IncomingEvent:

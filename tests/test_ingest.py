@@ -33,6 +33,7 @@ async def post(client, body: bytes | dict, **headers):
     ({"site_id": "x", "url": "https://a.example/"}, 400, "missing_field", "name"),
     ({"name": "pageview", "url": "https://a.example/"}, 400, "invalid_field", "site_id"),
     ({"site_id": "x", "name": "pageview"}, 400, "missing_field", "url"),
+    ({"site_id": "x", "name": "pageview", "url": "/relative/path"}, 400, "invalid_field", "url"),
     ({"site_id": "x", "name": "click", "url": "https://a.example/"}, 400, "invalid_field", "product"),
     ({"site_id": "x", "name": "pageview", "url": "https://a.example/", "props": {"k": 1}}, 400, "invalid_field", "props.k"),
     ({"site_id": "x", "name": "pageview", "url": "https://a.example/", "props": {f"k{i}": "v" for i in range(31)}},

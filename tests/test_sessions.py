@@ -8,8 +8,6 @@ from datetime import date, datetime, time, timedelta, timezone
 from decimal import ROUND_HALF_UP, Decimal
 from zoneinfo import ZoneInfo
 
-import pytest
-
 from ingest.event import Event
 from query_api.affiliate import popular_products
 from query_api.periods import Period
