@@ -1,0 +1,72 @@
+"""The command line as a user runs it: `up --demo` prints working curl lines, `migrate` is
+idempotent, `keys create` prints keys the API accepts."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+
+import httpx
+
+from tests.conftest import free_port, process
+
+CLI = [sys.executable, "-m", "besokskollen"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_up_demo_prints_curl_lines_that_answer(tmp_path):
+    port = free_port()
+    log = tmp_path / "up.log"
+    with process([*CLI, "up", "--demo", "--data", str(tmp_path / "data"), "--port", str(port)], log,
+                 ready_url=f"http://127.0.0.1:{port}/api/v1/openapi.json", timeout=180):
+        lines = [line for line in log.read_text().splitlines() if line.startswith("curl ")]
+        popular = next(line for line in lines if "/popular/products" in line)
+        # Run the printed line as a user would paste it.
+        argv = shlex.split(popular)
+        header, url = argv[argv.index("-H") + 1], argv[-1]
+        response = httpx.get(url, headers=[tuple(part.strip() for part in header.split(":", 1))])
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["data"] and all(set(p) == {"product_id", "product_slug", "clicks"} for p in body["data"])
+        assert [p["clicks"] for p in body["data"]] == sorted((p["clicks"] for p in body["data"]), reverse=True)
+        assert set(body["meta"]) == {"period", "total_clicks", "confidence"}
+        assert body["meta"]["total_clicks"] >= sum(p["clicks"] for p in body["data"])
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT00:00:00Z", body["meta"]["period"]["from"])
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT23:59:59Z", body["meta"]["period"]["to"])
+
+        overview_line = next(line for line in lines if "/stats/overview" in line)
+        argv = shlex.split(overview_line)
+        overview = httpx.get(argv[-1], headers=[tuple(p.strip() for p in argv[argv.index("-H") + 1].split(":", 1))]).json()
+        daily = overview["data"]["daily"]
+        assert len(daily) == 30 and sum(d["pageviews"] for d in daily) == overview["data"]["pageviews"] > 0
+        assert 0 < overview["data"]["bounce_rate"] < 100
+
+
+def test_migrate_is_idempotent_and_keys_create_prints_working_keys(tmp_path):
+    data = str(tmp_path / "data")
+    first, second = run("migrate", "--data", data), run("migrate", "--data", data)
+    assert first.returncode == 0 and "applied migrations: [1]" in first.stdout, first.stderr
+    assert second.returncode == 0 and "schema is up to date" in second.stdout, second.stderr
+
+    created = run("keys", "create", "--account", "acme", "--data", data)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert re.fullmatch(r"bk_[A-Za-z0-9_-]{20,}", key)
+    unknown_site = run("keys", "create", "--account", "acme", "--site", "nope", "--data", data)
+    assert unknown_site.returncode != 0 and "no site with id 'nope'" in unknown_site.stderr
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/api/v1"
+    with process([*CLI, "up", "--data", data, "--port", str(port)], tmp_path / "up.log",
+                 ready_url=f"{base}/openapi.json"):
+        auth = {"authorization": f"Bearer {key}"}
+        created_site = httpx.post(f"{base}/sites", json={"domain": "acme.example"}, headers=auth)
+        assert created_site.status_code == 201
+        listed = httpx.get(f"{base}/sites", headers=auth).json()
+        assert listed == {"data": [created_site.json()["data"]], "meta": {"total": 1}}
+        assert httpx.get(f"{base}/sites", headers={"authorization": "Bearer bk_wrong"}).status_code == 401
