@@ -5,7 +5,7 @@ than the visitor-id hash."""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from functools import lru_cache
 
 import iptocc
@@ -16,7 +16,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _COUNTRY_HEADERS = ("cf-ipcountry", "x-vercel-ip-country", "cloudfront-viewer-country")
 
 
-def _trusted(address: str, trusted: Sequence[Network]) -> bool:
+@lru_cache(maxsize=4096)  # peers are mostly the same few proxies; parsing an IP is not free
+def _trusted(address: str, trusted: tuple[Network, ...]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -24,7 +25,7 @@ def _trusted(address: str, trusted: Sequence[Network]) -> bool:
     return any(ip in net for net in trusted)
 
 
-def client_ip(peer: str, headers: Mapping[str, str], trusted: Sequence[Network]) -> str:
+def client_ip(peer: str, headers: Mapping[str, str], trusted: tuple[Network, ...]) -> str:
     """The right-most X-Forwarded-For entry that is not itself a trusted proxy."""
     if not _trusted(peer, trusted):
         return peer
@@ -43,7 +44,7 @@ def _lookup(ip: str) -> str:
         return ""
 
 
-def country(ip: str, peer: str, headers: Mapping[str, str], trusted: Sequence[Network]) -> str:
+def country(ip: str, peer: str, headers: Mapping[str, str], trusted: tuple[Network, ...]) -> str:
     if _trusted(peer, trusted):
         for name in _COUNTRY_HEADERS:
             code = headers.get(name, "").strip().upper()

@@ -3,7 +3,7 @@ stream core. Pure apart from the visitor-id salts."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime
 from urllib.parse import urlsplit
 
@@ -17,7 +17,7 @@ from streams.sites import Site
 
 
 def enrich(incoming: IncomingEvent, site: Site, agent: Agent, user_agent: str, peer: str,
-           headers: Mapping[str, str], trusted: Sequence[clients.Network], visitors: Visitors,
+           headers: Mapping[str, str], trusted: tuple[clients.Network, ...], visitors: Visitors,
            at: datetime) -> Event:
     ip = clients.client_ip(peer, headers, trusted)
     url = urlsplit(incoming.url)
