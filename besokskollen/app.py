@@ -61,7 +61,8 @@ def make_handoff(services: Services, core: StreamCore | None = None) -> Handoff:
     settings = services.settings
     if settings.embedded:
         return InProcessHandoff(EmbeddedRunner(core or StreamCore(services.client, settings.session_timeout_s)))
-    return KafkaHandoff(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions)
+    return KafkaHandoff(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions,
+                        settings.kafka_replication_factor)
 
 
 def _lifespan(handoff: Handoff):

@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     kafka_topic: str = "events"
     # Partitions of the events topic when it is created; the most workers that can share it.
     kafka_partitions: int = 4
+    # Replication of the topics we and Faust create; 1 suits a single broker, use 3 on a cluster.
+    kafka_replication_factor: int = 1
     admin_key: str | None = None
     trusted_proxies: str = "127.0.0.1/32,::1/128"
     session_timeout_s: int = 1800

@@ -35,14 +35,15 @@ class InProcessHandoff:
 class KafkaHandoff:
     """Idempotent producer with acks=all: an event is answered 202 only once the broker has it."""
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+    def __init__(self, bootstrap: str, topic: str, partitions: int, replication_factor: int) -> None:
         self._bootstrap = bootstrap
         self._topic = topic
         self._partitions = partitions
+        self._replication_factor = replication_factor
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
-        await ensure_topic(self._bootstrap, self._topic, self._partitions)
+        await ensure_topic(self._bootstrap, self._topic, self._partitions, self._replication_factor)
         # aiokafka binds to the running loop, so the producer is made here, not in __init__.
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self._bootstrap,

@@ -11,7 +11,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 log = logging.getLogger(__name__)
 
 
-async def ensure_topic(bootstrap: str, topic: str, partitions: int, replication_factor: int = 1) -> None:
+async def ensure_topic(bootstrap: str, topic: str, partitions: int, replication_factor: int) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:

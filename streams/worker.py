@@ -34,7 +34,7 @@ def create_app(settings: Settings) -> faust.App:
         "besokskollen",
         broker=broker_urls(settings.kafka_bootstrap),
         topic_partitions=settings.kafka_partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.kafka_replication_factor,
         web_enabled=False,
         consumer_auto_offset_reset="earliest",
     )
@@ -79,5 +79,6 @@ def _decode(values: list[bytes]) -> list[Event]:
 
 def run(settings: Settings, loglevel: str = "info") -> None:
     app = create_app(settings)
-    asyncio.run(ensure_topic(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions))
+    asyncio.run(ensure_topic(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions,
+                             settings.kafka_replication_factor))
     faust.Worker(app, loglevel=loglevel).execute_from_commandline()
