@@ -18,6 +18,9 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+_BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:132.0) Gecko/20100101 Firefox/132.0"
+
+
 def _serve(app, host: str, port: int) -> None:
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
 
@@ -30,18 +33,25 @@ def cmd_up(args: argparse.Namespace) -> None:
     settings = _settings(args)
     services = open_services(settings)
     core = StreamCore(services.client, settings.session_timeout_s) if settings.embedded else None
+    base = f"http://{args.host}:{args.port}"
     if args.demo:
         if core is None:
             raise SystemExit("--demo seeds through the embedded stream core; unset BK_KAFKA_BOOTSTRAP")
         site = demo.seed(services, core)
         key = settings.admin_key or services.keys.create(DEFAULT_ACCOUNT)
-        base = f"http://{args.host}:{args.port}/api/v1"
         print(f"\nDemo site {site.site_id!r} is ready. API key (user level): {key}\n")
         for path in (f"popular/products?site_id={site.site_id}&days=7&limit=5",
                      f"stats/overview?site_id={site.site_id}&period=30d",
                      "sites"):
-            print(f'curl -H "Authorization: Bearer {key}" "{base}/{path}"')
+            print(f'curl -H "Authorization: Bearer {key}" "{base}/api/v1/{path}"')
+        event = f'{{"site_id": "{site.site_id}", "name": "pageview", "url": "https://{site.domain}/"}}'
+        print(f"curl -X POST -H 'Content-Type: application/json' -H 'User-Agent: {_BROWSER}' -d '{event}' {base}/api/event")
         print()
+    elif not settings.admin_key and not services.keys.any_exist():
+        # While `up` runs, the engine locks the data folder, so `keys create` cannot run beside
+        # it: the first start hands out a key instead.
+        key = services.keys.create(DEFAULT_ACCOUNT)
+        print(f"\nFirst start: created a user-level API key (shown only now): {key}\n")
     _serve(server_app(services, make_handoff(services, core)), args.host, args.port)
 
 

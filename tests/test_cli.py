@@ -39,6 +39,12 @@ def test_up_demo_prints_curl_lines_that_answer(tmp_path):
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT00:00:00Z", body["meta"]["period"]["from"])
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT23:59:59Z", body["meta"]["period"]["to"])
 
+        # The printed tracking call is accepted (a browser user agent, so it is not dropped as a bot).
+        argv = shlex.split(next(line for line in lines if "/api/event" in line))
+        headers = [tuple(p.strip() for p in argv[i + 1].split(":", 1)) for i, a in enumerate(argv) if a == "-H"]
+        tracked = httpx.post(argv[-1], content=argv[argv.index("-d") + 1], headers=headers)
+        assert tracked.status_code == 202 and "x-dropped" not in tracked.headers, tracked.text
+
         overview_line = next(line for line in lines if "/stats/overview" in line)
         argv = shlex.split(overview_line)
         overview = httpx.get(argv[-1], headers=[tuple(p.strip() for p in argv[argv.index("-H") + 1].split(":", 1))]).json()
@@ -70,3 +76,17 @@ def test_migrate_is_idempotent_and_keys_create_prints_working_keys(tmp_path):
         listed = httpx.get(f"{base}/sites", headers=auth).json()
         assert listed == {"data": [created_site.json()["data"]], "meta": {"total": 1}}
         assert httpx.get(f"{base}/sites", headers={"authorization": "Bearer bk_wrong"}).status_code == 401
+
+
+def test_first_start_hands_out_a_key(tmp_path):
+    """`keys create` cannot open the data folder while `up` runs, so a first start prints a key."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/api/v1"
+    log = tmp_path / "up.log"
+    with process([*CLI, "up", "--data", str(tmp_path / "data"), "--port", str(port)], log,
+                 ready_url=f"{base}/openapi.json"):
+        key = re.search(r"created a user-level API key \(shown only now\): (bk_\S+)", log.read_text()).group(1)
+        assert httpx.get(f"{base}/sites", headers={"authorization": f"Bearer {key}"}).status_code == 200
+    with process([*CLI, "up", "--data", str(tmp_path / "data"), "--port", str(port)], log,
+                 ready_url=f"{base}/openapi.json"):
+        assert "created a user-level API key" not in log.read_text()  # only the first start
