@@ -47,7 +47,8 @@ class Salts:
         if day >= datetime.now(timezone.utc).date():
             self._purge(before=day - timedelta(days=1))
         salt = self._read(day)
-        assert salt is not None, "salt insert not visible"
+        if salt is None:
+            raise RuntimeError(f"the salt inserted for {day} is not visible")
         return salt
 
     def _purge(self, before: date) -> None:
