@@ -42,7 +42,7 @@ class StreamCore:
             assigned.append((event, session.session_id))
         # Raw events first: sessions and rollups are rebuilt from them.
         raw_events.write(self._client, assigned)
-        sessions.rebuild(self._client, ((site_id, s) for (site_id, _), s in touched.items()))
+        sessions.rebuild(self._client, touched)
         rollups.rebuild_clicks(self._client, batch)
         self._batches += 1
         if self._batches % _EVICT_EVERY == 0:

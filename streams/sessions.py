@@ -10,7 +10,7 @@ not of how often an event was seen."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -112,10 +112,10 @@ GROUP BY site_id, session_id
 """
 
 
-def rebuild(client: Client, touched: Iterable[tuple[str, OpenSession]]) -> None:
-    """Rewrite the rows of the touched (site, session) pairs from raw events."""
+def rebuild(client: Client, touched: Mapping[tuple[str, int], OpenSession]) -> None:
+    """Rewrite the rows of the touched sessions, keyed by (site, session id), from raw events."""
     by_site: dict[str, list[OpenSession]] = {}
-    for site_id, session in touched:
+    for (site_id, _), session in touched.items():
         by_site.setdefault(site_id, []).append(session)
     for site_id, sessions in by_site.items():
         client.command(_REBUILD, parameters={
