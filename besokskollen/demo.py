@@ -97,5 +97,4 @@ def seed(services: Services, core: StreamCore, now: datetime | None = None, seed
                                              services.settings.trusted_networks, services.visitors, at))
             core.process(events)
             progress.advance(task)
-    core.sessions.evict_idle()
     return site

@@ -90,6 +90,13 @@ class Event(BaseModel):
     brand_slug: str = ""
     partner_slug: str = ""
 
+    @field_validator("timestamp")
+    @classmethod
+    def _utc_milliseconds(cls, at: datetime) -> datetime:
+        # Stored as DateTime64(3): an event must compare equal before and after a round trip.
+        at = at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
+        return at.replace(microsecond=at.microsecond // 1000 * 1000)
+
     @property
     def kafka_key(self) -> bytes:
         """One visitor always lands on one partition, so its sessions live in one worker."""

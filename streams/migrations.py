@@ -8,6 +8,7 @@ end; never edit one that has shipped.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from clickhouse_connect.driver.client import Client
 
@@ -128,9 +129,130 @@ CREATE TABLE IF NOT EXISTS salts (
 ORDER BY (day, created_at, salt)
 """
 
-MIGRATIONS: list[tuple[int, str, list[str]]] = [
+# -- 2: rollups for every traffic number ------------------------------------------------------
+# Every table below is a function of the raw events (streams/core.py rebuilds what a batch
+# touches): partitions follow the sorting key's time column, so one key never spans two
+# partitions and FINAL need not merge across them. `is_deleted` rows are tombstones.
+
+# Sorted by start so time ranges prune; a session's id is a hash of its start, so the key of a
+# session never changes — a session that gains an earlier first event is a new key, the old one
+# gets a tombstone. The skip indexes serve the open-session lookup of ingest.
+_SESSIONS_V2 = """
+CREATE TABLE IF NOT EXISTS sessions (
+    site_id       LowCardinality(String),
+    visitor_id    UInt64,
+    session_id    UInt64,
+    start         DateTime64(3, 'UTC'),
+    end           DateTime64(3, 'UTC'),
+    entry_page    String,
+    exit_page     String,
+    pageviews     UInt32,
+    events        UInt32,
+    bounce        UInt8,
+    duration_ms   UInt64,
+    source        LowCardinality(String),
+    channel       LowCardinality(String),
+    referrer      String,
+    utm_source    String,
+    utm_medium    String,
+    utm_campaign  String,
+    country       LowCardinality(String),
+    device        LowCardinality(String),
+    browser       LowCardinality(String),
+    os            LowCardinality(String),
+    version       UInt64,
+    is_deleted    UInt8,
+    INDEX end_minmax end TYPE minmax GRANULARITY 1,
+    INDEX visitor_bloom visitor_id TYPE bloom_filter(0.01) GRANULARITY 1
+) ENGINE = ReplacingMergeTree(version, is_deleted)
+PARTITION BY toYYYYMM(start)
+ORDER BY (site_id, start, session_id)
+"""
+
+# One row per visitor and dimension value: first and last active quarter hour and the offsets of
+# every active one (streams/spans.py). `multi` first, so visitors active in one bucket only — most
+# of them — are skipped by the queries that look for returning visitors.
+_VISITOR_SPANS = """
+CREATE TABLE IF NOT EXISTS visitor_spans (
+    site_id       LowCardinality(String),
+    kind          LowCardinality(String),
+    multi         UInt8,
+    first_bucket  DateTime('UTC'),
+    value         String,
+    visitor_id    UInt64,
+    last_bucket   DateTime('UTC'),
+    offsets       Array(UInt16),
+    version       UInt64,
+    is_deleted    UInt8
+) ENGINE = ReplacingMergeTree(version, is_deleted)
+PARTITION BY toYYYYMM(first_bucket)
+ORDER BY (site_id, kind, multi, first_bucket, value, visitor_id)
+"""
+
+_VISITORS_15M = """
+CREATE TABLE IF NOT EXISTS visitors_15m (
+    site_id       LowCardinality(String),
+    kind          LowCardinality(String),
+    value         String,
+    bucket        DateTime('UTC'),
+    visitors      UInt64,
+    version       UInt64,
+    is_deleted    UInt8
+) ENGINE = ReplacingMergeTree(version, is_deleted)
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (site_id, kind, bucket, value)
+"""
+
+_EVENT_COUNTS_15M = """
+CREATE TABLE IF NOT EXISTS event_counts_15m (
+    site_id       LowCardinality(String),
+    bucket        DateTime('UTC'),
+    name          LowCardinality(String),
+    page          String,
+    events        UInt64,
+    version       UInt64
+) ENGINE = ReplacingMergeTree(version)
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (site_id, bucket, name, page)
+"""
+
+_SESSIONS_15M = """
+CREATE TABLE IF NOT EXISTS sessions_15m (
+    site_id       LowCardinality(String),
+    bucket        DateTime('UTC'),
+    source        LowCardinality(String),
+    channel       LowCardinality(String),
+    country       LowCardinality(String),
+    sessions      UInt64,
+    bounces       UInt64,
+    duration_ms   UInt64,
+    version       UInt64,
+    is_deleted    UInt8
+) ENGINE = ReplacingMergeTree(version, is_deleted)
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (site_id, bucket, source, channel, country)
+"""
+
+
+def _drop_visitor_sorted_sessions(client: Client) -> None:
+    """The first `sessions` was sorted by visitor, without a time key; its rows are rebuilt from
+    the raw events (`streams/replay.py`) after this migration."""
+    columns = {row[0] for row in client.query(
+        "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = 'sessions'").result_rows}
+    if columns and "is_deleted" not in columns:
+        client.command("DROP TABLE IF EXISTS sessions")
+
+
+Step = str | Callable[[Client], None]
+
+MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (1, "initial schema", [_EVENTS, _SESSIONS, _AFFILIATE_CLICKS_HOURLY, _SITES, _API_KEYS, _SALTS]),
+    (2, "rollups for every traffic number", [_drop_visitor_sorted_sessions, _SESSIONS_V2, _VISITOR_SPANS,
+                                             _VISITORS_15M, _EVENT_COUNTS_15M, _SESSIONS_15M]),
 ]
+
+# Migrations after which the derived tables must be rebuilt from the raw events.
+REPLAY_AFTER = {2}
 
 _LEDGER = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -154,8 +276,8 @@ def migrate(client: Client) -> list[int]:
     for version, name, statements in MIGRATIONS:
         if version in done:
             continue
-        for statement in statements:
-            client.command(statement)
+        for step in statements:
+            step(client) if callable(step) else client.command(step)
         client.insert("schema_migrations", [[version, name]], column_names=["version", "name"])
         log.info("applied migration %d: %s", version, name)
         applied.append(version)

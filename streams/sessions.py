@@ -1,133 +1,137 @@
 """Sessions (SPEC §6): the events of one (site, visitor) with gaps shorter than the timeout.
 
-Two halves. Assigning an event to a session needs only each visitor's open session (id, start,
-end), kept in memory — one visitor always lands on one Kafka partition, so one worker owns it;
-a visitor not in memory (after a restart or rebalance) is looked up in `sessions` first. The
-session rows themselves are then rebuilt from the raw events that carry their session id, so a
-redelivered event can never be counted twice: the rows are a function of the deduplicated events,
-not of how often an event was seen."""
+`sessionize` is a pure function of a visitor's deduplicated events, so the sessions do not depend
+on the order or the number of times events arrive: a late event that fills the gap between two
+sessions joins them, one that arrives twice changes nothing. A session's id is a hash of (site,
+visitor, first event time): the same events always give the same ids, and a session that gains an
+earlier first event gets a new id while its old row is deleted (a tombstone)."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from clickhouse_connect.driver.client import Client
 
 from ingest.event import Event
+from streams.buckets import VISITOR_LIFETIME, bucket_of
 from streams.storage import INSERT_SETTINGS
 
 
-@dataclass(slots=True)
-class OpenSession:
+@dataclass(frozen=True, slots=True)
+class Session:
+    site_id: str
+    visitor_id: int
     session_id: int
     start: datetime
     end: datetime
+    entry_page: str
+    exit_page: str
+    pageviews: int
+    events: int
+    # Attributes of the session's first event: where it came from and who it was.
+    source: str
+    channel: str
+    referrer: str
+    utm_source: str
+    utm_medium: str
+    utm_campaign: str
+    country: str
+    device: str
+    browser: str
+    os: str
+    event_ids: tuple[str, ...] = field(compare=False, repr=False)
+
+    @property
+    def bucket(self) -> datetime:
+        return bucket_of(self.start)
+
+    @property
+    def bounce(self) -> bool:
+        """At most one pageview and no other event."""
+        return self.events <= 1 and self.pageviews == self.events
+
+    @property
+    def duration_ms(self) -> int:
+        return int((self.end - self.start).total_seconds() * 1000)
 
 
 def session_id_for(site_id: str, visitor_id: int, start: datetime) -> int:
-    """Deterministic, so replaying a session's first event yields the same id."""
     digest = hashlib.blake2b(f"{site_id}\x00{visitor_id}\x00{start.isoformat()}".encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "big")
 
 
-class SessionStore:
-    def __init__(self, client: Client, timeout_s: int) -> None:
-        self._client = client
-        self._timeout = timedelta(seconds=timeout_s)
-        self._open: dict[tuple[str, int], OpenSession] = {}
-        self._latest: datetime | None = None
-
-    def __len__(self) -> int:
-        return len(self._open)
-
-    def clear(self) -> None:
-        self._open.clear()
-
-    def load_missing(self, events: Iterable[Event]) -> None:
-        """Fetch, in one query per site, the stored sessions of visitors not in memory that a
-        batch starting at its earliest event could still extend."""
-        wanted: dict[str, set[int]] = {}
-        since: datetime | None = None
-        for e in events:
-            if (e.site_id, e.visitor_id) not in self._open:
-                wanted.setdefault(e.site_id, set()).add(e.visitor_id)
-                since = e.timestamp if since is None else min(since, e.timestamp)
-        for site_id, visitors in wanted.items():
-            rows = self._client.query(
-                "SELECT visitor_id, session_id, start, end FROM sessions FINAL"
-                " WHERE site_id = {site:String} AND visitor_id IN {visitors:Array(UInt64)}"
-                " AND end > {since:DateTime64(3, 'UTC')} ORDER BY end",
-                parameters={"site": site_id, "visitors": sorted(visitors), "since": since - self._timeout},
-            ).result_rows
-            for visitor_id, session_id, start, end in rows:  # ordered by end: the latest wins
-                # The client returns UTC columns as naive datetimes; events are aware.
-                self._open[(site_id, visitor_id)] = OpenSession(
-                    session_id, start.replace(tzinfo=timezone.utc), end.replace(tzinfo=timezone.utc))
-
-    def assign(self, e: Event) -> OpenSession:
-        key = (e.site_id, e.visitor_id)
-        session = self._open.get(key)
-        if session is None or e.timestamp - session.end >= self._timeout:
-            session = OpenSession(session_id_for(e.site_id, e.visitor_id, e.timestamp), e.timestamp, e.timestamp)
-            self._open[key] = session
-        else:
-            session.end = max(session.end, e.timestamp)
-        if self._latest is None or e.timestamp > self._latest:
-            self._latest = e.timestamp
-        return session
-
-    def evict_idle(self) -> int:
-        """Forget sessions that no later event can extend (judged by event time, not the clock,
-        so replays and historic imports behave like live traffic)."""
-        if self._latest is None:
-            return 0
-        horizon = self._latest - self._timeout
-        idle = [k for k, s in self._open.items() if s.end < horizon]
-        for key in idle:
-            del self._open[key]
-        return len(idle)
+def event_order(e: Event) -> tuple[datetime, str]:
+    """Events of equal time are ordered by id, so entry and exit pages never depend on arrival."""
+    return e.timestamp, e.event_id
 
 
-# Entry/exit pages are the first/last pageview; source, device and the rest come from the
-# session's first event. `version` is the rebuild time, so the latest rebuild (which has seen
-# every event the earlier ones saw) wins under FINAL.
-_REBUILD = """
-INSERT INTO sessions (site_id, visitor_id, session_id, start, end, entry_page, exit_page, pageviews, events,
-                      source, channel, referrer, utm_source, utm_medium, utm_campaign, country, device, browser,
-                      os, version)
-SELECT site_id, any(visitor_id), session_id, min(timestamp), max(timestamp),
-       argMinIf(pathname, timestamp, name = 'pageview'), argMaxIf(pathname, timestamp, name = 'pageview'),
-       countIf(name = 'pageview'), count(),
-       argMin(source, timestamp), argMin(channel, timestamp), argMin(referrer, timestamp),
-       argMin(utm_source, timestamp), argMin(utm_medium, timestamp), argMin(utm_campaign, timestamp),
-       argMin(country, timestamp), argMin(device, timestamp), argMin(browser, timestamp), argMin(os, timestamp),
-       toUInt64(toUnixTimestamp64Nano(now64(9)))
-FROM events FINAL
-WHERE site_id = {site:String} AND session_id IN {sessions:Array(UInt64)}
-  AND timestamp >= {first:DateTime64(3, 'UTC')} AND timestamp <= {last:DateTime64(3, 'UTC')}
-GROUP BY site_id, session_id
-"""
+def sessionize(events: Sequence[Event], timeout: timedelta) -> list[Session]:
+    """Sessions of one visitor's events, which must be sorted by `event_order`."""
+    sessions: list[Session] = []
+    run: list[Event] = []
+    for e in events:
+        if run and e.timestamp - run[-1].timestamp >= timeout:
+            sessions.append(_session(run))
+            run = []
+        run.append(e)
+    if run:
+        sessions.append(_session(run))
+    return sessions
 
 
-def rebuild(client: Client, touched: Mapping[tuple[str, int], OpenSession]) -> None:
-    """Rewrite the rows of the touched sessions, keyed by (site, session id), from raw events."""
-    by_site: dict[str, list[OpenSession]] = {}
-    for (site_id, _), session in touched.items():
-        by_site.setdefault(site_id, []).append(session)
-    for site_id, sessions in by_site.items():
-        client.command(_REBUILD, parameters={
-            "site": site_id, "sessions": sorted({s.session_id for s in sessions}),
-            "first": min(s.start for s in sessions), "last": max(s.end for s in sessions),
-        }, settings=INSERT_SETTINGS)
+def _session(run: list[Event]) -> Session:
+    first, last = run[0], run[-1]
+    pages = [e.pathname for e in run if e.is_pageview]
+    return Session(
+        site_id=first.site_id, visitor_id=first.visitor_id,
+        session_id=session_id_for(first.site_id, first.visitor_id, first.timestamp),
+        start=first.timestamp, end=last.timestamp,
+        entry_page=pages[0] if pages else "", exit_page=pages[-1] if pages else "",
+        pageviews=len(pages), events=len(run),
+        source=first.source, channel=first.channel, referrer=first.referrer, utm_source=first.utm_source,
+        utm_medium=first.utm_medium, utm_campaign=first.utm_campaign, country=first.country,
+        device=first.device, browser=first.browser, os=first.os,
+        event_ids=tuple(e.event_id for e in run),
+    )
+
+
+_COLUMNS = ["site_id", "visitor_id", "session_id", "start", "end", "entry_page", "exit_page", "pageviews",
+            "events", "bounce", "duration_ms", "source", "channel", "referrer", "utm_source", "utm_medium",
+            "utm_campaign", "country", "device", "browser", "os", "version", "is_deleted"]
+
+
+def _row(s: Session, version: int, deleted: int) -> list:
+    return [s.site_id, s.visitor_id, s.session_id, s.start, s.end, s.entry_page, s.exit_page, s.pageviews,
+            s.events, int(s.bounce), s.duration_ms, s.source, s.channel, s.referrer, s.utm_source,
+            s.utm_medium, s.utm_campaign, s.country, s.device, s.browser, s.os, version, deleted]
+
+
+def write(client: Client, upserts: Iterable[Session], deletes: Iterable[Session], version: int) -> None:
+    """Rows for new or changed sessions, tombstones for sessions that no longer exist."""
+    rows = [_row(s, version, 0) for s in upserts] + [_row(s, version, 1) for s in deletes]
+    if rows:
+        client.insert("sessions", rows, column_names=_COLUMNS, settings=INSERT_SETTINGS)
 
 
 def has_open_session(client: Client, site_id: str, visitor_id: int, since: datetime) -> bool:
+    """Whether the visitor has a session with an event at or after `since`."""
     rows = client.query(
-        "SELECT 1 FROM sessions FINAL WHERE site_id = {site:String} AND visitor_id = {visitor:UInt64}"
-        " AND end >= {since:DateTime64(3, 'UTC')} LIMIT 1",
-        parameters={"site": site_id, "visitor": visitor_id, "since": since},
+        "SELECT 1 FROM sessions FINAL WHERE site_id = {site:String} AND start >= {oldest:DateTime64(3, 'UTC')}"
+        " AND visitor_id = {visitor:UInt64} AND end >= {since:DateTime64(3, 'UTC')} LIMIT 1",
+        parameters={"site": site_id, "visitor": visitor_id, "since": since, "oldest": since - VISITOR_LIFETIME},
     ).result_rows
     return bool(rows)
+
+
+def open_at(client: Client, midnight: datetime, timeout: timedelta) -> set[tuple[str, int]]:
+    """(site, visitor) of every session still open at `midnight`: the ids that may carry over."""
+    rows = client.query(
+        "SELECT DISTINCT site_id, visitor_id FROM sessions FINAL"
+        " WHERE start >= {oldest:DateTime64(3, 'UTC')} AND start < {midnight:DateTime64(3, 'UTC')}"
+        " AND end > {since:DateTime64(3, 'UTC')}",
+        parameters={"midnight": midnight, "since": midnight - timeout, "oldest": midnight - VISITOR_LIFETIME},
+    ).result_rows
+    return {(site, visitor) for site, visitor in rows}

@@ -56,12 +56,6 @@ def create_app(settings: Settings) -> faust.App:
                 await writing
                 raise
 
-    @app.on_partitions_revoked.connect
-    async def forget_sessions(app: faust.App, revoked: set, **kwargs) -> None:
-        # Visitors on revoked partitions now belong to another worker; if they come back, their
-        # sessions are read again from ClickHouse instead of from a stale memory.
-        core.sessions.clear()
-
     return app
 
 
