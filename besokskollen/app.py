@@ -21,7 +21,7 @@ from ingest.visitors import Visitors
 from query_api.app import create_app as create_query_app
 from query_api.deps import Context
 from query_api.keys import KeyStore
-from streams import migrations, storage
+from streams import replay, storage
 from streams.core import StreamCore
 from streams.embedded import EmbeddedRunner
 from streams.sessions import has_open_session
@@ -48,7 +48,7 @@ class Services:
 def open_services(settings: Settings) -> Services:
     """Connect, migrate (every process does, idempotently), and make sure BK_ADMIN_KEY exists."""
     client = storage.connect(settings.clickhouse_url)
-    migrations.migrate(client)
+    replay.upgrade(client, settings.session_timeout_s)
     keys = KeyStore(client)
     if settings.admin_key and keys.lookup(settings.admin_key) is None:
         keys.create(DEFAULT_ACCOUNT, key=settings.admin_key)

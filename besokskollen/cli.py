@@ -78,9 +78,10 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
-    from streams import migrations, storage
+    from streams import replay, storage
 
-    applied = migrations.migrate(storage.connect(_settings(args).clickhouse_url))
+    settings = _settings(args)
+    applied = replay.upgrade(storage.connect(settings.clickhouse_url), settings.session_timeout_s)
     print(f"applied migrations: {applied}" if applied else "schema is up to date")
 
 

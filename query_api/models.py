@@ -23,13 +23,14 @@ class SiteOut(BaseModel):
     timezone: str
     verified: bool
     has_data: bool
-    visitors_7d: int | None = Field(None, description="Only with include_stats=true")
+    visitors_7d: int | None = Field(None, description="Visitors in the last 7 days; only with include_stats=true")
+    pageviews_7d: int | None = Field(None, description="Pageviews in the last 7 days; only with include_stats=true")
 
 
 class SiteCreate(BaseModel):
-    domain: str = Field(min_length=3, max_length=253)
+    domain: str = Field(min_length=1, max_length=253, description="A hostname such as example.com (IDNA allowed)")
     name: str = Field("", max_length=200)
-    timezone: str = "Europe/Stockholm"
+    timezone: str = Field("Europe/Stockholm", max_length=64, description="An IANA timezone")
 
 
 class ListMeta(BaseModel):
@@ -56,6 +57,22 @@ class DailyPoint(BaseModel):
     pageviews: int
 
 
+class Change(BaseModel):
+    visitors: int | None = Field(description="Percent change; null when the previous period had none")
+    pageviews: int | None
+    sessions: int | None
+    bounce_rate: int | None = Field(description="Difference in percentage points")
+
+
+class Comparison(BaseModel):
+    period: DateRange
+    visitors: int
+    pageviews: int
+    sessions: int
+    bounce_rate: int
+    change: Change
+
+
 class Overview(BaseModel):
     period: DateRange
     visitors: int
@@ -63,10 +80,41 @@ class Overview(BaseModel):
     sessions: int
     bounce_rate: int
     daily: list[DailyPoint]
+    comparison: Comparison | None = Field(None, description="Only with compare=true")
 
 
 class OverviewResponse(BaseModel):
     data: Overview
+
+
+class PageStats(BaseModel):
+    page: str
+    visitors: int
+    pageviews: int
+
+
+class PagesResponse(BaseModel):
+    data: list[PageStats]
+
+
+class ReferrerStats(BaseModel):
+    source: str
+    channel: Literal["search", "social", "referral", "email", "paid"]
+    visitors: int
+    sessions: int
+
+
+class ReferrersResponse(BaseModel):
+    data: list[ReferrerStats]
+
+
+class CountryStats(BaseModel):
+    country: str = Field(description="ISO 3166-1 alpha-2")
+    visitors: int
+
+
+class CountriesResponse(BaseModel):
+    data: list[CountryStats]
 
 
 class PopularProduct(BaseModel):

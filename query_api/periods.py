@@ -12,6 +12,10 @@ from query_api.errors import APIError
 
 FIXED_PERIODS = {"7d": 7, "30d": 30, "90d": 90}
 MAX_CUSTOM_DAYS = 731
+# Custom dates are limited to what the storage types and every timezone handle: UTC offsets have
+# been whole quarter hours since 2000, and a comparison period may reach two years further back.
+EARLIEST_DAY = date(2002, 1, 1)
+LATEST_DAY = date(2099, 12, 31)
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,25 +26,45 @@ class Period:
 
     @property
     def days(self) -> list[date]:
-        return [self.first + timedelta(days=i) for i in range((self.last - self.first).days + 1)]
+        return [self.first + timedelta(days=i) for i in range(self.length)]
+
+    @property
+    def length(self) -> int:
+        return (self.last - self.first).days + 1
 
     @property
     def start_utc(self) -> datetime:
-        return datetime.combine(self.first, time.min, ZoneInfo(self.tz)).astimezone(timezone.utc)
+        return local_midnight(self.first, self.tz)
 
     @property
     def end_utc(self) -> datetime:
         """Exclusive: midnight after the last day."""
-        return datetime.combine(self.last + timedelta(days=1), time.min, ZoneInfo(self.tz)).astimezone(timezone.utc)
+        return local_midnight(self.last + timedelta(days=1), self.tz)
+
+    def previous(self) -> Period:
+        """The period of equal length just before this one (for compare=true)."""
+        return Period(self.first - timedelta(days=self.length), self.first - timedelta(days=1), self.tz)
+
+    def as_json(self) -> dict:
+        return {"from": self.first.isoformat(), "to": self.last.isoformat()}
+
+
+def local_midnight(day: date, tz: str) -> datetime:
+    """The UTC moment a local day begins (zoneinfo resolves DST gaps: fold 0)."""
+    return datetime.combine(day, time.min, ZoneInfo(tz)).astimezone(timezone.utc)
 
 
 def _parse_day(value: str | None, name: str) -> date:
     if not value:
         raise APIError(400, "missing_parameter", f"{name} is required when period=custom")
     try:
-        return date.fromisoformat(value)
+        day = date.fromisoformat(value)
     except ValueError:
         raise APIError(400, "invalid_parameter", f"{name} must be a date as YYYY-MM-DD") from None
+    if not EARLIEST_DAY <= day <= LATEST_DAY:
+        raise APIError(400, "invalid_parameter",
+                       f"{name} must be between {EARLIEST_DAY.isoformat()} and {LATEST_DAY.isoformat()}")
+    return day
 
 
 def stats_period(period: str, tz: str, from_: str | None = None, to: str | None = None,
@@ -70,6 +94,16 @@ def iso_z(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def round_half_away(value: float) -> int:
+def round_half_away(value: float | Decimal) -> int:
     """Whole-number percentages, half away from zero (Python's round() is half-to-even)."""
     return int(Decimal(str(value)).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def percent(part: int, whole: int) -> int:
+    """part / whole × 100, exact before rounding (0 when whole is 0)."""
+    return round_half_away(Decimal(part) * 100 / Decimal(whole)) if whole else 0
+
+
+def change(current: int, previous: int) -> int | None:
+    """Percent change from previous to current; None when there was nothing before."""
+    return round_half_away(Decimal(current - previous) * 100 / Decimal(previous)) if previous else None

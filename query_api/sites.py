@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import Annotated
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
@@ -19,12 +18,13 @@ from streams.sites import Site, normalize_domain, site_id_for
 router = APIRouter(tags=["sites"])
 
 
-def _out(site: Site, has_data: bool, visitors_7d: int | None = None) -> dict:
+def _out(site: Site, has_data: bool, last_7d: dict | None = None) -> dict:
     # A site counts as verified once its tracker has delivered an event.
     out = {"id": site.site_id, "domain": site.domain, "name": site.name, "timezone": site.timezone,
            "verified": has_data, "has_data": has_data}
-    if visitors_7d is not None:
-        out["visitors_7d"] = visitors_7d
+    if last_7d is not None:
+        out["visitors_7d"] = last_7d["visitors"]
+        out["pageviews_7d"] = last_7d["pageviews"]
     return out
 
 
@@ -35,7 +35,7 @@ def list_sites(request: Request, ctx: Ctx, key: UserKey,
     with_data = sites_with_events(ctx.client, [s.site_id for s in sites])
     data = [
         _out(s, s.site_id in with_data,
-             stats.visitors(ctx.client, s.site_id, stats_period("7d", s.timezone)) if include_stats else None)
+             stats.totals(ctx.client, s.site_id, stats_period("7d", s.timezone)) if include_stats else None)
         for s in sites
     ]
     return cached_json(request, {"data": data, "meta": {"total": len(data)}})
@@ -43,13 +43,12 @@ def list_sites(request: Request, ctx: Ctx, key: UserKey,
 
 @router.post("/sites", response_model=SiteResponse, status_code=201)
 def create_site(request: Request, ctx: Ctx, key: UserKey, body: SiteCreate) -> Response:
-    domain = normalize_domain(body.domain)
-    if "." not in domain or not site_id_for(domain):
-        raise APIError(400, "invalid_field", "domain must be a domain name such as example.com")
     try:
-        ZoneInfo(body.timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise APIError(400, "invalid_field", f"timezone: unknown timezone {body.timezone!r}") from None
+        domain = normalize_domain(body.domain)
+    except ValueError:
+        raise APIError(400, "invalid_field", "domain must be a hostname such as example.com") from None
+    if not ctx.sites.valid_timezone(body.timezone):
+        raise APIError(400, "invalid_field", f"timezone: {body.timezone[:64]!r} is not a known IANA timezone") from None
     if ctx.sites.get(site_id_for(domain)) is not None:
         raise APIError(409, "site_exists", f"a site for {domain} exists already")
     site = ctx.sites.create(key.account_id, domain, body.name, body.timezone)
@@ -60,3 +59,10 @@ def create_site(request: Request, ctx: Ctx, key: UserKey, body: SiteCreate) -> R
 def get_site(request: Request, ctx: Ctx, key: UserKey, site_id: str) -> Response:
     site = readable_site(ctx, key, site_id)
     return cached_json(request, {"data": _out(site, site.site_id in sites_with_events(ctx.client, [site.site_id]))})
+
+
+@router.delete("/sites/{site_id}", status_code=204, response_class=Response)
+def delete_site(ctx: Ctx, key: UserKey, site_id: str) -> Response:
+    """Deletes the site and all its data; its stats answer 404 from now on."""
+    ctx.sites.delete(readable_site(ctx, key, site_id))
+    return Response(status_code=204)

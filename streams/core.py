@@ -137,17 +137,3 @@ async def process_until_written(core: StreamCore, batch: list[Event]) -> None:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-
-def replay(client: Client, core: StreamCore, batch_size: int = 20_000, progress=None) -> int:
-    """Feed every stored raw event through the core again, oldest first: rebuilds every derived
-    table (after a migration that adds one). Returns the number of events replayed."""
-    total = 0
-    for day in raw_events.stored_days(client):
-        day_events = raw_events.of_day(client, day)
-        for i in range(0, len(day_events), batch_size):
-            core.process(day_events[i:i + batch_size], rewrite=True)
-        total += len(day_events)
-        if progress:
-            progress(len(day_events))
-    return total
-

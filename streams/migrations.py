@@ -251,6 +251,10 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
                                              _VISITORS_15M, _EVENT_COUNTS_15M, _SESSIONS_15M]),
 ]
 
+# Tables holding a site's data: deleting a site deletes its rows from each.
+SITE_DATA_TABLES = ("events", "sessions", "visitor_spans", "visitors_15m", "event_counts_15m", "sessions_15m",
+                    "affiliate_clicks_hourly")
+
 # Migrations after which the derived tables must be rebuilt from the raw events.
 REPLAY_AFTER = {2}
 

@@ -7,9 +7,14 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
+from zoneinfo import available_timezones
+
+import idna
 
 from clickhouse_connect.driver.client import Client
 
+from streams.migrations import SITE_DATA_TABLES
 from streams.read_cache import ReadThroughCache
 from streams.storage import INSERT_SETTINGS
 
@@ -29,15 +34,34 @@ class Site:
     created_at: datetime
 
 
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
 def normalize_domain(domain: str) -> str:
-    domain = domain.strip().lower()
-    domain = re.sub(r"^[a-z]+://", "", domain).split("/")[0]
-    return domain.removeprefix("www.")
+    """A site's hostname in ASCII (IDNA) form without scheme, path, port or `www.`; raises
+    ValueError when it is not a hostname with at least two labels."""
+    host = re.sub(r"^[a-z][a-z0-9+.-]*://", "", domain.strip().lower()).split("/")[0]
+    host = host.split(":")[0].rstrip(".").removeprefix("www.")
+    try:
+        ascii_host = idna.encode(host, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        raise ValueError(f"{domain!r} is not a valid hostname") from None
+    labels = ascii_host.split(".")
+    if (len(labels) < 2 or len(ascii_host) > 253 or not all(_LABEL.fullmatch(label) for label in labels)
+            or labels[-1].isdigit()):
+        raise ValueError(f"{domain!r} is not a valid hostname such as example.com")
+    return ascii_host
 
 
 def site_id_for(domain: str) -> str:
     """`mobildelar.se` → `mobildelar-se`: readable ids, stable for a domain."""
     return re.sub(r"[^a-z0-9]+", "-", normalize_domain(domain)).strip("-")
+
+
+@lru_cache(maxsize=1)
+def _zones(client: Client) -> frozenset[str]:
+    clickhouse = {row[0] for row in client.query("SELECT time_zone FROM system.time_zones").result_rows}
+    return frozenset(available_timezones() & clickhouse)
 
 
 class SiteRegistry:
@@ -59,16 +83,41 @@ class SiteRegistry:
         )
         return self._remember(site)
 
+    def delete(self, site: Site) -> None:
+        """Stop serving the site at once, and drop its data (asynchronously: ClickHouse mutations
+        touch only parts that exist now, so a site created again later starts empty)."""
+        self._client.insert(
+            "sites",
+            [[site.site_id, site.account_id, site.domain, site.name, site.timezone, site.created_at, 1,
+              time.time_ns()]],
+            column_names=_COLUMNS, settings=INSERT_SETTINGS,
+        )
+        self._by_id.forget(site.site_id)
+        self._by_domain.forget(site.domain)
+        for table in SITE_DATA_TABLES:
+            self._client.command(f"ALTER TABLE {table} DELETE WHERE site_id = {{site:String}}",
+                                 parameters={"site": site.site_id}, settings={"mutations_sync": 0})
+
+    def valid_timezone(self, tz: str) -> bool:
+        """Known to Python and to ClickHouse alike (`right/UTC` is not: ClickHouse cannot load it)."""
+        return tz in _zones(self._client)
+
     def get(self, site_id: str) -> Site | None:
         return self._by_id.get(site_id)
 
     def by_domain(self, domain: str) -> Site | None:
-        return self._by_domain.get(normalize_domain(domain))
+        try:
+            return self._by_domain.get(normalize_domain(domain))
+        except ValueError:
+            return None
 
     def answers_without_io(self, site_id: str | None = None, domain: str | None = None) -> bool:
         if site_id is not None:
             return self._by_id.answers_without_io(site_id)
-        return self._by_domain.answers_without_io(normalize_domain(domain or ""))
+        try:
+            return self._by_domain.answers_without_io(normalize_domain(domain or ""))
+        except ValueError:
+            return True  # not a hostname: answered without asking anyone
 
     def list(self, account_id: str) -> list[Site]:
         rows = self._client.query(

@@ -13,6 +13,10 @@ from clickhouse_connect.driver.client import Client
 # topologies behave the same.
 INSERT_SETTINGS = {"async_insert": 0, "insert_deduplicate": 1}
 
+# Every ReplacingMergeTree is partitioned by a time column of its sorting key, so the rows of one
+# key share a partition and FINAL need not merge across partitions (much faster on old data).
+FINAL_SETTINGS = {"do_not_merge_across_partitions_select_final": 1}
+
 
 def connect(url: str) -> Client:
     if url.startswith("chdb://"):

@@ -13,7 +13,7 @@ import faust
 
 from besokskollen.config import Settings
 from ingest.event import Event
-from streams import migrations, storage
+from streams import replay, storage
 from streams.core import StreamCore, process_until_written
 from streams.topic import ensure_topic
 
@@ -41,7 +41,7 @@ def create_app(settings: Settings) -> faust.App:
     topic = app.topic(settings.kafka_topic, key_serializer="raw", value_serializer="raw",
                       partitions=settings.kafka_partitions)
     client = storage.connect(settings.clickhouse_url)
-    migrations.migrate(client)
+    replay.upgrade(client, settings.session_timeout_s)
     core = StreamCore(client, settings.session_timeout_s)
 
     @app.agent(topic, concurrency=1)

@@ -1,0 +1,35 @@
+"""Rebuilding every derived table (sessions, spans, rollups) from the raw events, by feeding them
+through the stream core again: after a migration that adds or reshapes a derived table."""
+
+from __future__ import annotations
+
+import logging
+
+from clickhouse_connect.driver.client import Client
+
+from streams import events, migrations
+from streams.core import StreamCore
+
+log = logging.getLogger(__name__)
+
+
+def replay(client: Client, session_timeout_s: int, batch_size: int = 20_000) -> int:
+    """Every stored event through the core, a UTC day at a time; returns how many."""
+    core = StreamCore(client, session_timeout_s)
+    total = 0
+    for day in events.stored_days(client):
+        day_events = events.of_day(client, day)
+        for i in range(0, len(day_events), batch_size):
+            core.process(day_events[i:i + batch_size], rewrite=True)
+        total += len(day_events)
+    return total
+
+
+def upgrade(client: Client, session_timeout_s: int) -> list[int]:
+    """Migrate, and replay the stored events when a migration asks for it. Every process runs
+    this at start; returns the migrations applied now."""
+    applied = migrations.migrate(client)
+    if migrations.REPLAY_AFTER & set(applied):
+        log.info("rebuilding derived tables from the raw events after migration %s", applied)
+        log.info("replayed %d events", replay(client, session_timeout_s))
+    return applied
