@@ -12,22 +12,23 @@ from fastapi.responses import Response
 from query_api.deps import Ctx, Key, cached_json, readable_site
 from query_api.models import PopularProductsResponse
 from query_api.periods import iso_z, utc_days
+from streams.activity import SEPARATOR
 
 router = APIRouter(tags=["affiliate"])
 
-_FILTERS = """
-WHERE site_id = {site:String} AND hour >= {start:DateTime('UTC')} AND hour <= {end:DateTime('UTC')}
-  AND ({category:String} = '' OR category_slug = {category:String})
-  AND ({brand:String} = '' OR brand_slug = {brand:String})
+# Clicks per product dimensions and UTC day (kind `click`, value "id\x1fslug\x1fcategory\x1fbrand\x1fpartner").
+_CLICKS = """
+SELECT parts[1] AS product_id, parts[2] AS product_slug, events AS clicks
+FROM (SELECT splitByChar({separator:String}, value) AS parts, events FROM rollup_1d FINAL
+      WHERE site_id = {site:String} AND kind = 'click' AND day >= {first:Date} AND day <= {last:Date})
+WHERE ({category:String} = '' OR parts[3] = {category:String})
+  AND ({brand:String} = '' OR parts[4] = {brand:String})
 """
 _PRODUCTS = f"""
-SELECT product_id, product_slug, sum(clicks) AS n FROM affiliate_clicks_hourly FINAL {_FILTERS}
+SELECT product_id, product_slug, sum(clicks) AS n, sum(n) OVER () AS total FROM ({_CLICKS})
 GROUP BY product_id, product_slug
-HAVING n >= {{min_clicks:UInt64}}
 ORDER BY n DESC, product_slug, product_id
-LIMIT {{limit:UInt32}}
 """
-_TOTAL = f"SELECT sum(clicks) FROM affiliate_clicks_hourly FINAL {_FILTERS}"
 
 
 def confidence(total_clicks: int) -> str:
@@ -36,14 +37,15 @@ def confidence(total_clicks: int) -> str:
 
 def popular_products(client: Client, site_id: str, start: datetime, end: datetime, limit: int,
                      category: str = "", brand: str = "", min_clicks: int = 0) -> dict:
-    params = {"site": site_id, "start": start, "end": end, "category": category, "brand": brand,
-              "min_clicks": min_clicks, "limit": limit}
+    params = {"site": site_id, "first": start.date(), "last": end.date(), "category": category, "brand": brand,
+              "separator": SEPARATOR}
     rows = client.query(_PRODUCTS, parameters=params).result_rows
     # total_clicks counts every click matching the period and the category/brand filters,
     # whatever `limit` and `min_clicks` leave in the list.
-    total = client.query(_TOTAL, parameters=params).result_rows[0][0] or 0
+    total = rows[0][3] if rows else 0
+    listed = [row for row in rows if row[2] >= min_clicks][:limit]
     return {
-        "data": [{"product_id": p, "product_slug": s, "clicks": n} for p, s, n in rows],
+        "data": [{"product_id": p, "product_slug": s, "clicks": n} for p, s, n, _ in listed],
         "meta": {"period": {"from": iso_z(start), "to": iso_z(end)}, "total_clicks": total,
                  "confidence": confidence(total)},
     }

@@ -1,13 +1,14 @@
 """`/stats/*`: traffic statistics from the rollups (streams/rollups.py), in the site's timezone.
 
-A period is whole local days, which are whole UTC quarter hours (streams/buckets.py), so every
-number is a sum over quarter-hour buckets — except unique visitors, which are the visitors first
-seen in the period's buckets plus the visitors first seen before it and active in it again
-(streams/spans.py explains why that is exact)."""
+A period is whole local days, which are whole UTC quarter hours (streams/buckets.py). Additive
+numbers are sums: whole UTC days from `rollup_1d`, the partial first and last day from
+`rollup_15m`. Unique visitors add up the same way — a visitor counts in the bucket where it was
+first seen — plus, within the first VISITOR_LIFETIME of the period, the visitors whose previous
+activity lies before the period started (the `returning` gaps; streams/activity.py)."""
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime, timedelta, timezone
 from typing import Annotated, Literal
 
 from clickhouse_connect.driver.client import Client
@@ -16,120 +17,106 @@ from fastapi.responses import Response
 
 from query_api.deps import Ctx, Key, cached_json, readable_site
 from query_api.models import CountriesResponse, OverviewResponse, PagesResponse, ReferrersResponse
-from query_api.periods import Period, change, percent, stats_period
+from query_api.periods import Period, change, local_midnight, percent, stats_period
+from streams.activity import SEPARATOR
 from streams.buckets import VISITOR_LIFETIME
-from streams.spans import SOURCE_SEPARATOR
-from streams.storage import FINAL_SETTINGS
 
 router = APIRouter(tags=["stats"])
 
-_IN_PERIOD = "site_id = {site:String} AND bucket >= {start:DateTime('UTC')} AND bucket < {end:DateTime('UTC')}"
 
-# Visitors of one kind of span, by value: first seen in the period, plus seen before and again in it.
-_VISITORS_BY_VALUE = f"""
-SELECT value, sum(n) AS visitors FROM (
-    SELECT value, sum(visitors) AS n FROM visitors_15m FINAL
-    WHERE {_IN_PERIOD} AND kind = {{kind:String}}
-    GROUP BY value
-    UNION ALL
-    SELECT value, count() AS n FROM visitor_spans FINAL
-    WHERE site_id = {{site:String}} AND kind = {{kind:String}} AND multi = 1
-      AND first_bucket >= {{lookback:DateTime('UTC')}} AND first_bucket < {{start:DateTime('UTC')}}
-      AND last_bucket >= {{start:DateTime('UTC')}}
-      AND arrayExists(o -> first_bucket + o * 900 >= {{start:DateTime('UTC')}}
-                       AND first_bucket + o * 900 < {{end:DateTime('UTC')}}, offsets)
-    GROUP BY value
-)
-GROUP BY value
-"""
+def _returning_since(start: str) -> str:
+    """Visitors in this bucket whose previous activity lies before `start` (a UTC DateTime)."""
+    return (f"arraySum((gap, n) -> if(gap > intDiv(toUInt32(bucket) - toUInt32({start}), 900), n, 0),"
+            f" mapKeys(returning), mapValues(returning))")
 
-_TOTALS = f"""
-SELECT
-    (SELECT sum(visitors) FROM ({_VISITORS_BY_VALUE})),
-    (SELECT sum(events) FROM event_counts_15m FINAL WHERE {_IN_PERIOD} AND name = 'pageview'),
-    (SELECT tuple(sum(sessions), sum(bounces)) FROM sessions_15m FINAL WHERE {_IN_PERIOD})
-"""
 
-# Per local day: pageviews, visitors first seen that day, and visitors first seen on an earlier
-# local day and active again on this one (a span lists every bucket it was active in).
-_DAILY = f"""
-SELECT day, sum(pageviews), sum(visitors) FROM (
-    SELECT toDate(bucket, {{tz:String}}) AS day, sum(events) AS pageviews, 0 AS visitors
-    FROM event_counts_15m FINAL WHERE {_IN_PERIOD} AND name = 'pageview'
-    GROUP BY day
-    UNION ALL
-    SELECT toDate(bucket, {{tz:String}}) AS day, 0, sum(visitors)
-    FROM visitors_15m FINAL WHERE {_IN_PERIOD} AND kind = 'total'
-    GROUP BY day
-    UNION ALL
-    SELECT day, 0, count() FROM (
-        SELECT toDate(first_bucket, {{tz:String}}) AS first_day,
-               arrayJoin(arrayDistinct(arrayMap(o -> toDate(first_bucket + o * 900, {{tz:String}}), offsets))) AS day
-        FROM visitor_spans FINAL
-        WHERE site_id = {{site:String}} AND kind = 'total' AND multi = 1
-          AND first_bucket >= {{lookback:DateTime('UTC')}} AND first_bucket < {{end:DateTime('UTC')}}
-          AND toDate(last_bucket, {{tz:String}}) > toDate(first_bucket, {{tz:String}})
-    )
-    WHERE day > first_day AND day >= {{first_day:Date}} AND day <= {{last_day:Date}}
-    GROUP BY day
+# Per local day of the period: pageviews, visitors, and for the whole period visitors first seen
+# in it and visitors back from before it; sessions and bounces by the day their session started.
+_OVERVIEW = f"""
+SELECT day, sum(pageviews), sum(visitors + day_returning), sum(visitors), sum(period_returning),
+       sum(sessions), sum(bounces)
+FROM (
+    SELECT toDate(bucket, {{tz:String}}) AS day, pageviews, visitors, sessions, bounces,
+           {_returning_since("arrayElement({day_starts:Array(DateTime('UTC'))}, indexOf({days:Array(Date)}, day))")}
+               AS day_returning,
+           if(bucket < {{lifetime_end:DateTime('UTC')}}, {_returning_since("{start:DateTime('UTC')}")}, 0)
+               AS period_returning
+    FROM rollup_15m FINAL
+    WHERE site_id = {{site:String}} AND kind = 'total'
+      AND bucket >= {{start:DateTime('UTC')}} AND bucket < {{end:DateTime('UTC')}}
 )
 GROUP BY day
 """
 
-_PAGES = f"""
-WITH visitors AS ({_VISITORS_BY_VALUE}),
-     views AS (SELECT page, sum(events) AS pageviews FROM event_counts_15m FINAL
-               WHERE {_IN_PERIOD} AND name = 'pageview' GROUP BY page)
-SELECT value, visitors, pageviews FROM visitors INNER JOIN views ON views.page = visitors.value
-ORDER BY visitors DESC, value ASC
-LIMIT {{limit:UInt32}}
-"""
-
-# Referrers: by the session's entry source; sessions without a source (direct) are not listed.
-_REFERRERS = f"""
-WITH visitors AS ({_VISITORS_BY_VALUE}),
-     started AS (SELECT concat(source, {{separator:String}}, channel) AS value, sum(sessions) AS sessions
-                 FROM sessions_15m FINAL WHERE {_IN_PERIOD} GROUP BY value)
-SELECT visitors.value, visitors, sessions FROM visitors INNER JOIN started ON started.value = visitors.value
-WHERE NOT startsWith(visitors.value, {{separator:String}})
-  AND ({{include_social:Bool}} OR NOT endsWith(visitors.value, concat({{separator:String}}, 'social')))
-ORDER BY visitors DESC, visitors.value ASC
-LIMIT {{limit:UInt32}}
-"""
-
-_COUNTRIES = f"""
-SELECT value, visitors FROM ({_VISITORS_BY_VALUE})
-WHERE value != ''
+# Per value of one kind: whole UTC days from rollup_1d, the partial first and last days and the
+# returning visitors from rollup_15m.
+_BREAKDOWN = f"""
+SELECT value, sum(visitors) AS visitors, sum(events) AS events, sum(sessions) AS sessions FROM (
+    SELECT value, visitors, events, sessions FROM rollup_1d FINAL
+    WHERE site_id = {{site:String}} AND kind = {{kind:String}}
+      AND day >= {{full_from:Date}} AND day < {{full_to:Date}}
+    UNION ALL
+    SELECT value,
+           if(edge, visitors, 0)
+             + if(bucket < {{lifetime_end:DateTime('UTC')}}, {_returning_since("{start:DateTime('UTC')}")}, 0),
+           if(edge, events, 0), if(edge, sessions, 0)
+    FROM (SELECT *, bucket < {{full_start:DateTime('UTC')}} OR bucket >= {{full_end:DateTime('UTC')}} AS edge
+          FROM rollup_15m FINAL
+          WHERE site_id = {{site:String}} AND kind = {{kind:String}}
+            AND bucket >= {{start:DateTime('UTC')}} AND bucket < {{end:DateTime('UTC')}})
+    WHERE edge OR bucket < {{lifetime_end:DateTime('UTC')}}
+)
+GROUP BY value
+HAVING %s
 ORDER BY visitors DESC, value ASC
 LIMIT {{limit:UInt32}}
 """
 
 
 def _params(site_id: str, period: Period, **extra) -> dict:
-    return {"site": site_id, "tz": period.tz, "start": period.start_utc, "end": period.end_utc,
-            "lookback": period.start_utc - VISITOR_LIFETIME, "first_day": period.first, "last_day": period.last,
-            **extra}
+    start, end = period.start_utc, period.end_utc
+    full_from = start.date() + timedelta(days=1) if start.time() != datetime.min.time() else start.date()
+    full_to = end.date()
+    if full_from >= full_to:  # no whole UTC day inside: all of it is edge
+        full_from = full_to = end.date()
+        full_start = full_end = end
+    else:
+        full_start, full_end = _utc(full_from), _utc(full_to)
+    return {"site": site_id, "tz": period.tz, "start": start, "end": end,
+            "lifetime_end": min(end, start + VISITOR_LIFETIME), "full_from": full_from, "full_to": full_to,
+            "full_start": full_start, "full_end": full_end, **extra}
+
+
+def _utc(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
 
 
 def _query(client: Client, sql: str, params: dict) -> list[tuple]:
-    return client.query(sql, parameters=params, settings=FINAL_SETTINGS).result_rows
+    return client.query(sql, parameters=params).result_rows
+
+
+def _overview_rows(client: Client, site_id: str, period: Period) -> tuple[dict, list[dict]]:
+    days = period.days
+    rows = _query(client, _OVERVIEW, _params(site_id, period, days=days,
+                                             day_starts=[local_midnight(d, period.tz) for d in days]))
+    by_day = {row[0]: row for row in rows}
+    first_seen = sum(row[3] for row in rows)
+    back = sum(row[4] for row in rows)
+    sessions, bounces = sum(row[5] for row in rows), sum(row[6] for row in rows)
+    totals = {"visitors": first_seen + back, "pageviews": sum(row[1] for row in rows), "sessions": sessions,
+              "bounce_rate": percent(bounces, sessions)}
+    daily = [{"date": day.isoformat(), "visitors": by_day[day][2] if day in by_day else 0,
+              "pageviews": by_day[day][1] if day in by_day else 0} for day in days]
+    return totals, daily
 
 
 def totals(client: Client, site_id: str, period: Period) -> dict:
-    visitors, pageviews, (sessions, bounces) = _query(client, _TOTALS, _params(site_id, period, kind="total"))[0]
-    return {"visitors": visitors or 0, "pageviews": pageviews or 0, "sessions": sessions or 0,
-            "bounce_rate": percent(bounces or 0, sessions or 0)}
-
-
-def daily(client: Client, site_id: str, period: Period) -> list[dict]:
-    by_day: dict[date, tuple[int, int]] = {row[0]: row[1:] for row in _query(client, _DAILY, _params(site_id, period))}
-    return [{"date": day.isoformat(), "visitors": by_day.get(day, (0, 0))[1], "pageviews": by_day.get(day, (0, 0))[0]}
-            for day in period.days]
+    return _overview_rows(client, site_id, period)[0]
 
 
 def overview(client: Client, site_id: str, period: Period, compare: bool = False) -> dict:
-    current = totals(client, site_id, period)
-    out = {"period": period.as_json(), **current, "daily": daily(client, site_id, period)}
+    current, daily = _overview_rows(client, site_id, period)
+    out = {"period": period.as_json(), **current, "daily": daily}
     if compare:
         before = period.previous()
         previous = totals(client, site_id, before)
@@ -146,24 +133,31 @@ def overview(client: Client, site_id: str, period: Period, compare: bool = False
     return out
 
 
+def _breakdown(client: Client, site_id: str, period: Period, kind: str, having: str, limit: int, **extra) -> list[tuple]:
+    return _query(client, _BREAKDOWN % having, _params(site_id, period, kind=kind, limit=limit, **extra))
+
+
 def pages(client: Client, site_id: str, period: Period, limit: int) -> list[dict]:
-    rows = _query(client, _PAGES, _params(site_id, period, kind="page", limit=limit))
-    return [{"page": page, "visitors": visitors, "pageviews": pageviews} for page, visitors, pageviews in rows]
+    rows = _breakdown(client, site_id, period, "page", "events > 0", limit)
+    return [{"page": page, "visitors": visitors, "pageviews": views} for page, visitors, views, _ in rows]
 
 
 def referrers(client: Client, site_id: str, period: Period, limit: int, include_social: bool) -> list[dict]:
-    rows = _query(client, _REFERRERS, _params(site_id, period, kind="source", limit=limit, separator=SOURCE_SEPARATOR,
-                                               include_social=include_social))
+    """By the session's entry source; sessions without a source (direct) are not listed."""
+    having = ("sessions > 0 AND NOT startsWith(value, {separator:String})"
+              " AND ({include_social:Bool} OR NOT endsWith(value, concat({separator:String}, 'social')))")
+    rows = _breakdown(client, site_id, period, "source", having, limit, separator=SEPARATOR,
+                      include_social=include_social)
     out = []
-    for value, visitors, sessions in rows:
-        source, _, channel = value.partition(SOURCE_SEPARATOR)
+    for value, visitors, _, sessions in rows:
+        source, _, channel = value.partition(SEPARATOR)
         out.append({"source": source, "channel": channel, "visitors": visitors, "sessions": sessions})
     return out
 
 
 def countries(client: Client, site_id: str, period: Period, limit: int) -> list[dict]:
-    rows = _query(client, _COUNTRIES, _params(site_id, period, kind="country", limit=limit))
-    return [{"country": country, "visitors": visitors} for country, visitors in rows]
+    rows = _breakdown(client, site_id, period, "country", "value != '' AND sessions > 0", limit)
+    return [{"country": country, "visitors": visitors} for country, visitors, _, _ in rows]
 
 
 # -- routes -------------------------------------------------------------------------------------

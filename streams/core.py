@@ -1,17 +1,16 @@
-"""The stream core: one batch of enriched events → raw events, sessions, visitor spans, rollups.
+"""The stream core: one batch of enriched events → raw events, sessions, activity, rollups.
 
 Plain Python with no knowledge of who delivers the batch: the embedded runner calls it with events
 from ingest in the same process, the Faust agent with events from a Kafka partition.
 
 Per batch, for every visitor it touches, the core reads that visitor's stored events (a visitor id
-lives two UTC days, `streams/buckets.py`), and computes the visitor's sessions and spans twice: from
-the stored events (what the derived tables hold now) and from stored + new. The difference is
-written, then the rollup buckets it touched are rebuilt, and only then are the raw events inserted.
-The raw insert is the commit point: a crash before it leaves the stored events as they were, so a
-redelivered batch computes the same difference again; a crash after it leaves nothing derived from
-sessions or spans unwritten, and the event rollups are rebuilt from the batch's own buckets. Every
-number is therefore a function of the deduplicated events, whatever their order, duplicates or
-redeliveries.
+lives two UTC days, `streams/buckets.py`), and computes the visitor's sessions and activity
+twice: from the stored events (what the derived tables hold now) and from stored + new. The
+difference is written, the rollup buckets it touched are rebuilt from activity, and only then are
+the raw events inserted. The raw insert is the commit point: a crash before it leaves the stored
+events as they were, so a redelivered batch computes the same difference again; after it, nothing
+is left to write. Every number is therefore a function of the deduplicated events, whatever their
+order, duplicates or redeliveries.
 """
 
 from __future__ import annotations
@@ -26,11 +25,11 @@ from datetime import timedelta
 from clickhouse_connect.driver.client import Client
 
 from ingest.event import Event
+from streams import activity, rollups, sessions
 from streams import events as raw_events
-from streams import rollups, sessions, spans
-from streams.buckets import bucket_of, history_window, hour_of
+from streams.activity import Activity
+from streams.buckets import history_window
 from streams.sessions import Session, event_order, sessionize
-from streams.spans import Span
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +39,10 @@ class _Changes:
     """What one batch changes, collected over its visitors."""
     sessions: list[Session] = field(default_factory=list)
     dead_sessions: list[Session] = field(default_factory=list)
-    spans: list[Span] = field(default_factory=list)
-    dead_spans: list[Span] = field(default_factory=list)
+    activity: list[Activity] = field(default_factory=list)
+    dead_activity: list[Activity] = field(default_factory=list)
     events: list[tuple[Event, int]] = field(default_factory=list)
-    session_buckets: set = field(default_factory=set)
-    firsts: set = field(default_factory=set)
+    buckets: set = field(default_factory=set)  # (site, kind, bucket) to rebuild
 
 
 class StreamCore:
@@ -72,14 +70,9 @@ class StreamCore:
 
         version = time.time_ns()
         sessions.write(self._client, changes.sessions, changes.dead_sessions, version)
-        spans.write(self._client, changes.spans, changes.dead_spans, version)
-        rollups.rebuild_sessions(self._client, changes.session_buckets, version)
-        rollups.rebuild_visitors(self._client, changes.firsts, version)
+        activity.write(self._client, changes.activity, changes.dead_activity, version)
+        rollups.rebuild(self._client, changes.buckets, version)
         raw_events.write(self._client, changes.events)  # the commit point
-        version = time.time_ns()
-        rollups.rebuild_event_counts(self._client, {(e.site_id, bucket_of(e.timestamp)) for e in batch}, version)
-        rollups.rebuild_clicks(self._client, {(e.site_id, hour_of(e.timestamp)) for e in batch if e.name == "click"},
-                               version)
         self.last_batch_ms = (time.perf_counter() - started) * 1000
 
     def _visitor(self, visitor: tuple[str, int], stored: dict[str, Event], new: dict[str, Event],
@@ -89,18 +82,14 @@ class StreamCore:
         after_events = sorted({**stored, **new}.values(), key=event_order)
         before = sessionize(before_events, self._timeout)
         after = sessionize(after_events, self._timeout)
+        if before == after and not rewrite:  # only events seen before: nothing to do
+            return
 
         # Sessions: changed or new ones are written, vanished ones get a tombstone.
         before_by_id = {s.session_id: s for s in before}
         after_by_id = {s.session_id: s for s in after}
-        for s in after:
-            if before_by_id.get(s.session_id) != s:
-                changes.sessions.append(s)
-                changes.session_buckets.add((site_id, s.bucket))
-        for s in before:
-            if s.session_id not in after_by_id:
-                changes.dead_sessions.append(s)
-                changes.session_buckets.add((site_id, s.bucket))
+        changes.sessions += [s for s in after if before_by_id.get(s.session_id) != s]
+        changes.dead_sessions += [s for s in before if s.session_id not in after_by_id]
 
         # Raw events: the new ones, and stored ones whose session changed (a merge).
         was_in = {eid: s.session_id for s in before for eid in s.event_ids}
@@ -111,17 +100,17 @@ class StreamCore:
                 elif was_in.get(eid) != s.session_id:
                     changes.events.append((stored[eid], s.session_id))
 
-        # Spans: likewise, by key (a span whose first bucket moves is a new key).
-        old = spans.spans(site_id, visitor_id, before_events, before)
-        fresh = spans.spans(site_id, visitor_id, after_events, after)
-        for key, span in fresh.items():
-            if old.get(key) != span:
-                changes.spans.append(span)
-                changes.firsts.add((site_id, span.kind, span.first))
-        for key, span in old.items():
+        # Activity: likewise, by key; the buckets of every changed row are rebuilt.
+        old = activity.activity(site_id, visitor_id, before_events, before) if before_events else {}
+        fresh = activity.activity(site_id, visitor_id, after_events, after)
+        for key, row in fresh.items():
+            if old.get(key) != row:
+                changes.activity.append(row)
+                changes.buckets.add((site_id, row.kind, row.bucket))
+        for key, row in old.items():
             if key not in fresh:
-                changes.dead_spans.append(span)
-                changes.firsts.add((site_id, span.kind, span.first))
+                changes.dead_activity.append(row)
+                changes.buckets.add((site_id, row.kind, row.bucket))
 
 
 async def process_until_written(core: StreamCore, batch: list[Event]) -> None:

@@ -4,42 +4,74 @@ core can recompute that visitor's sessions and spans from everything it did."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import date, datetime, timezone
+from typing import NamedTuple
 
 from clickhouse_connect.driver.client import Client
 
 from ingest.event import Event
-from streams.storage import INSERT_SETTINGS
 
-_FIELDS = [
+_FIELDS = (
     "event_id", "site_id", "timestamp", "name", "visitor_id", "hostname", "pathname", "referrer", "source",
     "channel", "utm_source", "utm_medium", "utm_campaign", "country", "device", "browser", "os", "props",
     "product_id", "product_slug", "category_slug", "brand_slug", "partner_slug",
-]
+)
 _COLUMNS = [*_FIELDS, "session_id"]
+_SELECT = ", ".join("toString(event_id)" if f == "event_id" else f for f in _FIELDS)
+
+
+class StoredEvent(NamedTuple):
+    """An event as read back: the fields of `Event`, without validating them again (cheap)."""
+    event_id: str
+    site_id: str
+    timestamp: datetime
+    name: str
+    visitor_id: int
+    hostname: str
+    pathname: str
+    referrer: str
+    source: str
+    channel: str
+    utm_source: str
+    utm_medium: str
+    utm_campaign: str
+    country: str
+    device: str
+    browser: str
+    os: str
+    props: dict
+    product_id: str
+    product_slug: str
+    category_slug: str
+    brand_slug: str
+    partner_slug: str
+
+    @property
+    def is_pageview(self) -> bool:
+        return self.name == "pageview"
 
 # No FINAL: PREWHERE on visitor_id stays possible, and copies of one event (same id, same content;
 # only session_id may differ, and it is recomputed anyway) are collapsed here.
 _HISTORY = f"""
-SELECT {', '.join(_FIELDS)} FROM events
+SELECT {_SELECT} FROM events
 WHERE site_id IN {{sites:Array(String)}}
   AND timestamp >= {{start:DateTime64(3, 'UTC')}} AND timestamp < {{end:DateTime64(3, 'UTC')}}
   AND (site_id, visitor_id) IN {{visitors:Array(Tuple(String, UInt64))}}
 """
 
 
-def write(client: Client, events: Iterable[tuple[Event, int]]) -> None:
+def write(client: Client, events: Iterable[tuple[Event | StoredEvent, int]]) -> None:
     """Insert (event, session id) rows; a row for an existing event id replaces the stored one."""
     rows = [[*(getattr(e, f) for f in _FIELDS), session_id] for e, session_id in events]
     if rows:
-        client.insert("events", rows, column_names=_COLUMNS, settings=INSERT_SETTINGS)
+        client.insert("events", rows, column_names=_COLUMNS)
 
 
 def history(client: Client, visitors: set[tuple[str, int]], start: datetime, end: datetime
-            ) -> dict[tuple[str, int], dict[str, Event]]:
+            ) -> dict[tuple[str, int], dict[str, StoredEvent]]:
     """Stored events of these (site, visitor) pairs between start and end, by event id."""
-    out: dict[tuple[str, int], dict[str, Event]] = defaultdict(dict)
+    out: dict[tuple[str, int], dict[str, StoredEvent]] = defaultdict(dict)
     if not visitors:
         return out
     result = client.query(_HISTORY, parameters={
@@ -50,24 +82,38 @@ def history(client: Client, visitors: set[tuple[str, int]], start: datetime, end
     return out
 
 
+def stored_event_ids(client: Client, events: Sequence[Event], chunk: int = 2000) -> set[str]:
+    """Which of these events are stored (ids go as query parameters: a few thousand at a time)."""
+    found: set[str] = set()
+    for i in range(0, len(events), chunk):
+        part = events[i:i + chunk]
+        rows = client.query(
+            "SELECT DISTINCT toString(event_id) FROM events WHERE site_id IN {sites:Array(String)}"
+            " AND timestamp BETWEEN {start:DateTime64(3, 'UTC')} AND {end:DateTime64(3, 'UTC')}"
+            " AND event_id IN {ids:Array(UUID)}",
+            parameters={"sites": sorted({e.site_id for e in part}), "start": min(e.timestamp for e in part),
+                        "end": max(e.timestamp for e in part), "ids": [e.event_id for e in part]},
+        ).result_rows
+        found.update(row[0] for row in rows)
+    return found
+
+
 def stored_days(client: Client) -> list[date]:
     return [row[0] for row in client.query(
         "SELECT DISTINCT toDate(timestamp) AS day FROM events ORDER BY day").result_rows]
 
 
-def of_day(client: Client, day: date) -> list[Event]:
+def of_day(client: Client, day: date) -> list[StoredEvent]:
     """Every stored event of one UTC day, deduplicated."""
     result = client.query(
-        f"SELECT {', '.join(_FIELDS)} FROM events FINAL WHERE toDate(timestamp) = {{day:Date}}"
+        f"SELECT {_SELECT} FROM events FINAL WHERE toDate(timestamp) = {{day:Date}}"
         " ORDER BY timestamp, event_id", parameters={"day": day})
     return [_event(row) for row in result.result_rows]
 
 
-def _event(row: tuple) -> Event:
-    fields = dict(zip(_FIELDS, row))
-    fields["event_id"] = str(fields["event_id"])
-    fields["timestamp"] = fields["timestamp"].replace(tzinfo=timezone.utc)
-    return Event.model_construct(**fields)
+def _event(row: tuple) -> StoredEvent:
+    event = StoredEvent._make(row)
+    return event._replace(timestamp=event.timestamp.replace(tzinfo=timezone.utc))
 
 
 def sites_with_events(client: Client, site_ids: list[str]) -> set[str]:

@@ -132,7 +132,8 @@ ORDER BY (day, created_at, salt)
 # -- 2: rollups for every traffic number ------------------------------------------------------
 # Every table below is a function of the raw events (streams/core.py rebuilds what a batch
 # touches): partitions follow the sorting key's time column, so one key never spans two
-# partitions and FINAL need not merge across them. `is_deleted` rows are tombstones.
+# partitions and FINAL need not merge across them. `is_deleted` rows are tombstones. Granules
+# are small (1024 rows): the stream core reads and rewrites a few hundred rows at a time.
 
 # Sorted by start so time ranges prune; a session's id is a hash of its start, so the key of a
 # session never changes — a session that gains an earlier first event is a new key, the old one
@@ -167,62 +168,45 @@ CREATE TABLE IF NOT EXISTS sessions (
 ) ENGINE = ReplacingMergeTree(version, is_deleted)
 PARTITION BY toYYYYMM(start)
 ORDER BY (site_id, start, session_id)
+SETTINGS index_granularity = 1024
 """
 
-# One row per visitor and dimension value: first and last active quarter hour and the offsets of
-# every active one (streams/spans.py). `multi` first, so visitors active in one bucket only — most
-# of them — are skipped by the queries that look for returning visitors.
-_VISITOR_SPANS = """
-CREATE TABLE IF NOT EXISTS visitor_spans (
+# One row per (visitor, dimension value, quarter hour) it was active in (streams/activity.py):
+# the source every rollup is rebuilt from.
+_ACTIVITY = """
+CREATE TABLE IF NOT EXISTS activity (
     site_id       LowCardinality(String),
     kind          LowCardinality(String),
-    multi         UInt8,
-    first_bucket  DateTime('UTC'),
     value         String,
+    bucket        DateTime('UTC'),
     visitor_id    UInt64,
-    last_bucket   DateTime('UTC'),
-    offsets       Array(UInt16),
+    events        UInt32,
+    pageviews     UInt32,
+    sessions      UInt32,
+    bounces       UInt32,
+    duration_ms   UInt64,
+    gap           UInt32,
     version       UInt64,
     is_deleted    UInt8
 ) ENGINE = ReplacingMergeTree(version, is_deleted)
-PARTITION BY toYYYYMM(first_bucket)
-ORDER BY (site_id, kind, multi, first_bucket, value, visitor_id)
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (site_id, kind, bucket, value, visitor_id)
+SETTINGS index_granularity = 1024
 """
 
-_VISITORS_15M = """
-CREATE TABLE IF NOT EXISTS visitors_15m (
+# Per (kind, value) and UTC quarter hour: visitors first seen there, how many visitors came back
+# after each gap (in quarter hours), and the additive counts. The query API reads whole periods
+# from here (and the daily table below), never the raw events.
+_ROLLUP_15M = """
+CREATE TABLE IF NOT EXISTS rollup_15m (
     site_id       LowCardinality(String),
     kind          LowCardinality(String),
     value         String,
     bucket        DateTime('UTC'),
     visitors      UInt64,
-    version       UInt64,
-    is_deleted    UInt8
-) ENGINE = ReplacingMergeTree(version, is_deleted)
-PARTITION BY toYYYYMM(bucket)
-ORDER BY (site_id, kind, bucket, value)
-"""
-
-_EVENT_COUNTS_15M = """
-CREATE TABLE IF NOT EXISTS event_counts_15m (
-    site_id       LowCardinality(String),
-    bucket        DateTime('UTC'),
-    name          LowCardinality(String),
-    page          String,
+    returning     Map(UInt32, UInt64),
     events        UInt64,
-    version       UInt64
-) ENGINE = ReplacingMergeTree(version)
-PARTITION BY toYYYYMM(bucket)
-ORDER BY (site_id, bucket, name, page)
-"""
-
-_SESSIONS_15M = """
-CREATE TABLE IF NOT EXISTS sessions_15m (
-    site_id       LowCardinality(String),
-    bucket        DateTime('UTC'),
-    source        LowCardinality(String),
-    channel       LowCardinality(String),
-    country       LowCardinality(String),
+    pageviews     UInt64,
     sessions      UInt64,
     bounces       UInt64,
     duration_ms   UInt64,
@@ -230,7 +214,30 @@ CREATE TABLE IF NOT EXISTS sessions_15m (
     is_deleted    UInt8
 ) ENGINE = ReplacingMergeTree(version, is_deleted)
 PARTITION BY toYYYYMM(bucket)
-ORDER BY (site_id, bucket, source, channel, country)
+ORDER BY (site_id, kind, bucket, value)
+SETTINGS index_granularity = 1024
+"""
+
+# The same per UTC day (without gaps): long periods read whole days here and only their
+# partial first and last days from rollup_15m; affiliate `days` are whole UTC days.
+_ROLLUP_1D = """
+CREATE TABLE IF NOT EXISTS rollup_1d (
+    site_id       LowCardinality(String),
+    kind          LowCardinality(String),
+    value         String,
+    day           Date,
+    visitors      UInt64,
+    events        UInt64,
+    pageviews     UInt64,
+    sessions      UInt64,
+    bounces       UInt64,
+    duration_ms   UInt64,
+    version       UInt64,
+    is_deleted    UInt8
+) ENGINE = ReplacingMergeTree(version, is_deleted)
+PARTITION BY toYYYYMM(day)
+ORDER BY (site_id, kind, day, value)
+SETTINGS index_granularity = 1024
 """
 
 
@@ -247,13 +254,12 @@ Step = str | Callable[[Client], None]
 
 MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (1, "initial schema", [_EVENTS, _SESSIONS, _AFFILIATE_CLICKS_HOURLY, _SITES, _API_KEYS, _SALTS]),
-    (2, "rollups for every traffic number", [_drop_visitor_sorted_sessions, _SESSIONS_V2, _VISITOR_SPANS,
-                                             _VISITORS_15M, _EVENT_COUNTS_15M, _SESSIONS_15M]),
+    (2, "rollups for every traffic number", [_drop_visitor_sorted_sessions, _SESSIONS_V2, _ACTIVITY, _ROLLUP_15M,
+                                             _ROLLUP_1D, "DROP TABLE IF EXISTS affiliate_clicks_hourly"]),
 ]
 
 # Tables holding a site's data: deleting a site deletes its rows from each.
-SITE_DATA_TABLES = ("events", "sessions", "visitor_spans", "visitors_15m", "event_counts_15m", "sessions_15m",
-                    "affiliate_clicks_hourly")
+SITE_DATA_TABLES = ("events", "sessions", "activity", "rollup_15m", "rollup_1d")
 
 # Migrations after which the derived tables must be rebuilt from the raw events.
 REPLAY_AFTER = {2}

@@ -1,121 +1,80 @@
-"""Rollups: every number the query API serves, per UTC quarter hour (clicks per UTC hour).
+"""Rollups: every number the query API serves, per UTC quarter hour and per UTC day.
 
-A rollup bucket is never incremented. After a batch, each bucket it touched is recomputed whole
-from its source table (deduplicated raw events, sessions or visitor spans, read with FINAL) and
-written with a newer `version`; keys the bucket no longer has get a tombstone. So a redelivered or
-replayed batch changes no number, and two workers that touch one bucket converge: every rebuild
-sees at least what the earlier ones saw.
+A rollup row is never incremented. After a batch, each (site, kind, bucket) whose activity
+changed is recomputed whole from the `activity` table (streams/activity.py, read with FINAL) and
+written with a newer `version`; keys the bucket no longer has get a tombstone. The days those
+buckets belong to are then recomputed from the quarter hours. So a redelivered or replayed batch
+changes no number, and two workers that touch one bucket converge: every rebuild sees at least
+what the earlier ones saw.
 
-    event_counts_15m   (site, bucket, name, page)               events; page set for pageviews only
-    sessions_15m       (site, bucket, source, channel, country)  sessions, bounces, duration
-    visitors_15m       (site, kind, value, bucket)               visitors first seen (streams/spans.py)
-    affiliate_clicks_hourly (site, hour, product dimensions)     clicks
+    rollup_15m  (site, kind, value, bucket)  visitors first seen, returning visitors by gap,
+                                             events, pageviews, sessions, bounces, duration
+    rollup_1d   (site, kind, value, day)     the same without gaps
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 from clickhouse_connect.driver.client import Client
 
-from streams.buckets import BUCKET
-from streams.storage import INSERT_SETTINGS
 
-# Each rebuild writes the fresh rows of the touched buckets; where a key can vanish from a bucket
-# (a session that merged into an earlier one, a visitor whose first visit moved), also a tombstone
-# for every key a touched bucket had before but no longer has. `{scope}` limits both.
-_FRESH = """
-INSERT INTO {table} ({keys}, {values}, version{deleted_column})
+_MEASURES = ["events", "pageviews", "sessions", "bounces", "duration_ms"]
+
+# The fresh rows of the touched buckets, plus a tombstone for every key a touched bucket had
+# before but no longer has. `{scope}` limits both.
+_REPLACE = """
+INSERT INTO {table} ({keys}, {values}, version, is_deleted)
 WITH fresh AS ({fresh})
-SELECT {keys}, {values}, {{version:UInt64}}{not_deleted} FROM fresh
-"""
-_TOMBSTONES = """
+SELECT {keys}, {values}, {{version:UInt64}}, 0 FROM fresh
 UNION ALL
 SELECT {keys}, {zeros}, {{version:UInt64}}, 1 FROM {table} FINAL
 WHERE {scope} AND ({keys}) NOT IN (SELECT {keys} FROM fresh)
 """
 
 
-def _replace(client: Client, table: str, keys: list[str], values: list[str], fresh: str, scope: str | None,
-             parameters: dict) -> None:
-    parts = dict(table=table, keys=", ".join(keys), values=", ".join(values), fresh=fresh, scope=scope,
-                 zeros=", ".join("0" for _ in values), deleted_column=", is_deleted" if scope else "",
-                 not_deleted=", 0" if scope else "")
-    sql = _FRESH.format(**parts) + (_TOMBSTONES.format(**parts) if scope else "")
-    client.command(sql, parameters=parameters, settings=INSERT_SETTINGS)
+def _replace(client: Client, table: str, keys: list[str], values: list[str], zeros: list[str], fresh: str,
+             scope: str, parameters: dict) -> None:
+    sql = _REPLACE.format(table=table, keys=", ".join(keys), values=", ".join(values), zeros=", ".join(zeros),
+                          fresh=fresh, scope=scope)
+    client.command(sql, parameters=parameters)
 
 
-def _scope(column: str, bucket_expr: str | None = None) -> str:
-    """Rows of the touched (site, bucket)s; the range lets the primary key prune."""
-    return (f"site_id IN {{sites:Array(String)}}"
-            f" AND {column} >= {{first:DateTime('UTC')}} AND {column} < {{end:DateTime('UTC')}}"
-            f" AND (site_id, {bucket_expr or column}) IN {{buckets:Array(Tuple(String, DateTime('UTC')))}}")
+def _scope(column: str, kind_of_time: str) -> str:
+    """Rows of the touched sites, kinds and times (all combinations: recomputing a bucket that did
+    not change is harmless, and plain IN sets let the primary key prune)."""
+    return (f"site_id IN {{sites:Array(String)}} AND kind IN {{kinds:Array(String)}}"
+            f" AND {column} IN {{times:Array({kind_of_time})}}")
 
 
-def _params(buckets: set[tuple[str, datetime]], version: int, width: timedelta = BUCKET) -> dict:
-    times = [b for _, b in buckets]
-    return {"sites": sorted({s for s, _ in buckets}), "buckets": sorted(buckets), "first": min(times),
-            "end": max(times) + width, "version": version}
+def _params(touched: set[tuple[str, str, datetime | date]], version: int) -> dict:
+    return {"sites": sorted({s for s, _, _ in touched}), "kinds": sorted({k for _, k, _ in touched}),
+            "times": sorted({t for _, _, t in touched}), "version": version}
 
 
-def rebuild_event_counts(client: Client, buckets: set[tuple[str, datetime]], version: int) -> None:
-    """Events per name (and pageviews per page) of these (site, bucket)s, from raw events. An
-    event never leaves its bucket, so no tombstones are needed."""
-    if not buckets:
+def rebuild(client: Client, touched: set[tuple[str, str, datetime]], version: int) -> None:
+    """Recompute these (site, kind, bucket)s from activity, then the days they are in."""
+    if not touched:
         return
-    fresh = f"""
-        SELECT site_id, toStartOfFifteenMinutes(timestamp) AS bucket, name,
-               if(name = 'pageview', pathname, '') AS page, count() AS events
-        FROM events FINAL
-        WHERE {_scope('timestamp', 'toStartOfFifteenMinutes(timestamp)')}
-        GROUP BY site_id, bucket, name, page"""
-    _replace(client, "event_counts_15m", ["site_id", "bucket", "name", "page"], ["events"], fresh, None,
-             _params(buckets, version))
-
-
-def rebuild_sessions(client: Client, buckets: set[tuple[str, datetime]], version: int) -> None:
-    """Sessions, bounces and total duration by the session's start bucket, entry source and country."""
-    if not buckets:
-        return
-    fresh = f"""
-        SELECT site_id, toStartOfFifteenMinutes(start) AS bucket, source, channel, country,
-               count() AS sessions, sum(bounce) AS bounces, sum(duration_ms) AS duration_ms
-        FROM sessions FINAL
-        WHERE {_scope('start', 'toStartOfFifteenMinutes(start)')}
-        GROUP BY site_id, bucket, source, channel, country"""
-    _replace(client, "sessions_15m", ["site_id", "bucket", "source", "channel", "country"],
-             ["sessions", "bounces", "duration_ms"], fresh, _scope("bucket"), _params(buckets, version))
-
-
-def rebuild_visitors(client: Client, firsts: set[tuple[str, str, datetime]], version: int) -> None:
-    """Visitors first seen per (site, kind, value, bucket), from the visitor spans."""
-    if not firsts:
-        return
-    times = [b for _, _, b in firsts]
-    scope = ("site_id IN {sites:Array(String)} AND kind IN {kinds:Array(String)}"
-             " AND {col} >= {first:DateTime('UTC')} AND {col} <= {last:DateTime('UTC')}"
-             " AND (site_id, kind, {col}) IN {firsts:Array(Tuple(String, String, DateTime('UTC')))}")
-    fresh = f"""
-        SELECT site_id, kind, value, first_bucket AS bucket, count() AS visitors
-        FROM visitor_spans FINAL
-        WHERE {scope.replace('{col}', 'first_bucket')} AND multi IN (0, 1)
+    fresh_15m = f"""
+        SELECT site_id, kind, value, bucket, countIf(gap = 0) AS visitors,
+               sumMapIf(map(gap, toUInt64(1)), gap > 0) AS returning,
+               {", ".join(f"sum({m}) AS {m}" for m in _MEASURES)}
+        FROM activity FINAL WHERE {_scope("bucket", "DateTime('UTC')")}
         GROUP BY site_id, kind, value, bucket"""
-    _replace(client, "visitors_15m", ["site_id", "kind", "value", "bucket"], ["visitors"], fresh,
-             scope.replace("{col}", "bucket"), {
-                 "sites": sorted({s for s, _, _ in firsts}), "kinds": sorted({k for _, k, _ in firsts}),
-                 "firsts": sorted(firsts), "first": min(times), "last": max(times), "version": version})
+    _replace(client, "rollup_15m", ["site_id", "kind", "value", "bucket"], ["visitors", "returning", *_MEASURES],
+             ["0", "map()", *("0" for _ in _MEASURES)], fresh_15m, _scope("bucket", "DateTime('UTC')"),
+             _params(touched, version))
 
-
-def rebuild_clicks(client: Client, hours: set[tuple[str, datetime]], version: int) -> None:
-    """Affiliate clicks per UTC hour and product dimensions (a click never changes its hour)."""
-    if not hours:
-        return
-    fresh = f"""
-        SELECT site_id, toStartOfHour(timestamp) AS hour, product_id, product_slug, category_slug,
-               brand_slug, partner_slug, count() AS clicks
-        FROM events FINAL
-        WHERE {_scope('timestamp', 'toStartOfHour(timestamp)')} AND name = 'click'
-        GROUP BY site_id, hour, product_id, product_slug, category_slug, brand_slug, partner_slug"""
-    _replace(client, "affiliate_clicks_hourly",
-             ["site_id", "hour", "product_id", "product_slug", "category_slug", "brand_slug", "partner_slug"],
-             ["clicks"], fresh, None, _params(hours, version, timedelta(hours=1)))
+    days = {(site, kind, bucket.date()) for site, kind, bucket in touched}
+    fresh_1d = f"""
+        SELECT site_id, kind, value, toDate(bucket) AS day, sum(visitors) AS visitors,
+               {", ".join(f"sum({m}) AS {m}" for m in _MEASURES)}
+        FROM rollup_15m FINAL
+        WHERE site_id IN {{sites:Array(String)}} AND kind IN {{kinds:Array(String)}}
+          AND bucket >= {{first:Date}} AND bucket < {{end:Date}} AND toDate(bucket) IN {{times:Array(Date)}}
+        GROUP BY site_id, kind, value, day"""
+    day_params = _params(days, version)
+    _replace(client, "rollup_1d", ["site_id", "kind", "value", "day"], ["visitors", *_MEASURES],
+             ["0" for _ in ["visitors", *_MEASURES]], fresh_1d, _scope("day", "Date"),
+             {**day_params, "first": day_params["times"][0], "end": day_params["times"][-1] + timedelta(days=1)})

@@ -17,7 +17,6 @@ from clickhouse_connect.driver.client import Client
 
 from ingest.event import Event
 from streams.buckets import VISITOR_LIFETIME, bucket_of
-from streams.storage import INSERT_SETTINGS
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,14 +112,15 @@ def write(client: Client, upserts: Iterable[Session], deletes: Iterable[Session]
     """Rows for new or changed sessions, tombstones for sessions that no longer exist."""
     rows = [_row(s, version, 0) for s in upserts] + [_row(s, version, 1) for s in deletes]
     if rows:
-        client.insert("sessions", rows, column_names=_COLUMNS, settings=INSERT_SETTINGS)
+        client.insert("sessions", rows, column_names=_COLUMNS)
 
 
 def has_open_session(client: Client, site_id: str, visitor_id: int, since: datetime) -> bool:
-    """Whether the visitor has a session with an event at or after `since`."""
+    """Whether the visitor has a session with an event after `since` (strictly: an event exactly
+    a timeout before the next one ends its session, as in `sessionize`)."""
     rows = client.query(
         "SELECT 1 FROM sessions FINAL WHERE site_id = {site:String} AND start >= {oldest:DateTime64(3, 'UTC')}"
-        " AND visitor_id = {visitor:UInt64} AND end >= {since:DateTime64(3, 'UTC')} LIMIT 1",
+        " AND visitor_id = {visitor:UInt64} AND end > {since:DateTime64(3, 'UTC')} LIMIT 1",
         parameters={"site": site_id, "visitor": visitor_id, "since": since, "oldest": since - VISITOR_LIFETIME},
     ).result_rows
     return bool(rows)

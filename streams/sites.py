@@ -16,7 +16,6 @@ from clickhouse_connect.driver.client import Client
 
 from streams.migrations import SITE_DATA_TABLES
 from streams.read_cache import ReadThroughCache
-from streams.storage import INSERT_SETTINGS
 
 DEFAULT_TIMEZONE = "Europe/Stockholm"
 
@@ -79,8 +78,7 @@ class SiteRegistry:
             "sites",
             [[site.site_id, site.account_id, site.domain, site.name, site.timezone, site.created_at, 0,
               time.time_ns()]],
-            column_names=_COLUMNS, settings=INSERT_SETTINGS,
-        )
+            column_names=_COLUMNS)
         return self._remember(site)
 
     def delete(self, site: Site) -> None:
@@ -90,8 +88,7 @@ class SiteRegistry:
             "sites",
             [[site.site_id, site.account_id, site.domain, site.name, site.timezone, site.created_at, 1,
               time.time_ns()]],
-            column_names=_COLUMNS, settings=INSERT_SETTINGS,
-        )
+            column_names=_COLUMNS)
         self._by_id.forget(site.site_id)
         self._by_domain.forget(site.domain)
         for table in SITE_DATA_TABLES:

@@ -8,14 +8,13 @@ from pathlib import Path
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
-# The embedded engine (26.x) defaults to async inserts; a server may not. Pin what the stream core
-# relies on — an insert is visible when it returns and retried blocks are deduplicated — so both
-# topologies behave the same.
-INSERT_SETTINGS = {"async_insert": 0, "insert_deduplicate": 1}
-
-# Every ReplacingMergeTree is partitioned by a time column of its sorting key, so the rows of one
-# key share a partition and FINAL need not merge across partitions (much faster on old data).
-FINAL_SETTINGS = {"do_not_merge_across_partitions_select_final": 1}
+# Settings of every connection, so the embedded engine and a server behave the same:
+# - an insert is visible when it returns (the embedded engine 26.x defaults to async inserts);
+# - no block deduplication: every write is idempotent by design, and hashing blocks costs ~15 ms;
+# - every ReplacingMergeTree is partitioned by a time column of its sorting key, so the rows of
+#   one key share a partition and FINAL need not merge across partitions.
+SETTINGS = {"async_insert": 0, "insert_deduplicate": 0, "do_not_merge_across_partitions_select_final": 1}
+INSERT_SETTINGS = {"async_insert": 0, "insert_deduplicate": 0}
 
 
 def connect(url: str) -> Client:
@@ -24,7 +23,7 @@ def connect(url: str) -> Client:
         if not path.is_absolute():
             raise ValueError(f"chdb URL needs an absolute path, got {url!r}")
         path.mkdir(parents=True, exist_ok=True)
-        return clickhouse_connect.get_client(interface="chdb", path=str(path))
+        return clickhouse_connect.get_client(interface="chdb", path=str(path), settings=SETTINGS)
     # No session id: a server session runs one query at a time, and this client is shared by
     # the threads of a process (request handlers, the stream core).
-    return clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False)
+    return clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False, settings=SETTINGS)

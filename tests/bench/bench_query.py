@@ -1,0 +1,258 @@
+"""Query API latency on rollups at 1M and 10M stored events, against the naive raw-events query for
+the same question, plus the stream core's cost per 500-event batch at each size.
+
+    python3 tests/bench/bench_query.py [--sizes 1000000,10000000] [--data /tmp/bk-bench] [--requests 60]
+
+For each size, a child process owns the embedded engine: it generates 90 days of traffic for one
+site (Europe/Stockholm) and stores it the way the product does — through the stream core, in
+time order, in batches — unless the data folder already holds it; then it times 40 live-like
+500-event batches, the naive raw-event queries and the API's own SQL in-process. Then
+`besokskollen up` serves the folder and every endpoint is timed over HTTP (sequential requests,
+keep-alive). Not run by CI: numbers on 2 shared cores are noisy, compare ratios."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+SITE, DOMAIN, TZ = "bench-example", "bench.example", "Europe/Stockholm"
+KEY = "bk_bench_key_0123456789abcdef"
+DAYS = 90
+PAGES = ["/"] + [f"/produkt/p{i}" for i in range(150)] + [f"/guide/g{i}" for i in range(40)] + ["/om-oss", "/kontakt"]
+REFERRERS = [("", "", "direct", 30), ("https://www.google.se/", "Google", "search", 40),
+             ("https://www.bing.com/", "Bing", "search", 5), ("https://l.facebook.com/", "Facebook", "social", 8),
+             ("https://www.reddit.com/", "Reddit", "social", 3), ("https://prisjakt.nu/x", "prisjakt.nu", "referral", 9),
+             ("https://blog.example.org/p", "blog.example.org", "referral", 5)]
+COUNTRIES = [("SE", 70), ("NO", 8), ("FI", 6), ("DK", 5), ("DE", 4), ("US", 4), ("GB", 3)]
+DEVICES = [("Mobile", "Mobile Safari", "iOS", 45), ("Desktop", "Chrome", "Windows", 35),
+           ("Mobile", "Chrome Mobile", "Android", 15), ("Tablet", "Mobile Safari", "iOS", 5)]
+
+
+def _weighted(rng: random.Random, items: list[tuple]) -> tuple:
+    return rng.choices(items, weights=[i[-1] for i in items])[0]
+
+
+def generate(total: int, end: datetime, seed: int = 1):
+    """Yields lists of Events, one UTC day at a time, oldest first: sessions of 1–8 events,
+    returning visitors, a daily visitor id per person (as the daily salt gives)."""
+    from ingest.event import Event
+
+    rng = random.Random(seed)
+    first_day = (end - timedelta(days=DAYS - 1)).date()
+    people = max(1000, total // 25)
+    sessions_per_day = total / DAYS / 3.2
+    for d in range(DAYS):
+        day = first_day + timedelta(days=d)
+        midnight = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+        out = []
+        for _ in range(int(rng.gauss(sessions_per_day, sessions_per_day * 0.05))):
+            person = rng.randrange(people)
+            visitor = int.from_bytes(hashlib.blake2b(f"{person}:{day}".encode(), digest_size=8).digest(), "big")
+            at = midnight + timedelta(seconds=min(86399.0, max(0.0, rng.gauss(15 * 3600, 4.5 * 3600))))
+            referrer, source, channel, _ = _weighted(rng, REFERRERS)
+            country = _weighted(rng, COUNTRIES)[0]
+            device, browser, os_name, _ = _weighted(rng, DEVICES)
+            n = min(8, 1 + int(rng.expovariate(0.55)))
+            for i in range(n):
+                if at > end:
+                    break
+                roll = rng.random()
+                name = "pageview" if i == 0 or roll < 0.82 else ("click" if roll < 0.95 else "signup")
+                product = f"p{rng.randrange(150)}" if name == "click" else ""
+                out.append(Event.model_construct(
+                    event_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)), site_id=SITE,
+                    timestamp=at.replace(microsecond=at.microsecond // 1000 * 1000), name=name,
+                    visitor_id=visitor, hostname=DOMAIN, pathname=rng.choice(PAGES[:40] if rng.random() < 0.7 else PAGES),
+                    referrer=referrer if i == 0 else "", source=source if i == 0 else "",
+                    channel=channel if i == 0 else "direct", utm_source="", utm_medium="", utm_campaign="",
+                    country=country, device=device, browser=browser, os=os_name, props={},
+                    product_id=product, product_slug=product, category_slug="mobilskal" if product else "",
+                    brand_slug="apple" if product else "", partner_slug="kjell" if product else ""))
+                at += timedelta(seconds=rng.randint(5, 400))
+        out.sort(key=lambda e: e.timestamp)
+        yield day, out
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+
+
+# -- the child: owns the engine while loading and timing in-process ------------------------------
+
+NAIVE = {
+    # The question each endpoint answers, asked of the raw events directly.
+    "overview": """SELECT uniqExact(visitor_id), countIf(name = 'pageview') FROM events
+                   WHERE site_id = {site:String} AND timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp < {end:DateTime64(3, 'UTC')}""",
+    "pages": """SELECT pathname, uniqExact(visitor_id) AS v, count() FROM events
+                WHERE site_id = {site:String} AND timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp < {end:DateTime64(3, 'UTC')}
+                  AND name = 'pageview' GROUP BY pathname ORDER BY v DESC, pathname LIMIT 10""",
+    "referrers": """SELECT source, channel, uniqExact(visitor_id) AS v, uniqExact(session_id) FROM events
+                    WHERE site_id = {site:String} AND timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp < {end:DateTime64(3, 'UTC')}
+                      AND source != '' GROUP BY source, channel ORDER BY v DESC, source LIMIT 10""",
+    "countries": """SELECT country, uniqExact(visitor_id) AS v FROM events
+                    WHERE site_id = {site:String} AND timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp < {end:DateTime64(3, 'UTC')}
+                    GROUP BY country ORDER BY v DESC, country LIMIT 10""",
+}
+
+
+def child(size: int, data: Path, end: datetime, repeats: int) -> dict:
+    from besokskollen.app import DEFAULT_ACCOUNT, open_services
+    from besokskollen.config import Settings
+    from query_api import stats
+    from query_api.periods import stats_period
+    from streams.core import StreamCore
+
+    services = open_services(Settings(clickhouse_url=f"chdb://{data}", admin_key=KEY, kafka_bootstrap=None))
+    client = services.client
+    core = StreamCore(client, 1800)
+    if services.sites.get(SITE) is None:
+        services.sites.create(DEFAULT_ACCOUNT, DOMAIN, "Bench", TZ, site_id=SITE)
+    marker = data / "loaded.json"
+    report: dict = {"size": size}
+    if not marker.exists():
+        started, stored = time.perf_counter(), 0
+        for day, events in generate(size, end):
+            for i in range(0, len(events), 25_000):
+                core.process(events[i:i + 25_000])
+            stored += len(events)
+            print(f"  {day}: {stored:,} events, {stored / (time.perf_counter() - started):,.0f} events/s",
+                  file=sys.stderr, flush=True)
+        marker.write_text(json.dumps({"events": stored, "seconds": time.perf_counter() - started}))
+    loaded = json.loads(marker.read_text())
+    report["stored_events"] = client.query("SELECT count() FROM events").result_rows[0][0]
+    report["load_events_per_s"] = loaded["events"] / loaded["seconds"]
+
+    # Live-like batches after the stored data: new sessions and continuations of recent ones.
+    rng = random.Random(size)
+    recent = [r[0] for r in client.query(
+        "SELECT DISTINCT visitor_id FROM events WHERE site_id = {s:String} AND timestamp >= {t:DateTime64(3, 'UTC')} LIMIT 2000",
+        parameters={"s": SITE, "t": end - timedelta(hours=1)}).result_rows]
+    from ingest.event import Event
+    batch_ms = []
+    at = end
+    for _ in range(40):
+        batch = []
+        for _ in range(500):
+            at += timedelta(milliseconds=rng.randint(1, 400))
+            visitor = rng.choice(recent) if recent and rng.random() < 0.5 else rng.getrandbits(63)
+            batch.append(Event(event_id=str(uuid.uuid4()), site_id=SITE, timestamp=at, name="pageview",
+                               visitor_id=visitor, pathname=rng.choice(PAGES), country="SE", channel="direct"))
+        t0 = time.perf_counter()
+        core.process(batch)
+        batch_ms.append((time.perf_counter() - t0) * 1000)
+    report["batch_ms"] = _percentiles(batch_ms[5:])
+
+    naive, ours = {}, {}
+    for period in ("7d", "30d", "90d"):
+        span = stats_period(period, TZ, now=end)
+        params = {"site": SITE, "start": span.start_utc, "end": span.end_utc}
+        for name, sql in NAIVE.items():
+            samples = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                client.query(sql, parameters=params)
+                samples.append((time.perf_counter() - t0) * 1000)
+            naive[f"{name} {period}"] = _percentiles(samples)
+        calls = {"overview": lambda: stats.overview(client, SITE, span),
+                 "overview+compare": lambda: stats.overview(client, SITE, span, compare=True),
+                 "pages": lambda: stats.pages(client, SITE, span, 10),
+                 "referrers": lambda: stats.referrers(client, SITE, span, 10, True),
+                 "countries": lambda: stats.countries(client, SITE, span, 10)}
+        for name, call in calls.items():
+            samples = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                call()
+                samples.append((time.perf_counter() - t0) * 1000)
+            ours[f"{name} {period}"] = _percentiles(samples)
+    report["naive_ms"], report["sql_ms"] = naive, ours
+    return report
+
+
+# -- the parent: children per size, then HTTP against `besokskollen up` ---------------------------
+
+def http_latencies(data: Path, repeats: int) -> dict:
+    import httpx
+
+    from tests.conftest import free_port, process
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    out = {}
+    with process([sys.executable, "-m", "besokskollen", "up", "--data", str(data), "--port", str(port)],
+                 data.parent / f"up-{data.name}.log", env={"BK_ADMIN_KEY": KEY},
+                 ready_url=f"{base}/api/v1/openapi.json", timeout=600):
+        with httpx.Client(base_url=base, headers={"authorization": f"Bearer {KEY}"}, timeout=30) as c:
+            for period in ("7d", "30d", "90d"):
+                for name, path in (("overview", f"stats/overview?period={period}"),
+                                   ("overview+compare", f"stats/overview?period={period}&compare=true"),
+                                   ("pages", f"stats/pages?period={period}"),
+                                   ("referrers", f"stats/referrers?period={period}&include_social=true"),
+                                   ("countries", f"stats/countries?period={period}")):
+                    url = f"/api/v1/{path}&site_id={SITE}"
+                    assert c.get(url).status_code == 200
+                    samples = []
+                    for _ in range(repeats):
+                        t0 = time.perf_counter()
+                        response = c.get(url)
+                        samples.append((time.perf_counter() - t0) * 1000)
+                        assert response.status_code == 200, response.text
+                    out[f"{name} {period}"] = _percentiles(samples)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000000,10000000")
+    parser.add_argument("--data", default="/tmp/bk-bench")
+    parser.add_argument("--requests", type=int, default=60)
+    parser.add_argument("--end", default=None, help="end of the generated traffic (ISO); default: now")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    end = datetime.fromisoformat(args.end) if args.end else datetime.now(timezone.utc).replace(microsecond=0)
+    if args.child:
+        print(json.dumps(child(args.child, Path(args.data) / str(args.child), end, args.requests)))
+        return
+
+    reports = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        folder = Path(args.data) / str(size)
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"== {size:,} events in {folder}", file=sys.stderr, flush=True)
+        out = subprocess.run([sys.executable, __file__, "--child", str(size), "--data", args.data,
+                              "--requests", str(args.requests), "--end", end.isoformat()],
+                             check=True, capture_output=False, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        report = json.loads(out.stdout.strip().splitlines()[-1])
+        report["http_ms"] = http_latencies(folder, args.requests)
+        reports.append(report)
+
+    for r in reports:
+        print(f"\n### {r['stored_events']:,} stored events (loaded at {r['load_events_per_s']:,.0f} events/s)")
+        print(f"stream core, 500-event batch: p50 {r['batch_ms'][0]:.1f} ms, p95 {r['batch_ms'][1]:.1f} ms")
+        print(f"{'endpoint':<24}{'HTTP p50':>10}{'HTTP p95':>10}{'SQL p50':>10}{'naive p50':>11}{'naive p95':>11}{'naive/HTTP p50':>16}")
+        for name, (p50, p95) in r["http_ms"].items():
+            base = name.split(" ")[0].split("+")[0]
+            naive = r["naive_ms"].get(f"{base} {name.split(' ')[1]}")
+            sql = r["sql_ms"].get(name, (float("nan"),))[0]
+            print(f"{name:<24}{p50:>10.1f}{p95:>10.1f}{sql:>10.1f}{naive[0]:>11.1f}{naive[1]:>11.1f}{naive[0] / p50:>15.1f}x")
+    if len(reports) >= 2:
+        a, b = reports[0]["batch_ms"][0], reports[-1]["batch_ms"][0]
+        print(f"\nbatch cost {reports[-1]['stored_events']:,} vs {reports[0]['stored_events']:,} stored: {b / a:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
