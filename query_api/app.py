@@ -6,9 +6,13 @@ from fastapi import FastAPI
 
 from query_api import affiliate, errors, sites, stats
 from query_api.deps import Context
+from query_api.limits import BodyLimit
 from query_api.models import ErrorResponse
 
 PREFIX = "/api/v1"
+# JSON bodies of the API are small; the NDJSON import (served by ingest) has a cap of its own.
+MAX_BODY_BYTES = 1024 * 1024
+IMPORT_PATH = f"{PREFIX}/events/import"
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 429, 500)}
 
@@ -23,6 +27,7 @@ def create_app(context: Context, **fastapi_kwargs) -> FastAPI:
         **fastapi_kwargs,
     )
     app.state.context = context
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, exempt=frozenset({IMPORT_PATH}))
     errors.install(app)
     for module in (sites, stats, affiliate):
         app.include_router(module.router, prefix=PREFIX, responses=_ERRORS)

@@ -1,0 +1,288 @@
+"""Traffic stats from the rollups (SPEC §6–7): local days in odd timezones and on DST days, unique
+visitors across buckets and days, order-independent sessions, compare, the breakdown endpoints,
+deleting a site, and the bad input a new user tried (issue 5)."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from datetime import date, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from ingest.event import Event
+from query_api.periods import Period
+from query_api.stats import countries, overview, pages, referrers
+from streams.core import StreamCore
+
+API = "/api/v1"
+TIMEOUT = 1800
+
+
+def _site() -> str:
+    return f"stats-{uuid.uuid4().hex[:12]}"
+
+
+def ev(site: str, visitor: int, at: datetime, name: str = "pageview", path: str = "/", **extra) -> Event:
+    extra.setdefault("event_id", str(uuid.uuid4()))
+    return Event(site_id=site, timestamp=at, name=name, visitor_id=visitor, pathname=path, **extra)
+
+
+def local(tz: str, *args) -> datetime:
+    return datetime(*args, tzinfo=ZoneInfo(tz)).astimezone(timezone.utc)
+
+
+# -- local days -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tz, day", [
+    ("Asia/Kolkata", date(2026, 3, 10)),       # +5:30
+    ("Asia/Kathmandu", date(2026, 3, 10)),     # +5:45
+    ("Europe/Stockholm", date(2026, 3, 29)),   # 23-hour day
+    ("Europe/Stockholm", date(2026, 10, 25)),  # 25-hour day
+    ("America/New_York", date(2026, 11, 1)),   # 25-hour day
+    ("Australia/Lord_Howe", date(2026, 4, 5)),  # a DST shift of 30 minutes
+])
+def test_local_days_are_exact_at_every_edge(services, tz, day):
+    """Events one millisecond either side of each local midnight land on their own local day."""
+    site = _site()
+    start = local(tz, day.year, day.month, day.day)
+    end = datetime.combine(day + timedelta(days=1), datetime.min.time(), ZoneInfo(tz)).astimezone(timezone.utc)
+    ms = timedelta(milliseconds=1)
+    events = [ev(site, 1, start - ms), ev(site, 2, start), ev(site, 3, end - ms), ev(site, 4, end)]
+    StreamCore(services.client, TIMEOUT).process(events)
+    period = Period(day - timedelta(days=1), day + timedelta(days=1), tz)
+    result = overview(services.client, site, period)
+    assert [(p["date"], p["pageviews"], p["visitors"]) for p in result["daily"]] == [
+        ((day - timedelta(days=1)).isoformat(), 1, 1), (day.isoformat(), 2, 2),
+        ((day + timedelta(days=1)).isoformat(), 1, 1)]
+    only_day = overview(services.client, site, Period(day, day, tz))
+    assert (only_day["pageviews"], only_day["visitors"], only_day["sessions"]) == (2, 2, 2)
+
+
+def test_a_visitor_on_two_days_is_one_visitor_for_the_period_and_one_each_day(services):
+    """Never a sum of per-day uniques: one id active before and after a local midnight."""
+    site, tz = _site(), "Asia/Kolkata"
+    midnight = local(tz, 2026, 5, 2)
+    StreamCore(services.client, TIMEOUT).process([
+        ev(site, 9, midnight - timedelta(minutes=10)), ev(site, 9, midnight + timedelta(minutes=5)),
+        ev(site, 9, midnight + timedelta(hours=3)),  # a new session, same visitor
+        ev(site, 8, midnight + timedelta(hours=3))])
+    two_days = overview(services.client, site, Period(date(2026, 5, 1), date(2026, 5, 2), tz))
+    assert two_days["visitors"] == 2
+    assert [p["visitors"] for p in two_days["daily"]] == [1, 2]
+    assert two_days["sessions"] == 3  # sessions belong to the day they started
+    second = overview(services.client, site, Period(date(2026, 5, 2), date(2026, 5, 2), tz))
+    assert (second["visitors"], second["sessions"], second["pageviews"]) == (2, 2, 3)
+
+
+def test_returning_visitor_counts_once_in_a_long_period(services):
+    site, tz = _site(), "Europe/Stockholm"
+    t = local(tz, 2026, 6, 10, 12)
+    core = StreamCore(services.client, TIMEOUT)
+    for hours in (0, 5, 11, 30):  # four sessions over two days, one visitor id
+        core.process([ev(site, 5, t + timedelta(hours=hours))])
+    result = overview(services.client, site, Period(date(2026, 6, 1), date(2026, 6, 30), tz))
+    assert (result["visitors"], result["sessions"], result["pageviews"]) == (1, 4, 4)
+    assert sum(p["visitors"] for p in result["daily"]) == 2  # one on each day
+
+
+# -- sessions do not depend on arrival ------------------------------------------------------------
+
+def test_any_order_and_any_batching_gives_the_same_numbers(services):
+    """Late events that bridge or split sessions, duplicates and redeliveries: same answers as
+    processing everything at once in time order."""
+    rng = random.Random(5)
+    tz = "America/New_York"
+    t0 = local(tz, 2026, 7, 1, 22)
+    template = []
+    for visitor in range(30):
+        at = t0 + timedelta(minutes=rng.randint(0, 180))
+        for _ in range(rng.randint(1, 6)):
+            template.append((visitor, at, rng.choice(["pageview", "pageview", "signup"]),
+                             rng.choice(["/", "/a", "/b"]), rng.choice(["", "Google", "Facebook"])))
+            at += timedelta(minutes=rng.choice([1, 5, 20, 29, 31, 45]))
+
+    def events(site: str) -> list[Event]:
+        return [ev(site, v, at, name, path, event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{site}{v}{at}{name}{path}")),
+                   source=src, channel={"": "direct", "Google": "search", "Facebook": "social"}[src], country="SE")
+                for v, at, name, path, src in template]
+
+    period = Period(date(2026, 7, 1), date(2026, 7, 2), tz)
+    ordered = _site()
+    StreamCore(services.client, TIMEOUT).process(events(ordered))
+
+    shuffled = _site()
+    scrambled = events(shuffled)
+    rng.shuffle(scrambled)
+    core = StreamCore(services.client, TIMEOUT)
+    for i in range(0, len(scrambled), 7):
+        core.process(scrambled[i:i + 7])
+    core.process(scrambled[: len(scrambled) // 2])  # a redelivery
+
+    def answers(site: str) -> tuple:
+        return (overview(services.client, site, period, compare=True), pages(services.client, site, period, 10),
+                referrers(services.client, site, period, 10, True), countries(services.client, site, period, 10))
+
+    assert answers(shuffled) == answers(ordered)
+    stored = services.client.query(
+        "SELECT count(), uniqExact(event_id) FROM events FINAL WHERE site_id = {s:String}", parameters={"s": shuffled}
+    ).result_rows[0]
+    assert stored == (len(template), len(template))
+
+
+def test_a_late_event_joins_two_sessions_into_one(services):
+    site, tz = _site(), "Europe/Stockholm"
+    t = local(tz, 2026, 8, 3, 10)
+    core = StreamCore(services.client, TIMEOUT)
+    core.process([ev(site, 1, t, source="Google", channel="search", country="SE")])
+    core.process([ev(site, 1, t + timedelta(minutes=50), path="/b", country="SE")])
+    period = Period(date(2026, 8, 3), date(2026, 8, 3), tz)
+    assert overview(services.client, site, period)["sessions"] == 2
+    assert overview(services.client, site, period)["bounce_rate"] == 100
+    core.process([ev(site, 1, t + timedelta(minutes=25), name="signup", country="SE")])
+    result = overview(services.client, site, period)
+    assert (result["sessions"], result["bounce_rate"], result["visitors"]) == (1, 0, 1)
+    assert referrers(services.client, site, period, 10, False) == [
+        {"source": "Google", "channel": "search", "visitors": 1, "sessions": 1}]
+    assert len(set(r[0] for r in services.client.query(
+        "SELECT session_id FROM events FINAL WHERE site_id = {s:String}", parameters={"s": site}).result_rows)) == 1
+
+
+# -- endpoints ------------------------------------------------------------------------------------
+
+async def _create_site(client, **body) -> dict:
+    response = await client.post(f"{API}/sites", json={"domain": f"s-{uuid.uuid4().hex[:8]}.example", **body})
+    assert response.status_code == 201, response.text
+    return response.json()["data"]
+
+
+async def test_breakdowns_compare_and_limits(client, services):
+    site = await _create_site(client, timezone="Asia/Kathmandu")
+    sid, tz = site["id"], "Asia/Kathmandu"
+    today = datetime.now(ZoneInfo(tz)).date()
+    noon = local(tz, today.year, today.month, today.day, 0, 30)
+    week_ago = noon - timedelta(days=7)
+    core = StreamCore(services.client, TIMEOUT)
+    core.process([
+        ev(sid, 1, noon, path="/a", source="Google", channel="search", country="NP"),
+        ev(sid, 1, noon + timedelta(minutes=1), path="/b", country="NP"),
+        ev(sid, 2, noon, path="/a", source="Facebook", channel="social", country="IN"),
+        ev(sid, 3, noon, path="/c", country="IN"),
+        ev(sid, 4, noon, path="/a", source="prisjakt.nu", channel="referral", country="NP"),
+        ev(sid, 5, week_ago, path="/a", source="Google", channel="search", country="NP"),
+    ])
+    r = await client.get(f"{API}/stats/pages", params={"site_id": sid, "period": "7d"})
+    assert r.json() == {"data": [{"page": "/a", "visitors": 3, "pageviews": 3},
+                                 {"page": "/b", "visitors": 1, "pageviews": 1},
+                                 {"page": "/c", "visitors": 1, "pageviews": 1}]}
+    r = await client.get(f"{API}/stats/pages", params={"site_id": sid, "period": "7d", "limit": 1})
+    assert [p["page"] for p in r.json()["data"]] == ["/a"]
+    r = await client.get(f"{API}/stats/referrers", params={"site_id": sid, "period": "7d"})
+    assert r.json()["data"] == [{"source": "Google", "channel": "search", "visitors": 1, "sessions": 1},
+                                {"source": "prisjakt.nu", "channel": "referral", "visitors": 1, "sessions": 1}]
+    r = await client.get(f"{API}/stats/referrers", params={"site_id": sid, "period": "7d", "include_social": "true"})
+    assert [x["source"] for x in r.json()["data"]] == ["Facebook", "Google", "prisjakt.nu"]
+    r = await client.get(f"{API}/stats/countries", params={"site_id": sid, "period": "7d"})
+    assert r.json()["data"] == [{"country": "IN", "visitors": 2}, {"country": "NP", "visitors": 2}]
+
+    r = await client.get(f"{API}/stats/overview", params={"site_id": sid, "period": "7d", "compare": "true"})
+    data = r.json()["data"]
+    assert (data["visitors"], data["pageviews"], data["sessions"], data["bounce_rate"]) == (4, 5, 4, 75)
+    comparison = data["comparison"]
+    assert comparison["period"] == {"from": (today - timedelta(days=13)).isoformat(),
+                                    "to": (today - timedelta(days=7)).isoformat()}
+    assert (comparison["visitors"], comparison["pageviews"], comparison["sessions"], comparison["bounce_rate"]) == (1, 1, 1, 100)
+    assert comparison["change"] == {"visitors": 300, "pageviews": 400, "sessions": 300, "bounce_rate": -25}
+    r = await client.get(f"{API}/stats/overview", params={"site_id": sid, "period": "custom", "from": "2020-01-01",
+                                                          "to": "2020-01-02", "compare": "true"})
+    assert r.json()["data"]["comparison"]["change"] == {"visitors": None, "pageviews": None, "sessions": None,
+                                                       "bounce_rate": None}
+    r = await client.get(f"{API}/sites", params={"include_stats": "true"})
+    mine = next(s for s in r.json()["data"] if s["id"] == sid)
+    assert (mine["visitors_7d"], mine["pageviews_7d"]) == (4, 5)
+
+
+async def test_deleting_a_site_stops_serving_it(client, services):
+    doomed, kept = await _create_site(client), await _create_site(client)
+    at = datetime.now(timezone.utc) - timedelta(minutes=5)
+    StreamCore(services.client, TIMEOUT).process([ev(doomed["id"], 1, at), ev(kept["id"], 2, at)])
+    before = (await client.get(f"{API}/stats/overview", params={"site_id": kept["id"], "period": "7d"})).json()
+    assert (await client.delete(f"{API}/sites/{doomed['id']}")).status_code == 204
+    for path in ("stats/overview", "stats/pages", "stats/referrers", "stats/countries", "popular/products"):
+        r = await client.get(f"{API}/{path}", params={"site_id": doomed["id"]})
+        assert r.status_code == 404, (path, r.text)
+    assert (await client.get(f"{API}/sites/{doomed['id']}")).status_code == 404
+    assert doomed["id"] not in [s["id"] for s in (await client.get(f"{API}/sites")).json()["data"]]
+    assert (await client.delete(f"{API}/sites/{doomed['id']}")).status_code == 404
+    after = (await client.get(f"{API}/stats/overview", params={"site_id": kept["id"], "period": "7d"})).json()
+    assert after == before
+    # Its events are refused from now on.
+    r = await client.post("/api/event", json={"site_id": doomed["id"], "name": "pageview", "url": "https://x.example/"})
+    assert r.status_code == 404
+
+
+# -- bad input (issue 5) --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("from_, to", [("9999-12-30", "9999-12-31"), ("0001-01-01", "0001-01-02"),
+                                       ("1999-12-31", "2000-01-01"), ("2026-01-01", "2100-01-01")])
+async def test_custom_dates_out_of_range_are_400(client, from_, to):
+    site = await _create_site(client, timezone="Pacific/Kiritimati")
+    for path in ("stats/overview", "stats/pages", "stats/referrers", "stats/countries"):
+        r = await client.get(f"{API}/{path}", params={"site_id": site["id"], "period": "custom", "from": from_, "to": to,
+                                                      "compare": "true"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid_parameter"
+
+
+@pytest.mark.parametrize("tz", ["x" * 300, "right/UTC", "posix/Europe/Stockholm", "localtime", "Mars/Olympus", "../etc",
+                                "Europe/Stockholm\x00"])
+async def test_timezones_both_python_and_clickhouse_know_only(client, tz):
+    r = await client.post(f"{API}/sites", json={"domain": f"tz-{uuid.uuid4().hex[:8]}.example", "timezone": tz})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] in ("invalid_field", "invalid_parameter")
+
+
+@pytest.mark.parametrize("domain", ["\u0000.se", "' OR 1=1 --.se", "se", ".se", "exa mple.se", "a..se", "-a.se",
+                                    "x" * 64 + ".se", "127.0.0.1", "https://", "例え.テスト\u0000"])
+async def test_domains_must_be_hostnames(client, domain):
+    r = await client.post(f"{API}/sites", json={"domain": domain})
+    assert r.status_code == 400, r.text
+
+
+async def test_idn_domains_and_urls_are_normalised(client):
+    r = await client.post(f"{API}/sites", json={"domain": f"https://www.räksmörgås-{uuid.uuid4().hex[:6]}.se/path"})
+    assert r.status_code == 201, r.text
+    domain = r.json()["data"]["domain"]
+    assert domain.startswith("xn--") and domain.endswith(".se")
+    assert r.json()["data"]["id"] == domain.replace("--", "-").replace(".", "-")
+
+
+async def test_large_bodies_are_refused_before_authentication(client):
+    async def chunks():
+        for _ in range(200):
+            yield b"x" * 65536  # 13 MB, streamed without a Content-Length
+
+    headers = {"authorization": "Bearer bk_nope", "content-type": "application/json"}
+    r = await client.post(f"{API}/sites", content=chunks(), headers=headers)
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "body_too_large"
+
+
+async def test_declared_large_body_is_refused_without_reading_it(embedded):
+    app, _ = embedded
+    sent, received = [], 0
+
+    async def receive():
+        nonlocal received
+        received += 1
+        return {"type": "http.request", "body": b"x" * 65536, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": f"{API}/sites", "raw_path": f"{API}/sites".encode(),
+             "query_string": b"", "headers": [(b"content-length", b"104857600"), (b"content-type", b"application/json")],
+             "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("127.0.0.1", 1), "root_path": ""}
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 413 and received == 0
