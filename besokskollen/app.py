@@ -24,7 +24,7 @@ from query_api.keys import KeyStore
 from streams import replay, storage
 from streams.core import StreamCore
 from streams.embedded import EmbeddedRunner
-from streams.sessions import has_open_session
+from streams.sessions import has_open_session, open_at
 from streams.sites import SiteRegistry
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ def open_services(settings: Settings) -> Services:
     keys = KeyStore(client)
     if settings.admin_key and keys.lookup(settings.admin_key) is None:
         keys.create(DEFAULT_ACCOUNT, key=settings.admin_key)
-    visitors = Visitors(Salts(client), partial(has_open_session, client), settings.session_timeout_s)
+    visitors = Visitors(Salts(client, settings.historic_salt_days), partial(has_open_session, client),
+                        partial(open_at, client), settings.session_timeout_s)
     return Services(settings, client, SiteRegistry(client), keys, visitors)
 
 
@@ -62,7 +63,7 @@ def make_handoff(services: Services, core: StreamCore | None = None) -> Handoff:
     if settings.embedded:
         return InProcessHandoff(EmbeddedRunner(core or StreamCore(services.client, settings.session_timeout_s)))
     return KafkaHandoff(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions,
-                        settings.kafka_replication_factor)
+                        settings.kafka_replication_factor, services.client)
 
 
 def _lifespan(handoff: Handoff):
@@ -77,17 +78,20 @@ def _lifespan(handoff: Handoff):
     return lifespan
 
 
+def _ingest_routes(services: Services, handoff: Handoff) -> list:
+    return ingest_app.routes(services.settings, services.sites, services.visitors, handoff, services.keys)
+
+
 def server_app(services: Services, handoff: Handoff) -> FastAPI:
-    """`up`: tracking endpoint and query API in one process."""
+    """`up`: tracking and import endpoints and the query API in one process."""
     app = create_query_app(services.query_context, lifespan=_lifespan(handoff))
-    app.router.routes.extend(ingest_app.routes(services.settings, services.sites, services.visitors, handoff))
+    app.router.routes.extend(_ingest_routes(services, handoff))
     return app
 
 
 def ingest_server_app(services: Services, handoff: Handoff) -> Starlette:
-    """`ingest`: the tracking endpoint alone."""
-    return Starlette(routes=ingest_app.routes(services.settings, services.sites, services.visitors, handoff),
-                     lifespan=_lifespan(handoff))
+    """`ingest`: the tracking and import endpoints, where the hand-off is."""
+    return Starlette(routes=_ingest_routes(services, handoff), lifespan=_lifespan(handoff))
 
 
 def api_server_app(services: Services) -> FastAPI:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import uvicorn
@@ -98,6 +99,28 @@ def cmd_keys_create(args: argparse.Namespace) -> None:
     print(services.keys.create(args.account, args.site or ""))
 
 
+def cmd_import(args: argparse.Namespace) -> None:
+    from besokskollen import importing
+
+    settings = _settings(args)
+    path = Path(args.file)
+    try:
+        if not path.is_file():
+            raise importing.ImportFailed(f"no such file: {path}")
+        if args.url:
+            key = args.key or settings.admin_key
+            if not key:
+                raise importing.ImportFailed("--url needs --key bk_… (or BK_ADMIN_KEY)")
+            send = importing.remote(args.url, key, args.site)
+        else:
+            send = importing.local(settings, args.site)
+        totals = importing.run(path, send)
+    except importing.ImportFailed as exc:
+        print(f"besokskollen import: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(importing.report(totals))
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="besokskollen", description="Privacy-friendly web and affiliate analytics")
     commands = root.add_subparsers(dest="command", required=True)
@@ -127,6 +150,17 @@ def parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     with_data(commands.add_parser("migrate", help="create or upgrade the schema")).set_defaults(func=cmd_migrate)
+
+    import_ = with_data(commands.add_parser(
+        "import", help="bulk-load historic events from an NDJSON file",
+        description="Exit code 0 when every line was accepted or dropped as a bot, 1 when a line was "
+                    "rejected, 2 on a usage or connection error."))
+    import_.add_argument("file", help="NDJSON: one event per line, with timestamp, ip and user_agent")
+    import_.add_argument("--site", required=True, help="site id the events belong to")
+    import_.add_argument("--url", help="a running server (http://host:port); without it the data folder "
+                                       "or BK_CLICKHOUSE_URL is opened directly")
+    import_.add_argument("--key", help="API key for --url (default: BK_ADMIN_KEY)")
+    import_.set_defaults(func=cmd_import)
 
     keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     create = with_data(keys.add_parser("create", help="print a new bk_… key"))

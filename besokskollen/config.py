@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     session_timeout_s: int = 1800
     # Largest accepted /api/event body; larger answers 413.
     max_event_bytes: int = 16 * 1024
+    # Largest accepted /api/v1/events/import body; larger answers 413.
+    max_import_bytes: int = 20 * 1024 * 1024
+    # Days a salt made for a past day by an import is kept after it was made (live salts: 48 h).
+    historic_salt_days: int = 30
 
     @field_validator("clickhouse_url")
     @classmethod

@@ -1,5 +1,7 @@
 """`POST /api/event` (SPEC §5.1) as lean Starlette routes: this is the hot path, so no framework
-validation layer — one pydantic parse of the body, cached lookups, then the hand-off."""
+validation layer — one pydantic parse of the body, cached lookups, then the hand-off. Beside it,
+`POST /api/v1/events/import` (SPEC §5.3): the same enrichment and hand-off for a file of events,
+served wherever the hand-off is (`up` and `ingest`)."""
 
 from __future__ import annotations
 
@@ -13,11 +15,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from besokskollen.config import Settings
-from ingest import useragents
+from ingest import clients, importer, useragents
 from ingest.enrich import enrich
-from ingest.event import IncomingEvent, utcnow
+from ingest.event import IncomingEvent, problem, utcnow
 from ingest.handoff import Handoff
 from ingest.visitors import Visitors
+from query_api.keys import KeyStore, bearer_token
 from streams.sites import Site, SiteRegistry
 
 log = logging.getLogger(__name__)
@@ -29,26 +32,19 @@ _CORS = {
     "access-control-max-age": "86400",
 }
 _PREFETCH = ("prefetch", "prerender")
+_NDJSON = "application/x-ndjson"
+_BEARER = {"www-authenticate": "Bearer"}
+# Events of an import handed on at once: the Kafka producer batches them, memory stays bounded.
+_SEND_AT_ONCE = 1000
 
 
 def _accepted(**extra: str) -> Response:
     return Response(status_code=202, headers={**_CORS, **extra})
 
 
-def _error(status: int, code: str, message: str) -> Response:
+def _error(status: int, code: str, message: str, headers: dict[str, str] = _CORS) -> Response:
     body = orjson.dumps({"error": {"code": code, "message": message}})
-    return Response(body, status_code=status, media_type="application/json", headers=_CORS)
-
-
-def _validation_error(exc: ValidationError) -> Response:
-    first = exc.errors(include_url=False)[0]
-    field = ".".join(str(part) for part in first["loc"])
-    if first["type"] == "missing":
-        return _error(400, "missing_field", f"{field} is required")
-    if first["type"] == "model_type":
-        return _error(400, "invalid_json", "body must be a JSON object")
-    message = first["msg"].removeprefix("Value error, ")
-    return _error(400, "invalid_field", f"{field}: {message}" if field else message)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:
@@ -70,8 +66,12 @@ def _is_prefetch(request: Request) -> bool:
     return any(p in purpose for p in _PREFETCH)
 
 
-def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff: Handoff) -> list[Route]:
+def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff: Handoff,
+           keys: KeyStore) -> list[Route]:
     trusted = settings.trusted_networks
+    # One import at a time per process: each sees every earlier one stored, so visitor ids do
+    # not depend on how concurrent requests interleave.
+    import_lock = asyncio.Lock()
 
     async def lookup_site(incoming: IncomingEvent) -> Site | None:
         if incoming.site_id:
@@ -98,9 +98,8 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
         try:
             incoming = IncomingEvent.model_validate_json(body)
         except ValidationError as exc:
-            if any(err["type"] == "json_invalid" for err in exc.errors()):
-                return _error(400, "invalid_json", "body is not valid JSON")
-            return _validation_error(exc)
+            _field, code, message = problem(exc)
+            return _error(400, code, f"body {message}" if code == "invalid_json" else message)
 
         site = await lookup_site(incoming)
         if site is None:
@@ -113,14 +112,61 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
             return _accepted(**{"x-dropped": "bot"})
 
         at = utcnow()
-        args = (incoming, site, agent, user_agent, request.client.host if request.client else "",
-                request.headers, trusted, visitors, at)
-        event = await asyncio.to_thread(enrich, *args) if visitors.needs_io(at) else enrich(*args)
+        peer = request.client.host if request.client else ""
+        args = (incoming, site, agent, user_agent, peer, request.headers, trusted, visitors, at)
+        ip = clients.client_ip(peer, request.headers, trusted)
+        needs_io = visitors.needs_io(site.site_id, ip, user_agent, at)
+        event = await asyncio.to_thread(enrich, *args) if needs_io else enrich(*args)
         await handoff.send(event)
         return _accepted()
 
     async def preflight(request: Request) -> Response:
         return Response(status_code=204, headers=_CORS)
 
+    async def post_import(request: Request) -> Response:
+        try:
+            return await import_events(request)
+        except Exception:
+            log.exception("could not import events")
+            return _error(503, "unavailable", "the events could not be stored; retry later", {})
+
+    async def import_events(request: Request) -> Response:
+        token = bearer_token(request.headers.get("authorization", ""))
+        if token is None:
+            return _error(401, "unauthorized", "missing API key: send Authorization: Bearer bk_…", _BEARER)
+        key = await asyncio.to_thread(keys.lookup, token)
+        if key is None:
+            return _error(401, "unauthorized", "invalid API key", _BEARER)
+        site_id = request.query_params.get("site_id")
+        if not site_id:
+            return _error(400, "missing_parameter", "site_id is required", {})
+        site = await asyncio.to_thread(sites.get, site_id)
+        if site is None:
+            return _error(404, "site_not_found", f"no site with id {site_id!r}", {})
+        if not key.reaches(site):
+            return _error(403, "forbidden", f"this API key has no access to site {site_id!r}", {})
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != _NDJSON:
+            return _error(415, "unsupported_media_type", f"send the events as {_NDJSON}, one per line", {})
+        try:
+            body = await _read_body(request, settings.max_import_bytes)
+        except ClientDisconnect:
+            return _error(400, "incomplete_body", "the request body was cut off", {})
+        if body is None:
+            return _error(413, "body_too_large",
+                          f"import bodies are limited to {settings.max_import_bytes} bytes; split the file", {})
+        try:
+            parsed = await asyncio.to_thread(importer.parse, body, site, utcnow())
+        except importer.BadBody as exc:
+            return _error(400, exc.code, exc.message, {})
+
+        async with import_lock:
+            events = await asyncio.to_thread(importer.to_events, parsed.lines, site, visitors.fresh())
+            for i in range(0, len(events), _SEND_AT_ONCE):
+                await asyncio.gather(*(handoff.send(e) for e in events[i:i + _SEND_AT_ONCE]))
+            stored = await handoff.flush(events)
+        reply = {"accepted": len(events), "rejected": parsed.rejected, "dropped": parsed.dropped, "stored": stored}
+        return Response(orjson.dumps({"data": reply}), media_type="application/json")
+
     return [Route("/api/event", post_event, methods=["POST"]),
-            Route("/api/event", preflight, methods=["OPTIONS"])]
+            Route("/api/event", preflight, methods=["OPTIONS"]),
+            Route("/api/v1/events/import", post_import, methods=["POST"])]

@@ -18,13 +18,14 @@ from streams.sites import Site
 
 def enrich(incoming: IncomingEvent, site: Site, agent: Agent, user_agent: str, peer: str,
            headers: Mapping[str, str], trusted: tuple[clients.Network, ...], visitors: Visitors,
-           at: datetime) -> Event:
+           at: datetime, event_id: str | None = None) -> Event:
+    """`event_id` is given by imports (their own or a content hash); live events get a UUIDv7."""
     ip = clients.client_ip(peer, headers, trusted)
     url = urlsplit(incoming.url)
     source = referrers.classify(incoming.url, incoming.referrer, site.domain)
     product = incoming.product
     return Event(
-        event_id=str(uuid7()),
+        event_id=event_id or str(uuid7()),
         site_id=site.site_id,
         timestamp=at,
         name=incoming.name,

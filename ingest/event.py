@@ -1,16 +1,23 @@
-"""The event wire contract: what a client posts (`IncomingEvent`, SPEC §5.1) and the enriched
-event that travels to the stream core or Kafka (`Event`). Nothing else defines these shapes."""
+"""The event wire contract: what a client posts (`IncomingEvent`, SPEC §5.1), an imported line
+(`ImportedEvent`, SPEC §5.3) and the enriched event that travels to the stream core or Kafka
+(`Event`). Nothing else defines these shapes."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import ipaddress
+import uuid
+from datetime import datetime, timedelta, timezone
 from typing import Annotated
 from urllib.parse import urlsplit
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 MAX_PROPS = 30
+# Imported timestamps: a clock a little ahead of ours is tolerated, the far past is a mistake.
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+EARLIEST = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
 Slug = Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)]
 
@@ -44,7 +51,8 @@ class IncomingEvent(BaseModel):
     props: dict[str, Annotated[str, StringConstraints(max_length=2000)]] = Field(
         default_factory=dict, max_length=MAX_PROPS
     )
-    product: Product | None = None
+    # Validated even when absent, so a click without one is reported against this field.
+    product: Product | None = Field(default=None, validate_default=True)
 
     @field_validator("url")
     @classmethod
@@ -54,13 +62,60 @@ class IncomingEvent(BaseModel):
             raise ValueError("must be an absolute http(s) URL")
         return url
 
+    @field_validator("product")
+    @classmethod
+    def _clicks_name_a_product(cls, product: Product | None, info: ValidationInfo) -> Product | None:
+        if product is None and info.data.get("name") == "click":
+            raise ValueError("required for click events")
+        return product
+
     @model_validator(mode="after")
-    def _check(self) -> IncomingEvent:
+    def _names_a_site(self) -> IncomingEvent:
         if not self.site_id and not self.domain:
             raise ValueError("site_id or domain is required")
-        if self.name == "click" and self.product is None:
-            raise ValueError("product is required for click events")
         return self
+
+
+class ImportedEvent(IncomingEvent):
+    """One line of an import: a client event plus the facts a live request would have given —
+    when it happened, from which address and browser — and optionally its own id. Validate with
+    `context={"now": …}` so "not in the future" is judged against the caller's clock."""
+
+    timestamp: datetime
+    ip: str
+    user_agent: Annotated[str, StringConstraints(max_length=2000)]
+    event_id: uuid.UUID | None = None
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _iso_8601(cls, value: object) -> datetime:
+        # Only ISO 8601 text: pydantic would also take epoch numbers, whose unit is a guess.
+        if isinstance(value, str):
+            try:
+                return _utc_milliseconds(datetime.fromisoformat(value))
+            except (ValueError, OverflowError):  # overflow: year 1 or 9999 moved into UTC
+                pass
+        raise ValueError("must be an ISO 8601 date-time such as 2025-03-10T14:05:00Z")
+
+    @field_validator("timestamp")
+    @classmethod
+    def _plausible(cls, at: datetime, info: ValidationInfo) -> datetime:
+        now = (info.context or {}).get("now") or utcnow()
+        if at > now + MAX_CLOCK_SKEW:
+            raise ValueError("is in the future")
+        if at < EARLIEST:
+            raise ValueError("is before 2000-01-01")
+        return at
+
+    @field_validator("ip")
+    @classmethod
+    def _ip_address(cls, value: str) -> str:
+        try:
+            ip = ipaddress.ip_address(value.strip())
+        except ValueError:
+            raise ValueError("must be an IPv4 or IPv6 address") from None
+        # One spelling per address, for the visitor hash; an IPv4-mapped IPv6 address is its IPv4.
+        return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
 class Event(BaseModel):
@@ -92,10 +147,8 @@ class Event(BaseModel):
 
     @field_validator("timestamp")
     @classmethod
-    def _utc_milliseconds(cls, at: datetime) -> datetime:
-        # Stored as DateTime64(3): an event must compare equal before and after a round trip.
-        at = at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
-        return at.replace(microsecond=at.microsecond // 1000 * 1000)
+    def _stored_precision(cls, at: datetime) -> datetime:
+        return _utc_milliseconds(at)
 
     @property
     def kafka_key(self) -> bytes:
@@ -116,3 +169,25 @@ class Event(BaseModel):
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _utc_milliseconds(at: datetime) -> datetime:
+    """Naive means UTC. Stored as DateTime64(3): an event must compare equal before and after a
+    round trip."""
+    at = at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
+    return at.replace(microsecond=at.microsecond // 1000 * 1000)
+
+
+def problem(exc: ValidationError) -> tuple[str, str, str]:
+    """The first error of a failed validation as (field, code, message) for an error reply; the
+    message names the field."""
+    first = exc.errors(include_url=False)[0]
+    field = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "json_invalid":
+        return "", "invalid_json", "is not valid JSON"
+    if first["type"] == "model_type" and not field:
+        return "", "invalid_json", "must be a JSON object"
+    if first["type"] == "missing":
+        return field, "missing_field", f"{field} is required"
+    message = first["msg"].removeprefix("Value error, ")
+    return field, "invalid_field", f"{field}: {message}" if field else message

@@ -43,6 +43,10 @@ _add("Flashback", "social", "flashback.org")
 _add("Gmail", "email", "mail.google.com")
 _add("Outlook", "email", "outlook.live.com", "outlook.office.com")
 
+# utm_source=facebook names Facebook as surely as a facebook.com referrer does.
+_LABELS = {host.split(".")[0]: known for host, known in _KNOWN.items()
+           if host.count(".") == 1 and len(host.split(".")[0]) > 2}
+
 _PAID_MEDIUMS = {"cpc", "ppc", "paid", "paidsearch", "paid_search", "paid_social", "display", "cpm", "banner"}
 _EMAIL_MEDIUMS = {"email", "e-mail", "newsletter", "nyhetsbrev"}
 _SOCIAL_MEDIUMS = {"social", "social-network", "social_media", "sm"}
@@ -87,7 +91,8 @@ def classify(page_url: str, referrer: str | None, site_host: str) -> Source:
     if ref_host:
         source, channel = _known(ref_host) or (ref_host.removeprefix("www."), "referral")
     if utm.get("utm_source") and not source:
-        source, channel = _known(utm["utm_source"].lower()) or (utm["utm_source"], "referral")
+        tag = utm["utm_source"].lower()
+        source, channel = _LABELS.get(tag) or _known(tag) or (utm["utm_source"], "referral")
     if medium in _PAID_MEDIUMS:
         channel = "paid"
     elif medium in _EMAIL_MEDIUMS:

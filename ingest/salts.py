@@ -1,5 +1,10 @@
-"""Daily salts for visitor ids (SPEC §5.2): 16 random bytes per UTC day, shared by every ingest
-process through ClickHouse, deleted once they are older than yesterday's."""
+"""Daily salts for visitor ids (SPEC §5.2, §5.3): 16 random bytes per UTC day, shared by every
+ingest process through ClickHouse.
+
+Live salts are deleted once they are older than yesterday's: past visitor ids can then never be
+recomputed. A salt made for a day that had already ended (created_at later than the day after
+it: made by an import of historic events) is kept `historic_days` after its creation instead, so
+importing the same file again within that time gives the same visitor ids."""
 
 from __future__ import annotations
 
@@ -14,8 +19,9 @@ from streams.storage import INSERT_SETTINGS
 
 
 class Salts:
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, historic_days: int = 30) -> None:
         self._client = client
+        self._historic_days = historic_days
         self._cache: dict[date, bytes] = {}
         self._lock = threading.Lock()
 
@@ -44,17 +50,19 @@ class Salts:
             "salts", [[day, secrets.token_hex(16), created]],
             column_names=["day", "salt", "created_at"], settings=INSERT_SETTINGS,
         )
-        if day >= datetime.now(timezone.utc).date():
-            self._purge(before=day - timedelta(days=1))
+        if day >= created.date():  # once a day, when the live salt of a new day is made
+            self._purge(before=created.date() - timedelta(days=1), now=created)
         salt = self._read(day)
         if salt is None:
             raise RuntimeError(f"the salt inserted for {day} is not visible")
         return salt
 
-    def _purge(self, before: date) -> None:
-        """Forget salts older than yesterday's: past visitor ids can then never be recomputed."""
+    def _purge(self, before: date, now: datetime) -> None:
+        """Forget live salts older than `before`, and historic ones past their time."""
         self._client.command(
-            "ALTER TABLE salts DELETE WHERE day < {before:Date}", parameters={"before": before}
+            "ALTER TABLE salts DELETE WHERE day < {before:Date}"
+            " AND (toDate(created_at) <= day + 1 OR created_at < {expired:DateTime64(6, 'UTC')})",
+            parameters={"before": before, "expired": now - timedelta(days=self._historic_days)},
         )
         for day in [d for d in self._cache if d < before]:
             del self._cache[day]

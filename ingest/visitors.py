@@ -1,20 +1,38 @@
-"""Visitor ids: a keyed hash of (daily salt, site, client IP, user agent) as a UInt64.
+"""Visitor ids (SPEC §5.2): a keyed hash of (daily salt, site, client IP, user agent) as a UInt64.
 
-Around UTC midnight a visitor in mid-session would otherwise become a new visitor; so in the
-first session-timeout of a day the id under yesterday's salt is tried first, and when that
-visitor still has an open session, it keeps yesterday's id for the rest of the day (SPEC §5.2)."""
+An event at time t on UTC day D gets today's id, hash(salt of D) — unless the person's id under
+yesterday's salt, y = hash(salt of D−1), has an open session at t (its latest event is less than
+the session timeout before t). Then the session that started before midnight goes on under y; once
+it lapses, the person is today's visitor. Live events and imported ones follow the same rule.
+
+Whether y's session is open is decided, cheapest first, by
+1. the latest event this instance gave y (a session this process is seeing continue);
+2. in the first session-timeout of the day (plus a margin for events still on their way to
+   storage), the database: another process may have seen the session;
+3. after that, the database again, but only for the ids whose sessions were open at midnight
+   (loaded once per day): no other y can still have an open session.
+An id the database found lapsed stays lapsed (time only moves on), so it is asked about once."""
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 
 from ingest.salts import Salts
 
-# (site_id, visitor_id, active_since) -> whether that visitor has a session ending after it.
+# (site_id, visitor_id, since) -> whether that visitor has a session with an event after `since`.
 OpenSessionCheck = Callable[[str, int, datetime], bool]
+# (midnight, session timeout) -> (site_id, visitor_id) of every session open at that midnight.
+OpenAtMidnight = Callable[[datetime, timedelta], set[tuple[str, int]]]
+
+# Events reach storage within seconds; this much past the first timeout of a day, the sessions
+# open at midnight are all stored and can be loaded once.
+_SETTLE = timedelta(seconds=60)
+
+Key = tuple[str, int]  # (site_id, visitor_id)
 
 
 def hash_visitor(salt: bytes, site_id: str, ip: str, user_agent: str) -> int:
@@ -23,44 +41,95 @@ def hash_visitor(salt: bytes, site_id: str, ip: str, user_agent: str) -> int:
 
 
 @dataclass
-class _Carry:
-    """One day's decisions: which visitors were checked, and which carry yesterday's id."""
-    checked: set[tuple[str, int]] = field(default_factory=set)
-    keep: set[tuple[str, int]] = field(default_factory=set)
+class _Day:
+    """What the database said about one day's carry-overs."""
+    lapsed: set[Key] = field(default_factory=set)
+    open_at_midnight: set[Key] | None = None  # None until loaded
 
 
 class Visitors:
-    def __init__(self, salts: Salts, has_open_session: OpenSessionCheck, session_timeout_s: int) -> None:
+    def __init__(self, salts: Salts, has_open_session: OpenSessionCheck, open_at_midnight: OpenAtMidnight,
+                 session_timeout_s: int) -> None:
         self._salts = salts
         self._has_open_session = has_open_session
+        self._open_at_midnight = open_at_midnight
+        self._timeout_s = session_timeout_s
         self._timeout = timedelta(seconds=session_timeout_s)
-        self._carry: dict[date, _Carry] = {}
+        # Latest event time per id given out, oldest first (re-inserted on update), so entries a
+        # timeout older than the newest event are dropped from the front.
+        self._latest: dict[Key, datetime] = {}
+        self._newest: datetime | None = None
+        self._days: dict[date, _Day] = {}
+        self._lock = threading.Lock()  # callers may hop to threads (needs_io)
+        self._load_lock = threading.Lock()  # one load of a day's open sessions, not under _lock
 
-    def needs_io(self, at: datetime) -> bool:
+    def fresh(self) -> Visitors:
+        """The same salts and lookups, but no memory of events: for one import request, whose
+        times are not the live clock's."""
+        return Visitors(self._salts, self._has_open_session, self._open_at_midnight, self._timeout_s)
+
+    def needs_io(self, site_id: str, ip: str, user_agent: str, at: datetime) -> bool:
         """Whether `visitor_id` may touch the database (so async callers use a thread)."""
         day = at.date()
-        return self._salts.cached(day) is None or self._near_midnight(at)
-
-    def _near_midnight(self, at: datetime) -> bool:
-        return at - datetime.combine(at.date(), time.min, at.tzinfo) < self._timeout
+        yesterday = self._salts.cached(day - timedelta(days=1))
+        if yesterday is None or self._salts.cached(day) is None:
+            return True
+        return self._known_carry((site_id, hash_visitor(yesterday, site_id, ip, user_agent)), at) is None
 
     def visitor_id(self, site_id: str, ip: str, user_agent: str, at: datetime) -> int:
         day = at.date()
-        carry = self._carry.get(day)
-        near_midnight = self._near_midnight(at)
-        if near_midnight or (carry and carry.keep):
-            yesterday = hash_visitor(self._salts.for_day(day - timedelta(days=1)), site_id, ip, user_agent)
-            key = (site_id, yesterday)
-            carry = carry or self._carry_for(day)
-            if near_midnight and key not in carry.checked:  # each visitor is checked once a day
-                carry.checked.add(key)
-                if self._has_open_session(site_id, yesterday, at - self._timeout):
-                    carry.keep.add(key)
-            if key in carry.keep:
-                return yesterday
-        return hash_visitor(self._salts.for_day(day), site_id, ip, user_agent)
+        key = (site_id, hash_visitor(self._salts.for_day(day - timedelta(days=1)), site_id, ip, user_agent))
+        carry = self._known_carry(key, at)
+        if carry is None:
+            carry = self._ask_database(key, at)
+        visitor = key[1] if carry else hash_visitor(self._salts.for_day(day), site_id, ip, user_agent)
+        self._remember((site_id, visitor), at)
+        return visitor
 
-    def _carry_for(self, day: date) -> _Carry:
-        for old in [d for d in self._carry if d < day - timedelta(days=2)]:
-            del self._carry[old]
-        return self._carry.setdefault(day, _Carry())
+    def _known_carry(self, yesterday: Key, at: datetime) -> bool | None:
+        """Whether yesterday's id carries at `at`, if memory can tell; None: ask the database."""
+        last = self._latest.get(yesterday)
+        if last is not None and at - last < self._timeout:
+            return True
+        day = self._days.get(at.date())
+        if day is not None and yesterday in day.lapsed:
+            return False
+        if at - _midnight(at) < self._timeout + _SETTLE or day is None or day.open_at_midnight is None:
+            return None
+        return None if yesterday in day.open_at_midnight else False
+
+    def _ask_database(self, yesterday: Key, at: datetime) -> bool:
+        midnight = _midnight(at)
+        day = self._day(at.date())
+        if at - midnight >= self._timeout + _SETTLE:
+            with self._load_lock:
+                if day.open_at_midnight is None:
+                    day.open_at_midnight = self._open_at_midnight(midnight, self._timeout)
+            if yesterday not in day.open_at_midnight:
+                return False
+        is_open = self._has_open_session(*yesterday, at - self._timeout)
+        if not is_open:
+            day.lapsed.add(yesterday)
+        return is_open
+
+    def _day(self, day: date) -> _Day:
+        with self._lock:
+            for old in [d for d in self._days if d < day - timedelta(days=1)]:
+                del self._days[old]
+            return self._days.setdefault(day, _Day())
+
+    def _remember(self, key: Key, at: datetime) -> None:
+        with self._lock:
+            last = self._latest.pop(key, at)
+            self._latest[key] = max(last, at)
+            self._newest = at if self._newest is None else max(self._newest, at)
+            horizon = self._newest - self._timeout
+            while self._latest:
+                oldest = next(iter(self._latest))
+                if self._latest[oldest] > horizon:
+                    break
+                del self._latest[oldest]
+
+
+def _midnight(at: datetime) -> datetime:
+    return datetime.combine(at.date(), time.min, at.tzinfo)

@@ -12,7 +12,7 @@ from fastapi import Depends, Request
 from fastapi.responses import Response
 
 from query_api.errors import APIError
-from query_api.keys import ApiKey, KeyStore
+from query_api.keys import ApiKey, KeyStore, bearer_token
 from streams.sites import Site, SiteRegistry
 
 CACHE_CONTROL = "public, max-age=1800, stale-while-revalidate=3600, stale-if-error=86400"
@@ -33,12 +33,11 @@ Ctx = Annotated[Context, Depends(context)]
 
 
 def api_key(request: Request, ctx: Ctx) -> ApiKey:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer_token(request.headers.get("authorization", ""))
+    if token is None:
         raise APIError(401, "unauthorized", "missing API key: send Authorization: Bearer bk_…",
                        {"WWW-Authenticate": "Bearer"})
-    key = ctx.keys.lookup(token.strip())
+    key = ctx.keys.lookup(token)
     if key is None:
         raise APIError(401, "unauthorized", "invalid API key", {"WWW-Authenticate": "Bearer"})
     return key
@@ -60,7 +59,7 @@ def readable_site(ctx: Context, key: ApiKey, site_id: str) -> Site:
     site = ctx.sites.get(site_id)
     if site is None:
         raise APIError(404, "site_not_found", f"no site with id {site_id!r}")
-    if (key.site_id and key.site_id != site.site_id) or key.account_id != site.account_id:
+    if not key.reaches(site):
         raise APIError(403, "forbidden", f"this API key has no access to site {site_id!r}")
     return site
 

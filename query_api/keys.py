@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from clickhouse_connect.driver.client import Client
 
 from streams.read_cache import ReadThroughCache
+from streams.sites import Site
 from streams.storage import INSERT_SETTINGS
 
 PREFIX = "bk_"
@@ -24,6 +25,16 @@ class ApiKey:
     @property
     def user_level(self) -> bool:
         return not self.site_id
+
+    def reaches(self, site: Site) -> bool:
+        """User-level: every site of its account; site-level: its own site only."""
+        return self.account_id == site.account_id and self.site_id in ("", site.site_id)
+
+
+def bearer_token(authorization: str) -> str | None:
+    """The token of an `Authorization: Bearer …` header, or None."""
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
 def hash_key(key: str) -> str:

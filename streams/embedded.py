@@ -19,11 +19,13 @@ class EmbeddedRunner:
         self._linger_s = linger_s
         self._queue: asyncio.Queue[Event] = asyncio.Queue(max_queued)
         self._task: asyncio.Task | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
+        # Counted rather than "queue empty": under steady traffic the queue may never be empty,
+        # and a drain must still end once what came before it is written.
+        self._submitted = 0
+        self._written = 0
 
     async def submit(self, event: Event) -> None:
-        self._idle.clear()
+        self._submitted += 1
         await self._queue.put(event)
 
     async def start(self) -> None:
@@ -31,7 +33,8 @@ class EmbeddedRunner:
 
     async def drain(self) -> None:
         """Wait until everything submitted so far is written."""
-        while not (self._queue.empty() and self._idle.is_set()):
+        target = self._submitted
+        while self._written < target:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
@@ -54,5 +57,4 @@ class EmbeddedRunner:
                 except TimeoutError:
                     break
             await process_until_written(self._core, batch)
-            if self._queue.empty():
-                self._idle.set()
+            self._written += len(batch)

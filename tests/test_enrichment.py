@@ -15,8 +15,8 @@ from ingest.event import Event
 from ingest.salts import Salts
 from ingest.visitors import Visitors, hash_visitor
 from streams.core import StreamCore
-from streams.sessions import has_open_session
-from tests.conftest import BROWSER
+from streams.sessions import has_open_session, open_at
+from tests.conftest import BROWSER, wait_until
 
 IPHONE = ("Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 "
           "(KHTML, like Gecko) Version/18.1 Mobile/15E148 Safari/604.1")
@@ -139,22 +139,40 @@ def _site() -> str:
 
 
 class OpenSessions:
-    """A stub for the open-session lookup that records what it was asked."""
+    """A stub for the open-session lookup that records what it was asked; `answer` is a bool or
+    a function of the time asked about."""
 
-    def __init__(self, answer: bool) -> None:
+    def __init__(self, answer) -> None:
         self.answer = answer
         self.calls: list[tuple[str, int, datetime]] = []
 
     def __call__(self, site_id: str, visitor_id: int, since: datetime) -> bool:
         self.calls.append((site_id, visitor_id, since))
-        return self.answer
+        return self.answer(since) if callable(self.answer) else self.answer
+
+
+class OpenAtMidnight:
+    """A stub for the sessions-open-at-midnight lookup."""
+
+    def __init__(self, keys: set[tuple[str, int]]) -> None:
+        self.keys = keys
+        self.calls: list[datetime] = []
+
+    def __call__(self, midnight: datetime, timeout: timedelta) -> set[tuple[str, int]]:
+        self.calls.append(midnight)
+        return self.keys
+
+
+def _visitors(salts: Salts, open_sessions=None, open_at_midnight=None) -> Visitors:
+    return Visitors(salts, open_sessions or OpenSessions(False), open_at_midnight or OpenAtMidnight(set()), TIMEOUT)
 
 
 DAY = datetime(2025, 3, 10, tzinfo=timezone.utc)  # a historic UTC day: its salt is this test's own
+MINUTE = timedelta(minutes=1)
 
 
 def test_same_visitor_same_day_same_id(services):
-    visitors = Visitors(Salts(services.client), OpenSessions(False), TIMEOUT)
+    visitors = _visitors(Salts(services.client))
     site = _site()
     morning = visitors.visitor_id(site, "81.227.0.1", BROWSER, DAY + timedelta(hours=8))
     evening = visitors.visitor_id(site, "81.227.0.1", BROWSER, DAY + timedelta(hours=22))
@@ -163,7 +181,7 @@ def test_same_visitor_same_day_same_id(services):
 
 
 def test_ids_differ_by_day_site_ip_and_agent(services):
-    visitors = Visitors(Salts(services.client), OpenSessions(False), TIMEOUT)
+    visitors = _visitors(Salts(services.client))
     site, noon = _site(), DAY + timedelta(hours=12)
     base = visitors.visitor_id(site, "81.227.0.1", BROWSER, noon)
     others = {
@@ -183,52 +201,146 @@ def test_salts_are_shared_through_storage(services):
     assert len(Salts(services.client).for_day(day)) == 16
 
 
-def test_open_session_from_yesterday_keeps_yesterdays_id(services):
+def _ids(salts: Salts, site: str, ip: str, today: datetime) -> tuple[int, int]:
+    """(yesterday's id, today's id) of a person on the UTC day starting at `today`."""
+    yesterday_id = hash_visitor(salts.for_day((today - timedelta(days=1)).date()), site, ip, BROWSER)
+    today_id = hash_visitor(salts.for_day(today.date()), site, ip, BROWSER)
+    assert yesterday_id != today_id
+    return yesterday_id, today_id
+
+
+def test_a_session_open_at_midnight_keeps_yesterdays_id_while_it_continues(services):
     salts = Salts(services.client)
     site, ip = _site(), "81.227.3.4"
     midnight = DAY + timedelta(days=1)
-    yesterday_id = hash_visitor(salts.for_day(DAY.date()), site, ip, BROWSER)
-    today_id = hash_visitor(salts.for_day(midnight.date()), site, ip, BROWSER)
-    assert yesterday_id != today_id
+    yesterday_id, today_id = _ids(salts, site, ip, midnight)
 
-    at = midnight + timedelta(minutes=10)
-    open_ = OpenSessions(True)
-    assert Visitors(salts, open_, TIMEOUT).visitor_id(site, ip, BROWSER, at) == yesterday_id
-    # Asked about yesterday's id, for a session still active within the timeout.
+    # Another process saw the session before midnight: the database says it is open at 00:10.
+    open_ = OpenSessions(lambda since: since < midnight)
+    visitors = _visitors(salts, open_, OpenAtMidnight({(site, yesterday_id)}))
+    at = midnight + 10 * MINUTE
+    assert visitors.needs_io(site, ip, BROWSER, at)
+    assert visitors.visitor_id(site, ip, BROWSER, at) == yesterday_id
     assert open_.calls == [(site, yesterday_id, at - timedelta(seconds=TIMEOUT))]
 
+    # Events keep coming within the timeout: the session continues under yesterday's id, known
+    # from memory, past the first timeout of the day too.
+    for minutes in (35, 60, 85):
+        at = midnight + minutes * MINUTE
+        assert not visitors.needs_io(site, ip, BROWSER, at)
+        assert visitors.visitor_id(site, ip, BROWSER, at) == yesterday_id
+    assert len(open_.calls) == 1
+
+    # 45 minutes of silence end the session: today's id from then on (another process might
+    # have seen the session go on, so the database is asked once).
+    at = midnight + 130 * MINUTE
+    assert visitors.needs_io(site, ip, BROWSER, at)
+    assert visitors.visitor_id(site, ip, BROWSER, at) == today_id
+    assert open_.calls[-1] == (site, yesterday_id, at - timedelta(seconds=TIMEOUT))
+    assert not visitors.needs_io(site, ip, BROWSER, at + MINUTE)
+    assert visitors.visitor_id(site, ip, BROWSER, at + MINUTE) == today_id
+    assert visitors.visitor_id(site, ip, BROWSER, midnight + timedelta(hours=20)) == today_id
+    assert len(open_.calls) == 2
+
+
+def test_without_an_open_session_it_is_todays_id_and_asked_once(services):
+    salts = Salts(services.client)
+    site, ip = _site(), "81.227.3.5"
+    midnight = DAY + timedelta(days=1)
+    _, today_id = _ids(salts, site, ip, midnight)
+
     closed = OpenSessions(False)
-    assert Visitors(salts, closed, TIMEOUT).visitor_id(site, ip, BROWSER, at) == today_id
+    visitors = _visitors(salts, closed)
+    assert visitors.visitor_id(site, ip, BROWSER, midnight + 10 * MINUTE) == today_id
+    # A lapsed id stays lapsed: the next events are decided from memory.
+    assert not visitors.needs_io(site, ip, BROWSER, midnight + 50 * MINUTE)
+    assert visitors.visitor_id(site, ip, BROWSER, midnight + 50 * MINUTE) == today_id
     assert len(closed.calls) == 1
 
-    # Past the first session-timeout of the day nobody asks: yesterday's sessions are over.
-    late = OpenSessions(True)
-    later = midnight + timedelta(seconds=TIMEOUT)
-    assert Visitors(salts, late, TIMEOUT).visitor_id(site, ip, BROWSER, later) == today_id
-    assert late.calls == []
+
+def test_after_the_first_timeout_only_sessions_open_at_midnight_are_asked_about(services):
+    salts = Salts(services.client)
+    site, ip, other_ip = _site(), "81.227.3.6", "81.227.3.7"
+    midnight = DAY + timedelta(days=1)
+    yesterday_id, today_id = _ids(salts, site, ip, midnight)
+    _, other_today = _ids(salts, site, other_ip, midnight)
+
+    open_ = OpenSessions(True)
+    at_midnight = OpenAtMidnight({(site, yesterday_id)})
+    visitors = _visitors(salts, open_, at_midnight)
+    at = midnight + 2 * timedelta(seconds=TIMEOUT)
+    # Someone whose session was not open at midnight is today's visitor without a question.
+    assert visitors.visitor_id(site, other_ip, BROWSER, at) == other_today
+    assert open_.calls == [] and at_midnight.calls == [midnight]
+    assert not visitors.needs_io(site, other_ip, BROWSER, at)
+    # Someone whose session was: the database says whether it still goes on (here it does).
+    assert visitors.needs_io(site, ip, BROWSER, at)
+    assert visitors.visitor_id(site, ip, BROWSER, at) == yesterday_id
+    assert open_.calls == [(site, yesterday_id, at - timedelta(seconds=TIMEOUT))]
+    assert at_midnight.calls == [midnight]  # loaded once a day
 
 
-def test_real_open_session_lookup_after_the_stream_core_wrote_it(services):
+def test_memory_is_bounded_by_the_timeout(services):
+    visitors = _visitors(Salts(services.client))
+    site = _site()
+    for i in range(200):
+        visitors.visitor_id(site, f"81.227.9.{i}", BROWSER, DAY + timedelta(hours=12) + i * MINUTE)
+    # Only the ids of the last timeout are remembered: older ones can carry nothing any more.
+    assert len(visitors._latest) == TIMEOUT // 60
+
+
+def test_carry_through_the_database_across_processes(services):
+    """Two ingest processes see one person's events around midnight in turns: each decides
+    from what the other stored."""
     client = services.client
-    visitors = Visitors(Salts(client), partial(has_open_session, client), TIMEOUT)
+    core = StreamCore(client, TIMEOUT)
+
+    def ingest_process() -> Visitors:
+        return Visitors(Salts(client), partial(has_open_session, client), partial(open_at, client), TIMEOUT)
+
+    a, b = ingest_process(), ingest_process()
     site, ip, quiet_ip = _site(), "81.227.5.6", "81.227.5.7"
     midnight = DAY + timedelta(days=2)
-    before = midnight - timedelta(minutes=10)
+    yesterday_id, today_id = _ids(Salts(client), site, ip, midnight)
 
-    yesterday_id = visitors.visitor_id(site, ip, BROWSER, before)
-    StreamCore(client, TIMEOUT).process([Event(
-        event_id=str(uuid.uuid4()), site_id=site, timestamp=before, name="pageview",
-        visitor_id=yesterday_id, pathname="/a")])
+    def event(visitors: Visitors, person: str, at: datetime) -> int:
+        visitor = visitors.visitor_id(site, person, BROWSER, at)
+        core.process([Event(event_id=str(uuid.uuid4()), site_id=site, timestamp=at, name="pageview",
+                            visitor_id=visitor, pathname="/a")])
+        return visitor
 
-    # 10 minutes after midnight the session (last event 20 minutes ago) is open: same visitor.
-    assert visitors.visitor_id(site, ip, BROWSER, midnight + timedelta(minutes=10)) == yesterday_id
-    # Someone without an open session gets today's id.
-    quiet_yesterday = visitors.visitor_id(site, quiet_ip, BROWSER, before)
-    quiet_today = visitors.visitor_id(site, quiet_ip, BROWSER, midnight + timedelta(minutes=10))
-    assert quiet_today != quiet_yesterday
-    # Had the visitor come back only 25 minutes after midnight, the last event would be 35 minutes
-    # old: that session is over, and the visitor is today's (asked of another ingest process).
-    other_process = Visitors(Salts(client), partial(has_open_session, client), TIMEOUT)
-    fresh = other_process.visitor_id(site, ip, BROWSER, midnight + timedelta(minutes=25))
-    assert fresh != yesterday_id
-    assert fresh == other_process.visitor_id(site, ip, BROWSER, midnight + timedelta(hours=5))
+    assert event(a, ip, midnight - 10 * MINUTE) == yesterday_id
+    # B has never seen the person: the stored session (last event 20 minutes ago) is open.
+    assert event(b, ip, midnight + 10 * MINUTE) == yesterday_id
+    # A last saw the person 45 minutes ago, but B's event keeps the session open.
+    assert event(a, ip, midnight + 35 * MINUTE) == yesterday_id
+    # 45 minutes after the last event anywhere: the session is over, today's id, for both.
+    assert event(b, ip, midnight + 80 * MINUTE) == today_id
+    assert a.visitor_id(site, ip, BROWSER, midnight + 81 * MINUTE) == today_id
+    # Someone without a session before midnight is today's visitor at once.
+    assert event(b, quiet_ip, midnight + 5 * MINUTE) == hash_visitor(
+        Salts(client).for_day(midnight.date()), site, quiet_ip, BROWSER)
+
+
+def test_historic_salts_outlive_live_ones_for_a_while(services):
+    """Live salts go once older than yesterday's; a salt made for a past day by an import stays
+    `historic_days` after it was made, so re-imports agree on visitor ids."""
+    client = services.client
+    today = datetime.now(timezone.utc).replace(hour=12, minute=0, second=0, microsecond=0)
+    live_old = (today - timedelta(days=500)).date()
+    historic = (today - timedelta(days=501)).date()
+    historic_expired = (today - timedelta(days=560)).date()
+    rows = [[live_old, "00" * 16, today - timedelta(days=500)],
+            [historic, "11" * 16, today - timedelta(days=1)],
+            [historic_expired, "22" * 16, today - timedelta(days=40)]]
+    client.insert("salts", rows, column_names=["day", "salt", "created_at"])
+
+    # A new day's live salt purges the old ones.
+    Salts(client, historic_days=30).for_day((today + timedelta(days=3000 + uuid.uuid4().int % 1000)).date())
+
+    def remaining() -> set:
+        return {row[0] for row in client.query(
+            "SELECT day FROM salts WHERE day IN {days:Array(Date)}",
+            parameters={"days": [live_old, historic, historic_expired]}).result_rows}
+
+    wait_until(lambda: remaining() == {historic}, 30, "the purge of old salts")

@@ -53,7 +53,7 @@ def generate(total: int, end: datetime, seed: int = 1):
     rng = random.Random(seed)
     first_day = (end - timedelta(days=DAYS - 1)).date()
     people = max(1000, total // 25)
-    sessions_per_day = total / DAYS / 3.2
+    sessions_per_day = total / DAYS / 2.3  # events per session: 1 + ⌊Exp(0.55)⌋ ≈ 2.3
     for d in range(DAYS):
         day = first_day + timedelta(days=d)
         midnight = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)

@@ -1,0 +1,396 @@
+"""Bulk import (SPEC §5.3): `POST /api/v1/events/import` and `besokskollen import`. Lines are
+accepted whole, rejected by line number and field, or dropped as bots; a re-import stores nothing
+twice and gives the same visitor ids; a session open at midnight keeps yesterday's id while it
+continues, across requests too."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import subprocess
+import sys
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from starlette.applications import Starlette
+
+from ingest import app as ingest_app
+from ingest import importer
+from ingest.event import Event
+from ingest.salts import Salts
+from ingest.visitors import hash_visitor
+from streams.events import stored_event_ids
+from streams.sites import Site
+from tests.conftest import ADMIN_KEY, BROWSER, free_port, process, stable_group_size, wait_until
+from tests.traffic import AGENTS
+
+NDJSON = "application/x-ndjson"
+DAY = datetime(2025, 6, 2, tzinfo=timezone.utc)  # historic: the import makes this test's salts
+GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+HEADLESS = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/131.0 Safari/537.36"
+CLI = [sys.executable, "-m", "besokskollen"]
+
+
+def iso(at: datetime) -> str:
+    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def history(domain: str, n: int, seed: int, people: int = 300, days: int = 3) -> list[dict]:
+    """n events of `people` people over `days` UTC days, in no particular order: sessions cross
+    midnights."""
+    rng = random.Random(seed)
+    persons = [(f"81.{rng.randint(1, 250)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}", rng.choice(AGENTS))
+               for _ in range(people)]
+    lines = []
+    for i in range(n):
+        ip, agent = rng.choice(persons)
+        line = {"name": "pageview", "url": f"https://{domain}/p/{i}", "ip": ip, "user_agent": agent,
+                "timestamp": iso(DAY + timedelta(milliseconds=rng.randrange(days * 86_400_000)))}
+        if i % 10 == 3:
+            line |= {"name": "click", "product": {"id": f"prod-{i % 7}", "brand_slug": "apple"}}
+        lines.append(line)
+    return lines
+
+
+def ndjson(lines: list[dict | bytes]) -> bytes:
+    return b"".join((line if isinstance(line, bytes) else orjson.dumps(line)) + b"\n" for line in lines)
+
+
+async def post_import(client, site_id: str | None, body: bytes, **headers):
+    params = {"site_id": site_id} if site_id else {}
+    return await client.post("/api/v1/events/import", params=params, content=body,
+                             headers={"content-type": NDJSON, **headers})
+
+
+def stored(services, site_id: str) -> dict[str, int]:
+    """event id → visitor id of the site's stored events (deduplicated)."""
+    rows = services.client.query(
+        "SELECT toString(event_id), visitor_id FROM events FINAL WHERE site_id = {s:String}",
+        parameters={"s": site_id}).result_rows
+    return dict(rows)
+
+
+def counts(services, site_id: str) -> tuple[int, int]:
+    return services.client.query(
+        "SELECT count(), uniqExact(event_id) FROM events FINAL WHERE site_id = {s:String}",
+        parameters={"s": site_id}).result_rows[0]
+
+
+@pytest.fixture
+def site(services):
+    return services.sites.create("default", f"import-{uuid.uuid4().hex[:10]}.example")
+
+
+# -- parsing (pure) -------------------------------------------------------------------------------
+
+def test_event_ids_are_a_hash_of_the_canonical_content():
+    now = DAY + timedelta(days=30)
+    site = Site("a-example", "default", "a.example", "A", "Europe/Stockholm", DAY)
+    base = {"name": "click", "url": "https://a.example/p", "ip": "81.227.0.1", "user_agent": BROWSER,
+            "timestamp": "2025-06-02T12:00:00.123Z", "product": {"id": "skal"}, "props": {"a": "1", "b": "2"}}
+    same = [base,
+            {**base, "timestamp": "2025-06-02T14:00:00.123456+02:00"},  # the same millisecond
+            {**base, "timestamp": "2025-06-02T12:00:00.123"},  # naive means UTC
+            {**base, "ip": "::ffff:81.227.0.1"},
+            {**base, "product": {"id": "skal", "slug": "skal"}},  # the slug defaults to the id
+            {**base, "props": {"b": "2", "a": "1"}, "site_id": site.site_id, "unknown": "ignored"}]
+    different = [{**base, "timestamp": "2025-06-02T12:00:00.124Z"}, {**base, "ip": "81.227.0.2"},
+                 {**base, "url": "https://a.example/q"}, {**base, "user_agent": BROWSER + " x"},
+                 {**base, "referrer": "https://www.google.com/"}, {**base, "props": {"a": "1"}}]
+    parsed = importer.parse(ndjson(same + different), site, now)
+    assert not parsed.rejected and [line.number for line in parsed.lines] == list(range(1, 13))
+    ids = [line.event_id for line in parsed.lines]
+    assert len(set(ids[:6])) == 1 and len(set(ids)) == 7
+    assert uuid.UUID(ids[0]).version == 5
+    # The same content imported to another site is another event.
+    other = importer.parse(ndjson([base]), dataclasses.replace(site, site_id="elsewhere"), now)
+    assert other.lines[0].event_id != ids[0]
+
+
+# -- the endpoint ---------------------------------------------------------------------------------
+
+async def test_bad_lines_are_rejected_by_line_number_and_field_the_rest_is_stored(client, services, site):
+    lines: list[dict | bytes] = history(site.domain, 10_000, seed=1)
+    good = lines[0]
+    future = iso(datetime.now(timezone.utc) + timedelta(days=1))
+    own_id = str(uuid.uuid4())
+    bad = {  # line number → (line, field, code)
+        17: ({**good, "timestamp": "10/06/2025 14:00"}, "timestamp", "invalid_field"),
+        1000: ({k: v for k, v in good.items() if k != "url"}, "url", "missing_field"),
+        2345: ({**good, "ip": "999.0.0.1"}, "ip", "invalid_field"),
+        3001: ({**good, "name": "click"}, "product", "invalid_field"),
+        4500: ({**good, "site_id": "some-other-site"}, "site_id", "wrong_site"),
+        5555: ({**good, "event_id": "not-a-uuid"}, "event_id", "invalid_field"),
+        6789: (b'{"name": "pageview", "url": ', "", "invalid_json"),
+        8000: ({**good, "timestamp": future}, "timestamp", "invalid_field"),
+        9001: ({**good, "timestamp": "1999-12-31T23:59:59Z"}, "timestamp", "invalid_field"),
+        10_000: ({**good, "props": {"plan": 3}}, "props.plan", "invalid_field"),
+    }
+    for number, (line, _, _) in bad.items():
+        lines[number - 1] = line
+    blank, bots = [50, 7000], {60: GOOGLEBOT, 6000: HEADLESS, 9000: ""}
+    for number in blank:
+        lines[number - 1] = b"   "
+    for number, agent in bots.items():
+        lines[number - 1] = {**lines[number - 1], "user_agent": agent}
+    lines[69] = {**lines[69], "domain": "www." + site.domain}  # naming the site by domain is fine
+    lines[79] = {**lines[79], "event_id": own_id, "site_id": site.site_id}
+
+    response = await post_import(client, site.site_id, ndjson(lines))
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert [(r["line"], r["field"], r["code"]) for r in data["rejected"]] == [
+        (number, field, code) for number, (_, field, code) in sorted(bad.items())]
+    assert all(r["field"] in r["message"] for r in data["rejected"])
+    assert "future" in data["rejected"][7]["message"] and "2000" in data["rejected"][8]["message"]
+    assert data["dropped"] == [{"line": number, "reason": "bot"} for number in sorted(bots)]
+    assert data["accepted"] == 10_000 - len(bad) - len(blank) - len(bots)
+    assert data["stored"] is True
+
+    # Stored before the reply, each event once; an event's own id is kept.
+    assert counts(services, site.site_id) == (data["accepted"], data["accepted"])
+    ids = stored(services, site.site_id)
+    assert own_id in ids
+    at = datetime.fromisoformat(lines[79]["timestamp"])
+    probe = [Event(event_id=own_id, site_id=site.site_id, timestamp=at, name="pageview", visitor_id=0),
+             Event(event_id=str(uuid.uuid4()), site_id=site.site_id, timestamp=at, name="pageview", visitor_id=0)]
+    assert stored_event_ids(services.client, probe) == {own_id}
+
+
+async def test_reimport_stores_nothing_twice_and_gives_the_same_visitor_ids(client, services, site):
+    lines = history(site.domain, 3000, seed=2, people=60)
+    body = ndjson(lines)
+    first = await post_import(client, site.site_id, body)
+    assert first.status_code == 200, first.text
+    assert first.json()["data"]["accepted"] == len(lines)
+    before = stored(services, site.site_id)
+    assert len(before) == len(lines)
+
+    # Every id is the person's id under the salt of the event's own UTC day, or — for a session
+    # open at midnight — of the day before; and such carries happen in this traffic.
+    salts = Salts(services.client)
+    by_content = {}
+    for line in lines:
+        at = datetime.fromisoformat(line["timestamp"])
+        own, previous = (hash_visitor(salts.for_day(day), site.site_id, line["ip"], line["user_agent"])
+                         for day in (at.date(), at.date() - timedelta(days=1)))
+        by_content[line["url"]] = (own, previous)
+    url_of = dict(services.client.query(
+        "SELECT toString(event_id), concat('https://', {d:String}, pathname) FROM events FINAL WHERE site_id = {s:String}",
+        parameters={"s": site.site_id, "d": site.domain}).result_rows)
+    kinds = [("own" if visitor == by_content[url_of[eid]][0] else
+              "carried" if visitor == by_content[url_of[eid]][1] else "wrong") for eid, visitor in before.items()]
+    assert "wrong" not in kinds and "carried" in kinds
+
+    # Again, now in unordered chunks as a client might send them: nothing new, the same ids.
+    for i in range(0, len(lines), 700):
+        again = await post_import(client, site.site_id, ndjson(lines[i:i + 700]))
+        assert again.status_code == 200 and again.json()["data"]["accepted"] == len(lines[i:i + 700])
+    assert counts(services, site.site_id) == (len(lines), len(lines))
+    assert stored(services, site.site_id) == before
+    # No event was ever stored under a second visitor id, not even in a row not yet merged away.
+    assert services.client.query(
+        "SELECT uniqExact(event_id, visitor_id) FROM events WHERE site_id = {s:String}",
+        parameters={"s": site.site_id}).result_rows[0][0] == len(lines)
+
+
+async def test_a_session_open_at_midnight_carries_across_requests(client, services):
+    salts = Salts(services.client)
+    midnight = DAY + timedelta(days=10)
+    person, quiet = ("81.227.40.1", BROWSER), ("81.227.40.2", BROWSER)
+
+    def line(who, minutes: int) -> dict:
+        return {"name": "pageview", "url": f"https://x.example/{minutes}", "ip": who[0], "user_agent": who[1],
+                "timestamp": iso(midnight + timedelta(minutes=minutes))}
+
+    requests = [[line(person, -10), line(quiet, -40)],
+                [line(person, 10), line(person, 35), line(person, 80), line(quiet, 5)]]
+    for split in (True, False):  # the same events in two requests, or in one
+        site = services.sites.create("default", f"carry-{uuid.uuid4().hex[:10]}.example")
+        for body in (requests if split else [requests[0] + requests[1]]):
+            assert (await post_import(client, site.site_id, ndjson(body))).status_code == 200
+
+        def ids(who) -> tuple[int, int]:
+            return tuple(hash_visitor(salts.for_day(day), site.site_id, *who)
+                         for day in ((midnight - timedelta(days=1)).date(), midnight.date()))
+
+        visitors = dict(services.client.query(
+            "SELECT pathname, visitor_id FROM events FINAL WHERE site_id = {s:String}",
+            parameters={"s": site.site_id}).result_rows)
+        (yesterday, today), (quiet_yesterday, quiet_today) = ids(person), ids(quiet)
+        # Carried while the session goes on (gaps of 20 and 25 minutes), today's after 45 quiet minutes.
+        assert [visitors[f"/{m}"] for m in (-10, 10, 35, 80)] == [yesterday, yesterday, yesterday, today]
+        # A session that had ended before midnight carries nothing.
+        assert [visitors["/-40"], visitors["/5"]] == [quiet_yesterday, quiet_today]
+
+
+@pytest.mark.parametrize("headers, site_id, status, code", [
+    ({"authorization": ""}, "own", 401, "unauthorized"),
+    ({"authorization": "Bearer bk_not_a_key"}, "own", 401, "unauthorized"),
+    ({}, "no-such-site", 404, "site_not_found"),
+    ({}, None, 400, "missing_parameter"),
+    ({"content-type": "application/json"}, "own", 415, "unsupported_media_type"),
+])
+async def test_request_errors(client, site, headers, site_id, status, code):
+    response = await post_import(client, site.site_id if site_id == "own" else site_id,
+                                 ndjson(history(site.domain, 3, seed=3)), **headers)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+
+
+async def test_keys_reach_only_their_sites(client, services, site):
+    other = services.sites.create("default", f"other-{uuid.uuid4().hex[:10]}.example")
+    foreign = services.sites.create("another-account", f"foreign-{uuid.uuid4().hex[:10]}.example")
+    site_key = services.keys.create("default", other.site_id)
+    body = ndjson(history(site.domain, 3, seed=4))
+    as_site_key = {"authorization": f"Bearer {site_key}"}
+    assert (await post_import(client, site.site_id, body, **as_site_key)).status_code == 403
+    assert (await post_import(client, other.site_id, body, **as_site_key)).status_code == 200
+    assert (await post_import(client, foreign.site_id, body)).status_code == 403  # the admin key's account is "default"
+
+
+async def test_body_limits(client, services, embedded, site):
+    assert (await post_import(client, site.site_id, b"")).json()["error"]["code"] == "empty_body"
+    too_many = await post_import(client, site.site_id, b"{}\n" * 100_001)
+    assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "too_many_lines"
+
+    # A small cap, to show a large body is refused as declared, and as streamed without reading it all.
+    settings = services.settings.model_copy(update={"max_import_bytes": 10_000})
+    small = Starlette(routes=ingest_app.routes(settings, services.sites, services.visitors, embedded[1], services.keys))
+    transport = httpx.ASGITransport(app=small, client=("127.0.0.1", 5000))
+    headers = {"authorization": f"Bearer {ADMIN_KEY}", "content-type": NDJSON}
+    url = f"/api/v1/events/import?site_id={site.site_id}"
+    body = ndjson(history(site.domain, 200, seed=5))
+    sent = 0
+
+    async def stream():
+        nonlocal sent
+        for i in range(0, len(body), 1000):
+            sent += 1
+            yield body[i:i + 1000]
+
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver", headers=headers) as c:
+        declared = await c.post(url, content=body)
+        assert declared.status_code == 413 and declared.json()["error"]["code"] == "body_too_large"
+        streamed = await c.post(url, content=stream())
+        assert streamed.status_code == 413
+        assert sent < len(body) // 1000
+        assert (await c.post(url, content=body[:5000].rsplit(b"\n", 1)[0])).status_code == 200
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "import", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env})
+
+
+_COUNT_IN_FOLDER = """
+import sys, clickhouse_connect
+client = clickhouse_connect.get_client(interface="chdb", path=sys.argv[1])
+site = {"s": sys.argv[2]}
+final = client.query("SELECT count(), uniqExact(event_id) FROM events FINAL WHERE site_id = {s:String}", parameters=site)
+every = client.query("SELECT uniqExact(event_id, visitor_id) FROM events WHERE site_id = {s:String}", parameters=site)
+print([*final.result_rows[0], every.result_rows[0][0]])
+"""
+
+
+def stored_in_folder(data: Path, site_id: str) -> list:
+    """[events, unique ids, unique (id, visitor id) among all rows, merged or not] of a site in a
+    data folder no server holds (one data path per process: this one has its own)."""
+    script = _COUNT_IN_FOLDER
+    done = subprocess.run([sys.executable, "-c", script, str(data), site_id], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return orjson.loads(done.stdout)
+
+
+def test_cli_imports_through_a_server_and_into_a_folder(tmp_path):
+    data, port = tmp_path / "data", free_port()
+    base = f"http://127.0.0.1:{port}"
+    # In time order, as exports are: chunk after chunk, each stored before the next, gives the
+    # visitor ids one request would (an unordered file could not carry sessions across chunks).
+    lines = sorted(history("cli.example", 12_000, seed=6), key=lambda line: line["timestamp"])
+    lines[11_001] = {**lines[11_001], "ip": "not-an-ip"}  # line 11,002: in the third chunk of 5,000
+    clean, broken = tmp_path / "clean.ndjson", tmp_path / "broken.ndjson"
+    clean.write_bytes(ndjson(lines[:11_000]))
+    broken.write_bytes(ndjson(lines))
+
+    with process([*CLI, "up", "--data", str(data), "--port", str(port)], tmp_path / "up.log",
+                 env={"BK_ADMIN_KEY": ADMIN_KEY}, ready_url=f"{base}/api/v1/openapi.json"):
+        created = httpx.post(f"{base}/api/v1/sites", json={"domain": "cli.example"},
+                             headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        assert created.status_code == 201, created.text
+        site_id = created.json()["data"]["id"]
+
+        ok = cli(str(clean), "--site", site_id, "--url", base, "--key", ADMIN_KEY)
+        assert ok.returncode == 0, ok.stderr
+        assert "accepted 11000, rejected 0, dropped 0" in ok.stdout
+
+        # The key may come from BK_ADMIN_KEY; the rejected line is numbered across the whole file.
+        rejected = cli(str(broken), "--site", site_id, "--url", base, BK_ADMIN_KEY=ADMIN_KEY)
+        assert rejected.returncode == 1, rejected.stderr
+        assert "accepted 11999, rejected 1, dropped 0" in rejected.stdout
+        assert "line 11002: ip: must be an IPv4 or IPv6 address (invalid_field)" in rejected.stdout
+
+        # Usage and connection errors.
+        assert cli(str(clean), "--site", site_id, "--url", base, "--key", "bk_wrong").returncode == 2
+        assert cli(str(clean), "--site", "no-such-site", "--url", base, "--key", ADMIN_KEY).returncode == 2
+        assert cli(str(clean), "--site", site_id, "--url", f"http://127.0.0.1:{free_port()}",
+                   "--key", ADMIN_KEY).returncode == 2
+        assert cli(str(clean), "--site", site_id, "--url", base, BK_ADMIN_KEY="").returncode == 2
+        held = cli(str(clean), "--site", site_id, "--data", str(data))
+        assert held.returncode == 2 and "--url" in held.stderr  # the server holds the folder
+
+    assert stored_in_folder(data, site_id) == [12_000 - 1] * 3
+
+    # Without a server: straight into the folder. The same file again adds nothing and changes
+    # no visitor id; new lines are added.
+    extra = tmp_path / "extra.ndjson"
+    extra.write_bytes(ndjson(sorted(history("cli.example", 500, seed=7), key=lambda line: line["timestamp"])))
+    again = cli(str(broken), "--site", site_id, "--data", str(data))
+    assert again.returncode == 1 and "line 11002: ip" in again.stdout, again.stderr
+    assert cli(str(extra), "--site", site_id, "--data", str(data)).returncode == 0
+    assert stored_in_folder(data, site_id) == [12_000 - 1 + 500] * 3
+    assert cli(str(tmp_path / "missing.ndjson"), "--site", site_id, "--data", str(data)).returncode == 2
+
+
+def test_cli_imports_through_kafka_and_waits_until_stored(kafka, clickhouse_http, tmp_path):
+    """Distributed: the `ingest` process serves the import, hands the events to Kafka and answers
+    once the workers have stored them, so the next chunk's visitor ids see them."""
+    import clickhouse_connect
+
+    env = {"BK_KAFKA_BOOTSTRAP": kafka, "BK_CLICKHOUSE_URL": clickhouse_http, "BK_ADMIN_KEY": ADMIN_KEY,
+           "BK_KAFKA_TOPIC": f"events-{tmp_path.name}"}
+    ingest_port, api_port = free_port(), free_port()
+    ingest, api = f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{api_port}"
+    lines = sorted(history("kafka-import.example", 12_000, seed=8, people=200), key=lambda line: line["timestamp"])
+    file = tmp_path / "events.ndjson"
+    file.write_bytes(ndjson(lines))
+    with (
+        process([*CLI, "api", "--port", str(api_port)], tmp_path / "api.log", env,
+                ready_url=f"{api}/api/v1/openapi.json"),
+        process([*CLI, "ingest", "--port", str(ingest_port)], tmp_path / "ingest.log", env,
+                ready_url=f"{ingest}/api/event"),
+        process([*CLI, "worker"], tmp_path / "worker.log", env),
+    ):
+        wait_until(lambda: stable_group_size(kafka, "besokskollen") == 1, 90, "the worker in its consumer group",
+                   interval=0.5)
+        created = httpx.post(f"{api}/api/v1/sites", json={"domain": "kafka-import.example"},
+                             headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        assert created.status_code == 201, created.text
+        site_id = created.json()["data"]["id"]
+
+        client = clickhouse_connect.get_client(dsn=clickhouse_http, autogenerate_session_id=False)
+        query = ("SELECT count(), uniqExact(event_id), (SELECT uniqExact(event_id, visitor_id) FROM events"
+                 " WHERE site_id = {s:String}) FROM events FINAL WHERE site_id = {s:String}")
+        for _ in range(2):  # the second time changes nothing
+            done = cli(str(file), "--site", site_id, "--url", ingest, **env)
+            assert done.returncode == 0, done.stderr
+            assert "accepted 12000, rejected 0" in done.stdout and "not yet stored" not in done.stderr
+            # Stored when the command returned, each event once, under one visitor id.
+            assert list(client.query(query, parameters={"s": site_id}).result_rows[0]) == [12_000] * 3
