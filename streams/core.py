@@ -71,7 +71,7 @@ class StreamCore:
         version = time.time_ns()
         sessions.write(self._client, changes.sessions, changes.dead_sessions, version)
         activity.write(self._client, changes.activity, changes.dead_activity, version)
-        rollups.rebuild(self._client, changes.buckets, version)
+        rollups.rebuild(self._client, changes.buckets)
         raw_events.write(self._client, changes.events)  # the commit point
         self.last_batch_ms = (time.perf_counter() - started) * 1000
 

@@ -22,13 +22,15 @@ from clickhouse_connect.driver.client import Client
 _MEASURES = ["events", "pageviews", "sessions", "bounces", "duration_ms"]
 
 # The fresh rows of the touched buckets, plus a tombstone for every key a touched bucket had
-# before but no longer has. `{scope}` limits both.
+# before but no longer has. `{scope}` limits both. The version is the server's clock when the
+# statement starts, which is also when it takes its snapshot: of two workers rebuilding one
+# bucket, the later rebuild has seen everything the earlier one saw, and wins.
 _REPLACE = """
 INSERT INTO {table} ({keys}, {values}, version, is_deleted)
-WITH fresh AS ({fresh})
-SELECT {keys}, {values}, {{version:UInt64}}, 0 FROM fresh
+WITH fresh AS ({fresh}), toUInt64(toUnixTimestamp64Nano(now64(9))) AS rebuilt
+SELECT {keys}, {values}, rebuilt, 0 FROM fresh
 UNION ALL
-SELECT {keys}, {zeros}, {{version:UInt64}}, 1 FROM {table} FINAL
+SELECT {keys}, {zeros}, rebuilt, 1 FROM {table} FINAL
 WHERE {scope} AND ({keys}) NOT IN (SELECT {keys} FROM fresh)
 """
 
@@ -47,12 +49,12 @@ def _scope(column: str, kind_of_time: str) -> str:
             f" AND {column} IN {{times:Array({kind_of_time})}}")
 
 
-def _params(touched: set[tuple[str, str, datetime | date]], version: int) -> dict:
+def _params(touched: set[tuple[str, str, datetime | date]]) -> dict:
     return {"sites": sorted({s for s, _, _ in touched}), "kinds": sorted({k for _, k, _ in touched}),
-            "times": sorted({t for _, _, t in touched}), "version": version}
+            "times": sorted({t for _, _, t in touched})}
 
 
-def rebuild(client: Client, touched: set[tuple[str, str, datetime]], version: int) -> None:
+def rebuild(client: Client, touched: set[tuple[str, str, datetime]]) -> None:
     """Recompute these (site, kind, bucket)s from activity, then the days they are in."""
     if not touched:
         return
@@ -64,7 +66,7 @@ def rebuild(client: Client, touched: set[tuple[str, str, datetime]], version: in
         GROUP BY site_id, kind, value, bucket"""
     _replace(client, "rollup_15m", ["site_id", "kind", "value", "bucket"], ["visitors", "returning", *_MEASURES],
              ["0", "map()", *("0" for _ in _MEASURES)], fresh_15m, _scope("bucket", "DateTime('UTC')"),
-             _params(touched, version))
+             _params(touched))
 
     days = {(site, kind, bucket.date()) for site, kind, bucket in touched}
     fresh_1d = f"""
@@ -74,7 +76,7 @@ def rebuild(client: Client, touched: set[tuple[str, str, datetime]], version: in
         WHERE site_id IN {{sites:Array(String)}} AND kind IN {{kinds:Array(String)}}
           AND bucket >= {{first:Date}} AND bucket < {{end:Date}} AND toDate(bucket) IN {{times:Array(Date)}}
         GROUP BY site_id, kind, value, day"""
-    day_params = _params(days, version)
+    day_params = _params(days)
     _replace(client, "rollup_1d", ["site_id", "kind", "value", "day"], ["visitors", *_MEASURES],
              ["0" for _ in ["visitors", *_MEASURES]], fresh_1d, _scope("day", "Date"),
              {**day_params, "first": day_params["times"][0], "end": day_params["times"][-1] + timedelta(days=1)})

@@ -1,0 +1,164 @@
+"""Every stats answer against the independent reference (tests/reference.py): ≥ 100,000 seeded
+events over 90 days for three sites (Stockholm, New York, Kolkata) imported through
+`POST /api/v1/events/import` into the embedded topology; then a 20,000-event sample through the
+distributed topology (Kafka, two Faust workers, separate ingest and API processes over the
+ClickHouse front), whose answers must equal both the reference and the embedded topology's."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from datetime import date, datetime, timezone
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_KEY, free_port, process, stable_group_size, wait_until
+from tests.reference import Reference, SiteSpec, default_sites, generate, to_ndjson
+
+API = "/api/v1"
+AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
+CLI = [sys.executable, "-m", "besokskollen"]
+CHUNK = 20_000  # lines per import request (the cap is 100,000 lines and BK_MAX_IMPORT_BYTES)
+
+# Custom ranges across each site's DST change (Kolkata has none: a range across a month end).
+CUSTOM = {"Europe/Stockholm": ("2026-10-20", "2026-10-30"), "America/New_York": ("2026-10-28", "2026-11-05"),
+          "Asia/Kolkata": ("2026-10-28", "2026-11-03")}
+
+
+def sites_for(prefix: str) -> list[SiteSpec]:
+    """The reference's three sites, with the ids the API derives from their domains."""
+    domains = tuple(f"{prefix}-{cc}.example" for cc in ("se", "us", "in"))
+    return default_sites(ids=tuple(d.replace(".", "-") for d in domains), domains=domains)
+
+
+async def _get(client: httpx.AsyncClient, path: str, **params) -> dict:
+    response = await client.get(f"{API}/{path}", params=params)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def compare_all(client: httpx.AsyncClient, ref: Reference, sites: list[SiteSpec]) -> dict:
+    """Ask the API every question, assert each answer equals the reference's; return the answers
+    (for comparing topologies)."""
+    answers: dict = {}
+    for site in sites:
+        sid = site.site_id
+        for period in ("7d", "30d", "90d", "custom"):
+            extra = dict(zip(("from", "to"), CUSTOM[site.timezone])) if period == "custom" else {}
+            for compare in (False, True):
+                got = (await _get(client, "stats/overview", site_id=sid, period=period, compare=str(compare).lower(),
+                                  **extra))["data"]
+                first, last = date.fromisoformat(got["period"]["from"]), date.fromisoformat(got["period"]["to"])
+                # The API's clock decides "today"; it must agree with the reference's periods.
+                expected_days = ref.period(sid, period, *CUSTOM[site.timezone]) if period == "custom" else None
+                if expected_days:
+                    assert (first, last) == expected_days
+                assert got == ref.overview(sid, first, last, compare=compare), (sid, period, compare)
+                answers[(sid, "overview", period, compare)] = got
+            lists = {
+                "pages": ((await _get(client, "stats/pages", site_id=sid, period=period, limit=1000, **extra))["data"],
+                          ref.pages(sid, first, last, limit=1000)),
+                "pages top 10": ((await _get(client, "stats/pages", site_id=sid, period=period, **extra))["data"],
+                                 ref.pages(sid, first, last)),
+                "referrers": ((await _get(client, "stats/referrers", site_id=sid, period=period, limit=1000, **extra))["data"],
+                              ref.referrers(sid, first, last, include_social=False, limit=1000)),
+                "referrers+social": (
+                    (await _get(client, "stats/referrers", site_id=sid, period=period, include_social="true", **extra))["data"],
+                    ref.referrers(sid, first, last, include_social=True)),
+                "countries": ((await _get(client, "stats/countries", site_id=sid, period=period, limit=1000, **extra))["data"],
+                              ref.countries(sid, first, last, limit=1000)),
+            }
+            for name, (got, expected) in lists.items():
+                assert got == expected, (sid, period, name)
+                answers[(sid, name, period)] = got
+    listed = {s["id"]: s for s in (await _get(client, "sites", include_stats="true"))["data"]}
+    for site in sites:
+        stats = ref.site_stats(site.site_id)
+        assert (listed[site.site_id]["visitors_7d"], listed[site.site_id]["pageviews_7d"]) == (
+            stats["visitors_7d"], stats["pageviews_7d"])
+    return answers
+
+
+async def import_lines(client: httpx.AsyncClient, lines: list[dict], sites: list[SiteSpec]) -> None:
+    """Per site, in time order and in chunks, through the import endpoint; every line accepted."""
+    for site in sites:
+        mine = [line for line in lines if line["site_id"] == site.site_id]
+        for i in range(0, len(mine), CHUNK):
+            response = await client.post(f"{API}/events/import", params={"site_id": site.site_id},
+                                         content=to_ndjson(mine[i:i + CHUNK]),
+                                         headers={"content-type": "application/x-ndjson"}, timeout=600)
+            assert response.status_code == 200, response.text
+            data = response.json()["data"]
+            assert (data["accepted"], data["rejected"], data["dropped"], data["stored"]) == (
+                len(mine[i:i + CHUNK]), [], [], True)
+
+
+async def create_sites(client: httpx.AsyncClient, sites: list[SiteSpec]) -> None:
+    for site in sites:
+        response = await client.post(f"{API}/sites", json={"domain": site.domain, "timezone": site.timezone})
+        assert response.status_code == 201, response.text
+        assert response.json()["data"]["id"] == site.site_id
+
+
+async def test_embedded_answers_equal_the_reference_for_100k_events(embedded):
+    app, _ = embedded
+    sites = sites_for(f"ref{uuid.uuid4().hex[:6]}")
+    now = datetime.now(timezone.utc)
+    lines = generate(seed=20261129, sites=sites, now=now, target_events=100_000)
+    assert len(lines) >= 100_000
+    ref = Reference(lines, sites, now)
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver", headers=AUTH) as client:
+        await create_sites(client, sites)
+        await import_lines(client, lines, sites)
+        await compare_all(client, ref, sites)
+
+
+@pytest.fixture(scope="module")
+def sample():
+    """A 20,000-event sample for the distributed comparison, and its reference."""
+    sites = sites_for("dist")
+    now = datetime.now(timezone.utc)
+    lines = generate(seed=7, sites=sites, now=now, target_events=20_000)
+    return sites, lines, Reference(lines, sites, now)
+
+
+async def _load_and_compare(ingest: str, api: str, sites: list[SiteSpec], lines: list[dict], ref: Reference) -> dict:
+    """Create the sites, import through `ingest` (where the hand-off is), ask `api`."""
+    async with httpx.AsyncClient(base_url=api, headers=AUTH, timeout=60) as client:
+        await create_sites(client, sites)
+    async with httpx.AsyncClient(base_url=ingest, headers=AUTH) as client:
+        await import_lines(client, lines, sites)
+    async with httpx.AsyncClient(base_url=api, headers=AUTH, timeout=60) as client:
+        return await compare_all(client, ref, sites)
+
+
+def test_distributed_answers_equal_the_reference_and_the_embedded_topology(sample, kafka, clickhouse_http, tmp_path):
+    sites, lines, ref = sample
+    assert len(lines) >= 20_000
+
+    port = free_port()
+    embedded_base = f"http://127.0.0.1:{port}"
+    with process([*CLI, "up", "--data", str(tmp_path / "up"), "--port", str(port)], tmp_path / "up.log",
+                 env={"BK_ADMIN_KEY": ADMIN_KEY}, ready_url=f"{embedded_base}{API}/openapi.json"):
+        embedded_answers = asyncio.run(_load_and_compare(embedded_base, embedded_base, sites, lines, ref))
+
+    env = {"BK_KAFKA_BOOTSTRAP": kafka, "BK_CLICKHOUSE_URL": clickhouse_http, "BK_ADMIN_KEY": ADMIN_KEY,
+           "BK_KAFKA_TOPIC": f"events-{tmp_path.name}"}
+    ingest_port, api_port = free_port(), free_port()
+    ingest, api = f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{api_port}"
+    with (
+        process([*CLI, "api", "--port", str(api_port)], tmp_path / "api.log", env, ready_url=f"{api}{API}/openapi.json"),
+        process([*CLI, "ingest", "--port", str(ingest_port)], tmp_path / "ingest.log", env,
+                ready_url=f"{ingest}/api/event"),
+        process([*CLI, "worker"], tmp_path / "worker-1.log", env),
+        process([*CLI, "worker"], tmp_path / "worker-2.log", env),
+    ):
+        wait_until(lambda: stable_group_size(kafka, "besokskollen") == 2, 120, "two workers in the consumer group",
+                   interval=0.5)
+        distributed_answers = asyncio.run(_load_and_compare(ingest, api, sites, lines, ref))
+        assert stable_group_size(kafka, "besokskollen") == 2
+
+    assert distributed_answers == embedded_answers
