@@ -58,15 +58,24 @@ class StreamCore:
         if not batch:
             return
         started = time.perf_counter()
+        batch = list({e.event_id: e for e in batch}.values())  # one id twice: the last one sent wins
         incoming: dict[tuple[str, int], dict[str, Event]] = defaultdict(dict)
         for e in batch:
-            incoming[(e.site_id, e.visitor_id)].setdefault(e.event_id, e)
+            incoming[(e.site_id, e.visitor_id)][e.event_id] = e
+        # An event sent again under another visitor id (a retry on the next day, an import
+        # after its day's salt expired) moves: the visitor it was stored under loses it.
+        leaving: dict[tuple[str, int], set[str]] = defaultdict(set)
+        for event_id, owner in raw_events.owners(self._client, batch).items():
+            if event_id not in incoming.get(owner, {}):
+                leaving[owner].add(event_id)
         times = [e.timestamp for e in batch]
-        stored = raw_events.history(self._client, set(incoming), *history_window(min(times), max(times)))
+        stored = raw_events.history(self._client, set(incoming) | set(leaving),
+                                    *history_window(min(times), max(times)))
 
         changes = _Changes()
-        for visitor, new in incoming.items():
-            self._visitor(visitor, stored.get(visitor, {}), new, changes, rewrite)
+        for visitor in incoming.keys() | leaving.keys():
+            self._visitor(visitor, stored.get(visitor, {}), incoming.get(visitor, {}), leaving.get(visitor, set()),
+                          changes, rewrite)
 
         version = time.time_ns()
         sessions.write(self._client, changes.sessions, changes.dead_sessions, version)
@@ -76,10 +85,13 @@ class StreamCore:
         self.last_batch_ms = (time.perf_counter() - started) * 1000
 
     def _visitor(self, visitor: tuple[str, int], stored: dict[str, Event], new: dict[str, Event],
-                 changes: _Changes, rewrite: bool) -> None:
+                 gone: set[str], changes: _Changes, rewrite: bool) -> None:
         site_id, visitor_id = visitor
         before_events = [] if rewrite else sorted(stored.values(), key=event_order)
-        after_events = sorted({**stored, **new}.values(), key=event_order)
+        after = {**stored, **new}
+        for event_id in gone:
+            after.pop(event_id, None)
+        after_events = sorted(after.values(), key=event_order)
         before = sessionize(before_events, self._timeout)
         after = sessionize(after_events, self._timeout)
         if before == after and not rewrite:  # only events seen before: nothing to do

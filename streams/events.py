@@ -82,6 +82,23 @@ def history(client: Client, visitors: set[tuple[str, int]], start: datetime, end
     return out
 
 
+def owners(client: Client, events: Sequence[Event]) -> dict[str, tuple[str, int]]:
+    """(site, visitor) each of these events is stored under, if stored: looked up by the sorting
+    key (site, timestamp, event id), so it costs a few granules."""
+    if not events:
+        return {}
+    rows = client.query(
+        "SELECT toString(event_id), site_id, visitor_id FROM events"
+        " WHERE site_id IN {sites:Array(String)}"
+        " AND timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp <= {end:DateTime64(3, 'UTC')}"
+        " AND (site_id, timestamp, event_id) IN {keys:Array(Tuple(String, DateTime64(3, 'UTC'), UUID))}",
+        parameters={"sites": sorted({e.site_id for e in events}), "start": min(e.timestamp for e in events),
+                    "end": max(e.timestamp for e in events),
+                    "keys": [(e.site_id, e.timestamp, e.event_id) for e in events]},
+    ).result_rows
+    return {event_id: (site_id, visitor_id) for event_id, site_id, visitor_id in rows}
+
+
 def stored_event_ids(client: Client, events: Sequence[Event], chunk: int = 2000) -> set[str]:
     """Which of these events are stored (ids go as query parameters: a few thousand at a time)."""
     found: set[str] = set()

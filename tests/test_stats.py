@@ -286,3 +286,24 @@ async def test_declared_large_body_is_refused_without_reading_it(embedded):
              "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("127.0.0.1", 1), "root_path": ""}
     await app(scope, receive, send)
     assert sent[0]["status"] == 413 and received == 0
+
+
+def test_an_event_sent_again_under_another_visitor_moves_to_it(services):
+    """The same event id under a new visitor id (a retry after the salt changed, a re-import after
+    its salt expired) counts once, for the visitor it was last sent under."""
+    site, tz = _site(), "Europe/Stockholm"
+    t = local(tz, 2026, 9, 14, 9)
+    first = [ev(site, 1, t, event_id=str(uuid.uuid4())), ev(site, 1, t + timedelta(minutes=3), path="/b",
+                                                                event_id=str(uuid.uuid4()))]
+    core = StreamCore(services.client, TIMEOUT)
+    core.process(first)
+    core.process([e.model_copy(update={"visitor_id": 2}) for e in first])
+    result = overview(services.client, site, Period(date(2026, 9, 14), date(2026, 9, 14), tz))
+    assert (result["visitors"], result["pageviews"], result["sessions"]) == (1, 2, 1)
+    assert pages(services.client, site, Period(date(2026, 9, 14), date(2026, 9, 14), tz), 10) == [
+        {"page": "/", "visitors": 1, "pageviews": 1}, {"page": "/b", "visitors": 1, "pageviews": 1}]
+    owners = services.client.query("SELECT DISTINCT visitor_id FROM events FINAL WHERE site_id = {s:String}",
+                                   parameters={"s": site}).result_rows
+    assert owners == [(2,)]
+    assert services.client.query("SELECT count() FROM sessions FINAL WHERE site_id = {s:String}",
+                                 parameters={"s": site}).result_rows == [(1,)]
