@@ -15,7 +15,6 @@ from datetime import date, datetime, timedelta, timezone
 
 from clickhouse_connect.driver.client import Client
 
-from streams.storage import INSERT_SETTINGS
 
 
 class Salts:
@@ -48,7 +47,7 @@ class Salts:
         created = datetime.fromtimestamp(time.time(), timezone.utc)
         self._client.insert(
             "salts", [[day, secrets.token_hex(16), created]],
-            column_names=["day", "salt", "created_at"], settings=INSERT_SETTINGS,
+            column_names=["day", "salt", "created_at"],
         )
         if day >= created.date():  # once a day, when the live salt of a new day is made
             self._purge(before=created.date() - timedelta(days=1), now=created)

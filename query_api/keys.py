@@ -12,7 +12,6 @@ from clickhouse_connect.driver.client import Client
 
 from streams.read_cache import ReadThroughCache
 from streams.sites import Site
-from streams.storage import INSERT_SETTINGS
 
 PREFIX = "bk_"
 
@@ -53,7 +52,7 @@ class KeyStore:
             raise ValueError(f"API keys start with {PREFIX!r}")
         self._client.insert(
             "api_keys", [[hash_key(key), key[:7], account_id, site_id, datetime.now(timezone.utc)]],
-            column_names=["key_hash", "prefix", "account_id", "site_id", "created_at"], settings=INSERT_SETTINGS,
+            column_names=["key_hash", "prefix", "account_id", "site_id", "created_at"],
         )
         self._cache.put(hash_key(key), ApiKey(account_id, site_id))
         return key

@@ -14,7 +14,6 @@ from clickhouse_connect.driver.client import Client
 # - every ReplacingMergeTree is partitioned by a time column of its sorting key, so the rows of
 #   one key share a partition and FINAL need not merge across partitions.
 SETTINGS = {"async_insert": 0, "insert_deduplicate": 0, "do_not_merge_across_partitions_select_final": 1}
-INSERT_SETTINGS = {"async_insert": 0, "insert_deduplicate": 0}
 
 
 def connect(url: str) -> Client:
