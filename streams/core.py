@@ -49,15 +49,13 @@ class StreamCore:
     def __init__(self, client: Client, session_timeout_s: int) -> None:
         self._client = client
         self._timeout = timedelta(seconds=session_timeout_s)
-        self.last_batch_ms = 0.0
 
     def process(self, batch: list[Event], rewrite: bool = False) -> None:
         """Idempotent: processing a batch again, whole or in part, changes no number. `rewrite`
-        writes the touched visitors' sessions and spans whole, as if nothing derived were stored
+        writes the touched visitors' sessions and activity whole, as if nothing derived were stored
         (for `replay`)."""
         if not batch:
             return
-        started = time.perf_counter()
         batch = list({e.event_id: e for e in batch}.values())  # one id twice: the last one sent wins
         incoming: dict[tuple[str, int], dict[str, Event]] = defaultdict(dict)
         for e in batch:
@@ -82,7 +80,6 @@ class StreamCore:
         activity.write(self._client, changes.activity, changes.dead_activity, version)
         rollups.rebuild(self._client, changes.buckets)
         raw_events.write(self._client, changes.events)  # the commit point
-        self.last_batch_ms = (time.perf_counter() - started) * 1000
 
     def _visitor(self, visitor: tuple[str, int], stored: dict[str, Event], new: dict[str, Event],
                  gone: set[str], changes: _Changes, rewrite: bool) -> None:

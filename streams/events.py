@@ -1,5 +1,5 @@
 """Raw events: written with the session each belongs to, and read back per visitor so the stream
-core can recompute that visitor's sessions and spans from everything it did."""
+core can recompute that visitor's sessions and activity from everything it did."""
 
 from __future__ import annotations
 

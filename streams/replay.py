@@ -1,4 +1,4 @@
-"""Rebuilding every derived table (sessions, spans, rollups) from the raw events, by feeding them
+"""Rebuilding every derived table (sessions, activity, rollups) from the raw events, by feeding them
 through the stream core again: after a migration that adds or reshapes a derived table."""
 
 from __future__ import annotations
