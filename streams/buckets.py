@@ -32,6 +32,6 @@ def utc_midnight(day: date) -> datetime:
     return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
 
 
-def history_window(first: datetime, last: datetime) -> tuple[datetime, datetime]:
-    """[from, to) holding every event of every visitor seen between `first` and `last`."""
-    return utc_midnight(first.date()) - timedelta(days=1), utc_midnight(last.date()) + timedelta(days=2)
+def history_window(first: date, last: date) -> tuple[datetime, datetime]:
+    """[from, to) holding every event of every visitor seen on the UTC days `first`..`last`."""
+    return utc_midnight(first) - timedelta(days=1), utc_midnight(last) + timedelta(days=2)

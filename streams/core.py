@@ -20,7 +20,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import date, timedelta
 
 from clickhouse_connect.driver.client import Client
 
@@ -66,9 +66,13 @@ class StreamCore:
         for event_id, owner in raw_events.owners(self._client, batch).items():
             if event_id not in incoming.get(owner, {}):
                 leaving[owner].add(event_id)
-        times = [e.timestamp for e in batch]
-        stored = raw_events.history(self._client, set(incoming) | set(leaving),
-                                    *history_window(min(times), max(times)))
+        days: dict[tuple[str, int], set[date]] = defaultdict(set)
+        for e in batch:
+            days[(e.site_id, e.visitor_id)].add(e.timestamp.date())
+        by_id = {e.event_id: e for e in batch}
+        for owner, event_ids in leaving.items():
+            days[owner] |= {by_id[event_id].timestamp.date() for event_id in event_ids}
+        stored = self._history(days)
 
         changes = _Changes()
         for visitor in incoming.keys() | leaving.keys():
@@ -80,6 +84,23 @@ class StreamCore:
         activity.write(self._client, changes.activity, changes.dead_activity, version)
         rollups.rebuild(self._client, changes.buckets)
         raw_events.write(self._client, changes.events)  # the commit point
+
+    def _history(self, days: dict[tuple[str, int], set[date]]) -> dict:
+        """Stored events of these visitors (seen on these UTC days), one query per stretch of days
+        the batch covers: live events and an old import in one batch must not make it read the
+        months between."""
+        windows: list[tuple[tuple, set]] = []  # ((start, end), visitors), merged where they overlap
+        for visitor, dates in sorted(days.items(), key=lambda item: min(item[1])):
+            start, end = history_window(min(dates), max(dates))
+            if windows and start <= windows[-1][0][1]:
+                (first, last), members = windows[-1]
+                windows[-1] = ((first, max(last, end)), members | {visitor})
+            else:
+                windows.append(((start, end), {visitor}))
+        stored: dict = {}
+        for (start, end), members in windows:
+            stored.update(raw_events.history(self._client, members, start, end))
+        return stored
 
     def _visitor(self, visitor: tuple[str, int], stored: dict[str, Event], new: dict[str, Event],
                  gone: set[str], changes: _Changes, rewrite: bool) -> None:
