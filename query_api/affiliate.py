@@ -19,11 +19,12 @@ router = APIRouter(tags=["affiliate"])
 # Clicks per product dimensions and UTC day (kind `click`, value "id\x1fslug\x1fcategory\x1fbrand\x1fpartner").
 _CLICKS = """
 SELECT parts[1] AS product_id, parts[2] AS product_slug, events AS clicks
-FROM (SELECT splitByChar({separator:String}, value) AS parts, events FROM rollup_1d FINAL
-      WHERE site_id = {site:String} AND kind = 'click' AND day >= {first:Date} AND day <= {last:Date})
-WHERE ({category:String} = '' OR parts[3] = {category:String})
-  AND ({brand:String} = '' OR parts[4] = {brand:String})
+FROM (SELECT splitByChar(%(separator)s, value) AS parts, events FROM rollup_1d FINAL
+      WHERE site_id = %(site)s AND kind = 'click' AND day >= toDate(%(first)s) AND day <= toDate(%(last)s))
+WHERE (%(category)s = '' OR parts[3] = %(category)s)
+  AND (%(brand)s = '' OR parts[4] = %(brand)s)
 """
+# Values are bound by the driver (escaped literals), as in query_api/stats.py.
 _PRODUCTS = f"""
 SELECT product_id, product_slug, sum(clicks) AS n, sum(n) OVER () AS total FROM ({_CLICKS})
 GROUP BY product_id, product_slug

@@ -30,20 +30,27 @@ def _returning_since(start: str) -> str:
             f" mapKeys(returning), mapValues(returning))")
 
 
-# Per local day of the period: pageviews, visitors, and for the whole period visitors first seen
-# in it and visitors back from before it; sessions and bounces by the day their session started.
+# Values are bound by the driver (escaped literals, `%(name)s`): server-side parameters cost
+# ~0.4 ms each here, a fifth of a whole query.
+_START = "toDateTime(%(start)s, 'UTC')"
+_END = "toDateTime(%(end)s, 'UTC')"
+
+# Per local day: pageviews, visitors, and for the whole period visitors first seen in it and
+# visitors back from before it; sessions and bounces by the day their session started. With
+# compare, the previous period is read in the same statement (days before `current`).
 _OVERVIEW = f"""
 SELECT day, sum(pageviews), sum(visitors + day_returning), sum(visitors), sum(period_returning),
        sum(sessions), sum(bounces)
 FROM (
-    SELECT toDate(bucket, {{tz:String}}) AS day, pageviews, visitors, sessions, bounces,
-           {_returning_since("arrayElement({day_starts:Array(DateTime('UTC'))}, indexOf({days:Array(Date)}, day))")}
+    SELECT toDate(bucket, %(tz)s) AS day, pageviews, visitors, sessions, bounces,
+           {_returning_since("arrayElement(CAST(%(day_starts)s, 'Array(DateTime(''UTC''))'), indexOf(CAST(%(days)s, 'Array(Date)'), day))")}
                AS day_returning,
-           if(bucket < {{lifetime_end:DateTime('UTC')}}, {_returning_since("{start:DateTime('UTC')}")}, 0)
+           if(bucket >= toDateTime(%(current)s, 'UTC'),
+              if(bucket < toDateTime(%(lifetime_end)s, 'UTC'), {_returning_since("toDateTime(%(current)s, 'UTC')")}, 0),
+              if(bucket < toDateTime(%(previous_lifetime_end)s, 'UTC'), {_returning_since(_START)}, 0))
                AS period_returning
     FROM rollup_15m FINAL
-    WHERE site_id = {{site:String}} AND kind = 'total'
-      AND bucket >= {{start:DateTime('UTC')}} AND bucket < {{end:DateTime('UTC')}}
+    WHERE site_id = %(site)s AND kind = 'total' AND bucket >= {_START} AND bucket < {_END}
 )
 GROUP BY day
 """
@@ -53,23 +60,21 @@ GROUP BY day
 _BREAKDOWN = f"""
 SELECT value, sum(visitors) AS visitors, sum(events) AS events, sum(sessions) AS sessions FROM (
     SELECT value, visitors, events, sessions FROM rollup_1d FINAL
-    WHERE site_id = {{site:String}} AND kind = {{kind:String}}
-      AND day >= {{full_from:Date}} AND day < {{full_to:Date}}
+    WHERE site_id = %(site)s AND kind = %(kind)s AND day >= toDate(%(full_from)s) AND day < toDate(%(full_to)s)
     UNION ALL
     SELECT value,
            if(edge, visitors, 0)
-             + if(bucket < {{lifetime_end:DateTime('UTC')}}, {_returning_since("{start:DateTime('UTC')}")}, 0),
+             + if(bucket < toDateTime(%(lifetime_end)s, 'UTC'), {_returning_since(_START)}, 0),
            if(edge, events, 0), if(edge, sessions, 0)
-    FROM (SELECT *, bucket < {{full_start:DateTime('UTC')}} OR bucket >= {{full_end:DateTime('UTC')}} AS edge
+    FROM (SELECT *, bucket < toDateTime(%(full_start)s, 'UTC') OR bucket >= toDateTime(%(full_end)s, 'UTC') AS edge
           FROM rollup_15m FINAL
-          WHERE site_id = {{site:String}} AND kind = {{kind:String}}
-            AND bucket >= {{start:DateTime('UTC')}} AND bucket < {{end:DateTime('UTC')}})
-    WHERE edge OR bucket < {{lifetime_end:DateTime('UTC')}}
+          WHERE site_id = %(site)s AND kind = %(kind)s AND bucket >= {_START} AND bucket < {_END})
+    WHERE edge OR bucket < toDateTime(%(lifetime_end)s, 'UTC')
 )
 GROUP BY value
-HAVING %s
+HAVING {{having}}
 ORDER BY visitors DESC, value ASC
-LIMIT {{limit:UInt32}}
+LIMIT %(limit)s
 """
 
 
@@ -95,31 +100,36 @@ def _query(client: Client, sql: str, params: dict) -> list[tuple]:
     return client.query(sql, parameters=params).result_rows
 
 
-def _overview_rows(client: Client, site_id: str, period: Period) -> tuple[dict, list[dict]]:
-    days = period.days
-    rows = _query(client, _OVERVIEW, _params(site_id, period, days=days,
-                                             day_starts=[local_midnight(d, period.tz) for d in days]))
-    by_day = {row[0]: row for row in rows}
-    first_seen = sum(row[3] for row in rows)
-    back = sum(row[4] for row in rows)
-    sessions, bounces = sum(row[5] for row in rows), sum(row[6] for row in rows)
-    totals = {"visitors": first_seen + back, "pageviews": sum(row[1] for row in rows), "sessions": sessions,
-              "bounce_rate": percent(bounces, sessions)}
-    daily = [{"date": day.isoformat(), "visitors": by_day[day][2] if day in by_day else 0,
-              "pageviews": by_day[day][1] if day in by_day else 0} for day in days]
-    return totals, daily
+def _by_day(client: Client, site_id: str, period: Period, before: Period | None = None) -> dict[date, tuple]:
+    """Overview rows per local day of `period`, and of `before` (just before it) if given."""
+    first = before or period
+    days = (before.days if before else []) + period.days
+    params = _params(site_id, first, days=days, day_starts=[local_midnight(d, period.tz) for d in days],
+                     current=period.start_utc, previous_lifetime_end=min(period.start_utc, first.start_utc + VISITOR_LIFETIME),
+                     lifetime_end=min(period.end_utc, period.start_utc + VISITOR_LIFETIME), end=period.end_utc)
+    return {row[0]: row for row in _query(client, _OVERVIEW, params)}
+
+
+def _totals(rows: dict[date, tuple], period: Period) -> dict:
+    mine = [rows[day] for day in period.days if day in rows]
+    sessions, bounces = sum(row[5] for row in mine), sum(row[6] for row in mine)
+    return {"visitors": sum(row[3] + row[4] for row in mine), "pageviews": sum(row[1] for row in mine),
+            "sessions": sessions, "bounce_rate": percent(bounces, sessions)}
 
 
 def totals(client: Client, site_id: str, period: Period) -> dict:
-    return _overview_rows(client, site_id, period)[0]
+    return _totals(_by_day(client, site_id, period), period)
 
 
 def overview(client: Client, site_id: str, period: Period, compare: bool = False) -> dict:
-    current, daily = _overview_rows(client, site_id, period)
+    before = period.previous() if compare else None
+    rows = _by_day(client, site_id, period, before)
+    current = _totals(rows, period)
+    daily = [{"date": day.isoformat(), "visitors": rows[day][2] if day in rows else 0,
+              "pageviews": rows[day][1] if day in rows else 0} for day in period.days]
     out = {"period": period.as_json(), **current, "daily": daily}
-    if compare:
-        before = period.previous()
-        previous = totals(client, site_id, before)
+    if before:
+        previous = _totals(rows, before)
         out["comparison"] = {
             "period": before.as_json(), **previous,
             "change": {
@@ -134,7 +144,7 @@ def overview(client: Client, site_id: str, period: Period, compare: bool = False
 
 
 def _breakdown(client: Client, site_id: str, period: Period, kind: str, having: str, limit: int, **extra) -> list[tuple]:
-    return _query(client, _BREAKDOWN % having, _params(site_id, period, kind=kind, limit=limit, **extra))
+    return _query(client, _BREAKDOWN.replace("{having}", having), _params(site_id, period, kind=kind, limit=limit, **extra))
 
 
 def pages(client: Client, site_id: str, period: Period, limit: int) -> list[dict]:
@@ -144,8 +154,8 @@ def pages(client: Client, site_id: str, period: Period, limit: int) -> list[dict
 
 def referrers(client: Client, site_id: str, period: Period, limit: int, include_social: bool) -> list[dict]:
     """By the session's entry source; sessions without a source (direct) are not listed."""
-    having = ("sessions > 0 AND NOT startsWith(value, {separator:String})"
-              " AND ({include_social:Bool} OR NOT endsWith(value, concat({separator:String}, 'social')))")
+    having = ("sessions > 0 AND NOT startsWith(value, %(separator)s)"
+              " AND (%(include_social)s OR NOT endsWith(value, concat(%(separator)s, 'social')))")
     rows = _breakdown(client, site_id, period, "source", having, limit, separator=SEPARATOR,
                       include_social=include_social)
     out = []

@@ -196,7 +196,8 @@ SETTINGS index_granularity = 1024
 
 # Per (kind, value) and UTC quarter hour: visitors first seen there, how many visitors came back
 # after each gap (in quarter hours), and the additive counts. The query API reads whole periods
-# from here (and the daily table below), never the raw events.
+# from here (and the daily table below), never the raw events. Every read pays per part, so the
+# rollups merge parts older than 30 s without waiting for the usual size tiers (they are small).
 _ROLLUP_15M = """
 CREATE TABLE IF NOT EXISTS rollup_15m (
     site_id       LowCardinality(String),
@@ -215,7 +216,7 @@ CREATE TABLE IF NOT EXISTS rollup_15m (
 ) ENGINE = ReplacingMergeTree(version, is_deleted)
 PARTITION BY toYYYYMM(bucket)
 ORDER BY (site_id, kind, bucket, value)
-SETTINGS index_granularity = 1024
+SETTINGS index_granularity = 1024, min_age_to_force_merge_seconds = 30
 """
 
 # The same per UTC day (without gaps): long periods read whole days here and only their
@@ -237,7 +238,7 @@ CREATE TABLE IF NOT EXISTS rollup_1d (
 ) ENGINE = ReplacingMergeTree(version, is_deleted)
 PARTITION BY toYYYYMM(day)
 ORDER BY (site_id, kind, day, value)
-SETTINGS index_granularity = 1024
+SETTINGS index_granularity = 1024, min_age_to_force_merge_seconds = 30
 """
 
 
