@@ -1,10 +1,12 @@
 """Query API latency on rollups at 1M and 10M stored events, against the naive raw-events query for
-the same question, plus the stream core's cost per 500-event batch at each size.
+the same question, plus the stream core's cost per 500-event batch at each size. Both sizes are
+the same site traffic (~111k events a day); 10M is 90 days of it, 1M nine: the batch cost must not
+grow with the history.
 
     python3 tests/bench/bench_query.py [--sizes 1000000,10000000] [--data /tmp/bk-bench] [--requests 60]
 
-For each size, a child process owns the embedded engine: it generates 90 days of traffic for one
-site (Europe/Stockholm) and stores it the way the product does — through the stream core, in
+For each size, a child process owns the embedded engine: it generates the traffic for one site
+(Europe/Stockholm) and stores it the way the product does — through the stream core, in
 time order, in batches — unless the data folder already holds it; then it times 40 live-like
 500-event batches, the naive raw-event queries and the API's own SQL in-process. Then
 `besokskollen up` serves the folder and every endpoint is timed over HTTP (sequential requests,
@@ -29,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 SITE, DOMAIN, TZ = "bench-example", "bench.example", "Europe/Stockholm"
 KEY = "bk_bench_key_0123456789abcdef"
-DAYS = 90
+DAILY_EVENTS = 111_600  # every size has the same traffic: 10M events are 90 days of it, 1M nine
 PAGES = ["/"] + [f"/produkt/p{i}" for i in range(150)] + [f"/guide/g{i}" for i in range(40)] + ["/om-oss", "/kontakt"]
 REFERRERS = [("", "", "direct", 30), ("https://www.google.se/", "Google", "search", 40),
              ("https://www.bing.com/", "Bing", "search", 5), ("https://l.facebook.com/", "Facebook", "social", 8),
@@ -46,14 +48,16 @@ def _weighted(rng: random.Random, items: list[tuple]) -> tuple:
 
 def generate(total: int, end: datetime, seed: int = 1):
     """Yields lists of Events, one UTC day at a time, oldest first: sessions of 1–8 events,
-    returning visitors, a daily visitor id per person (as the daily salt gives)."""
+    returning visitors, a daily visitor id per person (as the daily salt gives); DAILY_EVENTS a
+    day, so `total` decides how many days of history there are."""
     from ingest.event import Event
 
     rng = random.Random(seed)
-    first_day = (end - timedelta(days=DAYS - 1)).date()
+    days = max(1, round(total / DAILY_EVENTS))
+    first_day = (end - timedelta(days=days - 1)).date()
     people = max(1000, total // 25)
-    sessions_per_day = total / DAYS / 2.3  # events per session: 1 + ⌊Exp(0.55)⌋ ≈ 2.3
-    for d in range(DAYS):
+    sessions_per_day = DAILY_EVENTS / 2.3  # events per session: 1 + ⌊Exp(0.55)⌋ ≈ 2.3
+    for d in range(days):
         day = first_day + timedelta(days=d)
         midnight = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
         out = []
