@@ -107,9 +107,16 @@ def _validate(raw: bytes, site: Site, now: datetime) -> ImportedEvent:
         raise _Rejected(*problem(exc)) from None
     if event.site_id is not None and event.site_id != site.site_id:
         raise _Rejected("site_id", "wrong_site", f"site_id: {event.site_id!r} is not the site imported to")
-    if event.domain is not None and normalize_domain(event.domain) != site.domain:
+    if event.domain is not None and _hostname(event.domain) != site.domain:
         raise _Rejected("domain", "wrong_site", f"domain: {event.domain!r} is not the site imported to")
     return event
+
+
+def _hostname(domain: str) -> str | None:
+    try:
+        return normalize_domain(domain)
+    except ValueError:
+        return None
 
 
 def to_events(lines: list[Line], site: Site, visitors: Visitors) -> list[Event]:

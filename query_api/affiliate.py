@@ -1,8 +1,12 @@
-"""`/popular/*`: affiliate clicks from the hourly rollups, over the last N UTC calendar days."""
+"""`/popular/*` and `/trending/products`: affiliate clicks from the rollups (kind `click`, value
+"id\x1fslug\x1fcategory\x1fbrand\x1fpartner"). `days` are the last N UTC calendar days (whole
+days of `rollup_1d`); trending windows count back from the end of the current UTC quarter hour
+(`rollup_15m`)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Annotated
 
 from clickhouse_connect.driver.client import Client
@@ -10,25 +14,39 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from query_api.deps import Ctx, Key, cached_json, readable_site
-from query_api.models import PopularProductsResponse
-from query_api.periods import iso_z, utc_days
+from query_api.models import (PopularCategoriesResponse, PopularPartnersResponse, PopularProductsResponse,
+                              TrendingResponse)
+from query_api.periods import iso_z, round_half_away, utc_days
 from streams.activity import SEPARATOR
+from streams.buckets import BUCKET, bucket_of
 
 router = APIRouter(tags=["affiliate"])
 
-# Clicks per product dimensions and UTC day (kind `click`, value "id\x1fslug\x1fcategory\x1fbrand\x1fpartner").
-_CLICKS = """
-SELECT parts[1] AS product_id, parts[2] AS product_slug, events AS clicks
+# Click rows of the period, split into their product dimensions; filters by category and brand.
+_DAILY_CLICKS = """
+SELECT parts[1] AS product_id, parts[2] AS product_slug, parts[3] AS category_slug, parts[5] AS partner_slug,
+       events AS clicks
 FROM (SELECT splitByChar(%(separator)s, value) AS parts, events FROM rollup_1d FINAL
       WHERE site_id = %(site)s AND kind = 'click' AND day >= toDate(%(first)s) AND day <= toDate(%(last)s))
-WHERE (%(category)s = '' OR parts[3] = %(category)s)
-  AND (%(brand)s = '' OR parts[4] = %(brand)s)
+WHERE (%(category)s = '' OR parts[3] = %(category)s) AND (%(brand)s = '' OR parts[4] = %(brand)s)
 """
-# Values are bound by the driver (escaped literals), as in query_api/stats.py.
-_PRODUCTS = f"""
-SELECT product_id, product_slug, sum(clicks) AS n, sum(n) OVER () AS total FROM ({_CLICKS})
+# Values are bound by the driver (escaped literals), as in query_api/stats.py. Every list comes
+# with the total of the filtered set (for meta.total_clicks), whatever the limit leaves out.
+_POPULAR = f"""
+SELECT {{dims}}, sum(clicks) AS n, sum(n) OVER () AS total FROM ({_DAILY_CLICKS})
+GROUP BY {{dims}}
+ORDER BY n DESC, {{order}}
+"""
+_TRENDING = """
+SELECT product_id, product_slug,
+       sumIf(clicks, bucket >= toDateTime(%(recent_start)s, 'UTC')) AS recent,
+       sumIf(clicks, bucket < toDateTime(%(recent_start)s, 'UTC')) AS baseline
+FROM (SELECT parts[1] AS product_id, parts[2] AS product_slug, bucket, events AS clicks
+      FROM (SELECT splitByChar(%(separator)s, value) AS parts, bucket, events FROM rollup_15m FINAL
+            WHERE site_id = %(site)s AND kind = 'click'
+              AND bucket >= toDateTime(%(baseline_start)s, 'UTC') AND bucket < toDateTime(%(recent_end)s, 'UTC'))
+      WHERE (%(category)s = '' OR parts[3] = %(category)s) AND (%(brand)s = '' OR parts[4] = %(brand)s))
 GROUP BY product_id, product_slug
-ORDER BY n DESC, product_slug, product_id
 """
 
 
@@ -36,33 +54,114 @@ def confidence(total_clicks: int) -> str:
     return "high" if total_clicks >= 50 else "medium" if total_clicks >= 10 else "low"
 
 
-def popular_products(client: Client, site_id: str, start: datetime, end: datetime, limit: int,
-                     category: str = "", brand: str = "", min_clicks: int = 0) -> dict:
+def _popular(client: Client, site_id: str, start: datetime, end: datetime, dims: str, order: str,
+             category: str = "", brand: str = "") -> tuple[list[tuple], dict]:
     params = {"site": site_id, "first": start.date(), "last": end.date(), "category": category, "brand": brand,
               "separator": SEPARATOR}
-    rows = client.query(_PRODUCTS, parameters=params).result_rows
-    # total_clicks counts every click matching the period and the category/brand filters,
-    # whatever `limit` and `min_clicks` leave in the list.
-    total = rows[0][3] if rows else 0
+    rows = client.query(_POPULAR.replace("{dims}", dims).replace("{order}", order), parameters=params).result_rows
+    total = rows[0][-1] if rows else 0
+    meta = {"period": {"from": iso_z(start), "to": iso_z(end)}, "total_clicks": total, "confidence": confidence(total)}
+    return rows, meta
+
+
+def popular_products(client: Client, site_id: str, start: datetime, end: datetime, limit: int,
+                     category: str = "", brand: str = "", min_clicks: int = 0) -> dict:
+    rows, meta = _popular(client, site_id, start, end, "product_id, product_slug", "product_slug, product_id",
+                          category, brand)
     listed = [row for row in rows if row[2] >= min_clicks][:limit]
+    return {"data": [{"product_id": p, "product_slug": s, "clicks": n} for p, s, n, _ in listed], "meta": meta}
+
+
+def popular_categories(client: Client, site_id: str, start: datetime, end: datetime, limit: int) -> dict:
+    """Clicks without a category are in total_clicks but not listed."""
+    rows, meta = _popular(client, site_id, start, end, "category_slug", "category_slug")
+    return {"data": [{"category_slug": c, "clicks": n} for c, n, _ in rows if c][:limit], "meta": meta}
+
+
+def popular_partners(client: Client, site_id: str, start: datetime, end: datetime, limit: int) -> dict:
+    """`share` is the partner's part of total_clicks, two decimals (half away from zero)."""
+    rows, meta = _popular(client, site_id, start, end, "partner_slug", "partner_slug")
+    total = meta["total_clicks"]
+    return {"data": [{"partner_slug": p, "clicks": n, "share": round_half_away(Decimal(n) / total, 2)}
+                     for p, n, _ in rows if p][:limit], "meta": meta}
+
+
+def trending_products(client: Client, site_id: str, now: datetime, recent_hours: int, baseline_days: int,
+                      min_growth: float, min_recent_clicks: int, limit: int, category: str = "",
+                      brand: str = "") -> dict:
+    """Clicks in the last `recent_hours` against the average per `recent_hours` window of the
+    `baseline_days` before them. A product without baseline clicks has no growth to compute: it
+    trends when it reaches min_recent_clicks, with growth_percent null, listed before the others
+    (new and already clicked), by its recent clicks."""
+    recent_end = bucket_of(now) + BUCKET
+    recent_start = recent_end - timedelta(hours=recent_hours)
+    baseline_start = recent_start - timedelta(days=baseline_days)
+    windows = Decimal(baseline_days * 24) / recent_hours  # recent-sized windows in the baseline
+    rows = client.query(_TRENDING, parameters={
+        "site": site_id, "separator": SEPARATOR, "category": category, "brand": brand,
+        "recent_start": recent_start, "recent_end": recent_end, "baseline_start": baseline_start}).result_rows
+    trending, recent_total = [], 0
+    for product_id, slug, recent, baseline in rows:
+        recent_total += recent
+        average = Decimal(baseline) / windows
+        growth = (Decimal(recent) - average) * 100 / average if baseline else None
+        if recent >= min_recent_clicks and recent > 0 and (growth is None or growth >= Decimal(str(min_growth))):
+            trending.append((growth, recent, product_id, slug, average))
+    # New products first (no growth to compare), then by growth; ties by recent clicks, then slug.
+    trending.sort(key=lambda t: (t[0] is not None, -(t[0] or 0), -t[1], t[3], t[2]))
     return {
-        "data": [{"product_id": p, "product_slug": s, "clicks": n} for p, s, n, _ in listed],
-        "meta": {"period": {"from": iso_z(start), "to": iso_z(end)}, "total_clicks": total,
-                 "confidence": confidence(total)},
+        "data": [{"product_id": p, "product_slug": s, "clicks_recent": r,
+                  "clicks_baseline_avg": float(round_half_away(avg, 1)),
+                  "growth_percent": round_half_away(g) if g is not None else None}
+                 for g, r, p, s, avg in trending[:limit]],
+        "meta": {"recent_period": {"hours": recent_hours, "from": iso_z(recent_start), "to": iso_z(recent_end)},
+                 "baseline_period": {"days": baseline_days, "from": iso_z(baseline_start), "to": iso_z(recent_start)},
+                 "total_trending": len(trending), "total_clicks": recent_total, "confidence": confidence(recent_total)},
     }
 
 
+SiteId = Annotated[str, Query(description="Site ID", max_length=100)]
+Days = Annotated[int, Query(ge=1, le=365, description="Number of UTC days including today")]
+Slug = Annotated[str, Query(max_length=200)]
+
+
 @router.get("/popular/products", response_model=PopularProductsResponse)
-def get_popular_products(
-    request: Request, ctx: Ctx, key: Key,
-    site_id: Annotated[str, Query(description="Site ID")],
-    days: Annotated[int, Query(ge=1, le=365, description="Number of UTC days including today")] = 30,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    category_slug: Annotated[str, Query(max_length=200)] = "",
-    brand_slug: Annotated[str, Query(max_length=200)] = "",
-    min_clicks: Annotated[int, Query(ge=0)] = 0,
-) -> Response:
+def get_popular_products(request: Request, ctx: Ctx, key: Key, site_id: SiteId, days: Days = 30,
+                         limit: Annotated[int, Query(ge=1, le=100)] = 20, category_slug: Slug = "",
+                         brand_slug: Slug = "", min_clicks: Annotated[int, Query(ge=0)] = 0) -> Response:
     site = readable_site(ctx, key, site_id)
     start, end = utc_days(days)
     return cached_json(request, popular_products(ctx.client, site.site_id, start, end, limit,
                                                  category_slug, brand_slug, min_clicks))
+
+
+@router.get("/popular/categories", response_model=PopularCategoriesResponse)
+def get_popular_categories(request: Request, ctx: Ctx, key: Key, site_id: SiteId, days: Days = 30,
+                           limit: Annotated[int, Query(ge=1, le=100)] = 10) -> Response:
+    site = readable_site(ctx, key, site_id)
+    start, end = utc_days(days)
+    return cached_json(request, popular_categories(ctx.client, site.site_id, start, end, limit))
+
+
+@router.get("/popular/partners", response_model=PopularPartnersResponse)
+def get_popular_partners(request: Request, ctx: Ctx, key: Key, site_id: SiteId, days: Days = 30,
+                         limit: Annotated[int, Query(ge=1, le=100)] = 10) -> Response:
+    site = readable_site(ctx, key, site_id)
+    start, end = utc_days(days)
+    return cached_json(request, popular_partners(ctx.client, site.site_id, start, end, limit))
+
+
+@router.get("/trending/products", response_model=TrendingResponse)
+def get_trending_products(
+    request: Request, ctx: Ctx, key: Key, site_id: SiteId,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+    recent_hours: Annotated[int, Query(ge=1, le=168, description="Hours to analyse, back from now")] = 24,
+    baseline_days: Annotated[int, Query(ge=1, le=90, description="Days before the recent window")] = 7,
+    min_growth: Annotated[float, Query(ge=-100, le=1_000_000, description="Minimum growth in percent")] = 100,
+    min_recent_clicks: Annotated[int, Query(ge=0, description="Minimum clicks in the recent window")] = 3,
+    category_slug: Slug = "", brand_slug: Slug = "",
+) -> Response:
+    site = readable_site(ctx, key, site_id)
+    return cached_json(request, trending_products(ctx.client, site.site_id, datetime.now(timezone.utc), recent_hours,
+                                                  baseline_days, min_growth, min_recent_clicks, limit,
+                                                  category_slug, brand_slug))

@@ -132,3 +132,57 @@ class AffiliateMeta(BaseModel):
 class PopularProductsResponse(BaseModel):
     data: list[PopularProduct]
     meta: AffiliateMeta
+
+
+class CategoryClicks(BaseModel):
+    category_slug: str
+    clicks: int
+
+
+class PopularCategoriesResponse(BaseModel):
+    data: list[CategoryClicks]
+    meta: AffiliateMeta
+
+
+class PartnerClicks(BaseModel):
+    partner_slug: str
+    clicks: int
+    share: float = Field(description="Part of meta.total_clicks, two decimals")
+
+
+class PopularPartnersResponse(BaseModel):
+    data: list[PartnerClicks]
+    meta: AffiliateMeta
+
+
+class TrendingProduct(BaseModel):
+    product_id: str
+    product_slug: str
+    clicks_recent: int
+    clicks_baseline_avg: float = Field(description="Baseline clicks per recent_hours window, one decimal")
+    growth_percent: int | None = Field(description="Whole percent; null when the product had no baseline clicks")
+
+
+class RecentPeriod(BaseModel):
+    hours: int
+    from_: str = Field(alias="from")
+    to: str
+
+
+class BaselinePeriod(BaseModel):
+    days: int
+    from_: str = Field(alias="from")
+    to: str
+
+
+class TrendingMeta(BaseModel):
+    recent_period: RecentPeriod
+    baseline_period: BaselinePeriod
+    total_trending: int
+    total_clicks: int = Field(description="Clicks in the recent window (filtered)")
+    confidence: Literal["high", "medium", "low"]
+
+
+class TrendingResponse(BaseModel):
+    data: list[TrendingProduct]
+    meta: TrendingMeta

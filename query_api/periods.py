@@ -94,9 +94,11 @@ def iso_z(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def round_half_away(value: float | Decimal) -> int:
-    """Whole-number percentages, half away from zero (Python's round() is half-to-even)."""
-    return int(Decimal(str(value)).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+def round_half_away(value: float | Decimal, places: int = 0):
+    """Half away from zero (Python's round() is half-to-even): an int for whole numbers, else a
+    float with `places` decimals."""
+    rounded = Decimal(str(value)).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+    return int(rounded) if places == 0 else float(rounded)
 
 
 def percent(part: int, whole: int) -> int:

@@ -243,6 +243,18 @@ async def test_request_errors(client, site, headers, site_id, status, code):
     assert response.json()["error"]["code"] == code
 
 
+async def test_a_line_naming_another_or_no_hostname_is_rejected(client, site):
+    lines = history(site.domain, 3, seed=6)
+    lines[1] = {**lines[1], "domain": "' OR 1=1 --.se"}
+    lines[2] = {**lines[2], "domain": "other.example"}
+    response = await post_import(client, site.site_id, ndjson(lines))
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert data["accepted"] == 1
+    assert [(r["line"], r["field"], r["code"]) for r in data["rejected"]] == [(2, "domain", "wrong_site"),
+                                                                              (3, "domain", "wrong_site")]
+
+
 async def test_keys_reach_only_their_sites(client, services, site):
     other = services.sites.create("default", f"other-{uuid.uuid4().hex[:10]}.example")
     foreign = services.sites.create("another-account", f"foreign-{uuid.uuid4().hex[:10]}.example")
