@@ -23,6 +23,8 @@ from query_api.deps import Context
 from query_api.keys import KeyStore
 from streams import replay, storage
 from streams.core import StreamCore
+from streams.funnels import FunnelRegistry
+from streams.goals import GoalRegistry
 from streams.embedded import EmbeddedRunner
 from streams.sessions import has_open_session, open_at
 from streams.sites import SiteRegistry
@@ -42,7 +44,7 @@ class Services:
 
     @property
     def query_context(self) -> Context:
-        return Context(self.client, self.sites, self.keys)
+        return Context(self.client, self.sites, self.keys, GoalRegistry(self.client), FunnelRegistry(self.client))
 
 
 def open_services(settings: Settings) -> Services:

@@ -13,6 +13,8 @@ from fastapi.responses import Response
 
 from query_api.errors import APIError
 from query_api.keys import ApiKey, KeyStore, bearer_token
+from streams.funnels import FunnelRegistry
+from streams.goals import GoalRegistry
 from streams.sites import Site, SiteRegistry
 
 CACHE_CONTROL = "public, max-age=1800, stale-while-revalidate=3600, stale-if-error=86400"
@@ -23,6 +25,8 @@ class Context:
     client: Client
     sites: SiteRegistry
     keys: KeyStore
+    goals: GoalRegistry
+    funnels: FunnelRegistry
 
 
 def context(request: Request) -> Context:

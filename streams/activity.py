@@ -9,7 +9,8 @@ A row (kind, value, bucket, visitor) says the visitor was active there, with:
 
 Kinds and values: `total` (""), `page` (path; pageviews), `name` (event name; not pageviews),
 `source` ("source\\x1fchannel" of a session's first event; rows at session starts), `country`
-(likewise), `click` (the product dimensions of an affiliate click).
+(likewise), `click` (the product dimensions of an affiliate click), `goal` (the id of a goal the
+event matches, streams/goals.py).
 
 Unique visitors over a period [S, E) are then exact and additive: a visitor counts once, in the
 first bucket of the period where it was active, which is a bucket b whose gap is 0 or reaches
@@ -29,6 +30,7 @@ from clickhouse_connect.driver.client import Client
 
 from ingest.event import Event
 from streams.buckets import BUCKET_S, bucket_of
+from streams.goals import Goal
 from streams.sessions import Session
 
 SEPARATOR = "\x1f"
@@ -61,7 +63,8 @@ class Activity:
         return self.site_id, self.kind, self.value, self.bucket, self.visitor_id
 
 
-def activity(site_id: str, visitor_id: int, events: Sequence[Event], sessions: Sequence[Session]) -> dict[tuple, Activity]:
+def activity(site_id: str, visitor_id: int, events: Sequence[Event], sessions: Sequence[Session],
+             goals: Sequence[Goal] = ()) -> dict[tuple, Activity]:
     """Every activity row of one visitor, by key."""
     counts: dict[tuple[str, str, datetime], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
     for e in events:
@@ -75,6 +78,9 @@ def activity(site_id: str, visitor_id: int, events: Sequence[Event], sessions: S
             counts[("name", e.name, bucket)][0] += 1
         if e.name == "click" and e.product_id:
             counts[("click", product_value(e), bucket)][0] += 1
+        for goal in goals:
+            if goal.matches(e.name, e.pathname):
+                counts[("goal", goal.goal_id, bucket)][0] += 1
     for s in sessions:
         for kind, value in (("total", ""), ("source", source_value(s.source, s.channel)), ("country", s.country)):
             row = counts[(kind, value, s.bucket)]

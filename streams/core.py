@@ -29,6 +29,7 @@ from streams import activity, rollups, sessions
 from streams import events as raw_events
 from streams.activity import Activity
 from streams.buckets import history_window
+from streams.goals import GoalRegistry
 from streams.sessions import Session, event_order, sessionize
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class StreamCore:
     def __init__(self, client: Client, session_timeout_s: int) -> None:
         self._client = client
         self._timeout = timedelta(seconds=session_timeout_s)
+        self._goals = GoalRegistry(client)
 
     def process(self, batch: list[Event], rewrite: bool = False) -> None:
         """Idempotent: processing a batch again, whole or in part, changes no number. `rewrite`
@@ -131,8 +133,9 @@ class StreamCore:
                     changes.events.append((stored[eid], s.session_id))
 
         # Activity: likewise, by key; the buckets of every changed row are rebuilt.
-        old = activity.activity(site_id, visitor_id, before_events, before) if before_events else {}
-        fresh = activity.activity(site_id, visitor_id, after_events, after)
+        goals = self._goals.for_site(site_id)
+        old = activity.activity(site_id, visitor_id, before_events, before, goals) if before_events else {}
+        fresh = activity.activity(site_id, visitor_id, after_events, after, goals)
         for key, row in fresh.items():
             if old.get(key) != row:
                 changes.activity.append(row)

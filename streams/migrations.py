@@ -251,16 +251,48 @@ def _drop_visitor_sorted_sessions(client: Client) -> None:
         client.command("DROP TABLE IF EXISTS sessions")
 
 
+# -- 3: goals and funnels -----------------------------------------------------------------------
+
+_GOALS = """
+CREATE TABLE IF NOT EXISTS goals (
+    site_id      String,
+    goal_id      String,
+    name         String,
+    event_type   LowCardinality(String),
+    match_path   String,
+    match_event  String,
+    created_at   DateTime64(3, 'UTC'),
+    deleted      UInt8,
+    version      UInt64
+) ENGINE = ReplacingMergeTree(version)
+ORDER BY (site_id, goal_id)
+"""
+
+# Steps as JSON ([{"name", "type", "match_value", "match_type"}]); read by id, so keyed by id.
+_FUNNELS = """
+CREATE TABLE IF NOT EXISTS funnels (
+    funnel_id    String,
+    site_id      String,
+    name         String,
+    steps        String,
+    created_at   DateTime64(3, 'UTC'),
+    deleted      UInt8,
+    version      UInt64
+) ENGINE = ReplacingMergeTree(version)
+ORDER BY funnel_id
+"""
+
 Step = str | Callable[[Client], None]
 
 MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (1, "initial schema", [_EVENTS, _SESSIONS, _AFFILIATE_CLICKS_HOURLY, _SITES, _API_KEYS, _SALTS]),
     (2, "rollups for every traffic number", [_drop_visitor_sorted_sessions, _SESSIONS_V2, _ACTIVITY, _ROLLUP_15M,
                                              _ROLLUP_1D, "DROP TABLE IF EXISTS affiliate_clicks_hourly"]),
+    (3, "goals and funnels", [_GOALS, _FUNNELS]),
 ]
 
 # Tables holding a site's data: deleting a site deletes its rows from each.
-SITE_DATA_TABLES = ("events", "sessions", "activity", "rollup_15m", "rollup_1d")
+SITE_DATA_TABLES = ("events", "sessions", "activity", "rollup_15m", "rollup_1d", "goals", "funnels")
 
 # Migrations after which the derived tables must be rebuilt from the raw events.
 REPLAY_AFTER = {2}

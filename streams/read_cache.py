@@ -52,9 +52,10 @@ class ReadThroughCache(Generic[K, V]):
             self._misses.pop(key, None)
 
     def forget(self, key: K) -> None:
+        """The row changed here: the next get reads it again."""
         with self._lock:
             self._hits.pop(key, None)
-            self._misses[key] = time.monotonic()
+            self._misses.pop(key, None)
 
     def _fresh_hit(self, key: K) -> V | None:
         hit = self._hits.get(key)

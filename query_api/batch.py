@@ -1,0 +1,90 @@
+"""`POST /batch`: several GET requests for one site in one round trip (the reference's "Batch
+Requests"). Sub-requests run concurrently through this same application — the same validation,
+errors and answers as when sent alone — marked internal, so the batch costs one rate-limit unit."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+from query_api.deps import Ctx, Key, readable_site
+from query_api.models import BatchResponse
+
+router = APIRouter(tags=["batch"])
+
+MAX_REQUESTS = 20
+# Endpoints that take the batch's site_id; funnel stats name their site through the funnel.
+_SITE_ENDPOINTS = frozenset({"stats/overview", "stats/pages", "stats/referrers", "stats/countries",
+                             "popular/products", "popular/categories", "popular/partners", "trending/products",
+                             "goals", "funnels"})
+_FUNNEL_STATS = re.compile(r"funnels/(f_[0-9a-f]{16})/stats")
+
+Scalar = str | int | float | bool
+
+
+class SubRequest(BaseModel):
+    endpoint: Annotated[str, Field(min_length=1, max_length=100, examples=["popular/products"])]
+    params: dict[str, Scalar] = Field(default_factory=dict, max_length=20)
+
+
+class BatchRequest(BaseModel):
+    site_id: Annotated[str, Field(min_length=1, max_length=100)]
+    requests: Annotated[list[SubRequest], Field(min_length=1, max_length=MAX_REQUESTS)]
+
+
+def _error(endpoint: str, code: str, message: str) -> dict:
+    return {"endpoint": endpoint, "error": {"code": code, "message": message}}
+
+
+async def _run(request: Request, ctx, site_id: str, sub: SubRequest) -> dict:
+    endpoint = sub.endpoint.strip("/")
+    params = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in sub.params.items()}
+    if endpoint in _SITE_ENDPOINTS:
+        params["site_id"] = site_id
+    elif (found := _FUNNEL_STATS.fullmatch(endpoint)) is not None:
+        funnel = await asyncio.to_thread(ctx.funnels.get, found.group(1))
+        if funnel is None or funnel.site_id != site_id:
+            return _error(sub.endpoint, "funnel_not_found", f"no funnel {found.group(1)!r} on site {site_id!r}")
+    else:
+        return _error(sub.endpoint, "unknown_endpoint",
+                      f"batch serves {', '.join(sorted(_SITE_ENDPOINTS))} and funnels/{{id}}/stats")
+    path = f"/api/v1/{endpoint}"
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": urlencode(params).encode(),
+             "headers": [(b"authorization", request.headers.get("authorization", "").encode())],
+             "client": request.scope.get("client"), "server": request.scope.get("server"),
+             "state": {"batch_internal": True}}
+    status, chunks = 500, []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await request.app(scope, receive, send)
+    body: dict[str, Any] = orjson.loads(b"".join(chunks) or b"{}")
+    if status == 200:
+        return {"endpoint": sub.endpoint, **body}
+    return {"endpoint": sub.endpoint, "error": body.get("error", {"code": "error", "message": f"status {status}"})}
+
+
+@router.post("/batch", response_model=BatchResponse)
+async def batch(request: Request, ctx: Ctx, key: Key, body: BatchRequest) -> Response:
+    """Up to 20 (MAX_REQUESTS) GET requests for one site (`site_id` is added to each), run
+    concurrently; each result carries its `endpoint` and either `data`/`meta` or its own `error`.
+    Counts as one request against the rate limit."""
+    site = await asyncio.to_thread(readable_site, ctx, key, body.site_id)
+    results = await asyncio.gather(*(_run(request, ctx, site.site_id, sub) for sub in body.requests))
+    return Response(orjson.dumps({"results": results}), media_type="application/json")

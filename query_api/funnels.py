@@ -1,0 +1,118 @@
+"""`/funnels`: list, create and delete a site's funnels, and `/funnels/{id}/stats`: how many
+sessions that started in the period went through the steps in order.
+
+Counted from the raw events: only they keep the order of events within a session. Events that
+match no step are skipped before anything else is read (PREWHERE), and ClickHouse's windowFunnel
+finds, per session, how many steps were done in order, each strictly later than the one before."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from clickhouse_connect.driver.client import Client
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+from query_api.deps import Ctx, Key, cached_json, readable_site
+from query_api.errors import APIError
+from query_api.models import FunnelCreated, FunnelsResponse, FunnelStatsResponse
+from query_api.periods import Period, percent, stats_period
+from query_api.stats import From, PeriodName, SiteId, To
+from streams.buckets import VISITOR_LIFETIME
+from streams.funnels import Funnel, Step
+
+router = APIRouter(tags=["funnels"])
+
+MIN_STEPS, MAX_STEPS = 2, 8
+
+
+class StepIn(BaseModel):
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    type: Literal["pageview", "event"]
+    match_value: Annotated[str, Field(min_length=1, max_length=2000)]
+    match_type: Literal["exact", "startswith"] = "exact"
+
+
+class FunnelCreate(BaseModel):
+    site_id: Annotated[str, Field(min_length=1, max_length=100)]
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    steps: Annotated[list[StepIn], Field(min_length=MIN_STEPS, max_length=MAX_STEPS)]
+
+
+def _condition(step: Step, n: int) -> str:
+    field = "pathname" if step.type == "pageview" else "name"
+    match = f"{field} = %(v{n})s" if step.match_type == "exact" else f"startsWith({field}, %(v{n})s)"
+    return f"(name = 'pageview' AND {match})" if step.type == "pageview" else f"({match})"
+
+
+# Sessions that started in the period (sessions are at most two days long, so their events lie
+# before `until`); per session the number of steps done in order.
+_STATS = """
+SELECT level, count() FROM (
+    SELECT session_id,
+           windowFunnel(%(window_ms)s, 'strict_increase')(toUInt64(toUnixTimestamp64Milli(timestamp)), {steps})
+               AS level
+    FROM events
+    PREWHERE site_id = %(site)s AND timestamp >= toDateTime64(%(start)s, 3, 'UTC')
+         AND timestamp < toDateTime64(%(until)s, 3, 'UTC') AND ({any_step})
+    WHERE session_id IN (SELECT session_id FROM sessions FINAL WHERE site_id = %(site)s
+                         AND start >= toDateTime64(%(start)s, 3, 'UTC') AND start < toDateTime64(%(end)s, 3, 'UTC'))
+    GROUP BY session_id
+)
+WHERE level > 0
+GROUP BY level
+"""
+
+
+def funnel_stats(client: Client, funnel: Funnel, period: Period) -> dict:
+    conditions = [_condition(step, n) for n, step in enumerate(funnel.steps)]
+    sql = _STATS.replace("{steps}", ", ".join(conditions)).replace("{any_step}", " OR ".join(conditions))
+    params = {"site": funnel.site_id, "start": period.start_utc, "end": period.end_utc,
+              "until": period.end_utc + VISITOR_LIFETIME, "window_ms": int(VISITOR_LIFETIME.total_seconds() * 1000),
+              **{f"v{n}": s.match_value for n, s in enumerate(funnel.steps)}}
+    at_level = dict(client.query(sql, parameters=params).result_rows)
+    reached = [sum(n for level, n in at_level.items() if level >= k) for k in range(1, len(funnel.steps) + 1)]
+    steps = []
+    for k, (step, sessions) in enumerate(zip(funnel.steps, reached)):
+        before = reached[k - 1] if k else 0
+        steps.append({"name": step.name, "sessions": sessions,
+                      "dropoff_rate": percent(before - sessions, before) if k else 0,
+                      "conversion_from_start": percent(sessions, reached[0])})
+    return {"funnel": {"id": funnel.funnel_id, "name": funnel.name}, "steps": steps,
+            "overall_conversion": percent(reached[-1], reached[0])}
+
+
+def _readable_funnel(ctx, key, funnel_id: str) -> Funnel:
+    funnel = ctx.funnels.get(funnel_id)
+    if funnel is None:
+        raise APIError(404, "funnel_not_found", f"no funnel with id {funnel_id!r}")
+    readable_site(ctx, key, funnel.site_id)
+    return funnel
+
+
+@router.get("/funnels", response_model=FunnelsResponse)
+def list_funnels(request: Request, ctx: Ctx, key: Key, site_id: SiteId) -> Response:
+    site = readable_site(ctx, key, site_id)
+    return cached_json(request, {"data": [f.as_json() for f in ctx.funnels.for_site(site.site_id)]})
+
+
+@router.post("/funnels", response_model=FunnelCreated, status_code=201)
+def create_funnel(request: Request, ctx: Ctx, key: Key, body: FunnelCreate) -> Response:
+    site = readable_site(ctx, key, body.site_id)
+    funnel = ctx.funnels.create(site.site_id, body.name, [Step(**s.model_dump()) for s in body.steps])
+    return cached_json(request, {"data": funnel.as_json()}, status=201)
+
+
+@router.delete("/funnels/{funnel_id}", status_code=204, response_class=Response)
+def delete_funnel(ctx: Ctx, key: Key, funnel_id: str) -> Response:
+    ctx.funnels.delete(_readable_funnel(ctx, key, funnel_id))
+    return Response(status_code=204)
+
+
+@router.get("/funnels/{funnel_id}/stats", response_model=FunnelStatsResponse)
+def get_funnel_stats(request: Request, ctx: Ctx, key: Key, funnel_id: str, period: PeriodName = "30d",
+                     from_: From = None, to: To = None) -> Response:
+    funnel = _readable_funnel(ctx, key, funnel_id)
+    site = ctx.sites.get(funnel.site_id)
+    return cached_json(request, {"data": funnel_stats(ctx.client, funnel, stats_period(period, site.timezone, from_, to))})

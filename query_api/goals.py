@@ -1,0 +1,84 @@
+"""`/goals`: list (with converted visitors, conversions and conversion rate for a period), create
+and delete a site's goals. The numbers come from the rollups of kind `goal` (streams/goals.py)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field, model_validator
+
+from query_api import stats
+from query_api.deps import Ctx, Key, cached_json, readable_site
+from query_api.errors import APIError
+from query_api.models import GoalCreated, GoalsResponse
+from query_api.periods import percent, stats_period
+from query_api.stats import From, PeriodName, SiteId, To
+from streams.goals import Goal, backfill_twice
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["goals"])
+
+Text = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class GoalCreate(BaseModel):
+    site_id: Annotated[str, Field(min_length=1, max_length=100)]
+    name: Text
+    event_type: Literal["pageview", "event"]
+    match_path: Annotated[str, Field(min_length=1, max_length=2000, pattern=r"^/")] | None = None
+    match_event: Annotated[str, Field(min_length=1, max_length=120)] | None = None
+
+    @model_validator(mode="after")
+    def _one_match(self) -> GoalCreate:
+        if self.event_type == "pageview" and (self.match_path is None or self.match_event is not None):
+            raise ValueError("a pageview goal needs match_path (a path starting with /) and no match_event")
+        if self.event_type == "event" and (self.match_event is None or self.match_path is not None):
+            raise ValueError("an event goal needs match_event and no match_path")
+        return self
+
+
+def _describe(goal: Goal) -> dict:
+    match = {"match_path": goal.match_path} if goal.event_type == "pageview" else {"match_event": goal.match_event}
+    return {"id": goal.goal_id, "name": goal.name, "event_type": goal.event_type, **match}
+
+
+@router.get("/goals", response_model=GoalsResponse, response_model_exclude_none=True)
+def list_goals(request: Request, ctx: Ctx, key: Key, site_id: SiteId, period: PeriodName = "30d",
+               from_: From = None, to: To = None) -> Response:
+    """The site's goals, oldest first, with converted visitors (distinct visitors with a matching
+    event in the period), conversions (matching events) and conversion_rate (converted visitors
+    of all the period's visitors, percent)."""
+    site = readable_site(ctx, key, site_id)
+    span = stats_period(period, site.timezone, from_, to)
+    goals = ctx.goals.for_site(site.site_id)
+    converted = {goal_id: (visitors, events) for goal_id, visitors, events, _ in
+                 stats.breakdown(ctx.client, site.site_id, span, "goal", "1", max(len(goals), 1))} if goals else {}
+    all_visitors = stats.totals(ctx.client, site.site_id, span)["visitors"] if goals else 0
+    data = []
+    for goal in goals:
+        visitors, conversions = converted.get(goal.goal_id, (0, 0))
+        data.append({**_describe(goal), "visitors": visitors, "conversions": conversions,
+                     "conversion_rate": percent(visitors, all_visitors)})
+    return cached_json(request, {"data": data})
+
+
+@router.post("/goals", response_model=GoalCreated, status_code=201, response_model_exclude_none=True)
+def create_goal(request: Request, ctx: Ctx, key: Key, body: GoalCreate) -> Response:
+    """Applies to all stored data: answers once the goal's past conversions are counted."""
+    site = readable_site(ctx, key, body.site_id)
+    goal = ctx.goals.create(site.site_id, body.name, body.event_type, body.match_path or "", body.match_event or "")
+    backfill_twice(ctx.client, goal, on_error=lambda exc: log.error("backfill of %s failed: %s", goal.goal_id, exc))
+    return cached_json(request, {"data": {**_describe(goal), "site_id": site.site_id}}, status=201)
+
+
+@router.delete("/goals/{goal_id}", status_code=204, response_class=Response)
+def delete_goal(ctx: Ctx, key: Key, goal_id: str) -> Response:
+    goal = ctx.goals.get(goal_id)
+    if goal is None:
+        raise APIError(404, "goal_not_found", f"no goal with id {goal_id!r}")
+    readable_site(ctx, key, goal.site_id)
+    ctx.goals.delete(goal)
+    return Response(status_code=204)

@@ -1,0 +1,144 @@
+"""Goals (SPEC §7): pageview goals match a path exactly or with `*` wildcards (any run of
+characters, `/` included), event goals match an event name.
+
+A goal is a dimension of its own: the stream core writes `activity` rows of kind `goal` (value:
+the goal id) for every event that matches one of the site's goals, so converted visitors and
+conversions come from the rollups, exact, like any other number. Goals apply retroactively: on
+creation `backfill` writes the same rows from every stored event and rebuilds their buckets; it
+runs again once every process has seen the new goal (their goal lists are cached a few seconds),
+so events processed in between are covered too."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cached_property
+
+from clickhouse_connect.driver.client import Client
+
+from streams import rollups
+from streams.read_cache import ReadThroughCache
+
+_COLUMNS = ["site_id", "goal_id", "name", "event_type", "match_path", "match_event", "created_at", "deleted",
+            "version"]
+_SELECT = ("SELECT site_id, goal_id, name, event_type, match_path, match_event, created_at FROM goals FINAL"
+           " WHERE deleted = 0")
+# Processes re-read a site's goals this often; a backfill repeats after it.
+REFRESH_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Goal:
+    site_id: str
+    goal_id: str
+    name: str
+    event_type: str  # "pageview" or "event"
+    match_path: str
+    match_event: str
+    created_at: datetime
+
+    @cached_property
+    def _pattern(self) -> re.Pattern:
+        return re.compile(".*".join(re.escape(part) for part in self.match_path.split("*")), re.DOTALL)
+
+    def matches(self, name: str, pathname: str) -> bool:
+        if self.event_type == "event":
+            return name == self.match_event
+        if name != "pageview":
+            return False
+        return self._pattern.fullmatch(pathname) is not None if "*" in self.match_path else pathname == self.match_path
+
+    def sql_condition(self) -> tuple[str, dict]:
+        """The same match as a ClickHouse condition on `events`, with its parameters."""
+        if self.event_type == "event":
+            return "name = {match:String}", {"match": self.match_event}
+        like = "".join("%" if c == "*" else "\\" + c if c in "%_\\" else c for c in self.match_path)
+        return "name = 'pageview' AND pathname LIKE {match:String}", {"match": like}
+
+
+class GoalRegistry:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._by_site: ReadThroughCache[str, tuple[Goal, ...]] = ReadThroughCache(
+            self._load_site, miss_ttl_s=REFRESH_S, hit_ttl_s=REFRESH_S)
+
+    def create(self, site_id: str, name: str, event_type: str, match_path: str = "", match_event: str = "") -> Goal:
+        goal = Goal(site_id, "g_" + secrets.token_hex(8), name, event_type, match_path, match_event,
+                    datetime.now(timezone.utc))
+        self._client.insert("goals", [[goal.site_id, goal.goal_id, goal.name, goal.event_type, goal.match_path,
+                                       goal.match_event, goal.created_at, 0, time.time_ns()]], column_names=_COLUMNS)
+        self._by_site.forget(site_id)
+        return goal
+
+    def delete(self, goal: Goal) -> None:
+        self._client.insert("goals", [[goal.site_id, goal.goal_id, goal.name, goal.event_type, goal.match_path,
+                                       goal.match_event, goal.created_at, 1, time.time_ns()]], column_names=_COLUMNS)
+        self._by_site.forget(goal.site_id)
+        for table in ("activity", "rollup_15m", "rollup_1d"):
+            self._client.command(f"ALTER TABLE {table} DELETE WHERE site_id = {{site:String}} AND kind = 'goal'"
+                                 " AND value = {goal:String}", parameters={"site": goal.site_id, "goal": goal.goal_id},
+                                 settings={"mutations_sync": 0})
+
+    def get(self, goal_id: str) -> Goal | None:
+        rows = self._client.query(_SELECT + " AND goal_id = {id:String}", parameters={"id": goal_id}).result_rows
+        return Goal(*rows[0]) if rows else None
+
+    def for_site(self, site_id: str) -> tuple[Goal, ...]:
+        """The site's goals, oldest first (cached for REFRESH_S)."""
+        return self._by_site.get(site_id) or ()
+
+    def _load_site(self, site_id: str) -> tuple[Goal, ...] | None:
+        rows = self._client.query(_SELECT + " AND site_id = {site:String} ORDER BY created_at, goal_id",
+                                  parameters={"site": site_id}).result_rows
+        return tuple(Goal(*row) for row in rows) or None
+
+
+# Activity rows of one goal from the stored events: per visitor and quarter hour the matching
+# events, and the gap to that visitor's previous matching quarter hour (0 for the first).
+_BACKFILL = """
+INSERT INTO activity (site_id, kind, value, bucket, visitor_id, events, pageviews, sessions, bounces, duration_ms,
+                      gap, version, is_deleted)
+SELECT site_id, 'goal', {goal:String}, bucket, visitor_id, n, 0, 0, 0, 0,
+       if(previous = 0, 0, intDiv(toUInt32(bucket) - previous, 900)), {version:UInt64}, 0
+FROM (
+    SELECT site_id, visitor_id, bucket, n,
+           lagInFrame(toUInt32(bucket), 1, 0) OVER (PARTITION BY visitor_id ORDER BY bucket
+                                                    ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) AS previous
+    FROM (SELECT site_id, visitor_id, toStartOfFifteenMinutes(timestamp) AS bucket, count() AS n
+          FROM events FINAL WHERE site_id = {site:String} AND %s
+          GROUP BY site_id, visitor_id, bucket)
+)
+"""
+
+
+def backfill(client: Client, goal: Goal) -> int:
+    """Write the goal's activity from every stored event and rebuild its buckets; returns how
+    many buckets it has."""
+    condition, params = goal.sql_condition()
+    client.command(_BACKFILL % condition, parameters={**params, "site": goal.site_id, "goal": goal.goal_id,
+                                                      "version": time.time_ns()})
+    buckets = [row[0] for row in client.query(
+        "SELECT DISTINCT bucket FROM activity WHERE site_id = {site:String} AND kind = 'goal' AND value = {goal:String}",
+        parameters={"site": goal.site_id, "goal": goal.goal_id}).result_rows]
+    for i in range(0, len(buckets), 500):
+        rollups.rebuild(client, {(goal.site_id, "goal", b.replace(tzinfo=timezone.utc)) for b in buckets[i:i + 500]})
+    return len(buckets)
+
+
+def backfill_twice(client: Client, goal: Goal, on_error: Callable[[BaseException], None]) -> None:
+    """Backfill now, and again in the background once every process's goal list has it."""
+    backfill(client, goal)
+
+    def again() -> None:
+        time.sleep(2 * REFRESH_S)
+        try:
+            backfill(client, goal)
+        except Exception as exc:  # noqa: BLE001 - logged by the caller's handler
+            on_error(exc)
+
+    threading.Thread(target=again, name=f"backfill-{goal.goal_id}", daemon=True).start()
