@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import cached_property
+from functools import lru_cache
 
 from clickhouse_connect.driver.client import Client
 
@@ -42,16 +42,13 @@ class Goal:
     match_event: str
     created_at: datetime
 
-    @cached_property
-    def _pattern(self) -> re.Pattern:
-        return re.compile(".*".join(re.escape(part) for part in self.match_path.split("*")), re.DOTALL)
-
     def matches(self, name: str, pathname: str) -> bool:
         if self.event_type == "event":
             return name == self.match_event
         if name != "pageview":
             return False
-        return self._pattern.fullmatch(pathname) is not None if "*" in self.match_path else pathname == self.match_path
+        return _pattern(self.match_path).fullmatch(pathname) is not None if "*" in self.match_path \
+            else pathname == self.match_path
 
     def sql_condition(self) -> tuple[str, dict]:
         """The same match as a ClickHouse condition on `events`, with its parameters."""
@@ -59,6 +56,11 @@ class Goal:
             return "name = {match:String}", {"match": self.match_event}
         like = "".join("%" if c == "*" else "\\" + c if c in "%_\\" else c for c in self.match_path)
         return "name = 'pageview' AND pathname LIKE {match:String}", {"match": like}
+
+
+@lru_cache(maxsize=1024)
+def _pattern(match_path: str) -> re.Pattern:
+    return re.compile(".*".join(re.escape(part) for part in match_path.split("*")), re.DOTALL)
 
 
 class GoalRegistry:

@@ -1,0 +1,231 @@
+"""Goals, funnels, the affiliate lists, trending and batch (issue 6) through the in-process `up`
+application, on small hand-made traffic whose answers are worked out here by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from ingest.event import Event
+from streams.core import StreamCore
+from streams.goals import Goal
+
+API = "/api/v1"
+
+
+async def _site(client) -> str:
+    r = await client.post(f"{API}/sites", json={"domain": f"gf-{uuid.uuid4().hex[:8]}.example", "timezone": "UTC"})
+    assert r.status_code == 201, r.text
+    return r.json()["data"]["id"]
+
+
+def _ev(site: str, visitor: int, at: datetime, name: str = "pageview", path: str = "/", **extra) -> Event:
+    return Event(event_id=str(uuid.uuid4()), site_id=site, timestamp=at, name=name, visitor_id=visitor,
+                 pathname=path, **extra)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+@pytest.mark.parametrize("pattern, path, matches", [
+    ("/produkt/*", "/produkt/a", True), ("/produkt/*", "/produkt/a/b", True), ("/produkt/*", "/produkt/", True),
+    ("/produkt/*", "/produkt", False), ("/*/tack", "/sv/tack", True), ("/*/tack", "/tack", False),
+    ("/a?b", "/a?b", True), ("/a?b", "/axb", False), ("/[x]", "/[x]", True), ("/100%", "/100%", True),
+    ("/100%", "/1000", False), ("/a_b", "/axb", False), ("/checkout", "/checkout", True), ("/checkout", "/checkout/", False),
+])
+def test_goal_paths_match_exactly_or_with_star_wildcards(pattern, path, matches):
+    goal = Goal("s", "g", "n", "pageview", pattern, "", _now())
+    assert goal.matches("pageview", path) is matches
+    assert goal.matches("click", path) is False
+
+
+def test_goal_sql_matches_like_python(services):
+    """The backfill's LIKE condition and the stream core's matcher agree, special characters too."""
+    for pattern in ["/produkt/*", "/100%", "/a_b", "/x\\y", "/*/tack", "/[x]"]:
+        goal = Goal("s", "g", "n", "pageview", pattern, "", _now())
+        condition, params = goal.sql_condition()
+        for path in ["/produkt/a/b", "/100%", "/1000", "/a_b", "/axb", "/x\\y", "/sv/tack", "/[x]", "/x"]:
+            sql = f"SELECT {condition} FROM (SELECT 'pageview' AS name, {{path:String}} AS pathname)"
+            got = services.client.query(sql, parameters={**params, "path": path}).result_rows[0][0]
+            assert bool(got) is goal.matches("pageview", path), (pattern, path)
+
+
+async def test_goals_apply_to_past_and_new_events(client, services):
+    site = await _site(client)
+    t = _now() - timedelta(hours=3)
+    core = StreamCore(services.client, 1800)
+    core.process([_ev(site, 1, t), _ev(site, 1, t + timedelta(minutes=1), path="/produkt/a"),
+                  _ev(site, 1, t + timedelta(minutes=2), path="/produkt/b"), _ev(site, 1, t + timedelta(minutes=3), "purchase"),
+                  _ev(site, 2, t, path="/produkt/a/extra"), _ev(site, 3, t), _ev(site, 4, t, "signup")])
+    created = []
+    for body in ({"name": "Produkt", "event_type": "pageview", "match_path": "/produkt/*"},
+                 {"name": "Start", "event_type": "pageview", "match_path": "/"},
+                 {"name": "Köp", "event_type": "event", "match_event": "purchase"}):
+        r = await client.post(f"{API}/goals", json={"site_id": site, **body})
+        assert r.status_code == 201, r.text
+        created.append(r.json()["data"])
+    assert created[0]["match_path"] == "/produkt/*" and "match_event" not in created[0]
+
+    r = await client.get(f"{API}/goals", params={"site_id": site, "period": "7d"})
+    assert r.status_code == 200
+    assert [(g["name"], g["visitors"], g["conversions"], g["conversion_rate"]) for g in r.json()["data"]] == [
+        ("Produkt", 2, 3, 50), ("Start", 2, 2, 50), ("Köp", 1, 1, 25)]
+
+    # New events after the goal exists are counted by the stream core (its goal list refreshes).
+    await asyncio.sleep(5.5)
+    core.process([_ev(site, 5, _now() - timedelta(minutes=5), "purchase")])
+    r = await client.get(f"{API}/goals", params={"site_id": site, "period": "7d"})
+    assert [(g["visitors"], g["conversions"], g["conversion_rate"]) for g in r.json()["data"]] == [
+        (2, 3, 40), (2, 2, 40), (2, 2, 40)]
+
+    assert (await client.delete(f"{API}/goals/{created[1]['id']}")).status_code == 204
+    r = await client.get(f"{API}/goals", params={"site_id": site})
+    assert [g["name"] for g in r.json()["data"]] == ["Produkt", "Köp"]
+    assert (await client.delete(f"{API}/goals/{created[1]['id']}")).status_code == 404
+
+
+@pytest.mark.parametrize("body", [
+    {"name": "x", "event_type": "pageview"},
+    {"name": "x", "event_type": "pageview", "match_path": "produkt"},
+    {"name": "x", "event_type": "event"},
+    {"name": "x", "event_type": "event", "match_event": "a", "match_path": "/a"},
+    {"name": "", "event_type": "event", "match_event": "a"},
+    {"name": "x", "event_type": "click", "match_event": "a"},
+])
+async def test_bad_goals_are_400(client, body):
+    site = await _site(client)
+    r = await client.post(f"{API}/goals", json={"site_id": site, **body})
+    assert r.status_code == 400, r.text
+
+
+FUNNEL = [{"name": "Start", "type": "pageview", "match_value": "/"},
+          {"name": "Produkt", "type": "pageview", "match_value": "/produkt", "match_type": "startswith"},
+          {"name": "Checkout", "type": "pageview", "match_value": "/checkout"},
+          {"name": "Köp", "type": "event", "match_value": "purchase"}]
+
+
+async def test_funnel_counts_steps_in_order_within_sessions(client, services):
+    site = await _site(client)
+    t = _now() - timedelta(hours=5)
+    m = lambda minutes: t + timedelta(minutes=minutes)  # noqa: E731
+    StreamCore(services.client, 1800).process([
+        # all four steps, with repeats
+        _ev(site, 1, m(0)), _ev(site, 1, m(1), path="/produkt/a"), _ev(site, 1, m(2), path="/"),
+        _ev(site, 1, m(3), path="/produkt/b"), _ev(site, 1, m(4), path="/checkout"), _ev(site, 1, m(5), "purchase"),
+        # checkout before produkt: two steps
+        _ev(site, 2, m(0)), _ev(site, 2, m(1), path="/checkout"), _ev(site, 2, m(2), path="/produkt/x"),
+        # purchase in a later session: that session has no start step
+        _ev(site, 3, m(0)), _ev(site, 3, m(1), path="/produkt"), _ev(site, 3, m(2), path="/checkout"),
+        _ev(site, 3, m(40), "purchase"),
+        # no start step at all
+        _ev(site, 4, m(0), path="/produkt/a"),
+        # only the start
+        _ev(site, 5, m(0)),
+    ])
+    r = await client.post(f"{API}/funnels", json={"site_id": site, "name": "Checkout-flöde", "steps": FUNNEL})
+    assert r.status_code == 201, r.text
+    funnel = r.json()["data"]
+    assert funnel["steps"][0]["match_type"] == "exact"
+    r = await client.get(f"{API}/funnels/{funnel['id']}/stats", params={"period": "7d"})
+    assert r.status_code == 200, r.text
+    assert r.json()["data"] == {
+        "funnel": {"id": funnel["id"], "name": "Checkout-flöde"},
+        "steps": [{"name": "Start", "sessions": 4, "dropoff_rate": 0, "conversion_from_start": 100},
+                  {"name": "Produkt", "sessions": 3, "dropoff_rate": 25, "conversion_from_start": 75},
+                  {"name": "Checkout", "sessions": 2, "dropoff_rate": 33, "conversion_from_start": 50},
+                  {"name": "Köp", "sessions": 1, "dropoff_rate": 50, "conversion_from_start": 25}],
+        "overall_conversion": 25}
+    listed = (await client.get(f"{API}/funnels", params={"site_id": site})).json()["data"]
+    assert [f["id"] for f in listed] == [funnel["id"]]
+    empty = (await client.get(f"{API}/funnels/{funnel['id']}/stats",
+                              params={"period": "custom", "from": "2020-01-01", "to": "2020-01-31"})).json()["data"]
+    assert [s["sessions"] for s in empty["steps"]] == [0, 0, 0, 0] and empty["overall_conversion"] == 0
+    assert (await client.delete(f"{API}/funnels/{funnel['id']}")).status_code == 204
+    assert (await client.get(f"{API}/funnels/{funnel['id']}/stats")).status_code == 404
+
+
+@pytest.mark.parametrize("steps", [
+    FUNNEL[:1], FUNNEL * 3, [{**FUNNEL[0], "type": "click"}, FUNNEL[1]],
+    [{**FUNNEL[0], "match_type": "regex"}, FUNNEL[1]], [{**FUNNEL[0], "match_value": ""}, FUNNEL[1]],
+    [{"name": "x", "type": "pageview"}, FUNNEL[1]],
+])
+async def test_bad_funnels_are_400(client, steps):
+    site = await _site(client)
+    r = await client.post(f"{API}/funnels", json={"site_id": site, "name": "f", "steps": steps})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] in ("invalid_parameter", "missing_parameter")
+
+
+def _click(site: str, at: datetime, product: str, category: str = "", partner: str = "", brand: str = "") -> Event:
+    return _ev(site, hash(product) % 1000, at, "click", product_id=product, product_slug=product,
+               category_slug=category, brand_slug=brand, partner_slug=partner)
+
+
+async def test_categories_partners_and_trending(client, services):
+    site = await _site(client)
+    now = _now()
+    clicks = ([_click(site, now - timedelta(hours=1, minutes=i), "hot", "skal", "kjell", "apple") for i in range(6)]
+              + [_click(site, now - timedelta(days=3, minutes=i), "hot", "skal", "kjell", "apple") for i in range(7)]
+              + [_click(site, now - timedelta(hours=2, minutes=i), "new", "glas", "teknik") for i in range(4)]
+              + [_click(site, now - timedelta(days=2, minutes=i), "steady", "glas", "") for i in range(14)]
+              + [_click(site, now - timedelta(hours=3, minutes=i), "steady", "glas", "") for i in range(2)]
+              + [_click(site, now - timedelta(hours=4), "lonely", "", "kjell")])
+    StreamCore(services.client, 1800).process(clicks)
+    r = await client.get(f"{API}/popular/categories", params={"site_id": site, "days": 7})
+    body = r.json()
+    assert body["data"] == [{"category_slug": "glas", "clicks": 20}, {"category_slug": "skal", "clicks": 13}]
+    assert body["meta"]["total_clicks"] == 34 and body["meta"]["confidence"] == "medium"
+    r = await client.get(f"{API}/popular/partners", params={"site_id": site, "days": 7})
+    assert r.json()["data"] == [{"partner_slug": "kjell", "clicks": 14, "share": 0.41},
+                                {"partner_slug": "teknik", "clicks": 4, "share": 0.12}]
+    # recent 24 h vs a 7-day baseline (7 windows): hot 6 vs 7/7 = 1.0 → +500 %; new has none;
+    # steady 2 vs 2.0 → 0 %; lonely has 1 recent click (< 3).
+    r = await client.get(f"{API}/trending/products", params={"site_id": site})
+    body = r.json()
+    assert body["data"] == [
+        {"product_id": "new", "product_slug": "new", "clicks_recent": 4, "clicks_baseline_avg": 0.0, "growth_percent": None},
+        {"product_id": "hot", "product_slug": "hot", "clicks_recent": 6, "clicks_baseline_avg": 1.0, "growth_percent": 500}]
+    assert body["meta"]["total_trending"] == 2 and body["meta"]["recent_period"]["hours"] == 24
+    assert body["meta"]["baseline_period"]["days"] == 7 and body["meta"]["confidence"] == "medium"
+    r = await client.get(f"{API}/trending/products", params={"site_id": site, "min_growth": -100, "brand_slug": "apple"})
+    assert [p["product_id"] for p in r.json()["data"]] == ["hot"]
+    r = await client.get(f"{API}/trending/products", params={"site_id": site, "min_growth": 0, "min_recent_clicks": 1})
+    assert [p["product_id"] for p in r.json()["data"]] == ["new", "lonely", "hot", "steady"]
+
+
+async def test_batch_runs_sub_requests_and_reports_each(client, services):
+    site = await _site(client)
+    StreamCore(services.client, 1800).process([_click(site, _now() - timedelta(minutes=3), "p1", "skal", "kjell")])
+    r = await client.post(f"{API}/batch", json={"site_id": site, "requests": [
+        {"endpoint": "popular/products", "params": {"limit": 10, "days": 7}},
+        {"endpoint": "stats/overview", "params": {"period": "7d", "compare": True}},
+        {"endpoint": "popular/products", "params": {"limit": 0}},
+        {"endpoint": "sites"},
+    ]})
+    assert r.status_code == 200, r.text
+    first, second, bad, unknown = r.json()["results"]
+    assert first["endpoint"] == "popular/products" and first["data"][0]["clicks"] == 1 and "meta" in first
+    assert second["data"]["comparison"]["period"]["to"]
+    assert bad["error"]["code"] == "invalid_parameter" and "data" not in bad
+    assert unknown["error"]["code"] == "unknown_endpoint"
+    alone = (await client.get(f"{API}/popular/products", params={"site_id": site, "limit": 10, "days": 7})).json()
+    assert {k: first[k] for k in ("data", "meta")} == alone
+
+    too_many = [{"endpoint": "goals"}] * 21
+    assert (await client.post(f"{API}/batch", json={"site_id": site, "requests": too_many})).status_code == 400
+    assert (await client.post(f"{API}/batch", json={"site_id": site, "requests": []})).status_code == 400
+    other = await _site(client)
+    key = services.keys.create("default", other)
+    r = await client.post(f"{API}/batch", json={"site_id": site, "requests": [{"endpoint": "goals"}]},
+                          headers={"authorization": f"Bearer {key}"})
+    assert r.status_code == 403
+    funnel = (await client.post(f"{API}/funnels", json={"site_id": other, "name": "f", "steps": FUNNEL[:2]})).json()["data"]
+    r = await client.post(f"{API}/batch", json={"site_id": site, "requests": [{"endpoint": f"funnels/{funnel['id']}/stats"}]})
+    assert r.json()["results"][0]["error"]["code"] == "funnel_not_found"
+    r = await client.post(f"{API}/batch", json={"site_id": other, "requests": [{"endpoint": f"funnels/{funnel['id']}/stats"}]},
+                          headers={"authorization": f"Bearer {key}"})
+    assert r.json()["results"][0]["data"]["funnel"]["id"] == funnel["id"]
