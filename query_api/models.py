@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -186,3 +186,86 @@ class TrendingMeta(BaseModel):
 class TrendingResponse(BaseModel):
     data: list[TrendingProduct]
     meta: TrendingMeta
+
+
+class GoalOut(BaseModel):
+    id: str
+    name: str
+    event_type: Literal["pageview", "event"]
+    match_path: str | None = Field(None, description="Pageview goals: the path, `*` matching any characters")
+    match_event: str | None = Field(None, description="Event goals: the event name")
+    visitors: int = Field(description="Distinct visitors with a matching event in the period")
+    conversions: int = Field(description="Matching events in the period")
+    conversion_rate: int = Field(description="visitors of all the period's visitors, whole percent")
+
+
+class GoalsResponse(BaseModel):
+    data: list[GoalOut]
+
+
+class GoalDefinition(BaseModel):
+    id: str
+    site_id: str
+    name: str
+    event_type: Literal["pageview", "event"]
+    match_path: str | None = None
+    match_event: str | None = None
+
+
+class GoalCreated(BaseModel):
+    data: GoalDefinition
+
+
+class FunnelStep(BaseModel):
+    name: str
+    type: Literal["pageview", "event"]
+    match_value: str
+    match_type: Literal["exact", "startswith"]
+
+
+class FunnelDefinition(BaseModel):
+    id: str
+    site_id: str
+    name: str
+    steps: list[FunnelStep]
+
+
+class FunnelsResponse(BaseModel):
+    data: list[FunnelDefinition]
+
+
+class FunnelCreated(BaseModel):
+    data: FunnelDefinition
+
+
+class FunnelRef(BaseModel):
+    id: str
+    name: str
+
+
+class FunnelStepStats(BaseModel):
+    name: str
+    sessions: int
+    dropoff_rate: int = Field(description="Percent of the previous step's sessions lost, whole")
+    conversion_from_start: int = Field(description="Percent of the first step's sessions, whole")
+
+
+class FunnelStats(BaseModel):
+    funnel: FunnelRef
+    steps: list[FunnelStepStats]
+    overall_conversion: int
+
+
+class FunnelStatsResponse(BaseModel):
+    data: FunnelStats
+
+
+class BatchResult(BaseModel):
+    endpoint: str
+    data: Any = Field(None, description="The sub-request's data, when it succeeded")
+    meta: dict[str, Any] | None = Field(None, description="The sub-request's meta, where it has one")
+    error: ErrorBody | None = Field(None, description="The sub-request's error, when it failed")
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchResult]

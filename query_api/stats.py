@@ -143,12 +143,13 @@ def overview(client: Client, site_id: str, period: Period, compare: bool = False
     return out
 
 
-def _breakdown(client: Client, site_id: str, period: Period, kind: str, having: str, limit: int, **extra) -> list[tuple]:
+def breakdown(client: Client, site_id: str, period: Period, kind: str, having: str, limit: int, **extra) -> list[tuple]:
+    """(value, visitors, events, sessions) of one kind in the period, best first."""
     return _query(client, _BREAKDOWN.replace("{having}", having), _params(site_id, period, kind=kind, limit=limit, **extra))
 
 
 def pages(client: Client, site_id: str, period: Period, limit: int) -> list[dict]:
-    rows = _breakdown(client, site_id, period, "page", "events > 0", limit)
+    rows = breakdown(client, site_id, period, "page", "events > 0", limit)
     return [{"page": page, "visitors": visitors, "pageviews": views} for page, visitors, views, _ in rows]
 
 
@@ -156,7 +157,7 @@ def referrers(client: Client, site_id: str, period: Period, limit: int, include_
     """By the session's entry source; sessions without a source (direct) are not listed."""
     having = ("sessions > 0 AND NOT startsWith(value, %(separator)s)"
               " AND (%(include_social)s OR NOT endsWith(value, concat(%(separator)s, 'social')))")
-    rows = _breakdown(client, site_id, period, "source", having, limit, separator=SEPARATOR,
+    rows = breakdown(client, site_id, period, "source", having, limit, separator=SEPARATOR,
                       include_social=include_social)
     out = []
     for value, visitors, _, sessions in rows:
@@ -166,7 +167,7 @@ def referrers(client: Client, site_id: str, period: Period, limit: int, include_
 
 
 def countries(client: Client, site_id: str, period: Period, limit: int) -> list[dict]:
-    rows = _breakdown(client, site_id, period, "country", "value != '' AND sessions > 0", limit)
+    rows = breakdown(client, site_id, period, "country", "value != '' AND sessions > 0", limit)
     return [{"country": country, "visitors": visitors} for country, visitors, _, _ in rows]
 
 
