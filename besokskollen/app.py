@@ -21,6 +21,7 @@ from ingest.visitors import Visitors
 from query_api.app import create_app as create_query_app
 from query_api.deps import Context
 from query_api.keys import KeyStore
+from query_api.rate_limit import RateLimiter
 from streams import replay, storage
 from streams.core import StreamCore
 from streams.funnels import FunnelRegistry
@@ -86,7 +87,8 @@ def _ingest_routes(services: Services, handoff: Handoff) -> list:
 
 def server_app(services: Services, handoff: Handoff) -> FastAPI:
     """`up`: tracking and import endpoints and the query API in one process."""
-    app = create_query_app(services.query_context, lifespan=_lifespan(handoff))
+    app = create_query_app(services.query_context, trusted_proxies=services.settings.trusted_networks,
+                           rate_limiter=RateLimiter(services.settings.rate_limit_per_minute), lifespan=_lifespan(handoff))
     app.router.routes.extend(_ingest_routes(services, handoff))
     return app
 
@@ -98,4 +100,5 @@ def ingest_server_app(services: Services, handoff: Handoff) -> Starlette:
 
 def api_server_app(services: Services) -> FastAPI:
     """`api`: the query API alone."""
-    return create_query_app(services.query_context)
+    return create_query_app(services.query_context, trusted_proxies=services.settings.trusted_networks,
+                            rate_limiter=RateLimiter(services.settings.rate_limit_per_minute))

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     admin_key: str | None = None
     trusted_proxies: str = "127.0.0.1/32,::1/128"
     session_timeout_s: int = 1800
+    # Requests per minute per API key on /api/v1 (per process).
+    rate_limit_per_minute: int = 100
     # Largest accepted /api/event body; larger answers 413.
     max_event_bytes: int = 16 * 1024
     # Largest accepted /api/v1/events/import body; larger answers 413.

@@ -6,7 +6,7 @@ days of `rollup_1d`); trending windows count back from the end of the current UT
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal
+from fractions import Fraction
 from typing import Annotated
 
 from clickhouse_connect.driver.client import Client
@@ -82,7 +82,7 @@ def popular_partners(client: Client, site_id: str, start: datetime, end: datetim
     """`share` is the partner's part of total_clicks, two decimals (half away from zero)."""
     rows, meta = _popular(client, site_id, start, end, "partner_slug", "partner_slug")
     total = meta["total_clicks"]
-    return {"data": [{"partner_slug": p, "clicks": n, "share": round_half_away(Decimal(n) / total, 2)}
+    return {"data": [{"partner_slug": p, "clicks": n, "share": round_half_away(Fraction(n, total), 2)}
                      for p, n, _ in rows if p][:limit], "meta": meta}
 
 
@@ -96,22 +96,22 @@ def trending_products(client: Client, site_id: str, now: datetime, recent_hours:
     recent_end = bucket_of(now) + BUCKET
     recent_start = recent_end - timedelta(hours=recent_hours)
     baseline_start = recent_start - timedelta(days=baseline_days)
-    windows = Decimal(baseline_days * 24) / recent_hours  # recent-sized windows in the baseline
+    windows = Fraction(baseline_days * 24, recent_hours)  # recent-sized windows in the baseline (exact)
     rows = client.query(_TRENDING, parameters={
         "site": site_id, "separator": SEPARATOR, "category": category, "brand": brand,
         "recent_start": recent_start, "recent_end": recent_end, "baseline_start": baseline_start}).result_rows
     trending, recent_total = [], 0
     for product_id, slug, recent, baseline in rows:
         recent_total += recent
-        average = Decimal(baseline) / windows
-        growth = (Decimal(recent) - average) * 100 / average if baseline else None
-        if recent >= min_recent_clicks and recent > 0 and (growth is None or growth >= Decimal(str(min_growth))):
+        average = baseline / windows
+        growth = (recent - average) * 100 / average if baseline else None
+        if recent >= min_recent_clicks and recent > 0 and (growth is None or growth >= Fraction(str(min_growth))):
             trending.append((growth, recent, product_id, slug, average))
     # New products first (no growth to compare), then by growth; ties by recent clicks, then slug.
     trending.sort(key=lambda t: (t[0] is not None, -(t[0] or 0), -t[1], t[3], t[2]))
     return {
         "data": [{"product_id": p, "product_slug": s, "clicks_recent": r,
-                  "clicks_baseline_avg": float(round_half_away(avg, 1)),
+                  "clicks_baseline_avg": round_half_away(avg, 1) if avg else 0.0,
                   "growth_percent": round_half_away(g) if g is not None else None}
                  for g, r, p, s, avg in trending[:limit]],
         "meta": {"recent_period": {"hours": recent_hours, "from": iso_z(recent_start), "to": iso_z(recent_end)},

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from query_api import affiliate, errors, sites, stats
+from ingest.clients import Network
+from query_api import affiliate, batch, errors, funnels, goals, sites, stats
+from query_api import openapi
 from query_api.deps import Context
+from query_api.http_semantics import HeadAndVary
 from query_api.limits import BodyLimit
 from query_api.models import ErrorResponse
+from query_api.rate_limit import RateLimit, RateLimiter
 
 PREFIX = "/api/v1"
 # JSON bodies of the API are small; the NDJSON import (served by ingest) has a cap of its own.
@@ -17,7 +21,10 @@ IMPORT_PATH = f"{PREFIX}/events/import"
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 429, 500)}
 
 
-def create_app(context: Context, **fastapi_kwargs) -> FastAPI:
+def create_app(context: Context, *, trusted_proxies: tuple[Network, ...] = (),
+               rate_limiter: RateLimiter | None = None, **fastapi_kwargs) -> FastAPI:
+    """`trusted_proxies`: peers whose X-Forwarded-For names the client (Settings.trusted_networks);
+    `rate_limiter`: the counters (default 100 requests a minute per key), also `app.state.rate_limiter`."""
     app = FastAPI(
         title="Besökskollen API",
         version="1",
@@ -28,7 +35,13 @@ def create_app(context: Context, **fastapi_kwargs) -> FastAPI:
     )
     app.state.context = context
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, exempt=frozenset({IMPORT_PATH}))
+    # Added last = runs first: HEAD/Vary around the rate limit around the body cap.
+    app.state.rate_limiter = rate_limiter or RateLimiter()
+    app.add_middleware(RateLimit, limiter=app.state.rate_limiter, keys=context.keys, trusted=trusted_proxies,
+                       exempt=frozenset({app.openapi_url, app.docs_url}))
+    app.add_middleware(HeadAndVary)
     errors.install(app)
-    for module in (sites, stats, affiliate):
+    for module in (sites, stats, affiliate, goals, funnels, batch):
         app.include_router(module.router, prefix=PREFIX, responses=_ERRORS)
+    openapi.install(app)  # security, every response and header, for every route (query_api/openapi.py)
     return app

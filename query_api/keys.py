@@ -63,6 +63,10 @@ class KeyStore:
     def lookup(self, key: str) -> ApiKey | None:
         return self._cache.get(hash_key(key))
 
+    def answers_without_io(self, key: str) -> bool:
+        """Whether `lookup(key)` would be answered from memory (no database round trip)."""
+        return self._cache.answers_without_io(hash_key(key))
+
     def _load(self, digest: str) -> ApiKey | None:
         rows = self._client.query(
             "SELECT account_id, site_id FROM api_keys FINAL WHERE key_hash = {h:String} LIMIT 1",

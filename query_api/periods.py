@@ -3,9 +3,11 @@ affiliate `days` are UTC calendar days, as the reference's `meta.period` shows."
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import ROUND_HALF_UP, Decimal
+from fractions import Fraction
 from zoneinfo import ZoneInfo
 
 from query_api.errors import APIError
@@ -94,9 +96,13 @@ def iso_z(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def round_half_away(value: float | Decimal, places: int = 0):
+def round_half_away(value: float | Decimal | Fraction, places: int = 0):
     """Half away from zero (Python's round() is half-to-even): an int for whole numbers, else a
-    float with `places` decimals."""
+    float with `places` decimals. Fractions are rounded exactly."""
+    if isinstance(value, Fraction):
+        scaled = abs(value) * 10 ** places
+        whole = math.floor(scaled + Fraction(1, 2)) * (1 if value >= 0 else -1)
+        return whole if places == 0 else whole / 10 ** places
     rounded = Decimal(str(value)).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
     return int(rounded) if places == 0 else float(rounded)
 

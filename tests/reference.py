@@ -10,6 +10,14 @@ known; the reference maps IPs to countries by the fixed prefix table below.
     ref = Reference(lines, default_sites(), now)
     ref.overview("ref-se", *ref.period("ref-se", "30d"), compare=True)
 
+With `generate(..., clicks=True)` the traffic also carries affiliate click bursts and shopping
+journeys, for the goals, funnels and affiliate answers:
+
+    ref.goals("ref-se", first, last, [{"id": "g1", "name": "Köp", "event_type": "event", "match_event": "purchase"}])
+    ref.funnel_stats("ref-se", first, last, {"id": "f1", "name": "Checkout", "steps": [...]})
+    ref.popular_products("ref-se", 7, now), ref.popular_categories(...), ref.popular_partners(...)
+    ref.trending("ref-se", now, min_growth=50)
+
 All times inside are integer milliseconds since the Unix epoch (UTC), as imported events are
 stored with millisecond precision.
 """
@@ -25,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from fractions import Fraction
 from math import floor
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo
 
@@ -247,8 +255,22 @@ def _dates(first: date, last: date) -> list[date]:
 VisitorId = tuple[str, str, str, date]  # (site_id, ip, user_agent, UTC day of the salt)
 
 
+class Product(NamedTuple):
+    """The product of a click; the slug defaults to the id, absent dimensions are ""."""
+    id: str
+    slug: str
+    category_slug: str
+    brand_slug: str
+    partner_slug: str
+
+    @classmethod
+    def of(cls, raw: Mapping[str, Any]) -> Product:
+        return cls(raw["id"], raw.get("slug") or raw["id"], raw.get("category_slug") or "",
+                   raw.get("brand_slug") or "", raw.get("partner_slug") or "")
+
+
 class Event:
-    __slots__ = ("index", "ts", "name", "path", "url", "referrer", "ip", "visitor")
+    __slots__ = ("index", "ts", "name", "path", "url", "referrer", "ip", "visitor", "product")
 
     def __init__(self, index: int, line: Mapping[str, Any]) -> None:
         self.index = index  # position in the input lines
@@ -259,10 +281,134 @@ class Event:
         self.referrer = line.get("referrer") or ""
         self.ip = line["ip"]
         self.visitor: VisitorId | None = None
+        self.product = Product.of(line["product"]) if line.get("product") else None
 
     @property
     def is_pageview(self) -> bool:
         return self.name == "pageview"
+
+    @property
+    def is_click(self) -> bool:
+        """An affiliate click: an event named "click" (ingest requires its product)."""
+        return self.name == "click" and self.product is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Goals, funnels, affiliate windows (SPEC §7: Goals, Funnels, Affiliate)
+# ---------------------------------------------------------------------------------------------
+
+def round_places(x: Fraction | int, places: int) -> float:
+    """x to `places` decimals, halves away from zero, as a float: 1/8 → 0.13, 1/4 → 0.3 (1 place)."""
+    scale = 10 ** places
+    return round_half_away(Fraction(x) * scale) / scale  # int / int: the float nearest the decimal
+
+
+def confidence(total_clicks: int) -> str:
+    return "high" if total_clicks >= 50 else "medium" if total_clicks >= 10 else "low"
+
+
+def _exact(x: int | float | Fraction | str) -> Fraction:
+    """A threshold as given on a query string: 99.5 is 199/2, not the binary float's value."""
+    return Fraction(str(x)) if isinstance(x, float) else Fraction(x)
+
+
+def glob_match(pattern: str, path: str) -> bool:
+    """`*` stands for any run of characters, `/` included, none included; everything else
+    (`?`, `[`, `.`, …) is literal. Without `*` this is equality."""
+    parts = pattern.split("*")
+    if len(parts) == 1:
+        return path == pattern
+    if not (path.startswith(parts[0]) and path[len(parts[0]):].endswith(parts[-1])
+            and len(path) >= len(parts[0]) + len(parts[-1])):
+        return False
+    position, end = len(parts[0]), len(path) - len(parts[-1])
+    for middle in parts[1:-1]:  # leftmost occurrence of each middle part is optimal
+        found = path.find(middle, position, end)
+        if found < 0:
+            return False
+        position = found + len(middle)
+    return True
+
+
+def goal_matches(goal: Mapping[str, Any], event: Event) -> bool:
+    if goal["event_type"] == "pageview":
+        return event.is_pageview and glob_match(goal["match_path"], event.path)
+    if goal["event_type"] == "event":
+        return event.name == goal["match_event"]  # literal: "pageview" would match pageviews
+    raise ValueError(f"unknown goal event_type {goal['event_type']!r}")
+
+
+def step_matches(step: Mapping[str, Any], event: Event) -> bool:
+    """pageview step: a pageview whose path (no query) equals / starts with match_value; event
+    step: any event whose name equals / starts with match_value (literal, as goals)."""
+    match_type = step.get("match_type") or "exact"
+    if step["type"] == "pageview":
+        if not event.is_pageview:
+            return False
+        value = event.path
+    elif step["type"] == "event":
+        value = event.name
+    else:
+        raise ValueError(f"unknown step type {step['type']!r}")
+    if match_type == "exact":
+        return value == step["match_value"]
+    if match_type == "startswith":
+        return value.startswith(step["match_value"])
+    raise ValueError(f"unknown match_type {match_type!r}")
+
+
+def steps_reached(events: Iterable[Event], steps: list[Mapping[str, Any]]) -> int:
+    """How many steps a session reaches: events in time order (ties by line index), each step
+    matched by an event strictly after the previous step's; greedy earliest match (which is
+    optimal for an ordered subsequence). One event advances at most one step."""
+    reached = 0
+    for event in events:
+        if reached < len(steps) and step_matches(steps[reached], event):
+            reached += 1
+    return reached
+
+
+def funnel_result(funnel: Mapping[str, Any], counts: list[int]) -> dict:
+    """The funnel stats body from the sessions reaching each step."""
+    first = counts[0] if counts else 0
+    steps = []
+    for k, (step, sessions) in enumerate(zip(funnel["steps"], counts)):
+        dropoff = 0 if k == 0 else rate(counts[k - 1] - sessions, counts[k - 1])
+        steps.append({"name": step["name"], "sessions": sessions, "dropoff_rate": dropoff,
+                      "conversion_from_start": rate(sessions, first)})
+    return {"funnel": {"id": funnel["id"], "name": funnel["name"]}, "steps": steps,
+            "overall_conversion": rate(counts[-1], first) if counts else 0}
+
+
+def iso_z(ms: int) -> str:
+    """UTC to the second with Z, the affiliate meta format (milliseconds truncated)."""
+    return f"{_EPOCH + timedelta(milliseconds=ms):%Y-%m-%dT%H:%M:%S}Z"
+
+
+def utc_days_window(days: int, now: datetime) -> tuple[int, int]:
+    """The last `days` UTC calendar days including now's UTC date: [first 00:00:00Z, the next
+    midnight after today) in ms (meta shows the end as today 23:59:59Z)."""
+    if days < 1:
+        raise ValueError("days must be at least 1")
+    today = to_ms(now) // DAY
+    return (today - days + 1) * DAY, (today + 1) * DAY
+
+
+QUARTER_HOUR = 15 * MINUTE
+
+
+def trending_windows(now: datetime, recent_hours: int = 24, baseline_days: int = 7) -> tuple[int, int, int]:
+    """(baseline start, recent start, recent end) in ms: the recent window ends at the end of the
+    UTC quarter hour holding `now` and is `recent_hours` long; the baseline is the
+    `baseline_days` right before it."""
+    end = to_ms(now) // QUARTER_HOUR * QUARTER_HOUR + QUARTER_HOUR
+    recent_start = end - recent_hours * HOUR
+    return recent_start - baseline_days * DAY, recent_start, end
+
+
+def _filtered(clicks: Iterable[Event], category_slug: str = "", brand_slug: str = "") -> list[Event]:
+    return [c for c in clicks if (not category_slug or c.product.category_slug == category_slug)
+            and (not brand_slug or c.product.brand_slug == brand_slug)]
 
 
 @dataclass
@@ -290,6 +436,8 @@ class _SiteIndex:
     event_ts: list[int] = field(default_factory=list)
     sessions: list[Session] = field(default_factory=list)  # by start
     session_start: list[int] = field(default_factory=list)
+    clicks: list[Event] = field(default_factory=list)  # affiliate clicks, by time
+    click_ts: list[int] = field(default_factory=list)
 
 
 class Reference:
@@ -325,6 +473,8 @@ class Reference:
             self._sites[site_id].events = sorted(site_events, key=lambda e: (e.ts, e.index))
         for site_index in self._sites.values():
             site_index.event_ts = [e.ts for e in site_index.events]
+            site_index.clicks = [e for e in site_index.events if e.is_click]
+            site_index.click_ts = [e.ts for e in site_index.clicks]
             site_index.sessions.sort(key=lambda s: (s.start, s.events[0].index))
             site_index.session_start = [s.start for s in site_index.sessions]
 
@@ -471,6 +621,137 @@ class Reference:
         totals = self._totals(site_id, *self.period(site_id, "7d"))
         return {"visitors_7d": totals["visitors"], "pageviews_7d": totals["pageviews"]}
 
+    # -- goals and funnels -----------------------------------------------------------------------
+
+    def goals(self, site_id: str, first: date | str, last: date | str,
+              goals: Iterable[Mapping[str, Any]]) -> list[dict]:
+        """Per goal, in the order given: converted visitors (distinct visitor ids with a matching
+        event in the period), conversions (matching events) and converted / all visitors × 100."""
+        lo, hi = self._bounds(site_id, _as_date(first), _as_date(last))
+        events = self._events_in(site_id, lo, hi)
+        all_visitors = len({e.visitor for e in events})
+        rows = []
+        for goal in goals:
+            matching = [e for e in events if goal_matches(goal, e)]
+            visitors = len({e.visitor for e in matching})
+            key = "match_path" if goal["event_type"] == "pageview" else "match_event"
+            rows.append({"id": goal["id"], "name": goal["name"], "event_type": goal["event_type"], key: goal[key],
+                         "visitors": visitors, "conversions": len(matching),
+                         "conversion_rate": rate(visitors, all_visitors)})
+        return rows
+
+    def funnel_counts(self, site_id: str, first: date | str, last: date | str,
+                      steps: list[Mapping[str, Any]]) -> list[int]:
+        """Sessions reaching each step, of the sessions started in the period (all their events
+        count, also those after the period's end)."""
+        lo, hi = self._bounds(site_id, _as_date(first), _as_date(last))
+        counts = [0] * len(steps)
+        for session in self._sessions_in(site_id, lo, hi):
+            for k in range(steps_reached(session.events, steps)):
+                counts[k] += 1
+        return counts
+
+    def funnel_stats(self, site_id: str, first: date | str, last: date | str, funnel: Mapping[str, Any]) -> dict:
+        return funnel_result(funnel, self.funnel_counts(site_id, first, last, funnel["steps"]))
+
+    # -- affiliate -------------------------------------------------------------------------------
+
+    def clicks(self, site_id: str) -> list[Event]:
+        return self._sites[site_id].clicks
+
+    def _clicks_in(self, site_id: str, lo: int, hi: int) -> list[Event]:
+        index = self._sites[site_id]
+        return index.clicks[bisect_left(index.click_ts, lo):bisect_left(index.click_ts, hi)]
+
+    def _clock(self, now: datetime | None) -> datetime:
+        now = now or self.now
+        if now is None:
+            raise ValueError("pass `now` (or give the Reference one)")
+        return now
+
+    def _popular(self, site_id: str, days: int, now: datetime | None, category_slug: str = "",
+                 brand_slug: str = "") -> tuple[list[Event], dict]:
+        lo, hi = utc_days_window(days, self._clock(now))
+        clicks = _filtered(self._clicks_in(site_id, lo, hi), category_slug, brand_slug)
+        meta = {"period": {"from": iso_z(lo), "to": iso_z(hi - SECOND)}, "total_clicks": len(clicks),
+                "confidence": confidence(len(clicks))}
+        return clicks, meta
+
+    def popular_products(self, site_id: str, days: int = 30, now: datetime | None = None, limit: int = 20,
+                         category_slug: str = "", brand_slug: str = "", min_clicks: int = 0) -> dict:
+        """Clicks per (product id, slug), most first, ties by slug then id; total_clicks is the
+        filtered set's, whatever limit and min_clicks leave out."""
+        clicks, meta = self._popular(site_id, days, now, category_slug, brand_slug)
+        counts: dict[tuple[str, str], int] = defaultdict(int)
+        for click in clicks:
+            counts[(click.product.id, click.product.slug)] += 1
+        rows = sorted(((-n, slug, pid) for (pid, slug), n in counts.items() if n >= min_clicks))[:limit]
+        return {"data": [{"product_id": pid, "product_slug": slug, "clicks": -n} for n, slug, pid in rows],
+                "meta": meta}
+
+    def popular_categories(self, site_id: str, days: int = 30, now: datetime | None = None,
+                           limit: int = 10) -> dict:
+        """Clicks per category; clicks without one are in total_clicks but not listed."""
+        clicks, meta = self._popular(site_id, days, now)
+        counts: dict[str, int] = defaultdict(int)
+        for click in clicks:
+            if click.product.category_slug:
+                counts[click.product.category_slug] += 1
+        rows = sorted((-n, slug) for slug, n in counts.items())[:limit]
+        return {"data": [{"category_slug": slug, "clicks": -n} for n, slug in rows], "meta": meta}
+
+    def popular_partners(self, site_id: str, days: int = 30, now: datetime | None = None,
+                         limit: int = 10) -> dict:
+        """Clicks per partner and their share of total_clicks (two decimals); clicks without a
+        partner are in total_clicks but not listed."""
+        clicks, meta = self._popular(site_id, days, now)
+        counts: dict[str, int] = defaultdict(int)
+        for click in clicks:
+            if click.product.partner_slug:
+                counts[click.product.partner_slug] += 1
+        total = meta["total_clicks"]
+        rows = sorted((-n, slug) for slug, n in counts.items())[:limit]
+        return {"data": [{"partner_slug": slug, "clicks": -n, "share": round_places(Fraction(-n, total), 2)}
+                         for n, slug in rows], "meta": meta}
+
+    def trending(self, site_id: str, now: datetime | None = None, recent_hours: int = 24, baseline_days: int = 7,
+                 min_growth: int | float | Fraction = 100, min_recent_clicks: int = 3, category_slug: str = "",
+                 brand_slug: str = "", limit: int = 10) -> dict:
+        """`GET /trending/products`. A product (id, slug) trends with ≥ min_recent_clicks (and
+        > 0) recent clicks and either no baseline clicks (growth null, listed first by recent
+        clicks) or growth ≥ min_growth (unrounded, exact; then by growth, recent clicks)."""
+        baseline_start, recent_start, recent_end = trending_windows(self._clock(now), recent_hours, baseline_days)
+        clicks = _filtered(self._clicks_in(site_id, baseline_start, recent_end), category_slug, brand_slug)
+        recent: dict[tuple[str, str], int] = defaultdict(int)
+        baseline: dict[tuple[str, str], int] = defaultdict(int)
+        for click in clicks:
+            (recent if click.ts >= recent_start else baseline)[(click.product.id, click.product.slug)] += 1
+        windows = Fraction(baseline_days * 24, recent_hours)  # recent-sized windows in the baseline
+        threshold = _exact(min_growth)
+        fresh, grown = [], []
+        for pid, slug in sorted(recent):
+            r, b = recent[(pid, slug)], baseline[(pid, slug)]
+            if r <= 0 or r < min_recent_clicks:
+                continue
+            if b == 0:
+                fresh.append(((-r, slug, pid), {"product_id": pid, "product_slug": slug, "clicks_recent": r,
+                                                 "clicks_baseline_avg": 0.0, "growth_percent": None}))
+                continue
+            average = b / windows
+            growth = (r - average) / average * 100
+            if growth >= threshold:
+                grown.append(((-growth, -r, slug, pid), {
+                    "product_id": pid, "product_slug": slug, "clicks_recent": r,
+                    "clicks_baseline_avg": round_places(average, 1), "growth_percent": round_half_away(growth)}))
+        rows = [row for _, row in sorted(fresh, key=lambda t: t[0])]
+        rows += [row for _, row in sorted(grown, key=lambda t: t[0])]
+        total = sum(recent.values())
+        return {"data": rows[:limit],
+                "meta": {"recent_period": {"hours": recent_hours, "from": iso_z(recent_start), "to": iso_z(recent_end)},
+                         "baseline_period": {"days": baseline_days, "from": iso_z(baseline_start),
+                                             "to": iso_z(recent_start)},
+                         "total_trending": len(rows), "total_clicks": total, "confidence": confidence(total)}}
+
 
 # One-shot helpers for small hand-made cases (each builds its own Reference).
 
@@ -572,6 +853,57 @@ _EDGE_ENTRY_SOURCES: list[tuple[float, str | None, str]] = [(0.5, None, "utm_med
 _VISIT_LENGTHS = ([1, 2, 3, 4, 5, 6, 7, 8], [30, 20, 15, 10, 8, 7, 5, 5])
 _VISITS_PER_PERSON = ([1, 2, 3, 4, 5, 6, 8], [50, 20, 12, 8, 5, 3, 2])
 
+# generate(clicks=True) only. The affiliate catalogue: (id, slug, category_slug, brand_slug,
+# partner_slug), "" = none. The first ten are PRODUCTS (slug = id), which ordinary traffic already
+# clicks; the other twenty get a role per site (trending, new, dormant, …, see _Generator.affiliate).
+# 6 categories, 5 brands, 4 partners. Where the slug equals the id it is sent only sometimes;
+# where it differs (a SKU id) it is always sent, so one product is one (id, slug) pair.
+CLICK_PRODUCTS: list[tuple[str, str, str, str, str]] = [(p[0], p[0], *p[1:]) for p in PRODUCTS] + [
+    ("galaxy-s24-skal", "galaxy-s24-skal", "mobilskal", "samsung", "teknikdelar"),
+    ("sku-10442", "pixel-9-skal", "mobilskal", "google", "webhallen"),
+    ("iphone-16-glas", "iphone-16-glas", "skarmskydd", "apple", "kjell"),
+    ("sku-20871", "galaxy-a55-glas", "skarmskydd", "samsung", ""),
+    ("iphone-15-glas", "iphone-15-glas", "skarmskydd", "apple", "teknikdelar"),
+    ("beats-studio-buds", "beats-studio-buds", "horlurar", "apple", "webhallen"),
+    ("galaxy-buds-3", "galaxy-buds-3", "horlurar", "samsung", "elgiganten"),
+    ("sony-wf-1000xm5", "sony-wf-1000xm5", "horlurar", "sony", "teknikdelar"),
+    ("pixel-buds-pro", "pixel-buds-pro", "horlurar", "google", "kjell"),
+    ("anker-nano-65w", "anker-nano-65w", "laddare", "anker", "kjell"),
+    ("sku-30115", "tradlos-laddplatta", "laddare", "", "elgiganten"),
+    ("galaxy-watch-laddare", "galaxy-watch-laddare", "laddare", "samsung", "elgiganten"),
+    ("apple-watch-band", "apple-watch-band", "klockarmband", "apple", "webhallen"),
+    ("usb-c-kabel-2m", "usb-c-kabel-2m", "kablar", "anker", "kjell"),
+    ("lightning-kabel", "lightning-kabel", "kablar", "apple", ""),
+    ("hdmi-adapter", "hdmi-adapter", "kablar", "", "webhallen"),
+    ("presentkort-500", "presentkort-500", "", "", "teknikdelar"),
+    ("mobilhallare-bil", "mobilhallare-bil", "", "anker", "kjell"),
+    ("okand-pryl", "okand-pryl", "", "", ""),
+    ("sony-xb100", "sony-xb100", "", "sony", "elgiganten"),
+]
+_NEW_CLICK_PRODUCTS = CLICK_PRODUCTS[len(PRODUCTS):]
+
+# Shopping journeys for goals and funnels (generate(clicks=True)): one session each unless "gap"
+# (≥ 31 min, a new session). For the funnel / → /produkt… (startswith) → /checkout → purchase the
+# comment gives the steps reached by each session.
+_JOURNEYS: list[tuple[float, tuple[str, ...]]] = [
+    (16, ("home",)),  # 1
+    (8, ("home", "listing")),  # 2 (/produkter starts with /produkt)
+    (14, ("home", "prod", "click")),  # 2
+    (10, ("home", "prod", "prod", "checkout")),  # 3
+    (10, ("home", "prod", "checkout", "purchase", "tack")),  # 4
+    (4, ("home", "home", "prod", "prod", "home", "checkout", "checkout", "purchase", "purchase", "tack")),  # 4
+    (5, ("checkout", "home", "prod", "purchase")),  # 2: checkout came before the product page
+    (5, ("home", "checkout", "prod", "purchase")),  # 2
+    (4, ("home", "purchase", "prod", "checkout")),  # 3: the purchase came before checkout
+    (4, ("prod", "home", "prod", "click", "checkout", "purchase", "tack")),  # 4: the first product page is too early
+    (4, ("prod", "checkout", "purchase")),  # 0: never on /
+    (3, ("purchase",)),  # 0: an event-only session
+    (3, ("home", "prod", "gap", "checkout", "purchase")),  # 2, then 0
+    (5, ("home", "signup")),  # 1
+    (3, ("home", "prod", "signup", "checkout", "purchase", "tack")),  # 4
+]
+_FULL_JOURNEY = ("home", "prod", "checkout", "purchase", "tack")
+
 
 @dataclass
 class _Person:
@@ -594,6 +926,7 @@ class _Generator:
         self.rows: list[tuple[int, int, ImportLine]] = []  # (ms, sequence, line)
         self.counts: dict[str, int] = defaultdict(int)
         self._people: set[tuple[str, str, str]] = set()
+        self.steady_products: dict[str, list[tuple[str, str, str, str, str]]] = {}  # clicks=True
 
     # -- people --------------------------------------------------------------------------------
 
@@ -623,7 +956,8 @@ class _Generator:
     # -- events --------------------------------------------------------------------------------
 
     def _emit(self, person: _Person, ms: int, name: str, url: str, referrer: str | None,
-              props: dict[str, str] | None = None, product: tuple[str, str, str, str] | None = None) -> bool:
+              props: dict[str, str] | None = None,
+              product: tuple[str, str, str, str] | dict[str, str] | None = None) -> bool:
         """Append one event unless it falls outside [now − days, now)."""
         if not self.start <= ms < self.now:
             return False
@@ -633,7 +967,8 @@ class _Generator:
         if props:
             line["props"] = props
         if product:
-            line["product"] = dict(zip(("id", "category_slug", "brand_slug", "partner_slug"), product))
+            line["product"] = (dict(product) if isinstance(product, dict)
+                               else dict(zip(("id", "category_slug", "brand_slug", "partner_slug"), product)))
         line.update(timestamp=iso_ms(ms), ip=person.ip, user_agent=person.user_agent)
         self.rows.append((ms, len(self.rows), line))
         self.counts[person.site.site_id] += 1
@@ -764,6 +1099,142 @@ class _Generator:
             self._emit(person, t, "pageview", url, referrer)
             t += self.rng.randint(20 * MINUTE, 29 * MINUTE)
 
+    # -- affiliate clicks and shopping journeys (generate(clicks=True); own RNG stream) ------------
+
+    def _product_fields(self, product: tuple[str, str, str, str, str]) -> dict[str, str]:
+        """The click's product object: the slug left out half the time where it equals the id,
+        an empty dimension sent as "" or left out."""
+        pid, slug, category, brand, partner = product
+        fields = {"id": pid}
+        if slug != pid or self.rng.random() < 0.5:
+            fields["slug"] = slug
+        for key, value in (("category_slug", category), ("brand_slug", brand), ("partner_slug", partner)):
+            if value or self.rng.random() < 0.5:
+                fields[key] = value
+        return fields
+
+    def click_session(self, site: SiteSpec, at: int, product: tuple[str, str, str, str, str],
+                      person: _Person | None = None, also: list | None = None) -> _Person:
+        """A session with a click on `product` at `at`: the click alone (a cached page), or after
+        1–3 pageviews ending on the product's page. With `also`, sometimes a second click on one
+        of those products shortly after."""
+        rng = self.rng
+        person = person or self.person(site)
+        entry = rng.choice([None, None, "https://www.google.com/", "https://prisjakt.nu/", "https://l.facebook.com/"])
+        product_path = f"/produkt/{product[1]}"
+        if rng.random() < 0.4:
+            url = self._url(site, product_path)
+            self._emit(person, at, "click", url, entry, product=self._product_fields(product))
+        else:
+            paths = [rng.choice(["/", f"/kategori/{product[2] or 'ovrigt'}", f"/guide/{rng.choice(GUIDES)}"])
+                     for _ in range(rng.choice([0, 0, 1, 2]))] + [product_path]
+            times, t = [], at
+            for _ in paths:
+                t -= rng.randint(5 * SECOND, 4 * MINUTE)
+                times.append(t)
+            referrer, url = entry, ""
+            for t, path in zip(reversed(times), paths):
+                url = self._url(site, path)
+                self._emit(person, t, "pageview", url, referrer)
+                referrer = url
+            self._emit(person, at, "click", url, referrer, product=self._product_fields(product))
+        if also and rng.random() < 0.1:
+            other = rng.choice(also)
+            self._emit(person, at + rng.randint(20 * SECOND, 3 * MINUTE), "click",
+                       self._url(site, f"/produkt/{other[1]}"), None, product=self._product_fields(other))
+        return person
+
+    def affiliate(self, site: SiteSpec, budget: int) -> dict[str, list[str]]:
+        """`budget` baseline click sessions over the whole window, plus (per site, roles drawn from
+        the 20 new products): 5 with a burst in the last 6–24 h (trending), 1 with a mild rise
+        (~+60 %), 3 with 3–12 clicks only in the last 23 h (new: trending without a baseline), 2
+        with 1–2 clicks only there (new, below min_recent_clicks), 2 with clicks only > 10 days ago
+        (dormant), the rest steady. Returns the product ids by role."""
+        rng = self.rng
+        new = rng.sample(_NEW_CLICK_PRODUCTS, len(_NEW_CLICK_PRODUCTS))
+        trending, mild, hot, cold, dormant, steady = new[:5], new[5:6], new[6:9], new[9:11], new[11:13], new[13:]
+        steady = steady + CLICK_PRODUCTS[:len(PRODUCTS)]
+        self.steady_products[site.site_id] = steady
+        baseline = steady + trending + mild
+        weights = [rng.choice((1, 2, 3, 5, 8)) for _ in steady + trending] + [8] * len(mild)
+        days = (self.now - self.start) / DAY
+        daily = {p: budget * w / sum(weights) / days for p, w in zip(baseline, weights)}
+        people: list[_Person] = []
+        for _ in range(budget):
+            product = rng.choices(baseline, weights)[0]
+            again = rng.choice(people) if people and rng.random() < 0.15 else None
+            people.append(self.click_session(site, rng.randrange(self.start, self.now), product, again, steady))
+        # Windows that hold for any trending query within 45 min of `now` (the recent window ends at
+        # the end of the query's quarter hour): the last 23 h are recent, [8 d − 1 h, 25 h) ago baseline.
+        recent_start = self.now - 23 * HOUR
+        for product in trending + mild:  # a baseline of their own, so they trend by growth
+            for _ in range(rng.randint(2, 7)):
+                self.click_session(site, rng.randrange(self.now - 8 * DAY + HOUR, self.now - 25 * HOUR), product)
+        for product in trending:
+            hours = rng.randint(6, 24)
+            n = max(4, round(daily[product] * hours / 24 * rng.uniform(3, 8))) + rng.randint(0, 4)
+            for _ in range(n):
+                self.click_session(site, rng.randrange(self.now - hours * HOUR, self.now - SECOND), product,
+                                   also=steady)
+        for product in mild:
+            for _ in range(round(daily[product] * 0.6) + 1):
+                self.click_session(site, rng.randrange(recent_start, self.now - SECOND), product)
+        for products, low, high in ((hot, 3, 12), (cold, 1, 2)):
+            for product in products:
+                for _ in range(rng.randint(low, high)):
+                    self.click_session(site, rng.randrange(recent_start, self.now - SECOND), product)
+        for product in dormant:
+            for _ in range(rng.randint(3, 15)):
+                self.click_session(site, rng.randrange(self.start + HOUR, self.now - 10 * DAY), product)
+        return {role: [p[0] for p in products] for role, products in (
+            ("trending", trending), ("mild", mild), ("new", hot), ("new_few", cold), ("dormant", dormant),
+            ("steady", steady))}
+
+    def journey(self, site: SiteSpec, start: int, tokens: tuple[str, ...],
+                gaps: tuple[int, int] = (10 * SECOND, 8 * MINUTE)) -> None:
+        """One new person's shopping journey (see _JOURNEYS) from `start`; its product pages and
+        clicks are the site's steady products (so new and dormant products keep their shape)."""
+        rng = self.rng
+        products = self.steady_products.get(site.site_id) or CLICK_PRODUCTS
+        person = self.person(site)
+        entry = rng.choice([None, "https://www.google.com/", "https://l.facebook.com/", ""])
+        t, url, referrer, product = start, None, entry, rng.choice(products)
+        for token in tokens:
+            if token == "gap":
+                t += rng.randint(31 * MINUTE, 3 * HOUR)
+                url, referrer = None, entry
+                continue
+            if token in ("home", "prod", "listing", "checkout", "tack"):
+                if token == "prod":
+                    product = rng.choice(products)
+                path = {"home": "/?utm_source=newsletter&utm_medium=email" if rng.random() < 0.1 else "/",
+                        "prod": f"/produkt/{product[1]}", "listing": "/produkter",
+                        "checkout": "/checkout?steg=2" if rng.random() < 0.2 else "/checkout",
+                        "tack": "/tack"}[token]
+                url = self._url(site, path)
+                self._emit(person, t, "pageview", url, referrer)
+                referrer = url
+            elif token == "click":
+                self._emit(person, t, "click", url or self._url(site, f"/produkt/{product[1]}"), referrer,
+                           product=self._product_fields(product))
+            else:  # purchase, signup
+                props = ({"value": str(rng.randint(99, 2999)), "currency": "SEK"} if token == "purchase"
+                         else {"plan": rng.choice(["free", "pro"])})
+                self._emit(person, t, token, url or self._url(site, "/"), referrer, props=props)
+            t += rng.randint(*gaps)
+
+    def journeys(self, site: SiteSpec, count: int) -> None:
+        """`count` journeys at random times, plus six complete ones running across local midnights
+        (a funnel session started on one day with its later steps on the next)."""
+        rng = self.rng
+        for _ in range(count):
+            tokens = rng.choices([t for _, t in _JOURNEYS], [w for w, _ in _JOURNEYS])[0]
+            self.journey(site, rng.randrange(self.start, self.now - 2 * HOUR), tokens)
+        midnights = _local_midnights(site, self.start + HOUR, self.now - HOUR)
+        for midnight in rng.sample(midnights, min(6, len(midnights))):
+            self.journey(site, midnight - rng.randint(2 * MINUTE, 8 * MINUTE), _FULL_JOURNEY,
+                         gaps=(1 * MINUTE, 4 * MINUTE))
+
     def lines(self) -> list[ImportLine]:
         return [line for _, _, line in sorted(self.rows, key=lambda row: row[:2])]
 
@@ -787,12 +1258,18 @@ def _offset_changes(site: SiteSpec, start: int, end: int) -> list[int]:
 
 
 def generate(seed: int, sites: list[SiteSpec], now: datetime, days: int = 90, target_events: int = 100_000,
-             edge_cases: bool = True) -> list[ImportLine]:
+             edge_cases: bool = True, clicks: bool = False) -> list[ImportLine]:
     """At least `target_events` import lines over the last `days` days before `now`, sorted by time.
 
     Besides ordinary traffic, every site gets sessions across UTC midnights, across its local
     midnights (the DST days' included) and across its DST changes. `edge_cases` adds gaps of exactly
     the timeout and 1 ms less, a chain across two UTC midnights, and utm_medium without utm_source.
+
+    `clicks` adds, from an RNG stream of its own after everything else (so the lines without it
+    are exactly the lines of clicks=False, in the same order), per site: affiliate click sessions
+    over a 30-product catalogue (CLICK_PRODUCTS; ~5 % of the site's share of target_events) with
+    bursts, new and dormant products for trending, and shopping journeys (_JOURNEYS; ~2 %) for
+    goals and funnels.
     """
     gen = _Generator(seed, sites, now, days, edge_cases)
     total_weight = sum(site.weight for site in sites)
@@ -815,6 +1292,12 @@ def generate(seed: int, sites: list[SiteSpec], now: datetime, days: int = 90, ta
             for midnight in gen.rng.sample(utc_midnights[:-1], 2):
                 gen.boundaries(site, midnight)
             gen.marathon(site, gen.rng.choice(utc_midnights[:-2]))
+    if clicks:
+        gen.rng = random.Random(f"clicks:{seed}")
+        for site in sites:
+            share = target_events * site.weight / total_weight
+            gen.affiliate(site, max(60, int(share * 0.05)))
+            gen.journeys(site, max(40, int(share * 0.02)))
     return gen.lines()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
@@ -458,3 +458,561 @@ def test_generator_covers_dst_days(sample):
     se = r.overview("ref-se", "2026-10-25", "2026-10-25")
     us = r.overview("ref-us", "2026-11-01", "2026-11-01")
     assert se["pageviews"] > 0 and us["pageviews"] > 0
+
+
+# -- goals ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("pattern", "path", "expected"), [
+    ("/checkout", "/checkout", True), ("/checkout", "/checkout/", False), ("/checkout", "/Checkout", False),
+    ("/produkt/*", "/produkt/a", True), ("/produkt/*", "/produkt/a/b", True),  # * crosses /
+    ("/produkt/*", "/produkt/", True),  # * may be empty
+    ("/produkt/*", "/produkt", False), ("/produkt/*", "/produkter", False),
+    ("*", "/", True), ("*", "/a/b", True), ("/**", "/", True), ("/a*", "/a", True),
+    ("/*/skal", "/a/b/skal", True), ("/*/skal", "//skal", True), ("/*/skal", "/skal", False),
+    ("/a*b*c", "/abc", True), ("/a*b*c", "/aXcYb", False), ("/a*b*c", "/abcbc", True),
+    ("/*a*a", "/a", False), ("/*a*a", "/aa", True), ("*x*", "/x", True), ("*x*", "/y", False),
+    ("/a?c", "/abc", False), ("/a?c", "/a?c", True),  # ? is literal
+    ("/[ab]", "/a", False), ("/[ab]", "/[ab]", True),  # [ is literal
+    ("/x.y", "/xzy", False), ("/x.y*", "/x.y/z", True),
+])
+def test_glob_match(pattern, path, expected):
+    assert R.glob_match(pattern, path) is expected
+
+
+def test_glob_match_agrees_with_a_regex_translation():
+    import random
+    rng = random.Random(5)
+    for _ in range(3000):
+        pattern = "".join(rng.choice("ab/*?[") for _ in range(rng.randint(0, 6)))
+        path = "".join(rng.choice("ab/?[") for _ in range(rng.randint(0, 7)))
+        regex = ".*".join(re.escape(part) for part in pattern.split("*"))
+        assert R.glob_match(pattern, path) == bool(re.fullmatch(regex, path, re.S)), (pattern, path)
+
+
+GOALS = [
+    {"id": "g1", "name": "Checkout", "event_type": "pageview", "match_path": "/checkout"},
+    {"id": "g2", "name": "Produkt", "event_type": "pageview", "match_path": "/produkt/*"},
+    {"id": "g3", "name": "Köp", "event_type": "event", "match_event": "purchase"},
+    {"id": "g4", "name": "Alla sidvisningar", "event_type": "event", "match_event": "pageview"},
+    {"id": "g5", "name": "Allt", "event_type": "pageview", "match_path": "*"},
+    {"id": "g6", "name": "Klick", "event_type": "event", "match_event": "click"},
+    {"id": "g7", "name": "Båda nycklarna", "event_type": "pageview", "match_path": "/tack", "match_event": "x"},
+]
+
+
+def test_goals():
+    lines = [
+        # A: two checkout pageviews (one with a query string), two purchases.
+        ev("2026-11-10T10:00:00.000Z", path="/checkout?steg=2"), ev("2026-11-10T10:05:00.000Z", path="/checkout"),
+        ev("2026-11-10T10:06:00.000Z", "purchase", path="/checkout"), ev("2026-11-10T10:07:00.000Z", "purchase"),
+        # B: a product page; a click and a signup on /checkout are not pageviews.
+        ev("2026-11-10T10:00:00.000Z", path="/produkt/x", ip=NO_IP), ev("2026-11-10T10:01:00.000Z", "click", path="/checkout", ip=NO_IP),
+        ev("2026-11-10T10:02:00.000Z", "signup", path="/checkout", ip=NO_IP),
+        # C: near misses.
+        ev("2026-11-10T10:00:00.000Z", path="/checkout/", ip=DE_IP), ev("2026-11-10T10:01:00.000Z", "purchase_refund", ip=DE_IP),
+        ev("2026-11-10T10:02:00.000Z", "Purchase", ip=DE_IP), ev("2026-11-10T10:03:00.000Z", path="/produkt", ip=DE_IP),
+        # D–H: pageviews of / only (8 visitors in all).
+        *(ev("2026-11-10T12:00:00.000Z", ip=f"81.227.5.{i}") for i in range(1, 6)),
+        # Outside the period.
+        ev("2026-11-09T23:59:59.999Z", "purchase", ip=SE_IP2), ev("2026-11-11T00:00:00.000Z", path="/checkout", ip=SE_IP2),
+    ]
+    out = ref(lines).goals(SITE, "2026-11-10", "2026-11-10", GOALS)
+    assert out[0] == {"id": "g1", "name": "Checkout", "event_type": "pageview", "match_path": "/checkout",
+                      "visitors": 1, "conversions": 2, "conversion_rate": 13}  # 1/8 = 12.5 %
+    assert out[2] == {"id": "g3", "name": "Köp", "event_type": "event", "match_event": "purchase",
+                      "visitors": 1, "conversions": 2, "conversion_rate": 13}
+    assert out[6] == {"id": "g7", "name": "Båda nycklarna", "event_type": "pageview", "match_path": "/tack",
+                      "visitors": 0, "conversions": 0, "conversion_rate": 0}
+    assert [(g["id"], g["visitors"], g["conversions"], g["conversion_rate"]) for g in out] == [
+        ("g1", 1, 2, 13), ("g2", 1, 1, 13), ("g3", 1, 2, 13), ("g4", 8, 10, 100), ("g5", 8, 10, 100),
+        ("g6", 1, 1, 13), ("g7", 0, 0, 0)]
+    # The order is the order given; an empty period has no visitors and rates of 0.
+    assert [g["id"] for g in ref(lines).goals(SITE, "2026-11-10", "2026-11-10", GOALS[::-1])] == [g["id"] for g in GOALS[::-1]]
+    empty = ref(lines).goals(SITE, "2026-11-01", "2026-11-01", GOALS[:1])
+    assert (empty[0]["visitors"], empty[0]["conversions"], empty[0]["conversion_rate"]) == (0, 0, 0)
+    # Retroactive and by local days: in Stockholm 23:59:59.999Z on the 9th is 00:59 on the 10th.
+    stockholm = ref(lines, "Europe/Stockholm").goals(SITE, "2026-11-10", "2026-11-10", GOALS[2:3])
+    assert (stockholm[0]["visitors"], stockholm[0]["conversions"]) == (2, 3)
+
+
+# -- funnels -------------------------------------------------------------------------------------
+
+FUNNEL = {"id": "f1", "name": "Checkout-flöde", "steps": [
+    {"name": "Startsida", "type": "pageview", "match_value": "/"},
+    {"name": "Produktsida", "type": "pageview", "match_value": "/produkt", "match_type": "startswith"},
+    {"name": "Checkout", "type": "pageview", "match_value": "/checkout"},
+    {"name": "Köp", "type": "event", "match_value": "purchase"},
+]}
+
+
+def test_funnel_result_matches_the_reference_example():
+    out = R.funnel_result(FUNNEL, [1000, 600, 200, 50])
+    assert out == {"funnel": {"id": "f1", "name": "Checkout-flöde"}, "steps": [
+        {"name": "Startsida", "sessions": 1000, "dropoff_rate": 0, "conversion_from_start": 100},
+        {"name": "Produktsida", "sessions": 600, "dropoff_rate": 40, "conversion_from_start": 60},
+        {"name": "Checkout", "sessions": 200, "dropoff_rate": 67, "conversion_from_start": 20},
+        {"name": "Köp", "sessions": 50, "dropoff_rate": 75, "conversion_from_start": 5}], "overall_conversion": 5}
+
+
+@pytest.mark.parametrize(("counts", "dropoff", "conversion", "overall"), [
+    ([0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], 0),  # nobody at the first step
+    ([5, 0, 0, 0], [0, 100, 0, 0], [100, 0, 0, 0], 0),  # a previous step with 0 sessions: dropoff 0
+    ([8, 8, 7, 1], [0, 0, 13, 86], [100, 100, 88, 13], 13),  # 12.5 → 13, 85.71 → 86, 87.5 → 88
+    ([3, 2, 1, 1], [0, 33, 50, 0], [100, 67, 33, 33], 33),
+])
+def test_funnel_result_rates(counts, dropoff, conversion, overall):
+    out = R.funnel_result(FUNNEL, counts)
+    assert [s["sessions"] for s in out["steps"]] == counts
+    assert [s["dropoff_rate"] for s in out["steps"]] == dropoff
+    assert [s["conversion_from_start"] for s in out["steps"]] == conversion
+    assert out["overall_conversion"] == overall
+
+
+def _session(ip: str, start: str, *steps: str, gap_s: int = 60) -> list[dict]:
+    """One person's events from `start`, `gap_s` apart: "/path" is a pageview, "=name" an event,
+    "!path" a click on that path."""
+    t0 = R.to_ms(start)
+    lines = []
+    for k, step in enumerate(steps):
+        ts = R.iso_ms(t0 + k * gap_s * R.SECOND)
+        if step.startswith("="):
+            lines.append(ev(ts, step[1:], ip=ip))
+        elif step.startswith("!"):
+            lines.append(ev(ts, "click", path=step[1:], ip=ip))
+        else:
+            lines.append(ev(ts, path=step, ip=ip))
+    return lines
+
+
+def test_funnel_steps_order_repeats_and_matching():
+    day = "2026-11-10T10:00:00.000Z"
+    sessions = {
+        "81.227.7.1": (4, ["/", "/produkt/a", "/checkout", "=purchase"]),
+        "81.227.7.2": (2, ["/checkout", "/", "/produkt/a", "=purchase"]),  # checkout before the product page
+        "81.227.7.3": (2, ["/", "/checkout", "/produkt/a", "=purchase"]),
+        "81.227.7.4": (4, ["/", "/", "/produkt/a", "/produkt/b", "/", "/checkout", "/checkout", "=purchase", "=purchase"]),
+        "81.227.7.5": (1, ["/produkt/a", "/", "/checkout"]),  # the product page came first
+        "81.227.7.6": (3, ["/", "=purchase", "/produkt/a", "/checkout"]),  # purchase before checkout
+        "81.227.7.7": (3, ["/?utm_source=x", "/produkter", "/checkout?steg=2"]),  # paths without query; startswith
+        "81.227.7.8": (1, ["/", "!/produkt/a", "!/checkout", "=signup"]),  # clicks are not pageviews
+        "81.227.7.9": (0, ["=purchase"]),
+        "81.227.7.10": (0, ["/checkout/", "/Produkt/a"]),
+    }
+    lines = [line for ip, (_, steps) in sessions.items() for line in _session(ip, day, *steps)]
+    # A 30-minute gap splits a journey: two steps, then a session that never saw /.
+    lines += _session("81.227.7.11", day, "/", "/produkt/a") + _session("81.227.7.11", "2026-11-10T10:31:00.000Z",
+                                                                        "/checkout", "=purchase")
+    r = ref(lines)
+    reached = {s.visitor[1]: [] for s in r.sessions(SITE)}
+    for s in r.sessions(SITE):
+        reached[s.visitor[1]].append(R.steps_reached(s.events, FUNNEL["steps"]))
+    assert reached == {**{ip: [n] for ip, (n, _) in sessions.items()}, "81.227.7.11": [2, 0]}
+    out = r.funnel_stats(SITE, "2026-11-10", "2026-11-10", FUNNEL)
+    # Reaching: / 9, /produkt… 7, /checkout 4, purchase 2.
+    assert out == {"funnel": {"id": "f1", "name": "Checkout-flöde"}, "steps": [
+        {"name": "Startsida", "sessions": 9, "dropoff_rate": 0, "conversion_from_start": 100},
+        {"name": "Produktsida", "sessions": 7, "dropoff_rate": 22, "conversion_from_start": 78},
+        {"name": "Checkout", "sessions": 4, "dropoff_rate": 43, "conversion_from_start": 44},
+        {"name": "Köp", "sessions": 2, "dropoff_rate": 50, "conversion_from_start": 22}], "overall_conversion": 22}
+
+
+def test_funnel_match_types():
+    def steps(*specs):
+        return [dict(zip(("type", "match_value", "match_type"), spec), name=str(k)) for k, spec in enumerate(specs)]
+
+    r = ref(_session(SE_IP, "2026-11-10T10:00:00.000Z", "/produkt/a", "=signup_pro", "/tack"))
+    events = r.sessions(SITE)[0].events
+    assert R.steps_reached(events, steps(("pageview", "/produkt"))) == 0  # exact is the default
+    assert R.steps_reached(events, steps(("pageview", "/produkt", "exact"))) == 0
+    assert R.steps_reached(events, steps(("pageview", "/produkt", "startswith"))) == 1
+    assert R.steps_reached(events, steps(("pageview", "/produkt/a"), ("event", "signup"))) == 1
+    assert R.steps_reached(events, steps(("pageview", "/produkt/a"), ("event", "signup", "startswith"),
+                                         ("pageview", "/t", "startswith"))) == 3
+    assert R.steps_reached(events, steps(("event", "signup_pro"), ("pageview", "/produkt/a"))) == 1  # order
+    # An event step matches names literally: "pageview" is a name too.
+    assert R.steps_reached(events, steps(("event", "pageview"), ("event", "pageview"))) == 2
+    # One event advances one step: the same page twice needs two pageviews.
+    assert R.steps_reached(events, steps(("pageview", "/produkt/a"), ("pageview", "/produkt/a"))) == 1
+
+
+def test_funnel_ties_are_broken_by_line_index():
+    same = "2026-11-10T10:00:00.000Z"
+    home_first = ref([ev(same, path="/"), ev(same, path="/produkt/a")])
+    product_first = ref([ev(same, path="/produkt/a"), ev(same, path="/")])
+    two = FUNNEL["steps"][:2]
+    assert R.steps_reached(home_first.sessions(SITE)[0].events, two) == 2
+    assert R.steps_reached(product_first.sessions(SITE)[0].events, two) == 1
+
+
+def test_funnel_sessions_by_start_with_all_their_events():
+    lines = (_session("81.227.8.1", "2026-11-10T23:57:00.000Z", "/", "/produkt/a", "/checkout", "=purchase",
+                      gap_s=120)  # started on the 10th, finished on the 11th
+             + _session("81.227.8.2", "2026-11-09T23:58:00.000Z", "/", "/produkt/a", "/checkout", "=purchase",
+                        gap_s=120))  # started on the 9th
+    r = ref(lines)
+    assert [s["sessions"] for s in r.funnel_stats(SITE, "2026-11-10", "2026-11-10", FUNNEL)["steps"]] == [1, 1, 1, 1]
+    assert [s["sessions"] for s in r.funnel_stats(SITE, "2026-11-11", "2026-11-11", FUNNEL)["steps"]] == [0, 0, 0, 0]
+    assert [s["sessions"] for s in r.funnel_stats(SITE, "2026-11-09", "2026-11-11", FUNNEL)["steps"]] == [2, 2, 2, 2]
+    # Local days: in Kolkata (+5:30) the first started on the 11th (05:27), the second on the 10th.
+    kolkata = ref(lines, "Asia/Kolkata")
+    assert [s["sessions"] for s in kolkata.funnel_stats(SITE, "2026-11-10", "2026-11-10", FUNNEL)["steps"]] == [1, 1, 1, 1]
+    assert [s["sessions"] for s in kolkata.funnel_stats(SITE, "2026-11-11", "2026-11-11", FUNNEL)["steps"]] == [1, 1, 1, 1]
+    assert [s["sessions"] for s in kolkata.funnel_stats(SITE, "2026-11-09", "2026-11-09", FUNNEL)["steps"]] == [0, 0, 0, 0]
+    zero = r.funnel_stats(SITE, "2026-11-10", "2026-11-10", {"id": "f2", "name": "Tom", "steps": [
+        {"name": "Ingenstans", "type": "pageview", "match_value": "/ingenstans"}, *FUNNEL["steps"][1:]]})
+    assert zero == {"funnel": {"id": "f2", "name": "Tom"}, "steps": [
+        {"name": s["name"], "sessions": 0, "dropoff_rate": 0, "conversion_from_start": 0}
+        for s in [{"name": "Ingenstans"}, *FUNNEL["steps"][1:]]], "overall_conversion": 0}
+
+
+# -- affiliate: popular --------------------------------------------------------------------------
+
+def click(ts: str | int, pid: str, slug: str | None = None, category: str | None = None, brand: str | None = None,
+          partner: str | None = None, ip: str = SE_IP) -> dict:
+    """A click; a dimension given as None is left out of the product object."""
+    line = ev(ts if isinstance(ts, str) else R.iso_ms(ts), path=f"/produkt/{slug or pid}", ip=ip)
+    line["name"] = "click"
+    line["product"] = {k: v for k, v in (("id", pid), ("slug", slug), ("category_slug", category),
+                                        ("brand_slug", brand), ("partner_slug", partner)) if v is not None}
+    return line
+
+
+def clicks(n: int, start: str | int, pid: str, step: int = R.MINUTE, **product) -> list[dict]:
+    """n clicks `step` ms apart from `start`, each by a person of its own."""
+    t0 = start if isinstance(start, int) else R.to_ms(start)
+    tag = sum(map(ord, pid)) % 200
+    return [click(t0 + k * step, pid, ip=f"90.224.{tag}.{k % 250 + 1}" if k < 250 else f"83.248.{tag}.{k % 250 + 1}",
+                  **product) for k in range(n)]
+
+
+POP_NOW = datetime(2026, 11, 29, 15, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def popular_ref():
+    lines = [
+        *clicks(1, "2026-11-23T00:00:00.000Z", "p1", category="mobilskal", brand="apple", partner="teknikdelar"),
+        *clicks(1, "2026-11-25T10:00:00.000Z", "p1", slug="", category="mobilskal", brand="apple", partner="teknikdelar"),
+        *clicks(1, "2026-11-29T23:59:59.999Z", "p1", category="mobilskal", brand="apple", partner="teknikdelar"),
+        *clicks(1, "2026-11-22T23:59:59.999Z", "p1", category="mobilskal", brand="apple", partner="teknikdelar"),  # before
+        *clicks(1, "2026-11-30T00:00:00.000Z", "p1", category="mobilskal", brand="apple", partner="teknikdelar"),  # after
+        *clicks(3, "2026-11-24T10:00:00.000Z", "sku-2", slug="skal-2", category="mobilskal", brand="samsung", partner="kjell"),
+        *clicks(2, "2026-11-26T10:00:00.000Z", "z-id", slug="b-slug", category="skarmskydd", brand="apple", partner="teknikdelar"),
+        *clicks(2, "2026-11-27T10:00:00.000Z", "a-id", slug="c-slug", category="skarmskydd", brand="samsung", partner=""),
+        *clicks(1, "2026-11-28T10:00:00.000Z", "id-2", slug="same", category="horlurar", brand="sony", partner="webhallen"),
+        *clicks(1, "2026-11-28T11:00:00.000Z", "id-1", slug="same", partner="teknikdelar"),
+        *clicks(1, "2026-11-29T01:00:00.000Z", "nocat", category="", brand="", partner=""),
+        # Not clicks: a pageview that carries a product, a custom event.
+        {**ev("2026-11-28T12:00:00.000Z", path="/produkt/p1"), "product": {"id": "p1"}},
+        ev("2026-11-28T12:01:00.000Z", "click_out", path="/produkt/p1"),
+    ]
+    return Reference(lines, [SiteSpec(SITE, DOMAIN, "Pacific/Kiritimati")], POP_NOW)  # site timezone plays no part
+
+
+def test_popular_products(popular_ref):
+    out = popular_ref.popular_products(SITE, 7, POP_NOW)
+    assert out == {"data": [
+        {"product_id": "p1", "product_slug": "p1", "clicks": 3},  # the slug defaults to the id
+        {"product_id": "sku-2", "product_slug": "skal-2", "clicks": 3},
+        {"product_id": "z-id", "product_slug": "b-slug", "clicks": 2},  # ties by slug, then id
+        {"product_id": "a-id", "product_slug": "c-slug", "clicks": 2},
+        {"product_id": "nocat", "product_slug": "nocat", "clicks": 1},
+        {"product_id": "id-1", "product_slug": "same", "clicks": 1},
+        {"product_id": "id-2", "product_slug": "same", "clicks": 1}],
+        "meta": {"period": {"from": "2026-11-23T00:00:00Z", "to": "2026-11-29T23:59:59Z"}, "total_clicks": 13,
+                 "confidence": "medium"}}
+    assert popular_ref.popular_products(SITE, 7, POP_NOW, limit=2) == {"data": out["data"][:2], "meta": out["meta"]}
+    assert popular_ref.popular_products(SITE, 7, POP_NOW, min_clicks=2) == {"data": out["data"][:4], "meta": out["meta"]}
+    assert popular_ref.popular_products(SITE, 7, POP_NOW, min_clicks=4)["data"] == []
+    by_category = popular_ref.popular_products(SITE, 7, POP_NOW, category_slug="mobilskal")
+    assert [(r["product_id"], r["clicks"]) for r in by_category["data"]] == [("p1", 3), ("sku-2", 3)]
+    assert (by_category["meta"]["total_clicks"], by_category["meta"]["confidence"]) == (6, "low")
+    by_brand = popular_ref.popular_products(SITE, 7, POP_NOW, brand_slug="apple", min_clicks=3, limit=1)
+    assert [r["product_id"] for r in by_brand["data"]] == ["p1"] and by_brand["meta"]["total_clicks"] == 5
+    both = popular_ref.popular_products(SITE, 7, POP_NOW, category_slug="skarmskydd", brand_slug="samsung")
+    assert [r["product_id"] for r in both["data"]] == ["a-id"] and both["meta"]["total_clicks"] == 2
+    today = popular_ref.popular_products(SITE, 1, POP_NOW)
+    assert today["meta"]["period"] == {"from": "2026-11-29T00:00:00Z", "to": "2026-11-29T23:59:59Z"}
+    assert [(r["product_id"], r["clicks"]) for r in today["data"]] == [("nocat", 1), ("p1", 1)]
+    # The reference's `now` is the default clock.
+    assert popular_ref.popular_products(SITE, 7) == out
+
+
+def test_popular_categories_and_partners(popular_ref):
+    meta = {"period": {"from": "2026-11-23T00:00:00Z", "to": "2026-11-29T23:59:59Z"}, "total_clicks": 13,
+            "confidence": "medium"}
+    assert popular_ref.popular_categories(SITE, 7, POP_NOW) == {"data": [
+        {"category_slug": "mobilskal", "clicks": 6}, {"category_slug": "skarmskydd", "clicks": 4},
+        {"category_slug": "horlurar", "clicks": 1}], "meta": meta}  # 2 clicks without a category: counted only
+    assert popular_ref.popular_categories(SITE, 7, POP_NOW, limit=1)["data"] == [{"category_slug": "mobilskal", "clicks": 6}]
+    assert popular_ref.popular_partners(SITE, 7, POP_NOW) == {"data": [
+        {"partner_slug": "teknikdelar", "clicks": 6, "share": 0.46}, {"partner_slug": "kjell", "clicks": 3, "share": 0.23},
+        {"partner_slug": "webhallen", "clicks": 1, "share": 0.08}], "meta": meta}
+
+
+def test_partner_share_rounds_half_away_from_zero():
+    lines = (clicks(5, "2026-11-29T01:00:00.000Z", "a", partner="x") + clicks(3, "2026-11-29T02:00:00.000Z", "b", partner="y"))
+    r = Reference(lines, [SiteSpec(SITE, DOMAIN, "UTC")], POP_NOW)
+    data = r.popular_partners(SITE, 1, POP_NOW)["data"]
+    assert data == [{"partner_slug": "x", "clicks": 5, "share": 0.63}, {"partner_slug": "y", "clicks": 3, "share": 0.38}]
+    assert round(0.625, 2) == 0.62  # why the reference does not use round()
+    assert [R.round_places(R.Fraction(n, d), 2) for n, d in ((1, 8), (1, 40), (1, 3), (2, 3), (1, 1), (0, 5))] == [
+        0.13, 0.03, 0.33, 0.67, 1.0, 0.0]
+    assert R.round_places(R.Fraction(1, 4), 1) == 0.3 and R.round_places(R.Fraction(22, 7), 1) == 3.1
+
+
+def test_confidence_thresholds():
+    assert [R.confidence(n) for n in (0, 9, 10, 49, 50, 523)] == ["low", "low", "medium", "medium", "high", "high"]
+
+
+def test_utc_days_window():
+    lo, hi = R.utc_days_window(30, datetime(2026, 11, 29, 23, 59, 59, tzinfo=timezone.utc))
+    assert (R.iso_z(lo), R.iso_z(hi - R.SECOND)) == ("2026-10-31T00:00:00Z", "2026-11-29T23:59:59Z")
+    lo, hi = R.utc_days_window(7, datetime(2026, 11, 30, 0, 30, tzinfo=ZoneInfo("Europe/Stockholm")))  # 23:30Z on the 29th
+    assert (R.iso_z(lo), R.iso_z(hi)) == ("2026-11-23T00:00:00Z", "2026-11-30T00:00:00Z")
+    with pytest.raises(ValueError):
+        R.utc_days_window(0, POP_NOW)
+
+
+# -- affiliate: trending -------------------------------------------------------------------------
+
+def test_trending_windows_align_to_the_quarter_hour():
+    def windows(now: str, hours: int = 24, days: int = 7) -> list[str]:
+        return [R.iso_z(ms) for ms in R.trending_windows(datetime.fromisoformat(now), hours, days)]
+
+    assert windows("2026-11-29T10:07:30.500+00:00") == ["2026-11-21T10:15:00Z", "2026-11-28T10:15:00Z", "2026-11-29T10:15:00Z"]
+    assert windows("2026-11-29T10:00:00+00:00") == ["2026-11-21T10:15:00Z", "2026-11-28T10:15:00Z", "2026-11-29T10:15:00Z"]
+    assert windows("2026-11-29T10:14:59.999+00:00")[2] == "2026-11-29T10:15:00Z"
+    assert windows("2026-11-29T10:15:00+00:00")[2] == "2026-11-29T10:30:00Z"
+    assert windows("2026-11-29T10:07:00+00:00", 6, 1) == ["2026-11-28T04:15:00Z", "2026-11-29T04:15:00Z", "2026-11-29T10:15:00Z"]
+    assert windows("2026-11-29T15:40:00+05:30")[2] == "2026-11-29T10:15:00Z"  # 10:10Z
+
+
+TREND_NOW = datetime(2026, 11, 29, 10, 7, 30, tzinfo=timezone.utc)
+B0, R0, E0 = R.trending_windows(TREND_NOW)  # 21 Nov 10:15, 28 Nov 10:15, 29 Nov 10:15
+DIM = {"category": "horlurar", "brand": "apple", "partner": "kjell"}
+
+
+@pytest.fixture(scope="module")
+def trending_ref():
+    def baseline(n, pid, **kw):
+        return clicks(n, B0 + R.HOUR, pid, step=R.MINUTE, **kw)
+
+    def recent(n, pid, **kw):
+        return clicks(n, R0 + R.HOUR, pid, step=R.MINUTE, **kw)
+
+    lines = [
+        *recent(5, "new-a", **DIM), *recent(5, "new-b", slug="a-new", **DIM),  # no baseline; ties by slug
+        *recent(2, "new-c", **DIM),  # below min_recent_clicks, in total_clicks
+        *baseline(14, "edge", **DIM), *recent(4, "edge", **DIM),  # avg 2.0, growth exactly 100
+        *baseline(200, "almost", **DIM), *recent(57, "almost", **DIM),  # avg 28.57…, growth 99.5: 100 shown
+        *baseline(7, "big", **DIM), *recent(10, "big", **DIM),  # 900
+        *baseline(14, "big2", **DIM), *recent(20, "big2", **DIM),  # 900 too, more recent clicks
+        *baseline(7, "dropped", **DIM),  # no recent clicks
+        *clicks(9, B0 - 20 * R.DAY, "old", **DIM),  # only before the baseline: a new product now
+        *recent(3, "old", **DIM),
+        # At the windows' edges: B0 − 1 ms out, B0 and R0 − 1 ms baseline, R0 and E0 − 1 ms recent, E0 out.
+        *(click(ms, "boundary", ip=f"81.227.9.{k}", **DIM) for k, ms in enumerate(
+            (B0 - 1, B0, R0 - 1, R0, R0 + R.HOUR, E0 - 1, E0), start=1)),  # baseline 2 (avg 0.29), recent 3: 950
+        # Filters: another category / brand.
+        *baseline(7, "laddare-x", category="laddare", brand="anker"), *recent(30, "laddare-x", category="laddare", brand="anker"),
+        *recent(4, "apple-laddare", category="laddare", brand="apple"),
+    ]
+    return Reference(lines, [SiteSpec(SITE, DOMAIN, "Asia/Kolkata")], TREND_NOW)
+
+
+def _rows(out: dict) -> list[tuple]:
+    return [(r["product_id"], r["product_slug"], r["clicks_recent"], r["clicks_baseline_avg"], r["growth_percent"])
+            for r in out["data"]]
+
+
+TRENDING_ROWS = [
+    # No baseline first, by recent clicks, then slug ("a-new" < "new-a"), then id.
+    ("new-b", "a-new", 5, 0.0, None), ("new-a", "new-a", 5, 0.0, None), ("apple-laddare", "apple-laddare", 4, 0.0, None),
+    ("old", "old", 3, 0.0, None),  # clicks before the baseline period do not count
+    # Then by growth.
+    ("laddare-x", "laddare-x", 30, 1.0, 2900), ("boundary", "boundary", 3, 0.3, 950),
+    ("big2", "big2", 20, 2.0, 900), ("big", "big", 10, 1.0, 900),  # equal growth: more recent clicks first
+    ("edge", "edge", 4, 2.0, 100),  # growth == min_growth trends
+]
+
+
+def test_trending(trending_ref):
+    out = trending_ref.trending(SITE, TREND_NOW)
+    assert out["meta"] == {
+        "recent_period": {"hours": 24, "from": "2026-11-28T10:15:00Z", "to": "2026-11-29T10:15:00Z"},
+        "baseline_period": {"days": 7, "from": "2026-11-21T10:15:00Z", "to": "2026-11-28T10:15:00Z"},
+        "total_trending": 9, "total_clicks": 143, "confidence": "high"}  # new-c and almost count in total_clicks
+    assert _rows(out) == TRENDING_ROWS
+    assert list(out["data"][0]) == ["product_id", "product_slug", "clicks_recent", "clicks_baseline_avg", "growth_percent"]
+    assert all(isinstance(r["clicks_baseline_avg"], float) for r in out["data"])
+    assert trending_ref.trending(SITE) == out  # the reference's own `now` by default
+    # A query later in the same quarter hour has the same windows.
+    assert trending_ref.trending(SITE, datetime(2026, 11, 29, 10, 14, 59, 999000, tzinfo=timezone.utc)) == out
+    limited = trending_ref.trending(SITE, TREND_NOW, limit=2)
+    assert _rows(limited) == TRENDING_ROWS[:2] and limited["meta"] == out["meta"]
+
+
+def test_trending_min_growth_is_compared_unrounded(trending_ref):
+    # "almost": 57 recent against 200/7 per day is +99.5 %: shown as 100, but below min_growth=100.
+    almost = ("almost", "almost", 57, 28.6, 100)
+    assert _rows(trending_ref.trending(SITE, TREND_NOW, min_growth=99.5, limit=20)) == TRENDING_ROWS + [almost]
+    assert _rows(trending_ref.trending(SITE, TREND_NOW, min_growth=99.6, limit=20)) == TRENDING_ROWS
+    assert _rows(trending_ref.trending(SITE, TREND_NOW, min_growth=R.Fraction(199, 2), limit=20))[-1] == almost
+    high = trending_ref.trending(SITE, TREND_NOW, min_growth=950)
+    assert _rows(high) == TRENDING_ROWS[:6] and high["meta"]["total_trending"] == 6
+    # Negative growth thresholds still need recent clicks ("dropped" has none).
+    assert "dropped" not in {r[0] for r in _rows(trending_ref.trending(SITE, TREND_NOW, min_growth=-100, limit=50))}
+
+
+def test_trending_min_recent_clicks(trending_ref):
+    two = _rows(trending_ref.trending(SITE, TREND_NOW, min_recent_clicks=2, limit=20))
+    assert two == TRENDING_ROWS[:4] + [("new-c", "new-c", 2, 0.0, None)] + TRENDING_ROWS[4:]
+    zero = _rows(trending_ref.trending(SITE, TREND_NOW, min_recent_clicks=0, limit=20))
+    assert zero == two  # recent clicks > 0 is required whatever the minimum
+    assert _rows(trending_ref.trending(SITE, TREND_NOW, min_recent_clicks=21, limit=20)) == [TRENDING_ROWS[4]]
+
+
+def test_trending_filters(trending_ref):
+    laddare = trending_ref.trending(SITE, TREND_NOW, category_slug="laddare")
+    assert [r[0] for r in _rows(laddare)] == ["apple-laddare", "laddare-x"]
+    assert (laddare["meta"]["total_trending"], laddare["meta"]["total_clicks"], laddare["meta"]["confidence"]) == (
+        2, 34, "medium")
+    apple = trending_ref.trending(SITE, TREND_NOW, brand_slug="apple")
+    assert [r[0] for r in _rows(apple)] == [r[0] for r in TRENDING_ROWS if r[0] != "laddare-x"]
+    assert apple["meta"]["total_clicks"] == 143 - 30
+    both = trending_ref.trending(SITE, TREND_NOW, category_slug="laddare", brand_slug="apple")
+    assert _rows(both) == [("apple-laddare", "apple-laddare", 4, 0.0, None)]
+    assert (both["meta"]["total_clicks"], both["meta"]["confidence"]) == (4, "low")
+    assert trending_ref.trending(SITE, TREND_NOW, category_slug="saknas")["meta"]["total_clicks"] == 0
+
+
+def test_trending_rounding_with_short_windows():
+    base, recent_start, end = R.trending_windows(TREND_NOW, 6, 7)  # 28 six-hour windows in the baseline
+    lines = [*clicks(7, base + R.HOUR, "q"), *clicks(3, recent_start + R.HOUR, "q"),  # avg 0.25 → 0.3, +1100 %
+             *clicks(224, base + R.HOUR, "h"), *clicks(9, recent_start + R.HOUR, "h")]  # avg 8, +12.5 % → 13
+    r = Reference(lines, [SiteSpec(SITE, DOMAIN, "UTC")], TREND_NOW)
+    out = r.trending(SITE, TREND_NOW, recent_hours=6, min_growth=12.5)
+    assert _rows(out) == [("q", "q", 3, 0.3, 1100), ("h", "h", 9, 8.0, 13)]
+    assert out["meta"]["recent_period"] == {"hours": 6, "from": "2026-11-29T04:15:00Z", "to": "2026-11-29T10:15:00Z"}
+    assert out["meta"]["baseline_period"] == {"days": 7, "from": "2026-11-22T04:15:00Z", "to": "2026-11-29T04:15:00Z"}
+    assert _rows(r.trending(SITE, TREND_NOW, recent_hours=6, min_growth=12.6)) == [("q", "q", 3, 0.3, 1100)]
+    # Another window length: 1 day of baseline is one 24-hour window.
+    one_day = r.trending(SITE, TREND_NOW, recent_hours=24, baseline_days=1, min_growth=-100)
+    assert one_day["meta"]["baseline_period"]["from"] == "2026-11-27T10:15:00Z"
+
+
+# -- generator: clicks and journeys ---------------------------------------------------------------
+
+# sha256 of to_ndjson(generate(7, default_sites(), NOW, days=90, target_events=6000)) before the
+# clicks flag existed: the default output must not change.
+DEFAULT_SAMPLE_SHA256 = "2a5df8f0b6ae570ac30ade2925fcd7957168e3bff3511ad2cd5c48bf6f1c3057"
+
+
+def test_generator_default_output_is_unchanged(sample):
+    import hashlib
+
+    sites, lines, _ = sample
+    assert hashlib.sha256(R.to_ndjson(lines)).hexdigest() == DEFAULT_SAMPLE_SHA256
+    assert R.generate(7, sites, NOW, days=90, target_events=6000, clicks=False) == lines
+
+
+@pytest.fixture(scope="module")
+def click_sample(sample):
+    sites, base, _ = sample
+    lines = R.generate(7, sites, NOW, days=90, target_events=6000, clicks=True)
+    return sites, base, lines, Reference(lines, sites, NOW)
+
+
+def test_click_traffic_only_adds_lines(click_sample):
+    sites, base, lines, _ = click_sample
+    assert R.generate(7, sites, NOW, days=90, target_events=6000, clicks=True) == lines
+    added, b = [], 0
+    for line in lines:  # the default lines are a subsequence, in their order
+        if b < len(base) and line == base[b]:
+            b += 1
+        else:
+            added.append(line)
+    assert b == len(base) and len(added) == len(lines) - len(base) > 1000
+    assert {line["name"] for line in added} == {"pageview", "click", "purchase", "signup"}
+    times = [R.to_ms(line["timestamp"]) for line in lines]
+    assert times == sorted(times) and R.to_ms(NOW) - 90 * DAY <= times[0] and times[-1] < R.to_ms(NOW)
+    assert len({(l["site_id"], l["ip"], l["user_agent"], l["timestamp"]) for l in lines}) == len(lines)
+    for line in added:
+        assert set(line) <= {"site_id", "name", "url", "referrer", "props", "product", "timestamp", "ip", "user_agent"}
+        assert ("product" in line) == (line["name"] == "click")
+        if "product" in line:
+            assert set(line["product"]) <= {"id", "slug", "category_slug", "brand_slug", "partner_slug"}
+            assert all(isinstance(v, str) for v in line["product"].values())
+
+
+def test_click_traffic_catalogue_and_sessions(click_sample):
+    sites, _, lines, r = click_sample
+    products = [l["product"] for l in lines if l["name"] == "click"]
+    assert any("slug" not in p for p in products) and any(p.get("slug", p["id"]) != p["id"] for p in products)
+    assert any(p.get("category_slug") == "" for p in products) and any("category_slug" not in p for p in products)
+    assert any(not p.get("partner_slug") for p in products)
+    for site in sites:
+        clicked = {(c.product.id, c.product.slug) for c in r.clicks(site.site_id)}
+        assert len(clicked) == len(R.CLICK_PRODUCTS) == 30
+        assert len({c.product.category_slug for c in r.clicks(site.site_id)} - {""}) == 6
+        assert len({c.product.brand_slug for c in r.clicks(site.site_id)} - {""}) == 5
+        assert len(r.popular_partners(site.site_id, 90, NOW)["data"]) == 4
+        cats = r.popular_categories(site.site_id, 90, NOW)
+        assert sum(c["clicks"] for c in cats["data"]) < cats["meta"]["total_clicks"]  # some without a category
+        sessions = r.sessions(site.site_id)
+        assert any(len(s.events) == 1 and s.events[0].is_click for s in sessions)  # a click alone
+        assert any(len(s.events) > 1 and s.events[-1].is_click and s.events[-2].is_pageview
+                   and s.events[-2].path == f"/produkt/{s.events[-1].product.slug}" for s in sessions)
+
+
+def test_click_traffic_trends(click_sample):
+    sites, _, lines, r = click_sample
+    for site in sites:
+        for later in (0, 20):  # a query up to 45 min after `now` sees the same shape
+            now = NOW + timedelta(minutes=later)
+            out = r.trending(site.site_id, now, limit=100)
+            fresh = [row for row in out["data"] if row["growth_percent"] is None]
+            grown = [row for row in out["data"] if row["growth_percent"] is not None]
+            assert len(fresh) >= 3 and len(grown) >= 3, (site.site_id, out)
+            assert all(row["growth_percent"] >= 100 for row in grown)
+            base, recent_start, end = R.trending_windows(now)
+            recent = {c.product.id for c in r.clicks(site.site_id) if recent_start <= c.ts < end}
+            assert recent - {row["product_id"] for row in out["data"]}  # some recent clicks do not trend
+        # Products that were clicked only long ago (dormant), and products new within the last day.
+        first_click = {}
+        for c in r.clicks(site.site_id):
+            first_click.setdefault(c.product.id, c.ts)
+        last_click = {c.product.id: c.ts for c in r.clicks(site.site_id)}
+        assert any(t < R.to_ms(NOW) - 10 * DAY for t in last_click.values())
+        assert sum(t >= R.to_ms(NOW) - 23 * R.HOUR for t in first_click.values()) == 5
+        assert r.popular_products(site.site_id, 7, NOW)["meta"]["confidence"] == "high"
+        assert r.popular_products(site.site_id, 1, NOW)["meta"]["confidence"] != "low"
+
+
+def test_journeys_for_goals_and_funnels(click_sample):
+    sites, _, lines, r = click_sample
+    goals = [{"id": "g1", "name": "Tack", "event_type": "pageview", "match_path": "/tack"},
+             {"id": "g2", "name": "Produkt", "event_type": "pageview", "match_path": "/produkt/*"},
+             {"id": "g3", "name": "Köp", "event_type": "event", "match_event": "purchase"},
+             {"id": "g4", "name": "Signup", "event_type": "event", "match_event": "signup"}]
+    steps = FUNNEL["steps"]
+    for site in sites:
+        sid = site.site_id
+        assert all(g["conversions"] > 0 for g in r.goals(sid, *r.period(sid, "90d"), goals))
+        counts = [s["sessions"] for s in r.funnel_stats(sid, *r.period(sid, "90d"), FUNNEL)["steps"]]
+        assert counts[0] > counts[1] > counts[2] > counts[3] > 0
+        reached = {n: 0 for n in range(5)}
+        out_of_order = repeated = 0
+        zone = ZoneInfo(site.timezone)
+        across_midnight = 0
+        for s in r.sessions(sid):
+            n = R.steps_reached(s.events, steps)
+            reached[n] += 1
+            has_all = all(any(R.step_matches(step, e) for e in s.events) for step in steps)
+            out_of_order += has_all and n < 4
+            repeated += n == 4 and sum(e.is_pageview and e.path == "/checkout" for e in s.events) > 1
+            across_midnight += n == 4 and (datetime.fromtimestamp(s.events[0].ts / 1000, zone).date()
+                                           != datetime.fromtimestamp(s.events[-1].ts / 1000, zone).date())
+        assert all(reached[n] > 0 for n in range(5)), reached
+        assert out_of_order > 0 and repeated > 0 and across_midnight > 0

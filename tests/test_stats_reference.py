@@ -1,6 +1,7 @@
 """Every stats answer against the independent reference (tests/reference.py): ≥ 100,000 seeded
-events over 90 days for three sites (Stockholm, New York, Kolkata) imported through
-`POST /api/v1/events/import` into the embedded topology; then a 20,000-event sample through the
+events over 90 days for three sites (Stockholm, New York, Kolkata), with affiliate clicks, imported
+through `POST /api/v1/events/import` into the embedded topology — traffic stats, then goals and
+funnels created afterwards, popular and trending; then a 20,000-event sample through the
 distributed topology (Kafka, two Faust workers, separate ingest and API processes over the
 ClickHouse front), whose answers must equal both the reference and the embedded topology's."""
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import httpx
 import pytest
@@ -20,6 +21,7 @@ from tests.reference import Reference, SiteSpec, default_sites, generate, to_ndj
 API = "/api/v1"
 AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
 CLI = [sys.executable, "-m", "besokskollen"]
+UNLIMITED = {"BK_RATE_LIMIT_PER_MINUTE": "1000000"}  # hundreds of questions with one key
 CHUNK = 20_000  # lines per import request (the cap is 100,000 lines and BK_MAX_IMPORT_BYTES)
 
 # Custom ranges across each site's DST change (Kolkata has none: a range across a month end).
@@ -81,6 +83,67 @@ async def compare_all(client: httpx.AsyncClient, ref: Reference, sites: list[Sit
     return answers
 
 
+GOALS = [{"name": "Checkout", "event_type": "pageview", "match_path": "/checkout"},
+         {"name": "Produkt", "event_type": "pageview", "match_path": "/produkt/*"},
+         {"name": "Köp", "event_type": "event", "match_event": "purchase"}]
+FUNNELS = [
+    [{"name": "Startsida", "type": "pageview", "match_value": "/"},
+     {"name": "Produktsida", "type": "pageview", "match_value": "/produkt", "match_type": "startswith"},
+     {"name": "Checkout", "type": "pageview", "match_value": "/checkout"},
+     {"name": "Köp", "type": "event", "match_value": "purchase"}],
+    [{"name": "Startsida", "type": "pageview", "match_value": "/"},
+     {"name": "Produkt", "type": "pageview", "match_value": "/produkt/", "match_type": "startswith"},
+     {"name": "Klick", "type": "event", "match_value": "cli", "match_type": "startswith"}],
+]
+TRENDING = [{}, {"min_growth": 50}, {"min_growth": 0, "min_recent_clicks": 1}, {"recent_hours": 6, "baseline_days": 3},
+            {"recent_hours": 12, "baseline_days": 14, "min_growth": 20}, {"min_growth": 300, "limit": 3}]
+
+
+async def compare_goals_funnels_affiliate(client: httpx.AsyncClient, ref: Reference, sites: list[SiteSpec]) -> None:
+    """Goals and funnels created after the data (they apply retroactively), then every answer of
+    goals, funnel stats, popular and trending against the reference."""
+    levels = set()
+    for site in sites:
+        sid = site.site_id
+        goals = []
+        for body in GOALS:
+            r = await client.post(f"{API}/goals", json={"site_id": sid, **body})
+            assert r.status_code == 201, r.text
+            goals.append({**body, "id": r.json()["data"]["id"]})
+        funnels = []
+        for n, steps in enumerate(FUNNELS):
+            r = await client.post(f"{API}/funnels", json={"site_id": sid, "name": f"Funnel {n}", "steps": steps})
+            assert r.status_code == 201, r.text
+            funnels.append({"id": r.json()["data"]["id"], "name": f"Funnel {n}", "steps": steps})
+        for period in ("7d", "30d"):
+            got = (await _get(client, "goals", site_id=sid, period=period))["data"]
+            first, last = ref.period(sid, period)
+            assert got == ref.goals(sid, first, last, goals), (sid, period, "goals")
+            for funnel in funnels:
+                got = (await _get(client, f"funnels/{funnel['id']}/stats", period=period))["data"]
+                assert got == ref.funnel_stats(sid, first, last, funnel), (sid, period, funnel["name"])
+                assert got["steps"][-1]["sessions"] > 0
+        for days in (1, 7, 30):
+            now = datetime.now(timezone.utc)
+            product_filters = [{}, {"limit": 3}, {"min_clicks": 5}, {"category_slug": "mobilskal"}, {"brand_slug": "apple"},
+                               {"category_slug": "laddare", "brand_slug": "anker", "limit": 2}]
+            for filters in product_filters:
+                got = await _get(client, "popular/products", site_id=sid, days=days, **filters)
+                assert got == ref.popular_products(sid, days, now, **filters), (sid, days, filters)
+                levels.add(got["meta"]["confidence"])
+            for name, answer in (("categories", ref.popular_categories), ("partners", ref.popular_partners)):
+                for limit in (10, 2):
+                    got = await _get(client, f"popular/{name}", site_id=sid, days=days, limit=limit)
+                    assert got == answer(sid, days, now, limit=limit), (sid, days, name, limit)
+        for params in TRENDING + [{"category_slug": "mobilskal", "min_growth": 0}, {"brand_slug": "apple", "min_growth": 0}]:
+            got = await _get(client, "trending/products", site_id=sid, **params)
+            # The API's clock decides the window; ask the reference for the same quarter hour.
+            end = datetime.fromisoformat(got["meta"]["recent_period"]["to"].replace("Z", "+00:00"))
+            assert got == ref.trending(sid, end - timedelta(seconds=1), **params), (sid, params)
+            levels.add(got["meta"]["confidence"])
+    assert levels == {"high", "medium", "low"}
+
+
 async def import_lines(client: httpx.AsyncClient, lines: list[dict], sites: list[SiteSpec],
                        newer_first: bool = False) -> None:
     """Per site, in time order and in chunks, through the import endpoint; every line accepted.
@@ -112,9 +175,10 @@ async def create_sites(client: httpx.AsyncClient, sites: list[SiteSpec]) -> None
 
 async def test_embedded_answers_equal_the_reference_for_100k_events(embedded):
     app, _ = embedded
+    app.state.rate_limiter.limit = 1_000_000  # this test asks hundreds of questions with one key
     sites = sites_for(f"ref{uuid.uuid4().hex[:6]}")
     now = datetime.now(timezone.utc)
-    lines = generate(seed=20261129, sites=sites, now=now, target_events=100_000)
+    lines = generate(seed=20261129, sites=sites, now=now, target_events=100_000, clicks=True)
     assert len(lines) >= 100_000
     ref = Reference(lines, sites, now)
     transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
@@ -122,6 +186,7 @@ async def test_embedded_answers_equal_the_reference_for_100k_events(embedded):
         await create_sites(client, sites)
         await import_lines(client, lines, sites, newer_first=True)
         await compare_all(client, ref, sites)
+        await compare_goals_funnels_affiliate(client, ref, sites)
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +215,10 @@ def test_distributed_answers_equal_the_reference_and_the_embedded_topology(sampl
     port = free_port()
     embedded_base = f"http://127.0.0.1:{port}"
     with process([*CLI, "up", "--data", str(tmp_path / "up"), "--port", str(port)], tmp_path / "up.log",
-                 env={"BK_ADMIN_KEY": ADMIN_KEY}, ready_url=f"{embedded_base}{API}/openapi.json"):
+                 env={"BK_ADMIN_KEY": ADMIN_KEY, **UNLIMITED}, ready_url=f"{embedded_base}{API}/openapi.json"):
         embedded_answers = asyncio.run(_load_and_compare(embedded_base, embedded_base, sites, lines, ref))
 
-    env = {"BK_KAFKA_BOOTSTRAP": kafka, "BK_CLICKHOUSE_URL": clickhouse_http, "BK_ADMIN_KEY": ADMIN_KEY,
+    env = {"BK_KAFKA_BOOTSTRAP": kafka, "BK_CLICKHOUSE_URL": clickhouse_http, "BK_ADMIN_KEY": ADMIN_KEY, **UNLIMITED,
            "BK_KAFKA_TOPIC": f"events-{tmp_path.name}"}
     ingest_port, api_port = free_port(), free_port()
     ingest, api = f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{api_port}"

@@ -146,6 +146,7 @@ def child(size: int, data: Path, end: datetime, repeats: int) -> dict:
                   file=sys.stderr, flush=True)
         marker.write_text(json.dumps({"events": stored, "seconds": time.perf_counter() - started}))
     loaded = json.loads(marker.read_text())
+    report.update(define_goals_and_funnel(client, data))
     report["stored_events"] = client.query("SELECT count() FROM events").result_rows[0][0]
     report["load_events_per_s"] = loaded["events"] / loaded["seconds"]
 
@@ -197,9 +198,41 @@ def child(size: int, data: Path, end: datetime, repeats: int) -> dict:
     return report
 
 
+def define_goals_and_funnel(client, data: Path) -> dict:
+    """Three goals (wildcard path, exact path, event; each backfilled over the stored events, as
+    creating one does) and a four-step funnel, once per data folder."""
+    from streams.funnels import FunnelRegistry, Step
+    from streams.goals import GoalRegistry, backfill
+
+    path = data / "definitions.json"
+    if not path.exists():
+        goals, seconds = GoalRegistry(client), []
+        for name, kind, match_path, match_event in (("Produkt", "pageview", "/produkt/*", ""),
+                                                    ("Start", "pageview", "/", ""), ("Signup", "event", "", "signup")):
+            t0 = time.perf_counter()
+            backfill(client, goals.create(SITE, name, kind, match_path, match_event))
+            seconds.append(time.perf_counter() - t0)
+        funnel = FunnelRegistry(client).create(SITE, "Köpresa", [
+            Step("Start", "pageview", "/", "exact"), Step("Produkt", "pageview", "/produkt", "startswith"),
+            Step("Klick", "event", "click", "exact"), Step("Signup", "event", "signup", "exact")])
+        path.write_text(json.dumps({"funnel": funnel.funnel_id, "goal_backfill_s": seconds}))
+    return json.loads(path.read_text())
+
+
 # -- the parent: children per size, then HTTP against `besokskollen up` ---------------------------
 
-def http_latencies(data: Path, repeats: int) -> dict:
+def _timed(call, repeats: int) -> tuple[float, float]:
+    call()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        response = call()
+        samples.append((time.perf_counter() - t0) * 1000)
+        assert response.status_code == 200, response.text
+    return _percentiles(samples)
+
+
+def http_latencies(data: Path, repeats: int, funnel: str) -> dict:
     import httpx
 
     from tests.conftest import free_port, process
@@ -208,7 +241,7 @@ def http_latencies(data: Path, repeats: int) -> dict:
     base = f"http://127.0.0.1:{port}"
     out = {}
     with process([sys.executable, "-m", "besokskollen", "up", "--data", str(data), "--port", str(port)],
-                 data.parent / f"up-{data.name}.log", env={"BK_ADMIN_KEY": KEY},
+                 data.parent / f"up-{data.name}.log", env={"BK_ADMIN_KEY": KEY, "BK_RATE_LIMIT_PER_MINUTE": "100000000"},
                  ready_url=f"{base}/api/v1/openapi.json", timeout=600):
         with httpx.Client(base_url=base, headers={"authorization": f"Bearer {KEY}"}, timeout=30) as c:
             for period in ("7d", "30d", "90d"):
@@ -218,14 +251,21 @@ def http_latencies(data: Path, repeats: int) -> dict:
                                    ("referrers", f"stats/referrers?period={period}&include_social=true"),
                                    ("countries", f"stats/countries?period={period}")):
                     url = f"/api/v1/{path}&site_id={SITE}"
-                    assert c.get(url).status_code == 200
-                    samples = []
-                    for _ in range(repeats):
-                        t0 = time.perf_counter()
-                        response = c.get(url)
-                        samples.append((time.perf_counter() - t0) * 1000)
-                        assert response.status_code == 200, response.text
-                    out[f"{name} {period}"] = _percentiles(samples)
+                    out[f"{name} {period}"] = _timed(lambda: c.get(url), repeats)
+            for name, path in (("goals 7d", f"goals?site_id={SITE}&period=7d"),
+                               ("goals 30d", f"goals?site_id={SITE}&period=30d"),
+                               ("funnel 7d", f"funnels/{funnel}/stats?period=7d"),
+                               ("funnel 30d", f"funnels/{funnel}/stats?period=30d"),
+                               ("popular/products 30d", f"popular/products?site_id={SITE}&days=30"),
+                               ("popular/categories 30d", f"popular/categories?site_id={SITE}&days=30"),
+                               ("popular/partners 30d", f"popular/partners?site_id={SITE}&days=30"),
+                               ("trending 24h/7d", f"trending/products?site_id={SITE}&min_growth=0")):
+                out[f"+{name}"] = _timed(lambda: c.get(f"/api/v1/{path}"), repeats)
+            batch = {"site_id": SITE, "requests": [
+                {"endpoint": "popular/products", "params": {"limit": 10, "days": 7}},
+                {"endpoint": "popular/categories", "params": {"limit": 5, "days": 30}},
+                {"endpoint": "trending/products", "params": {"min_growth": 50}}]}
+            out["+batch of 3"] = _timed(lambda: c.post("/api/v1/batch", json=batch), repeats)
     return out
 
 
@@ -251,7 +291,7 @@ def main() -> None:
                               "--requests", str(args.requests), "--end", end.isoformat()],
                              check=True, capture_output=False, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         report = json.loads(out.stdout.strip().splitlines()[-1])
-        report["http_ms"] = http_latencies(folder, args.requests)
+        report["http_ms"] = http_latencies(folder, args.requests, report["funnel"])
         reports.append(report)
 
     for r in reports:
@@ -260,6 +300,8 @@ def main() -> None:
         print("| endpoint | HTTP p50 | HTTP p95 | SQL p50 | naive p50 | naive p95 | naive/HTTP (p50) |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for name, (p50, p95) in r["http_ms"].items():
+            if name.startswith("+"):
+                continue
             endpoint, period = name.split(" ")
             naive = r["naive_ms"][f"{endpoint.split('+')[0]} {period}"]
             sql = r["sql_ms"][name][0]
@@ -267,6 +309,11 @@ def main() -> None:
         for period in ("7d", "30d", "90d"):
             p50, p95 = r["naive_ms"][f"visitors+pageviews {period}"]
             print(f"| (issue's baseline: uniqExact + countIf, {period}) | | | | {p50:.1f} | {p95:.1f} | |")
+        print(f"\ngoals backfilled over the stored events in {', '.join(f'{t:.1f}' for t in r['goal_backfill_s'])} s")
+        print("| endpoint | HTTP p50 | HTTP p95 |\n|---|---:|---:|")
+        for name, (p50, p95) in r["http_ms"].items():
+            if name.startswith("+"):
+                print(f"| {name[1:]} | {p50:.1f} | {p95:.1f} |")
     if len(reports) >= 2:
         a, b = reports[0]["batch_ms"][0], reports[-1]["batch_ms"][0]
         print(f"\nbatch cost {reports[-1]['stored_events']:,} vs {reports[0]['stored_events']:,} stored: {b / a:.2f}x")

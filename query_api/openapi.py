@@ -1,0 +1,119 @@
+"""Completes FastAPI's generated OpenAPI document for every route, present and future: the bearer
+security scheme on each operation that takes an API key, and every response an operation can
+give (errors with the ErrorResponse schema, 304 for GETs, the rate-limit and cache headers).
+FastAPI's 422 is dropped: validation errors answer 400 (query_api/errors.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import FastAPI
+from fastapi.dependencies.models import Dependant
+
+from query_api.deps import api_key
+from query_api.http_semantics import flat_routes
+from query_api.models import ErrorResponse
+
+SECURITY_SCHEME = "bearerAuth"
+
+_ERROR_DESCRIPTIONS = {
+    "400": "Invalid or missing parameter or body field (`missing_parameter`, `invalid_parameter`, `invalid_field`)",
+    "401": "Missing or unknown API key (`unauthorized`)",
+    "403": "The key may not do this: another account's or site's data, or a user-level key is needed (`forbidden`)",
+    "404": "No such site, or no such resource for it",
+    "413": "Request body larger than 1 MiB (`body_too_large`)",
+    "429": "Rate limit exceeded (`rate_limited`): retry after `Retry-After` seconds",
+    "500": "Internal error (`internal_error`); the body never carries details",
+}
+# Errors only some operations give, by (method, path).
+EXTRA_ERRORS: dict[tuple[str, str], dict[str, str]] = {
+    ("post", "/api/v1/sites"): {"409": "A site for this domain exists already (`site_exists`)"},
+}
+
+_HEADERS = {
+    "X-RateLimit-Limit": ("Requests allowed in the current window (100 per minute per API key; "
+                          "30 per minute per address for requests without a valid key)", {"type": "integer"}),
+    "X-RateLimit-Remaining": ("Requests left in the current window", {"type": "integer", "minimum": 0}),
+    "X-RateLimit-Reset": ("When the current window ends, in epoch seconds", {"type": "integer"}),
+    "Retry-After": ("Seconds until the rate limit allows requests again", {"type": "integer", "minimum": 1}),
+    "ETag": ("Strong entity tag of the body; send it in If-None-Match to get 304", {"type": "string"}),
+    "Cache-Control": ("`public, max-age=1800, stale-while-revalidate=3600, stale-if-error=86400`",
+                      {"type": "string"}),
+    "Vary": ("`Authorization`: answers depend on the key", {"type": "string"}),
+}
+_RATE_LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
+_CACHE_HEADERS = ("ETag", "Cache-Control", "Vary")
+
+
+def _takes_key(dependant: Dependant) -> bool:
+    return any(d.call is api_key or _takes_key(d) for d in dependant.dependencies)
+
+
+def _refs(names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: {"$ref": f"#/components/headers/{name}"} for name in names}
+
+
+def complete(schema: dict[str, Any], app: FastAPI) -> dict[str, Any]:
+    authenticated = {(method.lower(), route.path_format) for route in flat_routes(app.routes)
+                     if getattr(route, "dependant", None) is not None and _takes_key(route.dependant)
+                     for method in route.methods or ()}
+    components = schema.setdefault("components", {})
+    components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = {
+        "type": "http", "scheme": "bearer",
+        "description": "An API key, `Authorization: Bearer bk_…`: user level (every site of the account) "
+                       "or site level (one site)"}
+    components.setdefault("headers", {}).update(
+        {name: {"description": text, "required": True, "schema": sub} for name, (text, sub) in _HEADERS.items()})
+    schemas = components.setdefault("schemas", {})
+    if "ErrorResponse" not in schemas:
+        for name, sub in ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}").pop("$defs").items():
+            schemas.setdefault(name, sub)
+        schemas["ErrorResponse"] = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            if method not in ("get", "post", "put", "patch", "delete"):
+                continue
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)  # validation errors answer 400
+            errors = dict(_ERROR_DESCRIPTIONS)
+            if (method, path) in authenticated:
+                operation["security"] = [{SECURITY_SCHEME: []}]
+            else:
+                del errors["401"], errors["403"]
+            errors.update(EXTRA_ERRORS.get((method, path), {}))
+            for status, description in errors.items():
+                response = responses.setdefault(status, {})
+                response["description"] = description
+                response["content"] = error_content
+            if method == "get":
+                responses["304"] = {"description": "Not Modified: If-None-Match matched the ETag (no body)",
+                                    "headers": _refs(_CACHE_HEADERS)}
+            for status, response in responses.items():
+                headers = response.setdefault("headers", {})
+                headers.update(_refs(_RATE_LIMIT_HEADERS))
+                if status == "429":
+                    headers.update(_refs(("Retry-After",)))
+                if method == "get" and status in ("200", "304"):
+                    headers.update(_refs(_CACHE_HEADERS))
+            operation["responses"] = dict(sorted(responses.items()))
+
+    # FastAPI's validation-error schemas, unused once 422 is gone.
+    for name in ("HTTPValidationError", "ValidationError"):
+        if name in schemas and f'"#/components/schemas/{name}"' not in orjson.dumps(schema).decode():
+            del schemas[name]
+    return schema
+
+
+def install(app: FastAPI) -> None:
+    """Make `app.openapi` (served at the app's openapi_url) return the completed document."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = complete(generate(), app)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,187 @@
+"""Rate limits under /api/v1: 100 requests a minute per API key, and failed authentication throttled
+per client address. Pure ASGI, in this process's memory: each process (each uvicorn worker)
+counts on its own, so N processes behind a balancer allow up to N times the limit.
+
+Windows are fixed, 60 s long, and start at a bucket's first request (not at the minute): a
+bucket counts the requests since its window started and refuses once it holds `limit`; the window
+then ends at its start + 60 s and the next request opens a new one. Refused requests are not
+counted.
+
+Buckets:
+- `key:<sha256 of the bearer token>` — every request that sends a bearer token, valid or not
+  (tokens are never kept, only their hash).
+- `addr:<client address>` — requests whose key is missing or unknown, with a lower limit, so
+  guessing keys from one address is slow while a valid key from the same address is unaffected.
+  The address is the peer's, or X-Forwarded-For's right-most untrusted hop when the peer is a
+  trusted proxy (ingest/clients.py `client_ip`).
+
+Every counted response carries X-RateLimit-Limit, X-RateLimit-Remaining and X-RateLimit-Reset
+(epoch seconds, rounded up, when the window that decided ends); a refusal is a 429 with
+Retry-After and the API's error body. The OpenAPI document and the docs page are not counted,
+nor are the sub-requests the batch endpoint makes in-process (`scope["state"]["batch_internal"]`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ingest.clients import Network, client_ip
+from query_api.errors import error_response
+from query_api.keys import KeyStore, bearer_token, hash_key
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/api/v1/"
+WINDOW_S = 60.0
+DEFAULT_LIMIT = 100  # requests per window and API key
+DEFAULT_FAILED_AUTH_LIMIT = 30  # requests with a missing or unknown key per window and address
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset: float  # epoch seconds when the window ends
+    now: float
+    bucket: str = ""
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        out = [(b"x-ratelimit-limit", str(self.limit).encode()),
+               (b"x-ratelimit-remaining", str(self.remaining).encode()),
+               (b"x-ratelimit-reset", str(math.ceil(self.reset)).encode())]
+        if not self.allowed:
+            out.append((b"retry-after", str(self.retry_after).encode()))
+        return out
+
+    @property
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self.reset - self.now))
+
+
+class RateLimiter:
+    """Fixed-window counters by bucket name. Not thread-safe: used from the event loop only."""
+
+    def __init__(self, limit: int = DEFAULT_LIMIT, failed_auth_limit: int = DEFAULT_FAILED_AUTH_LIMIT,
+                 window_s: float = WINDOW_S, clock: Callable[[], float] = time.time) -> None:
+        self.limit = limit
+        self.failed_auth_limit = failed_auth_limit
+        self.window_s = window_s
+        self.clock = clock
+        self._windows: dict[str, list[float]] = {}  # bucket -> [window start, count]
+        self._sweep_at = 4096
+        self._swept = clock()
+
+    def hit(self, buckets: Iterable[tuple[str, int]]) -> Decision:
+        """Count one request against every (bucket, limit) unless one of them is full. The decision
+        reported is the refusing bucket's, else the one with the fewest requests left."""
+        now = self.clock()
+        self._sweep(now)
+        states = []
+        for name, limit in buckets:
+            window = self._windows.get(name)
+            if window is None or now >= window[0] + self.window_s or now < window[0]:
+                window = self._windows[name] = [now, 0]
+            states.append((name, window, limit))
+        refused = [s for s in states if s[1][1] >= s[2]]
+        if refused:  # retry when every refusing window has ended
+            name, window, limit = max(refused, key=lambda s: s[1][0])
+            return Decision(False, limit, 0, window[0] + self.window_s, now, name)
+        for _, window, _ in states:
+            window[1] += 1
+        name, window, limit = min(states, key=lambda s: (s[2] - s[1][1], s[2]))
+        return Decision(True, limit, limit - window[1], window[0] + self.window_s, now, name)
+
+    def _sweep(self, now: float) -> None:
+        # Keys and addresses are the client's choice: drop ended windows once a window, and
+        # whenever their number doubles.
+        if len(self._windows) < self._sweep_at and self._swept <= now < self._swept + self.window_s:
+            return
+        self._windows = {k: w for k, w in self._windows.items() if w[0] <= now < w[0] + self.window_s}
+        self._sweep_at = max(4096, 2 * len(self._windows))
+        self._swept = now
+
+
+class RateLimit:
+    """ASGI middleware applying a RateLimiter to every request under /api/v1 but `exempt` paths."""
+
+    def __init__(self, app: ASGIApp, limiter: RateLimiter, keys: KeyStore,
+                 trusted: tuple[Network, ...] = (), exempt: frozenset[str] = frozenset()) -> None:
+        self.app = app
+        self.limiter = limiter
+        self.keys = keys
+        self.trusted = trusted
+        self.exempt = exempt
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or not scope["path"].startswith(PREFIX) or scope["path"] in self.exempt
+                or (scope.get("state") or {}).get("batch_internal")):
+            await self.app(scope, receive, send)
+            return
+        decision = self.limiter.hit(await self._buckets(scope))
+        extra = decision.headers()
+        if not decision.allowed:
+            what = "requests" if decision.bucket.startswith("key:") else "requests without a valid API key"
+            message = (f"too many {what}: at most {decision.limit} per {self.limiter.window_s:g} s; "
+                       f"retry in {decision.retry_after} s")
+            body = orjson.dumps({"error": {"code": "rate_limited", "message": message}})
+            await send({"type": "http.response.start", "status": 429,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode()), *extra]})
+            await send({"type": "http.response.body", "body": body})
+            return
+
+        started = False
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                names = {name for name, _ in extra}
+                message = {**message, "headers": [
+                    *(h for h in message.get("headers", []) if h[0].lower() not in names), *extra]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            # Starlette answers unhandled errors outside every middleware, where these headers
+            # would be lost: answer the 500 here (same body), and let the error go on to be logged.
+            if not started:
+                await error_response(500, "internal_error", "internal server error")(scope, receive, send_with_headers)
+            raise
+
+    async def _buckets(self, scope: Scope) -> list[tuple[str, int]]:
+        authorization, forwarded = "", []
+        for name, value in scope["headers"]:
+            if name == b"authorization" and not authorization:
+                authorization = value.decode("latin-1")
+            elif name == b"x-forwarded-for":  # repeated fields are one list (RFC 9110 §5.3)
+                forwarded.append(value.decode("latin-1"))
+        token = bearer_token(authorization)
+        buckets = []
+        if token is not None:
+            buckets.append(("key:" + hash_key(token), self.limiter.limit))
+            try:
+                if self.keys.answers_without_io(token):
+                    valid = self.keys.lookup(token) is not None
+                else:
+                    valid = await asyncio.to_thread(self.keys.lookup, token) is not None
+            except Exception:
+                # Storage trouble: the route fails the same way and answers 500; count the key only.
+                log.warning("rate limit: could not look up an API key", exc_info=True)
+                valid = True
+            if valid:
+                return buckets
+        peer = (scope.get("client") or ("", 0))[0] or ""
+        address = client_ip(peer, {"x-forwarded-for": ", ".join(forwarded)}, self.trusted)
+        buckets.append(("addr:" + address, self.limiter.failed_auth_limit))
+        return buckets

@@ -1,0 +1,170 @@
+"""HTTP details of every endpoint in the OpenAPI document, so that endpoints added later are held to
+them too: cache headers, ETag and 304 on every GET, `Vary: Authorization`, HEAD as GET without a
+body, 405 with `Allow`, and the document's security scheme and error responses."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import pytest
+
+from query_api.app import create_app
+from tests.test_query_api import API, CACHE_CONTROL, assert_error, create_site
+
+
+class _NoStorage:
+    """A Context for an app that only renders its OpenAPI document."""
+
+    def __getattr__(self, name: str) -> None:
+        return None
+
+
+SPEC = create_app(_NoStorage()).openapi()
+GETS = sorted(path for path, operations in SPEC["paths"].items() if "get" in operations)
+METHODS = ("get", "put", "post", "delete", "patch")
+
+
+async def _funnel(client, site_id: str) -> str:
+    body = {"site_id": site_id, "name": "Checkout",
+            "steps": [{"name": "Start", "type": "pageview", "match_value": "/"},
+                      {"name": "Köp", "type": "event", "match_value": "purchase"}]}
+    response = await client.post(f"{API}/funnels", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()["data"]["id"]
+
+
+# Values for path and required query parameters, by name; an endpoint with a parameter not here
+# fails the tests below until one is added.
+FILLERS = {"site_id": lambda client, site: site["id"], "funnel_id": _funnel}
+
+
+async def _url(client, path: str) -> str:
+    site = await create_site(client)
+    operation = SPEC["paths"][path]["get"]
+    values: dict[str, str] = {}
+    for parameter in operation.get("parameters", []):
+        if parameter["in"] == "path" or parameter.get("required"):
+            name = parameter["name"]
+            if name not in FILLERS:
+                pytest.fail(f"tests/test_http.py has no value for parameter {name!r} of GET {path}")
+            value = FILLERS[name](client, site) if name == "site_id" else await FILLERS[name](client, site["id"])
+            values[name] = value
+    query = "&".join(f"{p['name']}={values[p['name']]}" for p in operation.get("parameters", [])
+                     if p["in"] == "query" and p["name"] in values)
+    url = path.format(**{p["name"]: values[p["name"]] for p in operation.get("parameters", []) if p["in"] == "path"})
+    return url + (f"?{query}" if query else "")
+
+
+def _vary(response) -> set[str]:
+    return {v.strip().lower() for v in response.headers.get("vary", "").split(",")}
+
+
+def _without_count(headers) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k != "x-ratelimit-remaining"}
+
+
+def test_the_document_lists_get_endpoints():
+    assert {f"{API}/sites", f"{API}/sites/{{site_id}}", f"{API}/stats/overview", f"{API}/popular/products"} <= set(GETS)
+
+
+@pytest.mark.parametrize("path", GETS)
+async def test_get_has_cache_headers_etag_vary_and_304(client, path):
+    url = await _url(client, path)
+    response = await client.get(url)
+    assert response.status_code == 200, response.text
+    assert response.headers["cache-control"] == CACHE_CONTROL
+    etag = response.headers["etag"]
+    assert re.fullmatch(r'"[^"]+"', etag), etag  # strong
+    assert "authorization" in _vary(response)
+    assert response.headers["x-ratelimit-limit"]
+
+    again = await client.get(url, headers={"if-none-match": etag})
+    assert again.status_code == 304
+    assert again.content == b""
+    assert again.headers["cache-control"] == CACHE_CONTROL
+    assert again.headers["etag"] == etag
+    assert "authorization" in _vary(again)
+    assert int(again.headers["x-ratelimit-remaining"]) == int(response.headers["x-ratelimit-remaining"]) - 1
+
+
+@pytest.mark.parametrize("path", GETS)
+async def test_head_is_get_without_the_body(client, path):
+    url = await _url(client, path)
+    got = await client.get(url)
+    head = await client.head(url)
+    assert head.status_code == got.status_code == 200
+    assert head.content == b""
+    assert _without_count(head.headers) == _without_count(got.headers)
+    assert int(head.headers["content-length"]) == len(got.content)
+    assert int(head.headers["x-ratelimit-remaining"]) == int(got.headers["x-ratelimit-remaining"]) - 1
+
+    not_modified = await client.head(url, headers={"if-none-match": got.headers["etag"]})
+    assert not_modified.status_code == 304
+    assert not_modified.headers["etag"] == got.headers["etag"]
+
+
+async def test_head_of_an_error_is_the_error_without_body(client):
+    url = f"{API}/sites/no-such-{uuid.uuid4().hex[:8]}"
+    got, head = await client.get(url), await client.head(url)
+    assert_error(got, 404)
+    assert head.status_code == 404 and head.content == b""
+    assert _without_count(head.headers) == _without_count(got.headers)
+
+
+async def test_error_answers_to_get_vary_on_authorization(client):
+    for response in (await client.get(f"{API}/sites/no-such-{uuid.uuid4().hex[:8]}"),
+                     await client.get(f"{API}/sites", headers={"authorization": ""}),
+                     await client.get(f"{API}/stats/overview?period=7d")):
+        assert response.status_code in (400, 401, 404)
+        assert "authorization" in _vary(response)
+
+
+@pytest.mark.parametrize("path", sorted(SPEC["paths"]))
+async def test_405_names_the_methods_of_the_path(client, path):
+    declared = {m.upper() for m in SPEC["paths"][path] if m in METHODS}
+    allowed = declared | ({"HEAD"} if "GET" in declared else set())
+    url = re.sub(r"\{[^}]+\}", "x1", path)
+    for method in sorted({m.upper() for m in METHODS} - declared):
+        response = await client.request(method, url)
+        error = assert_error(response, 405)
+        assert error["code"] == "method_not_allowed"
+        assert {m.strip() for m in response.headers["allow"].split(",")} == allowed, (method, path)
+
+
+async def test_405_of_the_import_names_post(client):
+    response = await client.get(f"{API}/events/import")
+    assert_error(response, 405)
+    assert response.headers["allow"] == "POST"
+    assert response.headers["x-ratelimit-limit"]
+
+
+async def test_openapi_has_bearer_security_and_every_error_response(client):
+    spec = (await client.get(f"{API}/openapi.json")).json()
+    assert spec == SPEC
+    schemes = spec["components"]["securitySchemes"]
+    assert len(schemes) == 1
+    (name, scheme), = schemes.items()
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    error_schema = {"$ref": "#/components/schemas/ErrorResponse"}
+    assert "ErrorResponse" in spec["components"]["schemas"]
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            label = f"{method.upper()} {path}"
+            assert operation["security"] == [{name: []}], label
+            responses = operation["responses"]
+            assert "422" not in responses, label  # validation errors are 400s
+            for status in ("400", "401", "403", "404", "413", "429", "500"):
+                assert responses[status]["content"]["application/json"]["schema"] == error_schema, (label, status)
+                assert responses[status]["description"], (label, status)
+            assert any(s.startswith("2") for s in responses), label
+            for status, response in responses.items():
+                assert {"X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"} <= set(response["headers"])
+            assert "Retry-After" in responses["429"]["headers"], label
+            if method == "get":
+                assert {"ETag", "Cache-Control", "Vary"} <= set(responses["304"]["headers"]), label
+                assert {"ETag", "Cache-Control", "Vary"} <= set(responses["200"]["headers"]), label
+    assert "409" in spec["paths"][f"{API}/sites"]["post"]["responses"]
+    assert spec["components"]["headers"]["X-RateLimit-Reset"]["schema"]["type"] == "integer"
