@@ -121,6 +121,14 @@ def cmd_import(args: argparse.Namespace) -> None:
     raise SystemExit(importing.report(totals))
 
 
+def cmd_keys_revoke(args: argparse.Namespace) -> None:
+    from besokskollen.app import open_services
+
+    if not open_services(_settings(args)).keys.revoke(args.key):
+        raise SystemExit("no such API key")
+    print("revoked")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="besokskollen", description="Privacy-friendly web and affiliate analytics")
     commands = root.add_subparsers(dest="command", required=True)
@@ -167,6 +175,9 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--account", required=True)
     create.add_argument("--site", help="make a site-level key for this site")
     create.set_defaults(func=cmd_keys_create)
+    revoke = with_data(keys.add_parser("revoke", help="stop a key from working"))
+    revoke.add_argument("key", help="the bk_… key")
+    revoke.set_defaults(func=cmd_keys_revoke)
     return root
 
 

@@ -21,6 +21,7 @@ from query_api.periods import Period, percent, stats_period
 from query_api.stats import From, PeriodName, SiteId, To
 from streams.buckets import VISITOR_LIFETIME
 from streams.funnels import Funnel, Step
+from streams.sessions import SESSION_START_SHIFT
 
 router = APIRouter(tags=["funnels"])
 
@@ -46,8 +47,10 @@ def _condition(step: Step, n: int) -> str:
     return f"(name = 'pageview' AND {match})" if step.type == "pageview" else f"({match})"
 
 
-# Sessions that started in the period (sessions are at most two days long, so their events lie
-# before `until`); per session the number of steps done in order.
+# Sessions that started in the period — a session id starts with its start second
+# (streams/sessions.py), and a session lasts at most two days, so its events lie before `until` —
+# and per session the number of steps done in order. Copies of an event (a redelivery not yet
+# merged away) change no level: a step must be strictly later than the one before.
 _STATS = """
 SELECT level, count() FROM (
     SELECT session_id,
@@ -56,8 +59,7 @@ SELECT level, count() FROM (
     FROM events
     PREWHERE site_id = %(site)s AND timestamp >= toDateTime64(%(start)s, 3, 'UTC')
          AND timestamp < toDateTime64(%(until)s, 3, 'UTC') AND ({any_step})
-    WHERE session_id IN (SELECT session_id FROM sessions FINAL WHERE site_id = %(site)s
-                         AND start >= toDateTime64(%(start)s, 3, 'UTC') AND start < toDateTime64(%(end)s, 3, 'UTC'))
+    WHERE bitShiftRight(session_id, %(shift)s) >= %(start_s)s AND bitShiftRight(session_id, %(shift)s) < %(end_s)s
     GROUP BY session_id
 )
 WHERE level > 0
@@ -70,6 +72,8 @@ def funnel_stats(client: Client, funnel: Funnel, period: Period) -> dict:
     sql = _STATS.replace("{steps}", ", ".join(conditions)).replace("{any_step}", " OR ".join(conditions))
     params = {"site": funnel.site_id, "start": period.start_utc, "end": period.end_utc,
               "until": period.end_utc + VISITOR_LIFETIME, "window_ms": int(VISITOR_LIFETIME.total_seconds() * 1000),
+              "shift": SESSION_START_SHIFT, "start_s": int(period.start_utc.timestamp()),
+              "end_s": int(period.end_utc.timestamp()),
               **{f"v{n}": s.match_value for n, s in enumerate(funnel.steps)}}
     at_level = dict(client.query(sql, parameters=params).result_rows)
     reached = [sum(n for level, n in at_level.items() if level >= k) for k in range(1, len(funnel.steps) + 1)]

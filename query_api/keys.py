@@ -57,6 +57,19 @@ class KeyStore:
         self._cache.put(hash_key(key), ApiKey(account_id, site_id))
         return key
 
+    def revoke(self, key: str) -> bool:
+        """Stop a key from working (here at once, in other processes within seconds); False if
+        there is no such key."""
+        found = self._load(hash_key(key))
+        if found is None:
+            return False
+        self._client.insert(
+            "api_keys", [[hash_key(key), key[:7], found.account_id, found.site_id, datetime.now(timezone.utc), 1]],
+            column_names=["key_hash", "prefix", "account_id", "site_id", "created_at", "revoked"],
+        )
+        self._cache.forget(hash_key(key))
+        return True
+
     def any_exist(self) -> bool:
         return bool(self._client.query("SELECT count() FROM api_keys").result_rows[0][0])
 
@@ -69,7 +82,7 @@ class KeyStore:
 
     def _load(self, digest: str) -> ApiKey | None:
         rows = self._client.query(
-            "SELECT account_id, site_id FROM api_keys FINAL WHERE key_hash = {h:String} LIMIT 1",
+            "SELECT account_id, site_id FROM api_keys FINAL WHERE key_hash = {h:String} AND revoked = 0 LIMIT 1",
             parameters={"h": digest},
         ).result_rows
         return ApiKey(*rows[0]) if rows else None

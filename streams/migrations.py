@@ -289,6 +289,8 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (2, "rollups for every traffic number", [_drop_visitor_sorted_sessions, _SESSIONS_V2, _ACTIVITY, _ROLLUP_15M,
                                              _ROLLUP_1D, "DROP TABLE IF EXISTS affiliate_clicks_hourly"]),
     (3, "goals and funnels", [_GOALS, _FUNNELS]),
+    # The newest row of a key wins (ReplacingMergeTree without version): revoking inserts one.
+    (4, "revocable API keys", ["ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS revoked UInt8 DEFAULT 0"]),
 ]
 
 # Tables holding a site's data: deleting a site deletes its rows from each.
