@@ -52,10 +52,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0]
-        field = str(first["loc"][-1]) if first.get("loc") else "request"
+        # The field's path inside the body (steps.1.match_type), or the query parameter's name.
+        loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+        field = ".".join(loc) or "body"
         if first["type"] == "missing":
             return error_response(400, "missing_parameter", f"{field} is required")
-        return error_response(400, "invalid_parameter", f"{field}: {first['msg']}")
+        return error_response(400, "invalid_parameter", f"{field}: {first['msg'].removeprefix('Value error, ')}")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
