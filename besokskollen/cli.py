@@ -16,6 +16,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides = {}
     if getattr(args, "data", None):
         overrides["clickhouse_url"] = "chdb://" + str(Path(args.data).resolve())
+    if getattr(args, "instance_id", None):
+        overrides["worker_instance_id"] = args.instance_id
     return Settings(**overrides)
 
 
@@ -23,7 +25,9 @@ _BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:132.0) Gecko/20100101 Firefox/132
 
 
 def _serve(app, host: str, port: int) -> None:
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    # proxy_headers off: X-Forwarded-For is honoured by our own code, and only from
+    # BK_TRUSTED_PROXIES (uvicorn would otherwise replace the peer with it, hiding the proxy).
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, proxy_headers=False)
 
 
 def cmd_up(args: argparse.Namespace) -> None:
@@ -82,8 +86,25 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     from streams import replay, storage
 
     settings = _settings(args)
-    applied = replay.upgrade(storage.connect(settings.clickhouse_url), settings.session_timeout_s)
+    applied = replay.upgrade(storage.connect(settings.clickhouse_url), settings.session_timeout_s,
+                             settings.raw_events_ttl_days)
     print(f"applied migrations: {applied}" if applied else "schema is up to date")
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from streams import monitor, storage
+    from streams.worker import GROUP
+
+    settings = _settings(args)
+    if settings.embedded:
+        raise SystemExit("`status` reports on the distributed topology: set BK_KAFKA_BOOTSTRAP")
+    lags = asyncio.run(monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, GROUP))
+    print(f"topic {settings.kafka_topic}, group {GROUP}: {monitor.describe(lags)}")
+    for worker, at, rate, p50, worst, events in monitor.recent_reports(storage.connect(settings.clickhouse_url)):
+        print(f"worker {worker} at {at:%H:%M:%S}Z: {rate:.0f} events/s, batch p50 {p50:.0f} ms, max {worst:.0f} ms,"
+              f" {events} events in the last report")
 
 
 def cmd_keys_create(args: argparse.Namespace) -> None:
@@ -155,9 +176,12 @@ def parser() -> argparse.ArgumentParser:
 
     worker = with_data(commands.add_parser("worker", help="Faust stream worker"))
     worker.add_argument("--loglevel", default="info")
+    worker.add_argument("--instance-id", help="the worker's name in status reports (BK_WORKER_INSTANCE_ID)")
     worker.set_defaults(func=cmd_worker)
 
     with_data(commands.add_parser("migrate", help="create or upgrade the schema")).set_defaults(func=cmd_migrate)
+    commands.add_parser("status", help="consumer lag, oldest unprocessed event, worker throughput"
+                        ).set_defaults(func=cmd_status)
 
     import_ = with_data(commands.add_parser(
         "import", help="bulk-load historic events from an NDJSON file",

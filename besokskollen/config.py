@@ -21,12 +21,17 @@ class Settings(BaseSettings):
     kafka_bootstrap: str | None = None
     kafka_topic: str = "events"
     # Partitions of the events topic when it is created; the most workers that can share it.
-    kafka_partitions: int = 4
+    kafka_partitions: int = 12
     # Replication of the topics we and Faust create; 1 suits a single broker, use 3 on a cluster.
     kafka_replication_factor: int = 1
     admin_key: str | None = None
     trusted_proxies: str = "127.0.0.1/32,::1/128"
     session_timeout_s: int = 1800
+    # A worker's name in status reports (default host:pid). Not used for Kafka's static group
+    # membership: Faust 0.15.3's assignor hands static members no partitions (README).
+    worker_instance_id: str | None = None
+    # Raw events older than this are deleted by ClickHouse (TTL); rollups keep every number.
+    raw_events_ttl_days: int = 400
     # Requests per minute per API key on /api/v1 (per process).
     rate_limit_per_minute: int = 100
     # Largest accepted /api/event body; larger answers 413.
@@ -43,10 +48,19 @@ class Settings(BaseSettings):
             raise ValueError("BK_CLICKHOUSE_URL must start with chdb://, http:// or https://")
         return url
 
-    @field_validator("kafka_bootstrap")
+    @field_validator("kafka_bootstrap", "worker_instance_id")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("raw_events_ttl_days")
+    @classmethod
+    def _outlives_a_visitor(cls, days: int) -> int:
+        # The stream core reads a visitor's last three days of raw events; imports older than
+        # the TTL are refused (ingest/importer.py).
+        if days < 7:
+            raise ValueError("BK_RAW_EVENTS_TTL_DAYS must be at least 7")
+        return days
 
     @cached_property
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

@@ -155,7 +155,7 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
             return _error(413, "body_too_large",
                           f"import bodies are limited to {settings.max_import_bytes} bytes; split the file", {})
         try:
-            parsed = await asyncio.to_thread(importer.parse, body, site, utcnow())
+            parsed = await asyncio.to_thread(importer.parse, body, site, utcnow(), settings.raw_events_ttl_days)
         except importer.BadBody as exc:
             return _error(400, exc.code, exc.message, {})
 

@@ -100,11 +100,14 @@ class ImportedEvent(IncomingEvent):
     @field_validator("timestamp")
     @classmethod
     def _plausible(cls, at: datetime, info: ValidationInfo) -> datetime:
-        now = (info.context or {}).get("now") or utcnow()
+        context = info.context or {}
+        now = context.get("now") or utcnow()
         if at > now + MAX_CLOCK_SKEW:
             raise ValueError("is in the future")
         if at < EARLIEST:
             raise ValueError("is before 2000-01-01")
+        if at < context.get("oldest", EARLIEST):
+            raise ValueError(f"is older than the raw events are kept ({context['oldest']:%Y-%m-%d}; BK_RAW_EVENTS_TTL_DAYS)")
         return at
 
     @field_validator("ip")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import orjson
 from pydantic import ValidationError
@@ -21,6 +21,7 @@ from ingest import useragents
 from ingest.enrich import enrich
 from ingest.event import Event, ImportedEvent, problem
 from ingest.visitors import Visitors
+from streams.buckets import VISITOR_LIFETIME
 from streams.sites import Site, normalize_domain
 
 MAX_LINES = 100_000
@@ -61,8 +62,11 @@ def content_event_id(site_id: str, e: ImportedEvent) -> str:
     return str(uuid.uuid5(_CONTENT_NAMESPACE, orjson.dumps(content, option=orjson.OPT_SORT_KEYS).decode()))
 
 
-def parse(body: bytes, site: Site, now: datetime) -> Parsed:
-    """Validate every line of `body` as an event of `site`, judged against the clock `now`."""
+def parse(body: bytes, site: Site, now: datetime, retention_days: int | None = None) -> Parsed:
+    """Validate every line of `body` as an event of `site`, judged against the clock `now`. With
+    `retention_days`, events the raw-event TTL would delete within a visitor's lifetime are
+    refused: the stream core reads a visitor's stored events, and they must still be there."""
+    oldest = now - timedelta(days=retention_days) + VISITOR_LIFETIME if retention_days else None
     raw_lines = body.split(b"\n")
     if raw_lines[-1] == b"":  # the newline ending the last line starts no line of its own
         raw_lines.pop()
@@ -75,7 +79,7 @@ def parse(body: bytes, site: Site, now: datetime) -> Parsed:
         if not raw.strip():
             continue
         try:
-            event = _validate(raw, site, now)
+            event = _validate(raw, site, now, oldest)
         except _Rejected as rejection:
             field_, code, message = rejection.args
             parsed.rejected.append({"line": number, "field": field_, "code": code, "message": message})
@@ -92,7 +96,7 @@ class _Rejected(Exception):
     """(field, code, message) of a line that cannot be imported."""
 
 
-def _validate(raw: bytes, site: Site, now: datetime) -> ImportedEvent:
+def _validate(raw: bytes, site: Site, now: datetime, oldest: datetime | None) -> ImportedEvent:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -102,7 +106,7 @@ def _validate(raw: bytes, site: Site, now: datetime) -> ImportedEvent:
     if data.get("site_id") is None and data.get("domain") is None:
         data["site_id"] = site.site_id  # the request names the site; a line need not repeat it
     try:
-        event = ImportedEvent.model_validate(data, context={"now": now})
+        event = ImportedEvent.model_validate(data, context={"now": now, **({"oldest": oldest} if oldest else {})})
     except ValidationError as exc:
         raise _Rejected(*problem(exc)) from None
     if event.site_id is not None and event.site_id != site.site_id:

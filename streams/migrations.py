@@ -282,6 +282,21 @@ CREATE TABLE IF NOT EXISTS funnels (
 ORDER BY funnel_id
 """
 
+# -- 5: what each worker reports once a minute (streams/monitor.py) --------------------------------
+
+_WORKER_STATUS = """
+CREATE TABLE IF NOT EXISTS worker_status (
+    worker        String,
+    reported_at   DateTime64(3, 'UTC'),
+    events_per_s  Float64,
+    batch_p50_ms  Float64,
+    batch_max_ms  Float64,
+    events        UInt64
+) ENGINE = MergeTree
+ORDER BY (worker, reported_at)
+TTL toDateTime(reported_at) + INTERVAL 7 DAY
+"""
+
 Step = str | Callable[[Client], None]
 
 MIGRATIONS: list[tuple[int, str, list[Step]]] = [
@@ -291,6 +306,7 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (3, "goals and funnels", [_GOALS, _FUNNELS]),
     # The newest row of a key wins (ReplacingMergeTree without version): revoking inserts one.
     (4, "revocable API keys", ["ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS revoked UInt8 DEFAULT 0"]),
+    (5, "worker status reports", [_WORKER_STATUS]),
 ]
 
 # Tables holding a site's data: deleting a site deletes its rows from each.
@@ -307,6 +323,20 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 ) ENGINE = ReplacingMergeTree
 ORDER BY version
 """
+
+
+def apply_retention(client: Client, days: int) -> None:
+    """Raw events are deleted `days` after their time (BK_RAW_EVENTS_TTL_DAYS). Whole parts are
+    dropped once every row in them expired, so data may stay up to a month longer; rollups,
+    sessions and activity keep every number. Applied at every start when it changed."""
+    ttl = f"toDateTime(timestamp) + toIntervalDay({int(days)})"
+    engine = client.query("SELECT engine_full FROM system.tables WHERE database = currentDatabase()"
+                          " AND name = 'events'").result_rows[0][0]
+    if f"TTL {ttl}" not in engine:
+        # Existing parts are not rewritten now (no heavy mutation): merges apply the TTL to them.
+        client.command(f"ALTER TABLE events MODIFY TTL {ttl}", settings={"materialize_ttl_after_modify": 0})
+        client.command("ALTER TABLE events MODIFY SETTING ttl_only_drop_parts = 1")
+        log.info("raw events are kept %d days", days)
 
 
 def applied_versions(client: Client) -> set[int]:

@@ -8,19 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import time
 
 import faust
 
 from besokskollen.config import Settings
 from ingest.event import Event
-from streams import replay, storage
+from streams import monitor, replay, storage
 from streams.core import StreamCore, process_until_written
 from streams.topic import ensure_topic
 
 log = logging.getLogger(__name__)
 
+GROUP = "besokskollen"
 BATCH_MAX = 2000
 BATCH_WITHIN_S = 0.2
+SESSION_TIMEOUT_S = 6.0
+REBALANCE_TIMEOUT_S = 10.0
+STARVED_CHECK_S = 2.0
+STARVED_AFTER_S = 4.0
 
 
 def broker_urls(bootstrap: str) -> list[str]:
@@ -31,32 +39,96 @@ def create_app(settings: Settings) -> faust.App:
     if settings.kafka_bootstrap is None:
         raise SystemExit("the worker needs BK_KAFKA_BOOTSTRAP (without Kafka, `besokskollen up` runs the stream core)")
     app = faust.App(
-        "besokskollen",
+        GROUP,
         broker=broker_urls(settings.kafka_bootstrap),
         topic_partitions=settings.kafka_partitions,
         topic_replication_factor=settings.kafka_replication_factor,
         web_enabled=False,
         consumer_auto_offset_reset="earliest",
+        # Fast recovery: a worker that dies without leaving the group (kill -9) is noticed after
+        # the session timeout, and a rebalance waits at most the rebalance timeout for members to
+        # rejoin (Faust's defaults are 60 s each). Heartbeats go three times per session timeout.
+        broker_session_timeout=SESSION_TIMEOUT_S,
+        broker_heartbeat_interval=SESSION_TIMEOUT_S / 6,
+        broker_rebalance_timeout=REBALANCE_TIMEOUT_S,
+        # Offsets are committed often: what a killed worker had processed but not committed is
+        # processed again (idempotently) by whoever takes its partitions.
+        broker_commit_interval=1.0,
     )
     topic = app.topic(settings.kafka_topic, key_serializer="raw", value_serializer="raw",
                       partitions=settings.kafka_partitions)
     client = storage.connect(settings.clickhouse_url)
-    replay.upgrade(client, settings.session_timeout_s)
+    replay.upgrade(client, settings.session_timeout_s, settings.raw_events_ttl_days)
     core = StreamCore(client, settings.session_timeout_s)
+
+    stats = monitor.BatchStats()
+    name = settings.worker_instance_id or f"{socket.gethostname()}:{os.getpid()}"
 
     @app.agent(topic, concurrency=1)
     async def process(stream: faust.StreamT) -> None:
         async for values in stream.take(BATCH_MAX, within=BATCH_WITHIN_S):
             # take() acks a batch's offsets when control returns to it, even when the agent is
             # cancelled (worker shutdown): so a batch being written is finished first.
+            started = time.perf_counter()
             writing = asyncio.ensure_future(process_until_written(core, _decode(values)))
             try:
                 await asyncio.shield(writing)
             except asyncio.CancelledError:
                 await writing
                 raise
+            stats.add(len(values), (time.perf_counter() - started) * 1000)
+
+    starved = {"since": None}
+
+    @app.timer(STARVED_CHECK_S)
+    async def rejoin_if_starved() -> None:
+        """After a broker restart, the group leader's metadata can lack the topic for good
+        (Faust 0.15.3 logs "Ignoring missing topic") and its assignor then hands every member an
+        empty assignment: the group sits idle. A worker with no partitions, while there are at
+        least as many partitions as members, refreshes its metadata and asks for a rebalance."""
+        if app.consumer.assignment():
+            starved["since"] = None
+            return
+        now = time.monotonic()
+        if starved["since"] is None:
+            starved["since"] = now
+            return
+        if now - starved["since"] < STARVED_AFTER_S:
+            return
+        members, partitions = await monitor.group_size(settings.kafka_bootstrap, settings.kafka_topic, GROUP)
+        if partitions and members <= partitions:
+            log.warning("no partitions for %.0f s with %d members and %d partitions: asking for a rebalance",
+                        now - starved["since"], members, partitions)
+            _refresh_and_rejoin(app, settings.kafka_topic)
+            starved["since"] = now
+
+    @app.timer(monitor.REPORT_EVERY_S)
+    async def report() -> None:
+        rate, p50, worst, events = stats.take()
+        try:
+            lags = await monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, GROUP)
+            await asyncio.to_thread(monitor.report, client, name, rate, p50, worst, events)
+        except Exception as exc:  # noqa: BLE001 - a report is not worth stopping the worker for
+            log.warning("could not report the stream's status: %s", exc)
+            return
+        log.info("%s: %.0f events/s, batch p50 %.0f ms, max %.0f ms; %s", name, rate, p50, worst,
+                 monitor.describe(lags))
 
     return app
+
+
+def _refresh_and_rejoin(app: faust.App, topic: str) -> None:
+    """Reload the consumer's metadata (with the topic in it) and make it rejoin its group. The
+    aiokafka consumer lives in Faust's consumer thread, on that thread's loop."""
+    thread = app.consumer._thread
+    consumer = thread._consumer
+
+    async def refresh() -> None:
+        await consumer._client.add_topic(topic)
+        await consumer._client.force_metadata_update()
+        consumer._coordinator.request_rejoin()
+
+    asyncio.run_coroutine_threadsafe(refresh(), thread.thread_loop)
 
 
 def _decode(values: list[bytes]) -> list[Event]:

@@ -110,17 +110,51 @@ async def client(embedded):
 
 # -- distributed parts, as real processes ----------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def kafka(tmp_path_factory) -> Iterator[str]:
-    data = tmp_path_factory.mktemp("kafka")
-    port = free_port()
-    script = ROOT / "deploy" / "kafka"
-    subprocess.run([str(script / "start.sh"), "--data", str(data), "--port", str(port),
-                    "--controller-port", str(free_port())], check=True, timeout=180)
+class Broker:
+    """The test broker: started by deploy/kafka/start.sh, and killable and restartable by tests."""
+
+    def __init__(self, data: Path) -> None:
+        self.data, self.port, self.controller_port = data, free_port(), free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        subprocess.run([str(KAFKA_SCRIPTS / "start.sh"), "--data", str(self.data), "--port", str(self.port),
+                        "--controller-port", str(self.controller_port)], check=True, timeout=180)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        pid = int((self.data / "kafka.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: _gone(pid), 30, f"broker pid {pid} to die")
+
+    def stop(self) -> None:
+        subprocess.run([str(KAFKA_SCRIPTS / "stop.sh"), "--data", str(self.data)], check=False, timeout=60)
+
+
+KAFKA_SCRIPTS = ROOT / "deploy" / "kafka"
+
+
+def _gone(pid: int) -> bool:
     try:
-        yield f"127.0.0.1:{port}"
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory) -> Iterator[Broker]:
+    broker = Broker(tmp_path_factory.mktemp("kafka"))
+    broker.start()
+    try:
+        yield broker
     finally:
-        subprocess.run([str(script / "stop.sh"), "--data", str(data)], check=False, timeout=60)
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka(broker) -> str:
+    return broker.bootstrap
 
 
 def stable_group_size(bootstrap: str, group: str) -> int:

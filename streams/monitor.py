@@ -1,0 +1,124 @@
+"""How the stream is doing: consumer lag per partition and the age of the oldest event not yet
+processed (read from Kafka), and each worker's throughput and batch latency (reported by the
+workers into `worker_status` once a minute). The worker logs the same once a minute;
+`besokskollen status` prints it for a running deployment."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from clickhouse_connect.driver.client import Client
+
+REPORT_EVERY_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    partition: int
+    committed: int
+    end: int
+    oldest_age_s: float | None  # age of the first event not yet processed; None when caught up
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.end - self.committed)
+
+
+async def partition_lags(bootstrap: str, topic: str, group: str) -> list[PartitionLag]:
+    """Lag of the consumer group on every partition of the topic."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await consumer.start()
+    await admin.start()
+    try:
+        (metadata,) = await admin.describe_topics([topic])
+        partitions = [TopicPartition(topic, p["partition"]) for p in sorted(metadata.get("partitions", ()),
+                                                                              key=lambda p: p["partition"])]
+        if not partitions:
+            return []
+        ends = await consumer.end_offsets(partitions)
+        starts = await consumer.beginning_offsets(partitions)
+        committed = await admin.list_consumer_group_offsets(group)
+        out = []
+        for tp in partitions:
+            offset = committed[tp].offset if tp in committed and committed[tp].offset >= 0 else starts[tp]
+            age = await _age_at(consumer, tp, offset) if offset < ends[tp] else None
+            out.append(PartitionLag(tp.partition, offset, ends[tp], age))
+        return out
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+async def group_size(bootstrap: str, topic: str, group: str) -> tuple[int, int]:
+    """(members of the consumer group, partitions of the topic)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_consumer_groups([group])
+        members = len(response.groups[0][5])
+        (metadata,) = (await admin.describe_topics([topic]))
+        return members, len(metadata.get("partitions", ()))
+    finally:
+        await admin.close()
+
+
+async def _age_at(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> float | None:
+    consumer.assign([tp])
+    consumer.seek(tp, offset)
+    try:
+        record = await asyncio.wait_for(consumer.getone(tp), 5)
+    except TimeoutError:
+        return None
+    return max(0.0, time.time() - record.timestamp / 1000)
+
+
+@dataclass
+class BatchStats:
+    """What a worker processed since its last report."""
+    events: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    since: float = field(default_factory=time.monotonic)
+
+    def add(self, events: int, latency_ms: float) -> None:
+        self.events += events
+        self.latencies_ms.append(latency_ms)
+
+    def take(self) -> tuple[float, float, float, int]:
+        """(events/s, batch p50 ms, batch max ms, events) since the last take; resets."""
+        elapsed = max(time.monotonic() - self.since, 1e-9)
+        rate = self.events / elapsed
+        p50 = statistics.median(self.latencies_ms) if self.latencies_ms else 0.0
+        worst = max(self.latencies_ms, default=0.0)
+        events = self.events
+        self.events, self.latencies_ms, self.since = 0, [], time.monotonic()
+        return rate, p50, worst, events
+
+
+def report(client: Client, worker: str, rate: float, p50: float, worst: float, events: int) -> None:
+    client.insert("worker_status", [[worker, datetime.now(timezone.utc), rate, p50, worst, events]],
+                  column_names=["worker", "reported_at", "events_per_s", "batch_p50_ms", "batch_max_ms", "events"])
+
+
+def recent_reports(client: Client, within_s: int = 300) -> list[tuple]:
+    """(worker, reported_at, events/s, batch p50 ms, batch max ms, events) of each worker's last
+    report in the last `within_s` seconds."""
+    return client.query(
+        "SELECT worker, max(reported_at), argMax(events_per_s, reported_at), argMax(batch_p50_ms, reported_at),"
+        " argMax(batch_max_ms, reported_at), argMax(events, reported_at) FROM worker_status"
+        " WHERE reported_at >= now64(3) - toIntervalSecond({within:UInt32}) GROUP BY worker ORDER BY worker",
+        parameters={"within": within_s}).result_rows
+
+
+def describe(lags: list[PartitionLag]) -> str:
+    total = sum(p.lag for p in lags)
+    ages = [p.oldest_age_s for p in lags if p.oldest_age_s is not None]
+    parts = " ".join(f"{p.partition}:{p.lag}" for p in lags)
+    return f"lag {total} ({parts}); oldest unprocessed event {max(ages):.1f} s old" if ages else \
+        f"lag {total} ({parts}); caught up"
