@@ -397,6 +397,10 @@ def test_survivors_take_over_when_workers_leave(kafka, clickhouse_http, tmp_path
         got, want, _ = settle(d.api, clickhouse_http, site, people, outcome, funnel, timeout=90)
         assert got == {k: want[k] for k in got}
         wait_until(lambda: stable_group_size(kafka, "besokskollen") == 1, 30, "one worker left in the group")
+        status = subprocess.run([*CLI, "status"], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **d.env},
+                                timeout=60)
+        assert status.returncode == 0, status.stderr
+        assert "lag 0 (0:0 1:0 2:0 3:0 4:0 5:0 6:0 7:0 8:0 9:0 10:0 11:0); caught up" in status.stdout, status.stdout
     finally:
         d.stop()
 

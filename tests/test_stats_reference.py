@@ -3,7 +3,8 @@ events over 90 days for three sites (Stockholm, New York, Kolkata), with affilia
 through `POST /api/v1/events/import` into the embedded topology — traffic stats, then goals and
 funnels created afterwards, popular and trending; then a 20,000-event sample through the
 distributed topology (Kafka, two Faust workers, separate ingest and API processes over the
-ClickHouse front), whose answers must equal both the reference and the embedded topology's."""
+ClickHouse front), whose answers — every endpoint — must equal both the reference and the embedded
+topology's."""
 
 from __future__ import annotations
 
@@ -99,10 +100,12 @@ TRENDING = [{}, {"min_growth": 50}, {"min_growth": 0, "min_recent_clicks": 1}, {
             {"recent_hours": 12, "baseline_days": 14, "min_growth": 20}, {"min_growth": 300, "limit": 3}]
 
 
-async def compare_goals_funnels_affiliate(client: httpx.AsyncClient, ref: Reference, sites: list[SiteSpec]) -> None:
+async def compare_goals_funnels_affiliate(client: httpx.AsyncClient, ref: Reference, sites: list[SiteSpec],
+                                          all_levels: bool = True) -> dict:
     """Goals and funnels created after the data (they apply retroactively), then every answer of
-    goals, funnel stats, popular and trending against the reference."""
-    levels = set()
+    goals, funnel stats, popular and trending against the reference; returns the answers (goal
+    and funnel ids replaced by their place, so two topologies compare)."""
+    levels, answers = set(), {}
     for site in sites:
         sid = site.site_id
         goals = []
@@ -119,10 +122,12 @@ async def compare_goals_funnels_affiliate(client: httpx.AsyncClient, ref: Refere
             got = (await _get(client, "goals", site_id=sid, period=period))["data"]
             first, last = ref.period(sid, period)
             assert got == ref.goals(sid, first, last, goals), (sid, period, "goals")
-            for funnel in funnels:
+            answers[(sid, "goals", period)] = [{**g, "id": n} for n, g in enumerate(got)]
+            for n, funnel in enumerate(funnels):
                 got = (await _get(client, f"funnels/{funnel['id']}/stats", period=period))["data"]
                 assert got == ref.funnel_stats(sid, first, last, funnel), (sid, period, funnel["name"])
-                assert got["steps"][-1]["sessions"] > 0
+                assert got["steps"][-1]["sessions"] > 0 or not all_levels  # the 100k data reach every step
+                answers[(sid, "funnel", n, period)] = {**got, "funnel": {**got["funnel"], "id": n}}
         for days in (1, 7, 30):
             now = datetime.now(timezone.utc)
             product_filters = [{}, {"limit": 3}, {"min_clicks": 5}, {"category_slug": "mobilskal"}, {"brand_slug": "apple"},
@@ -131,17 +136,22 @@ async def compare_goals_funnels_affiliate(client: httpx.AsyncClient, ref: Refere
                 got = await _get(client, "popular/products", site_id=sid, days=days, **filters)
                 assert got == ref.popular_products(sid, days, now, **filters), (sid, days, filters)
                 levels.add(got["meta"]["confidence"])
+                answers[(sid, "products", days, str(filters))] = got
             for name, answer in (("categories", ref.popular_categories), ("partners", ref.popular_partners)):
                 for limit in (10, 2):
                     got = await _get(client, f"popular/{name}", site_id=sid, days=days, limit=limit)
                     assert got == answer(sid, days, now, limit=limit), (sid, days, name, limit)
+                    answers[(sid, name, days, limit)] = got
         for params in TRENDING + [{"category_slug": "mobilskal", "min_growth": 0}, {"brand_slug": "apple", "min_growth": 0}]:
             got = await _get(client, "trending/products", site_id=sid, **params)
             # The API's clock decides the window; ask the reference for the same quarter hour.
             end = datetime.fromisoformat(got["meta"]["recent_period"]["to"].replace("Z", "+00:00"))
             assert got == ref.trending(sid, end - timedelta(seconds=1), **params), (sid, params)
             levels.add(got["meta"]["confidence"])
-    assert levels == {"high", "medium", "low"}
+            answers[(sid, "trending", str(params))] = got
+    if all_levels:
+        assert levels == {"high", "medium", "low"}
+    return answers
 
 
 async def import_lines(client: httpx.AsyncClient, lines: list[dict], sites: list[SiteSpec],
@@ -194,7 +204,7 @@ def sample():
     """A 20,000-event sample for the distributed comparison, and its reference."""
     sites = sites_for("dist")
     now = datetime.now(timezone.utc)
-    lines = generate(seed=7, sites=sites, now=now, target_events=20_000)
+    lines = generate(seed=7, sites=sites, now=now, target_events=20_000, clicks=True)
     return sites, lines, Reference(lines, sites, now)
 
 
@@ -205,7 +215,8 @@ async def _load_and_compare(ingest: str, api: str, sites: list[SiteSpec], lines:
     async with httpx.AsyncClient(base_url=ingest, headers=AUTH) as client:
         await import_lines(client, lines, sites)
     async with httpx.AsyncClient(base_url=api, headers=AUTH, timeout=60) as client:
-        return await compare_all(client, ref, sites)
+        return {**await compare_all(client, ref, sites),
+                **await compare_goals_funnels_affiliate(client, ref, sites, all_levels=False)}
 
 
 def test_distributed_answers_equal_the_reference_and_the_embedded_topology(sample, kafka, clickhouse_http, tmp_path):
@@ -234,4 +245,9 @@ def test_distributed_answers_equal_the_reference_and_the_embedded_topology(sampl
         distributed_answers = asyncio.run(_load_and_compare(ingest, api, sites, lines, ref))
         assert stable_group_size(kafka, "besokskollen") == 2
 
-    assert distributed_answers == embedded_answers
+    # Trending answers are for the quarter hour they were asked in: compare those asked in the same.
+    same_window = {k for k, v in distributed_answers.items() if "trending" in k
+                   and v["meta"]["recent_period"] != embedded_answers[k]["meta"]["recent_period"]}
+    assert {k: v for k, v in distributed_answers.items() if k not in same_window} == \
+        {k: v for k, v in embedded_answers.items() if k not in same_window}
+    assert len(same_window) < len([k for k in distributed_answers if "trending" in k])
