@@ -23,7 +23,7 @@ from streams.topic import ensure_topic
 log = logging.getLogger(__name__)
 
 GROUP = "besokskollen"
-BATCH_MAX = 2000
+BATCH_MAX = 5000
 BATCH_WITHIN_S = 0.2
 SESSION_TIMEOUT_S = 6.0
 REBALANCE_TIMEOUT_S = 10.0
