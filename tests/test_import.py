@@ -30,7 +30,8 @@ from tests.conftest import ADMIN_KEY, BROWSER, free_port, process, stable_group_
 from tests.traffic import AGENTS
 
 NDJSON = "application/x-ndjson"
-DAY = datetime(2025, 6, 2, tzinfo=timezone.utc)  # historic: the import makes this test's salts
+# Historic (the import makes this test's salts), but within the raw-event retention (400 days).
+DAY = (datetime.now(timezone.utc) - timedelta(days=60)).replace(hour=0, minute=0, second=0, microsecond=0)
 GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
 HEADLESS = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/131.0 Safari/537.36"
 CLI = [sys.executable, "-m", "besokskollen"]
@@ -406,3 +407,17 @@ def test_cli_imports_through_kafka_and_waits_until_stored(kafka, clickhouse_http
             assert "accepted 12000, rejected 0" in done.stdout and "not yet stored" not in done.stderr
             # Stored when the command returned, each event once, under one visitor id.
             assert list(client.query(query, parameters={"s": site_id}).result_rows[0]) == [12_000] * 3
+
+
+async def test_events_the_raw_event_ttl_would_drop_are_refused(client, services, site):
+    """Raw events are kept BK_RAW_EVENTS_TTL_DAYS (a TTL on `events`); an import older than that
+    (less a visitor's three days) is refused line by line, newer lines are taken."""
+    engine = services.client.query("SELECT engine_full FROM system.tables WHERE name = 'events'"
+                                   " AND database = currentDatabase()").result_rows[0][0]
+    assert f"TTL toDateTime(timestamp) + toIntervalDay({services.settings.raw_events_ttl_days})" in engine
+    lines = history(site.domain, 2, seed=9)
+    lines[0] = {**lines[0], "timestamp": iso(datetime.now(timezone.utc) - timedelta(days=398))}
+    data = (await post_import(client, site.site_id, ndjson(lines))).json()["data"]
+    assert data["accepted"] == 1
+    assert [(r["line"], r["field"]) for r in data["rejected"]] == [(1, "timestamp")]
+    assert "BK_RAW_EVENTS_TTL_DAYS" in data["rejected"][0]["message"]
