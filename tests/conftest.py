@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,10 +23,6 @@ ADMIN_KEY = "bk_test_admin_key_0123456789"
 BROWSER = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(check, timeout: float, what: str, interval: float = 0.1):
@@ -110,6 +107,25 @@ async def client(embedded):
 
 # -- distributed parts, as real processes ----------------------------------------------------------
 
+def free_port() -> int:
+    """A free port below the kernel's ephemeral range. Test servers get killed and restarted on
+    their port; while one is down, an ephemeral port can go to any outgoing connection (or a
+    client's self-connect) and the restart finds it taken. That failed CI once."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200 if low > 11_000 else 0):
+        port = rng.randrange(10_000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # an unusual port range: any free port
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Broker:
     """The test broker: started by deploy/kafka/start.sh, and killable and restartable by tests."""
 
@@ -129,6 +145,10 @@ class Broker:
 
     def stop(self) -> None:
         subprocess.run([str(KAFKA_SCRIPTS / "stop.sh"), "--data", str(self.data)], check=False, timeout=60)
+
+    def running(self) -> bool:
+        pid_file = self.data / "kafka.pid"
+        return pid_file.exists() and not _gone(int(pid_file.read_text()))
 
 
 KAFKA_SCRIPTS = ROOT / "deploy" / "kafka"
@@ -155,6 +175,17 @@ def broker(tmp_path_factory) -> Iterator[Broker]:
 @pytest.fixture(scope="session")
 def kafka(broker) -> str:
     return broker.bootstrap
+
+
+@pytest.fixture
+def killable_broker(broker) -> Iterator[Broker]:
+    """The shared broker for a test that kills it: running again afterwards whatever happened, so
+    one failed restart does not fail every later Kafka test."""
+    try:
+        yield broker
+    finally:
+        if not broker.running():
+            broker.start()
 
 
 def stable_group_size(bootstrap: str, group: str) -> int:

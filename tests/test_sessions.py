@@ -16,7 +16,18 @@ from streams.core import StreamCore
 
 TIMEOUT = 1800
 STOCKHOLM = "Europe/Stockholm"
-T0 = datetime(2025, 2, 3, 10, 0, tzinfo=timezone.utc)  # a Monday; Stockholm is UTC+1 then
+
+
+def _last_winter(month: int, day: int) -> date:
+    """The latest such day at least a week ago: in winter time, and well within the raw-event
+    retention (BK_RAW_EVENTS_TTL_DAYS, 400 days by default). A fixed year would expire."""
+    today = date.today()
+    moment = date(today.year, month, day)
+    return moment if moment <= today - timedelta(days=7) else date(today.year - 1, month, day)
+
+
+_FEB_3 = _last_winter(2, 3)
+T0 = datetime.combine(_FEB_3 + timedelta(days=-_FEB_3.weekday() % 7), time(10), timezone.utc)  # a Monday; Stockholm is UTC+1
 
 
 def _site() -> str:
@@ -141,9 +152,9 @@ def test_restart_after_the_timeout_starts_a_new_session(services):
 def test_a_session_belongs_to_the_local_day_it_started(services):
     client, site = services.client, _site()
     tz = ZoneInfo(STOCKHOLM)
-    first_day = date(2025, 1, 15)
-    start = datetime(2025, 1, 15, 23, 50, tzinfo=tz).astimezone(timezone.utc)
-    after_midnight = datetime(2025, 1, 16, 0, 10, tzinfo=tz).astimezone(timezone.utc)
+    first_day = _last_winter(1, 15)
+    start = datetime.combine(first_day, time(23, 50), tz).astimezone(timezone.utc)
+    after_midnight = datetime.combine(first_day + timedelta(days=1), time(0, 10), tz).astimezone(timezone.utc)
     assert start.date() == after_midnight.date()  # the same UTC day: only the site's timezone splits them
     StreamCore(client, TIMEOUT).process([event(site, 3, start, path="/a"), event(site, 3, after_midnight, path="/b")])
     assert len(stored_sessions(client, site)) == 1
@@ -154,7 +165,7 @@ def test_a_session_belongs_to_the_local_day_it_started(services):
     assert (day1["sessions"], day1["pageviews"], day1["visitors"]) == (1, 1, 1)
     assert (day2["sessions"], day2["pageviews"], day2["visitors"]) == (0, 1, 1)
     assert (both["sessions"], both["pageviews"], both["visitors"]) == (1, 2, 1)
-    assert [(d["date"], d["pageviews"]) for d in both["daily"]] == [("2025-01-15", 1), ("2025-01-16", 1)]
+    assert [(d["date"], d["pageviews"]) for d in both["daily"]] == [(str(first_day), 1), (str(first_day + timedelta(days=1)), 1)]
     assert day2["bounce_rate"] == 0
 
 

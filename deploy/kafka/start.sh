@@ -48,12 +48,17 @@ if [[ -f "$pid_file" ]]; then
   rm -f "$pid_file"  # stale, left by a crash or kill -9
 fi
 
-# Something else on the port would make the readiness poll below pass falsely.
+# Something else on the port would make the readiness poll below pass falsely. A restart right
+# after a crash can meet a port that is still briefly held, so wait a little before giving up.
 for port in "$BK_KAFKA_PORT" "$BK_KAFKA_CONTROLLER_PORT"; do
-  if port_open "$port"; then
-    echo "start.sh: port $port on 127.0.0.1 is already in use" >&2
-    exit 1
-  fi
+  busy_until=$((SECONDS + 10))
+  while port_open "$port"; do
+    if ((SECONDS >= busy_until)); then
+      echo "start.sh: port $port on 127.0.0.1 is already in use" >&2
+      exit 1
+    fi
+    sleep 0.5
+  done
 done
 
 # Rewritten on every start so config changes here take effect without wiping data.
