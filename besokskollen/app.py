@@ -15,8 +15,10 @@ from starlette.applications import Starlette
 
 from besokskollen.config import Settings
 from ingest import app as ingest_app
+from ingest import tracker
 from ingest.handoff import Handoff, InProcessHandoff, KafkaHandoff
 from ingest.salts import Salts
+from ingest.spool import Spool
 from ingest.visitors import Visitors
 from query_api.app import create_app as create_query_app
 from query_api.deps import Context
@@ -66,7 +68,8 @@ def make_handoff(services: Services, core: StreamCore | None = None) -> Handoff:
     if settings.embedded:
         return InProcessHandoff(EmbeddedRunner(core or StreamCore(services.client, settings.session_timeout_s)))
     return KafkaHandoff(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions,
-                        settings.kafka_replication_factor, services.client)
+                        settings.kafka_replication_factor, services.client,
+                        Spool(settings.spool_dir.resolve(), settings.spool_max_bytes), settings.spool_after_ms / 1000)
 
 
 def _lifespan(handoff: Handoff):
@@ -82,15 +85,33 @@ def _lifespan(handoff: Handoff):
 
 
 def _ingest_routes(services: Services, handoff: Handoff) -> list:
-    return ingest_app.routes(services.settings, services.sites, services.visitors, handoff, services.keys)
+    return [*ingest_app.routes(services.settings, services.sites, services.visitors, handoff, services.keys),
+            *tracker.ROUTES]
 
 
-def server_app(services: Services, handoff: Handoff) -> FastAPI:
+class _Dispatch:
+    """`up`: the tracker's paths go straight to a lean app, past the query API's middleware
+    stack (which took about half of /api/event's time); everything else, the import under
+    /api/v1 and lifespan included, goes to the query API."""
+
+    def __init__(self, tracking: Starlette, api: FastAPI) -> None:
+        self.tracking, self.api = tracking, api
+        self._paths = frozenset(route.path for route in tracking.routes)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] in self._paths:
+            await self.tracking(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+
+def server_app(services: Services, handoff: Handoff) -> _Dispatch:
     """`up`: tracking and import endpoints and the query API in one process."""
-    app = create_query_app(services.query_context, trusted_proxies=services.settings.trusted_networks,
+    api = create_query_app(services.query_context, trusted_proxies=services.settings.trusted_networks,
                            rate_limiter=RateLimiter(services.settings.rate_limit_per_minute), lifespan=_lifespan(handoff))
-    app.router.routes.extend(_ingest_routes(services, handoff))
-    return app
+    routes = _ingest_routes(services, handoff)
+    api.router.routes.extend(r for r in routes if r.path.startswith("/api/v1/"))
+    return _Dispatch(Starlette(routes=[r for r in routes if not r.path.startswith("/api/v1/")]), api)
 
 
 def ingest_server_app(services: Services, handoff: Handoff) -> Starlette:

@@ -6,7 +6,7 @@ import ipaddress
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     max_import_bytes: int = 20 * 1024 * 1024
     # Days a salt made for a past day by an import is kept after it was made (live salts: 48 h).
     historic_salt_days: int = 30
+    # Where `ingest` spools events Kafka did not acknowledge in time (one directory per process).
+    spool_dir: Path = Path("spool")
+    # The spool's largest size; when full, /api/event answers 503 with Retry-After.
+    spool_max_bytes: int = Field(512 * 1024 * 1024, ge=64 * 1024)
+    # How long an event waits for Kafka's acknowledgement before it is spooled instead.
+    spool_after_ms: int = Field(250, gt=0)
 
     @field_validator("clickhouse_url")
     @classmethod

@@ -19,6 +19,7 @@ from ingest import clients, importer, useragents
 from ingest.enrich import enrich
 from ingest.event import IncomingEvent, problem, utcnow
 from ingest.handoff import Handoff
+from ingest.spool import SpoolFull
 from ingest.visitors import Visitors
 from query_api.keys import KeyStore, bearer_token
 from streams.sites import Site, SiteRegistry
@@ -34,6 +35,8 @@ _CORS = {
 _PREFETCH = ("prefetch", "prerender")
 _NDJSON = "application/x-ndjson"
 _BEARER = {"www-authenticate": "Bearer"}
+# Kafka is down and the spool full: a client should come back when an outage may be over.
+_SPOOL_FULL_RETRY_S = "30"
 # Events of an import handed on at once: the Kafka producer batches them, memory stays bounded.
 _SEND_AT_ONCE = 1000
 
@@ -117,7 +120,11 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
         ip = clients.client_ip(peer, request.headers, trusted)
         needs_io = visitors.needs_io(site.site_id, ip, user_agent, at)
         event = await asyncio.to_thread(enrich, *args) if needs_io else enrich(*args)
-        await handoff.send(event)
+        try:
+            await handoff.send(event)
+        except SpoolFull:
+            return _error(503, "spool_full", "Kafka is unavailable and the local spool is full; retry later",
+                          {**_CORS, "retry-after": _SPOOL_FULL_RETRY_S})
         return _accepted()
 
     async def preflight(request: Request) -> Response:

@@ -9,11 +9,14 @@ from collections.abc import Mapping
 from functools import lru_cache
 
 import iptocc
+import pycountry
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Edges that geolocate for us (Cloudflare, Vercel, CloudFront).
 _COUNTRY_HEADERS = ("cf-ipcountry", "x-vercel-ip-country", "cloudfront-viewer-country")
+# Assigned ISO 3166-1 alpha-2 codes only: edges send XX/ZZ/T1 (Tor) for "unknown".
+_COUNTRIES = frozenset(c.alpha_2 for c in pycountry.countries)
 
 
 @lru_cache(maxsize=4096)  # peers are mostly the same few proxies; parsing an IP is not free
@@ -48,6 +51,6 @@ def country(ip: str, peer: str, headers: Mapping[str, str], trusted: tuple[Netwo
     if _trusted(peer, trusted):
         for name in _COUNTRY_HEADERS:
             code = headers.get(name, "").strip().upper()
-            if len(code) == 2 and code.isalpha() and code != "XX":
+            if code in _COUNTRIES:
                 return code
     return _lookup(ip)

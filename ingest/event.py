@@ -15,6 +15,8 @@ from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, Validatio
                       field_validator, model_validator)
 
 MAX_PROPS = 30
+MAX_PROP_KEY = 120
+MAX_PROP_VALUE = 500
 # Imported timestamps: a clock a little ahead of ours is tolerated, the far past is a mistake.
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 EARLIEST = datetime(2000, 1, 1, tzinfo=timezone.utc)
@@ -48,19 +50,41 @@ class IncomingEvent(BaseModel):
     name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=120)]
     url: Annotated[str, StringConstraints(min_length=1, max_length=2000)]
     referrer: Annotated[str, StringConstraints(max_length=2000)] | None = None
-    props: dict[str, Annotated[str, StringConstraints(max_length=2000)]] = Field(
+    props: dict[Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROP_KEY)],
+                Annotated[str, StringConstraints(max_length=MAX_PROP_VALUE)]] = Field(
         default_factory=dict, max_length=MAX_PROPS
     )
     # Validated even when absent, so a click without one is reported against this field.
     product: Product | None = Field(default=None, validate_default=True)
+    # The client's own id for this event (a UUID, any version): a retry carrying the same id is
+    # counted once (README, "Retries"). Live events store uuid5(event_id, site_id).
+    event_id: uuid.UUID | None = None
 
     @field_validator("url")
     @classmethod
     def _absolute_http_url(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname
+        except ValueError:  # e.g. "http://[::1": an unclosed IPv6 literal
+            host = None
+        if parts.scheme not in ("http", "https") or not host:
             raise ValueError("must be an absolute http(s) URL")
         return url
+
+    @field_validator("referrer")
+    @classmethod
+    def _usable_referrer(cls, referrer: str | None) -> str | None:
+        """A referrer we cannot parse is dropped, not the event: it is the browser's, not the
+        integrator's, and the page view still happened (counted as direct)."""
+        if not referrer:
+            return None
+        try:
+            parts = urlsplit(referrer)
+            host = parts.hostname
+        except ValueError:
+            return None
+        return referrer if host else None
 
     @field_validator("product")
     @classmethod
@@ -84,7 +108,6 @@ class ImportedEvent(IncomingEvent):
     timestamp: datetime
     ip: str
     user_agent: Annotated[str, StringConstraints(max_length=2000)]
-    event_id: uuid.UUID | None = None
 
     @field_validator("timestamp", mode="before")
     @classmethod

@@ -58,20 +58,27 @@ class StreamCore:
         (for `replay`)."""
         if not batch:
             return
-        batch = list({e.event_id: e for e in batch}.values())  # one id twice: the last one sent wins
+        by_id = _first_arrivals(batch)
+        stored_as = {event_id: owner for event_id, owner in raw_events.owners(self._client, list(by_id.values())).items()
+                     if owner.site_id == by_id[event_id].site_id}
+        # A retry (the client's event id again, with a later arrival time) is counted once: the
+        # copy already stored stays, whichever arrived first.
+        for event_id, owner in stored_as.items():
+            if owner.timestamp != by_id[event_id].timestamp:
+                del by_id[event_id]
+        batch = list(by_id.values())
         incoming: dict[tuple[str, int], dict[str, Event]] = defaultdict(dict)
         for e in batch:
             incoming[(e.site_id, e.visitor_id)][e.event_id] = e
-        # An event sent again under another visitor id (a retry on the next day, an import
-        # after its day's salt expired) moves: the visitor it was stored under loses it.
+        # An event sent again under another visitor id (an import after its day's salt expired,
+        # a visitor id decided differently) moves: the visitor it was stored under loses it.
         leaving: dict[tuple[str, int], set[str]] = defaultdict(set)
-        for event_id, owner in raw_events.owners(self._client, batch).items():
-            if event_id not in incoming.get(owner, {}):
-                leaving[owner].add(event_id)
+        for event_id, owner in stored_as.items():
+            if event_id in by_id and event_id not in incoming.get(owner[:2], {}):
+                leaving[owner[:2]].add(event_id)
         days: dict[tuple[str, int], set[date]] = defaultdict(set)
         for e in batch:
             days[(e.site_id, e.visitor_id)].add(e.timestamp.date())
-        by_id = {e.event_id: e for e in batch}
         for owner, event_ids in leaving.items():
             days[owner] |= {by_id[event_id].timestamp.date() for event_id in event_ids}
         stored = self._history(days)
@@ -144,6 +151,16 @@ class StreamCore:
             if key not in fresh:
                 changes.dead_activity.append(row)
                 changes.buckets.add((site_id, row.kind, row.bucket))
+
+
+def _first_arrivals(batch: list[Event]) -> dict[str, Event]:
+    """One event per id: the earliest (a retry arrives later); of equal times, the last sent."""
+    first: dict[str, Event] = {}
+    for e in batch:
+        kept = first.get(e.event_id)
+        if kept is None or e.timestamp <= kept.timestamp:
+            first[e.event_id] = e
+    return first
 
 
 async def process_until_written(core: StreamCore, batch: list[Event]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import NamedTuple
 
 from clickhouse_connect.driver.client import Client
@@ -18,6 +18,8 @@ _FIELDS = (
     "product_id", "product_slug", "category_slug", "brand_slug", "partner_slug",
 )
 _COLUMNS = [*_FIELDS, "session_id"]
+# A retried event (same client event id, a later arrival time) is found this far from its copy.
+RETRY_WINDOW = timedelta(days=1)
 _SELECT = ", ".join("toString(event_id)" if f == "event_id" else f for f in _FIELDS)
 
 
@@ -82,21 +84,41 @@ def history(client: Client, visitors: set[tuple[str, int]], start: datetime, end
     return out
 
 
-def owners(client: Client, events: Sequence[Event]) -> dict[str, tuple[str, int]]:
-    """(site, visitor) each of these events is stored under, if stored: looked up by the sorting
-    key (site, timestamp, event id), so it costs a few granules."""
-    if not events:
-        return {}
-    rows = client.query(
-        "SELECT toString(event_id), site_id, visitor_id FROM events"
-        " WHERE site_id IN {sites:Array(String)}"
-        " AND timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp <= {end:DateTime64(3, 'UTC')}"
-        " AND (site_id, timestamp, event_id) IN {keys:Array(Tuple(String, DateTime64(3, 'UTC'), UUID))}",
-        parameters={"sites": sorted({e.site_id for e in events}), "start": min(e.timestamp for e in events),
-                    "end": max(e.timestamp for e in events),
-                    "keys": [(e.site_id, e.timestamp, e.event_id) for e in events]},
-    ).result_rows
-    return {event_id: (site_id, visitor_id) for event_id, site_id, visitor_id in rows}
+class Owner(NamedTuple):
+    site_id: str
+    visitor_id: int
+    timestamp: datetime
+
+
+def owners(client: Client, events: Sequence[Event]) -> dict[str, Owner]:
+    """Where each of these event ids is stored, if it is: under which visitor and at what time.
+    Looked up within `RETRY_WINDOW` of the events' times, one query per stretch of time the batch
+    covers, pruned by the sorting key (site, timestamp) and the event-id bloom filter."""
+    found: dict[str, Owner] = {}
+    for stretch in _stretches(sorted(events, key=lambda e: e.timestamp)):
+        rows = client.query(
+            "SELECT toString(event_id), site_id, visitor_id, timestamp FROM events"
+            " WHERE site_id IN {sites:Array(String)}"
+            " AND timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp <= {end:DateTime64(3, 'UTC')}"
+            " AND event_id IN {ids:Array(UUID)}",
+            parameters={"sites": sorted({e.site_id for e in stretch}),
+                        "start": stretch[0].timestamp - RETRY_WINDOW, "end": stretch[-1].timestamp + RETRY_WINDOW,
+                        "ids": [e.event_id for e in stretch]},
+        ).result_rows
+        for event_id, site_id, visitor_id, at in rows:
+            found[event_id] = Owner(site_id, visitor_id, at.replace(tzinfo=timezone.utc))
+    return found
+
+
+def _stretches(events: list[Event]) -> list[list[Event]]:
+    """Time-sorted events cut where two neighbours are more than two retry windows apart."""
+    out: list[list[Event]] = []
+    for e in events:
+        if out and e.timestamp - out[-1][-1].timestamp <= 2 * RETRY_WINDOW:
+            out[-1].append(e)
+        else:
+            out.append([e])
+    return out
 
 
 def stored_event_ids(client: Client, events: Sequence[Event], chunk: int = 2000) -> set[str]:

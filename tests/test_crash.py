@@ -226,7 +226,7 @@ class Deployment:
 
 def deploy(kafka: str, clickhouse_http: str, tmp: Path, workers: int) -> Deployment:
     env = {"BK_KAFKA_BOOTSTRAP": kafka, "BK_CLICKHOUSE_URL": clickhouse_http, "BK_ADMIN_KEY": ADMIN_KEY,
-           "BK_KAFKA_TOPIC": f"events-{uuid.uuid4().hex[:8]}", "BK_RATE_LIMIT_PER_MINUTE": "1000000"}
+           "BK_KAFKA_TOPIC": f"events-{uuid.uuid4().hex[:8]}", "BK_SPOOL_DIR": str(tmp / "spool"), "BK_RATE_LIMIT_PER_MINUTE": "1000000"}
     api_port, ingest_port = free_port(), free_port()
     api, ingest = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{ingest_port}"
     procs = {"api": Proc([*CLI, "api", "--port", str(api_port)], tmp / "api.log", env, f"{api}{API}/openapi.json"),

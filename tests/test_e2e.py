@@ -108,7 +108,7 @@ def test_embedded_topology_counts_exactly(embedded_run):
 def test_distributed_topology_matches_events_and_embedded(embedded_run, kafka, clickhouse_http, tmp_path):
     expected, embedded = embedded_run
     env = {"BK_KAFKA_BOOTSTRAP": kafka, "BK_CLICKHOUSE_URL": clickhouse_http, "BK_ADMIN_KEY": ADMIN_KEY,
-           "BK_KAFKA_TOPIC": f"events-{tmp_path.name}"}
+           "BK_KAFKA_TOPIC": f"events-{tmp_path.name}", "BK_SPOOL_DIR": str(tmp_path / "spool")}
     ingest_port, api_port = free_port(), free_port()
     ingest, api = f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{api_port}"
     with (

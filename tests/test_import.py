@@ -378,7 +378,7 @@ def test_cli_imports_through_kafka_and_waits_until_stored(kafka, clickhouse_http
     import clickhouse_connect
 
     env = {"BK_KAFKA_BOOTSTRAP": kafka, "BK_CLICKHOUSE_URL": clickhouse_http, "BK_ADMIN_KEY": ADMIN_KEY,
-           "BK_KAFKA_TOPIC": f"events-{tmp_path.name}"}
+           "BK_KAFKA_TOPIC": f"events-{tmp_path.name}", "BK_SPOOL_DIR": str(tmp_path / "spool")}
     ingest_port, api_port = free_port(), free_port()
     ingest, api = f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{api_port}"
     lines = sorted(history("kafka-import.example", 12_000, seed=8, people=200), key=lambda line: line["timestamp"])

@@ -230,7 +230,7 @@ def test_distributed_answers_equal_the_reference_and_the_embedded_topology(sampl
         embedded_answers = asyncio.run(_load_and_compare(embedded_base, embedded_base, sites, lines, ref))
 
     env = {"BK_KAFKA_BOOTSTRAP": kafka, "BK_CLICKHOUSE_URL": clickhouse_http, "BK_ADMIN_KEY": ADMIN_KEY, **UNLIMITED,
-           "BK_KAFKA_TOPIC": f"events-{tmp_path.name}"}
+           "BK_KAFKA_TOPIC": f"events-{tmp_path.name}", "BK_SPOOL_DIR": str(tmp_path / "spool")}
     ingest_port, api_port = free_port(), free_port()
     ingest, api = f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{api_port}"
     with (

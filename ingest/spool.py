@@ -1,0 +1,124 @@
+"""The local spool (SPEC §5.5): events Kafka did not acknowledge in time, kept on disk in arrival
+order until they are sent, so a broker outage never blocks or loses a beacon.
+
+One directory per ingest process (a lock file keeps a second process out):
+- `spool.log`: append-only records, each `length (4 bytes) | crc32 (4) | key length (2) | key | value`;
+- `spool.pos`: how many bytes of the log are sent (replaced atomically).
+When everything is sent the log is truncated to empty. A record torn by a crash mid-write fails its
+length or CRC check at open and is cut off: it was never answered 202.
+
+An append is one `write` on an O_APPEND descriptor, so an event answered 202 survives a kill -9
+of the process at once; it reaches the disk itself within `sync()`'s period (a power loss can
+take the last second)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import zlib
+from pathlib import Path
+
+_HEADER = struct.Struct(">II")  # payload length, crc32 of the payload
+_KEY_LENGTH = struct.Struct(">H")
+
+
+class SpoolFull(Exception):
+    """The spool holds its maximum; the caller must refuse the event (503), not drop it."""
+
+
+class SpoolLocked(Exception):
+    """Another process is using this spool directory."""
+
+
+class Spool:
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self._log = directory / "spool.log"
+        self._pos = directory / "spool.pos"
+        self._lock_fd = self._fd = self._read_fd = -1
+        self._size = self._sent = 0
+        self._dirty = False
+
+    def open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.directory / "spool.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise SpoolLocked(f"spool directory {self.directory} is in use by another process;"
+                              " give each ingest process its own BK_SPOOL_DIR") from None
+        self._fd = os.open(self._log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._read_fd = os.open(self._log, os.O_RDONLY)
+        self._sent = int(self._pos.read_text() or 0) if self._pos.exists() else 0
+        self._size = self._valid_length()
+        if self._size < os.fstat(self._fd).st_size:
+            os.ftruncate(self._fd, self._size)  # a torn tail from a crash mid-write
+        self._sent = min(self._sent, self._size)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self.sync()
+            for fd in (self._fd, self._read_fd, self._lock_fd):
+                os.close(fd)
+            self._lock_fd = self._fd = self._read_fd = -1
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of records not yet sent."""
+        return self._size - self._sent
+
+    @property
+    def size_bytes(self) -> int:
+        """The log's size, which `max_bytes` bounds (it shrinks once everything is sent)."""
+        return self._size
+
+    def append(self, key: bytes, value: bytes) -> None:
+        payload = _KEY_LENGTH.pack(len(key)) + key + value
+        record = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+        if self._size + len(record) > self.max_bytes:
+            raise SpoolFull(f"the spool is full ({self._size} of {self.max_bytes} bytes)")
+        os.write(self._fd, record)
+        self._size += len(record)
+        self._dirty = True
+
+    def read(self, max_records: int) -> tuple[list[tuple[bytes, bytes]], int]:
+        """Up to `max_records` unsent records, oldest first, and the offset to `commit` once they
+        are sent."""
+        records: list[tuple[bytes, bytes]] = []
+        offset = self._sent
+        while len(records) < max_records and offset < self._size:
+            length, _crc = _HEADER.unpack(os.pread(self._read_fd, _HEADER.size, offset))
+            payload = os.pread(self._read_fd, length, offset + _HEADER.size)
+            (key_length,) = _KEY_LENGTH.unpack_from(payload)
+            records.append((payload[2:2 + key_length], payload[2 + key_length:]))
+            offset += _HEADER.size + length
+        return records, offset
+
+    def commit(self, offset: int) -> None:
+        """Everything before `offset` is sent. When that is everything, the log starts over."""
+        self._sent = offset
+        if self._sent >= self._size:
+            os.ftruncate(self._fd, 0)
+            self._size = self._sent = 0
+        tmp = self._pos.with_suffix(".tmp")
+        tmp.write_text(str(self._sent))
+        os.replace(tmp, self._pos)
+
+    def sync(self) -> None:
+        if self._dirty and self._fd >= 0:
+            os.fsync(self._fd)
+            self._dirty = False
+
+    def _valid_length(self) -> int:
+        """Length of the log's prefix made of whole records with good checksums."""
+        size, offset = os.fstat(self._read_fd).st_size, 0
+        while offset + _HEADER.size <= size:
+            length, crc = _HEADER.unpack(os.pread(self._read_fd, _HEADER.size, offset))
+            end = offset + _HEADER.size + length
+            if end > size or zlib.crc32(os.pread(self._read_fd, length, offset + _HEADER.size)) != crc:
+                break
+            offset = end
+        return offset
