@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import os
+import threading
 import time
 import uuid
 from datetime import datetime
@@ -55,17 +56,24 @@ def enrich(incoming: IncomingEvent, site: Site, agent: Agent, user_agent: str, p
 
 
 _random = bytearray()
+_last = 0
+_lock = threading.Lock()  # enrich also runs on worker threads (ingest/app.py)
 
 
 def uuid7() -> str:
-    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then random bits. The random bytes
-    come from os.urandom in blocks: uuid6.uuid7 drew them per id from SystemRandom, 5 % of a
-    request's time."""
-    global _random
-    if len(_random) < 10:
-        _random = bytearray(os.urandom(4096))
-    tail = int.from_bytes(_random[:10], "big")
-    del _random[:10]
-    value = (time.time_ns() // 1_000_000) << 80 | (0x7 << 76) | (tail >> 4 & 0xFFF) << 64 | 0b10 << 62 | (tail & (1 << 62) - 1)
+    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then random bits, monotonic within this
+    process: events of one millisecond keep their arrival order (the stream core breaks equal
+    timestamps by event id). Random bytes come from os.urandom in blocks; uuid6.uuid7 drew them
+    per id from SystemRandom, 5 % of a request's time."""
+    global _random, _last
+    with _lock:
+        if len(_random) < 10:
+            _random = bytearray(os.urandom(4096))
+        tail = int.from_bytes(_random[:10], "big")
+        del _random[:10]
+        value = (time.time_ns() // 1_000_000) << 80 | 0x7 << 76 | (tail >> 4 & 0xFFF) << 64 | 0b10 << 62 | tail & (1 << 62) - 1
+        if value >> 80 == _last >> 80 and value <= _last:
+            value = _last + 1  # same millisecond: count up (62 random bits leave room)
+        _last = value
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

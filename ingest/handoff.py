@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 _REPLAY_BATCH = 2000
 _REPLAY_ACK_TIMEOUT_S = 10.0
 _SYNC_PERIOD_S = 1.0
+_CONNECT_TIMEOUT_S = 10.0
+# How often, and how patiently, the broker connection is checked.
+_WATCH_PERIOD_S = 0.25
+_WATCH_TIMEOUT_S = 1.0
 
 
 class Handoff(Protocol):
@@ -90,23 +94,100 @@ class KafkaHandoff:
         return self._spooling
 
     async def start(self) -> None:
+        """Opens the spool and connects; when Kafka is down, starts anyway (spooling) and keeps
+        trying: an ingest process must take beacons through an outage, restarts included."""
         self.spool.open()
+        self._spawn(self._sync)
         if self.spool.pending_bytes:
             log.info("the spool holds %d bytes from before; sending them first", self.spool.pending_bytes)
             self._spooling = True
-        await ensure_topic(self._bootstrap, self._topic, self._partitions, self._replication_factor)
+        try:
+            await self._connect()
+        except (TimeoutError, KafkaError, OSError) as exc:
+            log.warning("Kafka is unavailable at start (%s); spooling until it is back", exc)
+            self._spooling = True
+            self._spawn(self._keep_connecting)
+        else:
+            self._start_tasks()
+
+    async def _connect(self) -> None:
+        async with asyncio.timeout(_CONNECT_TIMEOUT_S):
+            await ensure_topic(self._bootstrap, self._topic, self._partitions, self._replication_factor)
         # aiokafka binds to the running loop, so the producer is made here, not in __init__.
-        self._producer = AIOKafkaProducer(
+        producer = AIOKafkaProducer(
             bootstrap_servers=self._bootstrap,
             acks="all",
             enable_idempotence=True,
             compression_type="gzip",
             linger_ms=5,
         )
-        await self._producer.start()
-        self._tasks = [asyncio.create_task(self._replay(), name="spool-replay"),
-                       asyncio.create_task(self._sync(), name="spool-sync")]
+        try:
+            async with asyncio.timeout(_CONNECT_TIMEOUT_S):
+                await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producer = producer
+
+    async def _keep_connecting(self) -> None:
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._connect()
+            except (TimeoutError, KafkaError, OSError) as exc:
+                log.info("Kafka still unavailable (%s)", type(exc).__name__)
+                delay = min(delay * 2, 10.0)
+                continue
+            log.info("connected to Kafka")
+            self._start_tasks()
+            return
+
+    def _start_tasks(self) -> None:
+        self._spawn(self._replay)
+        self._spawn(self._watch)
         self._wake.set()
+
+    def _spawn(self, loop) -> None:
+        """A background loop that is restarted, loudly, if it ever fails: a dead replay task
+        would leave events in the spool for good."""
+        async def supervised() -> None:
+            while True:
+                try:
+                    await loop()
+                    return
+                except Exception:
+                    log.exception("%s failed; restarting it", loop.__name__)
+                    await asyncio.sleep(1)
+                    self._wake.set()
+
+        self._tasks.append(asyncio.create_task(supervised(), name=loop.__name__))
+
+    def _start_spooling(self, why: str) -> None:
+        if not self._spooling:
+            log.warning("%s; spooling to %s", why, self.spool.directory)
+            self._spooling = True
+            self._wake.set()
+
+    async def _reachable(self) -> bool:
+        """Whether any broker accepts a connection (a refused one is seen at once)."""
+        client = self._producer.client
+        try:
+            async with asyncio.timeout(_WATCH_TIMEOUT_S):
+                for broker in client.cluster.brokers():
+                    if await client.ready(broker.nodeId):
+                        return True
+        except (TimeoutError, KafkaError, OSError):
+            pass
+        return False
+
+    async def _watch(self) -> None:
+        """Spool as soon as no broker can be reached, rather than after every waiting request
+        has timed out."""
+        while True:
+            await asyncio.sleep(_WATCH_PERIOD_S)
+            if not self._spooling and not await self._reachable():
+                self._start_spooling("no Kafka broker is reachable")
 
     async def send(self, event: Event) -> None:
         key, value = event.kafka_key, event.to_bytes()
@@ -119,19 +200,25 @@ class KafkaHandoff:
                 await acked
         except (TimeoutError, KafkaError) as exc:
             self.spool.append(key, value)  # SpoolFull goes to the caller: 503, never a silent drop
-            if not self._spooling:
-                log.warning("Kafka did not acknowledge within %.0f ms (%s); spooling to %s",
-                            self._ack_timeout_s * 1000, type(exc).__name__, self.spool.directory)
-                self._spooling = True
-                self._wake.set()
+            self._start_spooling(f"Kafka did not acknowledge within {self._ack_timeout_s * 1000:.0f} ms"
+                                 f" ({type(exc).__name__})")
 
     async def _replay(self) -> None:
-        """Send the spool in order whenever it holds something; back to direct sends when empty."""
+        """While spooling: send the spool in order; once it is empty and a broker is reachable,
+        go back to sending directly."""
         delay = 0.5
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.spool.pending_bytes:
+            while self._spooling:
+                if not self.spool.pending_bytes:
+                    if await self._reachable():
+                        if not self.spool.pending_bytes:  # nothing slipped in during the check
+                            self._spooling = False
+                            log.info("spool sent; events go to Kafka directly again")
+                        continue
+                    await asyncio.sleep(delay)
+                    continue
                 records, end = self.spool.read(_REPLAY_BATCH)
                 try:
                     # One record first while Kafka may still be down: retries then pile up one
@@ -146,9 +233,6 @@ class KafkaHandoff:
                     continue
                 delay = 0.5
                 self.spool.commit(end)
-            if self._spooling:  # no await since the spool was seen empty: nothing slipped in
-                self._spooling = False
-                log.info("spool sent; events go to Kafka directly again")
 
     async def _send_all(self, records: list[tuple[bytes, bytes]]) -> None:
         if not records:
@@ -163,7 +247,8 @@ class KafkaHandoff:
             await asyncio.to_thread(self.spool.sync)
 
     async def flush(self, events: Sequence[Event]) -> bool:
-        await self._producer.flush()
+        if self._producer is not None:
+            await self._producer.flush()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._store_timeout_s
         pending = list(events)

@@ -3,7 +3,8 @@ sessions that started in the period went through the steps in order.
 
 Counted from the raw events: only they keep the order of events within a session. Events that
 match no step are skipped before anything else is read (PREWHERE), and ClickHouse's windowFunnel
-finds, per session, how many steps were done in order, each strictly later than the one before."""
+finds, per session, how many steps were done in order, each later in the session than the one
+before."""
 
 from __future__ import annotations
 
@@ -49,17 +50,24 @@ def _condition(step: Step, n: int) -> str:
 
 # Sessions that started in the period — a session id starts with its start second
 # (streams/sessions.py), and a session lasts at most two days, so its events lie before `until` —
-# and per session the number of steps done in order. Copies of an event (a redelivery not yet
-# merged away) change no level: a step must be strictly later than the one before.
+# and per session the number of steps done in order. Order is the sessions' own: by time, then
+# event id (events of one millisecond are common); copies of an event (a redelivery not yet merged
+# away) are collapsed first, so each event has one place in its session.
 _STATS = """
 SELECT level, count() FROM (
-    SELECT session_id,
-           windowFunnel(%(window_ms)s, 'strict_increase')(toUInt64(toUnixTimestamp64Milli(timestamp)), {steps})
-               AS level
-    FROM events
-    PREWHERE site_id = %(site)s AND timestamp >= toDateTime64(%(start)s, 3, 'UTC')
-         AND timestamp < toDateTime64(%(until)s, 3, 'UTC') AND ({any_step})
-    WHERE bitShiftRight(session_id, %(shift)s) >= %(start_s)s AND bitShiftRight(session_id, %(shift)s) < %(end_s)s
+    SELECT session_id, windowFunnel(%(window)s, 'strict_increase')(seq, {steps}) AS level
+    FROM (
+        SELECT session_id, n AS name, p AS pathname,
+               toUInt64(row_number() OVER (PARTITION BY session_id ORDER BY at, event_id)) AS seq
+        FROM (
+            SELECT session_id, event_id, any(timestamp) AS at, any(name) AS n, any(pathname) AS p
+            FROM events
+            PREWHERE site_id = %(site)s AND timestamp >= toDateTime64(%(start)s, 3, 'UTC')
+                 AND timestamp < toDateTime64(%(until)s, 3, 'UTC') AND ({any_step})
+            WHERE bitShiftRight(session_id, %(shift)s) >= %(start_s)s AND bitShiftRight(session_id, %(shift)s) < %(end_s)s
+            GROUP BY session_id, event_id
+        )
+    )
     GROUP BY session_id
 )
 WHERE level > 0
@@ -71,7 +79,7 @@ def funnel_stats(client: Client, funnel: Funnel, period: Period) -> dict:
     conditions = [_condition(step, n) for n, step in enumerate(funnel.steps)]
     sql = _STATS.replace("{steps}", ", ".join(conditions)).replace("{any_step}", " OR ".join(conditions))
     params = {"site": funnel.site_id, "start": period.start_utc, "end": period.end_utc,
-              "until": period.end_utc + VISITOR_LIFETIME, "window_ms": int(VISITOR_LIFETIME.total_seconds() * 1000),
+              "until": period.end_utc + VISITOR_LIFETIME, "window": 2**32 - 1,
               "shift": SESSION_START_SHIFT, "start_s": int(period.start_utc.timestamp()),
               "end_s": int(period.end_utc.timestamp()),
               **{f"v{n}": s.match_value for n, s in enumerate(funnel.steps)}}

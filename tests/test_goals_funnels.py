@@ -148,6 +148,23 @@ async def test_funnel_counts_steps_in_order_within_sessions(client, services):
     assert (await client.get(f"{API}/funnels/{funnel['id']}/stats")).status_code == 404
 
 
+async def test_funnel_steps_in_one_millisecond_follow_the_session_order(client, services):
+    """Events of one millisecond are ordered by event id, in sessions and in funnels alike (a
+    beacon burst through the spool lands many in one millisecond); a copy of a step counts once."""
+    site = await _site(client)
+    t = _now() - timedelta(hours=1)
+    first, second, third = (Event(event_id=f"00000000-0000-7000-8000-00000000000{n}", site_id=site, timestamp=t,
+                                  name=name, visitor_id=9, pathname=path)
+                            for n, name, path in ((1, "pageview", "/"), (2, "pageview", "/produkt/a"),
+                                                  (3, "pageview", "/checkout")))
+    core = StreamCore(services.client, 1800)
+    core.process([third, first])
+    core.process([second, second])
+    r = await client.post(f"{API}/funnels", json={"site_id": site, "name": "Samma ms", "steps": FUNNEL})
+    stats = (await client.get(f"{API}/funnels/{r.json()['data']['id']}/stats", params={"period": "7d"})).json()
+    assert [s["sessions"] for s in stats["data"]["steps"]] == [1, 1, 1, 0]
+
+
 @pytest.mark.parametrize("steps", [
     FUNNEL[:1], FUNNEL * 3, [{**FUNNEL[0], "type": "click"}, FUNNEL[1]],
     [{**FUNNEL[0], "match_type": "regex"}, FUNNEL[1]], [{**FUNNEL[0], "match_value": ""}, FUNNEL[1]],

@@ -1,0 +1,147 @@
+"""The tracker script (issue 8, SPEC §5.4) in a real browser: Debian's Chromium, headless, driven
+by Playwright. A page on one origin loads the script from `besokskollen up` on another
+(`data-api`); every check goes through the API's numbers, never logs."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from ingest import tracker
+from tests.conftest import ADMIN_KEY, free_port, process, wait_until
+from tests.test_crash import API, AUTH, CLI
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Without the background-networking flags Chromium keeps dialling Google, refused here.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+DESKTOP = ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0.0.0"
+           " Safari/537.36")
+AWAY = """<!doctype html><title>Kjell</title><script defer data-site="{site}" data-api="{api}" src="{api}/js/script.js"></script>"""
+PAGE = """<!doctype html><meta charset="utf-8"><title>Skal</title>
+<script>
+  window.bk = window.bk || function () { (window.bk.q = window.bk.q || []).push(arguments) };
+  bk("newsletter", {props: {when: "before the script"}});
+</script>
+<script defer data-site="{site}" data-api="{api}" src="{api}/js/script.js"></script>
+<a id="buy" href="/away" data-bk-product="iphone-15-skal" data-bk-category="mobilskal"
+   data-bk-brand="apple" data-bk-partner="kjell">Köp hos Kjell</a>
+<a id="plain" href="#top">not an affiliate link</a>
+"""
+
+
+class _Pages(BaseHTTPRequestHandler):
+    site = api = ""
+
+    def do_GET(self) -> None:
+        body = (PAGE if self.path == "/" else AWAY).replace("{site}", self.site).replace("{api}", self.api).encode()
+        self.send_response(200)
+        self.send_header("content-type", "text/html; charset=utf-8")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_the_script_is_small_cached_and_revalidates():
+    assert len(tracker.GZIPPED) < 2048
+    assert gzip.decompress(tracker.GZIPPED) == tracker.SOURCE
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tracker")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with process([*CLI, "up", "--data", str(tmp / "data"), "--port", str(port)], tmp / "up.log",
+                 env={"BK_ADMIN_KEY": ADMIN_KEY, "BK_RATE_LIMIT_PER_MINUTE": "100000"},
+                 ready_url=f"{base}{API}/openapi.json"):
+        yield base
+
+
+def test_script_headers(up):
+    r = httpx.get(f"{up}/js/script.js", headers={"accept-encoding": "gzip"})
+    assert r.status_code == 200
+    assert r.headers["content-encoding"] == "gzip"
+    assert int(r.headers["content-length"]) < 2048
+    assert r.headers["content-type"].startswith("application/javascript")
+    assert "max-age=86400" in r.headers["cache-control"] and r.headers["etag"]
+    again = httpx.get(f"{up}/js/script.js", headers={"if-none-match": r.headers["etag"]})
+    assert again.status_code == 304 and not again.content
+
+
+def test_pageviews_spa_navigation_custom_events_queue_and_affiliate_clicks_in_chromium(up):
+    from playwright.sync_api import sync_playwright
+
+    assert shutil.which(CHROMIUM), "Chromium is missing: tests/run.sh installs Debian's chromium package"
+    with httpx.Client(base_url=up, headers=AUTH, timeout=30) as api:
+        site = api.post(f"{API}/sites", json={"domain": "skal.example", "timezone": "UTC"}).json()["data"]["id"]
+        for goal in ({"name": "Nyhetsbrev", "event_type": "event", "match_event": "newsletter"},
+                     {"name": "Signup", "event_type": "event", "match_event": "signup"}):
+            assert api.post(f"{API}/goals", json={"site_id": site, **goal}).status_code == 201
+
+        _Pages.site, _Pages.api = site, up
+        server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Pages)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        page_url = f"http://127.0.0.1:{server.server_address[1]}/"
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                # Headless Chromium names itself HeadlessChrome, which ingest drops as a bot.
+                page = browser.new_page(user_agent=DESKTOP)
+                with page.expect_request(f"{up}/api/event"):
+                    page.goto(page_url)  # pageview 1
+                page.wait_for_function("window.bk && !window.bk.q")  # the script took over the queue
+                page.evaluate("""() => {
+                    history.pushState({}, "", "/produkt/iphone-15-skal");     // pageview 2
+                    history.replaceState({}, "", "/produkt/iphone-15-skal");  // the same page: none
+                    location.hash = "#recensioner";                           // a hash change: none
+                    bk("signup", {props: {plan: "pro"}});
+                }""")
+                page.click("#plain")  # not an affiliate link: no click event, and a hash change only
+                page.evaluate("""() => history.pushState({}, "", "/jamfor")""")  # pageview 3
+                with page.expect_request(f"{up}/api/event"):
+                    page.evaluate("""() => history.back()""")  # popstate to the product page: pageview 4
+                page.click("#buy")    # the affiliate click, by beacon as the page goes away; /away: pageview 5
+                page.wait_for_url("**/away")
+                time.sleep(0.5)
+                browser.close()
+        finally:
+            server.shutdown()
+
+        def numbers() -> dict:
+            get = lambda path, **params: api.get(f"{API}/{path}", params={"site_id": site, **params}).json()  # noqa: E731
+            return {
+                "pageviews": get("stats/overview", period="7d")["data"]["pageviews"],
+                "pages": {p["page"]: p["pageviews"] for p in get("stats/pages", period="7d")["data"]},
+                "goals": {g["name"]: g["conversions"] for g in get("goals", period="7d")["data"]},
+                "products": [(p["product_slug"], p["clicks"]) for p in get("popular/products", days=1)["data"]],
+                "categories": [(c["category_slug"], c["clicks"]) for c in get("popular/categories", days=1)["data"]],
+                "partners": [(c["partner_slug"], c["clicks"]) for c in get("popular/partners", days=1)["data"]],
+            }
+
+        want = {"pageviews": 5, "pages": {"/": 1, "/produkt/iphone-15-skal": 2, "/jamfor": 1, "/away": 1},
+                "goals": {"Nyhetsbrev": 1, "Signup": 1}, "products": [("iphone-15-skal", 1)],
+                "categories": [("mobilskal", 1)], "partners": [("kjell", 1)]}
+        got: dict = {}
+
+        def exact() -> bool:
+            nonlocal got
+            got = numbers()
+            return got == want
+
+        try:
+            wait_until(exact, 30, "the browser's events in the API")
+        finally:
+            print(got)
+        brands = api.get(f"{API}/popular/products", params={"site_id": site, "days": 1, "brand_slug": "apple"}).json()
+        assert [p["product_slug"] for p in brands["data"]] == ["iphone-15-skal"]
