@@ -13,6 +13,7 @@ from clickhouse_connect.driver.client import Client
 from fastapi import FastAPI
 from starlette.applications import Starlette
 
+from besokskollen import metrics
 from besokskollen.config import Settings
 from ingest import app as ingest_app
 from ingest import tracker
@@ -86,7 +87,7 @@ def _lifespan(handoff: Handoff):
 
 def _ingest_routes(services: Services, handoff: Handoff) -> list:
     return [*ingest_app.routes(services.settings, services.sites, services.visitors, handoff, services.keys),
-            *tracker.ROUTES]
+            *tracker.ROUTES, *metrics.ROUTES]
 
 
 class _Dispatch:

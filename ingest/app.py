@@ -14,6 +14,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from besokskollen import metrics
 from besokskollen.config import Settings
 from ingest import clients, importer, useragents
 from ingest.enrich import enrich
@@ -85,11 +86,14 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
 
     async def post_event(request: Request) -> Response:
         try:
-            return await accept(request)
+            response = await accept(request)
         except Exception:
             # Storage or broker trouble is ours, not the client's: say so with a retryable 503.
             log.exception("could not accept an event")
-            return _error(503, "unavailable", "the event could not be stored; retry later")
+            response = _error(503, "unavailable", "the event could not be stored; retry later")
+        if response.status_code != 202:
+            metrics.EVENTS_REJECTED.labels(str(response.status_code)).inc()
+        return response
 
     async def accept(request: Request) -> Response:
         try:
@@ -112,6 +116,7 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
         user_agent = request.headers.get("user-agent", "")
         agent = useragents.parse(user_agent)
         if agent.is_bot or _is_prefetch(request):
+            metrics.EVENTS_DROPPED.labels("prefetch" if _is_prefetch(request) else "bot").inc()
             return _accepted(**{"x-dropped": "bot"})
 
         at = utcnow()
@@ -125,6 +130,7 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
         except SpoolFull:
             return _error(503, "spool_full", "Kafka is unavailable and the local spool is full; retry later",
                           {**_CORS, "retry-after": _SPOOL_FULL_RETRY_S})
+        metrics.EVENTS_ACCEPTED.inc()
         return _accepted()
 
     async def preflight(request: Request) -> Response:

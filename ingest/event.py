@@ -65,10 +65,10 @@ class IncomingEvent(BaseModel):
     def _absolute_http_url(cls, url: str) -> str:
         try:
             parts = urlsplit(url)
-            host = parts.hostname
+            usable = parts.scheme in ("http", "https") and bool(parts.hostname)
         except ValueError:  # e.g. "http://[::1": an unclosed IPv6 literal
-            host = None
-        if parts.scheme not in ("http", "https") or not host:
+            usable = False
+        if not usable:
             raise ValueError("must be an absolute http(s) URL")
         return url
 

@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from clickhouse_connect.driver.client import Client
 
+from besokskollen import metrics
 from ingest.event import Event
 from ingest.spool import Spool
 from streams.embedded import EmbeddedRunner
@@ -97,6 +98,8 @@ class KafkaHandoff:
         """Opens the spool and connects; when Kafka is down, starts anyway (spooling) and keeps
         trying: an ingest process must take beacons through an outage, restarts included."""
         self.spool.open()
+        metrics.SPOOL_BYTES.set_function(lambda: self.spool.pending_bytes)
+        metrics.SPOOLING.set_function(lambda: int(self._spooling))
         self._spawn(self._sync)
         if self.spool.pending_bytes:
             log.info("the spool holds %d bytes from before; sending them first", self.spool.pending_bytes)
@@ -195,9 +198,11 @@ class KafkaHandoff:
             self.spool.append(key, value)
             return
         try:
+            started = asyncio.get_running_loop().time()
             async with asyncio.timeout(self._ack_timeout_s):
                 acked = await self._producer.send(self._topic, value, key=key)
                 await acked
+            metrics.PRODUCER_LATENCY.observe(asyncio.get_running_loop().time() - started)
         except (TimeoutError, KafkaError) as exc:
             self.spool.append(key, value)  # SpoolFull goes to the caller: 503, never a silent drop
             self._start_spooling(f"Kafka did not acknowledge within {self._ack_timeout_s * 1000:.0f} ms"

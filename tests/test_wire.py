@@ -1,0 +1,238 @@
+"""The /api/event wire (issue 8): what real user agents become, client event ids that make
+retries safe, input that must be refused or ignored with a clear answer, and a fuzz of bodies and
+headers that may never get a 5xx or lose an accepted event."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from besokskollen.app import make_handoff, server_app
+from tests.conftest import BROWSER
+from tests.test_ingest import pageview, post
+
+API = "/api/v1"
+
+# Real crawlers, monitors, link expanders, headless browsers and HTTP libraries.
+BOTS = [
+ "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+ "Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; Googlebot/2.1; +http://www.google.com/bot.html) Chrome/131.0.6778.69 Safari/537.36",
+ "Mozilla/5.0 (Linux; Android 6.0.1; Nexus 5X Build/MMB29P) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.6778.69 Mobile Safari/537.36 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+ "Mozilla/5.0 (compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm)",
+ "Mozilla/5.0 (compatible; YandexBot/3.0; +http://yandex.com/bots)",
+ "Mozilla/5.0 (compatible; Baiduspider/2.0; +http://www.baidu.com/search/spider.html)",
+ "DuckDuckBot/1.1; (+http://duckduckgo.com/duckduckbot.html)",
+ "Mozilla/5.0 (compatible; AhrefsBot/7.0; +http://ahrefs.com/robot/)",
+ "Mozilla/5.0 (compatible; SemrushBot/7~bl; +http://www.semrush.com/bot.html)",
+ "Mozilla/5.0 (compatible; MJ12bot/v1.4.8; http://mj12bot.com/)",
+ "Mozilla/5.0 (compatible; DotBot/1.2; +https://opensiteexplorer.org/dotbot; help@moz.com)",
+ "facebookexternalhit/1.1 (+http://www.facebook.com/externalhit_uatext.php)",
+ "Twitterbot/1.0",
+ "LinkedInBot/1.0 (compatible; Mozilla/5.0; Apache-HttpClient +http://www.linkedin.com)",
+ "Mozilla/5.0 (compatible; Applebot/0.1; +http://www.apple.com/go/applebot)",
+ "Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; GPTBot/1.2; +https://openai.com/gptbot)",
+ "Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; ClaudeBot/1.0; +claudebot@anthropic.com)",
+ "CCBot/2.0 (https://commoncrawl.org/faq/)",
+ "Mozilla/5.0 (compatible; PetalBot;+https://webmaster.petalsearch.com/site/petalbot)",
+ "Mozilla/5.0 (compatible; UptimeRobot/2.0; http://www.uptimerobot.com/)",
+ "Pingdom.com_bot_version_1.4_(http://www.pingdom.com/)",
+ "Mozilla/5.0 (compatible; StatusCake)",
+ "Site24x7",
+ "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/131.0.6778.33 Safari/537.36",
+ "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36 Lighthouse",
+ "Mozilla/5.0 (Unknown; Linux x86_64) AppleWebKit/538.1 (KHTML, like Gecko) PhantomJS/2.1.1 Safari/538.1",
+ "python-requests/2.32.3",
+ "curl/8.5.0",
+ "Wget/1.21.4",
+ "Go-http-client/1.1",
+ "axios/1.7.7",
+ "Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)",
+ "WhatsApp/2.23.20.0",
+ "TelegramBot (like TwitterBot)",
+ "Mozilla/5.0 (compatible; Discordbot/2.0; +https://discordapp.com)",
+]
+
+# Real browsers: (user agent, device, browser, OS).
+BROWSERS = [
+ ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36", "Desktop", "Chrome", "Windows"),
+ ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36 Edg/131.0.0.0", "Desktop", "Edge", "Windows"),
+ ("Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:133.0) Gecko/20100101 Firefox/133.0", "Desktop", "Firefox", "Windows"),
+ ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Safari/605.1.15", "Desktop", "Safari", "Mac OS X"),
+ ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36", "Desktop", "Chrome", "Mac OS X"),
+ ("Mozilla/5.0 (Macintosh; Intel Mac OS X 14.7; rv:133.0) Gecko/20100101 Firefox/133.0", "Desktop", "Firefox", "Mac OS X"),
+ ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36", "Desktop", "Chrome", "Linux"),
+ ("Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0", "Desktop", "Firefox", "Ubuntu"),
+ ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36 OPR/115.0.0.0", "Desktop", "Opera", "Windows"),
+ ("Mozilla/5.0 (X11; CrOS x86_64 14541.0.0) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36", "Desktop", "Chrome", "Chrome OS"),
+ ("Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Mobile/15E148 Safari/604.1", "Mobile", "Mobile Safari", "iOS"),
+ ("Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) CriOS/131.0.6778.73 Mobile/15E148 Safari/604.1", "Mobile", "Chrome Mobile iOS", "iOS"),
+ ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_7 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) FxiOS/133.0 Mobile/15E148 Safari/605.1.15", "Mobile", "Firefox iOS", "iOS"),
+ ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.6778.81 Mobile Safari/537.36", "Mobile", "Chrome Mobile", "Android"),
+ ("Mozilla/5.0 (Linux; Android 14; SM-S921B) AppleWebKit/537.36 (KHTML, like Gecko) SamsungBrowser/26.0 Chrome/122.0.0.0 Mobile Safari/537.36", "Mobile", "Samsung Internet", "Android"),
+ ("Mozilla/5.0 (Android 14; Mobile; rv:133.0) Gecko/133.0 Firefox/133.0", "Mobile", "Firefox Mobile", "Android"),
+ ("Mozilla/5.0 (Linux; Android 13; M2101K6G) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Mobile Safari/537.36", "Mobile", "Chrome Mobile", "Android"),
+ ("Mozilla/5.0 (iPad; CPU OS 17_7 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.6 Mobile/15E148 Safari/604.1", "Tablet", "Mobile Safari", "iOS"),
+ ("Mozilla/5.0 (Linux; Android 14; SM-X710) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36", "Tablet", "Chrome", "Android"),
+ ("Mozilla/5.0 (Linux; Android 11; KFTRWI) AppleWebKit/537.36 (KHTML, like Gecko) Silk/131.3.1 like Chrome/131.0.6778.108 Safari/537.36", "Tablet", "Amazon Silk", "Android"),
+ ("Mozilla/5.0 (Linux; Android 13; Lenovo TB-X606F) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36", "Tablet", "Chrome", "Android"),
+ ("Mozilla/5.0 (Linux; Android 14; Pixel 8 Pro) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Mobile Safari/537.36 EdgA/131.0.0.0", "Mobile", "Edge Mobile", "Android"),
+ ("Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148 [FBAN/FBIOS;FBAV/490.0.0.0]", "Mobile", "Facebook", "iOS"),
+ ("Mozilla/5.0 (Linux; Android 14; SM-A546B Build/UP1A.231005.007; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/131.0.6778.81 Mobile Safari/537.36 Instagram 357.0.0.0", "Mobile", "Instagram", "Android"),
+]
+
+
+@pytest.fixture
+async def site(client):
+    response = await client.post(f"{API}/sites", json={"domain": f"wire-{uuid.uuid4().hex[:10]}.example"})
+    assert response.status_code == 201, response.text
+    return response.json()["data"]["id"]
+
+
+def stored(services, site: str, columns: str = "count()") -> list[tuple]:
+    return services.client.query(f"SELECT {columns} FROM events FINAL WHERE site_id = {{s:String}}",
+                                 parameters={"s": site}).result_rows
+
+
+async def test_bots_are_dropped_with_a_reason_and_counted(client, embedded, services, site):
+    before = (await client.get("/metrics")).text
+    for agent in BOTS:
+        response = await post(client, pageview(site), **{"user-agent": agent})
+        assert response.status_code == 202, agent
+        assert response.headers.get("x-dropped") == "bot", agent
+    await embedded[1].runner.drain()
+    assert stored(services, site) == [(0,)]
+    after = (await client.get("/metrics")).text
+    counted = lambda text: float(next((line.split()[-1] for line in text.splitlines()  # noqa: E731
+                                       if line.startswith('bk_events_dropped_total{reason="bot"}')), 0))
+    assert counted(after) - counted(before) == len(BOTS) >= 20
+
+
+async def test_browsers_are_counted_with_device_browser_and_os(client, embedded, services, site):
+    for n, (agent, *_) in enumerate(BROWSERS):
+        response = await post(client, pageview(site, props={"n": str(n)}), **{"user-agent": agent})
+        assert response.status_code == 202 and "x-dropped" not in response.headers, agent
+    await embedded[1].runner.drain()
+    rows = stored(services, site, "props['n'], device, browser, os")
+    got = {int(n): (device, browser, os) for n, device, browser, os in rows}
+    assert got == {n: tuple(want) for n, (_, *want) in enumerate(BROWSERS)}
+    assert len(BROWSERS) >= 20 and {d for _, d, _, _ in BROWSERS} == {"Desktop", "Mobile", "Tablet"}
+
+
+async def test_a_retry_with_the_client_id_counts_once_without_it_twice(client, embedded, services, site):
+    client_id = str(uuid.uuid4())
+    for _ in range(2):
+        assert (await post(client, pageview(site, event_id=client_id, props={"k": "same"}))).status_code == 202
+        assert (await post(client, pageview(site, props={"k": "none"}))).status_code == 202
+    await embedded[1].runner.drain()
+    # And after a restart of the process (a new hand-off and stream core), once more.
+    handoff = make_handoff(services)
+    await handoff.start()
+    try:
+        from httpx import ASGITransport, AsyncClient
+        async with AsyncClient(transport=ASGITransport(app=server_app(services, handoff), client=("127.0.0.1", 5000)),
+                               base_url="http://testserver") as again:
+            assert (await post(again, pageview(site, event_id=client_id, props={"k": "same"}))).status_code == 202
+    finally:
+        await handoff.stop()
+    counts = dict(services.client.query("SELECT props['k'], count() FROM events FINAL WHERE site_id = {s:String}"
+                                        " GROUP BY 1", parameters={"s": site}).result_rows)
+    assert counts == {"same": 1, "none": 2}
+    overview = (await client.get(f"{API}/stats/overview", params={"site_id": site, "period": "7d"})).json()["data"]
+    assert overview["pageviews"] == 3
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"event_id": "not-a-uuid"}, "event_id"),
+    ({"name": "x" * 121}, "name"),
+    ({"url": "https://a.example/" + "p" * 2000}, "url"),
+    ({"url": "http://[::1"}, "url"),
+    ({"props": {f"k{i}": "v" for i in range(31)}}, "props"),
+    ({"props": {"k" * 121: "v"}}, "props"),
+    ({"props": {"k": "v" * 501}}, "props.k"),
+    ({"props": {"k": 1}}, "props.k"),
+])
+async def test_limits_answer_400_naming_the_field(client, site, body, field):
+    response = await post(client, pageview(site, **body))
+    assert response.status_code == 400, response.text
+    assert field in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("referrer", ["http://[::1", "http://[", "not a url", "://", "https://"])
+async def test_an_unusable_referrer_is_ignored_not_the_event(client, embedded, services, site, referrer):
+    response = await post(client, pageview(site, referrer=referrer))
+    assert response.status_code == 202, response.text
+    await embedded[1].runner.drain()
+    assert stored(services, site, "referrer, channel") == [("", "direct")]
+
+
+@pytest.mark.parametrize("header, country", [("SE", "SE"), ("se", "SE"), ("ZZ", ""), ("XX", ""), ("T1", ""),
+                                             ("EU", ""), ("S", ""), ("SWE", ""), ("", "")])
+async def test_a_country_header_must_be_an_assigned_iso_code(client, embedded, services, site, header, country):
+    # 192.0.2.1 is documentation space: no country of its own to fall back on.
+    response = await post(client, pageview(site), **{"cf-ipcountry": header, "x-forwarded-for": "192.0.2.1"})
+    assert response.status_code == 202
+    await embedded[1].runner.drain()
+    assert stored(services, site, "country") == [(country,)]
+
+
+# -- fuzz ------------------------------------------------------------------------------------------
+
+_TEXT = st.text(st.characters(codec="utf-8"), max_size=60) | st.sampled_from(
+    ["", "\x00", "ä" * 3000, "http://[::1", "https://", "javascript:alert(1)", "https://a.example/" + "x" * 2100])
+_VALUE = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | _TEXT | st.lists(_TEXT, max_size=3) \
+    | st.dictionaries(_TEXT, _TEXT, max_size=40)
+_FIELDS = ["site_id", "domain", "name", "url", "referrer", "props", "product", "event_id"]
+_HEADERS = st.fixed_dictionaries({}, optional={
+    "content-type": st.sampled_from(["application/json", "text/plain", "text/plain;charset=UTF-8",
+                                     "application/x-www-form-urlencoded", "multipart/form-data", "", "ä/ö"]),
+    "x-forwarded-for": st.sampled_from(["", "1.2.3.4", "garbage", "1.2.3.4, ::1", ", ,", "999.1.1.1", "::ffff:1.2.3.4",
+                                        "2001:db8::1", "1.2.3.4:8080", "[::1]"]),
+    "cf-ipcountry": st.sampled_from(["", "SE", "se", "ZZ", "XX", "ÅÄ", "SWE", "1", "T1"]),
+    "x-vercel-ip-country": st.sampled_from(["", "NO", "??"]),
+    "user-agent": st.sampled_from([BROWSER, "", "x" * 3000, "Mozilla/5.0 (compatible; Googlebot/2.1)", "ö"]),
+})
+
+
+@st.composite
+def bodies(draw, site: str) -> bytes:
+    kind = draw(st.sampled_from(["mutated", "garbage", "json"]))
+    if kind == "garbage":
+        return draw(st.binary(max_size=300))
+    if kind == "json":
+        return json.dumps(draw(_VALUE)).encode()  # stdlib json: huge integers and NaN, as clients send
+    body: dict = {"site_id": site, "name": "pageview", "url": "https://fuzz.example/a"}
+    for field in draw(st.lists(st.sampled_from(_FIELDS), max_size=3, unique=True)):
+        body[field] = draw(_VALUE)
+    return json.dumps(body).encode()
+
+
+async def test_fuzzed_events_never_get_a_5xx_and_valid_ones_in_between_all_count(client, embedded, services, site):
+    valid = 0
+    seen: list[tuple[bytes, dict]] = []
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=bodies(site), headers=_HEADERS)
+    def run(body: bytes, headers: dict) -> None:
+        seen.append((body, headers))
+
+    run()  # hypothesis draws synchronously; the requests go out below, on this event loop
+    for n, (body, headers) in enumerate(seen):
+        raw = {name: value.encode() for name, value in headers.items()}  # non-ASCII bytes, as on the wire
+        response = await client.post("/api/event", content=body, headers=raw)
+        assert response.status_code < 500, (body, headers, response.text)
+        assert response.status_code in (202, 400, 404, 413), (body, headers, response.status_code)
+        if response.status_code >= 400:
+            assert response.json()["error"]["code"], response.text
+        # A known-good event after every fuzzed one: all of them must be counted.
+        good = await post(client, pageview(site, props={"n": str(n)}), **{"x-forwarded-for": f"10.0.{n // 250}.{n % 250}"})
+        assert good.status_code == 202, good.text
+        valid += 1
+    await embedded[1].runner.drain()
+    counted = services.client.query(
+        "SELECT uniqExact(props['n']) FROM events FINAL WHERE site_id = {s:String} AND pathname = '/a'"
+        " AND hostname = 'ingest.example'", parameters={"s": site}).result_rows[0][0]
+    assert counted == valid == len(seen)
