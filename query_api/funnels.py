@@ -51,14 +51,15 @@ def _condition(step: Step, n: int) -> str:
 # Sessions that started in the period — a session id starts with its start second
 # (streams/sessions.py), and a session lasts at most two days, so its events lie before `until` —
 # and per session the number of steps done in order. Order is the sessions' own: by time, then
-# event id (events of one millisecond are common); copies of an event (a redelivery not yet merged
-# away) are collapsed first, so each event has one place in its session.
+# event id as text (events of one millisecond are common; ClickHouse orders the UUID type by its
+# second half first); copies of an event (a redelivery not yet merged away) are collapsed first,
+# so each event has one place in its session.
 _STATS = """
 SELECT level, count() FROM (
     SELECT session_id, windowFunnel(%(window)s, 'strict_increase')(seq, {steps}) AS level
     FROM (
         SELECT session_id, n AS name, p AS pathname,
-               toUInt64(row_number() OVER (PARTITION BY session_id ORDER BY at, event_id)) AS seq
+               toUInt64(row_number() OVER (PARTITION BY session_id ORDER BY at, toString(event_id))) AS seq
         FROM (
             SELECT session_id, event_id, any(timestamp) AS at, any(name) AS n, any(pathname) AS p
             FROM events

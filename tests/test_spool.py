@@ -1,0 +1,235 @@
+"""The spool (issue 8, SPEC §5.5): a broker outage never blocks or loses a beacon. The file format
+on its own, then the distributed topology with the broker stopped: events answered 202 at once,
+spooled, and counted exactly once after the broker is back — also when ingest is SIGKILLed with a
+non-empty spool, and when a client retries an event (same client id) across that restart. A
+spool that is full answers 503 with Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+import uuid
+
+import httpx
+import pytest
+
+from ingest.spool import Spool, SpoolFull, SpoolLocked
+from tests.conftest import free_port, wait_until
+from tests.test_crash import CLI, Person, Proc, _create, deploy, settle, traffic
+
+
+# -- the file --------------------------------------------------------------------------------------
+
+def test_records_come_back_in_order_and_a_commit_survives_reopening(tmp_path):
+    spool = Spool(tmp_path, 1 << 20)
+    spool.open()
+    for n in range(10):
+        spool.append(f"k{n}".encode(), f"value {n}".encode())
+    records, end = spool.read(4)
+    assert records == [(f"k{n}".encode(), f"value {n}".encode()) for n in range(4)]
+    spool.commit(end)
+    spool.close()
+
+    again = Spool(tmp_path, 1 << 20)
+    again.open()
+    records, end = again.read(100)
+    assert [k for k, _ in records] == [f"k{n}".encode() for n in range(4, 10)]
+    again.commit(end)
+    assert again.pending_bytes == 0 and again.size_bytes == 0  # all sent: the log starts over
+    assert os.path.getsize(tmp_path / "spool.log") == 0
+    again.close()
+
+
+def test_a_record_torn_by_a_crash_is_cut_off(tmp_path):
+    spool = Spool(tmp_path, 1 << 20)
+    spool.open()
+    spool.append(b"a", b"whole")
+    spool.append(b"b", b"torn in half")
+    spool.close()
+    with open(tmp_path / "spool.log", "r+b") as log:
+        log.truncate(os.path.getsize(tmp_path / "spool.log") - 5)
+    again = Spool(tmp_path, 1 << 20)
+    again.open()
+    assert again.read(10)[0] == [(b"a", b"whole")]
+    again.append(b"c", b"after")  # appends go after the last whole record
+    assert [k for k, _ in again.read(10)[0]] == [b"a", b"c"]
+    again.close()
+
+
+def test_a_full_spool_refuses_and_a_second_process_is_kept_out(tmp_path):
+    spool = Spool(tmp_path, 100)
+    spool.open()
+    spool.append(b"k", b"x" * 50)
+    with pytest.raises(SpoolFull):
+        spool.append(b"k", b"x" * 50)
+    with pytest.raises(SpoolLocked):
+        Spool(tmp_path, 100).open()
+    spool.close()
+
+
+# -- a broker outage, end to end -------------------------------------------------------------------
+
+async def post_all(ingest: str, people: list[Person], outcome: dict[str, str], latencies: list[float],
+                   concurrency: int = 8, ids: dict[str, str] | None = None) -> None:
+    """Every person's events in order, `concurrency` people at a time; latency of each request.
+    With `ids`, each event carries that client event id (by serial)."""
+    queue = list(reversed(people))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while queue:
+            person = queue.pop()
+            headers = {"user-agent": person.agent, "x-forwarded-for": person.ip, "cf-ipcountry": person.country}
+            for body in person.events:
+                serial = body["props"]["n"]
+                if ids is not None:
+                    body = {**body, "event_id": ids[serial]}
+                started = time.perf_counter()
+                r = await client.post("/api/event", json=body, headers=headers)
+                latencies.append(time.perf_counter() - started)
+                outcome[serial] = "202" if r.status_code == 202 else r.status_code
+                assert r.status_code == 202, r.text
+
+    async with httpx.AsyncClient(base_url=ingest, timeout=10) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+
+
+def _take(people: list[Person], events: int) -> tuple[list[Person], list[Person]]:
+    count = 0
+    for n, person in enumerate(people):
+        count += len(person.events)
+        if count >= events:
+            return people[:n + 1], people[n + 1:]
+    return people, []
+
+
+def p99(values: list[float]) -> float:
+    return sorted(values)[int(len(values) * 0.99) - 1]
+
+
+def test_a_broker_outage_is_spooled_and_counted_once_also_across_an_ingest_kill(killable_broker, clickhouse_http,
+                                                                                 tmp_path):
+    broker = killable_broker
+    d = deploy(broker.bootstrap, clickhouse_http, tmp_path, workers=1)
+    spool_log = tmp_path / "spool" / "spool.log"
+    try:
+        site, funnel = asyncio.run(_create(d.api, "outage.example"))
+        people = traffic(site, 900, seed=21)
+        first, rest = _take(people, 1000)
+        second, _ = _take(rest, 300)
+        outcome: dict[str, str] = {}
+
+        # 1. The broker is down: 1,000 events, each answered 202 at once, all in the spool.
+        broker.stop()
+        latencies: list[float] = []
+        asyncio.run(post_all(d.ingest, first, outcome, latencies))
+        events = sum(len(p.events) for p in first)
+        assert len(latencies) == events >= 1000
+        print(f"\noutage: {events} events, p50 {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms,"
+              f" p99 {p99(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms,"
+              f" spool {spool_log.stat().st_size} bytes")
+        assert p99(latencies) < 0.1
+        assert spool_log.stat().st_size > 0
+
+        # 2. A second outage: these events carry client ids and are spooled; ingest is killed
+        # with them in its spool, the broker comes back, ingest restarts and sends them; the
+        # client then retries every one of them (same ids): each counts once.
+        broker.start()
+        wait_until(lambda: spool_log.stat().st_size == 0, 60, "the spool to be sent after the broker is back",
+                   interval=0.2)
+        broker.stop()
+        ids = {body["props"]["n"]: str(uuid.uuid4()) for p in second for body in p.events}
+        asyncio.run(post_all(d.ingest, second, outcome, [], ids=ids))
+        assert spool_log.stat().st_size > 0
+        d.procs["ingest"].kill()
+        broker.start()
+        d.procs["ingest"].start()
+        asyncio.run(post_all(d.ingest, second, outcome, [], ids=ids))  # the retries
+
+        got, want, took = settle(d.api, clickhouse_http, site, first + second, outcome, funnel, timeout=120)
+        assert got == {k: want[k] for k in got}
+        assert spool_log.stat().st_size == 0
+        assert_no_raw_ips({p.ip for p in first + second}, broker.bootstrap, d.env["BK_KAFKA_TOPIC"], clickhouse_http)
+    finally:
+        d.stop()
+
+
+def assert_no_raw_ips(ips: set[str], bootstrap: str, topic: str, clickhouse_http: str) -> None:
+    """No client address in any Kafka message of the topic, nor in any column of any table."""
+    from aiokafka import AIOKafkaConsumer
+
+    from streams import storage
+
+    async def messages() -> list[bytes]:
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                    enable_auto_commit=False)
+        await consumer.start()
+        try:
+            out: list[bytes] = []
+            while batch := await consumer.getmany(timeout_ms=2000):
+                out += [record.value + (record.key or b"") for records in batch.values() for record in records]
+            return out
+        finally:
+            await consumer.stop()
+
+    found = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
+    sent = asyncio.run(messages())
+    assert len(sent) >= 1000
+    assert not [m for m in sent if set(found.findall(m.decode(errors="replace"))) & ips]
+
+    client = storage.connect(clickhouse_http)
+    tables = [row[0] for row in client.query("SELECT name FROM system.tables WHERE database = currentDatabase()"
+                                             " AND engine NOT IN ('View', 'MaterializedView')").result_rows]
+    assert "events" in tables and "sessions" in tables
+    for table in tables:
+        hits = client.query(f"SELECT count() FROM {table} WHERE hasAny(extractAll(formatRow('TabSeparated', *),"
+                            " {pattern:String}), {ips:Array(String)})",
+                            parameters={"ips": sorted(ips), "pattern": found.pattern}).result_rows[0][0]
+        assert hits == 0, f"a client address in table {table}"
+
+
+def test_a_full_spool_answers_503_with_retry_after(killable_broker, clickhouse_http, tmp_path):
+    """A small spool and the broker down: the spool fills, then 503 + Retry-After; what was
+    answered 202 is all counted once the broker is back."""
+    broker = killable_broker
+    d = deploy(broker.bootstrap, clickhouse_http, tmp_path, workers=1)
+    port = free_port()
+    small = Proc([*CLI, "ingest", "--port", str(port)], tmp_path / "ingest-small.log",
+                 {**d.env, "BK_SPOOL_DIR": str(tmp_path / "small-spool"), "BK_SPOOL_MAX_BYTES": str(64 * 1024)},
+                 f"http://127.0.0.1:{port}/api/event")
+    small.start()
+    try:
+        site, funnel = asyncio.run(_create(d.api, "fullspool.example"))
+        people = traffic(site, 200, seed=22)
+        outcome: dict[str, str] = {}
+        broker.stop()
+
+        async def fill() -> httpx.Response:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+                for person in people:
+                    headers = {"user-agent": person.agent, "x-forwarded-for": person.ip, "cf-ipcountry": person.country}
+                    for body in person.events:
+                        r = await client.post("/api/event", json=body, headers=headers)
+                        outcome[body["props"]["n"]] = "202" if r.status_code == 202 else str(r.status_code)
+                        if r.status_code != 202:
+                            return r
+            raise AssertionError("the spool never filled")
+
+        refused = asyncio.run(fill())
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "spool_full"
+        assert int(refused.headers["retry-after"]) > 0
+        assert (tmp_path / "small-spool" / "spool.log").stat().st_size <= 64 * 1024
+        accepted = sum(1 for r in outcome.values() if r == "202")
+        assert accepted > 50
+        broker.start()
+        sent = {serial for serial in outcome}
+        landed_people = [Person(p.ip, p.agent, p.country, [e for e in p.events if e["props"]["n"] in sent])
+                         for p in people]
+        got, want, _ = settle(d.api, clickhouse_http, site, [p for p in landed_people if p.events],
+                              {s: r for s, r in outcome.items() if r == "202"}, funnel, timeout=90)
+        assert got == {k: want[k] for k in got}
+    finally:
+        small.stop()
+        d.stop()
