@@ -105,6 +105,9 @@ class _Dispatch:
         else:
             await self.api(scope, receive, send)
 
+    def __getattr__(self, name: str):
+        return getattr(self.api, name)  # otherwise it is the query API app (state, routes, openapi)
+
 
 def server_app(services: Services, handoff: Handoff) -> _Dispatch:
     """`up`: tracking and import endpoints and the query API in one process."""

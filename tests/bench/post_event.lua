@@ -1,17 +1,40 @@
--- wrk script: POST pageviews and clicks from many visitors (X-Forwarded-For varies; the server
--- trusts 127.0.0.1 as a proxy). wrk.format replaces wrk.headers when given headers, so every
--- header is set here.
+-- wrk script: POST pageviews, custom events and clicks from many visitors, every body different
+-- (path, referrer, product, visitor address). The server trusts 127.0.0.1 as a proxy, so
+-- X-Forwarded-For picks the visitor. Each thread seeds its own random numbers: wrk threads share
+-- one seed otherwise. wrk.format replaces wrk.headers when given headers, so all are set here.
 local agent = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
 local site = os.getenv("BK_BENCH_SITE") or "bench-example"
-local pageview = '{"site_id":"' .. site .. '","name":"pageview","url":"https://bench.example/p/1","referrer":"https://www.google.com/"}'
-local click = '{"site_id":"' .. site .. '","name":"click","url":"https://bench.example/p/1","product":{"id":"iphone-15-skal","category_slug":"mobilskal"}}'
-local n = 0
+local referrers = {"https://www.google.com/", "https://www.bing.com/", "https://l.facebook.com/", "", "https://prisjakt.nu/x"}
+local threads = 0
+
+function setup(thread)
+  threads = threads + 1
+  thread:set("id", threads)
+end
+
+function init(args)
+  math.randomseed(os.time() * 1000 + (wrk.thread:get("id") or 0) * 7919)
+end
+
 request = function()
-  n = n + 1
+  local path = "/p/" .. math.random(1, 500)
+  local kind = math.random(1, 10)
+  local body
+  if kind <= 7 then
+    body = '{"site_id":"' .. site .. '","name":"pageview","url":"https://bench.example' .. path ..
+      '","referrer":"' .. referrers[math.random(1, #referrers)] .. '"}'
+  elseif kind <= 8 then
+    body = '{"site_id":"' .. site .. '","name":"newsletter","url":"https://bench.example' .. path ..
+      '","props":{"plan":"p' .. math.random(1, 5) .. '"}}'
+  else
+    body = '{"site_id":"' .. site .. '","name":"click","url":"https://bench.example' .. path ..
+      '","product":{"id":"prod-' .. math.random(1, 200) .. '","category_slug":"c' .. math.random(1, 20) ..
+      '","partner_slug":"kjell"}}'
+  end
   local headers = {
-    ["Content-Type"] = "application/json",
+    ["Content-Type"] = "text/plain",
     ["User-Agent"] = agent,
-    ["X-Forwarded-For"] = "81.227." .. math.random(0, 255) .. "." .. math.random(1, 254),
+    ["X-Forwarded-For"] = "81." .. math.random(0, 255) .. "." .. math.random(0, 255) .. "." .. math.random(1, 254),
   }
-  return wrk.format("POST", "/api/event", headers, (n % 5 == 0) and click or pageview)
+  return wrk.format("POST", "/api/event", headers, body)
 end
