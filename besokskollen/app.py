@@ -13,7 +13,7 @@ from clickhouse_connect.driver.client import Client
 from fastapi import FastAPI
 from starlette.applications import Starlette
 
-from besokskollen import metrics
+from besokskollen import health, metrics
 from besokskollen.config import Settings
 from ingest import app as ingest_app
 from ingest import tracker
@@ -24,7 +24,7 @@ from ingest.visitors import Visitors
 from query_api.app import create_app as create_query_app
 from query_api.deps import Context
 from query_api.keys import KeyStore
-from query_api.rate_limit import RateLimiter
+from query_api.rate_limit import RateLimiter, SharedRateLimiter
 from streams import replay, storage
 from streams.core import StreamCore
 from streams.funnels import FunnelRegistry
@@ -87,7 +87,15 @@ def _lifespan(handoff: Handoff):
 
 def _ingest_routes(services: Services, handoff: Handoff) -> list:
     return [*ingest_app.routes(services.settings, services.sites, services.visitors, handoff, services.keys),
-            *tracker.ROUTES, *metrics.ROUTES]
+            *tracker.ROUTES]
+
+
+def _operations_routes(services: Services, kafka: bool) -> list:
+    """/healthz, /readyz (the store; Kafka too where the process sends to it) and /metrics."""
+    checks = {"clickhouse": health.store_check(services.client)}
+    if kafka:
+        checks["kafka"] = health.broker_check(services.settings.kafka_bootstrap)
+    return [*health.routes(checks), *metrics.ROUTES]
 
 
 class _Dispatch:
@@ -112,18 +120,28 @@ class _Dispatch:
 def server_app(services: Services, handoff: Handoff) -> _Dispatch:
     """`up`: tracking and import endpoints and the query API in one process."""
     api = create_query_app(services.query_context, trusted_proxies=services.settings.trusted_networks,
-                           rate_limiter=RateLimiter(services.settings.rate_limit_per_minute), lifespan=_lifespan(handoff))
-    routes = _ingest_routes(services, handoff)
+                           rate_limiter=_rate_limiter(services.settings), lifespan=_lifespan(handoff))
+    routes = [*_ingest_routes(services, handoff), *_operations_routes(services, kafka=not services.settings.embedded)]
     api.router.routes.extend(r for r in routes if r.path.startswith("/api/v1/"))
     return _Dispatch(Starlette(routes=[r for r in routes if not r.path.startswith("/api/v1/")]), api)
 
 
 def ingest_server_app(services: Services, handoff: Handoff) -> Starlette:
     """`ingest`: the tracking and import endpoints, where the hand-off is."""
-    return Starlette(routes=_ingest_routes(services, handoff), lifespan=_lifespan(handoff))
+    return Starlette(routes=[*_ingest_routes(services, handoff), *_operations_routes(services, kafka=True)],
+                     lifespan=_lifespan(handoff))
 
 
 def api_server_app(services: Services) -> FastAPI:
     """`api`: the query API alone."""
-    return create_query_app(services.query_context, trusted_proxies=services.settings.trusted_networks,
-                            rate_limiter=RateLimiter(services.settings.rate_limit_per_minute))
+    app = create_query_app(services.query_context, trusted_proxies=services.settings.trusted_networks,
+                           rate_limiter=_rate_limiter(services.settings))
+    app.router.routes.extend(_operations_routes(services, kafka=False))
+    return app
+
+
+def _rate_limiter(settings: Settings) -> RateLimiter | SharedRateLimiter:
+    """Shared by every process through Redis when BK_REDIS_URL is set, else per process."""
+    if settings.redis_url:
+        return SharedRateLimiter(settings.redis_url, settings.rate_limit_per_minute)
+    return RateLimiter(settings.rate_limit_per_minute)

@@ -24,6 +24,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 _BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:132.0) Gecko/20100101 Firefox/132.0"
 
 
+def _address(args: argparse.Namespace, settings: Settings) -> tuple[str, int]:
+    """Flags, else BK_HOST / BK_PORT, else the command's own default."""
+    return args.host or settings.host or "127.0.0.1", args.port or settings.port or args.default_port
+
+
 def _serve(app, host: str, port: int) -> None:
     # proxy_headers off: X-Forwarded-For is honoured by our own code, and only from
     # BK_TRUSTED_PROXIES (uvicorn would otherwise replace the peer with it, hiding the proxy).
@@ -38,7 +43,8 @@ def cmd_up(args: argparse.Namespace) -> None:
     settings = _settings(args)
     services = open_services(settings)
     core = StreamCore(services.client, settings.session_timeout_s) if settings.embedded else None
-    base = f"http://{args.host}:{args.port}"
+    host, port = _address(args, settings)
+    base = f"http://{host}:{port}"
     if args.demo:
         if core is None:
             raise SystemExit("--demo seeds through the embedded stream core; unset BK_KAFKA_BOOTSTRAP")
@@ -57,7 +63,7 @@ def cmd_up(args: argparse.Namespace) -> None:
         # it: the first start hands out a key instead.
         key = services.keys.create(DEFAULT_ACCOUNT)
         print(f"\nFirst start: created a user-level API key (shown only now): {key}\n")
-    _serve(server_app(services, make_handoff(services, core)), args.host, args.port)
+    _serve(server_app(services, make_handoff(services, core)), host, port)
 
 
 def cmd_ingest(args: argparse.Namespace) -> None:
@@ -67,19 +73,21 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     if settings.embedded:
         raise SystemExit("`ingest` hands events to Kafka: set BK_KAFKA_BOOTSTRAP (or run `besokskollen up`)")
     services = open_services(settings)
-    _serve(ingest_server_app(services, make_handoff(services)), args.host, args.port)
+    _serve(ingest_server_app(services, make_handoff(services)), *_address(args, settings))
 
 
 def cmd_api(args: argparse.Namespace) -> None:
     from besokskollen.app import api_server_app, open_services
 
-    _serve(api_server_app(open_services(_settings(args))), args.host, args.port)
+    settings = _settings(args)
+    _serve(api_server_app(open_services(settings)), *_address(args, settings))
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
     from streams import worker
 
-    worker.run(_settings(args), args.loglevel)
+    settings = _settings(args)
+    worker.run(settings, *_address(args, settings), args.loglevel)
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
@@ -159,23 +167,29 @@ def parser() -> argparse.ArgumentParser:
         return p
 
     up = with_data(commands.add_parser("up", help="embedded topology in one process"))
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8080)
+    up.add_argument("--host", help="listen address (BK_HOST; default 127.0.0.1)")
+    up.add_argument("--port", type=int, help="listen port (BK_PORT; default 8080)")
+    up.set_defaults(default_port=8080)
     up.add_argument("--demo", action="store_true", help="seed a demo site with 90 days of traffic")
     up.set_defaults(func=cmd_up)
 
     ingest = with_data(commands.add_parser("ingest", help="tracking endpoint → Kafka"))
-    ingest.add_argument("--host", default="127.0.0.1")
-    ingest.add_argument("--port", type=int, default=8081)
+    ingest.add_argument("--host", help="listen address (BK_HOST; default 127.0.0.1)")
+    ingest.add_argument("--port", type=int, help="listen port (BK_PORT; default 8081)")
+    ingest.set_defaults(default_port=8081)
     ingest.set_defaults(func=cmd_ingest)
 
     api = with_data(commands.add_parser("api", help="query API"))
-    api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=8082)
+    api.add_argument("--host", help="listen address (BK_HOST; default 127.0.0.1)")
+    api.add_argument("--port", type=int, help="listen port (BK_PORT; default 8082)")
+    api.set_defaults(default_port=8082)
     api.set_defaults(func=cmd_api)
 
     worker = with_data(commands.add_parser("worker", help="Faust stream worker"))
     worker.add_argument("--loglevel", default="info")
+    worker.add_argument("--host", help="address of /healthz, /readyz and /metrics (BK_HOST; default 127.0.0.1)")
+    worker.add_argument("--port", type=int, help="port of /healthz, /readyz and /metrics (BK_PORT; default 8083)")
+    worker.set_defaults(default_port=8083)
     worker.add_argument("--instance-id", help="the worker's name in status reports (BK_WORKER_INSTANCE_ID)")
     worker.set_defaults(func=cmd_worker)
 

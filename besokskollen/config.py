@@ -46,6 +46,15 @@ class Settings(BaseSettings):
     spool_max_bytes: int = Field(512 * 1024 * 1024, ge=64 * 1024)
     # How long an event waits for Kafka's acknowledgement before it is spooled instead.
     spool_after_ms: int = Field(250, gt=0)
+    # Address and port a process listens on when its command line gives none (containers set
+    # them once for every process; the commands' own defaults are 127.0.0.1 and 8080–8083).
+    host: str | None = None
+    port: int | None = None
+    # Redis for the per-key rate limit shared by every api process; unset: per process.
+    redis_url: str | None = None
+    # A ClickHouse cluster name: DDL runs ON CLUSTER with Replicated engines and Distributed
+    # fronts (streams/migrations.py); unset: a single server or the embedded engine.
+    clickhouse_cluster: str | None = None
 
     @field_validator("clickhouse_url")
     @classmethod
@@ -54,7 +63,7 @@ class Settings(BaseSettings):
             raise ValueError("BK_CLICKHOUSE_URL must start with chdb://, http:// or https://")
         return url
 
-    @field_validator("kafka_bootstrap", "worker_instance_id")
+    @field_validator("kafka_bootstrap", "worker_instance_id", "host", "redis_url", "clickhouse_cluster")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None

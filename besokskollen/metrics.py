@@ -16,6 +16,16 @@ SPOOLING = Gauge("bk_spooling", "1 while events go to the spool instead of Kafka
 PRODUCER_LATENCY = Histogram("bk_producer_ack_seconds", "Time from send to Kafka's acknowledgement",
                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 
+SPOOL_RECORDS = Gauge("bk_spool_records", "Events in the local spool not yet sent to Kafka")
+EVENTS_PROCESSED = Counter("bk_stream_events_total", "Events the stream core processed (worker)")
+BATCH_SECONDS = Histogram("bk_stream_batch_seconds", "Time to process one batch in the stream core",
+                          buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+CONSUMER_LAG = Gauge("bk_consumer_lag", "Events in a partition not yet processed by the group", ["partition"])
+ROWS_WRITTEN = Counter("bk_rows_written_total", "Rows the stream core wrote, by table", ["table"])
+QUERY_SECONDS = Histogram("bk_query_seconds", "Query API response time, by endpoint", ["endpoint"],
+                          buckets=(0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+RATE_LIMITED = Counter("bk_rate_limited_total", "Requests answered 429, by bucket kind", ["bucket"])
+
 
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

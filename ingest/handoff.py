@@ -89,6 +89,7 @@ class KafkaHandoff:
         self._spooling = False
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._waiting: set[asyncio.Future] = set()
 
     @property
     def spooling(self) -> bool:
@@ -99,6 +100,7 @@ class KafkaHandoff:
         trying: an ingest process must take beacons through an outage, restarts included."""
         self.spool.open()
         metrics.SPOOL_BYTES.set_function(lambda: self.spool.pending_bytes)
+        metrics.SPOOL_RECORDS.set_function(lambda: self.spool.pending_records)
         metrics.SPOOLING.set_function(lambda: int(self._spooling))
         self._spawn(self._sync)
         if self.spool.pending_bytes:
@@ -171,6 +173,10 @@ class KafkaHandoff:
             log.warning("%s; spooling to %s", why, self.spool.directory)
             self._spooling = True
             self._wake.set()
+            # Events waiting for an acknowledgement go to the spool now, not at their timeout.
+            for outcome in self._waiting:
+                if not outcome.done():
+                    outcome.set_result(False)
 
     async def _reachable(self) -> bool:
         """Whether any broker accepts a connection (a refused one is seen at once)."""
@@ -197,16 +203,24 @@ class KafkaHandoff:
         if self._spooling:
             self.spool.append(key, value)
             return
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        outcome = loop.create_future()  # True: acknowledged; False: spooling began meanwhile
+        self._waiting.add(outcome)
         try:
-            started = asyncio.get_running_loop().time()
             async with asyncio.timeout(self._ack_timeout_s):
                 acked = await self._producer.send(self._topic, value, key=key)
-                await acked
-            metrics.PRODUCER_LATENCY.observe(asyncio.get_running_loop().time() - started)
+                acked.add_done_callback(lambda ack: outcome.done() or outcome.set_result(
+                    not ack.cancelled() and ack.exception() is None))
+                if not await outcome:
+                    raise KafkaError("Kafka became unreachable")
+            metrics.PRODUCER_LATENCY.observe(loop.time() - started)
         except (TimeoutError, KafkaError) as exc:
             self.spool.append(key, value)  # SpoolFull goes to the caller: 503, never a silent drop
             self._start_spooling(f"Kafka did not acknowledge within {self._ack_timeout_s * 1000:.0f} ms"
                                  f" ({type(exc).__name__})")
+        finally:
+            self._waiting.discard(outcome)
 
     async def _replay(self) -> None:
         """While spooling: send the spool in order; once it is empty and a broker is reachable,

@@ -38,7 +38,7 @@ class Spool:
         self._log = directory / "spool.log"
         self._pos = directory / "spool.pos"
         self._lock_fd = self._fd = self._read_fd = -1
-        self._size = self._sent = 0
+        self._size = self._sent = self._records = 0
         self._dirty = False
 
     def open(self) -> None:
@@ -57,6 +57,7 @@ class Spool:
         if self._size < os.fstat(self._fd).st_size:
             os.ftruncate(self._fd, self._size)  # a torn tail from a crash mid-write
         self._sent = min(self._sent, self._size)
+        self._records = self._count(self._sent, self._size)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -71,6 +72,10 @@ class Spool:
         return self._size - self._sent
 
     @property
+    def pending_records(self) -> int:
+        return self._records
+
+    @property
     def size_bytes(self) -> int:
         """The log's size, which `max_bytes` bounds (it shrinks once everything is sent)."""
         return self._size
@@ -82,6 +87,7 @@ class Spool:
             raise SpoolFull(f"the spool is full ({self._size} of {self.max_bytes} bytes)")
         os.write(self._fd, record)
         self._size += len(record)
+        self._records += 1
         self._dirty = True
 
     def read(self, max_records: int) -> tuple[list[tuple[bytes, bytes]], int]:
@@ -99,10 +105,11 @@ class Spool:
 
     def commit(self, offset: int) -> None:
         """Everything before `offset` is sent. When that is everything, the log starts over."""
+        self._records -= self._count(self._sent, offset)
         self._sent = offset
         if self._sent >= self._size:
             os.ftruncate(self._fd, 0)
-            self._size = self._sent = 0
+            self._size = self._sent = self._records = 0
         tmp = self._pos.with_suffix(".tmp")
         tmp.write_text(str(self._sent))
         os.replace(tmp, self._pos)
@@ -111,6 +118,15 @@ class Spool:
         if self._dirty and self._fd >= 0:
             os.fsync(self._fd)
             self._dirty = False
+
+    def _count(self, start: int, end: int) -> int:
+        """Records between two record boundaries (headers only are read)."""
+        n, offset = 0, start
+        while offset < end:
+            (length, _crc) = _HEADER.unpack(os.pread(self._read_fd, _HEADER.size, offset))
+            offset += _HEADER.size + length
+            n += 1
+        return n
 
     def _valid_length(self) -> int:
         """Length of the log's prefix made of whole records with good checksums."""

@@ -11,7 +11,8 @@ from query_api.deps import Context
 from query_api.http_semantics import HeadAndVary
 from query_api.limits import BodyLimit
 from query_api.models import ErrorResponse
-from query_api.rate_limit import RateLimit, RateLimiter
+from query_api.rate_limit import RateLimit, RateLimiter, SharedRateLimiter
+from query_api.timing import Timing
 
 PREFIX = "/api/v1"
 # JSON bodies of the API are small; the NDJSON import (served by ingest) has a cap of its own.
@@ -22,7 +23,7 @@ _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 4
 
 
 def create_app(context: Context, *, trusted_proxies: tuple[Network, ...] = (),
-               rate_limiter: RateLimiter | None = None, **fastapi_kwargs) -> FastAPI:
+               rate_limiter: RateLimiter | SharedRateLimiter | None = None, **fastapi_kwargs) -> FastAPI:
     """`trusted_proxies`: peers whose X-Forwarded-For names the client (Settings.trusted_networks);
     `rate_limiter`: the counters (default 100 requests a minute per key), also `app.state.rate_limiter`."""
     app = FastAPI(
@@ -40,6 +41,7 @@ def create_app(context: Context, *, trusted_proxies: tuple[Network, ...] = (),
     app.add_middleware(RateLimit, limiter=app.state.rate_limiter, keys=context.keys, trusted=trusted_proxies,
                        exempt=frozenset({app.openapi_url, app.docs_url}))
     app.add_middleware(HeadAndVary)
+    app.add_middleware(Timing)
     errors.install(app)
     for module in (sites, stats, affiliate, goals, funnels, batch):
         app.include_router(module.router, prefix=PREFIX, responses=_ERRORS)

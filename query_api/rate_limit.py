@@ -1,6 +1,7 @@
 """Rate limits under /api/v1: 100 requests a minute per API key, and failed authentication throttled
-per client address. Pure ASGI, in this process's memory: each process (each uvicorn worker)
-counts on its own, so N processes behind a balancer allow up to N times the limit.
+per client address. Pure ASGI. Counted in Redis when BK_REDIS_URL is set (`SharedRateLimiter`:
+the limit holds for the whole deployment, however many api processes), else in this process's
+memory (`RateLimiter`: N processes behind a balancer allow up to N times the limit).
 
 Windows are fixed, 60 s long, and start at a bucket's first request (not at the minute): a
 bucket counts the requests since its window started and refuses once it holds `limit`; the window
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from besokskollen import metrics
 from ingest.clients import Network, client_ip
 from query_api.errors import error_response
 from query_api.keys import KeyStore, bearer_token, hash_key
@@ -100,6 +102,9 @@ class RateLimiter:
         name, window, limit = min(states, key=lambda s: (s[2] - s[1][1], s[2]))
         return Decision(True, limit, limit - window[1], window[0] + self.window_s, now, name)
 
+    async def decide(self, buckets: Iterable[tuple[str, int]]) -> Decision:
+        return self.hit(buckets)
+
     def _sweep(self, now: float) -> None:
         # Keys and addresses are the client's choice: drop ended windows once a window, and
         # whenever their number doubles.
@@ -110,10 +115,70 @@ class RateLimiter:
         self._swept = now
 
 
+# The same fixed windows in Redis, decided atomically for all of a request's buckets on Redis's
+# clock. Returns [allowed, start_ms, count, ...] per bucket (counts after this request if allowed).
+_DECIDE = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local window = tonumber(ARGV[1])
+local out, allowed = {1}, 1
+for i, key in ipairs(KEYS) do
+  local start = tonumber(redis.call('HGET', key, 's'))
+  local count = tonumber(redis.call('HGET', key, 'c'))
+  if not start or now >= start + window or now < start then start = now; count = 0 end
+  if count >= tonumber(ARGV[1 + i]) then allowed = 0 end
+  out[#out + 1] = start; out[#out + 1] = count
+end
+if allowed == 1 then
+  for i, key in ipairs(KEYS) do
+    local start, count = out[2 * i], out[2 * i + 1] + 1
+    redis.call('HSET', key, 's', start, 'c', count)
+    redis.call('PEXPIREAT', key, start + window)
+    out[2 * i + 1] = count
+  end
+end
+out[1] = allowed
+out[#out + 1] = now
+return out
+"""
+
+
+class SharedRateLimiter:
+    """`RateLimiter`'s windows in Redis, shared by every process. If Redis cannot be reached, the
+    process falls back to counting in memory (logged), rather than refusing or failing requests."""
+
+    def __init__(self, url: str, limit: int = DEFAULT_LIMIT, failed_auth_limit: int = DEFAULT_FAILED_AUTH_LIMIT,
+                 window_s: float = WINDOW_S) -> None:
+        import redis.asyncio
+
+        self.limit = limit
+        self.failed_auth_limit = failed_auth_limit
+        self.window_s = window_s
+        self._redis = redis.asyncio.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self._decide = self._redis.register_script(_DECIDE)
+        self._fallback = RateLimiter(limit, failed_auth_limit, window_s)
+
+    async def decide(self, buckets: Iterable[tuple[str, int]]) -> Decision:
+        buckets = list(buckets)
+        try:
+            out = await self._decide(keys=[f"bk:rl:{name}" for name, _ in buckets],
+                                     args=[int(self.window_s * 1000), *(limit for _, limit in buckets)])
+        except Exception:
+            log.warning("rate limit: Redis unavailable, counting in this process", exc_info=True)
+            return self._fallback.hit(buckets)
+        allowed, now = bool(out[0]), out[-1] / 1000
+        states = [(name, out[1 + 2 * i] / 1000, out[2 + 2 * i], limit) for i, (name, limit) in enumerate(buckets)]
+        if not allowed:
+            name, start, _count, limit = max((s for s in states if s[2] >= s[3]), key=lambda s: s[1])
+            return Decision(False, limit, 0, start + self.window_s, now, name)
+        name, start, count, limit = min(states, key=lambda s: (s[3] - s[2], s[3]))
+        return Decision(True, limit, limit - count, start + self.window_s, now, name)
+
+
 class RateLimit:
     """ASGI middleware applying a RateLimiter to every request under /api/v1 but `exempt` paths."""
 
-    def __init__(self, app: ASGIApp, limiter: RateLimiter, keys: KeyStore,
+    def __init__(self, app: ASGIApp, limiter: RateLimiter | SharedRateLimiter, keys: KeyStore,
                  trusted: tuple[Network, ...] = (), exempt: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.limiter = limiter
@@ -126,9 +191,10 @@ class RateLimit:
                 or (scope.get("state") or {}).get("batch_internal")):
             await self.app(scope, receive, send)
             return
-        decision = self.limiter.hit(await self._buckets(scope))
+        decision = await self.limiter.decide(await self._buckets(scope))
         extra = decision.headers()
         if not decision.allowed:
+            metrics.RATE_LIMITED.labels(decision.bucket.split(":", 1)[0]).inc()
             what = "requests" if decision.bucket.startswith("key:") else "requests without a valid API key"
             message = (f"too many {what}: at most {decision.limit} per {self.limiter.window_s:g} s; "
                        f"retry in {decision.retry_after} s")

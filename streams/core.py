@@ -24,6 +24,7 @@ from datetime import date, timedelta
 
 from clickhouse_connect.driver.client import Client
 
+from besokskollen import metrics
 from ingest.event import Event
 from streams import activity, rollups, sessions
 from streams import events as raw_events
@@ -93,6 +94,10 @@ class StreamCore:
         activity.write(self._client, changes.activity, changes.dead_activity, version)
         rollups.rebuild(self._client, changes.buckets)
         raw_events.write(self._client, changes.events)  # the commit point
+        for table, rows in (("sessions", len(changes.sessions) + len(changes.dead_sessions)),
+                            ("activity", len(changes.activity) + len(changes.dead_activity)),
+                            ("rollup_buckets", len(changes.buckets)), ("events", len(changes.events))):
+            metrics.ROWS_WRITTEN.labels(table).inc(rows)
 
     def _history(self, days: dict[tuple[str, int], set[date]]) -> dict:
         """Stored events of these visitors (seen on these UTC days), one query per stretch of days

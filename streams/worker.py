@@ -13,7 +13,9 @@ import socket
 import time
 
 import faust
+import prometheus_client
 
+from besokskollen import health, metrics
 from besokskollen.config import Settings
 from ingest.event import Event
 from streams import monitor, replay, storage
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 GROUP = "besokskollen"
 BATCH_MAX = 5000
+LAG_METRICS_EVERY_S = 5.0
 BATCH_WITHIN_S = 0.2
 SESSION_TIMEOUT_S = 6.0
 REBALANCE_TIMEOUT_S = 10.0
@@ -35,7 +38,7 @@ def broker_urls(bootstrap: str) -> list[str]:
     return [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
 
 
-def create_app(settings: Settings) -> faust.App:
+def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) -> faust.App:
     if settings.kafka_bootstrap is None:
         raise SystemExit("the worker needs BK_KAFKA_BOOTSTRAP (without Kafka, `besokskollen up` runs the stream core)")
     app = faust.App(
@@ -43,7 +46,11 @@ def create_app(settings: Settings) -> faust.App:
         broker=broker_urls(settings.kafka_bootstrap),
         topic_partitions=settings.kafka_partitions,
         topic_replication_factor=settings.kafka_replication_factor,
-        web_enabled=False,
+        # Faust's web server carries /healthz, /readyz and /metrics (nothing else of Faust's).
+        web_enabled=True,
+        web_bind=host,
+        web_port=port,
+        web_host=host,
         consumer_auto_offset_reset="earliest",
         # Fast recovery: a worker that dies without leaving the group (kill -9) is noticed after
         # the session timeout, and a rebalance waits at most the rebalance timeout for members to
@@ -63,6 +70,20 @@ def create_app(settings: Settings) -> faust.App:
 
     stats = monitor.BatchStats()
     name = settings.worker_instance_id or f"{socket.gethostname()}:{os.getpid()}"
+    checks = {"clickhouse": health.store_check(client), "kafka": health.broker_check(settings.kafka_bootstrap)}
+
+    @app.page("/healthz")
+    async def healthz(web, request):
+        return web.json({"status": "ok"})
+
+    @app.page("/readyz")
+    async def readyz(web, request):
+        status, body = await health.readiness(checks)
+        return web.json(body, status=status)
+
+    @app.page("/metrics")
+    async def metrics_page(web, request):
+        return web.bytes(prometheus_client.generate_latest(), content_type="text/plain")
 
     @app.agent(topic, concurrency=1)
     async def process(stream: faust.StreamT) -> None:
@@ -76,7 +97,10 @@ def create_app(settings: Settings) -> faust.App:
             except asyncio.CancelledError:
                 await writing
                 raise
-            stats.add(len(values), (time.perf_counter() - started) * 1000)
+            elapsed = time.perf_counter() - started
+            stats.add(len(values), elapsed * 1000)
+            metrics.BATCH_SECONDS.observe(elapsed)
+            metrics.EVENTS_PROCESSED.inc(len(values))
 
     starved = {"since": None}
 
@@ -101,6 +125,15 @@ def create_app(settings: Settings) -> faust.App:
                         now - starved["since"], members, partitions)
             _refresh_and_rejoin(app, settings.kafka_topic)
             starved["since"] = now
+
+    @app.timer(LAG_METRICS_EVERY_S)
+    async def lag_metrics() -> None:
+        try:
+            lags = await monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, GROUP)
+        except Exception:  # noqa: BLE001 - the once-a-minute report logs trouble
+            return
+        for lag in lags:
+            metrics.CONSUMER_LAG.labels(str(lag.partition)).set(lag.lag)
 
     @app.timer(monitor.REPORT_EVERY_S)
     async def report() -> None:
@@ -143,8 +176,8 @@ def _decode(values: list[bytes]) -> list[Event]:
     return events
 
 
-def run(settings: Settings, loglevel: str = "info") -> None:
-    app = create_app(settings)
+def run(settings: Settings, host: str = "127.0.0.1", port: int = 8083, loglevel: str = "info") -> None:
+    app = create_app(settings, host, port)
     asyncio.run(ensure_topic(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions,
                              settings.kafka_replication_factor))
     faust.Worker(app, loglevel=loglevel).execute_from_commandline()

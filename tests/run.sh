@@ -7,11 +7,24 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 python3 -m pip install --quiet -e '.[test]'
 deploy/kafka/install.sh
-# The tracker's browser test drives Debian's Chromium (tests/test_tracker.py).
-if ! command -v chromium >/dev/null; then
+# Debian packages the suite drives: Chromium for the tracker's browser test (tests/test_tracker.py),
+# redis-server for the shared rate limit (tests/test_operations.py).
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v redis-server >/dev/null || missing+=(redis-server)
+if ((${#missing[@]})); then
   sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# docker-compose 1.x (for `docker-compose config` on deploy/compose.yml) pins libraries older than
+# the suite's, so it gets a venv of its own; its PyYAML 5.4 builds only with Cython < 3.
+compose_venv="$HOME/.cache/besokskollen/compose-venv"
+if [[ ! -x "$compose_venv/bin/docker-compose" ]]; then
+  python3 -m venv "$compose_venv"
+  "$compose_venv/bin/pip" install --quiet "cython<3" wheel setuptools
+  "$compose_venv/bin/pip" install --quiet --no-build-isolation "pyyaml==5.4.1"
+  "$compose_venv/bin/pip" install --quiet "docker-compose==1.29.2"
 fi
 
 # pytest exits 5 when it collected nothing: that is a broken setup, never a pass.

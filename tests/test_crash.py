@@ -232,7 +232,7 @@ def deploy(kafka: str, clickhouse_http: str, tmp: Path, workers: int) -> Deploym
     procs = {"api": Proc([*CLI, "api", "--port", str(api_port)], tmp / "api.log", env, f"{api}{API}/openapi.json"),
              "ingest": Proc([*CLI, "ingest", "--port", str(ingest_port)], tmp / "ingest.log", env, f"{ingest}/api/event")}
     for n in range(1, workers + 1):
-        procs[f"w{n}"] = Proc([*CLI, "worker", "--instance-id", f"w{n}-{uuid.uuid4().hex[:6]}"], tmp / f"worker-{n}.log",
+        procs[f"w{n}"] = Proc([*CLI, "worker", "--port", str(free_port()), "--instance-id", f"w{n}-{uuid.uuid4().hex[:6]}"], tmp / f"worker-{n}.log",
                               env)
     for proc in procs.values():
         proc.start()

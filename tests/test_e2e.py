@@ -116,8 +116,8 @@ def test_distributed_topology_matches_events_and_embedded(embedded_run, kafka, c
                 ready_url=f"{api}/api/v1/openapi.json"),
         process([*CLI, "ingest", "--port", str(ingest_port)], tmp_path / "ingest.log", env,
                 ready_url=f"{ingest}/api/event"),
-        process([*CLI, "worker"], tmp_path / "worker-1.log", env),
-        process([*CLI, "worker"], tmp_path / "worker-2.log", env),  # the partitions are shared
+        process([*CLI, "worker", "--port", str(free_port())], tmp_path / "worker-1.log", env),
+        process([*CLI, "worker", "--port", str(free_port())], tmp_path / "worker-2.log", env),  # the partitions are shared
     ):
         # Both workers in the group, sharing the partitions, before the first event is sent.
         wait_until(lambda: stable_group_size(kafka, "besokskollen") == 2, 90, "two workers in the consumer group",

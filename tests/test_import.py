@@ -389,7 +389,7 @@ def test_cli_imports_through_kafka_and_waits_until_stored(kafka, clickhouse_http
                 ready_url=f"{api}/api/v1/openapi.json"),
         process([*CLI, "ingest", "--port", str(ingest_port)], tmp_path / "ingest.log", env,
                 ready_url=f"{ingest}/api/event"),
-        process([*CLI, "worker"], tmp_path / "worker.log", env),
+        process([*CLI, "worker", "--port", str(free_port())], tmp_path / "worker.log", env),
     ):
         wait_until(lambda: stable_group_size(kafka, "besokskollen") == 1, 90, "the worker in its consumer group",
                    interval=0.5)

@@ -29,11 +29,14 @@ def test_records_come_back_in_order_and_a_commit_survives_reopening(tmp_path):
         spool.append(f"k{n}".encode(), f"value {n}".encode())
     records, end = spool.read(4)
     assert records == [(f"k{n}".encode(), f"value {n}".encode()) for n in range(4)]
+    assert spool.pending_records == 10
     spool.commit(end)
+    assert spool.pending_records == 6
     spool.close()
 
     again = Spool(tmp_path, 1 << 20)
     again.open()
+    assert again.pending_records == 6
     records, end = again.read(100)
     assert [k for k, _ in records] == [f"k{n}".encode() for n in range(4, 10)]
     again.commit(end)

@@ -237,8 +237,8 @@ def test_distributed_answers_equal_the_reference_and_the_embedded_topology(sampl
         process([*CLI, "api", "--port", str(api_port)], tmp_path / "api.log", env, ready_url=f"{api}{API}/openapi.json"),
         process([*CLI, "ingest", "--port", str(ingest_port)], tmp_path / "ingest.log", env,
                 ready_url=f"{ingest}/api/event"),
-        process([*CLI, "worker"], tmp_path / "worker-1.log", env),
-        process([*CLI, "worker"], tmp_path / "worker-2.log", env),
+        process([*CLI, "worker", "--port", str(free_port())], tmp_path / "worker-1.log", env),
+        process([*CLI, "worker", "--port", str(free_port())], tmp_path / "worker-2.log", env),
     ):
         wait_until(lambda: stable_group_size(kafka, "besokskollen") == 2, 120, "two workers in the consumer group",
                    interval=0.5)

@@ -118,7 +118,7 @@ def main() -> None:
                                     ready_url=f"{api}/api/v1/openapi.json"))
         stack.enter_context(process([*CLI, "ingest", "--port", str(ingest_port)], tmp / "ingest.log", env=env,
                                     ready_url=f"{ingest}/js/script.js"))
-        stack.enter_context(process([*CLI, "worker"], tmp / "worker.log", env=env))
+        stack.enter_context(process([*CLI, "worker", "--port", str(free_port())], tmp / "worker.log", env=env))
         results["/api/event distributed (ingest → Kafka, 1 worker)"] = load_and_check(
             "distributed", ingest, api, prepare_site(api), args)
 

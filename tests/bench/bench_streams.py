@@ -87,7 +87,7 @@ def stored(clickhouse: str, site: str) -> int:
 
 
 def worker_rate(tmp: Path, env: dict, clickhouse: str, site: str, n: int) -> float:
-    with process([*CLI, "worker"], tmp / "worker-rate.log", env):
+    with process([*CLI, "worker", "--port", str(free_port())], tmp / "worker-rate.log", env):
         wait_until(lambda: stored(clickhouse, site) > 0, 180, "the worker's first batch", interval=0.2)
         first, t0 = stored(clickhouse, site), time.perf_counter()
         wait_until(lambda: stored(clickhouse, site) >= n, 900, "every event stored", interval=0.5)
@@ -195,8 +195,8 @@ def main() -> None:
             api, ingest = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{ingest_port}"
             with (process([*CLI, "api", "--port", str(api_port)], tmp / "api.log", env, ready_url=f"{api}/api/v1/openapi.json"),
                   process([*CLI, "ingest", "--port", str(ingest_port)], tmp / "ingest.log", env, ready_url=f"{ingest}/api/event"),
-                  process([*CLI, "worker"], tmp / "w1.log", env),
-                  process([*CLI, "worker"], tmp / "w2.log", env) as victim):
+                  process([*CLI, "worker", "--port", str(free_port())], tmp / "w1.log", env),
+                  process([*CLI, "worker", "--port", str(free_port())], tmp / "w2.log", env) as victim):
                 wait_until(lambda: stable_group_size(broker.bootstrap, "besokskollen") == 2, 120, "two workers")
                 r = httpx.post(f"{api}/api/v1/sites", json={"domain": "s.example"},
                                headers={"authorization": f"Bearer {ADMIN_KEY}"})

