@@ -54,7 +54,7 @@ class Services:
 def open_services(settings: Settings) -> Services:
     """Connect, migrate (every process does, idempotently), and make sure BK_ADMIN_KEY exists."""
     client = storage.connect(settings.clickhouse_url)
-    replay.upgrade(client, settings.session_timeout_s, settings.raw_events_ttl_days)
+    replay.upgrade(client, settings.session_timeout_s, settings.raw_events_ttl_days, settings.clickhouse_cluster)
     keys = KeyStore(client)
     if settings.admin_key and keys.lookup(settings.admin_key) is None:
         keys.create(DEFAULT_ACCOUNT, key=settings.admin_key)

@@ -95,7 +95,7 @@ def cmd_migrate(args: argparse.Namespace) -> None:
 
     settings = _settings(args)
     applied = replay.upgrade(storage.connect(settings.clickhouse_url), settings.session_timeout_s,
-                             settings.raw_events_ttl_days)
+                             settings.raw_events_ttl_days, settings.clickhouse_cluster)
     print(f"applied migrations: {applied}" if applied else "schema is up to date")
 
 

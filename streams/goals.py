@@ -21,6 +21,8 @@ from functools import lru_cache
 
 from clickhouse_connect.driver.client import Client
 
+from streams import migrations
+
 from streams import rollups
 from streams.read_cache import ReadThroughCache
 
@@ -82,9 +84,9 @@ class GoalRegistry:
                                        goal.match_event, goal.created_at, 1, time.time_ns()]], column_names=_COLUMNS)
         self._by_site.forget(goal.site_id)
         for table in ("activity", "rollup_15m", "rollup_1d"):
-            self._client.command(f"ALTER TABLE {table} DELETE WHERE site_id = {{site:String}} AND kind = 'goal'"
-                                 " AND value = {goal:String}", parameters={"site": goal.site_id, "goal": goal.goal_id},
-                                 settings={"mutations_sync": 0})
+            migrations.mutation(self._client, f"ALTER TABLE {table} DELETE WHERE site_id = {{site:String}}"
+                                " AND kind = 'goal' AND value = {goal:String}",
+                                {"site": goal.site_id, "goal": goal.goal_id})
 
     def get(self, goal_id: str) -> Goal | None:
         rows = self._client.query(_SELECT + " AND goal_id = {id:String}", parameters={"id": goal_id}).result_rows

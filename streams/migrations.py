@@ -3,12 +3,21 @@
 Each migration runs once per database; its statements are `IF NOT EXISTS` so two processes that
 start at the same moment and both migrate end in the same schema. Append new migrations at the
 end; never edit one that has shipped.
+
+Cluster mode (BK_CLICKHOUSE_CLUSTER): the same migrations, rewritten by `Cluster`. Every table T
+becomes `T_local` — `Replicated…MergeTree` of its own variant, created `ON CLUSTER` — behind a
+`Distributed` table named T, sharded by `cityHash64(site_id)` where the table has a site, so all
+of a site's rows (and so every visitor's events, sessions and rollup buckets that the stream
+core rebuilds, and every key FINAL collapses) live on one shard. The stream core and the API
+keep issuing the same SQL against T; only DDL and mutations (`Cluster.mutation`) differ.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from clickhouse_connect.driver.client import Client
 
@@ -242,13 +251,13 @@ SETTINGS index_granularity = 1024, min_age_to_force_merge_seconds = 30
 """
 
 
-def _drop_visitor_sorted_sessions(client: Client) -> None:
+def _drop_visitor_sorted_sessions(client: Client, run: Callable[[str], None]) -> None:
     """The first `sessions` was sorted by visitor, without a time key; its rows are rebuilt from
     the raw events (`streams/replay.py`) after this migration."""
     columns = {row[0] for row in client.query(
         "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = 'sessions'").result_rows}
     if columns and "is_deleted" not in columns:
-        client.command("DROP TABLE IF EXISTS sessions")
+        run("DROP TABLE IF EXISTS sessions")
 
 
 # -- 3: goals and funnels -----------------------------------------------------------------------
@@ -297,7 +306,7 @@ ORDER BY (worker, reported_at)
 TTL toDateTime(reported_at) + INTERVAL 7 DAY
 """
 
-Step = str | Callable[[Client], None]
+Step = str | Callable[[Client, Callable[[str], None]], None]
 
 MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (1, "initial schema", [_EVENTS, _SESSIONS, _AFFILIATE_CLICKS_HOURLY, _SITES, _API_KEYS, _SALTS]),
@@ -329,35 +338,112 @@ ORDER BY version
 """
 
 
-def apply_retention(client: Client, days: int) -> None:
+_CREATE = re.compile(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*)\) ENGINE = (\w+)(?:\(([^)]*)\))?(.*)", re.S)
+_ALTER = re.compile(r"ALTER TABLE (\w+) (.*)", re.S)
+_DROP = re.compile(r"DROP TABLE IF EXISTS (\w+)$")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """How DDL reads on a replicated, sharded ClickHouse cluster (module docstring)."""
+    name: str
+
+    def statements(self, statement: str) -> list[str]:
+        statement = statement.strip()
+        if match := _CREATE.fullmatch(statement):
+            table, columns, engine, args, rest = match.groups()
+            replica_args = f"'/clickhouse/tables/{{shard}}/{{database}}/{table}_local', '{{replica}}'"
+            engine_args = f"{replica_args}, {args}" if args else replica_args
+            shard_key = "cityHash64(site_id)" if re.search(r"^\s*site_id\s", columns, re.M) else "rand()"
+            return [f"CREATE TABLE IF NOT EXISTS {table}_local ON CLUSTER {self.name} ({columns}) "
+                    f"ENGINE = Replicated{engine}({engine_args}){rest}",
+                    f"CREATE TABLE IF NOT EXISTS {table} ON CLUSTER {self.name} AS {table}_local "
+                    f"ENGINE = Distributed({self.name}, currentDatabase(), {table}_local, {shard_key})"]
+        if match := _ALTER.fullmatch(statement):
+            table, action = match.groups()
+            out = [f"ALTER TABLE {table}_local ON CLUSTER {self.name} {action}"]
+            if re.match(r"(ADD|DROP|MODIFY|RENAME) COLUMN", action):  # the front has the columns too
+                out.append(f"ALTER TABLE {table} ON CLUSTER {self.name} {action}")
+            return out
+        if match := _DROP.fullmatch(statement):
+            table = match.group(1)
+            return [f"DROP TABLE IF EXISTS {table} ON CLUSTER {self.name} SYNC",
+                    f"DROP TABLE IF EXISTS {table}_local ON CLUSTER {self.name} SYNC"]
+        raise ValueError(f"no cluster form for: {statement[:80]}")
+
+    def mutation(self, statement: str) -> str:
+        """`ALTER TABLE t DELETE …` runs on the shards' local tables."""
+        (rewritten,) = self.statements(statement)
+        return rewritten
+
+
+def _runner(client: Client, cluster: Cluster | None, settings: dict | None = None) -> Callable[[str], None]:
+    def run(statement: str) -> None:
+        for sql in cluster.statements(statement) if cluster else [statement]:
+            client.command(sql, settings=settings)
+    return run
+
+
+def cluster_of(client: Client) -> Cluster | None:
+    """The cluster the schema was made for: `events` is then a Distributed table naming it."""
+    rows = client.query("SELECT engine_full FROM system.tables WHERE database = currentDatabase()"
+                        " AND name = 'events'").result_rows
+    match = re.match(r"Distributed\('?(\w+)'?,", rows[0][0]) if rows else None
+    return Cluster(match.group(1)) if match else None
+
+
+def mutation(client: Client, statement: str, parameters: dict) -> None:
+    """Run an `ALTER TABLE … DELETE` (a deleted site's or goal's rows) on a single server or the
+    cluster's shards alike; asynchronous."""
+    cluster = cluster_of(client)
+    client.command(cluster.mutation(statement) if cluster else statement, parameters=parameters,
+                   settings={"mutations_sync": 0})
+
+
+def apply_retention(client: Client, days: int, cluster: Cluster | None = None) -> None:
     """Raw events are deleted `days` after their time (BK_RAW_EVENTS_TTL_DAYS). Whole parts are
     dropped once every row in them expired, so data may stay up to a month longer; rollups,
     sessions and activity keep every number. Applied at every start when it changed."""
     ttl = f"toDateTime(timestamp) + toIntervalDay({int(days)})"
+    table = "events_local" if cluster else "events"
     engine = client.query("SELECT engine_full FROM system.tables WHERE database = currentDatabase()"
-                          " AND name = 'events'").result_rows[0][0]
+                          " AND name = {t:String}", parameters={"t": table}).result_rows[0][0]
     if f"TTL {ttl}" not in engine:
         # Existing parts are not rewritten now (no heavy mutation): merges apply the TTL to them.
-        client.command(f"ALTER TABLE events MODIFY TTL {ttl}", settings={"materialize_ttl_after_modify": 0})
-        client.command("ALTER TABLE events MODIFY SETTING ttl_only_drop_parts = 1")
+        run = _runner(client, cluster, {"materialize_ttl_after_modify": 0})
+        run(f"ALTER TABLE events MODIFY TTL {ttl}")
+        run("ALTER TABLE events MODIFY SETTING ttl_only_drop_parts = 1")
         log.info("raw events are kept %d days", days)
 
 
-def applied_versions(client: Client) -> set[int]:
-    client.command(_LEDGER)
+def applied_versions(client: Client, cluster: Cluster | None = None) -> set[int]:
+    _runner(client, cluster)(_LEDGER)
     return {row[0] for row in client.query("SELECT DISTINCT version FROM schema_migrations").result_rows}
 
 
-def migrate(client: Client) -> list[int]:
+def migrate(client: Client, cluster: Cluster | None = None) -> list[int]:
     """Apply the migrations this database lacks; returns the versions applied now."""
-    done = applied_versions(client)
+    done = applied_versions(client, cluster)
+    run = _runner(client, cluster)
     applied = []
     for version, name, statements in MIGRATIONS:
         if version in done:
             continue
         for step in statements:
-            step(client) if callable(step) else client.command(step)
+            step(client, run) if callable(step) else run(step)
         client.insert("schema_migrations", [[version, name]], column_names=["version", "name"])
         log.info("applied migration %d: %s", version, name)
         applied.append(version)
     return applied
+
+
+def cluster_ddl(cluster: Cluster) -> list[str]:
+    """Every statement a fresh cluster gets (for review and tests; `migrate` runs the same)."""
+    run_log: list[str] = []
+    out = cluster.statements(_LEDGER)
+    for _version, _name, statements in MIGRATIONS:
+        for step in statements:
+            if callable(step):
+                continue  # upgrades of old single-server schemas only
+            out += cluster.statements(step)
+    return out + run_log

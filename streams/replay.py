@@ -25,11 +25,13 @@ def replay(client: Client, session_timeout_s: int, batch_size: int = 20_000) -> 
     return total
 
 
-def upgrade(client: Client, session_timeout_s: int, raw_events_ttl_days: int) -> list[int]:
-    """Migrate, apply the raw-event retention, and replay the stored events when a migration asks
-    for it. Every process runs this at start; returns the migrations applied now."""
-    applied = migrations.migrate(client)
-    migrations.apply_retention(client, raw_events_ttl_days)
+def upgrade(client: Client, session_timeout_s: int, raw_events_ttl_days: int, cluster: str | None = None) -> list[int]:
+    """Migrate (`ON CLUSTER` with a cluster name), apply the raw-event retention, and replay the
+    stored events when a migration asks for it. Every process runs this at start; returns the
+    migrations applied now."""
+    on = migrations.Cluster(cluster) if cluster else None
+    applied = migrations.migrate(client, on)
+    migrations.apply_retention(client, raw_events_ttl_days, on)
     if migrations.REPLAY_AFTER & set(applied):
         log.info("rebuilding derived tables from the raw events after migration %s", applied)
         log.info("replayed %d events", replay(client, session_timeout_s))

@@ -14,6 +14,7 @@ import idna
 
 from clickhouse_connect.driver.client import Client
 
+from streams import migrations
 from streams.migrations import SITE_DATA_TABLES
 from streams.read_cache import ReadThroughCache
 
@@ -92,8 +93,8 @@ class SiteRegistry:
         self._by_id.forget(site.site_id)
         self._by_domain.forget(site.domain)
         for table in SITE_DATA_TABLES:
-            self._client.command(f"ALTER TABLE {table} DELETE WHERE site_id = {{site:String}}",
-                                 parameters={"site": site.site_id}, settings={"mutations_sync": 0})
+            migrations.mutation(self._client, f"ALTER TABLE {table} DELETE WHERE site_id = {{site:String}}",
+                                {"site": site.site_id})
 
     def valid_timezone(self, tz: str) -> bool:
         """Known to Python and to ClickHouse alike (`right/UTC` is not: ClickHouse cannot load it)."""

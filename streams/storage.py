@@ -12,8 +12,11 @@ from clickhouse_connect.driver.client import Client
 # - an insert is visible when it returns (the embedded engine 26.x defaults to async inserts);
 # - no block deduplication: every write is idempotent by design, and hashing blocks costs ~15 ms;
 # - every ReplacingMergeTree is partitioned by a time column of its sorting key, so the rows of
-#   one key share a partition and FINAL need not merge across partitions.
-SETTINGS = {"async_insert": 0, "insert_deduplicate": 0, "do_not_merge_across_partitions_select_final": 1}
+#   one key share a partition and FINAL need not merge across partitions;
+# - on a cluster (BK_CLICKHOUSE_CLUSTER), an insert into a Distributed table returns once the
+#   shard has it, so the stream core reads back what it wrote.
+SETTINGS = {"async_insert": 0, "insert_deduplicate": 0, "do_not_merge_across_partitions_select_final": 1,
+            "distributed_foreground_insert": 1}
 
 
 def connect(url: str) -> Client:

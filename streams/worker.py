@@ -65,7 +65,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
     topic = app.topic(settings.kafka_topic, key_serializer="raw", value_serializer="raw",
                       partitions=settings.kafka_partitions)
     client = storage.connect(settings.clickhouse_url)
-    replay.upgrade(client, settings.session_timeout_s, settings.raw_events_ttl_days)
+    replay.upgrade(client, settings.session_timeout_s, settings.raw_events_ttl_days, settings.clickhouse_cluster)
     core = StreamCore(client, settings.session_timeout_s)
 
     stats = monitor.BatchStats()

@@ -1,0 +1,136 @@
+"""Cluster mode (issue 9, streams/migrations.py): the DDL a ClickHouse cluster gets — every table
+replicated, created ON CLUSTER, behind a Distributed front sharded by site — is checked statement
+by statement and parsed by the real engine (EXPLAIN AST); the embedded schema is unchanged; and
+the SQL the stream core and the API issue names only the fronts, so it is the same in both modes."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from ingest.event import Event
+from streams import migrations, storage
+from streams.core import StreamCore
+from streams.migrations import Cluster, cluster_ddl
+from tests.conftest import ROOT
+
+CLUSTER = Cluster("bk_cluster")
+
+
+@pytest.fixture(scope="module")
+def embedded_tables(tmp_path_factory) -> dict[str, tuple[str, str]]:
+    """A fresh embedded schema: table -> (engine, create statement)."""
+    client = storage.connect(f"chdb://{tmp_path_factory.mktemp('plain')}")
+    migrations.migrate(client)
+    return {name: (engine, ddl) for name, engine, ddl in client.query(
+        "SELECT name, engine, create_table_query FROM system.tables WHERE database = currentDatabase()").result_rows}
+
+
+def test_every_table_is_replicated_on_the_cluster_behind_a_distributed_front(embedded_tables):
+    ddl = cluster_ddl(CLUSTER)
+    creates = {m.group(1): statement for statement in ddl
+               if (m := re.match(r"CREATE TABLE IF NOT EXISTS (\w+) ON CLUSTER bk_cluster ", statement))}
+    for table, (engine, plain) in embedded_tables.items():
+        local, front = creates[f"{table}_local"], creates[table]
+        assert f"ENGINE = Replicated{engine}('/clickhouse/tables/{{shard}}/{{database}}/{table}_local', '{{replica}}'" \
+            in local, table
+        # The engine's own arguments (version, is_deleted) survive.
+        arguments = re.search(rf"ENGINE = {engine}\(([^)]*)\)", plain)
+        if arguments and arguments.group(1):
+            assert f"'{{replica}}', {arguments.group(1)})" in local, table
+        shard = "cityHash64(site_id)" if re.search(r"\bsite_id\b", plain) else "rand()"
+        assert front == (f"CREATE TABLE IF NOT EXISTS {table} ON CLUSTER bk_cluster AS {table}_local "
+                         f"ENGINE = Distributed(bk_cluster, currentDatabase(), {table}_local, {shard})"), table
+    assert all(" ON CLUSTER bk_cluster" in statement for statement in ddl)
+    alters = [s for s in ddl if s.startswith("ALTER")]
+    assert alters and all(re.match(r"ALTER TABLE \w+ ON CLUSTER", s) for s in alters)
+    assert {"events", "sessions", "activity", "rollup_15m", "rollup_1d"} <= {
+        t for t in embedded_tables if "cityHash64(site_id)" in creates[t]}
+
+
+def test_the_cluster_ddl_parses_in_the_real_engine(services):
+    for statement in cluster_ddl(CLUSTER):
+        services.client.query(f"EXPLAIN AST {statement}")  # a syntax error raises
+
+
+def test_the_embedded_schema_has_no_cluster_parts(embedded_tables):
+    for table, (engine, ddl) in embedded_tables.items():
+        assert not engine.startswith(("Replicated", "Distributed")) and "ON CLUSTER" not in ddl, table
+        assert not table.endswith("_local")
+
+
+def test_mutations_and_retention_go_to_the_shards():
+    assert CLUSTER.mutation("ALTER TABLE events DELETE WHERE site_id = {site:String}") == \
+        "ALTER TABLE events_local ON CLUSTER bk_cluster DELETE WHERE site_id = {site:String}"
+
+
+def test_the_stream_core_and_the_api_name_only_the_fronts(services, tmp_path):
+    """Record every statement the stream core and the query API send while they work; each names
+    tables a cluster has as Distributed fronts, never a local table."""
+    fronts = {m.group(1) for s in cluster_ddl(CLUSTER)
+              if (m := re.match(r"CREATE TABLE IF NOT EXISTS (\w+) ON CLUSTER \w+ AS", s))}
+    seen: list[str] = []
+    client = services.client
+    originals = {name: getattr(client, name) for name in ("query", "command", "insert")}
+
+    def recording(name):
+        def call(first, *args, **kwargs):
+            seen.append(f"INSERT INTO {first}" if name == "insert" else str(first))
+            return originals[name](first, *args, **kwargs)
+        return call
+
+    for name in originals:
+        setattr(client, name, recording(name))
+    try:
+        import asyncio
+
+        import httpx
+
+        from besokskollen.app import make_handoff, server_app
+        from tests.conftest import ADMIN_KEY
+
+        site = f"cluster-{uuid.uuid4().hex[:8]}"
+        at = datetime.now(timezone.utc) - timedelta(hours=1)
+        StreamCore(client, 1800).process([Event(event_id=str(uuid.uuid4()), site_id=site, timestamp=at + timedelta(minutes=n),
+                                                name="pageview", visitor_id=1, pathname=f"/{n}") for n in range(3)])
+
+        async def api() -> None:
+            handoff = make_handoff(services)
+            await handoff.start()
+            try:
+                transport = httpx.ASGITransport(app=server_app(services, handoff), client=("127.0.0.1", 5000))
+                async with httpx.AsyncClient(transport=transport, base_url="http://t",
+                                             headers={"authorization": f"Bearer {ADMIN_KEY}"}) as c:
+                    created = (await c.post("/api/v1/sites", json={"domain": f"{site}.example"})).json()["data"]["id"]
+                    for path in ("stats/overview", "stats/pages", "stats/referrers", "stats/countries", "goals",
+                                 "popular/products", "trending/products"):
+                        assert (await c.get(f"/api/v1/{path}", params={"site_id": created})).status_code == 200
+                    assert (await c.delete(f"/api/v1/sites/{created}")).status_code == 204
+            finally:
+                await handoff.stop()
+
+        asyncio.run(api())
+    finally:
+        for name, original in originals.items():
+            setattr(client, name, original)
+
+    named = set()
+    for sql in seen:
+        assert "_local" not in sql and "ON CLUSTER" not in sql, sql
+        ctes = {m.group(1) for m in re.finditer(r"\b(\w+) AS \(", sql)}
+        named |= {m.group(1) for m in re.finditer(r"\b(?:FROM|INTO|JOIN|TABLE)\s+(\w+)", sql)} - ctes
+    named -= {"system", "numbers"}
+    assert named and named <= fronts | {"tables", "columns", "time_zones"}, named - fronts
+    assert {"events", "sessions", "activity", "rollup_15m"} <= named
+
+
+def test_no_module_outside_migrations_knows_about_the_cluster():
+    for path in [*ROOT.glob("streams/*.py"), *ROOT.glob("query_api/*.py"), *ROOT.glob("ingest/*.py")]:
+        if path.name == "migrations.py":
+            continue
+        text = path.read_text()
+        assert "_local" not in text and "ON CLUSTER" not in text, path
