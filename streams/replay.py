@@ -26,7 +26,7 @@ def replay(client: Client, session_timeout_s: int, batch_size: int = 20_000) -> 
 
 
 def upgrade(client: Client, session_timeout_s: int, raw_events_ttl_days: int, cluster: str | None = None) -> list[int]:
-    """Migrate (`ON CLUSTER` with a cluster name), apply the raw-event retention, and replay the
+    """Migrate (on a cluster, given its name), apply the raw-event retention, and replay the
     stored events when a migration asks for it. Every process runs this at start; returns the
     migrations applied now."""
     on = migrations.Cluster(cluster) if cluster else None
