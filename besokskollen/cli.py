@@ -150,6 +150,19 @@ def cmd_import(args: argparse.Namespace) -> None:
     raise SystemExit(importing.report(totals))
 
 
+def cmd_copy(args: argparse.Namespace) -> None:
+    from besokskollen import copying
+    from streams import storage
+
+    settings = _settings(args)
+    try:
+        copied = copying.copy(storage.connect(settings.clickhouse_url), storage.connect(args.to),
+                              settings.session_timeout_s, settings.raw_events_ttl_days, args.cluster)
+    except copying.CopyRefused as exc:
+        raise SystemExit(f"besokskollen copy: {exc}") from None
+    print(", ".join(f"{table}: {rows:,}" for table, rows in copied.items()))
+
+
 def cmd_keys_revoke(args: argparse.Namespace) -> None:
     from besokskollen.app import open_services
 
@@ -207,6 +220,12 @@ def parser() -> argparse.ArgumentParser:
                                        "or BK_CLICKHOUSE_URL is opened directly")
     import_.add_argument("--key", help="API key for --url (default: BK_ADMIN_KEY)")
     import_.set_defaults(func=cmd_import)
+
+    copy = with_data(commands.add_parser(
+        "copy", help="copy every table into another ClickHouse (moving from `up` to a server or cluster)"))
+    copy.add_argument("--to", required=True, help="target ClickHouse URL (http(s)://user:pass@host:8123/db)")
+    copy.add_argument("--cluster", help="the target's cluster name, if it is one (BK_CLICKHOUSE_CLUSTER there)")
+    copy.set_defaults(func=cmd_copy)
 
     keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     create = with_data(keys.add_parser("create", help="print a new bk_… key"))

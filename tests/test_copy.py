@@ -1,0 +1,60 @@
+"""Moving from `up` to a ClickHouse server keeping the data (issue 9, docs/operations.md):
+`besokskollen copy` puts every table of the embedded data folder into an empty server, and the
+API over the server answers exactly what `up` answered."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+
+from tests.conftest import ADMIN_KEY, ROOT, free_port, process, wait_until
+from tests.test_crash import API, AUTH, CLI
+
+BROWSER = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
+
+
+def answers(base: str, site: str) -> dict:
+    get = lambda path, **p: httpx.get(f"{base}{API}/{path}", params={"site_id": site, **p}, headers=AUTH).json()  # noqa: E731
+    return {path: get(path, period="7d")["data"] for path in ("stats/overview", "stats/pages", "stats/referrers",
+                                                              "stats/countries", "goals")} | {
+        "products": get("popular/products", days=7)["data"], "sites": httpx.get(f"{base}{API}/sites", headers=AUTH).json()}
+
+
+def test_copy_moves_every_number_from_up_to_a_server(tmp_path):
+    data = tmp_path / "data"
+    port = free_port()
+    up = f"http://127.0.0.1:{port}"
+    with process([*CLI, "up", "--data", str(data), "--port", str(port)], tmp_path / "up.log",
+                 env={"BK_ADMIN_KEY": ADMIN_KEY}, ready_url=f"{up}/healthz"):
+        site = httpx.post(f"{up}{API}/sites", json={"domain": "flytt.example"}, headers=AUTH).json()["data"]["id"]
+        goal = {"site_id": site, "name": "Köp", "event_type": "event", "match_event": "purchase"}
+        assert httpx.post(f"{up}{API}/goals", json=goal, headers=AUTH).status_code == 201
+        for n in range(60):
+            body = {"site_id": site, "name": ["pageview", "pageview", "purchase", "click"][n % 4],
+                    "url": f"https://flytt.example/p/{n % 7}", "referrer": ["", "https://www.google.se/"][n % 2],
+                    "product": {"id": f"prod-{n % 3}"}}
+            headers = {"user-agent": BROWSER, "x-forwarded-for": f"81.227.{n % 9}.{n % 5 + 1}", "cf-ipcountry": "SE"}
+            assert httpx.post(f"{up}/api/event", json=body, headers=headers).status_code == 202
+        wait_until(lambda: answers(up, site)["stats/overview"]["pageviews"] == 30, 30, "the events in up")
+        before = answers(up, site)
+
+    ready = tmp_path / "front.ready"
+    with process([sys.executable, "-m", "tests.chfront", "--path", str(tmp_path / "server"), "--port", "0",
+                  "--ready-file", str(ready)], tmp_path / "front.log"):
+        front = f"http://127.0.0.1:{wait_until(lambda: ready.exists() and ready.read_text().strip(), 30, 'front')}/?compress=false"
+        copied = subprocess.run([*CLI, "copy", "--data", str(data), "--to", front], capture_output=True, text=True,
+                                cwd=ROOT, timeout=300)
+        assert copied.returncode == 0, copied.stderr
+        assert "events: 60" in copied.stdout, copied.stdout
+
+        api_port = free_port()
+        api = f"http://127.0.0.1:{api_port}"
+        with process([*CLI, "api", "--port", str(api_port)], tmp_path / "api.log",
+                     env={"BK_CLICKHOUSE_URL": front, "BK_ADMIN_KEY": ADMIN_KEY}, ready_url=f"{api}/healthz"):
+            assert answers(api, site) == before
+
+        again = subprocess.run([*CLI, "copy", "--data", str(data), "--to", front], capture_output=True, text=True,
+                               cwd=ROOT, timeout=300)
+        assert again.returncode != 0 and "already holds events" in again.stderr
