@@ -8,12 +8,11 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
 from ingest.event import Event
-from streams import migrations, storage
+from streams import migrations
 from streams.core import StreamCore
 from streams.migrations import Cluster, cluster_ddl
 from tests.conftest import ROOT
@@ -21,12 +20,12 @@ from tests.conftest import ROOT
 CLUSTER = Cluster("bk_cluster")
 
 
-@pytest.fixture(scope="module")
-def embedded_tables(tmp_path_factory) -> dict[str, tuple[str, str]]:
-    """A fresh embedded schema: table -> (engine, create statement)."""
-    client = storage.connect(f"chdb://{tmp_path_factory.mktemp('plain')}")
-    migrations.migrate(client)
-    return {name: (engine, ddl) for name, engine, ddl in client.query(
+@pytest.fixture
+def embedded_tables(services) -> dict[str, tuple[str, str]]:
+    """The embedded schema the session's engine was migrated to (one chDB data path per process):
+    table -> (engine, create statement)."""
+    assert migrations.migrate(services.client) == []  # all applied already
+    return {name: (engine, ddl) for name, engine, ddl in services.client.query(
         "SELECT name, engine, create_table_query FROM system.tables WHERE database = currentDatabase()").result_rows}
 
 
