@@ -91,10 +91,6 @@ class KafkaHandoff:
         self._tasks: list[asyncio.Task] = []
         self._waiting: set[asyncio.Future] = set()
 
-    @property
-    def spooling(self) -> bool:
-        return self._spooling
-
     async def start(self) -> None:
         """Opens the spool and connects; when Kafka is down, starts anyway (spooling) and keeps
         trying: an ingest process must take beacons through an outage, restarts included."""
