@@ -19,7 +19,9 @@ _FIELDS = (
 )
 _COLUMNS = [*_FIELDS, "session_id"]
 # A retried event (same client event id, a later arrival time) is found this far from its copy.
-RETRY_WINDOW = timedelta(days=1)
+# The lookup reads the event ids of the site's events in the window (a bloom-filter index skips
+# nothing for 500 ids against 8,192-row granules): 6 hours of a 1M-events-a-day site cost ~5 ms.
+RETRY_WINDOW = timedelta(hours=6)
 _SELECT = ", ".join("toString(event_id)" if f == "event_id" else f for f in _FIELDS)
 
 
@@ -93,7 +95,7 @@ class Owner(NamedTuple):
 def owners(client: Client, events: Sequence[Event]) -> dict[str, Owner]:
     """Where each of these event ids is stored, if it is: under which visitor and at what time.
     Looked up within `RETRY_WINDOW` of the events' times, one query per stretch of time the batch
-    covers, pruned by the sorting key (site, timestamp) and the event-id bloom filter."""
+    covers, pruned by the sorting key (site, timestamp)."""
     found: dict[str, Owner] = {}
     for stretch in _stretches(sorted(events, key=lambda e: e.timestamp)):
         rows = client.query(

@@ -316,10 +316,6 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     # The newest row of a key wins (ReplacingMergeTree without version): revoking inserts one.
     (4, "revocable API keys", ["ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS revoked UInt8 DEFAULT 0"]),
     (5, "worker status reports", [_WORKER_STATUS]),
-    # Retries are found by event id within a day of their copy (streams/events.py `owners`).
-    (6, "event-id bloom filter", ["ALTER TABLE events ADD INDEX IF NOT EXISTS event_id_bloom event_id"
-                                  " TYPE bloom_filter(0.01) GRANULARITY 1",
-                                  "ALTER TABLE events MATERIALIZE INDEX event_id_bloom"]),
 ]
 
 # Tables holding a site's data: deleting a site deletes its rows from each.
