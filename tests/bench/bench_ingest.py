@@ -49,7 +49,8 @@ def wrk(url: str, script: str, seconds: int, connections: int, env: dict[str, st
     errors = re.search(r"Socket errors: (.*)", out)
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
             "total": int(re.search(r"(\d+) requests in", out).group(1)), "non2xx": non2xx,
-            "p50": re.search(r"50%\s+(\S+)", out).group(1), "p99": re.search(r"99%\s+(\S+)", out).group(1),
+            "p50": re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1),
+            "p99": re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1),
             "errors": errors.group(1) if errors else ""}
 
 
