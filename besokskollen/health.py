@@ -22,7 +22,7 @@ def store_check(client: Client) -> Check:
     latest = max(version for version, _name, _steps in migrations.MIGRATIONS)
 
     async def check() -> bool:
-        versions = await asyncio.to_thread(migrations.applied_versions, client)
+        versions = await asyncio.to_thread(migrations.recorded_versions, client)
         return latest in versions
 
     return check

@@ -115,8 +115,9 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
 
         user_agent = request.headers.get("user-agent", "")
         agent = useragents.parse(user_agent)
-        if agent.is_bot or _is_prefetch(request):
-            metrics.EVENTS_DROPPED.labels("prefetch" if _is_prefetch(request) else "bot").inc()
+        prefetch = _is_prefetch(request)
+        if agent.is_bot or prefetch:
+            metrics.EVENTS_DROPPED.labels("prefetch" if prefetch else "bot").inc()
             return _accepted(**{"x-dropped": "bot"})
 
         at = utcnow()

@@ -69,6 +69,17 @@ class Decision:
         return max(1, math.ceil(self.reset - self.now))
 
 
+def _decision(states: list[tuple[str, float, int, int]], allowed: bool, window_s: float, now: float) -> Decision:
+    """From each bucket's (name, window start, count after this request if allowed, limit): the
+    refusing bucket whose window ends last (retry when every refusing window has ended), else
+    the bucket with the fewest requests left."""
+    if not allowed:
+        name, start, _count, limit = max((s for s in states if s[2] >= s[3]), key=lambda s: s[1])
+        return Decision(False, limit, 0, start + window_s, now, name)
+    name, start, count, limit = min(states, key=lambda s: (s[3] - s[2], s[3]))
+    return Decision(True, limit, limit - count, start + window_s, now, name)
+
+
 class RateLimiter:
     """Fixed-window counters by bucket name. Not thread-safe: used from the event loop only."""
 
@@ -93,14 +104,12 @@ class RateLimiter:
             if window is None or now >= window[0] + self.window_s or now < window[0]:
                 window = self._windows[name] = [now, 0]
             states.append((name, window, limit))
-        refused = [s for s in states if s[1][1] >= s[2]]
-        if refused:  # retry when every refusing window has ended
-            name, window, limit = max(refused, key=lambda s: s[1][0])
-            return Decision(False, limit, 0, window[0] + self.window_s, now, name)
-        for _, window, _ in states:
-            window[1] += 1
-        name, window, limit = min(states, key=lambda s: (s[2] - s[1][1], s[2]))
-        return Decision(True, limit, limit - window[1], window[0] + self.window_s, now, name)
+        allowed = all(window[1] < limit for _, window, limit in states)
+        if allowed:
+            for _, window, _ in states:
+                window[1] += 1
+        return _decision([(name, start, count, limit) for name, (start, count), limit in states],
+                         allowed, self.window_s, now)
 
     async def decide(self, buckets: Iterable[tuple[str, int]]) -> Decision:
         return self.hit(buckets)
@@ -166,13 +175,8 @@ class SharedRateLimiter:
         except Exception:
             log.warning("rate limit: Redis unavailable, counting in this process", exc_info=True)
             return self._fallback.hit(buckets)
-        allowed, now = bool(out[0]), out[-1] / 1000
         states = [(name, out[1 + 2 * i] / 1000, out[2 + 2 * i], limit) for i, (name, limit) in enumerate(buckets)]
-        if not allowed:
-            name, start, _count, limit = max((s for s in states if s[2] >= s[3]), key=lambda s: s[1])
-            return Decision(False, limit, 0, start + self.window_s, now, name)
-        name, start, count, limit = min(states, key=lambda s: (s[3] - s[2], s[3]))
-        return Decision(True, limit, limit - count, start + self.window_s, now, name)
+        return _decision(states, bool(out[0]), self.window_s, out[-1] / 1000)
 
 
 class RateLimit:

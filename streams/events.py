@@ -92,23 +92,26 @@ class Owner(NamedTuple):
     timestamp: datetime
 
 
-def owners(client: Client, events: Sequence[Event]) -> dict[str, Owner]:
+def owners(client: Client, events: Sequence[Event], chunk: int = 2000) -> dict[str, Owner]:
     """Where each of these event ids is stored, if it is: under which visitor and at what time.
     Looked up within `RETRY_WINDOW` of the events' times, one query per stretch of time the batch
-    covers, pruned by the sorting key (site, timestamp)."""
+    covers (ids go as query parameters: a few thousand at a time), pruned by the sorting key
+    (site, timestamp)."""
     found: dict[str, Owner] = {}
     for stretch in _stretches(sorted(events, key=lambda e: e.timestamp)):
-        rows = client.query(
-            "SELECT toString(event_id), site_id, visitor_id, timestamp FROM events"
-            " WHERE site_id IN {sites:Array(String)}"
-            " AND timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp <= {end:DateTime64(3, 'UTC')}"
-            " AND event_id IN {ids:Array(UUID)}",
-            parameters={"sites": sorted({e.site_id for e in stretch}),
-                        "start": stretch[0].timestamp - RETRY_WINDOW, "end": stretch[-1].timestamp + RETRY_WINDOW,
-                        "ids": [e.event_id for e in stretch]},
-        ).result_rows
-        for event_id, site_id, visitor_id, at in rows:
-            found[event_id] = Owner(site_id, visitor_id, at.replace(tzinfo=timezone.utc))
+        for i in range(0, len(stretch), chunk):
+            part = stretch[i:i + chunk]
+            rows = client.query(
+                "SELECT toString(event_id), site_id, visitor_id, timestamp FROM events"
+                " WHERE site_id IN {sites:Array(String)}"
+                " AND timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp <= {end:DateTime64(3, 'UTC')}"
+                " AND event_id IN {ids:Array(UUID)}",
+                parameters={"sites": sorted({e.site_id for e in part}),
+                            "start": part[0].timestamp - RETRY_WINDOW, "end": part[-1].timestamp + RETRY_WINDOW,
+                            "ids": [e.event_id for e in part]},
+            ).result_rows
+            for event_id, site_id, visitor_id, at in rows:
+                found[event_id] = Owner(site_id, visitor_id, at.replace(tzinfo=timezone.utc))
     return found
 
 
@@ -123,20 +126,10 @@ def _stretches(events: list[Event]) -> list[list[Event]]:
     return out
 
 
-def stored_event_ids(client: Client, events: Sequence[Event], chunk: int = 2000) -> set[str]:
-    """Which of these events are stored (ids go as query parameters: a few thousand at a time)."""
-    found: set[str] = set()
-    for i in range(0, len(events), chunk):
-        part = events[i:i + chunk]
-        rows = client.query(
-            "SELECT DISTINCT toString(event_id) FROM events WHERE site_id IN {sites:Array(String)}"
-            " AND timestamp BETWEEN {start:DateTime64(3, 'UTC')} AND {end:DateTime64(3, 'UTC')}"
-            " AND event_id IN {ids:Array(UUID)}",
-            parameters={"sites": sorted({e.site_id for e in part}), "start": min(e.timestamp for e in part),
-                        "end": max(e.timestamp for e in part), "ids": [e.event_id for e in part]},
-        ).result_rows
-        found.update(row[0] for row in rows)
-    return found
+def stored_event_ids(client: Client, events: Sequence[Event]) -> set[str]:
+    """Which of these events are stored (for their site)."""
+    sites = {e.event_id: e.site_id for e in events}
+    return {event_id for event_id, owner in owners(client, events).items() if owner.site_id == sites[event_id]}
 
 
 def stored_days(client: Client) -> list[date]:

@@ -40,9 +40,9 @@ AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
 UNLIMITED = {"BK_ADMIN_KEY": ADMIN_KEY, "BK_RATE_LIMIT_PER_MINUTE": "1000000"}
 
 
-def wrk(url: str, script: str, seconds: int, connections: int, env: dict[str, str] | None = None) -> dict:
+def wrk(url: str, seconds: int, connections: int, env: dict[str, str] | None = None) -> dict:
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(HERE / script), url],
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(HERE / "load.lua"), url],
         capture_output=True, text=True, check=True, env={**os.environ, **(env or {})},
     ).stdout
     non2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
@@ -71,7 +71,7 @@ def counted(api: str, site: str) -> int:
 
 
 def load_and_check(name: str, ingest: str, api: str, site: str, args) -> dict:
-    result = wrk(ingest, "post_event.lua", args.seconds, args.connections, {"BK_BENCH_SITE": site})
+    result = wrk(ingest, args.seconds, args.connections, {"BK_BENCH_SITE": site})
     accepted, done = result["total"] - result["non2xx"], time.monotonic()
     # wrk does not count requests still in flight when it stops: the server may count a few more.
     seen = wait_until(lambda: (n := counted(api, site)) >= accepted and n, 900, f"{name}: every accepted event",
@@ -93,8 +93,7 @@ def main() -> None:
     with process([sys.executable, "-m", "uvicorn", "tests.bench.baseline:app", "--port", str(port),
                   "--no-access-log", "--log-level", "warning"], tmp / "baseline.log",
                  ready_url=f"http://127.0.0.1:{port}/"):
-        results["ceiling (bare ASGI 202)"] = wrk(f"http://127.0.0.1:{port}", "post_event.lua", args.seconds,
-                                                 args.connections)
+        results["ceiling (bare ASGI 202)"] = wrk(f"http://127.0.0.1:{port}", args.seconds, args.connections)
 
     port = free_port()
     up = f"http://127.0.0.1:{port}"
@@ -131,8 +130,8 @@ def main() -> None:
         with process([str(args.goatcounter), "serve", "-listen", f"127.0.0.1:{port}", "-tls", "http",
                       f"-db=sqlite+{db}"], tmp / "goatcounter.log"):
             time.sleep(2)
-            results["GoatCounter /count"] = wrk(f"http://127.0.0.1:{port}", "goatcounter_count.lua", args.seconds,
-                                                args.connections)
+            results["GoatCounter /count"] = wrk(f"http://127.0.0.1:{port}", args.seconds, args.connections,
+                                                {"BK_BENCH_TARGET": "goatcounter"})
 
     ceiling = results["ceiling (bare ASGI 202)"]["rps"]
     goat = results.get("GoatCounter /count", {}).get("rps")
