@@ -21,15 +21,14 @@ needs the gaps, the rest is a plain sum of first visits.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
+from functools import lru_cache
 
 from clickhouse_connect.driver.client import Client
 
 from ingest.event import Event
-from streams.buckets import BUCKET_S, bucket_of
+from streams.buckets import BUCKET_S
 from streams.goals import Goal
 from streams.sessions import Session
 
@@ -44,71 +43,71 @@ def product_value(e: Event) -> str:
     return SEPARATOR.join((e.product_id, e.product_slug, e.category_slug, e.brand_slug, e.partner_slug))
 
 
-@dataclass(frozen=True, slots=True)
-class Activity:
-    site_id: str
-    kind: str
-    value: str
-    bucket: datetime
-    visitor_id: int
-    events: int = 0
-    pageviews: int = 0
-    sessions: int = 0
-    bounces: int = 0
-    duration_ms: int = 0
-    gap: int = 0
-
-    @property
-    def key(self) -> tuple:
-        return self.site_id, self.kind, self.value, self.bucket, self.visitor_id
+# An activity row's measures, in column order: events, pageviews, sessions, bounces, duration_ms, gap.
+Measures = tuple[int, int, int, int, int, int]
+# (kind, value, quarter hour as UTC seconds // BUCKET_S)
+Key = tuple[str, str, int]
 
 
-def activity(site_id: str, visitor_id: int, events: Sequence[Event], sessions: Sequence[Session],
-             goals: Sequence[Goal] = ()) -> dict[tuple, Activity]:
-    """Every activity row of one visitor, by key."""
-    counts: dict[tuple[str, str, datetime], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+def activity(events: Sequence[Event], sessions: Sequence[Session], goals: Sequence[Goal] = ()) -> dict[Key, Measures]:
+    """Every activity row of one visitor, by key. The stream core calls this twice per visitor
+    and batch (before and after), so it works on plain tuples and integer quarter hours."""
+    counts: dict[Key, list[int]] = {}
+
+    def row(key: Key) -> list[int]:
+        found = counts.get(key)
+        if found is None:
+            found = counts[key] = [0, 0, 0, 0, 0]
+        return found
+
     for e in events:
-        bucket = bucket_of(e.timestamp)
-        total = counts[("total", "", bucket)]
+        quarter = int(e.timestamp.timestamp()) // BUCKET_S
+        total = row(("total", "", quarter))
         total[0] += 1
-        if e.is_pageview:
+        if e.name == "pageview":
             total[1] += 1
-            counts[("page", e.pathname, bucket)][0] += 1
+            row(("page", e.pathname, quarter))[0] += 1
         else:
-            counts[("name", e.name, bucket)][0] += 1
+            row(("name", e.name, quarter))[0] += 1
         if e.name == "click" and e.product_id:
-            counts[("click", product_value(e), bucket)][0] += 1
+            row(("click", product_value(e), quarter))[0] += 1
         for goal in goals:
             if goal.matches(e.name, e.pathname):
-                counts[("goal", goal.goal_id, bucket)][0] += 1
+                row(("goal", goal.goal_id, quarter))[0] += 1
     for s in sessions:
-        for kind, value in (("total", ""), ("source", source_value(s.source, s.channel)), ("country", s.country)):
-            row = counts[(kind, value, s.bucket)]
-            row[2] += 1
-            row[3] += int(s.bounce)
-            row[4] += s.duration_ms
+        quarter = int(s.start.timestamp()) // BUCKET_S
+        bounce, duration = int(s.bounce), s.duration_ms
+        for key in (("total", "", quarter), ("source", source_value(s.source, s.channel), quarter),
+                    ("country", s.country, quarter)):
+            measures = row(key)
+            measures[2] += 1
+            measures[3] += bounce
+            measures[4] += duration
 
-    previous: dict[tuple[str, str], datetime] = {}
-    out = {}
-    for (kind, value, bucket), (n, pageviews, sessions_, bounces, duration) in sorted(counts.items()):
+    previous: dict[tuple[str, str], int] = {}
+    out: dict[Key, Measures] = {}
+    for key in sorted(counts):
+        kind, value, quarter = key
         before = previous.get((kind, value))
-        gap = int((bucket - before).total_seconds()) // BUCKET_S if before else 0
-        previous[(kind, value)] = bucket
-        row = Activity(site_id, kind, value, bucket, visitor_id, n, pageviews, sessions_, bounces, duration, gap)
-        out[row.key] = row
+        previous[(kind, value)] = quarter
+        n, pageviews, sessions_, bounces, duration = counts[key]
+        out[key] = (n, pageviews, sessions_, bounces, duration, quarter - before if before is not None else 0)
     return out
+
+
+@lru_cache(maxsize=4096)
+def bucket_at(quarter: int) -> datetime:
+    return datetime.fromtimestamp(quarter * BUCKET_S, timezone.utc)
 
 
 _COLUMNS = ["site_id", "kind", "value", "bucket", "visitor_id", "events", "pageviews", "sessions", "bounces",
             "duration_ms", "gap", "version", "is_deleted"]
 
 
-def _row(a: Activity, version: int, deleted: int) -> list:
-    return [a.site_id, a.kind, a.value, a.bucket, a.visitor_id, a.events, a.pageviews, a.sessions, a.bounces,
-            a.duration_ms, a.gap, version, deleted]
-
-
-def write(client: Client, upserts: Iterable[Activity], deletes: Iterable[Activity], version: int) -> None:
-    rows = [_row(a, version, 0) for a in upserts] + [_row(a, version, 1) for a in deletes]
+def write(client: Client, upserts: Iterable[tuple], deletes: Iterable[tuple], version: int) -> None:
+    """Insert rows (site, visitor, key, measures); deletes become tombstones."""
+    rows = [[site, kind, value, bucket_at(quarter), visitor, *measures, version, deleted]
+            for deleted, changed in ((0, upserts), (1, deletes))
+            for site, visitor, (kind, value, quarter), measures in changed]
     if rows:
         client.insert("activity", rows, column_names=_COLUMNS)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
@@ -28,7 +28,6 @@ from besokskollen import metrics
 from ingest.event import Event
 from streams import activity, rollups, sessions
 from streams import events as raw_events
-from streams.activity import Activity
 from streams.buckets import history_window
 from streams.goals import GoalRegistry
 from streams.sessions import Session, event_order, sessionize
@@ -41,10 +40,26 @@ class _Changes:
     """What one batch changes, collected over its visitors."""
     sessions: list[Session] = field(default_factory=list)
     dead_sessions: list[Session] = field(default_factory=list)
-    activity: list[Activity] = field(default_factory=list)
-    dead_activity: list[Activity] = field(default_factory=list)
+    activity: list[tuple] = field(default_factory=list)  # (site, visitor, key, measures)
+    dead_activity: list[tuple] = field(default_factory=list)
     events: list[tuple[Event, int]] = field(default_factory=list)
     buckets: set = field(default_factory=set)  # (site, kind, bucket) to rebuild
+    derived: dict = field(default_factory=dict)  # visitor → _Derived, remembered once written
+
+
+@dataclass(frozen=True, slots=True)
+class _Derived:
+    """A visitor's sessions and activity as computed from a set of its events, with the goals
+    that applied: what the derived tables hold for it while its stored events are that set."""
+    event_ids: frozenset[str]
+    goals: tuple
+    sessions: list[Session]
+    activity: dict
+
+
+# Visitors whose derived rows a core remembers. A visitor's next batch usually comes within
+# minutes, to the worker that owns its partition: its "before" is then the last "after".
+REMEMBERED_VISITORS = 200_000
 
 
 class StreamCore:
@@ -52,6 +67,7 @@ class StreamCore:
         self._client = client
         self._timeout = timedelta(seconds=session_timeout_s)
         self._goals = GoalRegistry(client)
+        self._derived: OrderedDict[tuple[str, int], _Derived] = OrderedDict()
 
     def process(self, batch: list[Event], rewrite: bool = False) -> None:
         """Idempotent: processing a batch again, whole or in part, changes no number. `rewrite`
@@ -94,6 +110,7 @@ class StreamCore:
         activity.write(self._client, changes.activity, changes.dead_activity, version)
         rollups.rebuild(self._client, changes.buckets)
         raw_events.write(self._client, changes.events)  # the commit point
+        self._remember(changes.derived)
         for table, rows in (("sessions", len(changes.sessions) + len(changes.dead_sessions)),
                             ("activity", len(changes.activity) + len(changes.dead_activity)),
                             ("rollup_buckets", len(changes.buckets)), ("events", len(changes.events))):
@@ -119,25 +136,37 @@ class StreamCore:
     def _visitor(self, visitor: tuple[str, int], stored: dict[str, Event], new: dict[str, Event],
                  gone: set[str], changes: _Changes, rewrite: bool) -> None:
         site_id, visitor_id = visitor
-        before_events = [] if rewrite else sorted(stored.values(), key=event_order)
+        goals = self._goals.for_site(site_id)
         after = {**stored, **new}
         for event_id in gone:
             after.pop(event_id, None)
         after_events = sorted(after.values(), key=event_order)
-        before = sessionize(before_events, self._timeout)
-        after = sessionize(after_events, self._timeout)
-        if before == after and not rewrite:  # only events seen before: nothing to do
-            return
+        after_sessions = sessionize(after_events, self._timeout)
+        fresh = activity.activity(after_events, after_sessions, goals)
+        changes.derived[visitor] = _Derived(frozenset(after), goals, after_sessions, fresh)
+
+        if rewrite:
+            before_sessions, old = [], {}
+        else:
+            known = self._derived.get(visitor)
+            if known is not None and known.goals == goals and known.event_ids == stored.keys():
+                before_sessions, old = known.sessions, known.activity
+            else:
+                before_events = sorted(stored.values(), key=event_order)
+                before_sessions = sessionize(before_events, self._timeout)
+                old = activity.activity(before_events, before_sessions, goals) if before_events else {}
+            if before_sessions == after_sessions and old == fresh:  # only events seen before
+                return
 
         # Sessions: changed or new ones are written, vanished ones get a tombstone.
-        before_by_id = {s.session_id: s for s in before}
-        after_by_id = {s.session_id: s for s in after}
-        changes.sessions += [s for s in after if before_by_id.get(s.session_id) != s]
-        changes.dead_sessions += [s for s in before if s.session_id not in after_by_id]
+        before_by_id = {s.session_id: s for s in before_sessions}
+        after_by_id = {s.session_id: s for s in after_sessions}
+        changes.sessions += [s for s in after_sessions if before_by_id.get(s.session_id) != s]
+        changes.dead_sessions += [s for s in before_sessions if s.session_id not in after_by_id]
 
         # Raw events: the new ones, and stored ones whose session changed (a merge).
-        was_in = {eid: s.session_id for s in before for eid in s.event_ids}
-        for s in after:
+        was_in = {eid: s.session_id for s in before_sessions for eid in s.event_ids}
+        for s in after_sessions:
             for eid in s.event_ids:
                 if eid in new:
                     changes.events.append((new[eid], s.session_id))
@@ -145,17 +174,23 @@ class StreamCore:
                     changes.events.append((stored[eid], s.session_id))
 
         # Activity: likewise, by key; the buckets of every changed row are rebuilt.
-        goals = self._goals.for_site(site_id)
-        old = activity.activity(site_id, visitor_id, before_events, before, goals) if before_events else {}
-        fresh = activity.activity(site_id, visitor_id, after_events, after, goals)
-        for key, row in fresh.items():
-            if old.get(key) != row:
-                changes.activity.append(row)
-                changes.buckets.add((site_id, row.kind, row.bucket))
-        for key, row in old.items():
+        for key, measures in fresh.items():
+            if old.get(key) != measures:
+                changes.activity.append((site_id, visitor_id, key, measures))
+                changes.buckets.add((site_id, key[0], activity.bucket_at(key[2])))
+        for key, measures in old.items():
             if key not in fresh:
-                changes.dead_activity.append(row)
-                changes.buckets.add((site_id, row.kind, row.bucket))
+                changes.dead_activity.append((site_id, visitor_id, key, measures))
+                changes.buckets.add((site_id, key[0], activity.bucket_at(key[2])))
+
+    def _remember(self, derived: dict[tuple[str, int], _Derived]) -> None:
+        """Keep what a batch wrote (only once written: a batch that failed halfway is retried
+        against what is stored, not against what it meant to store)."""
+        for visitor, known in derived.items():
+            self._derived[visitor] = known
+            self._derived.move_to_end(visitor)
+        while len(self._derived) > REMEMBERED_VISITORS:
+            self._derived.popitem(last=False)
 
 
 def _first_arrivals(batch: list[Event]) -> dict[str, Event]:
