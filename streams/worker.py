@@ -1,8 +1,18 @@
-"""The distributed driver: a Faust app whose agent feeds batches from the events topic to the
-same stream core the embedded runner uses. Run N of them; Kafka shares the partitions.
+"""The distributed driver: a Faust worker that feeds batches from the events topic to the same
+stream core the embedded runner uses. Run N of them; Kafka shares the partitions.
 
-Faust's transactional mode and windowed tables are not used (see SPEC §6 and INFRA-NOTES:
-known defects); the agent runs with concurrency 1 (#606) and the core's writes are idempotent."""
+Faust hosts the process: its service tree, signals, web server (/healthz, /readyz, /metrics)
+and timers (lag metrics, the once-a-minute report). The events topic itself is read in batches by
+an aiokafka consumer that Faust runs as a task, not by a Faust agent. Measured here
+(`tests/bench/bench_streams.py`, README "Kafka, Faust and aiokafka"): a Faust agent that does
+nothing with its records handles ~14k events/s, and in a worker its per-record machinery took
+~40 % of the process's time; `getmany` hands over thousands of records in one call. The plain
+consumer also leaves two Faust defects behind (its assignor starved static members, and after a
+broker restart could assign no partitions at all).
+
+Delivery: offsets are committed after a batch is written, so a crash re-delivers at most the
+batches in flight, which the core processes idempotently. A rebalance waits for the batch being
+written and its commit before the partitions go (`_FinishBatchFirst`)."""
 
 from __future__ import annotations
 
@@ -14,6 +24,8 @@ import time
 
 import faust
 import prometheus_client
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
 
 from besokskollen import health, metrics
 from besokskollen.config import Settings
@@ -26,44 +38,102 @@ log = logging.getLogger(__name__)
 
 GROUP = "besokskollen"
 BATCH_MAX = 5000
+BATCH_WAIT_MS = 200
 LAG_METRICS_EVERY_S = 5.0
-BATCH_WITHIN_S = 0.2
-SESSION_TIMEOUT_S = 6.0
-REBALANCE_TIMEOUT_S = 10.0
-STARVED_CHECK_S = 2.0
-STARVED_AFTER_S = 4.0
+# Fast recovery: a worker that dies without leaving the group (kill -9) is noticed after the
+# session timeout (Kafka's minimum is 6 s), and a rebalance waits at most the rebalance timeout
+# for members to rejoin (Kafka clients default to 45 s and 5 min). Heartbeats go six times per
+# session timeout.
+SESSION_TIMEOUT_MS = 6000
+HEARTBEAT_MS = 1000
+REBALANCE_TIMEOUT_MS = 10000
 
 
 def broker_urls(bootstrap: str) -> list[str]:
     return [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
 
 
+class _FinishBatchFirst(ConsumerRebalanceListener):
+    """Partitions are given up only once the batch being written is written and committed."""
+
+    def __init__(self, writing: asyncio.Lock) -> None:
+        self._writing = writing
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        async with self._writing:
+            pass
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
+
+
+async def consume(settings: Settings, core: StreamCore, stats: monitor.BatchStats) -> None:
+    """Read the events topic in batches, write each through the core, then commit its offsets."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=GROUP,
+        group_instance_id=settings.worker_instance_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=SESSION_TIMEOUT_MS,
+        heartbeat_interval_ms=HEARTBEAT_MS,
+        rebalance_timeout_ms=REBALANCE_TIMEOUT_MS,
+        max_poll_records=BATCH_MAX,
+    )
+    writing = asyncio.Lock()
+    consumer.subscribe([settings.kafka_topic], listener=_FinishBatchFirst(writing))
+    await consumer.start()
+    try:
+        while True:
+            batches = await consumer.getmany(timeout_ms=BATCH_WAIT_MS, max_records=BATCH_MAX)
+            if not batches:
+                continue
+            async with writing:
+                values = [record.value for records in batches.values() for record in records]
+                started = time.perf_counter()
+                # A batch being written is finished even when the worker is asked to stop.
+                written = asyncio.ensure_future(process_until_written(core, _decode(values)))
+                try:
+                    await asyncio.shield(written)
+                except asyncio.CancelledError:
+                    await written
+                    await _commit(consumer, batches)
+                    raise
+                await _commit(consumer, batches)
+            elapsed = time.perf_counter() - started
+            stats.add(len(values), elapsed * 1000)
+            metrics.BATCH_SECONDS.observe(elapsed)
+            metrics.EVENTS_PROCESSED.inc(len(values))
+    finally:
+        await consumer.stop()
+
+
+async def _commit(consumer: AIOKafkaConsumer, batches: dict) -> None:
+    try:
+        await consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
+    except (CommitFailedError, KafkaError) as exc:
+        # The partitions went to another member meanwhile (or the broker is away): it starts from
+        # the last committed offsets and processes this batch again, idempotently.
+        log.warning("could not commit a written batch (%s); its events will be processed again", exc)
+
+
 def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) -> faust.App:
     if settings.kafka_bootstrap is None:
         raise SystemExit("the worker needs BK_KAFKA_BOOTSTRAP (without Kafka, `besokskollen up` runs the stream core)")
     app = faust.App(
-        GROUP,
+        f"{GROUP}-worker",
         broker=broker_urls(settings.kafka_bootstrap),
-        topic_partitions=settings.kafka_partitions,
-        topic_replication_factor=settings.kafka_replication_factor,
         # Faust's web server carries /healthz, /readyz and /metrics (nothing else of Faust's).
         web_enabled=True,
         web_bind=host,
         web_port=port,
         web_host=host,
-        consumer_auto_offset_reset="earliest",
-        # Fast recovery: a worker that dies without leaving the group (kill -9) is noticed after
-        # the session timeout, and a rebalance waits at most the rebalance timeout for members to
-        # rejoin (Faust's defaults are 60 s each). Heartbeats go three times per session timeout.
-        broker_session_timeout=SESSION_TIMEOUT_S,
-        broker_heartbeat_interval=SESSION_TIMEOUT_S / 6,
-        broker_rebalance_timeout=REBALANCE_TIMEOUT_S,
-        # Offsets are committed often: what a killed worker had processed but not committed is
-        # processed again (idempotently) by whoever takes its partitions.
-        broker_commit_interval=1.0,
+        # Faust's own consumer reads no topic of ours; it still joins a group of its own, which
+        # should not hold a restarted worker up for Faust's 60 s defaults either.
+        broker_session_timeout=SESSION_TIMEOUT_MS / 1000,
+        broker_heartbeat_interval=HEARTBEAT_MS / 1000,
+        broker_rebalance_timeout=REBALANCE_TIMEOUT_MS / 1000,
     )
-    topic = app.topic(settings.kafka_topic, key_serializer="raw", value_serializer="raw",
-                      partitions=settings.kafka_partitions)
     client = storage.connect(settings.clickhouse_url)
     replay.upgrade(client, settings.session_timeout_s, settings.raw_events_ttl_days, settings.clickhouse_cluster)
     core = StreamCore(client, settings.session_timeout_s)
@@ -85,46 +155,16 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
     async def metrics_page(web, request):
         return web.bytes(prometheus_client.generate_latest(), content_type="text/plain")
 
-    @app.agent(topic, concurrency=1)
-    async def process(stream: faust.StreamT) -> None:
-        async for values in stream.take(BATCH_MAX, within=BATCH_WITHIN_S):
-            # take() acks a batch's offsets when control returns to it, even when the agent is
-            # cancelled (worker shutdown): so a batch being written is finished first.
-            started = time.perf_counter()
-            writing = asyncio.ensure_future(process_until_written(core, _decode(values)))
+    @app.task
+    async def process() -> None:
+        delay = 1.0
+        while True:
             try:
-                await asyncio.shield(writing)
-            except asyncio.CancelledError:
-                await writing
-                raise
-            elapsed = time.perf_counter() - started
-            stats.add(len(values), elapsed * 1000)
-            metrics.BATCH_SECONDS.observe(elapsed)
-            metrics.EVENTS_PROCESSED.inc(len(values))
-
-    starved = {"since": None}
-
-    @app.timer(STARVED_CHECK_S)
-    async def rejoin_if_starved() -> None:
-        """After a broker restart, the group leader's metadata can lack the topic for good
-        (Faust 0.15.3 logs "Ignoring missing topic") and its assignor then hands every member an
-        empty assignment: the group sits idle. A worker with no partitions, while there are at
-        least as many partitions as members, refreshes its metadata and asks for a rebalance."""
-        if app.consumer.assignment():
-            starved["since"] = None
-            return
-        now = time.monotonic()
-        if starved["since"] is None:
-            starved["since"] = now
-            return
-        if now - starved["since"] < STARVED_AFTER_S:
-            return
-        members, partitions = await monitor.group_size(settings.kafka_bootstrap, settings.kafka_topic, GROUP)
-        if partitions and members <= partitions:
-            log.warning("no partitions for %.0f s with %d members and %d partitions: asking for a rebalance",
-                        now - starved["since"], members, partitions)
-            _refresh_and_rejoin(app, settings.kafka_topic)
-            starved["since"] = now
+                await consume(settings, core, stats)
+            except KafkaError as exc:  # e.g. no broker reachable at start: keep trying
+                log.warning("consuming %s failed (%s); retrying in %.0f s", settings.kafka_topic, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     @app.timer(LAG_METRICS_EVERY_S)
     async def lag_metrics() -> None:
@@ -150,23 +190,9 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
     return app
 
 
-def _refresh_and_rejoin(app: faust.App, topic: str) -> None:
-    """Reload the consumer's metadata (with the topic in it) and make it rejoin its group. The
-    aiokafka consumer lives in Faust's consumer thread, on that thread's loop."""
-    thread = app.consumer._thread
-    consumer = thread._consumer
-
-    async def refresh() -> None:
-        await consumer._client.add_topic(topic)
-        await consumer._client.force_metadata_update()
-        consumer._coordinator.request_rejoin()
-
-    asyncio.run_coroutine_threadsafe(refresh(), thread.thread_loop)
-
-
 def _decode(values: list[bytes]) -> list[Event]:
     """Events of a batch; a record that is not an event (only a foreign producer can write one)
-    is logged and skipped rather than crash the agent on every restart."""
+    is logged and skipped rather than stop the worker on every restart."""
     events = []
     for value in values:
         try:

@@ -1,7 +1,8 @@
 """Stream throughput and freshness, distributed topology (Kafka 4.x, Faust workers, the ClickHouse
 front over chDB):
 
-1. the ceiling: how fast a bare aiokafka consumer reads the events topic on this machine;
+1. the ceiling: how fast a bare aiokafka consumer reads the events topic on this machine, and how
+   fast Faust hands the same records to an agent that does nothing with them;
 2. one `besokskollen worker`: events/s through the whole stream core, as a share of the ceiling;
 3. freshness: ingest's capacity is measured, then events are sent at half of it for a while with
    two workers, one of them killed (-9) halfway; for every accepted pageview, the time from its
@@ -78,6 +79,39 @@ async def raw_consume_rate(bootstrap: str, topic: str, n: int) -> float:
         return seen / (time.perf_counter() - started)
     finally:
         await consumer.stop()
+
+
+# A Faust agent that only counts what it is given: how fast Faust itself hands a topic's records
+# to an agent here (the same batching as streams/worker.py), before any work is done on them.
+_FAUST_NOOP = """
+import os, time, faust
+app = faust.App(os.environ["NOOP_GROUP"], broker="kafka://" + os.environ["NOOP_BOOTSTRAP"], web_enabled=False,
+                consumer_auto_offset_reset="earliest")
+topic = app.topic(os.environ["NOOP_TOPIC"], key_serializer="raw", value_serializer="raw")
+seen = {"n": 0, "since": None}
+
+@app.agent(topic)
+async def count(stream):
+    async for values in stream.take(5000, within=0.2):
+        if seen["since"] is None:  # from the first batch on: joining the group is not counted
+            seen["since"] = time.perf_counter()
+            continue
+        seen["n"] += len(values)
+        if seen["n"] >= int(os.environ["NOOP_UNTIL"]):
+            with open(os.environ["NOOP_OUT"], "w") as out:
+                out.write(str(seen["n"] / (time.perf_counter() - seen["since"])))
+            os._exit(0)
+"""
+
+
+def faust_noop_rate(tmp: Path, bootstrap: str, topic: str, n: int) -> float:
+    (tmp / "faust_noop.py").write_text(_FAUST_NOOP)
+    out = tmp / "faust_noop.rate"
+    env = {**os.environ, "NOOP_GROUP": f"noop-{uuid.uuid4().hex[:6]}", "NOOP_BOOTSTRAP": bootstrap,
+           "NOOP_TOPIC": topic, "NOOP_UNTIL": str(n * 3 // 4), "NOOP_OUT": str(out)}
+    subprocess.run([sys.executable, "-m", "faust", "-A", "faust_noop", "worker", "-l", "warn", "--without-web"],
+                   cwd=tmp, env=env, capture_output=True, timeout=600)
+    return float(out.read_text())
 
 
 def stored(clickhouse: str, site: str) -> int:
@@ -195,6 +229,9 @@ def main() -> None:
             asyncio.run(produce(broker.bootstrap, topic, batch))
             ceiling = asyncio.run(raw_consume_rate(broker.bootstrap, topic, args.events))
             print(f"raw aiokafka consume: {ceiling:,.0f} events/s", flush=True)
+            noop = faust_noop_rate(tmp, broker.bootstrap, topic, args.events)
+            print(f"a Faust agent doing nothing: {noop:,.0f} events/s = {noop / ceiling:.0%} of the raw consume rate",
+                  flush=True)
             rate = worker_rate(tmp, env, clickhouse, "rate-example", args.events)
             print(f"one worker: {rate:,.0f} events/s = {rate / ceiling:.0%} of the raw consume rate", flush=True)
 
