@@ -12,7 +12,8 @@ broker restart could assign no partitions at all).
 
 Delivery: offsets are committed after a batch is written, so a crash re-delivers at most the
 batches in flight, which the core processes idempotently. A rebalance waits for the batch being
-written and its commit before the partitions go (`_FinishBatchFirst`)."""
+written and its commit before the partitions go, so two workers never write one partition's
+events at once (`_FinishBatchFirst`)."""
 
 from __future__ import annotations
 
@@ -54,14 +55,18 @@ def broker_urls(bootstrap: str) -> list[str]:
 
 
 class _FinishBatchFirst(ConsumerRebalanceListener):
-    """Partitions are given up only once the batch being written is written and committed."""
+    """Partitions are given up only once the batch being written is written and committed; a
+    batch fetched before a rebalance and not yet begun is dropped (`generation` moved on), since
+    its partitions may be another worker's by now. Whoever owns them after the rebalance —
+    possibly this worker again — reads them from the committed offsets."""
 
-    def __init__(self, writing: asyncio.Lock) -> None:
-        self._writing = writing
+    def __init__(self) -> None:
+        self.writing = asyncio.Lock()
+        self.generation = 0
 
     async def on_partitions_revoked(self, revoked) -> None:
-        async with self._writing:
-            pass
+        async with self.writing:
+            self.generation += 1
 
     async def on_partitions_assigned(self, assigned) -> None:
         log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
@@ -80,15 +85,18 @@ async def consume(settings: Settings, core: StreamCore, stats: monitor.BatchStat
         rebalance_timeout_ms=REBALANCE_TIMEOUT_MS,
         max_poll_records=BATCH_MAX,
     )
-    writing = asyncio.Lock()
-    consumer.subscribe([settings.kafka_topic], listener=_FinishBatchFirst(writing))
+    rebalances = _FinishBatchFirst()
+    consumer.subscribe([settings.kafka_topic], listener=rebalances)
     await consumer.start()
     try:
         while True:
+            generation = rebalances.generation
             batches = await consumer.getmany(timeout_ms=BATCH_WAIT_MS, max_records=BATCH_MAX)
             if not batches:
                 continue
-            async with writing:
+            async with rebalances.writing:
+                if rebalances.generation != generation:
+                    continue
                 values = [record.value for records in batches.values() for record in records]
                 started = time.perf_counter()
                 # A batch being written is finished even when the worker is asked to stop.
