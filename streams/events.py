@@ -4,7 +4,7 @@ core can recompute that visitor's sessions and activity from everything it did."
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import date, datetime, timedelta, timezone
 from typing import NamedTuple
 
@@ -65,11 +65,12 @@ WHERE site_id IN {{sites:Array(String)}}
 """
 
 
-def write(client: Client, events: Iterable[tuple[Event | StoredEvent, int]]) -> None:
-    """Insert (event, session id) rows; a row for an existing event id replaces the stored one."""
-    rows = [[*(getattr(e, f) for f in _FIELDS), session_id] for e, session_id in events]
-    if rows:
-        client.insert("events", rows, column_names=_COLUMNS)
+def write(client: Client, events: list[tuple[Event | StoredEvent, int]]) -> None:
+    """Insert (event, session id) rows, by column; a row for an existing event id replaces the
+    stored one."""
+    if events:
+        columns = [[getattr(e, f) for e, _ in events] for f in _FIELDS] + [[sid for _, sid in events]]
+        client.insert("events", columns, column_names=_COLUMNS, column_oriented=True)
 
 
 def history(client: Client, visitors: set[tuple[str, int]], start: datetime, end: datetime

@@ -34,9 +34,9 @@ async def partition_lags(bootstrap: str, topic: str, group: str) -> list[Partiti
     """Lag of the consumer group on every partition of the topic."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await consumer.start()
-    await admin.start()
-    try:
+    try:  # both are closed whichever start fails (the broker may be away)
+        await consumer.start()
+        await admin.start()
         (metadata,) = await admin.describe_topics([topic])
         partitions = [TopicPartition(topic, p["partition"]) for p in sorted(metadata.get("partitions", ()),
                                                                               key=lambda p: p["partition"])]

@@ -1,5 +1,5 @@
-"""The events topic. Created explicitly by whichever process starts first (ingest or worker):
-Faust does not create the topics its agents read, and re-checks for them only every 5 minutes."""
+"""The events topic. Created explicitly, with BK_KAFKA_PARTITIONS partitions, by whichever
+process starts first (ingest or worker), rather than left to the broker's auto-creation defaults."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ log = logging.getLogger(__name__)
 
 async def ensure_topic(bootstrap: str, topic: str, partitions: int, replication_factor: int) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
     try:
+        await admin.start()
         await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor)])
         log.info("created topic %s with %d partitions", topic, partitions)
     except TopicAlreadyExistsError:

@@ -55,10 +55,10 @@ def broker_urls(bootstrap: str) -> list[str]:
 
 
 class _FinishBatchFirst(ConsumerRebalanceListener):
-    """Partitions are given up only once the batch being written is written and committed; a
-    batch fetched before a rebalance and not yet begun is dropped (`generation` moved on), since
-    its partitions may be another worker's by now. Whoever owns them after the rebalance —
-    possibly this worker again — reads them from the committed offsets."""
+    """Partitions are given up only once the batch being written is written and committed. A
+    batch fetched while a rebalance began is not written (`generation` moved on): its partitions
+    may be another worker's by now. Its records are read again by whoever owns them after the
+    rebalance — from the committed offsets, or, where this worker kept them, from `_unread`."""
 
     def __init__(self) -> None:
         self.writing = asyncio.Lock()
@@ -87,8 +87,10 @@ async def consume(settings: Settings, core: StreamCore, stats: monitor.BatchStat
     )
     rebalances = _FinishBatchFirst()
     consumer.subscribe([settings.kafka_topic], listener=rebalances)
-    await consumer.start()
     try:
+        await ensure_topic(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions,
+                           settings.kafka_replication_factor)
+        await consumer.start()
         while True:
             generation = rebalances.generation
             batches = await consumer.getmany(timeout_ms=BATCH_WAIT_MS, max_records=BATCH_MAX)
@@ -96,6 +98,7 @@ async def consume(settings: Settings, core: StreamCore, stats: monitor.BatchStat
                 continue
             async with rebalances.writing:
                 if rebalances.generation != generation:
+                    _unread(consumer, batches)
                     continue
                 values = [record.value for records in batches.values() for record in records]
                 started = time.perf_counter()
@@ -114,6 +117,15 @@ async def consume(settings: Settings, core: StreamCore, stats: monitor.BatchStat
             metrics.EVENTS_PROCESSED.inc(len(values))
     finally:
         await consumer.stop()
+
+
+def _unread(consumer: AIOKafkaConsumer, batches: dict) -> None:
+    """Give a dropped batch back: partitions still (or already again) assigned are read from its
+    first record on. The batch may have come from the new assignment, whose positions are past it."""
+    assigned = consumer.assignment()
+    for tp, records in batches.items():
+        if tp in assigned:
+            consumer.seek(tp, records[0].offset)
 
 
 async def _commit(consumer: AIOKafkaConsumer, batches: dict) -> None:
@@ -169,7 +181,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
         while True:
             try:
                 await consume(settings, core, stats)
-            except KafkaError as exc:  # e.g. no broker reachable at start: keep trying
+            except KafkaError as exc:  # e.g. no broker reachable (at start, or restarted meanwhile)
                 log.warning("consuming %s failed (%s); retrying in %.0f s", settings.kafka_topic, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -212,6 +224,20 @@ def _decode(values: list[bytes]) -> list[Event]:
 
 def run(settings: Settings, host: str = "127.0.0.1", port: int = 8083, loglevel: str = "info") -> None:
     app = create_app(settings, host, port)
-    asyncio.run(ensure_topic(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions,
-                             settings.kafka_replication_factor))
+    # Faust exits at start when no broker answers ("Unable to bootstrap"): a worker (re)started
+    # during a broker outage waits for it here instead. Once running, it rides outages out.
+    asyncio.run(_until_broker_answers(settings))
     faust.Worker(app, loglevel=loglevel).execute_from_commandline()
+
+
+async def _until_broker_answers(settings: Settings) -> None:
+    delay = 0.5
+    while True:
+        try:
+            await ensure_topic(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions,
+                               settings.kafka_replication_factor)
+            return
+        except (KafkaError, OSError) as exc:
+            log.warning("no Kafka broker answers at %s (%s); waiting", settings.kafka_bootstrap, type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

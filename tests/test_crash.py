@@ -406,6 +406,41 @@ def test_survivors_take_over_when_workers_leave(kafka, clickhouse_http, tmp_path
         d.stop()
 
 
+def test_workers_joining_and_leaving_all_the_time_lose_nothing(kafka, clickhouse_http, tmp_path):
+    """Rebalance after rebalance mid-stream: a third worker joins and leaves (cleanly, then by
+    kill -9, unnamed so it is a new member each time) while batches are being fetched. A batch
+    fetched as a rebalance began is dropped and read again, never skipped: nothing accepted is
+    missing, nothing counts twice."""
+    d = deploy(kafka, clickhouse_http, tmp_path, workers=2)
+    extra = Proc([*CLI, "worker", "--port", str(free_port())], tmp_path / "worker-extra.log", d.env)
+    try:
+        site, funnel = asyncio.run(_create(d.api, "churn.example"))
+        people = traffic(site, 1500, seed=21)
+        outcome: dict[str, str] = {}
+        rng = random.Random(21)
+
+        def churn() -> None:
+            for n in range(6):
+                extra.start()
+                time.sleep(rng.uniform(2.5, 4))
+                if n % 2:
+                    extra.stop()
+                else:
+                    extra.kill()
+                time.sleep(rng.uniform(0.5, 1.5))
+
+        churner = threading.Thread(target=churn)
+        churner.start()
+        asyncio.run(send(d.ingest, people, outcome))
+        churner.join()
+        assert all(r == "202" for r in outcome.values())
+        got, want, _ = settle(d.api, clickhouse_http, site, people, outcome, funnel, timeout=90)
+        assert got == {k: want[k] for k in got}
+    finally:
+        extra.stop()
+        d.stop()
+
+
 @pytest.mark.parametrize("workers", [1])
 def test_duplicates_and_late_events_land_once_where_they_belong(kafka, clickhouse_http, tmp_path, workers):
     """The same 5,000 events produced to Kafka twice, then 2,000 imported with timestamps ten
