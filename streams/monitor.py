@@ -56,19 +56,6 @@ async def partition_lags(bootstrap: str, topic: str, group: str) -> list[Partiti
         await admin.close()
 
 
-async def group_size(bootstrap: str, topic: str, group: str) -> tuple[int, int]:
-    """(members of the consumer group, partitions of the topic)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        (response,) = await admin.describe_consumer_groups([group])
-        members = len(response.groups[0][5])
-        (metadata,) = (await admin.describe_topics([topic]))
-        return members, len(metadata.get("partitions", ()))
-    finally:
-        await admin.close()
-
-
 async def _age_at(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> float | None:
     consumer.assign([tp])
     consumer.seek(tp, offset)

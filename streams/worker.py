@@ -88,8 +88,6 @@ async def consume(settings: Settings, core: StreamCore, stats: monitor.BatchStat
     rebalances = _FinishBatchFirst()
     consumer.subscribe([settings.kafka_topic], listener=rebalances)
     try:
-        await ensure_topic(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions,
-                           settings.kafka_replication_factor)
         await consumer.start()
         while True:
             generation = rebalances.generation
