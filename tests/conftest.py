@@ -69,6 +69,16 @@ def process(args: list[str], log_path: Path, env: dict[str, str] | None = None, 
                 proc.wait()
 
 
+@contextmanager
+def up_server(data: Path, log_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`besokskollen up` on a free port, ready once its OpenAPI document answers; yields the base URL."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with process([sys.executable, "-m", "besokskollen", "up", "--data", str(data), "--port", str(port)], log_path,
+                 env, ready_url=f"{base}/api/v1/openapi.json"):
+        yield base
+
+
 # -- embedded topology, in this process -----------------------------------------------------------
 
 @pytest.fixture(scope="session")

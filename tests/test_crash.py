@@ -271,6 +271,16 @@ async def send(ingest: str, people: list[Person], outcome: dict[str, str], concu
     return last
 
 
+def send_while(disturb, ingest: str, people: list[Person], outcome: dict[str, str]) -> None:
+    """Send every event while `disturb` runs beside; workers come and go, ingest stays: every
+    event must be accepted."""
+    disturber = threading.Thread(target=disturb)
+    disturber.start()
+    asyncio.run(send(ingest, people, outcome))
+    disturber.join()
+    assert all(r == "202" for r in outcome.values())
+
+
 def stored_serials(clickhouse_http: str, site: str) -> Counter:
     from streams import storage
 
@@ -390,11 +400,7 @@ def test_survivors_take_over_when_workers_leave(kafka, clickhouse_http, tmp_path
             time.sleep(1)
             d.procs["w3"].kill()
 
-        leaver = threading.Thread(target=leave)
-        leaver.start()
-        asyncio.run(send(d.ingest, people, outcome))
-        leaver.join()
-        assert all(r == "202" for r in outcome.values())
+        send_while(leave, d.ingest, people, outcome)
         got, want, _ = settle(d.api, clickhouse_http, site, people, outcome, funnel, timeout=90)
         assert got == {k: want[k] for k in got}
         wait_until(lambda: stable_group_size(kafka, "besokskollen") == 1, 30, "one worker left in the group")
@@ -429,11 +435,7 @@ def test_workers_joining_and_leaving_all_the_time_lose_nothing(kafka, clickhouse
                     extra.kill()
                 time.sleep(rng.uniform(0.5, 1.5))
 
-        churner = threading.Thread(target=churn)
-        churner.start()
-        asyncio.run(send(d.ingest, people, outcome))
-        churner.join()
-        assert all(r == "202" for r in outcome.values())
+        send_while(churn, d.ingest, people, outcome)
         got, want, _ = settle(d.api, clickhouse_http, site, people, outcome, funnel, timeout=90)
         assert got == {k: want[k] for k in got}
     finally:

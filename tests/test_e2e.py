@@ -11,7 +11,7 @@ import sys
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, free_port, process, stable_group_size, wait_until
+from tests.conftest import ADMIN_KEY, free_port, process, stable_group_size, up_server, wait_until
 from tests.traffic import PRODUCTS, Traffic
 
 VISITORS = 350  # ≈ 1,100 events
@@ -84,10 +84,7 @@ def create_site(api: str) -> None:
 @pytest.fixture(scope="module")
 def embedded_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("up")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    with process([*CLI, "up", "--data", str(tmp / "data"), "--port", str(port)], tmp / "up.log",
-                 env={"BK_ADMIN_KEY": ADMIN_KEY}, ready_url=f"{base}/api/v1/openapi.json"):
+    with up_server(tmp / "data", tmp / "up.log", env={"BK_ADMIN_KEY": ADMIN_KEY}) as base:
         create_site(base)
         t = traffic()
         asyncio.run(post_all(t, base))

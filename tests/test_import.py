@@ -26,7 +26,7 @@ from ingest.salts import Salts
 from ingest.visitors import hash_visitor
 from streams.events import stored_event_ids
 from streams.sites import Site
-from tests.conftest import ADMIN_KEY, BROWSER, free_port, process, stable_group_size, wait_until
+from tests.conftest import ADMIN_KEY, BROWSER, free_port, process, stable_group_size, up_server, wait_until
 from tests.traffic import AGENTS
 
 NDJSON = "application/x-ndjson"
@@ -323,8 +323,7 @@ def stored_in_folder(data: Path, site_id: str) -> list:
 
 
 def test_cli_imports_through_a_server_and_into_a_folder(tmp_path):
-    data, port = tmp_path / "data", free_port()
-    base = f"http://127.0.0.1:{port}"
+    data = tmp_path / "data"
     # In time order, as exports are: chunk after chunk, each stored before the next, gives the
     # visitor ids one request would (an unordered file could not carry sessions across chunks).
     lines = sorted(history("cli.example", 12_000, seed=6), key=lambda line: line["timestamp"])
@@ -333,8 +332,7 @@ def test_cli_imports_through_a_server_and_into_a_folder(tmp_path):
     clean.write_bytes(ndjson(lines[:11_000]))
     broken.write_bytes(ndjson(lines))
 
-    with process([*CLI, "up", "--data", str(data), "--port", str(port)], tmp_path / "up.log",
-                 env={"BK_ADMIN_KEY": ADMIN_KEY}, ready_url=f"{base}/api/v1/openapi.json"):
+    with up_server(data, tmp_path / "up.log", env={"BK_ADMIN_KEY": ADMIN_KEY}) as base:
         created = httpx.post(f"{base}/api/v1/sites", json={"domain": "cli.example"},
                              headers={"authorization": f"Bearer {ADMIN_KEY}"})
         assert created.status_code == 201, created.text

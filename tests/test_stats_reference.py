@@ -16,7 +16,7 @@ from datetime import date, datetime, timedelta, timezone
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, free_port, process, stable_group_size, wait_until
+from tests.conftest import ADMIN_KEY, free_port, process, stable_group_size, up_server, wait_until
 from tests.reference import Reference, SiteSpec, default_sites, generate, to_ndjson
 
 API = "/api/v1"
@@ -223,10 +223,7 @@ def test_distributed_answers_equal_the_reference_and_the_embedded_topology(sampl
     sites, lines, ref = sample
     assert len(lines) >= 20_000
 
-    port = free_port()
-    embedded_base = f"http://127.0.0.1:{port}"
-    with process([*CLI, "up", "--data", str(tmp_path / "up"), "--port", str(port)], tmp_path / "up.log",
-                 env={"BK_ADMIN_KEY": ADMIN_KEY, **UNLIMITED}, ready_url=f"{embedded_base}{API}/openapi.json"):
+    with up_server(tmp_path / "up", tmp_path / "up.log", env={"BK_ADMIN_KEY": ADMIN_KEY, **UNLIMITED}) as embedded_base:
         embedded_answers = asyncio.run(_load_and_compare(embedded_base, embedded_base, sites, lines, ref))
 
     env = {"BK_KAFKA_BOOTSTRAP": kafka, "BK_CLICKHOUSE_URL": clickhouse_http, "BK_ADMIN_KEY": ADMIN_KEY, **UNLIMITED,

@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from ingest import tracker
-from tests.conftest import ADMIN_KEY, free_port, process, wait_until
-from tests.test_crash import API, AUTH, CLI
+from tests.conftest import ADMIN_KEY, free_port, up_server, wait_until
+from tests.test_crash import API, AUTH
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Without the background-networking flags Chromium keeps dialling Google, refused here.
@@ -60,11 +60,8 @@ def test_the_script_is_small_cached_and_revalidates():
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tracker")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    with process([*CLI, "up", "--data", str(tmp / "data"), "--port", str(port)], tmp / "up.log",
-                 env={"BK_ADMIN_KEY": ADMIN_KEY, "BK_RATE_LIMIT_PER_MINUTE": "100000"},
-                 ready_url=f"{base}{API}/openapi.json"):
+    with up_server(tmp / "data", tmp / "up.log",
+                   env={"BK_ADMIN_KEY": ADMIN_KEY, "BK_RATE_LIMIT_PER_MINUTE": "100000"}) as base:
         yield base
 
 
