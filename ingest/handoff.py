@@ -27,8 +27,10 @@ _REPLAY_BATCH = 2000
 _REPLAY_ACK_TIMEOUT_S = 10.0
 _SYNC_PERIOD_S = 1.0
 _CONNECT_TIMEOUT_S = 10.0
-# How often, and how patiently, the broker connection is checked.
-_WATCH_PERIOD_S = 0.25
+# How often, and how patiently, the broker connection is checked. A check of a live connection
+# costs no I/O, and the requests that arrive between an outage and its check each wait for it:
+# at 250 ms, the first wave of an outage waited ~165 ms (the outage test's p99 is 100 ms).
+_WATCH_PERIOD_S = 0.05
 _WATCH_TIMEOUT_S = 1.0
 
 
