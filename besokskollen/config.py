@@ -27,8 +27,8 @@ class Settings(BaseSettings):
     admin_key: str | None = None
     trusted_proxies: str = "127.0.0.1/32,::1/128"
     session_timeout_s: int = 1800
-    # A worker's name in status reports (default host:pid). Not used for Kafka's static group
-    # membership: Faust 0.15.3's assignor hands static members no partitions (README).
+    # A worker's name in status reports (default host:pid) and, when set, its static member id
+    # in the consumer group: a restarted worker takes its partitions back without a rebalance.
     worker_instance_id: str | None = None
     # Raw events older than this are deleted by ClickHouse (TTL); rollups keep every number.
     raw_events_ttl_days: int = 400
@@ -78,8 +78,9 @@ class Settings(BaseSettings):
         return days
 
     @cached_property
-    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-        return tuple(
+    def trusted_networks(self) -> frozenset[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        # A frozenset caches its hash: ingest/clients.py caches verdicts keyed by it per request.
+        return frozenset(
             ipaddress.ip_network(cidr.strip(), strict=False)
             for cidr in self.trusted_proxies.split(",")
             if cidr.strip()

@@ -93,9 +93,7 @@ def seed(services: Services, core: StreamCore, now: datetime | None = None, seed
                 start = midnight + timedelta(hours=min(23.99, max(0.0, rng.gauss(16, 4.5))))
                 visits += [(at, incoming, ip, agent, country) for at, incoming in _visit(rng, site, start) if at <= now]
             visits.sort(key=lambda visit: visit[0])
-            core.process([enrich(incoming, site, useragents.parse(agent), agent, "127.0.0.1",
-                                 {"x-forwarded-for": ip, "cf-ipcountry": country},
-                                 services.settings.trusted_networks, visitors, at)
+            core.process([enrich(incoming, site, useragents.parse(agent), agent, ip, country, visitors, at)
                           for at, incoming, ip, agent, country in visits])
             progress.advance(task)
     return site

@@ -64,9 +64,18 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
     return bytes(body)
 
 
-def _is_prefetch(request: Request) -> bool:
-    purpose = (request.headers.get("sec-purpose") or request.headers.get("purpose")
-               or request.headers.get("x-moz") or "").lower()
+def _headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """One dict (Starlette's Headers scans the list on every lookup, and a request makes ~10);
+    repeated headers are joined as HTTP allows, so every X-Forwarded-For line counts."""
+    headers: dict[str, str] = {}
+    for name, value in raw:
+        key, text = name.decode("latin-1"), value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    return headers
+
+
+def _is_prefetch(headers: dict[str, str]) -> bool:
+    purpose = (headers.get("sec-purpose") or headers.get("purpose") or headers.get("x-moz") or "").lower()
     return any(p in purpose for p in _PREFETCH)
 
 
@@ -113,17 +122,18 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
             which = f"site_id {incoming.site_id!r}" if incoming.site_id else f"domain {incoming.domain!r}"
             return _error(404, "unknown_site", f"no site with {which}")
 
-        user_agent = request.headers.get("user-agent", "")
+        headers = _headers(request.scope["headers"])
+        user_agent = headers.get("user-agent", "")
         agent = useragents.parse(user_agent)
-        prefetch = _is_prefetch(request)
+        prefetch = _is_prefetch(headers)
         if agent.is_bot or prefetch:
             metrics.EVENTS_DROPPED.labels("prefetch" if prefetch else "bot").inc()
             return _accepted(**{"x-dropped": "bot"})
 
         at = utcnow()
         peer = request.client.host if request.client else ""
-        args = (incoming, site, agent, user_agent, peer, request.headers, trusted, visitors, at)
-        ip = clients.client_ip(peer, request.headers, trusted)
+        ip = clients.client_ip(peer, headers, trusted)
+        args = (incoming, site, agent, user_agent, ip, clients.country(ip, peer, headers, trusted), visitors, at)
         needs_io = visitors.needs_io(site.site_id, ip, user_agent, at)
         event = await asyncio.to_thread(enrich, *args) if needs_io else enrich(*args)
         try:

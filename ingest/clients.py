@@ -12,6 +12,9 @@ import iptocc
 import pycountry
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Trusted proxies: hashable, since verdicts are cached by (address, trusted); a frozenset
+# (Settings.trusted_networks) hashes once, a tuple on every lookup.
+Trusted = frozenset[Network] | tuple[Network, ...]
 
 # Edges that geolocate for us (Cloudflare, Vercel, CloudFront).
 _COUNTRY_HEADERS = ("cf-ipcountry", "x-vercel-ip-country", "cloudfront-viewer-country")
@@ -20,7 +23,7 @@ _COUNTRIES = frozenset(c.alpha_2 for c in pycountry.countries)
 
 
 @lru_cache(maxsize=4096)  # peers are mostly the same few proxies; parsing an IP is not free
-def _trusted(address: str, trusted: tuple[Network, ...]) -> bool:
+def _trusted(address: str, trusted: Trusted) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -28,7 +31,7 @@ def _trusted(address: str, trusted: tuple[Network, ...]) -> bool:
     return any(ip in net for net in trusted)
 
 
-def client_ip(peer: str, headers: Mapping[str, str], trusted: tuple[Network, ...]) -> str:
+def client_ip(peer: str, headers: Mapping[str, str], trusted: Trusted) -> str:
     """The right-most X-Forwarded-For entry that is not itself a trusted proxy."""
     if not _trusted(peer, trusted):
         return peer
@@ -47,7 +50,7 @@ def _lookup(ip: str) -> str:
         return ""
 
 
-def country(ip: str, peer: str, headers: Mapping[str, str], trusted: tuple[Network, ...]) -> str:
+def country(ip: str, peer: str, headers: Mapping[str, str], trusted: Trusted) -> str:
     if _trusted(peer, trusted):
         for name in _COUNTRY_HEADERS:
             code = headers.get(name, "").strip().upper()

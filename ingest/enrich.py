@@ -3,7 +3,6 @@ stream core. Pure apart from the visitor-id salts."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import os
 import threading
 import time
@@ -11,20 +10,18 @@ import uuid
 from datetime import datetime
 from urllib.parse import urlsplit
 
-from ingest import clients, referrers
+from ingest import referrers
 from ingest.event import Event, IncomingEvent
 from ingest.useragents import Agent
 from ingest.visitors import Visitors
 from streams.sites import Site
 
 
-def enrich(incoming: IncomingEvent, site: Site, agent: Agent, user_agent: str, peer: str,
-           headers: Mapping[str, str], trusted: tuple[clients.Network, ...], visitors: Visitors,
-           at: datetime, event_id: str | None = None) -> Event:
-    """`event_id` is given by imports (their own or a content hash). A live event with a client
-    id gets uuid5(client id, site id) — the same on every retry, and no client can reach another
-    site's events — else a new UUIDv7."""
-    ip = clients.client_ip(peer, headers, trusted)
+def enrich(incoming: IncomingEvent, site: Site, agent: Agent, user_agent: str, ip: str, country: str,
+           visitors: Visitors, at: datetime, event_id: str | None = None) -> Event:
+    """`ip` and `country` are the client's (ingest/clients.py). `event_id` is given by imports
+    (their own or a content hash). A live event with a client id gets uuid5(client id, site id) —
+    the same on every retry, and no client can reach another site's events — else a new UUIDv7."""
     url = urlsplit(incoming.url)
     source = referrers.classify(incoming.url, incoming.referrer, site.domain)
     product = incoming.product
@@ -42,7 +39,7 @@ def enrich(incoming: IncomingEvent, site: Site, agent: Agent, user_agent: str, p
         utm_source=source.utm_source,
         utm_medium=source.utm_medium,
         utm_campaign=source.utm_campaign,
-        country=clients.country(ip, peer, headers, trusted),
+        country=country,
         device=agent.device,
         browser=agent.browser,
         os=agent.os,

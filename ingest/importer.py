@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 import orjson
 from pydantic import ValidationError
 
-from ingest import useragents
+from ingest import clients, useragents
 from ingest.enrich import enrich
 from ingest.event import Event, ImportedEvent, problem
 from ingest.visitors import Visitors
@@ -130,6 +130,6 @@ def to_events(lines: list[Line], site: Site, visitors: Visitors) -> list[Event]:
     events = []
     for line in sorted(lines, key=lambda line: (line.event.timestamp, line.number)):
         e = line.event
-        events.append(enrich(e, site, useragents.parse(e.user_agent), e.user_agent, e.ip, {}, (), visitors,
+        events.append(enrich(e, site, useragents.parse(e.user_agent), e.user_agent, e.ip, clients.country(e.ip, e.ip, {}, ()), visitors,
                              e.timestamp, event_id=line.event_id))
     return events

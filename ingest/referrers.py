@@ -4,6 +4,7 @@ paid). The maintained referer-parser data on PyPI is from 2016, so the known hos
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import parse_qs, urlsplit
 
 # Host suffix (without "www.") → (source, channel). Matched on the registrable tail, so
@@ -76,13 +77,18 @@ def _known(host: str) -> tuple[str, str] | None:
     return None
 
 
+@lru_cache(maxsize=10_000)  # referrers repeat: search engines, social sites, partners
+def _host(url: str) -> str:
+    return (urlsplit(url).hostname or "").lower()
+
+
 def classify(page_url: str, referrer: str | None, site_host: str) -> Source:
     """Source of a page view from its referrer and the page URL's utm_* tags."""
-    query = parse_qs(urlsplit(page_url).query)
+    query = parse_qs(urlsplit(page_url).query) if "utm_" in page_url else {}
     utm = {k: query[k][0][:200] for k in ("utm_source", "utm_medium", "utm_campaign") if k in query}
     medium = utm.get("utm_medium", "").lower()
 
-    ref_host = (urlsplit(referrer).hostname or "").lower() if referrer else ""
+    ref_host = _host(referrer) if referrer else ""
     self_host = site_host.lower().removeprefix("www.")
     if ref_host and ref_host.removeprefix("www.") == self_host:
         ref_host = ""  # a self-referral is direct traffic

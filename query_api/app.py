@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from ingest.clients import Network
+from ingest.clients import Trusted
 from query_api import affiliate, batch, errors, funnels, goals, sites, stats
 from query_api import openapi
 from query_api.deps import Context
@@ -22,7 +22,7 @@ IMPORT_PATH = f"{PREFIX}/events/import"
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 429, 500)}
 
 
-def create_app(context: Context, *, trusted_proxies: tuple[Network, ...] = (),
+def create_app(context: Context, *, trusted_proxies: Trusted = (),
                rate_limiter: RateLimiter | SharedRateLimiter | None = None, **fastapi_kwargs) -> FastAPI:
     """`trusted_proxies`: peers whose X-Forwarded-For names the client (Settings.trusted_networks);
     `rate_limiter`: the counters (default 100 requests a minute per key), also `app.state.rate_limiter`."""

@@ -35,7 +35,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from besokskollen import metrics
-from ingest.clients import Network, client_ip
+from ingest.clients import Trusted, client_ip
 from query_api.errors import error_response
 from query_api.keys import KeyStore, bearer_token, hash_key
 
@@ -183,7 +183,7 @@ class RateLimit:
     """ASGI middleware applying a RateLimiter to every request under /api/v1 but `exempt` paths."""
 
     def __init__(self, app: ASGIApp, limiter: RateLimiter | SharedRateLimiter, keys: KeyStore,
-                 trusted: tuple[Network, ...] = (), exempt: frozenset[str] = frozenset()) -> None:
+                 trusted: Trusted = (), exempt: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.limiter = limiter
         self.keys = keys

@@ -179,6 +179,25 @@ async def test_a_country_header_must_be_an_assigned_iso_code(client, embedded, s
     assert stored(services, site, "country") == [(country,)]
 
 
+async def test_every_x_forwarded_for_line_counts(client, embedded, services, site):
+    """A proxy may add its own X-Forwarded-For line: the client is the right-most untrusted hop
+    over all lines, as if they were one."""
+    async def visitor(*lines: str) -> int:
+        body = json.dumps(pageview(site, event_id=str(uuid.uuid4()))).encode()
+        headers = [("user-agent", BROWSER), ("content-type", "application/json"),
+                   *(("x-forwarded-for", line) for line in lines)]
+        assert (await client.post("/api/event", content=body, headers=headers)).status_code == 202
+        await embedded[1].runner.drain()
+        return services.client.query(
+            "SELECT visitor_id FROM events FINAL WHERE site_id = {s:String} ORDER BY timestamp DESC LIMIT 1",
+            parameters={"s": site}).result_rows[0][0]
+
+    client_ip = await visitor("198.51.100.7")
+    assert client_ip != await visitor("203.0.113.9")
+    assert await visitor("203.0.113.9", "198.51.100.7") == client_ip  # not only the first line
+    assert await visitor("198.51.100.7", "127.0.0.1") == client_ip  # nor only the last
+
+
 # -- fuzz ------------------------------------------------------------------------------------------
 
 _TEXT = st.text(st.characters(codec="utf-8"), max_size=60) | st.sampled_from(
