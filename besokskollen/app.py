@@ -21,7 +21,7 @@ from ingest import tracker
 from ingest.handoff import Handoff, InProcessHandoff, KafkaHandoff
 from ingest.salts import Salts
 from ingest.spool import Spool
-from ingest.visitors import Visitors
+from ingest.visitors import CarryQuestions, Visitors
 from query_api.app import create_app as create_query_app
 from query_api.deps import Context
 from query_api.keys import KeyStore
@@ -31,7 +31,7 @@ from streams.core import StreamCore
 from streams.funnels import FunnelRegistry
 from streams.goals import GoalRegistry
 from streams.embedded import EmbeddedRunner
-from streams.sessions import has_open_session, open_at
+from streams.sessions import has_open_session, latest_ends, open_at
 from streams.sites import SiteRegistry
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ def _lifespan(handoff: Handoff):
 
 
 def _ingest_routes(services: Services, handoff: Handoff) -> list:
-    return [*ingest_app.routes(services.settings, services.sites, services.visitors, handoff, services.keys),
+    carries = CarryQuestions(services.visitors, partial(latest_ends, services.client))
+    return [*ingest_app.routes(services.settings, services.sites, services.visitors, carries, handoff, services.keys),
             *tracker.ROUTES]
 
 

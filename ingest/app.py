@@ -21,7 +21,7 @@ from ingest.enrich import enrich
 from ingest.event import IncomingEvent, problem, utcnow
 from ingest.handoff import Handoff
 from ingest.spool import SpoolFull
-from ingest.visitors import Visitors
+from ingest.visitors import CarryQuestions, Visitors
 from query_api.keys import KeyStore, bearer_token
 from streams.sites import Site, SiteRegistry
 
@@ -79,8 +79,8 @@ def _is_prefetch(headers: dict[str, str]) -> bool:
     return any(p in purpose for p in _PREFETCH)
 
 
-def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff: Handoff,
-           keys: KeyStore) -> list[Route]:
+def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries: CarryQuestions,
+           handoff: Handoff, keys: KeyStore) -> list[Route]:
     trusted = settings.trusted_networks
     # One import at a time per process: each sees every earlier one stored, so visitor ids do
     # not depend on how concurrent requests interleave.
@@ -134,7 +134,9 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
         peer = request.client.host if request.client else ""
         ip = clients.client_ip(peer, headers, trusted)
         args = (incoming, site, agent, user_agent, ip, clients.country(ip, peer, headers, trusted), visitors, at)
-        needs_io = visitors.needs_io(site.site_id, ip, user_agent, at)
+        if visitors.needs_io(site.site_id, ip, user_agent, at):
+            await carries.settle(site.site_id, ip, user_agent, at)
+        needs_io = visitors.needs_io(site.site_id, ip, user_agent, at)  # salts, or the day's first load
         event = await asyncio.to_thread(enrich, *args) if needs_io else enrich(*args)
         try:
             await handoff.send(event)

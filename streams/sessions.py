@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from clickhouse_connect.driver.client import Client
 
@@ -124,12 +124,23 @@ def write(client: Client, upserts: Iterable[Session], deletes: Iterable[Session]
 def has_open_session(client: Client, site_id: str, visitor_id: int, since: datetime) -> bool:
     """Whether the visitor has a session with an event after `since` (strictly: an event exactly
     a timeout before the next one ends its session, as in `sessionize`)."""
+    return bool(latest_ends(client, [(site_id, visitor_id)], since))
+
+
+def latest_ends(client: Client, visitors: Iterable[tuple[str, int]], since: datetime) -> dict[tuple[str, int], datetime]:
+    """The latest session end of each of these (site, visitor)s that has one after `since`."""
+    wanted = set(visitors)
+    if not wanted:
+        return {}
     rows = client.query(
-        "SELECT 1 FROM sessions FINAL WHERE site_id = {site:String} AND start >= {oldest:DateTime64(3, 'UTC')}"
-        " AND visitor_id = {visitor:UInt64} AND end > {since:DateTime64(3, 'UTC')} LIMIT 1",
-        parameters={"site": site_id, "visitor": visitor_id, "since": since, "oldest": since - VISITOR_LIFETIME},
+        "SELECT site_id, visitor_id, max(end) FROM sessions FINAL WHERE site_id IN {sites:Array(String)}"
+        " AND start >= {oldest:DateTime64(3, 'UTC')} AND end > {since:DateTime64(3, 'UTC')}"
+        " AND visitor_id IN (SELECT arrayJoin(splitByChar(',', {visitors:String}))::UInt64)"
+        " GROUP BY site_id, visitor_id",
+        parameters={"sites": sorted({site for site, _ in wanted}), "since": since, "oldest": since - VISITOR_LIFETIME,
+                    "visitors": ",".join(str(visitor) for _, visitor in wanted)},
     ).result_rows
-    return bool(rows)
+    return {(site, visitor): end.replace(tzinfo=timezone.utc) for site, visitor, end in rows if (site, visitor) in wanted}
 
 
 def open_at(client: Client, midnight: datetime, timeout: timedelta) -> set[tuple[str, int]]:

@@ -3,6 +3,7 @@ salted daily visitor ids — including the midnight hand-over of an open session
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -13,9 +14,9 @@ import pytest
 from ingest import clients, referrers, useragents
 from ingest.event import Event
 from ingest.salts import Salts
-from ingest.visitors import Visitors, hash_visitor
+from ingest.visitors import CarryQuestions, Visitors, hash_visitor
 from streams.core import StreamCore
-from streams.sessions import has_open_session, open_at
+from streams.sessions import has_open_session, latest_ends, open_at
 from tests.conftest import BROWSER, wait_until
 
 IPHONE = ("Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 "
@@ -320,6 +321,47 @@ def test_carry_through_the_database_across_processes(services):
     # Someone without a session before midnight is today's visitor at once.
     assert event(b, quiet_ip, midnight + 5 * MINUTE) == hash_visitor(
         Salts(client).for_day(midnight.date()), site, quiet_ip, BROWSER)
+
+
+async def test_concurrent_requests_ask_about_their_carries_in_one_query(services):
+    """Right after midnight every visitor new to a process needs the database; the questions of
+    concurrent requests go as one query and give the ids one query each would give."""
+    client = services.client
+    core = StreamCore(client, TIMEOUT)
+    site, midnight = _site(), DAY + timedelta(days=3)
+    at = midnight + 5 * MINUTE
+    # Last events before midnight: 10 minutes (open at 00:05), exactly a timeout before 00:05
+    # (over: a session ends at the timeout), 40 minutes (over), and none.
+    last_seen = {"81.227.6.1": midnight - 10 * MINUTE, "81.227.6.2": at - timedelta(seconds=TIMEOUT),
+                 "81.227.6.3": midnight - 40 * MINUTE, "81.227.6.4": None}
+    for ip, seen in last_seen.items():
+        if seen is not None:
+            yesterday_id, _ = _ids(Salts(client), site, ip, midnight)
+            core.process([Event(event_id=str(uuid.uuid4()), site_id=site, timestamp=seen, name="pageview",
+                                visitor_id=yesterday_id, pathname="/a")])
+
+    queries = []
+
+    def counted(visitors, since):
+        queries.append(sorted(visitors))
+        return latest_ends(client, visitors, since)
+
+    batched = Visitors(Salts(client), partial(has_open_session, client), partial(open_at, client), TIMEOUT)
+    carries = CarryQuestions(batched, counted)
+    batched.visitor_id(site, "81.227.6.9", BROWSER, at)  # loads the salts
+    queries.clear()
+    await asyncio.gather(*(carries.settle(site, ip, BROWSER, at) for ip in [*last_seen, *last_seen]))
+    assert len(queries) == 1 and len(queries[0]) == len(last_seen)
+    assert not any(batched.needs_io(site, ip, BROWSER, at) for ip in last_seen)
+
+    one_by_one = Visitors(Salts(client), partial(has_open_session, client), partial(open_at, client), TIMEOUT)
+    expected = {ip: one_by_one.visitor_id(site, ip, BROWSER, at) for ip in last_seen}
+    assert {ip: batched.visitor_id(site, ip, BROWSER, at) for ip in last_seen} == expected
+    ids = {ip: _ids(Salts(client), site, ip, midnight) for ip in last_seen}
+    assert [expected[ip] == ids[ip][0] for ip in last_seen] == [True, False, False, False]
+    # Known now: no more questions.
+    await carries.settle(site, "81.227.6.1", BROWSER, at + MINUTE)
+    assert len(queries) == 1
 
 
 def test_historic_salts_outlive_live_ones_for_a_while(services):
