@@ -130,6 +130,7 @@ def to_events(lines: list[Line], site: Site, visitors: Visitors) -> list[Event]:
     events = []
     for line in sorted(lines, key=lambda line: (line.event.timestamp, line.number)):
         e = line.event
-        events.append(enrich(e, site, useragents.parse(e.user_agent), e.user_agent, e.ip, clients.country(e.ip, e.ip, {}, ()), visitors,
+        country = clients.country(e.ip, e.ip, {}, ())  # the address's own: no edge headers here
+        events.append(enrich(e, site, useragents.parse(e.user_agent), e.user_agent, e.ip, country, visitors,
                              e.timestamp, event_id=line.event_id))
     return events
