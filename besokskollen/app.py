@@ -31,7 +31,7 @@ from streams.core import StreamCore
 from streams.funnels import FunnelRegistry
 from streams.goals import GoalRegistry
 from streams.embedded import EmbeddedRunner
-from streams.sessions import has_open_session, latest_ends, open_at
+from streams.sessions import latest_ends, open_at
 from streams.sites import SiteRegistry
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def open_services(settings: Settings) -> Services:
     keys = KeyStore(client)
     if settings.admin_key and keys.lookup(settings.admin_key) is None:
         keys.create(DEFAULT_ACCOUNT, key=settings.admin_key)
-    visitors = Visitors(Salts(client, settings.historic_salt_days), partial(has_open_session, client),
+    visitors = Visitors(Salts(client, settings.historic_salt_days), partial(latest_ends, client),
                         partial(open_at, client), settings.session_timeout_s)
     return Services(settings, client, SiteRegistry(client), keys, visitors)
 
@@ -87,7 +87,7 @@ def _lifespan(handoff: Handoff):
 
 
 def _ingest_routes(services: Services, handoff: Handoff) -> list:
-    carries = CarryQuestions(services.visitors, partial(latest_ends, services.client))
+    carries = CarryQuestions(services.visitors)
     return [*ingest_app.routes(services.settings, services.sites, services.visitors, carries, handoff, services.keys),
             *tracker.ROUTES]
 

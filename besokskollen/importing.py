@@ -81,7 +81,7 @@ def local(settings: Settings, site_id: str) -> Send:
 
     def send(body: bytes) -> dict:
         parsed = importer.parse(body, site, utcnow(), settings.raw_events_ttl_days)
-        events = importer.to_events(parsed.lines, site, services.visitors.fresh())
+        events = importer.to_events(parsed.lines, site, services.visitors)
         core.process(events)  # stored when it returns
         return {"accepted": len(events), "rejected": parsed.rejected, "dropped": parsed.dropped, "stored": True}
 

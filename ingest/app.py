@@ -186,7 +186,7 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
             return _error(400, exc.code, exc.message, {})
 
         async with import_lock:
-            events = await asyncio.to_thread(importer.to_events, parsed.lines, site, visitors.fresh())
+            events = await asyncio.to_thread(importer.to_events, parsed.lines, site, visitors)
             for i in range(0, len(events), _SEND_AT_ONCE):
                 await asyncio.gather(*(handoff.send(e) for e in events[i:i + _SEND_AT_ONCE]))
             stored = await handoff.flush(events)

@@ -125,8 +125,10 @@ def _hostname(domain: str) -> str | None:
 
 def to_events(lines: list[Line], site: Site, visitors: Visitors) -> list[Event]:
     """Enrich accepted lines, oldest first (ties in file order): the client IP is the line's own,
-    there is no proxy to trust. `visitors` should be fresh per import: it remembers the events
-    it has given ids to."""
+    there is no proxy to trust. Visitor ids come from an instance of `visitors` made for these
+    lines alone (`Visitors.for_batch`): their times are not the live clock's."""
+    visitors = visitors.for_batch((site.site_id, line.event.ip, line.event.user_agent, line.event.timestamp)
+                                  for line in lines)
     events = []
     for line in sorted(lines, key=lambda line: (line.event.timestamp, line.number)):
         e = line.event

@@ -23,19 +23,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta
+from datetime import date, datetime, time, timedelta, timezone
 
 from ingest.salts import Salts
 
-# (site_id, visitor_id, since) -> whether that visitor has a session with an event after `since`.
-OpenSessionCheck = Callable[[str, int, datetime], bool]
+# ((site_id, visitor_id) pairs, since) -> the latest session end of each that has a session
+# ending after `since` (so whether a visitor has a session with an event after `since`).
+LatestEnds = Callable[[Iterable[tuple[str, int]], datetime], dict[tuple[str, int], datetime]]
 # (midnight, session timeout) -> (site_id, visitor_id) of every session open at that midnight.
 OpenAtMidnight = Callable[[datetime, timedelta], set[tuple[str, int]]]
-# ((site_id, visitor_id) pairs, since) -> the latest session end of each that has a session
-# ending after `since`.
-LatestEnds = Callable[[Iterable[tuple[str, int]], datetime], dict[tuple[str, int], datetime]]
 
 # Events reach storage within seconds; this much past the first timeout of a day, the sessions
 # open at midnight are all stored and can be loaded once.
@@ -57,10 +56,10 @@ class _Day:
 
 
 class Visitors:
-    def __init__(self, salts: Salts, has_open_session: OpenSessionCheck, open_at_midnight: OpenAtMidnight,
+    def __init__(self, salts: Salts, latest_ends: LatestEnds, open_at_midnight: OpenAtMidnight,
                  session_timeout_s: int) -> None:
         self._salts = salts
-        self._has_open_session = has_open_session
+        self.latest_ends = latest_ends
         self._open_at_midnight = open_at_midnight
         self._timeout_s = session_timeout_s
         self._timeout = timedelta(seconds=session_timeout_s)
@@ -77,9 +76,32 @@ class Visitors:
         return self._timeout
 
     def fresh(self) -> Visitors:
-        """The same salts and lookups, but no memory of events: for one import request, whose
-        times are not the live clock's."""
-        return Visitors(self._salts, self._has_open_session, self._open_at_midnight, self._timeout_s)
+        """The same salts and lookups, but no memory of events: for events whose times are not
+        the live clock's."""
+        return Visitors(self._salts, self.latest_ends, self._open_at_midnight, self._timeout_s)
+
+    def for_batch(self, people: Iterable[tuple[str, str, str, datetime]]) -> Visitors:
+        """A fresh instance for these (site, IP, user agent, time)s, decided all at once (an
+        import). The database does not change meanwhile, so what the first timeout of each day
+        may ask about them is asked up front, one query per day: one query each took ~2.6 ms, and
+        10,000 new visitors in the first half hour of their days 26 s."""
+        asked: dict[date, set[Key]] = defaultdict(set)
+        for site_id, ip, user_agent, at in people:
+            if at - _midnight(at) < self._timeout + _SETTLE:
+                yesterday = self._salts.for_day(at.date() - timedelta(days=1))
+                asked[at.date()].add((site_id, hash_visitor(yesterday, site_id, ip, user_agent)))
+        # Each id's latest session end from the day's first possible question on answers every
+        # later question of that day.
+        known = {(day, key): end for day, keys in asked.items()
+                 for key, end in self.latest_ends(keys, _midnight_of(day) - self._timeout).items()}
+
+        def latest_ends(keys: Iterable[Key], since: datetime) -> dict[Key, datetime]:
+            day, keys = (since + self._timeout).date(), set(keys)
+            ahead = keys & asked.get(day, set())
+            found = {key: known[(day, key)] for key in ahead if (day, key) in known and known[(day, key)] > since}
+            return {**found, **(self.latest_ends(keys - ahead, since) if keys - ahead else {})}
+
+        return Visitors(self._salts, latest_ends, self._open_at_midnight, self._timeout_s)
 
     def needs_io(self, site_id: str, ip: str, user_agent: str, at: datetime) -> bool:
         """Whether `visitor_id` may touch the database (so async callers use a thread)."""
@@ -144,7 +166,7 @@ class Visitors:
                     day.open_at_midnight = self._open_at_midnight(midnight, self._timeout)
             if yesterday not in day.open_at_midnight:
                 return False
-        is_open = self._has_open_session(*yesterday, at - self._timeout)
+        is_open = bool(self.latest_ends([yesterday], at - self._timeout))
         if not is_open:
             day.lapsed.add(yesterday)
         return is_open
@@ -172,13 +194,16 @@ def _midnight(at: datetime) -> datetime:
     return datetime.combine(at.date(), time.min, at.tzinfo)
 
 
+def _midnight_of(day: date) -> datetime:
+    return datetime.combine(day, time.min, timezone.utc)
+
+
 class CarryQuestions:
     """`Visitors.question`s of concurrent requests, asked in one query: a request whose visitor
     id needs the database awaits `settle` first, after which `visitor_id` needs no I/O."""
 
-    def __init__(self, visitors: Visitors, latest_ends: LatestEnds) -> None:
+    def __init__(self, visitors: Visitors) -> None:
         self._visitors = visitors
-        self._latest_ends = latest_ends
         self._asked: dict[Key, tuple[datetime, asyncio.Future[None]]] = {}
         self._answering: set[asyncio.Task] = set()  # the loop keeps only weak references
 
@@ -204,7 +229,7 @@ class CarryQuestions:
             # The earliest time asked about: an end after it may still be too early for a later
             # event, which `learn` judges per key.
             since = min(at for at, _ in asked.values()) - self._visitors.timeout
-            ends = await asyncio.to_thread(self._latest_ends, list(asked), since)
+            ends = await asyncio.to_thread(self._visitors.latest_ends, list(asked), since)
             for key, (at, _) in asked.items():
                 self._visitors.learn(key, at, ends.get(key))
         except Exception as exc:  # each waiting request answers 503 (retry later)

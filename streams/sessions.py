@@ -121,14 +121,10 @@ def write(client: Client, upserts: Iterable[Session], deletes: Iterable[Session]
         client.insert("sessions", rows, column_names=_COLUMNS)
 
 
-def has_open_session(client: Client, site_id: str, visitor_id: int, since: datetime) -> bool:
-    """Whether the visitor has a session with an event after `since` (strictly: an event exactly
-    a timeout before the next one ends its session, as in `sessionize`)."""
-    return bool(latest_ends(client, [(site_id, visitor_id)], since))
-
-
 def latest_ends(client: Client, visitors: Iterable[tuple[str, int]], since: datetime) -> dict[tuple[str, int], datetime]:
-    """The latest session end of each of these (site, visitor)s that has one after `since`."""
+    """The latest session end of each of these (site, visitor)s that has one after `since`: the
+    visitors with a session that has an event after `since` (strictly: an event exactly a timeout
+    before the next one ends its session, as in `sessionize`)."""
     wanted = set(visitors)
     if not wanted:
         return {}

@@ -448,6 +448,7 @@ def test_duplicates_and_late_events_land_once_where_they_belong(kafka, clickhous
     """The same 5,000 events produced to Kafka twice, then 2,000 imported with timestamps ten
     days old after the newer ones: each counted once, in the days they belong to."""
     from datetime import datetime, timedelta, timezone
+    from functools import partial
 
     from aiokafka import AIOKafkaProducer
 
@@ -455,7 +456,7 @@ def test_duplicates_and_late_events_land_once_where_they_belong(kafka, clickhous
     from ingest.salts import Salts
     from ingest.visitors import Visitors
     from streams import storage
-    from streams.sessions import has_open_session, open_at
+    from streams.sessions import latest_ends, open_at
     from streams.sites import SiteRegistry
     from tests.reference import Reference, SiteSpec, generate, to_ndjson
 
@@ -470,7 +471,7 @@ def test_duplicates_and_late_events_land_once_where_they_belong(kafka, clickhous
         # Enrich the 5,000 as ingest would, and produce every one of them twice.
         client = storage.connect(clickhouse_http)
         site = SiteRegistry(client).get(spec.site_id)
-        visitors = Visitors(Salts(client), lambda *a: has_open_session(client, *a), lambda *a: open_at(client, *a), 1800)
+        visitors = Visitors(Salts(client), partial(latest_ends, client), partial(open_at, client), 1800)
         parsed = importer.parse(to_ndjson(lines), site, datetime.now(timezone.utc))
         events = importer.to_events(parsed.lines, site, visitors)
         assert len(events) == 5000

@@ -16,7 +16,7 @@ from ingest.event import Event
 from ingest.salts import Salts
 from ingest.visitors import CarryQuestions, Visitors, hash_visitor
 from streams.core import StreamCore
-from streams.sessions import has_open_session, latest_ends, open_at
+from streams.sessions import latest_ends, open_at
 from tests.conftest import BROWSER, wait_until
 
 IPHONE = ("Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 "
@@ -140,16 +140,18 @@ def _site() -> str:
 
 
 class OpenSessions:
-    """A stub for the open-session lookup that records what it was asked; `answer` is a bool or
-    a function of the time asked about."""
+    """A stub for the latest-session-end lookup that records what it was asked; `answer` (a bool
+    or a function of the time asked about) says whether the sessions asked about are open."""
 
     def __init__(self, answer) -> None:
         self.answer = answer
         self.calls: list[tuple[str, int, datetime]] = []
 
-    def __call__(self, site_id: str, visitor_id: int, since: datetime) -> bool:
-        self.calls.append((site_id, visitor_id, since))
-        return self.answer(since) if callable(self.answer) else self.answer
+    def __call__(self, visitors, since: datetime) -> dict[tuple[str, int], datetime]:
+        visitors = list(visitors)
+        self.calls += [(site_id, visitor_id, since) for site_id, visitor_id in visitors]
+        is_open = self.answer(since) if callable(self.answer) else self.answer
+        return {key: since + timedelta(milliseconds=1) for key in visitors} if is_open else {}
 
 
 class OpenAtMidnight:
@@ -297,7 +299,7 @@ def test_carry_through_the_database_across_processes(services):
     core = StreamCore(client, TIMEOUT)
 
     def ingest_process() -> Visitors:
-        return Visitors(Salts(client), partial(has_open_session, client), partial(open_at, client), TIMEOUT)
+        return Visitors(Salts(client), partial(latest_ends, client), partial(open_at, client), TIMEOUT)
 
     a, b = ingest_process(), ingest_process()
     site, ip, quiet_ip = _site(), "81.227.5.6", "81.227.5.7"
@@ -323,38 +325,43 @@ def test_carry_through_the_database_across_processes(services):
         Salts(client).for_day(midnight.date()), site, quiet_ip, BROWSER)
 
 
-async def test_concurrent_requests_ask_about_their_carries_in_one_query(services):
-    """Right after midnight every visitor new to a process needs the database; the questions of
-    concurrent requests go as one query and give the ids one query each would give."""
-    client = services.client
-    core = StreamCore(client, TIMEOUT)
-    site, midnight = _site(), DAY + timedelta(days=3)
-    at = midnight + 5 * MINUTE
-    # Last events before midnight: 10 minutes (open at 00:05), exactly a timeout before 00:05
-    # (over: a session ends at the timeout), 40 minutes (over), and none.
+def _seen_before_midnight(client, site: str, midnight: datetime, at: datetime) -> dict[str, datetime | None]:
+    """Stores last events before `midnight` of four people, by IP: 10 minutes before (open at
+    `at` = 00:05), exactly a timeout before `at` (over: a session ends at the timeout), 40
+    minutes before (over), and none."""
     last_seen = {"81.227.6.1": midnight - 10 * MINUTE, "81.227.6.2": at - timedelta(seconds=TIMEOUT),
                  "81.227.6.3": midnight - 40 * MINUTE, "81.227.6.4": None}
+    core = StreamCore(client, TIMEOUT)
     for ip, seen in last_seen.items():
         if seen is not None:
             yesterday_id, _ = _ids(Salts(client), site, ip, midnight)
             core.process([Event(event_id=str(uuid.uuid4()), site_id=site, timestamp=seen, name="pageview",
                                 visitor_id=yesterday_id, pathname="/a")])
+    return last_seen
 
+
+async def test_concurrent_requests_ask_about_their_carries_in_one_query(services):
+    """Right after midnight every visitor new to a process needs the database; the questions of
+    concurrent requests go as one query and give the ids one query each would give."""
+    client = services.client
+    site, midnight = _site(), DAY + timedelta(days=3)
+    at = midnight + 5 * MINUTE
+    last_seen = _seen_before_midnight(client, site, midnight, at)
     queries = []
 
     def counted(visitors, since):
         queries.append(sorted(visitors))
         return latest_ends(client, visitors, since)
 
-    batched = Visitors(Salts(client), partial(has_open_session, client), partial(open_at, client), TIMEOUT)
-    carries = CarryQuestions(batched, counted)
+    batched = Visitors(Salts(client), counted, partial(open_at, client), TIMEOUT)
+    carries = CarryQuestions(batched)
     batched.visitor_id(site, "81.227.6.9", BROWSER, at)  # loads the salts
     queries.clear()
     await asyncio.gather(*(carries.settle(site, ip, BROWSER, at) for ip in [*last_seen, *last_seen]))
     assert len(queries) == 1 and len(queries[0]) == len(last_seen)
     assert not any(batched.needs_io(site, ip, BROWSER, at) for ip in last_seen)
 
-    one_by_one = Visitors(Salts(client), partial(has_open_session, client), partial(open_at, client), TIMEOUT)
+    one_by_one = Visitors(Salts(client), partial(latest_ends, client), partial(open_at, client), TIMEOUT)
     expected = {ip: one_by_one.visitor_id(site, ip, BROWSER, at) for ip in last_seen}
     assert {ip: batched.visitor_id(site, ip, BROWSER, at) for ip in last_seen} == expected
     ids = {ip: _ids(Salts(client), site, ip, midnight) for ip in last_seen}
@@ -362,6 +369,31 @@ async def test_concurrent_requests_ask_about_their_carries_in_one_query(services
     # Known now: no more questions.
     await carries.settle(site, "81.227.6.1", BROWSER, at + MINUTE)
     assert len(queries) == 1
+
+
+def test_an_import_asks_about_its_first_half_hours_up_front(services):
+    """Events decided all at once (an import) ask the database about every carry their days'
+    first timeout may raise in one query per day, and get the ids one query each would give."""
+    client = services.client
+    site, midnight = _site(), DAY + timedelta(days=4)
+    at = midnight + 5 * MINUTE
+    last_seen = _seen_before_midnight(client, site, midnight, at)
+    queries = []
+
+    def counted(visitors, since):
+        queries.append(sorted(visitors))
+        return latest_ends(client, visitors, since)
+
+    people = [(site, ip, BROWSER, when) for when in (at, at + 20 * MINUTE) for ip in last_seen]
+    batch = Visitors(Salts(client), counted, partial(open_at, client), TIMEOUT).for_batch(people)
+    assert len(queries) == 1 and len(queries[0]) == len(last_seen)
+    ids = [batch.visitor_id(*person) for person in people]
+    assert len(queries) == 1  # nothing more was asked
+
+    one_by_one = Visitors(Salts(client), partial(latest_ends, client), partial(open_at, client), TIMEOUT)
+    assert ids == [one_by_one.visitor_id(*person) for person in people]
+    yesterdays = [_ids(Salts(client), site, ip, midnight)[0] for ip in last_seen]
+    assert [visitor in yesterdays for visitor in ids] == [True, False, False, False] * 2
 
 
 def test_historic_salts_outlive_live_ones_for_a_while(services):

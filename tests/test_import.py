@@ -12,7 +12,6 @@ import subprocess
 import sys
 import uuid
 from datetime import datetime, timedelta, timezone
-from functools import partial
 from pathlib import Path
 
 import httpx
@@ -26,7 +25,6 @@ from ingest.event import Event
 from ingest.salts import Salts
 from ingest.visitors import CarryQuestions, hash_visitor
 from streams.events import stored_event_ids
-from streams.sessions import latest_ends
 from streams.sites import Site
 from tests.conftest import ADMIN_KEY, BROWSER, free_port, process, stable_group_size, up_server, wait_until
 from tests.traffic import AGENTS
@@ -276,7 +274,7 @@ async def test_body_limits(client, services, embedded, site):
 
     # A small cap, to show a large body is refused as declared, and as streamed without reading it all.
     settings = services.settings.model_copy(update={"max_import_bytes": 10_000})
-    carries = CarryQuestions(services.visitors, partial(latest_ends, services.client))
+    carries = CarryQuestions(services.visitors)
     small = Starlette(routes=ingest_app.routes(settings, services.sites, services.visitors, carries, embedded[1],
                                                services.keys))
     transport = httpx.ASGITransport(app=small, client=("127.0.0.1", 5000))
