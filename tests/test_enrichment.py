@@ -325,6 +325,18 @@ def test_carry_through_the_database_across_processes(services):
         Salts(client).for_day(midnight.date()), site, quiet_ip, BROWSER)
 
 
+class CountedLatestEnds:
+    """The database's latest-session-end lookup, recording the visitors of each query."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.queries: list[list[tuple[str, int]]] = []
+
+    def __call__(self, visitors, since: datetime) -> dict[tuple[str, int], datetime]:
+        self.queries.append(sorted(visitors))
+        return latest_ends(self.client, visitors, since)
+
+
 def _seen_before_midnight(client, site: str, midnight: datetime, at: datetime) -> dict[str, datetime | None]:
     """Stores last events before `midnight` of four people, by IP: 10 minutes before (open at
     `at` = 00:05), exactly a timeout before `at` (over: a session ends at the timeout), 40
@@ -347,18 +359,13 @@ async def test_concurrent_requests_ask_about_their_carries_in_one_query(services
     site, midnight = _site(), DAY + timedelta(days=3)
     at = midnight + 5 * MINUTE
     last_seen = _seen_before_midnight(client, site, midnight, at)
-    queries = []
-
-    def counted(visitors, since):
-        queries.append(sorted(visitors))
-        return latest_ends(client, visitors, since)
-
+    counted = CountedLatestEnds(client)
     batched = Visitors(Salts(client), counted, partial(open_at, client), TIMEOUT)
     carries = CarryQuestions(batched)
     batched.visitor_id(site, "81.227.6.9", BROWSER, at)  # loads the salts
-    queries.clear()
+    counted.queries.clear()
     await asyncio.gather(*(carries.settle(site, ip, BROWSER, at) for ip in [*last_seen, *last_seen]))
-    assert len(queries) == 1 and len(queries[0]) == len(last_seen)
+    assert len(counted.queries) == 1 and len(counted.queries[0]) == len(last_seen)
     assert not any(batched.needs_io(site, ip, BROWSER, at) for ip in last_seen)
 
     one_by_one = Visitors(Salts(client), partial(latest_ends, client), partial(open_at, client), TIMEOUT)
@@ -368,7 +375,7 @@ async def test_concurrent_requests_ask_about_their_carries_in_one_query(services
     assert [expected[ip] == ids[ip][0] for ip in last_seen] == [True, False, False, False]
     # Known now: no more questions.
     await carries.settle(site, "81.227.6.1", BROWSER, at + MINUTE)
-    assert len(queries) == 1
+    assert len(counted.queries) == 1
 
 
 def test_an_import_asks_about_its_first_half_hours_up_front(services):
@@ -378,17 +385,12 @@ def test_an_import_asks_about_its_first_half_hours_up_front(services):
     site, midnight = _site(), DAY + timedelta(days=4)
     at = midnight + 5 * MINUTE
     last_seen = _seen_before_midnight(client, site, midnight, at)
-    queries = []
-
-    def counted(visitors, since):
-        queries.append(sorted(visitors))
-        return latest_ends(client, visitors, since)
-
+    counted = CountedLatestEnds(client)
     people = [(site, ip, BROWSER, when) for when in (at, at + 20 * MINUTE) for ip in last_seen]
     batch = Visitors(Salts(client), counted, partial(open_at, client), TIMEOUT).for_batch(people)
-    assert len(queries) == 1 and len(queries[0]) == len(last_seen)
+    assert len(counted.queries) == 1 and len(counted.queries[0]) == len(last_seen)
     ids = [batch.visitor_id(*person) for person in people]
-    assert len(queries) == 1  # nothing more was asked
+    assert len(counted.queries) == 1  # nothing more was asked
 
     one_by_one = Visitors(Salts(client), partial(latest_ends, client), partial(open_at, client), TIMEOUT)
     assert ids == [one_by_one.visitor_id(*person) for person in people]
