@@ -121,16 +121,16 @@ class StreamCore:
         """Stored events of these visitors (seen on these UTC days), one query per stretch of days
         the batch covers: live events and an old import in one batch must not make it read the
         months between."""
-        windows: list[tuple[tuple, set]] = []  # ((start, end), visitors), merged where they overlap
+        windows: list[list] = []  # [start, end, visitors], merged where they overlap
         for visitor, dates in sorted(days.items(), key=lambda item: min(item[1])):
             start, end = history_window(min(dates), max(dates))
-            if windows and start <= windows[-1][0][1]:
-                (first, last), members = windows[-1]
-                windows[-1] = ((first, max(last, end)), members | {visitor})
+            if windows and start <= windows[-1][1]:
+                windows[-1][1] = max(windows[-1][1], end)
+                windows[-1][2].add(visitor)  # in place: a batch has thousands of visitors
             else:
-                windows.append(((start, end), {visitor}))
+                windows.append([start, end, {visitor}])
         stored: dict = {}
-        for (start, end), members in windows:
+        for start, end, members in windows:
             stored.update(raw_events.history(self._client, members, start, end))
         return stored
 
