@@ -26,9 +26,10 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import date, datetime, time, timedelta
 
 from ingest.salts import Salts
+from streams.buckets import utc_midnight
 
 # ((site_id, visitor_id) pairs, since) -> the latest session end of each that has a session
 # ending after `since` (so whether a visitor has a session with an event after `since`).
@@ -93,7 +94,7 @@ class Visitors:
         # Each id's latest session end from the day's first possible question on answers every
         # later question of that day.
         known = {(day, key): end for day, keys in asked.items()
-                 for key, end in self.latest_ends(keys, _midnight_of(day) - self._timeout).items()}
+                 for key, end in self.latest_ends(keys, utc_midnight(day) - self._timeout).items()}
 
         def latest_ends(keys: Iterable[Key], since: datetime) -> dict[Key, datetime]:
             day, keys = (since + self._timeout).date(), set(keys)
@@ -192,10 +193,6 @@ class Visitors:
 
 def _midnight(at: datetime) -> datetime:
     return datetime.combine(at.date(), time.min, at.tzinfo)
-
-
-def _midnight_of(day: date) -> datetime:
-    return datetime.combine(day, time.min, timezone.utc)
 
 
 class CarryQuestions:

@@ -24,10 +24,6 @@ def bucket_of(at: datetime) -> datetime:
     return at.replace(minute=at.minute - at.minute % 15, second=0, microsecond=0)
 
 
-def hour_of(at: datetime) -> datetime:
-    return at.replace(minute=0, second=0, microsecond=0)
-
-
 def utc_midnight(day: date) -> datetime:
     return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
 
