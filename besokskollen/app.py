@@ -59,8 +59,9 @@ def open_services(settings: Settings) -> Services:
     keys = KeyStore(client)
     if settings.admin_key and keys.lookup(settings.admin_key) is None:
         keys.create(DEFAULT_ACCOUNT, key=settings.admin_key)
+    # Lenient: live events get today's id rather than a 503 while ClickHouse cannot be asked.
     visitors = Visitors(Salts(client, settings.historic_salt_days), partial(latest_ends, client),
-                        partial(open_at, client), settings.session_timeout_s)
+                        partial(open_at, client), settings.session_timeout_s, lenient=True)
     return Services(settings, client, SiteRegistry(client), keys, visitors)
 
 

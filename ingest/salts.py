@@ -4,17 +4,24 @@ ingest process through ClickHouse.
 Live salts are deleted once they are older than yesterday's: past visitor ids can then never be
 recomputed. A salt made for a day that had already ended (created_at later than the day after
 it: made by an import of historic events) is kept `historic_days` after its creation instead, so
-importing the same file again within that time gives the same visitor ids."""
+importing the same file again within that time gives the same visitor ids.
+
+A process that reads today's salt also reads (or makes) tomorrow's: if ClickHouse is unavailable
+at midnight, ingest goes on taking events with it instead of answering 503 until ClickHouse is
+back. When ClickHouse answers at midnight, the salt is read again, as ever."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
 from datetime import date, datetime, timedelta, timezone
 
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import Error as ClickHouseError
 
+log = logging.getLogger(__name__)
 
 
 class Salts:
@@ -22,6 +29,7 @@ class Salts:
         self._client = client
         self._historic_days = historic_days
         self._cache: dict[date, bytes] = {}
+        self._ahead: dict[date, bytes] = {}  # tomorrow's, read today
         self._lock = threading.Lock()
 
     def for_day(self, day: date) -> bytes:
@@ -29,8 +37,25 @@ class Salts:
             return salt
         with self._lock:
             if day not in self._cache:
-                self._cache[day] = self._read(day) or self._create(day)
+                self._cache[day] = self._fetch(day)
+                if day == datetime.now(timezone.utc).date():
+                    self._read_ahead(day + timedelta(days=1))
             return self._cache[day]
+
+    def _fetch(self, day: date) -> bytes:
+        try:
+            return self._read(day) or self._create(day)
+        except ClickHouseError:
+            if (ahead := self._ahead.get(day)) is None:
+                raise
+            log.warning("ClickHouse is unavailable: using the salt of %s read the day before", day)
+            return ahead
+
+    def _read_ahead(self, day: date) -> None:
+        try:
+            self._ahead = {day: self._read(day) or self._create(day)}
+        except ClickHouseError as exc:
+            log.warning("could not read the salt of %s ahead (%s); it is read at midnight", day, exc)
 
     def cached(self, day: date) -> bytes | None:
         return self._cache.get(day)
@@ -49,7 +74,7 @@ class Salts:
             "salts", [[day, secrets.token_hex(16), created]],
             column_names=["day", "salt", "created_at"],
         )
-        if day >= created.date():  # once a day, when the live salt of a new day is made
+        if day >= created.date():  # a live salt (today's, or tomorrow's read ahead): about once a day
             self._purge(before=created.date() - timedelta(days=1), now=created)
         salt = self._read(day)
         if salt is None:

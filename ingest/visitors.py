@@ -16,17 +16,22 @@ An id the database found lapsed stays lapsed (time only moves on), so it is aske
 Live requests ask the database through `CarryQuestions`, which puts the questions of concurrent
 requests in one query: in the first timeout of a day every visitor new to this process needs
 one, and a query per request held ingest to ~250 events/s then (tests/bench/bench_ingest.py at
-00:30 UTC)."""
+00:30 UTC). When ClickHouse cannot be asked, a live event gets today's id rather than a 503: a
+session across midnight may then count its visitor twice, but no event is lost (`lenient`;
+imports fail instead, and are sent again)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
+
+from clickhouse_connect.driver.exceptions import Error as ClickHouseError
 
 from ingest.salts import Salts
 from streams.buckets import utc_midnight
@@ -36,6 +41,8 @@ from streams.buckets import utc_midnight
 LatestEnds = Callable[[Iterable[tuple[str, int]], datetime], dict[tuple[str, int], datetime]]
 # (midnight, session timeout) -> (site_id, visitor_id) of every session open at that midnight.
 OpenAtMidnight = Callable[[datetime, timedelta], set[tuple[str, int]]]
+
+log = logging.getLogger(__name__)
 
 # Events reach storage within seconds; this much past the first timeout of a day, the sessions
 # open at midnight are all stored and can be loaded once.
@@ -58,9 +65,10 @@ class _Day:
 
 class Visitors:
     def __init__(self, salts: Salts, latest_ends: LatestEnds, open_at_midnight: OpenAtMidnight,
-                 session_timeout_s: int) -> None:
+                 session_timeout_s: int, lenient: bool = False) -> None:
         self._salts = salts
         self.latest_ends = latest_ends
+        self.lenient = lenient
         self._open_at_midnight = open_at_midnight
         self._timeout_s = session_timeout_s
         self._timeout = timedelta(seconds=session_timeout_s)
@@ -161,13 +169,19 @@ class Visitors:
     def _ask_database(self, yesterday: Key, at: datetime) -> bool:
         midnight = _midnight(at)
         day = self._day(at.date())
-        if at - midnight >= self._timeout + _SETTLE:
-            with self._load_lock:
-                if day.open_at_midnight is None:
-                    day.open_at_midnight = self._open_at_midnight(midnight, self._timeout)
-            if yesterday not in day.open_at_midnight:
-                return False
-        is_open = bool(self.latest_ends([yesterday], at - self._timeout))
+        try:
+            if at - midnight >= self._timeout + _SETTLE:
+                with self._load_lock:
+                    if day.open_at_midnight is None:
+                        day.open_at_midnight = self._open_at_midnight(midnight, self._timeout)
+                if yesterday not in day.open_at_midnight:
+                    return False
+            is_open = bool(self.latest_ends([yesterday], at - self._timeout))
+        except ClickHouseError as exc:
+            if not self.lenient:
+                raise
+            log.warning("ClickHouse is unavailable (%s): a visitor gets today's id", exc)
+            is_open = False
         if not is_open:
             day.lapsed.add(yesterday)
         return is_open
@@ -222,16 +236,18 @@ class CarryQuestions:
         task.add_done_callback(self._answering.discard)
 
     async def _answer(self, asked: dict[Key, tuple[datetime, asyncio.Future[None]]]) -> None:
+        # The earliest time asked about: an end after it may still be too early for a later
+        # event, which `learn` judges per key.
+        since = min(at for at, _ in asked.values()) - self._visitors.timeout
         try:
-            # The earliest time asked about: an end after it may still be too early for a later
-            # event, which `learn` judges per key.
-            since = min(at for at, _ in asked.values()) - self._visitors.timeout
             ends = await asyncio.to_thread(self._visitors.latest_ends, list(asked), since)
-            for key, (at, _) in asked.items():
-                self._visitors.learn(key, at, ends.get(key))
-        except Exception as exc:  # each waiting request answers 503 (retry later)
-            for _, done in asked.values():
-                done.done() or done.set_exception(exc)
-            return
-        for _, done in asked.values():
+        except Exception as exc:
+            if not (self._visitors.lenient and isinstance(exc, ClickHouseError)):
+                for _, done in asked.values():
+                    done.done() or done.set_exception(exc)  # each waiting request answers 503
+                return
+            log.warning("ClickHouse is unavailable (%s): %d visitors get today's id", exc, len(asked))
+            ends = {}
+        for key, (at, done) in asked.items():
+            self._visitors.learn(key, at, ends.get(key))
             done.done() or done.set_result(None)

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 from functools import partial
 
 import pytest
+from clickhouse_connect.driver.exceptions import OperationalError
 
 from ingest import clients, referrers, useragents
 from ingest.event import Event
@@ -396,6 +397,61 @@ def test_an_import_asks_about_its_first_half_hours_up_front(services):
     assert ids == [one_by_one.visitor_id(*person) for person in people]
     yesterdays = [_ids(Salts(client), site, ip, midnight)[0] for ip in last_seen]
     assert [visitor in yesterdays for visitor in ids] == [True, False, False, False] * 2
+
+
+class Unavailable:
+    """A ClickHouse client that can be made unavailable, as a server being restarted is."""
+
+    def __init__(self, client) -> None:
+        self.client, self.down = client, False
+
+    def __getattr__(self, name: str):
+        if self.down and name in ("query", "insert", "command"):
+            raise OperationalError("connection refused (test)")
+        return getattr(self.client, name)
+
+
+def test_tomorrows_salt_is_read_ahead_for_a_store_down_at_midnight(services):
+    today = datetime.now(timezone.utc).date()
+    tomorrow = today + timedelta(days=1)
+    client = Unavailable(services.client)
+    salts = Salts(client)
+    salts.for_day(today)
+    client.down = True
+    # Midnight with ClickHouse away: the salt read ahead, the one every process agrees on.
+    assert salts.for_day(tomorrow) == Salts(services.client).for_day(tomorrow)
+    # A process that never read it ahead cannot make one up.
+    with pytest.raises(OperationalError):
+        Salts(client).for_day(tomorrow)
+
+
+async def test_a_live_event_gets_todays_id_when_the_store_cannot_be_asked(services):
+    """Rather than a 503 (and a lost event), a live event whose carry cannot be asked about is
+    today's visitor; imports (not lenient) fail and are sent again."""
+    client = Unavailable(services.client)
+    site, midnight = _site(), DAY + timedelta(days=5)
+    at = midnight + 5 * MINUTE
+    last_seen = _seen_before_midnight(services.client, site, midnight, at)
+    ids = {ip: _ids(Salts(services.client), site, ip, midnight) for ip in last_seen}
+    salts = Salts(services.client)
+    [salts.for_day(day) for day in (midnight.date() - timedelta(days=1), midnight.date())]
+
+    def visitors(lenient: bool) -> Visitors:
+        return Visitors(salts, partial(latest_ends, client), partial(open_at, client), TIMEOUT, lenient=lenient)
+
+    client.down = True
+    with pytest.raises(OperationalError):
+        visitors(False).visitor_id(site, "81.227.6.1", BROWSER, at)
+    live = visitors(True)
+    assert live.visitor_id(site, "81.227.6.1", BROWSER, at) == ids["81.227.6.1"][1]  # today's
+    carries = CarryQuestions(live)
+    await asyncio.gather(*(carries.settle(site, ip, BROWSER, at) for ip in last_seen))
+    assert {ip: live.visitor_id(site, ip, BROWSER, at) for ip in last_seen} == {ip: ids[ip][1] for ip in last_seen}
+    with pytest.raises(OperationalError):
+        await CarryQuestions(visitors(False)).settle(site, "81.227.6.1", BROWSER, at)
+    # Decided once, kept for the session: ClickHouse back, the person stays today's visitor.
+    client.down = False
+    assert live.visitor_id(site, "81.227.6.1", BROWSER, at + MINUTE) == ids["81.227.6.1"][1]
 
 
 def test_historic_salts_outlive_live_ones_for_a_while(services):
