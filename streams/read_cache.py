@@ -3,10 +3,13 @@
 Hits come from memory for a few seconds, then are read again, so a row deleted by another process
 (a site, a key) stops being served within that time. A miss asks the database at most once a
 second per key, so a row created elsewhere is seen within a second while a flood of unknown keys
-costs little."""
+costs little. When the database cannot be read, a row read before is served on (and asked for
+again a few seconds later): ingest keeps taking events for known sites while ClickHouse is
+restarted, as Kafka keeps them."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -16,6 +19,8 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 _MAX_MISSES = 10_000  # bounded: clients may send any key they like
+
+log = logging.getLogger(__name__)
 
 
 class ReadThroughCache(Generic[K, V]):
@@ -35,7 +40,15 @@ class ReadThroughCache(Generic[K, V]):
             return value
         if self._fresh_miss(key):
             return None
-        value = self._load(key)
+        try:
+            value = self._load(key)
+        except Exception as exc:
+            with self._lock:
+                if (stale := self._hits.get(key)) is None:
+                    raise
+                self._hits[key] = (stale[0], time.monotonic())  # not asked again at once
+            log.warning("cannot read %r (%s); serving it as last read", key, exc)
+            return stale[0]
         with self._lock:
             if value is None:
                 self._hits.pop(key, None)

@@ -443,6 +443,35 @@ def test_workers_joining_and_leaving_all_the_time_lose_nothing(kafka, clickhouse
         d.stop()
 
 
+def test_a_clickhouse_restart_mid_stream_loses_nothing(kafka, tmp_path):
+    """ClickHouse is killed and comes back 8 s later, mid-stream: ingest answers 202 throughout
+    (the site it knows is served from memory, the events wait in Kafka), the worker retries its
+    batch, and every number is exact afterwards."""
+    port = free_port()
+    front = Proc([sys.executable, "-m", "tests.chfront", "--path", str(tmp_path / "ch"), "--port", str(port)],
+                 tmp_path / "chfront.log", {}, f"http://127.0.0.1:{port}/ping").start()
+    clickhouse = f"http://127.0.0.1:{port}/?compress=false"
+    d = deploy(kafka, clickhouse, tmp_path, workers=1)
+    try:
+        site, funnel = asyncio.run(_create(d.api, "restart.example"))
+        people = traffic(site, 1500, seed=31)
+        outcome: dict[str, str] = {}
+
+        def restart() -> None:
+            time.sleep(2)
+            front.kill()
+            time.sleep(8)  # longer than ingest keeps a site in memory unasked (5 s)
+            front.start()
+
+        send_while(restart, d.ingest, people, outcome)
+        got, want, _ = settle(d.api, clickhouse, site, people, outcome, funnel, timeout=90)
+        assert got == {k: want[k] for k in got}
+        assert "serving it as last read" in (tmp_path / "ingest.log").read_text()
+    finally:
+        d.stop()
+        front.stop()
+
+
 @pytest.mark.parametrize("workers", [1])
 def test_duplicates_and_late_events_land_once_where_they_belong(kafka, clickhouse_http, tmp_path, workers):
     """The same 5,000 events produced to Kafka twice, then 2,000 imported with timestamps ten

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import orjson
 import pytest
 
+from streams.read_cache import ReadThroughCache
 from tests.conftest import BROWSER
 from tests.traffic import Traffic
 
@@ -92,3 +94,30 @@ async def test_nothing_accepted_is_lost_around_bad_input(client, embedded, site)
     overview = (await client.get(f"/api/v1/stats/overview?site_id={site}&period=7d")).json()["data"]
     expected = traffic.expected_overview()
     assert {k: overview[k] for k in expected} == expected
+
+
+def test_a_row_read_before_is_served_while_the_store_cannot_be_read():
+    """Ingest keeps taking events for sites it knows while ClickHouse is restarted."""
+    store = {"known": "site"}
+    reads = []
+
+    def load(key):
+        reads.append(key)
+        if store is None:
+            raise ConnectionError("ClickHouse is restarting")
+        return store.get(key)
+
+    cache = ReadThroughCache(load, miss_ttl_s=0, hit_ttl_s=0)  # every get reads
+    assert cache.get("known") == "site"
+    store = None
+    assert cache.get("known") == "site"  # served on
+    with pytest.raises(ConnectionError):
+        cache.get("unknown")  # nothing to serve: the caller answers 503
+    cache = ReadThroughCache(load, miss_ttl_s=0, hit_ttl_s=0.2)
+    store = {"known": "site"}
+    cache.get("known")
+    time.sleep(0.25)  # stale
+    store = None
+    reads.clear()
+    assert cache.get("known") == cache.get("known") == "site"
+    assert reads == ["known"]  # a failed read is not repeated on every request
