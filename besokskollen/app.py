@@ -52,9 +52,10 @@ class Services:
         return Context(self.client, self.sites, self.keys, GoalRegistry(self.client), FunnelRegistry(self.client))
 
 
-def open_services(settings: Settings) -> Services:
-    """Connect, migrate (every process does, idempotently), and make sure BK_ADMIN_KEY exists."""
-    client = storage.connect(settings.clickhouse_url)
+def open_services(settings: Settings, wait: bool = False) -> Services:
+    """Connect, migrate (every process does, idempotently), and make sure BK_ADMIN_KEY exists.
+    `wait`: for a server, which waits for ClickHouse to answer rather than exit."""
+    client = storage.connect(settings.clickhouse_url, wait)
     replay.upgrade(client, settings.session_timeout_s, settings.raw_events_ttl_days, settings.clickhouse_cluster)
     keys = KeyStore(client)
     if settings.admin_key and keys.lookup(settings.admin_key) is None:

@@ -41,7 +41,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     from streams.core import StreamCore
 
     settings = _settings(args)
-    services = open_services(settings)
+    services = open_services(settings, wait=True)
     core = StreamCore(services.client, settings.session_timeout_s) if settings.embedded else None
     host, port = _address(args, settings)
     base = f"http://{host}:{port}"
@@ -72,7 +72,7 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     settings = _settings(args)
     if settings.embedded:
         raise SystemExit("`ingest` hands events to Kafka: set BK_KAFKA_BOOTSTRAP (or run `besokskollen up`)")
-    services = open_services(settings)
+    services = open_services(settings, wait=True)
     _serve(ingest_server_app(services, make_handoff(services)), *_address(args, settings))
 
 
@@ -80,7 +80,7 @@ def cmd_api(args: argparse.Namespace) -> None:
     from besokskollen.app import api_server_app, open_services
 
     settings = _settings(args)
-    _serve(api_server_app(open_services(settings)), *_address(args, settings))
+    _serve(api_server_app(open_services(settings, wait=True)), *_address(args, settings))
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -239,7 +239,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    from streams import storage
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except OperationalError as exc:  # servers wait for ClickHouse; a one-shot command says where it failed
+        url = _settings(args).clickhouse_url
+        print(f"besokskollen {args.command}: ClickHouse does not answer at {storage.server(url)}: "
+              f"{storage.reason(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
 

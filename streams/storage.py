@@ -3,10 +3,16 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import OperationalError
+
+log = logging.getLogger(__name__)
 
 # Settings of every connection, so the embedded engine and a server behave the same:
 # - an insert is visible when it returns (the embedded engine 26.x defaults to async inserts);
@@ -19,13 +25,41 @@ SETTINGS = {"async_insert": 0, "insert_deduplicate": 0, "do_not_merge_across_par
             "distributed_foreground_insert": 1}
 
 
-def connect(url: str) -> Client:
+def connect(url: str, wait: bool = False) -> Client:
+    """`wait`: a server process started before ClickHouse answers waits for it, saying so, rather
+    than exit (one-shot commands fail at once; the CLI says where it could not connect)."""
     if url.startswith("chdb://"):
         path = Path(url.removeprefix("chdb://"))
         if not path.is_absolute():
             raise ValueError(f"chdb URL needs an absolute path, got {url!r}")
         path.mkdir(parents=True, exist_ok=True)
         return clickhouse_connect.get_client(interface="chdb", path=str(path), settings=SETTINGS)
-    # No session id: a server session runs one query at a time, and this client is shared by
-    # the threads of a process (request handlers, the stream core).
-    return clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False, settings=SETTINGS)
+    delay = 0.5
+    while True:
+        try:
+            # No session id: a server session runs one query at a time, and this client is shared
+            # by the threads of a process (request handlers, the stream core).
+            return clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False, settings=SETTINGS)
+        except OperationalError as exc:
+            if not wait:
+                raise
+            log.warning("ClickHouse does not answer at %s (%s); waiting", server(url), reason(exc))
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def server(url: str) -> str:
+    """Where a ClickHouse URL points, without its credentials."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or (8443 if parts.scheme == 'https' else 8123)}"
+
+
+def reason(exc: BaseException) -> str:
+    """The root cause of a connection error in a few words ("Connection refused"):
+    clickhouse-connect's own message carries the whole urllib3 chain."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return str(exc)[:200]

@@ -152,7 +152,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
         broker_heartbeat_interval=HEARTBEAT_MS / 1000,
         broker_rebalance_timeout=REBALANCE_TIMEOUT_MS / 1000,
     )
-    client = storage.connect(settings.clickhouse_url)
+    client = storage.connect(settings.clickhouse_url, wait=True)
     replay.upgrade(client, settings.session_timeout_s, settings.raw_events_ttl_days, settings.clickhouse_cluster)
     core = StreamCore(client, settings.session_timeout_s)
 

@@ -3,6 +3,7 @@ idempotent, `keys create` prints keys the API accepts."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -10,7 +11,7 @@ import sys
 
 import httpx
 
-from tests.conftest import free_port, process
+from tests.conftest import free_port, process, wait_until
 
 CLI = [sys.executable, "-m", "besokskollen"]
 
@@ -90,3 +91,31 @@ def test_first_start_hands_out_a_key(tmp_path):
     with process([*CLI, "up", "--data", str(tmp_path / "data"), "--port", str(port)], log,
                  ready_url=f"{base}/openapi.json"):
         assert "created a user-level API key" not in log.read_text()  # only the first start
+
+
+def test_servers_wait_for_clickhouse_and_one_shot_commands_say_where_it_failed(tmp_path):
+    """An `api` started before ClickHouse answers waits for it (and says so) instead of exiting
+    with a traceback; `migrate` exits 2 naming the server (never its password)."""
+    ch_port, api_port = free_port(), free_port()
+    env = {"BK_CLICKHOUSE_URL": f"http://bk:secret@127.0.0.1:{ch_port}/?compress=false"}
+    failed = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, env={**os.environ, **env}, timeout=60)
+    assert failed.returncode == 2
+    assert failed.stderr.strip().splitlines()[-1] == (
+        f"besokskollen migrate: ClickHouse does not answer at http://127.0.0.1:{ch_port}: Connection refused")
+    assert "secret" not in failed.stderr and "Traceback" not in failed.stderr
+
+    log = tmp_path / "api.log"
+    with process([*CLI, "api", "--port", str(api_port)], log, env) as api:
+        wait_until(lambda: "ClickHouse does not answer" in log.read_text(), 30, "the api to say it waits")
+        assert api.poll() is None
+        with process([sys.executable, "-m", "tests.chfront", "--path", str(tmp_path / "ch"), "--port", str(ch_port)],
+                     tmp_path / "chfront.log", ready_url=f"http://127.0.0.1:{ch_port}/ping"):
+            wait_until(lambda: _answers(f"http://127.0.0.1:{api_port}/api/v1/openapi.json"), 60, "the api to start")
+    assert "secret" not in log.read_text()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
