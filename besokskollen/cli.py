@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import uvicorn
 
@@ -151,13 +152,19 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_copy(args: argparse.Namespace) -> None:
+    from clickhouse_connect.driver.exceptions import OperationalError
+
     from besokskollen import copying
     from streams import storage
 
     settings = _settings(args)
+    source = storage.connect(settings.clickhouse_url)
     try:
-        copied = copying.copy(storage.connect(settings.clickhouse_url), storage.connect(args.to),
-                              settings.session_timeout_s, settings.raw_events_ttl_days, args.cluster)
+        target = storage.connect(args.to)
+    except OperationalError as exc:
+        _unreachable("copy", args.to, exc)
+    try:
+        copied = copying.copy(source, target, settings.session_timeout_s, settings.raw_events_ttl_days, args.cluster)
     except copying.CopyRefused as exc:
         raise SystemExit(f"besokskollen copy: {exc}") from None
     print(", ".join(f"{table}: {rows:,}" for table, rows in copied.items()))
@@ -241,15 +248,18 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from clickhouse_connect.driver.exceptions import OperationalError
 
-    from streams import storage
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
     try:
         args.func(args)
     except OperationalError as exc:  # servers wait for ClickHouse; a one-shot command says where it failed
-        url = _settings(args).clickhouse_url
-        print(f"besokskollen {args.command}: ClickHouse does not answer at {storage.server(url)}: "
-              f"{storage.reason(exc)}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _unreachable(args.command, _settings(args).clickhouse_url, exc)
+
+
+def _unreachable(command: str, url: str, exc: Exception) -> NoReturn:
+    from streams import storage
+
+    print(f"besokskollen {command}: ClickHouse does not answer at {storage.server(url)}: {storage.reason(exc)}",
+          file=sys.stderr)
+    raise SystemExit(2) from None
 

@@ -95,7 +95,7 @@ def test_first_start_hands_out_a_key(tmp_path):
 
 def test_servers_wait_for_clickhouse_and_one_shot_commands_say_where_it_failed(tmp_path):
     """An `api` started before ClickHouse answers waits for it (and says so) instead of exiting
-    with a traceback; `migrate` exits 2 naming the server (never its password)."""
+    with a traceback; `migrate` and `copy` exit 2 naming the server (never its password)."""
     ch_port, api_port = free_port(), free_port()
     env = {"BK_CLICKHOUSE_URL": f"http://bk:secret@127.0.0.1:{ch_port}/?compress=false"}
     failed = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, env={**os.environ, **env}, timeout=60)
@@ -103,6 +103,11 @@ def test_servers_wait_for_clickhouse_and_one_shot_commands_say_where_it_failed(t
     assert failed.stderr.strip().splitlines()[-1] == (
         f"besokskollen migrate: ClickHouse does not answer at http://127.0.0.1:{ch_port}: Connection refused")
     assert "secret" not in failed.stderr and "Traceback" not in failed.stderr
+    copy = subprocess.run([*CLI, "copy", "--data", str(tmp_path / "up"), "--to", env["BK_CLICKHOUSE_URL"]],
+                          capture_output=True, text=True, timeout=120)
+    assert copy.returncode == 2  # the target is named, not the source
+    assert copy.stderr.strip().splitlines()[-1] == (
+        f"besokskollen copy: ClickHouse does not answer at http://127.0.0.1:{ch_port}: Connection refused")
 
     log = tmp_path / "api.log"
     with process([*CLI, "api", "--port", str(api_port)], log, env) as api:
