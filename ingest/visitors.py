@@ -114,11 +114,8 @@ class Visitors:
 
     def needs_io(self, site_id: str, ip: str, user_agent: str, at: datetime) -> bool:
         """Whether `visitor_id` may touch the database (so async callers use a thread)."""
-        day = at.date()
-        yesterday = self._salts.cached(day - timedelta(days=1))
-        if yesterday is None or self._salts.cached(day) is None:
-            return True
-        return self._known_carry((site_id, hash_visitor(yesterday, site_id, ip, user_agent)), at) is None
+        key = self._yesterday_if_cached(site_id, ip, user_agent, at)
+        return key is None or self._known_carry(key, at) is None
 
     def visitor_id(self, site_id: str, ip: str, user_agent: str, at: datetime) -> int:
         day = at.date()
@@ -134,25 +131,29 @@ class Visitors:
         """Yesterday's id of this visitor when whether it carries on at `at` is for the database
         to say and `learn` can take the answer; None when memory knows, or when the salts or the
         day's open sessions are not loaded yet (`visitor_id` does that, once)."""
-        day = at.date()
-        yesterday, today = self._salts.cached(day - timedelta(days=1)), self._salts.cached(day)
-        if yesterday is None or today is None:
+        key = self._yesterday_if_cached(site_id, ip, user_agent, at)
+        if key is None or self._known_carry(key, at) is not None:
             return None
-        key = (site_id, hash_visitor(yesterday, site_id, ip, user_agent))
-        if self._known_carry(key, at) is not None:
-            return None
-        loaded = self._days.get(day)
+        loaded = self._days.get(at.date())
         if at - _midnight(at) >= self._timeout + _SETTLE and (loaded is None or loaded.open_at_midnight is None):
             return None
         return key
 
     def learn(self, yesterday: Key, at: datetime, end: datetime | None) -> None:
-        """The database's latest session end (None: none ends after `at` − timeout) of
-        yesterday's id, asked for an event at `at`: what `_ask_database` would have found."""
+        """The database's latest session end (None: none ends after `at` − timeout, or the
+        database could not be asked) of yesterday's id, asked for an event at `at`."""
         if end is not None and at - end < self._timeout:
             self._remember(yesterday, end)
         else:
             self._day(at.date()).lapsed.add(yesterday)
+
+    def _yesterday_if_cached(self, site_id: str, ip: str, user_agent: str, at: datetime) -> Key | None:
+        """Yesterday's id of this visitor, if both salts it may need are in memory."""
+        day = at.date()
+        yesterday = self._salts.cached(day - timedelta(days=1))
+        if yesterday is None or self._salts.cached(day) is None:
+            return None
+        return (site_id, hash_visitor(yesterday, site_id, ip, user_agent))
 
     def _known_carry(self, yesterday: Key, at: datetime) -> bool | None:
         """Whether yesterday's id carries at `at`, if memory can tell; None: ask the database."""
@@ -176,15 +177,14 @@ class Visitors:
                         day.open_at_midnight = self._open_at_midnight(midnight, self._timeout)
                 if yesterday not in day.open_at_midnight:
                     return False
-            is_open = bool(self.latest_ends([yesterday], at - self._timeout))
+            end = self.latest_ends([yesterday], at - self._timeout).get(yesterday)
         except ClickHouseError as exc:
             if not self.lenient:
                 raise
             log.warning("ClickHouse is unavailable (%s): a visitor gets today's id", exc)
-            is_open = False
-        if not is_open:
-            day.lapsed.add(yesterday)
-        return is_open
+            end = None
+        self.learn(yesterday, at, end)
+        return end is not None
 
     def _day(self, day: date) -> _Day:
         with self._lock:
