@@ -281,6 +281,17 @@ def send_while(disturb, ingest: str, people: list[Person], outcome: dict[str, st
     assert all(r == "202" for r in outcome.values())
 
 
+def exact_despite(disturb, d: Deployment, clickhouse_http: str, domain: str, seed: int) -> None:
+    """A new site's goals and funnel, 1,500 people's events sent while `disturb` runs beside (all
+    accepted), then every answer of the API exact."""
+    site, funnel = asyncio.run(_create(d.api, domain))
+    people = traffic(site, 1500, seed=seed)
+    outcome: dict[str, str] = {}
+    send_while(disturb, d.ingest, people, outcome)
+    got, want, _ = settle(d.api, clickhouse_http, site, people, outcome, funnel, timeout=90)
+    assert got == {k: want[k] for k in got}
+
+
 def stored_serials(clickhouse_http: str, site: str) -> Counter:
     from streams import storage
 
@@ -390,19 +401,13 @@ def test_survivors_take_over_when_workers_leave(kafka, clickhouse_http, tmp_path
     partition and the numbers are exact."""
     d = deploy(kafka, clickhouse_http, tmp_path, workers=3)
     try:
-        site, funnel = asyncio.run(_create(d.api, "rebalance.example"))
-        people = traffic(site, 1500, seed=12)
-        outcome: dict[str, str] = {}
-
         def leave() -> None:
             time.sleep(2)
             d.procs["w2"].stop()
             time.sleep(1)
             d.procs["w3"].kill()
 
-        send_while(leave, d.ingest, people, outcome)
-        got, want, _ = settle(d.api, clickhouse_http, site, people, outcome, funnel, timeout=90)
-        assert got == {k: want[k] for k in got}
+        exact_despite(leave, d, clickhouse_http, "rebalance.example", seed=12)
         wait_until(lambda: stable_group_size(kafka, "besokskollen") == 1, 30, "one worker left in the group")
         status = subprocess.run([*CLI, "status"], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **d.env},
                                 timeout=60)
@@ -420,9 +425,6 @@ def test_workers_joining_and_leaving_all_the_time_lose_nothing(kafka, clickhouse
     d = deploy(kafka, clickhouse_http, tmp_path, workers=2)
     extra = Proc([*CLI, "worker", "--port", str(free_port())], tmp_path / "worker-extra.log", d.env)
     try:
-        site, funnel = asyncio.run(_create(d.api, "churn.example"))
-        people = traffic(site, 1500, seed=21)
-        outcome: dict[str, str] = {}
         rng = random.Random(21)
 
         def churn() -> None:
@@ -435,9 +437,7 @@ def test_workers_joining_and_leaving_all_the_time_lose_nothing(kafka, clickhouse
                     extra.kill()
                 time.sleep(rng.uniform(0.5, 1.5))
 
-        send_while(churn, d.ingest, people, outcome)
-        got, want, _ = settle(d.api, clickhouse_http, site, people, outcome, funnel, timeout=90)
-        assert got == {k: want[k] for k in got}
+        exact_despite(churn, d, clickhouse_http, "churn.example", seed=21)
     finally:
         extra.stop()
         d.stop()
@@ -453,19 +453,13 @@ def test_a_clickhouse_restart_mid_stream_loses_nothing(kafka, tmp_path):
     clickhouse = f"http://127.0.0.1:{port}/?compress=false"
     d = deploy(kafka, clickhouse, tmp_path, workers=1)
     try:
-        site, funnel = asyncio.run(_create(d.api, "restart.example"))
-        people = traffic(site, 1500, seed=31)
-        outcome: dict[str, str] = {}
-
         def restart() -> None:
             time.sleep(2)
             front.kill()
             time.sleep(8)  # longer than ingest keeps a site in memory unasked (5 s)
             front.start()
 
-        send_while(restart, d.ingest, people, outcome)
-        got, want, _ = settle(d.api, clickhouse, site, people, outcome, funnel, timeout=90)
-        assert got == {k: want[k] for k in got}
+        exact_despite(restart, d, clickhouse, "restart.example", seed=31)
         assert "serving it as last read" in (tmp_path / "ingest.log").read_text()
     finally:
         d.stop()
