@@ -70,10 +70,11 @@ def make_handoff(services: Services, core: StreamCore | None = None) -> Handoff:
     """Embedded (the given or a new stream core in this process) unless Kafka is configured."""
     settings = services.settings
     if settings.embedded:
-        return InProcessHandoff(EmbeddedRunner(core or StreamCore(services.client, settings.session_timeout_s)))
+        return InProcessHandoff(EmbeddedRunner(core or StreamCore(services.client, settings.session_timeout_s),
+                                               Spool(settings.spool_path, settings.spool_max_bytes)))
     return KafkaHandoff(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions,
                         settings.kafka_replication_factor, services.client,
-                        Spool(settings.spool_dir.resolve(), settings.spool_max_bytes), settings.spool_after_ms / 1000)
+                        Spool(settings.spool_path, settings.spool_max_bytes), settings.spool_after_ms / 1000)
 
 
 def _lifespan(handoff: Handoff):

@@ -40,8 +40,10 @@ class Settings(BaseSettings):
     max_import_bytes: int = 20 * 1024 * 1024
     # Days a salt made for a past day by an import is kept after it was made (live salts: 48 h).
     historic_salt_days: int = 30
-    # Where `ingest` spools events Kafka did not acknowledge in time (one directory per process).
-    spool_dir: Path = Path("spool")
+    # Where ingest keeps events answered 202 but not yet safe elsewhere (one directory per
+    # process): distributed, those Kafka did not acknowledge in time; embedded, those the stream
+    # core has not written yet. Unset: `spool` inside the embedded data folder, else `./spool`.
+    spool_dir: Path | None = None
     # The spool's largest size; when full, /api/event answers 503 with Retry-After.
     spool_max_bytes: int = Field(512 * 1024 * 1024, ge=64 * 1024)
     # How long an event waits for Kafka's acknowledgement before it is spooled instead.
@@ -85,6 +87,14 @@ class Settings(BaseSettings):
             for cidr in self.trusted_proxies.split(",")
             if cidr.strip()
         )
+
+    @property
+    def spool_path(self) -> Path:
+        if self.spool_dir is not None:
+            return self.spool_dir.resolve()
+        if self.clickhouse_url.startswith("chdb://"):
+            return Path(self.clickhouse_url.removeprefix("chdb://")).resolve() / "spool"
+        return Path("spool").resolve()
 
     @property
     def embedded(self) -> bool:

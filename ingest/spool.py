@@ -80,7 +80,8 @@ class Spool:
         """The log's size, which `max_bytes` bounds (it shrinks once everything is sent)."""
         return self._size
 
-    def append(self, key: bytes, value: bytes) -> None:
+    def append(self, key: bytes, value: bytes) -> int:
+        """Returns the log's length after this record (what `commit` takes once it is sent)."""
         payload = _KEY_LENGTH.pack(len(key)) + key + value
         record = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
         if self._size + len(record) > self.max_bytes:
@@ -89,6 +90,7 @@ class Spool:
         self._size += len(record)
         self._records += 1
         self._dirty = True
+        return self._size
 
     def read(self, max_records: int) -> tuple[list[tuple[bytes, bytes]], int]:
         """Up to `max_records` unsent records, oldest first, and the offset to `commit` once they
@@ -103,9 +105,10 @@ class Spool:
             offset += _HEADER.size + length
         return records, offset
 
-    def commit(self, offset: int) -> None:
-        """Everything before `offset` is sent. When that is everything, the log starts over."""
-        self._records -= self._count(self._sent, offset)
+    def commit(self, offset: int, records: int | None = None) -> None:
+        """Everything before `offset` is sent (`records` records, if the caller knows). When that
+        is everything, the log starts over."""
+        self._records -= self._count(self._sent, offset) if records is None else records
         self._sent = offset
         if self._sent >= self._size:
             os.ftruncate(self._fd, 0)

@@ -1,35 +1,54 @@
 """The embedded runner: drives the stream core inside the `up` process, fed by ingest directly.
 
 Events queue in memory and are processed in batches. The queue is bounded, so a slow database
-pushes back on ingest instead of growing."""
+pushes back on ingest instead of growing.
+
+Each event is first appended to a journal on disk (the spool's file format, `ingest/spool.py`),
+so an event answered 202 survives a `kill -9` of the process: the journal is cut back as batches
+are written, and whatever it still holds at start is written first. The stream core is idempotent,
+so an event that was written but not yet cut from the journal costs a second, harmless pass."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from ingest.event import Event
+from ingest.spool import Spool
 from streams.core import StreamCore, process_until_written
+
+log = logging.getLogger(__name__)
+
+_SYNC_PERIOD_S = 1.0
 
 
 class EmbeddedRunner:
-    def __init__(self, core: StreamCore, max_batch: int = 5000, linger_s: float = 0.05,
+    def __init__(self, core: StreamCore, journal: Spool, max_batch: int = 5000, linger_s: float = 0.05,
                  max_queued: int = 100_000) -> None:
         self._core = core
+        self._journal = journal
         self._max_batch = max_batch
         self._linger_s = linger_s
-        self._queue: asyncio.Queue[Event] = asyncio.Queue(max_queued)
-        self._task: asyncio.Task | None = None
+        # (event, the journal's length once it was appended)
+        self._queue: asyncio.Queue[tuple[Event, int]] = asyncio.Queue(max_queued)
+        self._tasks: list[asyncio.Task] = []
         # Counted rather than "queue empty": under steady traffic the queue may never be empty,
         # and a drain must still end once what came before it is written.
         self._submitted = 0
         self._written = 0
 
     async def submit(self, event: Event) -> None:
+        """Returns once the event is journaled and queued; raises `SpoolFull` (the caller answers
+        503) when the journal is at its limit."""
+        end = self._journal.append(event.kafka_key, event.to_bytes())
+        await self._queue.put((event, end))
         self._submitted += 1
-        await self._queue.put(event)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="stream-core")
+        self._journal.open()
+        await self._recover()
+        self._tasks = [asyncio.create_task(self._run(), name="stream-core"),
+                       asyncio.create_task(self._sync(), name="journal-sync")]
 
     async def drain(self) -> None:
         """Wait until everything submitted so far is written."""
@@ -39,9 +58,19 @@ class EmbeddedRunner:
 
     async def stop(self) -> None:
         await self.drain()
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._journal.close()
+
+    async def _recover(self) -> None:
+        """Write what a process that died left in the journal, before taking new events."""
+        if self._journal.pending_records:
+            log.info("writing %d events journaled before the last stop", self._journal.pending_records)
+        while self._journal.pending_records:
+            records, end = self._journal.read(self._max_batch)
+            await process_until_written(self._core, [Event.from_bytes(value) for _, value in records])
+            self._journal.commit(end, len(records))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -56,5 +85,11 @@ class EmbeddedRunner:
                     batch.append(await asyncio.wait_for(self._queue.get(), timeout))
                 except TimeoutError:
                     break
-            await process_until_written(self._core, batch)
+            await process_until_written(self._core, [event for event, _ in batch])
+            self._journal.commit(batch[-1][1], len(batch))
             self._written += len(batch)
+
+    async def _sync(self) -> None:
+        while True:
+            await asyncio.sleep(_SYNC_PERIOD_S)
+            await asyncio.to_thread(self._journal.sync)

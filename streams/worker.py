@@ -41,6 +41,8 @@ GROUP = "besokskollen"
 BATCH_MAX = 5000
 BATCH_WAIT_MS = 200
 LAG_METRICS_EVERY_S = 5.0
+# A consumer that ran this long before failing had recovered: its retries start over from 1 s.
+HEALTHY_STRETCH_S = 60.0
 # Fast recovery: a worker that dies without leaving the group (kill -9) is noticed after the
 # session timeout (Kafka's minimum is 6 s), and a rebalance waits at most the rebalance timeout
 # for members to rejoin (Kafka clients default to 45 s and 5 min). Heartbeats go six times per
@@ -177,9 +179,12 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
     async def process() -> None:
         delay = 1.0
         while True:
+            started = time.monotonic()
             try:
                 await consume(settings, core, stats)
             except KafkaError as exc:  # e.g. no broker reachable (at start, or restarted meanwhile)
+                if time.monotonic() - started > HEALTHY_STRETCH_S:  # a new outage starts from 1 s again
+                    delay = 1.0
                 log.warning("consuming %s failed (%s); retrying in %.0f s", settings.kafka_topic, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)

@@ -11,12 +11,17 @@ import os
 import re
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
 
+from ingest.event import Event
 from ingest.spool import Spool, SpoolFull, SpoolLocked
-from tests.conftest import free_port, wait_until
+from streams.core import StreamCore
+from streams.embedded import EmbeddedRunner
+from streams.events import stored_event_ids
+from tests.conftest import ADMIN_KEY, free_port, wait_until
 from tests.test_crash import CLI, Person, Proc, _create, deploy, settle, traffic
 
 
@@ -70,6 +75,66 @@ def test_a_full_spool_refuses_and_a_second_process_is_kept_out(tmp_path):
     with pytest.raises(SpoolLocked):
         Spool(tmp_path, 100).open()
     spool.close()
+
+
+# -- the embedded topology's journal ----------------------------------------------------------------
+
+async def test_events_a_dead_embedded_process_had_not_written_are_written_at_start(services, tmp_path):
+    """The runner journals before it queues; one that dies before writing (here: never started,
+    its journal closed as a kill leaves it) leaves the events to the next, which writes them first."""
+    site = f"journal-{uuid.uuid4().hex[:8]}"
+    at = datetime.now(timezone.utc) - timedelta(minutes=30)
+    events = [Event(event_id=str(uuid.uuid4()), site_id=site, timestamp=at + timedelta(seconds=n), name="pageview",
+                    visitor_id=n % 7, pathname=f"/{n}") for n in range(50)]
+    dead = EmbeddedRunner(StreamCore(services.client, 1800), Spool(tmp_path, 1 << 20))
+    dead._journal.open()
+    for event in events:
+        await dead.submit(event)
+    dead._journal.close()
+    assert stored_event_ids(services.client, events) == set()
+
+    runner = EmbeddedRunner(StreamCore(services.client, 1800), Spool(tmp_path, 1 << 20))
+    await runner.start()
+    try:
+        assert stored_event_ids(services.client, events) == {e.event_id for e in events}
+        assert runner._journal.pending_records == 0
+        await runner.submit(events[0])  # again: still stored once
+        await runner.drain()
+        assert runner._journal.size_bytes == 0  # everything written: the journal starts over
+    finally:
+        await runner.stop()
+    assert services.client.query("SELECT count() FROM events FINAL WHERE site_id = {s:String}",
+                                 parameters={"s": site}).result_rows[0][0] == 50
+
+
+def test_up_killed_with_events_not_yet_written_loses_none(clickhouse_http, tmp_path):
+    """`up` SIGKILLed right after answering 202 to events its stream core had not written yet:
+    restarted, it writes them, and every answer is exact."""
+    journal = tmp_path / "journal"
+    env = {"BK_CLICKHOUSE_URL": clickhouse_http, "BK_ADMIN_KEY": ADMIN_KEY, "BK_SPOOL_DIR": str(journal),
+           "BK_RATE_LIMIT_PER_MINUTE": "1000000"}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    up = Proc([*CLI, "up", "--port", str(port)], tmp_path / "up.log", env, f"{base}/api/v1/openapi.json").start()
+    try:
+        site, funnel = asyncio.run(_create(base, "journal.example"))
+        people = traffic(site, 1000, seed=31)
+        first, rest = _take(people, sum(len(p.events) for p in people) // 2)
+        outcome: dict[str, str] = {}
+        asyncio.run(post_all(base, first, outcome, []))
+        up.kill()
+        left = Spool(journal, 1 << 30)
+        left.open()
+        pending = left.pending_records
+        left.close()
+        assert pending > 0, "the kill came after every event was written: nothing tested"
+        up.start()
+        asyncio.run(post_all(base, rest, outcome, []))
+        assert set(outcome.values()) == {"202"}
+        got, want, _ = settle(base, clickhouse_http, site, people, outcome, funnel, timeout=60)
+        assert got == {k: want[k] for k in got}
+    finally:
+        up.stop()
 
 
 # -- a broker outage, end to end -------------------------------------------------------------------

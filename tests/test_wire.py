@@ -4,6 +4,7 @@ headers that may never get a 5xx or lose an accepted event."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 
@@ -122,14 +123,16 @@ async def test_browsers_are_counted_with_device_browser_and_os(client, embedded,
     assert len(BROWSERS) >= 20 and {d for _, d, _, _ in BROWSERS} == {"Desktop", "Mobile", "Tablet"}
 
 
-async def test_a_retry_with_the_client_id_counts_once_without_it_twice(client, embedded, services, site):
+async def test_a_retry_with_the_client_id_counts_once_without_it_twice(client, embedded, services, site, tmp_path):
     client_id = str(uuid.uuid4())
     for _ in range(2):
         assert (await post(client, pageview(site, event_id=client_id, props={"k": "same"}))).status_code == 202
         assert (await post(client, pageview(site, props={"k": "none"}))).status_code == 202
     await embedded[1].runner.drain()
-    # And after a restart of the process (a new hand-off and stream core), once more.
-    handoff = make_handoff(services)
+    # And after a restart of the process (a new hand-off and stream core), once more; the first
+    # process still holds its journal, so this one gets its own.
+    handoff = make_handoff(dataclasses.replace(
+        services, settings=services.settings.model_copy(update={"spool_dir": tmp_path / "spool"})))
     await handoff.start()
     try:
         from httpx import ASGITransport, AsyncClient
