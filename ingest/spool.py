@@ -82,13 +82,17 @@ class Spool:
 
     def append(self, key: bytes, value: bytes) -> int:
         """Returns the log's length after this record (what `commit` takes once it is sent)."""
-        payload = _KEY_LENGTH.pack(len(key)) + key + value
-        record = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-        if self._size + len(record) > self.max_bytes:
+        return self.append_all([(key, value)])
+
+    def append_all(self, records: list[tuple[bytes, bytes]]) -> int:
+        """Append these records with one `write`, all or none; returns the log's length after them."""
+        payloads = [_KEY_LENGTH.pack(len(key)) + key + value for key, value in records]
+        data = b"".join(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload for payload in payloads)
+        if self._size + len(data) > self.max_bytes:
             raise SpoolFull(f"the spool is full ({self._size} of {self.max_bytes} bytes)")
-        os.write(self._fd, record)
-        self._size += len(record)
-        self._records += 1
+        os.write(self._fd, data)
+        self._size += len(data)
+        self._records += len(records)
         self._dirty = True
         return self._size
 

@@ -32,6 +32,8 @@ class EmbeddedRunner:
         # (event, the journal's length once it was appended)
         self._queue: asyncio.Queue[tuple[Event, int]] = asyncio.Queue(max_queued)
         self._tasks: list[asyncio.Task] = []
+        self._waiting: list[tuple[bytes, bytes]] = []  # records to journal at the end of this turn
+        self._appended: asyncio.Future[int] | None = None
         # Counted rather than "queue empty": under steady traffic the queue may never be empty,
         # and a drain must still end once what came before it is written.
         self._submitted = 0
@@ -40,9 +42,23 @@ class EmbeddedRunner:
     async def submit(self, event: Event) -> None:
         """Returns once the event is journaled and queued; raises `SpoolFull` (the caller answers
         503) when the journal is at its limit."""
-        end = self._journal.append(event.kafka_key, event.to_bytes())
+        if self._appended is None:
+            # The events submitted in one turn of the event loop are journaled with one `write`.
+            self._appended = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(self._append_waiting)
+        appended = self._appended
+        self._waiting.append((event.kafka_key, event.to_bytes()))
+        end = await appended
         await self._queue.put((event, end))
         self._submitted += 1
+
+    def _append_waiting(self) -> None:
+        records, appended = self._waiting, self._appended
+        self._waiting, self._appended = [], None
+        try:
+            appended.set_result(self._journal.append_all(records))
+        except Exception as exc:  # SpoolFull (or a disk error): every event of the turn is refused
+            appended.set_exception(exc)
 
     async def start(self) -> None:
         self._journal.open()

@@ -69,7 +69,11 @@ def test_a_record_torn_by_a_crash_is_cut_off(tmp_path):
 def test_a_full_spool_refuses_and_a_second_process_is_kept_out(tmp_path):
     spool = Spool(tmp_path, 100)
     spool.open()
-    spool.append(b"k", b"x" * 50)
+    spool.append(b"k", b"x" * 10)
+    with pytest.raises(SpoolFull):  # a group that does not fit whole is refused whole
+        spool.append_all([(b"k", b"x" * 10), (b"k", b"x" * 50)])
+    assert spool.pending_records == 1
+    spool.append(b"k", b"x" * 40)
     with pytest.raises(SpoolFull):
         spool.append(b"k", b"x" * 50)
     with pytest.raises(SpoolLocked):
