@@ -29,8 +29,11 @@ class EmbeddedRunner:
         self._journal = journal
         self._max_batch = max_batch
         self._linger_s = linger_s
-        # (event, the journal's length once it was appended)
-        self._queue: asyncio.Queue[tuple[Event, int]] = asyncio.Queue(max_queued)
+        # (event, the journal's length once it was appended), in journal order: a batch's last
+        # entry is how far the journal is written. Bounded by `_room`, taken before the journal,
+        # because waiting for a full queue after it could reorder the two.
+        self._queue: asyncio.Queue[tuple[Event, int]] = asyncio.Queue()
+        self._room = asyncio.Semaphore(max_queued)
         self._tasks: list[asyncio.Task] = []
         self._waiting: list[tuple[bytes, bytes]] = []  # records to journal at the end of this turn
         self._appended: asyncio.Future[int] | None = None
@@ -42,14 +45,19 @@ class EmbeddedRunner:
     async def submit(self, event: Event) -> None:
         """Returns once the event is journaled and queued; raises `SpoolFull` (the caller answers
         503) when the journal is at its limit."""
+        await self._room.acquire()
         if self._appended is None:
             # The events submitted in one turn of the event loop are journaled with one `write`.
             self._appended = asyncio.get_running_loop().create_future()
             asyncio.get_running_loop().call_soon(self._append_waiting)
         appended = self._appended
         self._waiting.append((event.kafka_key, event.to_bytes()))
-        end = await appended
-        await self._queue.put((event, end))
+        try:
+            end = await appended
+        except BaseException:
+            self._room.release()
+            raise
+        self._queue.put_nowait((event, end))
         self._submitted += 1
 
     def _append_waiting(self) -> None:
@@ -104,6 +112,8 @@ class EmbeddedRunner:
             await process_until_written(self._core, [event for event, _ in batch])
             self._journal.commit(batch[-1][1], len(batch))
             self._written += len(batch)
+            for _ in batch:
+                self._room.release()
 
     async def _sync(self) -> None:
         while True:
