@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 GROUP = "besokskollen"
 BATCH_MAX = 5000
 BATCH_WAIT_MS = 200
+# A batch that is small when it arrives waits this long for more. Every batch costs the same
+# handful of ClickHouse statements: at ~3,000 events/s (tests/bench), the ClickHouse front used
+# 51 % of a core without the wait, 25 % with 250 ms, 18 % with 500 ms. Freshness pays up to 250 ms.
+BATCH_LINGER_MS = 250
 LAG_METRICS_EVERY_S = 5.0
 # A consumer that ran this long before failing had recovered: its retries start over from 1 s.
 HEALTHY_STRETCH_S = 60.0
@@ -96,6 +100,7 @@ async def consume(settings: Settings, core: StreamCore, stats: monitor.BatchStat
             batches = await consumer.getmany(timeout_ms=BATCH_WAIT_MS, max_records=BATCH_MAX)
             if not batches:
                 continue
+            await _fill(consumer, batches)
             async with rebalances.writing:
                 if rebalances.generation != generation:
                     _unread(consumer, batches)
@@ -117,6 +122,17 @@ async def consume(settings: Settings, core: StreamCore, stats: monitor.BatchStat
             metrics.EVENTS_PROCESSED.inc(len(values))
     finally:
         await consumer.stop()
+
+
+async def _fill(consumer: AIOKafkaConsumer, batches: dict) -> None:
+    """Keep reading for up to BATCH_LINGER_MS while the batch is below BATCH_MAX."""
+    size = sum(len(records) for records in batches.values())
+    deadline = time.monotonic() + BATCH_LINGER_MS / 1000
+    while size < BATCH_MAX and (left := deadline - time.monotonic()) > 0:
+        more = await consumer.getmany(timeout_ms=int(left * 1000) + 1, max_records=BATCH_MAX - size)
+        for tp, records in more.items():
+            batches.setdefault(tp, []).extend(records)
+            size += len(records)
 
 
 def _unread(consumer: AIOKafkaConsumer, batches: dict) -> None:
