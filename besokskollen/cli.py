@@ -42,6 +42,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     from streams.core import StreamCore
 
     settings = _settings(args)
+    _claim_spool("up", settings)
     services = open_services(settings, wait=True)
     core = StreamCore(services.client, settings.session_timeout_s) if settings.embedded else None
     host, port = _address(args, settings)
@@ -73,6 +74,7 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     settings = _settings(args)
     if settings.embedded:
         raise SystemExit("`ingest` hands events to Kafka: set BK_KAFKA_BOOTSTRAP (or run `besokskollen up`)")
+    _claim_spool("ingest", settings)
     services = open_services(settings, wait=True)
     _serve(ingest_server_app(services, make_handoff(services)), *_address(args, settings))
 
@@ -254,6 +256,20 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except OperationalError as exc:  # servers wait for ClickHouse; a one-shot command says where it failed
         _unreachable(args.command, _settings(args).clickhouse_url, exc)
+
+
+def _claim_spool(command: str, settings: Settings) -> None:
+    """A second process on one spool (or journal) directory stops here with one line, rather than
+    with a traceback once the server starts. The server takes the lock for itself afterwards."""
+    from ingest.spool import Spool, SpoolLocked
+
+    spool = Spool(settings.spool_path, settings.spool_max_bytes)
+    try:
+        spool.open()
+    except SpoolLocked as exc:
+        print(f"besokskollen {command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    spool.close()
 
 
 def _unreachable(command: str, url: str, exc: Exception) -> NoReturn:

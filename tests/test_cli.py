@@ -119,6 +119,23 @@ def test_servers_wait_for_clickhouse_and_one_shot_commands_say_where_it_failed(t
     assert "secret" not in log.read_text()
 
 
+def test_a_second_server_on_one_spool_directory_stops_with_one_line(clickhouse_http, tmp_path):
+    """Two `up`s sharing a ClickHouse server and BK_SPOOL_DIR (the embedded journal): the second
+    exits 2 naming the directory, the first keeps serving."""
+    env = {"BK_CLICKHOUSE_URL": clickhouse_http, "BK_SPOOL_DIR": str(tmp_path / "spool")}
+    port = free_port()
+    with process([*CLI, "up", "--port", str(port)], tmp_path / "up.log", env,
+                 ready_url=f"http://127.0.0.1:{port}/api/v1/openapi.json") as first:
+        second = subprocess.run([*CLI, "up", "--port", str(free_port())], capture_output=True, text=True,
+                                env={**os.environ, **env}, timeout=60)
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"besokskollen up: spool directory {tmp_path / 'spool'} is in use by another process;"
+            " give each ingest process its own BK_SPOOL_DIR")
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None and _answers(f"http://127.0.0.1:{port}/api/v1/openapi.json")
+
+
 def _answers(url: str) -> bool:
     try:
         return httpx.get(url, timeout=2).status_code == 200
