@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Annotated
@@ -13,6 +14,8 @@ from urllib.parse import urlsplit
 import orjson
 from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo,
                       field_validator, model_validator)
+
+log = logging.getLogger(__name__)
 
 MAX_PROPS = 30
 MAX_PROP_KEY = 120
@@ -189,6 +192,19 @@ class Event(BaseModel):
     @classmethod
     def from_bytes(cls, raw: bytes) -> Event:
         return cls.model_validate_json(raw)
+
+    @classmethod
+    def decode_all(cls, records: list[bytes]) -> list[Event]:
+        """The events among these Kafka or journal records. One that is not an event (a foreign
+        producer's, or an older release's) is logged and skipped, rather than stop the reader on
+        every restart."""
+        events = []
+        for raw in records:
+            try:
+                events.append(cls.from_bytes(raw))
+            except ValueError:
+                log.error("skipping a record that is not an event: %r", raw[:200])
+        return events
 
     @property
     def is_pageview(self) -> bool:

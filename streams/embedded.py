@@ -93,7 +93,7 @@ class EmbeddedRunner:
             log.info("writing %d events journaled before the last stop", self._journal.pending_records)
         while self._journal.pending_records:
             records, end = self._journal.read(self._max_batch)
-            await process_until_written(self._core, [Event.from_bytes(value) for _, value in records])
+            await process_until_written(self._core, Event.decode_all([value for _, value in records]))
             self._journal.commit(end, len(records))
 
     async def _run(self) -> None:

@@ -108,7 +108,7 @@ async def consume(settings: Settings, core: StreamCore, stats: monitor.BatchStat
                 values = [record.value for records in batches.values() for record in records]
                 started = time.perf_counter()
                 # A batch being written is finished even when the worker is asked to stop.
-                written = asyncio.ensure_future(process_until_written(core, _decode(values)))
+                written = asyncio.ensure_future(process_until_written(core, Event.decode_all(values)))
                 try:
                     await asyncio.shield(written)
                 except asyncio.CancelledError:
@@ -227,18 +227,6 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
                  monitor.describe(lags))
 
     return app
-
-
-def _decode(values: list[bytes]) -> list[Event]:
-    """Events of a batch; a record that is not an event (only a foreign producer can write one)
-    is logged and skipped rather than stop the worker on every restart."""
-    events = []
-    for value in values:
-        try:
-            events.append(Event.from_bytes(value))
-        except ValueError:
-            log.error("skipping a record that is not an event: %r", value[:200])
-    return events
 
 
 def run(settings: Settings, host: str = "127.0.0.1", port: int = 8083, loglevel: str = "info") -> None:
