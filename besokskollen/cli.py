@@ -160,6 +160,8 @@ def cmd_copy(args: argparse.Namespace) -> None:
     from streams import storage
 
     settings = _settings(args)
+    if settings.clickhouse_url.startswith("chdb://"):
+        _journal_written("copy", settings)
     source = storage.connect(settings.clickhouse_url)
     try:
         target = storage.connect(args.to)
@@ -270,6 +272,23 @@ def _claim_spool(command: str, settings: Settings) -> None:
         print(f"besokskollen {command}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     spool.close()
+
+
+def _journal_written(command: str, settings: Settings) -> None:
+    """An embedded data folder is complete only once `up`'s journal is empty (after a kill -9 it
+    may hold events answered 202 that the next start writes)."""
+    from ingest.spool import Spool, SpoolLocked
+
+    journal = Spool(settings.spool_path, settings.spool_max_bytes)
+    try:
+        journal.open()
+    except SpoolLocked:
+        raise SystemExit(f"besokskollen {command}: the data folder is in use; stop `up` first") from None
+    pending = journal.pending_records
+    journal.close()
+    if pending:
+        raise SystemExit(f"besokskollen {command}: {settings.spool_path} holds {pending:,} event{'s' * (pending != 1)} not written yet;"
+                         " start and stop `up` on this data folder once to write them")
 
 
 def _unreachable(command: str, url: str, exc: Exception) -> NoReturn:

@@ -136,6 +136,21 @@ def test_a_second_server_on_one_spool_directory_stops_with_one_line(clickhouse_h
         assert first.poll() is None and _answers(f"http://127.0.0.1:{port}/api/v1/openapi.json")
 
 
+def test_copy_refuses_a_data_folder_whose_journal_holds_unwritten_events(tmp_path):
+    from ingest.spool import Spool
+
+    journal = Spool(tmp_path / "data" / "spool", 1 << 20)
+    journal.open()
+    journal.append(b"k", b"{}")  # as a kill -9 of `up` can leave it
+    journal.close()
+    copy = subprocess.run([*CLI, "copy", "--data", str(tmp_path / "data"), "--to", "http://127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=60)
+    assert copy.returncode == 1
+    assert copy.stderr.strip().splitlines()[-1] == (
+        f"besokskollen copy: {tmp_path / 'data' / 'spool'} holds 1 event not written yet;"
+        " start and stop `up` on this data folder once to write them")
+
+
 def _answers(url: str) -> bool:
     try:
         return httpx.get(url, timeout=2).status_code == 200
