@@ -4,8 +4,13 @@ order until they are sent, so a broker outage never blocks or loses a beacon.
 One directory per ingest process (a lock file keeps a second process out):
 - `spool.log`: append-only records, each `length (4 bytes) | crc32 (4) | key length (2) | key | value`;
 - `spool.pos`: how many bytes of the log are sent (replaced atomically).
-When everything is sent the log is truncated to empty. A record torn by a crash mid-write fails its
+When everything is sent the log is truncated to empty. When it never is (the embedded journal under
+steady traffic always has a batch in flight), the log is compacted once its sent part is large: the
+unsent rest is copied to a new log that replaces it. A record torn by a crash mid-write fails its
 length or CRC check at open and is cut off: it was never answered 202.
+
+Offsets handed out (`append`, `read`) and taken back (`commit`) count every byte ever appended in
+this process, so they stay valid across truncations and compactions.
 
 An append is one `write` on an O_APPEND descriptor, so an event answered 202 survives a kill -9
 of the process at once; it reaches the disk itself within `sync()`'s period (a power loss can
@@ -16,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -32,14 +38,18 @@ class SpoolLocked(Exception):
 
 
 class Spool:
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(self, directory: Path, max_bytes: int, compact_bytes: int = 16 * 1024 * 1024) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        self.compact_bytes = compact_bytes
         self._log = directory / "spool.log"
         self._pos = directory / "spool.pos"
         self._lock_fd = self._fd = self._read_fd = -1
-        self._size = self._sent = self._records = 0
+        self._size = self._sent = self._records = 0  # in the log file
+        self._base = 0  # bytes dropped from the front of the log in this process
         self._dirty = False
+        # `sync` runs on a worker thread; a compaction must not swap the log under its fsync.
+        self._swap = threading.Lock()
 
     def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -50,8 +60,7 @@ class Spool:
             os.close(self._lock_fd)
             raise SpoolLocked(f"spool directory {self.directory} is in use by another process;"
                               " give each ingest process its own BK_SPOOL_DIR") from None
-        self._fd = os.open(self._log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._read_fd = os.open(self._log, os.O_RDONLY)
+        self._open_log()
         self._sent = int(self._pos.read_text() or 0) if self._pos.exists() else 0
         self._size = self._valid_length()
         if self._size < os.fstat(self._fd).st_size:
@@ -59,12 +68,17 @@ class Spool:
         self._sent = min(self._sent, self._size)
         self._records = self._count(self._sent, self._size)
 
+    def _open_log(self) -> None:
+        self._fd = os.open(self._log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._read_fd = os.open(self._log, os.O_RDONLY)
+
     def close(self) -> None:
         if self._fd >= 0:
             self.sync()
-            for fd in (self._fd, self._read_fd, self._lock_fd):
-                os.close(fd)
-            self._lock_fd = self._fd = self._read_fd = -1
+            with self._swap:
+                for fd in (self._fd, self._read_fd, self._lock_fd):
+                    os.close(fd)
+                self._lock_fd = self._fd = self._read_fd = -1
 
     @property
     def pending_bytes(self) -> int:
@@ -81,11 +95,11 @@ class Spool:
         return self._size
 
     def append(self, key: bytes, value: bytes) -> int:
-        """Returns the log's length after this record (what `commit` takes once it is sent)."""
+        """Returns the offset after this record (what `commit` takes once it is sent)."""
         return self.append_all([(key, value)])
 
     def append_all(self, records: list[tuple[bytes, bytes]]) -> int:
-        """Append these records with one `write`, all or none; returns the log's length after them."""
+        """Append these records with one `write`, all or none; returns the offset after them."""
         payloads = [_KEY_LENGTH.pack(len(key)) + key + value for key, value in records]
         data = b"".join(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload for payload in payloads)
         if self._size + len(data) > self.max_bytes:
@@ -94,7 +108,7 @@ class Spool:
         self._size += len(data)
         self._records += len(records)
         self._dirty = True
-        return self._size
+        return self._base + self._size
 
     def read(self, max_records: int) -> tuple[list[tuple[bytes, bytes]], int]:
         """Up to `max_records` unsent records, oldest first, and the offset to `commit` once they
@@ -107,24 +121,53 @@ class Spool:
             (key_length,) = _KEY_LENGTH.unpack_from(payload)
             records.append((payload[2:2 + key_length], payload[2 + key_length:]))
             offset += _HEADER.size + length
-        return records, offset
+        return records, self._base + offset
 
     def commit(self, offset: int, records: int | None = None) -> None:
         """Everything before `offset` is sent (`records` records, if the caller knows). When that
-        is everything, the log starts over."""
+        is everything, the log starts over; when the sent part is large, it is compacted."""
+        offset -= self._base
         self._records -= self._count(self._sent, offset) if records is None else records
         self._sent = offset
         if self._sent >= self._size:
             os.ftruncate(self._fd, 0)
+            self._base += self._size
             self._size = self._sent = self._records = 0
+        elif self._sent >= self.compact_bytes and self._size - self._sent <= self._sent:
+            self._compact()
+            return
+        self._write_pos(self._sent)
+
+    def _compact(self) -> None:
+        """Replace the log by its unsent rest. The cursor goes to 0 first: a crash in between
+        replays the old log whole, and a replayed record is stored once downstream anyway."""
+        rest = os.pread(self._read_fd, self._size - self._sent, self._sent)
+        tmp = self.directory / "spool.log.new"
+        with open(tmp, "wb") as out:
+            out.write(rest)
+            out.flush()
+            os.fsync(out.fileno())
+        self._write_pos(0)
+        with self._swap:
+            os.replace(tmp, self._log)
+            os.close(self._fd)
+            os.close(self._read_fd)
+            self._open_log()
+        self._base += self._sent
+        self._size -= self._sent
+        self._sent = 0
+        self._dirty = False
+
+    def _write_pos(self, sent: int) -> None:
         tmp = self._pos.with_suffix(".tmp")
-        tmp.write_text(str(self._sent))
+        tmp.write_text(str(sent))
         os.replace(tmp, self._pos)
 
     def sync(self) -> None:
-        if self._dirty and self._fd >= 0:
-            os.fsync(self._fd)
-            self._dirty = False
+        with self._swap:
+            if self._dirty and self._fd >= 0:
+                os.fsync(self._fd)
+                self._dirty = False
 
     def _count(self, start: int, end: int) -> int:
         """Records between two record boundaries (headers only are read)."""
