@@ -29,8 +29,8 @@ class EmbeddedRunner:
         self._journal = journal
         self._max_batch = max_batch
         self._linger_s = linger_s
-        # (event, the journal's length once it was appended), in journal order: a batch's last
-        # entry is how far the journal is written. Bounded by `_room`, taken before the journal,
+        # (event, the journal's offset after its record), in journal order: a batch's last entry
+        # is how far the journal is written. Bounded by `_room`, taken before the journal,
         # because waiting for a full queue after it could reorder the two.
         self._queue: asyncio.Queue[tuple[Event, int]] = asyncio.Queue()
         self._room = asyncio.Semaphore(max_queued)
@@ -118,4 +118,7 @@ class EmbeddedRunner:
     async def _sync(self) -> None:
         while True:
             await asyncio.sleep(_SYNC_PERIOD_S)
-            await asyncio.to_thread(self._journal.sync)
+            try:
+                await asyncio.to_thread(self._journal.sync)
+            except OSError as exc:  # the next second tries again; the events are in the page cache
+                log.error("could not fsync the journal in %s: %s", self._journal.directory, exc)
