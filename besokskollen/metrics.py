@@ -11,12 +11,12 @@ from starlette.routing import Route
 EVENTS_ACCEPTED = Counter("bk_events_accepted_total", "Events answered 202 and handed on")
 EVENTS_DROPPED = Counter("bk_events_dropped_total", "Events answered 202 and dropped, by reason", ["reason"])
 EVENTS_REJECTED = Counter("bk_events_rejected_total", "Events refused, by HTTP status", ["status"])
-SPOOL_BYTES = Gauge("bk_spool_bytes", "Bytes in the local spool not yet sent to Kafka")
+SPOOL_BYTES = Gauge("bk_spool_bytes", "Bytes in the local spool not yet sent to Kafka (embedded: in the journal, not yet written)")
 SPOOLING = Gauge("bk_spooling", "1 while events go to the spool instead of Kafka")
 PRODUCER_LATENCY = Histogram("bk_producer_ack_seconds", "Time from send to Kafka's acknowledgement",
                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 
-SPOOL_RECORDS = Gauge("bk_spool_records", "Events in the local spool not yet sent to Kafka")
+SPOOL_RECORDS = Gauge("bk_spool_records", "Events in the local spool not yet sent to Kafka (embedded: in the journal, not yet written)")
 EVENTS_PROCESSED = Counter("bk_stream_events_total", "Events the stream core processed (worker)")
 BATCH_SECONDS = Histogram("bk_stream_batch_seconds", "Time to process one batch in the stream core",
                           buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))

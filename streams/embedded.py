@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from besokskollen import metrics
 from ingest.event import Event
 from ingest.spool import Spool
 from streams.core import StreamCore, process_until_written
@@ -70,6 +71,8 @@ class EmbeddedRunner:
 
     async def start(self) -> None:
         self._journal.open()
+        metrics.SPOOL_BYTES.set_function(lambda: self._journal.pending_bytes)
+        metrics.SPOOL_RECORDS.set_function(lambda: self._journal.pending_records)
         await self._recover()
         self._tasks = [asyncio.create_task(self._run(), name="stream-core"),
                        asyncio.create_task(self._sync(), name="journal-sync")]

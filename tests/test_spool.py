@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from ingest.event import Event
 from ingest.spool import Spool, SpoolFull, SpoolLocked
@@ -134,6 +135,9 @@ async def test_events_a_dead_embedded_process_had_not_written_are_written_at_sta
         await runner.submit(events[0])  # again: still stored once
         await runner.drain()
         assert runner._journal.size_bytes == 0  # everything written: the journal starts over
+        assert REGISTRY.get_sample_value("bk_spool_records") == 0
+        runner._journal.append(b"k", b"{}")
+        assert REGISTRY.get_sample_value("bk_spool_records") == 1  # the journal's backlog, on /metrics
     finally:
         await runner.stop()
     assert services.client.query("SELECT count() FROM events FINAL WHERE site_id = {s:String}",
