@@ -17,7 +17,7 @@ from starlette.requests import Request
 from besokskollen import health, metrics
 from besokskollen.config import Settings
 from ingest import app as ingest_app
-from ingest import tracker
+from ingest import tracker, useragents
 from ingest.handoff import Handoff, InProcessHandoff, KafkaHandoff
 from ingest.salts import Salts
 from ingest.spool import Spool
@@ -90,6 +90,7 @@ def _lifespan(handoff: Handoff):
 
 
 def _ingest_routes(services: Services, handoff: Handoff) -> list:
+    useragents.warm_up()
     carries = CarryQuestions(services.visitors)
     return [*ingest_app.routes(services.settings, services.sites, services.visitors, carries, handoff, services.keys),
             *tracker.ROUTES]

@@ -21,6 +21,14 @@ class Agent:
     is_bot: bool
 
 
+def warm_up() -> None:
+    """Both libraries compile hundreds of patterns on first use (~0.5 s here). A server does that
+    before it takes requests, or its first requests all wait that long (the event loop is held)."""
+    sample = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"
+    _crawlers.isCrawler(sample)
+    ua_parser.parse(sample)
+
+
 @lru_cache(maxsize=20_000)
 def parse(user_agent: str) -> Agent:
     if not user_agent or _crawlers.isCrawler(user_agent):

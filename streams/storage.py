@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import clickhouse_connect
+from clickhouse_connect.driver import options as clickhouse_options
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import OperationalError
 
@@ -39,13 +40,20 @@ def connect(url: str, wait: bool = False) -> Client:
         try:
             # No session id: a server session runs one query at a time, and this client is shared
             # by the threads of a process (request handlers, the stream core).
-            return clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False, settings=SETTINGS)
+            client = clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False, settings=SETTINGS)
         except OperationalError as exc:
             if not wait:
                 raise
             log.warning("ClickHouse does not answer at %s (%s); waiting", server(url), reason(exc))
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
+            continue
+        # clickhouse-connect imports pandas (when installed; chDB brings it) on the first insert,
+        # to check whether the data is a DataFrame: 0.3-0.7 s holding the GIL. Paid here, at
+        # start, rather than by the first requests of a fresh ingest process (measured: every
+        # request of its first wave waited ~0.7 s, for today's salt).
+        _ = clickhouse_options.pd
+        return client
 
 
 def server(url: str) -> str:
