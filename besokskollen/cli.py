@@ -263,32 +263,39 @@ def main(argv: list[str] | None = None) -> None:
 def _claim_spool(command: str, settings: Settings) -> None:
     """A second process on one spool (or journal) directory stops here with one line, rather than
     with a traceback once the server starts. The server takes the lock for itself afterwards."""
-    from ingest.spool import Spool, SpoolLocked
+    from ingest.spool import SpoolLocked
 
-    spool = Spool(settings.spool_path, settings.spool_max_bytes)
     try:
-        spool.open()
+        _spool_pending(settings)
     except SpoolLocked as exc:
         print(f"besokskollen {command}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    spool.close()
 
 
 def _journal_written(command: str, settings: Settings) -> None:
     """An embedded data folder is complete only once `up`'s journal is empty (after a kill -9 it
     may hold events answered 202 that the next start writes)."""
-    from ingest.spool import Spool, SpoolLocked
+    from ingest.spool import SpoolLocked
 
-    journal = Spool(settings.spool_path, settings.spool_max_bytes)
     try:
-        journal.open()
+        pending = _spool_pending(settings)
     except SpoolLocked:
         raise SystemExit(f"besokskollen {command}: the data folder is in use; stop `up` first") from None
-    pending = journal.pending_records
-    journal.close()
     if pending:
         raise SystemExit(f"besokskollen {command}: {settings.spool_path} holds {pending:,} event{'s' * (pending != 1)} not written yet;"
                          " start and stop `up` on this data folder once to write them")
+
+
+def _spool_pending(settings: Settings) -> int:
+    """Records in the spool directory not yet sent; raises `SpoolLocked` while a process holds it."""
+    from ingest.spool import Spool
+
+    spool = Spool(settings.spool_path, settings.spool_max_bytes)
+    spool.open()
+    try:
+        return spool.pending_records
+    finally:
+        spool.close()
 
 
 def _unreachable(command: str, url: str, exc: Exception) -> NoReturn:

@@ -27,6 +27,12 @@ QUERY_SECONDS = Histogram("bk_query_seconds", "Query API response time, by endpo
 RATE_LIMITED = Counter("bk_rate_limited_total", "Requests answered 429, by bucket kind", ["bucket"])
 
 
+def watch_spool(spool) -> None:
+    """Report this spool's backlog (ingest's spool, or `up`'s journal) from now on."""
+    SPOOL_BYTES.set_function(lambda: spool.pending_bytes)
+    SPOOL_RECORDS.set_function(lambda: spool.pending_records)
+
+
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 

@@ -97,8 +97,7 @@ class KafkaHandoff:
         """Opens the spool and connects; when Kafka is down, starts anyway (spooling) and keeps
         trying: an ingest process must take beacons through an outage, restarts included."""
         self.spool.open()
-        metrics.SPOOL_BYTES.set_function(lambda: self.spool.pending_bytes)
-        metrics.SPOOL_RECORDS.set_function(lambda: self.spool.pending_records)
+        metrics.watch_spool(self.spool)
         metrics.SPOOLING.set_function(lambda: int(self._spooling))
         self._spawn(self._sync)
         if self.spool.pending_bytes:

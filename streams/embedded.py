@@ -71,8 +71,7 @@ class EmbeddedRunner:
 
     async def start(self) -> None:
         self._journal.open()
-        metrics.SPOOL_BYTES.set_function(lambda: self._journal.pending_bytes)
-        metrics.SPOOL_RECORDS.set_function(lambda: self._journal.pending_records)
+        metrics.watch_spool(self._journal)
         await self._recover()
         self._tasks = [asyncio.create_task(self._run(), name="stream-core"),
                        asyncio.create_task(self._sync(), name="journal-sync")]
