@@ -66,15 +66,15 @@ def open_services(settings: Settings, wait: bool = False) -> Services:
     return Services(settings, client, SiteRegistry(client), keys, visitors)
 
 
-def make_handoff(services: Services, core: StreamCore | None = None) -> Handoff:
-    """Embedded (the given or a new stream core in this process) unless Kafka is configured."""
+def make_handoff(services: Services, core: StreamCore | None = None, spool: Spool | None = None) -> Handoff:
+    """Embedded (the given or a new stream core in this process) unless Kafka is configured. The
+    spool (the embedded journal) is the given one, perhaps already open, or one in BK_SPOOL_DIR."""
     settings = services.settings
+    spool = spool or Spool(settings.spool_path, settings.spool_max_bytes)
     if settings.embedded:
-        return InProcessHandoff(EmbeddedRunner(core or StreamCore(services.client, settings.session_timeout_s),
-                                               Spool(settings.spool_path, settings.spool_max_bytes)))
+        return InProcessHandoff(EmbeddedRunner(core or StreamCore(services.client, settings.session_timeout_s), spool))
     return KafkaHandoff(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions,
-                        settings.kafka_replication_factor, services.client,
-                        Spool(settings.spool_path, settings.spool_max_bytes), settings.spool_after_ms / 1000)
+                        settings.kafka_replication_factor, services.client, spool, settings.spool_after_ms / 1000)
 
 
 def _lifespan(handoff: Handoff):

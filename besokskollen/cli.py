@@ -11,6 +11,7 @@ from typing import NoReturn
 import uvicorn
 
 from besokskollen.config import Settings
+from ingest.spool import Spool, SpoolLocked
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -42,7 +43,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     from streams.core import StreamCore
 
     settings = _settings(args)
-    _claim_spool("up", settings)
+    spool = _claim_spool("up", settings)
     services = open_services(settings, wait=True)
     core = StreamCore(services.client, settings.session_timeout_s) if settings.embedded else None
     host, port = _address(args, settings)
@@ -65,7 +66,7 @@ def cmd_up(args: argparse.Namespace) -> None:
         # it: the first start hands out a key instead.
         key = services.keys.create(DEFAULT_ACCOUNT)
         print(f"\nFirst start: created a user-level API key (shown only now): {key}\n")
-    _serve(server_app(services, make_handoff(services, core)), host, port)
+    _serve(server_app(services, make_handoff(services, core, spool)), host, port)
 
 
 def cmd_ingest(args: argparse.Namespace) -> None:
@@ -74,9 +75,9 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     settings = _settings(args)
     if settings.embedded:
         raise SystemExit("`ingest` hands events to Kafka: set BK_KAFKA_BOOTSTRAP (or run `besokskollen up`)")
-    _claim_spool("ingest", settings)
+    spool = _claim_spool("ingest", settings)
     services = open_services(settings, wait=True)
-    _serve(ingest_server_app(services, make_handoff(services)), *_address(args, settings))
+    _serve(ingest_server_app(services, make_handoff(services, spool=spool)), *_address(args, settings))
 
 
 def cmd_api(args: argparse.Namespace) -> None:
@@ -260,13 +261,11 @@ def main(argv: list[str] | None = None) -> None:
         _unreachable(args.command, _settings(args).clickhouse_url, exc)
 
 
-def _claim_spool(command: str, settings: Settings) -> None:
-    """A second process on one spool (or journal) directory stops here with one line, rather than
-    with a traceback once the server starts. The server takes the lock for itself afterwards."""
-    from ingest.spool import SpoolLocked
-
+def _claim_spool(command: str, settings: Settings) -> Spool:
+    """The server's spool (or journal), opened and locked before anything else starts: a second
+    process on one directory stops here with one line, not with a traceback once the server runs."""
     try:
-        _spool_pending(settings)
+        return _open_spool(settings)
     except SpoolLocked as exc:
         print(f"besokskollen {command}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -275,8 +274,6 @@ def _claim_spool(command: str, settings: Settings) -> None:
 def _journal_written(command: str, settings: Settings) -> None:
     """An embedded data folder is complete only once `up`'s journal is empty (after a kill -9 it
     may hold events answered 202 that the next start writes)."""
-    from ingest.spool import SpoolLocked
-
     try:
         pending = _spool_pending(settings)
     except SpoolLocked:
@@ -286,12 +283,16 @@ def _journal_written(command: str, settings: Settings) -> None:
                          " start and stop `up` on this data folder once to write them")
 
 
-def _spool_pending(settings: Settings) -> int:
-    """Records in the spool directory not yet sent; raises `SpoolLocked` while a process holds it."""
-    from ingest.spool import Spool
-
+def _open_spool(settings: Settings) -> Spool:
+    """Raises `SpoolLocked` while another process holds the directory."""
     spool = Spool(settings.spool_path, settings.spool_max_bytes)
     spool.open()
+    return spool
+
+
+def _spool_pending(settings: Settings) -> int:
+    """Records in the spool directory not yet sent."""
+    spool = _open_spool(settings)
     try:
         return spool.pending_records
     finally:

@@ -52,6 +52,10 @@ class Spool:
         self._swap = threading.Lock()
 
     def open(self) -> None:
+        """Lock the directory and check the log. A second call is a no-op: the CLI opens a server's
+        spool before the server starts, so a full log is checked once and the lock never lapses."""
+        if self._fd >= 0:
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.directory / "spool.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:

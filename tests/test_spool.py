@@ -106,6 +106,8 @@ def test_a_full_spool_refuses_and_a_second_process_is_kept_out(tmp_path):
         spool.append(b"k", b"x" * 50)
     with pytest.raises(SpoolLocked):
         Spool(tmp_path, 100).open()
+    spool.open()  # the server opening the spool the CLI opened for it keeps it as it is
+    assert spool.pending_records == 2
     spool.close()
 
 
