@@ -12,8 +12,8 @@ from typing import Annotated
 from urllib.parse import urlsplit
 
 import orjson
-from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +24,24 @@ MAX_PROP_VALUE = 500
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 EARLIEST = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
-Slug = Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)]
+
+
+def _no_control_characters(value: str) -> str:
+    # A product's fields are stored joined by \x1f (streams/activity.py): one inside a field would
+    # shift a click to another product, category or partner.
+    if any(ord(c) < 0x20 or c == "\x7f" for c in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+Slug = Annotated[str, StringConstraints(strip_whitespace=True, max_length=200), AfterValidator(_no_control_characters)]
 
 
 class Product(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    id: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    id: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+                  AfterValidator(_no_control_characters)]
     slug: Slug = ""
     category_slug: Slug = ""
     brand_slug: Slug = ""

@@ -77,15 +77,20 @@ def _known(host: str) -> tuple[str, str] | None:
     return None
 
 
+# Control characters never name a source; dropped, they cannot reach the "source\x1fchannel"
+# value the rollups store (streams/activity.py) and split a source into a false channel.
+_CONTROL = dict.fromkeys([*range(0x20), 0x7F])
+
+
 @lru_cache(maxsize=10_000)  # referrers repeat: search engines, social sites, partners
 def _host(url: str) -> str:
-    return (urlsplit(url).hostname or "").lower()
+    return (urlsplit(url).hostname or "").translate(_CONTROL).lower()
 
 
 def classify(page_url: str, referrer: str | None, site_host: str) -> Source:
     """Source of a page view from its referrer and the page URL's utm_* tags."""
     query = parse_qs(urlsplit(page_url).query) if "utm_" in page_url else {}
-    utm = {k: query[k][0][:200] for k in ("utm_source", "utm_medium", "utm_campaign") if k in query}
+    utm = {k: query[k][0].translate(_CONTROL)[:200] for k in ("utm_source", "utm_medium", "utm_campaign") if k in query}
     medium = utm.get("utm_medium", "").lower()
 
     ref_host = _host(referrer) if referrer else ""

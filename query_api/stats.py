@@ -161,7 +161,7 @@ def referrers(client: Client, site_id: str, period: Period, limit: int, include_
                       include_social=include_social)
     out = []
     for value, visitors, _, sessions in rows:
-        source, _, channel = value.partition(SEPARATOR)
+        source, _, channel = value.rpartition(SEPARATOR)  # a channel is one word
         out.append({"source": source, "channel": channel, "visitors": visitors, "sessions": sessions})
     return out
 

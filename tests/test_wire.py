@@ -157,6 +157,9 @@ async def test_a_retry_with_the_client_id_counts_once_without_it_twice(client, e
     ({"props": {"k" * 121: "v"}}, "props"),
     ({"props": {"k": "v" * 501}}, "props.k"),
     ({"props": {"k": 1}}, "props.k"),
+    # A product's fields are stored joined by \x1f: one inside would credit another partner.
+    ({"name": "click", "product": {"id": "p\x1fevil"}}, "product.id"),
+    ({"name": "click", "product": {"id": "p", "partner_slug": "a\x1fb"}}, "product.partner_slug"),
 ])
 async def test_limits_answer_400_naming_the_field(client, site, body, field):
     response = await post(client, pageview(site, **body))
@@ -170,6 +173,17 @@ async def test_an_unusable_referrer_is_ignored_not_the_event(client, embedded, s
     assert response.status_code == 202, response.text
     await embedded[1].runner.drain()
     assert stored(services, site, "referrer, channel") == [("", "direct")]
+
+
+async def test_control_characters_in_a_source_cannot_forge_a_channel(client, embedded, services, site):
+    url = "https://ingest.example/a?utm_source=evil%1Fsocial%1Fx&utm_medium=cpc"
+    assert (await post(client, pageview(site, url=url))).status_code == 202
+    assert (await post(client, pageview(site, referrer="https://partner\x1fsocial.example/"))).status_code == 202
+    await embedded[1].runner.drain()
+    listed = (await client.get(f"{API}/stats/referrers", params={"site_id": site, "period": "7d"})).json()["data"]
+    assert [(row["source"], row["channel"]) for row in listed] == [("evilsocialx", "paid")]  # one session
+    assert sorted(stored(services, site, "source, channel, utm_source")) == [
+        ("evilsocialx", "paid", "evilsocialx"), ("partnersocial.example", "referral", "")]
 
 
 @pytest.mark.parametrize("header, country", [("SE", "SE"), ("se", "SE"), ("ZZ", ""), ("XX", ""), ("T1", ""),
