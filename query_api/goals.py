@@ -16,7 +16,7 @@ from query_api.errors import APIError
 from query_api.models import GoalCreated, GoalsResponse
 from query_api.periods import percent, stats_period
 from query_api.stats import From, PeriodName, SiteId, To
-from streams.goals import Goal, backfill_twice
+from streams.goals import Goal, backfill_twice, purge_again
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["goals"])
@@ -48,20 +48,23 @@ def _describe(goal: Goal) -> dict:
 @router.get("/goals", response_model=GoalsResponse, response_model_exclude_none=True)
 def list_goals(request: Request, ctx: Ctx, key: Key, site_id: SiteId, period: PeriodName = "30d",
                from_: From = None, to: To = None) -> Response:
-    """The site's goals, oldest first, with converted visitors (distinct visitors with a matching
-    event in the period), conversions (matching events) and conversion_rate (converted visitors
-    of all the period's visitors, percent)."""
+    """The site's goals, most converted visitors first (ties by name), with converted visitors
+    (distinct visitors with a matching event in the period), conversions (matching events) and
+    conversion_rate (converted visitors of all the period's visitors, percent)."""
     site = readable_site(ctx, key, site_id)
     span = stats_period(period, site.timezone, from_, to)
     goals = ctx.goals.for_site(site.site_id)
+    # Only live goals: a deleted goal's rows linger until its delete mutations have run.
     converted = {goal_id: (visitors, events) for goal_id, visitors, events, _ in
-                 stats.breakdown(ctx.client, site.site_id, span, "goal", "1", max(len(goals), 1))} if goals else {}
+                 stats.breakdown(ctx.client, site.site_id, span, "goal", "value IN %(live)s", len(goals),
+                                 live=tuple(goal.goal_id for goal in goals))} if goals else {}
     all_visitors = stats.totals(ctx.client, site.site_id, span)["visitors"] if goals else 0
     data = []
     for goal in goals:
         visitors, conversions = converted.get(goal.goal_id, (0, 0))
         data.append({**_describe(goal), "visitors": visitors, "conversions": conversions,
                      "conversion_rate": percent(visitors, all_visitors)})
+    data.sort(key=lambda row: (-row["visitors"], row["name"], row["id"]))
     return cached_json(request, {"data": data})
 
 
@@ -81,4 +84,5 @@ def delete_goal(ctx: Ctx, key: Key, goal_id: str) -> Response:
         raise APIError(404, "goal_not_found", f"no goal with id {goal_id!r}")
     readable_site(ctx, key, goal.site_id)
     ctx.goals.delete(goal)
+    purge_again(ctx.client, goal, on_error=lambda exc: log.error("deleting the rows of %s failed: %s", goal.goal_id, exc))
     return Response(status_code=204)

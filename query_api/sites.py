@@ -38,6 +38,7 @@ def list_sites(request: Request, ctx: Ctx, key: UserKey,
              stats.totals(ctx.client, s.site_id, stats_period("7d", s.timezone)) if include_stats else None)
         for s in sites
     ]
+    data.sort(key=lambda site: (-site.get("visitors_7d", 0), site["name"], site["domain"]))  # SPEC §7.1
     return cached_json(request, {"data": data, "meta": {"total": len(data)}})
 
 

@@ -10,7 +10,6 @@ so events processed in between are covered too."""
 
 from __future__ import annotations
 
-import re
 import secrets
 import threading
 import time
@@ -49,7 +48,7 @@ class Goal:
             return name == self.match_event
         if name != "pageview":
             return False
-        return _pattern(self.match_path).fullmatch(pathname) is not None if "*" in self.match_path \
+        return _wildcard_match(_parts(self.match_path), pathname) if "*" in self.match_path \
             else pathname == self.match_path
 
     def sql_condition(self) -> tuple[str, dict]:
@@ -61,8 +60,25 @@ class Goal:
 
 
 @lru_cache(maxsize=1024)
-def _pattern(match_path: str) -> re.Pattern:
-    return re.compile(".*".join(re.escape(part) for part in match_path.split("*")), re.DOTALL)
+def _parts(match_path: str) -> tuple[str, ...]:
+    return tuple(match_path.split("*"))
+
+
+def _wildcard_match(parts: tuple[str, ...], path: str) -> bool:
+    """`parts` (the pattern split at `*`, two or more) match `path`. In linear time: a regular
+    expression with many `.*` backtracks exponentially on a long path that almost matches, and the
+    stream core runs this for every pageview of the site."""
+    first, *middle, last = parts
+    end = len(path) - len(last)
+    if end < len(first) or not path.startswith(first) or not path.endswith(last):
+        return False
+    at = len(first)
+    for part in middle:  # the leftmost place for each part leaves the most room for the rest
+        found = path.find(part, at, end)
+        if found < 0:
+            return False
+        at = found + len(part)
+    return True
 
 
 class GoalRegistry:
@@ -80,13 +96,11 @@ class GoalRegistry:
         return goal
 
     def delete(self, goal: Goal) -> None:
+        """Marks the goal deleted and deletes its rows (again once no process can still write any)."""
         self._client.insert("goals", [[goal.site_id, goal.goal_id, goal.name, goal.event_type, goal.match_path,
                                        goal.match_event, goal.created_at, 1, time.time_ns()]], column_names=_COLUMNS)
         self._by_site.forget(goal.site_id)
-        for table in ("activity", "rollup_15m", "rollup_1d"):
-            migrations.mutation(self._client, f"ALTER TABLE {table} DELETE WHERE site_id = {{site:String}}"
-                                " AND kind = 'goal' AND value = {goal:String}",
-                                {"site": goal.site_id, "goal": goal.goal_id})
+        _purge(self._client, goal)
 
     def get(self, goal_id: str) -> Goal | None:
         rows = self._client.query(_SELECT + " AND goal_id = {id:String}", parameters={"id": goal_id}).result_rows
@@ -135,14 +149,34 @@ def backfill(client: Client, goal: Goal) -> int:
 
 
 def backfill_twice(client: Client, goal: Goal, on_error: Callable[[BaseException], None]) -> None:
-    """Backfill now, and again in the background once every process's goal list has it."""
+    """Backfill now, and again in the background once every process's goal list has it, unless
+    the goal was deleted meanwhile."""
     backfill(client, goal)
+    _later(lambda: backfill(client, goal) if _exists(client, goal) else _purge(client, goal), goal, on_error)
 
-    def again() -> None:
+
+def purge_again(client: Client, goal: Goal, on_error: Callable[[BaseException], None]) -> None:
+    """A stream core may write a deleted goal's rows until its cached goal list is refreshed, and a
+    backfill that was running may finish after the delete: delete its rows once more after that."""
+    _later(lambda: _purge(client, goal), goal, on_error)
+
+
+def _purge(client: Client, goal: Goal) -> None:
+    for table in ("activity", "rollup_15m", "rollup_1d"):
+        migrations.mutation(client, f"ALTER TABLE {table} DELETE WHERE site_id = {{site:String}}"
+                            " AND kind = 'goal' AND value = {goal:String}", {"site": goal.site_id, "goal": goal.goal_id})
+
+
+def _exists(client: Client, goal: Goal) -> bool:
+    return bool(client.query(_SELECT + " AND goal_id = {id:String}", parameters={"id": goal.goal_id}).result_rows)
+
+
+def _later(work: Callable[[], object], goal: Goal, on_error: Callable[[BaseException], None]) -> None:
+    def run() -> None:
         time.sleep(2 * REFRESH_S)
         try:
-            backfill(client, goal)
+            work()
         except Exception as exc:  # noqa: BLE001 - logged by the caller's handler
             on_error(exc)
 
-    threading.Thread(target=again, name=f"backfill-{goal.goal_id}", daemon=True).start()
+    threading.Thread(target=run, name=f"goal-{goal.goal_id}", daemon=True).start()

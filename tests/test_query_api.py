@@ -235,6 +235,10 @@ async def test_list_sites_with_total_and_stats(client, embedded):
     by_id = {s["id"]: s for s in with_stats["data"]}
     assert by_id[busy["id"]]["visitors_7d"] == len(set(ips))
     assert by_id[quiet["id"]]["visitors_7d"] == 0
+    # Ordered like every list (SPEC §7.1): by the first metric descending, then by name.
+    order = [(-s.get("visitors_7d", 0), s["name"], s["domain"]) for s in with_stats["data"]]
+    assert order == sorted(order) and len({s["visitors_7d"] for s in with_stats["data"]}) > 1
+    assert [(s["name"], s["domain"]) for s in plain["data"]] == sorted((s["name"], s["domain"]) for s in plain["data"])
 
 
 # -- parameters ----------------------------------------------------------------------------------
