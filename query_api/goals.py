@@ -3,7 +3,6 @@ and delete a site's goals. The numbers come from the rollups of kind `goal` (str
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
@@ -18,7 +17,6 @@ from query_api.periods import percent, stats_period
 from query_api.stats import From, PeriodName, SiteId, To
 from streams.goals import Goal, backfill_twice, purge_again
 
-log = logging.getLogger(__name__)
 router = APIRouter(tags=["goals"])
 
 Text = Annotated[str, Field(min_length=1, max_length=200)]
@@ -73,7 +71,7 @@ def create_goal(request: Request, ctx: Ctx, key: Key, body: GoalCreate) -> Respo
     """Applies to all stored data: answers once the goal's past conversions are counted."""
     site = readable_site(ctx, key, body.site_id)
     goal = ctx.goals.create(site.site_id, body.name, body.event_type, body.match_path or "", body.match_event or "")
-    backfill_twice(ctx.client, goal, on_error=lambda exc: log.error("backfill of %s failed: %s", goal.goal_id, exc))
+    backfill_twice(ctx.client, goal)
     return cached_json(request, {"data": {**_describe(goal), "site_id": site.site_id}}, status=201)
 
 
@@ -84,5 +82,5 @@ def delete_goal(ctx: Ctx, key: Key, goal_id: str) -> Response:
         raise APIError(404, "goal_not_found", f"no goal with id {goal_id!r}")
     readable_site(ctx, key, goal.site_id)
     ctx.goals.delete(goal)
-    purge_again(ctx.client, goal, on_error=lambda exc: log.error("deleting the rows of %s failed: %s", goal.goal_id, exc))
+    purge_again(ctx.client, goal)
     return Response(status_code=204)

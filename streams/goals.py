@@ -11,9 +11,7 @@ so events processed in between are covered too."""
 from __future__ import annotations
 
 import secrets
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -148,17 +146,18 @@ def backfill(client: Client, goal: Goal) -> int:
     return len(buckets)
 
 
-def backfill_twice(client: Client, goal: Goal, on_error: Callable[[BaseException], None]) -> None:
+def backfill_twice(client: Client, goal: Goal) -> None:
     """Backfill now, and again in the background once every process's goal list has it, unless
     the goal was deleted meanwhile."""
     backfill(client, goal)
-    _later(lambda: backfill(client, goal) if _exists(client, goal) else _purge(client, goal), goal, on_error)
+    migrations.run_later(2 * REFRESH_S, lambda: backfill(client, goal) if _exists(client, goal) else _purge(client, goal),
+                         f"second backfill of goal {goal.goal_id}")
 
 
-def purge_again(client: Client, goal: Goal, on_error: Callable[[BaseException], None]) -> None:
+def purge_again(client: Client, goal: Goal) -> None:
     """A stream core may write a deleted goal's rows until its cached goal list is refreshed, and a
     backfill that was running may finish after the delete: delete its rows once more after that."""
-    _later(lambda: _purge(client, goal), goal, on_error)
+    migrations.run_later(2 * REFRESH_S, lambda: _purge(client, goal), f"second purge of goal {goal.goal_id}")
 
 
 def _purge(client: Client, goal: Goal) -> None:
@@ -169,14 +168,3 @@ def _purge(client: Client, goal: Goal) -> None:
 
 def _exists(client: Client, goal: Goal) -> bool:
     return bool(client.query(_SELECT + " AND goal_id = {id:String}", parameters={"id": goal.goal_id}).result_rows)
-
-
-def _later(work: Callable[[], object], goal: Goal, on_error: Callable[[BaseException], None]) -> None:
-    def run() -> None:
-        time.sleep(2 * REFRESH_S)
-        try:
-            work()
-        except Exception as exc:  # noqa: BLE001 - logged by the caller's handler
-            on_error(exc)
-
-    threading.Thread(target=run, name=f"goal-{goal.goal_id}", daemon=True).start()

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -388,12 +390,25 @@ def cluster_of(client: Client) -> Cluster | None:
     return Cluster(match.group(1)) if match else None
 
 
-def mutation(client: Client, statement: str, parameters: dict) -> None:
+def mutation(client: Client, statement: str, parameters: dict, wait: bool = False) -> None:
     """Run an `ALTER TABLE … DELETE` (a deleted site's or goal's rows) on a single server or the
-    cluster's shards alike; asynchronous."""
+    cluster's shards alike; asynchronous unless `wait`."""
     cluster = cluster_of(client)
     client.command(cluster.mutation(statement) if cluster else statement, parameters=parameters,
-                   settings={"mutations_sync": 0})
+                   settings={"mutations_sync": 2 if wait else 0})
+
+
+def run_later(delay_s: float, work: Callable[[], object], what: str) -> None:
+    """Run `work` once, `delay_s` from now, on a thread of its own; a failure is logged. For the
+    second pass of a delete or backfill, once every process's cached lists have the change."""
+    def run() -> None:
+        time.sleep(delay_s)
+        try:
+            work()
+        except Exception:
+            log.exception("%s failed", what)
+
+    threading.Thread(target=run, name=what, daemon=True).start()
 
 
 def apply_retention(client: Client, days: int, cluster: Cluster | None = None) -> None:

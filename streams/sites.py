@@ -21,6 +21,8 @@ from streams.read_cache import ReadThroughCache
 DEFAULT_TIMEZONE = "Europe/Stockholm"
 
 _COLUMNS = ["site_id", "account_id", "domain", "name", "timezone", "created_at", "deleted", "version"]
+# Processes re-read a site this often.
+REFRESH_S = 5.0
 _SELECT = "SELECT site_id, account_id, domain, name, timezone, created_at FROM sites FINAL WHERE deleted = 0"
 
 
@@ -67,14 +69,17 @@ def _zones(client: Client) -> frozenset[str]:
 class SiteRegistry:
     def __init__(self, client: Client) -> None:
         self._client = client
-        self._by_id: ReadThroughCache[str, Site] = ReadThroughCache(lambda key: self._load("site_id", key))
-        self._by_domain: ReadThroughCache[str, Site] = ReadThroughCache(lambda key: self._load("domain", key))
+        self._by_id: ReadThroughCache[str, Site] = ReadThroughCache(
+            lambda key: self._load("site_id", key), hit_ttl_s=REFRESH_S)
+        self._by_domain: ReadThroughCache[str, Site] = ReadThroughCache(
+            lambda key: self._load("domain", key), hit_ttl_s=REFRESH_S)
 
     def create(self, account_id: str, domain: str, name: str = "", tz: str = DEFAULT_TIMEZONE,
                site_id: str | None = None) -> Site:
         domain = normalize_domain(domain)
         site = Site(site_id or site_id_for(domain), account_id, domain, name or domain, tz,
                     datetime.now(timezone.utc))
+        self._start_empty(site.site_id)
         self._client.insert(
             "sites",
             [[site.site_id, site.account_id, site.domain, site.name, site.timezone, site.created_at, 0,
@@ -92,9 +97,24 @@ class SiteRegistry:
             column_names=_COLUMNS)
         self._by_id.forget(site.site_id)
         self._by_domain.forget(site.domain)
+        self._purge(site.site_id)
+        # Other processes take up to REFRESH_S to notice, and events they accepted before may still
+        # be on their way through Kafka: their rows are deleted again later, and at any new start.
+        migrations.run_later(2 * REFRESH_S, lambda: self._purge(site.site_id), f"second purge of site {site.site_id}")
+
+    def _purge(self, site_id: str, wait: bool = False) -> None:
         for table in SITE_DATA_TABLES:
             migrations.mutation(self._client, f"ALTER TABLE {table} DELETE WHERE site_id = {{site:String}}",
-                                {"site": site.site_id})
+                                {"site": site_id}, wait)
+
+    def _start_empty(self, site_id: str) -> None:
+        """A site created with the id of a deleted one must not show that one's numbers, goals or
+        funnels: rows its delete has not removed yet (or that arrived after it) go first."""
+        for table in SITE_DATA_TABLES:
+            if self._client.query(f"SELECT 1 FROM {table} WHERE site_id = {{site:String}} LIMIT 1",
+                                  parameters={"site": site_id}).result_rows:
+                self._purge(site_id, wait=True)
+                return
 
     def valid_timezone(self, tz: str) -> bool:
         """Known to Python and to ClickHouse alike (`right/UTC` is not: ClickHouse cannot load it)."""
