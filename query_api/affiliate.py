@@ -13,7 +13,7 @@ from clickhouse_connect.driver.client import Client
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from query_api.deps import Ctx, Key, cached_json, readable_site
+from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
 from query_api.models import (PopularCategoriesResponse, PopularPartnersResponse, PopularProductsResponse,
                               TrendingResponse)
 from query_api.periods import iso_z, round_half_away, utc_days
@@ -120,7 +120,6 @@ def trending_products(client: Client, site_id: str, now: datetime, recent_hours:
     }
 
 
-SiteId = Annotated[str, Query(description="Site ID", max_length=100)]
 Days = Annotated[int, Query(ge=1, le=365, description="Number of UTC days including today")]
 Slug = Annotated[str, Query(max_length=200)]
 

@@ -15,11 +15,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from query_api.deps import Ctx, Key, cached_json, readable_site
+from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
 from query_api.errors import APIError
 from query_api.models import FunnelCreated, FunnelsResponse, FunnelStatsResponse
 from query_api.periods import Period, percent, stats_period
-from query_api.stats import From, PeriodName, SiteId, To
+from query_api.stats import From, PeriodName, To
 from streams.buckets import VISITOR_LIFETIME
 from streams.funnels import Funnel, Step
 from streams.sessions import SESSION_START_SHIFT

@@ -10,11 +10,11 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field, model_validator
 
 from query_api import stats
-from query_api.deps import Ctx, Key, cached_json, readable_site
+from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
 from query_api.errors import APIError
 from query_api.models import GoalCreated, GoalsResponse
 from query_api.periods import percent, stats_period
-from query_api.stats import From, PeriodName, SiteId, To
+from query_api.stats import From, PeriodName, To
 from streams.goals import Goal, backfill_twice, purge_again
 
 router = APIRouter(tags=["goals"])

@@ -4,6 +4,7 @@ affiliate `days` are UTC calendar days, as the reference's `meta.period` shows."
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import ROUND_HALF_UP, Decimal
@@ -56,10 +57,16 @@ def local_midnight(day: date, tz: str) -> datetime:
     return datetime.combine(day, time.min, ZoneInfo(tz)).astimezone(timezone.utc)
 
 
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
 def _parse_day(value: str | None, name: str) -> date:
     if not value:
         raise APIError(400, "missing_parameter", f"{name} is required when period=custom")
     try:
+        # fromisoformat alone also takes 20260101 and week dates such as 2026-W01-1.
+        if not _DAY.fullmatch(value):
+            raise ValueError
         day = date.fromisoformat(value)
     except ValueError:
         raise APIError(400, "invalid_parameter", f"{name} must be a date as YYYY-MM-DD") from None
