@@ -59,6 +59,25 @@ def user_key(key: Key) -> ApiKey:
 UserKey = Annotated[ApiKey, Depends(user_key)]
 
 
+def key_refusal(request: Request) -> APIError | None:
+    """What the route's key dependency would answer, for a body FastAPI could not decode: it reads
+    the body before any dependency runs, and a bad key must still be a 401 (or 403), not a 400."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    try:
+        if dependant is not None and _needs(dependant, api_key):
+            key = api_key(request, context(request))
+            if _needs(dependant, user_key):
+                user_key(key)
+    except APIError as refusal:
+        return refusal
+    return None
+
+
+def _needs(dependant, call) -> bool:
+    return any(d.call is call or _needs(d, call) for d in dependant.dependencies)
+
+
 def readable_site(ctx: Context, key: ApiKey, site_id: str) -> Site:
     site = ctx.sites.get(site_id)
     if site is None:

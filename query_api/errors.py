@@ -52,6 +52,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            from query_api.deps import key_refusal  # deps raises APIError: imported here, not at the top
+
+            if (refusal := key_refusal(request)) is not None:
+                return error_response(refusal.status, refusal.code, refusal.message, refusal.headers)
         # The field's path inside the body (steps.1.match_type), or the query parameter's name.
         loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
         field = ".".join(loc) or "body"

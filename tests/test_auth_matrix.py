@@ -114,6 +114,21 @@ async def test_every_operation_answers_each_caller_as_it_may(client, embedded, w
     assert len(set(seen)) == len(documented) + 1 == 21
 
 
+@pytest.mark.parametrize("path", ["/sites", "/goals", "/funnels", "/batch"])
+async def test_the_key_is_judged_before_a_body_that_is_not_json(client, embedded, world, path):
+    """FastAPI decodes a JSON body before any dependency runs; the key still comes first."""
+    services, a, callers = world
+    embedded[0].state.rate_limiter.failed_auth_limit = 1000
+    status = {}
+    for caller in ("none", "revoked", "site key", "user"):
+        key = callers[caller]
+        response = await client.post(API + path, content=b"{bad", headers={
+            "authorization": f"Bearer {key}" if key else "", "content-type": "application/json"})
+        assert set(response.json()) == {"error"}
+        status[caller] = response.status_code
+    assert status == {"none": 401, "revoked": 401, "site key": 403 if path == "/sites" else 400, "user": 400}
+
+
 async def test_site_keys_cannot_manage_sites(client, world):
     services, a, callers = world
     site_key = {"authorization": f"Bearer {callers['site key']}"}
