@@ -138,6 +138,10 @@ class StreamCore:
                  gone: set[str], changes: _Changes, rewrite: bool) -> None:
         site_id, visitor_id = visitor
         goals = self._goals.for_site(site_id)
+        # An id this visitor already has at another time is a retry from beyond RETRY_WINDOW: the
+        # stored copy stays (the new one would replace it in the numbers but not in the raw events).
+        new = {event_id: e for event_id, e in new.items()
+               if (known := stored.get(event_id)) is None or known.timestamp == e.timestamp}
         after = {**stored, **new}
         for event_id in gone:
             after.pop(event_id, None)

@@ -199,6 +199,21 @@ def test_the_same_batch_twice_is_counted_once(services):
     assert (result["pageviews"], result["visitors"], result["sessions"]) == (2, 2, 2)
 
 
+def test_an_id_the_visitor_already_has_at_another_time_keeps_the_stored_copy(services):
+    """A retry later than RETRY_WINDOW (7 h here), by the same visitor: the raw events and every
+    number keep the first copy (the numbers had taken the second, the raw events both)."""
+    client, site = services.client, _site()
+    core = StreamCore(client, TIMEOUT)
+    first = event(site, 1, T0, path="/first")
+    core.process([first])
+    core.process([first.model_copy(update={"timestamp": T0 + timedelta(hours=7), "pathname": "/second"})])
+    rows = client.query("SELECT pathname FROM events FINAL WHERE site_id = {s:String}", parameters={"s": site})
+    assert rows.result_rows == [("/first",)]
+    result = overview(client, site, day_period(T0.date()))
+    assert (result["pageviews"], result["visitors"], result["sessions"]) == (1, 1, 1)
+    assert stored_sessions(client, site)[0][5] == "/first"
+
+
 def test_a_retried_batch_does_not_inflate_sessions(services):
     client, site = services.client, _site()
     batch = [event(site, 1, T0, path="/only"), event(site, 2, T0), event(site, 2, T0 + timedelta(minutes=1))]
