@@ -22,9 +22,15 @@ class APIError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
+# Errors are not to be cached: a 404 for a site created a minute later, or a 429, would otherwise
+# be served for the success answers' 30 minutes by every shared cache.
+NO_STORE = "no-store"
+
+
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
     body = orjson.dumps({"error": {"code": code, "message": message}})
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+    return Response(body, status_code=status, media_type="application/json",
+                    headers={"Cache-Control": NO_STORE, **(headers or {})})
 
 
 _METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")

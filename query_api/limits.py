@@ -7,6 +7,8 @@ from __future__ import annotations
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from query_api.errors import NO_STORE
+
 PREFIX = "/api/v1/"
 
 
@@ -53,6 +55,6 @@ class BodyLimit:
         body = orjson.dumps({"error": {"code": "body_too_large",
                                        "message": f"request bodies are limited to {self.limit} bytes"}})
         await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    "headers": [(b"content-type", b"application/json"), (b"cache-control", NO_STORE.encode()), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})

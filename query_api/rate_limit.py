@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from besokskollen import metrics
 from ingest.clients import Trusted, client_ip
-from query_api.errors import error_response
+from query_api.errors import NO_STORE, error_response
 from query_api.keys import KeyStore, bearer_token, hash_key
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ class RateLimit:
                        f"retry in {decision.retry_after} s")
             body = orjson.dumps({"error": {"code": "rate_limited", "message": message}})
             await send({"type": "http.response.start", "status": 429,
-                        "headers": [(b"content-type", b"application/json"),
+                        "headers": [(b"content-type", b"application/json"), (b"cache-control", NO_STORE.encode()),
                                     (b"content-length", str(len(body)).encode()), *extra]})
             await send({"type": "http.response.body", "body": body})
             return

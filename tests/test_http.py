@@ -88,6 +88,17 @@ async def test_get_has_cache_headers_etag_vary_and_304(client, path):
     assert int(again.headers["x-ratelimit-remaining"]) == int(response.headers["x-ratelimit-remaining"]) - 1
 
 
+async def test_error_answers_are_not_to_be_cached(client):
+    """A 404 for a site created a minute later, or a 401, must not be served from a shared cache."""
+    for url, headers, status in ((f"{API}/stats/overview?site_id=no-such-site", {}, 404),
+                                 (f"{API}/stats/overview?site_id=x&period=5d", {}, 400),
+                                 (f"{API}/sites", {"authorization": ""}, 401)):
+        response = await client.get(url, headers=headers)
+        assert response.status_code == status, response.text
+        assert response.headers["cache-control"] == "no-store"
+        assert "etag" not in response.headers
+
+
 @pytest.mark.parametrize("path", GETS)
 async def test_head_is_get_without_the_body(client, path):
     url = await _url(client, path)
