@@ -167,7 +167,7 @@ def referrers(client: Client, site_id: str, period: Period, limit: int, include_
 
 
 def countries(client: Client, site_id: str, period: Period, limit: int) -> list[dict]:
-    rows = breakdown(client, site_id, period, "country", "value != '' AND sessions > 0", limit)
+    rows = breakdown(client, site_id, period, "country", "value != '' AND events > 0", limit)
     return [{"country": country, "visitors": visitors} for country, visitors, _, _ in rows]
 
 

@@ -9,7 +9,7 @@ A row (kind, value, bucket, visitor) says the visitor was active there, with:
 
 Kinds and values: `total` (""), `page` (path; pageviews), `name` (event name; not pageviews),
 `source` ("source\\x1fchannel" of a session's first event; rows at session starts), `country`
-(likewise), `click` (the product dimensions of an affiliate click), `goal` (the id of a goal the
+(of each event, like `page`: a visitor counts in the countries of the period's events), `click` (the product dimensions of an affiliate click), `goal` (the id of a goal the
 event matches, streams/goals.py).
 
 Unique visitors over a period [S, E) are then exact and additive: a visitor counts once, in the
@@ -69,6 +69,7 @@ def activity(events: Sequence[Event], sessions: Sequence[Session], goals: Sequen
             row(("page", e.pathname, quarter))[0] += 1
         else:
             row(("name", e.name, quarter))[0] += 1
+        row(("country", e.country, quarter))[0] += 1
         if e.name == "click" and e.product_id:
             row(("click", product_value(e), quarter))[0] += 1
         for goal in goals:
@@ -77,8 +78,7 @@ def activity(events: Sequence[Event], sessions: Sequence[Session], goals: Sequen
     for s in sessions:
         quarter = int(s.start.timestamp()) // BUCKET_S
         bounce, duration = int(s.bounce), s.duration_ms
-        for key in (("total", "", quarter), ("source", source_value(s.source, s.channel), quarter),
-                    ("country", s.country, quarter)):
+        for key in (("total", "", quarter), ("source", source_value(s.source, s.channel), quarter)):
             measures = row(key)
             measures[2] += 1
             measures[3] += bounce

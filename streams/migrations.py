@@ -318,13 +318,15 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     # The newest row of a key wins (ReplacingMergeTree without version): revoking inserts one.
     (4, "revocable API keys", ["ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS revoked UInt8 DEFAULT 0"]),
     (5, "worker status reports", [_WORKER_STATUS]),
+    # Country rows were written at session starts only; now for every event (streams/activity.py).
+    (6, "countries by the period's events", []),
 ]
 
 # Tables holding a site's data: deleting a site deletes its rows from each.
 SITE_DATA_TABLES = ("events", "sessions", "activity", "rollup_15m", "rollup_1d", "goals", "funnels")
 
 # Migrations after which the derived tables must be rebuilt from the raw events.
-REPLAY_AFTER = {2}
+REPLAY_AFTER = {2, 6}
 
 _LEDGER = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

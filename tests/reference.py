@@ -608,10 +608,11 @@ class Reference:
 
     def countries(self, site_id: str, first: date | str, last: date | str, limit: int = 10) -> list[dict]:
         lo, hi = self._bounds(site_id, _as_date(first), _as_date(last))
+        """Visitors among the period's events, by each event's country (SPEC §7's visitors)."""
         groups: dict[str, set] = defaultdict(set)
-        for session in self._sessions_in(site_id, lo, hi):
-            if session.country:
-                groups[session.country].add(session.visitor)
+        for event in self._events_in(site_id, lo, hi):
+            if country := country_of(event.ip):
+                groups[country].add(event.visitor)
         rows = [{"country": country, "visitors": len(ids)} for country, ids in groups.items()]
         rows.sort(key=lambda r: (-r["visitors"], r["country"]))
         return rows[:limit]
@@ -625,8 +626,9 @@ class Reference:
 
     def goals(self, site_id: str, first: date | str, last: date | str,
               goals: Iterable[Mapping[str, Any]]) -> list[dict]:
-        """Per goal, in the order given: converted visitors (distinct visitor ids with a matching
-        event in the period), conversions (matching events) and converted / all visitors × 100."""
+        """Per goal: converted visitors (distinct visitor ids with a matching event in the period),
+        conversions (matching events) and converted / all visitors × 100; most visitors first,
+        ties by name (by code point), then id (SPEC §7.1)."""
         lo, hi = self._bounds(site_id, _as_date(first), _as_date(last))
         events = self._events_in(site_id, lo, hi)
         all_visitors = len({e.visitor for e in events})
@@ -638,6 +640,7 @@ class Reference:
             rows.append({"id": goal["id"], "name": goal["name"], "event_type": goal["event_type"], key: goal[key],
                          "visitors": visitors, "conversions": len(matching),
                          "conversion_rate": rate(visitors, all_visitors)})
+        rows.sort(key=lambda row: (-row["visitors"], row["name"], row["id"]))
         return rows
 
     def funnel_counts(self, site_id: str, first: date | str, last: date | str,

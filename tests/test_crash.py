@@ -140,8 +140,8 @@ def expected(people: list[Person], landed: set[str]) -> dict:
                             key=lambda r: (-r["visitors"], r["source"])),
         "countries": sorted(({"country": c, "visitors": len(v)} for c, v in countries.items()),
                             key=lambda r: (-r["visitors"], r["country"])),
-        "goals": [(len(goal_checkout[0]), goal_checkout[1], half_up(len(goal_checkout[0]), visitors)),
-                  (len(goal_purchase[0]), goal_purchase[1], half_up(len(goal_purchase[0]), visitors))],
+        "goals": {"Checkout": (len(goal_checkout[0]), goal_checkout[1], half_up(len(goal_checkout[0]), visitors)),
+                  "Köp": (len(goal_purchase[0]), goal_purchase[1], half_up(len(goal_purchase[0]), visitors))},
         "funnel": steps,
         "products": {"data": [{"product_id": p, "product_slug": p, "clicks": c} for p, c in ranked],
                      "total_clicks": total, "confidence": confidence},
@@ -169,8 +169,8 @@ async def answers(api: str, site: str, goals: bool, funnel: str | None) -> dict:
         assert all(t["growth_percent"] is None for t in trending)  # nothing before this run: no baseline
         out["trending"] = [(t["product_id"], t["clicks_recent"]) for t in trending]
         if goals:
-            out["goals"] = [(g["visitors"], g["conversions"], g["conversion_rate"])
-                            for g in (await get("goals", site_id=site, period="7d"))["data"]]
+            out["goals"] = {g["name"]: (g["visitors"], g["conversions"], g["conversion_rate"])
+                            for g in (await get("goals", site_id=site, period="7d"))["data"]}
         if funnel:
             out["funnel"] = [s["sessions"] for s in (await get(f"funnels/{funnel}/stats", period="7d"))["data"]["steps"]]
         return out

@@ -76,6 +76,22 @@ def test_a_visitor_on_two_days_is_one_visitor_for_the_period_and_one_each_day(se
     assert (second["visitors"], second["sessions"], second["pageviews"]) == (2, 2, 3)
 
 
+def test_countries_count_the_visitors_of_the_periods_events(services):
+    """SPEC §7's visitors, by each event's country: a session begun before local midnight counts
+    its visitor on the next day too, as the overview does."""
+    site, tz = _site(), "Europe/Stockholm"
+    midnight = local(tz, 2026, 5, 2)
+    StreamCore(services.client, TIMEOUT).process([
+        ev(site, 1, midnight - timedelta(minutes=10), country="NL"), ev(site, 1, midnight + timedelta(minutes=5), country="NL"),
+        ev(site, 2, midnight + timedelta(hours=1), country="SE"), ev(site, 2, midnight + timedelta(hours=1, minutes=1), country="SE"),
+        ev(site, 3, midnight + timedelta(hours=2), country="SE"), ev(site, 4, midnight + timedelta(hours=2))])
+    day = Period(date(2026, 5, 2), date(2026, 5, 2), tz)
+    assert countries(services.client, site, day, 10) == [{"country": "SE", "visitors": 2}, {"country": "NL", "visitors": 1}]
+    assert overview(services.client, site, day)["visitors"] == 4  # the fourth has no known country
+    assert countries(services.client, site, Period(date(2026, 5, 1), date(2026, 5, 1), tz), 10) == [
+        {"country": "NL", "visitors": 1}]
+
+
 def test_returning_visitor_counts_once_in_a_long_period(services):
     site, tz = _site(), "Europe/Stockholm"
     t = local(tz, 2026, 6, 10, 12)
