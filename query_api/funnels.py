@@ -1,10 +1,13 @@
 """`/funnels`: list, create and delete a site's funnels, and `/funnels/{id}/stats`: how many
 sessions that started in the period went through the steps in order.
 
-Counted from the raw events: only they keep the order of events within a session. Events that
-match no step are skipped before anything else is read (PREWHERE), and ClickHouse's windowFunnel
-finds, per session, how many steps were done in order, each later in the session than the one
-before."""
+Counted from the raw events: only they keep the order of events within a session. Per session,
+the events that match any step are put in the session's event order with a bit per step they
+match, and one pass over them (arrayFold) does the steps greedily: an event that matches the next
+step does it, and the pass goes on with the step after (the earliest match for each step is
+optimal for an ordered subsequence). ClickHouse's windowFunnel is not used: with an event that
+matches two neighbouring steps its 'strict_increase' mode never lets the session past the
+first of them."""
 
 from __future__ import annotations
 
@@ -50,41 +53,52 @@ def _condition(step: Step, n: int) -> str:
 
 # Sessions that started in the period — a session id starts with its start second
 # (streams/sessions.py), and a session lasts at most two days, so its events lie before `until` —
-# and per session the number of steps done in order. Order is the sessions' own: by time, then
-# event id as text (events of one millisecond are common; ClickHouse orders the UUID type by its
-# second half first); copies of an event (a redelivery not yet merged away) are collapsed first,
-# so each event has one place in its session.
+# and per session the number of steps done in order (module docstring).
+#
+# - Each event once, in its newest row: FINAL. The stream core writes a session's events again
+#   when the session's id changes (an earlier event moved its start); until the table merges, the
+#   rows under the old id are stored too and would make a phantom session. Only the sorting key's
+#   columns (site_id, timestamp) filter before FINAL (PREWHERE, the primary key's range); the
+#   step and session conditions are read after it (WHERE), so a superseded row can never stand
+#   in for the newest one.
+# - Order is the sessions' own (streams/sessions.py `event_order`): by time, then event id as
+#   text (events of one millisecond are common; ClickHouse orders the UUID type by its second
+#   half first). Two events of one millisecond are two events, one after the other in that order.
+# - `mask` has bit k set when the event matches step k; the fold's accumulator is the number of
+#   steps done, so `bitTest(m, done)` asks whether the event (its mask `m`) does the next step.
+#   Bit N (past the last step) is never set, so a finished session stays at N.
 _STATS = """
 SELECT level, count() FROM (
-    SELECT session_id, windowFunnel(%(window)s, 'strict_increase')(seq, {steps}) AS level
+    SELECT arrayFold((done, m) -> done + bitTest(m, done),
+                     arrayMap(e -> e.3, arraySort(groupArray((at, id, mask)))), toUInt64(0)) AS level
     FROM (
-        SELECT session_id, n AS name, p AS pathname,
-               toUInt64(row_number() OVER (PARTITION BY session_id ORDER BY at, toString(event_id))) AS seq
-        FROM (
-            SELECT session_id, event_id, any(timestamp) AS at, any(name) AS n, any(pathname) AS p
-            FROM events
-            PREWHERE site_id = %(site)s AND timestamp >= toDateTime64(%(start)s, 3, 'UTC')
-                 AND timestamp < toDateTime64(%(until)s, 3, 'UTC') AND ({any_step})
-            WHERE bitShiftRight(session_id, %(shift)s) >= %(start_s)s AND bitShiftRight(session_id, %(shift)s) < %(end_s)s
-            GROUP BY session_id, event_id
-        )
+        SELECT session_id, timestamp AS at, toString(event_id) AS id, {mask} AS mask
+        FROM events FINAL
+        PREWHERE site_id = %(site)s AND timestamp >= toDateTime64(%(start)s, 3, 'UTC')
+             AND timestamp < toDateTime64(%(until)s, 3, 'UTC')
+        WHERE mask != 0
+          AND bitShiftRight(session_id, %(shift)s) >= %(start_s)s AND bitShiftRight(session_id, %(shift)s) < %(end_s)s
     )
     GROUP BY session_id
 )
 WHERE level > 0
 GROUP BY level
+SETTINGS optimize_move_to_prewhere_if_final = 0
 """
 
 
+def stats_sql(funnel: Funnel) -> str:
+    mask = " + ".join(f"{1 << n} * {_condition(step, n)}" for n, step in enumerate(funnel.steps))
+    return _STATS.replace("{mask}", f"toUInt16({mask})")
+
+
 def funnel_stats(client: Client, funnel: Funnel, period: Period) -> dict:
-    conditions = [_condition(step, n) for n, step in enumerate(funnel.steps)]
-    sql = _STATS.replace("{steps}", ", ".join(conditions)).replace("{any_step}", " OR ".join(conditions))
     params = {"site": funnel.site_id, "start": period.start_utc, "end": period.end_utc,
-              "until": period.end_utc + VISITOR_LIFETIME, "window": 2**32 - 1,
+              "until": period.end_utc + VISITOR_LIFETIME,
               "shift": SESSION_START_SHIFT, "start_s": int(period.start_utc.timestamp()),
               "end_s": int(period.end_utc.timestamp()),
               **{f"v{n}": s.match_value for n, s in enumerate(funnel.steps)}}
-    at_level = dict(client.query(sql, parameters=params).result_rows)
+    at_level = dict(client.query(stats_sql(funnel), parameters=params).result_rows)
     reached = [sum(n for level, n in at_level.items() if level >= k) for k in range(1, len(funnel.steps) + 1)]
     steps = []
     for k, (step, sessions) in enumerate(zip(funnel.steps, reached)):
