@@ -93,10 +93,9 @@ def stats_sql(funnel: Funnel) -> str:
 
 
 def funnel_stats(client: Client, funnel: Funnel, period: Period) -> dict:
-    params = {"site": funnel.site_id, "start": period.start_utc, "end": period.end_utc,
-              "until": period.end_utc + VISITOR_LIFETIME,
-              "shift": SESSION_START_SHIFT, "start_s": int(period.start_utc.timestamp()),
-              "end_s": int(period.end_utc.timestamp()),
+    start, end = period.start_utc(client), period.end_utc(client)
+    params = {"site": funnel.site_id, "start": start, "end": end, "until": end + VISITOR_LIFETIME,
+              "shift": SESSION_START_SHIFT, "start_s": int(start.timestamp()), "end_s": int(end.timestamp()),
               **{f"v{n}": s.match_value for n, s in enumerate(funnel.steps)}}
     at_level = dict(client.query(stats_sql(funnel), parameters=params).result_rows)
     reached = [sum(n for level, n in at_level.items() if level >= k) for k in range(1, len(funnel.steps) + 1)]
@@ -142,4 +141,4 @@ def get_funnel_stats(request: Request, ctx: Ctx, key: Key, funnel_id: str, perio
                      from_: From = None, to: To = None) -> Response:
     funnel = _readable_funnel(ctx, key, funnel_id)
     site = ctx.sites.get(funnel.site_id)
-    return cached_json(request, {"data": funnel_stats(ctx.client, funnel, stats_period(period, site.timezone, from_, to))})
+    return cached_json(request, {"data": funnel_stats(ctx.client, funnel, stats_period(ctx.client, period, site.timezone, from_, to))})

@@ -50,7 +50,7 @@ def list_goals(request: Request, ctx: Ctx, key: Key, site_id: SiteId, period: Pe
     (distinct visitors with a matching event in the period), conversions (matching events) and
     conversion_rate (converted visitors of all the period's visitors, percent)."""
     site = readable_site(ctx, key, site_id)
-    span = stats_period(period, site.timezone, from_, to)
+    span = stats_period(ctx.client, period, site.timezone, from_, to)
     goals = ctx.goals.for_site(site.site_id)
     # Only live goals: a deleted goal's rows linger until its delete mutations have run.
     converted = {goal_id: (visitors, events) for goal_id, visitors, events, _ in

@@ -35,7 +35,7 @@ def list_sites(request: Request, ctx: Ctx, key: UserKey,
     with_data = sites_with_events(ctx.client, [s.site_id for s in sites])
     data = [
         _out(s, s.site_id in with_data,
-             stats.totals(ctx.client, s.site_id, stats_period("7d", s.timezone)) if include_stats else None)
+             stats.totals(ctx.client, s.site_id, stats_period(ctx.client, "7d", s.timezone)) if include_stats else None)
         for s in sites
     ]
     data.sort(key=lambda site: (-site.get("visitors_7d", 0), site["name"], site["domain"]))  # SPEC §7.1

@@ -17,7 +17,7 @@ from fastapi.responses import Response
 
 from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
 from query_api.models import CountriesResponse, OverviewResponse, PagesResponse, ReferrersResponse
-from query_api.periods import Period, change, local_midnight, percent, stats_period
+from query_api.periods import Period, change, day_starts, percent, stats_period
 from streams.activity import SEPARATOR
 from streams.buckets import VISITOR_LIFETIME
 
@@ -78,8 +78,7 @@ LIMIT %(limit)s
 """
 
 
-def _params(site_id: str, period: Period, **extra) -> dict:
-    start, end = period.start_utc, period.end_utc
+def _params(site_id: str, tz: str, start: datetime, end: datetime, **extra) -> dict:
     full_from = start.date() + timedelta(days=1) if start.time() != datetime.min.time() else start.date()
     full_to = end.date()
     if full_from >= full_to:  # no whole UTC day inside: all of it is edge
@@ -87,7 +86,7 @@ def _params(site_id: str, period: Period, **extra) -> dict:
         full_start = full_end = end
     else:
         full_start, full_end = _utc(full_from), _utc(full_to)
-    return {"site": site_id, "tz": period.tz, "start": start, "end": end,
+    return {"site": site_id, "tz": tz, "start": start, "end": end,
             "lifetime_end": min(end, start + VISITOR_LIFETIME), "full_from": full_from, "full_to": full_to,
             "full_start": full_start, "full_end": full_end, **extra}
 
@@ -102,11 +101,14 @@ def _query(client: Client, sql: str, params: dict) -> list[tuple]:
 
 def _by_day(client: Client, site_id: str, period: Period, before: Period | None = None) -> dict[date, tuple]:
     """Overview rows per local day of `period`, and of `before` (just before it) if given."""
-    first = before or period
     days = (before.days if before else []) + period.days
-    params = _params(site_id, first, days=days, day_starts=[local_midnight(d, period.tz) for d in days],
-                     current=period.start_utc, previous_lifetime_end=min(period.start_utc, first.start_utc + VISITOR_LIFETIME),
-                     lifetime_end=min(period.end_utc, period.start_utc + VISITOR_LIFETIME), end=period.end_utc)
+    # Where each day begins, and where the last one ends: asked of the ClickHouse whose toDate
+    # dates the buckets below, so both draw the same days (query_api/periods.py).
+    starts = day_starts(client, period.tz, days[0], period.last + timedelta(days=1))
+    start, current, end = starts[0], starts[len(days) - period.length], starts[-1]
+    params = _params(site_id, period.tz, start, end, days=days, day_starts=starts[:-1], current=current,
+                     previous_lifetime_end=min(current, start + VISITOR_LIFETIME),
+                     lifetime_end=min(end, current + VISITOR_LIFETIME))
     return {row[0]: row for row in _query(client, _OVERVIEW, params)}
 
 
@@ -145,7 +147,8 @@ def overview(client: Client, site_id: str, period: Period, compare: bool = False
 
 def breakdown(client: Client, site_id: str, period: Period, kind: str, having: str, limit: int, **extra) -> list[tuple]:
     """(value, visitors, events, sessions) of one kind in the period, best first."""
-    return _query(client, _BREAKDOWN.replace("{having}", having), _params(site_id, period, kind=kind, limit=limit, **extra))
+    params = _params(site_id, period.tz, period.start_utc(client), period.end_utc(client), kind=kind, limit=limit, **extra)
+    return _query(client, _BREAKDOWN.replace("{having}", having), params)
 
 
 def pages(client: Client, site_id: str, period: Period, limit: int) -> list[dict]:
@@ -181,7 +184,7 @@ Limit = Annotated[int, Query(ge=1, le=1000, description="Most rows to return")]
 
 def _site_period(ctx, key, site_id: str, period: str, from_: str | None, to: str | None):
     site = readable_site(ctx, key, site_id)
-    return site, stats_period(period, site.timezone, from_, to)
+    return site, stats_period(ctx.client, period, site.timezone, from_, to)
 
 
 @router.get("/stats/overview", response_model=OverviewResponse, response_model_exclude_none=True)

@@ -8,11 +8,11 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
-from zoneinfo import available_timezones
 
 import idna
 
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
 from streams import migrations
 from streams.migrations import SITE_DATA_TABLES
@@ -62,8 +62,18 @@ def site_id_for(domain: str) -> str:
 
 @lru_cache(maxsize=1)
 def _zones(client: Client) -> frozenset[str]:
-    clickhouse = {row[0] for row in client.query("SELECT time_zone FROM system.time_zones").result_rows}
-    return frozenset(available_timezones() & clickhouse)
+    return frozenset(row[0] for row in client.query("SELECT time_zone FROM system.time_zones").result_rows)
+
+
+@lru_cache(maxsize=1024)
+def _loads(client: Client, tz: str) -> bool:
+    try:
+        client.query("SELECT toDateTime(0, %(tz)s)", parameters={"tz": tz})
+    except OperationalError:
+        raise  # ClickHouse unreachable: not an answer about the zone
+    except DatabaseError:
+        return False
+    return True
 
 
 class SiteRegistry:
@@ -117,8 +127,10 @@ class SiteRegistry:
                 return
 
     def valid_timezone(self, tz: str) -> bool:
-        """Known to Python and to ClickHouse alike (`right/UTC` is not: ClickHouse cannot load it)."""
-        return tz in _zones(self._client)
+        """Known to ClickHouse, whose rules draw every local day (query_api/periods.py): listed in
+        its `system.time_zones` (`right/UTC`, which Python's zoneinfo loads, is not) and loadable
+        by it. Python's own tz database plays no part."""
+        return tz in _zones(self._client) and _loads(self._client, tz)
 
     def get(self, site_id: str) -> Site | None:
         return self._by_id.get(site_id)

@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from ingest.event import Event
-from query_api.periods import Period
+from query_api.periods import Period, local_midnight, stats_period
 from query_api.stats import countries, overview, pages, referrers
 from streams.core import StreamCore
 
@@ -58,6 +58,65 @@ def test_local_days_are_exact_at_every_edge(services, tz, day):
         ((day + timedelta(days=1)).isoformat(), 1, 1)]
     only_day = overview(services.client, site, Period(day, day, tz))
     assert (only_day["pageviews"], only_day["visitors"], only_day["sessions"]) == (2, 2, 2)
+
+
+# Around the 2026 DST changes in North America and Europe, the day British Columbia stayed on UTC-07
+# (in chDB's tzdata 2026c, not in Debian's 2025b) and the day after, a later day the two disagree on,
+# one in summer, one long ago.
+EDGE_DAYS = [date(2024, 1, 1), date(2026, 3, 8), date(2026, 3, 29), date(2026, 11, 1), date(2026, 11, 2),
+             date(2026, 11, 21), date(2027, 6, 1)]
+
+
+def test_period_edges_are_the_days_clickhouse_groups_by_in_every_timezone(services):
+    """One set of tz rules for every local-day boundary: in every timezone a site may have, the UTC
+    moment the API gives for a local midnight is the first second `toDate(·, tz)` — which forms
+    the daily series in SQL — dates on that day. Python's zoneinfo read the system's tzdata (Debian
+    2025b) while chDB brings 2026c: Vancouver's and Edmonton's days from 2026-11-02 on, and
+    Casablanca's from 2026-09-21, began an hour apart. All zones in one query."""
+    client = services.client
+    zones = sorted(z for (z,) in client.query("SELECT time_zone FROM system.time_zones").result_rows
+                   if services.sites.valid_timezone(z))
+    assert len(zones) > 400 and {"America/Vancouver", "Africa/Casablanca", "Europe/Stockholm"} <= set(zones)
+    midnights = {z: [int(local_midnight(client, d, z).timestamp()) for d in EDGE_DAYS] for z in zones}
+    # Per zone (its name must be a constant): the day each midnight falls on, and the day of the
+    # second before it.
+    columns = ", ".join(f"arrayMap(s -> (toDate(toDateTime(s), %(z{i})s), toDate(toDateTime(s - 1), %(z{i})s)), %(s{i})s)"
+                        for i in range(len(zones)))
+    params = {**{f"z{i}": z for i, z in enumerate(zones)}, **{f"s{i}": midnights[z] for i, z in enumerate(zones)}}
+    (row,) = client.query(f"SELECT [{columns}]", parameters=params).result_rows
+    expected = [(d, d - timedelta(days=1)) for d in EDGE_DAYS]
+    wrong = {z: [(d.isoformat(), got) for d, got, want in zip(EDGE_DAYS, days, expected) if tuple(got) != want]
+             for z, days in zip(zones, row[0])}
+    assert {z: w for z, w in wrong.items() if w} == {}
+
+
+async def test_vancouver_days_after_british_columbia_stayed_on_summer_time(client, services):
+    """An event at 07:30Z on 2026-11-21 is 00:30 that day in Vancouver (UTC-07 from 2026-11-01 on),
+    23:30 the day before in the old rules. Python drew the days in the old rules and SQL dated the
+    buckets in the new ones: the event was counted on no day at all. Now each event is on exactly
+    one local day, the days add up to the events, and the daily series agrees with them."""
+    tz = "America/Vancouver"
+    sid = (await _create_site(client, timezone=tz))["id"]
+    at = [datetime(2026, 11, 20, 20, tzinfo=timezone.utc), datetime(2026, 11, 21, 7, 30, tzinfo=timezone.utc)]
+    StreamCore(services.client, TIMEOUT).process([ev(sid, visitor, t) for visitor, t in enumerate(at, 1)])
+    days = ["2026-11-20", "2026-11-21"]
+
+    async def overview_of(first: str, last: str) -> dict:
+        r = await client.get(f"{API}/stats/overview", params={"site_id": sid, "period": "custom", "from": first, "to": last})
+        assert r.status_code == 200, r.text
+        return r.json()["data"]
+
+    one_day = [await overview_of(d, d) for d in days]
+    both = await overview_of(*days)
+    assert [o["pageviews"] for o in one_day] == [1, 1]  # 13:00 on the 20th, 00:30 on the 21st
+    assert [o["visitors"] for o in one_day] == [1, 1]
+    assert (both["pageviews"], both["visitors"]) == (2, 2)
+    assert [(p["date"], p["pageviews"], p["visitors"]) for p in both["daily"]] == [
+        (d, o["pageviews"], o["visitors"]) for d, o in zip(days, one_day)]
+    # "Today" of a fixed period follows the same rules: the 21st began at 07:00Z.
+    midnight = datetime(2026, 11, 21, 7, tzinfo=timezone.utc)
+    assert stats_period(services.client, "7d", tz, now=midnight).last == date(2026, 11, 21)
+    assert stats_period(services.client, "7d", tz, now=midnight - timedelta(seconds=1)).last == date(2026, 11, 20)
 
 
 def test_a_visitor_on_two_days_is_one_visitor_for_the_period_and_one_each_day(services):
@@ -276,7 +335,7 @@ async def test_custom_dates_out_of_range_are_400(client, from_, to):
 
 @pytest.mark.parametrize("tz", ["x" * 300, "right/UTC", "posix/Europe/Stockholm", "localtime", "Mars/Olympus", "../etc",
                                 "Europe/Stockholm\x00"])
-async def test_timezones_both_python_and_clickhouse_know_only(client, tz):
+async def test_timezones_clickhouse_knows_only(client, tz):
     r = await client.post(f"{API}/sites", json={"domain": f"tz-{uuid.uuid4().hex[:8]}.example", "timezone": tz})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] in ("invalid_field", "invalid_parameter")

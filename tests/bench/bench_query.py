@@ -172,8 +172,8 @@ def child(size: int, data: Path, end: datetime, repeats: int) -> dict:
 
     naive, ours = {}, {}
     for period in ("7d", "30d", "90d"):
-        span = stats_period(period, TZ, now=end)
-        params = {"site": SITE, "start": span.start_utc, "end": span.end_utc}
+        span = stats_period(client, period, TZ, now=end)
+        params = {"site": SITE, "start": span.start_utc(client), "end": span.end_utc(client)}
         for name, sql in NAIVE.items():
             samples = []
             for _ in range(repeats):
