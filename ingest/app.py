@@ -32,6 +32,7 @@ _CORS = {
     "access-control-allow-methods": "POST, OPTIONS",
     "access-control-allow-headers": "content-type",
     "access-control-max-age": "86400",
+    "access-control-expose-headers": "x-dropped",  # so a page's script can see why an event was dropped
 }
 _PREFETCH = ("prefetch", "prerender")
 _NDJSON = "application/x-ndjson"
@@ -113,7 +114,7 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
         if body is None:
             return _error(413, "body_too_large", f"event bodies are limited to {settings.max_event_bytes} bytes")
         try:
-            incoming = IncomingEvent.model_validate_json(body)
+            incoming = IncomingEvent.model_validate_json(body.removeprefix(b"\xef\xbb\xbf"))  # a UTF-8 BOM
         except ValidationError as exc:
             _field, code, message = problem(exc)
             return _error(400, code, f"body {message}" if code == "invalid_json" else message)

@@ -11,6 +11,8 @@ from functools import lru_cache
 import iptocc
 import pycountry
 
+from ingest.event import canonical_ip
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Trusted proxies: hashable, since verdicts are cached by (address, trusted); a frozenset
 # (Settings.trusted_networks) hashes once, a tuple on every lookup.
@@ -35,11 +37,27 @@ def client_ip(peer: str, headers: Mapping[str, str], trusted: Trusted) -> str:
     """The right-most X-Forwarded-For entry that is not itself a trusted proxy."""
     if not _trusted(peer, trusted):
         return peer
-    forwarded = [part.strip() for part in headers.get("x-forwarded-for", "").split(",") if part.strip()]
+    forwarded = [_address(part) for part in headers.get("x-forwarded-for", "").split(",") if part.strip()]
     for hop in reversed(forwarded):
         if not _trusted(hop, trusted):
             return hop
     return forwarded[0] if forwarded else peer
+
+
+@lru_cache(maxsize=50_000)
+def _address(hop: str) -> str:
+    """One spelling per address, as imports have (ingest/event.py): proxies may add a port
+    (`81.2.69.160:5000`, `[2001:db8::1]:443`), write IPv6 in capitals or uncompressed, or an IPv4
+    client as `::ffff:81.2.69.160`. Anything else is kept as sent."""
+    text = hop.strip()
+    if text.startswith("[") and "]" in text:
+        text = text[1:text.index("]")]
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]
+    try:
+        return canonical_ip(ipaddress.ip_address(text))
+    except ValueError:
+        return hop.strip()
 
 
 @lru_cache(maxsize=50_000)

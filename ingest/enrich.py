@@ -8,10 +8,10 @@ import threading
 import time
 import uuid
 from datetime import datetime
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from ingest import referrers
-from ingest.event import Event, IncomingEvent
+from ingest.event import Event, IncomingEvent, without_control_characters
 from ingest.useragents import Agent
 from ingest.visitors import Visitors
 from streams.sites import Site
@@ -32,7 +32,7 @@ def enrich(incoming: IncomingEvent, site: Site, agent: Agent, user_agent: str, i
         name=incoming.name,
         visitor_id=visitors.visitor_id(site.site_id, ip, user_agent, at),
         hostname=(url.hostname or "").removeprefix("www."),
-        pathname=url.path or "/",
+        pathname=page_path(url, incoming.hash),
         referrer=incoming.referrer or "",
         source=source.source,
         channel=source.channel,
@@ -50,6 +50,16 @@ def enrich(incoming: IncomingEvent, site: Site, agent: Agent, user_agent: str, i
         brand_slug=product.brand_slug if product else "",
         partner_slug=product.partner_slug if product else "",
     )
+
+
+def page_path(url: SplitResult, hash_routes: bool = False) -> str:
+    """The page of a URL: its path percent-decoded (browsers send `/produkt/%C3%A5`, a goal is
+    typed `/produkt/å`, and `%c3%a5` is the same page), without control characters; with the
+    tracker's data-hash, the fragment too (`/app#/cart`)."""
+    path = without_control_characters(unquote(url.path, errors="replace")) or "/"
+    if hash_routes and url.fragment:
+        path += "#" + without_control_characters(unquote(url.fragment, errors="replace"))
+    return path
 
 
 _random = bytearray()

@@ -20,18 +20,31 @@ log = logging.getLogger(__name__)
 MAX_PROPS = 30
 MAX_PROP_KEY = 120
 MAX_PROP_VALUE = 500
+MAX_REFERRER = 2000
 # Imported timestamps: a clock a little ahead of ours is tolerated, the far past is a mistake.
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 EARLIEST = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
 
 
+_CONTROL = dict.fromkeys([*range(0x20), 0x7F])
+
+
+def without_control_characters(text: str) -> str:
+    return text.translate(_CONTROL)
+
+
 def _no_control_characters(value: str) -> str:
     # A product's fields are stored joined by \x1f (streams/activity.py): one inside a field would
     # shift a click to another product, category or partner.
-    if any(ord(c) < 0x20 or c == "\x7f" for c in value):
+    if without_control_characters(value) != value:
         raise ValueError("must not contain control characters")
     return value
+
+
+def canonical_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """One spelling per address, for the visitor hash: an IPv4-mapped IPv6 address is its IPv4."""
+    return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
 Slug = Annotated[str, StringConstraints(strip_whitespace=True, max_length=200), AfterValidator(_no_control_characters)]
@@ -63,7 +76,7 @@ class IncomingEvent(BaseModel):
     domain: Annotated[str, StringConstraints(min_length=1, max_length=253)] | None = None
     name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=120)]
     url: Annotated[str, StringConstraints(min_length=1, max_length=2000)]
-    referrer: Annotated[str, StringConstraints(max_length=2000)] | None = None
+    referrer: str | None = None
     props: dict[Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROP_KEY)],
                 Annotated[str, StringConstraints(max_length=MAX_PROP_VALUE)]] = Field(
         default_factory=dict, max_length=MAX_PROPS
@@ -73,6 +86,8 @@ class IncomingEvent(BaseModel):
     # The client's own id for this event (a UUID, any version): a retry carrying the same id is
     # counted once (README, "Retries"). Live events store uuid5(event_id, site_id).
     event_id: uuid.UUID | None = None
+    # The tracker's data-hash mode: the URL's fragment is part of the page (hash routing).
+    hash: bool = False
 
     @field_validator("url")
     @classmethod
@@ -98,7 +113,11 @@ class IncomingEvent(BaseModel):
             host = parts.hostname
         except ValueError:
             return None
-        return referrer if host else None
+        if not host:
+            return None
+        # A same-origin referrer is the whole previous URL, query string and all: past the limit
+        # it is cut to its origin, which is all a source needs.
+        return referrer if len(referrer) <= MAX_REFERRER else f"{parts.scheme}://{parts.netloc}/"[:MAX_REFERRER]
 
     @field_validator("product")
     @classmethod
@@ -154,8 +173,7 @@ class ImportedEvent(IncomingEvent):
             ip = ipaddress.ip_address(value.strip())
         except ValueError:
             raise ValueError("must be an IPv4 or IPv6 address") from None
-        # One spelling per address, for the visitor hash; an IPv4-mapped IPv6 address is its IPv4.
-        return str(getattr(ip, "ipv4_mapped", None) or ip)
+        return canonical_ip(ip)
 
 
 class Event(BaseModel):

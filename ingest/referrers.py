@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import parse_qs, urlsplit
 
+from ingest.event import without_control_characters
+
 # Host suffix (without "www.") → (source, channel). Matched on the registrable tail, so
 # "news.google.se" and "google.com" both find Google.
 _KNOWN: dict[str, tuple[str, str]] = {}
@@ -77,25 +79,35 @@ def _known(host: str) -> tuple[str, str] | None:
     return None
 
 
-# Control characters never name a source; dropped, they cannot reach the "source\x1fchannel"
-# value the rollups store (streams/activity.py) and split a source into a false channel.
-_CONTROL = dict.fromkeys([*range(0x20), 0x7F])
-
-
 @lru_cache(maxsize=10_000)  # referrers repeat: search engines, social sites, partners
 def _host(url: str) -> str:
-    return (urlsplit(url).hostname or "").translate(_CONTROL).lower()
+    """Lower case, no trailing dot, IDNA (as site domains are stored). Control characters never
+    name a source: dropped, they cannot reach the "source\\x1fchannel" value the rollups store
+    (streams/activity.py) and split a source into a false channel."""
+    host = without_control_characters(urlsplit(url).hostname or "").lower().rstrip(".")
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            pass
+    return host
+
+
+def _same_site(ref_host: str, page_url: str, site_host: str) -> bool:
+    """A self-referral: from the page's own host, or the site's domain or a subdomain of it."""
+    ref = ref_host.removeprefix("www.")
+    site = site_host.lower().removeprefix("www.")
+    return ref == _host(page_url).removeprefix("www.") or ref == site or ref.endswith("." + site)
 
 
 def classify(page_url: str, referrer: str | None, site_host: str) -> Source:
     """Source of a page view from its referrer and the page URL's utm_* tags."""
     query = parse_qs(urlsplit(page_url).query) if "utm_" in page_url else {}
-    utm = {k: query[k][0].translate(_CONTROL)[:200] for k in ("utm_source", "utm_medium", "utm_campaign") if k in query}
+    utm = {k: without_control_characters(query[k][0])[:200] for k in ("utm_source", "utm_medium", "utm_campaign") if k in query}
     medium = utm.get("utm_medium", "").lower()
 
     ref_host = _host(referrer) if referrer else ""
-    self_host = site_host.lower().removeprefix("www.")
-    if ref_host and ref_host.removeprefix("www.") == self_host:
+    if ref_host and _same_site(ref_host, page_url, site_host):
         ref_host = ""  # a self-referral is direct traffic
 
     source, channel = "", "direct"

@@ -8,7 +8,7 @@
   var api = (s.getAttribute("data-api") || new URL(s.src).origin).replace(/\/$/, "") + "/api/event";
   var hash = s.hasAttribute("data-hash");
   var off = s.hasAttribute("data-respect-dnt") && (nav.doNotTrack == "1" || w.doNotTrack == "1");
-  var last, ref = d.referrer || null;
+  var last = null, ref = d.referrer || null;
 
   // A client event id (a UUID) on every event: a retried send is counted once.
   function uuid() {
@@ -29,6 +29,7 @@
   function send(name, extra, beacon) {
     if (off || !site) return;
     var e = { site_id: site, name: name, url: loc.href, referrer: ref, event_id: uuid() }, k;
+    if (hash) e.hash = true;
     for (k in extra) e[k] = extra[k];
     var body = JSON.stringify(e);
     if (!(beacon && nav.sendBeacon && nav.sendBeacon(api, body))) post(body, 1);
@@ -37,13 +38,17 @@
   function page() {
     var at = loc.pathname + loc.search + (hash ? loc.hash : "");
     if (at == last) return; // replaceState to the same page, a hash change: not a new page
+    // The document referrer goes with the landing page's events (one sent beside the pageview may
+    // arrive first and open the session), not with later pages.
+    if (last != null) ref = null;
     last = at;
     send("pageview");
-    ref = null; // the document referrer belongs to the first page only
   }
 
   function bk(name, options) {
-    send(name, options && options.props ? { props: options.props } : {});
+    var props = options && options.props, p = {}, k;
+    for (k in props) p[k] = String(props[k]); // the API takes strings only
+    send(name, props ? { props: p } : {});
   }
 
   // Affiliate links: the click goes out by beacon, so the navigation away is not delayed.

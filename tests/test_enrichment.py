@@ -8,11 +8,13 @@ import ipaddress
 import uuid
 from datetime import datetime, timedelta, timezone
 from functools import partial
+from urllib.parse import urlsplit
 
 import pytest
 from clickhouse_connect.driver.exceptions import OperationalError
 
 from ingest import clients, referrers, useragents
+from ingest.enrich import page_path
 from ingest.event import Event
 from ingest.salts import Salts
 from ingest.visitors import CarryQuestions, Visitors, hash_visitor
@@ -52,10 +54,38 @@ def test_referrer_host_maps_to_source_and_channel(referrer, source, channel):
     assert (result.source, result.channel) == (source, channel)
 
 
-@pytest.mark.parametrize("referrer", ["https://shop.example/other", "https://www.shop.example/", "http://SHOP.example/x"])
-def test_self_referral_is_direct(referrer):
-    result = referrers.classify("https://shop.example/p/1", referrer, "shop.example")
+@pytest.mark.parametrize("page, referrer, site", [
+    ("https://shop.example/p/1", "https://shop.example/other", "shop.example"),
+    ("https://shop.example/p/1", "https://www.shop.example/", "shop.example"),
+    ("https://shop.example/p/1", "http://SHOP.example/x", "shop.example"),
+    ("https://shop.example/p/1", "https://shop.example./x", "shop.example"),  # a trailing dot
+    ("https://blog.shop.example/a", "https://blog.shop.example/b", "shop.example"),  # the page's own host
+    ("https://shop.example/a", "https://konto.shop.example/", "shop.example"),  # a subdomain of the site
+    ("https://xn--bcher-kva.de/a", "https://bücher.de/y", "xn--bcher-kva.de"),  # IDN as the site is stored
+])
+def test_self_referral_is_direct(page, referrer, site):
+    result = referrers.classify(page, referrer, site)
     assert (result.source, result.channel) == ("", "direct")
+
+
+def test_a_site_whose_name_ends_another_domain_is_not_a_self_referral():
+    result = referrers.classify("https://shop.example/p/1", "https://myshop.example/", "shop.example")
+    assert (result.source, result.channel) == ("myshop.example", "referral")
+
+
+@pytest.mark.parametrize("url, hash_routes, path", [
+    ("https://a.se/produkt/%C3%A5", False, "/produkt/å"),
+    ("https://a.se/produkt/%c3%a5", False, "/produkt/å"),
+    ("https://a.se/produkt/å", False, "/produkt/å"),
+    ("https://a.se/a%00b", False, "/ab"),
+    ("https://a.se/%FF", False, "/\ufffd"),
+    ("https://a.se", False, "/"),
+    ("https://a.se/h#/cart", False, "/h"),
+    ("https://a.se/h#/cart", True, "/h#/cart"),
+    ("https://a.se/h", True, "/h"),
+])
+def test_the_page_is_the_decoded_path_and_with_data_hash_the_fragment(url, hash_routes, path):
+    assert page_path(urlsplit(url), hash_routes) == path
 
 
 def test_utm_tags_are_kept_and_medium_sets_the_channel():
@@ -94,6 +124,12 @@ def test_utm_source_of_a_known_network_names_it_without_referrer():
     # Trusted peer without the header: the peer itself.
     ("127.0.0.1", "", LOCAL, "127.0.0.1"),
     ("::1", "2001:db8::1", LOCAL, "2001:db8::1"),
+    # One spelling per address, as imports have: ports, IPv4-mapped IPv6, capitals, zeros.
+    ("127.0.0.1", "81.2.69.160:5000", LOCAL, "81.2.69.160"),
+    ("127.0.0.1", "::ffff:81.2.69.160", LOCAL, "81.2.69.160"),
+    ("127.0.0.1", "[2001:DB8:0:0::1]:443", LOCAL, "2001:db8::1"),
+    ("127.0.0.1", "2001:DB8:0:0::1", LOCAL, "2001:db8::1"),
+    ("127.0.0.1", "not-an-address", LOCAL, "not-an-address"),
 ])
 def test_client_ip(peer, xff, trusted, expected):
     headers = {"x-forwarded-for": xff} if xff else {}

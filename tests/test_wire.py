@@ -175,6 +175,23 @@ async def test_an_unusable_referrer_is_ignored_not_the_event(client, embedded, s
     assert stored(services, site, "referrer, channel") == [("", "direct")]
 
 
+async def test_what_a_browser_may_send_is_taken(client, embedded, services, site):
+    """A same-origin referrer past the limit (the whole previous URL) is cut to its origin, not
+    refused with the page view; a UTF-8 BOM before the JSON is skipped; data-hash pages keep their
+    fragment; X-Dropped can be read by the page's script."""
+    long_referrer = "https://partner.example/search?q=" + "x" * 3000
+    response = await post(client, pageview(site, referrer=long_referrer, event_id=str(uuid.uuid4())))
+    assert response.status_code == 202, response.text
+    assert "x-dropped" in response.headers["access-control-expose-headers"].lower()
+    bom = b"\xef\xbb\xbf" + json.dumps(pageview(site, url="https://ingest.example/b")).encode()
+    assert (await post(client, bom, **{"content-type": "text/plain"})).status_code == 202
+    assert (await post(client, pageview(site, url="https://ingest.example/app#/cart", hash=True))).status_code == 202
+    assert (await post(client, pageview(site, url="https://ingest.example/app#/cart"))).status_code == 202
+    await embedded[1].runner.drain()
+    assert sorted(stored(services, site, "pathname, referrer")) == [
+        ("/a", "https://partner.example/"), ("/app", ""), ("/app#/cart", ""), ("/b", "")]
+
+
 async def test_control_characters_in_a_source_cannot_forge_a_channel(client, embedded, services, site):
     url = "https://ingest.example/a?utm_source=evil%1Fsocial%1Fx&utm_medium=cpc"
     assert (await post(client, pageview(site, url=url))).status_code == 202
