@@ -137,6 +137,7 @@ def cmd_import(args: argparse.Namespace) -> None:
 
     settings = _settings(args)
     path = Path(args.file)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per chunk would break the progress bar
     try:
         if not path.is_file():
             raise importing.ImportFailed(f"no such file: {path}")

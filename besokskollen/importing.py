@@ -8,6 +8,7 @@ Line numbers in the summary count across the whole file, not per chunk."""
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,33 +32,61 @@ class ImportFailed(Exception):
     """A usage or connection problem: nothing more can be imported (exit code 2)."""
 
 
+class TooLarge(Exception):
+    """The server refused the chunk's size (413): send it in smaller parts."""
+
+
 @dataclass
 class Totals:
     accepted: int = 0
     rejected: list[dict] = field(default_factory=list)
     dropped: int = 0
     unconfirmed: int = 0  # accepted by a server that had not stored them yet when it answered
+    interrupted: bool = False  # Ctrl-C: what was sent before is stored, the rest was not sent
 
 
-def remote(url: str, key: str, site_id: str) -> Send:
+# Waiting for the rate limit (429) or a server that cannot store right now (503): as it says.
+RETRY_AFTER_DEFAULT_S = 5.0
+RETRY_AFTER_MAX_S = 60.0
+UNAVAILABLE_TRIES = 10
+
+
+def remote(url: str, key: str, site_id: str, sleep: Callable[[float], None] = time.sleep) -> Send:
     endpoint = url.rstrip("/") + "/api/v1/events/import"
     headers = {"content-type": "application/x-ndjson", "authorization": f"Bearer {key}"}
 
     def send(body: bytes) -> dict:
-        try:
-            # A request waits until its events are stored (Kafka: up to two minutes).
-            response = httpx.post(endpoint, params={"site_id": site_id}, content=body, headers=headers, timeout=300)
-        except httpx.HTTPError as exc:
-            raise ImportFailed(f"could not reach {endpoint}: {exc}") from exc
-        if response.status_code != 200:
+        unavailable = 0
+        while True:
+            try:
+                # A request waits until its events are stored (Kafka: up to two minutes).
+                response = httpx.post(endpoint, params={"site_id": site_id}, content=body, headers=headers, timeout=300)
+            except httpx.HTTPError as exc:
+                raise ImportFailed(f"could not reach {endpoint}: {exc}") from exc
+            if response.status_code == 200:
+                return response.json()["data"]
+            if response.status_code == 413:
+                raise TooLarge
+            # The import counts against the key's rate limit like any API request; a busy or
+            # recovering server says when to come back. Nothing of a refused chunk was stored.
+            if response.status_code == 429 or (response.status_code == 503 and unavailable < UNAVAILABLE_TRIES):
+                unavailable += response.status_code == 503
+                sleep(_retry_after(response))
+                continue
             try:
                 message = response.json()["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 message = response.text[:200]
             raise ImportFailed(f"{endpoint} answered {response.status_code}: {message}")
-        return response.json()["data"]
 
     return send
+
+
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        return min(max(float(response.headers.get("retry-after", "")), 0.1), RETRY_AFTER_MAX_S)
+    except ValueError:
+        return RETRY_AFTER_DEFAULT_S
 
 
 def local(settings: Settings, site_id: str) -> Send:
@@ -89,12 +118,13 @@ def local(settings: Settings, site_id: str) -> Send:
 
 
 def chunks(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(lines before the chunk, chunk body): CHUNK_LINES lines, fewer if they are long."""
+    """(lines before the chunk, chunk body): CHUNK_LINES lines, fewer if they are long. A UTF-8
+    byte order mark before the first line (Windows exports) is not part of it."""
     lines: list[bytes] = []
     size = before = 0
     with open(path, "rb") as f:
-        for line in f:
-            lines.append(line)
+        for number, line in enumerate(f):
+            lines.append(line.removeprefix(b"\xef\xbb\xbf") if number == 0 else line)
             size += len(line)
             if len(lines) == CHUNK_LINES or size >= CHUNK_BYTES:
                 yield before, b"".join(lines)
@@ -109,15 +139,36 @@ def run(path: Path, send: Send) -> Totals:
     columns = (TextColumn("importing {task.fields[name]}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True)) as progress:
         task = progress.add_task("import", total=path.stat().st_size, name=path.name)
-        for before, body in chunks(path):
-            if body.strip():  # the server refuses an empty body; blank lines only count
-                data = send(body)
-                totals.accepted += data["accepted"]
-                totals.dropped += len(data["dropped"])
-                totals.rejected += [{**r, "line": r["line"] + before} for r in data["rejected"]]
-                totals.unconfirmed += 0 if data["stored"] else data["accepted"]
-            progress.advance(task, len(body))
+        try:
+            for before, body in chunks(path):
+                _send(send, before, body, totals)
+                progress.advance(task, len(body))
+        except KeyboardInterrupt:
+            totals.interrupted = True
     return totals
+
+
+def _send(send: Send, before: int, body: bytes, totals: Totals) -> None:
+    """One chunk; one the server finds too large goes again in halves, and a single line too large
+    for it is a rejected line, not the end of the import."""
+    if not body.strip():  # the server refuses an empty body; blank lines only count
+        return
+    try:
+        data = send(body)
+    except TooLarge:
+        lines = body.splitlines(keepends=True)
+        if len(lines) == 1:
+            totals.rejected.append({"line": before + 1, "field": "", "code": "line_too_large",
+                                    "message": "line is larger than the server takes in one request"})
+            return
+        half = len(lines) // 2
+        _send(send, before, b"".join(lines[:half]), totals)
+        _send(send, before + half, b"".join(lines[half:]), totals)
+        return
+    totals.accepted += data["accepted"]
+    totals.dropped += len(data["dropped"])
+    totals.rejected += [{**r, "line": r["line"] + before} for r in data["rejected"]]
+    totals.unconfirmed += 0 if data["stored"] else data["accepted"]
 
 
 def report(totals: Totals) -> int:
@@ -130,4 +181,8 @@ def report(totals: Totals) -> int:
         print(f"  line {r['line']}: {r['message']} ({r['code']})")  # the message names the field
     if len(totals.rejected) > SHOWN_REJECTIONS:
         print(f"  … and {len(totals.rejected) - SHOWN_REJECTIONS} more rejected lines")
+    if totals.interrupted:
+        print("interrupted: the lines sent before are stored; importing the whole file again is safe "
+              "(each event is stored once)", file=sys.stderr)
+        return 130
     return 1 if totals.rejected else 0

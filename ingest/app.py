@@ -36,7 +36,9 @@ _CORS = {
 }
 _PREFETCH = ("prefetch", "prerender")
 _NDJSON = "application/x-ndjson"
-_BEARER = {"www-authenticate": "Bearer"}
+# The import is an /api/v1 operation: its errors are not to be cached, as the query API's are not.
+_NO_STORE = {"cache-control": "no-store"}
+_BEARER = {"www-authenticate": "Bearer", **_NO_STORE}
 # Kafka is down and the spool full: a client should come back when an outage may be over.
 _SPOOL_FULL_RETRY_S = "30"
 # Events of an import handed on at once: the Kafka producer batches them, memory stays bounded.
@@ -156,7 +158,7 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
             return await import_events(request)
         except Exception:
             log.exception("could not import events")
-            return _error(503, "unavailable", "the events could not be stored; retry later", {})
+            return _error(503, "unavailable", "the events could not be stored; retry later", _NO_STORE)
 
     async def import_events(request: Request) -> Response:
         token = bearer_token(request.headers.get("authorization", ""))
@@ -167,25 +169,27 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
             return _error(401, "unauthorized", "invalid API key", _BEARER)
         site_id = request.query_params.get("site_id")
         if not site_id:
-            return _error(400, "missing_parameter", "site_id is required", {})
+            return _error(400, "missing_parameter", "site_id is required", _NO_STORE)
         site = await asyncio.to_thread(sites.get, site_id)
         if site is None:
-            return _error(404, "site_not_found", f"no site with id {site_id!r}", {})
+            return _error(404, "site_not_found", f"no site with id {site_id!r}", _NO_STORE)
         if not key.reaches(site):
-            return _error(403, "forbidden", f"this API key has no access to site {site_id!r}", {})
+            return _error(403, "forbidden", f"this API key has no access to site {site_id!r}", _NO_STORE)
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != _NDJSON:
-            return _error(415, "unsupported_media_type", f"send the events as {_NDJSON}, one per line", {})
+            return _error(415, "unsupported_media_type", f"send the events as {_NDJSON}, one per line", _NO_STORE)
+        if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
+            return _error(415, "unsupported_media_type", "send the NDJSON uncompressed (no Content-Encoding)", _NO_STORE)
         try:
             body = await _read_body(request, settings.max_import_bytes)
         except ClientDisconnect:
-            return _error(400, "incomplete_body", "the request body was cut off", {})
+            return _error(400, "incomplete_body", "the request body was cut off", _NO_STORE)
         if body is None:
             return _error(413, "body_too_large",
-                          f"import bodies are limited to {settings.max_import_bytes} bytes; split the file", {})
+                          f"import bodies are limited to {settings.max_import_bytes} bytes; split the file", _NO_STORE)
         try:
             parsed = await asyncio.to_thread(importer.parse, body, site, utcnow(), settings.raw_events_ttl_days)
         except importer.BadBody as exc:
-            return _error(400, exc.code, exc.message, {})
+            return _error(400, exc.code, exc.message, _NO_STORE)
 
         async with import_lock:
             events = await asyncio.to_thread(importer.to_events, parsed.lines, site, visitors)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Annotated
@@ -21,6 +22,7 @@ MAX_PROPS = 30
 MAX_PROP_KEY = 120
 MAX_PROP_VALUE = 500
 MAX_REFERRER = 2000
+_DATE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(:[0-9]{2}([.,][0-9]+)?)?([Zz]|[+-][0-9]{2}(:?[0-9]{2})?)?")
 # Imported timestamps: a clock a little ahead of ours is tolerated, the far past is a mistake.
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 EARLIEST = datetime(2000, 1, 1, tzinfo=timezone.utc)
@@ -74,7 +76,8 @@ class IncomingEvent(BaseModel):
 
     site_id: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = None
     domain: Annotated[str, StringConstraints(min_length=1, max_length=253)] | None = None
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=120)]
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=120),
+                    AfterValidator(_no_control_characters)]
     url: Annotated[str, StringConstraints(min_length=1, max_length=2000)]
     referrer: str | None = None
     props: dict[Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROP_KEY)],
@@ -145,10 +148,12 @@ class ImportedEvent(IncomingEvent):
     @field_validator("timestamp", mode="before")
     @classmethod
     def _iso_8601(cls, value: object) -> datetime:
-        # Only ISO 8601 text: pydantic would also take epoch numbers, whose unit is a guess.
-        if isinstance(value, str):
+        # Only ISO 8601 date-time text: pydantic would also take epoch numbers, whose unit is a
+        # guess, and fromisoformat alone a bare date (midnight: a pile of one-second sessions),
+        # week dates and compact forms.
+        if isinstance(value, str) and _DATE_TIME.fullmatch(value):
             try:
-                return _utc_milliseconds(datetime.fromisoformat(value))
+                return _utc_milliseconds(datetime.fromisoformat(value.upper()))
             except (ValueError, OverflowError):  # overflow: year 1 or 9999 moved into UTC
                 pass
         raise ValueError("must be an ISO 8601 date-time such as 2025-03-10T14:05:00Z")

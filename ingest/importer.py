@@ -67,7 +67,7 @@ def parse(body: bytes, site: Site, now: datetime, retention_days: int | None = N
     `retention_days`, events the raw-event TTL would delete within a visitor's lifetime are
     refused: the stream core reads a visitor's stored events, and they must still be there."""
     oldest = now - timedelta(days=retention_days) + VISITOR_LIFETIME if retention_days else None
-    raw_lines = body.split(b"\n")
+    raw_lines = body.removeprefix(b"\xef\xbb\xbf").split(b"\n")  # a UTF-8 BOM, as Windows exports start
     if raw_lines[-1] == b"":  # the newline ending the last line starts no line of its own
         raw_lines.pop()
     if len(raw_lines) > MAX_LINES:

@@ -72,11 +72,17 @@ def _known(host: str) -> tuple[str, str] | None:
     for i in range(1, len(labels)):
         if (hit := _KNOWN.get(".".join(labels[i:]))) is not None:
             return hit
-    # Search engines live on many country domains: google.se, google.co.uk, …
-    for label in labels[:-1]:
-        if label in _KNOWN:
+    # Search engines live on many country domains: google.se, google.co.uk, google.com.au — the
+    # name, then one or two short labels. Not google.com.evil.example.
+    for i, label in enumerate(labels[:-1]):
+        rest = labels[i + 1:]
+        if label in _KNOWN and (len(rest) == 1 or (len(rest) == 2 and rest[0] in _COUNTRY_SECOND_LEVEL)):
             return _KNOWN[label]
     return None
+
+
+# Second levels under which country domains register names: google.co.uk, google.com.au, …
+_COUNTRY_SECOND_LEVEL = frozenset({"co", "com", "net", "org", "ac", "or", "ne", "gov", "edu"})
 
 
 @lru_cache(maxsize=10_000)  # referrers repeat: search engines, social sites, partners

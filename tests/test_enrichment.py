@@ -68,6 +68,14 @@ def test_self_referral_is_direct(page, referrer, site):
     assert (result.source, result.channel) == ("", "direct")
 
 
+@pytest.mark.parametrize("referrer, source", [
+    ("https://www.google.co.uk/", "Google"), ("https://news.google.com.au/", "Google"), ("https://google.se/", "Google"),
+    ("https://www.google.com.evil.example/", "google.com.evil.example"), ("https://google.abc.com/", "google.abc.com"),
+])
+def test_country_domains_of_search_engines_and_look_alikes(referrer, source):
+    assert referrers.classify("https://shop.example/", referrer, "shop.example").source == source
+
+
 def test_a_site_whose_name_ends_another_domain_is_not_a_self_referral():
     result = referrers.classify("https://shop.example/p/1", "https://myshop.example/", "shop.example")
     assert (result.source, result.channel) == ("myshop.example", "referral")

@@ -236,12 +236,66 @@ async def test_a_session_open_at_midnight_carries_across_requests(client, servic
     ({}, "no-such-site", 404, "site_not_found"),
     ({}, None, 400, "missing_parameter"),
     ({"content-type": "application/json"}, "own", 415, "unsupported_media_type"),
+    ({"content-encoding": "gzip"}, "own", 415, "unsupported_media_type"),
 ])
 async def test_request_errors(client, site, headers, site_id, status, code):
     response = await post_import(client, site.site_id if site_id == "own" else site_id,
                                  ndjson(history(site.domain, 3, seed=3)), **headers)
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code
+    assert response.headers["cache-control"] == "no-store"
+
+
+@pytest.mark.parametrize("timestamp, ok", [
+    ("2026-11-20T10:00:00Z", True), ("2026-11-20t10:00:00z", True), ("2026-11-20 10:00", True),
+    ("2026-11-20T10:00:00.5+05:30", True),
+    ("2026-11-20", False), ("2026-W47-5T10:00", False), ("20261120T100000Z", False), ("2026-11-20T10Z", False),
+])
+def test_timestamps_are_iso_8601_date_times(timestamp, ok):
+    from ingest.event import ImportedEvent
+
+    line = {"site_id": "s", "name": "pageview", "url": "https://a.example/", "ip": "81.2.69.160",
+            "user_agent": BROWSER, "timestamp": timestamp}
+    context = {"now": datetime(2026, 11, 21, tzinfo=timezone.utc)}
+    if ok:
+        ImportedEvent.model_validate(line, context=context)
+    else:
+        with pytest.raises(ValueError, match="ISO 8601 date-time"):
+            ImportedEvent.model_validate(line, context=context)
+
+
+async def test_a_byte_order_mark_before_the_first_line_is_skipped(client, site):
+    response = await post_import(client, site.site_id, b"\xef\xbb\xbf" + ndjson(history(site.domain, 2, seed=8)))
+    assert response.status_code == 200, response.text
+    assert (response.json()["data"]["accepted"], response.json()["data"]["rejected"]) == (2, [])
+
+
+def test_the_cli_waits_out_the_rate_limit_and_halves_what_the_server_finds_too_large(tmp_path, monkeypatch):
+    """Against answers as a server gives them: 429 with Retry-After, then 413 for any body of more
+    than two lines; one line alone too large is rejected and the import goes on."""
+    from besokskollen import importing
+
+    lines = [orjson.dumps({"n": i}) + b"\n" for i in range(5)]
+    lines[3] = orjson.dumps({"n": 3, "pad": "x" * 100}) + b"\n"
+    path = tmp_path / "events.ndjson"
+    path.write_bytes(b"\xef\xbb\xbf" + b"".join(lines))
+    answers, waited, bodies = [httpx.Response(429, headers={"retry-after": "7"}, json={})], [], []
+
+    def post(url, *, content, **kwargs):
+        if answers:
+            return answers.pop(0)
+        if content.count(b"\n") > 2 or b"pad" in content:
+            return httpx.Response(413, json={"error": {"code": "body_too_large", "message": "too large"}})
+        bodies.append(content)
+        return httpx.Response(200, json={"data": {"accepted": content.count(b"\n"), "rejected": [], "dropped": [],
+                                                  "stored": True}})
+
+    monkeypatch.setattr(importing.httpx, "post", post)
+    totals = importing.run(path, importing.remote("http://x", "bk_k", "s", sleep=waited.append))
+    assert waited == [7.0]
+    assert b"".join(bodies) == b"".join(lines[:3] + lines[4:])  # in order, the BOM gone
+    assert totals.accepted == 4
+    assert [(r["line"], r["code"]) for r in totals.rejected] == [(4, "line_too_large")]
 
 
 async def test_a_line_naming_another_or_no_hostname_is_rejected(client, site):

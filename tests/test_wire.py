@@ -151,6 +151,7 @@ async def test_a_retry_with_the_client_id_counts_once_without_it_twice(client, e
 @pytest.mark.parametrize("body, field", [
     ({"event_id": "not-a-uuid"}, "event_id"),
     ({"name": "x" * 121}, "name"),
+    ({"name": "a\x00b"}, "name"),
     ({"url": "https://a.example/" + "p" * 2000}, "url"),
     ({"url": "http://[::1"}, "url"),
     ({"props": {f"k{i}": "v" for i in range(31)}}, "props"),
