@@ -12,6 +12,7 @@ from functools import partial
 from clickhouse_connect.driver.client import Client
 from fastapi import FastAPI
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 
 from besokskollen import health, metrics
@@ -25,7 +26,7 @@ from ingest.visitors import CarryQuestions, Visitors
 from query_api.app import create_app as create_query_app
 from query_api.deps import Context
 from query_api.keys import KeyStore
-from query_api.rate_limit import RateLimiter, SharedRateLimiter
+from query_api.rate_limit import RateLimit, RateLimiter, SharedRateLimiter
 from streams import replay, storage
 from streams.core import StreamCore
 from streams.funnels import FunnelRegistry
@@ -141,8 +142,11 @@ def server_app(services: Services, handoff: Handoff) -> _Dispatch:
 
 def ingest_server_app(services: Services, handoff: Handoff) -> _Dispatch:
     """`ingest`: the tracking and import endpoints, where the hand-off is."""
+    # The import is under /api/v1: rate-limited per key (and refused keys per address) as in `up`.
+    limit = Middleware(RateLimit, limiter=_rate_limiter(services.settings), keys=services.keys,
+                       trusted=services.settings.trusted_networks)
     app = Starlette(routes=[*_ingest_routes(services, handoff), *_operations_routes(services, kafka=True)],
-                    lifespan=_lifespan(handoff))
+                    lifespan=_lifespan(handoff), middleware=[limit])
     return _Dispatch(app, app)
 
 

@@ -5,6 +5,7 @@ one per test), with an injected clock."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import uuid
@@ -263,3 +264,23 @@ def test_ended_windows_are_dropped():
     for i in range(10):
         assert limiter.hit([(f"addr:new-{i}", 30)]).remaining == 29
     assert len(limiter._windows) <= 10
+
+
+async def test_the_import_on_ingest_is_limited_like_the_rest_of_the_api(services, embedded):
+    """`ingest` serves /api/v1/events/import: per key, with the headers, and refused keys per address."""
+    from besokskollen.app import ingest_server_app
+
+    services_limited = dataclasses.replace(services, settings=services.settings.model_copy(
+        update={"rate_limit_per_minute": 2, "kafka_bootstrap": "127.0.0.1:1"}))  # the hand-off is the embedded one
+    app = ingest_server_app(services_limited, embedded[1])
+    transport = httpx.ASGITransport(app=app, client=(ADDRESS, 5000))
+    key = services.keys.create("default")
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        answers = [await c.post("/api/v1/events/import?site_id=none", content=b"{}\n",
+                                headers={"authorization": f"Bearer {key}", "content-type": "application/x-ndjson"})
+                   for _ in range(3)]
+        assert [r.status_code for r in answers] == [404, 404, 429]
+        assert limits(answers[0])[:2] == (2, 1) and answers[2].headers["retry-after"]
+        refused = [await c.post("/api/v1/events/import?site_id=none", content=b"{}\n",
+                                headers={"authorization": "Bearer bk_wrong"}) for _ in range(DEFAULT_FAILED_AUTH_LIMIT + 1)]
+        assert refused[-1].status_code == 429
