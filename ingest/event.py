@@ -27,8 +27,6 @@ _DATE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(:[0-9
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 EARLIEST = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
-
-
 _CONTROL = dict.fromkeys([*range(0x20), 0x7F])
 
 
@@ -37,8 +35,9 @@ def without_control_characters(text: str) -> str:
 
 
 def _no_control_characters(value: str) -> str:
-    # A product's fields are stored joined by \x1f (streams/activity.py): one inside a field would
-    # shift a click to another product, category or partner.
+    # For names and product fields, which the rollups store as values: a product's fields are
+    # joined by \x1f (streams/activity.py), and one inside a field would shift a click to another
+    # product, category or partner.
     if without_control_characters(value) != value:
         raise ValueError("must not contain control characters")
     return value
