@@ -73,7 +73,8 @@ def _known(host: str) -> tuple[str, str] | None:
         if (hit := _KNOWN.get(".".join(labels[i:]))) is not None:
             return hit
     # Search engines live on many country domains: google.se, google.co.uk, google.com.au — the
-    # name, then one or two short labels. Not google.com.evil.example.
+    # name, then a top-level domain, or a second level such as co or com and one. Not
+    # google.com.evil.example.
     for i, label in enumerate(labels[:-1]):
         rest = labels[i + 1:]
         if label in _KNOWN and (len(rest) == 1 or (len(rest) == 2 and rest[0] in _COUNTRY_SECOND_LEVEL)):
