@@ -14,10 +14,11 @@ from starlette.routing import Route
 
 SOURCE = (Path(__file__).with_name("tracker.js")).read_bytes()
 GZIPPED = gzip.compress(SOURCE, compresslevel=9, mtime=0)
+# A strong ETag names one representation: the gzipped bytes get one of their own.
 ETAG = '"' + hashlib.blake2b(SOURCE, digest_size=10).hexdigest() + '"'
+GZIP_ETAG = ETAG[:-1] + '-gzip"'
 _HEADERS = {
     "cache-control": "public, max-age=86400, stale-while-revalidate=604800",
-    "etag": ETAG,
     "vary": "Accept-Encoding",
     "access-control-allow-origin": "*",
     "x-content-type-options": "nosniff",
@@ -26,15 +27,24 @@ _MEDIA_TYPE = "application/javascript; charset=utf-8"
 
 
 def _wants_gzip(request: Request) -> bool:
-    return any(part.split(";")[0].strip() == "gzip" for part in request.headers.get("accept-encoding", "").split(","))
+    """gzip is listed, and not with q=0 (RFC 9110 §12.5.3)."""
+    for part in request.headers.get("accept-encoding", "").split(","):
+        coding, *params = [piece.strip() for piece in part.split(";")]
+        if coding.lower() == "gzip":
+            return not any(p.replace(" ", "").lower() in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params)
+    return False
 
 
 async def script(request: Request) -> Response:
-    if ETAG in request.headers.get("if-none-match", ""):
-        return Response(status_code=304, headers=_HEADERS)
-    if _wants_gzip(request):
-        return Response(GZIPPED, media_type=_MEDIA_TYPE, headers={**_HEADERS, "content-encoding": "gzip"})
-    return Response(SOURCE, media_type=_MEDIA_TYPE, headers=_HEADERS)
+    zipped = _wants_gzip(request)
+    etag = GZIP_ETAG if zipped else ETAG
+    headers = {**_HEADERS, "etag": etag}
+    wanted = request.headers.get("if-none-match", "")
+    if wanted.strip() == "*" or etag in [tag.strip().removeprefix("W/") for tag in wanted.split(",")]:
+        return Response(status_code=304, headers=headers)
+    if zipped:
+        return Response(GZIPPED, media_type=_MEDIA_TYPE, headers={**headers, "content-encoding": "gzip"})
+    return Response(SOURCE, media_type=_MEDIA_TYPE, headers=headers)
 
 
 ROUTES = [Route("/js/script.js", script, methods=["GET", "HEAD"])]

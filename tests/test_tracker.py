@@ -76,6 +76,24 @@ def test_script_headers(up):
     assert again.status_code == 304 and not again.content
 
 
+async def test_each_encoding_has_its_own_etag_and_q0_refuses_gzip():
+    from starlette.applications import Starlette
+
+    transport = httpx.ASGITransport(app=Starlette(routes=tracker.ROUTES))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        zipped = await c.get("/js/script.js", headers={"accept-encoding": "gzip, br"})
+        plain = await c.get("/js/script.js", headers={"accept-encoding": "identity"})
+        refused = await c.get("/js/script.js", headers={"accept-encoding": "gzip;q=0, identity"})
+        assert zipped.headers["content-encoding"] == "gzip" and "content-encoding" not in plain.headers
+        assert "content-encoding" not in refused.headers
+        assert zipped.headers["etag"] != plain.headers["etag"] == refused.headers["etag"]
+        for tags in ("*", plain.headers["etag"], f'"other", W/{plain.headers["etag"]}'):
+            again = await c.get("/js/script.js", headers={"accept-encoding": "identity", "if-none-match": tags})
+            assert again.status_code == 304 and again.headers["etag"] == plain.headers["etag"], tags
+        stale = await c.get("/js/script.js", headers={"accept-encoding": "gzip", "if-none-match": plain.headers["etag"]})
+        assert stale.status_code == 200 and stale.headers["content-encoding"] == "gzip"
+
+
 def test_pageviews_spa_navigation_custom_events_queue_and_affiliate_clicks_in_chromium(up):
     from playwright.sync_api import sync_playwright
 
