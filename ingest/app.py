@@ -153,6 +153,10 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
     async def preflight(request: Request) -> Response:
         return Response(status_code=204, headers=_CORS)
 
+    async def wrong_method(request: Request) -> Response:
+        # Starlette's own 405 would name POST only, and without CORS a page's script cannot read it.
+        return _error(405, "method_not_allowed", "send events with POST", {**_CORS, "allow": "POST, OPTIONS"})
+
     async def post_import(request: Request) -> Response:
         try:
             return await import_events(request)
@@ -201,4 +205,5 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
 
     return [Route("/api/event", post_event, methods=["POST"]),
             Route("/api/event", preflight, methods=["OPTIONS"]),
+            Route("/api/event", wrong_method, methods=["GET", "HEAD", "PUT", "PATCH", "DELETE"]),
             Route("/api/v1/events/import", post_import, methods=["POST"])]

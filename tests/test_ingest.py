@@ -53,6 +53,15 @@ async def test_bad_input_is_a_clear_4xx(client, body, status, code, field):
     assert response.headers["access-control-allow-origin"] == "*"
 
 
+async def test_other_methods_are_405_naming_post_and_options_with_cors(client):
+    response = await client.get("/api/event")
+    assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+    assert response.headers["allow"] == "POST, OPTIONS"
+    assert response.headers["access-control-allow-origin"] == "*"
+    preflight = await client.options("/api/event")
+    assert preflight.status_code == 204 and "POST" in preflight.headers["access-control-allow-methods"]
+
+
 async def test_oversized_body_is_413(client, site):
     response = await post(client, pageview(site, props={"big": "x" * 1999, **{f"k{i}": "y" * 1999 for i in range(9)}}))
     assert response.status_code == 413
