@@ -59,8 +59,11 @@ def open_services(settings: Settings, wait: bool = False) -> Services:
     client = storage.connect(settings.clickhouse_url, wait)
     replay.upgrade(client, settings.session_timeout_s, settings.raw_events_ttl_days, settings.clickhouse_cluster)
     keys = KeyStore(client)
-    if settings.admin_key and keys.lookup(settings.admin_key) is None:
+    # Created once; a revoked BK_ADMIN_KEY stays revoked (it is rotated by revoking it first).
+    if settings.admin_key and not keys.ever_stored(settings.admin_key):
         keys.create(DEFAULT_ACCOUNT, key=settings.admin_key)
+    elif settings.admin_key and keys.lookup(settings.admin_key) is None:
+        log.warning("BK_ADMIN_KEY is revoked: it opens nothing; set a new one or unset it")
     # Lenient: live events get today's id rather than a 503 while ClickHouse cannot be asked.
     visitors = Visitors(Salts(client, settings.historic_salt_days), partial(latest_ends, client),
                         partial(open_at, client), settings.session_timeout_s, lenient=True)

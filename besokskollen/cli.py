@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import NoReturn
 
 import uvicorn
+from pydantic import ValidationError
 
-from besokskollen.config import Settings
+from besokskollen.config import Settings, settings_problems
 from ingest.spool import Spool, SpoolLocked
 
 
@@ -20,7 +21,12 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["clickhouse_url"] = "chdb://" + str(Path(args.data).resolve())
     if getattr(args, "instance_id", None):
         overrides["worker_instance_id"] = args.instance_id
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        for line in settings_problems(exc):
+            print(f"besokskollen {args.command}: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 _BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:132.0) Gecko/20100101 Firefox/132.0"
@@ -112,7 +118,13 @@ def cmd_status(args: argparse.Namespace) -> None:
     settings = _settings(args)
     if settings.embedded:
         raise SystemExit("`status` reports on the distributed topology: set BK_KAFKA_BOOTSTRAP")
-    lags = asyncio.run(monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, GROUP))
+    from aiokafka.errors import KafkaError
+
+    try:
+        lags = asyncio.run(monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, GROUP))
+    except (KafkaError, OSError, ValueError) as exc:
+        print(f"besokskollen status: Kafka does not answer at {settings.kafka_bootstrap}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"topic {settings.kafka_topic}, group {GROUP}: {monitor.describe(lags)}")
     for worker, at, rate, p50, worst, events in monitor.recent_reports(storage.connect(settings.clickhouse_url)):
         print(f"worker {worker} at {at:%H:%M:%S}Z: {rate:.0f} events/s, batch p50 {p50:.0f} ms, max {worst:.0f} ms,"
@@ -260,6 +272,14 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except OperationalError as exc:  # servers wait for ClickHouse; a one-shot command says where it failed
         _unreachable(args.command, _settings(args).clickhouse_url, exc)
+    except Exception as exc:
+        # chDB lets one process open a data folder: the engine says so only as "Error initializing
+        # EmbeddedServer" (its exception types are its own).
+        if "EmbeddedServer" not in str(exc):
+            raise
+        print(f"besokskollen {args.command}: the data folder {_settings(args).clickhouse_url.removeprefix('chdb://')} is"
+              " in use by another process (stop `up` first, or point BK_CLICKHOUSE_URL at a server)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _claim_spool(command: str, settings: Settings) -> Spool:
@@ -268,6 +288,8 @@ def _claim_spool(command: str, settings: Settings) -> Spool:
     try:
         return _open_spool(settings)
     except SpoolLocked as exc:
+        if settings.embedded and settings.spool_dir is None:  # the journal inside an embedded data folder
+            exc = f"the data folder {settings.clickhouse_url.removeprefix('chdb://')} is in use by another `up`"
         print(f"besokskollen {command}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import ipaddress
 from functools import cached_property
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,25 +22,25 @@ class Settings(BaseSettings):
     kafka_bootstrap: str | None = None
     kafka_topic: str = "events"
     # Partitions of the events topic when it is created; the most workers that can share it.
-    kafka_partitions: int = 12
+    kafka_partitions: int = Field(12, ge=1)
     # Replication of the topics we and Faust create; 1 suits a single broker, use 3 on a cluster.
-    kafka_replication_factor: int = 1
+    kafka_replication_factor: int = Field(1, ge=1)
     admin_key: str | None = None
     trusted_proxies: str = "127.0.0.1/32,::1/128"
-    session_timeout_s: int = 1800
+    session_timeout_s: int = Field(1800, ge=60, le=86_400)
     # A worker's name in status reports (default host:pid) and, when set, its static member id
     # in the consumer group: a restarted worker takes its partitions back without a rebalance.
     worker_instance_id: str | None = None
     # Raw events older than this are deleted by ClickHouse (TTL); rollups keep every number.
     raw_events_ttl_days: int = 400
     # Requests per minute per API key on /api/v1 (per process).
-    rate_limit_per_minute: int = 100
+    rate_limit_per_minute: int = Field(100, ge=1)
     # Largest accepted /api/event body; larger answers 413.
-    max_event_bytes: int = 16 * 1024
+    max_event_bytes: int = Field(16 * 1024, ge=1024)
     # Largest accepted /api/v1/events/import body; larger answers 413.
-    max_import_bytes: int = 20 * 1024 * 1024
+    max_import_bytes: int = Field(20 * 1024 * 1024, ge=64 * 1024)
     # Days a salt made for a past day by an import is kept after it was made (live salts: 48 h).
-    historic_salt_days: int = 30
+    historic_salt_days: int = Field(30, ge=1)
     # Where ingest keeps events answered 202 but not yet safe elsewhere (one directory per
     # process): distributed, those Kafka did not acknowledge in time; embedded, those the stream
     # core has not written yet. Unset: `spool` inside the embedded data folder, else `./spool`.
@@ -51,7 +52,7 @@ class Settings(BaseSettings):
     # Address and port a process listens on when its command line gives none (containers set
     # them once for every process; the commands' own defaults are 127.0.0.1 and 8080–8083).
     host: str | None = None
-    port: int | None = None
+    port: int | None = Field(None, ge=1, le=65535)
     # Redis for the per-key rate limit shared by every api process; unset: per process.
     redis_url: str | None = None
     # A ClickHouse cluster name: DDL runs ON CLUSTER with Replicated engines and Distributed
@@ -64,6 +65,32 @@ class Settings(BaseSettings):
         if not url.startswith(("chdb://", "http://", "https://")):
             raise ValueError("BK_CLICKHOUSE_URL must start with chdb://, http:// or https://")
         return url
+
+    @field_validator("clickhouse_url")
+    @classmethod
+    def _usable(cls, url: str) -> str:
+        if url.startswith("chdb://") and not url.removeprefix("chdb://").startswith("/"):
+            raise ValueError("a chdb:// URL names an absolute folder: chdb:///var/lib/besokskollen")
+        if url.startswith(("http://", "https://")):
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 - raises on a port that is not a number
+            except ValueError as exc:
+                raise ValueError(f"not a URL: {exc}") from None
+            if not parts.hostname:
+                raise ValueError("names no host")
+        return url
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, cidrs: str) -> str:
+        for cidr in cidrs.split(","):
+            if cidr.strip():
+                try:
+                    ipaddress.ip_network(cidr.strip(), strict=False)
+                except ValueError:
+                    raise ValueError(f"{cidr.strip()!r} is not an address or CIDR network") from None
+        return cidrs
 
     @field_validator("kafka_bootstrap", "worker_instance_id", "host", "redis_url", "clickhouse_cluster")
     @classmethod
@@ -100,3 +127,12 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """No Kafka configured: ingest hands events to the stream core in-process."""
         return self.kafka_bootstrap is None
+
+
+def settings_problems(error: ValidationError) -> list[str]:
+    """One line per bad setting, named as it is set: BK_SESSION_TIMEOUT_S: …"""
+    lines = []
+    for problem in error.errors():
+        name = "BK_" + "_".join(str(part) for part in problem["loc"]).upper()
+        lines.append(f"{name}: {problem['msg'].removeprefix('Value error, ')} (got {problem.get('input')!r})")
+    return lines

@@ -70,6 +70,11 @@ class KeyStore:
         self._cache.forget(hash_key(key))
         return True
 
+    def ever_stored(self, key: str) -> bool:
+        """Whether the key was ever created, revoked or not."""
+        return bool(self._client.query("SELECT count() FROM api_keys WHERE key_hash = {h:String}",
+                                       parameters={"h": hash_key(key)}).result_rows[0][0])
+
     def any_exist(self) -> bool:
         return bool(self._client.query("SELECT count() FROM api_keys").result_rows[0][0])
 

@@ -5,6 +5,7 @@ user-level key of the account."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -154,3 +155,21 @@ def test_revoked_key_stops_working_for_the_cli_too(tmp_path):
     assert first.returncode == 0 and "revoked" in first.stdout, first.stderr
     second = revoke()
     assert second.returncode == 1 and "no such API key" in second.stderr
+
+
+def test_a_revoked_admin_key_is_not_created_again_at_the_next_start(tmp_path):
+    """Rotation revokes BK_ADMIN_KEY first and changes the variable afterwards: a start in between
+    (every command opens the services) must not bring the key back."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    admin = "bk_rotated_admin_key_0123456789"
+    env = {**os.environ, "BK_ADMIN_KEY": admin}
+    cli = lambda *args: subprocess.run([sys.executable, "-m", "besokskollen", *args, "--data", str(tmp_path / "d")],  # noqa: E731
+                                       capture_output=True, text=True, cwd=ROOT, env=env)
+    assert cli("keys", "revoke", admin).returncode == 0  # created at this first start, then revoked
+    again = cli("keys", "create", "--account", "x")
+    assert again.returncode == 0 and "BK_ADMIN_KEY is revoked" in again.stderr
+    assert cli("keys", "revoke", admin).returncode == 1  # still revoked: nothing to revoke

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 
 from tests.conftest import free_port, process, wait_until
 
@@ -134,6 +135,30 @@ def test_a_second_server_on_one_spool_directory_stops_with_one_line(clickhouse_h
             " give each ingest process its own BK_SPOOL_DIR")
         assert "Traceback" not in second.stderr
         assert first.poll() is None and _answers(f"http://127.0.0.1:{port}/api/v1/openapi.json")
+
+
+@pytest.mark.parametrize("variable, value", [("BK_SESSION_TIMEOUT_S", "abc"), ("BK_SESSION_TIMEOUT_S", "-5"),
+                                             ("BK_TRUSTED_PROXIES", "garbage"), ("BK_CLICKHOUSE_URL", "chdb://relative"),
+                                             ("BK_CLICKHOUSE_URL", "http://127.0.0.1:abc/"), ("BK_PORT", "70000")])
+def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path, variable, value):
+    data = [] if variable == "BK_CLICKHOUSE_URL" else ["--data", str(tmp_path / "d")]  # --data would override it
+    result = subprocess.run([*CLI, "migrate", *data], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, variable: value})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"besokskollen migrate: {variable}: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_one_shot_commands_on_a_data_folder_up_holds_stop_with_one_line(tmp_path):
+    port, data = free_port(), str(tmp_path / "data")
+    with process([*CLI, "up", "--data", data, "--port", str(port)], tmp_path / "up.log",
+                 ready_url=f"http://127.0.0.1:{port}/api/v1/openapi.json"):
+        keys = run("keys", "create", "--account", "x", "--data", data)
+        second = run("up", "--data", data, "--port", str(free_port()))
+    assert keys.returncode == 2 and "Traceback" not in keys.stderr
+    assert keys.stderr.strip().splitlines()[-1].startswith(f"besokskollen keys: the data folder {data} is in use")
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines()[-1] == f"besokskollen up: the data folder {data} is in use by another `up`"
 
 
 def test_copy_refuses_a_data_folder_whose_journal_holds_unwritten_events(tmp_path):
