@@ -6,18 +6,32 @@ from __future__ import annotations
 import logging
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 log = logging.getLogger(__name__)
+
+
+class TopicRefused(KafkaError):
+    """The broker would not create the topic as configured (BK_KAFKA_PARTITIONS,
+    BK_KAFKA_REPLICATION_FACTOR). Sending anyway would let the broker auto-create it with its own
+    defaults; as a KafkaError, callers keep trying (and logging why) as for a broker away."""
 
 
 async def ensure_topic(bootstrap: str, topic: str, partitions: int, replication_factor: int) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         await admin.start()
-        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor)])
-        log.info("created topic %s with %d partitions", topic, partitions)
+        response = await admin.create_topics([NewTopic(topic, num_partitions=partitions,
+                                                       replication_factor=replication_factor)])
     except TopicAlreadyExistsError:
-        pass
+        return
     finally:
         await admin.close()
+    # Refusals come back per topic in the response, not as an exception.
+    for _name, code, *message in response.topic_errors:
+        if code == TopicAlreadyExistsError.errno:
+            return
+        if code:
+            raise TopicRefused(f"Kafka would not create topic {topic!r} with {partitions} partitions and replication"
+                               f" factor {replication_factor}: {for_code(code).__name__} {''.join(message)}".rstrip())
+    log.info("created topic %s with %d partitions", topic, partitions)

@@ -33,7 +33,7 @@ from besokskollen.config import Settings
 from ingest.event import Event
 from streams import monitor, replay, storage
 from streams.core import StreamCore, process_until_written
-from streams.topic import ensure_topic
+from streams.topic import TopicRefused, ensure_topic
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +245,7 @@ async def _until_broker_answers(settings: Settings) -> None:
                                settings.kafka_replication_factor)
             return
         except (KafkaError, OSError) as exc:
-            log.warning("no Kafka broker answers at %s (%s); waiting", settings.kafka_bootstrap, type(exc).__name__)
+            log.warning("Kafka at %s: %s; waiting", settings.kafka_bootstrap, exc if isinstance(exc, TopicRefused)
+                        else f"no broker answers ({type(exc).__name__})")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -181,3 +182,15 @@ def test_two_api_processes_share_the_per_key_limit_through_redis(clickhouse_http
         assert refused.status_code == 429
         assert int(refused.headers["retry-after"]) > 0
         assert httpx.get(f"{bases[0]}{API}/sites", headers=headers).status_code == 429
+
+
+def test_a_topic_the_broker_refuses_is_an_error_not_an_auto_created_default(kafka):
+    """A replication factor the single test broker cannot give: aiokafka reports it inside the
+    response, not as an exception; we raise it, so nothing sends until the topic is right."""
+    from streams.topic import TopicRefused, ensure_topic
+
+    topic = f"refused-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(TopicRefused, match="replication factor 3"):
+        asyncio.run(ensure_topic(kafka, topic, 12, 3))
+    asyncio.run(ensure_topic(kafka, topic, 12, 1))  # as configured: created
+    asyncio.run(ensure_topic(kafka, topic, 12, 1))  # and then already there
