@@ -120,6 +120,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         raise SystemExit("`status` reports on the distributed topology: set BK_KAFKA_BOOTSTRAP")
     from aiokafka.errors import KafkaError
 
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)  # its connection lines are not the report
     try:
         lags = asyncio.run(monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, GROUP))
     except (KafkaError, OSError, ValueError) as exc:

@@ -16,6 +16,8 @@ import orjson
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError,
                       ValidationInfo, field_validator, model_validator)
 
+from besokskollen import metrics
+
 log = logging.getLogger(__name__)
 
 MAX_PROPS = 30
@@ -180,14 +182,20 @@ class ImportedEvent(IncomingEvent):
         return canonical_ip(ip)
 
 
+# What the events table can hold; a record outside it (a foreign producer's) would fail every
+# batch it is in, forever: decode_all skips it instead.
+_UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+_STORABLE_FROM, _STORABLE_UNTIL = datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(2106, 1, 1, tzinfo=timezone.utc)
+
+
 class Event(BaseModel):
     """An enriched event. Carries no IP address; `visitor_id` is already the salted hash."""
 
-    event_id: str
+    event_id: Annotated[str, StringConstraints(pattern=_UUID)]
     site_id: str
     timestamp: datetime
     name: str
-    visitor_id: int
+    visitor_id: Annotated[int, Field(ge=0, lt=2**64)]
     hostname: str = ""
     pathname: str = "/"
     referrer: str = ""
@@ -226,17 +234,25 @@ class Event(BaseModel):
     def from_bytes(cls, raw: bytes) -> Event:
         return cls.model_validate_json(raw)
 
+    @field_validator("timestamp")
     @classmethod
-    def decode_all(cls, records: list[bytes]) -> list[Event]:
+    def _storable(cls, at: datetime) -> datetime:
+        if at.tzinfo is None or not _STORABLE_FROM <= at < _STORABLE_UNTIL:
+            raise ValueError("must be an aware time from 1970 to 2105")
+        return at
+
+    @classmethod
+    def decode_all(cls, records: list[bytes | None]) -> list[Event]:
         """The events among these Kafka or journal records. One that is not an event (a foreign
-        producer's, or an older release's) is logged and skipped, rather than stop the reader on
-        every restart."""
+        producer's, an older release's, a tombstone without a value, values the tables cannot
+        hold) is logged and skipped, rather than stop the reader on every restart."""
         events = []
         for raw in records:
             try:
                 events.append(cls.from_bytes(raw))
-            except ValueError:
-                log.error("skipping a record that is not an event: %r", raw[:200])
+            except (ValueError, TypeError):
+                log.error("skipping a record that is not an event: %r", raw[:200] if raw else raw)
+                metrics.RECORDS_SKIPPED.inc()
         return events
 
     @property

@@ -76,6 +76,10 @@ class StreamCore:
         (for `replay`)."""
         if not batch:
             return
+        # Taken before anything is read: a batch held up after its reads (a worker that lost its
+        # partitions mid-batch, beyond the rebalance timeout) writes rows older than those of a
+        # batch that read after it, and under FINAL the later reader's rows win.
+        version = time.time_ns()
         by_id = _first_arrivals(batch)
         stored_as = {event_id: owner for event_id, owner in raw_events.owners(self._client, list(by_id.values())).items()
                      if owner.site_id == by_id[event_id].site_id}
@@ -106,7 +110,6 @@ class StreamCore:
             self._visitor(visitor, stored.get(visitor, {}), incoming.get(visitor, {}), leaving.get(visitor, set()),
                           changes, rewrite)
 
-        version = time.time_ns()
         sessions.write(self._client, changes.sessions, changes.dead_sessions, version)
         activity.write(self._client, changes.activity, changes.dead_activity, version)
         rollups.rebuild(self._client, changes.buckets)

@@ -109,7 +109,8 @@ class SiteRegistry:
         self._by_domain.forget(site.domain)
         self._purge(site.site_id)
         # Other processes take up to REFRESH_S to notice, and events they accepted before may still
-        # be on their way through Kafka: their rows are deleted again later, and at any new start.
+        # be on their way through Kafka: their rows are deleted again later, and when a site with this
+        # id is created again (a worker far behind can still write some in between).
         migrations.run_later(2 * REFRESH_S, lambda: self._purge(site.site_id), f"second purge of site {site.site_id}")
 
     def _purge(self, site_id: str, wait: bool = False) -> None:

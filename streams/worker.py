@@ -105,10 +105,10 @@ async def consume(settings: Settings, core: StreamCore, stats: monitor.BatchStat
                 if rebalances.generation != generation:
                     _unread(consumer, batches)
                     continue
-                values = [record.value for records in batches.values() for record in records]
+                events = Event.decode_all([record.value for records in batches.values() for record in records])
                 started = time.perf_counter()
                 # A batch being written is finished even when the worker is asked to stop.
-                written = asyncio.ensure_future(process_until_written(core, Event.decode_all(values)))
+                written = asyncio.ensure_future(process_until_written(core, events))
                 try:
                     await asyncio.shield(written)
                 except asyncio.CancelledError:
@@ -117,9 +117,9 @@ async def consume(settings: Settings, core: StreamCore, stats: monitor.BatchStat
                     raise
                 await _commit(consumer, batches)
             elapsed = time.perf_counter() - started
-            stats.add(len(values), elapsed * 1000)
+            stats.add(len(events), elapsed * 1000)
             metrics.BATCH_SECONDS.observe(elapsed)
-            metrics.EVENTS_PROCESSED.inc(len(values))
+            metrics.EVENTS_PROCESSED.inc(len(events))
     finally:
         await consumer.stop()
 

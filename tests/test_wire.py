@@ -304,3 +304,24 @@ def test_an_event_goes_to_kafka_and_the_journal_as_its_model_dump():
                   product_id="p-1", product_slug="skal", category_slug="c", brand_slug="b", partner_slug="kjell")
     assert event.to_bytes() == orjson.dumps(event.model_dump(), option=orjson.OPT_UTC_Z)
     assert Event.from_bytes(event.to_bytes()) == event
+
+
+def test_records_the_tables_cannot_hold_are_skipped_not_retried_forever():
+    """A tombstone, or an event-shaped record with values outside what the events table holds, in
+    a batch of good ones: the good ones are processed, the others logged, counted and skipped (they
+    failed every batch they were in, on every restart)."""
+    import orjson
+
+    from besokskollen import metrics
+    from ingest.event import Event
+
+    good = Event(event_id=str(uuid.uuid4()), site_id="s", timestamp="2026-03-29T01:30:00Z", name="pageview",
+                 visitor_id=1)
+    bad = [None, b"not json", b"{}"] + [orjson.loads(good.to_bytes()) | change for change in (
+        {"event_id": "not-a-uuid"}, {"event_id": "{" + good.event_id + "}"}, {"visitor_id": -1},
+        {"timestamp": "1969-12-31T23:59:59Z"}, {"timestamp": "2106-02-08T00:00:00Z"})]
+    records = [r if r is None or isinstance(r, bytes) else orjson.dumps(r) for r in bad]
+    records.append(good.to_bytes().replace(b'"visitor_id":1', b'"visitor_id":18446744073709551616'))  # 2**64
+    before = metrics.RECORDS_SKIPPED._value.get()
+    assert Event.decode_all([good.to_bytes(), *records, good.to_bytes()]) == [good, good]
+    assert metrics.RECORDS_SKIPPED._value.get() - before == len(records)
