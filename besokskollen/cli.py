@@ -53,7 +53,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     services = open_services(settings, wait=True)
     core = StreamCore(services.client, settings.session_timeout_s) if settings.embedded else None
     host, port = _address(args, settings)
-    base = f"http://{host}:{port}"
+    base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"  # an IPv6 address in brackets
     if args.demo:
         if core is None:
             raise SystemExit("--demo seeds through the embedded stream core; unset BK_KAFKA_BOOTSTRAP")
