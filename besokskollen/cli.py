@@ -176,6 +176,10 @@ def cmd_copy(args: argparse.Namespace) -> None:
 
     settings = _settings(args)
     if settings.clickhouse_url.startswith("chdb://"):
+        folder = Path(settings.clickhouse_url.removeprefix("chdb://"))
+        if not folder.is_dir():  # the engine would make an empty one, and copy nothing
+            print(f"besokskollen copy: no data folder at {folder}", file=sys.stderr)
+            raise SystemExit(2)
         _journal_written("copy", settings)
     source = storage.connect(settings.clickhouse_url)
     try:

@@ -161,6 +161,13 @@ def test_one_shot_commands_on_a_data_folder_up_holds_stop_with_one_line(tmp_path
     assert second.stderr.strip().splitlines()[-1] == f"besokskollen up: the data folder {data} is in use by another `up`"
 
 
+def test_copy_from_a_data_folder_that_does_not_exist_stops(tmp_path):
+    copy = run("copy", "--data", str(tmp_path / "typo"), "--to", "http://127.0.0.1:1")
+    assert copy.returncode == 2 and copy.stderr.strip().splitlines()[-1] == (
+        f"besokskollen copy: no data folder at {tmp_path / 'typo'}")
+    assert not (tmp_path / "typo").exists()
+
+
 def test_copy_refuses_a_data_folder_whose_journal_holds_unwritten_events(tmp_path):
     from ingest.spool import Spool
 
