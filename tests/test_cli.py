@@ -104,6 +104,7 @@ def test_servers_wait_for_clickhouse_and_one_shot_commands_say_where_it_failed(t
     assert failed.stderr.strip().splitlines()[-1] == (
         f"besokskollen migrate: ClickHouse does not answer at http://127.0.0.1:{ch_port}: Connection refused")
     assert "secret" not in failed.stderr and "Traceback" not in failed.stderr
+    (tmp_path / "up").mkdir()  # a data folder (empty) to copy from
     copy = subprocess.run([*CLI, "copy", "--data", str(tmp_path / "up"), "--to", env["BK_CLICKHOUSE_URL"]],
                           capture_output=True, text=True, timeout=120)
     assert copy.returncode == 2  # the target is named, not the source
