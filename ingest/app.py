@@ -22,6 +22,7 @@ from ingest.event import IncomingEvent, problem, utcnow
 from ingest.handoff import Handoff
 from ingest.spool import SpoolFull
 from ingest.visitors import CarryQuestions, Visitors
+from query_api.errors import NO_STORE
 from query_api.keys import KeyStore, bearer_token
 from streams.sites import Site, SiteRegistry
 
@@ -37,7 +38,7 @@ _CORS = {
 _PREFETCH = ("prefetch", "prerender")
 _NDJSON = "application/x-ndjson"
 # The import is an /api/v1 operation: its errors are not to be cached, as the query API's are not.
-_NO_STORE = {"cache-control": "no-store"}
+_NO_STORE = {"cache-control": NO_STORE}
 _BEARER = {"www-authenticate": "Bearer", **_NO_STORE}
 # Kafka is down and the spool full: a client should come back when an outage may be over.
 _SPOOL_FULL_RETRY_S = "30"

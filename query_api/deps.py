@@ -101,5 +101,6 @@ def cached_json(request: Request, payload: dict[str, Any], status: int = 200) ->
         return Response(status_code=304, headers=headers)
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
+
 # An empty site_id is a 400 like any missing parameter, not a site that does not exist.
 SiteId = Annotated[str, Query(description="Site ID", min_length=1, max_length=100)]

@@ -15,7 +15,7 @@ from query_api.errors import APIError
 from query_api.models import GoalCreated, GoalsResponse
 from query_api.periods import percent, stats_period
 from query_api.stats import From, PeriodName, To
-from streams.goals import Goal, backfill_twice, purge_again
+from streams.goals import Goal, backfill_twice
 
 router = APIRouter(tags=["goals"])
 
@@ -82,5 +82,4 @@ def delete_goal(ctx: Ctx, key: Key, goal_id: str) -> Response:
         raise APIError(404, "goal_not_found", f"no goal with id {goal_id!r}")
     readable_site(ctx, key, goal.site_id)
     ctx.goals.delete(goal)
-    purge_again(ctx.client, goal)
     return Response(status_code=204)

@@ -99,10 +99,12 @@ class GoalRegistry:
                                        goal.match_event, goal.created_at, 1, time.time_ns()]], column_names=_COLUMNS)
         self._by_site.forget(goal.site_id)
         _purge(self._client, goal)
+        # A stream core may write the goal's rows until its cached goal list is refreshed, and a
+        # backfill that was running may finish after the delete: its rows go once more after that.
+        migrations.run_later(2 * REFRESH_S, lambda: _purge(self._client, goal), f"second purge of goal {goal.goal_id}")
 
     def get(self, goal_id: str) -> Goal | None:
-        rows = self._client.query(_SELECT + " AND goal_id = {id:String}", parameters={"id": goal_id}).result_rows
-        return Goal(*rows[0]) if rows else None
+        return _get(self._client, goal_id)
 
     def for_site(self, site_id: str) -> tuple[Goal, ...]:
         """The site's goals, oldest first (cached for REFRESH_S)."""
@@ -150,14 +152,9 @@ def backfill_twice(client: Client, goal: Goal) -> None:
     """Backfill now, and again in the background once every process's goal list has it, unless
     the goal was deleted meanwhile."""
     backfill(client, goal)
-    migrations.run_later(2 * REFRESH_S, lambda: backfill(client, goal) if _exists(client, goal) else _purge(client, goal),
+    migrations.run_later(2 * REFRESH_S,
+                         lambda: backfill(client, goal) if _get(client, goal.goal_id) else _purge(client, goal),
                          f"second backfill of goal {goal.goal_id}")
-
-
-def purge_again(client: Client, goal: Goal) -> None:
-    """A stream core may write a deleted goal's rows until its cached goal list is refreshed, and a
-    backfill that was running may finish after the delete: delete its rows once more after that."""
-    migrations.run_later(2 * REFRESH_S, lambda: _purge(client, goal), f"second purge of goal {goal.goal_id}")
 
 
 def _purge(client: Client, goal: Goal) -> None:
@@ -166,5 +163,6 @@ def _purge(client: Client, goal: Goal) -> None:
                             " AND kind = 'goal' AND value = {goal:String}", {"site": goal.site_id, "goal": goal.goal_id})
 
 
-def _exists(client: Client, goal: Goal) -> bool:
-    return bool(client.query(_SELECT + " AND goal_id = {id:String}", parameters={"id": goal.goal_id}).result_rows)
+def _get(client: Client, goal_id: str) -> Goal | None:
+    rows = client.query(_SELECT + " AND goal_id = {id:String}", parameters={"id": goal_id}).result_rows
+    return Goal(*rows[0]) if rows else None
