@@ -278,6 +278,41 @@ async def test_breakdowns_compare_and_limits(client, services):
     assert (mine["visitors_7d"], mine["pageviews_7d"]) == (4, 5)
 
 
+async def test_compare_rounds_half_away_from_zero_and_lists_break_ties_by_code_point(client, services):
+    """Halves round away from zero, negative changes included (Python's round() gives -12 for
+    -12.5); a session with a custom event or an affiliate click is no bounce, even without a
+    pageview; ties are ordered by code point (capitals before small letters before å), also where
+    `limit` cuts them."""
+    tz = "Europe/Stockholm"
+    sid = (await _create_site(client, timezone=tz))["id"]
+    before, day = local(tz, 2026, 3, 9, 12), local(tz, 2026, 3, 10, 12)
+    minute = timedelta(minutes=1)
+    events = [ev(sid, 100, before, path="/a")]  # the day before: 8 sessions, one bounce
+    for v in range(101, 108):
+        events += [ev(sid, v, before, path="/a"), ev(sid, v, before + minute, path="/b")]
+    events += [ev(sid, 1, day, path="/b", country="SE"), ev(sid, 1, day + minute, name="click", product_id="p", country="SE"),
+               ev(sid, 2, day, path="/B", country="NO"), ev(sid, 2, day + minute, name="signup", country="NO"),
+               ev(sid, 3, day, name="signup", country="DK"),
+               ev(sid, 4, day, path="/å", country="SE"), ev(sid, 5, day, path="/a", country="FI"),
+               ev(sid, 6, day, path="/Z", country="AX"), ev(sid, 7, day, path="/a", country="EE")]
+    StreamCore(services.client, TIMEOUT).process(events)
+    custom = {"site_id": sid, "period": "custom", "from": "2026-03-10", "to": "2026-03-10"}
+    data = (await client.get(f"{API}/stats/overview", params={**custom, "compare": "true"})).json()["data"]
+    assert (data["visitors"], data["pageviews"], data["sessions"], data["bounce_rate"]) == (7, 6, 7, 57)  # 4 of 7
+    comparison = data["comparison"]
+    assert (comparison["visitors"], comparison["pageviews"], comparison["sessions"], comparison["bounce_rate"]) == (
+        8, 15, 8, 13)  # 12.5 → 13
+    assert comparison["change"] == {"visitors": -13, "pageviews": -60, "sessions": -13, "bounce_rate": 44}
+    r = await client.get(f"{API}/stats/pages", params={**custom, "limit": 3})
+    assert r.json()["data"] == [{"page": "/a", "visitors": 2, "pageviews": 2}, {"page": "/B", "visitors": 1, "pageviews": 1},
+                                {"page": "/Z", "visitors": 1, "pageviews": 1}]
+    r = await client.get(f"{API}/stats/pages", params=custom)
+    assert [p["page"] for p in r.json()["data"]] == ["/a", "/B", "/Z", "/b", "/å"]
+    r = await client.get(f"{API}/stats/countries", params={**custom, "limit": 4})
+    assert r.json()["data"] == [{"country": "SE", "visitors": 2}, {"country": "AX", "visitors": 1},
+                                {"country": "DK", "visitors": 1}, {"country": "EE", "visitors": 1}]
+
+
 async def test_deleting_a_site_stops_serving_it(client, services):
     doomed, kept = await _create_site(client), await _create_site(client)
     at = datetime.now(timezone.utc) - timedelta(minutes=5)
