@@ -155,6 +155,10 @@ def _parse_day(value: str | None, name: str) -> date:
 def stats_period(client: Client, period: str, tz: str, from_: str | None = None, to: str | None = None,
                  now: datetime | None = None) -> Period:
     if period in FIXED_PERIODS:
+        # Not ignored: the answer would be about other days than asked, and lists do not echo
+        # their period. (Empty values count as absent.)
+        if from_ or to:
+            raise APIError(400, "invalid_parameter", "from and to are used only with period=custom")
         today = local_today(client, tz, now)
         return Period(today - timedelta(days=FIXED_PERIODS[period] - 1), today, tz)
     if period == "custom":

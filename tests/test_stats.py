@@ -368,6 +368,21 @@ async def test_custom_dates_out_of_range_are_400(client, from_, to):
         assert r.json()["error"]["code"] == "invalid_parameter"
 
 
+@pytest.mark.parametrize("params", [{"from": "2026-01-01", "to": "2026-01-31"}, {"period": "30d", "from": "2026-01-01", "to": "2026-01-31"},
+                                    {"period": "7d", "to": "2026-01-31"}])
+async def test_dates_beside_a_fixed_period_are_400(client, params):
+    """`from`/`to` without period=custom were ignored: a question about January got the last 30
+    days, and the lists, which do not echo their period, gave no sign of it."""
+    site = await _create_site(client)
+    for path in ("stats/overview", "stats/pages", "stats/referrers", "stats/countries"):
+        r = await client.get(f"{API}/{path}", params={"site_id": site["id"], **params})
+        assert r.status_code == 400, (path, r.text)
+        assert r.json()["error"]["code"] == "invalid_parameter"
+        assert "period=custom" in r.json()["error"]["message"]
+    r = await client.get(f"{API}/stats/pages", params={"site_id": site["id"], "period": "30d", "from": "", "to": ""})
+    assert r.status_code == 200, r.text  # empty values are absent ones
+
+
 @pytest.mark.parametrize("tz", ["x" * 300, "right/UTC", "posix/Europe/Stockholm", "localtime", "Mars/Olympus", "../etc",
                                 "Europe/Stockholm\x00"])
 async def test_timezones_clickhouse_knows_only(client, tz):
