@@ -575,8 +575,10 @@ class Reference:
         prev_first, prev_last = first - timedelta(days=length), first - timedelta(days=1)
         prev = self._totals(site_id, prev_first, prev_last)
         change = {key: percent_change(current[key], prev[key]) for key in ("visitors", "pageviews", "sessions")}
-        # Points, as the difference of the two whole-number rates shown; no previous sessions, no rate.
-        change["bounce_rate"] = None if prev["sessions"] == 0 else current["bounce_rate"] - prev["bounce_rate"]
+        # Points, as the difference of the two whole-number rates shown; no sessions (on either
+        # side), no rate.
+        change["bounce_rate"] = (None if prev["sessions"] == 0 or current["sessions"] == 0
+                                 else current["bounce_rate"] - prev["bounce_rate"])
         return {"period": {"from": prev_first.isoformat(), "to": prev_last.isoformat()},
                 "visitors": prev["visitors"], "pageviews": prev["pageviews"], "sessions": prev["sessions"],
                 "bounce_rate": prev["bounce_rate"], "change": change}

@@ -258,6 +258,11 @@ def test_compare_with_empty_previous_period():
                                  "change": {"visitors": None, "pageviews": None, "sessions": None, "bounce_rate": None}}
 
 
+def test_compare_with_empty_current_period():
+    out = R.overview([ev("2026-11-09T10:00:00.000Z")], SITE, "UTC", "2026-11-10", "2026-11-10", compare=True)
+    assert out["comparison"]["change"] == {"visitors": -100, "pageviews": -100, "sessions": -100, "bounce_rate": None}
+
+
 def test_compare_rounding_is_exact():
     prev = [ev("2026-11-09T10:00:00.000Z", ip=f"81.227.{i // 250}.{i % 250 + 1}") for i in range(200)]
     cur = [ev("2026-11-10T10:00:00.000Z", ip=f"84.208.{i // 250}.{i % 250 + 1}") for i in range(229)]

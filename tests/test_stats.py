@@ -313,6 +313,23 @@ async def test_compare_rounds_half_away_from_zero_and_lists_break_ties_by_code_p
                                 {"country": "DK", "visitors": 1}, {"country": "EE", "visitors": 1}]
 
 
+async def test_bounce_rate_change_is_null_without_sessions_in_either_period(client, services):
+    """A period without sessions has no bounce rate: its 0 is a placeholder, so "−100 points"
+    against a previous 100 % (a site whose tracker stopped) claimed an improvement that never
+    happened. Null, as without previous sessions."""
+    tz = "Europe/Stockholm"
+    sid = (await _create_site(client, timezone=tz))["id"]
+    StreamCore(services.client, TIMEOUT).process([ev(sid, 1, local(tz, 2026, 4, 1, 12))])
+    async def change(day: str) -> dict:
+        r = await client.get(f"{API}/stats/overview", params={"site_id": sid, "period": "custom", "from": day, "to": day,
+                                                              "compare": "true"})
+        assert r.status_code == 200, r.text
+        return r.json()["data"]["comparison"]["change"]
+
+    assert await change("2026-04-02") == {"visitors": -100, "pageviews": -100, "sessions": -100, "bounce_rate": None}
+    assert await change("2026-04-01") == {"visitors": None, "pageviews": None, "sessions": None, "bounce_rate": None}
+
+
 async def test_deleting_a_site_stops_serving_it(client, services):
     doomed, kept = await _create_site(client), await _create_site(client)
     at = datetime.now(timezone.utc) - timedelta(minutes=5)
