@@ -4,8 +4,12 @@ application, on small hand-made traffic whose answers are worked out here by han
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
+import subprocess
+import sys
+import textwrap
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -16,6 +20,7 @@ from hypothesis import strategies as st
 from ingest.event import Event
 from streams.core import StreamCore
 from streams.goals import Goal
+from tests.conftest import ROOT
 
 API = "/api/v1"
 
@@ -368,6 +373,36 @@ async def test_categories_partners_and_trending(client, services):
     assert [p["product_id"] for p in r.json()["data"]] == ["hot"]
     r = await client.get(f"{API}/trending/products", params={"site_id": site, "min_growth": 0, "min_recent_clicks": 1})
     assert [p["product_id"] for p in r.json()["data"]] == ["new", "lonely", "hot", "steady"]
+
+
+# Run in a process of its own: the embedded engine takes its timezone from the process's TZ.
+_TRENDING_IN_STOCKHOLM = """
+    import uuid
+    from datetime import datetime, timedelta, timezone
+    from besokskollen.app import open_services
+    from besokskollen.config import Settings
+    from ingest.event import Event
+    from query_api.affiliate import trending_products
+    from streams.core import StreamCore
+
+    services = open_services(Settings(clickhouse_url="chdb://" + DATA, kafka_bootstrap=None))
+    now = datetime.now(timezone.utc)
+    StreamCore(services.client, 1800).process([
+        Event(event_id=str(uuid.uuid4()), site_id="s", timestamp=now - timedelta(seconds=i), name="click",
+              visitor_id=i, product_id="p", product_slug="p") for i in range(3)])
+    data = trending_products(services.client, "s", now, 1, 1, 100, 3, 10)["data"]
+    assert [(p["product_id"], p["clicks_recent"]) for p in data] == [("p", 3)], data
+"""
+
+
+def test_trending_windows_on_a_machine_whose_timezone_is_not_utc(tmp_path):
+    """Bound moments are UTC whatever the ClickHouse server's (or, embedded, the machine's)
+    timezone: written in Stockholm time, the last hour's window began an hour late and missed
+    every click."""
+    script = f"DATA = {str(tmp_path)!r}\n" + textwrap.dedent(_TRENDING_IN_STOCKHOLM)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TZ": "Europe/Stockholm", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 async def test_batch_runs_sub_requests_and_reports_each(client, services):
