@@ -375,6 +375,18 @@ async def test_categories_partners_and_trending(client, services):
     assert [p["product_id"] for p in r.json()["data"]] == ["new", "lonely", "hot", "steady"]
 
 
+async def test_a_renamed_product_trends_by_growth_under_its_latest_slug(client, services):
+    """Its baseline under the old slug counts: it is not a new product (null growth, listed first)."""
+    site = await _site(client)
+    now = _now()
+    StreamCore(services.client, 1800).process(
+        [_ev(site, 1, now - timedelta(days=3, minutes=i), "click", product_id="sku", product_slug="old") for i in range(7)]
+        + [_ev(site, 1, now - timedelta(hours=1, minutes=i), "click", product_id="sku", product_slug="new") for i in range(6)])
+    r = await client.get(f"{API}/trending/products", params={"site_id": site})
+    assert r.json()["data"] == [{"product_id": "sku", "product_slug": "new", "clicks_recent": 6,
+                                 "clicks_baseline_avg": 1.0, "growth_percent": 500}]
+
+
 # Run in a process of its own: the embedded engine takes its timezone from the process's TZ.
 _TRENDING_IN_STOCKHOLM = """
     import uuid
