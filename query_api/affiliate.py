@@ -95,8 +95,7 @@ def trending_products(client: Client, site_id: str, now: datetime, recent_hours:
                       brand: str = "") -> dict:
     """Clicks in the last `recent_hours` against the average per `recent_hours` window of the
     `baseline_days` before them. A product without baseline clicks has no growth to compute: it
-    trends when it reaches min_recent_clicks, with growth_percent null, listed before the others
-    (new and already clicked), by its recent clicks."""
+    trends when it reaches min_recent_clicks, with growth_percent null."""
     recent_end = bucket_of(now) + BUCKET
     recent_start = recent_end - timedelta(hours=recent_hours)
     baseline_start = recent_start - timedelta(days=baseline_days)
@@ -111,8 +110,9 @@ def trending_products(client: Client, site_id: str, now: datetime, recent_hours:
         growth = (recent - average) * 100 / average if baseline else None
         if recent >= min_recent_clicks and recent > 0 and (growth is None or growth >= Fraction(str(min_growth))):
             trending.append((growth, recent, product_id, slug, average))
-    # New products first (no growth to compare), then by growth; ties by recent clicks, then slug.
-    trending.sort(key=lambda t: (t[0] is not None, -(t[0] or 0), -t[1], t[3], t[2]))
+    # Growth decides what trends; the list is ordered as every list (SPEC §7.1): by its first
+    # metric, clicks_recent, ties by slug.
+    trending.sort(key=lambda t: (-t[1], t[3], t[2]))
     return {
         "data": [{"product_id": p, "product_slug": s, "clicks_recent": r,
                   "clicks_baseline_avg": round_half_away(avg, 1) if avg else 0.0,
