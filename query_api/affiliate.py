@@ -25,20 +25,23 @@ router = APIRouter(tags=["affiliate"])
 # Click rows of the period, split into their product dimensions; filters by category and brand.
 _DAILY_CLICKS = """
 SELECT parts[1] AS product_id, parts[2] AS product_slug, parts[3] AS category_slug, parts[5] AS partner_slug,
-       events AS clicks
-FROM (SELECT splitByChar(%(separator)s, value) AS parts, events FROM rollup_1d FINAL
+       day, events AS clicks
+FROM (SELECT splitByChar(%(separator)s, value) AS parts, day, events FROM rollup_1d FINAL
       WHERE site_id = %(site)s AND kind = 'click' AND day >= toDate(%(first)s) AND day <= toDate(%(last)s))
 WHERE (%(category)s = '' OR parts[3] = %(category)s) AND (%(brand)s = '' OR parts[4] = %(brand)s)
 """
 # Values are bound by the driver (escaped literals), as in query_api/stats.py. Every list comes
 # with the total of the filtered set (for meta.total_clicks), whatever the limit leaves out.
 _POPULAR = f"""
-SELECT {{dims}}, sum(clicks) AS n, sum(n) OVER () AS total FROM ({_DAILY_CLICKS})
+SELECT {{columns}}, sum(clicks) AS n, sum(n) OVER () AS total FROM ({_DAILY_CLICKS})
 GROUP BY {{dims}}
 ORDER BY n DESC, {{order}}
 """
-_TRENDING = """
-SELECT product_id, product_slug,
+# A product is its id: a rename changes its slug, not which product it is. It is listed once,
+# under the slug of its latest clicks (latest day or quarter hour; ties by the greater slug).
+_PRODUCT_COLUMNS = "product_id, argMax(product_slug, ({time}, product_slug)) AS slug"
+_TRENDING = f"""
+SELECT {_PRODUCT_COLUMNS.format(time="bucket")},
        sumIf(clicks, bucket >= toDateTime(%(recent_start)s, 'UTC')) AS recent,
        sumIf(clicks, bucket < toDateTime(%(recent_start)s, 'UTC')) AS baseline
 FROM (SELECT parts[1] AS product_id, parts[2] AS product_slug, bucket, events AS clicks
@@ -46,7 +49,7 @@ FROM (SELECT parts[1] AS product_id, parts[2] AS product_slug, bucket, events AS
             WHERE site_id = %(site)s AND kind = 'click'
               AND bucket >= toDateTime(%(baseline_start)s, 'UTC') AND bucket < toDateTime(%(recent_end)s, 'UTC'))
       WHERE (%(category)s = '' OR parts[3] = %(category)s) AND (%(brand)s = '' OR parts[4] = %(brand)s))
-GROUP BY product_id, product_slug
+GROUP BY product_id
 """
 
 
@@ -55,10 +58,11 @@ def confidence(total_clicks: int) -> str:
 
 
 def _popular(client: Client, site_id: str, start: datetime, end: datetime, dims: str, order: str,
-             category: str = "", brand: str = "") -> tuple[list[tuple], dict]:
+             category: str = "", brand: str = "", columns: str = "") -> tuple[list[tuple], dict]:
     params = {"site": site_id, "first": start.date(), "last": end.date(), "category": category, "brand": brand,
               "separator": SEPARATOR}
-    rows = client.query(_POPULAR.replace("{dims}", dims).replace("{order}", order), parameters=params).result_rows
+    sql = _POPULAR.replace("{columns}", columns or dims).replace("{dims}", dims).replace("{order}", order)
+    rows = client.query(sql, parameters=params).result_rows
     total = rows[0][-1] if rows else 0
     meta = {"period": {"from": iso_z(start), "to": iso_z(end)}, "total_clicks": total, "confidence": confidence(total)}
     return rows, meta
@@ -66,8 +70,8 @@ def _popular(client: Client, site_id: str, start: datetime, end: datetime, dims:
 
 def popular_products(client: Client, site_id: str, start: datetime, end: datetime, limit: int,
                      category: str = "", brand: str = "", min_clicks: int = 0) -> dict:
-    rows, meta = _popular(client, site_id, start, end, "product_id, product_slug", "product_slug, product_id",
-                          category, brand)
+    rows, meta = _popular(client, site_id, start, end, "product_id", "slug, product_id", category, brand,
+                          _PRODUCT_COLUMNS.format(time="day"))
     listed = [row for row in rows if row[2] >= min_clicks][:limit]
     return {"data": [{"product_id": p, "product_slug": s, "clicks": n} for p, s, n, _ in listed], "meta": meta}
 
@@ -91,8 +95,7 @@ def trending_products(client: Client, site_id: str, now: datetime, recent_hours:
                       brand: str = "") -> dict:
     """Clicks in the last `recent_hours` against the average per `recent_hours` window of the
     `baseline_days` before them. A product without baseline clicks has no growth to compute: it
-    trends when it reaches min_recent_clicks, with growth_percent null, listed before the others
-    (new and already clicked), by its recent clicks."""
+    trends when it reaches min_recent_clicks, with growth_percent null."""
     recent_end = bucket_of(now) + BUCKET
     recent_start = recent_end - timedelta(hours=recent_hours)
     baseline_start = recent_start - timedelta(days=baseline_days)
@@ -107,8 +110,9 @@ def trending_products(client: Client, site_id: str, now: datetime, recent_hours:
         growth = (recent - average) * 100 / average if baseline else None
         if recent >= min_recent_clicks and recent > 0 and (growth is None or growth >= Fraction(str(min_growth))):
             trending.append((growth, recent, product_id, slug, average))
-    # New products first (no growth to compare), then by growth; ties by recent clicks, then slug.
-    trending.sort(key=lambda t: (t[0] is not None, -(t[0] or 0), -t[1], t[3], t[2]))
+    # Growth decides what trends; the list is ordered as every list (SPEC §7.1): by its first
+    # metric, clicks_recent, ties by slug.
+    trending.sort(key=lambda t: (-t[1], t[3], t[2]))
     return {
         "data": [{"product_id": p, "product_slug": s, "clicks_recent": r,
                   "clicks_baseline_avg": round_half_away(avg, 1) if avg else 0.0,

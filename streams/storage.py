@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -34,7 +35,7 @@ def connect(url: str, wait: bool = False) -> Client:
         if not path.is_absolute():
             raise ValueError(f"chdb URL needs an absolute path, got {url!r}")
         path.mkdir(parents=True, exist_ok=True)
-        return clickhouse_connect.get_client(interface="chdb", path=str(path), settings=SETTINGS)
+        return _utc(clickhouse_connect.get_client(interface="chdb", path=str(path), settings=SETTINGS))
     delay = 0.5
     while True:
         try:
@@ -53,7 +54,16 @@ def connect(url: str, wait: bool = False) -> Client:
         # start, rather than by the first requests of a fresh ingest process (measured: every
         # request of its first wave waited ~0.7 s, for today's salt).
         _ = clickhouse_options.pd
-        return client
+        return _utc(client)
+
+
+def _utc(client: Client) -> Client:
+    """Every column here is UTC and the SQL names 'UTC' wherever it turns a bound moment into a
+    DateTime (`toDateTime(%(start)s, 'UTC')`). clickhouse-connect writes a bound datetime in the
+    server's own timezone (the machine's, for the embedded engine), so on a server or laptop set
+    to Europe/Stockholm every window moved an hour later; bound moments are written in UTC."""
+    client.server_tz = timezone.utc
+    return client
 
 
 def server(url: str) -> str:

@@ -406,6 +406,16 @@ def trending_windows(now: datetime, recent_hours: int = 24, baseline_days: int =
     return recent_start - baseline_days * DAY, recent_start, end
 
 
+def _latest_slugs(clicks: Iterable[Event], granularity: int) -> dict[str, str]:
+    """Product id → the slug it was last clicked under: a product is its id, renamed or not.
+    "Last" by UTC day (popular) or quarter hour (trending); ties by the greater slug."""
+    latest: dict[str, tuple[int, str]] = {}
+    for click in clicks:
+        seen = (click.ts // granularity, click.product.slug)
+        latest[click.product.id] = max(latest.get(click.product.id, seen), seen)
+    return {pid: slug for pid, (_, slug) in latest.items()}
+
+
 def _filtered(clicks: Iterable[Event], category_slug: str = "", brand_slug: str = "") -> list[Event]:
     return [c for c in clicks if (not category_slug or c.product.category_slug == category_slug)
             and (not brand_slug or c.product.brand_slug == brand_slug)]
@@ -684,12 +694,13 @@ class Reference:
 
     def popular_products(self, site_id: str, days: int = 30, now: datetime | None = None, limit: int = 20,
                          category_slug: str = "", brand_slug: str = "", min_clicks: int = 0) -> dict:
-        """Clicks per (product id, slug), most first, ties by slug then id; total_clicks is the
-        filtered set's, whatever limit and min_clicks leave out."""
+        """Clicks per product id (under its latest slug), most first, ties by slug then id;
+        total_clicks is the filtered set's, whatever limit and min_clicks leave out."""
         clicks, meta = self._popular(site_id, days, now, category_slug, brand_slug)
+        slugs = _latest_slugs(clicks, DAY)
         counts: dict[tuple[str, str], int] = defaultdict(int)
         for click in clicks:
-            counts[(click.product.id, click.product.slug)] += 1
+            counts[(click.product.id, slugs[click.product.id])] += 1
         rows = sorted(((-n, slug, pid) for (pid, slug), n in counts.items() if n >= min_clicks))[:limit]
         return {"data": [{"product_id": pid, "product_slug": slug, "clicks": -n} for n, slug, pid in rows],
                 "meta": meta}
@@ -722,34 +733,35 @@ class Reference:
     def trending(self, site_id: str, now: datetime | None = None, recent_hours: int = 24, baseline_days: int = 7,
                  min_growth: int | float | Fraction = 100, min_recent_clicks: int = 3, category_slug: str = "",
                  brand_slug: str = "", limit: int = 10) -> dict:
-        """`GET /trending/products`. A product (id, slug) trends with ≥ min_recent_clicks (and
-        > 0) recent clicks and either no baseline clicks (growth null, listed first by recent
-        clicks) or growth ≥ min_growth (unrounded, exact; then by growth, recent clicks)."""
+        """`GET /trending/products`. A product (its id, under its latest slug) trends with
+        ≥ min_recent_clicks (and > 0) recent clicks and either no baseline clicks (growth null) or
+        growth ≥ min_growth (unrounded, exact); listed by recent clicks, ties by slug then id
+        (SPEC §7.1)."""
         baseline_start, recent_start, recent_end = trending_windows(self._clock(now), recent_hours, baseline_days)
         clicks = _filtered(self._clicks_in(site_id, baseline_start, recent_end), category_slug, brand_slug)
         recent: dict[tuple[str, str], int] = defaultdict(int)
         baseline: dict[tuple[str, str], int] = defaultdict(int)
+        slugs = _latest_slugs(clicks, QUARTER_HOUR)
         for click in clicks:
-            (recent if click.ts >= recent_start else baseline)[(click.product.id, click.product.slug)] += 1
+            (recent if click.ts >= recent_start else baseline)[(click.product.id, slugs[click.product.id])] += 1
         windows = Fraction(baseline_days * 24, recent_hours)  # recent-sized windows in the baseline
         threshold = _exact(min_growth)
-        fresh, grown = [], []
+        trending = []
         for pid, slug in sorted(recent):
             r, b = recent[(pid, slug)], baseline[(pid, slug)]
             if r <= 0 or r < min_recent_clicks:
                 continue
             if b == 0:
-                fresh.append(((-r, slug, pid), {"product_id": pid, "product_slug": slug, "clicks_recent": r,
-                                                 "clicks_baseline_avg": 0.0, "growth_percent": None}))
+                trending.append(((-r, slug, pid), {"product_id": pid, "product_slug": slug, "clicks_recent": r,
+                                                    "clicks_baseline_avg": 0.0, "growth_percent": None}))
                 continue
             average = b / windows
             growth = (r - average) / average * 100
             if growth >= threshold:
-                grown.append(((-growth, -r, slug, pid), {
+                trending.append(((-r, slug, pid), {
                     "product_id": pid, "product_slug": slug, "clicks_recent": r,
                     "clicks_baseline_avg": round_places(average, 1), "growth_percent": round_half_away(growth)}))
-        rows = [row for _, row in sorted(fresh, key=lambda t: t[0])]
-        rows += [row for _, row in sorted(grown, key=lambda t: t[0])]
+        rows = [row for _, row in sorted(trending, key=lambda t: t[0])]
         total = sum(recent.values())
         return {"data": rows[:limit],
                 "meta": {"recent_period": {"hours": recent_hours, "from": iso_z(recent_start), "to": iso_z(recent_end)},

@@ -4,8 +4,12 @@ application, on small hand-made traffic whose answers are worked out here by han
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
+import subprocess
+import sys
+import textwrap
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -16,6 +20,7 @@ from hypothesis import strategies as st
 from ingest.event import Event
 from streams.core import StreamCore
 from streams.goals import Goal
+from tests.conftest import ROOT
 
 API = "/api/v1"
 
@@ -360,14 +365,78 @@ async def test_categories_partners_and_trending(client, services):
     r = await client.get(f"{API}/trending/products", params={"site_id": site})
     body = r.json()
     assert body["data"] == [
-        {"product_id": "new", "product_slug": "new", "clicks_recent": 4, "clicks_baseline_avg": 0.0, "growth_percent": None},
-        {"product_id": "hot", "product_slug": "hot", "clicks_recent": 6, "clicks_baseline_avg": 1.0, "growth_percent": 500}]
+        {"product_id": "hot", "product_slug": "hot", "clicks_recent": 6, "clicks_baseline_avg": 1.0, "growth_percent": 500},
+        {"product_id": "new", "product_slug": "new", "clicks_recent": 4, "clicks_baseline_avg": 0.0, "growth_percent": None}]
     assert body["meta"]["total_trending"] == 2 and body["meta"]["recent_period"]["hours"] == 24
     assert body["meta"]["baseline_period"]["days"] == 7 and body["meta"]["confidence"] == "medium"
     r = await client.get(f"{API}/trending/products", params={"site_id": site, "min_growth": -100, "brand_slug": "apple"})
     assert [p["product_id"] for p in r.json()["data"]] == ["hot"]
     r = await client.get(f"{API}/trending/products", params={"site_id": site, "min_growth": 0, "min_recent_clicks": 1})
-    assert [p["product_id"] for p in r.json()["data"]] == ["new", "lonely", "hot", "steady"]
+    assert [p["product_id"] for p in r.json()["data"]] == ["hot", "new", "steady", "lonely"]
+
+
+async def test_trending_is_ordered_by_recent_clicks_then_slug(client, services):
+    """SPEC §7.1: a list is ordered by its first metric (clicks_recent) descending, ties by name;
+    growth decides which products trend, not their order, and a product without a baseline is
+    not put first."""
+    site = await _site(client)
+    now = _now()
+    clicks = []
+    for product, baseline, recent in (("ab-big", 7, 10), ("aa-tie", 14, 10), ("bb-huge", 70, 30), ("cc-new", 0, 5)):
+        clicks += [_click(site, now - timedelta(days=3, minutes=i), product) for i in range(baseline)]
+        clicks += [_click(site, now - timedelta(hours=1, minutes=i), product) for i in range(recent)]
+    StreamCore(services.client, 1800).process(clicks)
+    r = await client.get(f"{API}/trending/products", params={"site_id": site})
+    assert [(p["product_id"], p["clicks_recent"], p["growth_percent"]) for p in r.json()["data"]] == [
+        ("bb-huge", 30, 200), ("aa-tie", 10, 400), ("ab-big", 10, 900), ("cc-new", 5, None)]
+    r = await client.get(f"{API}/trending/products", params={"site_id": site, "limit": 2})
+    assert [p["product_id"] for p in r.json()["data"]] == ["bb-huge", "aa-tie"]
+    assert r.json()["meta"]["total_trending"] == 4
+
+
+async def test_a_renamed_product_trends_by_growth_under_its_latest_slug(client, services):
+    """Its baseline under the old slug counts: it is not a new product (null growth)."""
+    site = await _site(client)
+    now = _now()
+
+    def clicked(at: datetime, slug: str) -> Event:
+        return _ev(site, 1, at, "click", product_id="sku", product_slug=slug)
+
+    StreamCore(services.client, 1800).process([clicked(now - timedelta(days=3, minutes=i), "old") for i in range(7)]
+                                              + [clicked(now - timedelta(hours=1, minutes=i), "new") for i in range(6)])
+    r = await client.get(f"{API}/trending/products", params={"site_id": site})
+    assert r.json()["data"] == [{"product_id": "sku", "product_slug": "new", "clicks_recent": 6,
+                                 "clicks_baseline_avg": 1.0, "growth_percent": 500}]
+
+
+# Run in a process of its own: the embedded engine takes its timezone from the process's TZ.
+_TRENDING_IN_STOCKHOLM = """
+    import uuid
+    from datetime import datetime, timedelta, timezone
+    from besokskollen.app import open_services
+    from besokskollen.config import Settings
+    from ingest.event import Event
+    from query_api.affiliate import trending_products
+    from streams.core import StreamCore
+
+    services = open_services(Settings(clickhouse_url="chdb://" + DATA, kafka_bootstrap=None))
+    now = datetime.now(timezone.utc)
+    StreamCore(services.client, 1800).process([
+        Event(event_id=str(uuid.uuid4()), site_id="s", timestamp=now - timedelta(seconds=i), name="click",
+              visitor_id=i, product_id="p", product_slug="p") for i in range(3)])
+    data = trending_products(services.client, "s", now, 1, 1, 100, 3, 10)["data"]
+    assert [(p["product_id"], p["clicks_recent"]) for p in data] == [("p", 3)], data
+"""
+
+
+def test_trending_windows_on_a_machine_whose_timezone_is_not_utc(tmp_path):
+    """Bound moments are UTC whatever the ClickHouse server's (or, embedded, the machine's)
+    timezone: written in Stockholm time, the last hour's window began an hour late and missed
+    every click."""
+    script = f"DATA = {str(tmp_path)!r}\n" + textwrap.dedent(_TRENDING_IN_STOCKHOLM)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TZ": "Europe/Stockholm", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 async def test_batch_runs_sub_requests_and_reports_each(client, services):

@@ -466,6 +466,23 @@ async def test_popular_default_limit_is_20(client, services, site):
     assert [d["clicks"] for d in data] == sorted((d["clicks"] for d in data), reverse=True)
 
 
+async def test_a_product_renamed_is_one_product_under_its_latest_slug(client, services, site):
+    """A product is its id; the slug is how its URL reads (a rename changes it). Listed per (id,
+    slug), a renamed product was two entries splitting its clicks, and ranked below a product
+    with fewer."""
+    today = datetime.combine(utc_today(), time.min, timezone.utc)
+    StreamCore(services.client, 1800).process(
+        [click(site["id"], today - timedelta(days=2, hours=-i), "sku-1", "iphone-15-skal") for i in range(3)]
+        + [click(site["id"], today + timedelta(seconds=i), "sku-1", "iphone-15-skal-svart") for i in range(2)]
+        + [click(site["id"], today - timedelta(days=1, hours=-i), "sku-2", "laddare") for i in range(4)])
+    body = (await client.get(f"{API}/popular/products?site_id={site['id']}&days=3")).json()
+    assert body["data"] == [{"product_id": "sku-1", "product_slug": "iphone-15-skal-svart", "clicks": 5},
+                            {"product_id": "sku-2", "product_slug": "laddare", "clicks": 4}]
+    assert body["meta"]["total_clicks"] == 9
+    body = (await client.get(f"{API}/popular/products?site_id={site['id']}&days=3&min_clicks=5")).json()
+    assert [d["product_id"] for d in body["data"]] == ["sku-1"]
+
+
 async def test_clicks_older_than_the_window_are_excluded(client, services, site):
     today = utc_today()
     window_start = datetime.combine(today - timedelta(days=2), time.min, timezone.utc)  # days=3

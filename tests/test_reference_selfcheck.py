@@ -836,13 +836,13 @@ def _rows(out: dict) -> list[tuple]:
 
 
 TRENDING_ROWS = [
-    # No baseline first, by recent clicks, then slug ("a-new" < "new-a"), then id.
-    ("new-b", "a-new", 5, 0.0, None), ("new-a", "new-a", 5, 0.0, None), ("apple-laddare", "apple-laddare", 4, 0.0, None),
-    ("old", "old", 3, 0.0, None),  # clicks before the baseline period do not count
-    # Then by growth.
-    ("laddare-x", "laddare-x", 30, 1.0, 2900), ("boundary", "boundary", 3, 0.3, 950),
-    ("big2", "big2", 20, 2.0, 900), ("big", "big", 10, 1.0, 900),  # equal growth: more recent clicks first
+    # By recent clicks (SPEC §7.1: the first metric), whatever the growth; ties by slug, then id.
+    ("laddare-x", "laddare-x", 30, 1.0, 2900), ("big2", "big2", 20, 2.0, 900), ("big", "big", 10, 1.0, 900),
+    ("new-b", "a-new", 5, 0.0, None), ("new-a", "new-a", 5, 0.0, None),  # no baseline; "a-new" < "new-a"
+    ("apple-laddare", "apple-laddare", 4, 0.0, None),
     ("edge", "edge", 4, 2.0, 100),  # growth == min_growth trends
+    ("boundary", "boundary", 3, 0.3, 950),
+    ("old", "old", 3, 0.0, None),  # clicks before the baseline period do not count
 ]
 
 
@@ -865,26 +865,28 @@ def test_trending(trending_ref):
 def test_trending_min_growth_is_compared_unrounded(trending_ref):
     # "almost": 57 recent against 200/7 per day is +99.5 %: shown as 100, but below min_growth=100.
     almost = ("almost", "almost", 57, 28.6, 100)
-    assert _rows(trending_ref.trending(SITE, TREND_NOW, min_growth=99.5, limit=20)) == TRENDING_ROWS + [almost]
+    assert _rows(trending_ref.trending(SITE, TREND_NOW, min_growth=99.5, limit=20)) == [almost] + TRENDING_ROWS
     assert _rows(trending_ref.trending(SITE, TREND_NOW, min_growth=99.6, limit=20)) == TRENDING_ROWS
-    assert _rows(trending_ref.trending(SITE, TREND_NOW, min_growth=R.Fraction(199, 2), limit=20))[-1] == almost
+    assert _rows(trending_ref.trending(SITE, TREND_NOW, min_growth=R.Fraction(199, 2), limit=20))[0] == almost
     high = trending_ref.trending(SITE, TREND_NOW, min_growth=950)
-    assert _rows(high) == TRENDING_ROWS[:6] and high["meta"]["total_trending"] == 6
+    assert _rows(high) == [r for r in TRENDING_ROWS if r[4] is None or r[4] >= 950]
+    assert [r[0] for r in _rows(high)] == ["laddare-x", "new-b", "new-a", "apple-laddare", "boundary", "old"]
+    assert high["meta"]["total_trending"] == 6
     # Negative growth thresholds still need recent clicks ("dropped" has none).
     assert "dropped" not in {r[0] for r in _rows(trending_ref.trending(SITE, TREND_NOW, min_growth=-100, limit=50))}
 
 
 def test_trending_min_recent_clicks(trending_ref):
     two = _rows(trending_ref.trending(SITE, TREND_NOW, min_recent_clicks=2, limit=20))
-    assert two == TRENDING_ROWS[:4] + [("new-c", "new-c", 2, 0.0, None)] + TRENDING_ROWS[4:]
+    assert two == TRENDING_ROWS + [("new-c", "new-c", 2, 0.0, None)]
     zero = _rows(trending_ref.trending(SITE, TREND_NOW, min_recent_clicks=0, limit=20))
     assert zero == two  # recent clicks > 0 is required whatever the minimum
-    assert _rows(trending_ref.trending(SITE, TREND_NOW, min_recent_clicks=21, limit=20)) == [TRENDING_ROWS[4]]
+    assert _rows(trending_ref.trending(SITE, TREND_NOW, min_recent_clicks=21, limit=20)) == [TRENDING_ROWS[0]]
 
 
 def test_trending_filters(trending_ref):
     laddare = trending_ref.trending(SITE, TREND_NOW, category_slug="laddare")
-    assert [r[0] for r in _rows(laddare)] == ["apple-laddare", "laddare-x"]
+    assert [r[0] for r in _rows(laddare)] == ["laddare-x", "apple-laddare"]
     assert (laddare["meta"]["total_trending"], laddare["meta"]["total_clicks"], laddare["meta"]["confidence"]) == (
         2, 34, "medium")
     apple = trending_ref.trending(SITE, TREND_NOW, brand_slug="apple")
@@ -902,7 +904,7 @@ def test_trending_rounding_with_short_windows():
              *clicks(224, base + R.HOUR, "h"), *clicks(9, recent_start + R.HOUR, "h")]  # avg 8, +12.5 % → 13
     r = Reference(lines, [SiteSpec(SITE, DOMAIN, "UTC")], TREND_NOW)
     out = r.trending(SITE, TREND_NOW, recent_hours=6, min_growth=12.5)
-    assert _rows(out) == [("q", "q", 3, 0.3, 1100), ("h", "h", 9, 8.0, 13)]
+    assert _rows(out) == [("h", "h", 9, 8.0, 13), ("q", "q", 3, 0.3, 1100)]
     assert out["meta"]["recent_period"] == {"hours": 6, "from": "2026-11-29T04:15:00Z", "to": "2026-11-29T10:15:00Z"}
     assert out["meta"]["baseline_period"] == {"days": 7, "from": "2026-11-22T04:15:00Z", "to": "2026-11-29T04:15:00Z"}
     assert _rows(r.trending(SITE, TREND_NOW, recent_hours=6, min_growth=12.6)) == [("q", "q", 3, 0.3, 1100)]
