@@ -176,10 +176,8 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
         if not site_id:
             return _error(400, "missing_parameter", "site_id is required", _NO_STORE)
         site = await asyncio.to_thread(sites.get, site_id)
-        if site is None:
-            return _error(404, "site_not_found", f"no site with id {site_id!r}", _NO_STORE)
-        if not key.reaches(site):
-            return _error(403, "forbidden", f"this API key has no access to site {site_id!r}", _NO_STORE)
+        if refusal := key.refusal(site_id, site):
+            return _error(*refusal, _NO_STORE)
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != _NDJSON:
             return _error(415, "unsupported_media_type", f"send the events as {_NDJSON}, one per line", _NO_STORE)
         if request.headers.get("content-encoding", "identity").strip().lower() != "identity":

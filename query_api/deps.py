@@ -80,10 +80,8 @@ def _needs(dependant, call) -> bool:
 
 def readable_site(ctx: Context, key: ApiKey, site_id: str) -> Site:
     site = ctx.sites.get(site_id)
-    if site is None:
-        raise APIError(404, "site_not_found", f"no site with id {site_id!r}")
-    if not key.reaches(site):
-        raise APIError(403, "forbidden", f"this API key has no access to site {site_id!r}")
+    if refusal := key.refusal(site_id, site):
+        raise APIError(*refusal)
     return site
 
 

@@ -29,6 +29,16 @@ class ApiKey:
         """User-level: every site of its account; site-level: its own site only."""
         return self.account_id == site.account_id and self.site_id in ("", site.site_id)
 
+    def refusal(self, site_id: str, site: Site | None) -> tuple[int, str, str] | None:
+        """(status, code, message) when this key may not use `site_id` (`site` is that site, None if
+        there is none), else None. A site-level key gets 403 for every other id, existing or not:
+        a 404 would tell it which domains use the service (SPEC §7: any other site → 403)."""
+        if (self.site_id and self.site_id != site_id) or (site is not None and not self.reaches(site)):
+            return 403, "forbidden", f"this API key has no access to site {site_id!r}"
+        if site is None:
+            return 404, "site_not_found", f"no site with id {site_id!r}"
+        return None
+
 
 def bearer_token(authorization: str) -> str | None:
     """The token of an `Authorization: Bearer …` header, or None."""

@@ -173,3 +173,23 @@ def test_a_revoked_admin_key_is_not_created_again_at_the_next_start(tmp_path):
     again = cli("keys", "create", "--account", "x")
     assert again.returncode == 0 and "BK_ADMIN_KEY is revoked" in again.stderr
     assert cli("keys", "revoke", admin).returncode == 1  # still revoked: nothing to revoke
+
+
+async def test_a_site_key_cannot_tell_which_other_sites_exist(client, world):
+    """403 for an unknown site id as for another existing one: a 404 would let a site-level key
+    probe which domains use the service (SPEC §7: any other site → 403)."""
+    services, a, callers = world
+    site_key = {"authorization": f"Bearer {callers['site key']}"}
+    other = services.sites.create("other", _domain()).site_id
+    for site_id in (other, "no-such-site.example"):
+        stats = await client.get(f"{API}/stats/overview?site_id={site_id}", headers=site_key)
+        imported = await client.post(f"{API}/events/import?site_id={site_id}", content=b"",
+                                     headers={**site_key, "content-type": "application/x-ndjson"})
+        batch = await client.post(f"{API}/batch", headers=site_key,
+                                  json={"site_id": site_id, "requests": [{"endpoint": "stats/overview"}]})
+        assert (stats.status_code, imported.status_code) == (403, 403), (stats.text, imported.text)
+        assert stats.json()["error"]["code"] == imported.json()["error"]["code"] == "forbidden"
+        assert batch.status_code == 403 and batch.json()["error"]["code"] == "forbidden", batch.text
+    user_key = {"authorization": f"Bearer {callers['user']}"}
+    missing = await client.get(f"{API}/stats/overview?site_id=no-such-site.example", headers=user_key)
+    assert missing.status_code == 404  # a user-level key is told plainly
