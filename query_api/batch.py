@@ -26,12 +26,15 @@ _SITE_ENDPOINTS = frozenset({"stats/overview", "stats/pages", "stats/referrers",
                              "goals", "funnels"})
 _FUNNEL_STATS = re.compile(r"funnels/(f_[0-9a-f]{16})/stats")
 
-Scalar = str | int | float | bool
+# Constrained, so pydantic refuses what no query string can carry: a JSON body can hold lone
+# surrogates ("\ud800"), which a plain `str` lets through to the sub-request's URL encoding (a 500).
+ParamName = Annotated[str, Field(max_length=100)]
+Scalar = Annotated[str, Field(max_length=2000)] | int | float | bool
 
 
 class SubRequest(BaseModel):
     endpoint: Annotated[str, Field(min_length=1, max_length=100, examples=["popular/products"])]
-    params: dict[str, Scalar] = Field(default_factory=dict, max_length=20)
+    params: dict[ParamName, Scalar] = Field(default_factory=dict, max_length=20)
 
 
 class BatchRequest(BaseModel):

@@ -1,6 +1,6 @@
 """Schemathesis over the query API's own OpenAPI document, in-process (ASGI): no 5xx, and every
 response conforms to the document (status codes documented, bodies, content types and headers
-match).
+match). Then hypothesis with the hostile input a schema-driven fuzzer does not write (below).
 
 Bounded: at most MAX_EXAMPLES generated cases per operation, derandomized (the same cases every
 run). `DELETE /sites/{site_id}` is left out: `site_id` is always the fuzz site, which it would
@@ -12,9 +12,16 @@ requests go to an app over the session's storage (`fuzz_app`)."""
 
 from __future__ import annotations
 
+import json
+import re
+import uuid
+from urllib.parse import quote
+
+import jsonschema
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
@@ -24,7 +31,9 @@ from schemathesis.checks import (
 )
 
 from query_api.app import create_app
+from query_api.deps import CACHE_CONTROL
 from query_api.rate_limit import RateLimiter
+from tests.conftest import ADMIN_KEY, BROWSER
 
 MAX_EXAMPLES = 25
 FUZZ_KEY = "bk_fuzz_key_0123456789abcdef"
@@ -59,3 +68,257 @@ def fuzz_app(services):
           suppress_health_check=list(HealthCheck))
 def test_api_conforms_to_its_openapi(case, fuzz_app):
     case.call_and_validate(app=fuzz_app, checks=CHECKS)
+
+
+# -- hostile input against every endpoint (hypothesis) ---------------------------------------------
+# Requests a schema-driven fuzzer does not write: repeated, empty, huge, unicode, NUL and control
+# characters and percent-encoding oddities in query strings and path segments; Authorization and
+# If-None-Match variants; bodies of every wrong shape. Drawn synchronously (as in test_wire.py) and
+# sent on the test's event loop, to the `up` application with its rate limit raised. Invariants:
+# never a 5xx nor a trace, SQL text or Python repr; every error `{"error": {"code", "message"}}`,
+# not to be cached; the rate-limit headers on every answer; a 200 GET cacheable with a strong ETag
+# that answers 304, and its body as the OpenAPI document describes it.
+
+API = "/api/v1"
+_LEAKS = re.compile(r"Traceback|File \"|SELECT |FROM [a-z_]+ |clickhouse|Exception|Error\(|<[a-zA-Z_.]+ object at ")
+_STATUSES = {200, 201, 204, 304, 400, 401, 403, 404, 405, 409, 413}
+
+_ODD = st.sampled_from(["", " ", "\x00", "%00", "%", "%zz", "%ff%fe", "%C3%A5", "%ED%A0%80", "+", "%2F", "..", "%2e%2e",
+                        "\t\r\n", "nan", "inf", "-inf", "-0", "1e3", "+5", "0x10", "1_0", "9" * 40, "true", "yes",
+                        "null", "[]", "{}", "'; DROP TABLE sites; --", "\u202e", "😀", "å" * 300, "x" * 5000])
+_VALUES = {
+    "site_id": st.sampled_from(["{site}", "{site}", "no-such-site"]) | _ODD,
+    "period": st.sampled_from(["7d", "30d", "90d", "custom", "5d", "7D", "30"]) | _ODD,
+    "from": st.sampled_from(["2026-01-01", "2002-01-01", "2001-12-31", "2099-12-31", "2026-02-30", "20260101",
+                             "2026-W01-1", "2026-1-1"]) | _ODD,
+    "to": st.sampled_from(["2026-01-14", "2099-12-31", "2100-01-01", "2025-12-31", "0001-01-01"]) | _ODD,
+    "compare": st.sampled_from(["true", "false", "1", "0", "on", "off", "TRUE"]) | _ODD,
+    "include_social": st.sampled_from(["true", "false"]) | _ODD,
+    "include_stats": st.sampled_from(["true", "false"]) | _ODD,
+    "limit": st.integers(-5, 2000).map(str) | _ODD,
+    "days": st.integers(-5, 400).map(str) | _ODD,
+    "recent_hours": st.integers(-5, 200).map(str) | _ODD,
+    "baseline_days": st.integers(-5, 100).map(str) | _ODD,
+    "min_growth": st.floats(allow_nan=True).map(str) | _ODD,
+    "min_clicks": st.integers(-5, 10**20).map(str) | _ODD,
+    "min_recent_clicks": st.integers(-5, 10**20).map(str) | _ODD,
+    "category_slug": st.text(max_size=20) | _ODD,
+    "brand_slug": st.text(max_size=20) | _ODD,
+}
+_GETS = ["/sites", "/sites/{site}", "/sites/{segment}", "/stats/overview", "/stats/pages", "/stats/referrers",
+         "/stats/countries", "/popular/products", "/popular/categories", "/popular/partners", "/trending/products",
+         "/goals", "/funnels", "/funnels/{funnel}/stats", "/funnels/{segment}/stats"]
+
+
+def _encode(value: str, how: str) -> str:
+    if how == "raw":  # percent escapes (valid or not) kept as written; the rest made sendable
+        return "".join(c if c.isascii() and c.isprintable() and c not in " #&" else quote(c) for c in value)
+    return quote(value, safe="")
+
+
+@st.composite
+def get_requests(draw) -> tuple[str, str, dict[str, bytes]]:
+    path = draw(st.sampled_from(_GETS))
+    # httpx resolves `.` and `..` segments (out of /api/v1/): sent as %2E, as a client that does not.
+    segment = _encode(draw(_ODD | st.text(min_size=1, max_size=30)), "quote").replace(".", "%2E") or "x"
+    pairs = draw(st.lists(st.tuples(st.sampled_from(sorted(_VALUES)) | st.text(max_size=8), st.data()), max_size=6))
+    query = []
+    for name, data in pairs:  # names may repeat: ?period=7d&period=30d
+        value = data.draw(_VALUES.get(name, _ODD))
+        how = data.draw(st.sampled_from(["quote", "raw"]))
+        query.append(f"{_encode(name, how)}={_encode(value, how)}")
+    if draw(st.sampled_from([True, True, True, False])):
+        query.insert(draw(st.integers(0, len(query))), "site_id={site}")
+    headers: dict[str, bytes] = {}
+    valid = st.sampled_from(["Bearer {key}", "bearer {key}", "BEARER   {key}  "])
+    invalid = st.sampled_from([" Bearer {key}", "Bearer\t{key}", "Bearer", "Bearer ", "", "Basic YTpi", "Token {key}",
+                               "Bearer bk_nope", "Bearer {key} extra", "Bearer " + "k" * 9000, "Bearer bk_\xe5\xff"])
+    authorization = draw(draw(st.sampled_from([valid] * 4 + [invalid])))
+    headers["authorization"] = authorization.encode("latin-1")
+    if draw(st.booleans()):
+        headers["if-none-match"] = draw(st.sampled_from(['"x"', "*", 'W/"x"', "", '"', "x" * 3000, '"a", "b"',
+                                                         "\xff"])).encode("latin-1")
+    for name, values in (("accept-encoding", ["gzip", "br, zstd", "*;q=0", "identity;q=0", "\xe5"]),
+                         ("content-type", ["text/plain", "application/json", "", "\xe5/\xf6"])):
+        if draw(st.booleans()):
+            headers[name] = draw(st.sampled_from(values)).encode("latin-1")
+    method = draw(st.sampled_from(["GET", "GET", "GET", "HEAD"]))
+    return method, API + path.replace("{segment}", segment) + ("?" + "&".join(query) if query else ""), headers
+
+
+@pytest.fixture
+async def fuzz_world(client, embedded, services):
+    """A site with a little traffic, a goal and a funnel, and an app whose rate limit is raised."""
+    limiter = embedded[0].state.rate_limiter
+    limiter.limit = limiter.failed_auth_limit = 10**9
+    domain = f"fz-{uuid.uuid4().hex[:10]}.example"
+    site = (await client.post(f"{API}/sites", json={"domain": domain})).json()["data"]["id"]
+    for n, (name, path) in enumerate([("pageview", "/"), ("pageview", "/checkout"), ("click", "/p"), ("purchase", "/")]):
+        body = {"site_id": site, "name": name, "url": f"https://{domain}{path}", "referrer": "https://www.google.com/",
+                "product": {"id": "p1", "slug": "p1", "category_slug": "c", "brand_slug": "b", "partner_slug": "k"}}
+        response = await client.post("/api/event", json=body,
+                                     headers={"user-agent": BROWSER, "x-forwarded-for": f"10.9.0.{n}"})
+        assert response.status_code == 202, response.text
+    await embedded[1].runner.drain()
+    await client.post(f"{API}/goals", json={"site_id": site, "name": "g", "event_type": "event", "match_event": "purchase"})
+    funnel = (await client.post(f"{API}/funnels", json={"site_id": site, "name": "f", "steps": [
+        {"name": "a", "type": "pageview", "match_value": "/"},
+        {"name": "b", "type": "event", "match_value": "purchase"}]})).json()["data"]["id"]
+    return {"site": site, "funnel": funnel, "key": ADMIN_KEY, "spec": (await client.get(f"{API}/openapi.json")).json()}
+
+
+def _fill(text: str, world: dict) -> str:
+    return text.replace("{site}", world["site"]).replace("{funnel}", world["funnel"]).replace("{key}", world["key"])
+
+
+def _response_schema(spec: dict, method: str, url: str, status: int) -> dict | None:
+    path = url.split("?")[0]
+    for template, operations in spec["paths"].items():
+        if re.fullmatch(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)), path) and method.lower() in operations:
+            content = operations[method.lower()]["responses"].get(str(status), {}).get("content", {})
+            schema = content.get("application/json", {}).get("schema")
+            return {**schema, "components": spec["components"]} if schema else None
+    return None
+
+
+def assert_sound(response, world: dict, what) -> None:
+    """The invariants every answer under /api/v1 keeps (module comment above)."""
+    status, headers, method = response.status_code, response.headers, response.request.method
+    assert status in _STATUSES, (what, status, response.text[:300])
+    assert {"x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"} <= set(headers), (what, status)
+    body = response.content
+    assert not _LEAKS.search(body.decode("utf-8", "replace")), (what, body[:300])
+    if status >= 400:
+        assert headers.get("cache-control") == "no-store", (what, status)
+        assert "etag" not in headers, what
+        if method != "HEAD":
+            error = response.json()
+            assert set(error) == {"error"} and set(error["error"]) == {"code", "message"}, (what, error)
+            assert all(isinstance(v, str) and v for v in error["error"].values()), (what, error)
+    elif method in ("GET", "HEAD"):
+        assert headers.get("cache-control") == CACHE_CONTROL, (what, status)
+        assert re.fullmatch(r'"[0-9a-f]+"', headers.get("etag", "")), (what, headers.get("etag"))
+    if status < 300 and method != "HEAD" and body:
+        schema = _response_schema(world["spec"], method, str(response.request.url.raw_path, "latin-1"), status)
+        assert schema is not None, (what, status)
+        jsonschema.validate(response.json(), schema)
+
+
+async def test_hostile_query_strings_paths_and_headers_on_every_get(client, fuzz_world):
+    drawn: list[tuple[str, str, dict[str, bytes]]] = []
+
+    @settings(max_examples=100, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(get_requests())
+    def draw(request) -> None:
+        drawn.append(request)
+
+    draw()
+    for method, url, headers in drawn:
+        url = _fill(url, fuzz_world)
+        headers = {k: _fill(v.decode("latin-1"), fuzz_world).encode("latin-1") for k, v in headers.items()}
+        what = (method, url[:200], {k: v[:80] for k, v in headers.items()})
+        response = await client.request(method, url, headers=headers)
+        assert_sound(response, fuzz_world, what)
+        if response.status_code == 200:
+            again = await client.request(method, url, headers={**headers, "if-none-match": response.headers["etag"].encode()})
+            assert again.status_code == 304 and again.content == b"", what
+            assert again.headers["etag"] == response.headers["etag"], what
+            assert_sound(again, fuzz_world, what)
+
+
+# JSON bodies: valid ones with a part replaced by any JSON value (lone surrogates, NUL, huge numbers
+# and strings, nesting), well-formed batches of odd sub-requests, and bodies that are no object.
+# Text is any code point, lone surrogates included: JSON carries them ("\\ud800").
+_TEXT = st.text(st.characters(exclude_categories=()), max_size=30) | st.sampled_from([
+    "", "\x00", "\ud800", "\udfff x", "***", "/***", "/%_\\", "å" * 300, "x" * 3000, "Europe/Stockholm", "Mars/Olympus",
+    "UTC", "utc", "/", "stats/overview", "batch", "../sites", "goals?site_id=x"])
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | _TEXT,
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
+                     max_leaves=12)
+_STEP = {"name": "a", "type": "pageview", "match_value": "/"}
+_TEMPLATES = {
+    "/sites": {"domain": "{domain}", "name": "n", "timezone": "Europe/Stockholm"},
+    "/goals": {"site_id": "{site}", "name": "g", "event_type": "pageview", "match_path": "/x*"},
+    "/funnels": {"site_id": "{site}", "name": "f", "steps": [_STEP, {**_STEP, "match_value": "/b"}]},
+    "/batch": {"site_id": "{site}", "requests": [{"endpoint": "stats/overview", "params": {"period": "7d"}},
+                                                 {"endpoint": "popular/products", "params": {"limit": 5}}]},
+}
+
+
+def _mutate(draw, value):
+    """The value with one part of it (at any depth) replaced by any JSON, or left as it is."""
+    if isinstance(value, dict) and value and draw(st.booleans()):
+        key = draw(st.sampled_from(sorted(value)) | _TEXT)
+        return {**value, key: _mutate(draw, value[key]) if key in value else draw(_JSON)}
+    if isinstance(value, list) and value and draw(st.booleans()):
+        kind = draw(st.sampled_from(["item", "drop", "repeat"]))
+        if kind == "drop":
+            return value[1:]
+        if kind == "repeat":  # duplicates, too many
+            return value * draw(st.sampled_from([2, 5, 11]))
+        at = draw(st.integers(0, len(value) - 1))
+        return [*value[:at], _mutate(draw, value[at]), *value[at + 1:]]
+    return draw(_JSON) if draw(st.booleans()) else value
+
+
+@st.composite
+def post_requests(draw) -> tuple[str, bytes, dict[str, bytes]]:
+    path = draw(st.sampled_from(sorted(_TEMPLATES)))
+    kind = draw(st.sampled_from(["mutated", "mutated", "mutated", "json", "bytes"]))
+    if kind == "bytes":
+        body = draw(st.binary(max_size=200))
+    elif path == "/batch" and draw(st.booleans()):  # well-formed, with any sub-requests
+        endpoint = st.one_of(*[st.sampled_from(["stats/overview", "goals", "funnels/{funnel}/stats", "trending/products",
+                                                "/stats/pages/", "funnels/f_0123456789abcdef/stats"])] * 3,
+                             st.sampled_from(["batch", "sites", "../sites"]) | _TEXT)
+        odd = st.sampled_from(["\ud800", "\x00", "", "x" * 3000, "7d", "site_id", "{site}"])
+        params = st.dictionaries(st.sampled_from(sorted(_VALUES)) | odd | _TEXT, odd | st.none() | st.booleans()
+                                 | st.integers() | st.floats(allow_nan=True) | _TEXT, min_size=1, max_size=4)
+        requests = st.lists(st.fixed_dictionaries({"endpoint": endpoint, "params": params}), min_size=1, max_size=4)
+        site = draw(st.sampled_from(["{site}"] * 3 + ["no-such-site"]))
+        body = json.dumps({"site_id": site, "requests": draw(requests)}).encode()
+    else:
+        value = draw(_JSON) if kind == "json" else _mutate(draw, _TEMPLATES[path])
+        body = json.dumps(value).encode()  # stdlib json: NaN, huge integers and lone surrogates, as clients send
+    content_type = draw(st.sampled_from(["application/json"] * 4 + ["text/plain", "", "application/json; charset=latin-1"]))
+    return path, body, ({"content-type": content_type.encode()} if content_type else {})
+
+
+async def _state(client, world: dict) -> tuple:
+    """What the bodies may change: the account's sites, the site's goals and funnels."""
+    sites = (await client.get(f"{API}/sites")).json()["data"]
+    goals = (await client.get(f"{API}/goals", params={"site_id": world["site"]})).json()["data"]
+    funnels = (await client.get(f"{API}/funnels", params={"site_id": world["site"]})).json()["data"]
+    return ({s["id"] for s in sites}, {g["id"] for g in goals}, {f["id"] for f in funnels})
+
+
+async def test_hostile_bodies_are_refused_whole_or_applied_whole(client, fuzz_world):
+    drawn: list[tuple[str, bytes, dict[str, bytes]]] = []
+
+    @settings(max_examples=80, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(post_requests())
+    def draw(request) -> None:
+        drawn.append(request)
+
+    draw()
+    before = await _state(client, fuzz_world)
+    for n, (path, body, headers) in enumerate(drawn):
+        body = (body.replace(b"{site}", fuzz_world["site"].encode()).replace(b"{funnel}", fuzz_world["funnel"].encode())
+                .replace(b"{domain}", f"fz{n}-{uuid.uuid4().hex[:8]}.example".encode()))
+        what = (path, body[:300], headers)
+        response = await client.post(API + path, content=body, headers=headers)
+        assert_sound(response, fuzz_world, what)
+        after = await _state(client, fuzz_world)
+        if response.status_code == 201:  # the object is there, as answered
+            created = response.json()["data"]["id"]
+            index = {"/sites": 0, "/goals": 1, "/funnels": 2}[path]
+            assert after[index] - before[index] == {created}, what
+            assert all(after[i] == before[i] for i in range(3) if i != index), what
+        else:  # nothing changed
+            assert after == before, what
+        if path == "/batch" and response.status_code == 200:
+            for result in response.json()["results"]:
+                assert ("error" in result) != ("data" in result), (what, result)
+                if "error" in result:
+                    assert set(result["error"]) == {"code", "message"}, (what, result)
+        before = after

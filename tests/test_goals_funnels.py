@@ -471,3 +471,13 @@ async def test_batch_runs_sub_requests_and_reports_each(client, services):
     r = await client.post(f"{API}/batch", json={"site_id": other, "requests": [{"endpoint": f"funnels/{funnel['id']}/stats"}]},
                           headers={"authorization": f"Bearer {key}"})
     assert r.json()["results"][0]["data"]["funnel"]["id"] == funnel["id"]
+
+
+async def test_batch_params_no_url_can_carry_are_a_400(client):
+    """JSON carries lone surrogates, which no query string can: the batch is refused (a 500 it was)."""
+    site = await _site(client)
+    for params in ('{"period": "\\ud800"}', '{"\\udfff": "7d"}'):
+        body = '{"site_id": "%s", "requests": [{"endpoint": "stats/overview", "params": %s}]}' % (site, params)
+        r = await client.post(f"{API}/batch", content=body.encode(), headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid_parameter"
