@@ -76,7 +76,13 @@ async def _run(request: Request, ctx, site_id: str, sub: SubRequest) -> dict:
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
 
-    await request.app(scope, receive, send)
+    try:
+        await request.app(scope, receive, send)
+    except Exception:
+        # Starlette answers an unhandled error (errors.py: a 500, logged) and then raises it again:
+        # that answer is this sub-request's result, not the whole batch's.
+        if not (status == 500 and chunks):  # failed before that answer
+            return _error(sub.endpoint, "internal_error", "internal server error")
     body: dict[str, Any] = orjson.loads(b"".join(chunks) or b"{}")
     if status == 200:
         return {"endpoint": sub.endpoint, **body}

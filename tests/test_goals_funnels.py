@@ -481,3 +481,27 @@ async def test_batch_params_no_url_can_carry_are_a_400(client):
         r = await client.post(f"{API}/batch", content=body.encode(), headers={"content-type": "application/json"})
         assert r.status_code == 400, r.text
         assert r.json()["error"]["code"] == "invalid_parameter"
+
+
+async def test_a_failing_sub_request_is_its_own_error_not_the_batch(embedded, services, monkeypatch):
+    """One sub-request's unhandled error is that result's internal_error (no details); the others
+    keep their answers, and the batch answers 200."""
+    import httpx
+
+    import query_api.stats
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("SELECT secret FROM somewhere")
+
+    monkeypatch.setattr(query_api.stats, "overview", boom)
+    transport = httpx.ASGITransport(app=embedded[0], client=("127.0.0.1", 5000), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
+                                 headers={"authorization": f"Bearer {services.settings.admin_key}"}) as client:
+        site = await _site(client)
+        r = await client.post(f"{API}/batch", json={"site_id": site, "requests": [
+            {"endpoint": "stats/overview"}, {"endpoint": "goals"}]})
+    assert r.status_code == 200, r.text
+    crashed, fine = r.json()["results"]
+    assert crashed == {"endpoint": "stats/overview",
+                       "error": {"code": "internal_error", "message": "internal server error"}}
+    assert fine == {"endpoint": "goals", "data": []}
