@@ -17,6 +17,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstr
                       ValidationInfo, field_validator, model_validator)
 
 from besokskollen import metrics
+from streams.sites import MAX_SITE_ID
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class IncomingEvent(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    site_id: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = None
+    site_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_SITE_ID)] | None = None
     domain: Annotated[str, StringConstraints(min_length=1, max_length=253)] | None = None
     name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=120),
                     AfterValidator(_no_control_characters)]

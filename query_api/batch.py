@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from query_api.deps import Ctx, Key, readable_site
 from query_api.models import BatchResponse
+from streams.sites import MAX_SITE_ID
 
 router = APIRouter(tags=["batch"])
 
@@ -38,7 +39,7 @@ class SubRequest(BaseModel):
 
 
 class BatchRequest(BaseModel):
-    site_id: Annotated[str, Field(min_length=1, max_length=100)]
+    site_id: Annotated[str, Field(min_length=1, max_length=MAX_SITE_ID)]
     requests: Annotated[list[SubRequest], Field(min_length=1, max_length=MAX_REQUESTS)]
 
 

@@ -15,7 +15,7 @@ from query_api.errors import APIError
 from query_api.keys import ApiKey, KeyStore, bearer_token
 from streams.funnels import FunnelRegistry
 from streams.goals import GoalRegistry
-from streams.sites import Site, SiteRegistry
+from streams.sites import MAX_SITE_ID, Site, SiteRegistry
 
 CACHE_CONTROL = "public, max-age=1800, stale-while-revalidate=3600, stale-if-error=86400"
 
@@ -101,4 +101,4 @@ def cached_json(request: Request, payload: dict[str, Any], status: int = 200) ->
 
 
 # An empty site_id is a 400 like any missing parameter, not a site that does not exist.
-SiteId = Annotated[str, Query(description="Site ID", min_length=1, max_length=100)]
+SiteId = Annotated[str, Query(description="Site ID", min_length=1, max_length=MAX_SITE_ID)]

@@ -26,6 +26,7 @@ from query_api.stats import From, PeriodName, To
 from streams.buckets import VISITOR_LIFETIME
 from streams.funnels import Funnel, Step
 from streams.sessions import SESSION_START_SHIFT
+from streams.sites import MAX_SITE_ID
 
 router = APIRouter(tags=["funnels"])
 
@@ -40,7 +41,7 @@ class StepIn(BaseModel):
 
 
 class FunnelCreate(BaseModel):
-    site_id: Annotated[str, Field(min_length=1, max_length=100)]
+    site_id: Annotated[str, Field(min_length=1, max_length=MAX_SITE_ID)]
     name: Annotated[str, Field(min_length=1, max_length=200)]
     steps: Annotated[list[StepIn], Field(min_length=MIN_STEPS, max_length=MAX_STEPS)]
 

@@ -16,6 +16,7 @@ from query_api.models import GoalCreated, GoalsResponse
 from query_api.periods import percent, stats_period
 from query_api.stats import From, PeriodName, To
 from streams.goals import Goal, backfill_twice
+from streams.sites import MAX_SITE_ID
 
 router = APIRouter(tags=["goals"])
 
@@ -23,7 +24,7 @@ Text = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class GoalCreate(BaseModel):
-    site_id: Annotated[str, Field(min_length=1, max_length=100)]
+    site_id: Annotated[str, Field(min_length=1, max_length=MAX_SITE_ID)]
     name: Text
     event_type: Literal["pageview", "event"]
     match_path: Annotated[str, Field(min_length=1, max_length=2000, pattern=r"^/")] | None = None

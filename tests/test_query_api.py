@@ -192,6 +192,29 @@ async def test_create_site_answers_201_with_the_site(client):
     assert fetched.json()["data"] == data
 
 
+async def test_a_site_of_the_longest_hostname_can_be_used_everywhere(client, embedded):
+    """A site id is its domain with dots as dashes: any hostname the API accepts (253 characters)
+    gives an id every site_id parameter takes (they stopped at 100: a site created but unusable)."""
+    tail = f"{uuid.uuid4().hex[:10]}.example"
+    domain = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * (253 - 3 * 64 - len(tail) - 1), tail])
+    assert len(domain) == 253
+    site = (await create_site(client, domain=domain))["id"]
+    assert len(site) == 253
+    for url in (f"{API}/stats/overview?site_id={site}", f"{API}/goals?site_id={site}",
+                f"{API}/funnels?site_id={site}", f"{API}/popular/products?site_id={site}"):
+        assert (await client.get(url)).status_code == 200, url
+    goal = {"site_id": site, "name": "g", "event_type": "event", "match_event": "purchase"}
+    assert (await client.post(f"{API}/goals", json=goal)).status_code == 201
+    steps = [{"name": "a", "type": "pageview", "match_value": "/"}, {"name": "b", "type": "event", "match_value": "x"}]
+    assert (await client.post(f"{API}/funnels", json={"site_id": site, "name": "f", "steps": steps})).status_code == 201
+    batch = await client.post(f"{API}/batch", json={"site_id": site, "requests": [{"endpoint": "stats/overview"}]})
+    assert batch.status_code == 200 and "data" in batch.json()["results"][0], batch.text
+    await post_event(client, site, "81.227.9.9", path="/")  # the tracker sends the site id
+    await embedded[1].runner.drain()
+    overview = await client.get(f"{API}/stats/overview", params={"site_id": site, "period": "7d"})
+    assert overview.json()["data"]["pageviews"] == 1
+
+
 async def test_create_site_with_timezone(client):
     data = await create_site(client, timezone="America/New_York")
     assert data["timezone"] == "America/New_York"
