@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -16,6 +17,11 @@ from streams.events import sites_with_events
 from streams.sites import Site, normalize_domain, site_id_for
 
 router = APIRouter(tags=["sites"])
+
+# Whether a domain is taken and taking it are one step: routes run on a thread pool, and two
+# creates of one domain (from two accounts) would both pass the check and the later row win,
+# leaving the earlier 201's account without its site. Per process (README, "Sites").
+_creating = threading.Lock()
 
 
 def _out(site: Site, has_data: bool, last_7d: dict | None = None) -> dict:
@@ -50,9 +56,10 @@ def create_site(request: Request, ctx: Ctx, key: UserKey, body: SiteCreate) -> R
         raise APIError(400, "invalid_field", "domain must be a hostname such as example.com") from None
     if not ctx.sites.valid_timezone(body.timezone):
         raise APIError(400, "invalid_field", f"timezone: {body.timezone[:64]!r} is not a known IANA timezone") from None
-    if ctx.sites.get(site_id_for(domain)) is not None:
-        raise APIError(409, "site_exists", f"a site for {domain} exists already")
-    site = ctx.sites.create(key.account_id, domain, body.name, body.timezone)
+    with _creating:
+        if ctx.sites.get(site_id_for(domain)) is not None:
+            raise APIError(409, "site_exists", f"a site for {domain} exists already")
+        site = ctx.sites.create(key.account_id, domain, body.name, body.timezone)
     return cached_json(request, {"data": _out(site, False)}, status=201)
 
 

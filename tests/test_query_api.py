@@ -3,6 +3,7 @@ keys and scopes, errors, cache headers, sites, parameters, the overview and popu
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import uuid
@@ -223,6 +224,23 @@ async def test_create_site_with_timezone(client):
 async def test_duplicate_domain_is_409(client, site):
     for domain in (site["domain"], "www." + site["domain"], site["domain"].upper()):
         assert_error(await client.post(f"{API}/sites", json={"domain": domain}), 409)
+
+
+async def test_concurrent_creates_of_one_domain_give_one_site(client, services):
+    """Sent at once, from two accounts: one 201, the rest 409, and the site is the 201's (each
+    used to get a 201, and all but the last writer then found 'their' site was another's: 403)."""
+    keys = {account: services.keys.create(account) for account in ("race-a", "race-b")}
+    domain = _domain("race")
+    answers = await asyncio.gather(*(client.post(f"{API}/sites", json={"domain": domain}, headers=bearer(keys[account]))
+                                     for account in ("race-a", "race-b") * 3))
+    created = [(account, r) for account, r in zip(("race-a", "race-b") * 3, answers) if r.status_code == 201]
+    assert len(created) == 1, [r.status_code for r in answers]
+    assert sorted(r.status_code for r in answers) == [201] + [409] * 5
+    owner, response = created[0]
+    site = response.json()["data"]["id"]
+    for account, key in keys.items():
+        fetched = await client.get(f"{API}/sites/{site}", headers=bearer(key))
+        assert fetched.status_code == (200 if account == owner else 403), (account, owner)
 
 
 @pytest.mark.parametrize("body", [
