@@ -62,7 +62,8 @@ async def _run(request: Request, ctx, site_id: str, sub: SubRequest) -> dict:
     path = f"/api/v1/{endpoint}"
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
              "path": path, "raw_path": path.encode(), "root_path": "", "query_string": urlencode(params).encode(),
-             "headers": [(b"authorization", request.headers.get("authorization", "").encode())],
+             # Starlette reads headers as Latin-1: encoded back the same way, the key is sent byte for byte.
+             "headers": [(b"authorization", request.headers.get("authorization", "").encode("latin-1"))],
              "client": request.scope.get("client"), "server": request.scope.get("server"),
              "state": {"batch_internal": True}}
     status, chunks = 500, []

@@ -505,3 +505,14 @@ async def test_a_failing_sub_request_is_its_own_error_not_the_batch(embedded, se
     assert crashed == {"endpoint": "stats/overview",
                        "error": {"code": "internal_error", "message": "internal server error"}}
     assert fine == {"endpoint": "goals", "data": []}
+
+
+async def test_batch_sub_requests_carry_the_key_byte_for_byte(client, services):
+    """A header is bytes, read as Latin-1: a key with a non-ASCII character (BK_ADMIN_KEY is
+    anyone's choice) works alone, so it must in a batch too (it was re-encoded as UTF-8: 401s)."""
+    site = await _site(client)
+    key = services.keys.create("default", key=f"bk_hemlig_nyckel_{uuid.uuid4().hex[:6]}_\u00f6")
+    auth = {"authorization": f"Bearer {key}".encode("latin-1")}
+    assert (await client.get(f"{API}/goals", params={"site_id": site}, headers=auth)).status_code == 200
+    r = await client.post(f"{API}/batch", json={"site_id": site, "requests": [{"endpoint": "goals"}]}, headers=auth)
+    assert r.json()["results"] == [{"endpoint": "goals", "data": []}], r.text
