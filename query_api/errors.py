@@ -50,6 +50,15 @@ def allowed_methods(request: Request) -> list[str]:
     return sorted(methods, key=lambda m: (_METHOD_ORDER.index(m) if m in _METHOD_ORDER else len(_METHOD_ORDER), m))
 
 
+def _key_refusal(request: Request) -> Response | None:
+    """The route's answer to the caller's key, if it refuses it: for a body FastAPI could not read,
+    which it finds before any dependency (the key's) runs."""
+    from query_api.deps import key_refusal  # deps raises APIError: imported here, not at the top
+
+    refusal = key_refusal(request)
+    return None if refusal is None else error_response(refusal.status, refusal.code, refusal.message, refusal.headers)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
@@ -59,10 +68,10 @@ def install(app: FastAPI) -> None:
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0]
         if first["type"] == "json_invalid":
-            from query_api.deps import key_refusal  # deps raises APIError: imported here, not at the top
-
-            if (refusal := key_refusal(request)) is not None:
-                return error_response(refusal.status, refusal.code, refusal.message, refusal.headers)
+            # Its loc is the character where parsing stopped, not a field.
+            reason = first.get("ctx", {}).get("error", "syntax error")
+            return _key_refusal(request) or error_response(
+                400, "invalid_parameter", f"body: not valid JSON at character {first['loc'][-1]} ({reason})")
         # The field's path inside the body (steps.1.match_type), or the query parameter's name.
         loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
         field = ".".join(loc) or "body"
@@ -72,6 +81,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400:
+            # FastAPI's answer to a body its JSON parser raised on other than a syntax error (bytes
+            # that are not UTF-8, nesting past the recursion limit): the key first, as for bad JSON.
+            return _key_refusal(request) or error_response(
+                400, "invalid_parameter", "body: not JSON text in UTF-8, or nested too deep")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         headers = dict(exc.headers or {})
         if exc.status_code == 405:

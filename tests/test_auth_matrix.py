@@ -115,18 +115,24 @@ async def test_every_operation_answers_each_caller_as_it_may(client, embedded, w
     assert len(set(seen)) == len(documented) + 1 == 21
 
 
+@pytest.mark.parametrize("body", [b"{bad", b'{"domain": "\xff.example"}', b"[" * 100_000],
+                         ids=["not json", "not utf-8", "nested too deep"])
 @pytest.mark.parametrize("path", ["/sites", "/goals", "/funnels", "/batch"])
-async def test_the_key_is_judged_before_a_body_that_is_not_json(client, embedded, world, path):
-    """FastAPI decodes a JSON body before any dependency runs; the key still comes first."""
+async def test_the_key_is_judged_before_a_body_that_is_not_json(client, embedded, world, path, body):
+    """FastAPI decodes a JSON body before any dependency runs; the key still comes first, and the
+    body's fault is an invalid_parameter whatever made it unreadable."""
     services, a, callers = world
     embedded[0].state.rate_limiter.failed_auth_limit = 1000
     status = {}
     for caller in ("none", "revoked", "site key", "user"):
         key = callers[caller]
-        response = await client.post(API + path, content=b"{bad", headers={
+        response = await client.post(API + path, content=body, headers={
             "authorization": f"Bearer {key}" if key else "", "content-type": "application/json"})
         assert set(response.json()) == {"error"}
         status[caller] = response.status_code
+        if response.status_code == 400:
+            assert response.json()["error"]["code"] == "invalid_parameter", response.text
+            assert response.json()["error"]["message"].startswith("body: not "), response.text
     assert status == {"none": 401, "revoked": 401, "site key": 403 if path == "/sites" else 400, "user": 400}
 
 
