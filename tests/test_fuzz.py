@@ -139,7 +139,9 @@ def get_requests(draw) -> tuple[str, str, dict[str, bytes]]:
         headers["if-none-match"] = draw(st.sampled_from(['"x"', "*", 'W/"x"', "", '"', "x" * 3000, '"a", "b"',
                                                          "\xff"])).encode("latin-1")
     for name, values in (("accept-encoding", ["gzip", "br, zstd", "*;q=0", "identity;q=0", "\xe5"]),
-                         ("content-type", ["text/plain", "application/json", "", "\xe5/\xf6"])):
+                         ("content-type", ["text/plain", "application/json", "", "\xe5/\xf6"]),
+                         ("x-forwarded-for", ["garbage", "1.2.3.4, , ,", "::ffff:1.2.3.4", "[::1]:80", "999.1.1.1",
+                                              "\xe5", ", " * 2000])):
         if draw(st.booleans()):
             headers[name] = draw(st.sampled_from(values)).encode("latin-1")
     method = draw(st.sampled_from(["GET", "GET", "GET", "HEAD"]))
