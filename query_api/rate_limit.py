@@ -102,12 +102,13 @@ class RateLimiter:
         for name, limit in buckets:
             window = self._windows.get(name)
             if window is None or now >= window[0] + self.window_s or now < window[0]:
-                window = self._windows[name] = [now, 0]
+                window = [now, 0]  # stored only if counted: a refused request opens no window (as in Redis)
             states.append((name, window, limit))
         allowed = all(window[1] < limit for _, window, limit in states)
         if allowed:
-            for _, window, _ in states:
+            for name, window, _ in states:
                 window[1] += 1
+                self._windows[name] = window
         return _decision([(name, start, count, limit) for name, (start, count), limit in states],
                          allowed, self.window_s, now)
 

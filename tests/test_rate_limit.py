@@ -266,6 +266,16 @@ def test_ended_windows_are_dropped():
     assert len(limiter._windows) <= 10
 
 
+def test_refused_requests_leave_no_counters():
+    """An address over its limit that sends a new token each time (guessing keys) opens no window
+    per token: refused requests are not counted, in memory as in Redis."""
+    limiter = RateLimiter(clock=Clock(T0))
+    for i in range(5_000):
+        decision = limiter.hit([(f"key:{i}", 100), ("addr:198.51.100.7", 30)])
+        assert decision.allowed == (i < 30)
+    assert len(limiter._windows) == 30 + 1
+
+
 async def test_the_import_on_ingest_is_limited_like_the_rest_of_the_api(services, embedded):
     """`ingest` serves /api/v1/events/import: per key, with the headers, and refused keys per address."""
     from besokskollen.app import ingest_server_app
