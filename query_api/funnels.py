@@ -26,7 +26,7 @@ from query_api.stats import From, PeriodName, To
 from streams.buckets import VISITOR_LIFETIME
 from streams.funnels import Funnel, Step
 from streams.sessions import SESSION_START_SHIFT
-from streams.sites import MAX_SITE_ID
+from streams.sites import MAX_SITE_ID, Site
 
 router = APIRouter(tags=["funnels"])
 
@@ -110,12 +110,11 @@ def funnel_stats(client: Client, funnel: Funnel, period: Period) -> dict:
             "overall_conversion": percent(reached[-1], reached[0])}
 
 
-def _readable_funnel(ctx, key, funnel_id: str) -> Funnel:
+def _readable_funnel(ctx, key, funnel_id: str) -> tuple[Funnel, Site]:
     funnel = ctx.funnels.get(funnel_id)
     if funnel is None:
         raise APIError(404, "funnel_not_found", f"no funnel with id {funnel_id!r}")
-    readable_site(ctx, key, funnel.site_id)
-    return funnel
+    return funnel, readable_site(ctx, key, funnel.site_id)
 
 
 @router.get("/funnels", response_model=FunnelsResponse)
@@ -133,13 +132,13 @@ def create_funnel(request: Request, ctx: Ctx, key: Key, body: FunnelCreate) -> R
 
 @router.delete("/funnels/{funnel_id}", status_code=204, response_class=Response)
 def delete_funnel(ctx: Ctx, key: Key, funnel_id: str) -> Response:
-    ctx.funnels.delete(_readable_funnel(ctx, key, funnel_id))
+    ctx.funnels.delete(_readable_funnel(ctx, key, funnel_id)[0])
     return Response(status_code=204)
 
 
 @router.get("/funnels/{funnel_id}/stats", response_model=FunnelStatsResponse)
 def get_funnel_stats(request: Request, ctx: Ctx, key: Key, funnel_id: str, period: PeriodName = "30d",
                      from_: From = None, to: To = None) -> Response:
-    funnel = _readable_funnel(ctx, key, funnel_id)
-    site = ctx.sites.get(funnel.site_id)
+    # The site as checked: read again, a site deleted meanwhile would be None (a 500).
+    funnel, site = _readable_funnel(ctx, key, funnel_id)
     return cached_json(request, {"data": funnel_stats(ctx.client, funnel, stats_period(ctx.client, period, site.timezone, from_, to))})

@@ -516,3 +516,19 @@ async def test_batch_sub_requests_carry_the_key_byte_for_byte(client, services):
     assert (await client.get(f"{API}/goals", params={"site_id": site}, headers=auth)).status_code == 200
     r = await client.post(f"{API}/batch", json={"site_id": site, "requests": [{"endpoint": "goals"}]}, headers=auth)
     assert r.json()["results"] == [{"endpoint": "goals", "data": []}], r.text
+
+
+async def test_funnel_stats_of_a_site_deleted_while_answering_is_no_500(client, services, monkeypatch):
+    """The stats go by the site the key was checked against: a DELETE /sites landing just after
+    that check made the route's second look-up None (AttributeError, a 500)."""
+    site = await _site(client)
+    funnel = (await client.post(f"{API}/funnels", json={"site_id": site, "name": "f", "steps": FUNNEL[:2]})).json()["data"]
+    real_get, looked = services.sites.get, []
+
+    def deleted_after_first_look(site_id):
+        looked.append(site_id)
+        return real_get(site_id) if len(looked) == 1 else None
+
+    monkeypatch.setattr(services.sites, "get", deleted_after_first_look)
+    r = await client.get(f"{API}/funnels/{funnel['id']}/stats")
+    assert r.status_code == 200, r.text
