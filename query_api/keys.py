@@ -80,6 +80,24 @@ class KeyStore:
         self._cache.forget(hash_key(key))
         return True
 
+    def revoke_site(self, site_id: str) -> None:
+        """Revoke every site-level key of a site (its delete): the account may create a site for
+        the same domain again, which gets the same id, and keys handed out for the old one must not
+        open it. Other processes stop taking them within seconds, as after `revoke`."""
+        rows = self._client.query(
+            "SELECT key_hash, prefix, account_id FROM api_keys FINAL WHERE site_id = {s:String} AND revoked = 0",
+            parameters={"s": site_id},
+        ).result_rows
+        if not rows:
+            return
+        now = datetime.now(timezone.utc)
+        self._client.insert(
+            "api_keys", [[digest, prefix, account_id, site_id, now, 1] for digest, prefix, account_id in rows],
+            column_names=["key_hash", "prefix", "account_id", "site_id", "created_at", "revoked"],
+        )
+        for digest, _prefix, _account_id in rows:
+            self._cache.forget(digest)
+
     def ever_stored(self, key: str) -> bool:
         """Whether the key was ever created, revoked or not."""
         return bool(self._client.query("SELECT count() FROM api_keys WHERE key_hash = {h:String}",

@@ -71,6 +71,9 @@ def get_site(request: Request, ctx: Ctx, key: UserKey, site_id: str) -> Response
 
 @router.delete("/sites/{site_id}", status_code=204, response_class=Response)
 def delete_site(ctx: Ctx, key: UserKey, site_id: str) -> Response:
-    """Deletes the site and all its data; its stats answer 404 from now on."""
-    ctx.sites.delete(readable_site(ctx, key, site_id))
+    """Deletes the site and all its data, and revokes its site-level keys; its stats answer 404
+    from now on."""
+    site = readable_site(ctx, key, site_id)
+    ctx.keys.revoke_site(site.site_id)  # first: a delete that fails halfway leaves no key behind
+    ctx.sites.delete(site)
     return Response(status_code=204)

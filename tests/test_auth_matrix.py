@@ -199,3 +199,18 @@ async def test_a_site_key_cannot_tell_which_other_sites_exist(client, world):
     user_key = {"authorization": f"Bearer {callers['user']}"}
     missing = await client.get(f"{API}/stats/overview?site_id=no-such-site.example", headers=user_key)
     assert missing.status_code == 404  # a user-level key is told plainly
+
+
+async def test_a_deleted_sites_keys_do_not_open_the_site_created_again(client, services):
+    """Deleting a site revokes its site-level keys: the account may create a site for the domain
+    again (the same id), and a key handed out for the old one must not open it."""
+    domain = _domain()
+    site_id = (await client.post(f"{API}/sites", json={"domain": domain})).json()["data"]["id"]
+    site_key = {"authorization": f"Bearer {services.keys.create('default', site_id)}"}
+    overview = f"{API}/stats/overview?site_id={site_id}"
+    assert (await client.get(overview, headers=site_key)).status_code == 200
+    assert (await client.delete(f"{API}/sites/{site_id}")).status_code == 204
+    assert (await client.post(f"{API}/sites", json={"domain": domain})).status_code == 201
+    refused = await client.get(overview, headers=site_key)
+    assert refused.status_code == 401, refused.text
+    assert (await client.get(overview)).status_code == 200  # the account's user-level key still reaches it
