@@ -80,14 +80,16 @@ class StreamCore:
         # partitions mid-batch, beyond the rebalance timeout) writes rows older than those of a
         # batch that read after it, and under FINAL the later reader's rows win.
         version = time.time_ns()
+        # Keyed by (site_id, event_id): imported ids are stored as given, and one site's copy of
+        # an id must not stand for (or drop) another site's.
         by_id = _first_arrivals(batch)
-        stored_as = {event_id: owner for event_id, owner in raw_events.owners(self._client, list(by_id.values())).items()
-                     if owner.site_id == by_id[event_id].site_id}
+        stored_as = {key: owner for key, owner in raw_events.owners(self._client, list(by_id.values())).items()
+                     if key in by_id}
         # A retry (the client's event id again, with a later arrival time) is counted once: the
         # copy already stored stays, whichever arrived first.
-        for event_id, owner in stored_as.items():
-            if owner.timestamp != by_id[event_id].timestamp:
-                del by_id[event_id]
+        for key, owner in stored_as.items():
+            if owner.timestamp != by_id[key].timestamp:
+                del by_id[key]
         batch = list(by_id.values())
         incoming: dict[tuple[str, int], dict[str, Event]] = defaultdict(dict)
         for e in batch:
@@ -95,14 +97,14 @@ class StreamCore:
         # An event sent again under another visitor id (an import after its day's salt expired,
         # a visitor id decided differently) moves: the visitor it was stored under loses it.
         leaving: dict[tuple[str, int], set[str]] = defaultdict(set)
-        for event_id, owner in stored_as.items():
-            if event_id in by_id and event_id not in incoming.get(owner[:2], {}):
-                leaving[owner[:2]].add(event_id)
+        for key, owner in stored_as.items():
+            if key in by_id and key[1] not in incoming.get(owner[:2], {}):
+                leaving[owner[:2]].add(key[1])
         days: dict[tuple[str, int], set[date]] = defaultdict(set)
         for e in batch:
             days[(e.site_id, e.visitor_id)].add(e.timestamp.date())
-        for owner, event_ids in leaving.items():
-            days[owner] |= {by_id[event_id].timestamp.date() for event_id in event_ids}
+        for visitor, event_ids in leaving.items():
+            days[visitor] |= {by_id[(visitor[0], event_id)].timestamp.date() for event_id in event_ids}
         stored = self._history(days)
 
         changes = _Changes()
@@ -201,13 +203,13 @@ class StreamCore:
             self._derived.popitem(last=False)
 
 
-def _first_arrivals(batch: list[Event]) -> dict[str, Event]:
-    """One event per id: the earliest (a retry arrives later); of equal times, the last sent."""
-    first: dict[str, Event] = {}
+def _first_arrivals(batch: list[Event]) -> dict[tuple[str, str], Event]:
+    """One event per site and id: the earliest (a retry arrives later); of equal times, the last sent."""
+    first: dict[tuple[str, str], Event] = {}
     for e in batch:
-        kept = first.get(e.event_id)
+        kept = first.get((e.site_id, e.event_id))
         if kept is None or e.timestamp <= kept.timestamp:
-            first[e.event_id] = e
+            first[(e.site_id, e.event_id)] = e
     return first
 
 

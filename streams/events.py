@@ -97,12 +97,13 @@ class Owner(NamedTuple):
     timestamp: datetime
 
 
-def owners(client: Client, events: Sequence[Event], chunk: int = 2000) -> dict[str, Owner]:
-    """Where each of these event ids is stored, if it is: under which visitor and at what time.
+def owners(client: Client, events: Sequence[Event], chunk: int = 2000) -> dict[tuple[str, str], Owner]:
+    """Where each of these events is stored, if it is, by (site_id, event_id): under which visitor
+    and at what time. By site too: imported ids are stored as given, so two sites may hold one id.
     Looked up within `RETRY_WINDOW` of the events' times, one query per stretch of time the batch
     covers (ids go as query parameters: a few thousand at a time), pruned by the sorting key
     (site, timestamp)."""
-    found: dict[str, Owner] = {}
+    found: dict[tuple[str, str], Owner] = {}
     for stretch in _stretches(sorted(events, key=lambda e: e.timestamp)):
         for i in range(0, len(stretch), chunk):
             part = stretch[i:i + chunk]
@@ -116,7 +117,7 @@ def owners(client: Client, events: Sequence[Event], chunk: int = 2000) -> dict[s
                             "ids": ",".join(e.event_id for e in part)},
             ).result_rows
             for event_id, site_id, visitor_id, at in rows:
-                found[event_id] = Owner(site_id, visitor_id, at.replace(tzinfo=timezone.utc))
+                found[(site_id, event_id)] = Owner(site_id, visitor_id, at.replace(tzinfo=timezone.utc))
     return found
 
 
@@ -133,8 +134,8 @@ def _stretches(events: list[Event]) -> list[list[Event]]:
 
 def stored_event_ids(client: Client, events: Sequence[Event]) -> set[str]:
     """Which of these events are stored (for their site)."""
-    sites = {e.event_id: e.site_id for e in events}
-    return {event_id for event_id, owner in owners(client, events).items() if owner.site_id == sites[event_id]}
+    wanted = {(e.site_id, e.event_id) for e in events}
+    return {event_id for site_id, event_id in owners(client, events) if (site_id, event_id) in wanted}
 
 
 def stored_days(client: Client) -> list[date]:

@@ -472,3 +472,21 @@ def test_an_event_sent_again_under_another_visitor_moves_to_it(services):
     assert owners == [(2,)]
     assert services.client.query("SELECT count() FROM sessions FINAL WHERE site_id = {s:String}",
                                  parameters={"s": site}).result_rows == [(1,)]
+
+
+def test_one_event_id_on_two_sites_is_two_events(services):
+    """Imported lines keep their own event ids, so two sites may hold the same id: each site's
+    copy is its own event, in one batch or apart, and neither site can make the other's vanish
+    or count twice."""
+    a, b, tz = _site(), _site(), "Europe/Stockholm"
+    t = local(tz, 2026, 9, 15, 9)
+    shared, retried = str(uuid.uuid4()), str(uuid.uuid4())
+    core = StreamCore(services.client, TIMEOUT)
+    core.process([ev(b, 1, t, event_id=shared), ev(a, 2, t - timedelta(minutes=1), event_id=shared),
+                  ev(a, 2, t + timedelta(minutes=1), event_id=retried)])
+    # Both sites' copies stored; then a's retry (a later arrival) beside b's copy of the same id.
+    core.process([ev(b, 1, t + timedelta(minutes=2), event_id=retried)])
+    core.process([ev(a, 2, t + timedelta(minutes=5), event_id=retried), ev(b, 3, t, event_id=str(uuid.uuid4()))])
+    day = Period(date(2026, 9, 15), date(2026, 9, 15), tz)
+    assert overview(services.client, a, day)["pageviews"] == 2
+    assert overview(services.client, b, day)["pageviews"] == 3
