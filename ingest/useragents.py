@@ -29,8 +29,18 @@ def warm_up() -> None:
     ua_parser.parse(sample)
 
 
-@lru_cache(maxsize=20_000)
+# crawlerdetect's patterns take time quadratic in the string's length (20,000 characters: 80 s,
+# 2,000: 0.4 s, on the event loop), and anyone may send any header: only the start is judged.
+# Browsers' user agents are shorter (in-app browsers', the longest, ~400 characters).
+MAX_LENGTH = 512
+
+
 def parse(user_agent: str) -> Agent:
+    return _parse(user_agent[:MAX_LENGTH])
+
+
+@lru_cache(maxsize=20_000)
+def _parse(user_agent: str) -> Agent:
     if not user_agent or _crawlers.isCrawler(user_agent):
         return Agent("", "", "", is_bot=True)
     result = ua_parser.parse(user_agent)
