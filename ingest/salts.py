@@ -30,6 +30,7 @@ class Salts:
         self._historic_days = historic_days
         self._cache: dict[date, bytes] = {}
         self._ahead: dict[date, bytes] = {}  # tomorrow's, read today
+        self._day: date | None = None  # the UTC day the cache was last trimmed on
         self._lock = threading.Lock()
 
     def for_day(self, day: date) -> bytes:
@@ -37,8 +38,15 @@ class Salts:
             return salt
         with self._lock:
             if day not in self._cache:
+                today = datetime.now(timezone.utc).date()
+                if today != self._day:
+                    # A new day: salts older than yesterday's go from memory as the purge deletes
+                    # them from the database, whichever process purged (a process that never made
+                    # a salt kept every day's). A past day's is read again, or made anew, if needed.
+                    self._forget(before=today - timedelta(days=1))
+                    self._day = today
                 self._cache[day] = self._fetch(day)
-                if day == datetime.now(timezone.utc).date():
+                if day == today:
                     self._read_ahead(day + timedelta(days=1))
             return self._cache[day]
 
@@ -88,5 +96,8 @@ class Salts:
             " AND (toDate(created_at) <= day + 1 OR created_at < {expired:DateTime64(6, 'UTC')})",
             parameters={"before": before, "expired": now - timedelta(days=self._historic_days)},
         )
+        self._forget(before)
+
+    def _forget(self, before: date) -> None:
         for day in [d for d in self._cache if d < before]:
             del self._cache[day]

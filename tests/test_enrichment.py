@@ -520,3 +520,33 @@ def test_historic_salts_outlive_live_ones_for_a_while(services):
             parameters={"days": [live_old, historic, historic_expired]}).result_rows}
 
     wait_until(lambda: remaining() == {historic}, 30, "the purge of old salts")
+
+
+def test_a_salt_the_purge_deleted_is_not_used_from_memory(services, monkeypatch):
+    """A process forgets salts older than yesterday's, as the purge deletes them, even when
+    another process made the salt that purged them: it kept every day's in memory, and an
+    import of a past day got the visitor ids the purge was to make unrecomputable."""
+    client = services.client
+    today = datetime.now(timezone.utc).date()
+    past = today - timedelta(days=1000 + uuid.uuid4().int % 1000)
+    live = datetime(past.year, past.month, past.day, 12, tzinfo=timezone.utc)  # made on its own day
+    client.insert("salts", [[past, "33" * 16, live]], column_names=["day", "salt", "created_at"])
+    serving, other = Salts(client), Salts(client)
+
+    class Then(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return live
+
+    monkeypatch.setattr("ingest.salts.datetime", Then)  # the serving process took that day's events
+    assert serving.for_day(past) == bytes.fromhex("33" * 16)
+    monkeypatch.undo()
+    # Another process makes a new day's live salt, which purges the old ones, and has made today's
+    # and tomorrow's: the serving process reads them and makes none itself.
+    other.for_day(today)
+    other.for_day(today + timedelta(days=5000 + uuid.uuid4().int % 1000))
+    wait_until(lambda: not client.query("SELECT count() FROM salts WHERE day = {d:Date} AND salt = {s:String}",
+                                        parameters={"d": past, "s": "33" * 16}).result_rows[0][0],
+               30, "the purge of the old salt")
+    serving.for_day(today)  # the serving process goes on with today's events
+    assert serving.for_day(past) != bytes.fromhex("33" * 16)
