@@ -150,6 +150,18 @@ async def test_405_of_the_import_names_post(client):
     assert response.headers["x-ratelimit-limit"]
 
 
+@pytest.mark.parametrize("path", [*GETS, f"{API}/events/import"])
+async def test_no_other_origin_may_call_the_api(client, path):
+    """Keys are for servers (README): no CORS under /api/v1, preflight or not."""
+    url = await _url(client, path) if path in GETS else path
+    origin = {"origin": "https://elsewhere.example"}
+    preflight = await client.options(url, headers={**origin, "access-control-request-method": "GET",
+                                                   "access-control-request-headers": "authorization"})
+    answer = await client.get(url, headers=origin)
+    for response in (preflight, answer):
+        assert not [h for h in response.headers if h.lower().startswith("access-control-")], (url, response.headers)
+
+
 async def test_openapi_has_bearer_security_and_every_error_response(client):
     spec = (await client.get(f"{API}/openapi.json")).json()
     assert spec == SPEC
