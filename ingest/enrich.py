@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from datetime import datetime
-from urllib.parse import SplitResult, unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 from ingest import referrers
 from ingest.event import Event, IncomingEvent, without_control_characters
@@ -33,7 +33,7 @@ def enrich(incoming: IncomingEvent, site: Site, agent: Agent, user_agent: str, i
         visitor_id=visitors.visitor_id(site.site_id, ip, user_agent, at),
         hostname=(url.hostname or "").removeprefix("www."),
         pathname=page_path(url, incoming.hash),
-        referrer=incoming.referrer or "",
+        referrer=stored_referrer(incoming.referrer),
         source=source.source,
         channel=source.channel,
         utm_source=source.utm_source,
@@ -50,6 +50,17 @@ def enrich(incoming: IncomingEvent, site: Site, agent: Agent, user_agent: str, i
         brand_slug=product.brand_slug if product else "",
         partner_slug=product.partner_slug if product else "",
     )
+
+
+def stored_referrer(referrer: str | None) -> str:
+    """What is kept of a referrer: scheme, host (and port) and path. A source needs only the host;
+    the query string and fragment (a search, a token, an e-mail address) and a user:password@ may
+    say much about the person. (Not in the validator: an import's content event id hashes the
+    referrer as sent, and must stay the same.)"""
+    if not referrer:
+        return ""
+    parts = urlsplit(referrer)  # parsed by the validator before: does not raise here
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def page_path(url: SplitResult, hash_routes: bool = False) -> str:

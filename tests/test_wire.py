@@ -193,6 +193,19 @@ async def test_what_a_browser_may_send_is_taken(client, embedded, services, site
         ("/a", "https://partner.example/"), ("/app", ""), ("/app#/cart", ""), ("/b", "")]
 
 
+async def test_a_referrer_is_kept_without_query_fragment_or_credentials(client, embedded, services, site):
+    """A source needs the referrer's host; its query string and fragment (a search, a token, an
+    e-mail address) and a user:password say nothing about the source, and may about the person."""
+    referrer = "https://anna:hemligt@Mail.Example:8443/inbox/view?email=anna%40example.se&token=abc#msg-7"
+    assert (await post(client, pageview(site, referrer=referrer))).status_code == 202
+    await embedded[1].runner.drain()
+    assert stored(services, site, "referrer, source, channel") == [
+        ("https://Mail.Example:8443/inbox/view", "mail.example", "referral")]
+    sessions = services.client.query("SELECT referrer FROM sessions FINAL WHERE site_id = {s:String}",
+                                     parameters={"s": site}).result_rows
+    assert sessions == [("https://Mail.Example:8443/inbox/view",)]
+
+
 async def test_control_characters_in_a_source_cannot_forge_a_channel(client, embedded, services, site):
     url = "https://ingest.example/a?utm_source=evil%1Fsocial%1Fx&utm_medium=cpc"
     assert (await post(client, pageview(site, url=url))).status_code == 202
