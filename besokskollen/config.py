@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -134,5 +135,11 @@ def settings_problems(error: ValidationError) -> list[str]:
     lines = []
     for problem in error.errors():
         name = "BK_" + "_".join(str(part) for part in problem["loc"]).upper()
-        lines.append(f"{name}: {problem['msg'].removeprefix('Value error, ')} (got {problem.get('input')!r})")
+        lines.append(f"{name}: {problem['msg'].removeprefix('Value error, ')} (got {_shown(problem.get('input'))!r})")
     return lines
+
+
+def _shown(value):
+    """A setting's value as an error line may show it: a URL's user:password@ goes (these lines
+    end up in logs)."""
+    return re.sub(r"://[^@]*@", "://***@", value) if isinstance(value, str) else value

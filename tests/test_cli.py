@@ -150,6 +150,14 @@ def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path, variable, value
     assert "Traceback" not in result.stderr
 
 
+def test_a_bad_clickhouse_url_is_shown_without_its_password():
+    result = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "BK_CLICKHOUSE_URL": "http://bk:s3cret-pw@127.0.0.1:abc/db"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("besokskollen migrate: BK_CLICKHOUSE_URL: ")
+    assert "127.0.0.1:abc" in result.stderr and "s3cret-pw" not in result.stderr
+
+
 def test_one_shot_commands_on_a_data_folder_up_holds_stop_with_one_line(tmp_path):
     port, data = free_port(), str(tmp_path / "data")
     with process([*CLI, "up", "--data", data, "--port", str(port)], tmp_path / "up.log",
