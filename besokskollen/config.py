@@ -12,6 +12,11 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+_PLACEHOLDER_KEYS = frozenset({"bk_change_me", "bk_change_me_0000000000000000000000"})
+# Settings whose value an error line must not show.
+_SECRET = frozenset({"admin_key"})
+
+
 def _default_clickhouse_url() -> str:
     return "chdb://" + str(Path("./data").resolve())
 
@@ -98,6 +103,14 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
 
+    @field_validator("admin_key")
+    @classmethod
+    def _not_a_placeholder(cls, key: str | None) -> str | None:
+        # Published in deploy/ and the README: kept in a deployment, it opens the account to anyone.
+        if key in _PLACEHOLDER_KEYS:
+            raise ValueError("is the placeholder from the deploy files; set a key of your own")
+        return key
+
     @field_validator("raw_events_ttl_days")
     @classmethod
     def _outlives_a_visitor(cls, days: int) -> int:
@@ -135,7 +148,8 @@ def settings_problems(error: ValidationError) -> list[str]:
     lines = []
     for problem in error.errors():
         name = "BK_" + "_".join(str(part) for part in problem["loc"]).upper()
-        lines.append(f"{name}: {problem['msg'].removeprefix('Value error, ')} (got {_shown(problem.get('input'))!r})")
+        shown = "" if problem["loc"][0] in _SECRET else f" (got {_shown(problem.get('input'))!r})"
+        lines.append(f"{name}: {problem['msg'].removeprefix('Value error, ')}{shown}")
     return lines
 
 

@@ -158,6 +158,17 @@ def test_a_bad_clickhouse_url_is_shown_without_its_password():
     assert "127.0.0.1:abc" in result.stderr and "s3cret-pw" not in result.stderr
 
 
+@pytest.mark.parametrize("placeholder", ["bk_change_me", "bk_change_me_0000000000000000000000"])
+def test_the_admin_key_placeholder_of_the_deploy_files_is_refused(tmp_path, placeholder):
+    """deploy/compose.yml and deploy/k8s/config.yaml publish a placeholder key: a deployment that
+    kept it would give every reader of this repository a user-level key."""
+    result = subprocess.run([*CLI, "migrate", "--data", str(tmp_path / "d")], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "BK_ADMIN_KEY": placeholder})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("besokskollen migrate: BK_ADMIN_KEY: ")
+    assert placeholder not in result.stderr and "Traceback" not in result.stderr
+
+
 def test_one_shot_commands_on_a_data_folder_up_holds_stop_with_one_line(tmp_path):
     port, data = free_port(), str(tmp_path / "data")
     with process([*CLI, "up", "--data", data, "--port", str(port)], tmp_path / "up.log",

@@ -36,8 +36,11 @@ def test_dockerfile_passes_hadolint():
 
 def test_compose_file_passes_docker_compose_config():
     assert Path(DOCKER_COMPOSE).exists(), f"{DOCKER_COMPOSE} is missing: tests/run.sh installs docker-compose"
-    result = subprocess.run([DOCKER_COMPOSE, "-f", str(DEPLOY / "compose.yml"), "config"], capture_output=True,
-                            text=True, cwd=ROOT)
+    config = lambda env: subprocess.run([DOCKER_COMPOSE, "-f", str(DEPLOY / "compose.yml"), "config"],  # noqa: E731
+                                        capture_output=True, text=True, cwd=ROOT, env=env)
+    unset = config({k: v for k, v in os.environ.items() if k != "BK_ADMIN_KEY"})
+    assert unset.returncode != 0 and "BK_ADMIN_KEY" in unset.stderr  # no published key to fall back on
+    result = config({**os.environ, "BK_ADMIN_KEY": "bk_" + "5" * 48})
     assert result.returncode == 0, result.stderr
     for service in ("kafka:", "clickhouse:", "redis:", "ingest:", "worker:", "api:", "proxy:"):
         assert f"\n  {service}" in result.stdout
