@@ -148,3 +148,34 @@ def test_a_row_read_before_is_served_while_the_store_cannot_be_read():
     reads.clear()
     assert cache.get("known") == cache.get("known") == "site"
     assert reads == ["known"]  # a failed read is not repeated on every request
+
+
+async def test_no_table_or_spool_file_holds_an_ip_a_user_agent_or_a_key(client, embedded, services, site):
+    """SPEC §5.2 and §7: raw IPs, user agents and API keys are never stored (keys as hashes only),
+    live or imported; a referrer's query string neither (README). Every table and the journal are
+    read back for them."""
+    from datetime import datetime, timedelta, timezone
+
+    from tests.conftest import ADMIN_KEY
+
+    agent = BROWSER + " Probe/" + uuid.uuid4().hex[:8]
+    for ip in ("81.2.69.199", "2a02:aa1:1234:5678::beef"):
+        response = await post(client, pageview(site, referrer="https://mail.example/in?email=anna%40probe.example"),
+                              **{"user-agent": agent, "x-forwarded-for": ip})
+        assert response.status_code == 202
+    line = {"name": "pageview", "url": "https://ingest.example/i", "ip": "81.2.69.177", "user_agent": agent,
+            "timestamp": (datetime.now(timezone.utc) - timedelta(hours=2)).isoformat()}
+    imported = await client.post(f"/api/v1/events/import?site_id={site}", content=orjson.dumps(line) + b"\n",
+                                 headers={"content-type": "application/x-ndjson"})
+    assert imported.json()["data"]["accepted"] == 1, imported.text
+    await embedded[1].runner.drain()
+    secrets = ["81.2.69.199", "2a02:aa1:1234:5678::beef", "81.2.69.177", agent, ADMIN_KEY, "anna%40probe"]
+    tables = [row[0] for row in services.client.query(
+        "SELECT name FROM system.tables WHERE database = currentDatabase()").result_rows]
+    assert {"events", "sessions", "api_keys", "salts"} <= set(tables)
+    for table in tables:
+        dump = services.client.raw_query(f"SELECT * FROM {table} FORMAT TSV").decode(errors="replace")
+        assert not [s for s in secrets if s in dump], table
+    for path in services.settings.spool_path.rglob("*"):
+        if path.is_file():
+            assert not [s for s in secrets if s.encode() in path.read_bytes()], path
