@@ -109,7 +109,7 @@ def local(settings: Settings, site_id: str) -> Send:
     core = StreamCore(services.client, settings.session_timeout_s)
 
     def send(body: bytes) -> dict:
-        parsed = importer.parse(body, site, utcnow(), settings.raw_events_ttl_days)
+        parsed = importer.parse(body, site, utcnow(), services.visitors.id_key(), settings.raw_events_ttl_days)
         events = importer.to_events(parsed.lines, site, services.visitors)
         core.process(events)  # stored when it returns
         return {"accepted": len(events), "rejected": parsed.rejected, "dropped": parsed.dropped, "stored": True}

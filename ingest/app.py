@@ -190,7 +190,8 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
             return _error(413, "body_too_large",
                           f"import bodies are limited to {settings.max_import_bytes} bytes; split the file", _NO_STORE)
         try:
-            parsed = await asyncio.to_thread(importer.parse, body, site, utcnow(), settings.raw_events_ttl_days)
+            parsed = await asyncio.to_thread(lambda: importer.parse(
+                body, site, utcnow(), visitors.id_key(), settings.raw_events_ttl_days))
         except importer.BadBody as exc:
             return _error(400, exc.code, exc.message, _NO_STORE)
 

@@ -6,7 +6,8 @@ enriches the accepted lines in timestamp order, so a person's visitor id is deci
 event exactly as it would have been live.
 
 A line without an `event_id` gets one from its content (`content_event_id`): importing the same
-file twice stores every event once."""
+file twice stores every event once. The id is keyed with the installation's secret: the content
+holds the IP, and an unkeyed hash of it could be reversed by trying every IPv4 address."""
 
 from __future__ import annotations
 
@@ -25,9 +26,6 @@ from streams.buckets import VISITOR_LIFETIME
 from streams.sites import Site, normalize_domain
 
 MAX_LINES = 100_000
-
-# Fixed forever: changing it would give every re-imported event a new id.
-_CONTENT_NAMESPACE = uuid.UUID("5b2f6c1e-8d3a-4f0b-9c47-3e1d2a6b8f90")
 
 
 class BadBody(ValueError):
@@ -52,18 +50,19 @@ class Parsed:
     dropped: list[dict] = field(default_factory=list)  # {"line", "reason"}
 
 
-def content_event_id(site_id: str, e: ImportedEvent) -> str:
-    """UUIDv5 of the line's canonical content: a JSON array of site id, name, url, referrer,
-    props, product (all five fields, slug defaulted), timestamp (UTC, milliseconds), ip and user
-    agent, keys sorted."""
+def content_event_id(site_id: str, e: ImportedEvent, key: bytes) -> str:
+    """UUIDv5, in the namespace made of the installation's 16-byte `key` (`Salts.id_key`), of the
+    line's canonical content: a JSON array of site id, name, url, referrer, props, product (all
+    five fields, slug defaulted), timestamp (UTC, milliseconds), ip and user agent, keys sorted."""
     timestamp = e.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     content = [site_id, e.name, e.url, e.referrer or "", e.props, e.product.model_dump() if e.product else None,
                timestamp, e.ip, e.user_agent]
-    return str(uuid.uuid5(_CONTENT_NAMESPACE, orjson.dumps(content, option=orjson.OPT_SORT_KEYS).decode()))
+    return str(uuid.uuid5(uuid.UUID(bytes=key), orjson.dumps(content, option=orjson.OPT_SORT_KEYS).decode()))
 
 
-def parse(body: bytes, site: Site, now: datetime, retention_days: int | None = None) -> Parsed:
-    """Validate every line of `body` as an event of `site`, judged against the clock `now`. With
+def parse(body: bytes, site: Site, now: datetime, id_key: bytes, retention_days: int | None = None) -> Parsed:
+    """Validate every line of `body` as an event of `site`, judged against the clock `now`;
+    `id_key` keys the content ids of lines without an `event_id`. With
     `retention_days`, events the raw-event TTL would delete within a visitor's lifetime are
     refused: the stream core reads a visitor's stored events, and they must still be there."""
     oldest = now - timedelta(days=retention_days) + VISITOR_LIFETIME if retention_days else None
@@ -87,7 +86,7 @@ def parse(body: bytes, site: Site, now: datetime, retention_days: int | None = N
         if useragents.parse(event.user_agent).is_bot:
             parsed.dropped.append({"line": number, "reason": "bot"})  # as live ingest drops them
             continue
-        event_id = str(event.event_id) if event.event_id else content_event_id(site.site_id, event)
+        event_id = str(event.event_id) if event.event_id else content_event_id(site.site_id, event, id_key)
         parsed.lines.append(Line(number, event, event_id))
     return parsed
 

@@ -23,6 +23,10 @@ from clickhouse_connect.driver.exceptions import Error as ClickHouseError
 
 log = logging.getLogger(__name__)
 
+# Not a day: the row holding the installation's secret key for imported lines' content ids
+# (`importer.content_event_id`). Never purged; `besokskollen copy` carries it with the data.
+ID_KEY_DAY = date(1970, 1, 1)
+
 
 class Salts:
     def __init__(self, client: Client, historic_days: int = 30) -> None:
@@ -49,6 +53,10 @@ class Salts:
                 if day == today:
                     self._read_ahead(day + timedelta(days=1))
             return self._cache[day]
+
+    def id_key(self) -> bytes:
+        """The installation's 16-byte key for content event ids, made the first time it is asked."""
+        return self.for_day(ID_KEY_DAY)
 
     def _fetch(self, day: date) -> bytes:
         try:
@@ -92,9 +100,10 @@ class Salts:
     def _purge(self, before: date, now: datetime) -> None:
         """Forget live salts older than `before`, and historic ones past their time."""
         self._client.command(
-            "ALTER TABLE salts DELETE WHERE day < {before:Date}"
+            "ALTER TABLE salts DELETE WHERE day < {before:Date} AND day != {key_day:Date}"
             " AND (toDate(created_at) <= day + 1 OR created_at < {expired:DateTime64(6, 'UTC')})",
-            parameters={"before": before, "expired": now - timedelta(days=self._historic_days)},
+            parameters={"before": before, "key_day": ID_KEY_DAY,
+                        "expired": now - timedelta(days=self._historic_days)},
         )
         self._forget(before)
 

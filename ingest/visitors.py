@@ -84,6 +84,10 @@ class Visitors:
     def timeout(self) -> timedelta:
         return self._timeout
 
+    def id_key(self) -> bytes:
+        """The installation's key for imported lines' content ids (`Salts.id_key`)."""
+        return self._salts.id_key()
+
     def fresh(self) -> Visitors:
         """The same salts and lookups, but no memory of events: for events whose times are not
         the live clock's."""

@@ -495,7 +495,7 @@ def test_duplicates_and_late_events_land_once_where_they_belong(kafka, clickhous
         client = storage.connect(clickhouse_http)
         site = SiteRegistry(client).get(spec.site_id)
         visitors = Visitors(Salts(client), partial(latest_ends, client), partial(open_at, client), 1800)
-        parsed = importer.parse(to_ndjson(lines), site, datetime.now(timezone.utc))
+        parsed = importer.parse(to_ndjson(lines), site, datetime.now(timezone.utc), visitors.id_key())
         events = importer.to_events(parsed.lines, site, visitors)
         assert len(events) == 5000
 

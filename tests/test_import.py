@@ -11,7 +11,7 @@ import random
 import subprocess
 import sys
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -103,14 +103,26 @@ def test_event_ids_are_a_hash_of_the_canonical_content():
     different = [{**base, "timestamp": "2025-06-02T12:00:00.124Z"}, {**base, "ip": "81.227.0.2"},
                  {**base, "url": "https://a.example/q"}, {**base, "user_agent": BROWSER + " x"},
                  {**base, "referrer": "https://www.google.com/"}, {**base, "props": {"a": "1"}}]
-    parsed = importer.parse(ndjson(same + different), site, now)
+    key = bytes(range(16))
+    parsed = importer.parse(ndjson(same + different), site, now, key)
     assert not parsed.rejected and [line.number for line in parsed.lines] == list(range(1, 13))
     ids = [line.event_id for line in parsed.lines]
     assert len(set(ids[:6])) == 1 and len(set(ids)) == 7
     assert uuid.UUID(ids[0]).version == 5
     # The same content imported to another site is another event.
-    other = importer.parse(ndjson([base]), dataclasses.replace(site, site_id="elsewhere"), now)
+    other = importer.parse(ndjson([base]), dataclasses.replace(site, site_id="elsewhere"), now, key)
     assert other.lines[0].event_id != ids[0]
+    # The content holds the IP: without the installation's key nobody can recompute the id (and
+    # so find the IP by trying every address).
+    assert importer.parse(ndjson([base]), site, now, bytes(16)).lines[0].event_id != ids[0]
+
+
+def test_the_content_id_key_is_one_per_installation_and_outlives_every_purge(services):
+    key = Salts(services.client).id_key()
+    assert len(key) == 16 and Salts(services.client).id_key() == key  # every process agrees
+    # The daily purge, run as if the key were centuries old, keeps it.
+    Salts(services.client, historic_days=1)._purge(before=date(2100, 1, 1), now=datetime(2100, 1, 1, tzinfo=timezone.utc))
+    assert Salts(services.client).id_key() == key
 
 
 # -- the endpoint ---------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def _import_seconds(services, site, first_day: datetime, in_first_half_hour: boo
         offset = timedelta(minutes=rng.uniform(0, 30)) if in_first_half_hour else timedelta(hours=rng.uniform(2, 22))
         lines.append(orjson.dumps({"name": "pageview", "url": "https://bench.example/a", "user_agent": BROWSER,
                                    "timestamp": (day + offset).isoformat(), "ip": f"10.{i // 62500}.{i // 250 % 250}.{i % 250}"}))
-    parsed = importer.parse(b"\n".join(lines), site, datetime.now(timezone.utc), 400)
+    parsed = importer.parse(b"\n".join(lines), site, datetime.now(timezone.utc), services.visitors.id_key(), 400)
     started = time.perf_counter()
     events = importer.to_events(parsed.lines, site, services.visitors)
     assert len(events) == n
