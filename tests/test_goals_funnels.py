@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingest.event import Event
+from streams import core as core_module
 from streams.core import StreamCore
-from streams.goals import Goal
+from streams.goals import Goal, GoalRegistry, backfill
 
 API = "/api/v1"
 
@@ -120,6 +121,31 @@ async def test_goals_apply_to_past_and_new_events(client, services):
     r = await client.get(f"{API}/goals", params={"site_id": site})
     assert [g["name"] for g in r.json()["data"]] == ["Köp", "Produkt"]
     assert (await client.delete(f"{API}/goals/{created[1]['id']}")).status_code == 404
+
+
+async def test_a_backfill_beside_a_batch_in_flight_keeps_the_batchs_goal_rows(client, services, monkeypatch):
+    """The second backfill runs while the stream cores already count the goal. A batch that has
+    written its goal rows but not yet its raw events (the commit point) is invisible to the
+    backfill's read: the backfill's rows for the same visitor and quarter hour, missing the
+    batch's events, must not replace the batch's."""
+    site = await _site(client)
+    t = (_now() - timedelta(hours=3)).replace(minute=0, second=0)
+    StreamCore(services.client, 1800).process([_ev(site, 1, t + timedelta(minutes=40), path="/x")])
+    r = await client.post(f"{API}/goals", json={"site_id": site, "name": "X", "event_type": "pageview", "match_path": "/x"})
+    goal = GoalRegistry(services.client).get(r.json()["data"]["id"])
+    core = StreamCore(services.client, 1800)  # has the goal
+    write_events = core_module.raw_events.write
+
+    def backfill_before_the_commit(client_, events):
+        backfill(services.client, goal)
+        write_events(client_, events)
+
+    monkeypatch.setattr(core_module.raw_events, "write", backfill_before_the_commit)
+    # Another conversion in the stored one's quarter hour, and an earlier one (its first: the
+    # later quarter hour's row now has a gap, and counts no second visitor).
+    core.process([_ev(site, 1, t + timedelta(minutes=41), path="/x"), _ev(site, 1, t, path="/x")])
+    r = await client.get(f"{API}/goals", params={"site_id": site, "period": "7d"})
+    assert [(g["visitors"], g["conversions"]) for g in r.json()["data"]] == [(1, 3)]
 
 
 @pytest.mark.parametrize("body", [
