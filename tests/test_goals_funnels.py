@@ -208,6 +208,18 @@ async def test_funnel_counts_steps_in_order_within_sessions(client, services):
     assert (await client.get(f"{API}/funnels/{funnel['id']}/stats")).status_code == 404
 
 
+async def test_funnels_are_listed_by_name(client):
+    """A list without a metric is ordered by name (SPEC §7.1: ties by the name ascending, by code
+    point), then id, not by when each funnel was made."""
+    site = await _site(client)
+    for name in ("b", "Ö", "a", "C", "a"):
+        r = await client.post(f"{API}/funnels", json={"site_id": site, "name": name, "steps": FUNNEL[:2]})
+        assert r.status_code == 201, r.text
+    listed = (await client.get(f"{API}/funnels", params={"site_id": site})).json()["data"]
+    assert [f["name"] for f in listed] == ["C", "a", "a", "b", "Ö"]
+    assert [f["id"] for f in listed[1:3]] == sorted(f["id"] for f in listed[1:3])
+
+
 async def test_funnel_steps_in_one_millisecond_follow_the_session_order(client, services):
     """Events of one millisecond are ordered by event id, in sessions and in funnels alike (a
     beacon burst through the spool lands many in one millisecond); a copy of a step counts once."""
