@@ -16,8 +16,9 @@ from typing import Annotated, Literal
 from clickhouse_connect.driver.client import Client
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
+from ingest.event import EventName
 from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
 from query_api.errors import APIError
 from query_api.models import FunnelCreated, FunnelsResponse, FunnelStatsResponse
@@ -30,6 +31,7 @@ from streams.sessions import SESSION_START_SHIFT
 router = APIRouter(tags=["funnels"])
 
 MIN_STEPS, MAX_STEPS = 2, 8
+_EVENT_NAME = TypeAdapter(EventName)
 
 
 class StepIn(BaseModel):
@@ -37,6 +39,17 @@ class StepIn(BaseModel):
     type: Literal["pageview", "event"]
     match_value: Annotated[str, Field(min_length=1, max_length=2000)]
     match_type: Literal["exact", "startswith"] = "exact"
+
+    @model_validator(mode="after")
+    def _exact_event_name_as_stored(self) -> StepIn:
+        # It must equal a stored event name, so it is read as ingest reads names (surrounding
+        # whitespace dropped, control characters refused): " purchase" could never match.
+        if self.type == "event" and self.match_type == "exact":
+            try:
+                self.match_value = _EVENT_NAME.validate_python(self.match_value)
+            except ValidationError as e:
+                raise ValueError(f"match_value: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        return self
 
 
 class FunnelCreate(BaseModel):

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, model_validator
 
+from ingest.event import EventName
 from query_api import stats
 from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
 from query_api.errors import APIError
@@ -27,7 +28,9 @@ class GoalCreate(BaseModel):
     name: Text
     event_type: Literal["pageview", "event"]
     match_path: Annotated[str, Field(min_length=1, max_length=2000, pattern=r"^/")] | None = None
-    match_event: Annotated[str, Field(min_length=1, max_length=120)] | None = None
+    # Read as ingest reads event names (surrounding whitespace dropped, control characters
+    # refused): a goal for " purchase" could never match.
+    match_event: EventName | None = None
 
     @model_validator(mode="after")
     def _one_match(self) -> GoalCreate:

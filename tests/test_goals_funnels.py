@@ -148,6 +148,24 @@ async def test_a_backfill_beside_a_batch_in_flight_keeps_the_batchs_goal_rows(cl
     assert [(g["visitors"], g["conversions"]) for g in r.json()["data"]] == [(1, 3)]
 
 
+async def test_event_names_in_goals_and_funnel_steps_are_read_as_ingest_stores_them(client, services):
+    """Ingest drops the whitespace around an event's name, so a goal or an exact event step for
+    " purchase " matches purchase (it matched nothing); a prefix is left as typed."""
+    site = await _site(client)
+    t = _now() - timedelta(hours=2)
+    StreamCore(services.client, 1800).process([_ev(site, 1, t), _ev(site, 1, t + timedelta(minutes=1), "purchase")])
+    r = await client.post(f"{API}/goals", json={"site_id": site, "name": "Köp", "event_type": "event",
+                                                "match_event": " purchase\n"})
+    assert r.status_code == 201, r.text
+    assert r.json()["data"]["match_event"] == "purchase"
+    r = await client.get(f"{API}/goals", params={"site_id": site, "period": "7d"})
+    assert [(g["match_event"], g["conversions"]) for g in r.json()["data"]] == [("purchase", 1)]
+    steps = [FUNNEL[0], {"name": "Köp", "type": "event", "match_value": " purchase "}]
+    assert await _reached(client, site, steps) == [1, 1]
+    prefix = {"name": "Köp", "type": "event", "match_value": "purchase ", "match_type": "startswith"}
+    assert await _reached(client, site, [FUNNEL[0], prefix]) == [1, 0]
+
+
 @pytest.mark.parametrize("body", [
     {"name": "x", "event_type": "pageview"},
     {"name": "x", "event_type": "pageview", "match_path": "produkt"},
@@ -155,6 +173,8 @@ async def test_a_backfill_beside_a_batch_in_flight_keeps_the_batchs_goal_rows(cl
     {"name": "x", "event_type": "event", "match_event": "a", "match_path": "/a"},
     {"name": "", "event_type": "event", "match_event": "a"},
     {"name": "x", "event_type": "click", "match_event": "a"},
+    {"name": "x", "event_type": "event", "match_event": "   "},
+    {"name": "x", "event_type": "event", "match_event": "a\x00b"},
 ])
 async def test_bad_goals_are_400(client, body):
     site = await _site(client)
@@ -363,6 +383,7 @@ async def test_a_late_event_that_moves_a_session_start_leaves_no_phantom_session
     FUNNEL[:1], FUNNEL * 3, [{**FUNNEL[0], "type": "click"}, FUNNEL[1]],
     [{**FUNNEL[0], "match_type": "regex"}, FUNNEL[1]], [{**FUNNEL[0], "match_value": ""}, FUNNEL[1]],
     [{"name": "x", "type": "pageview"}, FUNNEL[1]],
+    [FUNNEL[0], {**FUNNEL[3], "match_value": "  "}], [FUNNEL[0], {**FUNNEL[3], "match_value": "köp\x07"}],
 ])
 async def test_bad_funnels_are_400(client, steps):
     site = await _site(client)
