@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, model_validator
 
@@ -46,9 +46,13 @@ def _describe(goal: Goal) -> dict:
     return {"id": goal.goal_id, "name": goal.name, "event_type": goal.event_type, **match}
 
 
+# All goals by default: the reference's list "returns all goals for a site" (not a stats list's 10).
+GoalLimit = Annotated[int | None, Query(ge=1, le=1000, description="Most goals to return (default: all)")]
+
+
 @router.get("/goals", response_model=GoalsResponse, response_model_exclude_none=True)
 def list_goals(request: Request, ctx: Ctx, key: Key, site_id: SiteId, period: PeriodName = "30d",
-               from_: From = None, to: To = None) -> Response:
+               from_: From = None, to: To = None, limit: GoalLimit = None) -> Response:
     """The site's goals, most converted visitors first (ties by name), with converted visitors
     (distinct visitors with a matching event in the period), conversions (matching events) and
     conversion_rate (converted visitors of all the period's visitors, percent)."""
@@ -66,7 +70,7 @@ def list_goals(request: Request, ctx: Ctx, key: Key, site_id: SiteId, period: Pe
         data.append({**_describe(goal), "visitors": visitors, "conversions": conversions,
                      "conversion_rate": percent(visitors, all_visitors)})
     data.sort(key=lambda row: (-row["visitors"], row["name"], row["id"]))
-    return cached_json(request, {"data": data})
+    return cached_json(request, {"data": data[:limit]})
 
 
 @router.post("/goals", response_model=GoalCreated, status_code=201, response_model_exclude_none=True)

@@ -117,6 +117,13 @@ async def test_goals_apply_to_past_and_new_events(client, services):
     assert [(g["name"], g["visitors"], g["conversions"], g["conversion_rate"]) for g in r.json()["data"]] == [
         ("Köp", 2, 2, 40), ("Produkt", 2, 3, 40), ("Start", 2, 2, 40)]
 
+    # All goals unless `limit` says otherwise (the reference: "returns all goals"); it cuts the list as ordered.
+    r = await client.get(f"{API}/goals", params={"site_id": site, "period": "7d", "limit": 2})
+    assert [g["name"] for g in r.json()["data"]] == ["Köp", "Produkt"]
+    for bad in (0, 1001, "x"):
+        r = await client.get(f"{API}/goals", params={"site_id": site, "limit": bad})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_parameter", r.text
+
     assert (await client.delete(f"{API}/goals/{created[1]['id']}")).status_code == 204
     r = await client.get(f"{API}/goals", params={"site_id": site})
     assert [g["name"] for g in r.json()["data"]] == ["Köp", "Produkt"]
