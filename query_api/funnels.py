@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
+from ingest.enrich import decoded
 from ingest.event import EventName
 from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
 from query_api.errors import APIError
@@ -41,10 +42,15 @@ class StepIn(BaseModel):
     match_type: Literal["exact", "startswith"] = "exact"
 
     @model_validator(mode="after")
-    def _exact_event_name_as_stored(self) -> StepIn:
-        # It must equal a stored event name, so it is read as ingest reads names (surrounding
-        # whitespace dropped, control characters refused): " purchase" could never match.
-        if self.type == "event" and self.match_type == "exact":
+    def _read_as_stored(self) -> StepIn:
+        # Compared with what ingest stored, so read the same way: a page percent-decoded
+        # ("/produkt/%C3%A5" is "/produkt/å"), an exact event name without the whitespace around
+        # it (" purchase" could never match) and without control characters.
+        if self.type == "pageview":
+            self.match_value = decoded(self.match_value)
+            if not self.match_value:  # "" would start every page
+                raise ValueError("match_value: a page path, not only control characters")
+        elif self.match_type == "exact":
             try:
                 self.match_value = _EVENT_NAME.validate_python(self.match_value)
             except ValidationError as e:

@@ -7,8 +7,9 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from ingest.enrich import decoded
 from ingest.event import EventName
 from query_api import stats
 from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
@@ -31,6 +32,13 @@ class GoalCreate(BaseModel):
     # Read as ingest reads event names (surrounding whitespace dropped, control characters
     # refused): a goal for " purchase" could never match.
     match_event: EventName | None = None
+
+    @field_validator("match_path")
+    @classmethod
+    def _page_as_stored(cls, path: str | None) -> str | None:
+        # Pages are stored percent-decoded: a path copied from a URL ("/produkt/%C3%A5") is the
+        # page "/produkt/å", and matched nothing as typed. A `%` not followed by two hex digits stays.
+        return decoded(path) if path is not None else None
 
     @model_validator(mode="after")
     def _one_match(self) -> GoalCreate:

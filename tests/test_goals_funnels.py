@@ -173,6 +173,31 @@ async def test_event_names_in_goals_and_funnel_steps_are_read_as_ingest_stores_t
     assert await _reached(client, site, [FUNNEL[0], prefix]) == [1, 0]
 
 
+async def test_paths_in_goals_and_funnel_steps_are_read_as_pages_are_stored(client, services):
+    """Pages are stored percent-decoded, so a path copied from a URL (/produkt/sk%C3%A4rmskydd)
+    is that page (it matched nothing); a `%` that starts no escape stays literal."""
+    site = await _site(client)
+    t = _now() - timedelta(hours=2)
+    StreamCore(services.client, 1800).process([_ev(site, 1, t, path="/produkt/skärmskydd"),
+                                              _ev(site, 1, t + timedelta(minutes=1), path="/100%"),
+                                              _ev(site, 2, t, path="/rabatt 50%")])
+    made = {}
+    for match_path in ("/produkt/sk%C3%A4rmskydd", "/produkt/sk%c3%a4rm*", "/100%", "/rabatt%2050%25"):
+        r = await client.post(f"{API}/goals", json={"site_id": site, "name": match_path, "event_type": "pageview",
+                                                    "match_path": match_path})
+        assert r.status_code == 201, r.text
+        made[match_path] = r.json()["data"]["match_path"]
+    assert made == {"/produkt/sk%C3%A4rmskydd": "/produkt/skärmskydd", "/produkt/sk%c3%a4rm*": "/produkt/skärm*",
+                    "/100%": "/100%", "/rabatt%2050%25": "/rabatt 50%"}
+    r = await client.get(f"{API}/goals", params={"site_id": site, "period": "7d"})
+    assert {g["match_path"]: g["conversions"] for g in r.json()["data"]} == {
+        "/produkt/skärmskydd": 1, "/produkt/skärm*": 1, "/100%": 1, "/rabatt 50%": 1}
+    steps = [_page("Skal", "/produkt/sk%C3%A4rmskydd"), _page("Procent", "/10", "startswith")]
+    assert await _reached(client, site, steps) == [1, 1]
+    r = await client.post(f"{API}/funnels", json={"site_id": site, "name": "f", "steps": [_page("Noll", "%00", "startswith"), FUNNEL[0]]})
+    assert r.status_code == 400, r.text
+
+
 @pytest.mark.parametrize("body", [
     {"name": "x", "event_type": "pageview"},
     {"name": "x", "event_type": "pageview", "match_path": "produkt"},
