@@ -67,10 +67,15 @@ def page_path(url: SplitResult, hash_routes: bool = False) -> str:
     """The page of a URL: its path percent-decoded (browsers send `/produkt/%C3%A5`, a goal is
     typed `/produkt/å`, and `%c3%a5` is the same page), without control characters; with the
     tracker's data-hash, the fragment too (`/app#/cart`)."""
-    path = without_control_characters(unquote(url.path, errors="replace")) or "/"
+    path = decoded(url.path) or "/"
     if hash_routes and url.fragment:
-        path += "#" + without_control_characters(unquote(url.fragment, errors="replace"))
+        path += "#" + decoded(url.fragment)
     return path
+
+
+def decoded(part: str) -> str:
+    """A URL's path or fragment as pages keep it (goals and funnel steps read theirs the same way)."""
+    return without_control_characters(unquote(part, errors="replace"))
 
 
 _random = bytearray()

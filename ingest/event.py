@@ -52,6 +52,9 @@ def canonical_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
 
 
 Slug = Annotated[str, StringConstraints(strip_whitespace=True, max_length=200), AfterValidator(_no_control_characters)]
+# An event's name as stored; goals and funnel steps read the names they match the same way.
+EventName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=120),
+                      AfterValidator(_no_control_characters)]
 
 
 class Product(BaseModel):
@@ -78,8 +81,7 @@ class IncomingEvent(BaseModel):
 
     site_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_SITE_ID)] | None = None
     domain: Annotated[str, StringConstraints(min_length=1, max_length=253)] | None = None
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=120),
-                    AfterValidator(_no_control_characters)]
+    name: EventName
     url: Annotated[str, StringConstraints(min_length=1, max_length=2000)]
     referrer: str | None = None
     props: dict[Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROP_KEY)],

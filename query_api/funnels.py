@@ -16,8 +16,10 @@ from typing import Annotated, Literal
 from clickhouse_connect.driver.client import Client
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
+from ingest.enrich import decoded
+from ingest.event import EventName
 from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
 from query_api.errors import APIError
 from query_api.models import FunnelCreated, FunnelsResponse, FunnelStatsResponse
@@ -31,6 +33,7 @@ from streams.sites import MAX_SITE_ID, Site
 router = APIRouter(tags=["funnels"])
 
 MIN_STEPS, MAX_STEPS = 2, 8
+_EVENT_NAME = TypeAdapter(EventName)
 
 
 class StepIn(BaseModel):
@@ -38,6 +41,22 @@ class StepIn(BaseModel):
     type: Literal["pageview", "event"]
     match_value: Annotated[str, Field(min_length=1, max_length=2000)]
     match_type: Literal["exact", "startswith"] = "exact"
+
+    @model_validator(mode="after")
+    def _read_as_stored(self) -> StepIn:
+        # Compared with what ingest stored, so read the same way: a page percent-decoded
+        # ("/produkt/%C3%A5" is "/produkt/å"), an exact event name without the whitespace around
+        # it (" purchase" could never match) and without control characters.
+        if self.type == "pageview":
+            self.match_value = decoded(self.match_value)
+            if not self.match_value:  # "" would start every page
+                raise ValueError("match_value: a page path, not only control characters")
+        elif self.match_type == "exact":
+            try:
+                self.match_value = _EVENT_NAME.validate_python(self.match_value)
+            except ValidationError as e:
+                raise ValueError(f"match_value: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        return self
 
 
 class FunnelCreate(BaseModel):

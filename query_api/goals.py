@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from ingest.enrich import decoded
+from ingest.event import EventName
 from query_api import stats
 from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
 from query_api.errors import APIError
@@ -28,7 +30,16 @@ class GoalCreate(BaseModel):
     name: Text
     event_type: Literal["pageview", "event"]
     match_path: Annotated[str, Field(min_length=1, max_length=2000, pattern=r"^/")] | None = None
-    match_event: Annotated[str, Field(min_length=1, max_length=120)] | None = None
+    # Read as ingest reads event names (surrounding whitespace dropped, control characters
+    # refused): a goal for " purchase" could never match.
+    match_event: EventName | None = None
+
+    @field_validator("match_path")
+    @classmethod
+    def _page_as_stored(cls, path: str | None) -> str | None:
+        # Pages are stored percent-decoded: a path copied from a URL ("/produkt/%C3%A5") is the
+        # page "/produkt/å", and matched nothing as typed. A `%` not followed by two hex digits stays.
+        return decoded(path) if path is not None else None
 
     @model_validator(mode="after")
     def _one_match(self) -> GoalCreate:
@@ -44,9 +55,13 @@ def _describe(goal: Goal) -> dict:
     return {"id": goal.goal_id, "name": goal.name, "event_type": goal.event_type, **match}
 
 
+# All goals by default: the reference's list "returns all goals for a site" (not a stats list's 10).
+GoalLimit = Annotated[int | None, Query(ge=1, le=1000, description="Most goals to return (default: all)")]
+
+
 @router.get("/goals", response_model=GoalsResponse, response_model_exclude_none=True)
 def list_goals(request: Request, ctx: Ctx, key: Key, site_id: SiteId, period: PeriodName = "30d",
-               from_: From = None, to: To = None) -> Response:
+               from_: From = None, to: To = None, limit: GoalLimit = None) -> Response:
     """The site's goals, most converted visitors first (ties by name), with converted visitors
     (distinct visitors with a matching event in the period), conversions (matching events) and
     conversion_rate (converted visitors of all the period's visitors, percent)."""
@@ -64,7 +79,7 @@ def list_goals(request: Request, ctx: Ctx, key: Key, site_id: SiteId, period: Pe
         data.append({**_describe(goal), "visitors": visitors, "conversions": conversions,
                      "conversion_rate": percent(visitors, all_visitors)})
     data.sort(key=lambda row: (-row["visitors"], row["name"], row["id"]))
-    return cached_json(request, {"data": data})
+    return cached_json(request, {"data": data[:limit]})
 
 
 @router.post("/goals", response_model=GoalCreated, status_code=201, response_model_exclude_none=True)

@@ -60,7 +60,8 @@ class FunnelRegistry:
         return _funnel(rows[0]) if rows else None
 
     def for_site(self, site_id: str) -> list[Funnel]:
-        rows = self._client.query(_SELECT + " AND site_id = {site:String} ORDER BY created_at, funnel_id",
+        """By name (a list without a metric: SPEC §7.1's ties by name; bytes are code point order), then id."""
+        rows = self._client.query(_SELECT + " AND site_id = {site:String} ORDER BY name, funnel_id",
                                   parameters={"site": site_id}).result_rows
         return [_funnel(row) for row in rows]
 

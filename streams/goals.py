@@ -118,6 +118,11 @@ class GoalRegistry:
 
 # Activity rows of one goal from the stored events: per visitor and quarter hour the matching
 # events, and the gap to that visitor's previous matching quarter hour (0 for the first).
+# Their version is 0, below any stream core's: a batch writes its goal rows before its raw events
+# (the commit point), so a backfill reading meanwhile misses the batch's events, and its rows
+# must not replace the batch's (computed from all of that visitor's events). Of two backfills'
+# rows (equal versions) the later insert wins.
+BACKFILL_VERSION = 0
 _BACKFILL = """
 INSERT INTO activity (site_id, kind, value, bucket, visitor_id, events, pageviews, sessions, bounces, duration_ms,
                       gap, version, is_deleted)
@@ -139,7 +144,7 @@ def backfill(client: Client, goal: Goal) -> int:
     many buckets it has."""
     condition, params = goal.sql_condition()
     client.command(_BACKFILL % condition, parameters={**params, "site": goal.site_id, "goal": goal.goal_id,
-                                                      "version": time.time_ns()})
+                                                      "version": BACKFILL_VERSION})
     buckets = [row[0] for row in client.query(
         "SELECT DISTINCT bucket FROM activity WHERE site_id = {site:String} AND kind = 'goal' AND value = {goal:String}",
         parameters={"site": goal.site_id, "goal": goal.goal_id}).result_rows]

@@ -18,8 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingest.event import Event
+from streams import core as core_module
 from streams.core import StreamCore
-from streams.goals import Goal
+from streams.goals import Goal, GoalRegistry, backfill
 from tests.conftest import ROOT
 
 API = "/api/v1"
@@ -121,10 +122,85 @@ async def test_goals_apply_to_past_and_new_events(client, services):
     assert [(g["name"], g["visitors"], g["conversions"], g["conversion_rate"]) for g in r.json()["data"]] == [
         ("Köp", 2, 2, 40), ("Produkt", 2, 3, 40), ("Start", 2, 2, 40)]
 
+    # All goals unless `limit` says otherwise (the reference: "returns all goals"); it cuts the list as ordered.
+    r = await client.get(f"{API}/goals", params={"site_id": site, "period": "7d", "limit": 2})
+    assert [g["name"] for g in r.json()["data"]] == ["Köp", "Produkt"]
+    for bad in (0, 1001, "x"):
+        r = await client.get(f"{API}/goals", params={"site_id": site, "limit": bad})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_parameter", r.text
+
     assert (await client.delete(f"{API}/goals/{created[1]['id']}")).status_code == 204
     r = await client.get(f"{API}/goals", params={"site_id": site})
     assert [g["name"] for g in r.json()["data"]] == ["Köp", "Produkt"]
     assert (await client.delete(f"{API}/goals/{created[1]['id']}")).status_code == 404
+
+
+async def test_a_backfill_beside_a_batch_in_flight_keeps_the_batchs_goal_rows(client, services, monkeypatch):
+    """The second backfill runs while the stream cores already count the goal. A batch that has
+    written its goal rows but not yet its raw events (the commit point) is invisible to the
+    backfill's read: the backfill's rows for the same visitor and quarter hour, missing the
+    batch's events, must not replace the batch's."""
+    site = await _site(client)
+    t = (_now() - timedelta(hours=3)).replace(minute=0, second=0)
+    StreamCore(services.client, 1800).process([_ev(site, 1, t + timedelta(minutes=40), path="/x")])
+    r = await client.post(f"{API}/goals", json={"site_id": site, "name": "X", "event_type": "pageview", "match_path": "/x"})
+    goal = GoalRegistry(services.client).get(r.json()["data"]["id"])
+    core = StreamCore(services.client, 1800)  # has the goal
+    write_events = core_module.raw_events.write
+
+    def backfill_before_the_commit(client_, events):
+        backfill(services.client, goal)
+        write_events(client_, events)
+
+    monkeypatch.setattr(core_module.raw_events, "write", backfill_before_the_commit)
+    # Another conversion in the stored one's quarter hour, and an earlier one (its first: the
+    # later quarter hour's row now has a gap, and counts no second visitor).
+    core.process([_ev(site, 1, t + timedelta(minutes=41), path="/x"), _ev(site, 1, t, path="/x")])
+    r = await client.get(f"{API}/goals", params={"site_id": site, "period": "7d"})
+    assert [(g["visitors"], g["conversions"]) for g in r.json()["data"]] == [(1, 3)]
+
+
+async def test_event_names_in_goals_and_funnel_steps_are_read_as_ingest_stores_them(client, services):
+    """Ingest drops the whitespace around an event's name, so a goal or an exact event step for
+    " purchase " matches purchase (it matched nothing); a prefix is left as typed."""
+    site = await _site(client)
+    t = _now() - timedelta(hours=2)
+    StreamCore(services.client, 1800).process([_ev(site, 1, t), _ev(site, 1, t + timedelta(minutes=1), "purchase")])
+    r = await client.post(f"{API}/goals", json={"site_id": site, "name": "Köp", "event_type": "event",
+                                                "match_event": " purchase\n"})
+    assert r.status_code == 201, r.text
+    assert r.json()["data"]["match_event"] == "purchase"
+    r = await client.get(f"{API}/goals", params={"site_id": site, "period": "7d"})
+    assert [(g["match_event"], g["conversions"]) for g in r.json()["data"]] == [("purchase", 1)]
+    steps = [FUNNEL[0], {"name": "Köp", "type": "event", "match_value": " purchase "}]
+    assert await _reached(client, site, steps) == [1, 1]
+    prefix = {"name": "Köp", "type": "event", "match_value": "purchase ", "match_type": "startswith"}
+    assert await _reached(client, site, [FUNNEL[0], prefix]) == [1, 0]
+
+
+async def test_paths_in_goals_and_funnel_steps_are_read_as_pages_are_stored(client, services):
+    """Pages are stored percent-decoded, so a path copied from a URL (/produkt/sk%C3%A4rmskydd)
+    is that page (it matched nothing); a `%` that starts no escape stays literal."""
+    site = await _site(client)
+    t = _now() - timedelta(hours=2)
+    StreamCore(services.client, 1800).process([_ev(site, 1, t, path="/produkt/skärmskydd"),
+                                              _ev(site, 1, t + timedelta(minutes=1), path="/100%"),
+                                              _ev(site, 2, t, path="/rabatt 50%")])
+    made = {}
+    for match_path in ("/produkt/sk%C3%A4rmskydd", "/produkt/sk%c3%a4rm*", "/100%", "/rabatt%2050%25"):
+        r = await client.post(f"{API}/goals", json={"site_id": site, "name": match_path, "event_type": "pageview",
+                                                    "match_path": match_path})
+        assert r.status_code == 201, r.text
+        made[match_path] = r.json()["data"]["match_path"]
+    assert made == {"/produkt/sk%C3%A4rmskydd": "/produkt/skärmskydd", "/produkt/sk%c3%a4rm*": "/produkt/skärm*",
+                    "/100%": "/100%", "/rabatt%2050%25": "/rabatt 50%"}
+    r = await client.get(f"{API}/goals", params={"site_id": site, "period": "7d"})
+    assert {g["match_path"]: g["conversions"] for g in r.json()["data"]} == {
+        "/produkt/skärmskydd": 1, "/produkt/skärm*": 1, "/100%": 1, "/rabatt 50%": 1}
+    steps = [_page("Skal", "/produkt/sk%C3%A4rmskydd"), _page("Procent", "/10", "startswith")]
+    assert await _reached(client, site, steps) == [1, 1]
+    r = await client.post(f"{API}/funnels", json={"site_id": site, "name": "f", "steps": [_page("Noll", "%00", "startswith"), FUNNEL[0]]})
+    assert r.status_code == 400, r.text
 
 
 @pytest.mark.parametrize("body", [
@@ -134,6 +210,8 @@ async def test_goals_apply_to_past_and_new_events(client, services):
     {"name": "x", "event_type": "event", "match_event": "a", "match_path": "/a"},
     {"name": "", "event_type": "event", "match_event": "a"},
     {"name": "x", "event_type": "click", "match_event": "a"},
+    {"name": "x", "event_type": "event", "match_event": "   "},
+    {"name": "x", "event_type": "event", "match_event": "a\x00b"},
 ])
 async def test_bad_goals_are_400(client, body):
     site = await _site(client)
@@ -185,6 +263,18 @@ async def test_funnel_counts_steps_in_order_within_sessions(client, services):
     assert [s["sessions"] for s in empty["steps"]] == [0, 0, 0, 0] and empty["overall_conversion"] == 0
     assert (await client.delete(f"{API}/funnels/{funnel['id']}")).status_code == 204
     assert (await client.get(f"{API}/funnels/{funnel['id']}/stats")).status_code == 404
+
+
+async def test_funnels_are_listed_by_name(client):
+    """A list without a metric is ordered by name (SPEC §7.1: ties by the name ascending, by code
+    point), then id, not by when each funnel was made."""
+    site = await _site(client)
+    for name in ("b", "Ö", "a", "C", "a"):
+        r = await client.post(f"{API}/funnels", json={"site_id": site, "name": name, "steps": FUNNEL[:2]})
+        assert r.status_code == 201, r.text
+    listed = (await client.get(f"{API}/funnels", params={"site_id": site})).json()["data"]
+    assert [f["name"] for f in listed] == ["C", "a", "a", "b", "Ö"]
+    assert [f["id"] for f in listed[1:3]] == sorted(f["id"] for f in listed[1:3])
 
 
 async def test_funnel_steps_in_one_millisecond_follow_the_session_order(client, services):
@@ -330,6 +420,7 @@ async def test_a_late_event_that_moves_a_session_start_leaves_no_phantom_session
     FUNNEL[:1], FUNNEL * 3, [{**FUNNEL[0], "type": "click"}, FUNNEL[1]],
     [{**FUNNEL[0], "match_type": "regex"}, FUNNEL[1]], [{**FUNNEL[0], "match_value": ""}, FUNNEL[1]],
     [{"name": "x", "type": "pageview"}, FUNNEL[1]],
+    [FUNNEL[0], {**FUNNEL[3], "match_value": "  "}], [FUNNEL[0], {**FUNNEL[3], "match_value": "köp\x07"}],
 ])
 async def test_bad_funnels_are_400(client, steps):
     site = await _site(client)
