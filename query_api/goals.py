@@ -87,7 +87,13 @@ def create_goal(request: Request, ctx: Ctx, key: Key, body: GoalCreate) -> Respo
     """Applies to all stored data: answers once the goal's past conversions are counted."""
     site = readable_site(ctx, key, body.site_id)
     goal = ctx.goals.create(site.site_id, body.name, body.event_type, body.match_path or "", body.match_event or "")
-    backfill_twice(ctx.client, goal)
+    try:
+        backfill_twice(ctx.client, goal)
+    except Exception:
+        # The client is told it failed and will retry: a goal kept without its past would be a
+        # duplicate then. (If this delete fails too, the second backfill gives it its past.)
+        ctx.goals.delete(goal)
+        raise
     return cached_json(request, {"data": {**_describe(goal), "site_id": site.site_id}}, status=201)
 
 

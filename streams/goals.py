@@ -156,10 +156,11 @@ def backfill(client: Client, goal: Goal) -> int:
 def backfill_twice(client: Client, goal: Goal) -> None:
     """Backfill now, and again in the background once every process's goal list has it, unless
     the goal was deleted meanwhile."""
-    backfill(client, goal)
+    # Scheduled first: it also makes up for a first backfill that fails.
     migrations.run_later(2 * REFRESH_S,
                          lambda: backfill(client, goal) if _get(client, goal.goal_id) else _purge(client, goal),
                          f"second backfill of goal {goal.goal_id}")
+    backfill(client, goal)
 
 
 def _purge(client: Client, goal: Goal) -> None:

@@ -93,6 +93,32 @@ def test_a_pattern_of_many_wildcards_does_not_backtrack():
     assert goal.matches("pageview", "/" + "a" * 5000 + "b") is True
 
 
+async def test_a_goal_whose_backfill_fails_is_not_kept(embedded, services, monkeypatch):
+    """POST /goals answers 500 when the past cannot be counted; the client retries, so the goal
+    must not stay (it would be a duplicate, and one without its past)."""
+    import httpx
+
+    calls = []
+
+    def failing_backfill(client_, goal):
+        calls.append(goal.goal_id)
+        raise RuntimeError("ClickHouse went away")
+
+    transport = httpx.ASGITransport(app=embedded[0], client=("127.0.0.1", 5000), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
+                                 headers={"authorization": f"Bearer {services.settings.admin_key}"}) as client:
+        site = await _site(client)
+        monkeypatch.setattr("streams.goals.backfill", failing_backfill)
+        r = await client.post(f"{API}/goals", json={"site_id": site, "name": "Köp", "event_type": "event",
+                                                    "match_event": "purchase"})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error", r.text
+        assert len(calls) == 1
+        monkeypatch.undo()
+        assert GoalRegistry(services.client).get(calls[0]) is None
+        r = await client.get(f"{API}/goals", params={"site_id": site})
+        assert r.status_code == 200 and r.json()["data"] == []
+
+
 async def test_goals_apply_to_past_and_new_events(client, services):
     site = await _site(client)
     t = _now() - timedelta(hours=3)
