@@ -168,11 +168,24 @@ class StreamCore:
             if before_sessions == after_sessions and old == fresh:  # only events seen before
                 return
 
+        # A batch redelivered after a kill between its derived rows and its raw events (the commit
+        # point) starts at the same offset: the killed attempt wrote what a prefix of these
+        # events, in delivery order, derives. In time order no prefix derives a session or row
+        # that the whole set drops or restores; out of time order one can (a later-delivered,
+        # earlier event moves a session's start or joins two sessions). Then every row is written
+        # whole, and every session and row some prefix derives gets a tombstone unless kept.
+        maybe_written = self._prefix_rows(stored, new, gone, goals) if _out_of_time_order(new.values()) else None
+
         # Sessions: changed or new ones are written, vanished ones get a tombstone.
         before_by_id = {s.session_id: s for s in before_sessions}
         after_by_id = {s.session_id: s for s in after_sessions}
-        changes.sessions += [s for s in after_sessions if before_by_id.get(s.session_id) != s]
-        changes.dead_sessions += [s for s in before_sessions if s.session_id not in after_by_id]
+        if maybe_written is None:
+            changes.sessions += [s for s in after_sessions if before_by_id.get(s.session_id) != s]
+            changes.dead_sessions += [s for s in before_sessions if s.session_id not in after_by_id]
+        else:
+            changes.sessions += after_sessions
+            changes.dead_sessions += [s for session_id, s in {**maybe_written[0], **before_by_id}.items()
+                                      if session_id not in after_by_id]
 
         # Raw events: the new ones, and stored ones whose session changed (a merge).
         was_in = {eid: s.session_id for s in before_sessions for eid in s.event_ids}
@@ -185,13 +198,30 @@ class StreamCore:
 
         # Activity: likewise, by key; the buckets of every changed row are rebuilt.
         for key, measures in fresh.items():
-            if old.get(key) != measures:
+            if maybe_written is not None or old.get(key) != measures:
                 changes.activity.append((site_id, visitor_id, key, measures))
                 changes.buckets.add((site_id, key[0], activity.bucket_at(key[2])))
-        for key, measures in old.items():
+        for key, measures in (old if maybe_written is None else {**maybe_written[1], **old}).items():
             if key not in fresh:
                 changes.dead_activity.append((site_id, visitor_id, key, measures))
                 changes.buckets.add((site_id, key[0], activity.bucket_at(key[2])))
+
+    def _prefix_rows(self, stored: dict[str, Event], new: dict[str, Event], gone: set[str],
+                     goals: tuple) -> tuple[dict[int, Session], dict]:
+        """The sessions (by id) and activity rows that the stored events with each proper prefix
+        of `new` (in delivery order) derive."""
+        sessions_seen: dict[int, Session] = {}
+        rows_seen: dict = {}
+        events = {event_id: e for event_id, e in stored.items() if event_id not in gone}
+        for e in list(new.values())[:-1]:
+            events[e.event_id] = e
+            ordered = sorted(events.values(), key=event_order)
+            prefix_sessions = sessionize(ordered, self._timeout)
+            for s in prefix_sessions:
+                sessions_seen.setdefault(s.session_id, s)
+            for key, measures in activity.activity(ordered, prefix_sessions, goals).items():
+                rows_seen.setdefault(key, measures)
+        return sessions_seen, rows_seen
 
     def _remember(self, derived: dict[tuple[str, int], _Derived]) -> None:
         """Keep what a batch wrote (only once written: a batch that failed halfway is retried
@@ -201,6 +231,17 @@ class StreamCore:
             self._derived.move_to_end(visitor)
         while len(self._derived) > REMEMBERED_VISITORS:
             self._derived.popitem(last=False)
+
+
+def _out_of_time_order(events) -> bool:
+    """Whether some event was delivered after a later one (by `event_order`)."""
+    latest = None
+    for e in events:
+        order = event_order(e)
+        if latest is not None and order < latest:
+            return True
+        latest = order if latest is None else max(latest, order)
+    return False
 
 
 def _first_arrivals(batch: list[Event]) -> dict[tuple[str, str], Event]:
