@@ -188,7 +188,13 @@ class Spool:
         while offset + _HEADER.size <= size:
             length, crc = _HEADER.unpack(os.pread(self._read_fd, _HEADER.size, offset))
             end = offset + _HEADER.size + length
-            if end > size or zlib.crc32(os.pread(self._read_fd, length, offset + _HEADER.size)) != crc:
+            if end > size:
+                break
+            payload = os.pread(self._read_fd, length, offset + _HEADER.size)
+            # Zeros pass the CRC (crc32 of nothing is 0): a tail of them, as a file system leaves
+            # after a power loss (size grown, data not written), would stop `read` for good.
+            if (zlib.crc32(payload) != crc or length < _KEY_LENGTH.size
+                    or _KEY_LENGTH.unpack_from(payload)[0] > length - _KEY_LENGTH.size):
                 break
             offset = end
         return offset

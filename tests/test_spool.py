@@ -94,6 +94,28 @@ def test_a_record_torn_by_a_crash_is_cut_off(tmp_path):
     again.close()
 
 
+def test_a_tail_of_zeros_left_by_a_power_loss_is_cut_off(tmp_path):
+    """A file system may keep a grown size without the data after a power loss: the tail reads as
+    zeros, which pass the CRC (crc32 of nothing is 0). They were read as empty records, and every
+    `read` of the spool (the replay to Kafka, the embedded journal at start) failed from then on."""
+    spool = Spool(tmp_path, 1 << 20)
+    spool.open()
+    spool.append(b"a", b"whole")
+    spool.close()
+    with open(tmp_path / "spool.log", "ab") as log:
+        log.write(bytes(4096))
+    again = Spool(tmp_path, 1 << 20)
+    again.open()
+    assert again.pending_records == 1
+    assert again.read(10)[0] == [(b"a", b"whole")]
+    again.append(b"b", b"after")
+    records, end = again.read(10)
+    assert [k for k, _ in records] == [b"a", b"b"]
+    again.commit(end)
+    assert again.pending_records == 0
+    again.close()
+
+
 def test_a_full_spool_refuses_and_a_second_process_is_kept_out(tmp_path):
     spool = Spool(tmp_path, 100)
     spool.open()
