@@ -100,19 +100,24 @@ class Spool:
 
     def append(self, key: bytes, value: bytes) -> int:
         """Returns the offset after this record (what `commit` takes once it is sent)."""
-        return self.append_all([(key, value)])
+        return self.append_all([(key, value)])[-1]
 
-    def append_all(self, records: list[tuple[bytes, bytes]]) -> int:
-        """Append these records with one `write`, all or none; returns the offset after them."""
+    def append_all(self, records: list[tuple[bytes, bytes]]) -> list[int]:
+        """Append these records with one `write`, all or none; returns the offset after each
+        (a consumer may send them in more than one go)."""
         payloads = [_KEY_LENGTH.pack(len(key)) + key + value for key, value in records]
         data = b"".join(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload for payload in payloads)
         if self._size + len(data) > self.max_bytes:
             raise SpoolFull(f"the spool is full ({self._size} of {self.max_bytes} bytes)")
+        ends, end = [], self._base + self._size
+        for payload in payloads:
+            end += _HEADER.size + len(payload)
+            ends.append(end)
         os.write(self._fd, data)
         self._size += len(data)
         self._records += len(records)
         self._dirty = True
-        return self._base + self._size
+        return ends
 
     def read(self, max_records: int) -> tuple[list[tuple[bytes, bytes]], int]:
         """Up to `max_records` unsent records, oldest first, and the offset to `commit` once they

@@ -37,7 +37,7 @@ class EmbeddedRunner:
         self._room = asyncio.Semaphore(max_queued)
         self._tasks: list[asyncio.Task] = []
         self._waiting: list[tuple[bytes, bytes]] = []  # records to journal at the end of this turn
-        self._appended: asyncio.Future[int] | None = None
+        self._appended: asyncio.Future[list[int]] | None = None
         # Counted rather than "queue empty": under steady traffic the queue may never be empty,
         # and a drain must still end once what came before it is written.
         self._submitted = 0
@@ -51,10 +51,12 @@ class EmbeddedRunner:
             # The events submitted in one turn of the event loop are journaled with one `write`.
             self._appended = asyncio.get_running_loop().create_future()
             asyncio.get_running_loop().call_soon(self._append_waiting)
-        appended = self._appended
+        appended, index = self._appended, len(self._waiting)
         self._waiting.append((event.kafka_key, event.to_bytes()))
         try:
-            end = await appended
+            # This record's own end: a batch may end inside the group, and the rest of the group
+            # must stay journaled until it is written.
+            end = (await appended)[index]
         except BaseException:
             self._room.release()
             raise

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -166,6 +168,42 @@ async def test_events_a_dead_embedded_process_had_not_written_are_written_at_sta
         await runner.stop()
     assert services.client.query("SELECT count() FROM events FINAL WHERE site_id = {s:String}",
                                  parameters={"s": site}).result_rows[0][0] == 50
+
+
+async def test_a_batch_cut_inside_one_turns_events_leaves_the_rest_journaled(tmp_path):
+    """The events of one turn of the event loop are journaled with one `write`. When a batch ends
+    inside such a group (a backlog, an import's 1,000 at once), writing it must not cut the rest of
+    the group from the journal: they are answered and not written, and a kill -9 then lost them."""
+    class Core:  # writes the first batch, then hangs in the second (killed there)
+        def __init__(self) -> None:
+            self.batches: list[int] = []
+            self.hung = threading.Event()
+
+        def process(self, batch: list[Event]) -> None:
+            self.batches.append(len(batch))
+            if len(self.batches) > 1:
+                self.hung.wait()
+
+    at = datetime.now(timezone.utc)
+    events = [Event(event_id=str(uuid.uuid4()), site_id="s", timestamp=at, name="pageview", visitor_id=n, pathname="/")
+              for n in range(30)]
+    core = Core()
+    runner = EmbeddedRunner(core, Spool(tmp_path / "journal", 1 << 20), max_batch=20)
+    await runner.start()
+    try:
+        await asyncio.gather(*(runner.submit(e) for e in events))  # one turn: one group of 30
+        await asyncio.to_thread(wait_until, lambda: len(core.batches) == 2, 10, "the second batch")
+        assert core.batches == [20, 10]
+        shutil.copytree(tmp_path / "journal", tmp_path / "after-kill")  # the disk as a kill -9 leaves it
+        left = Spool(tmp_path / "after-kill", 1 << 20)
+        left.open()
+        assert [e.event_id for e in Event.decode_all([v for _, v in left.read(100)[0]])] == [
+            e.event_id for e in events[20:]]
+        left.close()
+        assert runner._journal.pending_records == 10
+    finally:
+        core.hung.set()
+        await runner.stop()
 
 
 def test_up_killed_with_events_not_yet_written_loses_none(clickhouse_http, tmp_path):
