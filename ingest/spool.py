@@ -139,13 +139,16 @@ class Spool:
         self._records -= self._count(self._sent, offset) if records is None else records
         self._sent = offset
         if self._sent >= self._size:
+            # The cursor goes to 0 first, as in `_compact`: a kill between the two replays the
+            # sent log whole, while a stale cursor over a truncated log skipped the next records.
+            self._write_pos(0)
             os.ftruncate(self._fd, 0)
             self._base += self._size
             self._size = self._sent = self._records = 0
         elif self._sent >= self.compact_bytes and self._size - self._sent <= self._sent:
             self._compact()
-            return
-        self._write_pos(self._sent)
+        else:
+            self._write_pos(self._sent)
 
     def _compact(self) -> None:
         """Replace the log by its unsent rest. The cursor goes to 0 first: a crash in between

@@ -118,6 +118,52 @@ def test_a_tail_of_zeros_left_by_a_power_loss_is_cut_off(tmp_path):
     again.close()
 
 
+class _Killed(BaseException):
+    pass
+
+
+def _killed(spool: Spool) -> None:
+    """Leave the spool's files as a kill -9 of its process does (nothing flushed or rewritten)."""
+    for fd in (spool._fd, spool._read_fd, spool._lock_fd):
+        os.close(fd)
+
+
+@pytest.mark.parametrize("dies_in", ["_write_pos", "ftruncate"])
+def test_a_kill_while_an_emptied_log_starts_over_loses_nothing_after_it(tmp_path, monkeypatch, dies_in):
+    """Everything sent: the log is truncated and the cursor set to 0. A kill between the two used
+    to leave the old cursor over the empty log; the records appended after the restart (a broker
+    outage: nothing is committed) were then skipped up to it at the next start, and the rest read
+    from the middle of a record."""
+    spool = Spool(tmp_path, 1 << 20)
+    spool.open()
+    for n in range(5):
+        spool.append(b"k", f"sent {n}".encode())
+    spool.commit(spool.read(2)[1])  # a cursor inside the log
+    records, end = spool.read(10)
+
+    def die(*args):
+        raise _Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(*((Spool, "_write_pos") if dies_in == "_write_pos" else (os, "ftruncate")), die)
+        with pytest.raises(_Killed):
+            spool.commit(end)
+    _killed(spool)
+
+    restarted = Spool(tmp_path, 1 << 20)
+    restarted.open()
+    for n in range(5):
+        restarted.append(b"k", f"new {n}".encode())
+    _killed(restarted)  # killed again before anything was sent
+
+    again = Spool(tmp_path, 1 << 20)
+    again.open()
+    values = [v for _, v in again.read(100)[0]]
+    assert values[-5:] == [f"new {n}".encode() for n in range(5)]
+    assert set(values[:-5]) <= {f"sent {n}".encode() for n in range(5)}  # sent again at worst
+    again.close()
+
+
 def test_a_full_spool_refuses_and_a_second_process_is_kept_out(tmp_path):
     spool = Spool(tmp_path, 100)
     spool.open()
