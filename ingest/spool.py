@@ -18,6 +18,7 @@ take the last second)."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import struct
@@ -113,7 +114,17 @@ class Spool:
         for payload in payloads:
             end += _HEADER.size + len(payload)
             ends.append(end)
-        os.write(self._fd, data)
+        try:
+            written = os.write(self._fd, data)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            written = 0
+        if written < len(data):
+            # A full disk writes what fits and says so only by the count. Kept, the torn record
+            # would hide every later one from `read` and from the next start: cut it, refuse all.
+            os.ftruncate(self._fd, self._size)
+            raise SpoolFull(f"no space left on the disk of {self.directory}")
         self._size += len(data)
         self._records += len(records)
         self._dirty = True

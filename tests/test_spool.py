@@ -164,6 +164,26 @@ def test_a_kill_while_an_emptied_log_starts_over_loses_nothing_after_it(tmp_path
     again.close()
 
 
+def test_a_full_disk_refuses_the_group_and_keeps_the_log_whole(tmp_path, monkeypatch):
+    """On a full disk `write` stores what fits and returns the count. The group counted as kept
+    (202) and the torn record hid every later one from `read` and from the next start."""
+    spool = Spool(tmp_path, 1 << 20)
+    spool.open()
+    spool.append(b"k", b"before")
+    write = os.write
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "write", lambda fd, data: write(fd, data[:len(data) // 2]))
+        with pytest.raises(SpoolFull):  # refused (503), not answered as kept
+            spool.append_all([(b"k", b"lost"), (b"k", b"to the full disk")])
+    spool.append(b"k", b"after")  # space again
+    assert [v for _, v in spool.read(10)[0]] == [b"before", b"after"]
+    _killed(spool)
+    again = Spool(tmp_path, 1 << 20)
+    again.open()
+    assert [v for _, v in again.read(10)[0]] == [b"before", b"after"]
+    again.close()
+
+
 def test_a_full_spool_refuses_and_a_second_process_is_kept_out(tmp_path):
     spool = Spool(tmp_path, 100)
     spool.open()
