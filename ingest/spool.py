@@ -67,10 +67,13 @@ class Spool:
                               " give each ingest process its own BK_SPOOL_DIR") from None
         self._open_log()
         self._sent = int(self._pos.read_text() or 0) if self._pos.exists() else 0
-        self._size = self._valid_length()
+        self._size, at_boundary = self._valid_length(self._sent)
         if self._size < os.fstat(self._fd).st_size:
             os.ftruncate(self._fd, self._size)  # a torn tail from a crash mid-write
-        self._sent = min(self._sent, self._size)
+        if not at_boundary:
+            # A cursor inside a record (left by an older release killed as it emptied the log)
+            # would skip records and read the rest from mid-record: send the log whole instead.
+            self._sent = 0
         self._records = self._count(self._sent, self._size)
 
     def _open_log(self) -> None:
@@ -201,9 +204,10 @@ class Spool:
             n += 1
         return n
 
-    def _valid_length(self) -> int:
-        """Length of the log's prefix made of whole records with good checksums."""
-        size, offset = os.fstat(self._read_fd).st_size, 0
+    def _valid_length(self, cursor: int) -> tuple[int, bool]:
+        """Length of the log's prefix made of whole records with good checksums, and whether
+        `cursor` is a record boundary in it."""
+        size, offset, at_boundary = os.fstat(self._read_fd).st_size, 0, cursor == 0
         while offset + _HEADER.size <= size:
             length, crc = _HEADER.unpack(os.pread(self._read_fd, _HEADER.size, offset))
             end = offset + _HEADER.size + length
@@ -216,4 +220,5 @@ class Spool:
                     or _KEY_LENGTH.unpack_from(payload)[0] > length - _KEY_LENGTH.size):
                 break
             offset = end
-        return offset
+            at_boundary = at_boundary or offset == cursor
+        return offset, at_boundary

@@ -164,6 +164,22 @@ def test_a_kill_while_an_emptied_log_starts_over_loses_nothing_after_it(tmp_path
     again.close()
 
 
+def test_a_cursor_inside_a_record_is_not_trusted(tmp_path):
+    """What an older release left after the kill above: a cursor that is no record boundary. Read
+    from it, the log gave a garbled record and lost the ones before; now it is sent whole."""
+    spool = Spool(tmp_path, 1 << 20)
+    spool.open()
+    for n in range(3):
+        spool.append(b"k", f"record {n}".encode())
+    _killed(spool)
+    (tmp_path / "spool.pos").write_text("21")  # inside the second record
+    again = Spool(tmp_path, 1 << 20)
+    again.open()
+    assert again.pending_records == 3
+    assert [v for _, v in again.read(10)[0]] == [f"record {n}".encode() for n in range(3)]
+    again.close()
+
+
 def test_a_full_disk_refuses_the_group_and_keeps_the_log_whole(tmp_path, monkeypatch):
     """On a full disk `write` stores what fits and returns the count. The group counted as kept
     (202) and the torn record hid every later one from `read` and from the next start."""
