@@ -8,6 +8,8 @@ from datetime import date, datetime, time, timedelta, timezone
 from decimal import ROUND_HALF_UP, Decimal
 from zoneinfo import ZoneInfo
 
+import pytest
+
 from ingest.event import Event
 from query_api.affiliate import popular_products
 from query_api.periods import Period
@@ -332,3 +334,31 @@ def _strip_session_ids(rows: tuple[list, list]) -> tuple[list, list]:
     """Session ids hash the site id: compare everything else."""
     sessions, activity = rows
     return [r[:1] + r[2:] for r in sessions], activity
+
+
+@pytest.mark.xfail(strict=True, reason="known defect: a redelivered batch is diffed against what the stored raw events"
+                                       " imply, not against what a killed attempt already wrote (see the docstring)")
+def test_a_batch_killed_before_its_commit_point_and_redelivered_with_more_events(services, monkeypatch):
+    """A worker killed after writing a batch's sessions and activity but before its raw events (the
+    commit point). Its successor reads from the committed offset, and its batch may hold more of
+    the visitor's events than the killed one did (a later import, an event produced out of time
+    order). One that joins the killed batch's new session to the visitor's earlier one leaves that
+    session and its source row, which no stored event explains, for good: two sessions instead
+    of one, in `sessions` and in the source rollups."""
+    from streams import events as raw_events
+
+    client, site = services.client, _site()
+    first, joining, last = (event(site, 6, T0, path="/a"), event(site, 6, T0 + timedelta(minutes=25), path="/b"),
+                            event(site, 6, T0 + timedelta(minutes=50), path="/c"))
+    StreamCore(client, TIMEOUT).process([first])
+
+    def killed(*args):
+        raise SystemExit("kill -9 before the raw insert")
+
+    monkeypatch.setattr(raw_events, "write", killed)
+    with pytest.raises(SystemExit):
+        StreamCore(client, TIMEOUT).process([last])  # a new session at T0+50 is written
+    monkeypatch.undo()
+    StreamCore(client, TIMEOUT).process([last, joining])  # the successor's batch, from the same offset
+    assert _strip_session_ids(derived_rows(client, site)) == _strip_session_ids(
+        derived_rows(client, _cold(client, [first, joining, last])))
