@@ -98,7 +98,7 @@ class EmbeddedRunner:
         while self._journal.pending_records:
             records, end = self._journal.read(self._max_batch)
             await process_until_written(self._core, Event.decode_all([value for _, value in records]))
-            self._journal.commit(end, len(records))
+            self._cut(end, len(records))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -114,10 +114,19 @@ class EmbeddedRunner:
                 except TimeoutError:
                     break
             await process_until_written(self._core, [event for event, _ in batch])
-            self._journal.commit(batch[-1][1], len(batch))
+            self._cut(batch[-1][1], len(batch))
             self._written += len(batch)
             for _ in batch:
                 self._room.release()
+
+    def _cut(self, end: int, records: int) -> None:
+        """Cut written records from the journal. When its cursor cannot be saved (a full disk),
+        they stay journaled, to be written again (harmlessly) after a restart: raised here, it
+        ended the task that writes, and `up` took events it never wrote."""
+        try:
+            self._journal.commit(end, records)
+        except OSError as exc:
+            log.error("could not cut written events from the journal in %s: %s", self._journal.directory, exc)
 
     async def _sync(self) -> None:
         while True:

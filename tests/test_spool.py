@@ -7,6 +7,7 @@ spool that is full answers 503 with Retry-After."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import re
 import shutil
@@ -286,6 +287,41 @@ async def test_a_batch_cut_inside_one_turns_events_leaves_the_rest_journaled(tmp
     finally:
         core.hung.set()
         await runner.stop()
+
+
+async def test_a_journal_cursor_that_cannot_be_saved_does_not_stop_the_stream_core(tmp_path, monkeypatch):
+    """The disk is full as a batch is written: moving the journal's cursor fails (its file cannot
+    be written). That used to end the runner's task silently: `up` went on answering 202 and wrote
+    nothing until it was restarted. The batch is written; its records stay journaled (written
+    again, harmlessly, at the next start) until a later cursor is saved."""
+    class Core:
+        def __init__(self) -> None:
+            self.written: list[str] = []
+
+        def process(self, batch: list[Event]) -> None:
+            self.written += [e.event_id for e in batch]
+
+    at = datetime.now(timezone.utc)
+    events = [Event(event_id=str(uuid.uuid4()), site_id="s", timestamp=at, name="pageview", visitor_id=n, pathname="/")
+              for n in range(4)]
+    core = Core()
+    runner = EmbeddedRunner(core, Spool(tmp_path, 1 << 20))
+    await runner.start()
+    try:
+        def full(self, sent: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Spool, "_write_pos", full)
+            await runner.submit(events[0])
+            await asyncio.wait_for(runner.drain(), 10)
+        for e in events[1:]:
+            await runner.submit(e)
+        await asyncio.wait_for(runner.drain(), 10)
+        assert core.written == [e.event_id for e in events]
+        assert runner._journal.pending_records == 0
+    finally:
+        await asyncio.wait_for(runner.stop(), 10)  # stop drains first
 
 
 def test_up_killed_with_events_not_yet_written_loses_none(clickhouse_http, tmp_path):
