@@ -18,6 +18,7 @@ take the last second)."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import struct
@@ -66,10 +67,13 @@ class Spool:
                               " give each ingest process its own BK_SPOOL_DIR") from None
         self._open_log()
         self._sent = int(self._pos.read_text() or 0) if self._pos.exists() else 0
-        self._size = self._valid_length()
+        self._size, at_boundary = self._valid_length(self._sent)
         if self._size < os.fstat(self._fd).st_size:
             os.ftruncate(self._fd, self._size)  # a torn tail from a crash mid-write
-        self._sent = min(self._sent, self._size)
+        if not at_boundary:
+            # A cursor inside a record (left by an older release killed as it emptied the log)
+            # would skip records and read the rest from mid-record: send the log whole instead.
+            self._sent = 0
         self._records = self._count(self._sent, self._size)
 
     def _open_log(self) -> None:
@@ -100,19 +104,34 @@ class Spool:
 
     def append(self, key: bytes, value: bytes) -> int:
         """Returns the offset after this record (what `commit` takes once it is sent)."""
-        return self.append_all([(key, value)])
+        return self.append_all([(key, value)])[-1]
 
-    def append_all(self, records: list[tuple[bytes, bytes]]) -> int:
-        """Append these records with one `write`, all or none; returns the offset after them."""
+    def append_all(self, records: list[tuple[bytes, bytes]]) -> list[int]:
+        """Append these records with one `write`, all or none; returns the offset after each
+        (a consumer may send them in more than one go)."""
         payloads = [_KEY_LENGTH.pack(len(key)) + key + value for key, value in records]
         data = b"".join(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload for payload in payloads)
         if self._size + len(data) > self.max_bytes:
             raise SpoolFull(f"the spool is full ({self._size} of {self.max_bytes} bytes)")
-        os.write(self._fd, data)
+        ends, end = [], self._base + self._size
+        for payload in payloads:
+            end += _HEADER.size + len(payload)
+            ends.append(end)
+        try:
+            written = os.write(self._fd, data)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            written = 0
+        if written < len(data):
+            # A full disk writes what fits and says so only by the count. Kept, the torn record
+            # would hide every later one from `read` and from the next start: cut it, refuse all.
+            os.ftruncate(self._fd, self._size)
+            raise SpoolFull(f"no space left on the disk of {self.directory}")
         self._size += len(data)
         self._records += len(records)
         self._dirty = True
-        return self._base + self._size
+        return ends
 
     def read(self, max_records: int) -> tuple[list[tuple[bytes, bytes]], int]:
         """Up to `max_records` unsent records, oldest first, and the offset to `commit` once they
@@ -134,13 +153,16 @@ class Spool:
         self._records -= self._count(self._sent, offset) if records is None else records
         self._sent = offset
         if self._sent >= self._size:
+            # The cursor goes to 0 first, as in `_compact`: a kill between the two replays the
+            # sent log whole, while a stale cursor over a truncated log skipped the next records.
+            self._write_pos(0)
             os.ftruncate(self._fd, 0)
             self._base += self._size
             self._size = self._sent = self._records = 0
         elif self._sent >= self.compact_bytes and self._size - self._sent <= self._sent:
             self._compact()
-            return
-        self._write_pos(self._sent)
+        else:
+            self._write_pos(self._sent)
 
     def _compact(self) -> None:
         """Replace the log by its unsent rest. The cursor goes to 0 first: a crash in between
@@ -182,13 +204,21 @@ class Spool:
             n += 1
         return n
 
-    def _valid_length(self) -> int:
-        """Length of the log's prefix made of whole records with good checksums."""
-        size, offset = os.fstat(self._read_fd).st_size, 0
+    def _valid_length(self, cursor: int) -> tuple[int, bool]:
+        """Length of the log's prefix made of whole records with good checksums, and whether
+        `cursor` is a record boundary in it."""
+        size, offset, at_boundary = os.fstat(self._read_fd).st_size, 0, cursor == 0
         while offset + _HEADER.size <= size:
             length, crc = _HEADER.unpack(os.pread(self._read_fd, _HEADER.size, offset))
             end = offset + _HEADER.size + length
-            if end > size or zlib.crc32(os.pread(self._read_fd, length, offset + _HEADER.size)) != crc:
+            if end > size:
+                break
+            payload = os.pread(self._read_fd, length, offset + _HEADER.size)
+            # Zeros pass the CRC (crc32 of nothing is 0): a tail of them, as a file system leaves
+            # after a power loss (size grown, data not written), would stop `read` for good.
+            if (zlib.crc32(payload) != crc or length < _KEY_LENGTH.size
+                    or _KEY_LENGTH.unpack_from(payload)[0] > length - _KEY_LENGTH.size):
                 break
             offset = end
-        return offset
+            at_boundary = at_boundary or offset == cursor
+        return offset, at_boundary

@@ -37,7 +37,7 @@ class EmbeddedRunner:
         self._room = asyncio.Semaphore(max_queued)
         self._tasks: list[asyncio.Task] = []
         self._waiting: list[tuple[bytes, bytes]] = []  # records to journal at the end of this turn
-        self._appended: asyncio.Future[int] | None = None
+        self._appended: asyncio.Future[list[int]] | None = None
         # Counted rather than "queue empty": under steady traffic the queue may never be empty,
         # and a drain must still end once what came before it is written.
         self._submitted = 0
@@ -51,10 +51,12 @@ class EmbeddedRunner:
             # The events submitted in one turn of the event loop are journaled with one `write`.
             self._appended = asyncio.get_running_loop().create_future()
             asyncio.get_running_loop().call_soon(self._append_waiting)
-        appended = self._appended
+        appended, index = self._appended, len(self._waiting)
         self._waiting.append((event.kafka_key, event.to_bytes()))
         try:
-            end = await appended
+            # This record's own end: a batch may end inside the group, and the rest of the group
+            # must stay journaled until it is written.
+            end = (await appended)[index]
         except BaseException:
             self._room.release()
             raise
@@ -96,7 +98,7 @@ class EmbeddedRunner:
         while self._journal.pending_records:
             records, end = self._journal.read(self._max_batch)
             await process_until_written(self._core, Event.decode_all([value for _, value in records]))
-            self._journal.commit(end, len(records))
+            self._cut(end, len(records))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -112,10 +114,19 @@ class EmbeddedRunner:
                 except TimeoutError:
                     break
             await process_until_written(self._core, [event for event, _ in batch])
-            self._journal.commit(batch[-1][1], len(batch))
+            self._cut(batch[-1][1], len(batch))
             self._written += len(batch)
             for _ in batch:
                 self._room.release()
+
+    def _cut(self, end: int, records: int) -> None:
+        """Cut written records from the journal. When its cursor cannot be saved (a full disk),
+        they stay journaled, to be written again (harmlessly) after a restart: raised here, it
+        ended the task that writes, and `up` took events it never wrote."""
+        try:
+            self._journal.commit(end, records)
+        except OSError as exc:
+            log.error("could not cut written events from the journal in %s: %s", self._journal.directory, exc)
 
     async def _sync(self) -> None:
         while True:

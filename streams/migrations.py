@@ -439,20 +439,29 @@ def recorded_versions(client: Client) -> set[int]:
     return {row[0] for row in client.query("SELECT DISTINCT version FROM schema_migrations").result_rows}
 
 
-def migrate(client: Client, cluster: Cluster | None = None) -> list[int]:
-    """Apply the migrations this database lacks; returns the versions applied now."""
+def migrate(client: Client, cluster: Cluster | None = None, unrecorded: set[int] = frozenset()) -> list[int]:
+    """Apply the migrations this database lacks; returns the versions applied now. Those in
+    `unrecorded` are left for the caller to `record` once its own work for them is done."""
     done = applied_versions(client, cluster)
     run = _runner(client, cluster)
     applied = []
-    for version, name, statements in MIGRATIONS:
+    for version, _name, statements in MIGRATIONS:
         if version in done:
             continue
         for step in statements:
             step(client, run) if callable(step) else run(step)
-        client.insert("schema_migrations", [[version, name]], column_names=["version", "name"])
-        log.info("applied migration %d: %s", version, name)
+        if version not in unrecorded:
+            record(client, [version])
         applied.append(version)
     return applied
+
+
+def record(client: Client, versions: list[int]) -> None:
+    names = {version: name for version, name, _ in MIGRATIONS}
+    client.insert("schema_migrations", [[version, names[version]] for version in versions],
+                  column_names=["version", "name"])
+    for version in versions:
+        log.info("applied migration %d: %s", version, names[version])
 
 
 def cluster_ddl(cluster: Cluster) -> list[str]:

@@ -30,9 +30,12 @@ def upgrade(client: Client, session_timeout_s: int, raw_events_ttl_days: int, cl
     stored events when a migration asks for it. Every process runs this at start; returns the
     migrations applied now."""
     on = migrations.Cluster(cluster) if cluster else None
-    applied = migrations.migrate(client, on)
+    # A migration that asks for a replay is recorded once the replay is done: a process killed
+    # mid-replay (an OOM kill, a deploy) left it recorded, and no later start replayed.
+    applied = migrations.migrate(client, on, unrecorded=migrations.REPLAY_AFTER)
     migrations.apply_retention(client, raw_events_ttl_days, on)
-    if migrations.REPLAY_AFTER & set(applied):
+    if replayed := sorted(migrations.REPLAY_AFTER & set(applied)):
         log.info("rebuilding derived tables from the raw events after migration %s", applied)
         log.info("replayed %d events", replay(client, session_timeout_s))
+        migrations.record(client, replayed)
     return applied

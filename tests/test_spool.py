@@ -7,8 +7,11 @@ spool that is full answers 503 with Retry-After."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import re
+import shutil
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -94,6 +97,110 @@ def test_a_record_torn_by_a_crash_is_cut_off(tmp_path):
     again.close()
 
 
+def test_a_tail_of_zeros_left_by_a_power_loss_is_cut_off(tmp_path):
+    """A file system may keep a grown size without the data after a power loss: the tail reads as
+    zeros, which pass the CRC (crc32 of nothing is 0). They were read as empty records, and every
+    `read` of the spool (the replay to Kafka, the embedded journal at start) failed from then on."""
+    spool = Spool(tmp_path, 1 << 20)
+    spool.open()
+    spool.append(b"a", b"whole")
+    spool.close()
+    with open(tmp_path / "spool.log", "ab") as log:
+        log.write(bytes(4096))
+    again = Spool(tmp_path, 1 << 20)
+    again.open()
+    assert again.pending_records == 1
+    assert again.read(10)[0] == [(b"a", b"whole")]
+    again.append(b"b", b"after")
+    records, end = again.read(10)
+    assert [k for k, _ in records] == [b"a", b"b"]
+    again.commit(end)
+    assert again.pending_records == 0
+    again.close()
+
+
+class _Killed(BaseException):
+    pass
+
+
+def _killed(spool: Spool) -> None:
+    """Leave the spool's files as a kill -9 of its process does (nothing flushed or rewritten)."""
+    for fd in (spool._fd, spool._read_fd, spool._lock_fd):
+        os.close(fd)
+
+
+@pytest.mark.parametrize("dies_in", ["_write_pos", "ftruncate"])
+def test_a_kill_while_an_emptied_log_starts_over_loses_nothing_after_it(tmp_path, monkeypatch, dies_in):
+    """Everything sent: the log is truncated and the cursor set to 0. A kill between the two used
+    to leave the old cursor over the empty log; the records appended after the restart (a broker
+    outage: nothing is committed) were then skipped up to it at the next start, and the rest read
+    from the middle of a record."""
+    spool = Spool(tmp_path, 1 << 20)
+    spool.open()
+    for n in range(5):
+        spool.append(b"k", f"sent {n}".encode())
+    spool.commit(spool.read(2)[1])  # a cursor inside the log
+    records, end = spool.read(10)
+
+    def die(*args):
+        raise _Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(*((Spool, "_write_pos") if dies_in == "_write_pos" else (os, "ftruncate")), die)
+        with pytest.raises(_Killed):
+            spool.commit(end)
+    _killed(spool)
+
+    restarted = Spool(tmp_path, 1 << 20)
+    restarted.open()
+    for n in range(5):
+        restarted.append(b"k", f"new {n}".encode())
+    _killed(restarted)  # killed again before anything was sent
+
+    again = Spool(tmp_path, 1 << 20)
+    again.open()
+    values = [v for _, v in again.read(100)[0]]
+    assert values[-5:] == [f"new {n}".encode() for n in range(5)]
+    assert set(values[:-5]) <= {f"sent {n}".encode() for n in range(5)}  # sent again at worst
+    again.close()
+
+
+def test_a_cursor_inside_a_record_is_not_trusted(tmp_path):
+    """What an older release left after the kill above: a cursor that is no record boundary. Read
+    from it, the log gave a garbled record and lost the ones before; now it is sent whole."""
+    spool = Spool(tmp_path, 1 << 20)
+    spool.open()
+    for n in range(3):
+        spool.append(b"k", f"record {n}".encode())
+    _killed(spool)
+    (tmp_path / "spool.pos").write_text("21")  # inside the second record
+    again = Spool(tmp_path, 1 << 20)
+    again.open()
+    assert again.pending_records == 3
+    assert [v for _, v in again.read(10)[0]] == [f"record {n}".encode() for n in range(3)]
+    again.close()
+
+
+def test_a_full_disk_refuses_the_group_and_keeps_the_log_whole(tmp_path, monkeypatch):
+    """On a full disk `write` stores what fits and returns the count. The group counted as kept
+    (202) and the torn record hid every later one from `read` and from the next start."""
+    spool = Spool(tmp_path, 1 << 20)
+    spool.open()
+    spool.append(b"k", b"before")
+    write = os.write
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "write", lambda fd, data: write(fd, data[:len(data) // 2]))
+        with pytest.raises(SpoolFull):  # refused (503), not answered as kept
+            spool.append_all([(b"k", b"lost"), (b"k", b"to the full disk")])
+    spool.append(b"k", b"after")  # space again
+    assert [v for _, v in spool.read(10)[0]] == [b"before", b"after"]
+    _killed(spool)
+    again = Spool(tmp_path, 1 << 20)
+    again.open()
+    assert [v for _, v in again.read(10)[0]] == [b"before", b"after"]
+    again.close()
+
+
 def test_a_full_spool_refuses_and_a_second_process_is_kept_out(tmp_path):
     spool = Spool(tmp_path, 100)
     spool.open()
@@ -144,6 +251,77 @@ async def test_events_a_dead_embedded_process_had_not_written_are_written_at_sta
         await runner.stop()
     assert services.client.query("SELECT count() FROM events FINAL WHERE site_id = {s:String}",
                                  parameters={"s": site}).result_rows[0][0] == 50
+
+
+async def test_a_batch_cut_inside_one_turns_events_leaves_the_rest_journaled(tmp_path):
+    """The events of one turn of the event loop are journaled with one `write`. When a batch ends
+    inside such a group (a backlog, an import's 1,000 at once), writing it must not cut the rest of
+    the group from the journal: they are answered and not written, and a kill -9 then lost them."""
+    class Core:  # writes the first batch, then hangs in the second (killed there)
+        def __init__(self) -> None:
+            self.batches: list[int] = []
+            self.hung = threading.Event()
+
+        def process(self, batch: list[Event]) -> None:
+            self.batches.append(len(batch))
+            if len(self.batches) > 1:
+                self.hung.wait()
+
+    at = datetime.now(timezone.utc)
+    events = [Event(event_id=str(uuid.uuid4()), site_id="s", timestamp=at, name="pageview", visitor_id=n, pathname="/")
+              for n in range(30)]
+    core = Core()
+    runner = EmbeddedRunner(core, Spool(tmp_path / "journal", 1 << 20), max_batch=20)
+    await runner.start()
+    try:
+        await asyncio.gather(*(runner.submit(e) for e in events))  # one turn: one group of 30
+        await asyncio.to_thread(wait_until, lambda: len(core.batches) == 2, 10, "the second batch")
+        assert core.batches == [20, 10]
+        shutil.copytree(tmp_path / "journal", tmp_path / "after-kill")  # the disk as a kill -9 leaves it
+        left = Spool(tmp_path / "after-kill", 1 << 20)
+        left.open()
+        assert [e.event_id for e in Event.decode_all([v for _, v in left.read(100)[0]])] == [
+            e.event_id for e in events[20:]]
+        left.close()
+        assert runner._journal.pending_records == 10
+    finally:
+        core.hung.set()
+        await runner.stop()
+
+
+async def test_a_journal_cursor_that_cannot_be_saved_does_not_stop_the_stream_core(tmp_path, monkeypatch):
+    """The disk is full as a batch is written: moving the journal's cursor fails (its file cannot
+    be written). That used to end the runner's task silently: `up` went on answering 202 and wrote
+    nothing until it was restarted. The batch is written; its records stay journaled (written
+    again, harmlessly, at the next start) until a later cursor is saved."""
+    class Core:
+        def __init__(self) -> None:
+            self.written: list[str] = []
+
+        def process(self, batch: list[Event]) -> None:
+            self.written += [e.event_id for e in batch]
+
+    at = datetime.now(timezone.utc)
+    events = [Event(event_id=str(uuid.uuid4()), site_id="s", timestamp=at, name="pageview", visitor_id=n, pathname="/")
+              for n in range(4)]
+    core = Core()
+    runner = EmbeddedRunner(core, Spool(tmp_path, 1 << 20))
+    await runner.start()
+    try:
+        def full(self, sent: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Spool, "_write_pos", full)
+            await runner.submit(events[0])
+            await asyncio.wait_for(runner.drain(), 10)
+        for e in events[1:]:
+            await runner.submit(e)
+        await asyncio.wait_for(runner.drain(), 10)
+        assert core.written == [e.event_id for e in events]
+        assert runner._journal.pending_records == 0
+    finally:
+        await asyncio.wait_for(runner.stop(), 10)  # stop drains first
 
 
 def test_up_killed_with_events_not_yet_written_loses_none(clickhouse_http, tmp_path):
