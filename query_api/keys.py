@@ -53,7 +53,7 @@ def hash_key(key: str) -> str:
 class KeyStore:
     def __init__(self, client: Client) -> None:
         self._client = client
-        self._cache: ReadThroughCache[str, ApiKey] = ReadThroughCache(self._load)
+        self._cache: ReadThroughCache[str, ApiKey] = ReadThroughCache(self._load, known=self._hashes)
 
     def create(self, account_id: str, site_id: str = "", key: str | None = None) -> str:
         """Store a key (a new random one unless given) and return it; the only time it is seen."""
@@ -112,6 +112,9 @@ class KeyStore:
     def answers_without_io(self, key: str) -> bool:
         """Whether `lookup(key)` would be answered from memory (no database round trip)."""
         return self._cache.answers_without_io(hash_key(key))
+
+    def _hashes(self) -> list[str]:
+        return [row[0] for row in self._client.query("SELECT key_hash FROM api_keys FINAL WHERE revoked = 0").result_rows]
 
     def _load(self, digest: str) -> ApiKey | None:
         rows = self._client.query(

@@ -82,7 +82,7 @@ class SiteRegistry:
     def __init__(self, client: Client) -> None:
         self._client = client
         self._by_id: ReadThroughCache[str, Site] = ReadThroughCache(
-            lambda key: self._load("site_id", key), hit_ttl_s=REFRESH_S)
+            lambda key: self._load("site_id", key), hit_ttl_s=REFRESH_S, known=self._site_ids)
         self._by_domain: ReadThroughCache[str, Site] = ReadThroughCache(
             lambda key: self._load("domain", key), hit_ttl_s=REFRESH_S)
 
@@ -164,6 +164,9 @@ class SiteRegistry:
             _SELECT + f" AND {column} = {{key:String}} LIMIT 1", parameters={"key": key}
         ).result_rows
         return Site(*rows[0]) if rows else None
+
+    def _site_ids(self) -> list[str]:
+        return [row[0] for row in self._client.query("SELECT site_id FROM sites FINAL WHERE deleted = 0").result_rows]
 
     def _remember(self, site: Site) -> Site:
         self._by_id.put(site.site_id, site)

@@ -150,6 +150,37 @@ def test_a_row_read_before_is_served_while_the_store_cannot_be_read():
     assert reads == ["known"]  # a failed read is not repeated on every request
 
 
+def test_a_flood_of_unknown_keys_costs_one_list_query_a_second_not_one_each():
+    """Made-up site ids on /api/event (no key needed) or made-up API keys: past MISSES_PER_S
+    unknown keys a second, the list of keys that exist answers; a key that exists is still
+    found, and below the flood every unknown key is asked for (a row just created elsewhere)."""
+    from streams import read_cache
+
+    store, loads, lists = {"known": "site"}, [], []
+
+    def load(key):
+        loads.append(key)
+        return store.get(key)
+
+    def known():
+        lists.append(1)
+        return list(store)
+
+    cache = ReadThroughCache(load, known=known)
+    for i in range(read_cache.MISSES_PER_S):
+        assert cache.get(f"made-up-{i}") is None
+    assert len(loads) == read_cache.MISSES_PER_S and not lists  # no flood yet: each one asked
+    for i in range(1000):
+        assert cache.get(f"flood-{i}") is None
+    # (Counted per clock second: a second that ends midway lets up to MISSES_PER_S more through.)
+    assert len(loads) <= 2 * read_cache.MISSES_PER_S + 2 and len(lists) <= 3
+    assert cache.answers_without_io("flood-x")  # ingest does not even hop to a thread for it
+    assert cache.get("known") == "site"
+    store["created-elsewhere"] = "new site"
+    time.sleep(1.05)  # the list is a second old: read again
+    assert cache.get("created-elsewhere") == "new site"
+
+
 async def test_no_table_or_spool_file_holds_an_ip_a_user_agent_or_a_key(client, embedded, services, site):
     """SPEC §5.2 and §7: raw IPs, user agents and API keys are never stored (keys as hashes only),
     live or imported; a referrer's query string neither (README). Every table and the journal are
