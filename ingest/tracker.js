@@ -28,6 +28,8 @@
 
   function send(name, extra, beacon) {
     if (off || !site) return;
+    // A prerendered page counts once shown (ingest drops what it sends before as prefetch).
+    if (d.prerendering) return d.addEventListener("prerenderingchange", function () { send(name, extra, beacon); });
     var e = { site_id: site, name: name, url: loc.href, referrer: ref, event_id: uuid() }, k;
     if (hash) e.hash = true;
     for (k in extra) e[k] = extra[k];

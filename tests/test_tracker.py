@@ -160,3 +160,97 @@ def test_pageviews_spa_navigation_custom_events_queue_and_affiliate_clicks_in_ch
             print(got)
         brands = api.get(f"{API}/popular/products", params={"site_id": site, "days": 1, "brand_slug": "apple"}).json()
         assert [p["product_slug"] for p in brands["data"]] == ["iphone-15-skal"]
+
+
+class _Site(BaseHTTPRequestHandler):
+    """Pages by path (`{site}` and `{api}` filled in); `/log?...` requests are noted in `log`, and
+    `/ready` answers "yes" once `ready()` holds."""
+    pages: dict[str, str] = {}
+    site = api = ""
+    log: list[str] = []
+    ready = staticmethod(lambda: False)
+
+    def do_GET(self) -> None:
+        path = self.path.split("?")[0]
+        if path == "/log":
+            self.log.append(self.path.partition("?")[2])
+        body = ("yes" if self.ready() else "no") if path == "/ready" else self.pages.get(path, "<title>x</title>")
+        body = body.replace("{site}", self.site).replace("{api}", self.api).encode()
+        self.send_response(200)
+        self.send_header("content-type", "text/html; charset=utf-8")
+        self.send_header("content-length", str(len(body)))
+        self.send_header("cache-control", "no-store" if path in ("/log", "/ready") else "max-age=60")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _site_with_goals(api: httpx.Client, domain: str, *events: str) -> str:
+    site = api.post(f"{API}/sites", json={"domain": domain, "timezone": "UTC"}).json()["data"]["id"]
+    for event in events:
+        assert api.post(f"{API}/goals", json={"site_id": site, "name": event, "event_type": "event",
+                                               "match_event": event}).status_code == 201
+    return site
+
+
+def _wait_for_numbers(api: httpx.Client, site: str, want: dict, timeout: float = 30) -> None:
+    got: dict = {}
+
+    def exact() -> bool:
+        nonlocal got
+        get = lambda path, **params: api.get(f"{API}/{path}", params={"site_id": site, **params}).json()  # noqa: E731
+        got = {"pages": {p["page"]: p["pageviews"] for p in get("stats/pages", period="7d")["data"]},
+               "goals": {g["name"]: g["conversions"] for g in get("goals", period="7d")["data"]},
+               "products": dict((p["product_slug"], p["clicks"]) for p in get("popular/products", days=1)["data"])}
+        return got == want
+
+    try:
+        wait_until(exact, timeout, "the browser's events in the API")
+    finally:
+        print(got)
+
+
+STUB = """<script>window.bk = window.bk || function () { (bk.q = bk.q || []).push(arguments) }</script>"""
+TAG = """<script defer data-site="{site}" data-api="{api}" src="{api}/js/script.js"></script>"""
+def test_a_prerendered_page_counts_once_shown_and_never_if_not(up, tmp_path):
+    """Chrome prerenders pages a site's speculation rules name; what a prerendered page sends
+    carries `Sec-Purpose: prefetch;prerender` and is dropped by ingest. The tracker waits for the
+    page to be shown: the one shown counts (its pageview and its queued event), the one never shown
+    does not. Chromium runs without Playwright here: DevTools turns prerendering off."""
+    import os
+    import signal
+    import subprocess
+
+    with httpx.Client(base_url=up, headers=AUTH, timeout=30) as api:
+        site = _site_with_goals(api, "prerender.example", "signup")
+        report = """<script>fetch("/log?" + location.pathname + "=" + document.prerendering);
+          document.addEventListener("prerenderingchange", () => fetch("/log?shown=" + location.pathname))</script>"""
+        prerendered = STUB + """<script>bk("signup")</script>""" + TAG + report
+        # Once both pages report they were prerendered, the start page goes to one of them.
+        start = TAG + """<script type="speculationrules">
+          {"prerender": [{"source": "list", "urls": ["/shown", "/never"]}]}</script>
+          <script>(function poll() { fetch("/ready").then(r => r.text())
+            .then(t => t == "yes" ? location.href = "/shown" : setTimeout(poll, 100)) })()</script>"""
+        log: list[str] = []
+        _Site.pages = {"/start": start, "/shown": prerendered, "/never": prerendered}
+        _Site.site, _Site.api, _Site.log = site, up, log
+        _Site.ready = staticmethod(lambda: {"/shown=true", "/never=true"} <= set(log))
+        server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Site)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        browser = subprocess.Popen([CHROMIUM, "--headless", *CHROMIUM_ARGS, f"--user-agent={DESKTOP}",
+                                    f"--user-data-dir={tmp_path / 'profile'}",
+                                    f"http://127.0.0.1:{server.server_address[1]}/start"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_until(lambda: "shown=/shown" in log, 60, f"Chromium to prerender /shown and show it (log: {log})")
+            _wait_for_numbers(api, site, {"pages": {"/start": 1, "/shown": 1}, "goals": {"signup": 1}, "products": {}})
+        finally:
+            os.killpg(browser.pid, signal.SIGTERM)
+            try:
+                browser.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(browser.pid, signal.SIGKILL)
+                browser.wait()
+            server.shutdown()
