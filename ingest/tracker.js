@@ -4,7 +4,9 @@
 (function (w, d) {
   var s = d.currentScript, loc = w.location, nav = w.navigator, h = w.history;
   if (!s) return;
-  var site = s.getAttribute("data-site");
+  var site = s.getAttribute("data-site"), on = w.bkSites = w.bkSites || {};
+  if (on[site]) return; // included twice: one init per site
+  on[site] = 1;
   var api = (s.getAttribute("data-api") || new URL(s.src).origin).replace(/\/$/, "") + "/api/event";
   var hash = s.hasAttribute("data-hash");
   var off = s.hasAttribute("data-respect-dnt") && (nav.doNotTrack == "1" || w.doNotTrack == "1");
@@ -49,14 +51,17 @@
 
   function bk(name, options) {
     var props = options && options.props, p = {}, k;
-    for (k in props) p[k] = String(props[k]); // the API takes strings only
+    // The API takes strings of <= 500 characters: cut, not the event lost.
+    for (k in props) if (props[k] != null) p[k] = Array.from(String(props[k])).slice(0, 500).join("");
     send(name, props ? { props: p } : {});
   }
 
-  // Affiliate links: the click goes out by beacon, so the navigation away is not delayed.
+  // Affiliate links (the attributes on the <a> or around it): the click goes out by beacon, so the
+  // navigation away is not delayed. A double click is one click.
   function click(ev) {
-    var a = ev.target.closest && ev.target.closest("a[data-bk-product]");
-    if (!a || (ev.type == "auxclick" && ev.button != 1)) return;
+    var a = ev.target.closest && ev.target.closest("a");
+    a = a && a.closest("[data-bk-product]");
+    if (!a || ev.detail > 1 || (ev.type == "auxclick" && ev.button != 1)) return;
     var p = a.getAttribute("data-bk-product");
     send("click", { product: { id: p, slug: p, category_slug: a.getAttribute("data-bk-category") || "",
       brand_slug: a.getAttribute("data-bk-brand") || "", partner_slug: a.getAttribute("data-bk-partner") || "" } }, 1);
@@ -70,6 +75,8 @@
   if (hash) w.addEventListener("hashchange", page);
   d.addEventListener("click", click, true);
   d.addEventListener("auxclick", click, true);
+  // Back to a page in the back-forward cache: a page view, as when it loads again.
+  w.addEventListener("pageshow", function (e) { if (e.persisted) { last = null; page(); } });
 
   // Calls made before this script loaded: window.bk = window.bk || function () { (bk.q = bk.q || []).push(arguments) }
   var queued = (w.bk && w.bk.q) || [];

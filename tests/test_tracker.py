@@ -214,6 +214,62 @@ def _wait_for_numbers(api: httpx.Client, site: str, want: dict, timeout: float =
 
 STUB = """<script>window.bk = window.bk || function () { (bk.q = bk.q || []).push(arguments) }</script>"""
 TAG = """<script defer data-site="{site}" data-api="{api}" src="{api}/js/script.js"></script>"""
+LINK = """<p><a id="{0}" href="/away" target="_blank" data-bk-product="{0}" data-bk-partner="kjell">{1}</a></p>"""
+# The script twice (a theme and a plugin both add it), a prop past the API's 500 characters, a
+# product card with the attributes on the wrapper around the link and an image in the link.
+SHOP = (STUB + """<script>bk("long", {props: {text: "å".repeat(600), none: null, n: 3}})</script>""" + TAG + TAG
+        + """<div data-bk-product="card" data-bk-partner="kjell"><a href="/away" target="_blank">
+             <img id="card-img" width="40" height="40" src="data:image/gif;base64,R0lGODlhAQABAAAAACw="></a></div>
+             <a id="same-tab" href="/away">away, same tab</a>"""
+        + "".join(LINK.format(name, name) for name in ("double", "middle", "ctrl", "enter"))
+        + LINK.format("nested", """<span><b id="nested-b">nested</b> in a span</span>"""))
+
+
+def test_affiliate_clicks_by_every_hand_script_twice_props_and_back_forward_cache_in_chromium(up):
+    """A click on an image in a link whose product is on its wrapper, a double click (one click),
+    a middle click, Ctrl+click, Enter, a click on a <b> in a <span> in the link: one click each. The
+    script included twice sends each event once. A prop past the API's 500 characters is cut, not
+    the event lost. Back to a page from the back-forward cache is a page view, as a reload is."""
+    from playwright.sync_api import sync_playwright
+
+    with httpx.Client(base_url=up, headers=AUTH, timeout=30) as api:
+        site = _site_with_goals(api, "klick.example", "long")
+        _Site.pages, _Site.site, _Site.api = {"/": SHOP}, site, up  # /away: no script
+        server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Site)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            with sync_playwright() as p:
+                # Playwright turns the back-forward cache off by default.
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                            ignore_default_args=["--disable-back-forward-cache"])
+                page = browser.new_page(user_agent=DESKTOP)
+                page.goto(f"http://127.0.0.1:{server.server_address[1]}/")  # pageview 1 of /
+                page.wait_for_function("window.bk && !window.bk.q")
+                page.evaluate("""() => history.pushState({}, "", "/produkt")""")  # /produkt
+                page.click("#card-img")
+                page.dblclick("#double")
+                page.click("#middle", button="middle")
+                page.click("#ctrl", modifiers=["Control"])
+                page.focus("#enter")
+                page.keyboard.press("Enter")
+                page.click("#nested-b")
+                page.bring_to_front()
+                page.evaluate("window.kept = 1")
+                page.click("#same-tab")
+                page.wait_for_url("**/away")
+                page.go_back(wait_until="commit")  # /produkt again, from the back-forward cache
+                page.wait_for_function("location.pathname == '/produkt'")
+                assert page.evaluate("window.kept") == 1, "not restored from the back-forward cache"
+                with page.expect_request(f"{up}/api/event"):
+                    page.evaluate("""() => history.pushState({}, "", "/jamfor")""")
+                browser.close()
+        finally:
+            server.shutdown()
+        _wait_for_numbers(api, site, {
+            "pages": {"/": 1, "/produkt": 2, "/jamfor": 1}, "goals": {"long": 1},
+            "products": {"card": 1, "double": 1, "middle": 1, "ctrl": 1, "enter": 1, "nested": 1}})
+
+
 def test_a_prerendered_page_counts_once_shown_and_never_if_not(up, tmp_path):
     """Chrome prerenders pages a site's speculation rules name; what a prerendered page sends
     carries `Sec-Purpose: prefetch;prerender` and is dropped by ingest. The tracker waits for the
