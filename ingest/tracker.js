@@ -30,7 +30,7 @@
 
   function send(name, extra, beacon) {
     if (off || !site) return;
-    // A prerendered page counts once shown (ingest drops what it sends before as prefetch).
+    // Prerendered (ingest drops its requests as prefetch): sent once shown.
     if (d.prerendering) return d.addEventListener("prerenderingchange", function () { send(name, extra, beacon); });
     var e = { site_id: site, name: name, url: loc.href, referrer: ref, event_id: uuid() }, k;
     if (hash) e.hash = true;
@@ -51,7 +51,7 @@
 
   function bk(name, options) {
     var props = options && options.props, p = {}, k;
-    // The API takes strings of <= 500 characters: cut, not the event lost.
+    // The API takes strings of <= 500 characters.
     for (k in props) if (props[k] != null) p[k] = Array.from(String(props[k])).slice(0, 500).join("");
     send(name, props ? { props: p } : {});
   }
@@ -59,8 +59,8 @@
   // Affiliate links (the attributes on the <a> or around it): the click goes out by beacon, so the
   // navigation away is not delayed. A double click is one click.
   function click(ev) {
-    var a = ev.target.closest && ev.target.closest("a");
-    a = a && a.closest("[data-bk-product]");
+    var a = ev.composedPath()[0]; // in open shadow roots too
+    a = a.closest && (a = a.closest("a")) && a.closest("[data-bk-product]");
     if (!a || ev.detail > 1 || (ev.type == "auxclick" && ev.button != 1)) return;
     var p = a.getAttribute("data-bk-product");
     send("click", { product: { id: p, slug: p, category_slug: a.getAttribute("data-bk-category") || "",

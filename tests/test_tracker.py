@@ -216,20 +216,25 @@ STUB = """<script>window.bk = window.bk || function () { (bk.q = bk.q || []).pus
 TAG = """<script defer data-site="{site}" data-api="{api}" src="{api}/js/script.js"></script>"""
 LINK = """<p><a id="{0}" href="/away" target="_blank" data-bk-product="{0}" data-bk-partner="kjell">{1}</a></p>"""
 # The script twice (a theme and a plugin both add it), a prop past the API's 500 characters, a
-# product card with the attributes on the wrapper around the link and an image in the link.
+# product card with the attributes on the wrapper around the link and an image in the link, a
+# widget with its link in a shadow root.
 SHOP = (STUB + """<script>bk("long", {props: {text: "å".repeat(600), none: null, n: 3}})</script>""" + TAG + TAG
         + """<div data-bk-product="card" data-bk-partner="kjell"><a href="/away" target="_blank">
              <img id="card-img" width="40" height="40" src="data:image/gif;base64,R0lGODlhAQABAAAAACw="></a></div>
              <a id="same-tab" href="/away">away, same tab</a>"""
         + "".join(LINK.format(name, name) for name in ("double", "middle", "ctrl", "enter"))
-        + LINK.format("nested", """<span><b id="nested-b">nested</b> in a span</span>"""))
+        + LINK.format("nested", """<span><b id="nested-b">nested</b> in a span</span>""")
+        + """<price-box></price-box><script>customElements.define("price-box", class extends HTMLElement {
+             connectedCallback() { this.attachShadow({mode: "open"}).innerHTML = `""" + LINK.format("shadow", "shadow")
+        + """`; } })</script>""")
 
 
 def test_affiliate_clicks_by_every_hand_script_twice_props_and_back_forward_cache_in_chromium(up):
     """A click on an image in a link whose product is on its wrapper, a double click (one click),
-    a middle click, Ctrl+click, Enter, a click on a <b> in a <span> in the link: one click each. The
-    script included twice sends each event once. A prop past the API's 500 characters is cut, not
-    the event lost. Back to a page from the back-forward cache is a page view, as a reload is."""
+    a middle click, Ctrl+click, Enter, a click on a <b> in a <span> in the link, a link in a
+    widget's shadow root: one click each. The script included twice sends each event once. A prop
+    past the API's 500 characters is cut, not the event lost. Back to a page from the
+    back-forward cache is a page view, as a reload is."""
     from playwright.sync_api import sync_playwright
 
     with httpx.Client(base_url=up, headers=AUTH, timeout=30) as api:
@@ -253,6 +258,7 @@ def test_affiliate_clicks_by_every_hand_script_twice_props_and_back_forward_cach
                 page.focus("#enter")
                 page.keyboard.press("Enter")
                 page.click("#nested-b")
+                page.click("#shadow")  # Playwright's CSS selectors pierce open shadow roots
                 page.bring_to_front()
                 page.evaluate("window.kept = 1")
                 page.click("#same-tab")
@@ -267,7 +273,7 @@ def test_affiliate_clicks_by_every_hand_script_twice_props_and_back_forward_cach
             server.shutdown()
         _wait_for_numbers(api, site, {
             "pages": {"/": 1, "/produkt": 2, "/jamfor": 1}, "goals": {"long": 1},
-            "products": {"card": 1, "double": 1, "middle": 1, "ctrl": 1, "enter": 1, "nested": 1}})
+            "products": {"card": 1, "double": 1, "middle": 1, "ctrl": 1, "enter": 1, "nested": 1, "shadow": 1}})
 
 
 def test_a_prerendered_page_counts_once_shown_and_never_if_not(up, tmp_path):
