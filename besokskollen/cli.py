@@ -123,6 +123,10 @@ def cmd_status(args: argparse.Namespace) -> None:
     logging.getLogger("aiokafka").setLevel(logging.WARNING)  # its connection lines are not the report
     try:
         lags = asyncio.run(monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, GROUP))
+    except monitor.NoSuchTopic:
+        print(f"besokskollen status: Kafka at {settings.kafka_bootstrap} has no topic {settings.kafka_topic!r}:"
+              " no ingest or worker has started with this BK_KAFKA_TOPIC yet", file=sys.stderr)
+        raise SystemExit(2) from None
     except (KafkaError, OSError, ValueError) as exc:
         print(f"besokskollen status: Kafka does not answer at {settings.kafka_bootstrap}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -197,3 +197,32 @@ def test_a_topic_the_broker_refuses_is_an_error_not_an_auto_created_default(kafk
         asyncio.run(ensure_topic(kafka, topic, 12, 3))
     asyncio.run(ensure_topic(kafka, topic, 12, 1))  # as configured: created
     asyncio.run(ensure_topic(kafka, topic, 12, 1))  # and then already there
+
+
+# -- besokskollen status --------------------------------------------------------------------------
+
+def test_status_before_the_first_start_names_the_missing_topic_and_creates_none(kafka, clickhouse_http):
+    """`status` asked about a topic nobody created yet (run before ingest and the workers, or with
+    a mistyped BK_KAFKA_TOPIC): it says so, and leaves the topic to ingest and the workers, which
+    create it with BK_KAFKA_PARTITIONS partitions. Its metadata request used to let the broker
+    auto-create it with the broker's default (1 partition on a stock broker: one worker for good)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    topic = f"status-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "BK_KAFKA_BOOTSTRAP": kafka, "BK_KAFKA_TOPIC": topic, "BK_CLICKHOUSE_URL": clickhouse_http}
+    result = subprocess.run([*CLI, "status"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"besokskollen status: Kafka at {kafka} has no topic {topic!r}: no ingest or worker has started with this"
+        " BK_KAFKA_TOPIC yet")
+
+    async def topics() -> list[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+        await admin.start()
+        try:
+            return await admin.list_topics()
+        finally:
+            await admin.close()
+
+    time.sleep(1)  # a broker creates an auto-created topic just after answering
+    assert topic not in asyncio.run(topics())
