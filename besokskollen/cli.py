@@ -131,9 +131,8 @@ def cmd_status(args: argparse.Namespace) -> None:
         print(f"besokskollen status: Kafka does not answer at {settings.kafka_bootstrap}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"topic {settings.kafka_topic}, group {GROUP}: {monitor.describe(lags)}")
-    for worker, at, rate, p50, worst, events in monitor.recent_reports(storage.connect(settings.clickhouse_url)):
-        print(f"worker {worker} at {at:%H:%M:%S}Z: {rate:.0f} events/s, batch p50 {p50:.0f} ms, max {worst:.0f} ms,"
-              f" {events} events in the last report")
+    for line in monitor.describe_reports(monitor.recent_reports(storage.connect(settings.clickhouse_url))):
+        print(line)
 
 
 def cmd_keys_create(args: argparse.Namespace) -> None:

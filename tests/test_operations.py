@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -226,3 +227,35 @@ def test_status_before_the_first_start_names_the_missing_topic_and_creates_none(
 
     time.sleep(1)  # a broker creates an auto-created topic just after answering
     assert topic not in asyncio.run(topics())
+
+
+def test_status_says_which_workers_stopped_reporting_and_when_none_reports(kafka, tmp_path):
+    """A worker reports once a minute: one whose last report is minutes old is shown as such, not
+    as if it were running; with no report at all (no worker started yet, or the schema not even
+    created) `status` says so instead of printing nothing (or a traceback)."""
+    from streams import storage
+    from streams.topic import ensure_topic
+
+    topic = f"status-{uuid.uuid4().hex[:8]}"
+    asyncio.run(ensure_topic(kafka, topic, 2, 1))
+    port = free_port()
+    with process([sys.executable, "-m", "tests.chfront", "--path", str(tmp_path / "ch"), "--port", str(port)],
+                 tmp_path / "chfront.log", ready_url=f"http://127.0.0.1:{port}/ping"):
+        url = f"http://127.0.0.1:{port}/?compress=false"
+        env = {**os.environ, "BK_KAFKA_BOOTSTRAP": kafka, "BK_KAFKA_TOPIC": topic, "BK_CLICKHOUSE_URL": url}
+        status = lambda: subprocess.run([*CLI, "status"], capture_output=True, text=True, cwd=ROOT, env=env,  # noqa: E731
+                                        timeout=60)
+        fresh = status()  # nothing has run: not even the schema is there
+        assert fresh.returncode == 0, fresh.stderr
+        assert fresh.stdout.splitlines() == [f"topic {topic}, group besokskollen: lag 0 (0:0 1:0); caught up",
+                                             "no worker has reported in the last 300 s"]
+        subprocess.run([*CLI, "migrate"], check=True, capture_output=True, cwd=ROOT, env=env, timeout=120)
+        client = storage.connect(url)
+        client.command("INSERT INTO worker_status VALUES ('w-gone', now64(3) - 200, 812.4, 300, 900, 48744),"
+                       " ('w-running', now64(3) - 20, 1000, 310, 960, 60000)")
+        lines = status().stdout.splitlines()[1:]
+        assert re.fullmatch(r"worker w-gone at \d\d:\d\d:\d\dZ: 812 events/s, batch p50 300 ms, max 900 ms, 48744 events in"
+                            r" the last report; no report for 20\d s \(one is due every 60 s\): stopped, or it cannot"
+                            r" write to ClickHouse", lines[0]), lines[0]
+        assert re.fullmatch(r"worker w-running at \d\d:\d\d:\d\dZ: 1000 events/s, batch p50 310 ms, max 960 ms, 60000"
+                            r" events in the last report", lines[1]), lines[1]
