@@ -259,3 +259,51 @@ def test_status_says_which_workers_stopped_reporting_and_when_none_reports(kafka
                             r" write to ClickHouse", lines[0]), lines[0]
         assert re.fullmatch(r"worker w-running at \d\d:\d\d:\d\dZ: 1000 events/s, batch p50 310 ms, max 960 ms, 60000"
                             r" events in the last report", lines[1]), lines[1]
+
+
+def test_the_worker_logs_its_minute_report_while_clickhouse_or_kafka_is_away(monkeypatch, caplog):
+    """The once-a-minute line (events/s, batch latency, lag) is what an on-call engineer reads
+    during an outage: it used to be skipped whole when either the lag (Kafka) or the report row
+    (ClickHouse) could not be had."""
+    import logging
+
+    from aiokafka.errors import KafkaConnectionError
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    from besokskollen.config import Settings
+    from streams import monitor, worker
+
+    class Away:  # a ClickHouse that does not answer
+        def insert(self, *args, **kwargs):
+            raise OperationalError("Connection refused")
+
+    class Answers:
+        rows: list = []
+
+        def insert(self, table, rows, column_names):
+            self.rows.extend(rows)
+
+    async def lags(*args):
+        return [monitor.PartitionLag(0, 10, 25, 3.0), monitor.PartitionLag(1, 7, 7, None)]
+
+    async def no_broker(*args):
+        raise KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 1)]")
+
+    settings = Settings(kafka_bootstrap="127.0.0.1:1", clickhouse_url="http://127.0.0.1:1/")
+    caplog.set_level(logging.INFO, logger="streams.worker")
+    stats = monitor.BatchStats()
+    stats.add(500, 120.0)
+    monkeypatch.setattr(monitor, "partition_lags", lags)
+    asyncio.run(worker.report_status(settings, Away(), "w1", stats))
+    assert re.search(r"w1: \d+ events/s, batch p50 120 ms, max 120 ms; lag 15 \(0:15 1:0\); oldest unprocessed event"
+                     r" 3\.0 s old", caplog.text), caplog.text
+    assert "could not write the stream's status to ClickHouse: Connection refused" in caplog.text
+
+    caplog.clear()
+    stats.add(100, 80.0)
+    monkeypatch.setattr(monitor, "partition_lags", no_broker)
+    written = Answers()
+    asyncio.run(worker.report_status(settings, written, "w1", stats))
+    assert re.search(r"w1: \d+ events/s, batch p50 80 ms, max 80 ms; lag unknown \(KafkaConnectionError: Unable to"
+                     r" bootstrap", caplog.text), caplog.text
+    assert [row[0] for row in written.rows] == ["w1"] and written.rows[0][-1] == 100  # the report row is still written
