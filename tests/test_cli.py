@@ -252,3 +252,16 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.mark.parametrize("command", ["up", "ingest", "api", "worker"])
+def test_a_port_flag_out_of_range_is_refused_as_bk_port_is(command, tmp_path):
+    """`--port 70000` used to listen on 70000 mod 65536 = 4464 while logging :70000, and
+    `--port 0` fell back to BK_PORT or the default; BK_PORT itself is checked (1–65535)."""
+    for port in ("70000", "0", "http"):
+        # A server that starts instead would run until the timeout.
+        result = subprocess.run([*CLI, command, "--data", str(tmp_path / "d"), "--port", port], capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode == 2, (port, result.stderr)
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"besokskollen {command}: error: argument --port: {port!r} is not a port (1–65535)")
