@@ -58,6 +58,9 @@ async def partition_lags(bootstrap: str, topic: str, group: str) -> list[Partiti
         out = []
         for tp in partitions:
             offset = committed[tp].offset if tp in committed and committed[tp].offset >= 0 else starts[tp]
+            # Records the topic's retention deleted before they were processed are not waiting:
+            # the workers (auto_offset_reset earliest) go on from the first record left.
+            offset = max(offset, starts[tp])
             age = await _age_at(consumer, tp, offset) if offset < ends[tp] else None
             out.append(PartitionLag(tp.partition, offset, ends[tp], age))
         return out

@@ -307,3 +307,46 @@ def test_the_worker_logs_its_minute_report_while_clickhouse_or_kafka_is_away(mon
     assert re.search(r"w1: \d+ events/s, batch p50 80 ms, max 80 ms; lag unknown \(KafkaConnectionError: Unable to"
                      r" bootstrap", caplog.text), caplog.text
     assert [row[0] for row in written.rows] == ["w1"] and written.rows[0][-1] == 100  # the report row is still written
+
+
+def test_lag_counts_from_the_first_record_kafka_still_holds(kafka):
+    """Records a stopped group never processed can be deleted by the topic's retention (an outage
+    longer than it): the workers go on from the first record left. The lag counted the deleted ones
+    too, and the age lookup at the deleted offset found nothing after 5 s: "lag 8 …; caught up"."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.records_to_delete import RecordsToDelete
+
+    from streams import monitor
+    from streams.topic import ensure_topic
+
+    topic, group = f"retention-{uuid.uuid4().hex[:8]}", f"group-{uuid.uuid4().hex[:8]}"
+    tp = TopicPartition(topic, 0)
+
+    async def lags() -> list:
+        await ensure_topic(kafka, topic, 1, 1)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka)
+        await producer.start()
+        try:
+            for _ in range(10):
+                await producer.send_and_wait(topic, b"{}")
+        finally:
+            await producer.stop()
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            consumer.assign([tp])
+            await consumer.commit({tp: 2})
+        finally:
+            await consumer.stop()
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+        await admin.start()
+        try:
+            await admin.delete_records({tp: RecordsToDelete(6)})
+        finally:
+            await admin.close()
+        return await monitor.partition_lags(kafka, topic, group)
+
+    (lag,) = asyncio.run(lags())
+    assert (lag.committed, lag.end, lag.lag) == (6, 10, 4)
+    assert lag.oldest_age_s is not None and 0 <= lag.oldest_age_s < 60
