@@ -59,6 +59,19 @@ def test_kubernetes_manifests_are_valid():
         assert f"resource {kind} against" in kinds, kind
 
 
+def test_the_compose_proxy_passes_on_no_country_header_of_a_client():
+    """compose's nginx is in BK_TRUSTED_PROXIES, so ingest takes the country headers it forwards
+    (ingest/clients.py): it must drop the ones a client sends, or any client picks its country."""
+    from ingest.clients import _COUNTRY_HEADERS
+
+    conf = (DEPLOY / "nginx.conf").read_text()
+    server = conf[conf.index("server {"):]
+    top, locations = re.split(r"^\s*(?=location )", server, maxsplit=1, flags=re.M)
+    assert "proxy_set_header" not in locations  # one there would void every server-level one
+    for header in _COUNTRY_HEADERS:
+        assert re.search(rf'^\s*proxy_set_header {header} "";', top, re.I | re.M), header
+
+
 # -- metrics and health ---------------------------------------------------------------------------
 
 def scrape(base: str) -> dict[str, float]:
