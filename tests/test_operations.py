@@ -363,3 +363,20 @@ def test_lag_counts_from_the_first_record_kafka_still_holds(kafka):
     (lag,) = asyncio.run(lags())
     assert (lag.committed, lag.end, lag.lag) == (6, 10, 4)
     assert lag.oldest_age_s is not None and 0 <= lag.oldest_age_s < 60
+
+
+def test_readiness_reaches_a_bootstrap_server_given_without_its_port():
+    """aiokafka takes `kafka` in BK_KAFKA_BOOTSTRAP as kafka:9092; the readiness check failed to
+    parse it, so ingest and the worker were never ready (and compose's proxy never started)."""
+    import socket
+
+    from besokskollen import health
+
+    with socket.socket() as listener:
+        try:
+            listener.bind(("127.0.0.1", 9092))
+            listener.listen()
+        except OSError:  # something listens there already: as good for this check
+            pass
+        assert asyncio.run(health.broker_check("127.0.0.1")())
+        assert asyncio.run(health.broker_check("[::1]:1, 127.0.0.1")())
