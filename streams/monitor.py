@@ -151,5 +151,7 @@ def describe(lags: list[PartitionLag]) -> str:
     total = sum(p.lag for p in lags)
     ages = [p.oldest_age_s for p in lags if p.oldest_age_s is not None]
     parts = " ".join(f"{p.partition}:{p.lag}" for p in lags)
-    return f"lag {total} ({parts}); oldest unprocessed event {max(ages):.1f} s old" if ages else \
-        f"lag {total} ({parts}); caught up"
+    if ages:
+        return f"lag {total} ({parts}); oldest unprocessed event {max(ages):.1f} s old"
+    # A record is read for its age within 5 s (_age_at); a lag without one is not "caught up".
+    return f"lag {total} ({parts}); " + ("age of the oldest unprocessed event unknown" if total else "caught up")

@@ -380,3 +380,12 @@ def test_readiness_reaches_a_bootstrap_server_given_without_its_port():
             pass
         assert asyncio.run(health.broker_check("127.0.0.1")())
         assert asyncio.run(health.broker_check("[::1]:1, 127.0.0.1")())
+
+
+def test_a_lag_whose_age_could_not_be_read_is_not_called_caught_up():
+    from streams.monitor import PartitionLag, describe
+
+    assert describe([PartitionLag(0, 2, 10, None), PartitionLag(1, 5, 5, None)]) == (
+        "lag 8 (0:8 1:0); age of the oldest unprocessed event unknown")
+    assert describe([PartitionLag(0, 5, 5, None)]) == "lag 0 (0:0); caught up"
+    assert describe([PartitionLag(0, 2, 10, 4.25)]) == "lag 8 (0:8); oldest unprocessed event 4.2 s old"
