@@ -169,6 +169,8 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
         broker_session_timeout=SESSION_TIMEOUT_MS / 1000,
         broker_heartbeat_interval=HEARTBEAT_MS / 1000,
         broker_rebalance_timeout=REBALANCE_TIMEOUT_MS / 1000,
+        # Faust declares a topic of its own (its assignor's leader topic), by default with 1 replica.
+        topic_replication_factor=settings.kafka_replication_factor,
     )
     client = storage.connect(settings.clickhouse_url, wait=True)
     replay.upgrade(client, settings.session_timeout_s, settings.raw_events_ttl_days, settings.clickhouse_cluster)

@@ -389,3 +389,14 @@ def test_a_lag_whose_age_could_not_be_read_is_not_called_caught_up():
         "lag 8 (0:8 1:0); age of the oldest unprocessed event unknown")
     assert describe([PartitionLag(0, 5, 5, None)]) == "lag 0 (0:0); caught up"
     assert describe([PartitionLag(0, 2, 10, 4.25)]) == "lag 8 (0:8); oldest unprocessed event 4.2 s old"
+
+
+def test_faust_creates_its_topic_with_the_configured_replication(clickhouse_http):
+    """BK_KAFKA_REPLICATION_FACTOR is "replication of the topics ingest and Faust create": the
+    worker's Faust app declares its assignor topic with `topic_replication_factor`, left at 1."""
+    from besokskollen.config import Settings
+    from streams.worker import create_app
+
+    settings = Settings(kafka_bootstrap="127.0.0.1:1", clickhouse_url=clickhouse_http, kafka_replication_factor=3)
+    app = create_app(settings, "127.0.0.1", free_port())
+    assert app.conf.topic_replication_factor == 3
