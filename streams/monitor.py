@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import GroupCoordinatorNotAvailableError, KafkaError
+from aiokafka.errors import GroupCoordinatorNotAvailableError
 from clickhouse_connect.driver.client import Client
 
 REPORT_EVERY_S = 60.0
@@ -31,23 +31,27 @@ class PartitionLag:
         return max(0, self.end - self.committed)
 
 
-class NoSuchTopic(KafkaError):
-    """The topic does not exist (yet): no ingest or worker has started with it."""
+async def topic_exists(bootstrap: str, topic: str) -> bool:
+    """Asked of the list of every topic: metadata asked for one topic by name lets the broker
+    auto-create it, with the broker's default partitions (`status` run before the first ingest or
+    worker made the events topic with 1 partition on a stock broker, and ingest then kept it)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        await admin.start()
+        return topic in await admin.list_topics()
+    finally:
+        await admin.close()
 
 
 async def partition_lags(bootstrap: str, topic: str, group: str) -> list[PartitionLag]:
-    """Lag of the consumer group on every partition of the topic; `NoSuchTopic` when it is not there."""
+    """Lag of the consumer group on every partition of the topic, which must exist (`topic_exists`):
+    asking about one that does not may create it."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     try:  # both are closed whichever start fails (the broker may be away)
         await consumer.start()
         await admin.start()
-        # Every topic's metadata, not the one topic's: asking for a topic by name lets the broker
-        # auto-create it with its own default partitions (`status` run before the first start
-        # made the events topic with 1 partition on a stock broker, and ingest then kept it).
-        metadata = next((t for t in await admin.describe_topics() if t["topic"] == topic), None)
-        if metadata is None:
-            raise NoSuchTopic(f"no topic {topic!r}")
+        (metadata,) = await admin.describe_topics([topic])
         partitions = [TopicPartition(topic, p["partition"]) for p in sorted(metadata.get("partitions", ()),
                                                                               key=lambda p: p["partition"])]
         if not partitions:
