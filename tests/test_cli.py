@@ -184,7 +184,9 @@ def test_a_second_server_on_one_spool_directory_stops_with_one_line(clickhouse_h
 
 @pytest.mark.parametrize("variable, value", [("BK_SESSION_TIMEOUT_S", "abc"), ("BK_SESSION_TIMEOUT_S", "-5"),
                                              ("BK_TRUSTED_PROXIES", "garbage"), ("BK_CLICKHOUSE_URL", "chdb://relative"),
-                                             ("BK_CLICKHOUSE_URL", "http://127.0.0.1:abc/"), ("BK_PORT", "70000")])
+                                             ("BK_CLICKHOUSE_URL", "http://127.0.0.1:abc/"), ("BK_PORT", "70000"),
+                                             ("BK_KAFKA_BOOTSTRAP", "kafka:abc"), ("BK_KAFKA_BOOTSTRAP", "kafka:9092,k2:0"),
+                                             ("BK_REDIS_URL", "localhost:6379")])
 def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path, variable, value):
     data = [] if variable == "BK_CLICKHOUSE_URL" else ["--data", str(tmp_path / "d")]  # --data would override it
     result = subprocess.run([*CLI, "migrate", *data], capture_output=True, text=True, timeout=60,
