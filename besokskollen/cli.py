@@ -29,6 +29,13 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise SystemExit(2) from None
 
 
+def _port(text: str) -> int:
+    """A --port flag, checked as BK_PORT is (the OS would take 70000 as 70000 mod 65536)."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1–65535)")
+    return int(text)
+
+
 _BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:132.0) Gecko/20100101 Firefox/132.0"
 
 
@@ -122,14 +129,18 @@ def cmd_status(args: argparse.Namespace) -> None:
 
     logging.getLogger("aiokafka").setLevel(logging.WARNING)  # its connection lines are not the report
     try:
-        lags = asyncio.run(monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, GROUP))
+        exists = asyncio.run(monitor.topic_exists(settings.kafka_bootstrap, settings.kafka_topic))
+        lags = asyncio.run(monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, GROUP)) if exists else []
     except (KafkaError, OSError, ValueError) as exc:
         print(f"besokskollen status: Kafka does not answer at {settings.kafka_bootstrap}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if not exists:  # the topic is left to ingest and the workers, which create it as configured
+        print(f"besokskollen status: Kafka at {settings.kafka_bootstrap} has no topic {settings.kafka_topic!r}:"
+              " no ingest or worker has started with this BK_KAFKA_TOPIC yet", file=sys.stderr)
+        raise SystemExit(2)
     print(f"topic {settings.kafka_topic}, group {GROUP}: {monitor.describe(lags)}")
-    for worker, at, rate, p50, worst, events in monitor.recent_reports(storage.connect(settings.clickhouse_url)):
-        print(f"worker {worker} at {at:%H:%M:%S}Z: {rate:.0f} events/s, batch p50 {p50:.0f} ms, max {worst:.0f} ms,"
-              f" {events} events in the last report")
+    for line in monitor.describe_reports(monitor.recent_reports(storage.connect(settings.clickhouse_url))):
+        print(line)
 
 
 def cmd_keys_create(args: argparse.Namespace) -> None:
@@ -211,27 +222,27 @@ def parser() -> argparse.ArgumentParser:
 
     up = with_data(commands.add_parser("up", help="embedded topology in one process"))
     up.add_argument("--host", help="listen address (BK_HOST; default 127.0.0.1)")
-    up.add_argument("--port", type=int, help="listen port (BK_PORT; default 8080)")
+    up.add_argument("--port", type=_port, help="listen port (BK_PORT; default 8080)")
     up.set_defaults(default_port=8080)
     up.add_argument("--demo", action="store_true", help="seed a demo site with 90 days of traffic")
     up.set_defaults(func=cmd_up)
 
     ingest = with_data(commands.add_parser("ingest", help="tracking endpoint → Kafka"))
     ingest.add_argument("--host", help="listen address (BK_HOST; default 127.0.0.1)")
-    ingest.add_argument("--port", type=int, help="listen port (BK_PORT; default 8081)")
+    ingest.add_argument("--port", type=_port, help="listen port (BK_PORT; default 8081)")
     ingest.set_defaults(default_port=8081)
     ingest.set_defaults(func=cmd_ingest)
 
     api = with_data(commands.add_parser("api", help="query API"))
     api.add_argument("--host", help="listen address (BK_HOST; default 127.0.0.1)")
-    api.add_argument("--port", type=int, help="listen port (BK_PORT; default 8082)")
+    api.add_argument("--port", type=_port, help="listen port (BK_PORT; default 8082)")
     api.set_defaults(default_port=8082)
     api.set_defaults(func=cmd_api)
 
     worker = with_data(commands.add_parser("worker", help="Faust stream worker"))
     worker.add_argument("--loglevel", default="info")
     worker.add_argument("--host", help="address of /healthz, /readyz and /metrics (BK_HOST; default 127.0.0.1)")
-    worker.add_argument("--port", type=int, help="port of /healthz, /readyz and /metrics (BK_PORT; default 8083)")
+    worker.add_argument("--port", type=_port, help="port of /healthz, /readyz and /metrics (BK_PORT; default 8083)")
     worker.set_defaults(default_port=8083)
     worker.add_argument("--instance-id", help="the worker's name in status reports (BK_WORKER_INSTANCE_ID)")
     worker.set_defaults(func=cmd_worker)

@@ -103,6 +103,28 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
 
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _servers(cls, bootstrap: str | None) -> str | None:
+        if bootstrap:
+            from aiokafka.conn import get_ip_port_afi  # read as the Kafka client will read it
+
+            for server in filter(None, (part.strip() for part in bootstrap.split(","))):
+                try:
+                    port = get_ip_port_afi(server)[1]
+                except ValueError:
+                    port = 0
+                if not 1 <= port <= 65535:
+                    raise ValueError(f"{server!r} is not host:port")
+        return bootstrap
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis(cls, url: str | None) -> str | None:
+        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
+        return url
+
     @field_validator("admin_key")
     @classmethod
     def _not_a_placeholder(cls, key: str | None) -> str | None:

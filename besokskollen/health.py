@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from aiokafka.conn import get_ip_port_afi
 from clickhouse_connect.driver.client import Client
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -30,12 +31,13 @@ def store_check(client: Client) -> Check:
 
 def broker_check(bootstrap: str) -> Check:
     """Any bootstrap server accepts a TCP connection (a refused one is seen at once)."""
-    servers = [server.strip().rsplit(":", 1) for server in bootstrap.split(",") if server.strip()]
+    # Parsed as aiokafka parses them: `kafka` alone is port 9092 to the client, and was never ready here.
+    servers = [get_ip_port_afi(server)[:2] for server in bootstrap.split(",") if server.strip()]
 
     async def check() -> bool:
         for host, port in servers:
             try:
-                _reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+                _reader, writer = await asyncio.open_connection(host, port)
             except OSError:
                 continue
             writer.close()

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import GroupCoordinatorNotAvailableError
 from clickhouse_connect.driver.client import Client
 
 REPORT_EVERY_S = 60.0
@@ -30,8 +31,21 @@ class PartitionLag:
         return max(0, self.end - self.committed)
 
 
+async def topic_exists(bootstrap: str, topic: str) -> bool:
+    """Asked of the list of every topic: metadata asked for one topic by name lets the broker
+    auto-create it, with the broker's default partitions (`status` run before the first ingest or
+    worker made the events topic with 1 partition on a stock broker, and ingest then kept it)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        await admin.start()
+        return topic in await admin.list_topics()
+    finally:
+        await admin.close()
+
+
 async def partition_lags(bootstrap: str, topic: str, group: str) -> list[PartitionLag]:
-    """Lag of the consumer group on every partition of the topic."""
+    """Lag of the consumer group on every partition of the topic, which must exist (`topic_exists`):
+    asking about one that does not may create it."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     try:  # both are closed whichever start fails (the broker may be away)
@@ -44,16 +58,31 @@ async def partition_lags(bootstrap: str, topic: str, group: str) -> list[Partiti
             return []
         ends = await consumer.end_offsets(partitions)
         starts = await consumer.beginning_offsets(partitions)
-        committed = await admin.list_consumer_group_offsets(group)
+        committed = await _committed(admin, group)
         out = []
         for tp in partitions:
             offset = committed[tp].offset if tp in committed and committed[tp].offset >= 0 else starts[tp]
+            # Records the topic's retention deleted before they were processed are not waiting:
+            # the workers (auto_offset_reset earliest) go on from the first record left.
+            offset = max(offset, starts[tp])
             age = await _age_at(consumer, tp, offset) if offset < ends[tp] else None
             out.append(PartitionLag(tp.partition, offset, ends[tp], age))
         return out
     finally:
         await consumer.stop()
         await admin.close()
+
+
+async def _committed(admin: AIOKafkaAdminClient, group: str, tries: int = 20) -> dict:
+    """The group's committed offsets. A broker where no group ever committed (no worker has
+    started yet) has no offsets topic: asking creates it, and the coordinator is "not available"
+    until then (a second or so), which is no reason to say Kafka does not answer."""
+    for _ in range(tries - 1):
+        try:
+            return await admin.list_consumer_group_offsets(group)
+        except GroupCoordinatorNotAvailableError:
+            await asyncio.sleep(0.25)
+    return await admin.list_consumer_group_offsets(group)
 
 
 async def _age_at(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> float | None:
@@ -94,18 +123,39 @@ def report(client: Client, worker: str, rate: float, p50: float, worst: float, e
 
 
 def recent_reports(client: Client, within_s: int = 300) -> list[tuple]:
-    """(worker, reported_at, events/s, batch p50 ms, batch max ms, events) of each worker's last
-    report in the last `within_s` seconds."""
+    """(worker, reported_at, events/s, batch p50 ms, batch max ms, events, seconds since) of each
+    worker's last report in the last `within_s` seconds; none before the schema exists."""
+    if not client.command("EXISTS TABLE worker_status"):  # nothing has run against this ClickHouse yet
+        return []
     return client.query(
         "SELECT worker, max(reported_at), argMax(events_per_s, reported_at), argMax(batch_p50_ms, reported_at),"
-        " argMax(batch_max_ms, reported_at), argMax(events, reported_at) FROM worker_status"
+        " argMax(batch_max_ms, reported_at), argMax(events, reported_at),"
+        " dateDiff('second', max(reported_at), now64(3)) FROM worker_status"
         " WHERE reported_at >= now64(3) - toIntervalSecond({within:UInt32}) GROUP BY worker ORDER BY worker",
         parameters={"within": within_s}).result_rows
+
+
+def describe_reports(reports: list[tuple], within_s: int = 300) -> list[str]:
+    """A line per worker; one whose report is overdue is marked, as it is no longer processing."""
+    if not reports:
+        return [f"no worker has reported in the last {within_s} s"]
+    lines = []
+    for worker, at, rate, p50, worst, events, since in reports:
+        line = (f"worker {worker} at {at:%H:%M:%S}Z: {rate:.0f} events/s, batch p50 {p50:.0f} ms, max {worst:.0f} ms,"
+                f" {events} events in the last report")
+        # A running worker reports every REPORT_EVERY_S; one skipped report is allowed for.
+        if since > 2 * REPORT_EVERY_S:
+            line += (f"; no report for {since} s (one is due every {REPORT_EVERY_S:.0f} s): stopped, or it cannot"
+                     " write to ClickHouse")
+        lines.append(line)
+    return lines
 
 
 def describe(lags: list[PartitionLag]) -> str:
     total = sum(p.lag for p in lags)
     ages = [p.oldest_age_s for p in lags if p.oldest_age_s is not None]
     parts = " ".join(f"{p.partition}:{p.lag}" for p in lags)
-    return f"lag {total} ({parts}); oldest unprocessed event {max(ages):.1f} s old" if ages else \
-        f"lag {total} ({parts}); caught up"
+    if ages:
+        return f"lag {total} ({parts}); oldest unprocessed event {max(ages):.1f} s old"
+    # A record is read for its age within 5 s (_age_at); a lag without one is not "caught up".
+    return f"lag {total} ({parts}); " + ("age of the oldest unprocessed event unknown" if total else "caught up")

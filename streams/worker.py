@@ -169,6 +169,8 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
         broker_session_timeout=SESSION_TIMEOUT_MS / 1000,
         broker_heartbeat_interval=HEARTBEAT_MS / 1000,
         broker_rebalance_timeout=REBALANCE_TIMEOUT_MS / 1000,
+        # Faust declares a topic of its own (its assignor's leader topic), by default with 1 replica.
+        topic_replication_factor=settings.kafka_replication_factor,
     )
     client = storage.connect(settings.clickhouse_url, wait=True)
     replay.upgrade(client, settings.session_timeout_s, settings.raw_events_ttl_days, settings.clickhouse_cluster)
@@ -216,17 +218,24 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
 
     @app.timer(monitor.REPORT_EVERY_S)
     async def report() -> None:
-        rate, p50, worst, events = stats.take()
-        try:
-            lags = await monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, GROUP)
-            await asyncio.to_thread(monitor.report, client, name, rate, p50, worst, events)
-        except Exception as exc:  # noqa: BLE001 - a report is not worth stopping the worker for
-            log.warning("could not report the stream's status: %s", exc)
-            return
-        log.info("%s: %.0f events/s, batch p50 %.0f ms, max %.0f ms; %s", name, rate, p50, worst,
-                 monitor.describe(lags))
+        await report_status(settings, client, name, stats)
 
     return app
+
+
+async def report_status(settings: Settings, client, name: str, stats: monitor.BatchStats) -> None:
+    """The once-a-minute line in the log and row in `worker_status`. Each is given what can be had:
+    an outage of Kafka (no lag) or ClickHouse (no row) is when the line matters most."""
+    rate, p50, worst, events = stats.take()
+    try:
+        lag = monitor.describe(await monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, GROUP))
+    except Exception as exc:  # noqa: BLE001 - a report is not worth stopping the worker for
+        lag = f"lag unknown ({exc or type(exc).__name__})"  # aiokafka's errors name their class
+    log.info("%s: %.0f events/s, batch p50 %.0f ms, max %.0f ms; %s", name, rate, p50, worst, lag)
+    try:
+        await asyncio.to_thread(monitor.report, client, name, rate, p50, worst, events)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not write the stream's status to ClickHouse: %s", exc)
 
 
 def run(settings: Settings, host: str = "127.0.0.1", port: int = 8083, loglevel: str = "info") -> None:

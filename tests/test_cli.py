@@ -184,7 +184,9 @@ def test_a_second_server_on_one_spool_directory_stops_with_one_line(clickhouse_h
 
 @pytest.mark.parametrize("variable, value", [("BK_SESSION_TIMEOUT_S", "abc"), ("BK_SESSION_TIMEOUT_S", "-5"),
                                              ("BK_TRUSTED_PROXIES", "garbage"), ("BK_CLICKHOUSE_URL", "chdb://relative"),
-                                             ("BK_CLICKHOUSE_URL", "http://127.0.0.1:abc/"), ("BK_PORT", "70000")])
+                                             ("BK_CLICKHOUSE_URL", "http://127.0.0.1:abc/"), ("BK_PORT", "70000"),
+                                             ("BK_KAFKA_BOOTSTRAP", "kafka:abc"), ("BK_KAFKA_BOOTSTRAP", "kafka:9092,k2:0"),
+                                             ("BK_REDIS_URL", "localhost:6379")])
 def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path, variable, value):
     data = [] if variable == "BK_CLICKHOUSE_URL" else ["--data", str(tmp_path / "d")]  # --data would override it
     result = subprocess.run([*CLI, "migrate", *data], capture_output=True, text=True, timeout=60,
@@ -252,3 +254,16 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.mark.parametrize("command", ["up", "ingest", "api", "worker"])
+def test_a_port_flag_out_of_range_is_refused_as_bk_port_is(command, tmp_path):
+    """`--port 70000` used to listen on 70000 mod 65536 = 4464 while logging :70000, and
+    `--port 0` fell back to BK_PORT or the default; BK_PORT itself is checked (1–65535)."""
+    for port in ("70000", "0", "http"):
+        # A server that starts instead would run until the timeout.
+        result = subprocess.run([*CLI, command, "--data", str(tmp_path / "d"), "--port", port], capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode == 2, (port, result.stderr)
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"besokskollen {command}: error: argument --port: {port!r} is not a port (1–65535)")

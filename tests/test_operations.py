@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,19 @@ def test_kubernetes_manifests_are_valid():
     for kind in ("deployment/ingest", "deployment/api", "deployment/worker", "horizontalpodautoscaler/ingest",
                  "poddisruptionbudget/worker", "configmap/besokskollen", "secret/besokskollen", "ingress/besokskollen"):
         assert f"resource {kind} against" in kinds, kind
+
+
+def test_the_compose_proxy_passes_on_no_country_header_of_a_client():
+    """compose's nginx is in BK_TRUSTED_PROXIES, so ingest takes the country headers it forwards
+    (ingest/clients.py): it must drop the ones a client sends, or any client picks its country."""
+    from ingest.clients import _COUNTRY_HEADERS
+
+    conf = (DEPLOY / "nginx.conf").read_text()
+    server = conf[conf.index("server {"):]
+    top, locations = re.split(r"^\s*(?=location )", server, maxsplit=1, flags=re.M)
+    assert "proxy_set_header" not in locations  # one there would void every server-level one
+    for header in _COUNTRY_HEADERS:
+        assert re.search(rf'^\s*proxy_set_header {header} "";', top, re.I | re.M), header
 
 
 # -- metrics and health ---------------------------------------------------------------------------
@@ -197,3 +211,192 @@ def test_a_topic_the_broker_refuses_is_an_error_not_an_auto_created_default(kafk
         asyncio.run(ensure_topic(kafka, topic, 12, 3))
     asyncio.run(ensure_topic(kafka, topic, 12, 1))  # as configured: created
     asyncio.run(ensure_topic(kafka, topic, 12, 1))  # and then already there
+
+
+# -- besokskollen status --------------------------------------------------------------------------
+
+def test_status_before_the_first_start_names_the_missing_topic_and_creates_none(kafka, clickhouse_http):
+    """`status` asked about a topic nobody created yet (run before ingest and the workers, or with
+    a mistyped BK_KAFKA_TOPIC): it says so, and leaves the topic to ingest and the workers, which
+    create it with BK_KAFKA_PARTITIONS partitions. Its metadata request used to let the broker
+    auto-create it with the broker's default (1 partition on a stock broker: one worker for good)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    topic = f"status-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "BK_KAFKA_BOOTSTRAP": kafka, "BK_KAFKA_TOPIC": topic, "BK_CLICKHOUSE_URL": clickhouse_http}
+    result = subprocess.run([*CLI, "status"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"besokskollen status: Kafka at {kafka} has no topic {topic!r}: no ingest or worker has started with this"
+        " BK_KAFKA_TOPIC yet")
+
+    async def topics() -> list[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+        await admin.start()
+        try:
+            return await admin.list_topics()
+        finally:
+            await admin.close()
+
+    time.sleep(1)  # a broker creates an auto-created topic just after answering
+    assert topic not in asyncio.run(topics())
+
+
+def test_status_says_which_workers_stopped_reporting_and_when_none_reports(kafka, tmp_path):
+    """A worker reports once a minute: one whose last report is minutes old is shown as such, not
+    as if it were running; with no report at all (no worker started yet, or the schema not even
+    created) `status` says so instead of printing nothing (or a traceback)."""
+    from streams import storage
+    from streams.topic import ensure_topic
+
+    topic = f"status-{uuid.uuid4().hex[:8]}"
+    asyncio.run(ensure_topic(kafka, topic, 2, 1))
+    port = free_port()
+    with process([sys.executable, "-m", "tests.chfront", "--path", str(tmp_path / "ch"), "--port", str(port)],
+                 tmp_path / "chfront.log", ready_url=f"http://127.0.0.1:{port}/ping"):
+        url = f"http://127.0.0.1:{port}/?compress=false"
+        env = {**os.environ, "BK_KAFKA_BOOTSTRAP": kafka, "BK_KAFKA_TOPIC": topic, "BK_CLICKHOUSE_URL": url}
+        status = lambda: subprocess.run([*CLI, "status"], capture_output=True, text=True, cwd=ROOT, env=env,  # noqa: E731
+                                        timeout=60)
+        fresh = status()  # nothing has run: not even the schema is there
+        assert fresh.returncode == 0, fresh.stderr
+        assert fresh.stdout.splitlines() == [f"topic {topic}, group besokskollen: lag 0 (0:0 1:0); caught up",
+                                             "no worker has reported in the last 300 s"]
+        subprocess.run([*CLI, "migrate"], check=True, capture_output=True, cwd=ROOT, env=env, timeout=120)
+        client = storage.connect(url)
+        client.command("INSERT INTO worker_status VALUES ('w-gone', now64(3) - 200, 812.4, 300, 900, 48744),"
+                       " ('w-running', now64(3) - 20, 1000, 310, 960, 60000)")
+        lines = status().stdout.splitlines()[1:]
+        assert re.fullmatch(r"worker w-gone at \d\d:\d\d:\d\dZ: 812 events/s, batch p50 300 ms, max 900 ms, 48744 events in"
+                            r" the last report; no report for 20\d s \(one is due every 60 s\): stopped, or it cannot"
+                            r" write to ClickHouse", lines[0]), lines[0]
+        assert re.fullmatch(r"worker w-running at \d\d:\d\d:\d\dZ: 1000 events/s, batch p50 310 ms, max 960 ms, 60000"
+                            r" events in the last report", lines[1]), lines[1]
+
+
+def test_the_worker_logs_its_minute_report_while_clickhouse_or_kafka_is_away(monkeypatch, caplog):
+    """The once-a-minute line (events/s, batch latency, lag) is what an on-call engineer reads
+    during an outage: it used to be skipped whole when either the lag (Kafka) or the report row
+    (ClickHouse) could not be had."""
+    import logging
+
+    from aiokafka.errors import KafkaConnectionError
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    from besokskollen.config import Settings
+    from streams import monitor, worker
+
+    class Away:  # a ClickHouse that does not answer
+        def insert(self, *args, **kwargs):
+            raise OperationalError("Connection refused")
+
+    class Answers:
+        rows: list = []
+
+        def insert(self, table, rows, column_names):
+            self.rows.extend(rows)
+
+    async def lags(*args):
+        return [monitor.PartitionLag(0, 10, 25, 3.0), monitor.PartitionLag(1, 7, 7, None)]
+
+    async def no_broker(*args):
+        raise KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 1)]")
+
+    settings = Settings(kafka_bootstrap="127.0.0.1:1", clickhouse_url="http://127.0.0.1:1/")
+    caplog.set_level(logging.INFO, logger="streams.worker")
+    stats = monitor.BatchStats()
+    stats.add(500, 120.0)
+    monkeypatch.setattr(monitor, "partition_lags", lags)
+    asyncio.run(worker.report_status(settings, Away(), "w1", stats))
+    assert re.search(r"w1: \d+ events/s, batch p50 120 ms, max 120 ms; lag 15 \(0:15 1:0\); oldest unprocessed event"
+                     r" 3\.0 s old", caplog.text), caplog.text
+    assert "could not write the stream's status to ClickHouse: Connection refused" in caplog.text
+
+    caplog.clear()
+    stats.add(100, 80.0)
+    monkeypatch.setattr(monitor, "partition_lags", no_broker)
+    written = Answers()
+    asyncio.run(worker.report_status(settings, written, "w1", stats))
+    assert re.search(r"w1: \d+ events/s, batch p50 80 ms, max 80 ms; lag unknown \(KafkaConnectionError: Unable to"
+                     r" bootstrap", caplog.text), caplog.text
+    assert [row[0] for row in written.rows] == ["w1"] and written.rows[0][-1] == 100  # the report row is still written
+
+
+def test_lag_counts_from_the_first_record_kafka_still_holds(kafka):
+    """Records a stopped group never processed can be deleted by the topic's retention (an outage
+    longer than it): the workers go on from the first record left. The lag counted the deleted ones
+    too, and the age lookup at the deleted offset found nothing after 5 s: "lag 8 …; caught up"."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.records_to_delete import RecordsToDelete
+
+    from streams import monitor
+    from streams.topic import ensure_topic
+
+    topic, group = f"retention-{uuid.uuid4().hex[:8]}", f"group-{uuid.uuid4().hex[:8]}"
+    tp = TopicPartition(topic, 0)
+
+    async def lags() -> list:
+        await ensure_topic(kafka, topic, 1, 1)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka)
+        await producer.start()
+        try:
+            for _ in range(10):
+                await producer.send_and_wait(topic, b"{}")
+        finally:
+            await producer.stop()
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            consumer.assign([tp])
+            await consumer.commit({tp: 2})
+        finally:
+            await consumer.stop()
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+        await admin.start()
+        try:
+            await admin.delete_records({tp: RecordsToDelete(6)})
+        finally:
+            await admin.close()
+        return await monitor.partition_lags(kafka, topic, group)
+
+    (lag,) = asyncio.run(lags())
+    assert (lag.committed, lag.end, lag.lag) == (6, 10, 4)
+    assert lag.oldest_age_s is not None and 0 <= lag.oldest_age_s < 60
+
+
+def test_readiness_reaches_a_bootstrap_server_given_without_its_port():
+    """aiokafka takes `kafka` in BK_KAFKA_BOOTSTRAP as kafka:9092; the readiness check failed to
+    parse it, so ingest and the worker were never ready (and compose's proxy never started)."""
+    import socket
+
+    from besokskollen import health
+
+    with socket.socket() as listener:
+        try:
+            listener.bind(("127.0.0.1", 9092))
+            listener.listen()
+        except OSError:  # something listens there already: as good for this check
+            pass
+        assert asyncio.run(health.broker_check("127.0.0.1")())
+        assert asyncio.run(health.broker_check("[::1]:1, 127.0.0.1")())
+
+
+def test_a_lag_whose_age_could_not_be_read_is_not_called_caught_up():
+    from streams.monitor import PartitionLag, describe
+
+    assert describe([PartitionLag(0, 2, 10, None), PartitionLag(1, 5, 5, None)]) == (
+        "lag 8 (0:8 1:0); age of the oldest unprocessed event unknown")
+    assert describe([PartitionLag(0, 5, 5, None)]) == "lag 0 (0:0); caught up"
+    assert describe([PartitionLag(0, 2, 10, 4.25)]) == "lag 8 (0:8); oldest unprocessed event 4.2 s old"
+
+
+def test_faust_creates_its_topic_with_the_configured_replication(clickhouse_http):
+    """BK_KAFKA_REPLICATION_FACTOR is "replication of the topics ingest and Faust create": the
+    worker's Faust app declares its assignor topic with `topic_replication_factor`, left at 1."""
+    from besokskollen.config import Settings
+    from streams.worker import create_app
+
+    settings = Settings(kafka_bootstrap="127.0.0.1:1", clickhouse_url=clickhouse_http, kafka_replication_factor=3)
+    app = create_app(settings, "127.0.0.1", free_port())
+    assert app.conf.topic_replication_factor == 3
