@@ -54,9 +54,12 @@ def test_kubernetes_manifests_are_valid():
                             text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     kinds = result.stdout + result.stderr
-    for kind in ("deployment/ingest", "deployment/api", "deployment/worker", "horizontalpodautoscaler/ingest",
+    for kind in ("statefulset/ingest", "deployment/api", "deployment/worker", "horizontalpodautoscaler/ingest",
                  "poddisruptionbudget/worker", "configmap/besokskollen", "secret/besokskollen", "ingress/besokskollen"):
         assert f"resource {kind} against" in kinds, kind
+    # Events answered 202 into ingest's spool outlive its pod (an emptyDir went with it).
+    ingest = (DEPLOY / "k8s" / "ingest.yaml").read_text()
+    assert "volumeClaimTemplates" in ingest and "name: state, emptyDir" not in ingest
 
 
 def test_the_compose_proxy_passes_on_no_country_header_of_a_client():
