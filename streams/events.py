@@ -11,6 +11,7 @@ from typing import NamedTuple
 from clickhouse_connect.driver.client import Client
 
 from ingest.event import Event
+from streams.buckets import history_window
 
 _FIELDS = (
     "event_id", "site_id", "timestamp", "name", "visitor_id", "hostname", "pathname", "referrer", "source",
@@ -133,9 +134,45 @@ def _stretches(events: list[Event]) -> list[list[Event]]:
 
 
 def stored_event_ids(client: Client, events: Sequence[Event]) -> set[str]:
-    """Which of these events are stored (for their site)."""
+    """Which of these events are stored (for their site), or never will be because a stored copy
+    stands for them: one within RETRY_WINDOW of their time (`owners`), or one their own visitor
+    holds at another time, however far (the stream core keeps that copy, `StreamCore._visitor`).
+    Without the second, the distributed import waited for such a line until its time limit."""
     wanted = {(e.site_id, e.event_id) for e in events}
-    return {event_id for site_id, event_id in owners(client, events) if (site_id, event_id) in wanted}
+    found = {key for key in owners(client, events) if key in wanted}
+    rest = [e for e in events if (e.site_id, e.event_id) not in found]
+    if rest:
+        found |= _held_by_own_visitor(client, rest)
+    return {event_id for _, event_id in found}
+
+
+def _held_by_own_visitor(client: Client, events: list[Event]) -> set[tuple[str, str]]:
+    """(site_id, event_id) of these events whose id their visitor has stored within its history
+    window (what the stream core reads), one query per stretch of days."""
+    wanted = {(e.site_id, e.visitor_id, e.event_id) for e in events}
+    windows: list[list] = []  # [start, end, events], merged where they overlap, as the core does
+    for e in sorted(events, key=lambda e: e.timestamp):
+        start, end = history_window(e.timestamp.date(), e.timestamp.date())
+        if windows and start <= windows[-1][1]:
+            windows[-1][1] = max(windows[-1][1], end)
+            windows[-1][2].append(e)
+        else:
+            windows.append([start, end, [e]])
+    found: set[tuple[str, str]] = set()
+    for start, end, members in windows:
+        rows = client.query(
+            "SELECT site_id, visitor_id, toString(event_id) FROM events"
+            " WHERE site_id IN {sites:Array(String)}"
+            " AND timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp < {end:DateTime64(3, 'UTC')}"
+            " AND visitor_id IN (SELECT arrayJoin(splitByChar(',', {visitors:String}))::UInt64)"
+            " AND event_id IN (SELECT arrayJoin(splitByChar(',', {ids:String}))::UUID)",
+            parameters={"sites": sorted({e.site_id for e in members}), "start": start, "end": end,
+                        "visitors": ",".join(sorted({str(e.visitor_id) for e in members})),
+                        "ids": ",".join(e.event_id for e in members)},
+        ).result_rows
+        found |= {(site_id, event_id) for site_id, visitor_id, event_id in rows
+                  if (site_id, visitor_id, event_id) in wanted}
+    return found
 
 
 def stored_days(client: Client) -> list[date]:

@@ -212,6 +212,31 @@ async def test_reimport_stores_nothing_twice_and_gives_the_same_visitor_ids(clie
         parameters={"s": site.site_id}).result_rows[0][0] == len(lines)
 
 
+async def test_the_wait_for_stored_ends_for_a_line_the_stream_core_keeps_out(client, services, site):
+    """An id its visitor already has at another time, more than the retry window away, is kept
+    out by the stream core (the first copy stays). The distributed import waits for its events
+    to be stored: it waited for that line until its 120-s limit, then answered "stored": false,
+    while the embedded one answered at once."""
+    from ingest.handoff import KafkaHandoff
+    from streams.events import RETRY_WINDOW
+
+    first = {"name": "pageview", "url": f"https://{site.domain}/a", "ip": "81.2.69.160", "user_agent": BROWSER,
+             "timestamp": iso(DAY + timedelta(hours=1)), "event_id": str(uuid.uuid4())}
+    again = {**first, "url": f"https://{site.domain}/b", "timestamp": iso(DAY + timedelta(hours=1) + 2 * RETRY_WINDOW)}
+    for line in (first, again):
+        response = await post_import(client, site.site_id, ndjson([line]))
+        assert response.status_code == 200 and response.json()["data"]["stored"] is True, response.text
+    assert services.client.query(
+        "SELECT pathname FROM events FINAL WHERE site_id = {s:String}", parameters={"s": site.site_id}
+    ).result_rows == [("/a",)]
+
+    parsed = importer.parse(ndjson([again]), site, datetime.now(timezone.utc), services.visitors.id_key())
+    events = importer.to_events(parsed.lines, site, services.visitors)
+    handoff = KafkaHandoff("127.0.0.1:1", "unused", 1, 1, services.client, spool=None, ack_timeout_s=0.25,
+                           store_timeout_s=3)
+    assert await handoff.flush(events)  # no producer: only the wait for "stored"
+
+
 async def test_a_session_open_at_midnight_carries_across_requests(client, services):
     salts = Salts(services.client)
     midnight = DAY + timedelta(days=10)
