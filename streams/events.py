@@ -134,16 +134,53 @@ def _stretches(events: list[Event]) -> list[list[Event]]:
 
 
 def stored_event_ids(client: Client, events: Sequence[Event]) -> set[str]:
-    """Which of these events are stored (for their site), or never will be because a stored copy
-    stands for them: one within RETRY_WINDOW of their time (`owners`), or one their own visitor
-    holds at another time, however far (the stream core keeps that copy, `StreamCore._visitor`).
-    Without the second, the distributed import waited for such a line until its time limit."""
-    wanted = {(e.site_id, e.event_id) for e in events}
-    found = {key for key in owners(client, events) if key in wanted}
-    rest = [e for e in events if (e.site_id, e.event_id) not in found]
+    """Which of these events are written as sent (for their site), or never will be because the
+    stream core keeps a stored copy instead: one at another time within RETRY_WINDOW (`owners`),
+    or one their own visitor holds at another time, however far (`StreamCore._visitor`). A copy at
+    the same time with other fields (a line imported again with corrected fields, an event moving
+    to another visitor id) is replaced once processed, so it does not count: the distributed
+    import answered "stored" while such events were still in Kafka."""
+    # Per site and id, the event the stream core keeps of these (its `_first_arrivals` rule): the
+    # earliest; of equal times, the last sent.
+    sent: dict[tuple[str, str], Event] = {}
+    for e in events:
+        kept = sent.get((e.site_id, e.event_id))
+        if kept is None or e.timestamp <= kept.timestamp:
+            sent[(e.site_id, e.event_id)] = e
+    copies = _copies(client, list(sent.values()))
+    found, rest = set(), []
+    for key, e in sent.items():
+        here = copies.get(key, [])
+        as_sent = tuple(getattr(e, f) for f in _FIELDS)
+        if as_sent in here or (here and all(c[2] != e.timestamp for c in here)):
+            found.add(key)
+        elif not here:
+            rest.append(e)
     if rest:
         found |= _held_by_own_visitor(client, rest)
     return {event_id for _, event_id in found}
+
+
+def _copies(client: Client, events: list[Event], chunk: int = 2000) -> dict[tuple[str, str], list[tuple]]:
+    """The stored rows (every copy, merged or not) of these events' ids within RETRY_WINDOW of
+    their times, as tuples of `_FIELDS`, by (site_id, event_id); queried as `owners` does."""
+    found: dict[tuple[str, str], list[tuple]] = defaultdict(list)
+    for stretch in _stretches(sorted(events, key=lambda e: e.timestamp)):
+        for i in range(0, len(stretch), chunk):
+            part = stretch[i:i + chunk]
+            rows = client.query(
+                f"SELECT {_SELECT} FROM events"
+                " WHERE site_id IN {sites:Array(String)}"
+                " AND timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp <= {end:DateTime64(3, 'UTC')}"
+                " AND event_id IN (SELECT arrayJoin(splitByChar(',', {ids:String}))::UUID)",
+                parameters={"sites": sorted({e.site_id for e in part}),
+                            "start": part[0].timestamp - RETRY_WINDOW, "end": part[-1].timestamp + RETRY_WINDOW,
+                            "ids": ",".join(e.event_id for e in part)},
+            ).result_rows
+            for row in rows:
+                stored = tuple(_event(row))
+                found[(stored[1], stored[0])].append(stored)
+    return found
 
 
 def _held_by_own_visitor(client: Client, events: list[Event]) -> set[tuple[str, str]]:
