@@ -66,6 +66,12 @@ WHERE site_id IN {{sites:Array(String)}}
 """
 
 
+def fields(e: Event | StoredEvent) -> tuple:
+    """An event's stored fields as one hashable value (props as sorted items), equal for an event
+    and its stored copy."""
+    return tuple(tuple(sorted(e.props.items())) if f == "props" else getattr(e, f) for f in _FIELDS)
+
+
 def write(client: Client, events: list[tuple[Event | StoredEvent, int]]) -> None:
     """Insert (event, session id) rows, by column; a row for an existing event id replaces the
     stored one."""
@@ -151,7 +157,7 @@ def stored_event_ids(client: Client, events: Sequence[Event]) -> set[str]:
     found, rest = set(), []
     for key, e in sent.items():
         here = copies.get(key, [])
-        as_sent = tuple(getattr(e, f) for f in _FIELDS)
+        as_sent = fields(e)
         if as_sent in here or (here and all(c[2] != e.timestamp for c in here)):
             found.add(key)
         elif not here:
@@ -163,7 +169,7 @@ def stored_event_ids(client: Client, events: Sequence[Event]) -> set[str]:
 
 def _copies(client: Client, events: list[Event], chunk: int = 2000) -> dict[tuple[str, str], list[tuple]]:
     """The stored rows (every copy, merged or not) of these events' ids within RETRY_WINDOW of
-    their times, as tuples of `_FIELDS`, by (site_id, event_id); queried as `owners` does."""
+    their times, as `fields`, by (site_id, event_id); queried as `owners` does."""
     found: dict[tuple[str, str], list[tuple]] = defaultdict(list)
     for stretch in _stretches(sorted(events, key=lambda e: e.timestamp)):
         for i in range(0, len(stretch), chunk):
@@ -178,8 +184,8 @@ def _copies(client: Client, events: list[Event], chunk: int = 2000) -> dict[tupl
                             "ids": ",".join(e.event_id for e in part)},
             ).result_rows
             for row in rows:
-                stored = tuple(_event(row))
-                found[(stored[1], stored[0])].append(stored)
+                stored = _event(row)
+                found[(stored.site_id, stored.event_id)].append(fields(stored))
     return found
 
 

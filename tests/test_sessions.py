@@ -302,6 +302,22 @@ def test_a_visitor_remembered_by_a_core_that_another_core_wrote_meanwhile(servic
         derived_rows(client, _cold(client, [first, second, third])))
 
 
+def test_a_remembered_visitor_one_of_whose_events_another_core_corrected_meanwhile(services):
+    """The same, when the other core wrote a corrected copy of an event (same id and time, another
+    source: a re-imported line): the ids alone were unchanged, so the memory was used, and the
+    corrected copy's source row stayed for good once an earlier event took over the session."""
+    client, site = services.client, _site()
+    first = event(site, 5, T0, path="/a", source="Google", channel="search")
+    corrected = first.model_copy(update={"source": "Bing"})
+    earlier = event(site, 5, T0 - timedelta(minutes=20), path="/b", source="Facebook", channel="social")
+    remembering, other = StreamCore(client, TIMEOUT), StreamCore(client, TIMEOUT)
+    remembering.process([first])
+    other.process([corrected])
+    remembering.process([earlier])
+    assert _strip_session_ids(derived_rows(client, site)) == _strip_session_ids(
+        derived_rows(client, _cold(client, [corrected, earlier])))
+
+
 def test_a_batch_that_failed_halfway_is_retried_against_what_is_stored(services, monkeypatch):
     """A batch whose writes failed before the raw events (its commit point) leaves no memory: the
     retry compares against storage, not against what the failed attempt meant to store. Here the
