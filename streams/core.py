@@ -166,6 +166,11 @@ class StreamCore:
                 before_sessions = sessionize(before_events, self._timeout)
                 old = activity.activity(before_events, before_sessions, goals) if before_events else {}
             if before_sessions == after_sessions and old == fresh:  # only events seen before
+                # Nothing derived changes, but a copy sent again with fields no number reads (a
+                # click's page, props: a corrected import line) still replaces the stored event.
+                session_of = {eid: s.session_id for s in after_sessions for eid in s.event_ids}
+                changes.events += [(e, session_of[eid]) for eid, e in new.items()
+                                   if eid not in stored or raw_events.fields(e) != raw_events.fields(stored[eid])]
                 return
 
         # A batch redelivered after a kill between its derived rows and its raw events (the commit

@@ -218,6 +218,20 @@ def test_an_id_the_visitor_already_has_at_another_time_keeps_the_stored_copy(ser
     assert stored_sessions(client, site)[0][5] == "/first"
 
 
+def test_a_copy_sent_again_with_fields_no_number_reads_replaces_the_stored_event(services):
+    """The same id and time with other fields replaces the stored event, also when no session or
+    row changes with it (a click's page, an event's props): such a corrected import line was
+    dropped as an event seen before, and the distributed import waited for it until its limit."""
+    client, site = services.client, _site()
+    core = StreamCore(client, TIMEOUT)
+    landing, bought = event(site, 1, T0, path="/"), event(site, 1, T0 + timedelta(minutes=1), "purchase", "/kassa")
+    core.process([landing, bought])
+    core.process([bought.model_copy(update={"pathname": "/checkout", "props": {"value": "99"}})])
+    rows = client.query("SELECT pathname, props FROM events FINAL WHERE site_id = {s:String} AND name = 'purchase'",
+                        parameters={"s": site})
+    assert rows.result_rows == [("/checkout", {"value": "99"})]
+
+
 def test_a_retried_batch_does_not_inflate_sessions(services):
     client, site = services.client, _site()
     batch = [event(site, 1, T0, path="/only"), event(site, 2, T0), event(site, 2, T0 + timedelta(minutes=1))]
