@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
+from datetime import datetime
 
 import orjson
 from pydantic import ValidationError
@@ -18,12 +20,13 @@ from besokskollen import metrics
 from besokskollen.config import Settings
 from ingest import clients, importer, useragents
 from ingest.enrich import enrich
-from ingest.event import IncomingEvent, problem, utcnow
+from ingest.event import Event, IncomingEvent, problem, utcnow
 from ingest.handoff import Handoff
 from ingest.spool import SpoolFull
 from ingest.visitors import CarryQuestions, Visitors
 from query_api.errors import NO_STORE
 from query_api.keys import KeyStore, bearer_token
+from streams.events import RETRY_WINDOW
 from streams.sites import Site, SiteRegistry
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,10 @@ _BEARER = {"www-authenticate": "Bearer", **_NO_STORE}
 _SPOOL_FULL_RETRY_S = "30"
 # Events of an import handed on at once: the Kafka producer batches them, memory stays bounded.
 _SEND_AT_ONCE = 1000
+
+
+# Client event ids whose first copy's visitor id is remembered (~200 bytes each).
+_CLIENT_IDS_REMEMBERED = 100_000
 
 
 # Built once: a Response is not changed by sending it, and its headers cost more than the send.
@@ -90,6 +97,27 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
     # One import at a time per process: each sees every earlier one stored, so visitor ids do
     # not depend on how concurrent requests interleave.
     import_lock = asyncio.Lock()
+
+    # (site, event id) of recent client ids → (visitor id, time) of their first copy taken here. A
+    # retry from another address (a phone that changed networks) hashes to another visitor id: in
+    # Kafka another partition, where a second worker with both copies in flight at once would
+    # store it too. With the first copy's id it follows that copy and is counted once.
+    first_copies: OrderedDict[tuple[str, str], tuple[int, datetime]] = OrderedDict()
+
+    def as_first_copy(event: Event) -> Event:
+        known = first_copies.get((event.site_id, event.event_id))
+        if known is None or known[0] == event.visitor_id or event.timestamp - known[1] > RETRY_WINDOW:
+            return event
+        return event.model_copy(update={"visitor_id": known[0]})
+
+    def taken(event: Event) -> None:
+        key = (event.site_id, event.event_id)
+        known = first_copies.get(key)
+        if known is None or event.timestamp - known[1] > RETRY_WINDOW:
+            first_copies[key] = (event.visitor_id, event.timestamp)
+            first_copies.move_to_end(key)
+        while len(first_copies) > _CLIENT_IDS_REMEMBERED:
+            first_copies.popitem(last=False)
 
     async def lookup_site(incoming: IncomingEvent) -> Site | None:
         if incoming.site_id:
@@ -143,11 +171,15 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
             await carries.settle(site.site_id, ip, user_agent, at)
         needs_io = visitors.needs_io(site.site_id, ip, user_agent, at)  # salts, or the day's first load
         event = await asyncio.to_thread(enrich, *args) if needs_io else enrich(*args)
+        if incoming.event_id:
+            event = as_first_copy(event)
         try:
             await handoff.send(event)
         except SpoolFull:
             return _error(503, "spool_full", "Kafka is unavailable and the local spool is full; retry later",
                           {**_CORS, "retry-after": _SPOOL_FULL_RETRY_S})
+        if incoming.event_id:
+            taken(event)
         metrics.EVENTS_ACCEPTED.inc()
         return _ACCEPTED
 

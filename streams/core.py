@@ -51,7 +51,7 @@ class _Changes:
 class _Derived:
     """A visitor's sessions and activity as computed from a set of its events, with the goals
     that applied: what the derived tables hold for it while its stored events are that set."""
-    event_ids: frozenset[str]
+    events: frozenset[tuple]  # `_contents`
     goals: tuple
     sessions: list[Session]
     activity: dict
@@ -153,19 +153,24 @@ class StreamCore:
         after_events = sorted(after.values(), key=event_order)
         after_sessions = sessionize(after_events, self._timeout)
         fresh = activity.activity(after_events, after_sessions, goals)
-        changes.derived[visitor] = _Derived(frozenset(after), goals, after_sessions, fresh)
+        changes.derived[visitor] = _Derived(_contents(after), goals, after_sessions, fresh)
 
         if rewrite:
             before_sessions, old = [], {}
         else:
             known = self._derived.get(visitor)
-            if known is not None and known.goals == goals and known.event_ids == stored.keys():
+            if known is not None and known.goals == goals and known.events == _contents(stored):
                 before_sessions, old = known.sessions, known.activity
             else:
                 before_events = sorted(stored.values(), key=event_order)
                 before_sessions = sessionize(before_events, self._timeout)
                 old = activity.activity(before_events, before_sessions, goals) if before_events else {}
             if before_sessions == after_sessions and old == fresh:  # only events seen before
+                # Nothing derived changes, but a copy sent again with fields no number reads (a
+                # click's page, props: a corrected import line) still replaces the stored event.
+                session_of = {eid: s.session_id for s in after_sessions for eid in s.event_ids}
+                changes.events += [(e, session_of[eid]) for eid, e in new.items()
+                                   if eid not in stored or raw_events.fields(e) != raw_events.fields(stored[eid])]
                 return
 
         # A batch redelivered after a kill between its derived rows and its raw events (the commit
@@ -231,6 +236,12 @@ class StreamCore:
             self._derived.move_to_end(visitor)
         while len(self._derived) > REMEMBERED_VISITORS:
             self._derived.popitem(last=False)
+
+
+def _contents(events: dict[str, Event]) -> frozenset[tuple]:
+    """What a visitor's derived rows are computed from: its events' fields, not only their ids
+    (another core may have written a corrected copy, with the same id and time, meanwhile)."""
+    return frozenset(raw_events.fields(e) for e in events.values())
 
 
 def _out_of_time_order(events) -> bool:

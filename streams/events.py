@@ -11,6 +11,7 @@ from typing import NamedTuple
 from clickhouse_connect.driver.client import Client
 
 from ingest.event import Event
+from streams.buckets import history_window
 
 _FIELDS = (
     "event_id", "site_id", "timestamp", "name", "visitor_id", "hostname", "pathname", "referrer", "source",
@@ -63,6 +64,12 @@ WHERE site_id IN {{sites:Array(String)}}
   AND timestamp >= {{start:DateTime64(3, 'UTC')}} AND timestamp < {{end:DateTime64(3, 'UTC')}}
   AND visitor_id IN (SELECT arrayJoin(splitByChar(',', {{visitors:String}}))::UInt64)
 """
+
+
+def fields(e: Event | StoredEvent) -> tuple:
+    """An event's stored fields as one hashable value (props as sorted items), equal for an event
+    and its stored copy."""
+    return tuple(tuple(sorted(e.props.items())) if f == "props" else getattr(e, f) for f in _FIELDS)
 
 
 def write(client: Client, events: list[tuple[Event | StoredEvent, int]]) -> None:
@@ -133,9 +140,82 @@ def _stretches(events: list[Event]) -> list[list[Event]]:
 
 
 def stored_event_ids(client: Client, events: Sequence[Event]) -> set[str]:
-    """Which of these events are stored (for their site)."""
-    wanted = {(e.site_id, e.event_id) for e in events}
-    return {event_id for site_id, event_id in owners(client, events) if (site_id, event_id) in wanted}
+    """Which of these events are written as sent (for their site), or never will be because the
+    stream core keeps a stored copy instead: one at another time within RETRY_WINDOW (`owners`),
+    or one their own visitor holds at another time, however far (`StreamCore._visitor`). A copy at
+    the same time with other fields (a line imported again with corrected fields, an event moving
+    to another visitor id) is replaced once processed, so it does not count: the distributed
+    import answered "stored" while such events were still in Kafka."""
+    # Per site and id, the event the stream core keeps of these (its `_first_arrivals` rule): the
+    # earliest; of equal times, the last sent.
+    sent: dict[tuple[str, str], Event] = {}
+    for e in events:
+        kept = sent.get((e.site_id, e.event_id))
+        if kept is None or e.timestamp <= kept.timestamp:
+            sent[(e.site_id, e.event_id)] = e
+    copies = _copies(client, list(sent.values()))
+    found, rest = set(), []
+    for key, e in sent.items():
+        here = copies.get(key, [])
+        as_sent = fields(e)
+        if as_sent in here or (here and all(c[2] != e.timestamp for c in here)):
+            found.add(key)
+        elif not here:
+            rest.append(e)
+    if rest:
+        found |= _held_by_own_visitor(client, rest)
+    return {event_id for _, event_id in found}
+
+
+def _copies(client: Client, events: list[Event], chunk: int = 2000) -> dict[tuple[str, str], list[tuple]]:
+    """The stored rows (every copy, merged or not) of these events' ids within RETRY_WINDOW of
+    their times, as `fields`, by (site_id, event_id); queried as `owners` does."""
+    found: dict[tuple[str, str], list[tuple]] = defaultdict(list)
+    for stretch in _stretches(sorted(events, key=lambda e: e.timestamp)):
+        for i in range(0, len(stretch), chunk):
+            part = stretch[i:i + chunk]
+            rows = client.query(
+                f"SELECT {_SELECT} FROM events"
+                " WHERE site_id IN {sites:Array(String)}"
+                " AND timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp <= {end:DateTime64(3, 'UTC')}"
+                " AND event_id IN (SELECT arrayJoin(splitByChar(',', {ids:String}))::UUID)",
+                parameters={"sites": sorted({e.site_id for e in part}),
+                            "start": part[0].timestamp - RETRY_WINDOW, "end": part[-1].timestamp + RETRY_WINDOW,
+                            "ids": ",".join(e.event_id for e in part)},
+            ).result_rows
+            for row in rows:
+                stored = _event(row)
+                found[(stored.site_id, stored.event_id)].append(fields(stored))
+    return found
+
+
+def _held_by_own_visitor(client: Client, events: list[Event]) -> set[tuple[str, str]]:
+    """(site_id, event_id) of these events whose id their visitor has stored within its history
+    window (what the stream core reads), one query per stretch of days."""
+    wanted = {(e.site_id, e.visitor_id, e.event_id) for e in events}
+    windows: list[list] = []  # [start, end, events], merged where they overlap, as the core does
+    for e in sorted(events, key=lambda e: e.timestamp):
+        start, end = history_window(e.timestamp.date(), e.timestamp.date())
+        if windows and start <= windows[-1][1]:
+            windows[-1][1] = max(windows[-1][1], end)
+            windows[-1][2].append(e)
+        else:
+            windows.append([start, end, [e]])
+    found: set[tuple[str, str]] = set()
+    for start, end, members in windows:
+        rows = client.query(
+            "SELECT site_id, visitor_id, toString(event_id) FROM events"
+            " WHERE site_id IN {sites:Array(String)}"
+            " AND timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp < {end:DateTime64(3, 'UTC')}"
+            " AND visitor_id IN (SELECT arrayJoin(splitByChar(',', {visitors:String}))::UInt64)"
+            " AND event_id IN (SELECT arrayJoin(splitByChar(',', {ids:String}))::UUID)",
+            parameters={"sites": sorted({e.site_id for e in members}), "start": start, "end": end,
+                        "visitors": ",".join(sorted({str(e.visitor_id) for e in members})),
+                        "ids": ",".join(e.event_id for e in members)},
+        ).result_rows
+        found |= {(site_id, event_id) for site_id, visitor_id, event_id in rows
+                  if (site_id, visitor_id, event_id) in wanted}
+    return found
 
 
 def stored_days(client: Client) -> list[date]:

@@ -21,7 +21,6 @@ from starlette.applications import Starlette
 
 from ingest import app as ingest_app
 from ingest import importer
-from ingest.event import Event
 from ingest.salts import Salts
 from ingest.visitors import CarryQuestions, hash_visitor
 from streams.events import stored_event_ids
@@ -169,10 +168,12 @@ async def test_bad_lines_are_rejected_by_line_number_and_field_the_rest_is_store
     assert counts(services, site.site_id) == (data["accepted"], data["accepted"])
     ids = stored(services, site.site_id)
     assert own_id in ids
-    at = datetime.fromisoformat(lines[79]["timestamp"])
-    probe = [Event(event_id=own_id, site_id=site.site_id, timestamp=at, name="pageview", visitor_id=0),
-             Event(event_id=str(uuid.uuid4()), site_id=site.site_id, timestamp=at, name="pageview", visitor_id=0)]
-    assert stored_event_ids(services.client, probe) == {own_id}
+    (own,) = importer.to_events(importer.parse(ndjson([lines[79]]), site, datetime.now(timezone.utc),
+                                               services.visitors.id_key()).lines, site, services.visitors)
+    probe = [own, own.model_copy(update={"event_id": str(uuid.uuid4())}),
+             own.model_copy(update={"pathname": "/corrected"})]  # the same id and time: not written yet
+    assert stored_event_ids(services.client, probe[:2]) == {own_id}
+    assert stored_event_ids(services.client, probe[2:]) == set()
 
 
 async def test_reimport_stores_nothing_twice_and_gives_the_same_visitor_ids(client, services, site):
@@ -210,6 +211,56 @@ async def test_reimport_stores_nothing_twice_and_gives_the_same_visitor_ids(clie
     assert services.client.query(
         "SELECT uniqExact(event_id, visitor_id) FROM events WHERE site_id = {s:String}",
         parameters={"s": site.site_id}).result_rows[0][0] == len(lines)
+
+
+async def test_the_wait_for_stored_ends_for_a_line_the_stream_core_keeps_out(client, services, site):
+    """An id its visitor already has at another time, more than the retry window away, is kept
+    out by the stream core (the first copy stays). The distributed import waits for its events
+    to be stored: it waited for that line until its 120-s limit, then answered "stored": false,
+    while the embedded one answered at once."""
+    from ingest.handoff import KafkaHandoff
+    from streams.events import RETRY_WINDOW
+
+    first = {"name": "pageview", "url": f"https://{site.domain}/a", "ip": "81.2.69.160", "user_agent": BROWSER,
+             "timestamp": iso(DAY + timedelta(hours=1)), "event_id": str(uuid.uuid4())}
+    again = {**first, "url": f"https://{site.domain}/b", "timestamp": iso(DAY + timedelta(hours=1) + 2 * RETRY_WINDOW)}
+    for line in (first, again):
+        response = await post_import(client, site.site_id, ndjson([line]))
+        assert response.status_code == 200 and response.json()["data"]["stored"] is True, response.text
+    assert services.client.query(
+        "SELECT pathname FROM events FINAL WHERE site_id = {s:String}", parameters={"s": site.site_id}
+    ).result_rows == [("/a",)]
+
+    parsed = importer.parse(ndjson([again]), site, datetime.now(timezone.utc), services.visitors.id_key())
+    events = importer.to_events(parsed.lines, site, services.visitors)
+    handoff = KafkaHandoff("127.0.0.1:1", "unused", 1, 1, services.client, spool=None, ack_timeout_s=0.25,
+                           store_timeout_s=3)
+    assert await handoff.flush(events)  # no producer: only the wait for "stored"
+
+
+async def test_the_wait_for_stored_ends_only_once_a_corrected_line_is_written(client, services, site):
+    """A line imported again with its id and time and corrected fields replaces the stored event.
+    The distributed import waits until the workers have written its events: an id stored for the
+    site counted as written, so it answered "stored": true while the correction was still on its
+    way, and the numbers read next were the old ones (the embedded import writes it first)."""
+    from ingest.handoff import KafkaHandoff
+    from streams.core import StreamCore
+
+    line = {"name": "pageview", "url": f"https://{site.domain}/old", "ip": "81.2.69.161", "user_agent": BROWSER,
+            "timestamp": iso(DAY + timedelta(hours=3)), "event_id": str(uuid.uuid4())}
+    response = await post_import(client, site.site_id, ndjson([line]))
+    assert response.status_code == 200, response.text
+    corrected = {**line, "url": f"https://{site.domain}/new"}
+    parsed = importer.parse(ndjson([corrected]), site, datetime.now(timezone.utc), services.visitors.id_key())
+    events = importer.to_events(parsed.lines, site, services.visitors)
+    handoff = KafkaHandoff("127.0.0.1:1", "unused", 1, 1, services.client, spool=None, ack_timeout_s=0.25,
+                           store_timeout_s=1)
+    assert not await handoff.flush(events)  # not written yet: the stored event is the old one
+    StreamCore(services.client, 1800).process(events)  # what a worker does
+    assert await handoff.flush(events)
+    assert services.client.query(
+        "SELECT pathname FROM events FINAL WHERE site_id = {s:String}", parameters={"s": site.site_id}
+    ).result_rows == [("/new",)]
 
 
 async def test_a_session_open_at_midnight_carries_across_requests(client, services):

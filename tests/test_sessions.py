@@ -218,6 +218,20 @@ def test_an_id_the_visitor_already_has_at_another_time_keeps_the_stored_copy(ser
     assert stored_sessions(client, site)[0][5] == "/first"
 
 
+def test_a_copy_sent_again_with_fields_no_number_reads_replaces_the_stored_event(services):
+    """The same id and time with other fields replaces the stored event, also when no session or
+    row changes with it (a click's page, an event's props): such a corrected import line was
+    dropped as an event seen before, and the distributed import waited for it until its limit."""
+    client, site = services.client, _site()
+    core = StreamCore(client, TIMEOUT)
+    landing, bought = event(site, 1, T0, path="/"), event(site, 1, T0 + timedelta(minutes=1), "purchase", "/kassa")
+    core.process([landing, bought])
+    core.process([bought.model_copy(update={"pathname": "/checkout", "props": {"value": "99"}})])
+    rows = client.query("SELECT pathname, props FROM events FINAL WHERE site_id = {s:String} AND name = 'purchase'",
+                        parameters={"s": site})
+    assert rows.result_rows == [("/checkout", {"value": "99"})]
+
+
 def test_a_retried_batch_does_not_inflate_sessions(services):
     client, site = services.client, _site()
     batch = [event(site, 1, T0, path="/only"), event(site, 2, T0), event(site, 2, T0 + timedelta(minutes=1))]
@@ -300,6 +314,22 @@ def test_a_visitor_remembered_by_a_core_that_another_core_wrote_meanwhile(servic
     assert [r[6:8] for r in derived_rows(client, site)[0]] == [(3, 3)]
     assert _strip_session_ids(derived_rows(client, site)) == _strip_session_ids(
         derived_rows(client, _cold(client, [first, second, third])))
+
+
+def test_a_remembered_visitor_one_of_whose_events_another_core_corrected_meanwhile(services):
+    """The same, when the other core wrote a corrected copy of an event (same id and time, another
+    source: a re-imported line): the ids alone were unchanged, so the memory was used, and the
+    corrected copy's source row stayed for good once an earlier event took over the session."""
+    client, site = services.client, _site()
+    first = event(site, 5, T0, path="/a", source="Google", channel="search")
+    corrected = first.model_copy(update={"source": "Bing"})
+    earlier = event(site, 5, T0 - timedelta(minutes=20), path="/b", source="Facebook", channel="social")
+    remembering, other = StreamCore(client, TIMEOUT), StreamCore(client, TIMEOUT)
+    remembering.process([first])
+    other.process([corrected])
+    remembering.process([earlier])
+    assert _strip_session_ids(derived_rows(client, site)) == _strip_session_ids(
+        derived_rows(client, _cold(client, [corrected, earlier])))
 
 
 def test_a_batch_that_failed_halfway_is_retried_against_what_is_stored(services, monkeypatch):

@@ -9,6 +9,7 @@ topology's."""
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -222,30 +223,64 @@ async def test_embedded_answers_equal_the_reference_for_100k_events(embedded):
 
 @pytest.fixture(scope="module")
 def sample():
-    """A 20,000-event sample for the distributed comparison, and its reference."""
+    """A 20,000-event sample for the distributed comparison with adversarial ids (`with_ids`),
+    the corrections imported after it, and the reference of the corrected events."""
     sites = sites_for("dist")
     now = datetime.now(timezone.utc)
-    lines = generate(seed=7, sites=sites, now=now, target_events=20_000, clicks=True)
-    return sites, lines, Reference(lines, sites, now)
+    lines, corrections = with_ids(generate(seed=7, sites=sites, now=now, target_events=20_000, clicks=True), sites)
+    fixed = {(line["site_id"], line["event_id"]): line for line in corrections}
+    final = [fixed.get((line["site_id"], line.get("event_id")), line) for line in lines]
+    return sites, lines, corrections, Reference(final, sites, now)
 
 
-async def _load_and_compare(ingest: str, api: str, sites: list[SiteSpec], lines: list[dict], ref: Reference) -> dict:
-    """Create the sites, import through `ingest` (where the hand-off is), ask `api`."""
+def with_ids(lines: list[dict], sites: list[SiteSpec]) -> tuple[list[dict], list[dict]]:
+    """The lines with explicit event ids on a third of them, one id on lines of two sites (two
+    events), and events of one millisecond (a click and another pageview beside a pageview, with
+    ids that order them as the reference's line order does: ties go by id); and corrections of
+    some of the first site's lines (same id and time, another page), to import afterwards."""
+    rng = random.Random(5)
+    for line in lines:
+        if rng.random() < 1 / 3:
+            line["event_id"] = str(uuid.uuid4())
+    first, second = ([line for line in lines if line["site_id"] == site.site_id] for site in sites[:2])
+    for a, b in zip(first[::40], second[::40]):
+        a["event_id"] = b["event_id"] = str(uuid.uuid4())
+    beside = []
+    for line in rng.sample([line for line in lines if line["name"] == "pageview"], 100):
+        line["event_id"] = "0" + line.get("event_id", str(uuid.uuid4()))[1:]
+        same = {k: v for k, v in line.items() if k not in ("event_id", "props")}
+        beside.append({**same, "event_id": "e" + str(uuid.uuid4())[1:], "name": "click",
+                       "product": {"id": "same-ms", "slug": "same-ms-slug", "category_slug": "mobilskal",
+                                   "brand_slug": "apple", "partner_slug": "teknikdelar"}})
+        beside.append({**same, "event_id": "f" + str(uuid.uuid4())[1:], "url": line["url"] + "#/same-ms"})
+    lines = sorted(lines + beside, key=lambda line: line["timestamp"])  # stable: the beside ones after
+    corrections = [{**line, "url": line["url"].replace("/produkt/", "/produkt/rättad-", 1)}
+                   for line in first[7::97]
+                   if "event_id" in line and line["event_id"][0] not in "0ef" and "/produkt/" in line["url"]]
+    return lines, corrections
+
+
+async def _load_and_compare(ingest: str, api: str, sites: list[SiteSpec], lines: list[dict], corrections: list[dict],
+                            ref: Reference) -> dict:
+    """Create the sites, import through `ingest` (where the hand-off is) — the first site's lines
+    twice, then its corrections — ask `api`."""
     async with httpx.AsyncClient(base_url=api, headers=AUTH, timeout=60) as client:
         await create_sites(client, sites)
     async with httpx.AsyncClient(base_url=ingest, headers=AUTH) as client:
         await import_lines(client, lines, sites)
+        await import_lines(client, lines, sites[:1])
+        await import_lines(client, corrections, sites[:1])
     async with httpx.AsyncClient(base_url=api, headers=AUTH, timeout=60) as client:
         return {**await compare_all(client, ref, sites),
                 **await compare_goals_funnels_affiliate(client, ref, sites, all_levels=False)}
 
 
 def test_distributed_answers_equal_the_reference_and_the_embedded_topology(sample, kafka, clickhouse_http, tmp_path):
-    sites, lines, ref = sample
-    assert len(lines) >= 20_000
+    sites, lines, corrections, ref = sample
+    assert len(lines) >= 20_000 and corrections
 
     with up_server(tmp_path / "up", tmp_path / "up.log", env={"BK_ADMIN_KEY": ADMIN_KEY, **UNLIMITED}) as embedded_base:
-        embedded_answers = asyncio.run(_load_and_compare(embedded_base, embedded_base, sites, lines, ref))
+        embedded_answers = asyncio.run(_load_and_compare(embedded_base, embedded_base, sites, lines, corrections, ref))
 
     env = {"BK_KAFKA_BOOTSTRAP": kafka, "BK_CLICKHOUSE_URL": clickhouse_http, "BK_ADMIN_KEY": ADMIN_KEY, **UNLIMITED,
            "BK_KAFKA_TOPIC": f"events-{tmp_path.name}", "BK_SPOOL_DIR": str(tmp_path / "spool")}
@@ -260,7 +295,7 @@ def test_distributed_answers_equal_the_reference_and_the_embedded_topology(sampl
     ):
         wait_until(lambda: stable_group_size(kafka, "besokskollen") == 2, 120, "two workers in the consumer group",
                    interval=0.5)
-        distributed_answers = asyncio.run(_load_and_compare(ingest, api, sites, lines, ref))
+        distributed_answers = asyncio.run(_load_and_compare(ingest, api, sites, lines, corrections, ref))
         assert stable_group_size(kafka, "besokskollen") == 2
 
     # Trending answers are for the quarter hour they were asked in: compare those asked in the same.

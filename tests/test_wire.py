@@ -123,6 +123,26 @@ async def test_browsers_are_counted_with_device_browser_and_os(client, embedded,
     assert len(BROWSERS) >= 20 and {d for _, d, _, _ in BROWSERS} == {"Desktop", "Mobile", "Tablet"}
 
 
+async def test_a_retry_from_another_address_keeps_its_first_copys_visitor_id(client, embedded, site, monkeypatch):
+    """A retry from another address (a phone that changed networks) hashes to another visitor id:
+    in Kafka another partition, where a second worker with both copies in flight at once stored it
+    too. Ingest gives it the visitor id of the first copy it took, so it follows that copy."""
+    handoff, sent = embedded[1], []
+    send = handoff.send
+
+    async def recording(event):
+        sent.append(event)
+        await send(event)
+
+    monkeypatch.setattr(handoff, "send", recording)
+    client_id = str(uuid.uuid4())
+    for ip in ("81.2.69.160", "81.2.69.161"):
+        assert (await post(client, pageview(site, event_id=client_id), **{"x-forwarded-for": ip})).status_code == 202
+    assert (await post(client, pageview(site), **{"x-forwarded-for": "81.2.69.161"})).status_code == 202
+    first, retry, other = sent
+    assert retry.visitor_id == first.visitor_id != other.visitor_id
+
+
 async def test_a_retry_with_the_client_id_counts_once_without_it_twice(client, embedded, services, site, tmp_path):
     client_id = str(uuid.uuid4())
     for _ in range(2):
