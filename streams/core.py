@@ -51,7 +51,7 @@ class _Changes:
 class _Derived:
     """A visitor's sessions and activity as computed from a set of its events, with the goals
     that applied: what the derived tables hold for it while its stored events are that set."""
-    events: frozenset[tuple]  # `_contents`
+    events: dict  # `_contents`
     goals: tuple
     sessions: list[Session]
     activity: dict
@@ -159,7 +159,7 @@ class StreamCore:
             before_sessions, old = [], {}
         else:
             known = self._derived.get(visitor)
-            if known is not None and known.goals == goals and known.events == _contents(stored):
+            if known is not None and known.goals == goals and known.events == stored:
                 before_sessions, old = known.sessions, known.activity
             else:
                 before_events = sorted(stored.values(), key=event_order)
@@ -238,10 +238,11 @@ class StreamCore:
             self._derived.popitem(last=False)
 
 
-def _contents(events: dict[str, Event]) -> frozenset[tuple]:
-    """What a visitor's derived rows are computed from: its events' fields, not only their ids
-    (another core may have written a corrected copy, with the same id and time, meanwhile)."""
-    return frozenset(raw_events.fields(e) for e in events.values())
+def _contents(events: dict[str, Event]) -> dict[str, raw_events.StoredEvent]:
+    """What a visitor's derived rows are computed from, as its stored events will read back: their
+    fields, not only their ids (another core may have written a corrected copy, with the same id
+    and time, meanwhile). Compared with the stored events in C, tuple by tuple."""
+    return {event_id: raw_events.as_stored(e) for event_id, e in events.items()}
 
 
 def _out_of_time_order(events) -> bool:
