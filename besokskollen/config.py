@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     @classmethod
     def _known_scheme(cls, url: str) -> str:
         if not url.startswith(("chdb://", "http://", "https://")):
-            raise ValueError("BK_CLICKHOUSE_URL must start with chdb://, http:// or https://")
+            raise ValueError("must start with chdb://, http:// or https://")
         return url
 
     @field_validator("clickhouse_url")
@@ -139,7 +139,7 @@ class Settings(BaseSettings):
         # The stream core reads a visitor's last three days of raw events; imports older than
         # the TTL are refused (ingest/importer.py).
         if days < 7:
-            raise ValueError("BK_RAW_EVENTS_TTL_DAYS must be at least 7")
+            raise ValueError("must be at least 7")
         return days
 
     @cached_property

@@ -17,10 +17,11 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstr
                       ValidationInfo, field_validator, model_validator)
 
 from besokskollen import metrics
-from streams.sites import MAX_SITE_ID
 
 log = logging.getLogger(__name__)
 
+# A site id is its domain with dots as dashes (streams.sites.site_id_for), so as long as a hostname can be.
+MAX_SITE_ID = 253
 MAX_PROPS = 30
 MAX_PROP_KEY = 120
 MAX_PROP_VALUE = 500

@@ -9,14 +9,13 @@ from query_api import affiliate, batch, errors, funnels, goals, sites, stats
 from query_api import openapi
 from query_api.deps import Context
 from query_api.http_semantics import HeadAndVary
-from query_api.limits import BodyLimit
+from query_api.limits import MAX_BODY_BYTES, BodyLimit
 from query_api.models import ErrorResponse
 from query_api.rate_limit import RateLimit, RateLimiter, SharedRateLimiter
 from query_api.timing import Timing
 
 PREFIX = "/api/v1"
 # JSON bodies of the API are small; the NDJSON import (served by ingest) has a cap of its own.
-MAX_BODY_BYTES = 1024 * 1024
 IMPORT_PATH = f"{PREFIX}/events/import"
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 429, 500)}

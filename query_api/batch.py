@@ -14,9 +14,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
+from ingest.event import MAX_SITE_ID
 from query_api.deps import Ctx, Key, readable_site
 from query_api.models import BatchResponse
-from streams.sites import MAX_SITE_ID
 
 router = APIRouter(tags=["batch"])
 

@@ -11,11 +11,12 @@ from clickhouse_connect.driver.client import Client
 from fastapi import Depends, Query, Request
 from fastapi.responses import Response
 
+from ingest.event import MAX_SITE_ID
 from query_api.errors import APIError
 from query_api.keys import ApiKey, KeyStore, bearer_token
 from streams.funnels import FunnelRegistry
 from streams.goals import GoalRegistry
-from streams.sites import MAX_SITE_ID, Site, SiteRegistry
+from streams.sites import Site, SiteRegistry
 
 CACHE_CONTROL = "public, max-age=1800, stale-while-revalidate=3600, stale-if-error=86400"
 

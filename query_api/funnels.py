@@ -19,7 +19,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
 from ingest.enrich import decoded
-from ingest.event import EventName
+from ingest.event import MAX_SITE_ID, EventName
 from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
 from query_api.errors import APIError
 from query_api.models import FunnelCreated, FunnelsResponse, FunnelStatsResponse
@@ -28,7 +28,7 @@ from query_api.stats import From, PeriodName, To
 from streams.buckets import VISITOR_LIFETIME
 from streams.funnels import Funnel, Step
 from streams.sessions import SESSION_START_SHIFT
-from streams.sites import MAX_SITE_ID, Site
+from streams.sites import Site
 
 router = APIRouter(tags=["funnels"])
 

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from ingest.enrich import decoded
-from ingest.event import EventName
+from ingest.event import MAX_SITE_ID, EventName
 from query_api import stats
 from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
 from query_api.errors import APIError
@@ -18,7 +18,6 @@ from query_api.models import GoalCreated, GoalsResponse
 from query_api.periods import percent, stats_period
 from query_api.stats import From, PeriodName, To
 from streams.goals import Goal, backfill_twice
-from streams.sites import MAX_SITE_ID
 
 router = APIRouter(tags=["goals"])
 

@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from query_api.errors import NO_STORE
 
 PREFIX = "/api/v1/"
+MAX_BODY_BYTES = 1024 * 1024
 
 
 class BodyLimit:

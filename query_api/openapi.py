@@ -11,9 +11,11 @@ import orjson
 from fastapi import FastAPI
 from fastapi.dependencies.models import Dependant
 
-from query_api.deps import api_key
+from query_api.deps import CACHE_CONTROL, api_key
 from query_api.http_semantics import flat_routes
+from query_api.limits import MAX_BODY_BYTES
 from query_api.models import ErrorResponse
+from query_api.rate_limit import DEFAULT_FAILED_AUTH_LIMIT, DEFAULT_LIMIT
 
 SECURITY_SCHEME = "bearerAuth"
 
@@ -22,7 +24,7 @@ _ERROR_DESCRIPTIONS = {
     "401": "Missing or unknown API key (`unauthorized`)",
     "403": "The key may not do this: another account's or site's data, or a user-level key is needed (`forbidden`)",
     "404": "No such site, or no such resource for it",
-    "413": "Request body larger than 1 MiB (`body_too_large`)",
+    "413": f"Request body larger than {MAX_BODY_BYTES // 1024 // 1024} MiB (`body_too_large`)",
     "429": "Rate limit exceeded (`rate_limited`): retry after `Retry-After` seconds",
     "500": "Internal error (`internal_error`); the body never carries details",
 }
@@ -32,14 +34,14 @@ EXTRA_ERRORS: dict[tuple[str, str], dict[str, str]] = {
 }
 
 _HEADERS = {
-    "X-RateLimit-Limit": ("Requests allowed in the current window (100 per minute per API key; "
-                          "30 per minute per address for requests without a valid key)", {"type": "integer"}),
+    "X-RateLimit-Limit": (f"Requests allowed in the current window ({DEFAULT_LIMIT} per minute per API key by "
+                          f"default, `BK_RATE_LIMIT_PER_MINUTE`; {DEFAULT_FAILED_AUTH_LIMIT} per minute per address "
+                          "for requests without a valid key)", {"type": "integer"}),
     "X-RateLimit-Remaining": ("Requests left in the current window", {"type": "integer", "minimum": 0}),
     "X-RateLimit-Reset": ("When the current window ends, in epoch seconds", {"type": "integer"}),
     "Retry-After": ("Seconds until the rate limit allows requests again", {"type": "integer", "minimum": 1}),
     "ETag": ("Strong entity tag of the body; send it in If-None-Match to get 304", {"type": "string"}),
-    "Cache-Control": ("`public, max-age=1800, stale-while-revalidate=3600, stale-if-error=86400`",
-                      {"type": "string"}),
+    "Cache-Control": (f"`{CACHE_CONTROL}`", {"type": "string"}),
     "Vary": ("`Authorization`: answers depend on the key", {"type": "string"}),
 }
 _RATE_LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")

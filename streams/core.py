@@ -82,7 +82,7 @@ class StreamCore:
         version = time.time_ns()
         # Keyed by (site_id, event_id): imported ids are stored as given, and one site's copy of
         # an id must not stand for (or drop) another site's.
-        by_id = _first_arrivals(batch)
+        by_id = raw_events.first_arrivals(batch)
         stored_as = {key: owner for key, owner in raw_events.owners(self._client, list(by_id.values())).items()
                      if key in by_id}
         # A retry (the client's event id again, with a later arrival time) is counted once: the
@@ -170,7 +170,7 @@ class StreamCore:
                 # click's page, props: a corrected import line) still replaces the stored event.
                 session_of = {eid: s.session_id for s in after_sessions for eid in s.event_ids}
                 changes.events += [(e, session_of[eid]) for eid, e in new.items()
-                                   if eid not in stored or raw_events.fields(e) != raw_events.fields(stored[eid])]
+                                   if eid not in stored or raw_events.as_stored(e) != stored[eid]]
                 return
 
         # A batch redelivered after a kill between its derived rows and its raw events (the commit
@@ -254,16 +254,6 @@ def _out_of_time_order(events) -> bool:
             return True
         latest = order if latest is None else max(latest, order)
     return False
-
-
-def _first_arrivals(batch: list[Event]) -> dict[tuple[str, str], Event]:
-    """One event per site and id: the earliest (a retry arrives later); of equal times, the last sent."""
-    first: dict[tuple[str, str], Event] = {}
-    for e in batch:
-        kept = first.get((e.site_id, e.event_id))
-        if kept is None or e.timestamp <= kept.timestamp:
-            first[(e.site_id, e.event_id)] = e
-    return first
 
 
 async def process_until_written(core: StreamCore, batch: list[Event]) -> None:

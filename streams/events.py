@@ -68,7 +68,6 @@ WHERE site_id IN {{sites:Array(String)}}
 
 
 _GET_FIELDS = operator.attrgetter(*_FIELDS)  # one C call: this runs for every event of every batch
-_PROPS = _FIELDS.index("props")
 
 
 def as_stored(e: Event | StoredEvent) -> StoredEvent:
@@ -76,11 +75,15 @@ def as_stored(e: Event | StoredEvent) -> StoredEvent:
     return e if isinstance(e, StoredEvent) else StoredEvent(*_GET_FIELDS(e))
 
 
-def fields(e: Event | StoredEvent) -> tuple:
-    """An event's stored fields as one hashable value (props as sorted items), equal for an event
-    and its stored copy."""
-    values = _GET_FIELDS(e)
-    return (*values[:_PROPS], tuple(sorted(values[_PROPS].items())), *values[_PROPS + 1:])
+def first_arrivals(batch: Sequence[Event]) -> dict[tuple[str, str], Event]:
+    """One event per site and id, the copy the stream core keeps: the earliest (a retry arrives
+    later); of equal times, the last sent."""
+    first: dict[tuple[str, str], Event] = {}
+    for e in batch:
+        kept = first.get((e.site_id, e.event_id))
+        if kept is None or e.timestamp <= kept.timestamp:
+            first[(e.site_id, e.event_id)] = e
+    return first
 
 
 def write(client: Client, events: list[tuple[Event | StoredEvent, int]]) -> None:
@@ -157,19 +160,12 @@ def stored_event_ids(client: Client, events: Sequence[Event]) -> set[str]:
     the same time with other fields (a line imported again with corrected fields, an event moving
     to another visitor id) is replaced once processed, so it does not count: the distributed
     import answered "stored" while such events were still in Kafka."""
-    # Per site and id, the event the stream core keeps of these (its `_first_arrivals` rule): the
-    # earliest; of equal times, the last sent.
-    sent: dict[tuple[str, str], Event] = {}
-    for e in events:
-        kept = sent.get((e.site_id, e.event_id))
-        if kept is None or e.timestamp <= kept.timestamp:
-            sent[(e.site_id, e.event_id)] = e
+    sent = first_arrivals(events)
     copies = _copies(client, list(sent.values()))
     found, rest = set(), []
     for key, e in sent.items():
         here = copies.get(key, [])
-        as_sent = fields(e)
-        if as_sent in here or (here and all(c[2] != e.timestamp for c in here)):
+        if as_stored(e) in here or (here and all(c.timestamp != e.timestamp for c in here)):
             found.add(key)
         elif not here:
             rest.append(e)
@@ -178,10 +174,10 @@ def stored_event_ids(client: Client, events: Sequence[Event]) -> set[str]:
     return {event_id for _, event_id in found}
 
 
-def _copies(client: Client, events: list[Event], chunk: int = 2000) -> dict[tuple[str, str], list[tuple]]:
+def _copies(client: Client, events: list[Event], chunk: int = 2000) -> dict[tuple[str, str], list[StoredEvent]]:
     """The stored rows (every copy, merged or not) of these events' ids within RETRY_WINDOW of
-    their times, as `fields`, by (site_id, event_id); queried as `owners` does."""
-    found: dict[tuple[str, str], list[tuple]] = defaultdict(list)
+    their times, by (site_id, event_id); queried as `owners` does."""
+    found: dict[tuple[str, str], list[StoredEvent]] = defaultdict(list)
     for stretch in _stretches(sorted(events, key=lambda e: e.timestamp)):
         for i in range(0, len(stretch), chunk):
             part = stretch[i:i + chunk]
@@ -196,7 +192,7 @@ def _copies(client: Client, events: list[Event], chunk: int = 2000) -> dict[tupl
             ).result_rows
             for row in rows:
                 stored = _event(row)
-                found[(stored.site_id, stored.event_id)].append(fields(stored))
+                found[(stored.site_id, stored.event_id)].append(stored)
     return found
 
 

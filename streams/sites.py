@@ -19,8 +19,6 @@ from streams.migrations import SITE_DATA_TABLES
 from streams.read_cache import ReadThroughCache
 
 DEFAULT_TIMEZONE = "Europe/Stockholm"
-# A site id is its domain with dots as dashes (site_id_for), so as long as a hostname can be.
-MAX_SITE_ID = 253
 
 _COLUMNS = ["site_id", "account_id", "domain", "name", "timezone", "created_at", "deleted", "version"]
 # Processes re-read a site this often.

@@ -649,3 +649,4 @@ async def test_funnel_stats_of_a_site_deleted_while_answering_is_no_500(client, 
     monkeypatch.setattr(services.sites, "get", deleted_after_first_look)
     r = await client.get(f"{API}/funnels/{funnel['id']}/stats")
     assert r.status_code == 200, r.text
+    assert [step["sessions"] for step in r.json()["data"]["steps"]] == [0, 0]
