@@ -191,3 +191,16 @@ async def test_openapi_has_bearer_security_and_every_error_response(client):
                 assert {"ETag", "Cache-Control", "Vary"} <= set(responses["200"]["headers"]), label
     assert "409" in spec["paths"][f"{API}/sites"]["post"]["responses"]
     assert spec["components"]["headers"]["X-RateLimit-Reset"]["schema"]["type"] == "integer"
+
+
+async def test_if_none_match_lists_weak_tags_star_and_repeated_lines(client):
+    """If-None-Match is a list (RFC 9110 §13.1.2, weak comparison), and a list may come as several
+    header lines (§5.3): a CDN revalidating with the tags it holds gets 304 whichever line has ours."""
+    url = f"{API}/sites/{(await create_site(client))['id']}"
+    etag = (await client.get(url)).headers["etag"]
+    for sent in ([("if-none-match", f'"other", W/{etag}')], [("if-none-match", "*")],
+                 [("if-none-match", '"other"'), ("if-none-match", etag)]):
+        response = await client.get(url, headers=[*client.headers.items(), *sent])
+        assert response.status_code == 304, sent
+        assert response.content == b"" and response.headers["etag"] == etag
+    assert (await client.get(url, headers={"if-none-match": '"other", W/"else"'})).status_code == 200
