@@ -172,6 +172,7 @@ class SharedRateLimiter:
         self._decide = self._redis.register_script(_DECIDE)
         self._fallback = RateLimiter(limit, failed_auth_limit, window_s)
         self._redis_after = -math.inf  # clock() before which Redis is not asked (it just failed)
+        self._answered = redis.exceptions.ResponseError
 
     async def decide(self, buckets: Iterable[tuple[str, int]]) -> Decision:
         buckets = list(buckets)
@@ -180,10 +181,13 @@ class SharedRateLimiter:
         try:
             out = await self._decide(keys=[f"bk:rl:{name}" for name, _ in buckets],
                                      args=[int(self.window_s * 1000), *(limit for _, limit in buckets)])
-        except Exception:
-            log.warning("rate limit: Redis unavailable, counting in this process for %g s", self.retry_s,
-                        exc_info=True)
-            self._redis_after = self.clock() + self.retry_s
+        except Exception as exc:
+            if isinstance(exc, self._answered):  # Redis answered (an error): no timeout to spare
+                log.warning("rate limit: Redis refused the script, counting in this process", exc_info=True)
+            else:
+                log.warning("rate limit: Redis unavailable, counting in this process for %g s", self.retry_s,
+                            exc_info=True)
+                self._redis_after = self.clock() + self.retry_s
             return self._fallback.hit(buckets)
         states = [(name, out[1 + 2 * i] / 1000, out[2 + 2 * i], limit) for i, (name, limit) in enumerate(buckets)]
         return _decision(states, bool(out[0]), self.window_s, out[-1] / 1000)

@@ -316,3 +316,16 @@ async def test_an_unreachable_redis_is_asked_again_only_after_a_pause():
     clock.now += 5.0  # SharedRateLimiter's retry_s
     await limiter.decide([("key:x", 3)])
     assert len(calls) == 2
+
+    # An error Redis answers costs no timeout: it is asked again at once.
+    import redis.exceptions
+
+    async def refusing(**kwargs):
+        calls.append(kwargs)
+        raise redis.exceptions.ResponseError("BUSY")
+
+    clock.now += 5.0
+    limiter._decide = refusing
+    await limiter.decide([("key:y", 3)])
+    await limiter.decide([("key:y", 3)])
+    assert len(calls) == 4
