@@ -94,8 +94,9 @@ def cached_json(request: Request, payload: dict[str, Any], status: int = 200) ->
         return Response(body, status_code=status, media_type="application/json")
     etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
     headers = {"Cache-Control": CACHE_CONTROL, "ETag": etag}
-    # Weak comparison (RFC 9110 §13.1.2): proxies that compress turn our tags into W/"…".
-    sent = {t.strip().removeprefix("W/") for t in request.headers.get("if-none-match", "").split(",")}
+    # Weak comparison (RFC 9110 §13.1.2): proxies that compress turn our tags into W/"…". The list
+    # may come in several header lines (RFC 9110 §5.3): read them all, not the first.
+    sent = {t.strip().removeprefix("W/") for line in request.headers.getlist("if-none-match") for t in line.split(",")}
     if etag in sent or "*" in sent:
         return Response(status_code=304, headers=headers)
     return Response(body, status_code=status, media_type="application/json", headers=headers)

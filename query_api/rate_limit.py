@@ -155,26 +155,39 @@ return out
 
 class SharedRateLimiter:
     """`RateLimiter`'s windows in Redis, shared by every process. If Redis cannot be reached, the
-    process falls back to counting in memory (logged), rather than refusing or failing requests."""
+    process falls back to counting in memory (logged), rather than refusing or failing requests
+    (fail open), and asks Redis again only `retry_s` later: a Redis that hangs costs one request
+    the socket timeout (1 s), not every request until it answers again."""
 
     def __init__(self, url: str, limit: int = DEFAULT_LIMIT, failed_auth_limit: int = DEFAULT_FAILED_AUTH_LIMIT,
-                 window_s: float = WINDOW_S) -> None:
+                 window_s: float = WINDOW_S, retry_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
         import redis.asyncio
 
         self.limit = limit
         self.failed_auth_limit = failed_auth_limit
         self.window_s = window_s
+        self.retry_s = retry_s
+        self.clock = clock
         self._redis = redis.asyncio.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self._decide = self._redis.register_script(_DECIDE)
         self._fallback = RateLimiter(limit, failed_auth_limit, window_s)
+        self._redis_after = -math.inf  # clock() before which Redis is not asked (it just failed)
+        self._answered = redis.exceptions.ResponseError
 
     async def decide(self, buckets: Iterable[tuple[str, int]]) -> Decision:
         buckets = list(buckets)
+        if self.clock() < self._redis_after:
+            return self._fallback.hit(buckets)
         try:
             out = await self._decide(keys=[f"bk:rl:{name}" for name, _ in buckets],
                                      args=[int(self.window_s * 1000), *(limit for _, limit in buckets)])
-        except Exception:
-            log.warning("rate limit: Redis unavailable, counting in this process", exc_info=True)
+        except Exception as exc:
+            if isinstance(exc, self._answered):  # Redis answered (an error): no timeout to spare
+                log.warning("rate limit: Redis refused the script, counting in this process", exc_info=True)
+            else:
+                log.warning("rate limit: Redis unavailable, counting in this process for %g s", self.retry_s,
+                            exc_info=True)
+                self._redis_after = self.clock() + self.retry_s
             return self._fallback.hit(buckets)
         states = [(name, out[1 + 2 * i] / 1000, out[2 + 2 * i], limit) for i, (name, limit) in enumerate(buckets)]
         return _decision(states, bool(out[0]), self.window_s, out[-1] / 1000)

@@ -191,3 +191,29 @@ async def test_openapi_has_bearer_security_and_every_error_response(client):
                 assert {"ETag", "Cache-Control", "Vary"} <= set(responses["200"]["headers"]), label
     assert "409" in spec["paths"][f"{API}/sites"]["post"]["responses"]
     assert spec["components"]["headers"]["X-RateLimit-Reset"]["schema"]["type"] == "integer"
+
+
+async def test_if_none_match_lists_weak_tags_star_and_repeated_lines(client):
+    """If-None-Match is a list (RFC 9110 §13.1.2, weak comparison), and a list may come as several
+    header lines (§5.3): a CDN revalidating with the tags it holds gets 304 whichever line has ours."""
+    url = f"{API}/sites/{(await create_site(client))['id']}"
+    etag = (await client.get(url)).headers["etag"]
+    for sent in ([("if-none-match", f'"other", W/{etag}')], [("if-none-match", "*")],
+                 [("if-none-match", '"other"'), ("if-none-match", etag)]):
+        response = await client.get(url, headers=[*client.headers.items(), *sent])
+        assert response.status_code == 304, sent
+        assert response.content == b"" and response.headers["etag"] == etag
+    assert (await client.get(url, headers={"if-none-match": '"other", W/"else"'})).status_code == 200
+
+
+async def test_another_keys_revalidation_gets_its_own_refusal_not_304(client, services):
+    """A shared cache holding one key's answer (Cache-Control: public, Vary: Authorization) that
+    revalidates it for another key must not get a 304 confirming it: the key is checked first."""
+    site, other = await create_site(client), await create_site(client)
+    url = f"{API}/stats/overview?site_id={site['id']}&period=7d"
+    etag = (await client.get(url)).headers["etag"]
+    outsider = services.keys.create("default", other["id"])
+    for headers in ({"authorization": f"Bearer {outsider}"}, {"authorization": ""}):
+        response = await client.get(url, headers={**headers, "if-none-match": etag})
+        assert response.status_code in (401, 403, 404), response.status_code
+        assert response.headers["cache-control"] == "no-store" and "etag" not in response.headers

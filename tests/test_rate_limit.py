@@ -13,7 +13,7 @@ import uuid
 import httpx
 import pytest
 
-from query_api.rate_limit import DEFAULT_FAILED_AUTH_LIMIT, DEFAULT_LIMIT, RateLimiter
+from query_api.rate_limit import DEFAULT_FAILED_AUTH_LIMIT, DEFAULT_LIMIT, RateLimiter, SharedRateLimiter
 from tests.test_query_api import API, assert_error, bearer, create_site
 
 T0 = 1_900_000_000.25  # a fixed epoch second (with a fraction: Reset rounds up)
@@ -294,3 +294,38 @@ async def test_the_import_on_ingest_is_limited_like_the_rest_of_the_api(services
         refused = [await c.post("/api/v1/events/import?site_id=none", content=b"{}\n",
                                 headers={"authorization": "Bearer bk_wrong"}) for _ in range(DEFAULT_FAILED_AUTH_LIMIT + 1)]
         assert refused[-1].status_code == 429
+
+
+async def test_an_unreachable_redis_is_asked_again_only_after_a_pause():
+    """Without Redis, requests are counted in the process (fail open, never a 5xx); a Redis that
+    hangs would otherwise cost every request the socket timeout until it answers again."""
+    clock = Clock(100.0)
+    limiter = SharedRateLimiter("redis://127.0.0.1:1/0", limit=3)
+    limiter.clock = clock
+    calls = []
+
+    async def failing(**kwargs):
+        calls.append(kwargs)
+        raise ConnectionError("Redis hangs")
+
+    limiter._decide = failing
+    decisions = [await limiter.decide([("key:x", 3)]) for _ in range(4)]
+    assert [d.allowed for d in decisions] == [True, True, True, False]  # counted in memory meanwhile
+    assert [d.remaining for d in decisions] == [2, 1, 0, 0]
+    assert len(calls) == 1
+    clock.now += 5.0  # SharedRateLimiter's retry_s
+    await limiter.decide([("key:x", 3)])
+    assert len(calls) == 2
+
+    # An error Redis answers costs no timeout: it is asked again at once.
+    import redis.exceptions
+
+    async def refusing(**kwargs):
+        calls.append(kwargs)
+        raise redis.exceptions.ResponseError("BUSY")
+
+    clock.now += 5.0
+    limiter._decide = refusing
+    await limiter.decide([("key:y", 3)])
+    await limiter.decide([("key:y", 3)])
+    assert len(calls) == 4
