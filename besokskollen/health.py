@@ -31,7 +31,7 @@ def store_check(client: Client) -> Check:
 
 def broker_check(bootstrap: str) -> Check:
     """Any bootstrap server accepts a TCP connection (a refused one is seen at once)."""
-    # Parsed as aiokafka parses them: `kafka` alone is port 9092 to the client, and was never ready here.
+    # Parsed as aiokafka parses them: `kafka` alone is port 9092 to the client.
     servers = [get_ip_port_afi(server)[:2] for server in bootstrap.split(",") if server.strip()]
 
     async def check() -> bool:

@@ -71,8 +71,8 @@ class Spool:
         if self._size < os.fstat(self._fd).st_size:
             os.ftruncate(self._fd, self._size)  # a torn tail from a crash mid-write
         if not at_boundary:
-            # A cursor inside a record (left by an older release killed as it emptied the log)
-            # would skip records and read the rest from mid-record: send the log whole instead.
+            # A cursor inside a record would skip records and read the rest from mid-record:
+            # send the log whole instead (duplicates are dropped by event id).
             self._sent = 0
         self._records = self._count(self._sent, self._size)
 
@@ -154,7 +154,7 @@ class Spool:
         self._sent = offset
         if self._sent >= self._size:
             # The cursor goes to 0 first, as in `_compact`: a kill between the two replays the
-            # sent log whole, while a stale cursor over a truncated log skipped the next records.
+            # sent log whole, where a stale cursor over a truncated log would skip later records.
             self._write_pos(0)
             os.ftruncate(self._fd, 0)
             self._base += self._size

@@ -158,6 +158,6 @@ def delete_funnel(ctx: Ctx, key: Key, funnel_id: str) -> Response:
 @router.get("/funnels/{funnel_id}/stats", response_model=FunnelStatsResponse)
 def get_funnel_stats(request: Request, ctx: Ctx, key: Key, funnel_id: str, period: PeriodName = "30d",
                      from_: From = None, to: To = None) -> Response:
-    # The site as checked: read again, a site deleted meanwhile would be None (a 500).
+    # The site as checked: read again, a site deleted meanwhile would be None.
     funnel, site = _readable_funnel(ctx, key, funnel_id)
     return cached_json(request, {"data": funnel_stats(ctx.client, funnel, stats_period(ctx.client, period, site.timezone, from_, to))})

@@ -37,7 +37,7 @@ class GoalCreate(BaseModel):
     @classmethod
     def _page_as_stored(cls, path: str | None) -> str | None:
         # Pages are stored percent-decoded: a path copied from a URL ("/produkt/%C3%A5") is the
-        # page "/produkt/å", and matched nothing as typed. A `%` not followed by two hex digits stays.
+        # page "/produkt/å". A `%` not followed by two hex digits stays.
         return decoded(path) if path is not None else None
 
     @model_validator(mode="after")

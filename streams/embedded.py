@@ -121,8 +121,8 @@ class EmbeddedRunner:
 
     def _cut(self, end: int, records: int) -> None:
         """Cut written records from the journal. When its cursor cannot be saved (a full disk),
-        they stay journaled, to be written again (harmlessly) after a restart: raised here, it
-        ended the task that writes, and `up` took events it never wrote."""
+        they stay journaled, to be written again (harmlessly) after a restart; raising would end
+        the task that writes while `up` goes on answering 202."""
         try:
             self._journal.commit(end, records)
         except OSError as exc:

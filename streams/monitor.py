@@ -33,8 +33,8 @@ class PartitionLag:
 
 async def topic_exists(bootstrap: str, topic: str) -> bool:
     """Asked of the list of every topic: metadata asked for one topic by name lets the broker
-    auto-create it, with the broker's default partitions (`status` run before the first ingest or
-    worker made the events topic with 1 partition on a stock broker, and ingest then kept it)."""
+    auto-create it, with the broker's default partitions (1 on a stock broker), which ingest and
+    the workers would then keep."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         await admin.start()

@@ -30,8 +30,8 @@ def upgrade(client: Client, session_timeout_s: int, raw_events_ttl_days: int, cl
     stored events when a migration asks for it. Every process runs this at start; returns the
     migrations applied now."""
     on = migrations.Cluster(cluster) if cluster else None
-    # A migration that asks for a replay is recorded once the replay is done: a process killed
-    # mid-replay (an OOM kill, a deploy) left it recorded, and no later start replayed.
+    # A migration that asks for a replay is recorded once the replay is done, so a process killed
+    # mid-replay (an OOM kill, a deploy) leaves it for the next start to run again.
     applied = migrations.migrate(client, on, unrecorded=migrations.REPLAY_AFTER)
     migrations.apply_retention(client, raw_events_ttl_days, on)
     if replayed := sorted(migrations.REPLAY_AFTER & set(applied)):

@@ -60,8 +60,8 @@ def connect(url: str, wait: bool = False) -> Client:
 def _utc(client: Client) -> Client:
     """Every column here is UTC and the SQL names 'UTC' wherever it turns a bound moment into a
     DateTime (`toDateTime(%(start)s, 'UTC')`). clickhouse-connect writes a bound datetime in the
-    server's own timezone (the machine's, for the embedded engine), so on a server or laptop set
-    to Europe/Stockholm every window moved an hour later; bound moments are written in UTC."""
+    server's own timezone (the machine's, for the embedded engine), which would move every
+    window by the server's UTC offset: bound moments are written in UTC."""
     client.server_tz = timezone.utc
     return client
 
