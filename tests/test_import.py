@@ -6,6 +6,7 @@ continues, across requests too."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import random
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 from starlette.applications import Starlette
 
 from ingest import app as ingest_app
+from ingest import clients
 from ingest import importer
 from ingest.salts import Salts
 from ingest.visitors import CarryQuestions, hash_visitor
@@ -114,6 +116,23 @@ def test_event_ids_are_a_hash_of_the_canonical_content():
     # The content holds the IP: without the installation's key nobody can recompute the id (and
     # so find the IP by trying every address).
     assert importer.parse(ndjson([base]), site, now, bytes(16)).lines[0].event_id != ids[0]
+
+
+def test_an_ipv6_zone_is_not_part_of_the_address():
+    # `fe80::1%eth0` names an interface on the exporting host, not another client: the zone
+    # (of any length) must neither make another visitor or event id nor hide the country.
+    now = DAY + timedelta(days=30)
+    site = Site("a-example", "default", "a.example", "A", "Europe/Stockholm", DAY)
+    base = {"name": "pageview", "url": "https://a.example/", "ip": "2a00:1450:4001::1", "user_agent": BROWSER,
+            "timestamp": "2025-06-02T12:00:00Z"}
+    lines = [base, {**base, "ip": "2a00:1450:4001::1%eth0"}, {**base, "ip": "2a00:1450:4001::1%" + "x" * 5000}]
+    parsed = importer.parse(ndjson(lines), site, now, bytes(range(16)))
+    assert not parsed.rejected
+    assert {line.event.ip for line in parsed.lines} == {"2a00:1450:4001::1"}
+    assert len({line.event_id for line in parsed.lines}) == 1
+    assert clients.country(parsed.lines[1].event.ip, parsed.lines[1].event.ip, {}, ()) != ""
+    assert clients.client_ip("127.0.0.1", {"x-forwarded-for": "[2a00:1450:4001::1%eth0]:443"},
+                             (ipaddress.ip_network("127.0.0.1/32"),)) == "2a00:1450:4001::1"
 
 
 def test_the_content_id_key_is_one_per_installation_and_outlives_every_purge(services):
