@@ -135,6 +135,25 @@ def test_an_ipv6_zone_is_not_part_of_the_address():
                              (ipaddress.ip_network("127.0.0.1/32"),)) == "2a00:1450:4001::1"
 
 
+def test_byte_order_marks_and_blank_lines_at_the_end_are_not_events():
+    now = DAY + timedelta(days=30)
+    site = Site("a-example", "default", "a.example", "A", "Europe/Stockholm", DAY)
+    line = ndjson([{"name": "pageview", "url": "https://a.example/", "ip": "81.227.0.1", "user_agent": BROWSER,
+                    "timestamp": "2025-06-02T12:00:00Z"}])
+    bom = b"\xef\xbb\xbf"
+    # Two exports joined with `cat`: the second one's BOM starts line 2, which is the same line.
+    parsed = importer.parse(bom + line + bom + line, site, now, bytes(16))
+    assert (len(parsed.lines), parsed.rejected) == (2, [])
+    for body in (bom, bom + b"\r\n", b"\n \r\n"):  # no events: as an empty body, not 200 with none
+        with pytest.raises(importer.BadBody, match="no events"):
+            importer.parse(body, site, now, bytes(16))
+    # The limit counts lines that may hold events: a blank line after the last one is not the 100,001st.
+    parsed = importer.parse(line * importer.MAX_LINES + b"\r\n\n", site, now, bytes(16))
+    assert len(parsed.lines) == importer.MAX_LINES
+    with pytest.raises(importer.BadBody, match="at most"):
+        importer.parse(line * importer.MAX_LINES + b"\n" + line, site, now, bytes(16))
+
+
 def test_the_content_id_key_is_one_per_installation_and_outlives_every_purge(services):
     key = Salts(services.client).id_key()
     assert len(key) == 16 and Salts(services.client).id_key() == key  # every process agrees
