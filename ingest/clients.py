@@ -44,7 +44,7 @@ def client_ip(peer: str, headers: Mapping[str, str], trusted: Trusted) -> str:
     forwarded = [_address(part) if len(part) <= _LONGEST_HOP else part.strip()
                  for part in headers.get("x-forwarded-for", "").split(",") if part.strip()]
     for hop in reversed(forwarded):
-        if not _trusted(hop, trusted):
+        if len(hop) > _LONGEST_HOP or not _trusted(hop, trusted):
             return hop
     return forwarded[0] if forwarded else peer
 

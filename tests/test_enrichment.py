@@ -149,12 +149,14 @@ def test_long_forwarded_hops_are_not_remembered():
     # in the parse and country caches (50,000 each) could hold a header's worth of bytes.
     clients._address.cache_clear()
     clients._lookup.cache_clear()
+    trusted_before = clients._trusted.cache_info().currsize
     for i in range(50):
         spoofed = f"{i}-" + "x" * 8000
         ip = clients.client_ip("127.0.0.1", {"x-forwarded-for": f"{spoofed}, {spoofed}"}, LOCAL)
         assert ip == spoofed  # kept as sent, as a short non-address is
         clients.country(ip, "127.0.0.1", {}, LOCAL)
     assert clients._address.cache_info().currsize == 0 and clients._lookup.cache_info().currsize == 0
+    assert clients._trusted.cache_info().currsize <= trusted_before + 1  # the peer
     assert clients.client_ip("127.0.0.1", {"x-forwarded-for": "[2001:DB8:0:0::1]:443"}, LOCAL) == "2001:db8::1"
 
 
