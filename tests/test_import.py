@@ -371,6 +371,26 @@ async def test_a_byte_order_mark_before_the_first_line_is_skipped(client, site):
     assert (response.json()["data"]["accepted"], response.json()["data"]["rejected"]) == (2, [])
 
 
+def test_the_cli_sends_no_chunk_without_events(tmp_path, monkeypatch):
+    """A chunk of blank lines and BOMs (joined exports) would be 400 empty_body, ending the import."""
+    from besokskollen import importing
+
+    monkeypatch.setattr(importing, "CHUNK_LINES", 2)
+    line = orjson.dumps({"n": 1}) + b"\n"
+    path = tmp_path / "events.ndjson"
+    path.write_bytes(line * 2 + b"\xef\xbb\xbf\r\n\n" + line)
+    bodies = []
+
+    def post(url, *, content, **kwargs):
+        bodies.append(content)
+        return httpx.Response(200, json={"data": {"accepted": content.count(b"{"), "rejected": [], "dropped": [],
+                                                  "stored": True}})
+
+    monkeypatch.setattr(importing.httpx, "post", post)
+    totals = importing.run(path, importing.remote("http://x", "bk_k", "s"))
+    assert (totals.accepted, len(bodies)) == (3, 2)
+
+
 def test_the_cli_waits_out_the_rate_limit_and_halves_what_the_server_finds_too_large(tmp_path, monkeypatch):
     """Against answers as a server gives them: 429 with Retry-After, then 413 for any body of more
     than two lines; one line alone too large is rejected and the import goes on."""
