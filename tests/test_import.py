@@ -596,3 +596,46 @@ async def test_events_the_raw_event_ttl_would_drop_are_refused(client, services,
     assert data["accepted"] == 1
     assert [(r["line"], r["field"]) for r in data["rejected"]] == [(1, "timestamp")]
     assert "BK_RAW_EVENTS_TTL_DAYS" in data["rejected"][0]["message"]
+
+
+async def test_a_hostile_body_is_answered_line_by_line_and_stored_once(client, services, site):
+    """Odd lines beside good ones: every non-blank line is answered once, what is accepted is
+    stored, and the same body again stores nothing new."""
+    at = iso(DAY + timedelta(hours=10))
+    good = {"name": "pageview", "url": f"https://{site.domain}/", "ip": "81.227.0.1", "user_agent": BROWSER, "timestamp": at}
+    client_id = uuid.uuid4()
+    lines = [
+        orjson.dumps(good),
+        orjson.dumps({**good, "event_id": str(client_id).upper()}),
+        orjson.dumps({**good, "event_id": client_id.urn, "url": f"https://{site.domain}/x"}),  # the same event id
+        orjson.dumps({**good, "event_id": "{" + str(uuid.uuid4()) + "}"}),
+        b"\xef\xbb\xbf" + orjson.dumps({**good, "ip": "fe80::1%eth0", "url": f"https://u:p@{site.domain}:8443/%zz"}),
+        b"",
+        orjson.dumps({**good, "ip": "[::1]"}),
+        orjson.dumps({**good, "timestamp": "2025-06-30T23:59:60Z"}),
+        orjson.dumps({**good, "timestamp": iso(DAY + timedelta(hours=11)).replace("Z", "123456789+00:00")}),
+        orjson.dumps(good)[:-2] + b"\xff\"}",
+        b"\x00",
+        orjson.dumps({**good, "user_agent": GOOGLEBOT}),
+        orjson.dumps({**good, "user_agent": ""}),
+        orjson.dumps({**good, "props": {"a": {"b": "c"}}}),
+        orjson.dumps({**good, "name": "click", "product": {"slug": "s"}}),
+        orjson.dumps({**good, "referrer": "http://[::1", "props": {"\x00": "\u202e"}}),
+        b"   ",
+        orjson.dumps({**good, "domain": "other.example", "site_id": None}),
+    ]
+    body = b"\r\n".join(lines)  # CRLF, no newline after the last line
+    non_blank = sum(1 for line in lines if line.strip())
+    answers = []
+    for _ in range(2):
+        response = await post_import(client, site.site_id, body)
+        assert response.status_code == 200, response.text
+        data = response.json()["data"]
+        assert data["accepted"] + len(data["rejected"]) + len(data["dropped"]) == non_blank, data
+        answers.append(data)
+        stored_count, unique = counts(services, site.site_id)
+        assert stored_count == unique == data["accepted"] - 1, data  # two lines carry one event id
+    assert answers[0] == answers[1]
+    assert {r["line"]: r["field"] for r in answers[0]["rejected"]} == {
+        7: "ip", 8: "timestamp", 10: "", 11: "", 14: "props.a", 15: "product.id", 18: "domain"}
+    assert [d["line"] for d in answers[0]["dropped"]] == [12, 13]
