@@ -151,7 +151,9 @@ def run(path: Path, send: Send) -> Totals:
 def _send(send: Send, before: int, body: bytes, totals: Totals) -> None:
     """One chunk; one the server finds too large goes again in halves, and a single line too large
     for it is a rejected line, not the end of the import."""
-    if not body.strip():  # the server refuses an empty body; blank lines only count
+    # The server refuses a body without events (400 empty_body); its blank lines (a BOM starts
+    # any line of a joined file) only count.
+    if not any(line.removeprefix(b"\xef\xbb\xbf").strip() for line in body.split(b"\n")):
         return
     try:
         data = send(body)

@@ -22,6 +22,10 @@ Trusted = frozenset[Network] | tuple[Network, ...]
 _COUNTRY_HEADERS = ("cf-ipcountry", "x-vercel-ip-country", "cloudfront-viewer-country")
 # Assigned ISO 3166-1 alpha-2 codes only: edges send XX/ZZ/T1 (Tor) for "unknown".
 _COUNTRIES = frozenset(c.alpha_2 for c in pycountry.countries)
+# Longer than any spelling of an address (`[…:ffff:255.255.255.255%zone]:65535`, spaces around):
+# no address, and not cached. Entries left of a proxy's are the client's to write, and 50,000
+# of a header's length each would hold gigabytes.
+_LONGEST_HOP = 100
 
 
 @lru_cache(maxsize=4096)  # peers are mostly the same few proxies; parsing an IP is not free
@@ -37,9 +41,10 @@ def client_ip(peer: str, headers: Mapping[str, str], trusted: Trusted) -> str:
     """The right-most X-Forwarded-For entry that is not itself a trusted proxy."""
     if not _trusted(peer, trusted):
         return peer
-    forwarded = [_address(part) for part in headers.get("x-forwarded-for", "").split(",") if part.strip()]
+    forwarded = [_address(part) if len(part) <= _LONGEST_HOP else part.strip()
+                 for part in headers.get("x-forwarded-for", "").split(",") if part.strip()]
     for hop in reversed(forwarded):
-        if not _trusted(hop, trusted):
+        if len(hop) > _LONGEST_HOP or not _trusted(hop, trusted):
             return hop
     return forwarded[0] if forwarded else peer
 
@@ -74,4 +79,4 @@ def country(ip: str, peer: str, headers: Mapping[str, str], trusted: Trusted) ->
             code = headers.get(name, "").strip().upper()
             if code in _COUNTRIES:
                 return code
-    return _lookup(ip)
+    return _lookup(ip) if len(ip) <= _LONGEST_HOP else ""

@@ -48,7 +48,11 @@ def _no_control_characters(value: str) -> str:
 
 
 def canonical_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    """One spelling per address, for the visitor hash: an IPv4-mapped IPv6 address is its IPv4."""
+    """One spelling per address, for the visitor hash: an IPv4-mapped IPv6 address is its IPv4,
+    and an IPv6 zone (`fe80::1%eth0`) is dropped: it names an interface of the host that wrote
+    the address down, not another client, and the country lookup finds no scoped address."""
+    if getattr(ip, "scope_id", None) is not None:
+        ip = ipaddress.IPv6Address(int(ip))
     return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 

@@ -26,6 +26,7 @@ from streams.buckets import VISITOR_LIFETIME
 from streams.sites import Site, normalize_domain
 
 MAX_LINES = 100_000
+_BOM = b"\xef\xbb\xbf"
 
 
 class BadBody(ValueError):
@@ -66,12 +67,14 @@ def parse(body: bytes, site: Site, now: datetime, id_key: bytes, retention_days:
     `retention_days`, events the raw-event TTL would delete within a visitor's lifetime are
     refused: the stream core reads a visitor's stored events, and they must still be there."""
     oldest = now - timedelta(days=retention_days) + VISITOR_LIFETIME if retention_days else None
-    raw_lines = body.removeprefix(b"\xef\xbb\xbf").split(b"\n")  # a UTF-8 BOM, as Windows exports start
-    if raw_lines[-1] == b"":  # the newline ending the last line starts no line of its own
+    # A UTF-8 BOM starts Windows exports, and so every part of files joined with `cat`: skipped
+    # at the start of any line (it is never JSON), so a line's verdict does not depend on where it is.
+    raw_lines = [line.removeprefix(_BOM) for line in body.split(b"\n")]
+    while raw_lines and not raw_lines[-1].strip():  # blank lines at the end hold no events to count
         raw_lines.pop()
     if len(raw_lines) > MAX_LINES:
         raise BadBody("too_many_lines", f"at most {MAX_LINES} lines per request; split the file")
-    if not body.strip():
+    if not raw_lines:
         raise BadBody("empty_body", "the body holds no events")
     parsed = Parsed()
     for number, raw in enumerate(raw_lines, start=1):

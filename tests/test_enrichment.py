@@ -144,6 +144,22 @@ def test_client_ip(peer, xff, trusted, expected):
     assert clients.client_ip(peer, headers, trusted) == expected
 
 
+def test_long_forwarded_hops_are_not_remembered():
+    # X-Forwarded-For entries left of the proxy's are the client's to write: each unique one kept
+    # in the parse and country caches (50,000 each) could hold a header's worth of bytes.
+    clients._address.cache_clear()
+    clients._lookup.cache_clear()
+    trusted_before = clients._trusted.cache_info().currsize
+    for i in range(50):
+        spoofed = f"{i}-" + "x" * 8000
+        ip = clients.client_ip("127.0.0.1", {"x-forwarded-for": f"{spoofed}, {spoofed}"}, LOCAL)
+        assert ip == spoofed  # kept as sent, as a short non-address is
+        clients.country(ip, "127.0.0.1", {}, LOCAL)
+    assert clients._address.cache_info().currsize == 0 and clients._lookup.cache_info().currsize == 0
+    assert clients._trusted.cache_info().currsize <= trusted_before + 1  # the peer
+    assert clients.client_ip("127.0.0.1", {"x-forwarded-for": "[2001:DB8:0:0::1]:443"}, LOCAL) == "2001:db8::1"
+
+
 def test_trusted_edge_country_header_wins():
     assert clients.country("81.227.0.1", "127.0.0.1", {"cf-ipcountry": "de"}, LOCAL) == "DE"
     assert clients.country("81.227.0.1", "127.0.0.1", {"x-vercel-ip-country": "NO"}, LOCAL) == "NO"

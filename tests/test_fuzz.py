@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from datetime import datetime, timezone
 from urllib.parse import quote
 
 import jsonschema
+import orjson
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -30,9 +32,13 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from ingest import importer, useragents
+from ingest.enrich import enrich
+from ingest.event import Event
 from query_api.app import create_app
 from query_api.deps import CACHE_CONTROL
 from query_api.rate_limit import RateLimiter
+from streams.sites import Site
 from tests.conftest import ADMIN_KEY, BROWSER
 
 MAX_EXAMPLES = 25
@@ -325,3 +331,97 @@ async def test_hostile_bodies_are_refused_whole_or_applied_whole(client, fuzz_wo
                 if "error" in result:
                     assert set(result["error"]) == {"code", "message"}, (what, result)
         before = after
+
+
+# -- import bodies (pure: importer.parse) ----------------------------------------------------------
+
+_IMPORT_NOW = datetime(2026, 3, 1, 12, tzinfo=timezone.utc)
+_IMPORT_SITE = Site("imp-site", "default", "imp.example", "I", "UTC", datetime(2024, 1, 1, tzinfo=timezone.utc))
+_IMPORT_LINE = {"name": "pageview", "url": "https://imp.example/a?b=1#c", "ip": "81.227.0.1", "user_agent": BROWSER,
+                "timestamp": "2026-02-20T10:00:00Z", "referrer": "https://www.google.com/", "props": {"k": "v"},
+                "product": {"id": "p1", "brand_slug": "b"}, "event_id": str(uuid.UUID(int=7))}
+_IMPORT_ODD = {
+    "timestamp": st.sampled_from(["2025-06-30T23:59:60Z", "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00",
+                                  "2026-02-20T10:00:00.123456789012345Z", "2026-02-20T10:00:00,5+05", "2026-02-20t10:00z",
+                                  "2026-02-20 10:00:00+0530", "2026-02-20T10:00:00+24:00", "2099-01-01T00:00:00Z",
+                                  "2001-01-01T00:00:00Z", "2026-02-20", "2026-W08-1T10:00", "20260220T100000Z"]),
+    "ip": st.sampled_from(["fe80::1%eth0", "::ffff:81.227.0.1", "[::1]", "[2001:db8::1]:443", " 81.227.0.1 ",
+                           "81.227.0.1:80", "01.2.3.4", "2001:DB8::1", "fe80::1%" + "z" * 3000, "::", "0.0.0.0"]),
+    "user_agent": st.sampled_from(["", "x" * 2000, "x" * 2001, "\x00", "Googlebot/2.1", BROWSER + "\u202e"]),
+    "url": st.sampled_from(["https://u:p@imp.example:8080/x", "https://xn--bcher-kva.example/", "https://bücher.example/%zz",
+                            "http://[::1", "http://[fe80::1%25eth0]/", "https://imp.example:99999/", "https://exa mple/",
+                            "ftp://imp.example/", "//imp.example/", "https://imp.example/" + "p" * 2100]),
+    "referrer": st.sampled_from(["http://[::1", "https://imp.example:99999/", "//x", "javascript:x", "https://" + "a" * 3000,
+                                 "https://a:b@google.com/", "https://IMP.EXAMPLE./", None]),
+    "event_id": st.sampled_from([str(uuid.UUID(int=7)).upper(), "{" + str(uuid.UUID(int=7)) + "}",
+                                 "urn:uuid:" + str(uuid.UUID(int=7)), uuid.UUID(int=7).hex, "not-a-uuid", "", None, 5]),
+    "props": st.sampled_from([{"a": {"b": "c"}}, {"a": 1}, {"": "x"}, {"\x00": "\x00"}, [], None,
+                              {f"k{i}": "v" for i in range(31)}, {"k" * 121: "v"}, {"k": "v" * 501}]),
+    "product": st.sampled_from([{"slug": "x"}, {"id": " "}, {"id": "a", "slug": None}, "a", {"id": "a\x1fb"}, None]),
+    "site_id": st.sampled_from(["imp-site", "other", "", None]),
+    "domain": st.sampled_from(["www.IMP.example", "imp.example.", "other.example", "", None]),
+}
+
+
+@st.composite
+def import_lines(draw) -> bytes:
+    kind = draw(st.sampled_from(["valid", "odd", "odd", "mutated", "drop", "bytes", "blank"]))
+    line = dict(_IMPORT_LINE)
+    if kind == "blank":
+        return draw(st.sampled_from([b"", b" ", b"\t", b"\r", b" \r", b"\xef\xbb\xbf"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=60).map(lambda b: b.replace(b"\n", b"")) | st.sampled_from([
+            b"\xef\xbb\xbf" + orjson.dumps(line), orjson.dumps(line)[:-2] + b"\xff\"}", b"\x00", b"[" * 3000, b"null", b"[]",
+            b'{"name": "\\ud800"}', orjson.dumps(line).replace(b'"v"', b'"\\udc00"'), b"1e999999", b"{bad"]))
+    if kind == "odd":
+        for name in draw(st.lists(st.sampled_from(sorted(_IMPORT_ODD)), min_size=1, max_size=3, unique=True)):
+            line[name] = draw(_IMPORT_ODD[name])
+    elif kind == "mutated":
+        line = _mutate(draw, line)
+    elif kind == "drop":
+        line.pop(draw(st.sampled_from(sorted(line))))
+    text = json.dumps(line)  # stdlib json: lone surrogates and NaN, as clients send
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _verdicts(parsed) -> dict[int, tuple]:
+    out = {line.number: ("accepted", line.event_id) for line in parsed.lines}
+    out |= {r["line"]: ("rejected", r["field"], r["code"]) for r in parsed.rejected}
+    out |= {d["line"]: ("dropped", d["reason"]) for d in parsed.dropped}
+    return out
+
+
+@settings(max_examples=150, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(import_lines(), min_size=1, max_size=8), st.sampled_from([b"\n", b"\r\n"]), st.booleans())
+def test_import_lines_are_judged_alone_and_every_one_is_answered(lines, newline, last_newline):
+    body = newline.join(lines) + (newline if last_newline else b"")
+    key = bytes(range(16))
+    try:
+        parsed = importer.parse(body, _IMPORT_SITE, _IMPORT_NOW, key, 400)
+    except importer.BadBody as exc:
+        assert exc.code == "empty_body" and not any(line.removeprefix(b"\xef\xbb\xbf").strip() for line in lines), body
+        return
+    numbered = {n: raw for n, raw in enumerate(lines, start=1) if raw.removeprefix(b"\xef\xbb\xbf").strip()}
+    verdicts = _verdicts(parsed)
+    # Every non-blank line has exactly one verdict, under its own number.
+    assert len(parsed.lines) + len(parsed.rejected) + len(parsed.dropped) == len(numbered) == len(verdicts), body
+    assert set(verdicts) == set(numbered), body
+    for rejection in parsed.rejected:
+        assert set(rejection) == {"line", "field", "code", "message"} and rejection["message"], rejection
+        assert rejection["code"] in {"invalid_json", "missing_field", "invalid_field", "wrong_site"}, rejection
+        assert rejection["field"] or rejection["code"] == "invalid_json", rejection
+    # A line's verdict does not depend on the others, and a second parse gives the same ids.
+    for n, raw in numbered.items():
+        alone = _verdicts(importer.parse(raw.rstrip(b"\r") + b"\n", _IMPORT_SITE, _IMPORT_NOW, key, 400))
+        assert alone == {1: verdicts[n]}, (raw, alone, verdicts[n])
+    assert _verdicts(importer.parse(body, _IMPORT_SITE, _IMPORT_NOW, key, 400)) == verdicts
+    # What is accepted can be enriched and serialised as an event.
+    for line in parsed.lines:
+        Event.from_bytes(enrich(line.event, _IMPORT_SITE, useragents.parse(line.event.user_agent), line.event.user_agent,
+                                line.event.ip, "", _FixedVisitors(), line.event.timestamp,
+                                event_id=line.event_id).to_bytes())
+
+
+class _FixedVisitors:
+    def visitor_id(self, *args) -> int:
+        return 1

@@ -6,6 +6,7 @@ continues, across requests too."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import random
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 from starlette.applications import Starlette
 
 from ingest import app as ingest_app
+from ingest import clients
 from ingest import importer
 from ingest.salts import Salts
 from ingest.visitors import CarryQuestions, hash_visitor
@@ -114,6 +116,42 @@ def test_event_ids_are_a_hash_of_the_canonical_content():
     # The content holds the IP: without the installation's key nobody can recompute the id (and
     # so find the IP by trying every address).
     assert importer.parse(ndjson([base]), site, now, bytes(16)).lines[0].event_id != ids[0]
+
+
+def test_an_ipv6_zone_is_not_part_of_the_address():
+    # `fe80::1%eth0` names an interface on the exporting host, not another client: the zone
+    # (of any length) must neither make another visitor or event id nor hide the country.
+    now = DAY + timedelta(days=30)
+    site = Site("a-example", "default", "a.example", "A", "Europe/Stockholm", DAY)
+    base = {"name": "pageview", "url": "https://a.example/", "ip": "2a00:1450:4001::1", "user_agent": BROWSER,
+            "timestamp": "2025-06-02T12:00:00Z"}
+    lines = [base, {**base, "ip": "2a00:1450:4001::1%eth0"}, {**base, "ip": "2a00:1450:4001::1%" + "x" * 5000}]
+    parsed = importer.parse(ndjson(lines), site, now, bytes(range(16)))
+    assert not parsed.rejected
+    assert {line.event.ip for line in parsed.lines} == {"2a00:1450:4001::1"}
+    assert len({line.event_id for line in parsed.lines}) == 1
+    assert clients.country(parsed.lines[1].event.ip, parsed.lines[1].event.ip, {}, ()) != ""
+    assert clients.client_ip("127.0.0.1", {"x-forwarded-for": "[2a00:1450:4001::1%eth0]:443"},
+                             (ipaddress.ip_network("127.0.0.1/32"),)) == "2a00:1450:4001::1"
+
+
+def test_byte_order_marks_and_blank_lines_at_the_end_are_not_events():
+    now = DAY + timedelta(days=30)
+    site = Site("a-example", "default", "a.example", "A", "Europe/Stockholm", DAY)
+    line = ndjson([{"name": "pageview", "url": "https://a.example/", "ip": "81.227.0.1", "user_agent": BROWSER,
+                    "timestamp": "2025-06-02T12:00:00Z"}])
+    bom = b"\xef\xbb\xbf"
+    # Two exports joined with `cat`: the second one's BOM starts line 2, which is the same line.
+    parsed = importer.parse(bom + line + bom + line, site, now, bytes(16))
+    assert (len(parsed.lines), parsed.rejected) == (2, [])
+    for body in (bom, bom + b"\r\n", b"\n \r\n"):  # no events: as an empty body, not 200 with none
+        with pytest.raises(importer.BadBody, match="no events"):
+            importer.parse(body, site, now, bytes(16))
+    # The limit counts lines that may hold events: a blank line after the last one is not the 100,001st.
+    parsed = importer.parse(line * importer.MAX_LINES + b"\r\n\n", site, now, bytes(16))
+    assert len(parsed.lines) == importer.MAX_LINES
+    with pytest.raises(importer.BadBody, match="at most"):
+        importer.parse(line * importer.MAX_LINES + b"\n" + line, site, now, bytes(16))
 
 
 def test_the_content_id_key_is_one_per_installation_and_outlives_every_purge(services):
@@ -333,6 +371,26 @@ async def test_a_byte_order_mark_before_the_first_line_is_skipped(client, site):
     assert (response.json()["data"]["accepted"], response.json()["data"]["rejected"]) == (2, [])
 
 
+def test_the_cli_sends_no_chunk_without_events(tmp_path, monkeypatch):
+    """A chunk of blank lines and BOMs (joined exports) would be 400 empty_body, ending the import."""
+    from besokskollen import importing
+
+    monkeypatch.setattr(importing, "CHUNK_LINES", 2)
+    line = orjson.dumps({"n": 1}) + b"\n"
+    path = tmp_path / "events.ndjson"
+    path.write_bytes(line * 2 + b"\xef\xbb\xbf\r\n\n" + line)
+    bodies = []
+
+    def post(url, *, content, **kwargs):
+        bodies.append(content)
+        return httpx.Response(200, json={"data": {"accepted": content.count(b"{"), "rejected": [], "dropped": [],
+                                                  "stored": True}})
+
+    monkeypatch.setattr(importing.httpx, "post", post)
+    totals = importing.run(path, importing.remote("http://x", "bk_k", "s"))
+    assert (totals.accepted, len(bodies)) == (3, 2)
+
+
 def test_the_cli_waits_out_the_rate_limit_and_halves_what_the_server_finds_too_large(tmp_path, monkeypatch):
     """Against answers as a server gives them: 429 with Retry-After, then 413 for any body of more
     than two lines; one line alone too large is rejected and the import goes on."""
@@ -538,3 +596,46 @@ async def test_events_the_raw_event_ttl_would_drop_are_refused(client, services,
     assert data["accepted"] == 1
     assert [(r["line"], r["field"]) for r in data["rejected"]] == [(1, "timestamp")]
     assert "BK_RAW_EVENTS_TTL_DAYS" in data["rejected"][0]["message"]
+
+
+async def test_a_hostile_body_is_answered_line_by_line_and_stored_once(client, services, site):
+    """Odd lines beside good ones: every non-blank line is answered once, what is accepted is
+    stored, and the same body again stores nothing new."""
+    at = iso(DAY + timedelta(hours=10))
+    good = {"name": "pageview", "url": f"https://{site.domain}/", "ip": "81.227.0.1", "user_agent": BROWSER, "timestamp": at}
+    client_id = uuid.uuid4()
+    lines = [
+        orjson.dumps(good),
+        orjson.dumps({**good, "event_id": str(client_id).upper()}),
+        orjson.dumps({**good, "event_id": client_id.urn, "url": f"https://{site.domain}/x"}),  # the same event id
+        orjson.dumps({**good, "event_id": "{" + str(uuid.uuid4()) + "}"}),
+        b"\xef\xbb\xbf" + orjson.dumps({**good, "ip": "fe80::1%eth0", "url": f"https://u:p@{site.domain}:8443/%zz"}),
+        b"",
+        orjson.dumps({**good, "ip": "[::1]"}),
+        orjson.dumps({**good, "timestamp": "2025-06-30T23:59:60Z"}),
+        orjson.dumps({**good, "timestamp": iso(DAY + timedelta(hours=11)).replace("Z", "123456789+00:00")}),
+        orjson.dumps(good)[:-2] + b"\xff\"}",
+        b"\x00",
+        orjson.dumps({**good, "user_agent": GOOGLEBOT}),
+        orjson.dumps({**good, "user_agent": ""}),
+        orjson.dumps({**good, "props": {"a": {"b": "c"}}}),
+        orjson.dumps({**good, "name": "click", "product": {"slug": "s"}}),
+        orjson.dumps({**good, "referrer": "http://[::1", "props": {"\x00": "\u202e"}}),
+        b"   ",
+        orjson.dumps({**good, "domain": "other.example", "site_id": None}),
+    ]
+    body = b"\r\n".join(lines)  # CRLF, no newline after the last line
+    non_blank = sum(1 for line in lines if line.strip())
+    answers = []
+    for _ in range(2):
+        response = await post_import(client, site.site_id, body)
+        assert response.status_code == 200, response.text
+        data = response.json()["data"]
+        assert data["accepted"] + len(data["rejected"]) + len(data["dropped"]) == non_blank, data
+        answers.append(data)
+        stored_count, unique = counts(services, site.site_id)
+        assert stored_count == unique == data["accepted"] - 1, data  # two lines carry one event id
+    assert answers[0] == answers[1]
+    assert {r["line"]: r["field"] for r in answers[0]["rejected"]} == {
+        7: "ip", 8: "timestamp", 10: "", 11: "", 14: "props.a", 15: "product.id", 18: "domain"}
+    assert [d["line"] for d in answers[0]["dropped"]] == [12, 13]

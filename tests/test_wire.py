@@ -358,3 +358,22 @@ def test_records_the_tables_cannot_hold_are_skipped_not_retried_forever():
     before = metrics.RECORDS_SKIPPED._value.get()
     assert Event.decode_all([good.to_bytes(), *records, good.to_bytes()]) == [good, good]
     assert metrics.RECORDS_SKIPPED._value.get() - before == len(records)
+
+
+async def test_a_client_id_in_any_spelling_of_one_uuid_is_one_event(client, embedded, services, site):
+    """Upper case, braces, urn:uuid: and the bare hex are the same UUID: retries that respell it
+    (another library, a text/plain beacon with a charset, another network with a scoped or mapped
+    address) are counted once, with the first copy's visitor id."""
+    client_id = uuid.uuid4()
+    spellings = [str(client_id), str(client_id).upper(), "{" + str(client_id) + "}", client_id.urn, client_id.hex]
+    headers = [{}, {"content-type": "text/plain;charset=UTF-8"}, {"content-type": "text/plain; charset=\"utf-8\""},
+               {"x-forwarded-for": "2001:db8::7%eth0"}, {"x-forwarded-for": "::ffff:81.2.69.160, 127.0.0.1"}]
+    for spelling, extra in zip(spellings, headers):
+        body = json.dumps(pageview(site, event_id=spelling, props={"k": "same"}, hash=True,
+                                   url="https://ingest.example/app#/c%C3%A5rt%ff")).encode()
+        response = await post(client, b"\xef\xbb\xbf" + body if extra else body, **extra)
+        assert response.status_code == 202, (spelling, extra, response.text)
+    await embedded[1].runner.drain()
+    rows = stored(services, site, "toString(event_id), visitor_id, pathname")
+    assert len(rows) == 1 and rows[0][0] == str(uuid.uuid5(client_id, site)), rows
+    assert rows[0][2] == "/app#/c\u00e5rt\ufffd"
