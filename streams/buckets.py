@@ -7,7 +7,11 @@ whole number of quarter hours: the query API forms a site's local days from thes
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import date, datetime, timedelta, timezone
+from typing import TypeVar
+
+T = TypeVar("T")
 
 BUCKET = timedelta(minutes=15)
 BUCKET_S = 900
@@ -31,3 +35,18 @@ def utc_midnight(day: date) -> datetime:
 def history_window(first: date, last: date) -> tuple[datetime, datetime]:
     """[from, to) holding every event of every visitor seen on the UTC days `first`..`last`."""
     return utc_midnight(first) - timedelta(days=1), utc_midnight(last) + timedelta(days=2)
+
+
+def history_windows(members: Iterable[tuple[T, date, date]]) -> list[tuple[datetime, datetime, list[T]]]:
+    """The history windows of (member, first day, last day)s, merged where they overlap: one
+    query per stretch of days, so live events and an old import together do not read the months
+    between."""
+    windows: list[list] = []  # [start, end, members]
+    for member, first, last in sorted(members, key=lambda item: item[1]):
+        start, end = history_window(first, last)
+        if windows and start <= windows[-1][1]:
+            windows[-1][1] = max(windows[-1][1], end)
+            windows[-1][2].append(member)
+        else:
+            windows.append([start, end, [member]])
+    return [(start, end, found) for start, end, found in windows]

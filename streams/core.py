@@ -28,7 +28,7 @@ from besokskollen import metrics
 from ingest.event import Event
 from streams import activity, rollups, sessions
 from streams import events as raw_events
-from streams.buckets import history_window
+from streams.buckets import history_windows
 from streams.goals import GoalRegistry
 from streams.sessions import Session, event_order, sessionize
 
@@ -124,19 +124,10 @@ class StreamCore:
 
     def _history(self, days: dict[tuple[str, int], set[date]]) -> dict:
         """Stored events of these visitors (seen on these UTC days), one query per stretch of days
-        the batch covers: live events and an old import in one batch must not make it read the
-        months between."""
-        windows: list[list] = []  # [start, end, visitors], merged where they overlap
-        for visitor, dates in sorted(days.items(), key=lambda item: min(item[1])):
-            start, end = history_window(min(dates), max(dates))
-            if windows and start <= windows[-1][1]:
-                windows[-1][1] = max(windows[-1][1], end)
-                windows[-1][2].add(visitor)  # in place: a batch has thousands of visitors
-            else:
-                windows.append([start, end, {visitor}])
+        the batch covers (`history_windows`)."""
         stored: dict = {}
-        for start, end, members in windows:
-            stored.update(raw_events.history(self._client, members, start, end))
+        for start, end, members in history_windows((v, min(dates), max(dates)) for v, dates in days.items()):
+            stored.update(raw_events.history(self._client, set(members), start, end))
         return stored
 
     def _visitor(self, visitor: tuple[str, int], stored: dict[str, Event], new: dict[str, Event],

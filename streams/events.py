@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import date, datetime, timedelta, timezone
 from typing import NamedTuple
 
 from clickhouse_connect.driver.client import Client
 
 from ingest.event import Event
-from streams.buckets import history_window
+from streams.buckets import history_windows
 
 _FIELDS = (
     "event_id", "site_id", "timestamp", "name", "visitor_id", "hostname", "pathname", "referrer", "source",
@@ -124,12 +124,19 @@ def owners(client: Client, events: Sequence[Event], chunk: int = 2000) -> dict[t
     Looked up within `RETRY_WINDOW` of the events' times, one query per stretch of time the batch
     covers (ids go as query parameters: a few thousand at a time), pruned by the sorting key
     (site, timestamp)."""
-    found: dict[tuple[str, str], Owner] = {}
+    rows = _near(client, events, "toString(event_id), site_id, visitor_id, timestamp", chunk)
+    return {(site_id, event_id): Owner(site_id, visitor_id, at.replace(tzinfo=timezone.utc))
+            for event_id, site_id, visitor_id, at in rows}
+
+
+def _near(client: Client, events: Sequence[Event], columns: str, chunk: int) -> Iterator[tuple]:
+    """Rows (`columns`) of the stored events with these events' ids (and sites) within
+    RETRY_WINDOW of their times: one query per stretch of time, `chunk` ids at a time."""
     for stretch in _stretches(sorted(events, key=lambda e: e.timestamp)):
         for i in range(0, len(stretch), chunk):
             part = stretch[i:i + chunk]
-            rows = client.query(
-                "SELECT toString(event_id), site_id, visitor_id, timestamp FROM events"
+            yield from client.query(
+                f"SELECT {columns} FROM events"
                 " WHERE site_id IN {sites:Array(String)}"
                 " AND timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp <= {end:DateTime64(3, 'UTC')}"
                 " AND event_id IN (SELECT arrayJoin(splitByChar(',', {ids:String}))::UUID)",
@@ -137,9 +144,6 @@ def owners(client: Client, events: Sequence[Event], chunk: int = 2000) -> dict[t
                             "start": part[0].timestamp - RETRY_WINDOW, "end": part[-1].timestamp + RETRY_WINDOW,
                             "ids": ",".join(e.event_id for e in part)},
             ).result_rows
-            for event_id, site_id, visitor_id, at in rows:
-                found[(site_id, event_id)] = Owner(site_id, visitor_id, at.replace(tzinfo=timezone.utc))
-    return found
 
 
 def _stretches(events: list[Event]) -> list[list[Event]]:
@@ -176,40 +180,20 @@ def stored_event_ids(client: Client, events: Sequence[Event]) -> set[str]:
 
 def _copies(client: Client, events: list[Event], chunk: int = 2000) -> dict[tuple[str, str], list[StoredEvent]]:
     """The stored rows (every copy, merged or not) of these events' ids within RETRY_WINDOW of
-    their times, by (site_id, event_id); queried as `owners` does."""
+    their times, by (site_id, event_id)."""
     found: dict[tuple[str, str], list[StoredEvent]] = defaultdict(list)
-    for stretch in _stretches(sorted(events, key=lambda e: e.timestamp)):
-        for i in range(0, len(stretch), chunk):
-            part = stretch[i:i + chunk]
-            rows = client.query(
-                f"SELECT {_SELECT} FROM events"
-                " WHERE site_id IN {sites:Array(String)}"
-                " AND timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp <= {end:DateTime64(3, 'UTC')}"
-                " AND event_id IN (SELECT arrayJoin(splitByChar(',', {ids:String}))::UUID)",
-                parameters={"sites": sorted({e.site_id for e in part}),
-                            "start": part[0].timestamp - RETRY_WINDOW, "end": part[-1].timestamp + RETRY_WINDOW,
-                            "ids": ",".join(e.event_id for e in part)},
-            ).result_rows
-            for row in rows:
-                stored = _event(row)
-                found[(stored.site_id, stored.event_id)].append(stored)
+    for row in _near(client, events, _SELECT, chunk):
+        stored = _event(row)
+        found[(stored.site_id, stored.event_id)].append(stored)
     return found
 
 
 def _held_by_own_visitor(client: Client, events: list[Event]) -> set[tuple[str, str]]:
     """(site_id, event_id) of these events whose id their visitor has stored within its history
-    window (what the stream core reads), one query per stretch of days."""
+    window (what the stream core reads), one query per stretch of days, as the core reads them."""
     wanted = {(e.site_id, e.visitor_id, e.event_id) for e in events}
-    windows: list[list] = []  # [start, end, events], merged where they overlap, as the core does
-    for e in sorted(events, key=lambda e: e.timestamp):
-        start, end = history_window(e.timestamp.date(), e.timestamp.date())
-        if windows and start <= windows[-1][1]:
-            windows[-1][1] = max(windows[-1][1], end)
-            windows[-1][2].append(e)
-        else:
-            windows.append([start, end, [e]])
     found: set[tuple[str, str]] = set()
-    for start, end, members in windows:
+    for start, end, members in history_windows((e, e.timestamp.date(), e.timestamp.date()) for e in events):
         rows = client.query(
             "SELECT site_id, visitor_id, toString(event_id) FROM events"
             " WHERE site_id IN {sites:Array(String)}"
