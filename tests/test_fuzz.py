@@ -212,16 +212,21 @@ def assert_sound(response, world: dict, what) -> None:
         jsonschema.validate(response.json(), schema)
 
 
-async def test_hostile_query_strings_paths_and_headers_on_every_get(client, fuzz_world):
-    drawn: list[tuple[str, str, dict[str, bytes]]] = []
+def _drawn(strategy, n: int) -> list:
+    """n examples of a strategy, the same every run (the async tests send them one by one)."""
+    drawn = []
 
-    @settings(max_examples=100, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(get_requests())
-    def draw(request) -> None:
-        drawn.append(request)
+    @settings(max_examples=n, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def draw(example) -> None:
+        drawn.append(example)
 
     draw()
-    for method, url, headers in drawn:
+    return drawn
+
+
+async def test_hostile_query_strings_paths_and_headers_on_every_get(client, fuzz_world):
+    for method, url, headers in _drawn(get_requests(), 100):
         url = _fill(url, fuzz_world)
         headers = {k: _fill(v.decode("latin-1"), fuzz_world).encode("latin-1") for k, v in headers.items()}
         what = (method, url[:200], {k: v[:80] for k, v in headers.items()})
@@ -302,14 +307,7 @@ async def _state(client, world: dict) -> tuple:
 
 
 async def test_hostile_bodies_are_refused_whole_or_applied_whole(client, fuzz_world):
-    drawn: list[tuple[str, bytes, dict[str, bytes]]] = []
-
-    @settings(max_examples=80, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(post_requests())
-    def draw(request) -> None:
-        drawn.append(request)
-
-    draw()
+    drawn = _drawn(post_requests(), 80)
     before = await _state(client, fuzz_world)
     for n, (path, body, headers) in enumerate(drawn):
         body = (body.replace(b"{site}", fuzz_world["site"].encode()).replace(b"{funnel}", fuzz_world["funnel"].encode())
