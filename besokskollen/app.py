@@ -18,7 +18,7 @@ from starlette.requests import Request
 from besokskollen import health, metrics
 from besokskollen.config import Settings
 from ingest import app as ingest_app
-from ingest import tracker, useragents
+from ingest import import_route, tracker, useragents
 from ingest.handoff import Handoff, InProcessHandoff, KafkaHandoff
 from ingest.salts import Salts
 from ingest.spool import Spool
@@ -29,9 +29,9 @@ from query_api.keys import KeyStore
 from query_api.rate_limit import RateLimit, RateLimiter, SharedRateLimiter
 from streams import replay, storage
 from streams.core import StreamCore
+from streams.embedded import EmbeddedRunner
 from streams.funnels import FunnelRegistry
 from streams.goals import GoalRegistry
-from streams.embedded import EmbeddedRunner
 from streams.sessions import latest_ends, open_at
 from streams.sites import SiteRegistry
 
@@ -96,7 +96,8 @@ def _lifespan(handoff: Handoff):
 def _ingest_routes(services: Services, handoff: Handoff) -> list:
     useragents.warm_up()
     carries = CarryQuestions(services.visitors)
-    return [*ingest_app.routes(services.settings, services.sites, services.visitors, carries, handoff, services.keys),
+    return [*ingest_app.routes(services.settings, services.sites, services.visitors, carries, handoff),
+            *import_route.routes(services.settings, services.sites, services.visitors, handoff, services.keys),
             *tracker.ROUTES]
 
 

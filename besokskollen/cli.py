@@ -304,9 +304,10 @@ def _claim_spool(command: str, settings: Settings) -> Spool:
     try:
         return _open_spool(settings)
     except SpoolLocked as exc:
+        message = str(exc)
         if settings.embedded and settings.spool_dir is None:  # the journal inside an embedded data folder
-            exc = f"the data folder {settings.clickhouse_url.removeprefix('chdb://')} is in use by another `up`"
-        print(f"besokskollen {command}: {exc}", file=sys.stderr)
+            message = f"the data folder {settings.clickhouse_url.removeprefix('chdb://')} is in use by another `up`"
+        print(f"besokskollen {command}: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -13,7 +13,7 @@ from fastapi.responses import Response
 
 from ingest.event import MAX_SITE_ID
 from query_api.errors import APIError
-from query_api.keys import ApiKey, KeyStore, bearer_token
+from query_api.keys import ApiKey, KeyStore
 from streams.funnels import FunnelRegistry
 from streams.goals import GoalRegistry
 from streams.sites import Site, SiteRegistry
@@ -38,14 +38,7 @@ Ctx = Annotated[Context, Depends(context)]
 
 
 def api_key(request: Request, ctx: Ctx) -> ApiKey:
-    token = bearer_token(request.headers.get("authorization", ""))
-    if token is None:
-        raise APIError(401, "unauthorized", "missing API key: send Authorization: Bearer bk_…",
-                       {"WWW-Authenticate": "Bearer"})
-    key = ctx.keys.lookup(token)
-    if key is None:
-        raise APIError(401, "unauthorized", "invalid API key", {"WWW-Authenticate": "Bearer"})
-    return key
+    return ctx.keys.authenticate(request.headers.get("authorization", ""))
 
 
 Key = Annotated[ApiKey, Depends(api_key)]
@@ -80,10 +73,7 @@ def _needs(dependant, call) -> bool:
 
 
 def readable_site(ctx: Context, key: ApiKey, site_id: str) -> Site:
-    site = ctx.sites.get(site_id)
-    if refusal := key.refusal(site_id, site):
-        raise APIError(*refusal)
-    return site
+    return key.readable_site(site_id, ctx.sites)
 
 
 def cached_json(request: Request, payload: dict[str, Any], status: int = 200) -> Response:

@@ -10,10 +10,12 @@ from datetime import datetime, timezone
 
 from clickhouse_connect.driver.client import Client
 
+from query_api.errors import APIError
 from streams.read_cache import ReadThroughCache
-from streams.sites import Site
+from streams.sites import Site, SiteRegistry
 
 PREFIX = "bk_"
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,15 +31,19 @@ class ApiKey:
         """User-level: every site of its account; site-level: its own site only."""
         return self.account_id == site.account_id and self.site_id in ("", site.site_id)
 
-    def refusal(self, site_id: str, site: Site | None) -> tuple[int, str, str] | None:
-        """(status, code, message) when this key may not use `site_id` (`site` is that site, None if
-        there is none), else None. A site-level key gets 403 for every other id, existing or not:
-        a 404 would tell it which domains use the service (SPEC §7: any other site → 403)."""
-        if (self.site_id and self.site_id != site_id) or (site is not None and not self.reaches(site)):
-            return 403, "forbidden", f"this API key has no access to site {site_id!r}"
+    def readable_site(self, site_id: str, sites: SiteRegistry) -> Site:
+        """The site `site_id` when this key may read it; else an APIError. A site-level key gets 403
+        for every other id, existing or not: a 404 would tell it which domains use the service
+        (SPEC §7: any other site → 403)."""
+        forbidden = APIError(403, "forbidden", f"this API key has no access to site {site_id!r}")
+        if self.site_id and self.site_id != site_id:
+            raise forbidden
+        site = sites.get(site_id)
         if site is None:
-            return 404, "site_not_found", f"no site with id {site_id!r}"
-        return None
+            raise APIError(404, "site_not_found", f"no site with id {site_id!r}")
+        if not self.reaches(site):
+            raise forbidden
+        return site
 
 
 def bearer_token(authorization: str) -> str | None:
@@ -108,6 +114,16 @@ class KeyStore:
 
     def lookup(self, key: str) -> ApiKey | None:
         return self._cache.get(hash_key(key))
+
+    def authenticate(self, authorization: str) -> ApiKey:
+        """The key an `Authorization` header carries; a 401 APIError when it carries none that works."""
+        token = bearer_token(authorization)
+        if token is None:
+            raise APIError(401, "unauthorized", "missing API key: send Authorization: Bearer bk_…", _CHALLENGE)
+        key = self.lookup(token)
+        if key is None:
+            raise APIError(401, "unauthorized", "invalid API key", _CHALLENGE)
+        return key
 
     def answers_without_io(self, key: str) -> bool:
         """Whether `lookup(key)` would be answered from memory (no database round trip)."""

@@ -10,12 +10,12 @@ import re
 import threading
 import time as clock
 from array import array
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 
+from cachetools import LRUCache
 from clickhouse_connect.driver.client import Client
 
 from query_api.errors import APIError
@@ -72,7 +72,7 @@ _CACHED_YEARS = 4096  # ~3 KB each
 # (a DST change at 00:00, as in Santiago or Beirut), that parse lands an hour early, on the day before.
 _DAY_STARTS = "SELECT toUInt32(toDateTime(toDate(%(first)s) + number, %(tz)s)) FROM numbers(%(days)s) ORDER BY number"
 
-_years: OrderedDict[tuple[Client, str, int], tuple[int, array]] = OrderedDict()  # UTC seconds
+_years: LRUCache[tuple[Client, str, int], tuple[int, array]] = LRUCache(maxsize=_CACHED_YEARS)  # UTC seconds
 _years_lock = threading.Lock()
 
 
@@ -87,7 +87,6 @@ def day_starts(client: Client, tz: str, first: date, last: date) -> list[datetim
         for year in years:
             hit = _years.get((client, tz, year))
             if hit is not None and hit[0] == generation:
-                _years.move_to_end((client, tz, year))
                 found[year] = hit[1]
     missing = [year for year in years if year not in found]
     if missing:
@@ -96,9 +95,6 @@ def day_starts(client: Client, tz: str, first: date, last: date) -> list[datetim
         with _years_lock:
             for year, starts in fetched.items():
                 _years[(client, tz, year)] = (generation, starts)
-                _years.move_to_end((client, tz, year))
-            while len(_years) > _CACHED_YEARS:
-                _years.popitem(last=False)
     out: list[datetime] = []
     for year in years:
         jan1 = date(year, 1, 1)

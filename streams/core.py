@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
+from cachetools import LRUCache
 from clickhouse_connect.driver.client import Client
 
 from besokskollen import metrics
@@ -68,7 +69,7 @@ class StreamCore:
         self._client = client
         self._timeout = timedelta(seconds=session_timeout_s)
         self._goals = GoalRegistry(client)
-        self._derived: OrderedDict[tuple[str, int], _Derived] = OrderedDict()
+        self._derived: LRUCache[tuple[str, int], _Derived] = LRUCache(maxsize=REMEMBERED_VISITORS)
 
     def process(self, batch: list[Event], rewrite: bool = False) -> None:
         """Idempotent: processing a batch again, whole or in part, changes no number. `rewrite`
@@ -224,9 +225,6 @@ class StreamCore:
         against what is stored, not against what it meant to store)."""
         for visitor, known in derived.items():
             self._derived[visitor] = known
-            self._derived.move_to_end(visitor)
-        while len(self._derived) > REMEMBERED_VISITORS:
-            self._derived.popitem(last=False)
 
 
 def _contents(events: dict[str, Event]) -> dict[str, raw_events.StoredEvent]:

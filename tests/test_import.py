@@ -20,11 +20,11 @@ import orjson
 import pytest
 from starlette.applications import Starlette
 
-from ingest import app as ingest_app
+from ingest import import_route
 from ingest import clients
 from ingest import importer
 from ingest.salts import Salts
-from ingest.visitors import CarryQuestions, hash_visitor
+from ingest.visitors import hash_visitor
 from streams.events import stored_event_ids
 from streams.sites import Site
 from tests.conftest import ADMIN_KEY, BROWSER, free_port, process, stable_group_size, up_server, wait_until
@@ -449,9 +449,8 @@ async def test_body_limits(client, services, embedded, site):
 
     # A small cap, to show a large body is refused as declared, and as streamed without reading it all.
     settings = services.settings.model_copy(update={"max_import_bytes": 10_000})
-    carries = CarryQuestions(services.visitors)
-    small = Starlette(routes=ingest_app.routes(settings, services.sites, services.visitors, carries, embedded[1],
-                                               services.keys))
+    small = Starlette(routes=import_route.routes(settings, services.sites, services.visitors, embedded[1],
+                                                 services.keys))
     transport = httpx.ASGITransport(app=small, client=("127.0.0.1", 5000))
     headers = {"authorization": f"Bearer {ADMIN_KEY}", "content-type": NDJSON}
     url = f"/api/v1/events/import?site_id={site.site_id}"

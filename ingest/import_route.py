@@ -1,0 +1,78 @@
+"""`POST /api/v1/events/import` (SPEC §5.3): the live events' enrichment and hand-off for a file of
+events, served wherever the hand-off is (`up` and `ingest`). An /api/v1 operation: the query
+API's keys and error shape, never cached."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import orjson
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from besokskollen.config import Settings
+from ingest import importer
+from ingest.app import read_body
+from ingest.event import utcnow
+from ingest.handoff import Handoff
+from ingest.visitors import Visitors
+from query_api.errors import APIError, error_response
+from query_api.keys import KeyStore
+from streams.sites import SiteRegistry
+
+log = logging.getLogger(__name__)
+
+_NDJSON = "application/x-ndjson"
+# Events handed on at once: the Kafka producer batches them, memory stays bounded.
+_SEND_AT_ONCE = 1000
+
+
+def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff: Handoff,
+           keys: KeyStore) -> list[Route]:
+    # One import at a time per process: each sees every earlier one stored, so visitor ids do
+    # not depend on how concurrent requests interleave.
+    lock = asyncio.Lock()
+
+    async def post_import(request: Request) -> Response:
+        try:
+            return await import_events(request)
+        except APIError as refusal:
+            return error_response(refusal.status, refusal.code, refusal.message, refusal.headers)
+        except Exception:
+            log.exception("could not import events")
+            return error_response(503, "unavailable", "the events could not be stored; retry later")
+
+    async def import_events(request: Request) -> Response:
+        key = await asyncio.to_thread(keys.authenticate, request.headers.get("authorization", ""))
+        site_id = request.query_params.get("site_id")
+        if not site_id:
+            raise APIError(400, "missing_parameter", "site_id is required")
+        site = await asyncio.to_thread(key.readable_site, site_id, sites)
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != _NDJSON:
+            raise APIError(415, "unsupported_media_type", f"send the events as {_NDJSON}, one per line")
+        if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
+            raise APIError(415, "unsupported_media_type", "send the NDJSON uncompressed (no Content-Encoding)")
+        try:
+            body = await read_body(request, settings.max_import_bytes)
+        except ClientDisconnect:
+            raise APIError(400, "incomplete_body", "the request body was cut off") from None
+        if body is None:
+            raise APIError(413, "body_too_large",
+                           f"import bodies are limited to {settings.max_import_bytes} bytes; split the file")
+        try:
+            parsed = await asyncio.to_thread(lambda: importer.parse(
+                body, site, utcnow(), visitors.id_key(), settings.raw_events_ttl_days))
+        except importer.BadBody as exc:
+            raise APIError(400, exc.code, exc.message) from None
+
+        async with lock:
+            events = await asyncio.to_thread(importer.to_events, parsed.lines, site, visitors)
+            for i in range(0, len(events), _SEND_AT_ONCE):
+                await asyncio.gather(*(handoff.send(e) for e in events[i:i + _SEND_AT_ONCE]))
+            stored = await handoff.flush(events)
+        reply = {"accepted": len(events), "rejected": parsed.rejected, "dropped": parsed.dropped, "stored": stored}
+        return Response(orjson.dumps({"data": reply}), media_type="application/json")
+
+    return [Route("/api/v1/events/import", post_import, methods=["POST"])]
