@@ -105,7 +105,7 @@ def _operations_routes(services: Services, kafka: bool) -> list:
     """/healthz, /readyz (the store; Kafka too where the process sends to it) and /metrics."""
     checks = {"clickhouse": health.store_check(services.client)}
     if kafka:
-        checks["kafka"] = health.broker_check(services.settings.kafka_bootstrap)
+        checks["kafka"] = health.broker_check(services.settings.kafka_servers)
     return [*health.routes(checks), *metrics.ROUTES]
 
 

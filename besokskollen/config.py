@@ -106,16 +106,13 @@ class Settings(BaseSettings):
     @field_validator("kafka_bootstrap")
     @classmethod
     def _servers(cls, bootstrap: str | None) -> str | None:
-        if bootstrap:
-            from aiokafka.conn import get_ip_port_afi  # read as the Kafka client will read it
-
-            for server in filter(None, (part.strip() for part in bootstrap.split(","))):
-                try:
-                    port = get_ip_port_afi(server)[1]
-                except ValueError:
-                    port = 0
-                if not 1 <= port <= 65535:
-                    raise ValueError(f"{server!r} is not host:port")
+        for server in _bootstrap_list(bootstrap):
+            try:
+                port = _host_port(server)[1]
+            except ValueError:
+                port = 0
+            if not 1 <= port <= 65535:
+                raise ValueError(f"{server!r} is not host:port")
         return bootstrap
 
     @field_validator("redis_url")
@@ -160,9 +157,26 @@ class Settings(BaseSettings):
         return Path("spool").resolve()
 
     @property
+    def kafka_servers(self) -> list[tuple[str, int]]:
+        """The bootstrap servers' (host, port), read as the Kafka client reads them (`kafka` alone
+        is port 9092)."""
+        return [_host_port(server) for server in _bootstrap_list(self.kafka_bootstrap)]
+
+    @property
     def embedded(self) -> bool:
         """No Kafka configured: ingest hands events to the stream core in-process."""
         return self.kafka_bootstrap is None
+
+
+def _bootstrap_list(bootstrap: str | None) -> list[str]:
+    return [part.strip() for part in (bootstrap or "").split(",") if part.strip()]
+
+
+def _host_port(server: str) -> tuple[str, int]:
+    from aiokafka.conn import get_ip_port_afi  # read as the Kafka client will read it
+
+    host, port, _family = get_ip_port_afi(server)
+    return host, port
 
 
 def settings_problems(error: ValidationError) -> list[str]:

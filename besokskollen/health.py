@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from aiokafka.conn import get_ip_port_afi
 from clickhouse_connect.driver.client import Client
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -29,10 +28,9 @@ def store_check(client: Client) -> Check:
     return check
 
 
-def broker_check(bootstrap: str) -> Check:
-    """Any bootstrap server accepts a TCP connection (a refused one is seen at once)."""
-    # Parsed as aiokafka parses them: `kafka` alone is port 9092 to the client.
-    servers = [get_ip_port_afi(server)[:2] for server in bootstrap.split(",") if server.strip()]
+def broker_check(servers: list[tuple[str, int]]) -> Check:
+    """Any bootstrap server (`Settings.kafka_servers`) accepts a TCP connection (a refused one is
+    seen at once)."""
 
     async def check() -> bool:
         for host, port in servers:

@@ -178,7 +178,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
 
     stats = monitor.BatchStats()
     name = settings.worker_instance_id or f"{socket.gethostname()}:{os.getpid()}"
-    checks = {"clickhouse": health.store_check(client), "kafka": health.broker_check(settings.kafka_bootstrap)}
+    checks = {"clickhouse": health.store_check(client), "kafka": health.broker_check(settings.kafka_servers)}
 
     @app.page("/healthz")
     async def healthz(web, request):

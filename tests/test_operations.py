@@ -374,6 +374,7 @@ def test_readiness_reaches_a_bootstrap_server_given_without_its_port():
     import socket
 
     from besokskollen import health
+    from besokskollen.config import Settings
 
     with socket.socket() as listener:
         try:
@@ -381,8 +382,9 @@ def test_readiness_reaches_a_bootstrap_server_given_without_its_port():
             listener.listen()
         except OSError:  # something listens there already: as good for this check
             pass
-        assert asyncio.run(health.broker_check("127.0.0.1")())
-        assert asyncio.run(health.broker_check("[::1]:1, 127.0.0.1")())
+        for bootstrap in ("127.0.0.1", "[::1]:1, 127.0.0.1"):
+            servers = Settings(kafka_bootstrap=bootstrap).kafka_servers
+            assert asyncio.run(health.broker_check(servers)())
 
 
 def test_a_lag_whose_age_could_not_be_read_is_not_called_caught_up():
