@@ -8,10 +8,10 @@ import threading
 import time
 import uuid
 from datetime import datetime
-from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from ingest import referrers
-from ingest.event import Event, IncomingEvent, without_control_characters
+from ingest.event import Event, IncomingEvent, decoded
 from ingest.useragents import Agent
 from ingest.visitors import Visitors
 from streams.sites import Site
@@ -64,18 +64,12 @@ def stored_referrer(referrer: str | None) -> str:
 
 
 def page_path(url: SplitResult, hash_routes: bool = False) -> str:
-    """The page of a URL: its path percent-decoded (browsers send `/produkt/%C3%A5`, a goal is
-    typed `/produkt/å`, and `%c3%a5` is the same page), without control characters; with the
-    tracker's data-hash, the fragment too (`/app#/cart`)."""
+    """The page of a URL: its path `decoded`; with the tracker's data-hash, the fragment too
+    (`/app#/cart`)."""
     path = decoded(url.path) or "/"
     if hash_routes and url.fragment:
         path += "#" + decoded(url.fragment)
     return path
-
-
-def decoded(part: str) -> str:
-    """A URL's path or fragment as pages keep it (goals and funnel steps read theirs the same way)."""
-    return without_control_characters(unquote(part, errors="replace"))
 
 
 _random = bytearray()

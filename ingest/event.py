@@ -10,7 +10,7 @@ import re
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Annotated
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import orjson
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError,
@@ -60,6 +60,18 @@ Slug = Annotated[str, StringConstraints(strip_whitespace=True, max_length=200), 
 # An event's name as stored; goals and funnel steps read the names they match the same way.
 EventName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=120),
                       AfterValidator(_no_control_characters)]
+
+
+def decoded(part: str) -> str:
+    """A URL's path or fragment as pages keep it: percent-decoded (browsers send `/produkt/%C3%A5`,
+    a goal is typed `/produkt/å`, and `%c3%a5` is the same page; a `%` not followed by two hex
+    digits stays), without control characters."""
+    return without_control_characters(unquote(part, errors="replace"))
+
+
+# A page as stored (ingest/enrich.py page_path); goals and funnel steps read the pages they match
+# the same way, so a path copied from a URL bar matches.
+PagePath = Annotated[str, AfterValidator(decoded)]
 
 
 class Product(BaseModel):

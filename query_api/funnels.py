@@ -18,8 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
-from ingest.enrich import decoded
-from ingest.event import MAX_SITE_ID, EventName
+from ingest.event import MAX_SITE_ID, EventName, PagePath
 from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
 from query_api.errors import APIError
 from query_api.models import FunnelCreated, FunnelsResponse, FunnelStatsResponse
@@ -34,6 +33,7 @@ router = APIRouter(tags=["funnels"])
 
 MIN_STEPS, MAX_STEPS = 2, 8
 _EVENT_NAME = TypeAdapter(EventName)
+_PAGE_PATH = TypeAdapter(PagePath)
 
 
 class StepIn(BaseModel):
@@ -44,11 +44,10 @@ class StepIn(BaseModel):
 
     @model_validator(mode="after")
     def _read_as_stored(self) -> StepIn:
-        # Compared with what ingest stored, so read the same way: a page percent-decoded
-        # ("/produkt/%C3%A5" is "/produkt/å"), an exact event name without the whitespace around
-        # it (" purchase" could never match) and without control characters.
+        # Compared with what ingest stored, so read the same way (ingest/event.py): a page as
+        # PagePath, an exact event name as EventName.
         if self.type == "pageview":
-            self.match_value = decoded(self.match_value)
+            self.match_value = _PAGE_PATH.validate_python(self.match_value)
             if not self.match_value:  # "" would start every page
                 raise ValueError("match_value: a page path, not only control characters")
         elif self.match_type == "exact":

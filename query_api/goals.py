@@ -7,10 +7,9 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from ingest.enrich import decoded
-from ingest.event import MAX_SITE_ID, EventName
+from ingest.event import MAX_SITE_ID, EventName, PagePath
 from query_api import stats
 from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
 from query_api.errors import APIError
@@ -28,17 +27,10 @@ class GoalCreate(BaseModel):
     site_id: Annotated[str, Field(min_length=1, max_length=MAX_SITE_ID)]
     name: Text
     event_type: Literal["pageview", "event"]
-    match_path: Annotated[str, Field(min_length=1, max_length=2000, pattern=r"^/")] | None = None
-    # Read as ingest reads event names (surrounding whitespace dropped, control characters
-    # refused): a goal for " purchase" could never match.
+    # Read as ingest stores pages and event names: a goal for "/produkt/%C3%A5" is the page
+    # "/produkt/å", and one for " purchase" could never match.
+    match_path: Annotated[PagePath, Field(min_length=1, max_length=2000, pattern=r"^/")] | None = None
     match_event: EventName | None = None
-
-    @field_validator("match_path")
-    @classmethod
-    def _page_as_stored(cls, path: str | None) -> str | None:
-        # Pages are stored percent-decoded: a path copied from a URL ("/produkt/%C3%A5") is the
-        # page "/produkt/å". A `%` not followed by two hex digits stays.
-        return decoded(path) if path is not None else None
 
     @model_validator(mode="after")
     def _one_match(self) -> GoalCreate:
