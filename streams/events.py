@@ -4,7 +4,7 @@ core can recompute that visitor's sessions and activity from everything it did."
 from __future__ import annotations
 
 import operator
-from collections import defaultdict
+from collections import defaultdict, namedtuple
 from collections.abc import Iterator, Sequence
 from datetime import date, datetime, timedelta, timezone
 from typing import NamedTuple
@@ -14,11 +14,7 @@ from clickhouse_connect.driver.client import Client
 from ingest.event import Event
 from streams.buckets import history_windows
 
-_FIELDS = (
-    "event_id", "site_id", "timestamp", "name", "visitor_id", "hostname", "pathname", "referrer", "source",
-    "channel", "utm_source", "utm_medium", "utm_campaign", "country", "device", "browser", "os", "props",
-    "product_id", "product_slug", "category_slug", "brand_slug", "partner_slug",
-)
+_FIELDS = tuple(Event.model_fields)  # the wire contract's fields are the columns, in its order
 _COLUMNS = [*_FIELDS, "session_id"]
 # A retried event (same client event id, a later arrival time) is found this far from its copy.
 # The lookup reads the event ids of the site's events in the window (a bloom-filter index skips
@@ -27,35 +23,15 @@ RETRY_WINDOW = timedelta(hours=6)
 _SELECT = ", ".join("toString(event_id)" if f == "event_id" else f for f in _FIELDS)
 
 
-class StoredEvent(NamedTuple):
+class StoredEvent(namedtuple("_Fields", _FIELDS)):
     """An event as read back: the fields of `Event`, without validating them again (cheap)."""
-    event_id: str
-    site_id: str
-    timestamp: datetime
-    name: str
-    visitor_id: int
-    hostname: str
-    pathname: str
-    referrer: str
-    source: str
-    channel: str
-    utm_source: str
-    utm_medium: str
-    utm_campaign: str
-    country: str
-    device: str
-    browser: str
-    os: str
-    props: dict
-    product_id: str
-    product_slug: str
-    category_slug: str
-    brand_slug: str
-    partner_slug: str
+
+    __slots__ = ()
 
     @property
     def is_pageview(self) -> bool:
         return self.name == "pageview"
+
 
 # No FINAL: PREWHERE on visitor_id stays possible, and copies of one event (same id, same content;
 # only session_id may differ, and it is recomputed anyway) are collapsed here.
