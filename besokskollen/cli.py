@@ -120,7 +120,6 @@ def cmd_status(args: argparse.Namespace) -> None:
     import asyncio
 
     from streams import monitor, storage
-    from streams.worker import GROUP
 
     settings = _settings(args)
     if settings.embedded:
@@ -130,7 +129,7 @@ def cmd_status(args: argparse.Namespace) -> None:
     logging.getLogger("aiokafka").setLevel(logging.WARNING)  # its connection lines are not the report
     try:
         exists = asyncio.run(monitor.topic_exists(settings.kafka_bootstrap, settings.kafka_topic))
-        lags = asyncio.run(monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, GROUP)) if exists else []
+        lags = asyncio.run(monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_group)) if exists else []
     except (KafkaError, OSError, ValueError) as exc:
         print(f"besokskollen status: Kafka does not answer at {settings.kafka_bootstrap}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -138,7 +137,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         print(f"besokskollen status: Kafka at {settings.kafka_bootstrap} has no topic {settings.kafka_topic!r}:"
               " no ingest or worker has started with this BK_KAFKA_TOPIC yet", file=sys.stderr)
         raise SystemExit(2)
-    print(f"topic {settings.kafka_topic}, group {GROUP}: {monitor.describe(lags)}")
+    print(f"topic {settings.kafka_topic}, group {settings.kafka_group}: {monitor.describe(lags)}")
     for line in monitor.describe_reports(monitor.recent_reports(storage.connect(settings.clickhouse_url))):
         print(line)
 

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     clickhouse_url: str = _default_clickhouse_url()
     kafka_bootstrap: str | None = None
     kafka_topic: str = "events"
+    # The workers' consumer group (Faust's app id is `<group>-worker`): deployments sharing one
+    # Kafka cluster give each its own, so one's rebalances never pause the other's workers.
+    kafka_group: str = Field("besokskollen", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._-]+$")
     # Partitions of the events topic when it is created; the most workers that can share it.
     kafka_partitions: int = Field(12, ge=1)
     # Replication of the topics we and Faust create; 1 suits a single broker, use 3 on a cluster.

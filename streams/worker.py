@@ -37,7 +37,6 @@ from streams.topic import TopicRefused, ensure_topic
 
 log = logging.getLogger(__name__)
 
-GROUP = "besokskollen"
 BATCH_MAX = 5000
 BATCH_WAIT_MS = 200
 # A batch that is small when it arrives waits this long for more. Every batch costs the same
@@ -82,7 +81,7 @@ async def consume(settings: Settings, core: StreamCore, stats: monitor.BatchStat
     """Read the events topic in batches, write each through the core, then commit its offsets."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
-        group_id=GROUP,
+        group_id=settings.kafka_group,
         group_instance_id=settings.worker_instance_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -157,7 +156,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
     if settings.kafka_bootstrap is None:
         raise SystemExit("the worker needs BK_KAFKA_BOOTSTRAP (without Kafka, `besokskollen up` runs the stream core)")
     app = faust.App(
-        f"{GROUP}-worker",
+        f"{settings.kafka_group}-worker",
         broker=broker_urls(settings.kafka_bootstrap),
         # Faust's web server carries /healthz, /readyz and /metrics (nothing else of Faust's).
         web_enabled=True,
@@ -210,7 +209,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
     @app.timer(LAG_METRICS_EVERY_S)
     async def lag_metrics() -> None:
         try:
-            lags = await monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, GROUP)
+            lags = await monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_group)
         except Exception:  # noqa: BLE001 - the once-a-minute report logs trouble
             return
         for lag in lags:
@@ -228,7 +227,7 @@ async def report_status(settings: Settings, client, name: str, stats: monitor.Ba
     an outage of Kafka (no lag) or ClickHouse (no row) is when the line matters most."""
     rate, p50, worst, events = stats.take()
     try:
-        lag = monitor.describe(await monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, GROUP))
+        lag = monitor.describe(await monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_group))
     except Exception as exc:  # noqa: BLE001 - a report is not worth stopping the worker for
         lag = f"lag unknown ({exc or type(exc).__name__})"  # aiokafka's errors name their class
     log.info("%s: %.0f events/s, batch p50 %.0f ms, max %.0f ms; %s", name, rate, p50, worst, lag)

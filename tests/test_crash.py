@@ -226,7 +226,7 @@ class Deployment:
 
 def deploy(kafka: str, clickhouse_http: str, tmp: Path, workers: int) -> Deployment:
     env = {"BK_KAFKA_BOOTSTRAP": kafka, "BK_CLICKHOUSE_URL": clickhouse_http, "BK_ADMIN_KEY": ADMIN_KEY,
-           "BK_KAFKA_TOPIC": f"events-{uuid.uuid4().hex[:8]}", "BK_SPOOL_DIR": str(tmp / "spool"), "BK_RATE_LIMIT_PER_MINUTE": "1000000"}
+           "BK_KAFKA_TOPIC": f"events-{uuid.uuid4().hex[:8]}", "BK_KAFKA_GROUP": f"group-{uuid.uuid4().hex[:8]}", "BK_SPOOL_DIR": str(tmp / "spool"), "BK_RATE_LIMIT_PER_MINUTE": "1000000"}
     api_port, ingest_port = free_port(), free_port()
     api, ingest = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{ingest_port}"
     procs = {"api": Proc([*CLI, "api", "--port", str(api_port)], tmp / "api.log", env, f"{api}{API}/openapi.json"),
@@ -236,7 +236,7 @@ def deploy(kafka: str, clickhouse_http: str, tmp: Path, workers: int) -> Deploym
                               env)
     for proc in procs.values():
         proc.start()
-    wait_until(lambda: stable_group_size(kafka, "besokskollen") == workers, 120, f"{workers} workers in the group",
+    wait_until(lambda: stable_group_size(kafka, env["BK_KAFKA_GROUP"]) == workers, 120, f"{workers} workers in the group",
                interval=0.5)
     return Deployment(api, ingest, env, procs)
 
@@ -385,7 +385,7 @@ def test_kill_9_of_workers_broker_and_ingest_loses_and_doubles_nothing(killable_
         got, want, took = settle(d.api, clickhouse_http, site, people, outcome, funnel, timeout=120)
         recovery = time.monotonic() - last_accepted
         from streams.monitor import describe, partition_lags
-        print(describe(asyncio.run(partition_lags(broker.bootstrap, d.env["BK_KAFKA_TOPIC"], "besokskollen"))))
+        print(describe(asyncio.run(partition_lags(broker.bootstrap, d.env["BK_KAFKA_TOPIC"], d.env["BK_KAFKA_GROUP"]))))
         print(f"\n{len(outcome)} events sent, {sum(1 for r in outcome.values() if r == '202')} accepted, "
               f"{sum(1 for r in outcome.values() if r != '202')} unclear; chaos: {log}; "
               f"exact {recovery:.1f} s after the last accepted event")
@@ -408,11 +408,12 @@ def test_survivors_take_over_when_workers_leave(kafka, clickhouse_http, tmp_path
             d.procs["w3"].kill()
 
         exact_despite(leave, d, clickhouse_http, "rebalance.example", seed=12)
-        wait_until(lambda: stable_group_size(kafka, "besokskollen") == 1, 30, "one worker left in the group")
+        wait_until(lambda: stable_group_size(kafka, d.env["BK_KAFKA_GROUP"]) == 1, 30, "one worker left in the group")
         status = subprocess.run([*CLI, "status"], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **d.env},
                                 timeout=60)
         assert status.returncode == 0, status.stderr
-        assert "lag 0 (0:0 1:0 2:0 3:0 4:0 5:0 6:0 7:0 8:0 9:0 10:0 11:0); caught up" in status.stdout, status.stdout
+        assert (f"group {d.env['BK_KAFKA_GROUP']}: lag 0 (0:0 1:0 2:0 3:0 4:0 5:0 6:0 7:0 8:0 9:0 10:0 11:0); caught up"
+                in status.stdout), status.stdout
     finally:
         d.stop()
 
