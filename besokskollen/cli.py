@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -44,22 +45,40 @@ def _address(args: argparse.Namespace, settings: Settings) -> tuple[str, int]:
     return args.host or settings.host or "127.0.0.1", args.port or settings.port or args.default_port
 
 
-def _serve(app, host: str, port: int) -> None:
+def _listen(command: str, host: str, port: int) -> socket.socket:
+    from besokskollen import health
+
+    try:
+        return health.listening_socket(host, port)
+    except OSError as exc:
+        print(f"besokskollen {command}: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _serve(app, sock: socket.socket) -> None:
+    """Serve on the socket `_listen` made (answered on while the server started)."""
     # proxy_headers off: X-Forwarded-For is honoured by our own code, and only from
     # BK_TRUSTED_PROXIES (uvicorn would otherwise replace the peer with it, hiding the proxy).
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, proxy_headers=False)
+    config = uvicorn.Config(app, log_level="info", access_log=False, proxy_headers=False)
+    host, port = sock.getsockname()[:2]
+    # uvicorn names no address for a socket it was given
+    logging.getLogger("uvicorn.error").info("listening on http://%s:%s (Ctrl+C to stop)",
+                                            f"[{host}]" if ":" in host else host, port)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def cmd_up(args: argparse.Namespace) -> None:
-    from besokskollen import demo
+    from besokskollen import demo, health
     from besokskollen.app import DEFAULT_ACCOUNT, make_handoff, open_services, server_app
     from streams.core import StreamCore
 
     settings = _settings(args)
     spool = _claim_spool("up", settings)
-    services = open_services(settings, wait=True)
-    core = StreamCore(services.client, settings.session_timeout_s) if settings.embedded else None
     host, port = _address(args, settings)
+    sock = _listen("up", host, port)
+    with health.answering_while_starting(sock):
+        services = open_services(settings, wait=True)
+    core = StreamCore(services.client, settings.session_timeout_s) if settings.embedded else None
     base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"  # an IPv6 address in brackets
     if args.demo:
         if core is None:
@@ -79,25 +98,32 @@ def cmd_up(args: argparse.Namespace) -> None:
         # it: the first start hands out a key instead.
         key = services.keys.create(DEFAULT_ACCOUNT)
         print(f"\nFirst start: created a user-level API key (shown only now): {key}\n")
-    _serve(server_app(services, make_handoff(services, core, spool)), host, port)
+    _serve(server_app(services, make_handoff(services, core, spool)), sock)
 
 
 def cmd_ingest(args: argparse.Namespace) -> None:
+    from besokskollen import health
     from besokskollen.app import ingest_server_app, make_handoff, open_services
 
     settings = _settings(args)
     if settings.embedded:
         raise SystemExit("`ingest` hands events to Kafka: set BK_KAFKA_BOOTSTRAP (or run `besokskollen up`)")
     spool = _claim_spool("ingest", settings)
-    services = open_services(settings, wait=True)
-    _serve(ingest_server_app(services, make_handoff(services, spool=spool)), *_address(args, settings))
+    sock = _listen("ingest", *_address(args, settings))
+    with health.answering_while_starting(sock):
+        services = open_services(settings, wait=True)
+    _serve(ingest_server_app(services, make_handoff(services, spool=spool)), sock)
 
 
 def cmd_api(args: argparse.Namespace) -> None:
+    from besokskollen import health
     from besokskollen.app import api_server_app, open_services
 
     settings = _settings(args)
-    _serve(api_server_app(open_services(settings, wait=True)), *_address(args, settings))
+    sock = _listen("api", *_address(args, settings))
+    with health.answering_while_starting(sock):
+        services = open_services(settings, wait=True)
+    _serve(api_server_app(services), sock)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:

@@ -1,11 +1,17 @@
 """`/healthz` (the process is alive) and `/readyz` (it can do its work: the store answers with the
 current schema and, for the processes that need one, a Kafka broker accepts connections) — 200
-or 503 with what failed."""
+or 503 with what failed. Also answered while a server starts (`answering_while_starting`)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import orjson
 
 from clickhouse_connect.driver.client import Client
 from starlette.requests import Request
@@ -16,6 +22,7 @@ from streams import migrations
 
 Check = Callable[[], Awaitable[bool]]
 _TIMEOUT_S = 2.0
+_STARTING_RETRY_S = "5"
 
 
 def store_check(client: Client) -> Check:
@@ -66,3 +73,73 @@ def routes(checks: dict[str, Check]) -> list[Route]:
         return JSONResponse(body, status_code=status)
 
     return [Route("/healthz", healthz, methods=["GET", "HEAD"]), Route("/readyz", readyz, methods=["GET", "HEAD"])]
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound and listening: answered on while it starts, then handed to it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+@contextlib.contextmanager
+def answering_while_starting(sock: socket.socket) -> Iterator[None]:
+    """Answer on the server's socket while it starts — waits for ClickHouse or Kafka, or replays
+    a migration, which can take minutes: `/healthz` 200 (the process is alive, so a liveness or
+    startup probe does not restart it mid-replay, nor into a crash-loop back-off that outlasts
+    the outage), `/readyz` and everything else 503 with Retry-After. The socket stays open: the
+    server takes it over, with any connection still waiting to be accepted."""
+    server = _StartingServer(sock)
+    thread = threading.Thread(target=server.serve_forever, name="answering-while-starting", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+
+
+class _StartingServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock.getsockname()[:2], _StartingHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+
+
+class _StartingHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self.path.split("?", 1)[0]
+        if path == "/healthz":
+            self._answer(200, {"status": "starting"})
+        elif path == "/readyz":
+            self._answer(503, {"status": "starting", "checks": {}})
+        else:
+            self._answer(503, {"error": {"code": "starting", "message": "the server is starting; retry later"}})
+
+    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
+
+    def _answer(self, status: int, body: dict) -> None:
+        payload = orjson.dumps(body)
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(payload)))
+        self.send_header("cache-control", "no-store")
+        if status == 503:
+            self.send_header("retry-after", _STARTING_RETRY_S)
+        self.send_header("connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+        self.close_connection = True
+
+    def log_message(self, format: str, *args) -> None:  # probes every few seconds: not worth a line each
+        pass

@@ -238,10 +238,13 @@ async def report_status(settings: Settings, client, name: str, stats: monitor.Ba
 
 
 def run(settings: Settings, host: str = "127.0.0.1", port: int = 8083, loglevel: str = "info") -> None:
-    app = create_app(settings, host, port)
-    # Faust exits at start when no broker answers ("Unable to bootstrap"): a worker (re)started
-    # during a broker outage waits for it here instead. Once running, it rides outages out.
-    asyncio.run(_until_broker_answers(settings))
+    sock = health.listening_socket(host, port)
+    with health.answering_while_starting(sock):
+        app = create_app(settings, host, port)
+        # Faust exits at start when no broker answers ("Unable to bootstrap"): a worker (re)started
+        # during a broker outage waits for it here instead. Once running, it rides outages out.
+        asyncio.run(_until_broker_answers(settings))
+    sock.close()  # Faust's web server binds the address itself
     faust.Worker(app, loglevel=loglevel).execute_from_commandline()
 
 

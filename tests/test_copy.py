@@ -27,7 +27,7 @@ def test_copy_moves_every_number_from_up_to_a_server(tmp_path):
     port = free_port()
     up = f"http://127.0.0.1:{port}"
     with process([*CLI, "up", "--data", str(data), "--port", str(port)], tmp_path / "up.log",
-                 env={"BK_ADMIN_KEY": ADMIN_KEY}, ready_url=f"{up}/healthz"):
+                 env={"BK_ADMIN_KEY": ADMIN_KEY}, ready_url=f"{up}/readyz"):
         site = httpx.post(f"{up}{API}/sites", json={"domain": "flytt.example"}, headers=AUTH).json()["data"]["id"]
         goal = {"site_id": site, "name": "Köp", "event_type": "event", "match_event": "purchase"}
         assert httpx.post(f"{up}{API}/goals", json=goal, headers=AUTH).status_code == 201
@@ -52,7 +52,7 @@ def test_copy_moves_every_number_from_up_to_a_server(tmp_path):
         api_port = free_port()
         api = f"http://127.0.0.1:{api_port}"
         with process([*CLI, "api", "--port", str(api_port)], tmp_path / "api.log",
-                     env={"BK_CLICKHOUSE_URL": front, "BK_ADMIN_KEY": ADMIN_KEY}, ready_url=f"{api}/healthz"):
+                     env={"BK_CLICKHOUSE_URL": front, "BK_ADMIN_KEY": ADMIN_KEY}, ready_url=f"{api}/readyz"):
             assert answers(api, site) == before
 
         again = subprocess.run([*CLI, "copy", "--data", str(data), "--to", front], capture_output=True, text=True,

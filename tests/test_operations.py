@@ -92,11 +92,30 @@ def moved(before: dict, after: dict, series: str) -> bool:
     return after.get(series, 0.0) > before.get(series, 0.0)
 
 
+def test_a_server_waiting_for_clickhouse_is_alive_and_serves_once_it_answers(tmp_path):
+    """A server started before ClickHouse waits for it (and may then replay a migration for
+    minutes). Its /healthz must answer meanwhile, or Kubernetes' startup and liveness probes restart
+    it — mid-replay, or into a crash-loop back-off that outlasts the outage."""
+    port, clickhouse_port = free_port(), free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {"BK_CLICKHOUSE_URL": f"http://127.0.0.1:{clickhouse_port}/?compress=false", "BK_ADMIN_KEY": ADMIN_KEY}
+    with process([*CLI, "api", "--port", str(port)], tmp_path / "api.log", env=env, ready_url=f"{base}/healthz"):
+        assert httpx.get(f"{base}/healthz").json() == {"status": "starting"}
+        for path in ("/readyz", f"{API}/sites"):
+            waiting = httpx.get(f"{base}{path}", headers=AUTH)
+            assert waiting.status_code == 503 and waiting.headers["retry-after"] == "5", (path, waiting.text)
+        with process([sys.executable, "-m", "tests.chfront", "--path", str(tmp_path / "ch"), "--port", str(clickhouse_port)],
+                     tmp_path / "chfront.log", ready_url=f"http://127.0.0.1:{clickhouse_port}/ping"):
+            wait_until(lambda: httpx.get(f"{base}/readyz").status_code == 200, 90, "the api ready once ClickHouse answers")
+            assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
+            assert httpx.get(f"{base}{API}/sites", headers=AUTH).status_code == 200
+
+
 def test_up_serves_health_and_metrics_that_move(tmp_path):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with process([*CLI, "up", "--data", str(tmp_path / "data"), "--port", str(port)], tmp_path / "up.log",
-                 env={"BK_ADMIN_KEY": ADMIN_KEY}, ready_url=f"{base}/healthz"):
+                 env={"BK_ADMIN_KEY": ADMIN_KEY}, ready_url=f"{base}/readyz"):
         assert httpx.get(f"{base}/readyz").json() == {"status": "ready", "checks": {"clickhouse": True}}
         before = scrape(base)
         site = httpx.post(f"{base}{API}/sites", json={"domain": "ops.example"}, headers=AUTH).json()["data"]["id"]
@@ -189,9 +208,9 @@ def test_two_api_processes_share_the_per_key_limit_through_redis(clickhouse_http
            "BK_RATE_LIMIT_PER_MINUTE": "100"}
     ports = [free_port(), free_port()]
     bases = [f"http://127.0.0.1:{port}" for port in ports]
-    with process([*CLI, "api", "--port", str(ports[0])], tmp_path / "api-1.log", env=env, ready_url=f"{bases[0]}/healthz"), \
+    with process([*CLI, "api", "--port", str(ports[0])], tmp_path / "api-1.log", env=env, ready_url=f"{bases[0]}/readyz"), \
             process([*CLI, "api", "--port", str(ports[1])], tmp_path / "api-2.log", env=env,
-                    ready_url=f"{bases[1]}/healthz"):
+                    ready_url=f"{bases[1]}/readyz"):
         key = subprocess.run([*CLI, "keys", "create", "--account", "ratelimit"], capture_output=True, text=True,
                              cwd=ROOT, env={**os.environ, **env}, check=True).stdout.strip().splitlines()[-1]
         headers = {"authorization": f"Bearer {key}"}
