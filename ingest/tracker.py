@@ -8,14 +8,17 @@ import gzip
 import hashlib
 from pathlib import Path
 
+import rjsmin
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-SOURCE = (Path(__file__).with_name("tracker.js")).read_bytes()
-GZIPPED = gzip.compress(SOURCE, compresslevel=9, mtime=0)
+# Comments and layout are for the people who read tracker.js, not for every page view: served
+# minified (rjsmin only drops them; no name is changed), which halves the gzipped size.
+SCRIPT = rjsmin.jsmin(Path(__file__).with_name("tracker.js").read_text(encoding="utf-8")).encode()
+GZIPPED = gzip.compress(SCRIPT, compresslevel=9, mtime=0)
 # A strong ETag names one representation: the gzipped bytes get one of their own.
-ETAG = '"' + hashlib.blake2b(SOURCE, digest_size=10).hexdigest() + '"'
+ETAG = '"' + hashlib.blake2b(SCRIPT, digest_size=10).hexdigest() + '"'
 GZIP_ETAG = ETAG[:-1] + '-gzip"'
 _HEADERS = {
     "cache-control": "public, max-age=86400, stale-while-revalidate=604800",
@@ -44,7 +47,7 @@ async def script(request: Request) -> Response:
         return Response(status_code=304, headers=headers)
     if zipped:
         return Response(GZIPPED, media_type=_MEDIA_TYPE, headers={**headers, "content-encoding": "gzip"})
-    return Response(SOURCE, media_type=_MEDIA_TYPE, headers=headers)
+    return Response(SCRIPT, media_type=_MEDIA_TYPE, headers=headers)
 
 
 ROUTES = [Route("/js/script.js", script, methods=["GET", "HEAD"])]

@@ -53,8 +53,8 @@ class _Pages(BaseHTTPRequestHandler):
 
 
 def test_the_script_is_small_cached_and_revalidates():
-    assert len(tracker.GZIPPED) < 2048
-    assert gzip.decompress(tracker.GZIPPED) == tracker.SOURCE
+    assert len(tracker.GZIPPED) < 2000  # "< 2 KB" read strictly
+    assert gzip.decompress(tracker.GZIPPED) == tracker.SCRIPT
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_script_headers(up):
     r = httpx.get(f"{up}/js/script.js", headers={"accept-encoding": "gzip"})
     assert r.status_code == 200
     assert r.headers["content-encoding"] == "gzip"
-    assert int(r.headers["content-length"]) < 2048
+    assert int(r.headers["content-length"]) < 2000
     assert r.headers["content-type"].startswith("application/javascript")
     assert "max-age=86400" in r.headers["cache-control"] and r.headers["etag"]
     again = httpx.get(f"{up}/js/script.js", headers={"if-none-match": r.headers["etag"]})
