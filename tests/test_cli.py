@@ -182,6 +182,20 @@ def test_a_second_server_on_one_spool_directory_stops_with_one_line(clickhouse_h
         assert first.poll() is None and _answers(f"http://127.0.0.1:{port}/api/v1/openapi.json")
 
 
+def test_a_server_whose_port_is_taken_stops_with_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([*CLI, "up", "--data", str(tmp_path / "data"), "--port", str(port)],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"besokskollen up: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("variable, value", [("BK_SESSION_TIMEOUT_S", "abc"), ("BK_SESSION_TIMEOUT_S", "-5"),
                                              ("BK_TRUSTED_PROXIES", "garbage"), ("BK_CLICKHOUSE_URL", "chdb://relative"),
                                              ("BK_CLICKHOUSE_URL", "http://127.0.0.1:abc/"), ("BK_PORT", "70000"),
