@@ -319,8 +319,16 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (4, "revocable API keys", ["ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS revoked UInt8 DEFAULT 0"]),
     (5, "worker status reports", [_WORKER_STATUS]),
     # Country rows were written at session starts only; now for every event (streams/activity.py).
+    # Releases 1a1fa3d–9bccdc2 shipped another 6, "event-id bloom filter" (SUPERSEDED): the ledger
+    # names each migration, and a database with only that 6 gets this one too.
     (6, "countries by the period's events", []),
+    # That other 6's index, unused since retries are looked up in a 6-h window (streams/events.py).
+    (7, "no event-id bloom filter", ["ALTER TABLE events DROP INDEX IF EXISTS event_id_bloom"]),
 ]
+
+# Ledger entries of migrations that shipped under a number now given to another: a database that
+# recorded one of these has not applied the migration its number stands for now.
+SUPERSEDED = {(6, "event-id bloom filter")}
 
 # Tables holding a site's data: deleting a site deletes its rows from each.
 SITE_DATA_TABLES = ("events", "sessions", "activity", "rollup_15m", "rollup_1d", "goals", "funnels")
@@ -435,8 +443,10 @@ def applied_versions(client: Client, cluster: Cluster | None = None) -> set[int]
 
 
 def recorded_versions(client: Client) -> set[int]:
-    """The migrations recorded as applied, read only (readiness probes ask this every few seconds)."""
-    return {row[0] for row in client.query("SELECT DISTINCT version FROM schema_migrations").result_rows}
+    """The migrations recorded as applied, read only (readiness probes ask this every few seconds).
+    A version recorded only under a SUPERSEDED name is not applied."""
+    rows = client.query("SELECT DISTINCT version, name FROM schema_migrations").result_rows
+    return {version for version, name in rows if (version, name) not in SUPERSEDED}
 
 
 def migrate(client: Client, cluster: Cluster | None = None, unrecorded: set[int] = frozenset()) -> list[int]:

@@ -58,7 +58,7 @@ def test_up_demo_prints_curl_lines_that_answer(tmp_path):
 def test_migrate_is_idempotent_and_keys_create_prints_working_keys(tmp_path):
     data = str(tmp_path / "data")
     first, second = run("migrate", "--data", data), run("migrate", "--data", data)
-    assert first.returncode == 0 and "applied migrations: [1, 2, 3, 4, 5, 6]" in first.stdout, first.stderr
+    assert first.returncode == 0 and "applied migrations: [1, 2, 3, 4, 5, 6, 7]" in first.stdout, first.stderr
     assert second.returncode == 0 and "schema is up to date" in second.stdout, second.stderr
 
     created = run("keys", "create", "--account", "acme", "--data", data)
@@ -122,6 +122,33 @@ def test_an_upgrade_killed_mid_replay_replays_at_the_next_start(tmp_path):
             "'SELECT count() FROM sessions FINAL').result_rows[0][0])"
     sessions = subprocess.run([sys.executable, "-c", check, url], capture_output=True, text=True, timeout=120)
     assert sessions.stdout.strip() == "3", sessions.stderr  # three visitors' sessions rebuilt
+
+
+_AT_1A1FA3D = _AT_SCHEMA_5 + """
+# Releases 1a1fa3d-9bccdc2 recorded a 6 of their own (an event-id bloom filter), never a 7.
+client.command("ALTER TABLE schema_migrations DELETE WHERE version = 7", settings={"mutations_sync": 2})
+client.insert("schema_migrations", [[6, "event-id bloom filter"]], column_names=["version", "name"])
+client.command("ALTER TABLE events ADD INDEX IF NOT EXISTS event_id_bloom event_id TYPE bloom_filter(0.01) GRANULARITY 1")
+"""
+
+
+def test_a_database_whose_migration_6_was_the_bloom_filter_gets_the_countries_replay(tmp_path):
+    """Releases 1a1fa3d-9bccdc2 shipped migration 6 as "event-id bloom filter"; the number was
+    given to "countries by the period's events" later. Their databases had 6 recorded, so an
+    upgrade skipped the replay and stats/countries answered [] for the stored events."""
+    url = f"chdb://{tmp_path / 'ch'}"
+    seeded = subprocess.run([sys.executable, "-c", _AT_1A1FA3D, url], capture_output=True, text=True, timeout=120)
+    assert seeded.returncode == 0, seeded.stderr
+    env = {**os.environ, "BK_CLICKHOUSE_URL": url}
+    first = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
+    assert first.returncode == 0 and "applied migrations: [6, 7]" in first.stdout, first.stdout + first.stderr
+    second = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
+    assert second.returncode == 0 and "schema is up to date" in second.stdout, second.stdout + second.stderr
+    check = ("import sys; from streams import storage; c = storage.connect(sys.argv[1]); print("
+             "c.query('SELECT count() FROM sessions FINAL').result_rows[0][0], "
+             "c.query(\"SELECT count() FROM system.data_skipping_indices WHERE table = 'events'\").result_rows[0][0])")
+    out = subprocess.run([sys.executable, "-c", check, url], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["3", "0"], out.stdout + out.stderr  # rebuilt; the unused index dropped
 
 
 def test_first_start_hands_out_a_key(tmp_path):
