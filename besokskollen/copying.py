@@ -24,10 +24,12 @@ def copy(source: Client, target: Client, session_timeout_s: int, raw_events_ttl_
     replay.upgrade(target, session_timeout_s, raw_events_ttl_days, cluster)
     if target.query("SELECT count() FROM events").result_rows[0][0]:
         raise CopyRefused("the target already holds events; copy into an empty deployment")
-    tables = [row[0] for row in source.query(
-        "SELECT name FROM system.tables WHERE database = currentDatabase() AND engine LIKE '%MergeTree'"
-        " ORDER BY name").result_rows if row[0] not in _SKIP and not row[0].endswith("_local")]
-    counts = {t: source.query(f"SELECT count() FROM {t}").result_rows[0][0] for t in tables}
+    engines = {name: engine for name, engine in source.query(
+        "SELECT name, engine FROM system.tables WHERE database = currentDatabase() AND engine LIKE '%MergeTree'"
+        " ORDER BY name").result_rows if name not in _SKIP and not name.endswith("_local")}
+    tables = list(engines)
+    counts = {t: source.query(f"SELECT count() FROM {t}{' FINAL' if 'Replacing' in engines[t] else ''}").result_rows[0][0]
+              for t in tables}
     copied: dict[str, int] = {}
     columns = TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
     with Progress(*columns) as progress:
@@ -37,7 +39,11 @@ def copy(source: Client, target: Client, session_timeout_s: int, raw_events_ttl_
                 "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {t:String}"
                 " ORDER BY position", parameters={"t": table}).result_rows]
             copied[table] = 0
-            with source.query_row_block_stream(f"SELECT {', '.join(names)} FROM {table}") as blocks:
+            # A ReplacingMergeTree goes as its reads see it (FINAL): of rows with one key and no
+            # version (a revoked key, a redelivered event) the last inserted wins, and the source's
+            # parts are read in no set order — unmerged, a revocation could land before its key.
+            final = " FINAL" if "Replacing" in engines[table] else ""
+            with source.query_row_block_stream(f"SELECT {', '.join(names)} FROM {table}{final}") as blocks:
                 for block in blocks:
                     target.insert(table, block, column_names=names)
                     copied[table] += len(block)

@@ -4,8 +4,11 @@ API over the server answers exactly what `up` answered."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
@@ -58,3 +61,47 @@ def test_copy_moves_every_number_from_up_to_a_server(tmp_path):
         again = subprocess.run([*CLI, "copy", "--data", str(data), "--to", front], capture_output=True, text=True,
                                cwd=ROOT, timeout=300)
         assert again.returncode != 0 and "already holds events" in again.stderr
+
+
+@contextmanager
+def _front(tmp_path: Path, name: str = "server"):
+    ready = tmp_path / f"{name}.ready"
+    with process([sys.executable, "-m", "tests.chfront", "--path", str(tmp_path / name), "--port", "0",
+                  "--ready-file", str(ready)], tmp_path / f"{name}.log"):
+        yield f"http://127.0.0.1:{wait_until(lambda: ready.exists() and ready.read_text().strip(), 30, 'front')}/?compress=false"
+
+
+# Creates keys and revokes every other one, each in an insert of its own, as `keys create` and
+# `keys revoke` do: a revocation is a newer row of the same key (ReplacingMergeTree without a
+# version), so it wins only while it stays *after* the key's first row.
+_KEYS = """
+import json, sys
+from besokskollen.app import open_services
+from besokskollen.config import Settings
+keys = open_services(Settings(clickhouse_url="chdb://" + sys.argv[1], kafka_bootstrap=None)).keys
+made = [keys.create("default") for _ in range(12)]
+for key in made[::2]:
+    assert keys.revoke(key)
+print(json.dumps(made))
+"""
+
+
+def test_copy_keeps_revoked_keys_revoked(tmp_path):
+    """Found by the audit: the rows went in the order the source's parts were read, so a key's
+    revocation could land before the key and the key worked again on the server."""
+    import json
+
+    from query_api.keys import KeyStore
+    from streams import storage
+
+    data = tmp_path / "data"
+    made = subprocess.run([sys.executable, "-c", _KEYS, str(data)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert made.returncode == 0, made.stderr
+    keys = json.loads(made.stdout.strip().splitlines()[-1])
+    with _front(tmp_path) as front:
+        copied = subprocess.run([*CLI, "copy", "--data", str(data), "--to", front], capture_output=True, text=True,
+                                cwd=ROOT, timeout=300)
+        assert copied.returncode == 0, copied.stderr
+        target = KeyStore(storage.connect(front))
+        assert [target.lookup(key) is not None for key in keys] == [n % 2 == 1 for n in range(len(keys))]
