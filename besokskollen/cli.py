@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import socket
 import sys
 from pathlib import Path
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 import uvicorn
 from pydantic import ValidationError
@@ -205,7 +207,7 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_copy(args: argparse.Namespace) -> None:
-    from clickhouse_connect.driver.exceptions import OperationalError
+    from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
     from besokskollen import copying
     from streams import storage
@@ -218,14 +220,30 @@ def cmd_copy(args: argparse.Namespace) -> None:
             raise SystemExit(2)
         _journal_written("copy", settings)
     source = storage.connect(settings.clickhouse_url)
+    say = lambda line: print(f"besokskollen copy: {line}", file=sys.stderr)  # noqa: E731
     try:
         target = storage.connect(args.to)
     except OperationalError as exc:
         _unreachable("copy", args.to, exc)
+    except DatabaseError as exc:  # a database that does not exist, a wrong password, no ClickHouse at all
+        say(f"the target at {storage.server(args.to)} answered: {_clickhouse_message(exc)}")
+        raise SystemExit(2) from None
     try:
-        copied = copying.copy(source, target, settings.session_timeout_s, settings.raw_events_ttl_days, args.cluster)
+        copied = copying.copy(source, target, settings.session_timeout_s, settings.raw_events_ttl_days, args.cluster,
+                              say=say)
     except copying.CopyRefused as exc:
         raise SystemExit(f"besokskollen copy: {exc}") from None
+    except (OperationalError, DatabaseError, copying.CopyStopped) as stopped:
+        # One line, not clickhouse-connect's traceback: which server, what it said, what next.
+        exc = stopped.__cause__ if isinstance(stopped, copying.CopyStopped) else stopped
+        at_target = storage.server(args.to) in str(exc) or (isinstance(exc, OperationalError)
+                                                              and settings.clickhouse_url.startswith("chdb://"))
+        where = f"the target at {storage.server(args.to)}" if at_target else "the source"
+        what = storage.reason(exc) if isinstance(exc, OperationalError) else _clickhouse_message(exc)
+        say(f"stopped: {where} {'does not answer' if isinstance(exc, OperationalError) else 'answered'}: {what}"
+            + ("; the target holds part of the rows: once that is fixed, run the same command again (it empties"
+               " what this run copied and starts over)" if isinstance(stopped, copying.CopyStopped) else ""))
+        raise SystemExit(2) from None
     print(", ".join(f"{table}: {rows:,}" for table, rows in copied.items()))
 
 
@@ -289,7 +307,7 @@ def parser() -> argparse.ArgumentParser:
 
     copy = with_data(commands.add_parser(
         "copy", help="copy every table into another ClickHouse (moving from `up` to a server or cluster)"))
-    copy.add_argument("--to", required=True, help="target ClickHouse URL (http(s)://user:pass@host:8123/db)")
+    copy.add_argument("--to", required=True, type=_clickhouse_url, help="target ClickHouse URL (http(s)://user:pass@host:8123/db)")
     copy.add_argument("--cluster", help="the target's cluster name, if it is one (BK_CLICKHOUSE_CLUSTER there)")
     copy.set_defaults(func=cmd_copy)
 
@@ -362,6 +380,25 @@ def _spool_pending(settings: Settings) -> int:
         return spool.pending_records
     finally:
         spool.close()
+
+
+def _clickhouse_message(exc: Exception) -> str:
+    """What ClickHouse (or whatever answered) said, without clickhouse-connect's wrapping:
+    "Database nodb does not exist. (UNKNOWN_DATABASE)"."""
+    text = str(exc).strip()
+    text = re.sub(r"^Received ClickHouse exception, code: \d+, server response: (Code: \d+\. DB::Exception: )?", "", text)
+    text = re.sub(r"^HTTP driver received HTTP status (\d+), server response: ", r"HTTP \1: ", text)
+    text = re.sub(r"\s*\((version [^)]*|for url [^)]*)\)", "", text)
+    return " ".join(text.split())[:300]
+
+
+def _clickhouse_url(text: str) -> str:
+    """`copy --to`: a ClickHouse server's HTTP URL (clickhouse-connect would take "host:8123" as
+    localhost, and a chdb:// path cannot open next to the source in one process)."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a ClickHouse server URL (http(s)://user:pass@host:8123/db)")
+    return text
 
 
 def _unreachable(command: str, url: str, exc: Exception) -> NoReturn:

@@ -2,50 +2,89 @@
 data folder moves to the distributed topology's ClickHouse server (or cluster) with nothing lost
 and nothing recomputed. The target gets the schema first (its own mode: cluster or not), then the
 rows table by table in blocks, with a progress bar. A target that already holds events is refused:
-a second copy would double the tables that are not keyed (salts)."""
+a second copy would double the tables that are not keyed (salts).
+
+While rows go, the target holds a marker table (`copy_unfinished`), dropped once every table is
+there: a copy that was killed or failed midway is known as such, and the next run empties what
+it left and starts over instead of refusing a target that "already holds events"."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from streams import replay
+from streams import migrations, replay
+
+MARKER = "copy_unfinished"
 
 # Written by the stream core from the others, or per process: not copied.
-_SKIP = {"schema_migrations", "worker_status"}
+_SKIP = {"schema_migrations", "worker_status", MARKER}
 
 
 class CopyRefused(Exception):
     pass
 
 
+class CopyStopped(Exception):
+    """The copy failed (its cause: the target or the source stopped answering, or refused a
+    statement) after rows started to go: the target holds the marker, a new run starts over."""
+
+
+def unfinished(client: Client) -> bool:
+    """Whether a copy into this ClickHouse started and did not finish."""
+    return bool(client.query("SELECT count() FROM system.tables WHERE database = currentDatabase()"
+                             " AND name = {t:String}", parameters={"t": MARKER}).result_rows[0][0])
+
+
 def copy(source: Client, target: Client, session_timeout_s: int, raw_events_ttl_days: int,
-         cluster: str | None = None) -> dict[str, int]:
-    replay.upgrade(target, session_timeout_s, raw_events_ttl_days, cluster)
-    if target.query("SELECT count() FROM events").result_rows[0][0]:
-        raise CopyRefused("the target already holds events; copy into an empty deployment")
+         cluster: str | None = None, say=lambda line: None) -> dict[str, int]:
+    if unfinished(source):
+        raise CopyRefused("the source itself holds a copy that did not finish; finish that copy first")
     engines = {name: engine for name, engine in source.query(
         "SELECT name, engine FROM system.tables WHERE database = currentDatabase() AND engine LIKE '%MergeTree'"
         " ORDER BY name").result_rows if name not in _SKIP and not name.endswith("_local")}
     tables = list(engines)
-    counts = {t: source.query(f"SELECT count() FROM {t}{' FINAL' if 'Replacing' in engines[t] else ''}").result_rows[0][0]
-              for t in tables}
+    replay.upgrade(target, session_timeout_s, raw_events_ttl_days, cluster)
+    on = migrations.Cluster(cluster) if cluster else None
+    if unfinished(target):
+        say("the last copy into this target did not finish: emptying what it copied and starting over")
+        for table in tables:
+            migrations.truncate(target, table, on)
+    elif target.query("SELECT count() FROM events").result_rows[0][0]:
+        raise CopyRefused("the target already holds events (another deployment's, or a finished copy's);"
+                          " copy into an empty deployment")
+    migrations.run_ddl(target, f"CREATE TABLE IF NOT EXISTS {MARKER} (started DateTime) ENGINE = MergeTree"
+                               " ORDER BY tuple()", on)
+    # A ReplacingMergeTree goes as its reads see it (FINAL): of rows with one key and no version
+    # (a revoked key, a redelivered event) the last inserted wins, and the source's parts are read
+    # in no set order — unmerged, a revocation could land before its key.
+    final = {t: " FINAL" if "Replacing" in engines[t] else "" for t in tables}
+    counts = {t: source.query(f"SELECT count() FROM {t}{final[t]}").result_rows[0][0] for t in tables}
     copied: dict[str, int] = {}
     columns = TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
-    with Progress(*columns) as progress:
+    with Progress(*columns) as progress, _stopped():
         for table in tables:
             task = progress.add_task(table, total=counts[table])
             names = [row[0] for row in source.query(
                 "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {t:String}"
                 " ORDER BY position", parameters={"t": table}).result_rows]
             copied[table] = 0
-            # A ReplacingMergeTree goes as its reads see it (FINAL): of rows with one key and no
-            # version (a revoked key, a redelivered event) the last inserted wins, and the source's
-            # parts are read in no set order — unmerged, a revocation could land before its key.
-            final = " FINAL" if "Replacing" in engines[table] else ""
-            with source.query_row_block_stream(f"SELECT {', '.join(names)} FROM {table}{final}") as blocks:
+            with source.query_row_block_stream(f"SELECT {', '.join(names)} FROM {table}{final[table]}") as blocks:
                 for block in blocks:
                     target.insert(table, block, column_names=names)
                     copied[table] += len(block)
                     progress.advance(task, len(block))
+    migrations.run_ddl(target, f"DROP TABLE IF EXISTS {MARKER}", on)
     return copied
+
+
+@contextmanager
+def _stopped() -> Iterator[None]:
+    try:
+        yield
+    except (OperationalError, DatabaseError) as exc:
+        raise CopyStopped(str(exc)) from exc

@@ -392,6 +392,17 @@ def _runner(client: Client, cluster: Cluster | None, settings: dict | None = Non
     return run
 
 
+def run_ddl(client: Client, statement: str, cluster: Cluster | None = None) -> None:
+    """One `CREATE`/`ALTER`/`DROP TABLE` of the forms above, on a single server or the cluster."""
+    _runner(client, cluster)(statement)
+
+
+def truncate(client: Client, table: str, cluster: Cluster | None = None) -> None:
+    """Empty a table (on a cluster, its shards' local tables)."""
+    client.command(f"TRUNCATE TABLE IF EXISTS {table}_local ON CLUSTER {cluster.name} SYNC" if cluster
+                   else f"TRUNCATE TABLE IF EXISTS {table}")
+
+
 def cluster_of(client: Client) -> Cluster | None:
     """The cluster the schema was made for: `events` is then a Distributed table naming it."""
     rows = client.query("SELECT engine_full FROM system.tables WHERE database = currentDatabase()"

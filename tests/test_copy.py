@@ -4,6 +4,7 @@ API over the server answers exactly what `up` answered."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,26 +83,72 @@ keys = open_services(Settings(clickhouse_url="chdb://" + sys.argv[1], kafka_boot
 made = [keys.create("default") for _ in range(12)]
 for key in made[::2]:
     assert keys.revoke(key)
+client = keys._client
+client.command("INSERT INTO salts VALUES (today(), 'ab12', now64(6))")  # the one table without a key
+client.command("INSERT INTO events (event_id, site_id, timestamp, name) SELECT generateUUIDv4(number), 's',"
+               " now64(3) - number, 'pageview' FROM numbers(5000)")
 print(json.dumps(made))
 """
+
+
+def _folder(tmp_path: Path) -> tuple[Path, list[str]]:
+    data = tmp_path / "data"
+    made = subprocess.run([sys.executable, "-c", _KEYS, str(data)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert made.returncode == 0, made.stderr
+    return data, json.loads(made.stdout.strip().splitlines()[-1])
+
+
+def _copy(data: Path, to: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "copy", "--data", str(data), "--to", to], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
 
 
 def test_copy_keeps_revoked_keys_revoked(tmp_path):
     """Found by the audit: the rows went in the order the source's parts were read, so a key's
     revocation could land before the key and the key worked again on the server."""
-    import json
-
     from query_api.keys import KeyStore
     from streams import storage
 
-    data = tmp_path / "data"
-    made = subprocess.run([sys.executable, "-c", _KEYS, str(data)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert made.returncode == 0, made.stderr
-    keys = json.loads(made.stdout.strip().splitlines()[-1])
+    data, keys = _folder(tmp_path)
     with _front(tmp_path) as front:
-        copied = subprocess.run([*CLI, "copy", "--data", str(data), "--to", front], capture_output=True, text=True,
-                                cwd=ROOT, timeout=300)
+        copied = _copy(data, front)
         assert copied.returncode == 0, copied.stderr
         target = KeyStore(storage.connect(front))
         assert [target.lookup(key) is not None for key in keys] == [n % 2 == 1 for n in range(len(keys))]
+
+
+def test_a_copy_that_did_not_finish_is_started_over(tmp_path):
+    """A copy killed midway (kill -9, the target gone, Ctrl-C) leaves its marker table on the
+    target: the next run empties what it left and copies again, rather than refusing a target that
+    "already holds events" with nothing to do about it. Without the marker, a second copy is
+    still refused."""
+    from streams import storage
+
+    data, _ = _folder(tmp_path)
+    with _front(tmp_path) as front:
+        assert _copy(data, front).returncode == 0
+        target = storage.connect(front)
+        count = lambda table: target.query(f"SELECT count() FROM {table}").result_rows[0][0]  # noqa: E731
+        whole = {table: count(table) for table in ("events", "salts", "api_keys")}
+        assert whole["events"] == 5000 and whole["salts"] == 1
+        # As a run killed after the marker and some rows leaves the target:
+        target.command("CREATE TABLE copy_unfinished (started DateTime) ENGINE = MergeTree ORDER BY tuple()")
+        target.command("ALTER TABLE events DELETE WHERE timestamp < now64(3) - 1000 SETTINGS mutations_sync = 2")
+        again = _copy(data, front)
+        assert again.returncode == 0, again.stderr
+        assert "did not finish" in again.stderr and "starting over" in again.stderr
+        assert {table: count(table) for table in whole} == whole  # nothing doubled (salts have no key)
+        refused = _copy(data, front)
+        assert refused.returncode != 0 and "already holds events" in refused.stderr
+
+
+def test_a_wrong_target_is_one_line_exit_2(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    bad = _copy(data, "127.0.0.1:8123")  # clickhouse-connect took this for localhost, and said "://None:8123"
+    assert bad.returncode == 2 and "is not a ClickHouse server URL" in bad.stderr
+    with _front(tmp_path) as front:
+        missing = _copy(data, front.replace("/?", "/nodb?"))
+    lines = missing.stderr.strip().splitlines()
+    assert missing.returncode == 2 and len(lines) == 1 and "Database nodb does not exist" in lines[0], missing.stderr
