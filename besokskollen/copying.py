@@ -44,6 +44,11 @@ def copy(source: Client, target: Client, session_timeout_s: int, raw_events_ttl_
          cluster: str | None = None, say=lambda line: None) -> dict[str, int]:
     if unfinished(source):
         raise CopyRefused("the source itself holds a copy that did not finish; finish that copy first")
+    # The source as this release reads it, as `up` would make it at its next start: a folder last
+    # run by an older release gets its migrations, and the derived tables a migration asks to be
+    # rebuilt are replayed here — the target, migrated while empty, would never replay them.
+    on_source = migrations.cluster_of(source)
+    replay.upgrade(source, session_timeout_s, raw_events_ttl_days, on_source.name if on_source else None)
     engines = {name: engine for name, engine in source.query(
         "SELECT name, engine FROM system.tables WHERE database = currentDatabase() AND engine LIKE '%MergeTree'"
         " ORDER BY name").result_rows if name not in _SKIP and not name.endswith("_local")}
