@@ -357,10 +357,14 @@ def _claim_spool(command: str, settings: Settings) -> Spool:
 def _journal_written(command: str, settings: Settings) -> None:
     """An embedded data folder is complete only once `up`'s journal is empty (after a kill -9 it
     may hold events answered 202 that the next start writes)."""
+    folder = settings.clickhouse_url.removeprefix("chdb://")
     try:
         pending = _spool_pending(settings)
     except SpoolLocked:
-        raise SystemExit(f"besokskollen {command}: the data folder is in use; stop `up` first") from None
+        # As the engine's own lock is reported (main): one line naming the folder, exit 2.
+        print(f"besokskollen {command}: the data folder {folder} is in use by another process (stop `up` first)",
+              file=sys.stderr)
+        raise SystemExit(2) from None
     if pending:
         raise SystemExit(f"besokskollen {command}: {settings.spool_path} holds {pending:,} event{'s' * (pending != 1)} not written yet;"
                          " start and stop `up` on this data folder once to write them")

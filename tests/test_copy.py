@@ -201,3 +201,12 @@ def test_a_folder_of_an_older_release_is_upgraded_before_it_is_copied(tmp_path):
         pageviews = target.query("SELECT sum(pageviews) FROM rollup_1d FINAL WHERE kind = 'total'").result_rows[0][0]
         sessions = target.query("SELECT count() FROM sessions FINAL").result_rows[0][0]
     assert pageviews == 40 and sessions > 0
+
+
+def test_a_folder_in_use_is_refused_in_one_line_exit_2(tmp_path):
+    data, port = tmp_path / "data", free_port()
+    with process([*CLI, "up", "--data", str(data), "--port", str(port)], tmp_path / "up.log",
+                 env={"BK_ADMIN_KEY": ADMIN_KEY}, ready_url=f"http://127.0.0.1:{port}/readyz"):
+        copied = _copy(data, "http://127.0.0.1:1/")
+    assert copied.returncode == 2 and copied.stderr.strip().splitlines() == [
+        f"besokskollen copy: the data folder {data} is in use by another process (stop `up` first)"]
