@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -44,7 +45,16 @@ def _address(args: argparse.Namespace, settings: Settings) -> tuple[str, int]:
     return args.host or settings.host or "127.0.0.1", args.port or settings.port or args.default_port
 
 
+def _stopped(signum, frame) -> NoReturn:
+    raise SystemExit(0)
+
+
 def _serve(app, host: str, port: int) -> None:
+    # uvicorn takes SIGTERM, shuts down gracefully (the lifespan drains the journal) and then
+    # raises the signal again under the handler that was in place before it started. With the
+    # default one the process died of that signal — exit status 143 after a complete, clean stop,
+    # which systemd, Docker and Kubernetes report as a failure. A stop that was carried out exits 0.
+    signal.signal(signal.SIGTERM, _stopped)
     # proxy_headers off: X-Forwarded-For is honoured by our own code, and only from
     # BK_TRUSTED_PROXIES (uvicorn would otherwise replace the peer with it, hiding the proxy).
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, proxy_headers=False)
