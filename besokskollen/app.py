@@ -88,7 +88,7 @@ def _lifespan(handoff: Handoff):
         try:
             yield
         finally:
-            await handoff.stop()  # drains: events answered 202 are written before exit
+            await handoff.stop()  # drains: events answered 202 are written (or stay journaled) before exit
 
     return lifespan
 

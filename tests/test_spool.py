@@ -324,6 +324,30 @@ async def test_a_journal_cursor_that_cannot_be_saved_does_not_stop_the_stream_co
         await asyncio.wait_for(runner.stop(), 10)  # stop drains first
 
 
+async def test_a_stop_while_clickhouse_takes_no_writes_ends_and_keeps_the_events_journaled(tmp_path):
+    """A stop drains what was answered 202; when ClickHouse takes no writes at all, it waited for
+    ever (SIGTERM never ended `up`). It now ends after its bound, the events still journaled for
+    the next start."""
+    class Core:
+        def process(self, batch: list[Event]) -> None:
+            raise ConnectionError("ClickHouse does not answer")
+
+    at = datetime.now(timezone.utc)
+    events = [Event(event_id=str(uuid.uuid4()), site_id="s", timestamp=at, name="pageview", visitor_id=n, pathname="/")
+              for n in range(3)]
+    runner = EmbeddedRunner(Core(), Spool(tmp_path, 1 << 20), stop_drain_s=0.5)
+    await runner.start()
+    for event in events:
+        await runner.submit(event)
+    await asyncio.wait_for(runner.stop(), 10)
+    left = Spool(tmp_path, 1 << 20)
+    left.open()
+    try:
+        assert [e.event_id for e in Event.decode_all([v for _, v in left.read(10)[0]])] == [e.event_id for e in events]
+    finally:
+        left.close()
+
+
 def test_up_killed_with_events_not_yet_written_loses_none(clickhouse_http, tmp_path):
     """`up` SIGKILLed right after answering 202 to events its stream core had not written yet:
     restarted, it writes them, and every answer is exact."""
