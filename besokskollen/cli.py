@@ -97,26 +97,27 @@ def cmd_up(args: argparse.Namespace) -> None:
     sock = _listen("up", host, port)
     with health.answering_while_starting(sock):
         services = open_services(settings, wait=True)
-    core = StreamCore(services.client, settings.session_timeout_s) if settings.embedded else None
-    base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"  # an IPv6 address in brackets
-    if args.demo:
-        if core is None:
-            raise SystemExit("--demo seeds through the embedded stream core; unset BK_KAFKA_BOOTSTRAP")
-        site = demo.seed(services, core)
-        key = settings.admin_key or services.keys.create(DEFAULT_ACCOUNT)
-        print(f"\nDemo site {site.site_id!r} is ready. API key (user level): {key}\n")
-        for path in (f"popular/products?site_id={site.site_id}&days=7&limit=5",
-                     f"stats/overview?site_id={site.site_id}&period=30d",
-                     "sites"):
-            print(f'curl -H "Authorization: Bearer {key}" "{base}/api/v1/{path}"')
-        event = f'{{"site_id": "{site.site_id}", "name": "pageview", "url": "https://{site.domain}/"}}'
-        print(f"curl -X POST -H 'Content-Type: application/json' -H 'User-Agent: {_BROWSER}' -d '{event}' {base}/api/event")
-        print()
-    elif not settings.admin_key and not services.keys.any_exist():
-        # While `up` runs, the engine locks the data folder, so `keys create` cannot run beside
-        # it: the first start hands out a key instead.
-        key = services.keys.create(DEFAULT_ACCOUNT)
-        print(f"\nFirst start: created a user-level API key (shown only now): {key}\n")
+        # The demo seeding takes a while too: answered meanwhile, as while waiting.
+        core = StreamCore(services.client, settings.session_timeout_s) if settings.embedded else None
+        base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"  # an IPv6 address in brackets
+        if args.demo:
+            if core is None:
+                raise SystemExit("--demo seeds through the embedded stream core; unset BK_KAFKA_BOOTSTRAP")
+            site = demo.seed(services, core)
+            key = settings.admin_key or services.keys.create(DEFAULT_ACCOUNT)
+            print(f"\nDemo site {site.site_id!r} is ready. API key (user level): {key}\n")
+            for path in (f"popular/products?site_id={site.site_id}&days=7&limit=5",
+                         f"stats/overview?site_id={site.site_id}&period=30d",
+                         "sites"):
+                print(f'curl -H "Authorization: Bearer {key}" "{base}/api/v1/{path}"')
+            event = f'{{"site_id": "{site.site_id}", "name": "pageview", "url": "https://{site.domain}/"}}'
+            print(f"curl -X POST -H 'Content-Type: application/json' -H 'User-Agent: {_BROWSER}' -d '{event}' {base}/api/event")
+            print()
+        elif not settings.admin_key and not services.keys.any_exist():
+            # While `up` runs, the engine locks the data folder, so `keys create` cannot run beside
+            # it: the first start hands out a key instead.
+            key = services.keys.create(DEFAULT_ACCOUNT)
+            print(f"\nFirst start: created a user-level API key (shown only now): {key}\n")
     _serve(server_app(services, make_handoff(services, core, spool)), sock)
 
 
