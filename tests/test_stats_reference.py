@@ -298,9 +298,11 @@ def test_distributed_answers_equal_the_reference_and_the_embedded_topology(sampl
         distributed_answers = asyncio.run(_load_and_compare(ingest, api, sites, lines, corrections, ref))
         assert stable_group_size(kafka, "besokskollen") == 2
 
-    # Trending answers are for the quarter hour they were asked in: compare those asked in the same.
-    same_window = {k for k, v in distributed_answers.items() if "trending" in k
-                   and v["meta"]["recent_period"] != embedded_answers[k]["meta"]["recent_period"]}
-    assert {k: v for k, v in distributed_answers.items() if k not in same_window} == \
-        {k: v for k, v in embedded_answers.items() if k not in same_window}
-    assert len(same_window) < len([k for k in distributed_answers if "trending" in k])
+    # Trending answers are for the quarter hour they were asked in: those asked in different ones
+    # are left out here. Every one of them, in both topologies, already equalled the reference for
+    # its own quarter hour (`compare_goals_funnels_affiliate`); when the two runs straddle a quarter
+    # hour's start, none is left to compare directly (that was asserted, and failed on the clock).
+    other_window = {k for k, v in distributed_answers.items() if "trending" in k
+                    and v["meta"]["recent_period"] != embedded_answers[k]["meta"]["recent_period"]}
+    assert {k: v for k, v in distributed_answers.items() if k not in other_window} == \
+        {k: v for k, v in embedded_answers.items() if k not in other_window}
