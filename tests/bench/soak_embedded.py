@@ -422,6 +422,20 @@ async def main(args) -> int:
     print(f"up pid {up.pid} port {up.port}", flush=True)
     rows = []
     failures: list[str] = []
+
+    async def check_totals(http, when: str) -> None:
+        """Pageviews per site and clicks per product against what the load counted as 202."""
+        pv, clicks = await totals(load, http)
+        found = compare(load, pv, clicks)
+        print(f"{when}: {len(found)} mismatches", *found[:10], sep="\n  ", flush=True)
+        failures.extend(f"{when}: {p}" for p in found)
+
+    def stop(which: str) -> None:
+        rc, took = up.stop()
+        print(f"{which} SIGTERM: exit code {rc} after {took:.2f} s", flush=True)
+        if rc != 0:
+            failures.append(f"{which} up exited with {rc} after {took:.1f}s")
+
     timeout = aiohttp.ClientTimeout(total=60)
     try:
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=128)) as http:
@@ -484,15 +498,9 @@ async def main(args) -> int:
                   f"{dict(sorted(load.tally.statuses.items()))}; API statuses {dict(load.api_statuses)}", flush=True)
             print(f"expected: pageviews {sum(load.tally.pageviews.values())}, clicks {sum(load.tally.clicks.values())}, "
                   f"custom {sum(load.tally.custom.values())}, distinct ids {len(load.tally.ids)}", flush=True)
-            pv, clicks = await totals(load, http)
-            before = compare(load, pv, clicks)
-            print(f"before the stop: {len(before)} mismatches", *before[:10], sep="\n  ", flush=True)
-            failures += [f"before stop: {p}" for p in before]
+            await check_totals(http, "before the stop")
 
-        rc, took = up.stop()
-        print(f"SIGTERM: exit code {rc} after {took:.2f} s", flush=True)
-        if rc != 0:
-            failures.append(f"first up exited with {rc} after {took:.1f}s")
+        stop("first")
         print(read_parts(data), flush=True)
 
         up = Up(data, log)
@@ -502,14 +510,8 @@ async def main(args) -> int:
             await up.ready(http)
             print(f"ready after {time.monotonic() - start:.1f} s", flush=True)
             load.url = up.url
-            pv, clicks = await totals(load, http)
-            after = compare(load, pv, clicks)
-            print(f"after the restart: {len(after)} mismatches", *after[:10], sep="\n  ", flush=True)
-            failures += [f"after restart: {p}" for p in after]
-        rc, took = up.stop()
-        print(f"second SIGTERM: exit code {rc} after {took:.2f} s", flush=True)
-        if rc != 0:
-            failures.append(f"second up exited with {rc} after {took:.1f}s")
+            await check_totals(http, "after the restart")
+        stop("second")
     finally:
         if up.proc.poll() is None:
             up.stop()
