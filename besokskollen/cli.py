@@ -11,12 +11,11 @@ import socket
 import sys
 from pathlib import Path
 from typing import NoReturn
-from urllib.parse import urlsplit
 
 import uvicorn
 from pydantic import ValidationError
 
-from besokskollen.config import Settings, settings_problems
+from besokskollen.config import Settings, server_url_problem, settings_problems
 from ingest.spool import Spool, SpoolLocked
 
 
@@ -417,9 +416,9 @@ def _clickhouse_message(exc: Exception) -> str:
 def _clickhouse_url(text: str) -> str:
     """`copy --to`: a ClickHouse server's HTTP URL (clickhouse-connect would take "host:8123" as
     localhost, and a chdb:// path cannot open next to the source in one process)."""
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a ClickHouse server URL (http(s)://user:pass@host:8123/db)")
+    if problem := server_url_problem(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a ClickHouse server URL (http(s)://user:pass@host:8123/db): {problem}")
     return text
 
 

@@ -80,14 +80,8 @@ class Settings(BaseSettings):
     def _usable(cls, url: str) -> str:
         if url.startswith("chdb://") and not url.removeprefix("chdb://").startswith("/"):
             raise ValueError("a chdb:// URL names an absolute folder: chdb:///var/lib/besokskollen")
-        if url.startswith(("http://", "https://")):
-            try:
-                parts = urlsplit(url)
-                parts.port  # noqa: B018 - raises on a port that is not a number
-            except ValueError as exc:
-                raise ValueError(f"not a URL: {exc}") from None
-            if not parts.hostname:
-                raise ValueError("names no host")
+        if url.startswith(("http://", "https://")) and (problem := server_url_problem(url)):
+            raise ValueError(problem)
         return url
 
     @field_validator("trusted_proxies")
@@ -169,6 +163,18 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """No Kafka configured: ingest hands events to the stream core in-process."""
         return self.kafka_bootstrap is None
+
+
+def server_url_problem(url: str) -> str | None:
+    """What is wrong with a ClickHouse server's URL (http(s)://user:pass@host:8123/db), or None."""
+    if not url.startswith(("http://", "https://")):
+        return "must start with http:// or https://"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        return f"not a URL: {exc}"
+    return None if parts.hostname else "names no host"
 
 
 def _bootstrap_list(bootstrap: str | None) -> list[str]:
