@@ -149,7 +149,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from streams import worker
 
     settings = _settings(args)
-    worker.run(settings, *_address(args, settings), args.loglevel)
+    host, port = _address(args, settings)
+    worker.run(settings, _listen("worker", host, port), host, port, args.loglevel)
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:

@@ -237,8 +237,8 @@ async def report_status(settings: Settings, client, name: str, stats: monitor.Ba
         log.warning("could not write the stream's status to ClickHouse: %s", exc)
 
 
-def run(settings: Settings, host: str = "127.0.0.1", port: int = 8083, loglevel: str = "info") -> None:
-    sock = health.listening_socket(host, port)
+def run(settings: Settings, sock: socket.socket, host: str, port: int, loglevel: str = "info") -> None:
+    """`sock` listens on host:port (the CLI made it): answered on while the worker starts."""
     with health.answering_while_starting(sock):
         app = create_app(settings, host, port)
         # Faust exits at start when no broker answers ("Unable to bootstrap"): a worker (re)started
