@@ -18,9 +18,12 @@ events at once (`_FinishBatchFirst`)."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import time
 
 import faust
@@ -152,6 +155,12 @@ async def _commit(consumer: AIOKafkaConsumer, batches: dict) -> None:
         log.warning("could not commit a written batch (%s); its events will be processed again", exc)
 
 
+def _scratch_dir() -> str:
+    path = tempfile.mkdtemp(prefix="besokskollen-worker-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) -> faust.App:
     if settings.kafka_bootstrap is None:
         raise SystemExit("the worker needs BK_KAFKA_BOOTSTRAP (without Kafka, `besokskollen up` runs the stream core)")
@@ -170,6 +179,9 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
         broker_rebalance_timeout=REBALANCE_TIMEOUT_MS / 1000,
         # Faust declares a topic of its own (its assignor's leader topic), by default with 1 replica.
         topic_replication_factor=settings.kafka_replication_factor,
+        # Faust keeps table state there; we have none. Its default, `<id>-data` in the current
+        # folder, left an empty folder wherever a worker was started.
+        datadir=_scratch_dir(),
     )
     client = storage.connect(settings.clickhouse_url, wait=True)
     replay.upgrade(client, settings.session_timeout_s, settings.raw_events_ttl_days, settings.clickhouse_cluster)

@@ -424,3 +424,16 @@ def test_faust_creates_its_topic_with_the_configured_replication(clickhouse_http
     settings = Settings(kafka_bootstrap="127.0.0.1:1", clickhouse_url=clickhouse_http, kafka_replication_factor=3)
     app = create_app(settings, "127.0.0.1", free_port())
     assert app.conf.topic_replication_factor == 3
+
+
+def test_a_worker_leaves_no_folder_where_it_was_started(clickhouse_http, tmp_path, monkeypatch):
+    """Faust's data folder defaulted to `<group>-worker-data` in the current folder; the worker
+    has no table state, so it goes to a temporary folder removed at exit."""
+    from besokskollen.config import Settings
+    from streams.worker import create_app
+
+    monkeypatch.chdir(tmp_path)
+    app = create_app(Settings(kafka_bootstrap="127.0.0.1:1", clickhouse_url=clickhouse_http), "127.0.0.1", free_port())
+    app._create_directories()  # what Faust does as the worker starts
+    assert list(tmp_path.iterdir()) == []
+    assert app.conf.datadir.is_dir() and tmp_path not in app.conf.datadir.parents
