@@ -251,7 +251,7 @@ class KafkaHandoff:
                     delay = min(delay * 2, 5.0)
                     continue
                 delay = 0.5
-                self.spool.commit(end)
+                await self.spool.commit_off_loop(end)
 
     async def _send_all(self, records: list[tuple[bytes, bytes]]) -> None:
         if not records:

@@ -14,10 +14,16 @@ this process, so they stay valid across truncations and compactions.
 
 An append is one `write` on an O_APPEND descriptor, so an event answered 202 survives a kill -9
 of the process at once; it reaches the disk itself within `sync()`'s period (a power loss can
-take the last second)."""
+take the last second).
+
+Appends come from the event loop; `commit` (with the `read`s before it: one consumer) and `sync`
+may run on worker threads, because a cursor's rename or a compaction's fsync can wait 100 ms and
+more while the disk writes back ClickHouse's parts. Appends wait only for counter updates and
+the final swap of a compaction, never for its copy or fsync."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import os
@@ -49,7 +55,10 @@ class Spool:
         self._size = self._sent = self._records = 0  # in the log file
         self._base = 0  # bytes dropped from the front of the log in this process
         self._dirty = False
-        # `sync` runs on a worker thread; a compaction must not swap the log under its fsync.
+        # `_state` guards the counters and the log's descriptors against a commit on another
+        # thread; `_swap` keeps a compaction from swapping the log under an fsync. Order: `_swap`
+        # first, so that an fsync holding `_swap` never makes an append wait.
+        self._state = threading.Lock()
         self._swap = threading.Lock()
 
     def open(self) -> None:
@@ -111,34 +120,37 @@ class Spool:
         (a consumer may send them in more than one go)."""
         payloads = [_KEY_LENGTH.pack(len(key)) + key + value for key, value in records]
         data = b"".join(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload for payload in payloads)
-        if self._size + len(data) > self.max_bytes:
-            raise SpoolFull(f"the spool is full ({self._size} of {self.max_bytes} bytes)")
-        ends, end = [], self._base + self._size
-        for payload in payloads:
-            end += _HEADER.size + len(payload)
-            ends.append(end)
-        try:
-            written = os.write(self._fd, data)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-            written = 0
-        if written < len(data):
-            # A full disk writes what fits and says so only by the count. Kept, the torn record
-            # would hide every later one from `read` and from the next start: cut it, refuse all.
-            os.ftruncate(self._fd, self._size)
-            raise SpoolFull(f"no space left on the disk of {self.directory}")
-        self._size += len(data)
-        self._records += len(records)
-        self._dirty = True
-        return ends
+        with self._state:
+            if self._size + len(data) > self.max_bytes:
+                raise SpoolFull(f"the spool is full ({self._size} of {self.max_bytes} bytes)")
+            ends, end = [], self._base + self._size
+            for payload in payloads:
+                end += _HEADER.size + len(payload)
+                ends.append(end)
+            try:
+                written = os.write(self._fd, data)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                written = 0
+            if written < len(data):
+                # A full disk writes what fits and says so only by the count. Kept, the torn record
+                # would hide every later one from `read` and from the next start: cut it, refuse all.
+                os.ftruncate(self._fd, self._size)
+                raise SpoolFull(f"no space left on the disk of {self.directory}")
+            self._size += len(data)
+            self._records += len(records)
+            self._dirty = True
+            return ends
 
     def read(self, max_records: int) -> tuple[list[tuple[bytes, bytes]], int]:
         """Up to `max_records` unsent records, oldest first, and the offset to `commit` once they
         are sent."""
         records: list[tuple[bytes, bytes]] = []
         offset = self._sent
-        while len(records) < max_records and offset < self._size:
+        with self._state:
+            size = self._size
+        while len(records) < max_records and offset < size:
             length, _crc = _HEADER.unpack(os.pread(self._read_fd, _HEADER.size, offset))
             payload = os.pread(self._read_fd, length, offset + _HEADER.size)
             (key_length,) = _KEY_LENGTH.unpack_from(payload)
@@ -148,41 +160,64 @@ class Spool:
 
     def commit(self, offset: int, records: int | None = None) -> None:
         """Everything before `offset` is sent (`records` records, if the caller knows). When that
-        is everything, the log starts over; when the sent part is large, it is compacted."""
+        is everything, the log starts over; when the sent part is large, it is compacted. Only the
+        committing thread moves `_sent` and `_base`, so it reads them without the lock."""
         offset -= self._base
-        self._records -= self._count(self._sent, offset) if records is None else records
-        self._sent = offset
-        if self._sent >= self._size:
+        done = self._count(self._sent, offset) if records is None else records
+        with self._state:
+            self._records -= done
+            self._sent = offset
+            everything, size = offset >= self._size, self._size
+        if everything:
             # The cursor goes to 0 first, as in `_compact`: a kill between the two replays the
             # sent log whole, where a stale cursor over a truncated log would skip later records.
             self._write_pos(0)
-            os.ftruncate(self._fd, 0)
-            self._base += self._size
-            self._size = self._sent = self._records = 0
-        elif self._sent >= self.compact_bytes and self._size - self._sent <= self._sent:
-            self._compact()
+            with self._state:
+                if self._size == size:  # nothing was appended meanwhile
+                    os.ftruncate(self._fd, 0)
+                    self._base += self._size
+                    self._size = self._sent = self._records = 0
+                    return
+            self._write_pos(offset)
+        elif offset >= self.compact_bytes and size - offset <= offset:
+            self._compact(offset, size)
         else:
-            self._write_pos(self._sent)
+            self._write_pos(offset)
 
-    def _compact(self) -> None:
-        """Replace the log by its unsent rest. The cursor goes to 0 first: a crash in between
-        replays the old log whole, and a replayed record is stored once downstream anyway."""
-        rest = os.pread(self._read_fd, self._size - self._sent, self._sent)
+    def _compact(self, start: int, end: int) -> None:
+        """Replace the log by its unsent rest. The rest up to `end` is copied and fsynced while
+        appends go on; what they added meanwhile is copied at the swap. The cursor goes to 0 before
+        the swap: a crash in between replays the old log whole, and a replayed record is stored
+        once downstream anyway."""
         tmp = self.directory / "spool.log.new"
         with open(tmp, "wb") as out:
-            out.write(rest)
+            out.write(os.pread(self._read_fd, end - start, start))
             out.flush()
             os.fsync(out.fileno())
         self._write_pos(0)
-        with self._swap:
+        with self._swap, self._state:
+            tail = os.pread(self._read_fd, self._size - end, end)
+            if tail:
+                with open(tmp, "ab") as out:
+                    out.write(tail)
             os.replace(tmp, self._log)
             os.close(self._fd)
             os.close(self._read_fd)
             self._open_log()
-        self._base += self._sent
-        self._size -= self._sent
-        self._sent = 0
-        self._dirty = False
+            self._base += start
+            self._size -= start
+            self._sent = 0
+            self._dirty = bool(tail)  # the rest up to `end` is on the disk already
+
+    async def commit_off_loop(self, offset: int, records: int | None = None) -> None:
+        """`commit` on a worker thread, finished even when the caller is cancelled: `close` must
+        not run under it."""
+        done = asyncio.ensure_future(asyncio.to_thread(self.commit, offset, records))
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            await done
+            raise
 
     def _write_pos(self, sent: int) -> None:
         tmp = self._pos.with_suffix(".tmp")
@@ -191,9 +226,15 @@ class Spool:
 
     def sync(self) -> None:
         with self._swap:
-            if self._dirty and self._fd >= 0:
-                os.fsync(self._fd)
-                self._dirty = False
+            with self._state:
+                # Cleared before the fsync: an append during it sets it again for the next sync.
+                dirty, self._dirty = self._dirty, False
+            if dirty and self._fd >= 0:
+                try:
+                    os.fsync(self._fd)
+                except OSError:
+                    self._dirty = True
+                    raise
 
     def _count(self, start: int, end: int) -> int:
         """Records between two record boundaries (headers only are read)."""

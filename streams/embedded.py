@@ -107,7 +107,7 @@ class EmbeddedRunner:
         while self._journal.pending_records:
             records, end = self._journal.read(self._max_batch)
             await process_until_written(self._core, Event.decode_all([value for _, value in records]))
-            self._cut(end, len(records))
+            await self._cut(end, len(records))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -123,17 +123,18 @@ class EmbeddedRunner:
                 except TimeoutError:
                     break
             await process_until_written(self._core, [event for event, _ in batch])
-            self._cut(batch[-1][1], len(batch))
+            await self._cut(batch[-1][1], len(batch))
             self._written += len(batch)
             for _ in batch:
                 self._room.release()
 
-    def _cut(self, end: int, records: int) -> None:
-        """Cut written records from the journal. When its cursor cannot be saved (a full disk),
-        they stay journaled, to be written again (harmlessly) after a restart; raising would end
-        the task that writes while `up` goes on answering 202."""
+    async def _cut(self, end: int, records: int) -> None:
+        """Cut written records from the journal, off the event loop that answers /api/event.
+        When its cursor cannot be saved (a full disk), they stay journaled, to be written again
+        (harmlessly) after a restart; raising would end the task that writes while `up` goes on
+        answering 202."""
         try:
-            self._journal.commit(end, records)
+            await self._journal.commit_off_loop(end, records)
         except OSError as exc:
             log.error("could not cut written events from the journal in %s: %s", self._journal.directory, exc)
 

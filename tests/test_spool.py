@@ -11,9 +11,11 @@ import errno
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import httpx
@@ -27,7 +29,6 @@ from streams.embedded import EmbeddedRunner
 from streams.events import stored_event_ids
 from tests.conftest import ADMIN_KEY, free_port, wait_until
 from tests.test_crash import CLI, Person, Proc, _create, deploy, settle, traffic
-
 
 # -- the file --------------------------------------------------------------------------------------
 
@@ -78,6 +79,56 @@ def test_a_log_that_is_never_empty_is_compacted_and_loses_nothing(tmp_path):
     again.open()
     records, _ = again.read(10_000)
     assert [v[:12] for _, v in records] == [f"record {i:05}".encode() for i in range(sent, 2000)]
+    again.close()
+
+
+def test_commits_on_another_thread_lose_nothing_appended_meanwhile(tmp_path):
+    """`up` and ingest commit (and compact, and truncate) on a worker thread while the event loop
+    appends: every record appended comes back once, in order, through the commits and after
+    reopening, and the offsets handed out stay valid across the swaps."""
+    spool = Spool(tmp_path, 1 << 22, compact_bytes=2048)
+    spool.open()
+    ends: list[int] = []
+    stop, committed, swaps, failed = threading.Event(), [], Counter(), []
+
+    def commit_what_is_there() -> None:
+        try:
+            while not stop.is_set() or spool.pending_records:
+                records, end = spool.read(7)
+                if not records:
+                    time.sleep(0.0001)  # caught up: the next commit may truncate the log
+                    continue
+                committed.extend(v for _, v in records)
+                assert end in ends  # an offset `append` handed out, however the log was swapped
+                spool.commit(end, len(records))
+                swaps["truncated" if spool.size_bytes == 0 else "compacted"] += spool._base != swaps["base"]
+                swaps["base"] = spool._base
+        except BaseException as exc:
+            failed.append(exc)
+
+    committer = threading.Thread(target=commit_what_is_there)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns within the spool's steps, not only between
+    committer.start()
+    try:
+        for n in range(6000):
+            ends.extend(spool.append_all([(b"k", f"record {n:05} {i}".encode() * 2) for i in range(1 + n % 3)]))
+            if n % 3 == 0:
+                time.sleep(0.0002)  # the committer catches up at times: truncations, not only compactions
+    finally:
+        stop.set()
+        committer.join()
+        sys.setswitchinterval(switch)
+    assert not failed, failed
+    assert swaps["truncated"] and swaps["compacted"]
+    assert committed == [f"record {n:05} {i}".encode() * 2 for n in range(6000) for i in range(1 + n % 3)]
+    assert spool.pending_records == 0 == spool.pending_bytes
+    spool.append(b"k", b"after")
+    spool.close()
+
+    again = Spool(tmp_path, 1 << 22, compact_bytes=2048)
+    again.open()
+    assert again.read(100)[0] == [(b"k", b"after")]
     again.close()
 
 
