@@ -154,12 +154,24 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     from streams import replay, storage
 
     settings = _settings(args)
-    applied = replay.upgrade(storage.connect(settings.clickhouse_url), settings.session_timeout_s,
-                             settings.raw_events_ttl_days, settings.clickhouse_cluster)
+    client = storage.connect(settings.clickhouse_url)
+    applied = replay.upgrade(client, settings.session_timeout_s, settings.raw_events_ttl_days,
+                             settings.clickhouse_cluster)
     print(f"applied migrations: {applied}" if applied else "schema is up to date")
+    if args.rebuild:
+        columns = (TextColumn("rebuilding from the raw events"), BarColumn(), MofNCompleteColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=Console(stderr=True)) as progress:
+            task = progress.add_task("rebuild", total=None)
+            done = replay.replay(client, settings.session_timeout_s,
+                                 progress=lambda n, about: progress.update(task, completed=n, total=about))
+        print(f"rebuilt sessions, activity and rollups from {done} stored events")
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -308,7 +320,10 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--instance-id", help="the worker's name in status reports (BK_WORKER_INSTANCE_ID)")
     worker.set_defaults(func=cmd_worker)
 
-    with_data(commands.add_parser("migrate", help="create or upgrade the schema")).set_defaults(func=cmd_migrate)
+    migrate = with_data(commands.add_parser("migrate", help="create or upgrade the schema"))
+    migrate.add_argument("--rebuild", action="store_true",
+                         help="also rebuild sessions, activity and rollups from the stored raw events")
+    migrate.set_defaults(func=cmd_migrate)
     commands.add_parser("status", help="consumer lag, oldest unprocessed event, worker throughput"
                         ).set_defaults(func=cmd_status)
 

@@ -185,9 +185,10 @@ def _held_by_own_visitor(client: Client, events: list[Event]) -> set[tuple[str, 
     return found
 
 
-def stored_days(client: Client) -> list[date]:
-    return [row[0] for row in client.query(
-        "SELECT DISTINCT toDate(timestamp) AS day FROM events ORDER BY day").result_rows]
+def stored_days(client: Client) -> list[tuple[date, int]]:
+    """Each UTC day with stored events, and about how many (redeliveries not yet merged count)."""
+    return [(row[0], row[1]) for row in client.query(
+        "SELECT toDate(timestamp) AS day, count() FROM events GROUP BY day ORDER BY day").result_rows]
 
 
 def of_day(client: Client, day: date) -> list[StoredEvent]:

@@ -4,6 +4,7 @@ through the stream core again: after a migration that adds or reshapes a derived
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from clickhouse_connect.driver.client import Client
 
@@ -13,15 +14,20 @@ from streams.core import StreamCore
 log = logging.getLogger(__name__)
 
 
-def replay(client: Client, session_timeout_s: int, batch_size: int = 20_000) -> int:
-    """Every stored event through the core, a UTC day at a time; returns how many."""
+def replay(client: Client, session_timeout_s: int, batch_size: int = 20_000,
+           progress: Callable[[int, int], None] | None = None) -> int:
+    """Every stored event through the core, a UTC day at a time; returns how many. `progress` is
+    told (events done, about how many in all) after each day."""
     core = StreamCore(client, session_timeout_s)
-    total = 0
-    for day in events.stored_days(client):
+    days = events.stored_days(client)
+    about, total = sum(n for _, n in days), 0
+    for day, _ in days:
         day_events = events.of_day(client, day)
         for i in range(0, len(day_events), batch_size):
             core.process(day_events[i:i + batch_size], rewrite=True)
         total += len(day_events)
+        if progress:
+            progress(total, max(about, total))
     return total
 
 

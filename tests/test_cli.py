@@ -125,6 +125,33 @@ def test_an_upgrade_killed_mid_replay_replays_at_the_next_start(tmp_path):
     assert sessions.stdout.strip() == "3", sessions.stderr  # three visitors' sessions rebuilt
 
 
+def test_migrate_rebuild_fills_derived_tables_a_killed_replay_of_an_old_release_left_empty(tmp_path):
+    """Releases up to 63e0d0d recorded a migration before its replay: one killed mid-replay left
+    derived rows missing with nothing left to apply, so no start ever rebuilt them. `migrate
+    --rebuild` rebuilds them from the raw events on request."""
+    url = f"chdb://{tmp_path / 'ch'}"
+    seed = _AT_SCHEMA_5.replace("client.command(\"ALTER TABLE schema_migrations DELETE", "# (\"ALTER TABLE")
+    seeded = subprocess.run([sys.executable, "-c", seed, url], capture_output=True, text=True, timeout=120)
+    assert seeded.returncode == 0, seeded.stderr
+    env = {**os.environ, "BK_CLICKHOUSE_URL": url}
+    check = ("import sys; from streams import storage; c = storage.connect(sys.argv[1]); print("
+             "c.query('SELECT count() FROM sessions FINAL').result_rows[0][0], c.query(\"SELECT sum(pageviews)"
+             " FROM rollup_1d FINAL WHERE kind = 'total'\").result_rows[0][0])")
+
+    def derived() -> list[str]:
+        out = subprocess.run([sys.executable, "-c", check, url], capture_output=True, text=True, timeout=120)
+        return out.stdout.split()
+
+    plain = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
+    assert "schema is up to date" in plain.stdout and derived() == ["0", "0"], plain.stdout + plain.stderr
+    rebuilt = subprocess.run([*CLI, "migrate", "--rebuild"], capture_output=True, text=True, timeout=120, env=env)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "rebuilt sessions, activity and rollups from 9 stored events" in rebuilt.stdout
+    assert derived() == ["3", "9"]  # three visitors' sessions, nine pageviews
+    again = subprocess.run([*CLI, "migrate", "--rebuild"], capture_output=True, text=True, timeout=120, env=env)
+    assert again.returncode == 0 and derived() == ["3", "9"], again.stderr  # idempotent
+
+
 _AT_1A1FA3D = _AT_SCHEMA_5 + """
 # Releases 1a1fa3d-9bccdc2 recorded a 6 of their own (an event-id bloom filter), never a 7.
 client.command("ALTER TABLE schema_migrations DELETE WHERE version = 7", settings={"mutations_sync": 2})
