@@ -99,8 +99,9 @@ class Spool:
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes of records not yet sent."""
-        return self._size - self._sent
+        """Bytes of records not yet sent (under the lock: a compaction moves both counters)."""
+        with self._state:
+            return self._size - self._sent
 
     @property
     def pending_records(self) -> int:
