@@ -25,6 +25,7 @@ from ingest import clients
 from ingest import importer
 from ingest.salts import Salts
 from ingest.visitors import hash_visitor
+from streams import migrations
 from streams.events import stored_event_ids
 from streams.sites import Site
 from tests.conftest import ADMIN_KEY, BROWSER, free_port, process, stable_group_size, up_server, wait_until
@@ -602,8 +603,6 @@ def test_a_long_raw_event_ttl_keeps_events_instead_of_wrapping_past_2106(service
     years, meant as "for ever") wrapped around to a moment long past, and every raw event newer
     than about 2006 was dropped at the next merge, funnels and goal backfills with them. The
     expiry stops at DateTime's last second instead."""
-    from streams import migrations
-
     client = services.client
     try:
         migrations.apply_retention(client, 36_500)
