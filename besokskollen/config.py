@@ -134,6 +134,10 @@ class Settings(BaseSettings):
         # the TTL are refused (ingest/importer.py).
         if days < 7:
             raise ValueError("must be at least 7")
+        # 100 years is "for ever" here, and the import's oldest accepted day (now - days) must be
+        # a date Python can hold.
+        if days > 36_500:
+            raise ValueError("must be at most 36500 (100 years)")
         return days
 
     @cached_property

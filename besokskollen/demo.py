@@ -13,7 +13,7 @@ from ingest import useragents
 from ingest.enrich import enrich
 from ingest.event import IncomingEvent
 from streams.core import StreamCore
-from streams.events import sites_with_events
+from streams.rollups import sites_with_events
 from streams.sites import Site, site_id_for
 
 DEMO_DOMAIN = "mobildelar.se"

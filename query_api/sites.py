@@ -13,7 +13,7 @@ from query_api.deps import Ctx, UserKey, cached_json, readable_site
 from query_api.errors import APIError
 from query_api.models import SiteCreate, SiteList, SiteResponse
 from query_api.periods import stats_period
-from streams.events import sites_with_events
+from streams.rollups import sites_with_events
 from streams.sites import Site, normalize_domain, site_id_for
 
 router = APIRouter(tags=["sites"])

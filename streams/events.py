@@ -202,12 +202,3 @@ def of_day(client: Client, day: date) -> list[StoredEvent]:
 def _event(row: tuple) -> StoredEvent:
     event = StoredEvent._make(row)
     return event._replace(timestamp=event.timestamp.replace(tzinfo=timezone.utc))
-
-
-def sites_with_events(client: Client, site_ids: list[str]) -> set[str]:
-    if not site_ids:
-        return set()
-    rows = client.query(
-        "SELECT DISTINCT site_id FROM events WHERE site_id IN {ids:Array(String)}", parameters={"ids": site_ids}
-    ).result_rows
-    return {row[0] for row in rows}

@@ -436,7 +436,11 @@ def apply_retention(client: Client, days: int, cluster: Cluster | None = None) -
     """Raw events are deleted `days` after their time (BK_RAW_EVENTS_TTL_DAYS). Whole parts are
     dropped once every row in them expired, so data may stay up to a month longer; rollups,
     sessions and activity keep every number. Applied at every start when it changed."""
-    ttl = f"toDateTime(timestamp) + toIntervalDay({int(days)})"
+    # Added in seconds and capped at DateTime's last second (2106-02-07): `toDateTime(timestamp)
+    # + toIntervalDay(days)` wraps around past it, so a retention meant as "for ever" (36500 days)
+    # made every event newer than ~2006 expire at once. Written as ClickHouse prints it back in
+    # engine_full, so an unchanged TTL is recognised.
+    ttl = f"toDateTime(least(toUInt32(toDateTime(timestamp)) + {int(days) * 86400}, 4294967295), 'UTC')"
     table = "events_local" if cluster else "events"
     engine = client.query("SELECT engine_full FROM system.tables WHERE database = currentDatabase()"
                           " AND name = {t:String}", parameters={"t": table}).result_rows[0][0]

@@ -80,3 +80,16 @@ def rebuild(client: Client, touched: set[tuple[str, str, datetime]]) -> None:
     _replace(client, "rollup_1d", ["site_id", "kind", "value", "day"], ["visitors", *_MEASURES],
              ["0" for _ in ["visitors", *_MEASURES]], fresh_1d, _scope("day", "Date"),
              {**day_params, "first": day_params["times"][0], "end": day_params["times"][-1] + timedelta(days=1)})
+
+
+def sites_with_events(client: Client, site_ids: list[str]) -> set[str]:
+    """The sites among `site_ids` that have had an event (`verified`, `has_data`). Read from the
+    daily totals, not the raw events: those expire (BK_RAW_EVENTS_TTL_DAYS), and a site whose last
+    event is older than that turned unverified while its stats still counted it."""
+    if not site_ids:
+        return set()
+    rows = client.query(
+        "SELECT DISTINCT site_id FROM rollup_1d FINAL WHERE site_id IN {ids:Array(String)} AND kind = 'total'"
+        " AND events > 0", parameters={"ids": site_ids}
+    ).result_rows
+    return {row[0] for row in rows}

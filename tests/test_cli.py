@@ -311,7 +311,8 @@ def test_a_server_whose_port_is_taken_stops_with_one_line(tmp_path):
                                              ("BK_TRUSTED_PROXIES", "garbage"), ("BK_CLICKHOUSE_URL", "chdb://relative"),
                                              ("BK_CLICKHOUSE_URL", "http://127.0.0.1:abc/"), ("BK_PORT", "70000"),
                                              ("BK_KAFKA_BOOTSTRAP", "kafka:abc"), ("BK_KAFKA_BOOTSTRAP", "kafka:9092,k2:0"),
-                                             ("BK_REDIS_URL", "localhost:6379")])
+                                             ("BK_REDIS_URL", "localhost:6379"), ("BK_RAW_EVENTS_TTL_DAYS", "6"),
+                                             ("BK_RAW_EVENTS_TTL_DAYS", "1000000")])
 def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path, variable, value):
     data = [] if variable == "BK_CLICKHOUSE_URL" else ["--data", str(tmp_path / "d")]  # --data would override it
     result = subprocess.run([*CLI, "migrate", *data], capture_output=True, text=True, timeout=60,

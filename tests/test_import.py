@@ -25,6 +25,7 @@ from ingest import clients
 from ingest import importer
 from ingest.salts import Salts
 from ingest.visitors import hash_visitor
+from streams import migrations
 from streams.events import stored_event_ids
 from streams.sites import Site
 from tests.conftest import ADMIN_KEY, BROWSER, free_port, process, stable_group_size, up_server, wait_until
@@ -588,13 +589,34 @@ async def test_events_the_raw_event_ttl_would_drop_are_refused(client, services,
     (less a visitor's three days) is refused line by line, newer lines are taken."""
     engine = services.client.query("SELECT engine_full FROM system.tables WHERE name = 'events'"
                                    " AND database = currentDatabase()").result_rows[0][0]
-    assert f"TTL toDateTime(timestamp) + toIntervalDay({services.settings.raw_events_ttl_days})" in engine
+    assert f"TTL toDateTime(least(toUInt32(toDateTime(timestamp)) + {services.settings.raw_events_ttl_days * 86400}," in engine
     lines = history(site.domain, 2, seed=9)
     lines[0] = {**lines[0], "timestamp": iso(datetime.now(timezone.utc) - timedelta(days=398))}
     data = (await post_import(client, site.site_id, ndjson(lines))).json()["data"]
     assert data["accepted"] == 1
     assert [(r["line"], r["field"]) for r in data["rejected"]] == [(1, "timestamp")]
     assert "BK_RAW_EVENTS_TTL_DAYS" in data["rejected"][0]["message"]
+
+
+def test_a_long_raw_event_ttl_keeps_events_instead_of_wrapping_past_2106(services):
+    """A TTL is a DateTime, which ends in February 2106: an expiry past it (a retention of 100
+    years, meant as "for ever") wrapped around to a moment long past, and every raw event newer
+    than about 2006 was dropped at the next merge, funnels and goal backfills with them. The
+    expiry stops at DateTime's last second instead."""
+    client = services.client
+    try:
+        migrations.apply_retention(client, 36_500)
+        engine = client.query("SELECT engine_full FROM system.tables WHERE name = 'events'"
+                              " AND database = currentDatabase()").result_rows[0][0]
+        ttl = engine.split(" TTL ", 1)[1].split(" SETTINGS ", 1)[0]
+        expiries = client.query(
+            f"SELECT toUInt32({ttl}) FROM (SELECT toDateTime64(t, 3, 'UTC') AS timestamp"
+            " FROM (SELECT arrayJoin(['2002-01-01 00:00:00', '2026-11-30 12:00:00', '2105-12-31 23:59:59']) AS t))"
+        ).result_rows
+        assert [row[0] for row in expiries] == [int(datetime(2101, 12, 8, tzinfo=timezone.utc).timestamp()),
+                                                2**32 - 1, 2**32 - 1]
+    finally:
+        migrations.apply_retention(client, services.settings.raw_events_ttl_days)
 
 
 async def test_a_hostile_body_is_answered_line_by_line_and_stored_once(client, services, site):

@@ -256,6 +256,25 @@ async def test_bad_site_is_400(client, body):
     assert_error(await client.post(f"{API}/sites", json=body), 400)
 
 
+async def test_a_site_whose_raw_events_expired_still_has_data(client, embedded, services):
+    """The raw-event TTL (BK_RAW_EVENTS_TTL_DAYS) drops old raw events and nothing the rollups
+    give: a site whose every raw event has expired is still verified, with data, like its stats.
+    (It read the raw events: a site untouched for a TTL turned unverified, and `up --demo` would
+    have fed its demo site a second time.)"""
+    site = await create_site(client)
+    await post_event(client, site["id"], "81.227.9.1")
+    await embedded[1].runner.drain()
+    # What the TTL does to a site whose events all expired, without waiting for it.
+    services.client.command("ALTER TABLE events DELETE WHERE site_id = {site:String}",
+                            parameters={"site": site["id"]}, settings={"mutations_sync": 2})
+    data = (await client.get(f"{API}/sites/{site['id']}")).json()["data"]
+    assert data["has_data"] is True and data["verified"] is True
+    listed = {s["id"]: s for s in (await client.get(f"{API}/sites")).json()["data"]}
+    assert listed[site["id"]]["has_data"] is True
+    overview = (await client.get(f"{API}/stats/overview", params={"site_id": site["id"], "period": "7d"})).json()
+    assert overview["data"]["visitors"] == 1
+
+
 async def test_list_sites_with_total_and_stats(client, embedded):
     busy, quiet = await create_site(client), await create_site(client)
     ips = ["81.227.1.1", "81.227.1.2", "81.227.1.3", "81.227.1.1"]
