@@ -1,7 +1,8 @@
 """`besokskollen copy --to URL`: every table of one ClickHouse into another — how `up`'s embedded
 data folder moves to the distributed topology's ClickHouse server (or cluster) with nothing lost
 and nothing recomputed. The target gets the schema first (its own mode: cluster or not), then the
-rows table by table in blocks, with a progress bar. A target that already holds events is refused:
+rows table by table in blocks, with a progress bar. A target that already holds events (raw, or
+only as daily totals once they expired) is refused:
 a second copy would double the tables that are not keyed (salts).
 
 While rows go, the target holds a marker table (`copy_unfinished`), dropped once every table is
@@ -59,7 +60,9 @@ def copy(source: Client, target: Client, session_timeout_s: int, raw_events_ttl_
         say("the last copy into this target did not finish: emptying what it copied and starting over")
         for table in tables:
             migrations.truncate(target, table, on)
-    elif target.query("SELECT count() FROM events").result_rows[0][0]:
+    # The daily totals too: a deployment whose raw events all expired (BK_RAW_EVENTS_TTL_DAYS) still
+    # holds its numbers, which a copy would double.
+    elif target.query("SELECT (SELECT count() FROM events) + (SELECT count() FROM rollup_1d)").result_rows[0][0]:
         raise CopyRefused("the target already holds events (another deployment's, or a finished copy's);"
                           " copy into an empty deployment")
     migrations.run_ddl(target, f"CREATE TABLE IF NOT EXISTS {MARKER} (started DateTime) ENGINE = MergeTree"

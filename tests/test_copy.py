@@ -143,6 +143,22 @@ def test_a_copy_that_did_not_finish_is_started_over(tmp_path):
         assert refused.returncode != 0 and "already holds events" in refused.stderr
 
 
+def test_a_target_whose_raw_events_expired_is_refused_too(tmp_path):
+    """Past BK_RAW_EVENTS_TTL_DAYS a deployment holds its numbers without raw events: a copy into
+    it would double them."""
+    from streams import storage
+
+    data, _ = _folder(tmp_path)
+    with _front(tmp_path) as front:
+        assert _copy(data, front).returncode == 0
+        target = storage.connect(front)
+        # What the TTL leaves (this folder's events were written without rollups): daily totals only.
+        target.command("TRUNCATE TABLE events")
+        target.command("INSERT INTO rollup_1d (site_id, kind, value, day, events) VALUES ('s', 'total', '', today(), 5)")
+        refused = _copy(data, front)
+        assert refused.returncode != 0 and "already holds events" in refused.stderr
+
+
 def test_a_wrong_target_is_one_line_exit_2(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
