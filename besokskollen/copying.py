@@ -2,8 +2,8 @@
 data folder moves to the distributed topology's ClickHouse server (or cluster) with nothing lost
 and nothing recomputed. The target gets the schema first (its own mode: cluster or not), then the
 rows table by table in blocks, with a progress bar. A target that already holds events (raw, or
-only as daily totals once they expired) is refused:
-a second copy would double the tables that are not keyed (salts).
+only as daily totals once they expired) is refused: a second copy would double the tables that
+are not keyed (salts), and the numbers of a deployment whose raw events expired.
 
 While rows go, the target holds a marker table (`copy_unfinished`), dropped once every table is
 there: a copy that was killed or failed midway is known as such, and the next run empties what
