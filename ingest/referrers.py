@@ -3,6 +3,7 @@ paid). The maintained referer-parser data on PyPI is from 2016, so the known hos
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import parse_qs, urlsplit
@@ -91,9 +92,14 @@ _CLICK_IDS: dict[str, str] = {"gclid": "Google", "gbraid": "Google", "wbraid": "
 # Substrings of the parameters worth parsing a page URL's query for (most URLs carry none).
 _TAGGED = ("utm_", "clid", "clkid", "braid")
 
-_PAID_MEDIUMS = {"cpc", "ppc", "paid", "paidsearch", "paid_search", "paid_social", "display", "cpm", "banner"}
-_EMAIL_MEDIUMS = {"email", "e-mail", "newsletter", "nyhetsbrev"}
-_SOCIAL_MEDIUMS = {"social", "social-network", "social_media", "sm"}
+# utm_medium (lower case, trimmed) → channel, first match wins. GA4's default channel rules, as
+# Plausible's: paid is "cp" anywhere (cpc, cpm, cpv, cpa), ppc, retargeting or paid-anything
+# (paid_social, paid-social, paidsearch); display and banner are paid here too (no display channel).
+_MEDIUM_CHANNELS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r".*cp.*|ppc|retargeting|paid.*|display|banner"), "paid"),
+    (re.compile(r"e[-_ ]?mail|newsletter|nyhetsbrev"), "email"),
+    (re.compile(r"social|social[-_ ](network|media)|sm"), "social"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +157,7 @@ def classify(page_url: str, referrer: str | None, site_host: str) -> Source:
     utm_medium when it names a channel."""
     query = parse_qs(urlsplit(page_url).query) if any(tag in page_url for tag in _TAGGED) else {}
     utm = {k: without_control_characters(query[k][0])[:200] for k in ("utm_source", "utm_medium", "utm_campaign") if k in query}
-    medium = utm.get("utm_medium", "").lower()
+    medium = utm.get("utm_medium", "").strip().lower()
 
     ref_host = _host(referrer) if referrer else ""
     app = ref_host and referrer[:12].lower() == "android-app:"  # a package name, not a host
@@ -168,10 +174,5 @@ def classify(page_url: str, referrer: str | None, site_host: str) -> Source:
         source, channel = _LABELS.get(tag) or _known(tag) or (utm["utm_source"], "referral")
     if click := next((_CLICK_IDS[name] for name in _CLICK_IDS if name in query), None):
         source, channel = source or click, "paid"
-    if medium in _PAID_MEDIUMS:
-        channel = "paid"
-    elif medium in _EMAIL_MEDIUMS:
-        channel = "email"
-    elif medium in _SOCIAL_MEDIUMS:
-        channel = "social"
+    channel = next((named for pattern, named in _MEDIUM_CHANNELS if pattern.fullmatch(medium)), channel)
     return Source(source, channel, utm.get("utm_source", ""), utm.get("utm_medium", ""), utm.get("utm_campaign", ""))

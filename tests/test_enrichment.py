@@ -165,6 +165,20 @@ def test_ad_click_ids_are_paid(query, referrer, source, channel):
     assert (result.source, result.channel) == (source, channel)
 
 
+@pytest.mark.parametrize("medium, channel", [
+    # GA4's default channel rules (Plausible's follow them): paid is cp anywhere, ppc, retargeting
+    # or paid-anything; e-mail in its spellings; social and its spellings.
+    ("paid-social", "paid"), ("paidsocial", "paid"), ("paid+social", "paid"), ("Paid_Search", "paid"),
+    ("cpv", "paid"), ("cpa", "paid"), ("retargeting", "paid"), ("+cpc+", "paid"),
+    ("e_mail", "email"), ("e+mail", "email"), ("E-Mail", "email"),
+    ("social-media", "social"), ("social+network", "social"),
+    ("organic", "referral"), ("referral", "referral"), ("affiliate", "referral"),
+])
+def test_utm_medium_spellings_set_the_channel(medium, channel):
+    result = referrers.classify(f"https://shop.example/?utm_source=partnerblog&utm_medium={medium}", None, "shop.example")
+    assert (result.source, result.channel) == ("partnerblog", channel)
+
+
 @pytest.mark.parametrize("tag, source", [("ig", "Instagram"), ("fb", "Facebook"), ("IG", "Instagram"),
                                          ("pinterest", "Pinterest"), ("kagi", "Kagi")])
 def test_utm_source_short_names_of_networks(tag, source):
