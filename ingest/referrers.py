@@ -3,6 +3,7 @@ paid). The maintained referer-parser data on PyPI is from 2016, so the known hos
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import parse_qs, urlsplit
@@ -10,7 +11,8 @@ from urllib.parse import parse_qs, urlsplit
 from ingest.event import without_control_characters
 
 # Host suffix (without "www.") → (source, channel). Matched on the registrable tail, so
-# "news.google.se" and "google.com" both find Google.
+# "news.google.se" and "google.com" both find Google. This module owns the mapping: hosts,
+# country-domain names, app packages, utm_source short names and click ids are the tables below.
 _KNOWN: dict[str, tuple[str, str]] = {}
 
 
@@ -19,7 +21,7 @@ def _add(source: str, channel: str, *hosts: str) -> None:
         _KNOWN[host] = (source, channel)
 
 
-_add("Google", "search", "google", "googleusercontent.com")
+_add("Google", "search", "googleusercontent.com")
 _add("Bing", "search", "bing.com")
 _add("DuckDuckGo", "search", "duckduckgo.com")
 _add("Yahoo", "search", "yahoo.com", "search.yahoo.com")
@@ -29,6 +31,7 @@ _add("Baidu", "search", "baidu.com")
 _add("Brave", "search", "search.brave.com")
 _add("Qwant", "search", "qwant.com")
 _add("Startpage", "search", "startpage.com")
+_add("Kagi", "search", "kagi.com")
 _add("Perplexity", "search", "perplexity.ai")
 _add("ChatGPT", "referral", "chatgpt.com", "chat.openai.com")
 _add("Facebook", "social", "facebook.com", "fb.com", "m.facebook.com", "l.facebook.com", "lm.facebook.com")
@@ -43,16 +46,60 @@ _add("Snapchat", "social", "snapchat.com")
 _add("Threads", "social", "threads.net")
 _add("Mastodon", "social", "mastodon.social")
 _add("Flashback", "social", "flashback.org")
+# Webmail before its portal: mail.yahoo.com is not Yahoo search.
 _add("Gmail", "email", "mail.google.com")
-_add("Outlook", "email", "outlook.live.com", "outlook.office.com")
+_add("Outlook", "email", "outlook.live.com", "outlook.office.com", "outlook.office365.com")
+_add("Yahoo Mail", "email", "mail.yahoo.com")
+_add("Proton Mail", "email", "mail.proton.me")
 
-# utm_source=facebook names Facebook as surely as a facebook.com referrer does.
+# Names registered under many country domains: google.se, google.co.uk, google.com.au,
+# pinterest.de, yandex.com.tr, yahoo.co.jp — the name, then a top-level domain, or a second level
+# such as co or com and one (_COUNTRY_SECOND_LEVEL). Not google.com.evil.example.
+_COUNTRY_NAMES: dict[str, tuple[str, str]] = {
+    "google": ("Google", "search"),
+    "pinterest": ("Pinterest", "social"),
+    "yandex": ("Yandex", "search"),
+    "yahoo": ("Yahoo", "search"),
+}
+
+# android-app://<package>/ is what Chrome on Android sends when an app opened the link.
+_APPS: dict[str, tuple[str, str]] = {
+    "com.google.android.googlequicksearchbox": ("Google", "search"),  # the Google app, Discover
+    "com.google.android.gm": ("Gmail", "email"),
+    "com.microsoft.office.outlook": ("Outlook", "email"),
+    "com.facebook.katana": ("Facebook", "social"),
+    "com.facebook.lite": ("Facebook", "social"),
+    "com.instagram.android": ("Instagram", "social"),
+    "com.linkedin.android": ("LinkedIn", "social"),
+    "com.reddit.frontpage": ("Reddit", "social"),
+    "com.twitter.android": ("X/Twitter", "social"),
+    "com.google.android.youtube": ("YouTube", "social"),
+    "com.zhiliaoapp.musically": ("TikTok", "social"),
+    "com.pinterest": ("Pinterest", "social"),
+    "com.snapchat.android": ("Snapchat", "social"),
+}
+
+# utm_source=facebook names Facebook as surely as a facebook.com referrer does; so do the short
+# names networks tag their own links with (Instagram: utm_source=ig on links in a bio).
 _LABELS = {host.split(".")[0]: known for host, known in _KNOWN.items()
            if host.count(".") == 1 and len(host.split(".")[0]) > 2}
+_LABELS |= _COUNTRY_NAMES | {"fb": _KNOWN["facebook.com"], "ig": _KNOWN["instagram.com"]}
 
-_PAID_MEDIUMS = {"cpc", "ppc", "paid", "paidsearch", "paid_search", "paid_social", "display", "cpm", "banner"}
-_EMAIL_MEDIUMS = {"email", "e-mail", "newsletter", "nyhetsbrev"}
-_SOCIAL_MEDIUMS = {"social", "social-network", "social_media", "sm"}
+# Ad click ids that auto-tagging adds instead of utm_* tags: the visit is a paid one. Not fbclid:
+# Facebook adds it to every outgoing link, organic posts included.
+_CLICK_IDS: dict[str, str] = {"gclid": "Google", "gbraid": "Google", "wbraid": "Google", "dclid": "Google",
+                              "msclkid": "Bing"}
+# Substrings of the parameters worth parsing a page URL's query for (most URLs carry none).
+_TAGGED = ("utm_", "clid", "clkid", "braid")
+
+# utm_medium (lower case, trimmed) → channel, first match wins. GA4's default channel rules, as
+# Plausible's: paid is "cp" anywhere (cpc, cpm, cpv, cpa), ppc, retargeting or paid-anything
+# (paid_social, paid-social, paidsearch); display and banner are paid here too (no display channel).
+_MEDIUM_CHANNELS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r".*cp.*|ppc|retargeting|paid.*|display|banner"), "paid"),
+    (re.compile(r"e[-_ ]?mail|newsletter|nyhetsbrev"), "email"),
+    (re.compile(r"social|social[-_ ](network|media)|sm"), "social"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,13 +119,10 @@ def _known(host: str) -> tuple[str, str] | None:
     for i in range(1, len(labels)):
         if (hit := _KNOWN.get(".".join(labels[i:]))) is not None:
             return hit
-    # Search engines live on many country domains: google.se, google.co.uk, google.com.au — the
-    # name, then a top-level domain, or a second level such as co or com and one. Not
-    # google.com.evil.example.
     for i, label in enumerate(labels[:-1]):
         rest = labels[i + 1:]
-        if label in _KNOWN and (len(rest) == 1 or (len(rest) == 2 and rest[0] in _COUNTRY_SECOND_LEVEL)):
-            return _KNOWN[label]
+        if label in _COUNTRY_NAMES and (len(rest) == 1 or (len(rest) == 2 and rest[0] in _COUNTRY_SECOND_LEVEL)):
+            return _COUNTRY_NAMES[label]
     return None
 
 
@@ -108,25 +152,27 @@ def _same_site(ref_host: str, page_url: str, site_host: str) -> bool:
 
 
 def classify(page_url: str, referrer: str | None, site_host: str) -> Source:
-    """Source of a page view from its referrer and the page URL's utm_* tags."""
-    query = parse_qs(urlsplit(page_url).query) if "utm_" in page_url else {}
+    """Source of a page view: the referrer's (an app's for android-app://), else the page URL's
+    utm_source, else an ad click id's; channel from the same, then paid for a click id, then
+    utm_medium when it names a channel."""
+    query = parse_qs(urlsplit(page_url).query) if any(tag in page_url for tag in _TAGGED) else {}
     utm = {k: without_control_characters(query[k][0])[:200] for k in ("utm_source", "utm_medium", "utm_campaign") if k in query}
-    medium = utm.get("utm_medium", "").lower()
+    medium = utm.get("utm_medium", "").strip().lower()
 
     ref_host = _host(referrer) if referrer else ""
-    if ref_host and _same_site(ref_host, page_url, site_host):
+    app = ref_host and referrer[:12].lower() == "android-app:"  # a package name, not a host
+    if ref_host and not app and _same_site(ref_host, page_url, site_host):
         ref_host = ""  # a self-referral is direct traffic
 
     source, channel = "", "direct"
-    if ref_host:
+    if app:
+        source, channel = _APPS.get(ref_host) or (ref_host, "referral")
+    elif ref_host:
         source, channel = _known(ref_host) or (ref_host.removeprefix("www."), "referral")
     if utm.get("utm_source") and not source:
         tag = utm["utm_source"].lower()
         source, channel = _LABELS.get(tag) or _known(tag) or (utm["utm_source"], "referral")
-    if medium in _PAID_MEDIUMS:
-        channel = "paid"
-    elif medium in _EMAIL_MEDIUMS:
-        channel = "email"
-    elif medium in _SOCIAL_MEDIUMS:
-        channel = "social"
+    if click := next((_CLICK_IDS[name] for name in _CLICK_IDS if name in query), None):
+        source, channel = source or click, "paid"
+    channel = next((named for pattern, named in _MEDIUM_CHANNELS if pattern.fullmatch(medium)), channel)
     return Source(source, channel, utm.get("utm_source", ""), utm.get("utm_medium", ""), utm.get("utm_campaign", ""))

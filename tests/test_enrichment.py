@@ -118,6 +118,75 @@ def test_utm_source_of_a_known_network_names_it_without_referrer():
     assert (result.source, result.channel) == ("Facebook", "social")
 
 
+@pytest.mark.parametrize("referrer, source, channel", [
+    ("https://kagi.com/", "Kagi", "search"),
+    ("https://www.pinterest.de/", "Pinterest", "social"),
+    ("https://www.pinterest.co.uk/pin/1", "Pinterest", "social"),
+    ("https://yandex.com.tr/", "Yandex", "search"),
+    ("https://mail.yahoo.com/d/folders/1", "Yahoo Mail", "email"),
+    ("https://outlook.office365.com/mail/", "Outlook", "email"),
+    ("https://www.pinterest.evil.example/", "pinterest.evil.example", "referral"),  # no country domain
+])
+def test_more_engines_networks_country_domains_and_webmail(referrer, source, channel):
+    result = referrers.classify("https://shop.example/", referrer, "shop.example")
+    assert (result.source, result.channel) == (source, channel)
+
+
+@pytest.mark.parametrize("referrer, source, channel", [
+    # What Chrome on Android sends when an app opens the link: android-app://<package>/
+    ("android-app://com.google.android.googlequicksearchbox/", "Google", "search"),
+    ("android-app://com.google.android.gm/", "Gmail", "email"),
+    ("android-app://com.facebook.katana/", "Facebook", "social"),
+    ("android-app://com.linkedin.android/", "LinkedIn", "social"),
+    ("android-app://com.reddit.frontpage/", "Reddit", "social"),
+    ("android-app://org.telegram.messenger/", "org.telegram.messenger", "referral"),  # unknown: the package
+    ("android-app://com.shop.example/", "com.shop.example", "referral"),  # a package is not a subdomain
+])
+def test_android_app_referrers_name_the_app(referrer, source, channel):
+    result = referrers.classify("https://shop.example/", referrer, "shop.example")
+    assert (result.source, result.channel) == (source, channel)
+
+
+@pytest.mark.parametrize("query, referrer, source, channel", [
+    # Google Ads and Microsoft Ads auto-tagging add only a click id, no utm_* tags.
+    ("gclid=Cj0KCQ", "https://www.google.com/", "Google", "paid"),
+    ("gclid=Cj0KCQ", None, "Google", "paid"),
+    ("gbraid=0AAAA", "https://www.google.se/", "Google", "paid"),
+    ("wbraid=Cl0KCQ", None, "Google", "paid"),
+    ("msclkid=abc", "https://www.bing.com/", "Bing", "paid"),
+    ("msclkid=abc", None, "Bing", "paid"),
+    # Facebook adds fbclid to every outgoing link, organic posts included: not an ad click.
+    ("fbclid=IwAR0", "https://l.facebook.com/", "Facebook", "social"),
+    ("fbclid=IwAR0", None, "", "direct"),
+    ("gclid=x&utm_source=nyhetsbrev&utm_medium=email", None, "nyhetsbrev", "email"),  # an explicit medium wins
+])
+def test_ad_click_ids_are_paid(query, referrer, source, channel):
+    result = referrers.classify(f"https://shop.example/p?{query}", referrer, "shop.example")
+    assert (result.source, result.channel) == (source, channel)
+
+
+@pytest.mark.parametrize("medium, channel", [
+    # GA4's default channel rules (Plausible's follow them): paid is cp anywhere, ppc, retargeting
+    # or paid-anything; e-mail in its spellings; social and its spellings.
+    ("paid-social", "paid"), ("paidsocial", "paid"), ("paid+social", "paid"), ("Paid_Search", "paid"),
+    ("cpv", "paid"), ("cpa", "paid"), ("retargeting", "paid"), ("+cpc+", "paid"),
+    ("e_mail", "email"), ("e+mail", "email"), ("E-Mail", "email"),
+    ("social-media", "social"), ("social+network", "social"),
+    ("organic", "referral"), ("referral", "referral"), ("affiliate", "referral"),
+])
+def test_utm_medium_spellings_set_the_channel(medium, channel):
+    result = referrers.classify(f"https://shop.example/?utm_source=partnerblog&utm_medium={medium}", None, "shop.example")
+    assert (result.source, result.channel) == ("partnerblog", channel)
+
+
+@pytest.mark.parametrize("tag, source", [("ig", "Instagram"), ("fb", "Facebook"), ("IG", "Instagram"),
+                                         ("pinterest", "Pinterest"), ("kagi", "Kagi")])
+def test_utm_source_short_names_of_networks(tag, source):
+    # Instagram tags links in a bio itself: ?utm_source=ig&utm_medium=social&utm_content=link_in_bio
+    result = referrers.classify(f"https://shop.example/?utm_source={tag}&utm_medium=social", None, "shop.example")
+    assert (result.source, result.channel) == (source, "social")
+
+
 # -- client IP and country -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("peer, xff, trusted, expected", [

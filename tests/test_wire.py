@@ -237,6 +237,22 @@ async def test_control_characters_in_a_source_cannot_forge_a_channel(client, emb
         ("evilsocialx", "paid", "evilsocialx"), ("partnersocial.example", "referral", "")]
 
 
+async def test_ad_click_ids_and_app_referrers_reach_the_referrers_list(client, embedded, services, site):
+    """Google Ads auto-tagging adds only ?gclid=; Chrome on Android sends android-app://<package>/
+    for a link an app opened. Four visitors, four sessions."""
+    visits = [("https://ingest.example/a?gclid=Cj0KCQ", None),
+              ("https://ingest.example/a?msclkid=5f1b", "https://www.bing.com/"),
+              ("https://ingest.example/a", "android-app://com.google.android.googlequicksearchbox/"),
+              ("https://ingest.example/a", "android-app://com.google.android.gm/")]
+    for n, (url, referrer) in enumerate(visits):
+        body = pageview(site, url=url, **({"referrer": referrer} if referrer else {}))
+        assert (await post(client, body, **{"user-agent": f"{BROWSER} visitor/{n}"})).status_code == 202
+    await embedded[1].runner.drain()
+    listed = (await client.get(f"{API}/stats/referrers", params={"site_id": site, "period": "7d"})).json()["data"]
+    assert [(row["source"], row["channel"], row["visitors"], row["sessions"]) for row in listed] == [
+        ("Bing", "paid", 1, 1), ("Gmail", "email", 1, 1), ("Google", "paid", 1, 1), ("Google", "search", 1, 1)]
+
+
 @pytest.mark.parametrize("header, country", [("SE", "SE"), ("se", "SE"), ("ZZ", ""), ("XX", ""), ("T1", ""),
                                              ("EU", ""), ("S", ""), ("SWE", ""), ("", "")])
 async def test_a_country_header_must_be_an_assigned_iso_code(client, embedded, services, site, header, country):
