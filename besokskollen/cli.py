@@ -184,7 +184,9 @@ def cmd_status(args: argparse.Namespace) -> None:
         raise SystemExit("`status` reports on the distributed topology: set BK_KAFKA_BOOTSTRAP")
     from aiokafka.errors import KafkaError
 
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)  # its connection lines are not the report
+    # Its connection lines (an "Unable connect" ERROR per failed attempt) are not the report, and
+    # a Kafka that does not answer is said below in one line.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         exists = asyncio.run(monitor.topic_exists(settings.kafka_bootstrap, settings.kafka_topic))
         lags = asyncio.run(monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_group)) if exists else []
@@ -355,11 +357,20 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+_SERVERS = frozenset({"up", "ingest", "api", "worker"})
+
+
 def main(argv: list[str] | None = None) -> None:
     from clickhouse_connect.driver.exceptions import OperationalError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
+    if args.command not in _SERVERS:
+        # A one-shot command says in one line of its own that ClickHouse does not answer (below);
+        # urllib3's retry and clickhouse-connect's "Unexpected Http Driver Exception" warnings
+        # about the same failure came first. Servers keep them: they log while they wait.
+        for name in ("urllib3", "clickhouse_connect"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         args.func(args)
     except OperationalError as exc:  # servers wait for ClickHouse; a one-shot command says where it failed

@@ -91,18 +91,24 @@ def _retry_after(response: httpx.Response) -> float:
 
 def local(settings: Settings, site_id: str) -> Send:
     """Open the storage itself (the embedded engine only when no server holds the folder)."""
-    from clickhouse_connect.driver.exceptions import Error as ClickHouseError
+    from clickhouse_connect.driver.exceptions import Error as ClickHouseError, OperationalError
 
     from besokskollen.app import open_services
     from ingest import importer
     from ingest.event import utcnow
     from streams.core import StreamCore
 
+    from streams import storage
+
     try:
         services = open_services(settings)
+    except OperationalError:
+        raise  # a server that does not answer: said in one line by the CLI, as by every one-shot command
     except ClickHouseError as exc:
-        raise ImportFailed(f"cannot open {settings.clickhouse_url} (if a server runs on it, import with --url): "
-                           f"{exc}") from exc
+        # A server's URL is named without its user:password@ (this line ends up in logs).
+        where = settings.clickhouse_url if settings.clickhouse_url.startswith("chdb://") else \
+            storage.server(settings.clickhouse_url)
+        raise ImportFailed(f"cannot open {where} (if a server runs on it, import with --url): {exc}") from exc
     site = services.sites.get(site_id)
     if site is None:
         raise ImportFailed(f"no site with id {site_id!r}")

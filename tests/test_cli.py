@@ -393,3 +393,28 @@ def test_a_port_flag_out_of_range_is_refused_as_bk_port_is(command, tmp_path):
         assert result.returncode == 2, (port, result.stderr)
         assert result.stderr.strip().splitlines()[-1] == (
             f"besokskollen {command}: error: argument --port: {port!r} is not a port (1–65535)")
+
+
+def test_one_shot_commands_that_find_no_server_say_so_in_one_line(tmp_path):
+    """README: `status` exits 2 with one line when Kafka does not answer, and one-shot commands
+    exit 2 with `ClickHouse does not answer at …`. The client libraries' own log lines (aiokafka's
+    "Unable connect", urllib3's retry, clickhouse-connect's "Unexpected Http Driver Exception")
+    came first, so the one line was three; and `import` without --url said it its own way, with
+    the whole BK_CLICKHOUSE_URL, password included."""
+    kafka_port, ch_port = free_port(), free_port()
+    env = {**os.environ, "BK_KAFKA_BOOTSTRAP": f"127.0.0.1:{kafka_port}",
+           "BK_CLICKHOUSE_URL": f"http://bk:s3cret@127.0.0.1:{ch_port}/default"}
+    status = subprocess.run([*CLI, "status"], capture_output=True, text=True, env=env, timeout=60)
+    assert status.returncode == 2, status.stderr
+    assert status.stderr.strip().splitlines() == [
+        f"besokskollen status: Kafka does not answer at 127.0.0.1:{kafka_port}: KafkaConnectionError:"
+        f" Unable to bootstrap from [('127.0.0.1', {kafka_port}, <AddressFamily.AF_INET: 2>)]"]
+    events = tmp_path / "events.ndjson"
+    events.write_text('{"name": "pageview", "url": "https://example.com/", "timestamp": "2026-01-01T00:00:00Z",'
+                      ' "ip": "81.2.69.160", "user_agent": "Mozilla/5.0"}\n')
+    for command in (["migrate"], ["keys", "create", "--account", "a"], ["import", str(events), "--site", "example-com"]):
+        result = subprocess.run([*CLI, *command], capture_output=True, text=True, env=env, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert "s3cret" not in result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"besokskollen {command[0]}: ClickHouse does not answer at http://127.0.0.1:{ch_port}: Connection refused"]
