@@ -373,6 +373,11 @@ def main(argv: list[str] | None = None) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
     try:
         args.func(args)
+    except KeyboardInterrupt:
+        # Ctrl-C ends a one-shot command in one line, as 130 (a shell's code for SIGINT). What it
+        # leaves is safe to run again: a copy starts over, a rebuild or migration replays.
+        print(f"besokskollen {args.command}: interrupted; running the same command again is safe", file=sys.stderr)
+        raise SystemExit(130) from None
     except OperationalError as exc:  # servers wait for ClickHouse; a one-shot command says where it failed
         _unreachable(args.command, _settings(args).clickhouse_url, exc)
     except Exception as exc:

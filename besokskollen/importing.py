@@ -91,14 +91,14 @@ def _retry_after(response: httpx.Response) -> float:
 
 def local(settings: Settings, site_id: str) -> Send:
     """Open the storage itself (the embedded engine only when no server holds the folder)."""
-    from clickhouse_connect.driver.exceptions import Error as ClickHouseError, OperationalError
+    from clickhouse_connect.driver.exceptions import Error as ClickHouseError
+    from clickhouse_connect.driver.exceptions import OperationalError
 
     from besokskollen.app import open_services
     from ingest import importer
     from ingest.event import utcnow
-    from streams.core import StreamCore
-
     from streams import storage
+    from streams.core import StreamCore
 
     try:
         services = open_services(settings)

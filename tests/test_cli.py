@@ -418,3 +418,21 @@ def test_one_shot_commands_that_find_no_server_say_so_in_one_line(tmp_path):
         assert "s3cret" not in result.stderr
         assert result.stderr.strip().splitlines() == [
             f"besokskollen {command[0]}: ClickHouse does not answer at http://127.0.0.1:{ch_port}: Connection refused"]
+
+
+@pytest.mark.parametrize("command", ["copy", "migrate"])
+def test_ctrl_c_ends_a_one_shot_command_in_one_line(command, monkeypatch, capsys, tmp_path):
+    """A copy stopped with Ctrl-C ended in Python's KeyboardInterrupt traceback (the import said
+    so in one line, exit 130)."""
+    from besokskollen import cli
+
+    def interrupted(args) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, f"cmd_{command}", interrupted)
+    argv = {"copy": ["copy", "--data", str(tmp_path), "--to", "http://127.0.0.1:1/db"], "migrate": ["migrate"]}
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv[command])
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"besokskollen {command}: interrupted; running the same command again is safe"]
