@@ -329,6 +329,13 @@ async def test_bad_parameters_are_400(client, site, query):
     assert_error(await client.get(f"{API}/" + query.format(site=site["id"])), 400)
 
 
+@pytest.mark.parametrize("query", ["stats/overview?site_id=&period=7d", "goals?site_id=", "popular/products?site_id="])
+async def test_an_empty_site_id_is_a_missing_parameter_as_in_the_import(client, query):
+    response = await client.get(f"{API}/{query}")
+    assert response.status_code == 400
+    assert response.json()["error"] == {"code": "missing_parameter", "message": "site_id is required"}
+
+
 async def test_openapi_is_served_with_the_paths(client):
     response = await client.get(f"{API}/openapi.json")
     assert response.status_code == 200
