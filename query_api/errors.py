@@ -75,8 +75,8 @@ def install(app: FastAPI) -> None:
         # The field's path inside the body (steps.1.match_type), or the query parameter's name.
         loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
         field = ".".join(loc) or "body"
-        # An empty query parameter (`?site_id=`) is a missing one, as the import's body field is.
-        empty = first["type"] == "string_too_short" and first.get("input") == "" and first["loc"][:1] == ("query",)
+        # An empty value (`?site_id=`, `"site_id": ""`) is a missing one, as in the import.
+        empty = first["type"] == "string_too_short" and first.get("input") == ""
         if first["type"] == "missing" or empty:
             return error_response(400, "missing_parameter", f"{field} is required")
         return error_response(400, "invalid_parameter", f"{field}: {first['msg'].removeprefix('Value error, ')}")

@@ -334,6 +334,8 @@ async def test_an_empty_site_id_is_a_missing_parameter_as_in_the_import(client, 
     response = await client.get(f"{API}/{query}")
     assert response.status_code == 400
     assert response.json()["error"] == {"code": "missing_parameter", "message": "site_id is required"}
+    batch = await client.post(f"{API}/batch", json={"site_id": "", "requests": [{"endpoint": "goals"}]})
+    assert batch.json()["error"] == {"code": "missing_parameter", "message": "site_id is required"}
 
 
 async def test_openapi_is_served_with_the_paths(client):
