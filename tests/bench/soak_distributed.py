@@ -21,7 +21,7 @@ come back to zero, a worker slow to rejoin, numbers that drift, a stop that is n
    count of 202 answers (once per client event id), stops everything by pid (SIGTERM: exit code
    and time), and greps every log for tracebacks, errors and warnings.
 
-    PYTHONPATH=. python3 tests/bench/soak_distributed.py [--minutes 10] [--rate 200] [--sample 30] [--keep]
+    PYTHONPATH=. python3 tests/bench/soak_distributed.py [--minutes 10] [--rate 200] [--sample 30] [--session-timeout S] [--keep]
 
 Not run by CI: it prints numbers (2 cores shared by every process and the load; expect noise)."""
 
@@ -249,6 +249,8 @@ async def main(args) -> int:
         env = {"PYTHONPATH": str(ROOT), "BK_KAFKA_BOOTSTRAP": broker.bootstrap, "BK_CLICKHOUSE_URL": clickhouse,
                "BK_ADMIN_KEY": ADMIN_KEY, "BK_KAFKA_TOPIC": f"events-{run_id}", "BK_KAFKA_GROUP": f"soak-{run_id}",
                "BK_SPOOL_DIR": str(work / "spool"), "BK_RATE_LIMIT_PER_MINUTE": "1000000"}
+        if args.session_timeout:  # short: what is kept per session timeout fills within the run
+            env["BK_SESSION_TIMEOUT_S"] = str(args.session_timeout)
         ports = {name: free_port() for name in ("ingest", "api", "w1", "w2")}
         base = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
         procs["ingest"] = Proc("ingest", [*CLI, "ingest", "--port", str(ports["ingest"])], work / "ingest.log", env,
@@ -453,6 +455,8 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=200, help="events per second")
     parser.add_argument("--sample", type=float, default=30, help="seconds between samples")
     parser.add_argument("--query-every", type=float, default=3, help="seconds between rounds of API queries")
+    parser.add_argument("--session-timeout", type=int, help="BK_SESSION_TIMEOUT_S (at least 60): memory kept per"
+                        " session timeout then reaches its size within the run")
     parser.add_argument("--keep", action="store_true", help="keep the data folders and logs")
     parser.add_argument("--json", help="write the samples here")
     sys.exit(asyncio.run(main(parser.parse_args())))
