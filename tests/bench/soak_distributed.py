@@ -174,7 +174,7 @@ async def lags(bootstrap: str, topic: str, group: str) -> tuple[int, int]:
     from streams.monitor import partition_lags
 
     try:
-        found = await asyncio.wait_for(partition_lags(bootstrap, topic, group), 30)
+        found = await asyncio.wait_for(partition_lags(bootstrap, topic, group, ages=False), 30)
     except Exception:  # noqa: BLE001 - a sample without a lag says so
         return -1, -1
     return sum(p.lag for p in found), max((p.lag for p in found), default=0)
@@ -392,6 +392,13 @@ async def main(args) -> int:
                 await asyncio.sleep(0.5)
             print(f"lag {lag[0]} {time.monotonic() - ended:.1f} s after the last event", flush=True)
             await sample("end")
+            accepted = await metric(http, base["ingest"], "bk_events_accepted_total")
+            acked = await metric(http, base["ingest"], "bk_producer_ack_seconds_count")
+            ack_sum = await metric(http, base["ingest"], "bk_producer_ack_seconds_sum")
+            switches = procs["ingest"].log.read_text().count("; spooling to ")
+            print(f"ingest: {accepted:.0f} accepted, {acked:.0f} acknowledged by Kafka directly (mean "
+                  f"{1000 * ack_sum / max(acked, 1):.1f} ms), {accepted - acked:.0f} through the spool; "
+                  f"{switches} switches to the spool", flush=True)
             print(f"sent {load.tally.sent} events + {load.tally.retries_sent} retries; statuses "
                   f"{dict(sorted(load.tally.statuses.items()))}; API statuses {dict(load.api_statuses)}", flush=True)
             print(f"expected: pageviews {sum(load.tally.pageviews.values())}, clicks "
