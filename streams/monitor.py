@@ -43,9 +43,10 @@ async def topic_exists(bootstrap: str, topic: str) -> bool:
         await admin.close()
 
 
-async def partition_lags(bootstrap: str, topic: str, group: str) -> list[PartitionLag]:
+async def partition_lags(bootstrap: str, topic: str, group: str, ages: bool = True) -> list[PartitionLag]:
     """Lag of the consumer group on every partition of the topic, which must exist (`topic_exists`):
-    asking about one that does not may create it."""
+    asking about one that does not may create it. `ages=False` leaves `oldest_age_s` None and reads
+    no record: the worker's lag gauge, every 5 s, needs none."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     try:  # both are closed whichever start fails (the broker may be away)
@@ -59,15 +60,15 @@ async def partition_lags(bootstrap: str, topic: str, group: str) -> list[Partiti
         ends = await consumer.end_offsets(partitions)
         starts = await consumer.beginning_offsets(partitions)
         committed = await _committed(admin, group)
-        out = []
+        offsets = {}
         for tp in partitions:
             offset = committed[tp].offset if tp in committed and committed[tp].offset >= 0 else starts[tp]
             # Records the topic's retention deleted before they were processed are not waiting:
             # the workers (auto_offset_reset earliest) go on from the first record left.
-            offset = max(offset, starts[tp])
-            age = await _age_at(consumer, tp, offset) if offset < ends[tp] else None
-            out.append(PartitionLag(tp.partition, offset, ends[tp], age))
-        return out
+            offsets[tp] = max(offset, starts[tp])
+        waiting = {tp: offset for tp, offset in offsets.items() if offset < ends[tp]}
+        found = await _ages_at(consumer, waiting) if ages and waiting else {}
+        return [PartitionLag(tp.partition, offsets[tp], ends[tp], found.get(tp)) for tp in partitions]
     finally:
         await consumer.stop()
         await admin.close()
@@ -85,14 +86,21 @@ async def _committed(admin: AIOKafkaAdminClient, group: str, tries: int = 20) ->
     return await admin.list_consumer_group_offsets(group)
 
 
-async def _age_at(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> float | None:
-    consumer.assign([tp])
-    consumer.seek(tp, offset)
-    try:
-        record = await asyncio.wait_for(consumer.getone(tp), 5)
-    except TimeoutError:
-        return None
-    return max(0.0, time.time() - record.timestamp / 1000)
+async def _ages_at(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, float]:
+    """Age of the record at each offset (left out when none came within 5 s). One `assign` for all:
+    each logs a table of the subscription at INFO (Faust's logging in a worker), and one per
+    lagging partition every 5 s made ~95 % of a worker's log under steady traffic."""
+    consumer.assign(list(offsets))
+    for tp, offset in offsets.items():
+        consumer.seek(tp, offset)
+    out = {}
+    for tp in offsets:
+        try:
+            record = await asyncio.wait_for(consumer.getone(tp), 5)
+        except TimeoutError:
+            continue
+        out[tp] = max(0.0, time.time() - record.timestamp / 1000)
+    return out
 
 
 @dataclass
@@ -157,5 +165,5 @@ def describe(lags: list[PartitionLag]) -> str:
     parts = " ".join(f"{p.partition}:{p.lag}" for p in lags)
     if ages:
         return f"lag {total} ({parts}); oldest unprocessed event {max(ages):.1f} s old"
-    # A record is read for its age within 5 s (_age_at); a lag without one is not "caught up".
+    # A record is read for its age within 5 s (_ages_at); a lag without one is not "caught up".
     return f"lag {total} ({parts}); " + ("age of the oldest unprocessed event unknown" if total else "caught up")

@@ -221,7 +221,8 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
     @app.timer(LAG_METRICS_EVERY_S)
     async def lag_metrics() -> None:
         try:
-            lags = await monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_group)
+            lags = await monitor.partition_lags(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_group,
+                                                ages=False)
         except Exception:  # noqa: BLE001 - the once-a-minute report logs trouble
             return
         for lag in lags:

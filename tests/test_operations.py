@@ -387,6 +387,48 @@ def test_lag_counts_from_the_first_record_kafka_still_holds(kafka):
     assert lag.oldest_age_s is not None and 0 <= lag.oldest_age_s < 60
 
 
+def test_lag_reads_assign_once_and_the_lag_gauge_reads_no_record(kafka, caplog):
+    """Under steady traffic every partition lags a little. The worker's lag gauge (every 5 s) read
+    the record at each lagging partition's offset for an age it does not show, and each read
+    re-assigned the consumer, which aiokafka logs at INFO (a table of topics under Faust's
+    logging): ~95 % of each worker's log in the distributed soak (tests/bench/soak_distributed.py)."""
+    import logging
+
+    from aiokafka import AIOKafkaProducer
+
+    from streams import monitor
+    from streams.topic import ensure_topic
+
+    topic, group = f"lagging-{uuid.uuid4().hex[:8]}", f"group-{uuid.uuid4().hex[:8]}"
+
+    async def lags(**ages: bool) -> list:
+        return await monitor.partition_lags(kafka, topic, group, **ages)
+
+    async def produce() -> None:
+        await ensure_topic(kafka, topic, 3, 1)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka)
+        await producer.start()
+        try:
+            for partition in range(3):
+                for _ in range(2):
+                    await producer.send_and_wait(topic, b"{}", partition=partition)
+        finally:
+            await producer.stop()
+
+    def assignments() -> int:
+        return sum(1 for r in caplog.records if r.getMessage().startswith("Updating subscribed topics"))
+
+    asyncio.run(produce())
+    caplog.set_level(logging.INFO, logger="aiokafka")
+    with_ages = asyncio.run(lags())  # what `besokskollen status` and the report read
+    assert [(p.lag, p.oldest_age_s is not None) for p in with_ages] == [(2, True)] * 3
+    assert assignments() == 1
+    caplog.clear()
+    gauge = asyncio.run(lags(ages=False))
+    assert [(p.lag, p.oldest_age_s) for p in gauge] == [(2, None)] * 3
+    assert assignments() == 0
+
+
 def test_readiness_reaches_a_bootstrap_server_given_without_its_port():
     """aiokafka takes `kafka` in BK_KAFKA_BOOTSTRAP as kafka:9092; the readiness check failed to
     parse it, so ingest and the worker were never ready (and compose's proxy never started)."""
