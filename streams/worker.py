@@ -47,6 +47,9 @@ BATCH_WAIT_MS = 200
 # 51 % of a core without the wait, 25 % with 250 ms, 18 % with 500 ms. Freshness pays up to 250 ms.
 BATCH_LINGER_MS = 250
 LAG_METRICS_EVERY_S = 5.0
+# `status` lists the workers that reported: the first report comes this soon after the start, so
+# a worker just started or restarted is not missing from it for a minute.
+FIRST_REPORT_AFTER_S = 10.0
 # A consumer that ran this long before failing had recovered: its retries start over from 1 s.
 HEALTHY_STRETCH_S = 60.0
 # Fast recovery: a worker that dies without leaving the group (kill -9) is noticed after the
@@ -227,6 +230,11 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
             return
         for lag in lags:
             metrics.CONSUMER_LAG.labels(str(lag.partition)).set(lag.lag)
+
+    @app.task
+    async def first_report() -> None:
+        await asyncio.sleep(FIRST_REPORT_AFTER_S)
+        await report_status(settings, client, name, stats)
 
     @app.timer(monitor.REPORT_EVERY_S)
     async def report() -> None:

@@ -414,6 +414,8 @@ def test_survivors_take_over_when_workers_leave(kafka, clickhouse_http, tmp_path
         assert status.returncode == 0, status.stderr
         assert (f"group {d.env['BK_KAFKA_GROUP']}: lag 0 (0:0 1:0 2:0 3:0 4:0 5:0 6:0 7:0 8:0 9:0 10:0 11:0); caught up"
                 in status.stdout), status.stdout
+        # Each worker reports within seconds of its start, not a minute later (status listed none).
+        assert "no worker has reported" not in status.stdout and "worker w1-" in status.stdout, status.stdout
     finally:
         d.stop()
 
