@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -32,6 +33,10 @@ _CONNECT_TIMEOUT_S = 10.0
 # at 250 ms, the first wave of an outage waited ~165 ms (the outage test's p99 is 100 ms).
 _WATCH_PERIOD_S = 0.05
 _WATCH_TIMEOUT_S = 1.0
+# On saturated cores a single late acknowledgement (> BK_SPOOL_AFTER_MS) switches to the spool
+# for a moment, ~100 times in 10 minutes in a soak: a WARNING each was noise. One a minute, with
+# the count of the others.
+_SWITCH_WARN_EVERY_S = 60.0
 
 
 class Handoff(Protocol):
@@ -92,6 +97,8 @@ class KafkaHandoff:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._waiting: set[asyncio.Future] = set()
+        self._warned_at = float("-inf")
+        self._switches_unsaid = 0
 
     async def start(self) -> None:
         """Opens the spool and connects; when Kafka is down, starts anyway (spooling) and keeps
@@ -170,7 +177,15 @@ class KafkaHandoff:
 
     def _start_spooling(self, why: str) -> None:
         if not self._spooling:
-            log.warning("%s; spooling to %s", why, self.spool.directory)
+            now = time.monotonic()
+            if now - self._warned_at >= _SWITCH_WARN_EVERY_S:
+                more = f" ({self._switches_unsaid} more switches to the spool since the last such message)" \
+                    if self._switches_unsaid else ""
+                log.warning("%s; spooling to %s%s", why, self.spool.directory, more)
+                self._warned_at, self._switches_unsaid = now, 0
+            else:
+                self._switches_unsaid += 1
+                log.debug("%s; spooling to %s", why, self.spool.directory)
             self._spooling = True
             self._wake.set()
             # Events waiting for an acknowledgement go to the spool now, not at their timeout.
@@ -234,7 +249,9 @@ class KafkaHandoff:
                     if await self._reachable():
                         if not self.spool.pending_bytes:  # nothing slipped in during the check
                             self._spooling = False
-                            log.info("spool sent; events go to Kafka directly again")
+                            # Said when the switch to the spool was (not for each unsaid one).
+                            log.log(logging.DEBUG if self._switches_unsaid else logging.INFO,
+                                    "spool sent; events go to Kafka directly again")
                         continue
                     await asyncio.sleep(delay)
                     continue

@@ -132,6 +132,25 @@ def test_commits_on_another_thread_lose_nothing_appended_meanwhile(tmp_path):
     again.close()
 
 
+async def test_switches_to_the_spool_are_warned_about_once_a_minute(tmp_path, caplog, monkeypatch):
+    """On saturated cores a single late acknowledgement switches to the spool for a moment; a soak
+    logged ~100 such WARNINGs in 10 minutes. One a minute now, counting the others."""
+    from ingest import handoff
+
+    clock = [1000.0]
+    monkeypatch.setattr(handoff.time, "monotonic", lambda: clock[0])
+    kafka = handoff.KafkaHandoff("127.0.0.1:1", "events", 1, 1, None, Spool(tmp_path, 1 << 20), 0.25)
+    caplog.set_level("WARNING", logger=handoff.__name__)
+    for step in range(5):
+        kafka._start_spooling("Kafka did not acknowledge within 250 ms")
+        kafka._spooling = False  # the spool was sent meanwhile
+        clock[0] += 20
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [f"Kafka did not acknowledge within 250 ms; spooling to {tmp_path}",
+                      f"Kafka did not acknowledge within 250 ms; spooling to {tmp_path}"
+                      " (2 more switches to the spool since the last such message)"]
+
+
 def test_a_record_torn_by_a_crash_is_cut_off(tmp_path):
     spool = Spool(tmp_path, 1 << 20)
     spool.open()
