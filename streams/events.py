@@ -39,7 +39,7 @@ _HISTORY = f"""
 SELECT {_SELECT} FROM events
 WHERE site_id IN {{sites:Array(String)}}
   AND timestamp >= {{start:DateTime64(3, 'UTC')}} AND timestamp < {{end:DateTime64(3, 'UTC')}}
-  AND visitor_id IN (SELECT arrayJoin(splitByChar(',', {{visitors:String}}))::UInt64)
+  AND visitor_id IN {{visitors:Array(UInt64)}}
 """
 
 
@@ -76,10 +76,11 @@ def history(client: Client, visitors: set[tuple[str, int]], start: datetime, end
     out: dict[tuple[str, int], dict[str, StoredEvent]] = defaultdict(dict)
     if not visitors:
         return out
-    # The ids go as one string: clickhouse-connect formats an array parameter element by element,
-    # which cost more than the query. Other sites' visitors with the same ids are dropped here.
+    # The ids go as an array, a constant set: as a subquery over one string (`arrayJoin(splitByChar
+    # (…))`) they made the read 2.4× slower on 5M events in the window (75 → 31 ms; equal on 50k).
+    # Other sites' visitors with the same ids are dropped here.
     result = client.query(_HISTORY, parameters={
-        "sites": sorted({site for site, _ in visitors}), "visitors": ",".join(str(v) for _, v in visitors),
+        "sites": sorted({site for site, _ in visitors}), "visitors": [v for _, v in visitors],
         "start": start, "end": end})
     for row in result.result_rows:
         event = _event(row)
@@ -115,10 +116,12 @@ def _near(client: Client, events: Sequence[Event], columns: str, chunk: int) -> 
                 f"SELECT {columns} FROM events"
                 " WHERE site_id IN {sites:Array(String)}"
                 " AND timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp <= {end:DateTime64(3, 'UTC')}"
-                " AND event_id IN (SELECT arrayJoin(splitByChar(',', {ids:String}))::UUID)",
+                # An array, as in `history`: 2× faster than a subquery over one string at 3M events
+                # in the window (32 → 16 ms).
+                " AND event_id IN {ids:Array(UUID)}",
                 parameters={"sites": sorted({e.site_id for e in part}),
                             "start": part[0].timestamp - RETRY_WINDOW, "end": part[-1].timestamp + RETRY_WINDOW,
-                            "ids": ",".join(e.event_id for e in part)},
+                            "ids": [e.event_id for e in part]},
             ).result_rows
 
 
@@ -174,11 +177,9 @@ def _held_by_own_visitor(client: Client, events: list[Event]) -> set[tuple[str, 
             "SELECT site_id, visitor_id, toString(event_id) FROM events"
             " WHERE site_id IN {sites:Array(String)}"
             " AND timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp < {end:DateTime64(3, 'UTC')}"
-            " AND visitor_id IN (SELECT arrayJoin(splitByChar(',', {visitors:String}))::UInt64)"
-            " AND event_id IN (SELECT arrayJoin(splitByChar(',', {ids:String}))::UUID)",
+            " AND visitor_id IN {visitors:Array(UInt64)} AND event_id IN {ids:Array(UUID)}",  # as in `history`
             parameters={"sites": sorted({e.site_id for e in members}), "start": start, "end": end,
-                        "visitors": ",".join(sorted({str(e.visitor_id) for e in members})),
-                        "ids": ",".join(e.event_id for e in members)},
+                        "visitors": sorted({e.visitor_id for e in members}), "ids": [e.event_id for e in members]},
         ).result_rows
         found |= {(site_id, event_id) for site_id, visitor_id, event_id in rows
                   if (site_id, visitor_id, event_id) in wanted}

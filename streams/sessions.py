@@ -131,10 +131,10 @@ def latest_ends(client: Client, visitors: Iterable[tuple[str, int]], since: date
     rows = client.query(
         "SELECT site_id, visitor_id, max(end) FROM sessions FINAL WHERE site_id IN {sites:Array(String)}"
         " AND start >= {oldest:DateTime64(3, 'UTC')} AND end > {since:DateTime64(3, 'UTC')}"
-        " AND visitor_id IN (SELECT arrayJoin(splitByChar(',', {visitors:String}))::UInt64)"
+        " AND visitor_id IN {visitors:Array(UInt64)}"  # a constant set (streams/events.py `history`)
         " GROUP BY site_id, visitor_id",
         parameters={"sites": sorted({site for site, _ in wanted}), "since": since, "oldest": since - VISITOR_LIFETIME,
-                    "visitors": ",".join(str(visitor) for _, visitor in wanted)},
+                    "visitors": [visitor for _, visitor in wanted]},
     ).result_rows
     return {(site, visitor): end.replace(tzinfo=timezone.utc) for site, visitor, end in rows if (site, visitor) in wanted}
 
