@@ -459,3 +459,24 @@ def test_any_kill_before_the_commit_point_and_any_redelivery_end_exact(services,
     cold = _cold(client, events)
     assert _strip_session_ids(derived_rows(client, site)) == _strip_session_ids(derived_rows(client, cold))
     assert _rollups(client, site) == _rollups(client, cold)
+
+
+def test_of_unmerged_copies_of_an_event_the_last_inserted_is_read(services):
+    """Copies of one event wait in separate parts until a merge (a redelivery, a corrected
+    re-import another core wrote); read without FINAL they came back in no set order, and the
+    stream core took whichever came last. It must take the last inserted, as FINAL does."""
+    from streams import events
+
+    client, site = services.client, _site()
+    copy = event(site, 7, T0, path="/a", source="Google", channel="search")
+    client.command("SYSTEM STOP MERGES events")
+    try:
+        for n in range(8):  # eight parts
+            events.write(client, [(copy.model_copy(update={"source": f"S{n}", "visitor_id": 7 + n % 2}), 1)])
+        for _ in range(5):
+            got = events.history(client, {(site, 7), (site, 8)}, T0 - timedelta(days=1), T0 + timedelta(days=1))
+            assert {visitor: {e.source for e in stored.values()} for visitor, stored in got.items() if stored} == {
+                (site, 8): {"S7"}}  # under the visitor of the last copy only
+            assert events.owners(client, [copy])[(site, copy.event_id)].visitor_id == 8
+    finally:
+        client.command("SYSTEM START MERGES events")
