@@ -48,125 +48,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.bench.soak_embedded import (  # noqa: E402
-    AUTH, BROWSERS, N_SITES, Load, compare, dir_size, metric, percentile, totals,
+    AUTH, N_SITES, Load, Proc, compare, dir_size, marker_lag, metric, percentile, proc_stats, totals,
 )
 from tests.conftest import ADMIN_KEY, Broker, free_port  # noqa: E402
 
 CLI = [sys.executable, "-m", "besokskollen"]
-
-
-def proc_stats(pid: int) -> dict:
-    """RSS, descriptors, threads and CPU seconds of a process, from /proc."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return {"rss_mb": float("nan"), "threads": 0, "fds": 0, "cpu_s": float("nan")}
-    return {"rss_mb": int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024,
-            "threads": int(re.search(r"Threads:\s+(\d+)", status).group(1)), "fds": fds,
-            "cpu_s": (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")}
-
-
-class Proc:
-    """A child process (its output in a log), stoppable with SIGTERM or SIGKILL and startable again."""
-
-    def __init__(self, name: str, args: list[str], log: Path, env: dict, ready_url: str | None) -> None:
-        self.name, self.args, self.log, self.env, self.ready_url = name, args, log, env, ready_url
-        self.proc: subprocess.Popen | None = None
-        self.cpu_before = 0.0  # CPU seconds of earlier incarnations (a restart starts from 0)
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                         env={**os.environ, **self.env})
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    async def ready(self, http: aiohttp.ClientSession, timeout: float = 120) -> float:
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                async with http.get(self.ready_url) as r:
-                    if r.status == 200:
-                        return time.monotonic() - started
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-        raise TimeoutError(f"{self.name} not ready after {timeout} s")
-
-    def stats(self) -> dict:
-        st = proc_stats(self.pid)
-        st["cpu_s"] += self.cpu_before
-        return st
-
-    def _forget_cpu(self) -> None:
-        st = proc_stats(self.pid)
-        if st["cpu_s"] == st["cpu_s"]:
-            self.cpu_before += st["cpu_s"]
-
-    def term(self, timeout: float = 60) -> tuple[int | None, float]:
-        """SIGTERM; (exit code, or None when it had to be killed; seconds until it exited)."""
-        if self.proc.poll() is not None:
-            return self.proc.returncode, 0.0
-        self._forget_cpu()
-        started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            rc = None
-        return rc, time.monotonic() - started
-
-    def kill(self) -> None:
-        self._forget_cpu()
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-
-class DLoad(Load):
-    """The embedded soak's load, with events to ingest and queries to the API (two processes)."""
-
-    def __init__(self, ingest: str, api: str, sites, rate: float) -> None:
-        super().__init__(ingest, sites, rate)
-        self.api_url = api
-
-    async def api(self, http, method: str, path: str, **kw):
-        start = time.perf_counter()
-        try:
-            async with http.request(method, f"{self.api_url}/api/v1/{path}", headers=AUTH, **kw) as r:
-                body = await r.read()
-                status = r.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            self.api_statuses[type(exc).__name__] += 1
-            return 0, None
-        self.api_latency.append(time.perf_counter() - start)
-        self.api_statuses[str(status)] += 1
-        return status, (json.loads(body) if body else None)
-
-
-async def marker_lag(ingest: str, api: str, http, marker: tuple[str, str], sent: list[int],
-                     timeout: float = 180) -> float:
-    """Post a pageview to the marker site through ingest; seconds until the API counts it."""
-    site, domain = marker
-    body = {"site_id": site, "name": "pageview", "url": f"https://{domain}/marker", "event_id": str(uuid.uuid4())}
-    async with http.post(f"{ingest}/api/event", data=json.dumps(body), headers={"user-agent": BROWSERS[0]}) as r:
-        assert r.status == 202, r.status
-    sent[0] += 1
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        async with http.get(f"{api}/api/v1/stats/overview", params={"site_id": site, "period": "7d"},
-                            headers=AUTH) as r:
-            if r.status == 200 and (await r.json())["data"]["pageviews"] >= sent[0]:
-                return time.monotonic() - start
-        await asyncio.sleep(0.05)
-    return float("inf")
 
 
 async def lags(bootstrap: str, topic: str, group: str) -> tuple[int, int]:
@@ -280,7 +166,7 @@ async def main(args) -> int:
                     assert r.status == 201, (r.status, await r.text())
                     sites.append(((await r.json())["data"]["id"], domain))
             marker, sites = sites[-1], sites[:-1]
-            load = DLoad(base["ingest"], base["api"], sites, args.rate)
+            load = Load(base["ingest"], sites, args.rate, api_url=base["api"])
             markers = [0]
             started = time.monotonic()
             watched = {**{n: p for n, p in procs.items()}}
@@ -300,7 +186,7 @@ async def main(args) -> int:
                 ev, api = load.event_latency, load.api_latency
                 load.event_latency, load.api_latency = [], []
                 total_lag, max_lag = await lags(broker.bootstrap, topic, group)
-                fresh = await marker_lag(base["ingest"], base["api"], http, marker, markers)
+                fresh = await marker_lag(base["ingest"], http, marker, markers, timeout=180, api=base["api"])
                 try:
                     p = await asyncio.to_thread(parts, clickhouse)
                 except Exception as exc:  # noqa: BLE001
@@ -339,7 +225,7 @@ async def main(args) -> int:
                     if 0 <= total_lag <= args.rate and time.monotonic() - since > 3 and state == "Stable":
                         break
                     await asyncio.sleep(1)
-                fresh = await marker_lag(base["ingest"], base["api"], http, marker, markers)
+                fresh = await marker_lag(base["ingest"], http, marker, markers, timeout=180, api=base["api"])
                 line = (f"{what}: lag back to <= {args.rate:.0f} after {time.monotonic() - since:.1f} s; "
                         f"marker fresh {fresh:.2f} s; trail (t:lag/state members) {' '.join(trail)}")
                 events_log.append(line)

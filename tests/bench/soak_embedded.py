@@ -86,42 +86,66 @@ def random_ip(rng: random.Random) -> str:
 
 # --- the process under test ---------------------------------------------------------------------
 
-class Up:
-    launcher: list[str] = CLI  # `--launcher`: another script that runs the CLI (a profiler around it)
+def proc_stats(pid: int) -> dict:
+    """RSS, descriptors, threads and CPU seconds of a process, from /proc."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return {"rss_mb": float("nan"), "threads": 0, "fds": 0, "cpu_s": float("nan")}
+    return {"rss_mb": int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024,
+            "threads": int(re.search(r"Threads:\s+(\d+)", status).group(1)), "fds": fds,
+            "cpu_s": (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")}
 
-    def __init__(self, data: Path, log: Path) -> None:
-        self.data, self.log_path = data, log
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "BK_ADMIN_KEY": ADMIN_KEY,
-               "BK_RATE_LIMIT_PER_MINUTE": "1000000"}
-        env.pop("BK_KAFKA_BOOTSTRAP", None)
-        env.pop("BK_CLICKHOUSE_URL", None)
-        env.pop("BK_SPOOL_DIR", None)
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen([*self.launcher, "up", "--port", str(self.port), "--data", str(data)],
-                                         stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        self.pid = self.proc.pid
 
-    async def ready(self, session: aiohttp.ClientSession, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+class Proc:
+    """A child process (its output in a log), stoppable with SIGTERM or SIGKILL and startable again."""
+
+    def __init__(self, name: str, args: list[str], log: Path, env: dict, ready_url: str | None) -> None:
+        self.name, self.args, self.log, self.env, self.ready_url = name, args, log, env, ready_url
+        self.proc: subprocess.Popen | None = None
+        self.cpu_before = 0.0  # CPU seconds of earlier incarnations (a restart starts from 0)
+
+    def start(self) -> None:
+        env = {name: value for name, value in {**os.environ, **self.env}.items() if value is not None}  # None: unset
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def ready(self, http: aiohttp.ClientSession, timeout: float = 120) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"up exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
-                async with session.get(f"{self.url}/readyz") as r:
+                async with http.get(self.ready_url) as r:
                     if r.status == 200:
-                        return
+                        return time.monotonic() - started
             except aiohttp.ClientError:
                 pass
-            await asyncio.sleep(0.2)
-        raise TimeoutError("up did not become ready")
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"{self.name} not ready after {timeout} s")
 
-    def stop(self, timeout: float = 120) -> tuple[int | None, float]:
-        """SIGTERM; (exit code or None if it had to be killed, seconds until it exited)."""
-        start = time.monotonic()
+    def stats(self) -> dict:
+        st = proc_stats(self.pid)
+        st["cpu_s"] += self.cpu_before
+        return st
+
+    def _forget_cpu(self) -> None:
+        st = proc_stats(self.pid)
+        if st["cpu_s"] == st["cpu_s"]:
+            self.cpu_before += st["cpu_s"]
+
+    def term(self, timeout: float = 60) -> tuple[int | None, float]:
+        """SIGTERM; (exit code, or None when it had to be killed; seconds until it exited)."""
         if self.proc.poll() is not None:
             return self.proc.returncode, 0.0
+        self._forget_cpu()
+        started = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
         try:
             rc = self.proc.wait(timeout)
@@ -129,17 +153,27 @@ class Up:
             self.proc.kill()
             self.proc.wait()
             rc = None
-        return rc, time.monotonic() - start
+        return rc, time.monotonic() - started
 
-    # what /proc says about it
-    def proc_stats(self) -> dict:
-        status = Path(f"/proc/{self.pid}/status").read_text()
-        rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
-        threads = int(re.search(r"Threads:\s+(\d+)", status).group(1))
-        fds = len(os.listdir(f"/proc/{self.pid}/fd"))
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return {"rss_mb": rss, "threads": threads, "fds": fds, "cpu_s": cpu}
+    def kill(self) -> None:
+        self._forget_cpu()
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+class Up(Proc):
+    """`besokskollen up` on a free port with the data folder, started at once."""
+
+    launcher: list[str] = CLI  # `--launcher`: another script that runs the CLI (a profiler around it)
+
+    def __init__(self, data: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {"PYTHONPATH": str(ROOT), "BK_ADMIN_KEY": ADMIN_KEY, "BK_RATE_LIMIT_PER_MINUTE": "1000000",
+               "BK_KAFKA_BOOTSTRAP": None, "BK_CLICKHOUSE_URL": None, "BK_SPOOL_DIR": None}
+        super().__init__("up", [*self.launcher, "up", "--port", str(self.port), "--data", str(data)], log, env,
+                         f"{self.url}/readyz")
+        self.start()
 
 
 def dir_size(path: Path) -> int:
@@ -194,8 +228,11 @@ class Tally:
 
 
 class Load:
-    def __init__(self, url: str, sites: list[tuple[str, str]], rate: float, seed: int = 1) -> None:
+    def __init__(self, url: str, sites: list[tuple[str, str]], rate: float, seed: int = 1,
+                 api_url: str | None = None) -> None:
+        # Events go to `url`; queries to `api_url` (the distributed soak: ingest and api apart).
         self.url, self.sites, self.rate = url, sites, rate
+        self._api_url = api_url
         self.rng = random.Random(seed)
         self.tally = Tally()
         self.event_latency: list[float] = []
@@ -311,10 +348,14 @@ class Load:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    @property
+    def api_url(self) -> str:
+        return self._api_url or self.url  # follows `url` (a restarted `up` gets another port)
+
     async def api(self, http: aiohttp.ClientSession, method: str, path: str, **kw) -> tuple[int, dict | None]:
         start = time.perf_counter()
         try:
-            async with http.request(method, f"{self.url}/api/v1/{path}", headers=AUTH, **kw) as r:
+            async with http.request(method, f"{self.api_url}/api/v1/{path}", headers=AUTH, **kw) as r:
                 body = await r.read()
                 status = r.status
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -346,8 +387,9 @@ async def pageviews(load: Load, http: aiohttp.ClientSession, site: str) -> int:
 
 
 async def marker_lag(url: str, http: aiohttp.ClientSession, marker: tuple[str, str], sent: list[int],
-                     timeout: float = 300) -> float:
-    """Post a pageview to the marker site; seconds until the API counts it."""
+                     timeout: float = 300, api: str | None = None) -> float:
+    """Post a pageview to the marker site at `url`; seconds until the API (at `api`, else `url`)
+    counts it."""
     site, domain = marker
     body = {"site_id": site, "name": "pageview", "url": f"https://{domain}/marker", "event_id": str(uuid.uuid4())}
     async with http.post(f"{url}/api/event", data=json.dumps(body), headers={"user-agent": BROWSERS[0]}) as r:
@@ -355,7 +397,7 @@ async def marker_lag(url: str, http: aiohttp.ClientSession, marker: tuple[str, s
     sent[0] += 1
     start = time.monotonic()
     while time.monotonic() - start < timeout:
-        async with http.get(f"{url}/api/v1/stats/overview", params={"site_id": site, "period": "7d"},
+        async with http.get(f"{api or url}/api/v1/stats/overview", params={"site_id": site, "period": "7d"},
                             headers=AUTH) as r:
             if r.status == 200 and (await r.json())["data"]["pageviews"] >= sent[0]:
                 return time.monotonic() - start
@@ -431,7 +473,7 @@ async def main(args) -> int:
         failures.extend(f"{when}: {p}" for p in found)
 
     def stop(which: str) -> None:
-        rc, took = up.stop()
+        rc, took = up.term(120)
         print(f"{which} SIGTERM: exit code {rc} after {took:.2f} s", flush=True)
         if rc != 0:
             failures.append(f"{which} up exited with {rc} after {took:.1f}s")
@@ -450,11 +492,11 @@ async def main(args) -> int:
             load = Load(up.url, sites, args.rate)
             markers = [0]
             started = time.monotonic()
-            last = {"t": started, "cpu": up.proc_stats()["cpu_s"], "sent": 0}
+            last = {"t": started, "cpu": up.stats()["cpu_s"], "sent": 0}
 
             async def sample(final: bool = False) -> None:
                 now = time.monotonic()
-                st = up.proc_stats()
+                st = up.stats()
                 ev, api = load.event_latency, load.api_latency
                 load.event_latency, load.api_latency = [], []
                 lag = await marker_lag(up.url, http, marker, markers)
@@ -514,7 +556,7 @@ async def main(args) -> int:
         stop("second")
     finally:
         if up.proc.poll() is None:
-            up.stop()
+            up.term(120)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print("\n| t (s) | RSS MB | fds | threads | CPU % | parts on disk | event p50/p99 ms | API p50/p99 ms | lag s |")
