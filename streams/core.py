@@ -46,7 +46,7 @@ class _Changes:
     activity: list[tuple] = field(default_factory=list)  # (site, visitor, key, measures)
     dead_activity: list[tuple] = field(default_factory=list)
     events: list[tuple[Event, int]] = field(default_factory=list)
-    buckets: set = field(default_factory=set)  # (site, kind, bucket) to rebuild
+    buckets: set = field(default_factory=set)  # (site, kind, value, bucket) to rebuild
     derived: dict = field(default_factory=dict)  # visitor → _Derived, remembered once written
 
 
@@ -128,7 +128,7 @@ class StreamCore:
         self._remember(changes.derived)
         for table, rows in (("sessions", len(changes.sessions) + len(changes.dead_sessions)),
                             ("activity", len(changes.activity) + len(changes.dead_activity)),
-                            ("rollup_buckets", len(changes.buckets)), ("events", len(changes.events))):
+                            ("rollup_keys", len(changes.buckets)), ("events", len(changes.events))):
             metrics.ROWS_WRITTEN.labels(table).inc(rows)
 
     def _history(self, days: dict[tuple[str, int], set[date]]) -> dict:
@@ -201,15 +201,15 @@ class StreamCore:
                 elif was_in.get(eid) != s.session_id:
                     changes.events.append((stored[eid], s.session_id))
 
-        # Activity: likewise, by key; the buckets of every changed row are rebuilt.
+        # Activity: likewise, by key; the rollup key of every changed row is rebuilt.
         for key, measures in fresh.items():
             if maybe_written is not None or old.get(key) != measures:
                 changes.activity.append((site_id, visitor_id, key, measures))
-                changes.buckets.add((site_id, key[0], activity.bucket_at(key[2])))
+                changes.buckets.add((site_id, key[0], key[1], activity.bucket_at(key[2])))
         for key, measures in (old if maybe_written is None else {**maybe_written[1], **old}).items():
             if key not in fresh:
                 changes.dead_activity.append((site_id, visitor_id, key, measures))
-                changes.buckets.add((site_id, key[0], activity.bucket_at(key[2])))
+                changes.buckets.add((site_id, key[0], key[1], activity.bucket_at(key[2])))
 
     def _prefix_rows(self, stored: dict[str, Event], new: dict[str, Event], gone: set[str],
                      goals: tuple) -> tuple[dict[int, Session], dict]:

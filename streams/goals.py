@@ -149,7 +149,8 @@ def backfill(client: Client, goal: Goal) -> int:
         "SELECT DISTINCT bucket FROM activity WHERE site_id = {site:String} AND kind = 'goal' AND value = {goal:String}",
         parameters={"site": goal.site_id, "goal": goal.goal_id}).result_rows]
     for i in range(0, len(buckets), 500):
-        rollups.rebuild(client, {(goal.site_id, "goal", b.replace(tzinfo=timezone.utc)) for b in buckets[i:i + 500]})
+        rollups.rebuild(client, {(goal.site_id, "goal", goal.goal_id, b.replace(tzinfo=timezone.utc))
+                                 for b in buckets[i:i + 500]})
     return len(buckets)
 
 

@@ -1,11 +1,15 @@
 """Rollups: every number the query API serves, per UTC quarter hour and per UTC day.
 
-A rollup row is never incremented. After a batch, each (site, kind, bucket) whose activity
+A rollup row is never incremented. After a batch, each (site, kind, value, bucket) whose activity
 changed is recomputed whole from the `activity` table (streams/activity.py, read with FINAL) and
-written with a newer `version`; keys the bucket no longer has get a tombstone. The days those
-buckets belong to are then recomputed from the quarter hours. So a redelivered or replayed batch
-changes no number, and two workers that touch one bucket converge: every rebuild sees at least
-what the earlier ones saw.
+written with a newer `version`; a key left without activity gets a tombstone. The same keys' days
+are then recomputed from the quarter hours. So a redelivered or replayed batch changes no number,
+and two workers that touch one key converge: every rebuild sees at least what the earlier ones saw.
+
+Only the touched values are recomputed, not every value of a touched bucket: a rollup row is a
+function of the activity rows with its own key alone. Rebuilding whole buckets made a batch read
+every activity row of the current quarter hour (and every quarter hour of the day's rollup for
+the day), so its cost grew through each quarter hour and each day (`tests/bench/bench_rollups.py`).
 
     rollup_15m  (site, kind, value, bucket)  visitors first seen, returning visitors by gap,
                                              events, pageviews, sessions, bounces, duration
@@ -21,64 +25,68 @@ from clickhouse_connect.driver.client import Client
 
 _MEASURES = ["events", "pageviews", "sessions", "bounces", "duration_ms"]
 
-# The fresh rows of the touched buckets, plus a tombstone for every key a touched bucket had
-# before but no longer has. `{scope}` limits both. The version is the server's clock when the
-# statement starts, which is also when it takes its snapshot: of two workers rebuilding one
-# bucket, the later rebuild has seen everything the earlier one saw, and wins.
+# One row per touched key: its fresh measures, or a tombstone (zeros, is_deleted) when it has no
+# activity left. `{fresh}` is read once, limited by `_scope` (which the primary key prunes by);
+# the join keeps the touched keys of it. The version is the server's clock when the statement
+# starts, which is also when it takes its snapshot: of two workers rebuilding one key, the later
+# rebuild has seen everything the earlier one saw, and wins.
 _REPLACE = """
-INSERT INTO {table} ({keys}, {values}, version, is_deleted)
-WITH fresh AS ({fresh}), toUInt64(toUnixTimestamp64Nano(now64(9))) AS rebuilt
-SELECT {keys}, {values}, rebuilt, 0 FROM fresh
-UNION ALL
-SELECT {keys}, {zeros}, rebuilt, 1 FROM {table} FINAL
-WHERE {scope} AND ({keys}) NOT IN (SELECT {keys} FROM fresh)
+INSERT INTO {table} (site_id, kind, value, {time}, {values}, version, is_deleted)
+SELECT site_id, kind, value, {time}, {values}, toUInt64(toUnixTimestamp64Nano(now64(9))), present = 0
+FROM (SELECT key.1 AS site_id, key.2 AS kind, key.3 AS value, key.4 AS {time}
+      FROM (SELECT arrayJoin(arrayZip({{key_sites:Array(String)}}, {{key_kinds:Array(String)}},
+                                      {{key_values:Array(String)}}, {{key_times:Array({time_type})}})) AS key)) AS touched
+LEFT JOIN ({fresh}) AS fresh USING (site_id, kind, value, {time})
 """
+# Unmatched keys get the columns' defaults (0, an empty map, present = 0): a tombstone's values.
 
 
-def _replace(client: Client, table: str, keys: list[str], values: list[str], zeros: list[str], fresh: str,
-             scope: str, parameters: dict) -> None:
-    sql = _REPLACE.format(table=table, keys=", ".join(keys), values=", ".join(values), zeros=", ".join(zeros),
-                          fresh=fresh, scope=scope)
-    client.command(sql, parameters=parameters)
+def _replace(client: Client, table: str, time: str, time_type: str, values: list[str], fresh: str,
+             touched: set[tuple[str, str, str, datetime | date]], parameters: dict) -> None:
+    keys = sorted(touched)
+    sql = _REPLACE.format(table=table, time=time, time_type=time_type, values=", ".join(values), fresh=fresh)
+    # `raw_query`, not `command`: over HTTP it moves large parameters (a big batch touches ~10,000
+    # keys) from the URL into a form body, where no URL length limit refuses them (HTTP 414).
+    client.raw_query(sql, parameters={**parameters, "key_sites": [k[0] for k in keys], "key_kinds": [k[1] for k in keys],
+                                      "key_values": [k[2] for k in keys], "key_times": [k[3] for k in keys]})
 
 
 def _scope(column: str, kind_of_time: str) -> str:
-    """Rows of the touched sites, kinds and times (all combinations: recomputing a bucket that did
-    not change is harmless, and plain IN sets let the primary key prune)."""
+    """Rows of the touched sites, kinds, values and times (all combinations, of which the join keeps
+    the touched keys: plain IN sets let the primary key prune)."""
     return (f"site_id IN {{sites:Array(String)}} AND kind IN {{kinds:Array(String)}}"
-            f" AND {column} IN {{times:Array({kind_of_time})}}")
+            f" AND {column} IN {{times:Array({kind_of_time})}} AND value IN {{values:Array(String)}}")
 
 
-def _params(touched: set[tuple[str, str, datetime | date]]) -> dict:
-    return {"sites": sorted({s for s, _, _ in touched}), "kinds": sorted({k for _, k, _ in touched}),
-            "times": sorted({t for _, _, t in touched})}
+def _params(touched: set[tuple[str, str, str, datetime | date]]) -> dict:
+    return {"sites": sorted({s for s, _, _, _ in touched}), "kinds": sorted({k for _, k, _, _ in touched}),
+            "values": sorted({v for _, _, v, _ in touched}), "times": sorted({t for _, _, _, t in touched})}
 
 
-def rebuild(client: Client, touched: set[tuple[str, str, datetime]]) -> None:
-    """Recompute these (site, kind, bucket)s from activity, then the days they are in."""
+def rebuild(client: Client, touched: set[tuple[str, str, str, datetime]]) -> None:
+    """Recompute these (site, kind, value, bucket)s from activity, then their days."""
     if not touched:
         return
     fresh_15m = f"""
         SELECT site_id, kind, value, bucket, countIf(gap = 0) AS visitors,
                sumMapIf(map(gap, toUInt64(1)), gap > 0) AS returning,
-               {", ".join(f"sum({m}) AS {m}" for m in _MEASURES)}
+               {", ".join(f"sum({m}) AS {m}" for m in _MEASURES)}, 1 AS present
         FROM activity FINAL WHERE {_scope("bucket", "DateTime('UTC')")}
         GROUP BY site_id, kind, value, bucket"""
-    _replace(client, "rollup_15m", ["site_id", "kind", "value", "bucket"], ["visitors", "returning", *_MEASURES],
-             ["0", "map()", *("0" for _ in _MEASURES)], fresh_15m, _scope("bucket", "DateTime('UTC')"),
-             _params(touched))
+    _replace(client, "rollup_15m", "bucket", "DateTime('UTC')", ["visitors", "returning", *_MEASURES], fresh_15m,
+             touched, _params(touched))
 
-    days = {(site, kind, bucket.date()) for site, kind, bucket in touched}
+    days = {(site, kind, value, bucket.date()) for site, kind, value, bucket in touched}
     fresh_1d = f"""
         SELECT site_id, kind, value, toDate(bucket) AS day, sum(visitors) AS visitors,
-               {", ".join(f"sum({m}) AS {m}" for m in _MEASURES)}
+               {", ".join(f"sum({m}) AS {m}" for m in _MEASURES)}, 1 AS present
         FROM rollup_15m FINAL
         WHERE site_id IN {{sites:Array(String)}} AND kind IN {{kinds:Array(String)}}
           AND bucket >= {{first:Date}} AND bucket < {{end:Date}} AND toDate(bucket) IN {{times:Array(Date)}}
+          AND value IN {{values:Array(String)}}
         GROUP BY site_id, kind, value, day"""
     day_params = _params(days)
-    _replace(client, "rollup_1d", ["site_id", "kind", "value", "day"], ["visitors", *_MEASURES],
-             ["0" for _ in ["visitors", *_MEASURES]], fresh_1d, _scope("day", "Date"),
+    _replace(client, "rollup_1d", "day", "Date", ["visitors", *_MEASURES], fresh_1d, days,
              {**day_params, "first": day_params["times"][0], "end": day_params["times"][-1] + timedelta(days=1)})
 
 
