@@ -37,8 +37,10 @@ FROM (SELECT key.1 AS site_id, key.2 AS kind, key.3 AS value, key.4 AS {time}
       FROM (SELECT arrayJoin(arrayZip({{key_sites:Array(String)}}, {{key_kinds:Array(String)}},
                                       {{key_values:Array(String)}}, {{key_times:Array({time_type})}})) AS key)) AS touched
 LEFT JOIN ({fresh}) AS fresh USING (site_id, kind, value, {time})
+SETTINGS join_use_nulls = 0
 """
-# Unmatched keys get the columns' defaults (0, an empty map, present = 0): a tombstone's values.
+# Unmatched keys get the columns' defaults (0, an empty map, present = 0): a tombstone's values
+# (set here: a server profile may turn NULLs on).
 
 
 def _replace(client: Client, table: str, time: str, time_type: str, values: list[str], fresh: str,
