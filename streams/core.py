@@ -6,7 +6,7 @@ from ingest in the same process, the Faust agent with events from a Kafka partit
 Per batch, for every visitor it touches, the core reads that visitor's stored events (a visitor id
 lives two UTC days, `streams/buckets.py`), and computes the visitor's sessions and activity
 twice: from the stored events (what the derived tables hold now) and from stored + new. The
-difference is written, the rollup buckets it touched are rebuilt from activity, and only then are
+difference is written, the rollup keys it touched are rebuilt from activity, and only then are
 the raw events inserted. The raw insert is the commit point: a crash before it leaves the stored
 events as they were, so a redelivered batch computes the same difference again; after it, nothing
 is left to write. Every number is therefore a function of the deduplicated events, whatever their
@@ -46,7 +46,7 @@ class _Changes:
     activity: list[tuple] = field(default_factory=list)  # (site, visitor, key, measures)
     dead_activity: list[tuple] = field(default_factory=list)
     events: list[tuple[Event, int]] = field(default_factory=list)
-    buckets: set = field(default_factory=set)  # (site, kind, value, bucket) to rebuild
+    rollup_keys: set = field(default_factory=set)  # (site, kind, value, bucket) to rebuild
     derived: dict = field(default_factory=dict)  # visitor → _Derived, remembered once written
 
 
@@ -123,12 +123,12 @@ class StreamCore:
 
         sessions.write(self._client, changes.sessions, changes.dead_sessions, version)
         activity.write(self._client, changes.activity, changes.dead_activity, version)
-        rollups.rebuild(self._client, changes.buckets)
+        rollups.rebuild(self._client, changes.rollup_keys)
         raw_events.write(self._client, changes.events)  # the commit point
         self._remember(changes.derived)
         for table, rows in (("sessions", len(changes.sessions) + len(changes.dead_sessions)),
                             ("activity", len(changes.activity) + len(changes.dead_activity)),
-                            ("rollup_keys", len(changes.buckets)), ("events", len(changes.events))):
+                            ("rollup_keys", len(changes.rollup_keys)), ("events", len(changes.events))):
             metrics.ROWS_WRITTEN.labels(table).inc(rows)
 
     def _history(self, days: dict[tuple[str, int], set[date]]) -> dict:
@@ -205,11 +205,11 @@ class StreamCore:
         for key, measures in fresh.items():
             if maybe_written is not None or old.get(key) != measures:
                 changes.activity.append((site_id, visitor_id, key, measures))
-                changes.buckets.add((site_id, key[0], key[1], activity.bucket_at(key[2])))
+                changes.rollup_keys.add((site_id, key[0], key[1], activity.bucket_at(key[2])))
         for key, measures in (old if maybe_written is None else {**maybe_written[1], **old}).items():
             if key not in fresh:
                 changes.dead_activity.append((site_id, visitor_id, key, measures))
-                changes.buckets.add((site_id, key[0], key[1], activity.bucket_at(key[2])))
+                changes.rollup_keys.add((site_id, key[0], key[1], activity.bucket_at(key[2])))
 
     def _prefix_rows(self, stored: dict[str, Event], new: dict[str, Event], gone: set[str],
                      goals: tuple) -> tuple[dict[int, Session], dict]:
