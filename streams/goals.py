@@ -165,9 +165,10 @@ def backfill_twice(client: Client, goal: Goal) -> None:
 
 
 def _purge(client: Client, goal: Goal) -> None:
-    for table in ("activity", "rollup_15m", "rollup_1d"):
-        migrations.mutation(client, f"ALTER TABLE {table} DELETE WHERE site_id = {{site:String}}"
-                            " AND kind = 'goal' AND value = {goal:String}", {"site": goal.site_id, "goal": goal.goal_id})
+    migrations.mutations(client, [f"ALTER TABLE {table} DELETE WHERE site_id = {{site:String}}"
+                                  " AND kind = 'goal' AND value = {goal:String}"
+                                  for table in ("activity", "rollup_15m", "rollup_1d")],
+                         {"site": goal.site_id, "goal": goal.goal_id})
 
 
 def _get(client: Client, goal_id: str) -> Goal | None:

@@ -114,9 +114,8 @@ class SiteRegistry:
         migrations.run_later(2 * REFRESH_S, lambda: self._purge(site.site_id), f"second purge of site {site.site_id}")
 
     def _purge(self, site_id: str, wait: bool = False) -> None:
-        for table in SITE_DATA_TABLES:
-            migrations.mutation(self._client, f"ALTER TABLE {table} DELETE WHERE site_id = {{site:String}}",
-                                {"site": site_id}, wait)
+        migrations.mutations(self._client, [f"ALTER TABLE {table} DELETE WHERE site_id = {{site:String}}"
+                                            for table in SITE_DATA_TABLES], {"site": site_id}, wait)
 
     def _start_empty(self, site_id: str) -> None:
         """A site created with the id of a deleted one must not show that one's numbers, goals or

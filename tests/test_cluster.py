@@ -67,6 +67,33 @@ def test_mutations_and_retention_go_to_the_shards():
         "ALTER TABLE events_local ON CLUSTER bk_cluster DELETE WHERE site_id = {site:String}"
 
 
+def test_a_waited_for_site_purge_waits_for_the_shards_local_tables_on_every_replica(services):
+    """On a cluster, `mutations(wait=True)` issues each DELETE to the shards, then asks every
+    replica's `system.mutations` about the local tables until none is left to do."""
+    sent: list[tuple[str, dict]] = []
+    answers = iter([[(2, "")], [(0, "")]])  # two left to do, then none
+
+    class Recording:
+        def command(self, sql, parameters=None, settings=None):
+            sent.append((sql, settings))
+
+        def query(self, sql, parameters=None):
+            sent.append((sql, parameters))
+            if "engine_full" in sql:
+                return type("R", (), {"result_rows": [("Distributed('bk_cluster', 'default', 'events_local', rand())",)]})
+            return type("R", (), {"result_rows": next(answers)})
+
+    migrations.mutations(Recording(), [f"ALTER TABLE {t} DELETE WHERE site_id = {{site:String}}" for t in ("events", "goals")],
+                         {"site": "s"}, wait=True)
+    deletes = [sql for sql, _ in sent if sql.startswith("ALTER")]
+    assert deletes == [f"ALTER TABLE {t}_local ON CLUSTER bk_cluster DELETE WHERE site_id = {{site:String}}"
+                       for t in ("events", "goals")]
+    waits = [(sql, params) for sql, params in sent if "system.mutations" in sql]
+    assert len(waits) == 2 and all("clusterAllReplicas(bk_cluster, system.mutations)" in sql
+                                   and params == {"tables": ["events_local", "goals_local"]} for sql, params in waits)
+    services.client.query(f"EXPLAIN AST {waits[0][0]}", parameters=waits[0][1])  # a syntax error raises
+
+
 def test_the_stream_core_and_the_api_name_only_the_fronts(services, tmp_path):
     """Record every statement the stream core and the query API send while they work; each names
     tables a cluster has as Distributed fronts, never a local table."""
