@@ -11,13 +11,14 @@ from rich.progress import Progress
 from besokskollen.app import DEFAULT_ACCOUNT, Services
 from ingest import useragents
 from ingest.enrich import enrich
-from ingest.event import IncomingEvent
+from ingest.event import Event, IncomingEvent
 from streams.core import StreamCore
 from streams.rollups import sites_with_events
 from streams.sites import Site, site_id_for
 
 DEMO_DOMAIN = "mobildelar.se"
 DAYS = 90
+BATCH = 5000
 
 # (product id, category, brand, partner, popularity weight)
 _PRODUCTS = [
@@ -80,6 +81,7 @@ def seed(services: Services, core: StreamCore, now: datetime | None = None, seed
                _pick(rng, _AGENTS)[0], _pick(rng, _COUNTRIES)[0]) for _ in range(6000)]
     first_day = (now - timedelta(days=DAYS - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
     visitors = services.visitors.fresh()  # historic times, decided oldest first, as an import is
+    batch: list[Event] = []
     with Progress() as progress:
         task = progress.add_task(f"Seeding {DAYS} days of demo traffic", total=DAYS)
         for day in range(DAYS):
@@ -93,7 +95,13 @@ def seed(services: Services, core: StreamCore, now: datetime | None = None, seed
                 start = midnight + timedelta(hours=min(23.99, max(0.0, rng.gauss(16, 4.5))))
                 visits += [(at, incoming, ip, agent, country) for at, incoming in _visit(rng, site, start) if at <= now]
             visits.sort(key=lambda visit: visit[0])
-            core.process([enrich(incoming, site, useragents.parse(agent), agent, ip, country, visitors, at)
-                          for at, incoming, ip, agent, country in visits])
+            batch += [enrich(incoming, site, useragents.parse(agent), agent, ip, country, visitors, at)
+                      for at, incoming, ip, agent, country in visits]
+            # Several days per batch: the core took 13.4 s for 90 one-day batches, 7.4 s for 12 of
+            # ~5,000 events. Visitor ids, sessions and rollups are the same: `visitors` remembers
+            # the sessions it saw, as it does within an import.
+            if len(batch) >= BATCH or day == DAYS - 1:
+                core.process(batch)
+                batch = []
             progress.advance(task)
     return site
