@@ -18,10 +18,8 @@ events at once (`_FinishBatchFirst`)."""
 from __future__ import annotations
 
 import asyncio
-import atexit
 import logging
 import os
-import shutil
 import socket
 import tempfile
 import time
@@ -158,10 +156,11 @@ async def _commit(consumer: AIOKafkaConsumer, batches: dict) -> None:
         log.warning("could not commit a written batch (%s); its events will be processed again", exc)
 
 
-def _scratch_dir() -> str:
-    path = tempfile.mkdtemp(prefix="besokskollen-worker-")
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    return path
+def _faust_dir() -> str:
+    """One folder per user for every worker on the host: Faust creates its table folders there at
+    the start, and we keep no tables in them. A folder per worker, removed at exit, was left
+    behind by every worker killed."""
+    return os.path.join(tempfile.gettempdir(), f"besokskollen-faust-{os.getuid()}")
 
 
 def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) -> faust.App:
@@ -184,7 +183,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
         topic_replication_factor=settings.kafka_replication_factor,
         # Faust keeps table state there; we have none. Its default, `<id>-data` in the current
         # folder, left an empty folder wherever a worker was started.
-        datadir=_scratch_dir(),
+        datadir=_faust_dir(),
     )
     client = storage.connect(settings.clickhouse_url, wait=True)
     replay.upgrade(client, settings.session_timeout_s, settings.raw_events_ttl_days, settings.clickhouse_cluster)

@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -400,7 +401,9 @@ def test_kill_9_of_workers_broker_and_ingest_loses_and_doubles_nothing(killable_
 
 def test_survivors_take_over_when_workers_leave(kafka, clickhouse_http, tmp_path):
     """Three workers; mid-stream one is stopped cleanly and one killed: the last one takes every
-    partition and the numbers are exact."""
+    partition and the numbers are exact. Neither leaves a folder behind in the temp dir."""
+    temp = Path(tempfile.gettempdir())
+    folders_before = set(temp.glob("besokskollen-*"))
     d = deploy(kafka, clickhouse_http, tmp_path, workers=3)
     try:
         def leave() -> None:
@@ -420,6 +423,8 @@ def test_survivors_take_over_when_workers_leave(kafka, clickhouse_http, tmp_path
         assert "no worker has reported" not in status.stdout and "worker w1-" in status.stdout, status.stdout
     finally:
         d.stop()
+    # Faust's folder is one per user, shared by all workers (a folder per worker outlived each kill).
+    assert set(temp.glob("besokskollen-*")) - folders_before <= {temp / f"besokskollen-faust-{os.getuid()}"}
 
 
 def test_workers_joining_and_leaving_all_the_time_lose_nothing(kafka, clickhouse_http, tmp_path):
