@@ -15,7 +15,7 @@ from starlette.routing import Route
 from besokskollen.config import Settings
 from ingest import importer
 from ingest.app import read_body
-from ingest.event import utcnow
+from ingest.event import Event, utcnow
 from ingest.handoff import Handoff
 from ingest.visitors import Visitors
 from query_api.errors import APIError, error_response
@@ -68,9 +68,14 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
             raise APIError(400, exc.code, exc.message) from None
 
         async with lock:
-            events = await asyncio.to_thread(importer.to_events, parsed.lines, site, visitors)
-            for i in range(0, len(events), _SEND_AT_ONCE):
-                await asyncio.gather(*(handoff.send(e) for e in events[i:i + _SEND_AT_ONCE]))
+            events: list[Event] = []
+            # Each part is handed on once enriched: the stream core (or Kafka and the workers)
+            # stores it while the next one is enriched.
+            parts = importer.enriched(parsed.lines, site, visitors)
+            while part := await asyncio.to_thread(next, parts, None):
+                for i in range(0, len(part), _SEND_AT_ONCE):
+                    await asyncio.gather(*(handoff.send(e) for e in part[i:i + _SEND_AT_ONCE]))
+                events += part
             stored = await handoff.flush(events)
         reply = {"accepted": len(events), "rejected": parsed.rejected, "dropped": parsed.dropped, "stored": stored}
         return Response(orjson.dumps({"data": reply}), media_type="application/json")

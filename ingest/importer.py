@@ -12,6 +12,7 @@ holds the IP, and an unkeyed hash of it could be reversed by trying every IPv4 a
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -129,12 +130,19 @@ def to_events(lines: list[Line], site: Site, visitors: Visitors) -> list[Event]:
     """Enrich accepted lines, oldest first (ties in file order): the client IP is the line's own,
     there is no proxy to trust. Visitor ids come from an instance of `visitors` made for these
     lines alone (`Visitors.for_batch`): their times are not the live clock's."""
+    return [event for part in enriched(lines, site, visitors) for event in part]
+
+
+def enriched(lines: list[Line], site: Site, visitors: Visitors, size: int = 5000) -> Iterator[list[Event]]:
+    """`to_events`, `size` events at a time: a part can be stored while the next is enriched."""
     visitors = visitors.for_batch((site.site_id, line.event.ip, line.event.user_agent, line.event.timestamp)
                                   for line in lines)
-    events = []
-    for line in sorted(lines, key=lambda line: (line.event.timestamp, line.number)):
-        e = line.event
-        country = clients.country(e.ip, e.ip, {}, ())  # the address's own: no edge headers here
-        events.append(enrich(e, site, useragents.parse(e.user_agent), e.user_agent, e.ip, country, visitors,
-                             e.timestamp, event_id=line.event_id))
-    return events
+    ordered = sorted(lines, key=lambda line: (line.event.timestamp, line.number))
+    for start in range(0, len(ordered), size):
+        part = []
+        for line in ordered[start:start + size]:
+            e = line.event
+            country = clients.country(e.ip, e.ip, {}, ())  # the address's own: no edge headers here
+            part.append(enrich(e, site, useragents.parse(e.user_agent), e.user_agent, e.ip, country, visitors,
+                               e.timestamp, event_id=line.event_id))
+        yield part

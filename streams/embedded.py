@@ -11,6 +11,7 @@ so an event that was written but not yet cut from the journal costs a second, ha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from besokskollen import metrics
@@ -110,18 +111,15 @@ class EmbeddedRunner:
             await self._cut(end, len(records))
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
-            deadline = loop.time() + self._linger_s
-            while len(batch) < self._max_batch:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), timeout))
-                except TimeoutError:
-                    break
+            # One timeout for the batch, and what is queued already taken without waiting:
+            # `wait_for` per event took 84 ms of the event loop that answers /api/event per
+            # 5,000 events queued (get_nowait: 1 ms; measured alone, on a busy machine).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._linger_s):
+                    while len(batch) < self._max_batch:
+                        batch.append(self._queue.get_nowait() if not self._queue.empty() else await self._queue.get())
             await process_until_written(self._core, [event for event, _ in batch])
             await self._cut(batch[-1][1], len(batch))
             self._written += len(batch)

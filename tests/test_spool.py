@@ -359,6 +359,37 @@ async def test_a_batch_cut_inside_one_turns_events_leaves_the_rest_journaled(tmp
         await runner.stop()
 
 
+async def test_a_batch_takes_what_is_queued_and_what_comes_within_its_linger(tmp_path):
+    """A backlog goes in batches of `max_batch`; events that trickle in while a batch lingers join
+    it; one that comes after the linger starts the next batch. Each event is written once."""
+    class Core:
+        def __init__(self) -> None:
+            self.batches: list[list[str]] = []
+
+        def process(self, batch: list[Event]) -> None:
+            self.batches.append([e.event_id for e in batch])
+
+    at = datetime.now(timezone.utc)
+    events = [Event(event_id=str(uuid.uuid4()), site_id="s", timestamp=at, name="pageview", visitor_id=n, pathname="/")
+              for n in range(126)]
+    core = Core()
+    runner = EmbeddedRunner(core, Spool(tmp_path, 1 << 20), max_batch=50, linger_s=1.0)
+    await runner.start()
+    try:
+        await asyncio.gather(*(runner.submit(e) for e in events[:120]))  # a backlog
+        await asyncio.to_thread(wait_until, lambda: len(core.batches) == 3, 10, "the backlog's batches")
+        for e in events[120:125]:  # a trickle, well within one linger
+            await runner.submit(e)
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(wait_until, lambda: len(core.batches) == 4, 10, "the trickle's batch")
+        await runner.submit(events[125])
+        await runner.drain()
+        assert [len(b) for b in core.batches] == [50, 50, 20, 5, 1]
+        assert [i for b in core.batches for i in b] == [e.event_id for e in events]
+    finally:
+        await runner.stop()
+
+
 async def test_a_journal_cursor_that_cannot_be_saved_does_not_stop_the_stream_core(tmp_path, monkeypatch):
     """The disk is full as a batch is written: moving the journal's cursor fails (its file cannot
     be written). That used to end the runner's task silently: `up` went on answering 202 and wrote
