@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 
 import pytest
 
@@ -80,8 +81,8 @@ def test_a_waited_for_site_purge_waits_for_the_shards_local_tables_on_every_repl
         def query(self, sql, parameters=None):
             sent.append((sql, parameters))
             if "engine_full" in sql:
-                return type("R", (), {"result_rows": [("Distributed('bk_cluster', 'default', 'events_local', rand())",)]})
-            return type("R", (), {"result_rows": next(answers)})
+                return SimpleNamespace(result_rows=[("Distributed('bk_cluster', 'default', 'events_local', rand())",)])
+            return SimpleNamespace(result_rows=next(answers))
 
     migrations.mutations(Recording(), [f"ALTER TABLE {t} DELETE WHERE site_id = {{site:String}}" for t in ("events", "goals")],
                          {"site": "s"}, wait=True)
