@@ -334,6 +334,20 @@ def test_salts_are_shared_through_storage(services):
     assert len(Salts(services.client).for_day(day)) == 16
 
 
+def test_salts_loaded_together_are_the_ones_every_process_agrees_on(services):
+    """An import loads its days' salts at once: the salts a process reading day by day gets, for
+    days that had one and days that had none, past days and today alike."""
+    today = datetime.now(timezone.utc).date()
+    past = [today - timedelta(days=n) for n in range(400, 460)]
+    had = Salts(services.client).for_day(past[7])
+    loading = Salts(services.client)
+    loading.load([*past, today])
+    assert loading.for_day(past[7]) == had
+    fresh = Salts(services.client)
+    assert [loading.cached(day) for day in [*past, today]] == [fresh.for_day(day) for day in [*past, today]]
+    assert len({loading.cached(day) for day in past}) == len(past)
+
+
 def _ids(salts: Salts, site: str, ip: str, today: datetime) -> tuple[int, int]:
     """(yesterday's id, today's id) of a person on the UTC day starting at `today`."""
     yesterday_id = hash_visitor(salts.for_day((today - timedelta(days=1)).date()), site, ip, BROWSER)
