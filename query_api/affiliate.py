@@ -13,7 +13,7 @@ from clickhouse_connect.driver.client import Client
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
+from query_api.deps import Ctx, Decimal, Integer, Key, SiteId, cached_json, readable_site
 from query_api.models import (PopularCategoriesResponse, PopularPartnersResponse, PopularProductsResponse,
                               TrendingResponse)
 from query_api.periods import iso_z, round_half_away, utc_days
@@ -124,14 +124,14 @@ def trending_products(client: Client, site_id: str, now: datetime, recent_hours:
     }
 
 
-Days = Annotated[int, Query(ge=1, le=365, description="Number of UTC days including today")]
+Days = Annotated[Integer, Query(ge=1, le=365, description="Number of UTC days including today")]
 Slug = Annotated[str, Query(max_length=200)]
 
 
 @router.get("/popular/products", response_model=PopularProductsResponse)
 def get_popular_products(request: Request, ctx: Ctx, key: Key, site_id: SiteId, days: Days = 30,
-                         limit: Annotated[int, Query(ge=1, le=100)] = 20, category_slug: Slug = "",
-                         brand_slug: Slug = "", min_clicks: Annotated[int, Query(ge=0)] = 0) -> Response:
+                         limit: Annotated[Integer, Query(ge=1, le=100)] = 20, category_slug: Slug = "",
+                         brand_slug: Slug = "", min_clicks: Annotated[Integer, Query(ge=0)] = 0) -> Response:
     site = readable_site(ctx, key, site_id)
     start, end = utc_days(days)
     return cached_json(request, popular_products(ctx.client, site.site_id, start, end, limit,
@@ -140,7 +140,7 @@ def get_popular_products(request: Request, ctx: Ctx, key: Key, site_id: SiteId, 
 
 @router.get("/popular/categories", response_model=PopularCategoriesResponse)
 def get_popular_categories(request: Request, ctx: Ctx, key: Key, site_id: SiteId, days: Days = 30,
-                           limit: Annotated[int, Query(ge=1, le=100)] = 10) -> Response:
+                           limit: Annotated[Integer, Query(ge=1, le=100)] = 10) -> Response:
     site = readable_site(ctx, key, site_id)
     start, end = utc_days(days)
     return cached_json(request, popular_categories(ctx.client, site.site_id, start, end, limit))
@@ -148,7 +148,7 @@ def get_popular_categories(request: Request, ctx: Ctx, key: Key, site_id: SiteId
 
 @router.get("/popular/partners", response_model=PopularPartnersResponse)
 def get_popular_partners(request: Request, ctx: Ctx, key: Key, site_id: SiteId, days: Days = 30,
-                         limit: Annotated[int, Query(ge=1, le=100)] = 10) -> Response:
+                         limit: Annotated[Integer, Query(ge=1, le=100)] = 10) -> Response:
     site = readable_site(ctx, key, site_id)
     start, end = utc_days(days)
     return cached_json(request, popular_partners(ctx.client, site.site_id, start, end, limit))
@@ -157,11 +157,11 @@ def get_popular_partners(request: Request, ctx: Ctx, key: Key, site_id: SiteId, 
 @router.get("/trending/products", response_model=TrendingResponse)
 def get_trending_products(
     request: Request, ctx: Ctx, key: Key, site_id: SiteId,
-    limit: Annotated[int, Query(ge=1, le=100)] = 10,
-    recent_hours: Annotated[int, Query(ge=1, le=168, description="Hours to analyse, back from now")] = 24,
-    baseline_days: Annotated[int, Query(ge=1, le=90, description="Days before the recent window")] = 7,
-    min_growth: Annotated[float, Query(ge=-100, le=1_000_000, description="Minimum growth in percent")] = 100,
-    min_recent_clicks: Annotated[int, Query(ge=0, description="Minimum clicks in the recent window")] = 3,
+    limit: Annotated[Integer, Query(ge=1, le=100)] = 10,
+    recent_hours: Annotated[Integer, Query(ge=1, le=168, description="Hours to analyse, back from now")] = 24,
+    baseline_days: Annotated[Integer, Query(ge=1, le=90, description="Days before the recent window")] = 7,
+    min_growth: Annotated[Decimal, Query(ge=-100, le=1_000_000, description="Minimum growth in percent")] = 100,
+    min_recent_clicks: Annotated[Integer, Query(ge=0, description="Minimum clicks in the recent window")] = 3,
     category_slug: Slug = "", brand_slug: Slug = "",
 ) -> Response:
     site = readable_site(ctx, key, site_id)

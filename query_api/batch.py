@@ -5,6 +5,7 @@ errors and answers as when sent alone — marked internal, so the batch costs on
 from __future__ import annotations
 
 import asyncio
+import decimal
 import re
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -47,9 +48,19 @@ def _error(endpoint: str, code: str, message: str) -> dict:
     return {"endpoint": endpoint, "error": {"code": code, "message": message}}
 
 
+def _query_value(value: Scalar) -> str:
+    """A JSON scalar as a query string writes it: `true`, `10` (JSON's 10.0 is the same number),
+    `0.0000001` rather than Python's `1e-07`, which the endpoints' number parameters refuse."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else format(decimal.Decimal(repr(value)), "f")
+    return str(value)
+
+
 async def _run(request: Request, ctx, site_id: str, sub: SubRequest) -> dict:
     endpoint = sub.endpoint.strip("/")
-    params = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in sub.params.items()}
+    params = {k: _query_value(v) for k, v in sub.params.items()}
     if endpoint in _SITE_ENDPOINTS:
         params["site_id"] = site_id
     elif (found := _FUNNEL_STATS.fullmatch(endpoint)) is not None:

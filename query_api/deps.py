@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -10,6 +11,7 @@ import orjson
 from clickhouse_connect.driver.client import Client
 from fastapi import Depends, Query, Request
 from fastapi.responses import Response
+from pydantic import BeforeValidator
 
 from ingest.event import MAX_SITE_ID
 from query_api.errors import APIError
@@ -93,4 +95,22 @@ def cached_json(request: Request, payload: dict[str, Any], status: int = 200) ->
 
 
 # An empty site_id is a 400 like any missing parameter, not a site that does not exist.
+_WHOLE = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
+def _written_as(pattern: re.Pattern, what: str) -> BeforeValidator:
+    """Numbers in a query string as people and URL builders write them. pydantic's lax mode also
+    takes `5.0`, `+5`, `1_000` and spaces around them for an integer, which a client should hear
+    about rather than have guessed."""
+    def check(value: object) -> object:
+        if isinstance(value, str) and not pattern.fullmatch(value):
+            raise ValueError(f"must be {what}")
+        return value
+    return BeforeValidator(check)
+
+
+# Query parameters: `Annotated[Integer, Query(ge=1)]`.
+Integer = Annotated[int, _written_as(_WHOLE, "a whole number in digits, such as 10")]
+Decimal = Annotated[float, _written_as(_DECIMAL, "a number in digits, such as 100 or 12.5")]
 SiteId = Annotated[str, Query(description="Site ID", min_length=1, max_length=MAX_SITE_ID)]

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from ingest.event import MAX_SITE_ID, EventName, PagePath
 from query_api import stats
-from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
+from query_api.deps import Ctx, Integer, Key, SiteId, cached_json, readable_site
 from query_api.errors import APIError
 from query_api.models import GoalCreated, GoalsResponse
 from query_api.periods import percent, stats_period
@@ -47,7 +47,7 @@ def _describe(goal: Goal) -> dict:
 
 
 # All goals by default: the reference's list "returns all goals for a site" (not a stats list's 10).
-GoalLimit = Annotated[int | None, Query(ge=1, le=1000, description="Most goals to return (default: all)")]
+GoalLimit = Annotated[Integer | None, Query(ge=1, le=1000, description="Most goals to return (default: all)")]
 
 
 @router.get("/goals", response_model=GoalsResponse, response_model_exclude_none=True)

@@ -15,7 +15,7 @@ from clickhouse_connect.driver.client import Client
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
+from query_api.deps import Ctx, Integer, Key, SiteId, cached_json, readable_site
 from query_api.models import CountriesResponse, OverviewResponse, PagesResponse, ReferrersResponse
 from query_api.periods import Period, change, day_starts, percent, stats_period
 from streams.activity import SEPARATOR
@@ -181,7 +181,7 @@ def countries(client: Client, site_id: str, period: Period, limit: int) -> list[
 PeriodName = Annotated[Literal["7d", "30d", "90d", "custom"], Query(description="7d, 30d, 90d or custom")]
 From = Annotated[str | None, Query(alias="from", description="YYYY-MM-DD, with period=custom")]
 To = Annotated[str | None, Query(description="YYYY-MM-DD, with period=custom")]
-Limit = Annotated[int, Query(ge=1, le=1000, description="Most rows to return")]
+Limit = Annotated[Integer, Query(ge=1, le=1000, description="Most rows to return")]
 
 
 def _site_period(ctx, key, site_id: str, period: str, from_: str | None, to: str | None):

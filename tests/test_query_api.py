@@ -329,6 +329,34 @@ async def test_bad_parameters_are_400(client, site, query):
     assert_error(await client.get(f"{API}/" + query.format(site=site["id"])), 400)
 
 
+@pytest.mark.parametrize("endpoint, name, value", [
+    ("stats/pages", "limit", "5.0"), ("stats/pages", "limit", "+5"), ("stats/pages", "limit", "1_000"),
+    ("stats/pages", "limit", " 5"), ("goals", "limit", "2.0"), ("popular/products", "days", "7e0"),
+    ("trending/products", "recent_hours", "0x18"), ("trending/products", "min_growth", "1e2"),
+    ("trending/products", "min_growth", "1_0"), ("trending/products", "min_growth", "nan"),
+    ("trending/products", "min_growth", ".5"),
+])
+async def test_numbers_are_taken_only_as_written_in_digits(client, site, endpoint, name, value):
+    """pydantic's lax mode would read `5.0`, `+5`, `1_000` or ` 5` as 5: a client is told instead."""
+    response = await client.get(f"{API}/{endpoint}", params={"site_id": site["id"], name: value})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_parameter"
+    assert response.json()["error"]["message"].startswith(f"{name}: must be a ")
+
+
+async def test_numbers_in_digits_and_batch_json_numbers_are_taken(client, site):
+    for params in ({"limit": "05"}, {"min_growth": "-12.5", "min_recent_clicks": "0"}):
+        endpoint = "stats/pages" if "limit" in params else "trending/products"
+        assert (await client.get(f"{API}/{endpoint}", params={"site_id": site["id"], **params})).status_code == 200
+    # JSON numbers in a batch are numbers, however the sender's JSON library wrote them.
+    requests = [{"endpoint": "stats/pages", "params": {"limit": 5.0}},
+                {"endpoint": "trending/products", "params": {"min_growth": 1e-7, "baseline_days": 3}},
+                {"endpoint": "stats/pages", "params": {"limit": 5.5}}]
+    results = (await client.post(f"{API}/batch", json={"site_id": site["id"], "requests": requests})).json()["results"]
+    assert ["error" in result for result in results] == [False, False, True]
+    assert results[2]["error"]["message"].startswith("limit: must be a whole number")
+
+
 @pytest.mark.parametrize("query", ["stats/overview?site_id=&period=7d", "goals?site_id=", "popular/products?site_id="])
 async def test_an_empty_site_id_is_a_missing_parameter_as_in_the_import(client, query):
     response = await client.get(f"{API}/{query}")
