@@ -77,7 +77,7 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
                     await asyncio.gather(*(handoff.send(e) for e in part[i:i + _SEND_AT_ONCE]))
                 events += part
             stored = await handoff.flush(events)
-        reply = {"accepted": len(events), "rejected": parsed.rejected, "dropped": parsed.dropped, "stored": stored}
+        reply = {"accepted": len(parsed.lines), "rejected": parsed.rejected, "dropped": parsed.dropped, "stored": stored}
         return Response(orjson.dumps({"data": reply}), media_type="application/json")
 
     return [Route("/api/v1/events/import", post_import, methods=["POST"])]

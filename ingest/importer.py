@@ -134,7 +134,15 @@ def to_events(lines: list[Line], site: Site, visitors: Visitors) -> list[Event]:
 
 
 def enriched(lines: list[Line], site: Site, visitors: Visitors, size: int = 5000) -> Iterator[list[Event]]:
-    """`to_events`, `size` events at a time: a part can be stored while the next is enriched."""
+    """`to_events`, `size` events at a time: a part can be stored while the next is enriched.
+    Of lines sharing an event id, only the copy the stream core keeps of one batch goes on (the
+    earliest; of equal times, the last): parts are batches of their own, and a copy in a later
+    part, hours away and under another visitor id, would be stored as a second event."""
+    kept: dict[str, Line] = {}
+    for line in lines:
+        if (first := kept.get(line.event_id)) is None or line.event.timestamp <= first.event.timestamp:
+            kept[line.event_id] = line
+    lines = list(kept.values())
     visitors = visitors.for_batch((site.site_id, line.event.ip, line.event.user_agent, line.event.timestamp)
                                   for line in lines)
     ordered = sorted(lines, key=lambda line: (line.event.timestamp, line.number))

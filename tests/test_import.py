@@ -277,6 +277,25 @@ async def test_the_wait_for_stored_ends_for_a_line_the_stream_core_keeps_out(cli
     assert await handoff.flush(events)  # no producer: only the wait for "stored"
 
 
+async def test_one_id_on_two_lines_of_a_request_is_one_event_however_the_request_is_cut(client, services, site):
+    """The stream core keeps one copy of an id within a batch, but a request goes to it 5,000
+    events at a time: a copy 10 hours later from another address (another visitor id, outside
+    the retry window's look-up) fell in another part and was stored as a second event."""
+    event_id = str(uuid.uuid4())
+    first = {"name": "pageview", "url": f"https://{site.domain}/a", "ip": "81.2.69.160", "user_agent": BROWSER,
+             "timestamp": iso(DAY + timedelta(hours=1)), "event_id": event_id}
+    later = {**first, "url": f"https://{site.domain}/b", "ip": "81.2.69.161",
+             "timestamp": iso(DAY + timedelta(hours=11))}
+    between = [{"name": "pageview", "url": f"https://{site.domain}/p/{i}", "ip": f"10.1.{i // 250}.{i % 250}",
+                "user_agent": BROWSER, "timestamp": iso(DAY + timedelta(hours=2, seconds=i))} for i in range(5_000)]
+    response = await post_import(client, site.site_id, ndjson([later, *between, first]))
+    assert response.status_code == 200 and response.json()["data"]["accepted"] == 5_002, response.text
+    assert counts(services, site.site_id) == (5_001, 5_001)
+    assert services.client.query(
+        "SELECT pathname FROM events FINAL WHERE site_id = {s:String} AND event_id = {e:UUID}",
+        parameters={"s": site.site_id, "e": event_id}).result_rows == [("/a",)]
+
+
 async def test_the_wait_for_stored_ends_only_once_a_corrected_line_is_written(client, services, site):
     """A line imported again with its id and time and corrected fields replaces the stored event.
     The distributed import waits until the workers have written its events: an id stored for the
