@@ -7,7 +7,8 @@
   var site = s.getAttribute("data-site"), on = w.bkSites = w.bkSites || {};
   if (on[site]) return; // included twice: one init per site
   on[site] = 1;
-  var api = (s.getAttribute("data-api") || new URL(s.src).origin).replace(/\/$/, "") + "/api/event";
+  // data-api names the host; the endpoint's whole URL (as other trackers take it) works too.
+  var api = (s.getAttribute("data-api") || new URL(s.src).origin).replace(/\/$/, "").replace(/\/api\/event$/, "") + "/api/event";
   var hash = s.hasAttribute("data-hash");
   var off = s.hasAttribute("data-respect-dnt") && (nav.doNotTrack == "1" || w.doNotTrack == "1");
   var last = null, ref = d.referrer || null;
@@ -21,9 +22,26 @@
     return x;
   }
 
-  // text/plain needs no CORS preflight, and is what sendBeacon sends.
+  // Text as the API takes it, so an event is cut rather than refused (and a conversion lost): at
+  // most n characters, and no lone UTF-16 surrogate (a string cut inside an emoji), which JSON
+  // parsers refuse.
+  function cut(v, n) {
+    return Array.from(String(v)).slice(0, n).map(function (c) { return /^[\ud800-\udfff]$/.test(c) ? "\ufffd" : c; }).join("");
+  }
+
+  // The page's URL, at most the API's 2,000 characters: the fragment only when it is part of the
+  // page; past the limit, of the query string only what names a source (utm tags, ad click ids).
+  function href() {
+    var u = loc.href.split("#")[0] + (hash ? loc.hash : ""), q = new URLSearchParams();
+    if (u.length <= 2000) return u;
+    new URLSearchParams(loc.search).forEach(function (v, k) { if (/^(utm_|[gdw]clid$|[gw]braid$|msclkid$)/.test(k)) q.append(k, v); });
+    return (loc.origin + loc.pathname + (q + "" ? "?" + q : "") + (hash ? loc.hash : "")).slice(0, 2000);
+  }
+
+  // text/plain needs no CORS preflight, and is what sendBeacon sends. The retry goes without
+  // keepalive: the browser's 64 KB budget for those (a burst of large events) may be what failed.
   function post(body, tries) {
-    fetch(api, { method: "POST", body: body, keepalive: true, headers: { "Content-Type": "text/plain" } })
+    fetch(api, { method: "POST", body: body, keepalive: !!tries, headers: { "Content-Type": "text/plain" } })
       .then(function (r) { if (r.status >= 500 && tries) retry(body); }, function () { if (tries) retry(body); });
   }
   function retry(body) { setTimeout(function () { post(body, 0); }, 1000); }
@@ -32,16 +50,20 @@
     if (off || !site) return;
     // Prerendered (ingest drops its requests as prefetch): sent once shown.
     if (d.prerendering) return d.addEventListener("prerenderingchange", function () { send(name, extra, beacon); });
-    var e = { site_id: site, name: name, url: loc.href, referrer: ref, event_id: uuid() }, k;
+    var e = { site_id: site, name: cut(name, 120), url: href(), referrer: ref, event_id: uuid() }, k, body;
     if (hash) e.hash = true;
     for (k in extra) e[k] = extra[k];
-    var body = JSON.stringify(e);
+    // Within the API's body limit (BK_MAX_EVENT_BYTES, 16 KiB by default): props go, the last first.
+    var p = e.props || {}, keys = Object.keys(p);
+    while (new Blob([body = JSON.stringify(e)]).size > 16e3 && keys.length) delete p[keys.pop()];
     if (!(beacon && nav.sendBeacon && nav.sendBeacon(api, body))) post(body, 1);
   }
 
   function page() {
-    var at = loc.pathname + loc.search + (hash ? loc.hash : "");
-    if (at == last) return; // replaceState to the same page, a hash change: not a new page
+    // The page as the API keeps it: the path, and with data-hash the fragment. A replaceState to
+    // the same page (one that only drops utm tags), a new query string, a hash change: no new page.
+    var at = loc.pathname + (hash ? loc.hash : "");
+    if (at == last) return;
     // The document referrer goes with the landing page's events (one sent beside the pageview may
     // arrive first and open the session), not with later pages.
     if (last != null) ref = null;
@@ -50,21 +72,29 @@
   }
 
   function bk(name, options) {
-    var props = options && options.props, p = {}, k;
-    // The API takes strings of <= 500 characters.
-    for (k in props) if (props[k] != null) p[k] = Array.from(String(props[k])).slice(0, 500).join("");
+    var props = options && options.props, p = {}, n = 0, k, v;
+    // The API takes 30 props, keys of 1-120 characters and strings of <= 500.
+    for (k in props) if ((v = props[k]) != null && k && n++ < 30) p[cut(k, 120)] = cut(typeof v == "object" ? JSON.stringify(v) : v, 500);
     send(name, props ? { props: p } : {});
   }
 
-  // Affiliate links (the attributes on the <a> or around it): the click goes out by beacon, so the
-  // navigation away is not delayed. A double click is one click.
+  // A product attribute as the API takes it: no control characters, trimmed, <= 200 characters.
+  function attr(c, n) {
+    return cut((c.getAttribute(n) || "").replace(/[\0-\x1f\x7f]+/g, " ").trim(), 200);
+  }
+
+  // Affiliate links (the attributes on the <a> or around it, through open shadow roots): the click
+  // goes out by beacon, so the navigation away is not delayed. A double click is one click.
   function click(ev) {
-    var a = ev.composedPath()[0]; // in open shadow roots too
-    a = a.closest && (a = a.closest("a")) && a.closest("[data-bk-product]");
-    if (!a || ev.detail > 1 || (ev.type == "auxclick" && ev.button != 1)) return;
-    var p = a.getAttribute("data-bk-product");
-    send("click", { product: { id: p, slug: p, category_slug: a.getAttribute("data-bk-category") || "",
-      brand_slug: a.getAttribute("data-bk-brand") || "", partner_slug: a.getAttribute("data-bk-partner") || "" } }, 1);
+    var path = ev.composedPath(), a, c, x, i, id;
+    for (i = 0; i < path.length && !c; i++) {
+      if (!(x = path[i]).getAttribute) continue; // a shadow root, the document
+      if (!a && x.localName == "a") a = x;
+      if (a && x.hasAttribute("data-bk-product")) c = x;
+    }
+    if (!c || !(id = attr(c, "data-bk-product")) || ev.detail > 1 || (ev.type == "auxclick" && ev.button != 1)) return;
+    send("click", { product: { id: id, slug: id, category_slug: attr(c, "data-bk-category"),
+      brand_slug: attr(c, "data-bk-brand"), partner_slug: attr(c, "data-bk-partner") } }, 1);
   }
 
   ["pushState", "replaceState"].forEach(function (m) {
@@ -73,6 +103,8 @@
   });
   w.addEventListener("popstate", page);
   if (hash) w.addEventListener("hashchange", page);
+  // Routers on the Navigation API (navigation.intercept) call no history method.
+  if (w.navigation) navigation.addEventListener("navigatesuccess", page);
   d.addEventListener("click", click, true);
   d.addEventListener("auxclick", click, true);
   // Back to a page in the back-forward cache: a page view, as when it loads again.

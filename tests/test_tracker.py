@@ -316,3 +316,64 @@ def test_a_prerendered_page_counts_once_shown_and_never_if_not(up, tmp_path):
                 os.killpg(browser.pid, signal.SIGKILL)
                 browser.wait()
             server.shutdown()
+
+
+# A landing URL past the API's 2,000 characters (a filter state in the query, a long fragment),
+# data-api given as the endpoint's whole URL, a router on the Navigation API, product attributes
+# and props the API would refuse as they are, a product card around a widget whose link is in its
+# shadow root, and a burst of large events past Chromium's 64 KB budget for keepalive requests.
+LONG_URL = "/lang?utm_source=nyhetsbrev&filters=" + "c" * 2100 + "#state=" + "z" * 300
+WHOLE_API_TAG = """<script defer data-site="{site}" data-api="{api}/api/event" src="{api}/js/script.js"></script>"""
+REFUSED = (STUB + """<script>
+  bk("many", {props: Object.fromEntries(Array.from({length: 31}, (_, i) => ["k" + i, "v"]))});
+  bk("keys", {props: {["k".repeat(121)]: "long key", "": "no key", obj: {a: 1}}});
+  bk("surrogate", {props: {q: "\\u{1F600}abc".slice(1)}});
+  bk("large", {props: Object.fromEntries(Array.from({length: 20}, (_, i) => ["k" + i, "å".repeat(500)]))});
+  navigation.addEventListener("navigate", e => {
+    if (e.canIntercept && e.destination.url.includes("/nav/")) e.intercept({handler: async () => {}}) });
+</script>""" + WHOLE_API_TAG + """
+<a id="nav" href="/nav/one">a router's link</a>
+<a id="newline" href="#a" data-bk-product="newline" data-bk-brand="multi
+line">brand on two lines</a>
+<a id="long" href="#b" data-bk-product=\"""" + "p" * 250 + """\">a long product id</a>
+<a id="empty" href="#c" data-bk-product="">no product</a>
+<div data-bk-product="card" data-bk-partner="kjell"><buy-button></buy-button></div>
+<script>customElements.define("buy-button", class extends HTMLElement {
+  connectedCallback() { this.attachShadow({mode: "open"}).innerHTML = '<a id="inner" href="#d">Köp</a>' } })</script>""")
+
+
+def test_what_the_api_would_refuse_is_cut_or_cleaned_not_lost_in_chromium(up):
+    """Each of these lost its event whole (a 400 or 413 no one sees), or counted a page twice."""
+    from playwright.sync_api import sync_playwright
+
+    with httpx.Client(base_url=up, headers=AUTH, timeout=30) as api:
+        site = _site_with_goals(api, "lang.example", "many", "keys", "surrogate", "large", "burst")
+        _Site.pages, _Site.site, _Site.api = {"/lang": REFUSED}, site, up
+        server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Site)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                page = browser.new_page(user_agent=DESKTOP)
+                page.goto(f"http://127.0.0.1:{server.server_address[1]}{LONG_URL}")  # pageview of /lang
+                page.wait_for_function("window.bk && !window.bk.q")
+                page.evaluate("""() => {
+                    history.replaceState(null, "", location.pathname);  // drops the utm tags: no new page
+                    history.pushState(null, "", "/lang?page=2");        // a new query only: no new page
+                    for (let i = 0; i < 12; i++)                        // ~15 KB each
+                        bk("burst", {props: Object.fromEntries(Array.from({length: 30}, (_, k) => ["k" + k, "x".repeat(500)]))});
+                }""")
+                for link in ("#newline", "#long", "#empty", "#inner"):
+                    page.click(link)
+                page.click("#nav")  # no history method called: pageview of /nav/one
+                page.wait_for_url("**/nav/one")
+                _wait_for_numbers(api, site, {
+                    "pages": {"/lang": 1, "/nav/one": 1},
+                    "goals": {"many": 1, "keys": 1, "surrogate": 1, "large": 1, "burst": 12},
+                    "products": {"newline": 1, "p" * 200: 1, "card": 1}})
+                browser.close()
+        finally:
+            server.shutdown()
+        get = lambda path, **params: api.get(f"{API}/{path}", params={"site_id": site, **params}).json()["data"]  # noqa: E731
+        assert [r["source"] for r in get("stats/referrers", period="7d")] == ["nyhetsbrev"]
+        assert [p["product_slug"] for p in get("popular/products", days=1, brand_slug="multi line")] == ["newline"]
