@@ -13,7 +13,7 @@ from clickhouse_connect.driver.client import Client
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from query_api.deps import Ctx, Decimal, Integer, Key, SiteId, cached_json, readable_site
+from query_api.deps import Ctx, DecimalNumber, Integer, Key, SiteId, cached_json, readable_site
 from query_api.models import (PopularCategoriesResponse, PopularPartnersResponse, PopularProductsResponse,
                               TrendingResponse)
 from query_api.periods import iso_z, round_half_away, utc_days
@@ -160,7 +160,7 @@ def get_trending_products(
     limit: Annotated[Integer, Query(ge=1, le=100)] = 10,
     recent_hours: Annotated[Integer, Query(ge=1, le=168, description="Hours to analyse, back from now")] = 24,
     baseline_days: Annotated[Integer, Query(ge=1, le=90, description="Days before the recent window")] = 7,
-    min_growth: Annotated[Decimal, Query(ge=-100, le=1_000_000, description="Minimum growth in percent")] = 100,
+    min_growth: Annotated[DecimalNumber, Query(ge=-100, le=1_000_000, description="Minimum growth in percent")] = 100,
     min_recent_clicks: Annotated[Integer, Query(ge=0, description="Minimum clicks in the recent window")] = 3,
     category_slug: Slug = "", brand_slug: Slug = "",
 ) -> Response:

@@ -112,5 +112,5 @@ def _written_as(pattern: re.Pattern, what: str) -> BeforeValidator:
 
 # Query parameters: `Annotated[Integer, Query(ge=1)]`.
 Integer = Annotated[int, _written_as(_WHOLE, "a whole number in digits, such as 10")]
-Decimal = Annotated[float, _written_as(_DECIMAL, "a number in digits, such as 100 or 12.5")]
+DecimalNumber = Annotated[float, _written_as(_DECIMAL, "a number in digits, such as 100 or 12.5")]
 SiteId = Annotated[str, Query(description="Site ID", min_length=1, max_length=MAX_SITE_ID)]
