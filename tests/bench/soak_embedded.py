@@ -435,7 +435,7 @@ async def totals(load: Load, http: aiohttp.ClientSession) -> tuple[dict, dict]:
     pv, clicks = {}, {}
     for site, _ in load.sites:
         pv[site] = await pageviews(load, http, site)
-        status, body = await load.api(http, "GET", "popular/products", params={"site_id": site, "days": "1",
+        status, body = await load.api(http, "GET", "popular/products", params={"site_id": site, "days": "2",
                                                                                  "limit": "100"})
         for row in body["data"] if status == 200 else []:
             clicks[(site, row["product_id"])] = row["clicks"]
