@@ -62,9 +62,7 @@ class Salts:
             if past:
                 found = self._read_all(past)
                 if missing := [day for day in past if day not in found]:
-                    created = datetime.fromtimestamp(time.time(), timezone.utc)
-                    self._client.insert("salts", [[day, secrets.token_hex(16), created] for day in missing],
-                                        column_names=["day", "salt", "created_at"])
+                    self._propose(missing)
                     found = self._read_all(past)
                 self._cache.update(found)
 
@@ -101,26 +99,25 @@ class Salts:
         return self._cache.get(day)
 
     def _read(self, day: date) -> bytes | None:
-        # Every process proposes a salt the first time it needs one; all agree on the earliest.
-        rows = self._client.query(
-            "SELECT salt FROM salts WHERE day = {day:Date} ORDER BY created_at, salt LIMIT 1",
-            parameters={"day": day},
-        ).result_rows
-        return bytes.fromhex(rows[0][0]) if rows else None
+        return self._read_all([day]).get(day)
 
     def _read_all(self, days: list[date]) -> dict[date, bytes]:
+        # Every process proposes a salt the first time it needs one; all agree on the earliest.
         rows = self._client.query(
             "SELECT day, argMin(salt, (created_at, salt)) FROM salts WHERE day IN {days:Array(Date)} GROUP BY day",
             parameters={"days": days},
         ).result_rows
         return {day: bytes.fromhex(salt) for day, salt in rows}
 
-    def _create(self, day: date) -> bytes:
+    def _propose(self, days: list[date]) -> datetime:
+        """Insert a new salt for each of these days; returns when they were made."""
         created = datetime.fromtimestamp(time.time(), timezone.utc)
-        self._client.insert(
-            "salts", [[day, secrets.token_hex(16), created]],
-            column_names=["day", "salt", "created_at"],
-        )
+        self._client.insert("salts", [[day, secrets.token_hex(16), created] for day in days],
+                            column_names=["day", "salt", "created_at"])
+        return created
+
+    def _create(self, day: date) -> bytes:
+        created = self._propose([day])
         if day >= created.date():  # a live salt (today's, or tomorrow's read ahead): about once a day
             self._purge(before=created.date() - timedelta(days=1), now=created)
         salt = self._read(day)

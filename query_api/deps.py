@@ -94,7 +94,6 @@ def cached_json(request: Request, payload: dict[str, Any], status: int = 200) ->
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
-# An empty site_id is a 400 like any missing parameter, not a site that does not exist.
 _WHOLE = re.compile(r"-?[0-9]+")
 _DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 
@@ -113,4 +112,5 @@ def _written_as(pattern: re.Pattern, what: str) -> BeforeValidator:
 # Query parameters: `Annotated[Integer, Query(ge=1)]`.
 Integer = Annotated[int, _written_as(_WHOLE, "a whole number in digits, such as 10")]
 DecimalNumber = Annotated[float, _written_as(_DECIMAL, "a number in digits, such as 100 or 12.5")]
+# An empty site_id is a 400 like any missing parameter, not a site that does not exist.
 SiteId = Annotated[str, Query(description="Site ID", min_length=1, max_length=MAX_SITE_ID)]
