@@ -47,10 +47,16 @@ class Services:
     sites: SiteRegistry
     keys: KeyStore
     visitors: Visitors
+    # One per process: the query API's goal changes are what this process's stream core matches
+    # (a core with its own cache ignored a new goal for up to its refresh).
+    goals: GoalRegistry
 
     @property
     def query_context(self) -> Context:
-        return Context(self.client, self.sites, self.keys, GoalRegistry(self.client), FunnelRegistry(self.client))
+        return Context(self.client, self.sites, self.keys, self.goals, FunnelRegistry(self.client))
+
+    def stream_core(self) -> StreamCore:
+        return StreamCore(self.client, self.settings.session_timeout_s, self.goals)
 
 
 def open_services(settings: Settings, wait: bool = False) -> Services:
@@ -67,7 +73,7 @@ def open_services(settings: Settings, wait: bool = False) -> Services:
     # Lenient: live events get today's id rather than a 503 while ClickHouse cannot be asked.
     visitors = Visitors(Salts(client, settings.historic_salt_days), partial(latest_ends, client),
                         partial(open_at, client), settings.session_timeout_s, lenient=True)
-    return Services(settings, client, SiteRegistry(client), keys, visitors)
+    return Services(settings, client, SiteRegistry(client), keys, visitors, GoalRegistry(client))
 
 
 def make_handoff(services: Services, core: StreamCore | None = None, spool: Spool | None = None) -> Handoff:
@@ -76,7 +82,7 @@ def make_handoff(services: Services, core: StreamCore | None = None, spool: Spoo
     settings = services.settings
     spool = spool or Spool(settings.spool_path, settings.spool_max_bytes)
     if settings.embedded:
-        return InProcessHandoff(EmbeddedRunner(core or StreamCore(services.client, settings.session_timeout_s), spool))
+        return InProcessHandoff(EmbeddedRunner(core or services.stream_core(), spool))
     return KafkaHandoff(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions,
                         settings.kafka_replication_factor, services.client, spool, settings.spool_after_ms / 1000)
 

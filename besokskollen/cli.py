@@ -88,7 +88,6 @@ def _serve(app, sock: socket.socket) -> None:
 def cmd_up(args: argparse.Namespace) -> None:
     from besokskollen import demo, health
     from besokskollen.app import DEFAULT_ACCOUNT, make_handoff, open_services, server_app
-    from streams.core import StreamCore
 
     settings = _settings(args)
     spool = _claim_spool("up", settings)
@@ -97,7 +96,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     with health.answering_while_starting(sock):
         services = open_services(settings, wait=True)
         # The demo seeding takes a while too: answered meanwhile, as while waiting.
-        core = StreamCore(services.client, settings.session_timeout_s) if settings.embedded else None
+        core = services.stream_core() if settings.embedded else None
         base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"  # an IPv6 address in brackets
         if args.demo:
             if core is None:

@@ -98,7 +98,6 @@ def local(settings: Settings, site_id: str) -> Send:
     from ingest import importer
     from ingest.event import utcnow
     from streams import storage
-    from streams.core import StreamCore
 
     try:
         services = open_services(settings)
@@ -112,7 +111,7 @@ def local(settings: Settings, site_id: str) -> Send:
     site = services.sites.get(site_id)
     if site is None:
         raise ImportFailed(f"no site with id {site_id!r}")
-    core = StreamCore(services.client, settings.session_timeout_s)
+    core = services.stream_core()
 
     def send(body: bytes) -> dict:
         parsed = importer.parse(body, site, utcnow(), services.visitors.id_key(), settings.raw_events_ttl_days)

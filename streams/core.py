@@ -72,10 +72,10 @@ REMEMBERED_VISITORS = 50_000
 
 
 class StreamCore:
-    def __init__(self, client: Client, session_timeout_s: int) -> None:
+    def __init__(self, client: Client, session_timeout_s: int, goals: GoalRegistry | None = None) -> None:
         self._client = client
         self._timeout = timedelta(seconds=session_timeout_s)
-        self._goals = GoalRegistry(client)
+        self._goals = goals or GoalRegistry(client)
         # `_plain(_Derived)`s
         self._derived: LRUCache[tuple[str, int], tuple] = LRUCache(maxsize=REMEMBERED_VISITORS)
 

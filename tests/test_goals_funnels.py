@@ -21,7 +21,7 @@ from ingest.event import Event
 from streams import core as core_module
 from streams.core import StreamCore
 from streams.goals import Goal, GoalRegistry, backfill
-from tests.conftest import ROOT
+from tests.conftest import BROWSER, ROOT
 
 API = "/api/v1"
 
@@ -159,6 +159,25 @@ async def test_goals_apply_to_past_and_new_events(client, services):
     r = await client.get(f"{API}/goals", params={"site_id": site})
     assert [g["name"] for g in r.json()["data"]] == ["Köp", "Produkt"]
     assert (await client.delete(f"{API}/goals/{created[1]['id']}")).status_code == 404
+
+
+async def test_a_new_goal_counts_the_next_live_event_at_once(client, embedded):
+    """`up`'s stream core matches the goals the query API just created: it does not wait for its
+    own cached goal list to expire (the second backfill, 10 s later, made up for it until then)."""
+    site = await _site(client)
+
+    async def pageview(ip: str) -> None:
+        r = await client.post("/api/event", json={"site_id": site, "name": "pageview", "url": "https://gf.example/x"},
+                              headers={"user-agent": BROWSER, "x-forwarded-for": ip})
+        assert r.status_code == 202, r.text
+        await embedded[1].runner.drain()
+
+    await pageview("192.0.2.1")  # the core has now looked up the site's goals: none
+    r = await client.post(f"{API}/goals", json={"site_id": site, "name": "X", "event_type": "pageview", "match_path": "/x"})
+    assert r.status_code == 201, r.text
+    await pageview("192.0.2.2")
+    r = await client.get(f"{API}/goals", params={"site_id": site, "period": "7d"})
+    assert [(g["visitors"], g["conversions"]) for g in r.json()["data"]] == [(2, 2)], r.text
 
 
 async def test_a_backfill_beside_a_batch_in_flight_keeps_the_batchs_goal_rows(client, services, monkeypatch):
