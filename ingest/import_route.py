@@ -75,6 +75,8 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
             while part := await asyncio.to_thread(next, parts, None):
                 for i in range(0, len(part), _SEND_AT_ONCE):
                     await asyncio.gather(*(handoff.send(e) for e in part[i:i + _SEND_AT_ONCE]))
+                # A live event continuing one of these sessions carries its id, stored or not yet.
+                visitors.remember((e.site_id, e.visitor_id, e.timestamp) for e in part)
                 events += part
             stored = await handoff.flush(events)
         reply = {"accepted": len(parsed.lines), "rejected": parsed.rejected, "dropped": parsed.dropped, "stored": stored}

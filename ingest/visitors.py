@@ -10,8 +10,11 @@ Whether y's session is open is decided, cheapest first, by
 2. in the first session-timeout of the day (plus a margin for events still on their way to
    storage), the database: another process may have seen the session;
 3. after that, the database again, but only for the ids whose sessions were open at midnight
-   (loaded once per day): no other y can still have an open session.
+   (loaded then, and again once a minute: an import may store such sessions at any time): no
+   other y can still have an open session.
 An id the database found lapsed stays lapsed (time only moves on), so it is asked about once.
+An import's events are remembered as if given here (`remember`): a live event that continues an
+imported session goes on under its id at once, not only after the next load.
 
 Live requests ask the database through `CarryQuestions`, which puts the questions of concurrent
 requests in one query: in the first timeout of a day every visitor new to this process needs
@@ -45,8 +48,13 @@ OpenAtMidnight = Callable[[datetime, timedelta], set[tuple[str, int]]]
 log = logging.getLogger(__name__)
 
 # Events reach storage within seconds; this much past the first timeout of a day, the sessions
-# open at midnight are all stored and can be loaded once.
+# open at midnight are all stored and can be loaded.
 _SETTLE = timedelta(seconds=60)
+# How long a load of them is trusted: live events cannot add any, but an import (through any
+# process) can, and another process learns of them only from the database. One query a minute;
+# it reads only the granules of sessions near midnight (`sessions` is sorted by start, with a
+# minmax index on end).
+_RELOAD = timedelta(seconds=60)
 
 Key = tuple[str, int]  # (site_id, visitor_id)
 
@@ -61,6 +69,11 @@ class _Day:
     """What the database said about one day's carry-overs."""
     lapsed: set[Key] = field(default_factory=set)
     open_at_midnight: set[Key] | None = None  # None until loaded
+    loaded_for: datetime | None = None  # the event time it was loaded for
+
+    def knows_open(self, at: datetime) -> bool:
+        """Whether `open_at_midnight` may answer for an event at `at`."""
+        return self.loaded_for is not None and at - self.loaded_for < _RELOAD
 
 
 class Visitors:
@@ -141,7 +154,7 @@ class Visitors:
         if key is None or self._known_carry(key, at) is not None:
             return None
         loaded = self._days.get(at.date())
-        if at - _midnight(at) >= self._timeout + _SETTLE and (loaded is None or loaded.open_at_midnight is None):
+        if at - _midnight(at) >= self._timeout + _SETTLE and (loaded is None or not loaded.knows_open(at)):
             return None
         return key
 
@@ -152,6 +165,16 @@ class Visitors:
             self._remember(yesterday, end)
         else:
             self._day(at.date()).lapsed.add(yesterday)
+
+    def remember(self, events: Iterable[tuple[str, int, datetime]]) -> None:
+        """(site, visitor id, time) of events given ids by another instance (an import's,
+        `for_batch`), oldest first: those less than a timeout before the newest event seen here
+        are remembered as if given here."""
+        for site_id, visitor, at in events:
+            with self._lock:
+                newest = self._newest
+            if newest is None or newest - at < self._timeout:
+                self._remember((site_id, visitor), at)
 
     def _yesterday_if_cached(self, site_id: str, ip: str, user_agent: str, at: datetime) -> Key | None:
         """Yesterday's id of this visitor, if both salts it may need are in memory."""
@@ -169,7 +192,7 @@ class Visitors:
         day = self._days.get(at.date())
         if day is not None and yesterday in day.lapsed:
             return False
-        if at - _midnight(at) < self._timeout + _SETTLE or day is None or day.open_at_midnight is None:
+        if at - _midnight(at) < self._timeout + _SETTLE or day is None or not day.knows_open(at):
             return None
         return None if yesterday in day.open_at_midnight else False
 
@@ -179,8 +202,9 @@ class Visitors:
         try:
             if at - midnight >= self._timeout + _SETTLE:
                 with self._load_lock:
-                    if day.open_at_midnight is None:
+                    if not day.knows_open(at):
                         day.open_at_midnight = self._open_at_midnight(midnight, self._timeout)
+                        day.loaded_for = at
                 if yesterday not in day.open_at_midnight:
                     return False
             end = self.latest_ends([yesterday], at - self._timeout).get(yesterday)

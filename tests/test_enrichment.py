@@ -469,6 +469,24 @@ def test_carry_through_the_database_across_processes(services):
         Salts(client).for_day(midnight.date()), site, quiet_ip, BROWSER)
 
 
+def test_a_session_imported_after_the_days_load_carries_within_a_minute(services):
+    """The sessions open at midnight are loaded from the first timeout (+ 60 s) of the day on, but
+    an import through another process may store one later: it is loaded again a minute on."""
+    client = services.client
+    live = Visitors(Salts(client), partial(latest_ends, client), partial(open_at, client), TIMEOUT)
+    site, ip, other_ip = _site(), "81.227.11.6", "81.227.11.7"
+    midnight = DAY + timedelta(days=6)
+    yesterday_id, _ = _ids(Salts(client), site, ip, midnight)
+    loaded = midnight + 2 * timedelta(hours=1)
+    live.visitor_id(site, other_ip, BROWSER, loaded)  # loads the day's open sessions: not this one
+    # The import: the person every 5 minutes from 23:59 until a minute ago, under yesterday's id.
+    StreamCore(client, TIMEOUT).process([
+        Event(event_id=str(uuid.uuid4()), site_id=site, timestamp=at, name="pageview", visitor_id=yesterday_id,
+              pathname="/a")
+        for at in (midnight - MINUTE + 5 * n * MINUTE for n in range(25)) if at < loaded])
+    assert live.visitor_id(site, ip, BROWSER, loaded + 61 * timedelta(seconds=1)) == yesterday_id
+
+
 class CountedLatestEnds:
     """The database's latest-session-end lookup, recording the visitors of each query."""
 

@@ -351,6 +351,40 @@ async def test_a_session_open_at_midnight_carries_across_requests(client, servic
         assert [visitors["/-40"], visitors["/5"]] == [quiet_yesterday, quiet_today]
 
 
+async def test_a_live_event_continuing_an_imported_session_from_before_midnight_carries_its_id(
+        client, embedded, services, site):
+    """From the first session timeout (+ 60 s) of a day on, a process decides carries from the
+    sessions open at midnight it has loaded. An import may store one after that: the person's next
+    live event continues it under yesterday's id (it got today's: one visitor and session more)."""
+    now = datetime.now(timezone.utc)
+    midnight = datetime.combine(now.date(), datetime.min.time(), timezone.utc)
+    person = ("81.227.41.1", BROWSER)
+
+    async def live(ip: str, path: str) -> None:
+        r = await client.post("/api/event", json={"site_id": site.site_id, "name": "pageview",
+                                                   "url": f"https://{site.domain}{path}"},
+                              headers={"user-agent": BROWSER, "x-forwarded-for": ip})
+        assert r.status_code == 202, r.text
+        await embedded[1].runner.drain()
+
+    await live("81.227.41.2", "/other")  # someone else: the process has the day's open sessions now
+    # The person every 5 minutes from 23:59 until a minute ago (at 00:05 UTC, just the first).
+    times = [midnight - timedelta(minutes=1) + timedelta(minutes=5 * n)
+             for n in range(int((now - midnight).total_seconds() // 300) + 1)]
+    times = [at for at in times if at < now - timedelta(minutes=1)] or [midnight - timedelta(minutes=1)]
+    body = ndjson([{"name": "pageview", "url": f"https://{site.domain}/{n}", "ip": person[0],
+                    "user_agent": person[1], "timestamp": iso(at)} for n, at in enumerate(times)])
+    assert (await post_import(client, site.site_id, body)).status_code == 200
+    await live(person[0], "/live")
+
+    yesterday = hash_visitor(Salts(services.client).for_day(midnight.date() - timedelta(days=1)), site.site_id, *person)
+    ids = dict(services.client.query(
+        "SELECT pathname, visitor_id FROM events FINAL WHERE site_id = {s:String} AND pathname != '/other'",
+        parameters={"s": site.site_id}).result_rows)
+    # Every imported event and the live one: yesterday's id.
+    assert len(ids) == len(times) + 1 and set(ids.values()) == {yesterday}, ids
+
+
 @pytest.mark.parametrize("headers, site_id, status, code", [
     ({"authorization": ""}, "own", 401, "unauthorized"),
     ({"authorization": "Bearer bk_not_a_key"}, "own", 401, "unauthorized"),
