@@ -122,14 +122,23 @@ class Visitors:
         # later question of that day.
         known = {(day, key): end for day, keys in asked.items()
                  for key, end in self.latest_ends(keys, utc_midnight(day) - self._timeout).items()}
+        # And what this instance gave out live, perhaps not stored yet: the latest event of each id.
+        with self._lock:
+            seen = dict(self._latest)
 
         def latest_ends(keys: Iterable[Key], since: datetime) -> dict[Key, datetime]:
             day, keys = (since + self._timeout).date(), set(keys)
             ahead = keys & asked.get(day, set())
             found = {key: known[(day, key)] for key in ahead if (day, key) in known and known[(day, key)] > since}
-            return {**found, **(self.latest_ends(keys - ahead, since) if keys - ahead else {})}
+            found |= self.latest_ends(keys - ahead, since) if keys - ahead else {}
+            live = {key: max(seen[key], found.get(key, seen[key])) for key in keys if seen.get(key, since) > since}
+            return found | live
 
-        return Visitors(self._salts, latest_ends, self._open_at_midnight, self._timeout_s)
+        def open_at_midnight(midnight: datetime, timeout: timedelta) -> set[Key]:
+            # Ids seen live since the timeout before midnight: a superset is safe, `latest_ends` decides.
+            return self._open_at_midnight(midnight, timeout) | {key for key, at in seen.items() if at > midnight - timeout}
+
+        return Visitors(self._salts, latest_ends, open_at_midnight, self._timeout_s)
 
     def needs_io(self, site_id: str, ip: str, user_agent: str, at: datetime) -> bool:
         """Whether `visitor_id` may touch the database (so async callers use a thread)."""
@@ -149,7 +158,7 @@ class Visitors:
     def question(self, site_id: str, ip: str, user_agent: str, at: datetime) -> Key | None:
         """Yesterday's id of this visitor when whether it carries on at `at` is for the database
         to say and `learn` can take the answer; None when memory knows, or when the salts or the
-        day's open sessions are not loaded yet (`visitor_id` does that, once)."""
+        day's open sessions are not loaded or are due again (`visitor_id` loads them)."""
         key = self._yesterday_if_cached(site_id, ip, user_agent, at)
         if key is None or self._known_carry(key, at) is not None:
             return None

@@ -487,6 +487,25 @@ def test_a_session_imported_after_the_days_load_carries_within_a_minute(services
     assert live.visitor_id(site, ip, BROWSER, loaded + 61 * timedelta(seconds=1)) == yesterday_id
 
 
+def test_an_import_continues_a_session_this_process_saw_live_but_has_not_stored(services):
+    """Live events at 23:58, 00:20 and 00:40 under yesterday's id are still on their way to storage
+    (in Kafka, in the embedded queue) when imports bring the same person at 00:05 (the day's first
+    timeout: the database is asked) and at 00:45 (after it: the sessions open at midnight are):
+    they go on under that id, from what the process gave out live; at 01:20, 40 quiet minutes
+    after 00:40, it is today's."""
+    salts = Salts(services.client)
+    site, ip = _site(), "81.227.12.6"
+    midnight = DAY + timedelta(days=7)
+    yesterday_id, today_id = _ids(salts, site, ip, midnight)
+    live = _visitors(salts)  # the database knows of no session
+    assert [live.visitor_id(site, ip, BROWSER, midnight + minutes * MINUTE)
+            for minutes in (-2, 20, 40)] == [yesterday_id] * 3
+    for minutes, expected in ((5, [yesterday_id]), (45, [yesterday_id]), (80, [today_id])):  # three imports
+        people = [(site, ip, BROWSER, midnight + minutes * MINUTE)]
+        imported = live.for_batch(people)
+        assert [imported.visitor_id(*person) for person in people] == expected, minutes
+
+
 class CountedLatestEnds:
     """The database's latest-session-end lookup, recording the visitors of each query."""
 
