@@ -14,7 +14,7 @@ from ingest.enrich import enrich
 from ingest.event import Event, IncomingEvent
 from streams.core import StreamCore
 from streams.rollups import sites_with_events
-from streams.sites import Site, site_id_for
+from streams.sites import Site
 
 DEMO_DOMAIN = "mobildelar.se"
 DAYS = 90
@@ -72,7 +72,7 @@ def _visit(rng: random.Random, site: Site, start: datetime) -> list[tuple[dateti
 def seed(services: Services, core: StreamCore, now: datetime | None = None, seed_value: int = 42) -> Site:
     """Create the demo site and feed it DAYS days of traffic ending now, unless it has data."""
     now = now or datetime.now(timezone.utc)
-    site = (services.sites.get(site_id_for(DEMO_DOMAIN))
+    site = (services.sites.by_domain(DEMO_DOMAIN)
             or services.sites.create(DEFAULT_ACCOUNT, DEMO_DOMAIN, "Mobildelar (demo)"))
     if sites_with_events(services.client, [site.site_id]):
         return site

@@ -31,6 +31,8 @@ def create_app(context: Context, *, trusted_proxies: Trusted = (),
         openapi_url=f"{PREFIX}/openapi.json",
         docs_url=f"{PREFIX}/docs",
         redoc_url=None,
+        # `/sites/` is not `/sites`: a redirect took `/sites/%2F` to the site list.
+        redirect_slashes=False,
         **fastapi_kwargs,
     )
     app.state.context = context

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_valid
 from ingest.event import MAX_SITE_ID, EventName, PagePath
 from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
 from query_api.errors import APIError
-from query_api.models import FunnelCreated, FunnelsResponse, FunnelStatsResponse
+from query_api.models import FunnelCreated, FunnelsResponse, FunnelStatsResponse, Name
 from query_api.periods import Period, percent, stats_period
 from query_api.stats import From, PeriodName, To
 from streams.buckets import VISITOR_LIFETIME
@@ -37,7 +37,7 @@ _PAGE_PATH = TypeAdapter(PagePath)
 
 
 class StepIn(BaseModel):
-    name: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Name
     type: Literal["pageview", "event"]
     match_value: Annotated[str, Field(min_length=1, max_length=2000)]
     match_type: Literal["exact", "startswith"] = "exact"
@@ -60,7 +60,7 @@ class StepIn(BaseModel):
 
 class FunnelCreate(BaseModel):
     site_id: Annotated[str, Field(min_length=1, max_length=MAX_SITE_ID)]
-    name: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Name
     steps: Annotated[list[StepIn], Field(min_length=MIN_STEPS, max_length=MAX_STEPS)]
 
 

@@ -13,19 +13,17 @@ from ingest.event import MAX_SITE_ID, EventName, PagePath
 from query_api import stats
 from query_api.deps import Ctx, Integer, Key, SiteId, cached_json, readable_site
 from query_api.errors import APIError
-from query_api.models import GoalCreated, GoalsResponse
+from query_api.models import GoalCreated, GoalsResponse, Name
 from query_api.periods import percent, stats_period
 from query_api.stats import From, PeriodName, To
 from streams.goals import Goal, backfill_twice
 
 router = APIRouter(tags=["goals"])
 
-Text = Annotated[str, Field(min_length=1, max_length=200)]
-
 
 class GoalCreate(BaseModel):
     site_id: Annotated[str, Field(min_length=1, max_length=MAX_SITE_ID)]
-    name: Text
+    name: Name
     event_type: Literal["pageview", "event"]
     # Read as ingest stores pages and event names: a goal for "/produkt/%C3%A5" is the page
     # "/produkt/å", and one for " purchase" could never match.

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _printable(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("control characters (a NUL, a newline, …) are not allowed")
+    return value
+
+
+# What a person names (sites, goals, funnels, steps): shown in dashboards as it is given.
+Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_printable)]
 
 
 class ErrorBody(BaseModel):
@@ -29,7 +42,7 @@ class SiteOut(BaseModel):
 
 class SiteCreate(BaseModel):
     domain: str = Field(min_length=1, max_length=253, description="A hostname such as example.com (IDNA allowed)")
-    name: str = Field("", max_length=200)
+    name: Annotated[str, Field(max_length=200), AfterValidator(_printable)] = ""
     timezone: str = Field("Europe/Stockholm", max_length=64, description="An IANA timezone")
 
 

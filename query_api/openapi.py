@@ -20,7 +20,7 @@ from query_api.rate_limit import DEFAULT_FAILED_AUTH_LIMIT, DEFAULT_LIMIT
 SECURITY_SCHEME = "bearerAuth"
 
 _ERROR_DESCRIPTIONS = {
-    "400": "Invalid or missing parameter or body field (`missing_parameter`, `invalid_parameter`, `invalid_field`)",
+    "400": "Invalid or missing parameter or body field (`missing_parameter`, `invalid_parameter`)",
     "401": "Missing or unknown API key (`unauthorized`)",
     "403": "The key may not do this: another account's or site's data, or a user-level key is needed (`forbidden`)",
     "404": "No such site, or no such resource for it",

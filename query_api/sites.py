@@ -14,7 +14,7 @@ from query_api.errors import APIError
 from query_api.models import SiteCreate, SiteList, SiteResponse
 from query_api.periods import stats_period
 from streams.rollups import sites_with_events
-from streams.sites import Site, normalize_domain, site_id_for
+from streams.sites import Site, normalize_domain
 
 router = APIRouter(tags=["sites"])
 
@@ -53,11 +53,11 @@ def create_site(request: Request, ctx: Ctx, key: UserKey, body: SiteCreate) -> R
     try:
         domain = normalize_domain(body.domain)
     except ValueError:
-        raise APIError(400, "invalid_field", "domain must be a hostname such as example.com") from None
+        raise APIError(400, "invalid_parameter", "domain must be a hostname such as example.com") from None
     if not ctx.sites.valid_timezone(body.timezone):
-        raise APIError(400, "invalid_field", f"timezone: {body.timezone[:64]!r} is not a known IANA timezone") from None
+        raise APIError(400, "invalid_parameter", f"timezone: {body.timezone[:64]!r} is not a known IANA timezone") from None
     with _creating:
-        if ctx.sites.get(site_id_for(domain)) is not None:
+        if ctx.sites.by_domain(domain) is not None:
             raise APIError(409, "site_exists", f"a site for {domain} exists already")
         site = ctx.sites.create(key.account_id, domain, body.name, body.timezone)
     return cached_json(request, {"data": _out(site, False)}, status=201)

@@ -3,6 +3,7 @@ API and the CLI, read by ingest (to accept or 404 an event) and by the query API
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import idna
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
+from ingest.event import MAX_SITE_ID
 from streams import migrations
 from streams.migrations import SITE_DATA_TABLES
 from streams.read_cache import ReadThroughCache
@@ -56,7 +58,7 @@ def normalize_domain(domain: str) -> str:
 
 
 def site_id_for(domain: str) -> str:
-    """`mobildelar.se` → `mobildelar-se`: readable ids, stable for a domain."""
+    """`mobildelar.se` → `mobildelar-se`: a readable id (`SiteRegistry.create` makes it unique)."""
     return re.sub(r"[^a-z0-9]+", "-", normalize_domain(domain)).strip("-")
 
 
@@ -87,7 +89,7 @@ class SiteRegistry:
     def create(self, account_id: str, domain: str, name: str = "", tz: str = DEFAULT_TIMEZONE,
                site_id: str | None = None) -> Site:
         domain = normalize_domain(domain)
-        site = Site(site_id or site_id_for(domain), account_id, domain, name or domain, tz,
+        site = Site(site_id or self._free_id(domain), account_id, domain, name or domain, tz,
                     datetime.now(timezone.utc))
         self._start_empty(site.site_id)
         self._client.insert(
@@ -96,6 +98,17 @@ class SiteRegistry:
               time.time_ns()]],
             column_names=_COLUMNS)
         return self._remember(site)
+
+    def _free_id(self, domain: str) -> str:
+        """The domain's readable id, or when a site of another domain has it (`my-shop.se` and
+        `my.shop.se` read the same), the first of it + `-2`, `-3`, … that no site has."""
+        readable = site_id_for(domain)
+        for n in itertools.count(1):
+            suffix = f"-{n}" if n > 1 else ""
+            candidate = readable[:MAX_SITE_ID - len(suffix)] + suffix
+            if self._load("site_id", candidate) is None:
+                return candidate
+        raise AssertionError("unreachable")
 
     def delete(self, site: Site) -> None:
         """Stop serving the site at once, and drop its data (asynchronously: ClickHouse mutations

@@ -226,6 +226,40 @@ async def test_duplicate_domain_is_409(client, site):
         assert_error(await client.post(f"{API}/sites", json={"domain": domain}), 409)
 
 
+async def test_domains_whose_readable_ids_are_alike_get_sites_of_their_own(client):
+    """`my-shop.se` and `my.shop.se` both read `my-shop-se`: the second domain's site gets the id
+    with `-2` (it was a 409 "a site for my.shop.se exists already", whoever's account asked)."""
+    prefix = f"alike{uuid.uuid4().hex[:6]}"
+    ids = []
+    for domain in (f"{prefix}-my-shop.se", f"{prefix}-my.shop.se", f"{prefix}.my-shop.se"):
+        r = await client.post(f"{API}/sites", json={"domain": domain})
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["data"]["id"])
+        assert (await client.get(f"{API}/sites/{ids[-1]}")).json()["data"]["domain"] == domain
+    assert ids == [f"{prefix}-my-shop-se", f"{prefix}-my-shop-se-2", f"{prefix}-my-shop-se-3"]
+    assert_error(await client.post(f"{API}/sites", json={"domain": f"{prefix}-my.shop.se"}), 409)
+    for bad in ({"domain": 5}, {"domain": "not a host"}, {"domain": _domain(), "timezone": "Mars/Olympus"}):
+        assert assert_error(await client.post(f"{API}/sites", json=bad), 400)["code"] == "invalid_parameter", bad
+
+
+async def test_names_with_control_characters_are_refused(client, site):
+    for path, body in (("/sites", {"domain": _domain(), "name": "a\x00b"}),
+                       ("/goals", {"site_id": site["id"], "name": "Köp\n", "event_type": "event", "match_event": "buy"}),
+                       ("/funnels", {"site_id": site["id"], "name": "\x00", "steps": [
+                           {"name": "a", "type": "pageview", "match_value": "/a"},
+                           {"name": "b", "type": "pageview", "match_value": "/b"}]}),
+                       ("/funnels", {"site_id": site["id"], "name": "F", "steps": [
+                           {"name": "a\x7f", "type": "pageview", "match_value": "/a"},
+                           {"name": "b", "type": "pageview", "match_value": "/b"}]})):
+        error = assert_error(await client.post(API + path, json=body), 400)
+        assert error["code"] == "invalid_parameter" and "control characters" in error["message"], (path, error)
+
+
+async def test_a_trailing_slash_is_another_path_not_a_redirect(client, site):
+    for path in ("/sites/", "/sites/%2F", f"/stats/pages/?site_id={site['id']}", "/funnels/f_x/stats/"):
+        assert assert_error(await client.get(API + path), 404)["code"] == "not_found", path
+
+
 async def test_concurrent_creates_of_one_domain_give_one_site(client, services):
     """Sent at once, from two accounts: one 201, the rest 409, and the site is the 201's (each
     used to get a 201, and all but the last writer then found 'their' site was another's: 403)."""
