@@ -24,6 +24,9 @@ from clickhouse_connect.driver.exceptions import Error as ClickHouseError
 
 log = logging.getLogger(__name__)
 
+# How long after a day's earliest salt proposal it is taken (`_read_all`): inserts take milliseconds.
+SETTLE_S = 0.25
+
 # Not a day: the row holding the installation's secret key for imported lines' content ids
 # (`importer.content_event_id`). Never purged; `besokskollen copy` carries it with the data.
 ID_KEY_DAY = date(1970, 1, 1)
@@ -102,19 +105,28 @@ class Salts:
         return self._read_all([day]).get(day)
 
     def _read_all(self, days: list[date]) -> dict[date, bytes]:
-        # Every process proposes a salt the first time it needs one; all agree on the earliest.
-        rows = self._client.query(
-            "SELECT day, argMin(salt, (created_at, salt)) FROM salts WHERE day IN {days:Array(Date)} GROUP BY day",
-            parameters={"days": days},
-        ).result_rows
-        return {day: bytes.fromhex(salt) for day, salt in rows}
+        # Every process proposes a salt the first time it needs one; all agree on the earliest
+        # (by the server's clock as it inserted it). A proposal made at the same moment as the
+        # earliest seen may be inserted just after this read and still be earlier: a day's salt is
+        # taken once its earliest proposal is SETTLE_S old, and read again until then.
+        for last in (False, True):
+            rows = self._client.query(
+                "SELECT day, argMin(salt, (created_at, salt)), dateDiff('microsecond', min(created_at), now64(6))"
+                " FROM salts WHERE day IN {days:Array(Date)} GROUP BY day", parameters={"days": days}).result_rows
+            wait = min(SETTLE_S, max((SETTLE_S - age / 1e6 for *_, age in rows), default=0))
+            if wait <= 0 or last:
+                return {day: bytes.fromhex(salt) for day, salt, _ in rows}
+            time.sleep(wait)
+        raise AssertionError("unreachable")
 
     def _propose(self, days: list[date]) -> datetime:
-        """Insert a new salt for each of these days; returns when they were made."""
-        created = datetime.fromtimestamp(time.time(), timezone.utc)
-        self._client.insert("salts", [[day, secrets.token_hex(16), created] for day in days],
-                            column_names=["day", "salt", "created_at"])
-        return created
+        """Insert a new salt for each of these days, made at the server's time (the hosts of two
+        processes may disagree on it); returns about when."""
+        self._client.command(
+            "INSERT INTO salts (day, salt, created_at) SELECT p.1, p.2, now64(6)"
+            " FROM (SELECT arrayJoin(arrayZip({days:Array(Date)}, {salts:Array(String)})) AS p)",
+            parameters={"days": days, "salts": [secrets.token_hex(16) for _ in days]})
+        return datetime.now(timezone.utc)
 
     def _create(self, day: date) -> bytes:
         created = self._propose([day])

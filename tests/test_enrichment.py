@@ -348,6 +348,34 @@ def test_salts_loaded_together_are_the_ones_every_process_agrees_on(services):
     assert len({loading.cached(day) for day in past}) == len(past)
 
 
+def test_a_salt_proposed_at_the_same_moment_but_inserted_after_the_read_is_still_agreed_on(services):
+    """Two processes propose a day's salt at once; B's is made first but lands just after A has
+    read the day's salts (A saw only its own). A takes a salt only once the earliest proposal has
+    settled, so it reads again and takes B's, as every later reader does (it kept its own: the
+    two processes gave one person two visitor ids all day)."""
+    day = datetime.now(timezone.utc).date() - timedelta(days=3000 + uuid.uuid4().int % 1000)
+    b = "cd" * 16
+
+    class BLandsAfterTheFirstRead:
+        def __init__(self, client) -> None:
+            self.client, self.landed = client, False
+
+        def query(self, sql, parameters=None):
+            result = self.client.query(sql, parameters=parameters)
+            if "argMin(salt" in sql and result.result_rows and not self.landed:
+                self.landed = True  # made a millisecond before A's proposal
+                self.client.command("INSERT INTO salts SELECT {d:Date}, {s:String}, min(created_at) - toIntervalMillisecond(1)"
+                                    " FROM salts WHERE day = {d:Date}", parameters={"d": day, "s": b})
+            return result
+
+        def __getattr__(self, name: str):
+            return getattr(self.client, name)
+
+    client = BLandsAfterTheFirstRead(services.client)
+    assert Salts(client).for_day(day) == bytes.fromhex(b) == Salts(services.client).for_day(day)
+    assert client.landed
+
+
 def _ids(salts: Salts, site: str, ip: str, today: datetime) -> tuple[int, int]:
     """(yesterday's id, today's id) of a person on the UTC day starting at `today`."""
     yesterday_id = hash_visitor(salts.for_day((today - timedelta(days=1)).date()), site, ip, BROWSER)
