@@ -137,7 +137,7 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
         try:
             await handoff.send(event)
         except SpoolFull:
-            return _error(503, "spool_full", "Kafka is unavailable and the local spool is full; retry later",
+            return _error(503, "spool_full", "events wait for storage and the local spool is full; retry later",
                           {**_CORS, "retry-after": _SPOOL_FULL_RETRY_S})
         if incoming.event_id:
             first_copies.taken(event)

@@ -165,7 +165,7 @@ class ImportedEvent(IncomingEvent):
 
     timestamp: datetime
     ip: str
-    user_agent: Annotated[str, StringConstraints(max_length=2000)]
+    user_agent: str  # the whole header, as live ones (limited only by the line)
 
     @field_validator("timestamp", mode="before")
     @classmethod

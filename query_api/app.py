@@ -16,7 +16,6 @@ from query_api.timing import Timing
 
 PREFIX = "/api/v1"
 # JSON bodies of the API are small; the NDJSON import (served by ingest) has a cap of its own.
-IMPORT_PATH = f"{PREFIX}/events/import"
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 429, 500)}
 
@@ -36,7 +35,7 @@ def create_app(context: Context, *, trusted_proxies: Trusted = (),
         **fastapi_kwargs,
     )
     app.state.context = context
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, exempt=frozenset({IMPORT_PATH}))
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, exempt=frozenset({openapi.IMPORT_PATH}))
     # Added last = runs first: HEAD/Vary around the rate limit around the body cap.
     app.state.rate_limiter = rate_limiter or RateLimiter()
     app.add_middleware(RateLimit, limiter=app.state.rate_limiter, keys=context.keys, trusted=trusted_proxies,

@@ -5,6 +5,7 @@ FastAPI's 422 is dropped: validation errors answer 400 (query_api/errors.py)."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import orjson
@@ -28,9 +29,41 @@ _ERROR_DESCRIPTIONS = {
     "429": "Rate limit exceeded (`rate_limited`): retry after `Retry-After` seconds",
     "500": "Internal error (`internal_error`); the body never carries details",
 }
+IMPORT_PATH = "/api/v1/events/import"
 # Errors only some operations give, by (method, path).
 EXTRA_ERRORS: dict[tuple[str, str], dict[str, str]] = {
     ("post", "/api/v1/sites"): {"409": "A site for this domain exists already (`site_exists`)"},
+    ("post", IMPORT_PATH): {
+        "400": "A body that is not events (`empty_body`, `too_many_lines`), or `missing_parameter` (`site_id`)",
+        "413": "Body larger than `BK_MAX_IMPORT_BYTES` (20 MiB by default; `body_too_large`): split the file",
+        "415": "Not `application/x-ndjson`, or compressed (`unsupported_media_type`)",
+        "503": "The events could not be stored (`unavailable`); sending the body again is safe",
+    },
+}
+
+# The import is a plain Starlette route served beside the query API (ingest/import_route.py), which
+# FastAPI does not describe: its operation, added where the route is served.
+_IMPORT_OPERATION: dict[str, Any] = {
+    "tags": ["import"],
+    "summary": "Import historic events",
+    "description": "NDJSON, one event per line (README, Import). Each line is accepted whole, rejected with "
+                   "its line number and field, or dropped as a bot; the answer comes once the accepted "
+                   "events are stored. Importing the same file again stores nothing new.",
+    "operationId": "import_events",
+    "security": [{SECURITY_SCHEME: []}],
+    "parameters": [{"name": "site_id", "in": "query", "required": True, "schema": {"type": "string"}}],
+    "requestBody": {"required": True, "content": {"application/x-ndjson": {"schema": {"type": "string"}}}},
+    "responses": {"200": {"description": "Accepted, rejected and dropped lines", "content": {"application/json": {
+        "schema": {"type": "object", "required": ["data"], "properties": {"data": {
+            "type": "object", "required": ["accepted", "rejected", "dropped", "stored"], "properties": {
+                "accepted": {"type": "integer", "description": "Lines accepted (copies of one event id included)"},
+                "rejected": {"type": "array", "items": {"type": "object", "properties": {
+                    "line": {"type": "integer"}, "field": {"type": "string"}, "code": {"type": "string"},
+                    "message": {"type": "string"}}}},
+                "dropped": {"type": "array", "items": {"type": "object", "properties": {
+                    "line": {"type": "integer"}, "reason": {"type": "string", "enum": ["bot"]}}}},
+                "stored": {"type": "boolean", "description": "false: the workers had not written them all "
+                                                             "within 120 s (they will)"}}}}}}}}},
 }
 
 _HEADERS = {
@@ -60,6 +93,9 @@ def complete(schema: dict[str, Any], app: FastAPI) -> dict[str, Any]:
     authenticated = {(method.lower(), route.path_format) for route in flat_routes(app.routes)
                      if getattr(route, "dependant", None) is not None and _takes_key(route.dependant)
                      for method in route.methods or ()}
+    if any(getattr(route, "path", None) == IMPORT_PATH for route in app.routes):
+        schema.setdefault("paths", {})[IMPORT_PATH] = {"post": copy.deepcopy(_IMPORT_OPERATION)}
+        authenticated.add(("post", IMPORT_PATH))
     components = schema.setdefault("components", {})
     components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = {
         "type": "http", "scheme": "bearer",

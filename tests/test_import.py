@@ -420,6 +420,19 @@ def test_timestamps_are_iso_8601_date_times(timestamp, ok):
             ImportedEvent.model_validate(line, context=context)
 
 
+async def test_an_import_line_takes_a_user_agent_as_long_as_a_live_request_does(client, services, site):
+    agent = BROWSER + " " + "x" * 2200  # over the 2,000 characters import lines were limited to
+    at = datetime.now(timezone.utc) - timedelta(hours=1)
+    line = {"name": "pageview", "url": f"https://{site.domain}/long-agent", "ip": "81.227.42.1", "user_agent": agent,
+            "timestamp": iso(at)}
+    response = await post_import(client, site.site_id, ndjson([line]))
+    assert response.json()["data"]["accepted"] == 1, response.text
+    assert services.client.query("SELECT visitor_id FROM events FINAL WHERE site_id = {s:String}",
+                                 parameters={"s": site.site_id}).result_rows == [(hash_visitor(
+        Salts(services.client).for_day(at.date()), site.site_id,
+        "81.227.42.1", agent),)]
+
+
 async def test_a_byte_order_mark_before_the_first_line_is_skipped(client, site):
     response = await post_import(client, site.site_id, b"\xef\xbb\xbf" + ndjson(history(site.domain, 2, seed=8)))
     assert response.status_code == 200, response.text
@@ -587,6 +600,11 @@ def test_cli_imports_through_a_server_and_into_a_folder(tmp_path):
         assert cli(str(clean), "--site", site_id, "--url", base, BK_ADMIN_KEY="").returncode == 2
         held = cli(str(clean), "--site", site_id, "--data", str(data))
         assert held.returncode == 2 and "--url" in held.stderr  # the server holds the folder
+        # Three copies of one line are three accepted lines (one event), here as without a server.
+        copies = tmp_path / "copies.ndjson"
+        copies.write_bytes(ndjson([lines[0]] * 3))
+        assert "accepted 3, rejected 0, dropped 0" in cli(str(copies), "--site", site_id, "--url", base,
+                                                           "--key", ADMIN_KEY).stdout
 
     assert stored_in_folder(data, site_id) == [12_000 - 1] * 3
 
@@ -596,6 +614,7 @@ def test_cli_imports_through_a_server_and_into_a_folder(tmp_path):
     extra.write_bytes(ndjson(sorted(history("cli.example", 500, seed=7), key=lambda line: line["timestamp"])))
     again = cli(str(broken), "--site", site_id, "--data", str(data))
     assert again.returncode == 1 and "line 11002: ip" in again.stdout, again.stderr
+    assert "accepted 3, rejected 0, dropped 0" in cli(str(copies), "--site", site_id, "--data", str(data)).stdout
     assert cli(str(extra), "--site", site_id, "--data", str(data)).returncode == 0
     assert stored_in_folder(data, site_id) == [12_000 - 1 + 500] * 3
     assert cli(str(tmp_path / "missing.ndjson"), "--site", site_id, "--data", str(data)).returncode == 2
