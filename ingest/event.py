@@ -114,6 +114,14 @@ class IncomingEvent(BaseModel):
     # The tracker's data-hash mode: the URL's fragment is part of the page (hash routing).
     hash: bool = False
 
+    @field_validator("event_id")
+    @classmethod
+    def _one_events_id(cls, event_id: uuid.UUID | None) -> uuid.UUID | None:
+        # A client that sends a placeholder for every event would see them all counted as one.
+        if event_id is not None and event_id.int in (0, 2**128 - 1):
+            raise ValueError("the nil and max UUIDs are placeholders, not an event's id: send a random UUID or none")
+        return event_id
+
     @field_validator("url")
     @classmethod
     def _absolute_http_url(cls, url: str) -> str:

@@ -393,3 +393,11 @@ async def test_a_client_id_in_any_spelling_of_one_uuid_is_one_event(client, embe
     rows = stored(services, site, "toString(event_id), visitor_id, pathname")
     assert len(rows) == 1 and rows[0][0] == str(uuid.uuid5(client_id, site)), rows
     assert rows[0][2] == "/app#/c\u00e5rt\ufffd"
+
+
+@pytest.mark.parametrize("placeholder", ["00000000-0000-0000-0000-000000000000", "FFFFFFFF-FFFF-FFFF-FFFF-FFFFFFFFFFFF"])
+async def test_a_placeholder_client_id_is_refused_not_made_one_event_of_everything(client, site, placeholder):
+    response = await post(client, pageview(site, event_id=placeholder))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_field" and error["message"].startswith("event_id") and "placeholder" in error["message"]
