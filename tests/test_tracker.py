@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import shutil
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -104,6 +103,33 @@ def test_pageviews_spa_navigation_custom_events_queue_and_affiliate_clicks_in_ch
                      {"name": "Signup", "event_type": "event", "match_event": "signup"}):
             assert api.post(f"{API}/goals", json={"site_id": site, **goal}).status_code == 201
 
+        def numbers() -> dict:
+            get = lambda path, **params: api.get(f"{API}/{path}", params={"site_id": site, **params}).json()  # noqa: E731
+            return {
+                "pageviews": get("stats/overview", period="7d")["data"]["pageviews"],
+                "pages": {p["page"]: p["pageviews"] for p in get("stats/pages", period="7d")["data"]},
+                "goals": {g["name"]: g["conversions"] for g in get("goals", period="7d")["data"]},
+                "products": [(p["product_slug"], p["clicks"]) for p in get("popular/products", days=1)["data"]],
+                "categories": [(c["category_slug"], c["clicks"]) for c in get("popular/categories", days=1)["data"]],
+                "partners": [(c["partner_slug"], c["clicks"]) for c in get("popular/partners", days=1)["data"]],
+            }
+
+        want = {"pageviews": 5, "pages": {"/": 1, "/produkt/iphone-15-skal": 2, "/jamfor": 1, "/away": 1},
+                "goals": {"Nyhetsbrev": 1, "Signup": 1}, "products": [("iphone-15-skal", 1)],
+                "categories": [("mobilskal", 1)], "partners": [("kjell", 1)]}
+        got: dict = {}
+
+        def exact() -> bool:
+            nonlocal got
+            got = numbers()
+            return got == want
+
+        def wait_for_exact() -> None:
+            try:
+                wait_until(exact, 30, "the browser's events in the API")
+            finally:
+                print(got)
+
         _Pages.site, _Pages.api = site, up
         server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Pages)
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -128,36 +154,13 @@ def test_pageviews_spa_navigation_custom_events_queue_and_affiliate_clicks_in_ch
                     page.evaluate("""() => history.back()""")  # popstate to the product page: pageview 4
                 page.click("#buy")    # the affiliate click, by beacon as the page goes away; /away: pageview 5
                 page.wait_for_url("**/away")
-                time.sleep(0.5)
+                # The browser stays open while the numbers are read, as a visitor's would: closing it
+                # at once could cut the beacon or /away's pageview off on a loaded machine.
+                wait_for_exact()
                 browser.close()
         finally:
             server.shutdown()
 
-        def numbers() -> dict:
-            get = lambda path, **params: api.get(f"{API}/{path}", params={"site_id": site, **params}).json()  # noqa: E731
-            return {
-                "pageviews": get("stats/overview", period="7d")["data"]["pageviews"],
-                "pages": {p["page"]: p["pageviews"] for p in get("stats/pages", period="7d")["data"]},
-                "goals": {g["name"]: g["conversions"] for g in get("goals", period="7d")["data"]},
-                "products": [(p["product_slug"], p["clicks"]) for p in get("popular/products", days=1)["data"]],
-                "categories": [(c["category_slug"], c["clicks"]) for c in get("popular/categories", days=1)["data"]],
-                "partners": [(c["partner_slug"], c["clicks"]) for c in get("popular/partners", days=1)["data"]],
-            }
-
-        want = {"pageviews": 5, "pages": {"/": 1, "/produkt/iphone-15-skal": 2, "/jamfor": 1, "/away": 1},
-                "goals": {"Nyhetsbrev": 1, "Signup": 1}, "products": [("iphone-15-skal", 1)],
-                "categories": [("mobilskal", 1)], "partners": [("kjell", 1)]}
-        got: dict = {}
-
-        def exact() -> bool:
-            nonlocal got
-            got = numbers()
-            return got == want
-
-        try:
-            wait_until(exact, 30, "the browser's events in the API")
-        finally:
-            print(got)
         brands = api.get(f"{API}/popular/products", params={"site_id": site, "days": 1, "brand_slug": "apple"}).json()
         assert [p["product_slug"] for p in brands["data"]] == ["iphone-15-skal"]
 
