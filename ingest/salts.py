@@ -108,16 +108,18 @@ class Salts:
         # Every process proposes a salt the first time it needs one; all agree on the earliest
         # (by the server's clock as it inserted it). A proposal made at the same moment as the
         # earliest seen may be inserted just after this read and still be earlier: a day's salt is
-        # taken once its earliest proposal is SETTLE_S old, and read again until then.
-        for last in (False, True):
-            rows = self._client.query(
-                "SELECT day, argMin(salt, (created_at, salt)), dateDiff('microsecond', min(created_at), now64(6))"
-                " FROM salts WHERE day IN {days:Array(Date)} GROUP BY day", parameters={"days": days}).result_rows
-            wait = min(SETTLE_S, max((SETTLE_S - age / 1e6 for *_, age in rows), default=0))
-            if wait <= 0 or last:
-                return {day: bytes.fromhex(salt) for day, salt, _ in rows}
+        # taken once its earliest proposal is SETTLE_S old: read again after that if it is younger.
+        rows = self._earliest(days)
+        if (wait := min(SETTLE_S, max((SETTLE_S - age / 1e6 for *_, age in rows), default=0))) > 0:
             time.sleep(wait)
-        raise AssertionError("unreachable")
+            rows = self._earliest(days)
+        return {day: bytes.fromhex(salt) for day, salt, _ in rows}
+
+    def _earliest(self, days: list[date]) -> list[tuple]:
+        """(day, earliest proposal's salt, its age in µs) of each day that has one."""
+        return self._client.query(
+            "SELECT day, argMin(salt, (created_at, salt)), dateDiff('microsecond', min(created_at), now64(6))"
+            " FROM salts WHERE day IN {days:Array(Date)} GROUP BY day", parameters={"days": days}).result_rows
 
     def _propose(self, days: list[date]) -> datetime:
         """Insert a new salt for each of these days, made at the server's time (the hosts of two

@@ -607,6 +607,20 @@ def test_an_import_asks_about_its_first_half_hours_up_front(services):
     assert [visitor in yesterdays for visitor in ids] == [True, False, False, False] * 2
 
 
+def test_an_import_reads_each_days_open_sessions_once(services):
+    """An import's instance loads the sessions open at each midnight once: its database does not
+    change meanwhile. (Reloading them each event-time minute, as the live instance does each
+    minute, asked the database for nearly every event of a historic day.)"""
+    site, midnight = _site(), DAY + timedelta(days=8)
+    open_sessions = OpenAtMidnight(set())
+    people = [(site, f"81.227.13.{n}", BROWSER, midnight + timedelta(hours=1) + 5 * n * MINUTE)
+              for n in range(1, 200)]
+    batch = _visitors(Salts(services.client), open_at_midnight=open_sessions).for_batch(people)
+    ids = [batch.visitor_id(*person) for person in people]
+    assert len(set(ids)) == len(people)
+    assert open_sessions.calls == [midnight]  # 199 events from 01:05 to 17:35
+
+
 class Unavailable:
     """A ClickHouse client that can be made unavailable, as a server being restarted is."""
 
