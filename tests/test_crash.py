@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -464,7 +465,14 @@ def test_a_clickhouse_restart_mid_stream_loses_nothing(kafka, tmp_path):
     clickhouse = f"http://127.0.0.1:{port}/?compress=false"
     d = deploy(kafka, clickhouse, tmp_path, workers=1)
     try:
+        def accepted() -> float:
+            text = httpx.get(f"{d.ingest}/metrics").text
+            return float(re.search(r"^bk_events_accepted_total (\S+)$", text, re.M).group(1))
+
         def restart() -> None:
+            # Ingest must have read the site before ClickHouse goes: on a loaded machine its first
+            # request can come later than 2 s after sending starts.
+            wait_until(lambda: accepted() > 0, 30, "ingest's first accepted event")
             time.sleep(2)
             front.kill()
             time.sleep(8)  # longer than ingest keeps a site in memory unasked (5 s)
