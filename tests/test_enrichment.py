@@ -76,6 +76,11 @@ def test_country_domains_of_search_engines_and_look_alikes(referrer, source):
     assert referrers.classify("https://shop.example/", referrer, "shop.example").source == source
 
 
+def test_a_self_referral_is_no_referrer_so_the_pages_tags_name_the_source():
+    result = referrers.classify("https://shop.example/?utm_source=x", "https://shop.example/prev", "shop.example")
+    assert (result.source, result.channel, result.utm_source) == ("x", "referral", "x")
+
+
 def test_a_site_whose_name_ends_another_domain_is_not_a_self_referral():
     result = referrers.classify("https://shop.example/p/1", "https://myshop.example/", "shop.example")
     assert (result.source, result.channel) == ("myshop.example", "referral")

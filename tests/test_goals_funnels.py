@@ -511,6 +511,19 @@ async def test_categories_partners_and_trending(client, services):
     assert [p["product_id"] for p in r.json()["data"]] == ["hot", "new", "steady", "lonely"]
 
 
+async def test_a_product_without_recent_clicks_never_trends(client, services):
+    """Growth of −100 % passes `min_growth=-100`, but a trending list is of products clicked now."""
+    site = await _site(client)
+    now = _now()
+    StreamCore(services.client, 1800).process(
+        [_click(site, now - timedelta(days=3, minutes=i), "gone") for i in range(3)]
+        + [_click(site, now - timedelta(minutes=5), "here")])
+    r = await client.get(f"{API}/trending/products", params={"site_id": site, "min_growth": -100,
+                                                              "min_recent_clicks": 0})
+    assert [(p["product_id"], p["growth_percent"]) for p in r.json()["data"]] == [("here", None)]
+    assert r.json()["meta"]["total_trending"] == 1
+
+
 async def test_trending_is_ordered_by_recent_clicks_then_slug(client, services):
     """SPEC §7.1: a list is ordered by its first metric (clicks_recent) descending, ties by name;
     growth decides which products trend, not their order, and a product without a baseline is
