@@ -164,7 +164,8 @@ def _send(send: Send, before: int, body: bytes, totals: Totals) -> None:
     try:
         data = send(body)
     except TooLarge:
-        lines = body.splitlines(keepends=True)
+        # Cut at newlines only, as the server counts lines: a lone CR is JSON whitespace.
+        lines = [line + b"\n" for line in body.removesuffix(b"\n").split(b"\n")]
         if len(lines) == 1:
             totals.rejected.append({"line": before + 1, "field": "", "code": "line_too_large",
                                     "message": "line is larger than the server takes in one request"})

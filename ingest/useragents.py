@@ -41,7 +41,8 @@ def parse(user_agent: str) -> Agent:
 
 @lru_cache(maxsize=20_000)
 def _parse(user_agent: str) -> Agent:
-    if not user_agent or _crawlers.isCrawler(user_agent):
+    # Blank is no browser: live, the HTTP server trims a header of spaces to nothing.
+    if not user_agent.strip(" \t") or _crawlers.isCrawler(user_agent):
         return Agent("", "", "", is_bot=True)
     result = ua_parser.parse(user_agent)
     browser = result.user_agent.family if result.user_agent else ""
