@@ -1,5 +1,6 @@
-"""User agent → device, browser, OS, and whether it is a bot. Both libraries are slow per call
-(crawlerdetect ≈ 150 µs), so verdicts are cached per user-agent string."""
+"""User agent → device, browser, OS, and whether it is a bot. A user agent not seen before costs
+~0.6 ms in crawlerdetect and ~0.05 ms in ua-parser's Rust resolver (its pure-Python one, used
+when `ua-parser-rs` is missing, ~2 ms), so verdicts are cached per user-agent string."""
 
 from __future__ import annotations
 
