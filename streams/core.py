@@ -99,6 +99,12 @@ class StreamCore:
         for key, owner in stored_as.items():
             if owner.timestamp != by_id[key].timestamp:
                 del by_id[key]
+        # Every copy of the ids kept, in delivery order: an attempt killed midway saw a prefix of
+        # them, in which a later copy (a retry delivered first) may have been the one kept.
+        delivered: dict[tuple[str, int], list[Event]] = defaultdict(list)
+        for e in batch:
+            if (e.site_id, e.event_id) in by_id:
+                delivered[(e.site_id, e.visitor_id)].append(e)
         batch = list(by_id.values())
         incoming: dict[tuple[str, int], dict[str, Event]] = defaultdict(dict)
         for e in batch:
@@ -118,8 +124,8 @@ class StreamCore:
 
         changes = _Changes()
         for visitor in incoming.keys() | leaving.keys():
-            self._visitor(visitor, stored.get(visitor, {}), incoming.get(visitor, {}), leaving.get(visitor, set()),
-                          changes, rewrite)
+            self._visitor(visitor, stored.get(visitor, {}), incoming.get(visitor, {}), delivered.get(visitor, []),
+                          leaving.get(visitor, set()), changes, rewrite)
 
         sessions.write(self._client, changes.sessions, changes.dead_sessions, version)
         activity.write(self._client, changes.activity, changes.dead_activity, version)
@@ -140,13 +146,14 @@ class StreamCore:
         return stored
 
     def _visitor(self, visitor: tuple[str, int], stored: dict[str, Event], new: dict[str, Event],
-                 gone: set[str], changes: _Changes, rewrite: bool) -> None:
+                 delivered: list[Event], gone: set[str], changes: _Changes, rewrite: bool) -> None:
         site_id, visitor_id = visitor
         goals = self._goals.for_site(site_id)
         # An id this visitor already has at another time is a retry from beyond RETRY_WINDOW: the
         # stored copy stays (the new one would replace it in the numbers but not in the raw events).
         new = {event_id: e for event_id, e in new.items()
                if (known := stored.get(event_id)) is None or known.timestamp == e.timestamp}
+        delivered = [e for e in delivered if (known := stored.get(e.event_id)) is None or known.timestamp == e.timestamp]
         after = {**stored, **new}
         for event_id in gone:
             after.pop(event_id, None)
@@ -177,9 +184,10 @@ class StreamCore:
         # point) starts at the same offset: the killed attempt wrote what a prefix of these
         # events, in delivery order, derives. In time order no prefix derives a session or row
         # that the whole set drops or restores; out of time order one can (a later-delivered,
-        # earlier event moves a session's start or joins two sessions). Then every row is written
-        # whole, and every session and row some prefix derives gets a tombstone unless kept.
-        maybe_written = self._prefix_rows(stored, new, gone, goals) if _out_of_time_order(new.values()) else None
+        # earlier event moves a session's start or joins two sessions; a retry delivered before
+        # its original was kept until the original came). Then every row is written whole, and
+        # every session and row some prefix derives gets a tombstone unless kept.
+        maybe_written = self._prefix_rows(stored, delivered, gone, goals) if _out_of_time_order(delivered) else None
 
         # Sessions: changed or new ones are written, vanished ones get a tombstone.
         before_by_id = {s.session_id: s for s in before_sessions}
@@ -211,15 +219,18 @@ class StreamCore:
                 changes.dead_activity.append((site_id, visitor_id, key, measures))
                 changes.rollup_keys.add((site_id, key[0], key[1], activity.bucket_at(key[2])))
 
-    def _prefix_rows(self, stored: dict[str, Event], new: dict[str, Event], gone: set[str],
+    def _prefix_rows(self, stored: dict[str, Event], delivered: list[Event], gone: set[str],
                      goals: tuple) -> tuple[dict[int, Session], dict]:
         """The sessions (by id) and activity rows that the stored events with each proper prefix
-        of `new` (in delivery order) derive."""
+        of `delivered` derive, each prefix keeping one copy of an id as `first_arrivals` does."""
         sessions_seen: dict[int, Session] = {}
         rows_seen: dict = {}
         events = {event_id: e for event_id, e in stored.items() if event_id not in gone}
-        for e in list(new.values())[:-1]:
-            events[e.event_id] = e
+        kept: dict[str, Event] = {}
+        for e in delivered[:-1]:
+            if (copy := kept.get(e.event_id)) is not None and copy.timestamp < e.timestamp:
+                continue  # a retry after the copy already in this prefix: that one stays
+            events[e.event_id] = kept[e.event_id] = e
             ordered = sorted(events.values(), key=event_order)
             prefix_sessions = sessionize(ordered, self._timeout)
             for s in prefix_sessions:
