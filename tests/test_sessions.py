@@ -445,6 +445,42 @@ def test_a_retry_delivered_before_its_original_to_a_core_killed_before_its_commi
     assert _rollups(client, site) == _rollups(client, _cold(client, [earlier, original]))
 
 
+def test_a_stalled_core_does_not_store_a_retry_whose_original_the_new_owner_kept(services, monkeypatch):
+    """A worker stalled mid-batch past the rebalance timeout (SIGSTOP, a hung insert) writes after
+    its partitions' new owner. Its batch held a client's retry alone; the new owner read the retry
+    and its original and kept the original. The stalled batch's rows lose to the owner's (older
+    version), and its raw copy of the retry, at another time, was a second event."""
+    from streams import activity
+    from streams import events as raw_events
+
+    client, site = services.client, _site()
+    earlier = event(site, 6, T0, path="/a")
+    original = event(site, 6, T0 + timedelta(minutes=10), path="/b", source="Google", channel="search")
+    retry = original.model_copy(update={"timestamp": T0 + timedelta(minutes=40)})
+    StreamCore(client, TIMEOUT).process([earlier])
+    write, stalled = activity.write, []
+
+    def stall(*args):
+        write(*args)
+        if not stalled:
+            stalled.append(True)
+            StreamCore(client, TIMEOUT).process([retry, original])  # the new owner, meanwhile
+
+    monkeypatch.setattr(activity, "write", stall)
+    StreamCore(client, TIMEOUT).process([retry])  # then the stalled batch goes on
+    monkeypatch.undo()
+    assert stalled
+    rows = client.query("SELECT count(), uniqExact(event_id), max(timestamp) FROM events FINAL"
+                        " WHERE site_id = {s:String}", parameters={"s": site}).result_rows
+    assert rows == [(2, 2, original.timestamp.replace(tzinfo=None))]
+    assert _strip_session_ids(derived_rows(client, site)) == _strip_session_ids(
+        derived_rows(client, _cold(client, [earlier, original])))
+    assert _rollups(client, site) == _rollups(client, _cold(client, [earlier, original]))
+    assert {e.event_id: e.timestamp for e in raw_events.history(
+        client, {(site, 6)}, T0 - timedelta(days=1), T0 + timedelta(days=1))[(site, 6)].values()} == {
+        earlier.event_id: earlier.timestamp, original.event_id: original.timestamp}
+
+
 def _rollups(client, site: str) -> tuple[list, list]:
     """Every rollup row of a site, quarter hours and days, without the site id or versions."""
     return tuple(client.query(f"SELECT * EXCEPT (site_id, version, is_deleted) FROM {table} FINAL"
