@@ -393,52 +393,54 @@ def _strip_session_ids(rows: tuple[list, list]) -> tuple[list, list]:
     return [r[:1] + r[2:] for r in sessions], activity
 
 
-def test_a_batch_killed_before_its_commit_point_and_redelivered_with_more_events(services, monkeypatch):
+def _killed_before_the_commit_point(client, batch: list[Event]) -> None:
+    """A core writes the batch's sessions and activity, then is killed before its raw events."""
+    from streams import events as raw_events
+
+    def killed(*args):
+        raise SystemExit("kill -9 before the raw insert")
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(raw_events, "write", killed)
+        with pytest.raises(SystemExit):
+            StreamCore(client, TIMEOUT).process(batch)
+
+
+def _events_at(site: str, moments: list[tuple]) -> list[Event]:
+    """Events of `_moment`s: (visitor, minute after T0, page or "signup", source)."""
+    return [event(site, visitor, T0 + timedelta(minutes=minute), name="pageview" if what != "signup" else what,
+                  path=what if what != "signup" else "/", source=source, channel="search" if source else "")
+            for visitor, minute, what, source in moments]
+
+
+def test_a_batch_killed_before_its_commit_point_and_redelivered_with_more_events(services):
     """A worker killed after writing a batch's sessions and activity but before its raw events (the
     commit point). Its successor reads from the committed offset, and its batch may hold more of
     the visitor's events than the killed one did (a later import, an event produced out of time
     order). One that joins the killed batch's new session to the visitor's earlier one left that
     session and its source row, which no stored event explains, for good: two sessions instead
     of one, in `sessions` and in the source rollups."""
-    from streams import events as raw_events
-
     client, site = services.client, _site()
     first, joining, last = (event(site, 6, T0, path="/a"), event(site, 6, T0 + timedelta(minutes=25), path="/b"),
                             event(site, 6, T0 + timedelta(minutes=50), path="/c"))
     StreamCore(client, TIMEOUT).process([first])
-
-    def killed(*args):
-        raise SystemExit("kill -9 before the raw insert")
-
-    monkeypatch.setattr(raw_events, "write", killed)
-    with pytest.raises(SystemExit):
-        StreamCore(client, TIMEOUT).process([last])  # a new session at T0+50 is written
-    monkeypatch.undo()
+    _killed_before_the_commit_point(client, [last])  # a new session at T0+50 is written
     StreamCore(client, TIMEOUT).process([last, joining])  # the successor's batch, from the same offset
     assert _strip_session_ids(derived_rows(client, site)) == _strip_session_ids(
         derived_rows(client, _cold(client, [first, joining, last])))
 
 
-def test_a_retry_delivered_before_its_original_to_a_core_killed_before_its_commit_point(services, monkeypatch):
+def test_a_retry_delivered_before_its_original_to_a_core_killed_before_its_commit_point(services):
     """A client's retry (its event id again, later) reached Kafka before the original (which waited
     in another ingest's spool). A core killed after writing the batch that held the retry alone
     left the retry's rows; its successor, given both copies, keeps the original (the earliest)
     and must undo what the retry alone derived, in another quarter hour."""
-    from streams import events as raw_events
-
     client, site = services.client, _site()
     earlier = event(site, 6, T0, path="/a")
     original = event(site, 6, T0 + timedelta(minutes=10), path="/b", source="Google", channel="search")
     retry = original.model_copy(update={"timestamp": T0 + timedelta(minutes=40)})
     StreamCore(client, TIMEOUT).process([earlier])
-
-    def killed(*args):
-        raise SystemExit("kill -9 before the raw insert")
-
-    with monkeypatch.context() as patched:
-        patched.setattr(raw_events, "write", killed)
-        with pytest.raises(SystemExit):
-            StreamCore(client, TIMEOUT).process([retry])  # its own session at T0+40, Google's row
+    _killed_before_the_commit_point(client, [retry])  # its own session at T0+40, Google's row
     StreamCore(client, TIMEOUT).process([retry, original])  # the successor's batch, from the same offset
     assert _strip_session_ids(derived_rows(client, site)) == _strip_session_ids(
         derived_rows(client, _cold(client, [earlier, original])))
@@ -494,31 +496,20 @@ _moment = st.tuples(st.integers(0, 1), st.integers(0, 150), st.sampled_from(["/a
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(moments=st.lists(_moment, min_size=2, max_size=9), data=st.data())
-def test_any_kill_before_the_commit_point_and_any_redelivery_end_exact(services, monkeypatch, moments, data):
+def test_any_kill_before_the_commit_point_and_any_redelivery_end_exact(services, moments, data):
     """Two visitors' events (minutes apart around the 30-minute timeout): some stored first, the
     rest delivered in any order to a core killed after a prefix of them (derived rows written, raw
     events not), then redelivered from the same offset in two batches of any split. Every
     session, activity row and rollup equals what one batch of all the events gives."""
-    from streams import events as raw_events
-
     client, site = services.client, _site()
-    events = [event(site, visitor, T0 + timedelta(minutes=minute), name="pageview" if what != "signup" else what,
-                    path=what if what != "signup" else "/", source=source, channel="search" if source else "")
-              for visitor, minute, what, source in moments]
+    events = _events_at(site, moments)
     stored_n = data.draw(st.integers(0, len(events) - 1), "stored")
     delivered = data.draw(st.permutations(events[stored_n:]), "delivery order")
     killed_after = data.draw(st.integers(1, len(delivered)), "killed after")
     split = data.draw(st.integers(0, len(delivered)), "redelivered in two batches split at")
     if stored_n:
         StreamCore(client, TIMEOUT).process(events[:stored_n])
-
-    def killed(*args):
-        raise SystemExit("kill -9 before the raw insert")
-
-    with monkeypatch.context() as patched:
-        patched.setattr(raw_events, "write", killed)
-        with pytest.raises(SystemExit):
-            StreamCore(client, TIMEOUT).process(delivered[:killed_after])
+    _killed_before_the_commit_point(client, delivered[:killed_after])
     successor = StreamCore(client, TIMEOUT)
     successor.process(delivered[:split])
     successor.process(delivered[split:])
@@ -530,28 +521,15 @@ def test_any_kill_before_the_commit_point_and_any_redelivery_end_exact(services,
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(moments=st.lists(_moment, min_size=1, max_size=6), retried=st.integers(0, 5), later=st.integers(1, 90),
        data=st.data())
-def test_a_retry_anywhere_in_a_killed_and_redelivered_batch_ends_exact(services, monkeypatch, moments, retried,
-                                                                     later, data):
+def test_a_retry_anywhere_in_a_killed_and_redelivered_batch_ends_exact(services, moments, retried, later, data):
     """As above, with a client's retry of one event (its id, `later` minutes on) delivered with the
     rest in any order, the successor's batch holding every copy: the original is kept."""
-    from streams import events as raw_events
-
     client, site = services.client, _site()
-    events = [event(site, visitor, T0 + timedelta(minutes=minute), name="pageview" if what != "signup" else what,
-                    path=what if what != "signup" else "/", source=source, channel="search" if source else "")
-              for visitor, minute, what, source in moments]
+    events = _events_at(site, moments)
     original = events[retried % len(events)]
     retry = original.model_copy(update={"timestamp": original.timestamp + timedelta(minutes=later)})
     delivered = data.draw(st.permutations([*events, retry]), "delivery order")
-    killed_after = data.draw(st.integers(1, len(delivered)), "killed after")
-
-    def killed(*args):
-        raise SystemExit("kill -9 before the raw insert")
-
-    with monkeypatch.context() as patched:
-        patched.setattr(raw_events, "write", killed)
-        with pytest.raises(SystemExit):
-            StreamCore(client, TIMEOUT).process(delivered[:killed_after])
+    _killed_before_the_commit_point(client, delivered[:data.draw(st.integers(1, len(delivered)), "killed after")])
     StreamCore(client, TIMEOUT).process(delivered)
     cold = _cold(client, events)
     assert _strip_session_ids(derived_rows(client, site)) == _strip_session_ids(derived_rows(client, cold))
