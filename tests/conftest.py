@@ -25,6 +25,17 @@ BROWSER = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, 
 
 
 
+def scrape(base: str) -> dict[str, float]:
+    """Every sample of a /metrics page by its series name with labels."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 def wait_until(check, timeout: float, what: str, interval: float = 0.1):
     """Poll `check` until it returns something truthy (returned), or fail naming `what`."""
     deadline = time.monotonic() + timeout

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, ROOT, free_port, stable_group_size, wait_until
+from tests.conftest import ADMIN_KEY, ROOT, free_port, scrape, stable_group_size, wait_until
 
 API = "/api/v1"
 AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -465,14 +464,11 @@ def test_a_clickhouse_restart_mid_stream_loses_nothing(kafka, tmp_path):
     clickhouse = f"http://127.0.0.1:{port}/?compress=false"
     d = deploy(kafka, clickhouse, tmp_path, workers=1)
     try:
-        def accepted() -> float:
-            text = httpx.get(f"{d.ingest}/metrics").text
-            return float(re.search(r"^bk_events_accepted_total (\S+)$", text, re.M).group(1))
-
         def restart() -> None:
             # Ingest must have read the site before ClickHouse goes: on a loaded machine its first
             # request can come later than 2 s after sending starts.
-            wait_until(lambda: accepted() > 0, 30, "ingest's first accepted event")
+            wait_until(lambda: scrape(d.ingest).get("bk_events_accepted_total", 0) > 0, 30,
+                       "ingest's first accepted event")
             time.sleep(2)
             front.kill()
             time.sleep(8)  # longer than ingest keeps a site in memory unasked (5 s)

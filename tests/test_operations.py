@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, ROOT, free_port, process, wait_until
+from tests.conftest import ADMIN_KEY, ROOT, free_port, process, scrape, wait_until
 from tests.test_crash import API, AUTH, CLI, _create, deploy, traffic
 from tests.test_spool import post_all
 
@@ -76,17 +76,6 @@ def test_the_compose_proxy_passes_on_no_country_header_of_a_client():
 
 
 # -- metrics and health ---------------------------------------------------------------------------
-
-def scrape(base: str) -> dict[str, float]:
-    """Every sample of a /metrics page by its series name with labels."""
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
-
 
 def moved(before: dict, after: dict, series: str) -> bool:
     return after.get(series, 0.0) > before.get(series, 0.0)
