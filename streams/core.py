@@ -168,9 +168,11 @@ class StreamCore:
         goals = self._goals.for_site(site_id)
         # An id this visitor already has at another time is a retry from beyond RETRY_WINDOW: the
         # stored copy stays (the new one would replace it in the numbers but not in the raw events).
-        new = {event_id: e for event_id, e in new.items()
-               if (known := stored.get(event_id)) is None or known.timestamp == e.timestamp}
-        delivered = [e for e in delivered if (known := stored.get(e.event_id)) is None or known.timestamp == e.timestamp]
+        def not_a_late_retry(e: Event) -> bool:
+            return (known := stored.get(e.event_id)) is None or known.timestamp == e.timestamp
+
+        new = {event_id: e for event_id, e in new.items() if not_a_late_retry(e)}
+        delivered = list(filter(not_a_late_retry, delivered))
         after = {**stored, **new}
         for event_id in gone:
             after.pop(event_id, None)
