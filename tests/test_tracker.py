@@ -175,15 +175,22 @@ def _site_with_goals(api: httpx.Client, domain: str, *events: str) -> str:
     return site
 
 
+def _by(rows: list[dict], name: str, count: str) -> dict:
+    """{row[name]: row[count]}; a name listed twice is a wrong answer, not one to fold."""
+    out = {row[name]: row[count] for row in rows}
+    assert len(out) == len(rows), rows
+    return out
+
+
 # What a browser test may wait for, each read through the API (pages and goals over 7 days,
 # affiliate clicks over 1).
 _READINGS = {
     "pageviews": lambda get: get("stats/overview", period="7d")["data"]["pageviews"],
-    "pages": lambda get: {p["page"]: p["pageviews"] for p in get("stats/pages", period="7d")["data"]},
-    "goals": lambda get: {g["name"]: g["conversions"] for g in get("goals", period="7d")["data"]},
-    "products": lambda get: {p["product_slug"]: p["clicks"] for p in get("popular/products", days=1)["data"]},
-    "categories": lambda get: {c["category_slug"]: c["clicks"] for c in get("popular/categories", days=1)["data"]},
-    "partners": lambda get: {c["partner_slug"]: c["clicks"] for c in get("popular/partners", days=1)["data"]},
+    "pages": lambda get: _by(get("stats/pages", period="7d")["data"], "page", "pageviews"),
+    "goals": lambda get: _by(get("goals", period="7d")["data"], "name", "conversions"),
+    "products": lambda get: _by(get("popular/products", days=1)["data"], "product_slug", "clicks"),
+    "categories": lambda get: _by(get("popular/categories", days=1)["data"], "category_slug", "clicks"),
+    "partners": lambda get: _by(get("popular/partners", days=1)["data"], "partner_slug", "clicks"),
 }
 
 
