@@ -101,6 +101,7 @@ def _lifespan(handoff: Handoff):
 
 def _ingest_routes(services: Services, handoff: Handoff) -> list:
     useragents.warm_up()
+    services.visitors.warm_up()
     carries = CarryQuestions(services.visitors)
     return [*ingest_app.routes(services.settings, services.sites, services.visitors, carries, handoff),
             *import_route.routes(services.settings, services.sites, services.visitors, handoff, services.keys),

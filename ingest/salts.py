@@ -52,6 +52,13 @@ class Salts:
                     self._read_ahead(day + timedelta(days=1))
             return self._cache[day]
 
+    def warm_up(self) -> None:
+        """Yesterday's and today's salts (and tomorrow's, read ahead) in memory before the first
+        event. On a fresh installation each is made, and taken SETTLE_S later: the first beacons
+        otherwise waited ~1 s for that."""
+        today = datetime.now(timezone.utc).date()
+        self.load([today - timedelta(days=1), today])
+
     def load(self, days: Iterable[date]) -> None:
         """Have the salts of these days in memory, past days read or made in one query each way:
         an import of 90 historic days otherwise asked for them one by one (~270 statements)."""

@@ -100,6 +100,13 @@ class Visitors:
     def timeout(self) -> timedelta:
         return self._timeout
 
+    def warm_up(self) -> None:
+        """The salts live events need, loaded before the first one arrives (`Salts.warm_up`)."""
+        try:
+            self._salts.warm_up()
+        except ClickHouseError as exc:
+            log.warning("could not load the day's salts ahead (%s); the first events load them", exc)
+
     def id_key(self) -> bytes:
         """The installation's key for imported lines' content ids (`Salts.id_key`)."""
         return self._salts.id_key()
