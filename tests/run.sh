@@ -28,8 +28,9 @@ if [[ ! -x "$compose_venv/bin/docker-compose" ]]; then
 fi
 
 # pytest exits 5 when it collected nothing: that is a broken setup, never a pass.
+# The slowest tests are listed at the end: where the suite's time goes, in every CI log.
 status=0
-python3 -m pytest "$@" || status=$?
+python3 -m pytest --durations=20 "$@" || status=$?
 if [[ $status -eq 5 ]]; then
   echo "tests/run.sh: pytest collected no tests" >&2
 fi
