@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from datetime import timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver import options as clickhouse_options
+from clickhouse_connect.driver.binding import must_escape
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import OperationalError
 
@@ -35,7 +37,8 @@ def connect(url: str, wait: bool = False) -> Client:
         if not path.is_absolute():
             raise ValueError(f"chdb URL needs an absolute path, got {url!r}")
         path.mkdir(parents=True, exist_ok=True)
-        return _utc(clickhouse_connect.get_client(interface="chdb", path=str(path), settings=SETTINGS))
+        return _lists_written_ahead(_utc(clickhouse_connect.get_client(interface="chdb", path=str(path),
+                                                                    settings=SETTINGS)))
     delay = 0.5
     while True:
         try:
@@ -54,7 +57,69 @@ def connect(url: str, wait: bool = False) -> Client:
         # start, rather than by the first requests of a fresh ingest process (measured: every
         # request of its first wave waited ~0.7 s, for today's salt).
         _ = clickhouse_options.pd
-        return _utc(client)
+        return _lists_written_ahead(_utc(client))
+
+
+# -- list parameters --------------------------------------------------------------------------
+# clickhouse-connect writes a list parameter out element by element in Python, escaping each
+# string with a generator over its characters: ~9 % of the stream core's time went there
+# (`tests/bench/bench_core.py` under py-spy), ~20 ms for each 10,000 strings. The lists this
+# project binds (sites, kinds, values, ids, times) are written out here with `str.translate`,
+# exactly as clickhouse-connect would write them (`tests/test_storage.py` compares the two), and
+# handed over as an object it does not know, which it sends as `str(value)`.
+_ESCAPES = str.maketrans({c: "\\" + c for c in must_escape})
+
+
+class _Written:
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _element(x) -> str | None:
+    """`x` as clickhouse-connect writes a list element, for the types written here; None for others."""
+    kind = type(x)
+    if kind is str:
+        return "'" + x.translate(_ESCAPES) + "'"
+    if kind is int:
+        return str(x)
+    if kind is datetime and x.tzinfo is timezone.utc:  # others: clickhouse-connect moves them to UTC first
+        return x.strftime("'%Y-%m-%d %H:%M:%S'")
+    if kind is date:
+        return "'" + x.isoformat() + "'"
+    return None
+
+
+def written(value):
+    """A list parameter written out ahead, or the value as it is (anything else, or a list holding
+    an element of another type: clickhouse-connect writes those)."""
+    if type(value) is not list:
+        return value
+    if all(type(x) is str for x in value):  # the common case, without a call per element
+        return _Written("[" + ", ".join(["'" + x.translate(_ESCAPES) + "'" for x in value]) + "]")
+    parts = [_element(x) for x in value]
+    if None in parts:
+        return value
+    return _Written("[" + ", ".join(parts) + "]")
+
+
+def _lists_written_ahead(client: Client) -> Client:
+    """The client's three methods this project binds parameters with write list parameters ahead."""
+    def wrapped(method):
+        @functools.wraps(method)
+        def call(query, parameters=None, *args, **kwargs):
+            if isinstance(parameters, dict):
+                parameters = {name: written(value) for name, value in parameters.items()}
+            return method(query, parameters, *args, **kwargs)
+        return call
+
+    for name in ("query", "raw_query", "command"):
+        setattr(client, name, wrapped(getattr(client, name)))
+    return client
 
 
 def _utc(client: Client) -> Client:

@@ -1,0 +1,55 @@
+"""The ClickHouse connection's own behaviour (streams/storage.py): list parameters are written out
+ahead, exactly as clickhouse-connect would write them, and ClickHouse reads them back unchanged."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime, timezone
+
+from clickhouse_connect.driver.binding import format_bind_value
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streams.storage import written
+
+_UTC_TIMES = st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2105, 12, 31),
+                          timezones=st.just(timezone.utc))
+_ELEMENTS = st.one_of(st.text(), st.integers(min_value=-(2**63), max_value=2**64 - 1), st.dates(), _UTC_TIMES,
+                      # Written by clickhouse-connect itself: the list is handed over as it is.
+                      st.booleans(), st.floats(allow_nan=False), st.none(), st.uuids(),
+                      st.datetimes(timezones=st.sampled_from([None, timezone.max])))
+
+
+@given(st.one_of(st.lists(st.text()), st.lists(st.integers(min_value=0, max_value=2**64 - 1)),
+                 st.lists(st.dates()), st.lists(_UTC_TIMES), st.lists(_ELEMENTS)))
+@settings(max_examples=400)
+def test_a_list_is_written_as_clickhouse_connect_writes_it(values):
+    # What clickhouse-connect sends for the value handed over, against what it sends for the list.
+    assert format_bind_value(written(values), timezone.utc) == format_bind_value(values, timezone.utc)
+
+
+def test_values_other_than_lists_are_left_to_clickhouse_connect():
+    for value in ("a'b", 5, date(2026, 1, 1), ("a", "b"), {"k": "v"}, None):
+        assert written(value) is value
+    mixed = ["a", 1.5]
+    assert written(mixed) is mixed
+
+
+def test_clickhouse_reads_the_written_lists_back_unchanged(services):
+    client = services.client
+    texts = ["", "a'b", "back\\slash", "tab\there", "new\nline", "`tick`", "\\'", "åäö 🎉", "\x00\x01\x1f", "'; DROP"]
+    ids = [0, 1, 2**63, 2**64 - 1]
+    days = [date(1970, 1, 1), date(2026, 12, 1), date(2149, 6, 6)]
+    times = [datetime(2026, 12, 1, 23, 59, 59, tzinfo=timezone.utc), datetime(1970, 1, 1, tzinfo=timezone.utc)]
+    event_ids = [str(uuid.uuid4()) for _ in range(3)]
+    row = client.query(
+        "SELECT {texts:Array(String)}, {ids:Array(UInt64)}, {days:Array(Date)}, {times:Array(DateTime('UTC'))},"
+        " arrayMap(x -> toString(x), {event_ids:Array(UUID)}), {empty:Array(String)}",
+        parameters={"texts": texts, "ids": ids, "days": days, "times": times, "event_ids": event_ids, "empty": []},
+    ).result_rows[0]
+    assert list(row[0]) == texts and list(row[1]) == ids and list(row[2]) == days
+    assert [t.replace(tzinfo=timezone.utc) for t in row[3]] == times
+    assert list(row[4]) == event_ids and list(row[5]) == []
+    # The same through raw_query and command, the client's two other methods that bind.
+    assert client.raw_query("SELECT length({texts:Array(String)})", parameters={"texts": texts}).strip() == b"10"
+    assert client.command("SELECT has({texts:Array(String)}, 'a''b')", parameters={"texts": texts}) == 1
