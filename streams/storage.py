@@ -62,8 +62,8 @@ def connect(url: str, wait: bool = False) -> Client:
 
 # -- list parameters --------------------------------------------------------------------------
 # clickhouse-connect writes a list parameter out element by element in Python, escaping each
-# string with a generator over its characters: ~9 % of the stream core's time went there
-# (`tests/bench/bench_core.py` under py-spy), ~20 ms for each 10,000 strings. The lists this
+# string with a generator over its characters: ~9.5 % of the stream core's time went there
+# (`tests/bench/bench_core.py` under py-spy), 20–60 ms for each 10,000 strings here. The lists this
 # project binds (sites, kinds, values, ids, times) are written out here with `str.translate`,
 # exactly as clickhouse-connect would write them (`tests/test_storage.py` compares the two), and
 # handed over as an object it does not know, which it sends as `str(value)`.
