@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +309,72 @@ ORDER BY (worker, reported_at)
 TTL toDateTime(reported_at) + INTERVAL 7 DAY
 """
 
+# -- 8: rollup_15m sorted by UTC day first -------------------------------------------------------
+# A batch recomputes its touched (site, kind, value, day) keys of rollup_1d from the day's quarter
+# hours (streams/rollups.py). Sorted by (site, kind, bucket, value), that read took every
+# quarter-hour row of the touched sites and kinds so far that UTC day, so a batch cost more as
+# each day filled (`tests/bench/bench_day_rollup.py`: all 1,804 granules with 96 quarter hours
+# stored). Sorted by day, then value, it reads the touched keys' rows (28 granules). Reads by
+# bucket range (the API's partial days, trending windows) now read whole days: at most twice the
+# rows. The table is copied into the new order and swapped in (`_sort_rollup_15m_by_day`).
+_ROLLUP_15M_BY_DAY = _ROLLUP_15M.replace("rollup_15m (", "rollup_15m_by_day (").replace(
+    "ORDER BY (site_id, kind, bucket, value)", "ORDER BY (site_id, kind, toDate(bucket), value, bucket)")
+assert "rollup_15m_by_day (" in _ROLLUP_15M_BY_DAY and "toDate(bucket), value" in _ROLLUP_15M_BY_DAY
+
+
+def _sort_rollup_15m_by_day(client: Client, run: Callable[[str], None]) -> None:
+    """Copy `rollup_15m` into the new order, swap the two in one RENAME, copy the old table into
+    the new one again (what it took meanwhile: every row, as a rebuild's version is its start and
+    does not tell what came late; copies of a row are one row under FINAL), drop it.
+
+    Each step may meet another process migrating at the same time: a step that fails because the
+    other has done it (the swap made, the old table copied back and dropped) is done. A process
+    killed after the swap leaves the old table: the next migrate copies it back and drops it.
+    Rows written to the old table after its last copy would be lost, so workers of the old release
+    are stopped while this runs (docs/operations.md)."""
+    cluster = cluster_of(client)
+
+    def swapped() -> bool:
+        key = _table_fact(client, cluster, "rollup_15m", "sorting_key")
+        return key is not None and "toDate(bucket)" in key
+
+    def old_table_gone() -> bool:
+        return _table_fact(client, cluster, "rollup_15m_by_bucket", "name") is None
+
+    if not swapped():
+        run(_ROLLUP_15M_BY_DAY)
+        _unless_done(lambda: client.command("INSERT INTO rollup_15m_by_day SELECT * FROM rollup_15m"), swapped)
+        if not swapped():
+            _unless_done(lambda: run(_SWAP), swapped)
+    if not old_table_gone():
+        old = (f"cluster({cluster.name}, currentDatabase(), rollup_15m_by_bucket_local)" if cluster
+               else "rollup_15m_by_bucket")
+        _unless_done(lambda: client.command(f"INSERT INTO rollup_15m SELECT * FROM {old}"), old_table_gone)
+    for statement in _DROP_LEFTOVERS:  # the old table, and one a concurrent migrator made after the swap
+        run(statement)
+
+
+def _unless_done(step: Callable[[], object], done: Callable[[], bool]) -> None:
+    try:
+        step()
+    except DatabaseError:
+        if not done():
+            raise
+
+
+def _table_fact(client: Client, cluster: Cluster | None, table: str, column: str) -> str | None:
+    """A column of `system.tables` for `table` (its local table on a cluster); None if there is none."""
+    rows = client.query(f"SELECT {column} FROM system.tables WHERE database = currentDatabase() AND name = {{t:String}}",
+                        parameters={"t": f"{table}_local" if cluster else table}).result_rows
+    return rows[0][0] if rows else None
+
+
+_SWAP = "RENAME TABLE rollup_15m TO rollup_15m_by_bucket, rollup_15m_by_day TO rollup_15m"
+_DROP_LEFTOVERS = ["DROP TABLE IF EXISTS rollup_15m_by_bucket", "DROP TABLE IF EXISTS rollup_15m_by_day"]
+# The DDL it runs, as `cluster_ddl` lists it.
+_sort_rollup_15m_by_day.ddl = [_ROLLUP_15M_BY_DAY, _SWAP, *_DROP_LEFTOVERS]
+
+
 Step = str | Callable[[Client, Callable[[str], None]], None]
 
 MIGRATIONS: list[tuple[int, str, list[Step]]] = [
@@ -324,6 +391,7 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (6, "countries by the period's events", []),
     # That other 6's index, unused since retries are looked up in a 6-h window (streams/events.py).
     (7, "no event-id bloom filter", ["ALTER TABLE events DROP INDEX IF EXISTS event_id_bloom"]),
+    (8, "rollup_15m sorted by day", [_sort_rollup_15m_by_day]),
 ]
 
 # Ledger entries of migrations that shipped under a number now given to another: a database that
@@ -349,6 +417,7 @@ ORDER BY version
 _CREATE = re.compile(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*)\) ENGINE = (\w+)(?:\(([^)]*)\))?(.*)", re.S)
 _ALTER = re.compile(r"ALTER TABLE (\w+) (.*)", re.S)
 _DROP = re.compile(r"DROP TABLE IF EXISTS (\w+)$")
+_RENAME = re.compile(r"RENAME TABLE (\w+ TO \w+(?:, \w+ TO \w+)*)$")
 
 
 @dataclass(frozen=True)
@@ -377,6 +446,9 @@ class Cluster:
             table = match.group(1)
             return [f"DROP TABLE IF EXISTS {table} ON CLUSTER {self.name} SYNC",
                     f"DROP TABLE IF EXISTS {table}_local ON CLUSTER {self.name} SYNC"]
+        if match := _RENAME.fullmatch(statement):  # the shards' tables; each front names its local table
+            pairs = re.sub(r"(\w+) TO (\w+)", r"\1_local TO \2_local", match.group(1))
+            return [f"RENAME TABLE {pairs} ON CLUSTER {self.name}"]
         raise ValueError(f"no cluster form for: {statement[:80]}")
 
     def mutation(self, statement: str) -> str:
@@ -518,6 +590,8 @@ def cluster_ddl(cluster: Cluster) -> list[str]:
     out = cluster.statements(_LEDGER)
     for _version, _name, statements in MIGRATIONS:
         for step in statements:
-            if not callable(step):  # the callables adapt old single-server schemas only
-                out += cluster.statements(step)
+            # Of the callables, migration 8's runs DDL on a cluster (listed in its `ddl`); the
+            # others adapt old single-server schemas only.
+            for statement in getattr(step, "ddl", []) if callable(step) else [step]:
+                out += cluster.statements(statement)
     return out

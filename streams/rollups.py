@@ -83,13 +83,16 @@ def rebuild(client: Client, touched: set[tuple[str, str, str, datetime]]) -> Non
         SELECT site_id, kind, value, toDate(bucket) AS day, sum(visitors) AS visitors,
                {", ".join(f"sum({m}) AS {m}" for m in _MEASURES)}, 1 AS present
         FROM rollup_15m FINAL
-        WHERE site_id IN {{sites:Array(String)}} AND kind IN {{kinds:Array(String)}}
+        WHERE (site_id, kind, value) IN {{keys:Array(Tuple(String, String, String))}}
           AND bucket >= {{first:Date}} AND bucket < {{end:Date}} AND toDate(bucket) IN {{times:Array(Date)}}
-          AND value IN {{values:Array(String)}}
         GROUP BY site_id, kind, value, day"""
-    day_params = _params(days)
+    # Asked by whole (site, kind, value)s: rollup_15m is sorted by day, then value (migration 8), so
+    # the primary key finds the touched keys' rows of each day; separate IN sets for sites, kinds
+    # and values read 469 granules where this reads 28 (`tests/bench/bench_day_rollup.py`).
+    times = sorted({day for _, _, _, day in days})
     _replace(client, "rollup_1d", "day", "Date", ["visitors", *_MEASURES], fresh_1d, days,
-             {**day_params, "first": day_params["times"][0], "end": day_params["times"][-1] + timedelta(days=1)})
+             {"keys": sorted({key[:3] for key in days}), "times": times, "first": times[0],
+              "end": times[-1] + timedelta(days=1)})
 
 
 def sites_with_events(client: Client, site_ids: list[str]) -> set[str]:

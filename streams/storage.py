@@ -64,9 +64,9 @@ def connect(url: str, wait: bool = False) -> Client:
 # clickhouse-connect writes a list parameter out element by element in Python, escaping each
 # string with a generator over its characters: ~9.5 % of the stream core's time went there
 # (`tests/bench/bench_core.py` under py-spy), 20–60 ms for each 10,000 strings here. The lists this
-# project binds (sites, kinds, values, ids, times) are written out here with `str.translate`,
-# exactly as clickhouse-connect would write them (`tests/test_storage.py` compares the two), and
-# handed over as an object it does not know, which it sends as `str(value)`.
+# project binds (sites, kinds, values, ids, times, (site, kind, value) tuples) are written out here
+# with `str.translate`, exactly as clickhouse-connect would write them (`tests/test_storage.py`
+# compares the two), and handed over as an object it does not know, which it sends as `str(value)`.
 _ESCAPES = str.maketrans({c: "\\" + c for c in must_escape})
 
 
@@ -91,6 +91,9 @@ def _element(x) -> str | None:
         return x.strftime("'%Y-%m-%d %H:%M:%S'")
     if kind is date:
         return "'" + x.isoformat() + "'"
+    if kind is tuple:
+        parts = [_element(part) for part in x]
+        return None if None in parts else "(" + ", ".join(parts) + ")"
     return None
 
 

@@ -3,6 +3,7 @@ idempotent, `keys create` prints keys the API accepts."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -59,7 +60,7 @@ def test_up_demo_prints_curl_lines_that_answer(tmp_path):
 def test_migrate_is_idempotent_and_keys_create_prints_working_keys(tmp_path):
     data = str(tmp_path / "data")
     first, second = run("migrate", "--data", data), run("migrate", "--data", data)
-    assert first.returncode == 0 and "applied migrations: [1, 2, 3, 4, 5, 6, 7]" in first.stdout, first.stderr
+    assert first.returncode == 0 and "applied migrations: [1, 2, 3, 4, 5, 6, 7, 8]" in first.stdout, first.stderr
     assert second.returncode == 0 and "schema is up to date" in second.stdout, second.stderr
 
     created = run("keys", "create", "--account", "acme", "--data", data)
@@ -177,6 +178,137 @@ def test_a_database_whose_migration_6_was_the_bloom_filter_gets_the_countries_re
              "c.query(\"SELECT count() FROM system.data_skipping_indices WHERE table = 'events'\").result_rows[0][0])")
     out = subprocess.run([sys.executable, "-c", check, url], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["3", "0"], out.stdout + out.stderr  # rebuilt; the unused index dropped
+
+
+_AT_SCHEMA_7 = """
+import sys, uuid
+from datetime import datetime, timedelta, timezone
+from ingest.event import Event
+from streams import migrations, replay, storage
+from streams.core import StreamCore
+client = storage.connect(sys.argv[1])
+migrations.MIGRATIONS = [m for m in migrations.MIGRATIONS if m[0] <= 7]  # the release before 8
+replay.upgrade(client, 1800, 400)
+at = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) - timedelta(hours=30)
+StreamCore(client, 1800).process([
+    Event(event_id=str(uuid.uuid4()), site_id=f"s{n % 2}", timestamp=at + timedelta(minutes=7 * n),
+          name="pageview", visitor_id=n % 5, pathname=f"/{n % 4}") for n in range(400)])
+"""
+
+_ROLLUPS = """
+import json, sys
+from streams import storage
+c = storage.connect(sys.argv[1])
+print(json.dumps([
+    c.query("SELECT sorting_key FROM system.tables WHERE database = currentDatabase() AND name = 'rollup_15m'").result_rows,
+    c.query("SELECT site_id, kind, value, bucket, visitors, returning, events, pageviews, sessions, bounces, duration_ms,"
+            " version, is_deleted FROM rollup_15m FINAL ORDER BY ALL").result_rows,
+    c.query("SELECT name FROM system.tables WHERE database = currentDatabase() AND name LIKE 'rollup_15m%'").result_rows,
+], default=str))
+"""
+
+
+def test_migration_8_sorts_rollup_15m_by_day_and_keeps_every_row(tmp_path):
+    """A database of the release before migration 8: rollup_15m sorted by quarter hour, then value.
+    `migrate` copies it into the order by day and swaps it in, every row kept as it was (version
+    included); a second `migrate` finds nothing to do."""
+    url = f"chdb://{tmp_path / 'ch'}"
+    seeded = subprocess.run([sys.executable, "-c", _AT_SCHEMA_7, url], capture_output=True, text=True, timeout=120)
+    assert seeded.returncode == 0, seeded.stderr
+
+    def rollups() -> list:
+        out = subprocess.run([sys.executable, "-c", _ROLLUPS, url], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    key, before, tables = rollups()
+    assert key == [["site_id, kind, bucket, value"]] and tables == [["rollup_15m"]] and len(before) > 100
+    env = {**os.environ, "BK_CLICKHOUSE_URL": url}
+    first = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
+    assert first.returncode == 0 and "applied migrations: [8]" in first.stdout, first.stdout + first.stderr
+    key, after, tables = rollups()
+    assert key == [["site_id, kind, toDate(bucket), value, bucket"]] and tables == [["rollup_15m"]]
+    assert after == before
+    second = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
+    assert second.returncode == 0 and "schema is up to date" in second.stdout, second.stdout + second.stderr
+
+
+_RACE = """
+import json, sys, threading
+from streams import migrations, storage
+client = storage.connect(sys.argv[1])
+rows = "SELECT * FROM rollup_15m FINAL ORDER BY ALL"
+before = client.query(rows).result_rows
+# Two migrators that both found the old order and copied it: both try the swap at once.
+both_copied = threading.Barrier(2)
+run = migrations._runner(client, None)
+def racing_run(statement):
+    if statement == migrations._SWAP:
+        both_copied.wait(timeout=60)
+    run(statement)
+failures = []
+def migrate():
+    try:
+        migrations._sort_rollup_15m_by_day(client, racing_run)
+    except Exception as exc:
+        failures.append(repr(exc))
+threads = [threading.Thread(target=migrate) for _ in range(2)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(json.dumps([failures, client.query(rows).result_rows == before, len(before),
+                  migrations._table_fact(client, None, "rollup_15m", "sorting_key"),
+                  client.query("SELECT name FROM system.tables WHERE database = currentDatabase()"
+                               " AND name LIKE 'rollup_15m%'").result_rows], default=str))
+"""
+
+_KILLED_AFTER_SWAP = """
+import os, sys
+from datetime import datetime, timezone
+from streams import migrations, storage
+client = storage.connect(sys.argv[1])
+command = client.command
+def command_then_die(sql, *args, **kwargs):
+    if sql == "INSERT INTO rollup_15m SELECT * FROM rollup_15m_by_bucket":
+        # A batch the old table took after the first copy, then the process dies.
+        command("INSERT INTO rollup_15m_by_bucket (site_id, kind, value, bucket, events, version) VALUES"
+                " ('late', 'page', '/late', '2026-12-01 10:00:00', 7, 1)")
+        os._exit(9)
+    return command(sql, *args, **kwargs)
+client.command = command_then_die
+migrations.migrate(client)
+"""
+
+
+def test_two_processes_migrating_at_once_swap_once_and_keep_every_row(tmp_path):
+    """Migration 8 run twice at the same moment (two processes starting): both copy, both try the
+    swap; the second RENAME fails on its gone source, which counts as done. One swap, every row,
+    no table left over."""
+    url = f"chdb://{tmp_path / 'ch'}"
+    seeded = subprocess.run([sys.executable, "-c", _AT_SCHEMA_7, url], capture_output=True, text=True, timeout=120)
+    assert seeded.returncode == 0, seeded.stderr
+    raced = subprocess.run([sys.executable, "-c", _RACE, url], capture_output=True, text=True, timeout=180)
+    assert raced.returncode == 0, raced.stderr
+    failures, unchanged, rows, key, tables = json.loads(raced.stdout)
+    assert failures == [] and unchanged and rows > 100
+    assert key == "site_id, kind, toDate(bucket), value, bucket" and tables == [["rollup_15m"]]
+
+
+def test_a_migrate_killed_after_the_swap_copies_the_old_table_back_at_the_next_start(tmp_path):
+    url = f"chdb://{tmp_path / 'ch'}"
+    seeded = subprocess.run([sys.executable, "-c", _AT_SCHEMA_7, url], capture_output=True, text=True, timeout=120)
+    assert seeded.returncode == 0, seeded.stderr
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER_SWAP, url], capture_output=True, text=True,
+                            timeout=120)
+    assert killed.returncode == 9, killed.stderr
+    env = {**os.environ, "BK_CLICKHOUSE_URL": url}
+    again = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
+    assert again.returncode == 0 and "applied migrations: [8]" in again.stdout, again.stdout + again.stderr
+    check = ("import sys; from streams import storage; c = storage.connect(sys.argv[1]); print("
+             "c.query(\"SELECT sum(events) FROM rollup_15m FINAL WHERE site_id = 'late'\").result_rows[0][0], "
+             "c.query(\"SELECT count() FROM system.tables WHERE database = currentDatabase()"
+             " AND name LIKE 'rollup_15m%'\").result_rows[0][0])")
+    out = subprocess.run([sys.executable, "-c", check, url], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["7", "1"], out.stdout + out.stderr  # the late row carried over; one table
 
 
 def test_first_start_hands_out_a_key(tmp_path):

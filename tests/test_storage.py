@@ -20,8 +20,14 @@ _ELEMENTS = st.one_of(st.text(), st.integers(min_value=-(2**63), max_value=2**64
                       st.datetimes(timezones=st.sampled_from([None, timezone.max])))
 
 
+# Tuples (of any length, nested, holding any element), as the day rebuild's (site, kind, value)s.
+_TUPLES = st.lists(st.one_of(st.tuples(st.text(), st.text(), st.text()),
+                             st.lists(_ELEMENTS, max_size=4).map(tuple),
+                             st.tuples(st.tuples(st.text(), st.integers(min_value=0, max_value=9)), st.dates())))
+
+
 @given(st.one_of(st.lists(st.text()), st.lists(st.integers(min_value=0, max_value=2**64 - 1)),
-                 st.lists(st.dates()), st.lists(_UTC_TIMES), st.lists(_ELEMENTS)))
+                 st.lists(st.dates()), st.lists(_UTC_TIMES), st.lists(_ELEMENTS), _TUPLES))
 @settings(max_examples=400)
 def test_a_list_is_written_as_clickhouse_connect_writes_it(values):
     # What clickhouse-connect sends for the value handed over, against what it sends for the list.
@@ -50,6 +56,9 @@ def test_clickhouse_reads_the_written_lists_back_unchanged(services):
     assert list(row[0]) == texts and list(row[1]) == ids and list(row[2]) == days
     assert [t.replace(tzinfo=timezone.utc) for t in row[3]] == times
     assert list(row[4]) == event_ids and list(row[5]) == []
+    keys = [(text, "page", "/å") for text in texts]
+    assert client.query("SELECT {keys:Array(Tuple(String, String, String))}",
+                        parameters={"keys": keys}).result_rows[0][0] == keys
     # The same through raw_query and command, the client's two other methods that bind.
     assert client.raw_query("SELECT length({texts:Array(String)})", parameters={"texts": texts}).strip() == b"10"
     assert client.command("SELECT has({texts:Array(String)}, 'a''b')", parameters={"texts": texts}) == 1
