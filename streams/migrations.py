@@ -347,7 +347,7 @@ def _sort_rollup_15m_by_day(client: Client, run: Callable[[str], None]) -> None:
         if not swapped():
             _unless_done(lambda: run(_SWAP), swapped)
     if not old_table_gone():
-        old = (f"cluster({cluster.name}, currentDatabase(), rollup_15m_by_bucket_local)" if cluster
+        old = (f"cluster('{cluster.name}', currentDatabase(), rollup_15m_by_bucket_local)" if cluster
                else "rollup_15m_by_bucket")
         _unless_done(lambda: client.command(f"INSERT INTO rollup_15m SELECT * FROM {old}"), old_table_gone)
     for statement in _DROP_LEFTOVERS:  # the old table, and one a concurrent migrator made after the swap
