@@ -362,13 +362,6 @@ def _unless_done(step: Callable[[], object], done: Callable[[], bool]) -> None:
             raise
 
 
-def _table_fact(client: Client, cluster: Cluster | None, table: str, column: str) -> str | None:
-    """A column of `system.tables` for `table` (its local table on a cluster); None if there is none."""
-    rows = client.query(f"SELECT {column} FROM system.tables WHERE database = currentDatabase() AND name = {{t:String}}",
-                        parameters={"t": f"{table}_local" if cluster else table}).result_rows
-    return rows[0][0] if rows else None
-
-
 _SWAP = "RENAME TABLE rollup_15m TO rollup_15m_by_bucket, rollup_15m_by_day TO rollup_15m"
 _DROP_LEFTOVERS = ["DROP TABLE IF EXISTS rollup_15m_by_bucket", "DROP TABLE IF EXISTS rollup_15m_by_day"]
 # The DDL it runs, as `cluster_ddl` lists it.
@@ -475,11 +468,17 @@ def truncate(client: Client, table: str, cluster: Cluster | None = None) -> None
                    else f"TRUNCATE TABLE IF EXISTS {table}")
 
 
+def _table_fact(client: Client, cluster: Cluster | None, table: str, column: str) -> str | None:
+    """A column of `system.tables` for `table` (its local table on a cluster); None if there is none."""
+    rows = client.query(f"SELECT {column} FROM system.tables WHERE database = currentDatabase() AND name = {{t:String}}",
+                        parameters={"t": f"{table}_local" if cluster else table}).result_rows
+    return rows[0][0] if rows else None
+
+
 def cluster_of(client: Client) -> Cluster | None:
     """The cluster the schema was made for: `events` is then a Distributed table naming it."""
-    rows = client.query("SELECT engine_full FROM system.tables WHERE database = currentDatabase()"
-                        " AND name = 'events'").result_rows
-    match = re.match(r"Distributed\('?(\w+)'?,", rows[0][0]) if rows else None
+    engine = _table_fact(client, None, "events", "engine_full")
+    match = re.match(r"Distributed\('?(\w+)'?,", engine) if engine else None
     return Cluster(match.group(1)) if match else None
 
 
@@ -537,9 +536,7 @@ def apply_retention(client: Client, days: int, cluster: Cluster | None = None) -
     # made every event newer than ~2006 expire at once. Written as ClickHouse prints it back in
     # engine_full, so an unchanged TTL is recognised.
     ttl = f"toDateTime(least(toUInt32(toDateTime(timestamp)) + {int(days) * 86400}, 4294967295), 'UTC')"
-    table = "events_local" if cluster else "events"
-    engine = client.query("SELECT engine_full FROM system.tables WHERE database = currentDatabase()"
-                          " AND name = {t:String}", parameters={"t": table}).result_rows[0][0]
+    engine = _table_fact(client, cluster, "events", "engine_full")
     if f"TTL {ttl}" not in engine:
         # Existing parts are not rewritten now (no heavy mutation): merges apply the TTL to them.
         run = _runner(client, cluster, {"materialize_ttl_after_modify": 0})

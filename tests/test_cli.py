@@ -263,7 +263,6 @@ print(json.dumps([failures, client.query(rows).result_rows == before, len(before
 
 _KILLED_AFTER_SWAP = """
 import os, sys
-from datetime import datetime, timezone
 from streams import migrations, storage
 client = storage.connect(sys.argv[1])
 command = client.command
