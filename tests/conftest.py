@@ -133,9 +133,15 @@ def free_port() -> int:
     their port; while one is down, an ephemeral port can go to any outgoing connection (or a
     client's self-connect) and the restart finds it taken. That failed CI once."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    # Under pytest-xdist (tests/run.sh) each worker process draws from a slice of its own: two
+    # could otherwise both find one port free before either binds it.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    width = (low - 10_000) // workers
+    start = 10_000 + worker * width
     rng = random.Random()
-    for _ in range(200 if low > 11_000 else 0):
-        port = rng.randrange(10_000, low)
+    for _ in range(200 if width > 1_000 else 0):
+        port = rng.randrange(start, start + width)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

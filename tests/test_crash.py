@@ -350,6 +350,7 @@ async def _create(api: str, site_domain: str) -> tuple[str, str]:
         return site, r.json()["data"]["id"]
 
 
+@pytest.mark.alone  # its latency and recovery bounds are measured, not only checked
 def test_kill_9_of_workers_broker_and_ingest_loses_and_doubles_nothing(killable_broker, clickhouse_http, tmp_path):
     broker = killable_broker
     d = deploy(broker.bootstrap, clickhouse_http, tmp_path, workers=2)

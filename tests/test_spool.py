@@ -525,6 +525,7 @@ def p99(values: list[float]) -> float:
     return sorted(values)[int(len(values) * 0.99) - 1]
 
 
+@pytest.mark.alone  # its latency and recovery bounds are measured, not only checked
 def test_a_broker_outage_is_spooled_and_counted_once_also_across_an_ingest_kill(killable_broker, clickhouse_http,
                                                                                  tmp_path):
     broker = killable_broker
