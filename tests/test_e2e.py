@@ -14,6 +14,9 @@ import pytest
 from tests.conftest import ADMIN_KEY, free_port, process, stable_group_size, up_server, wait_until
 from tests.traffic import PRODUCTS, Traffic
 
+# One process of tests/run.sh runs this module's tests: they share `embedded_run`, a module fixture of ~20 s.
+pytestmark = pytest.mark.xdist_group("e2e")
+
 VISITORS = 350  # ≈ 1,100 events
 DOMAIN = "shop.example"
 SITE = "shop-example"
@@ -92,6 +95,7 @@ def embedded_run(tmp_path_factory):
         yield expected, settle(base, expected)
 
 
+@pytest.mark.slow(45)
 def test_embedded_topology_counts_exactly(embedded_run):
     expected, got = embedded_run
     assert len(traffic().posts) >= 1000
@@ -102,6 +106,7 @@ def test_embedded_topology_counts_exactly(embedded_run):
     assert meta["confidence"] == "high" and set(meta["period"]) == {"from", "to"}
 
 
+@pytest.mark.slow(45)
 def test_distributed_topology_matches_events_and_embedded(embedded_run, kafka, clickhouse_http, tmp_path):
     expected, embedded = embedded_run
     env = {"BK_KAFKA_BOOTSTRAP": kafka, "BK_CLICKHOUSE_URL": clickhouse_http, "BK_ADMIN_KEY": ADMIN_KEY,

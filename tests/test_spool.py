@@ -607,6 +607,7 @@ def assert_no_raw_ips(ips: set[str], bootstrap: str, topic: str, clickhouse_http
         assert hits == 0, f"a client address in table {table}"
 
 
+@pytest.mark.slow(33)
 def test_a_full_spool_answers_503_with_retry_after(killable_broker, clickhouse_http, tmp_path):
     """A small spool and the broker down: the spool fills, then 503 + Retry-After; what was
     answered 202 is all counted once the broker is back."""
