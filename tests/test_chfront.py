@@ -13,9 +13,6 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 
 REPO = Path(__file__).resolve().parents[1]
 
-# One process of tests/run.sh runs this module's tests: they share its module's front.
-pytestmark = pytest.mark.xdist_group("chfront")
-
 # A second process: each writer inserts batches of rows tagged with its name.
 WRITER = """
 import sys, clickhouse_connect

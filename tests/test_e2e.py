@@ -14,9 +14,6 @@ import pytest
 from tests.conftest import ADMIN_KEY, free_port, process, stable_group_size, up_server, wait_until
 from tests.traffic import PRODUCTS, Traffic
 
-# One process of tests/run.sh runs this module's tests: they share `embedded_run`, a module fixture of ~20 s.
-pytestmark = pytest.mark.xdist_group("e2e")
-
 VISITORS = 350  # ≈ 1,100 events
 DOMAIN = "shop.example"
 SITE = "shop-example"

@@ -16,9 +16,6 @@ from ingest import tracker
 from tests.conftest import ADMIN_KEY, free_port, up_server, wait_until
 from tests.test_crash import API, AUTH
 
-# One process of tests/run.sh runs this module's tests: they share its module's `up` server.
-pytestmark = pytest.mark.xdist_group("tracker")
-
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Without the background-networking flags Chromium keeps dialling Google, refused here.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
