@@ -92,18 +92,6 @@ def up_server(data: Path, log_path: Path, env: dict[str, str] | None = None) -> 
 
 # -- embedded topology, in this process -----------------------------------------------------------
 
-def pytest_collection_modifyitems(items):
-    """The slow tests first, longest first; the rest in file order. tests/run.sh's two processes
-    take the next test in this order whenever one is nearly done (`--dist load --maxschedchunk
-    1`), so neither is left running a two-minute test at the end. (xdist's `loadgroup`, which
-    would keep a module's tests on one process, counted schemathesis's 19 answers as 1.)"""
-    def seconds(item) -> float:
-        marker = item.get_closest_marker("slow")
-        return marker.args[0] if marker else 0
-
-    items.sort(key=seconds, reverse=True)
-
-
 @pytest.fixture(scope="session")
 def services(tmp_path_factory):
     """One chDB data path per process (the engine allows no second), shared by in-process tests;

@@ -34,7 +34,7 @@ fi
 # that narrow the run, one part may select nothing, not both). The slowest tests are listed at
 # the end of each part: where the suite's time goes, in every CI log.
 parallel=0 alone=0
-python3 -m pytest -n 2 --dist load --maxschedchunk 1 -m "not alone" --durations=20 "$@" || parallel=$?
+python3 -m pytest -n 2 --dist worksteal -m "not alone" --durations=20 "$@" || parallel=$?
 python3 -m pytest -m alone --durations=5 "$@" || alone=$?
 if [[ $parallel -eq 5 && $alone -eq 5 ]] || [[ $# -eq 0 && ($parallel -eq 5 || $alone -eq 5) ]]; then
   echo "tests/run.sh: pytest collected no tests" >&2

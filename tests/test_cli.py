@@ -23,7 +23,6 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.slow(37)
 def test_up_demo_prints_curl_lines_that_answer(tmp_path):
     port = free_port()
     log = tmp_path / "up.log"

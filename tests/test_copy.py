@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.conftest import ADMIN_KEY, ROOT, free_port, process, wait_until
 from tests.test_crash import API, AUTH, CLI
@@ -27,7 +26,6 @@ def answers(base: str, site: str) -> dict:
         "products": get("popular/products", days=7)["data"], "sites": httpx.get(f"{base}{API}/sites", headers=AUTH).json()}
 
 
-@pytest.mark.slow(28)
 def test_copy_moves_every_number_from_up_to_a_server(tmp_path):
     data = tmp_path / "data"
     port = free_port()

@@ -126,7 +126,6 @@ def test_up_serves_health_and_metrics_that_move(tmp_path):
 BROWSER = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
 
 
-@pytest.mark.slow(56)
 def test_distributed_processes_serve_metrics_and_readiness_follows_the_broker(killable_broker, clickhouse_http,
                                                                                tmp_path):
     broker = killable_broker
@@ -193,7 +192,6 @@ def redis_url(tmp_path):
         yield f"redis://127.0.0.1:{port}/0"
 
 
-@pytest.mark.slow(18)
 def test_two_api_processes_share_the_per_key_limit_through_redis(clickhouse_http, redis_url, tmp_path):
     env = {"BK_CLICKHOUSE_URL": clickhouse_http, "BK_ADMIN_KEY": ADMIN_KEY, "BK_REDIS_URL": redis_url,
            "BK_RATE_LIMIT_PER_MINUTE": "100"}

@@ -525,7 +525,7 @@ def p99(values: list[float]) -> float:
     return sorted(values)[int(len(values) * 0.99) - 1]
 
 
-@pytest.mark.alone  # its latency and recovery bounds are measured, not only checked
+@pytest.mark.alone  # asserts the p99 latency: tests/run.sh runs it with nothing beside it
 def test_a_broker_outage_is_spooled_and_counted_once_also_across_an_ingest_kill(killable_broker, clickhouse_http,
                                                                                  tmp_path):
     broker = killable_broker
@@ -607,7 +607,6 @@ def assert_no_raw_ips(ips: set[str], bootstrap: str, topic: str, clickhouse_http
         assert hits == 0, f"a client address in table {table}"
 
 
-@pytest.mark.slow(33)
 def test_a_full_spool_answers_503_with_retry_after(killable_broker, clickhouse_http, tmp_path):
     """A small spool and the broker down: the spool fills, then 503 + Retry-After; what was
     answered 202 is all counted once the broker is back."""
