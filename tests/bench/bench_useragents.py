@@ -1,6 +1,7 @@
 """What judging a user agent not seen before costs (the cache in ingest/useragents.py hides it for
 repeats): ua-parser's pure-Python resolver against its Rust one (`ua-parser[regex]`, what ingest
-uses), and crawlerdetect, on real browsers' user agents and on 512 characters of junk.
+uses), and crawlerdetect's bot patterns under Python's `re` (the library) and under RE2 (what
+ingest uses), on real browsers' user agents and on 512 characters of junk.
 
     python3 tests/bench/bench_useragents.py [--each 200]
 
@@ -9,12 +10,17 @@ Not run by CI."""
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from crawlerdetect import CrawlerDetect
 from ua_parser import Parser, basic, regex
 from ua_parser.loaders import load_builtins
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from ingest.useragents import _Crawlers  # noqa: E402
 
 AGENTS = {
     "Chrome, Windows": "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.{n}.0 Safari/537.36",
@@ -39,7 +45,8 @@ def main() -> None:
     crawlers = CrawlerDetect()
     judges = {"ua-parser, Python": Parser(basic.Resolver(matchers)).parse,
               "ua-parser, Rust": Parser(regex.Resolver(matchers)).parse,
-              "crawlerdetect": lambda agent: crawlers._check_crawler(agent)}  # uncached
+              "crawlerdetect, re": lambda agent: crawlers._check_crawler(agent),  # uncached
+              "crawlerdetect, RE2": _Crawlers().is_crawler}
     for judge in judges.values():
         judge("warm up")
     print(f"{'ms per new user agent':24}" + "".join(f"{name:>22}" for name in AGENTS))
