@@ -124,7 +124,15 @@ class SiteRegistry:
         # Other processes take up to REFRESH_S to notice, and events they accepted before may still
         # be on their way through Kafka: their rows are deleted again later, and when a site with this
         # id is created again (a worker far behind can still write some in between).
-        migrations.run_later(2 * REFRESH_S, lambda: self._purge(site.site_id), f"second purge of site {site.site_id}")
+        migrations.run_later(2 * REFRESH_S, lambda: self._second_purge(site.site_id),
+                             f"second purge of site {site.site_id}")
+
+    def _second_purge(self, site_id: str) -> None:
+        """Unless a site with this id was created again meanwhile: its create emptied what the
+        deleted one had left (`_start_empty`), and the rows there now are the new site's (a purge
+        by site id deleted its events, goals and funnels ~10 s after the delete)."""
+        if self._load("site_id", site_id) is None:
+            self._purge(site_id)
 
     def _purge(self, site_id: str, wait: bool = False) -> None:
         migrations.mutations(self._client, [f"ALTER TABLE {table} DELETE WHERE site_id = {{site:String}}"

@@ -4,7 +4,9 @@ deleting a site, and the bad input a new user tried (issue 5)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import threading
 import uuid
 from datetime import date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
@@ -14,6 +16,7 @@ import pytest
 from ingest.event import Event
 from query_api.periods import Period, day_starts, local_midnight, stats_period
 from query_api.stats import countries, overview, pages, referrers
+from streams import migrations
 from streams.core import StreamCore
 
 API = "/api/v1"
@@ -372,6 +375,30 @@ async def test_a_site_created_again_starts_empty_even_for_rows_written_after_the
                                  headers=other)).json()["data"]
     assert (overview["visitors"], overview["pageviews"]) == (0, 0)
     assert (await client.get(f"{API}/goals", params={"site_id": new["id"]}, headers=other)).json()["data"] == []
+
+
+async def test_a_site_created_again_keeps_its_data_through_the_deleted_ones_second_purge(client, services):
+    """The delete purges the site's rows again ~10 s later (for events other processes accepted
+    meanwhile). A site created again with the same id before that keeps its own events, goals and
+    funnels: the second purge deleted them by site id."""
+    domain = f"again-{uuid.uuid4().hex[:8]}.example"
+    old = await _create_site(client, domain=domain)
+    at = datetime.now(timezone.utc) - timedelta(minutes=5)
+    StreamCore(services.client, TIMEOUT).process([ev(old["id"], 1, at)])
+    assert (await client.delete(f"{API}/sites/{old['id']}")).status_code == 204
+    second_purge = next(t for t in threading.enumerate() if t.name == f"second purge of site {old['id']}")
+    new = await _create_site(client, domain=domain)
+    assert new["id"] == old["id"]
+    StreamCore(services.client, TIMEOUT).process([ev(new["id"], 2, at)])
+    r = await client.post(f"{API}/goals", json={"site_id": new["id"], "name": "Start", "event_type": "pageview",
+                                                "match_path": "/"})
+    assert r.status_code == 201, r.text
+    await asyncio.to_thread(second_purge.join, 60)
+    assert not second_purge.is_alive()
+    migrations._wait_for_mutations(services.client, list(migrations.SITE_DATA_TABLES), None)
+    overview = (await client.get(f"{API}/stats/overview", params={"site_id": new["id"], "period": "7d"})).json()["data"]
+    assert (overview["visitors"], overview["pageviews"]) == (1, 1)
+    assert [g["name"] for g in (await client.get(f"{API}/goals", params={"site_id": new["id"]})).json()["data"]] == ["Start"]
 
 
 # -- bad input (issue 5) --------------------------------------------------------------------------
