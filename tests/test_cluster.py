@@ -71,11 +71,12 @@ def test_mutations_and_retention_go_to_the_shards():
 def test_the_re_sort_of_rollup_15m_swaps_the_shards_tables():
     """Migration 8 swaps the local tables: each Distributed front names its local table, so the
     front `rollup_15m` reads the new one after the swap."""
-    assert CLUSTER.statements("RENAME TABLE rollup_15m TO rollup_15m_by_bucket, rollup_15m_by_day TO rollup_15m") == [
-        "RENAME TABLE rollup_15m_local TO rollup_15m_by_bucket_local, rollup_15m_by_day_local TO rollup_15m_local"
-        " ON CLUSTER bk_cluster"]
-    assert [s for s in cluster_ddl(CLUSTER) if s.startswith("RENAME")] == CLUSTER.statements(
-        "RENAME TABLE rollup_15m TO rollup_15m_by_bucket, rollup_15m_by_day TO rollup_15m")
+    swap = ("RENAME TABLE rollup_15m_by_day TO rollup_15m_swapping, rollup_15m TO rollup_15m_by_bucket,"
+            " rollup_15m_swapping TO rollup_15m")
+    assert CLUSTER.statements(swap) == [
+        "RENAME TABLE rollup_15m_by_day_local TO rollup_15m_swapping_local, rollup_15m_local TO"
+        " rollup_15m_by_bucket_local, rollup_15m_swapping_local TO rollup_15m_local ON CLUSTER bk_cluster"]
+    assert [s for s in cluster_ddl(CLUSTER) if s.startswith("RENAME")] == CLUSTER.statements(swap)
 
 
 def test_a_waited_for_site_purge_waits_for_the_shards_local_tables_on_every_replica(services):
