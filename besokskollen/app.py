@@ -56,7 +56,10 @@ class Services:
         return Context(self.client, self.sites, self.keys, self.goals, FunnelRegistry(self.client))
 
     def stream_core(self) -> StreamCore:
-        return StreamCore(self.client, self.settings.session_timeout_s, self.goals)
+        """The process's one stream core. On the embedded engine it is the only writer of events: a
+        data folder opens in one process only, and every event of the process goes through it."""
+        return StreamCore(self.client, self.settings.session_timeout_s, self.goals,
+                          sole_writer=self.settings.clickhouse_url.startswith("chdb://"))
 
 
 def open_services(settings: Settings, wait: bool = False) -> Services:

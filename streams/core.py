@@ -72,8 +72,13 @@ REMEMBERED_VISITORS = 50_000
 
 
 class StreamCore:
-    def __init__(self, client: Client, session_timeout_s: int, goals: GoalRegistry | None = None) -> None:
+    def __init__(self, client: Client, session_timeout_s: int, goals: GoalRegistry | None = None,
+                 sole_writer: bool = False) -> None:
+        """`sole_writer`: no other core writes events to this database while this one runs (the
+        embedded engine: one process per data folder, one core per process), so what a batch read
+        cannot change before it writes (`_not_taken_meanwhile` need not ask again)."""
         self._client = client
+        self._sole_writer = sole_writer
         self._timeout = timedelta(seconds=session_timeout_s)
         self._goals = goals or GoalRegistry(client)
         # `_plain(_Derived)`s
@@ -143,6 +148,8 @@ class StreamCore:
         owner, which may have kept a client's original over the retry this batch holds. Its
         derived rows lose to the owner's (older version); its raw copy would be a second event.
         Server-made ids (UUIDv7) have no other copies and are not asked about."""
+        if self._sole_writer:
+            return rows
         maybe = [e for e, _ in rows if e.event_id[14:15] != "7"]
         if not maybe:
             return rows
