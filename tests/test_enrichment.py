@@ -319,11 +319,11 @@ class OpenAtMidnight:
 
     def __init__(self, keys: set[tuple[str, int]]) -> None:
         self.keys = keys
-        self.calls: list[datetime] = []
+        self.calls: list[list[datetime]] = []  # the midnights of each call
 
-    def __call__(self, midnight: datetime, timeout: timedelta) -> set[tuple[str, int]]:
-        self.calls.append(midnight)
-        return self.keys
+    def __call__(self, midnights, timeout: timedelta) -> dict[datetime, set[tuple[str, int]]]:
+        self.calls.append(sorted(midnights))
+        return {m: self.keys for m in midnights}
 
 
 def _visitors(salts: Salts, open_sessions=None, open_at_midnight=None) -> Visitors:
@@ -476,13 +476,13 @@ def test_after_the_first_timeout_only_sessions_open_at_midnight_are_asked_about(
     at = midnight + 2 * timedelta(seconds=TIMEOUT)
     # Someone whose session was not open at midnight is today's visitor without a question.
     assert visitors.visitor_id(site, other_ip, BROWSER, at) == other_today
-    assert open_.calls == [] and at_midnight.calls == [midnight]
+    assert open_.calls == [] and at_midnight.calls == [[midnight]]
     assert not visitors.needs_io(site, other_ip, BROWSER, at)
     # Someone whose session was: the database says whether it still goes on (here it does).
     assert visitors.needs_io(site, ip, BROWSER, at)
     assert visitors.visitor_id(site, ip, BROWSER, at) == yesterday_id
     assert open_.calls == [(site, yesterday_id, at - timedelta(seconds=TIMEOUT))]
-    assert at_midnight.calls == [midnight]  # loaded once a day
+    assert at_midnight.calls == [[midnight]]  # loaded once a day
 
 
 def test_memory_is_bounded_by_the_timeout(services):
@@ -637,6 +637,27 @@ def test_an_import_asks_about_its_first_half_hours_up_front(services):
     assert [visitor in yesterdays for visitor in ids] == [True, False, False, False] * 2
 
 
+def test_the_sessions_open_at_several_midnights_are_each_midnights_own(services):
+    """`open_at` answers for many midnights in one query, each as if asked alone: a session is
+    open at midnight m when it started before m (and after m − a visitor id's lifetime) and its
+    last event is less than a timeout before m."""
+    site, m = _site(), DAY + timedelta(days=20)
+    timeout = timedelta(seconds=TIMEOUT)
+    times = {1: [m - 10 * MINUTE], 2: [m - 40 * MINUTE], 3: [m + timedelta(days=1) - 5 * MINUTE],
+             4: [m + timedelta(days=1) + 5 * MINUTE], 5: [m + timedelta(days=2) - timeout],
+             6: [m - 20 * MINUTE, m + 5 * MINUTE]}
+    StreamCore(services.client, TIMEOUT).process([
+        Event(event_id=str(uuid.uuid4()), site_id=site, timestamp=at, name="pageview", visitor_id=visitor)
+        for visitor, ats in times.items() for at in ats])
+    midnights = [m, m + timedelta(days=1), m + timedelta(days=2), m + timedelta(days=3)]
+    ours = lambda keys: {visitor for s, visitor in keys if s == site}  # noqa: E731 - other tests share the tables
+    together = {midnight: ours(keys) for midnight, keys in open_at(services.client, midnights, timeout).items()}
+    assert together == {midnights[0]: {1, 6}, midnights[1]: {3}, midnights[2]: set(), midnights[3]: set()}
+    for midnight in midnights:
+        assert ours(open_at(services.client, [midnight], timeout)[midnight]) == together[midnight]
+    assert open_at(services.client, [], timeout) == {}
+
+
 def test_an_import_reads_each_days_open_sessions_once(services):
     """An import's instance loads the sessions open at each midnight once: its database does not
     change meanwhile. (Reloading them each event-time minute, as the live instance does each
@@ -648,7 +669,7 @@ def test_an_import_reads_each_days_open_sessions_once(services):
     batch = _visitors(Salts(services.client), open_at_midnight=open_sessions).for_batch(people)
     ids = [batch.visitor_id(*person) for person in people]
     assert len(set(ids)) == len(people)
-    assert open_sessions.calls == [midnight]  # 199 events from 01:05 to 17:35
+    assert open_sessions.calls == [[midnight]]  # 199 events from 01:05 to 17:35
 
 
 class Unavailable:
