@@ -130,9 +130,15 @@ class Visitors:
                 yesterday = self._salts.for_day(at.date() - timedelta(days=1))
                 asked[at.date()].add((site_id, hash_visitor(yesterday, site_id, ip, user_agent)))
         # Each id's latest session end from the day's first possible question on answers every
-        # later question of that day.
-        known = {(day, key): end for day, keys in asked.items()
-                 for key, end in self.latest_ends(keys, utc_midnight(day) - self._timeout).items()}
+        # later question of that day. Asked for every day at once, from the earliest day's first
+        # question (one query per day was ~5 % of an import's time): all events of one id fall
+        # within two UTC days (streams/buckets.py), so its latest end from an earlier moment on is
+        # its latest end from its own day's first question on, whenever it is after that.
+        known: dict[tuple[date, Key], datetime] = {}
+        if asked:
+            ends = self.latest_ends(set().union(*asked.values()), utc_midnight(min(asked)) - self._timeout)
+            known = {(day, key): ends[key] for day, keys in asked.items() for key in keys
+                     if key in ends and ends[key] > utc_midnight(day) - self._timeout}
         # And what this instance gave out live, perhaps not stored yet: the latest event of each id.
         with self._lock:
             seen = dict(self._latest)

@@ -619,22 +619,26 @@ async def test_concurrent_requests_ask_about_their_carries_in_one_query(services
 
 def test_an_import_asks_about_its_first_half_hours_up_front(services):
     """Events decided all at once (an import) ask the database about every carry their days'
-    first timeout may raise in one query per day, and get the ids one query each would give."""
+    first timeouts may raise in one query, for all their days, and get the ids one query each
+    would give."""
     client = services.client
-    site, midnight = _site(), DAY + timedelta(days=4)
-    at = midnight + 5 * MINUTE
-    last_seen = _seen_before_midnight(client, site, midnight, at)
+    site, midnights = _site(), [DAY + timedelta(days=4), DAY + timedelta(days=6)]
+    people = []
+    for midnight in midnights:
+        at = midnight + 5 * MINUTE
+        last_seen = _seen_before_midnight(client, site, midnight, at)
+        people += [(site, ip, BROWSER, when) for when in (at, at + 20 * MINUTE) for ip in last_seen]
     counted = CountedLatestEnds(client)
-    people = [(site, ip, BROWSER, when) for when in (at, at + 20 * MINUTE) for ip in last_seen]
     batch = Visitors(Salts(client), counted, partial(open_at, client), TIMEOUT).for_batch(people)
-    assert len(counted.queries) == 1 and len(counted.queries[0]) == len(last_seen)
+    assert len(counted.queries) == 1 and len(counted.queries[0]) == 2 * len(last_seen)
     ids = [batch.visitor_id(*person) for person in people]
     assert len(counted.queries) == 1  # nothing more was asked
 
     one_by_one = Visitors(Salts(client), partial(latest_ends, client), partial(open_at, client), TIMEOUT)
     assert ids == [one_by_one.visitor_id(*person) for person in people]
-    yesterdays = [_ids(Salts(client), site, ip, midnight)[0] for ip in last_seen]
-    assert [visitor in yesterdays for visitor in ids] == [True, False, False, False] * 2
+    for day, midnight in enumerate(midnights):
+        yesterdays = [_ids(Salts(client), site, ip, midnight)[0] for ip in last_seen]
+        assert [visitor in yesterdays for visitor in ids[8 * day:8 * day + 8]] == [True, False, False, False] * 2
 
 
 def test_the_sessions_open_at_several_midnights_are_each_midnights_own(services):
