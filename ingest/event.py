@@ -32,7 +32,8 @@ _DATE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(:[0-9
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 EARLIEST = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
-_CONTROL = dict.fromkeys([*range(0x20), 0x7F])
+# Unicode's control characters (category Cc): C0, DEL and C1 (U+0080–U+009F, such as NEL, U+0085).
+_CONTROL = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)])
 
 
 def without_control_characters(text: str) -> str:

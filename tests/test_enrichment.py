@@ -99,6 +99,8 @@ def test_a_site_whose_name_ends_another_domain_is_not_a_self_referral():
     ("https://a.se/produkt/%c3%a5", False, "/produkt/å"),
     ("https://a.se/produkt/å", False, "/produkt/å"),
     ("https://a.se/a%00b", False, "/ab"),
+    ("https://a.se/a%C2%85b%C2%9F", False, "/ab"),  # C1 controls (NEL, APC) as well
+    ("https://a.se/a%C2%A0b", False, "/a\u00a0b"),  # a no-break space is no control character
     ("https://a.se/%FF", False, "/\ufffd"),
     ("https://a.se", False, "/"),
     ("https://a.se/h#/cart", False, "/h"),

@@ -37,6 +37,9 @@ async def post(client, body: bytes | dict, **headers):
     ({"site_id": "x", "name": "pageview"}, 400, "missing_field", "url"),
     ({"site_id": "x", "name": "pageview", "url": "/relative/path"}, 400, "invalid_field", "url"),
     ({"site_id": "x", "name": "click", "url": "https://a.example/"}, 400, "invalid_field", "product"),
+    ({"site_id": "x", "name": "click", "url": "https://a.example/", "product": {"id": "c\u00851"}}, 400, "invalid_field",
+     "product.id"),  # a C1 control character (NEL), as a C0 one
+    ({"site_id": "x", "name": "sign\u009fup", "url": "https://a.example/"}, 400, "invalid_field", "name"),
     ({"site_id": "x", "name": "pageview", "url": "https://a.example/", "props": {"k": 1}}, 400, "invalid_field", "props.k"),
     ({"site_id": "x", "name": "pageview", "url": "https://a.example/", "props": {f"k{i}": "v" for i in range(31)}},
      400, "invalid_field", "props"),

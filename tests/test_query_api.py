@@ -248,6 +248,7 @@ async def test_names_with_control_characters_are_refused(client, site):
                        ("/funnels", {"site_id": site["id"], "name": "\x00", "steps": [
                            {"name": "a", "type": "pageview", "match_value": "/a"},
                            {"name": "b", "type": "pageview", "match_value": "/b"}]}),
+                       ("/goals", {"site_id": site["id"], "name": "K\u0085p", "event_type": "event", "match_event": "buy"}),
                        ("/funnels", {"site_id": site["id"], "name": "F", "steps": [
                            {"name": "a\x7f", "type": "pageview", "match_value": "/a"},
                            {"name": "b", "type": "pageview", "match_value": "/b"}]})):
