@@ -80,7 +80,7 @@
 
   // A product attribute as the API takes it: no control characters, trimmed, <= 200 characters.
   function attr(c, n) {
-    return cut((c.getAttribute(n) || "").replace(/[\0-\x1f\x7f]+/g, " ").trim(), 200);
+    return cut((c.getAttribute(n) || "").replace(/[\0-\x1f\x7f-\x9f]+/g, " ").trim(), 200);
   }
 
   // Affiliate links (the attributes on the <a> or around it, through open shadow roots): the click

@@ -333,6 +333,8 @@ REFUSED = (STUB + """<script>
 <a id="nav" href="/nav/one">a router's link</a>
 <a id="newline" href="#a" data-bk-product="newline" data-bk-brand="multi
 line">brand on two lines</a>
+<script>  // a C1 control (NEL) too; in markup, &#x85; would be read as "…" (windows-1252)
+  document.getElementById("newline").dataset.bkBrand = "multi\\u0085\\nline" </script>
 <a id="long" href="#b" data-bk-product=\"""" + "p" * 250 + """\">a long product id</a>
 <a id="empty" href="#c" data-bk-product="">no product</a>
 <div data-bk-product="card" data-bk-partner="kjell"><buy-button></buy-button></div>
