@@ -114,6 +114,8 @@ def complete(schema: dict[str, Any], app: FastAPI) -> dict[str, Any]:
         for method, operation in operations.items():
             if method not in ("get", "post", "put", "patch", "delete"):
                 continue
+            for parameter in operation.get("parameters", []):
+                _json_schema_bounds(parameter.get("schema", {}))
             responses = operation.setdefault("responses", {})
             responses.pop("422", None)  # validation errors answer 400
             errors = dict(_ERROR_DESCRIPTIONS)
@@ -143,6 +145,18 @@ def complete(schema: dict[str, Any], app: FastAPI) -> dict[str, Any]:
         if name in schemas and f'"#/components/schemas/{name}"' not in orjson.dumps(schema).decode():
             del schemas[name]
     return schema
+
+
+# pydantic keeps a Query's bounds under its own names when the type has a validator of its own
+# (`Integer`, `DecimalNumber`: query_api/deps.py), and JSON Schema tools ignore `ge`/`le`: a client
+# generated from the document would send `limit=500` and get a 400.
+_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+
+
+def _json_schema_bounds(schema: dict[str, Any]) -> None:
+    for ours, standard in _BOUNDS.items():
+        if ours in schema:
+            schema[standard] = schema.pop(ours)
 
 
 def install(app: FastAPI) -> None:

@@ -417,6 +417,18 @@ async def test_openapi_is_served_with_the_paths(client):
     assert {"OverviewResponse", "PopularProductsResponse", "ErrorResponse"} <= set(schemas)
 
 
+async def test_openapi_states_parameter_bounds_in_json_schema_words(client):
+    """`minimum`/`maximum`, which validators and client generators read; pydantic's own `ge`/`le`
+    (what the document said) they ignore, and a client sent `limit=500` into a 400."""
+    spec = (await client.get(f"{API}/openapi.json")).json()
+    parameters = {(path, p["name"]): p["schema"] for path, ops in spec["paths"].items() for op in ops.values()
+                  if isinstance(op, dict) for p in op.get("parameters", [])}
+    assert not [key for key, schema in parameters.items() if {"ge", "le", "gt", "lt"} & set(schema)]
+    limit = parameters[("/api/v1/popular/products", "limit")]
+    assert (limit["minimum"], limit["maximum"]) == (1, 100)
+    assert parameters[("/api/v1/trending/products", "min_growth")]["minimum"] == -100
+
+
 # -- overview ------------------------------------------------------------------------------------
 
 async def test_overview_daily_series_covers_every_day_oldest_first(client, embedded, services, site):
