@@ -156,8 +156,10 @@ def classify(page_url: str, referrer: str | None, site_host: str) -> Source:
     utm_source, else an ad click id's; channel from the same, then paid for a click id, then
     utm_medium when it names a channel."""
     query = parse_qs(urlsplit(page_url).query) if any(tag in page_url for tag in _TAGGED) else {}
-    utm = {k: without_control_characters(query[k][0])[:200] for k in ("utm_source", "utm_medium", "utm_campaign") if k in query}
-    medium = utm.get("utm_medium", "").strip().lower()
+    # Trimmed: `utm_source=%20facebook%20` is Facebook, and one of only spaces names no source.
+    utm = {k: without_control_characters(query[k][0]).strip()[:200] for k in ("utm_source", "utm_medium", "utm_campaign")
+           if k in query}
+    medium = utm.get("utm_medium", "").lower()
 
     ref_host = _host(referrer) if referrer else ""
     app = ref_host and referrer[:12].lower() == "android-app:"  # a package name, not a host

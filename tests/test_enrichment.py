@@ -111,6 +111,16 @@ def test_the_page_is_the_decoded_path_and_with_data_hash_the_fragment(url, hash_
     assert page_path(urlsplit(url), hash_routes) == path
 
 
+def test_utm_tags_are_trimmed_and_one_of_spaces_names_no_source():
+    result = referrers.classify("https://shop.example/p?utm_source=%20facebook%20&utm_campaign=%20jul%20", None,
+                                "shop.example")
+    assert (result.source, result.channel, result.utm_source, result.utm_campaign) == (
+        "Facebook", "social", "facebook", "jul")
+    result = referrers.classify("https://shop.example/p?utm_source=%20%20", None, "shop.example")
+    assert (result.source, result.utm_source) == ("", "")
+    assert referrers.classify("https://shop.example/p?utm_source=", None, "shop.example").source == ""
+
+
 def test_utm_tags_are_kept_and_medium_sets_the_channel():
     url = "https://shop.example/p?utm_source=nyhetsbrev&utm_medium=email&utm_campaign=jul-2025"
     result = referrers.classify(url, None, "shop.example")
