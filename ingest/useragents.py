@@ -37,7 +37,7 @@ class _Crawlers:
         options.case_sensitive = False
         options.log_errors = False
         linear = [p for p in _CRAWLER_PATTERNS if _re2_compiles(p)]
-        self._lookaround = [re.compile(p, re.IGNORECASE) for p in _CRAWLER_PATTERNS if p not in set(linear)]
+        self._lookaround = [re.compile(p, re.IGNORECASE) for p in set(_CRAWLER_PATTERNS) - set(linear)]
         self._crawlers = re2.compile("|".join(f"(?:{p})" for p in linear), options=options)
         self._exclusions = re2.compile("|".join(f"(?:{p})" for p in _EXCLUSION_PATTERNS), options=options)
 

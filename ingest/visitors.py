@@ -119,9 +119,9 @@ class Visitors:
     def for_batch(self, people: Iterable[tuple[str, str, str, datetime]]) -> Visitors:
         """A fresh instance for these (site, IP, user agent, time)s, decided all at once (an
         import). The database does not change meanwhile, so what the first timeout of each day
-        may ask about them is asked up front, one query per day: one query each took ~2.6 ms, and
-        10,000 new visitors in the first half hour of their days 26 s. The sessions open at each
-        midnight that later events may ask about are read in one query for every day."""
+        may ask about them is asked up front, in one query for all their days (one query each took
+        ~2.6 ms, and 10,000 new visitors in the first half hour of their days 26 s), and so are
+        the sessions open at each midnight that later events may ask about."""
         people = list(people)
         self._salts.load({day for *_, at in people for day in (at.date(), at.date() - timedelta(days=1))})
         asked: dict[date, set[Key]] = defaultdict(set)

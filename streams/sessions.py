@@ -146,8 +146,8 @@ def open_at(client: Client, midnights: Iterable[datetime], timeout: timedelta) -
     midnights = sorted(set(midnights))
     if not midnights:
         return {}
-    # Per midnight m: start in [m − VISITOR_LIFETIME, m) and end > m − timeout, as bounds bound
-    # whole (whole seconds: no rounding); the outer WHERE is their union, which the sorting key prunes.
+    # Per midnight m: start in [m − VISITOR_LIFETIME, m) and end > m − timeout (whole seconds, so
+    # written exactly); the outer WHERE is their union, by which the sorting key prunes.
     bounds = [(i, m, m - timeout, m - VISITOR_LIFETIME) for i, m in enumerate(midnights)]
     rows = client.query(
         "SELECT DISTINCT b.1, site_id, visitor_id FROM sessions FINAL"
