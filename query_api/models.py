@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode's control characters: C0, DEL, C1
+from ingest.event import without_control_characters
 
 
 def _printable(value: str) -> str:
-    if _CONTROL.search(value):
+    if without_control_characters(value) != value:  # ingest's set: C0, DEL and C1
         raise ValueError("control characters (a NUL, a newline, …) are not allowed")
     return value
 
