@@ -7,21 +7,22 @@ it lapses, the person is today's visitor. Live events and imported ones follow t
 
 Whether y's session is open is decided, cheapest first, by
 1. the latest event this instance gave y (a session this process is seeing continue);
-2. in the first session-timeout of the day (plus a margin for events still on their way to
+2. in the first minute of the day (a margin for events of before midnight still on their way to
    storage), the database: another process may have seen the session;
 3. after that, the database again, but only for the ids whose sessions were open at midnight
    (loaded then, and again once a minute: an import may store such sessions at any time): no
-   other y can still have an open session.
+   other y can have an open session after midnight, since y gets an event after midnight only
+   while its session goes on, so that session was open at midnight.
 An id the database found lapsed stays lapsed (time only moves on), so it is asked about once.
 An import's events are remembered as if given here (`remember`): a live event that continues an
 imported session goes on under its id at once, not only after the next load.
 
 Live requests ask the database through `CarryQuestions`, which puts the questions of concurrent
-requests in one query: in the first timeout of a day every visitor new to this process needs
-one, and a query per request held ingest to ~250 events/s then (tests/bench/bench_ingest.py at
-00:30 UTC). When ClickHouse cannot be asked, a live event gets today's id rather than a 503: a
-session across midnight may then count its visitor twice, but no event is lost (`lenient`;
-imports fail instead, and are sent again)."""
+requests in one query: in the first minute of a day every visitor new to this process needs
+one. (Until 2026-12 that held for the day's whole first timeout: `/api/event` then ran at a
+third of its daytime rate.) When ClickHouse cannot be asked, a live event gets today's id rather
+than a 503: a session across midnight may then count its visitor twice, but no event is lost
+(`lenient`; imports fail instead, and are sent again)."""
 
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ OpenAtMidnight = Callable[[Iterable[datetime], timedelta], dict[datetime, set[tu
 
 log = logging.getLogger(__name__)
 
-# Events reach storage within seconds; this much past the first timeout of a day, the sessions
-# open at midnight are all stored and can be loaded.
+# Events reach storage within seconds; this much past midnight, the sessions open at midnight are
+# all stored and can be loaded. Before that, every new visitor's carry is asked about.
 _SETTLE = timedelta(seconds=60)
 # How long a load of them is trusted: live events cannot add any, but an import (through any
 # process) can, and another process learns of them only from the database. One query a minute;
@@ -118,30 +119,42 @@ class Visitors:
 
     def for_batch(self, people: Iterable[tuple[str, str, str, datetime]]) -> Visitors:
         """A fresh instance for these (site, IP, user agent, time)s, decided all at once (an
-        import). The database does not change meanwhile, so what the first timeout of each day
-        may ask about them is asked up front, in one query for all their days (one query each took
-        ~2.6 ms, and 10,000 new visitors in the first half hour of their days 26 s), and so are
-        the sessions open at each midnight that later events may ask about."""
+        import). The database does not change meanwhile, so what their events may ask it is asked
+        up front: the sessions open at each midnight, in one query, then every carry those and the
+        days' first minutes raise, in one more (one query per day and per question took ~2.6 ms
+        each; 10,000 new visitors in the first half hour of their days took 26 s)."""
         people = list(people)
         self._salts.load({day for *_, at in people for day in (at.date(), at.date() - timedelta(days=1))})
+        # What this instance gave out live, perhaps not stored yet: the latest event of each id.
+        with self._lock:
+            seen = dict(self._latest)
+
+        settled = {_midnight(at) for *_, at in people if _settled(at)}
+        opened = self._open_at_midnight(settled, self._timeout) if settled else {}
+
+        def open_at_midnight(midnights: Iterable[datetime], timeout: timedelta) -> dict[datetime, set[Key]]:
+            midnights = set(midnights)
+            found = {m: opened[m] for m in midnights if m in opened and timeout == self._timeout}
+            found |= self._open_at_midnight(midnights - found.keys(), timeout) if midnights - found.keys() else {}
+            # Ids seen live since the timeout before midnight: a superset is safe, `latest_ends` decides.
+            return {m: keys | {key for key, at in seen.items() if at > m - timeout} for m, keys in found.items()}
+
+        may_carry = open_at_midnight(settled, self._timeout) if settled else {}
         asked: dict[date, set[Key]] = defaultdict(set)
         for site_id, ip, user_agent, at in people:
-            if at - _midnight(at) < self._timeout + _SETTLE:
-                yesterday = self._salts.for_day(at.date() - timedelta(days=1))
-                asked[at.date()].add((site_id, hash_visitor(yesterday, site_id, ip, user_agent)))
+            key = (site_id, hash_visitor(self._salts.for_day(at.date() - timedelta(days=1)), site_id, ip, user_agent))
+            if not _settled(at) or key in may_carry[_midnight(at)]:
+                asked[at.date()].add(key)
         # Each id's latest session end from the day's first possible question on answers every
         # later question of that day. Asked for every day at once, from the earliest day's first
-        # question (one query per day was ~5 % of an import's time): all events of one id fall
-        # within two UTC days (streams/buckets.py), so its latest end from an earlier moment on is
-        # its latest end from its own day's first question on, whenever it is after that.
+        # question: all events of one id fall within two UTC days (streams/buckets.py), so its
+        # latest end from an earlier moment on is its latest end from its own day's first question
+        # on, whenever it is after that.
         known: dict[tuple[date, Key], datetime] = {}
         if asked:
             ends = self.latest_ends(set().union(*asked.values()), utc_midnight(min(asked)) - self._timeout)
             known = {(day, key): ends[key] for day, keys in asked.items() for key in keys
                      if key in ends and ends[key] > utc_midnight(day) - self._timeout}
-        # And what this instance gave out live, perhaps not stored yet: the latest event of each id.
-        with self._lock:
-            seen = dict(self._latest)
 
         def latest_ends(keys: Iterable[Key], since: datetime) -> dict[Key, datetime]:
             day, keys = (since + self._timeout).date(), set(keys)
@@ -150,18 +163,6 @@ class Visitors:
             found |= self.latest_ends(keys - ahead, since) if keys - ahead else {}
             live = {key: max(seen[key], found.get(key, seen[key])) for key in keys if seen.get(key, since) > since}
             return found | live
-
-        # The sessions open at each midnight that a question after the day's first timeout may
-        # need, in one query.
-        later = {_midnight(at) for *_, at in people if at - _midnight(at) >= self._timeout + _SETTLE}
-        opened = self._open_at_midnight(later, self._timeout) if later else {}
-
-        def open_at_midnight(midnights: Iterable[datetime], timeout: timedelta) -> dict[datetime, set[Key]]:
-            midnights = set(midnights)
-            found = {m: opened[m] for m in midnights if m in opened and timeout == self._timeout}
-            found |= self._open_at_midnight(midnights - found.keys(), timeout) if midnights - found.keys() else {}
-            # Ids seen live since the timeout before midnight: a superset is safe, `latest_ends` decides.
-            return {m: keys | {key for key, at in seen.items() if at > m - timeout} for m, keys in found.items()}
 
         # Loaded once per day: reloading each event-time minute of a historic day asked the
         # database for nearly every event of an import (a 100k-event import took 5 minutes, not 40 s).
@@ -190,7 +191,7 @@ class Visitors:
         if key is None or self._known_carry(key, at) is not None:
             return None
         loaded = self._days.get(at.date())
-        if at - _midnight(at) >= self._timeout + _SETTLE and (loaded is None or not loaded.knows_open(at, self._reload)):
+        if _settled(at) and (loaded is None or not loaded.knows_open(at, self._reload)):
             return None
         return key
 
@@ -225,7 +226,7 @@ class Visitors:
         day = self._days.get(at.date())
         if day is not None and yesterday in day.lapsed:
             return False
-        if at - _midnight(at) < self._timeout + _SETTLE or day is None or not day.knows_open(at, self._reload):
+        if not _settled(at) or day is None or not day.knows_open(at, self._reload):
             return None
         return None if yesterday in day.open_at_midnight else False
 
@@ -233,7 +234,7 @@ class Visitors:
         midnight = _midnight(at)
         day = self._day(at.date())
         try:
-            if at - midnight >= self._timeout + _SETTLE:
+            if _settled(at):
                 with self._load_lock:
                     if not day.knows_open(at, self._reload):
                         day.open_at_midnight = self._open_at_midnight([midnight], self._timeout)[midnight]
@@ -274,6 +275,11 @@ class Visitors:
 
 def _midnight(at: datetime) -> datetime:
     return datetime.combine(at.date(), time.min, at.tzinfo)
+
+
+def _settled(at: datetime) -> bool:
+    """Whether the sessions open at the midnight before `at` are all stored by then."""
+    return at - _midnight(at) >= _SETTLE
 
 
 class CarryQuestions:

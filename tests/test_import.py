@@ -354,7 +354,7 @@ async def test_a_session_open_at_midnight_carries_across_requests(client, servic
 
 async def test_a_live_event_continuing_an_imported_session_from_before_midnight_carries_its_id(
         client, embedded, services, site):
-    """From the first session timeout (+ 60 s) of a day on, a process decides carries from the
+    """From the first minute of a day on, a process decides carries from the
     sessions open at midnight it has loaded. An import may store one after that: the person's next
     live event continues it under yesterday's id (it got today's: one visitor and session more)."""
     now = datetime.now(timezone.utc)
