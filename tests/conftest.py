@@ -36,6 +36,16 @@ def scrape(base: str) -> dict[str, float]:
     return out
 
 
+def clear_of_utc_midnight(seconds: float) -> None:
+    """For a test that compares answers anchored to today's UTC date (`popular` of `days=1`, the
+    `daily` rows) taken up to `seconds` apart: a UTC midnight due within them is waited for, as
+    across one two answers, or an answer and its expectation, are for different days."""
+    now = time.time()
+    left = 86_400 - now % 86_400
+    if left < seconds:
+        time.sleep(left + 1)
+
+
 def wait_until(check, timeout: float, what: str, interval: float = 0.1):
     """Poll `check` until it returns something truthy (returned), or fail naming `what`."""
     deadline = time.monotonic() + timeout

@@ -629,9 +629,10 @@ class Reference:
         rows.sort(key=lambda r: (-r["visitors"], r["country"]))
         return rows[:limit]
 
-    def site_stats(self, site_id: str) -> dict[str, int]:
-        """`GET /sites?include_stats=true`: the 7d visitors and pageviews."""
-        totals = self._totals(site_id, *self.period(site_id, "7d"))
+    def site_stats(self, site_id: str, now: datetime | None = None) -> dict[str, int]:
+        """`GET /sites?include_stats=true`: the 7d visitors and pageviews (as of `now`, or the
+        Reference's)."""
+        totals = self._totals(site_id, *period_days("7d", self._sites[site_id].site.timezone, self._clock(now)))
         return {"visitors_7d": totals["visitors"], "pageviews_7d": totals["pageviews"]}
 
     # -- goals and funnels -----------------------------------------------------------------------
