@@ -20,17 +20,40 @@ from ingest.spool import Spool, SpoolLocked
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    # A flag replaces its variable, which is then not read (nor checked).
     overrides = {}
     if getattr(args, "data", None):
         overrides["clickhouse_url"] = "chdb://" + str(Path(args.data).resolve())
-    if getattr(args, "instance_id", None):
-        overrides["worker_instance_id"] = args.instance_id
+    for flag, setting in (("instance_id", "worker_instance_id"), ("host", "host"), ("port", "port")):
+        if getattr(args, flag, None):
+            overrides[setting] = getattr(args, flag)
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         for line in settings_problems(exc):
             print(f"besokskollen {args.command}: {line}", file=sys.stderr)
         raise SystemExit(2) from None
+    folder = _data_folder(settings)
+    if folder is not None and folder.exists() and not folder.is_dir():
+        print(f"besokskollen {args.command}: the data folder {folder} is a file", file=sys.stderr)
+        raise SystemExit(2)
+    return settings
+
+
+def _interrupted(signum, frame) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def _usage_error(args: argparse.Namespace, message: str) -> NoReturn:
+    """A command that cannot run as configured or asked: one line, exit 2 (as a bad setting)."""
+    print(f"besokskollen {args.command}: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _data_folder(settings: Settings) -> Path | None:
+    """The embedded engine's folder, if the settings name one."""
+    url = settings.clickhouse_url
+    return Path(url.removeprefix("chdb://")) if url.startswith("chdb://") else None
 
 
 def _port(text: str) -> int:
@@ -44,8 +67,8 @@ _BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:132.0) Gecko/20100101 Firefox/132
 
 
 def _address(args: argparse.Namespace, settings: Settings) -> tuple[str, int]:
-    """Flags, else BK_HOST / BK_PORT, else the command's own default."""
-    return args.host or settings.host or "127.0.0.1", args.port or settings.port or args.default_port
+    """Flags, else BK_HOST / BK_PORT (both in `settings`), else the command's own default."""
+    return settings.host or "127.0.0.1", settings.port or args.default_port
 
 
 def _listen(command: str, host: str, port: int) -> socket.socket:
@@ -100,7 +123,7 @@ def cmd_up(args: argparse.Namespace) -> None:
         base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"  # an IPv6 address in brackets
         if args.demo:
             if core is None:
-                raise SystemExit("--demo seeds through the embedded stream core; unset BK_KAFKA_BOOTSTRAP")
+                _usage_error(args, "--demo seeds through the embedded stream core; unset BK_KAFKA_BOOTSTRAP")
             site = demo.seed(services, core)
             key = settings.admin_key or services.keys.create(DEFAULT_ACCOUNT)
             print(f"\nDemo site {site.site_id!r} is ready. API key (user level): {key}\n")
@@ -125,7 +148,7 @@ def cmd_ingest(args: argparse.Namespace) -> None:
 
     settings = _settings(args)
     if settings.embedded:
-        raise SystemExit("`ingest` hands events to Kafka: set BK_KAFKA_BOOTSTRAP (or run `besokskollen up`)")
+        _usage_error(args, "`ingest` hands events to Kafka: set BK_KAFKA_BOOTSTRAP (or run `besokskollen up`)")
     spool = _claim_spool("ingest", settings)
     sock = _listen("ingest", *_address(args, settings))
     with health.answering_while_starting(sock):
@@ -180,7 +203,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 
     settings = _settings(args)
     if settings.embedded:
-        raise SystemExit("`status` reports on the distributed topology: set BK_KAFKA_BOOTSTRAP")
+        _usage_error(args, "`status` reports on the distributed topology: set BK_KAFKA_BOOTSTRAP")
     from aiokafka.errors import KafkaError
 
     # Its connection lines (an "Unable connect" ERROR per failed attempt) are not the report, and
@@ -208,9 +231,9 @@ def cmd_keys_create(args: argparse.Namespace) -> None:
     if args.site:
         site = services.sites.get(args.site)
         if site is None:
-            raise SystemExit(f"no site with id {args.site!r}")
+            _usage_error(args, f"no site with id {args.site!r}")
         if site.account_id != args.account:
-            raise SystemExit(f"site {args.site!r} belongs to account {site.account_id!r}, not {args.account!r}")
+            _usage_error(args, f"site {args.site!r} belongs to account {site.account_id!r}, not {args.account!r}")
     print(services.keys.create(args.account, args.site or ""))
 
 
@@ -282,7 +305,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> None:
     from besokskollen.app import open_services
 
     if not open_services(_settings(args)).keys.revoke(args.key):
-        raise SystemExit("no such API key")
+        raise SystemExit("no such API key (or it is revoked already)")
     print("revoked")
 
 
@@ -331,7 +354,8 @@ def parser() -> argparse.ArgumentParser:
     import_ = with_data(commands.add_parser(
         "import", help="bulk-load historic events from an NDJSON file",
         description="Exit code 0 when every line was accepted or dropped as a bot, 1 when a line was "
-                    "rejected, 2 on a usage or connection error."))
+                    "rejected, 2 on a usage or connection error, 130 when interrupted (Ctrl-C or SIGTERM; "
+                    "importing the whole file again is safe)."))
     import_.add_argument("file", help="NDJSON: one event per line, with timestamp, ip and user_agent")
     import_.add_argument("--site", required=True, help="site id the events belong to")
     import_.add_argument("--url", help="a running server (http://host:port); without it the data folder "
@@ -365,6 +389,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
     if args.command not in _SERVERS:
+        # A one-shot command stopped by SIGTERM (a terminal closed, a job runner's timeout) ends as
+        # after Ctrl-C: its summary and one line, not a silent death mid-chunk.
+        signal.signal(signal.SIGTERM, _interrupted)
         # A one-shot command says in one line of its own that ClickHouse does not answer (below);
         # urllib3's retry and clickhouse-connect's "Unexpected Http Driver Exception" warnings
         # about the same failure came first. Servers keep them: they log while they wait.
@@ -379,6 +406,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(130) from None
     except OperationalError as exc:  # servers wait for ClickHouse; a one-shot command says where it failed
         _unreachable(args.command, _settings(args).clickhouse_url, exc)
+    except OSError as exc:
+        # A data folder that cannot be made (a read-only place, a file on its path) or used.
+        folder = _data_folder(_settings(args))
+        at = Path(exc.filename) if isinstance(exc.filename, str) else None
+        if folder is None or at is None or not (at.is_relative_to(folder) or folder.is_relative_to(at)):
+            raise
+        print(f"besokskollen {args.command}: cannot use the data folder {folder}: {exc.strerror} ({exc.filename})",
+              file=sys.stderr)
+        raise SystemExit(2) from None
     except Exception as exc:
         # chDB lets one process open a data folder: the engine says so only as "Error initializing
         # EmbeddedServer" (its exception types are its own).

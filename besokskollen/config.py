@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 _PLACEHOLDER_KEYS = frozenset({"bk_change_me", "bk_change_me_0000000000000000000000"})
+_ADMIN_KEY = re.compile(r"bk_[A-Za-z0-9_-]{16,}")
 # Settings whose value an error line must not show.
 _SECRET = frozenset({"admin_key"})
 
@@ -121,10 +122,17 @@ class Settings(BaseSettings):
 
     @field_validator("admin_key")
     @classmethod
-    def _not_a_placeholder(cls, key: str | None) -> str | None:
+    def _a_key_of_your_own(cls, key: str | None) -> str | None:
+        if not key:
+            return None
         # Published in deploy/ and the README: kept in a deployment, it opens the account to anyone.
         if key in _PLACEHOLDER_KEYS:
             raise ValueError("is the placeholder from the deploy files; set a key of your own")
+        # The shape every key has (query_api/keys.py makes bk_ + 32): one that could be guessed
+        # opens a user-level key to anyone who tries.
+        if not _ADMIN_KEY.fullmatch(key):
+            raise ValueError("must be bk_ and at least 16 more letters, digits, '-' or '_'"
+                             " (such as bk_$(openssl rand -hex 24))")
         return key
 
     @field_validator("raw_events_ttl_days")

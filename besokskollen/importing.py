@@ -43,6 +43,7 @@ class Totals:
     dropped: int = 0
     unconfirmed: int = 0  # accepted by a server that had not stored them yet when it answered
     interrupted: bool = False  # Ctrl-C: what was sent before is stored, the rest was not sent
+    in_flight: tuple[int, int] | None = None  # the lines of the chunk sent when interrupted
 
 
 # Waiting for the rate limit (429) or a server that cannot store right now (503): as it says.
@@ -147,7 +148,9 @@ def run(path: Path, send: Send) -> Totals:
         task = progress.add_task("import", total=path.stat().st_size, name=path.name)
         try:
             for before, body in chunks(path):
+                totals.in_flight = (before + 1, before + body.count(b"\n") + (not body.endswith(b"\n")))
                 _send(send, before, body, totals)
+                totals.in_flight = None
                 progress.advance(task, len(body))
         except KeyboardInterrupt:
             totals.interrupted = True
@@ -191,7 +194,10 @@ def report(totals: Totals) -> int:
     if len(totals.rejected) > SHOWN_REJECTIONS:
         print(f"  … and {len(totals.rejected) - SHOWN_REJECTIONS} more rejected lines")
     if totals.interrupted:
-        print("interrupted: the lines sent before are stored; importing the whole file again is safe "
+        # The chunk on its way may have been stored, whole or in part, without its answer.
+        flight = (f", and lines {totals.in_flight[0]:,}–{totals.in_flight[1]:,}, sent when it stopped, may be"
+                  if totals.in_flight else "")
+        print(f"interrupted: the lines counted above are stored{flight}; importing the whole file again is safe "
               "(each event is stored once)", file=sys.stderr)
         return 130
     return 1 if totals.rejected else 0

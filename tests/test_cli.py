@@ -587,3 +587,94 @@ def test_ctrl_c_ends_a_one_shot_command_in_one_line(command, monkeypatch, capsys
     assert stopped.value.code == 130
     assert capsys.readouterr().err.strip().splitlines() == [
         f"besokskollen {command}: interrupted; running the same command again is safe"]
+
+
+@pytest.mark.parametrize("key", ["abc", "bk_short", "bk_0123456789abcde f"])
+def test_an_admin_key_of_another_shape_is_refused_in_one_line(tmp_path, key):
+    """`up` ended in a traceback (ValueError from the key store) on a key without `bk_`, and
+    `migrate` took it silently; a short one would be a user-level key anyone could guess."""
+    for command in (["migrate", "--data", str(tmp_path / "d")], ["up", "--data", str(tmp_path / "d"),
+                                                                   "--port", str(free_port())]):
+        result = subprocess.run([*CLI, *command], capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "BK_ADMIN_KEY": key})
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"besokskollen {command[0]}: BK_ADMIN_KEY: must be bk_ and at least 16 more letters, digits, '-' or '_'"
+            " (such as bk_$(openssl rand -hex 24))"]
+    empty = subprocess.run([*CLI, "migrate", "--data", str(tmp_path / "d")], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "BK_ADMIN_KEY": ""})
+    assert empty.returncode == 0, empty.stderr  # empty is unset
+
+
+def test_a_data_folder_that_is_a_file_or_cannot_be_made_is_one_line(tmp_path):
+    """Each of these ended in a traceback (FileExistsError, NotADirectoryError) with exit 1."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    events = tmp_path / "events.ndjson"
+    events.write_text("{}\n")
+    cases = [(["migrate", "--data", str(afile)], f"the data folder {afile} is a file"),
+             (["up", "--data", str(afile), "--port", str(free_port())], f"the data folder {afile} is a file"),
+             (["keys", "create", "--account", "a", "--data", str(afile / "d")],
+              f"cannot use the data folder {afile / 'd'}: Not a directory ({afile / 'd'})"),
+             (["up", "--data", str(afile / "d"), "--port", str(free_port())],
+              f"cannot use the data folder {afile / 'd'}: Not a directory ("),
+             (["import", str(events), "--site", "s", "--data", str(afile / "d" / "e")],
+              f"cannot use the data folder {afile / 'd' / 'e'}: Not a directory (")]
+    for command, message in cases:
+        result = subprocess.run([*CLI, *command], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, (command, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stderr.strip().startswith(f"besokskollen {command[0]}: {message}"), result.stderr
+
+
+def test_commands_the_configuration_does_not_allow_exit_2(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "BK_KAFKA_BOOTSTRAP"}
+    result = subprocess.run([*CLI, "status"], capture_output=True, text=True, timeout=60, env=env)
+    assert (result.returncode, result.stderr.strip()) == (
+        2, "besokskollen status: `status` reports on the distributed topology: set BK_KAFKA_BOOTSTRAP")
+
+
+def test_a_flag_replaces_its_variable_unread(tmp_path, monkeypatch):
+    """`--port` with a bad BK_PORT refused to start, while `--data` with a bad BK_CLICKHOUSE_URL
+    did: a flag replaces its variable, which is then not checked."""
+    import argparse
+
+    from besokskollen import cli
+
+    monkeypatch.setenv("BK_PORT", "abc")
+    monkeypatch.setenv("BK_HOST", "0.0.0.0")
+    monkeypatch.setenv("BK_CLICKHOUSE_URL", "chdb://relative")
+    args = argparse.Namespace(command="up", data=str(tmp_path), host="127.0.0.1", port=8099, default_port=8080)
+    settings = cli._settings(args)
+    assert cli._address(args, settings) == ("127.0.0.1", 8099)
+    assert settings.clickhouse_url == f"chdb://{tmp_path}"
+    monkeypatch.delenv("BK_PORT")
+    assert cli._address(argparse.Namespace(command="up", data=str(tmp_path), host=None, port=None, default_port=8080),
+                        cli._settings(argparse.Namespace(command="up", data=str(tmp_path), host=None, port=None))
+                        ) == ("0.0.0.0", 8080)
+
+
+def test_sigterm_ends_an_import_as_ctrl_c_does_naming_the_lines_on_their_way(tmp_path):
+    """An import stopped by SIGTERM died silently (-15); Ctrl-C's summary said "the lines sent
+    before are stored" while the chunk on its way may have been stored too."""
+    import socket
+
+    events = tmp_path / "events.ndjson"
+    line = ('{"name": "pageview", "url": "https://example.com/", "timestamp": "2026-01-01T00:00:00Z",'
+            ' "ip": "81.2.69.160", "user_agent": "Mozilla/5.0"}\n')
+    events.write_text(line * 12_000)
+    with socket.socket() as silent:  # accepts the request and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        importing = subprocess.Popen([*CLI, "import", str(events), "--site", "s", "--key", "bk_" + "k" * 20,
+                                      "--url", f"http://127.0.0.1:{silent.getsockname()[1]}"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        connection, _ = silent.accept()
+        with connection:
+            importing.send_signal(signal.SIGTERM)
+            out, err = importing.communicate(timeout=60)
+    assert importing.returncode == 130, err
+    assert out.strip() == "accepted 0, rejected 0, dropped 0 (bots)"
+    assert ("interrupted: the lines counted above are stored, and lines 1–5,000, sent when it stopped, may be;"
+            " importing the whole file again is safe (each event is stored once)") in err
+    assert "Traceback" not in err
