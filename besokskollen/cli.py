@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import re
 import signal
 import socket
@@ -15,7 +16,7 @@ from typing import NoReturn
 import uvicorn
 from pydantic import ValidationError
 
-from besokskollen.config import Settings, server_url_problem, settings_problems
+from besokskollen.config import Settings, misspelt, server_url_problem, settings_problems
 from ingest.spool import Spool, SpoolLocked
 
 
@@ -388,6 +389,8 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
+    for line in misspelt(os.environ):
+        print(f"besokskollen {args.command}: warning: {line}", file=sys.stderr)
     if args.command not in _SERVERS:
         # A one-shot command stopped by SIGTERM (a terminal closed, a job runner's timeout) ends as
         # after Ctrl-C: its summary and one line, not a silent death mid-chunk.

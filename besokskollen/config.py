@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -198,6 +200,20 @@ def _host_port(server: str) -> tuple[str, int]:
 
     host, port, _family = get_ip_port_afi(server)
     return host, port
+
+
+def misspelt(environ: Mapping[str, str]) -> list[str]:
+    """A line for each BK_ variable that is no setting but close to one's name: such a variable is
+    ignored, so a typo (BK_SESSION_TIMEOUT) would silently leave the default. Other BK_ variables
+    (deploy/kafka's scripts have their own) are none of ours."""
+    names = ["BK_" + name.upper() for name in Settings.model_fields]
+    lines = []
+    for variable in sorted(environ):
+        if variable.startswith("BK_") and variable not in names:
+            close = difflib.get_close_matches(variable, names, n=1, cutoff=0.78)
+            if close:
+                lines.append(f"{variable} is not a setting and is ignored; did you mean {close[0]}?")
+    return lines
 
 
 def settings_problems(error: ValidationError) -> list[str]:

@@ -678,3 +678,13 @@ def test_sigterm_ends_an_import_as_ctrl_c_does_naming_the_lines_on_their_way(tmp
     assert ("interrupted: the lines counted above are stored, and lines 1–5,000, sent when it stopped, may be;"
             " importing the whole file again is safe (each event is stored once)") in err
     assert "Traceback" not in err
+
+
+def test_a_misspelt_variable_is_warned_about(tmp_path):
+    """BK_SESSION_TIMEOUT (no _S) was ignored without a word: the default timeout applied."""
+    result = subprocess.run([*CLI, "migrate", "--data", str(tmp_path / "d")], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "BK_SESSION_TIMEOUT": "60", "BK_KAFKA_VERSION": "4.1.1"})
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert warnings == ["besokskollen migrate: warning: BK_SESSION_TIMEOUT is not a setting and is ignored;"
+                        " did you mean BK_SESSION_TIMEOUT_S?"]  # deploy/kafka's BK_KAFKA_VERSION is not ours
