@@ -28,6 +28,19 @@
   function cut(v, n) {
     return Array.from(String(v)).slice(0, n).map(function (c) { return /^[\ud800-\udfff]$/.test(c) ? "\ufffd" : c; }).join("");
   }
+  // A name or product field: no control characters (a button's text has newlines), trimmed.
+  function clean(v, n) {
+    return cut(String(v == null ? "" : v).replace(/[\0-\x1f\x7f-\x9f]+/g, " ").trim(), n);
+  }
+
+  // A URL cut to n characters, not inside an escape nor inside a character's escapes: `%C3`
+  // without its `%A5` is U+FFFD in the page, which no goal matches.
+  function cutUrl(u, n) {
+    var b = u.slice(0, n).replace(/%[\da-f]?$/i, ""), e = (b.match(/(%[\da-f]{2}){1,3}$/i) || [""])[0].split("%"), i = e.length, x;
+    while (--i > 0 && (x = parseInt(e[i], 16)) >= 128 && x < 192);  // back over continuation bytes
+    // A lead byte whose sequence (2-4 bytes) does not end within the cut goes with what follows it.
+    return i > 0 && x >= 192 && e.length - i < (x >= 240 ? 4 : x >= 224 ? 3 : 2) ? b.slice(0, b.length - 3 * (e.length - i)) : b;
+  }
 
   // The page's URL, at most the API's 2,000 characters: the fragment only when it is part of the
   // page; past the limit, of the query string only what names a source (utm tags, ad click ids).
@@ -35,7 +48,7 @@
     var u = loc.href.split("#")[0] + (hash ? loc.hash : ""), q = new URLSearchParams();
     if (u.length <= 2000) return u;
     new URLSearchParams(loc.search).forEach(function (v, k) { if (/^(utm_|[gdw]clid$|[gw]braid$|msclkid$)/.test(k)) q.append(k, v); });
-    return (loc.origin + loc.pathname + (q + "" ? "?" + q : "") + (hash ? loc.hash : "")).slice(0, 2000);
+    return cutUrl(loc.origin + loc.pathname + (q + "" ? "?" + q : "") + (hash ? loc.hash : ""), 2000);
   }
 
   // text/plain needs no CORS preflight, and is what sendBeacon sends. The retry goes without
@@ -50,7 +63,8 @@
     if (off || !site) return;
     // Prerendered (ingest drops its requests as prefetch): sent once shown.
     if (d.prerendering) return d.addEventListener("prerenderingchange", function () { send(name, extra, beacon); });
-    var e = { site_id: site, name: cut(name, 120), url: href(), referrer: ref, event_id: uuid() }, k, body;
+    var e = { site_id: site, name: clean(name, 120), url: href(), referrer: ref, event_id: uuid() }, k, body;
+    if (!e.name) return; // bk("") names nothing a goal could count
     if (hash) e.hash = true;
     for (k in extra) e[k] = extra[k];
     // Within the API's body limit (BK_MAX_EVENT_BYTES, 16 KiB by default): props go, the last first.
@@ -78,9 +92,8 @@
     send(name, props ? { props: p } : {});
   }
 
-  // A product attribute as the API takes it: no control characters, trimmed, <= 200 characters.
   function attr(c, n) {
-    return cut((c.getAttribute(n) || "").replace(/[\0-\x1f\x7f-\x9f]+/g, " ").trim(), 200);
+    return clean(c.getAttribute(n), 200);
   }
 
   // Affiliate links (the attributes on the <a> or around it, through open shadow roots): the click
