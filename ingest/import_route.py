@@ -18,7 +18,7 @@ from ingest.app import read_body
 from ingest.event import Event, utcnow
 from ingest.handoff import Handoff
 from ingest.visitors import Visitors
-from query_api.errors import APIError, error_response
+from query_api.errors import STORAGE_RETRY_AFTER_S, APIError, error_response
 from query_api.keys import KeyStore
 from streams.sites import SiteRegistry
 
@@ -42,7 +42,8 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
             return error_response(refusal.status, refusal.code, refusal.message, refusal.headers)
         except Exception:
             log.exception("could not import events")
-            return error_response(503, "unavailable", "the events could not be stored; retry later")
+            return error_response(503, "unavailable", "the events could not be stored; retry later",
+                                  {"Retry-After": str(STORAGE_RETRY_AFTER_S)})
 
     async def import_events(request: Request) -> Response:
         key = await asyncio.to_thread(keys.authenticate, request.headers.get("authorization", ""))

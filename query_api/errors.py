@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import orjson
+from clickhouse_connect.driver.exceptions import OperationalError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -25,6 +26,9 @@ class APIError(Exception):
 # Errors are not to be cached: a 404 for a site created a minute later, or a 429, would otherwise
 # be served for the success answers' 30 minutes by every shared cache.
 NO_STORE = "no-store"
+# What a 503 for a data store that does not answer asks a client to wait: a ClickHouse restart
+# takes seconds.
+STORAGE_RETRY_AFTER_S = 5
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -94,6 +98,15 @@ def install(app: FastAPI) -> None:
             # Starlette names only the methods of the first route of the path; list them all.
             headers["Allow"] = ", ".join(allowed_methods(request))
         return error_response(exc.status_code, code, str(exc.detail), headers or None)
+
+    @app.exception_handler(OperationalError)
+    async def _storage_away(request: Request, exc: OperationalError) -> Response:
+        # ClickHouse does not answer (restarting, a network fault): nothing is wrong with the
+        # request, and a client (a Next.js revalidation, a dashboard) should try again shortly,
+        # keeping what it has (stale-if-error), rather than report a server error.
+        log.warning("ClickHouse does not answer on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(503, "unavailable", "the data store does not answer; retry shortly",
+                              {"Retry-After": str(STORAGE_RETRY_AFTER_S)})
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> Response:

@@ -28,6 +28,7 @@ _ERROR_DESCRIPTIONS = {
     "413": f"Request body larger than {MAX_BODY_BYTES // 1024 // 1024} MiB (`body_too_large`)",
     "429": "Rate limit exceeded (`rate_limited`): retry after `Retry-After` seconds",
     "500": "Internal error (`internal_error`); the body never carries details",
+    "503": "The data store does not answer (`unavailable`): retry after `Retry-After` seconds",
 }
 IMPORT_PATH = "/api/v1/events/import"
 # Errors only some operations give, by (method, path).
@@ -72,7 +73,8 @@ _HEADERS = {
                           "for requests without a valid key)", {"type": "integer"}),
     "X-RateLimit-Remaining": ("Requests left in the current window", {"type": "integer", "minimum": 0}),
     "X-RateLimit-Reset": ("When the current window ends, in epoch seconds", {"type": "integer"}),
-    "Retry-After": ("Seconds until the rate limit allows requests again", {"type": "integer", "minimum": 1}),
+    "Retry-After": ("Seconds to wait before trying again: until the rate limit allows requests, or for a data"
+                    " store that did not answer", {"type": "integer", "minimum": 1}),
     "ETag": ("Strong entity tag of the body; send it in If-None-Match to get 304", {"type": "string"}),
     "Cache-Control": (f"`{CACHE_CONTROL}`", {"type": "string"}),
     "Vary": ("`Authorization`: answers depend on the key", {"type": "string"}),
@@ -134,7 +136,7 @@ def complete(schema: dict[str, Any], app: FastAPI) -> dict[str, Any]:
             for status, response in responses.items():
                 headers = response.setdefault("headers", {})
                 headers.update(_refs(_RATE_LIMIT_HEADERS))
-                if status == "429":
+                if status in ("429", "503"):
                     headers.update(_refs(("Retry-After",)))
                 if method == "get" and status in ("200", "304"):
                     headers.update(_refs(_CACHE_HEADERS))

@@ -646,3 +646,37 @@ async def test_clicks_older_than_the_window_are_excluded(client, services, site)
     assert await products(4) == {"first-moment": 1, "now": 1, "just-before": 1}
     assert await products(1) == {"now": 1}
     assert await products(30) == {"first-moment": 1, "now": 1, "just-before": 1, "long-ago": 1}
+
+
+async def test_a_data_store_that_does_not_answer_is_a_503_with_retry_after(services, site):
+    """ClickHouse restarting (connection refused) answered 500 `internal_error`: a server error
+    to report, where a client should keep its copy and come back in seconds. Alone and inside a
+    batch; a stats read that needs the store, with the key and site known from before."""
+    import dataclasses
+
+    import httpx
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    from query_api.app import create_app
+    from tests.conftest import ADMIN_KEY
+
+    class Refusing:
+        def __getattr__(self, name: str):
+            if name in ("query", "command", "insert", "raw_query"):
+                def refused(*args, **kwargs):
+                    raise OperationalError("Error HTTPConnectionPool(host='127.0.0.1', port=8123): connection refused")
+                return refused
+            return getattr(services.client, name)
+
+    app = create_app(dataclasses.replace(services.query_context, client=Refusing()))
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
+                                 headers={"authorization": f"Bearer {ADMIN_KEY}"}) as down:
+        alone = await down.get(f"{API}/stats/overview", params={"site_id": site["id"], "period": "7d"})
+        assert alone.status_code == 503, alone.text
+        assert alone.json() == {"error": {"code": "unavailable", "message": "the data store does not answer; retry shortly"}}
+        assert (alone.headers["retry-after"], alone.headers["cache-control"]) == ("5", "no-store")
+        batch = await down.post(f"{API}/batch", json={"site_id": site["id"], "requests": [
+            {"endpoint": "stats/pages", "params": {"period": "7d"}}]})
+        assert batch.status_code == 200, batch.text
+        assert batch.json()["results"][0]["error"]["code"] == "unavailable"
