@@ -17,6 +17,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from besokskollen.config import Settings, misspelt, server_url_problem, settings_problems
+from ingest.event import without_control_characters
 from ingest.spool import Spool, SpoolLocked
 
 
@@ -62,6 +63,13 @@ def _port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port (1–65535)")
     return int(text)
+
+
+def _account(text: str) -> str:
+    """An --account flag: a name, as the sites and keys of the account carry it."""
+    if not text.strip() or text != text.strip() or without_control_characters(text) != text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an account name (no surrounding spaces or control characters)")
+    return text
 
 
 _BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:132.0) Gecko/20100101 Firefox/132.0"
@@ -372,7 +380,7 @@ def parser() -> argparse.ArgumentParser:
 
     keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     create = with_data(keys.add_parser("create", help="print a new bk_… key"))
-    create.add_argument("--account", required=True)
+    create.add_argument("--account", required=True, type=_account)
     create.add_argument("--site", help="make a site-level key for this site")
     create.set_defaults(func=cmd_keys_create)
     revoke = with_data(keys.add_parser("revoke", help="stop a key from working"))

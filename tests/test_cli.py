@@ -688,3 +688,13 @@ def test_a_misspelt_variable_is_warned_about(tmp_path):
     warnings = [line for line in result.stderr.splitlines() if "warning" in line]
     assert warnings == ["besokskollen migrate: warning: BK_SESSION_TIMEOUT is not a setting and is ignored;"
                         " did you mean BK_SESSION_TIMEOUT_S?"]  # deploy/kafka's BK_KAFKA_VERSION is not ours
+
+
+@pytest.mark.parametrize("account", ["", " acme", "ac\nme"])
+def test_keys_create_refuses_an_account_that_is_no_name(account, capsys):
+    from besokskollen import cli
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["keys", "create", "--account", account])
+    assert stopped.value.code == 2
+    assert "is not an account name" in capsys.readouterr().err
