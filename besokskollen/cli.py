@@ -229,7 +229,8 @@ def cmd_status(args: argparse.Namespace) -> None:
               " no ingest or worker has started with this BK_KAFKA_TOPIC yet", file=sys.stderr)
         raise SystemExit(2)
     print(f"topic {settings.kafka_topic}, group {settings.kafka_group}: {monitor.describe(lags)}")
-    for line in monitor.describe_reports(monitor.recent_reports(storage.connect(settings.clickhouse_url))):
+    reports = storage.connect(settings.clickhouse_url, read_timeout_s=monitor.STATUS_READ_TIMEOUT_S)
+    for line in monitor.describe_reports(monitor.recent_reports(reports)):
         print(line)
 
 

@@ -17,6 +17,8 @@ from aiokafka.errors import GroupCoordinatorNotAvailableError
 from clickhouse_connect.driver.client import Client
 
 REPORT_EVERY_S = 60.0
+# How long a report's row may take to write or read: well under the minute between reports.
+STATUS_READ_TIMEOUT_S = 10
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,9 +29,12 @@ SETTINGS = {"async_insert": 0, "insert_deduplicate": 0, "do_not_merge_across_par
             "distributed_foreground_insert": 1}
 
 
-def connect(url: str, wait: bool = False) -> Client:
+def connect(url: str, wait: bool = False, read_timeout_s: float | None = None) -> Client:
     """`wait`: a server process started before ClickHouse answers waits for it, saying so, rather
-    than exit (one-shot commands fail at once; the CLI says where it could not connect)."""
+    than exit (one-shot commands fail at once; the CLI says where it could not connect).
+    `read_timeout_s`: how long a server that took the connection may take to answer, for what must
+    answer quickly (a status); clickhouse-connect's default is 300 s, for long queries (imports,
+    replays), and a hung server held `status` that long."""
     if url.startswith("chdb://"):
         path = Path(url.removeprefix("chdb://"))
         if not path.is_absolute():
@@ -44,7 +47,8 @@ def connect(url: str, wait: bool = False) -> Client:
         try:
             # No session id: a server session runs one query at a time, and this client is shared
             # by the threads of a process (request handlers, the stream core).
-            client = clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False, settings=SETTINGS)
+            client = clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False, settings=SETTINGS,
+                                                   **({"send_receive_timeout": read_timeout_s} if read_timeout_s else {}))
         except OperationalError as exc:
             if not wait:
                 raise

@@ -190,6 +190,9 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
     core = StreamCore(client, settings.session_timeout_s)
 
     stats = monitor.BatchStats()
+    # The minute reports' own client: a hung ClickHouse (connections taken, never answered) held
+    # the report's insert for the default 300 s, and the timer skipped four minute lines meanwhile.
+    reports = storage.connect(settings.clickhouse_url, wait=True, read_timeout_s=monitor.STATUS_READ_TIMEOUT_S)
     name = settings.worker_instance_id or f"{socket.gethostname()}:{os.getpid()}"
     checks = {"clickhouse": health.store_check(client), "kafka": health.broker_check(settings.kafka_servers)}
 
@@ -233,11 +236,11 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
     @app.task
     async def first_report() -> None:
         await asyncio.sleep(FIRST_REPORT_AFTER_S)
-        await report_status(settings, client, name, stats)
+        await report_status(settings, reports, name, stats)
 
     @app.timer(monitor.REPORT_EVERY_S)
     async def report() -> None:
-        await report_status(settings, client, name, stats)
+        await report_status(settings, reports, name, stats)
 
     return app
 

@@ -285,6 +285,32 @@ def test_status_says_which_workers_stopped_reporting_and_when_none_reports(kafka
                             r" events in the last report", lines[1]), lines[1]
 
 
+def test_status_gives_up_on_a_hung_clickhouse_in_seconds(kafka):
+    """A ClickHouse that takes connections and never answers (a hung server, SIGSTOPped) held
+    `status` for clickhouse-connect's default 300 s after its lag line: it ends in one line, exit
+    2, once the report's read timeout passes."""
+    import socket
+
+    from streams.monitor import STATUS_READ_TIMEOUT_S
+    from streams.topic import ensure_topic
+
+    topic = f"status-{uuid.uuid4().hex[:8]}"
+    asyncio.run(ensure_topic(kafka, topic, 1, 1))
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}/"
+        env = {**os.environ, "BK_KAFKA_BOOTSTRAP": kafka, "BK_KAFKA_TOPIC": topic, "BK_CLICKHOUSE_URL": url}
+        started = time.monotonic()
+        result = subprocess.run([*CLI, "status"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+        took = time.monotonic() - started
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [f"topic {topic}, group besokskollen: lag 0 (0:0); caught up"]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"besokskollen status: ClickHouse does not answer at {url.rstrip('/')}:")
+    # Not a speed assertion: what ended it was the timeout, not the 300 s default.
+    assert took < 300 and "read timeout=" + str(STATUS_READ_TIMEOUT_S) in result.stderr, result.stderr
+
+
 def test_the_worker_logs_its_minute_report_while_clickhouse_or_kafka_is_away(monkeypatch, caplog):
     """The once-a-minute line (events/s, batch latency, lag) is what an on-call engineer reads
     during an outage: it used to be skipped whole when either the lag (Kafka) or the report row
