@@ -35,10 +35,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         for line in settings_problems(exc):
             print(f"besokskollen {args.command}: {line}", file=sys.stderr)
         raise SystemExit(2) from None
-    folder = _data_folder(settings)
+    folder = settings.data_folder
     if folder is not None and folder.exists() and not folder.is_dir():
-        print(f"besokskollen {args.command}: the data folder {folder} is a file", file=sys.stderr)
-        raise SystemExit(2)
+        _usage_error(args, f"the data folder {folder} is a file")
     return settings
 
 
@@ -52,12 +51,6 @@ def _usage_error(args: argparse.Namespace, message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def _data_folder(settings: Settings) -> Path | None:
-    """The embedded engine's folder, if the settings name one."""
-    url = settings.clickhouse_url
-    return Path(url.removeprefix("chdb://")) if url.startswith("chdb://") else None
-
-
 def _port(text: str) -> int:
     """A --port flag, checked as BK_PORT is (the OS would take 70000 as 70000 mod 65536)."""
     if not text.isdigit() or not 1 <= int(text) <= 65535:
@@ -67,7 +60,7 @@ def _port(text: str) -> int:
 
 def _account(text: str) -> str:
     """An --account flag: a name, as the sites and keys of the account carry it."""
-    if not text.strip() or text != text.strip() or without_control_characters(text) != text:
+    if not text or text != text.strip() or without_control_characters(text) != text:
         raise argparse.ArgumentTypeError(f"{text!r} is not an account name (no surrounding spaces or control characters)")
     return text
 
@@ -277,11 +270,10 @@ def cmd_copy(args: argparse.Namespace) -> None:
     from streams import storage
 
     settings = _settings(args)
-    if settings.clickhouse_url.startswith("chdb://"):
-        folder = Path(settings.clickhouse_url.removeprefix("chdb://"))
+    folder = settings.data_folder
+    if folder is not None:
         if not folder.is_dir():  # the engine would make an empty one, and copy nothing
-            print(f"besokskollen copy: no data folder at {folder}", file=sys.stderr)
-            raise SystemExit(2)
+            _usage_error(args, f"no data folder at {folder}")
         _journal_written("copy", settings)
     source = storage.connect(settings.clickhouse_url)
     say = lambda line: print(f"besokskollen copy: {line}", file=sys.stderr)  # noqa: E731
@@ -420,13 +412,11 @@ def main(argv: list[str] | None = None) -> None:
         _unreachable(args.command, _settings(args).clickhouse_url, exc)
     except OSError as exc:
         # A data folder that cannot be made (a read-only place, a file on its path) or used.
-        folder = _data_folder(_settings(args))
+        folder = _settings(args).data_folder
         at = Path(exc.filename) if isinstance(exc.filename, str) else None
         if folder is None or at is None or not (at.is_relative_to(folder) or folder.is_relative_to(at)):
             raise
-        print(f"besokskollen {args.command}: cannot use the data folder {folder}: {exc.strerror} ({exc.filename})",
-              file=sys.stderr)
-        raise SystemExit(2) from None
+        _usage_error(args, f"cannot use the data folder {folder}: {exc.strerror} ({exc.filename})")
     except Exception as exc:
         # chDB lets one process open a data folder: the engine says so only as "Error initializing
         # EmbeddedServer" (its exception types are its own).

@@ -160,11 +160,17 @@ class Settings(BaseSettings):
         )
 
     @property
+    def data_folder(self) -> Path | None:
+        """The embedded engine's folder, when the ClickHouse URL names one (chdb://)."""
+        url = self.clickhouse_url
+        return Path(url.removeprefix("chdb://")) if url.startswith("chdb://") else None
+
+    @property
     def spool_path(self) -> Path:
         if self.spool_dir is not None:
             return self.spool_dir.resolve()
-        if self.clickhouse_url.startswith("chdb://"):
-            return Path(self.clickhouse_url.removeprefix("chdb://")).resolve() / "spool"
+        if self.data_folder is not None:
+            return self.data_folder.resolve() / "spool"
         return Path("spool").resolve()
 
     @property

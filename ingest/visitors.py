@@ -139,7 +139,7 @@ class Visitors:
             # Ids seen live since the timeout before midnight: a superset is safe, `latest_ends` decides.
             return {m: keys | {key for key, at in seen.items() if at > m - timeout} for m, keys in found.items()}
 
-        may_carry = open_at_midnight(settled, self._timeout) if settled else {}
+        may_carry = open_at_midnight(settled, self._timeout)
         asked: dict[date, set[Key]] = defaultdict(set)
         for site_id, ip, user_agent, at in people:
             key = (site_id, hash_visitor(self._salts.for_day(at.date() - timedelta(days=1)), site_id, ip, user_agent))
