@@ -73,10 +73,11 @@ def open_services(settings: Settings, wait: bool = False) -> Services:
         keys.create(DEFAULT_ACCOUNT, key=settings.admin_key)
     elif settings.admin_key and keys.lookup(settings.admin_key) is None:
         log.warning("BK_ADMIN_KEY is revoked: it opens nothing; set a new one or unset it")
+    lookups = storage.for_lookups(client, settings.clickhouse_url, wait)
     # Lenient: live events get today's id rather than a 503 while ClickHouse cannot be asked.
-    visitors = Visitors(Salts(client, settings.historic_salt_days), partial(latest_ends, client),
-                        partial(open_at, client), settings.session_timeout_s, lenient=True)
-    return Services(settings, client, SiteRegistry(client), keys, visitors, GoalRegistry(client))
+    visitors = Visitors(Salts(lookups, settings.historic_salt_days), partial(latest_ends, lookups),
+                        partial(open_at, lookups), settings.session_timeout_s, lenient=True)
+    return Services(settings, client, SiteRegistry(client, lookups), keys, visitors, GoalRegistry(client))
 
 
 def make_handoff(services: Services, core: StreamCore | None = None, spool: Spool | None = None) -> Handoff:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 import orjson
+from clickhouse_connect.driver.exceptions import OperationalError
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -21,6 +22,7 @@ from ingest.handoff import Handoff
 from ingest.retries import FirstCopies
 from ingest.spool import SpoolFull
 from ingest.visitors import CarryQuestions, Visitors
+from streams import storage
 from streams.sites import Site, SiteRegistry
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ _CORS = {
 _PREFETCH = ("prefetch", "prerender")
 # Kafka is down and the spool full: a client should come back when an outage may be over.
 _SPOOL_FULL_RETRY_S = "30"
+# ClickHouse did not answer a lookup; it is not asked again for storage.LOOKUP_TIMEOUT_S.
+_STORE_DOWN_RETRY_S = "5"
 
 
 # Built once: a Response is not changed by sending it, and its headers cost more than the send.
@@ -90,6 +94,10 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
     async def post_event(request: Request) -> Response:
         try:
             response = await accept(request)
+        except OperationalError as exc:  # a lookup ClickHouse did not answer (a site not cached, a salt)
+            log.warning("could not accept an event: ClickHouse does not answer (%s)", storage.reason(exc))
+            response = _error(503, "unavailable", "the event could not be stored; retry later",
+                              {**_CORS, "retry-after": _STORE_DOWN_RETRY_S})
         except Exception:
             # Storage or broker trouble is ours, not the client's: say so with a retryable 503.
             log.exception("could not accept an event")

@@ -79,8 +79,11 @@ def _loads(client: Client, tz: str) -> bool:
 
 
 class SiteRegistry:
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, lookups: Client | None = None) -> None:
+        """`lookups`: the client the reads behind the cache use, which requests wait on
+        (`storage.for_lookups`); changes and purges go through `client`."""
         self._client = client
+        self._lookups = lookups or client
         self._by_id: ReadThroughCache[str, Site] = ReadThroughCache(
             lambda key: self._load("site_id", key), hit_ttl_s=REFRESH_S, known=self._site_ids)
         self._by_domain: ReadThroughCache[str, Site] = ReadThroughCache(
@@ -131,7 +134,7 @@ class SiteRegistry:
         """Unless a site with this id was created again meanwhile: its create emptied what the
         deleted one had left (`_start_empty`), and the rows there now are the new site's (a purge
         by site id deleted its events, goals and funnels ~10 s after the delete)."""
-        if self._load("site_id", site_id) is None:
+        if self._load("site_id", site_id, self._client) is None:  # in the background: no hurry
             self._purge(site_id)
 
     def _purge(self, site_id: str, wait: bool = False) -> None:
@@ -177,14 +180,14 @@ class SiteRegistry:
         ).result_rows
         return [self._remember(Site(*row)) for row in rows]
 
-    def _load(self, column: str, key: str) -> Site | None:
-        rows = self._client.query(
+    def _load(self, column: str, key: str, client: Client | None = None) -> Site | None:
+        rows = (client or self._lookups).query(
             _SELECT + f" AND {column} = {{key:String}} LIMIT 1", parameters={"key": key}
         ).result_rows
         return Site(*rows[0]) if rows else None
 
     def _site_ids(self) -> list[str]:
-        return [row[0] for row in self._client.query("SELECT site_id FROM sites FINAL WHERE deleted = 0").result_rows]
+        return [row[0] for row in self._lookups.query("SELECT site_id FROM sites FINAL WHERE deleted = 0").result_rows]
 
     def _remember(self, site: Site) -> Site:
         self._by_id.put(site.site_id, site)

@@ -64,6 +64,46 @@ def connect(url: str, wait: bool = False, read_timeout_s: float | None = None) -
         return _lists_written_ahead(_utc(client))
 
 
+# -- lookups ----------------------------------------------------------------------------------
+# What a request waits on (a site, a day's salt, whether a visitor's session carries over
+# midnight) gets this long from a server that took the connection: a hung one held each for
+# clickhouse-connect's default, 300 s, and `/api/event` with it. After one failed, the next fail at
+# once for as long, rather than each waiting out its own timeout (README, "When ClickHouse hangs").
+LOOKUP_TIMEOUT_S = 5.0
+
+
+def for_lookups(client: Client, url: str, wait: bool = False) -> Client:
+    """A client of their own for lookups (`LOOKUP_TIMEOUT_S`); the embedded engine answers
+    in-process, and its one client serves."""
+    if url.startswith("chdb://"):
+        return client
+    return _fails_fast(connect(url, wait, read_timeout_s=LOOKUP_TIMEOUT_S), LOOKUP_TIMEOUT_S)
+
+
+def _fails_fast(client: Client, for_s: float) -> Client:
+    """After a call that could not reach ClickHouse or had no answer in time, the client's calls
+    raise OperationalError at once for `for_s` seconds."""
+    failed = [float("-inf"), ""]  # monotonic time of the last failure, and its reason
+
+    def wrapped(method):
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            ago = time.monotonic() - failed[0]
+            if ago < for_s:
+                raise OperationalError(f"ClickHouse did not answer {ago:.1f} s ago ({failed[1]});"
+                                       f" not asked again for {for_s - ago:.1f} s")
+            try:
+                return method(*args, **kwargs)
+            except OperationalError as exc:
+                failed[:] = [time.monotonic(), reason(exc)]
+                raise
+        return call
+
+    for name in ("query", "raw_query", "command", "insert"):
+        setattr(client, name, wrapped(getattr(client, name)))
+    return client
+
+
 # -- list parameters --------------------------------------------------------------------------
 # clickhouse-connect writes a list parameter out element by element in Python, escaping each
 # string with a generator over its characters: ~9.5 % of the stream core's time went there

@@ -13,8 +13,10 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
+import orjson
 import pytest
 
 from tests.conftest import ADMIN_KEY, ROOT, free_port, process, scrape, wait_until
@@ -309,6 +311,117 @@ def test_status_gives_up_on_a_hung_clickhouse_in_seconds(kafka):
     assert result.stderr.strip().splitlines()[-1].startswith(f"besokskollen status: ClickHouse does not answer at {url.rstrip('/')}:")
     # Not a speed assertion: what ended it was the timeout, not the 300 s default.
     assert took < 300 and "read timeout=" + str(STATUS_READ_TIMEOUT_S) in result.stderr, result.stderr
+
+
+class _HangingProxy:
+    """A TCP proxy to a server that, once `hang` is set, takes connections and bytes and answers
+    nothing, as a hung (SIGSTOPped) ClickHouse does; `hang.clear()` lets the bytes through again."""
+
+    def __init__(self, port: int) -> None:
+        import contextlib
+        import socket
+        import threading
+
+        self.hang = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+
+        def pipe(source, target) -> None:
+            try:
+                while data := source.recv(65536):
+                    while self.hang.is_set():
+                        time.sleep(0.05)
+                    target.sendall(data)
+            except OSError:
+                pass  # a side went away
+            for end in (source, target):  # ends the other direction's recv too
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+        def accept() -> None:
+            while True:
+                try:
+                    client, _ = self._listener.accept()
+                except OSError:
+                    return  # closed
+                server = socket.create_connection(("127.0.0.1", port))
+                threading.Thread(target=pipe, args=(client, server), daemon=True).start()
+                threading.Thread(target=pipe, args=(server, client), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_ingest_answers_in_seconds_while_clickhouse_hangs_and_loses_nothing(kafka, clickhouse_http, tmp_path):
+    """A ClickHouse that takes connections and never answers held every `/api/event` for
+    clickhouse-connect's default read timeout, 300 s, once its site's cached row was due to be read
+    again (5 s): ingest's lookups have a client of their own with a short timeout, after which a
+    known site is served as last read and the events go to Kafka; an unknown one is a 503."""
+    from streams import storage
+    from streams.sites import REFRESH_S, SiteRegistry
+
+    front = urlsplit(clickhouse_http)
+    proxy = _HangingProxy(front.port)
+    topic = f"hang-{uuid.uuid4().hex[:8]}"
+    env = {"BK_KAFKA_BOOTSTRAP": kafka, "BK_KAFKA_TOPIC": topic, "BK_KAFKA_PARTITIONS": "3",
+           "BK_SPOOL_DIR": str(tmp_path / "spool"),
+           "BK_CLICKHOUSE_URL": f"http://127.0.0.1:{proxy.port}/?{front.query}"}
+    port = free_port()
+    ingest = f"http://127.0.0.1:{port}"
+    try:
+        with process([*CLI, "ingest", "--port", str(port)], tmp_path / "ingest.log", env, ready_url=f"{ingest}/api/event"):
+            site = SiteRegistry(storage.connect(clickhouse_http)).create("default", f"{topic}.example")
+            event = lambda n, site_id=site.site_id: {"name": "pageview", "site_id": site_id,  # noqa: E731
+                                                     "url": f"https://{topic}.example/{n}"}
+            browser = {"user-agent": "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"}
+            with httpx.Client(base_url=ingest, timeout=60, headers=browser) as client:
+                assert client.post("/api/event", json=event(0)).status_code == 202
+
+                proxy.hang.set()
+                time.sleep(REFRESH_S + 0.5)  # the site's row is due to be read again
+
+                async def post_many() -> list[httpx.Response]:
+                    async with httpx.AsyncClient(base_url=ingest, timeout=60, headers=browser) as many:
+                        return await asyncio.gather(*(many.post("/api/event", json=event(n),
+                                                                headers={"x-forwarded-for": f"81.2.69.{n}"})
+                                                      for n in range(1, 21)))  # new visitors
+
+                started = time.monotonic()
+                answers = asyncio.run(post_many())
+                assert [r.status_code for r in answers] == [202] * 20, answers[0].text
+                unknown = client.post("/api/event", json=event(21, "no-such-site"))
+                assert (unknown.status_code, unknown.headers["retry-after"]) == (503, "5"), unknown.text
+                # Not a speed assertion: without the lookups' own timeout these took 300 s (the 60 s above failed).
+                assert time.monotonic() - started < 120
+
+                proxy.hang.clear()
+                time.sleep(storage.LOOKUP_TIMEOUT_S)  # the lookups' client asks again
+                assert client.post("/api/event", json=event(22, "no-such-site")).status_code == 404
+                assert client.post("/api/event", json=event(23)).status_code == 202
+        assert "could not accept an event: ClickHouse does not answer" in (tmp_path / "ingest.log").read_text()
+    finally:
+        proxy.close()
+
+    async def pages() -> list[str]:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka, auto_offset_reset="earliest", enable_auto_commit=False)
+        await consumer.start()
+        try:
+            partitions = [TopicPartition(topic, p) for p in range(3)]
+            consumer.assign(partitions)
+            ends = await consumer.end_offsets(partitions)
+            out: list[str] = []
+            while [p for p in partitions if await consumer.position(p) < ends[p]]:
+                batch = await consumer.getmany(timeout_ms=1000)
+                out += [orjson.loads(record.value)["pathname"] for records in batch.values() for record in records]
+            return out
+        finally:
+            await consumer.stop()
+
+    assert sorted(asyncio.run(pages())) == sorted(f"/{n}" for n in [0, *range(1, 21), 23])
 
 
 def test_the_worker_logs_its_minute_report_while_clickhouse_or_kafka_is_away(monkeypatch, caplog):

@@ -62,3 +62,40 @@ def test_clickhouse_reads_the_written_lists_back_unchanged(services):
     # The same through raw_query and command, the client's two other methods that bind.
     assert client.raw_query("SELECT length({texts:Array(String)})", parameters={"texts": texts}).strip() == b"10"
     assert client.command("SELECT has({texts:Array(String)}, 'a''b')", parameters={"texts": texts}) == 1
+
+
+def test_after_a_lookup_found_no_server_the_next_fail_at_once_until_it_is_asked_again(monkeypatch):
+    """`for_lookups`' client: one timed-out or refused call, then OperationalError without a call
+    for LOOKUP_TIMEOUT_S (each request would otherwise wait out its own timeout); then it asks."""
+    import time
+
+    import pytest
+    from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+
+    from streams import storage
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    calls, answers = [], [OperationalError("Read timed out"), DatabaseError("bad SQL"), [1]]
+
+    class Server:
+        def query(self, sql):
+            calls.append(sql)
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        raw_query = command = insert = query
+
+    client = storage._fails_fast(Server(), storage.LOOKUP_TIMEOUT_S)
+    with pytest.raises(OperationalError, match="Read timed out"):
+        client.query("a")
+    clock[0] += storage.LOOKUP_TIMEOUT_S - 0.1
+    with pytest.raises(OperationalError, match=r"did not answer 4\.9 s ago \(Read timed out\); not asked again for 0\.1 s"):
+        client.command("b")
+    assert calls == ["a"]
+    clock[0] += 0.1
+    with pytest.raises(DatabaseError, match="bad SQL"):  # an answer, if a refusal: the server is there
+        client.query("c")
+    assert client.query("d") == [1] and calls == ["a", "c", "d"]
