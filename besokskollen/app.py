@@ -75,8 +75,10 @@ def open_services(settings: Settings, wait: bool = False) -> Services:
         log.warning("BK_ADMIN_KEY is revoked: it opens nothing; set a new one or unset it")
     lookups = storage.for_lookups(client, settings.clickhouse_url, wait)
     # Lenient: live events get today's id rather than a 503 while ClickHouse cannot be asked.
+    # Imports ask with the long timeout: theirs may read months of sessions.
     visitors = Visitors(Salts(lookups, settings.historic_salt_days), partial(latest_ends, lookups),
-                        partial(open_at, lookups), settings.session_timeout_s, lenient=True)
+                        partial(open_at, lookups), settings.session_timeout_s, lenient=True,
+                        batch_lookups=(partial(latest_ends, client), partial(open_at, client)))
     return Services(settings, client, SiteRegistry(client, lookups), keys, visitors, GoalRegistry(client))
 
 

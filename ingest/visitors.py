@@ -79,8 +79,12 @@ class _Day:
 
 class Visitors:
     def __init__(self, salts: Salts, latest_ends: LatestEnds, open_at_midnight: OpenAtMidnight,
-                 session_timeout_s: int, lenient: bool = False, reload: timedelta | None = _RELOAD) -> None:
+                 session_timeout_s: int, lenient: bool = False, reload: timedelta | None = _RELOAD,
+                 batch_lookups: tuple[LatestEnds, OpenAtMidnight] | None = None) -> None:
         self._salts = salts
+        # What `for_batch` (an import) asks through: live lookups have a short timeout
+        # (`storage.for_lookups`), an import's may read months of sessions.
+        self._batch_latest_ends, self._batch_open_at = batch_lookups or (latest_ends, open_at_midnight)
         # How often the sessions open at midnight are read again (an import through another
         # process may add to them); None for an instance whose database does not change meanwhile.
         self._reload = reload
@@ -112,11 +116,6 @@ class Visitors:
         """The installation's key for imported lines' content ids (`Salts.id_key`)."""
         return self._salts.id_key()
 
-    def fresh(self) -> Visitors:
-        """The same salts and lookups, but no memory of events: for events whose times are not
-        the live clock's."""
-        return Visitors(self._salts, self.latest_ends, self._open_at_midnight, self._timeout_s, reload=None)
-
     def for_batch(self, people: Iterable[tuple[str, str, str, datetime]]) -> Visitors:
         """A fresh instance for these (site, IP, user agent, time)s, decided all at once (an
         import). The database does not change meanwhile, so what their events may ask it is asked
@@ -130,12 +129,12 @@ class Visitors:
             seen = dict(self._latest)
 
         settled = {_midnight(at) for *_, at in people if _settled(at)}
-        opened = self._open_at_midnight(settled, self._timeout) if settled else {}
+        opened = self._batch_open_at(settled, self._timeout) if settled else {}
 
         def open_at_midnight(midnights: Iterable[datetime], timeout: timedelta) -> dict[datetime, set[Key]]:
             midnights = set(midnights)
             found = {m: opened[m] for m in midnights if m in opened and timeout == self._timeout}
-            found |= self._open_at_midnight(midnights - found.keys(), timeout) if midnights - found.keys() else {}
+            found |= self._batch_open_at(midnights - found.keys(), timeout) if midnights - found.keys() else {}
             # Ids seen live since the timeout before midnight: a superset is safe, `latest_ends` decides.
             return {m: keys | {key for key, at in seen.items() if at > m - timeout} for m, keys in found.items()}
 
@@ -152,7 +151,7 @@ class Visitors:
         # on, whenever it is after that.
         known: dict[tuple[date, Key], datetime] = {}
         if asked:
-            ends = self.latest_ends(set().union(*asked.values()), utc_midnight(min(asked)) - self._timeout)
+            ends = self._batch_latest_ends(set().union(*asked.values()), utc_midnight(min(asked)) - self._timeout)
             known = {(day, key): ends[key] for day, keys in asked.items() for key in keys
                      if key in ends and ends[key] > utc_midnight(day) - self._timeout}
 
@@ -160,7 +159,7 @@ class Visitors:
             day, keys = (since + self._timeout).date(), set(keys)
             ahead = keys & asked.get(day, set())
             found = {key: known[(day, key)] for key in ahead if (day, key) in known and known[(day, key)] > since}
-            found |= self.latest_ends(keys - ahead, since) if keys - ahead else {}
+            found |= self._batch_latest_ends(keys - ahead, since) if keys - ahead else {}
             live = {key: max(seen[key], found.get(key, seen[key])) for key in keys if seen.get(key, since) > since}
             return found | live
 

@@ -646,7 +646,8 @@ async def test_concurrent_requests_ask_about_their_carries_in_one_query(services
 def test_an_import_asks_about_its_carries_up_front(services):
     """Events decided all at once (an import) ask the database about every carry their days'
     first minutes and the sessions open at their midnights may raise in one query, for all their
-    days, and get the ids one query each would give."""
+    days, and get the ids one query each would give. They ask through the batch lookups (with
+    the long timeout), not the live ones."""
     client = services.client
     site, midnights = _site(), [DAY + timedelta(days=4), DAY + timedelta(days=6)]
     people = []
@@ -655,7 +656,10 @@ def test_an_import_asks_about_its_carries_up_front(services):
         last_seen = _seen_before_midnight(client, site, midnight, at)
         people += [(site, ip, BROWSER, when) for when in (at, at + 5 * MINUTE, at + 25 * MINUTE) for ip in last_seen]
     counted = CountedLatestEnds(client)
-    batch = Visitors(Salts(client), counted, partial(open_at, client), TIMEOUT).for_batch(people)
+    def live(*_):
+        raise AssertionError("an import asked through the live lookups")
+
+    batch = Visitors(Salts(client), live, live, TIMEOUT, batch_lookups=(counted, partial(open_at, client))).for_batch(people)
     assert len(counted.queries) == 1 and len(counted.queries[0]) == 2 * len(last_seen)
     ids = [batch.visitor_id(*person) for person in people]
     assert len(counted.queries) == 1  # nothing more was asked
