@@ -25,6 +25,26 @@ BROWSER = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, 
 
 
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `slow` first in each half of the collection. pytest-xdist's worksteal gives
+    each of the two workers one half, which it runs from the front, and an idle worker steals
+    from the end of the other's queue: both then end on short tests. In collection order, the
+    last minute-long tests ran alone at the end while the other worker idled (~80 s of a 15-minute
+    part). A module's slow tests stay in one half, so a module fixture (a server) starts once."""
+    slow: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        if item.get_closest_marker("slow"):
+            slow.setdefault(item.module.__name__, []).append(item)
+    halves: tuple[list[pytest.Item], list[pytest.Item]] = ([], [])
+    functions = lambda tests: len({test.originalname for test in tests})  # noqa: E731 - not parametrisations
+    for group in sorted(slow.values(), key=functions, reverse=True):
+        min(halves, key=functions).extend(group)
+    rest = [item for item in items if not item.get_closest_marker("slow")]
+    cut = max(0, len(items) // 2 - len(halves[0]))
+    items[:] = halves[0] + rest[:cut] + halves[1] + rest[cut:]
+
+
 def scrape(base: str) -> dict[str, float]:
     """Every sample of a /metrics page by its series name with labels."""
     text = httpx.get(f"{base}/metrics", timeout=10).text

@@ -145,6 +145,7 @@ async def test_site_keys_cannot_manage_sites(client, world):
     assert services.sites.get(a.site_id) is not None
 
 
+@pytest.mark.slow
 def test_revoked_key_stops_working_for_the_cli_too(tmp_path):
     import subprocess
     import sys
@@ -163,6 +164,7 @@ def test_revoked_key_stops_working_for_the_cli_too(tmp_path):
     assert second.returncode == 1 and "no such API key" in second.stderr
 
 
+@pytest.mark.slow
 def test_a_revoked_admin_key_is_not_created_again_at_the_next_start(tmp_path):
     """Rotation revokes BK_ADMIN_KEY first and changes the variable afterwards: a start in between
     (every command opens the services) must not bring the key back."""

@@ -23,6 +23,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_up_demo_prints_curl_lines_that_answer(tmp_path):
     port = free_port()
     log = tmp_path / "up.log"
@@ -57,6 +58,7 @@ def test_up_demo_prints_curl_lines_that_answer(tmp_path):
         assert 0 < overview["data"]["bounce_rate"] < 100
 
 
+@pytest.mark.slow
 def test_migrate_is_idempotent_and_keys_create_prints_working_keys(tmp_path):
     data = str(tmp_path / "data")
     first, second = run("migrate", "--data", data), run("migrate", "--data", data)
@@ -126,6 +128,7 @@ def test_an_upgrade_killed_mid_replay_replays_at_the_next_start(tmp_path):
     assert sessions.stdout.strip() == "3", sessions.stderr  # three visitors' sessions rebuilt
 
 
+@pytest.mark.slow
 def test_migrate_rebuild_fills_derived_tables_a_killed_replay_of_an_old_release_left_empty(tmp_path):
     """Releases up to 63e0d0d recorded a migration before its replay: one killed mid-replay left
     derived rows missing with nothing left to apply, so no start ever rebuilt them. `migrate
@@ -374,6 +377,7 @@ def test_servers_leave_what_starting_made_out_of_full_garbage_collections(monkey
     assert frozen and frozen[0] > 10_000
 
 
+@pytest.mark.slow
 def test_up_stopped_by_sigterm_drains_and_exits_0(tmp_path):
     """uvicorn raises the SIGTERM it shut down for again once it is done: `up` died of it (exit
     status 143) after a complete, graceful stop, which systemd, Docker and Kubernetes report as a
@@ -400,6 +404,7 @@ def test_up_stopped_by_sigterm_drains_and_exits_0(tmp_path):
         assert overview["data"]["pageviews"] == 1
 
 
+@pytest.mark.slow
 def test_servers_wait_for_clickhouse_and_one_shot_commands_say_where_it_failed(tmp_path):
     """An `api` started before ClickHouse answers waits for it (and says so) instead of exiting
     with a traceback; `migrate` and `copy` exit 2 naming the server (never its password)."""
@@ -492,6 +497,7 @@ def test_the_admin_key_placeholder_of_the_deploy_files_is_refused(tmp_path, plac
     assert placeholder not in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_one_shot_commands_on_a_data_folder_up_holds_stop_with_one_line(tmp_path):
     port, data = free_port(), str(tmp_path / "data")
     with process([*CLI, "up", "--data", data, "--port", str(port)], tmp_path / "up.log",

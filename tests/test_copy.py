@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import ADMIN_KEY, ROOT, free_port, process, wait_until
 from tests.test_crash import API, AUTH, CLI
@@ -26,6 +27,7 @@ def answers(base: str, site: str) -> dict:
         "products": get("popular/products", days=7)["data"], "sites": httpx.get(f"{base}{API}/sites", headers=AUTH).json()}
 
 
+@pytest.mark.slow
 def test_copy_moves_every_number_from_up_to_a_server(tmp_path):
     data = tmp_path / "data"
     port = free_port()
@@ -118,6 +120,7 @@ def test_copy_keeps_revoked_keys_revoked(tmp_path):
         assert [target.lookup(key) is not None for key in keys] == [n % 2 == 1 for n in range(len(keys))]
 
 
+@pytest.mark.slow
 def test_a_copy_that_did_not_finish_is_started_over(tmp_path):
     """A copy killed midway (kill -9, the target gone, Ctrl-C) leaves its marker table on the
     target: the next run empties what it left and copies again, rather than refusing a target that
@@ -190,6 +193,7 @@ for table in ("sessions", "activity", "rollup_15m", "rollup_1d"):
 """
 
 
+@pytest.mark.slow
 def test_a_folder_of_an_older_release_is_upgraded_before_it_is_copied(tmp_path):
     """Found by the audit: the source was copied as it lay. A folder last run by an older release
     (not started with this one since) went with the derived tables that release wrote, and the

@@ -400,6 +400,7 @@ def test_kill_9_of_workers_broker_and_ingest_loses_and_doubles_nothing(killable_
         d.stop()
 
 
+@pytest.mark.slow
 def test_survivors_take_over_when_workers_leave(kafka, clickhouse_http, tmp_path):
     """Three workers; mid-stream one is stopped cleanly and one killed: the last one takes every
     partition and the numbers are exact. Neither leaves a folder behind in the temp dir."""
@@ -428,6 +429,7 @@ def test_survivors_take_over_when_workers_leave(kafka, clickhouse_http, tmp_path
     assert set(temp.glob("besokskollen-*")) - folders_before <= {temp / f"besokskollen-faust-{os.getuid()}"}
 
 
+@pytest.mark.slow
 def test_workers_joining_and_leaving_all_the_time_lose_nothing(kafka, clickhouse_http, tmp_path):
     """Rebalance after rebalance mid-stream: a third worker joins and leaves (cleanly, then by
     kill -9, unnamed so it is a new member each time) while batches are being fetched. A batch
@@ -455,6 +457,7 @@ def test_workers_joining_and_leaving_all_the_time_lose_nothing(kafka, clickhouse
         d.stop()
 
 
+@pytest.mark.slow
 def test_a_clickhouse_restart_mid_stream_loses_nothing(kafka, tmp_path):
     """ClickHouse is killed and comes back 8 s later, mid-stream: ingest answers 202 throughout
     (the site it knows is served from memory, the events wait in Kafka), the worker retries its
@@ -483,6 +486,7 @@ def test_a_clickhouse_restart_mid_stream_loses_nothing(kafka, tmp_path):
         front.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1])
 def test_duplicates_and_late_events_land_once_where_they_belong(kafka, clickhouse_http, tmp_path, workers):
     """The same 5,000 events produced to Kafka twice, then 2,000 imported with timestamps ten

@@ -103,6 +103,7 @@ def embedded_run(tmp_path_factory):
         yield expected, settle(base, expected)
 
 
+@pytest.mark.slow
 def test_embedded_topology_counts_exactly(embedded_run):
     expected, got = embedded_run
     assert len(traffic().posts) >= 1000
@@ -113,6 +114,7 @@ def test_embedded_topology_counts_exactly(embedded_run):
     assert meta["confidence"] == "high" and set(meta["period"]) == {"from", "to"}
 
 
+@pytest.mark.slow
 def test_distributed_topology_matches_events_and_embedded(embedded_run, kafka, clickhouse_http, tmp_path):
     expected, embedded = embedded_run
     env = {"BK_KAFKA_BOOTSTRAP": kafka, "BK_CLICKHOUSE_URL": clickhouse_http, **ENV,

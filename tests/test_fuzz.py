@@ -72,6 +72,7 @@ def fuzz_app(services):
 @schema.parametrize()
 @settings(max_examples=MAX_EXAMPLES, derandomize=True, deadline=None, database=None,
           suppress_health_check=list(HealthCheck))
+@pytest.mark.slow
 def test_api_conforms_to_its_openapi(case, fuzz_app):
     case.call_and_validate(app=fuzz_app, checks=CHECKS)
 
@@ -306,6 +307,7 @@ async def _state(client, world: dict) -> tuple:
     return ({s["id"] for s in sites}, {g["id"] for g in goals}, {f["id"] for f in funnels})
 
 
+@pytest.mark.slow
 async def test_hostile_bodies_are_refused_whole_or_applied_whole(client, fuzz_world):
     drawn = _drawn(post_requests(), 80)
     before = await _state(client, fuzz_world)

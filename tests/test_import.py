@@ -568,6 +568,7 @@ def stored_in_folder(data: Path, site_id: str) -> list:
     return orjson.loads(done.stdout)
 
 
+@pytest.mark.slow
 def test_cli_imports_through_a_server_and_into_a_folder(tmp_path):
     data = tmp_path / "data"
     # In time order, as exports are: chunk after chunk, each stored before the next, gives the
@@ -622,6 +623,7 @@ def test_cli_imports_through_a_server_and_into_a_folder(tmp_path):
     assert cli(str(tmp_path / "missing.ndjson"), "--site", site_id, "--data", str(data)).returncode == 2
 
 
+@pytest.mark.slow
 def test_cli_imports_through_kafka_and_waits_until_stored(kafka, clickhouse_http, tmp_path):
     """Distributed: the `ingest` process serves the import, hands the events to Kafka and answers
     once the workers have stored them, so the next chunk's visitor ids see them."""

@@ -128,6 +128,7 @@ def test_up_serves_health_and_metrics_that_move(tmp_path):
 BROWSER = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
 
 
+@pytest.mark.slow
 def test_distributed_processes_serve_metrics_and_readiness_follows_the_broker(killable_broker, clickhouse_http,
                                                                                tmp_path):
     broker = killable_broker
@@ -194,6 +195,7 @@ def redis_url(tmp_path):
         yield f"redis://127.0.0.1:{port}/0"
 
 
+@pytest.mark.slow
 def test_two_api_processes_share_the_per_key_limit_through_redis(clickhouse_http, redis_url, tmp_path):
     env = {"BK_CLICKHOUSE_URL": clickhouse_http, "BK_ADMIN_KEY": ADMIN_KEY, "BK_REDIS_URL": redis_url,
            "BK_RATE_LIMIT_PER_MINUTE": "100"}
@@ -287,6 +289,7 @@ def test_status_says_which_workers_stopped_reporting_and_when_none_reports(kafka
                             r" events in the last report", lines[1]), lines[1]
 
 
+@pytest.mark.slow
 def test_status_gives_up_on_a_hung_clickhouse_in_seconds(kafka):
     """A ClickHouse that takes connections and never answers (a hung server, SIGSTOPped) held
     `status` for clickhouse-connect's default 300 s after its lag line: it ends in one line, exit
@@ -354,6 +357,7 @@ class _HangingProxy:
         self._listener.close()
 
 
+@pytest.mark.slow
 def test_ingest_answers_in_seconds_while_clickhouse_hangs_and_loses_nothing(kafka, clickhouse_http, tmp_path):
     """A ClickHouse that takes connections and never answers held every `/api/event` for
     clickhouse-connect's default read timeout, 300 s, once its site's cached row was due to be read

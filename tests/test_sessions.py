@@ -494,6 +494,7 @@ _moment = st.tuples(st.integers(0, 1), st.integers(0, 150), st.sampled_from(["/a
                     st.sampled_from(["", "google"]))
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(moments=st.lists(_moment, min_size=2, max_size=9), data=st.data())
 def test_any_kill_before_the_commit_point_and_any_redelivery_end_exact(services, moments, data):
@@ -521,6 +522,7 @@ def test_any_kill_before_the_commit_point_and_any_redelivery_end_exact(services,
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(moments=st.lists(_moment, min_size=1, max_size=6), retried=st.integers(0, 5), later=st.integers(1, 90),
        data=st.data())
+@pytest.mark.slow
 def test_a_retry_anywhere_in_a_killed_and_redelivered_batch_ends_exact(services, moments, retried, later, data):
     """As above, with a client's retry of one event (its id, `later` minutes on) delivered with the
     rest in any order, the successor's batch holding every copy: the original is kept."""

@@ -452,6 +452,7 @@ async def test_a_stop_while_clickhouse_takes_no_writes_ends_and_keeps_the_events
         left.close()
 
 
+@pytest.mark.slow
 def test_up_killed_with_events_not_yet_written_loses_none(clickhouse_http, tmp_path):
     """`up` SIGKILLed right after answering 202 to events its stream core had not written yet:
     restarted, it writes them, and every answer is exact."""
@@ -607,6 +608,7 @@ def assert_no_raw_ips(ips: set[str], bootstrap: str, topic: str, clickhouse_http
         assert hits == 0, f"a client address in table {table}"
 
 
+@pytest.mark.slow
 def test_a_full_spool_answers_503_with_retry_after(killable_broker, clickhouse_http, tmp_path):
     """A small spool and the broker down: the spool fills, then 503 + Retry-After; what was
     answered 202 is all counted once the broker is back."""

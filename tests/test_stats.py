@@ -70,6 +70,7 @@ EDGE_DAYS = [date(2024, 1, 1), date(2026, 3, 8), date(2026, 3, 29), date(2026, 1
              date(2026, 11, 21), date(2027, 6, 1)]
 
 
+@pytest.mark.slow
 def test_period_edges_are_the_days_clickhouse_groups_by_in_every_timezone(services):
     """One set of tz rules for every local-day boundary: in every timezone a site may have, the UTC
     moment the API gives for a local midnight is the first second `toDate(·, tz)` — which forms
@@ -377,6 +378,7 @@ async def test_a_site_created_again_starts_empty_even_for_rows_written_after_the
     assert (await client.get(f"{API}/goals", params={"site_id": new["id"]}, headers=other)).json()["data"] == []
 
 
+@pytest.mark.slow
 async def test_a_site_created_again_keeps_its_data_through_the_deleted_ones_second_purge(client, services):
     """The delete purges the site's rows again ~10 s later (for events other processes accepted
     meanwhile). A site created again with the same id before that keeps its own events, goals and

@@ -224,6 +224,7 @@ async def create_sites(client: httpx.AsyncClient, sites: list[SiteSpec]) -> None
         assert response.json()["data"]["id"] == site.site_id
 
 
+@pytest.mark.slow
 async def test_embedded_answers_equal_the_reference_for_100k_events(embedded):
     app, _ = embedded
     app.state.rate_limiter.limit = 1_000_000  # this test asks hundreds of questions with one key
@@ -294,6 +295,7 @@ async def _load_and_compare(ingest: str, api: str, sites: list[SiteSpec], lines:
                 **await compare_goals_funnels_affiliate(client, ref, sites, all_levels=False)}
 
 
+@pytest.mark.slow
 def test_distributed_answers_equal_the_reference_and_the_embedded_topology(sample, kafka, clickhouse_http, tmp_path):
     sites, lines, corrections, ref = sample
     assert len(lines) >= 20_000 and corrections

@@ -93,6 +93,7 @@ async def test_each_encoding_has_its_own_etag_and_q0_refuses_gzip():
         assert stale.status_code == 200 and stale.headers["content-encoding"] == "gzip"
 
 
+@pytest.mark.slow
 def test_pageviews_spa_navigation_custom_events_queue_and_affiliate_clicks_in_chromium(up):
     from playwright.sync_api import sync_playwright
 
@@ -227,6 +228,7 @@ SHOP = (STUB + """<script>bk("long", {props: {text: "å".repeat(600), none: null
         + """`; } })</script>""")
 
 
+@pytest.mark.slow
 def test_affiliate_clicks_by_every_hand_script_twice_props_and_back_forward_cache_in_chromium(up):
     """A click on an image in a link whose product is on its wrapper, a double click (one click),
     a middle click, Ctrl+click, Enter, a click on a <b> in a <span> in the link, a link in a
