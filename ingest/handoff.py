@@ -47,6 +47,10 @@ class Handoff(Protocol):
         raises `SpoolFull` when it cannot be kept."""
         ...
 
+    async def send_all(self, events: Sequence[Event]) -> None:
+        """`send` for many events (an import's), in order."""
+        ...
+
     async def flush(self, events: Sequence[Event]) -> bool:
         """Wait until these sent events are stored; False if that took too long (they are still
         on their way). Imports use it so the next request's visitor ids see these events."""
@@ -64,6 +68,9 @@ class InProcessHandoff:
 
     async def send(self, event: Event) -> None:
         await self.runner.submit(event)
+
+    async def send_all(self, events: Sequence[Event]) -> None:
+        await self.runner.submit_all(events)
 
     async def flush(self, events: Sequence[Event]) -> bool:
         await self.runner.drain()
@@ -236,6 +243,10 @@ class KafkaHandoff:
                                  f" ({type(exc).__name__})")
         finally:
             self._waiting.discard(outcome)
+
+    async def send_all(self, events: Sequence[Event]) -> None:
+        # Concurrently, so the producer batches them; each is acknowledged or spooled on its own.
+        await asyncio.gather(*(self.send(event) for event in events))
 
     async def _replay(self) -> None:
         """While spooling: send the spool in order; once it is empty and a broker is reachable,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 
 from besokskollen import metrics
 from ingest.event import Event
@@ -52,22 +53,37 @@ class EmbeddedRunner:
     async def submit(self, event: Event) -> None:
         """Returns once the event is journaled and queued; raises `SpoolFull` (the caller answers
         503) when the journal is at its limit."""
-        await self._room.acquire()
+        await self.submit_all([event])
+
+    async def submit_all(self, events: Sequence[Event]) -> None:
+        """`submit` for many events (an import's part), in order, with one wait: a task per event
+        cost an import ~8 % of its time in the event loop."""
+        taken = 0
+        try:
+            for _ in events:
+                await self._room.acquire()
+                taken += 1
+        except BaseException:
+            for _ in range(taken):
+                self._room.release()
+            raise
         if self._appended is None:
             # The events submitted in one turn of the event loop are journaled with one `write`.
             self._appended = asyncio.get_running_loop().create_future()
             asyncio.get_running_loop().call_soon(self._append_waiting)
-        appended, index = self._appended, len(self._waiting)
-        self._waiting.append((event.kafka_key, event.to_bytes()))
+        appended, first = self._appended, len(self._waiting)
+        self._waiting.extend([(event.kafka_key, event.to_bytes()) for event in events])
         try:
-            # This record's own end: a batch may end inside the group, and the rest of the group
+            # Each record's own end: a batch may end inside the group, and the rest of the group
             # must stay journaled until it is written.
-            end = (await appended)[index]
+            ends = (await appended)[first:first + len(events)]
         except BaseException:
-            self._room.release()
+            for _ in events:
+                self._room.release()
             raise
-        self._queue.put_nowait((event, end))
-        self._submitted += 1
+        for entry in zip(events, ends):
+            self._queue.put_nowait(entry)
+        self._submitted += len(events)
 
     def _append_waiting(self) -> None:
         records, appended = self._waiting, self._appended

@@ -326,10 +326,12 @@ async def test_events_a_dead_embedded_process_had_not_written_are_written_at_sta
                                  parameters={"s": site}).result_rows[0][0] == 50
 
 
-async def test_a_batch_cut_inside_one_turns_events_leaves_the_rest_journaled(tmp_path):
+@pytest.mark.parametrize("submitted", ["one by one", "all at once", "both"])
+async def test_a_batch_cut_inside_one_turns_events_leaves_the_rest_journaled(tmp_path, submitted):
     """The events of one turn of the event loop are journaled with one `write`. When a batch ends
     inside such a group (a backlog, an import's 1,000 at once), writing it must not cut the rest of
-    the group from the journal: they are answered and not written, and a kill -9 then lost them."""
+    the group from the journal: they are answered and not written, and a kill -9 then lost them.
+    Events submitted one by one and an import's `submit_all` in one turn keep their order."""
     class Core:  # writes the first batch, then hangs in the second (killed there)
         def __init__(self) -> None:
             self.batches: list[int] = []
@@ -347,7 +349,13 @@ async def test_a_batch_cut_inside_one_turns_events_leaves_the_rest_journaled(tmp
     runner = EmbeddedRunner(core, Spool(tmp_path / "journal", 1 << 20), max_batch=20)
     await runner.start()
     try:
-        await asyncio.gather(*(runner.submit(e) for e in events))  # one turn: one group of 30
+        if submitted == "one by one":
+            await asyncio.gather(*(runner.submit(e) for e in events))  # one turn: one group of 30
+        elif submitted == "all at once":
+            await runner.submit_all(events)
+        else:
+            await asyncio.gather(*(runner.submit(e) for e in events[:5]), runner.submit_all(events[5:25]),
+                                 *(runner.submit(e) for e in events[25:]))
         await asyncio.to_thread(wait_until, lambda: len(core.batches) == 2, 10, "the second batch")
         assert core.batches == [20, 10]
         shutil.copytree(tmp_path / "journal", tmp_path / "after-kill")  # the disk as a kill -9 leaves it
