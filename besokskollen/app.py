@@ -44,6 +44,7 @@ DEFAULT_ACCOUNT = "default"
 class Services:
     settings: Settings
     client: Client
+    queries: Client  # the query API's reads (`storage.for_queries`)
     sites: SiteRegistry
     keys: KeyStore
     visitors: Visitors
@@ -53,7 +54,7 @@ class Services:
 
     @property
     def query_context(self) -> Context:
-        return Context(self.client, self.sites, self.keys, self.goals, FunnelRegistry(self.client))
+        return Context(self.queries, self.sites, self.keys, self.goals, FunnelRegistry(self.queries))
 
     def stream_core(self) -> StreamCore:
         """The process's one stream core. On the embedded engine it is the only writer of events: a
@@ -67,19 +68,20 @@ def open_services(settings: Settings, wait: bool = False) -> Services:
     `wait`: for a server, which waits for ClickHouse to answer rather than exit."""
     client = storage.connect(settings.clickhouse_url, wait)
     replay.upgrade(client, settings.session_timeout_s, settings.raw_events_ttl_days, settings.clickhouse_cluster)
-    keys = KeyStore(client)
+    lookups = storage.for_lookups(client, settings.clickhouse_url, wait)
+    keys = KeyStore(client, lookups)
     # Created once; a revoked BK_ADMIN_KEY stays revoked (it is rotated by revoking it first).
     if settings.admin_key and not keys.ever_stored(settings.admin_key):
         keys.create(DEFAULT_ACCOUNT, key=settings.admin_key)
     elif settings.admin_key and keys.lookup(settings.admin_key) is None:
         log.warning("BK_ADMIN_KEY is revoked: it opens nothing; set a new one or unset it")
-    lookups = storage.for_lookups(client, settings.clickhouse_url, wait)
     # Lenient: live events get today's id rather than a 503 while ClickHouse cannot be asked.
     # Imports ask with the long timeout: theirs may read months of sessions.
     visitors = Visitors(Salts(lookups, settings.historic_salt_days), partial(latest_ends, lookups),
                         partial(open_at, lookups), settings.session_timeout_s, lenient=True,
                         batch_lookups=(partial(latest_ends, client), partial(open_at, client)))
-    return Services(settings, client, SiteRegistry(client, lookups), keys, visitors, GoalRegistry(client))
+    return Services(settings, client, storage.for_queries(client, settings.clickhouse_url, wait),
+                    SiteRegistry(client, lookups), keys, visitors, GoalRegistry(client, lookups))
 
 
 def make_handoff(services: Services, core: StreamCore | None = None, spool: Spool | None = None) -> Handoff:

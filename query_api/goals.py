@@ -16,7 +16,7 @@ from query_api.errors import APIError
 from query_api.models import GoalCreated, GoalsResponse, Name
 from query_api.periods import percent, stats_period
 from query_api.stats import From, PeriodName, To
-from streams.goals import Goal, backfill_twice
+from streams.goals import Goal
 
 router = APIRouter(tags=["goals"])
 
@@ -77,7 +77,7 @@ def create_goal(request: Request, ctx: Ctx, key: Key, body: GoalCreate) -> Respo
     site = readable_site(ctx, key, body.site_id)
     goal = ctx.goals.create(site.site_id, body.name, body.event_type, body.match_path or "", body.match_event or "")
     try:
-        backfill_twice(ctx.client, goal)
+        ctx.goals.apply_to_past(goal)
     except Exception:
         # The client is told it failed and will retry: a goal kept without its past would be a
         # duplicate then. (If this delete fails too, the second backfill gives it its past.)

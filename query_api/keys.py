@@ -57,8 +57,11 @@ def hash_key(key: str) -> str:
 
 
 class KeyStore:
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, lookups: Client | None = None) -> None:
+        """`lookups`: the client the reads behind the cache use, which every request waits on
+        (`storage.for_lookups`); keys are written through `client`."""
         self._client = client
+        self._lookups = lookups or client
         self._cache: ReadThroughCache[str, ApiKey] = ReadThroughCache(self._load, known=self._hashes)
 
     def create(self, account_id: str, site_id: str = "", key: str | None = None) -> str:
@@ -130,10 +133,10 @@ class KeyStore:
         return self._cache.answers_without_io(hash_key(key))
 
     def _hashes(self) -> list[str]:
-        return [row[0] for row in self._client.query("SELECT key_hash FROM api_keys FINAL WHERE revoked = 0").result_rows]
+        return [row[0] for row in self._lookups.query("SELECT key_hash FROM api_keys FINAL WHERE revoked = 0").result_rows]
 
     def _load(self, digest: str) -> ApiKey | None:
-        rows = self._client.query(
+        rows = self._lookups.query(
             "SELECT account_id, site_id FROM api_keys FINAL WHERE key_hash = {h:String} AND revoked = 0 LIMIT 1",
             parameters={"h": digest},
         ).result_rows

@@ -80,8 +80,11 @@ def _wildcard_match(parts: tuple[str, ...], path: str) -> bool:
 
 
 class GoalRegistry:
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, lookups: Client | None = None) -> None:
+        """`lookups`: the client requests read goals through (`storage.for_lookups`); changes,
+        purges and backfills go through `client`."""
         self._client = client
+        self._lookups = lookups or client
         self._by_site: ReadThroughCache[str, tuple[Goal, ...]] = ReadThroughCache(
             self._load_site, miss_ttl_s=REFRESH_S, hit_ttl_s=REFRESH_S)
 
@@ -104,15 +107,19 @@ class GoalRegistry:
         migrations.run_later(2 * REFRESH_S, lambda: _purge(self._client, goal), f"second purge of goal {goal.goal_id}")
 
     def get(self, goal_id: str) -> Goal | None:
-        return _get(self._client, goal_id)
+        return _get(self._lookups, goal_id)
+
+    def apply_to_past(self, goal: Goal) -> None:
+        """Count the goal's conversions in every stored event (`backfill_twice`): a long write."""
+        backfill_twice(self._client, goal)
 
     def for_site(self, site_id: str) -> tuple[Goal, ...]:
         """The site's goals, oldest first (cached for REFRESH_S)."""
         return self._by_site.get(site_id) or ()
 
     def _load_site(self, site_id: str) -> tuple[Goal, ...] | None:
-        rows = self._client.query(_SELECT + " AND site_id = {site:String} ORDER BY created_at, goal_id",
-                                  parameters={"site": site_id}).result_rows
+        rows = self._lookups.query(_SELECT + " AND site_id = {site:String} ORDER BY created_at, goal_id",
+                                   parameters={"site": site_id}).result_rows
         return tuple(Goal(*row) for row in rows) or None
 
 

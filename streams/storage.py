@@ -80,6 +80,20 @@ def for_lookups(client: Client, url: str, wait: bool = False) -> Client:
     return _fails_fast(connect(url, wait, read_timeout_s=LOOKUP_TIMEOUT_S), LOOKUP_TIMEOUT_S)
 
 
+# The query API's questions get this long: a dashboard or a Next.js page behind it gets a 503 it
+# can act on (keep what it has, ask again) rather than waiting 300 s on a hung server. Its
+# heaviest reads (a funnel over a large site's raw events for a long range) take seconds.
+QUERY_TIMEOUT_S = 30.0
+
+
+def for_queries(client: Client, url: str, wait: bool = False) -> Client:
+    """A client of their own for the query API's reads (`QUERY_TIMEOUT_S`). It does not fail
+    fast: one question a timeout ends says nothing about the next."""
+    if url.startswith("chdb://"):
+        return client
+    return connect(url, wait, read_timeout_s=QUERY_TIMEOUT_S)
+
+
 def _fails_fast(client: Client, for_s: float) -> Client:
     """After a call that could not reach ClickHouse or had no answer in time, the client's calls
     raise OperationalError at once for `for_s` seconds."""
