@@ -22,6 +22,7 @@ from ingest.handoff import Handoff
 from ingest.retries import FirstCopies
 from ingest.spool import SpoolFull
 from ingest.visitors import CarryQuestions, Visitors
+from query_api.errors import STORAGE_RETRY_AFTER_S
 from streams import storage
 from streams.sites import Site, SiteRegistry
 
@@ -37,8 +38,6 @@ _CORS = {
 _PREFETCH = ("prefetch", "prerender")
 # Kafka is down and the spool full: a client should come back when an outage may be over.
 _SPOOL_FULL_RETRY_S = "30"
-# ClickHouse did not answer a lookup; it is not asked again for storage.LOOKUP_TIMEOUT_S.
-_STORE_DOWN_RETRY_S = "5"
 
 
 # Built once: a Response is not changed by sending it, and its headers cost more than the send.
@@ -97,7 +96,7 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
         except OperationalError as exc:  # a lookup ClickHouse did not answer (a site not cached, a salt)
             log.warning("could not accept an event: ClickHouse does not answer (%s)", storage.reason(exc))
             response = _error(503, "unavailable", "the event could not be stored; retry later",
-                              {**_CORS, "retry-after": _STORE_DOWN_RETRY_S})
+                              {**_CORS, "retry-after": str(STORAGE_RETRY_AFTER_S)})
         except Exception:
             # Storage or broker trouble is ours, not the client's: say so with a retryable 503.
             log.exception("could not accept an event")

@@ -582,26 +582,31 @@ def test_a_broker_outage_is_spooled_and_counted_once_also_across_an_ingest_kill(
         d.stop()
 
 
-def assert_no_raw_ips(ips: set[str], bootstrap: str, topic: str, clickhouse_http: str) -> None:
-    """No client address in any Kafka message of the topic, nor in any column of any table."""
+def topic_records(bootstrap: str, topic: str) -> list[tuple[bytes, bytes]]:
+    """(key, value) of every message in the topic, read until none came for 2 s."""
     from aiokafka import AIOKafkaConsumer
 
-    from streams import storage
-
-    async def messages() -> list[bytes]:
+    async def read() -> list[tuple[bytes, bytes]]:
         consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                     enable_auto_commit=False)
         await consumer.start()
         try:
-            out: list[bytes] = []
+            out: list[tuple[bytes, bytes]] = []
             while batch := await consumer.getmany(timeout_ms=2000):
-                out += [record.value + (record.key or b"") for records in batch.values() for record in records]
+                out += [(record.key or b"", record.value) for records in batch.values() for record in records]
             return out
         finally:
             await consumer.stop()
 
+    return asyncio.run(read())
+
+
+def assert_no_raw_ips(ips: set[str], bootstrap: str, topic: str, clickhouse_http: str) -> None:
+    """No client address in any Kafka message of the topic, nor in any column of any table."""
+    from streams import storage
+
     found = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
-    sent = asyncio.run(messages())
+    sent = [value + key for key, value in topic_records(bootstrap, topic)]
     assert len(sent) >= 1000
     assert not [m for m in sent if set(found.findall(m.decode(errors="replace"))) & ips]
 
