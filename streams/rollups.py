@@ -18,44 +18,50 @@ the day), so its cost grew through each quarter hour and each day (`tests/bench/
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 
 from clickhouse_connect.driver.client import Client
 
 
 _MEASURES = ["events", "pageviews", "sessions", "bounces", "duration_ms"]
 
-# One row per touched key: its fresh measures, or a tombstone (zeros, is_deleted) when it has no
-# activity left. `{fresh}` is read once, limited by `_scope` (which the primary key prunes by);
-# the join keeps the touched keys of it. The version is the server's clock when the statement
-# starts, which is also when it takes its snapshot: of two workers rebuilding one key, the later
-# rebuild has seen everything the earlier one saw, and wins.
-_REPLACE = """
-INSERT INTO {table} (site_id, kind, value, {time}, {values}, version, is_deleted)
-SELECT site_id, kind, value, {time}, {values}, toUInt64(toUnixTimestamp64Nano(now64(9))), present = 0
-FROM (SELECT key.1 AS site_id, key.2 AS kind, key.3 AS value, key.4 AS {time}
-      FROM (SELECT arrayJoin(arrayZip({{key_sites:Array(String)}}, {{key_kinds:Array(String)}},
-                                      {{key_values:Array(String)}}, {{key_times:Array({time_type})}})) AS key)) AS touched
-LEFT JOIN ({fresh}) AS fresh USING (site_id, kind, value, {time})
-SETTINGS join_use_nulls = 0
-"""
-# Unmatched keys get the columns' defaults (0, an empty map, present = 0): a tombstone's values
-# (set here: a server profile may turn NULLs on).
+# The version of a rebuild's rows: the server's clock, taken before its read. Of two rebuilds of
+# one key, the later version wins; every activity row was written before its own batch's rebuild
+# took its clock, so the rebuild with the latest clock read every row written before any
+# other's, and its numbers are whole. One clock (the server's) orders rebuilds from every worker.
+_CLOCK = "SELECT toUInt64(toUnixTimestamp64Nano(now64(9)))"
 
 
-def _replace(client: Client, table: str, time: str, time_type: str, values: list[str], fresh: str,
-             touched: set[tuple[str, str, str, datetime | date]], parameters: dict) -> None:
+def _replace(client: Client, table: str, time: str, fresh: str, touched: set[tuple], parameters: dict,
+             measures: list[str], empty: tuple) -> None:
+    """Write each touched (site, kind, value, time) as `fresh` reads it, or a tombstone (`empty`
+    measures, is_deleted) when it has no rows left. `fresh` reads every combination of the
+    touched sites, kinds, values and times (plain IN sets, which the primary key prunes by);
+    only the touched keys of it are written.
+
+    Read here and inserted by column, not one INSERT … SELECT joined with the touched keys: bound
+    as four arrays, a big batch's ~10,000 keys took longer to pass to the server than the read and
+    the write together (`tests/bench/bench_import.py`)."""
+    version = client.query(_CLOCK).result_rows[0][0]
+    rows = {_key(row[:4]): row[4:] for row in client.query(fresh, parameters=parameters).result_rows}
     keys = sorted(touched)
-    sql = _REPLACE.format(table=table, time=time, time_type=time_type, values=", ".join(values), fresh=fresh)
-    # `raw_query`, not `command`: over HTTP it moves large parameters (a big batch touches ~10,000
-    # keys) from the URL into a form body, where no URL length limit refuses them (HTTP 414).
-    client.raw_query(sql, parameters={**parameters, "key_sites": [k[0] for k in keys], "key_kinds": [k[1] for k in keys],
-                                      "key_values": [k[2] for k in keys], "key_times": [k[3] for k in keys]})
+    found = [rows.get(key) for key in keys]
+    columns = [list(column) for column in zip(*keys)]
+    columns += [list(column) for column in zip(*(row if row is not None else empty for row in found))]
+    columns += [[version] * len(keys), [int(row is None) for row in found]]
+    client.insert(table, columns, column_names=["site_id", "kind", "value", time, *measures, "version", "is_deleted"],
+                  column_oriented=True)
+
+
+def _key(row: tuple) -> tuple:
+    """A read row's key as the stream core's keys hold it (quarter hours as aware UTC datetimes)."""
+    site, kind, value, at = row
+    return site, kind, value, at.replace(tzinfo=timezone.utc) if isinstance(at, datetime) else at
 
 
 def _scope(column: str, kind_of_time: str) -> str:
-    """Rows of the touched sites, kinds, values and times (all combinations, of which the join keeps
-    the touched keys: plain IN sets let the primary key prune)."""
+    """Rows of the touched sites, kinds, values and times (all combinations, of which only the
+    touched keys are written: plain IN sets let the primary key prune)."""
     return (f"site_id IN {{sites:Array(String)}} AND kind IN {{kinds:Array(String)}}"
             f" AND {column} IN {{times:Array({kind_of_time})}} AND value IN {{values:Array(String)}}")
 
@@ -72,16 +78,16 @@ def rebuild(client: Client, touched: set[tuple[str, str, str, datetime]]) -> Non
     fresh_15m = f"""
         SELECT site_id, kind, value, bucket, countIf(gap = 0) AS visitors,
                sumMapIf(map(gap, toUInt64(1)), gap > 0) AS returning,
-               {", ".join(f"sum({m}) AS {m}" for m in _MEASURES)}, 1 AS present
+               {", ".join(f"sum({m}) AS {m}" for m in _MEASURES)}
         FROM activity FINAL WHERE {_scope("bucket", "DateTime('UTC')")}
         GROUP BY site_id, kind, value, bucket"""
-    _replace(client, "rollup_15m", "bucket", "DateTime('UTC')", ["visitors", "returning", *_MEASURES], fresh_15m,
-             touched, _params(touched))
+    _replace(client, "rollup_15m", "bucket", fresh_15m, touched, _params(touched), ["visitors", "returning", *_MEASURES],
+             (0, {}, *[0] * len(_MEASURES)))
 
     days = {(site, kind, value, bucket.date()) for site, kind, value, bucket in touched}
     fresh_1d = f"""
         SELECT site_id, kind, value, toDate(bucket) AS day, sum(visitors) AS visitors,
-               {", ".join(f"sum({m}) AS {m}" for m in _MEASURES)}, 1 AS present
+               {", ".join(f"sum({m}) AS {m}" for m in _MEASURES)}
         FROM rollup_15m FINAL
         WHERE (site_id, kind, value) IN {{keys:Array(Tuple(String, String, String))}}
           AND bucket >= {{first:Date}} AND bucket < {{end:Date}} AND toDate(bucket) IN {{times:Array(Date)}}
@@ -90,9 +96,9 @@ def rebuild(client: Client, touched: set[tuple[str, str, str, datetime]]) -> Non
     # the primary key finds the touched keys' rows of each day; separate IN sets for sites, kinds
     # and values read 469 granules where this reads 28 (`tests/bench/bench_day_rollup.py`).
     times = sorted({day for _, _, _, day in days})
-    _replace(client, "rollup_1d", "day", "Date", ["visitors", *_MEASURES], fresh_1d, days,
+    _replace(client, "rollup_1d", "day", fresh_1d, days,
              {"keys": sorted({key[:3] for key in days}), "times": times, "first": times[0],
-              "end": times[-1] + timedelta(days=1)})
+              "end": times[-1] + timedelta(days=1)}, ["visitors", *_MEASURES], (0, *[0] * len(_MEASURES)))
 
 
 def sites_with_events(client: Client, site_ids: list[str]) -> set[str]:
