@@ -46,7 +46,7 @@ class _Changes:
     activity: list[tuple] = field(default_factory=list)  # (site, visitor, key, measures)
     dead_activity: list[tuple] = field(default_factory=list)
     events: list[tuple[Event, int]] = field(default_factory=list)
-    rollup_keys: set = field(default_factory=set)  # (site, kind, value, bucket) to rebuild
+    rollup_keys: set = field(default_factory=set)  # (site, kind, value, quarter hour) to rebuild
     derived: dict = field(default_factory=dict)  # visitor → _Derived, remembered once written
 
 
@@ -239,11 +239,11 @@ class StreamCore:
         for key, measures in fresh.items():
             if maybe_written is not None or old.get(key) != measures:
                 changes.activity.append((site_id, visitor_id, key, measures))
-                changes.rollup_keys.add((site_id, key[0], key[1], activity.bucket_at(key[2])))
+                changes.rollup_keys.add((site_id, *key))
         for key, measures in (old if maybe_written is None else {**maybe_written[1], **old}).items():
             if key not in fresh:
                 changes.dead_activity.append((site_id, visitor_id, key, measures))
-                changes.rollup_keys.add((site_id, key[0], key[1], activity.bucket_at(key[2])))
+                changes.rollup_keys.add((site_id, *key))
 
     def _prefix_rows(self, stored: dict[str, Event], delivered: list[Event], gone: set[str],
                      goals: tuple) -> tuple[dict[int, Session], dict]:

@@ -21,6 +21,7 @@ from clickhouse_connect.driver.client import Client
 from streams import migrations
 
 from streams import rollups
+from streams.buckets import BUCKET_S
 from streams.read_cache import ReadThroughCache
 
 _COLUMNS = ["site_id", "goal_id", "name", "event_type", "match_path", "match_event", "created_at", "deleted",
@@ -152,13 +153,13 @@ def backfill(client: Client, goal: Goal) -> int:
     condition, params = goal.sql_condition()
     client.command(_BACKFILL % condition, parameters={**params, "site": goal.site_id, "goal": goal.goal_id,
                                                       "version": BACKFILL_VERSION})
-    buckets = [row[0] for row in client.query(
-        "SELECT DISTINCT bucket FROM activity WHERE site_id = {site:String} AND kind = 'goal' AND value = {goal:String}",
+    quarters = [row[0] for row in client.query(
+        f"SELECT DISTINCT intDiv(toUInt32(bucket), {BUCKET_S}) FROM activity"
+        " WHERE site_id = {site:String} AND kind = 'goal' AND value = {goal:String}",
         parameters={"site": goal.site_id, "goal": goal.goal_id}).result_rows]
-    for i in range(0, len(buckets), 500):
-        rollups.rebuild(client, {(goal.site_id, "goal", goal.goal_id, b.replace(tzinfo=timezone.utc))
-                                 for b in buckets[i:i + 500]})
-    return len(buckets)
+    for i in range(0, len(quarters), 500):
+        rollups.rebuild(client, {(goal.site_id, "goal", goal.goal_id, q) for q in quarters[i:i + 500]})
+    return len(quarters)
 
 
 def backfill_twice(client: Client, goal: Goal) -> None:

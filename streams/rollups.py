@@ -22,8 +22,12 @@ from datetime import date, datetime, timedelta, timezone
 
 from clickhouse_connect.driver.client import Client
 
+from streams.buckets import BUCKET_S
+
 
 _MEASURES = ["events", "pageviews", "sessions", "bounces", "duration_ms"]
+_QUARTERS_A_DAY = 86_400 // BUCKET_S
+_EPOCH = date(1970, 1, 1)
 
 # The version of a rebuild's rows: the server's clock, taken before its read. Of two rebuilds of
 # one key, the later version wins; every activity row was written before its own batch's rebuild
@@ -34,16 +38,16 @@ _CLOCK = "SELECT toUInt64(toUnixTimestamp64Nano(now64(9)))"
 
 def _replace(client: Client, table: str, time: str, fresh: str, touched: set[tuple], parameters: dict,
              measures: list[str], empty: tuple) -> None:
-    """Write each touched (site, kind, value, time) as `fresh` reads it, or a tombstone (`empty`
-    measures, is_deleted) when it has no rows left. `fresh` reads every combination of the
-    touched sites, kinds, values and times (plain IN sets, which the primary key prunes by);
-    only the touched keys of it are written.
+    """Write each touched (site, kind, value, time) as `fresh` reads it (its first four columns
+    the key, as `touched` holds it), or a tombstone (`empty` measures, is_deleted) when it has no
+    rows left. `fresh` reads every combination of the touched sites, kinds, values and times
+    (plain IN sets, which the primary key prunes by); only the touched keys of it are written.
 
     Read here and inserted by column, not one INSERT … SELECT joined with the touched keys: bound
-    as four arrays, a big batch's ~10,000 keys took longer to pass to the server than the read and
-    the write together (`tests/bench/bench_import.py`)."""
+    as four arrays, an import batch's ~10,000 keys took longer to pass to the server than the read
+    and the write together."""
     version = client.query(_CLOCK).result_rows[0][0]
-    rows = {_key(row[:4]): row[4:] for row in client.query(fresh, parameters=parameters).result_rows}
+    rows = {row[:4]: row[4:] for row in client.query(fresh, parameters=parameters).result_rows}
     keys = sorted(touched)
     found = [rows.get(key) for key in keys]
     columns = [list(column) for column in zip(*keys)]
@@ -53,38 +57,29 @@ def _replace(client: Client, table: str, time: str, fresh: str, touched: set[tup
                   column_oriented=True)
 
 
-def _key(row: tuple) -> tuple:
-    """A read row's key as the stream core's keys hold it (quarter hours as aware UTC datetimes)."""
-    site, kind, value, at = row
-    return site, kind, value, at.replace(tzinfo=timezone.utc) if isinstance(at, datetime) else at
-
-
-def _scope(column: str, kind_of_time: str) -> str:
-    """Rows of the touched sites, kinds, values and times (all combinations, of which only the
-    touched keys are written: plain IN sets let the primary key prune)."""
-    return (f"site_id IN {{sites:Array(String)}} AND kind IN {{kinds:Array(String)}}"
-            f" AND {column} IN {{times:Array({kind_of_time})}} AND value IN {{values:Array(String)}}")
-
-
-def _params(touched: set[tuple[str, str, str, datetime | date]]) -> dict:
-    return {"sites": sorted({s for s, _, _, _ in touched}), "kinds": sorted({k for _, k, _, _ in touched}),
-            "values": sorted({v for _, _, v, _ in touched}), "times": sorted({t for _, _, _, t in touched})}
-
-
-def rebuild(client: Client, touched: set[tuple[str, str, str, datetime]]) -> None:
-    """Recompute these (site, kind, value, bucket)s from activity, then their days."""
+def rebuild(client: Client, touched: set[tuple[str, str, str, int]]) -> None:
+    """Recompute these (site, kind, value, quarter hour)s from activity, then their days. A quarter
+    hour is its UTC seconds // BUCKET_S: the keys are hashed and sorted as plain integers (as
+    datetimes, a big batch's keys cost more in Python than their read), and written as seconds."""
     if not touched:
         return
+    quarters = sorted({q for _, _, _, q in touched})
     fresh_15m = f"""
-        SELECT site_id, kind, value, bucket, countIf(gap = 0) AS visitors,
+        SELECT site_id, kind, value, toUInt32(bucket) AS seconds, countIf(gap = 0) AS visitors,
                sumMapIf(map(gap, toUInt64(1)), gap > 0) AS returning,
                {", ".join(f"sum({m}) AS {m}" for m in _MEASURES)}
-        FROM activity FINAL WHERE {_scope("bucket", "DateTime('UTC')")}
+        FROM activity FINAL
+        WHERE site_id IN {{sites:Array(String)}} AND kind IN {{kinds:Array(String)}}
+          AND bucket IN {{times:Array(DateTime('UTC'))}} AND value IN {{values:Array(String)}}
         GROUP BY site_id, kind, value, bucket"""
-    _replace(client, "rollup_15m", "bucket", fresh_15m, touched, _params(touched), ["visitors", "returning", *_MEASURES],
-             (0, {}, *[0] * len(_MEASURES)))
+    _replace(client, "rollup_15m", "bucket", fresh_15m, {(s, k, v, q * BUCKET_S) for s, k, v, q in touched},
+             {"sites": sorted({s for s, _, _, _ in touched}), "kinds": sorted({k for _, k, _, _ in touched}),
+              "values": sorted({v for _, _, v, _ in touched}),
+              "times": [datetime.fromtimestamp(q * BUCKET_S, timezone.utc) for q in quarters]},
+             ["visitors", "returning", *_MEASURES], (0, {}, *[0] * len(_MEASURES)))
 
-    days = {(site, kind, value, bucket.date()) for site, kind, value, bucket in touched}
+    day_of = {q: _EPOCH + timedelta(days=q // _QUARTERS_A_DAY) for q in quarters}
+    days = {(site, kind, value, day_of[q]) for site, kind, value, q in touched}
     fresh_1d = f"""
         SELECT site_id, kind, value, toDate(bucket) AS day, sum(visitors) AS visitors,
                {", ".join(f"sum({m}) AS {m}" for m in _MEASURES)}
@@ -95,7 +90,7 @@ def rebuild(client: Client, touched: set[tuple[str, str, str, datetime]]) -> Non
     # Asked by whole (site, kind, value)s: rollup_15m is sorted by day, then value (migration 8), so
     # the primary key finds the touched keys' rows of each day; separate IN sets for sites, kinds
     # and values read 469 granules where this reads 28 (`tests/bench/bench_day_rollup.py`).
-    times = sorted({day for _, _, _, day in days})
+    times = sorted(set(day_of.values()))
     _replace(client, "rollup_1d", "day", fresh_1d, days,
              {"keys": sorted({key[:3] for key in days}), "times": times, "first": times[0],
               "end": times[-1] + timedelta(days=1)}, ["visitors", *_MEASURES], (0, *[0] * len(_MEASURES)))
