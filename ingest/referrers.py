@@ -151,6 +151,9 @@ def _same_site(ref_host: str, page_url: str, site_host: str) -> bool:
     return ref == _host(page_url).removeprefix("www.") or ref == site or ref.endswith("." + site)
 
 
+# Pages, referrers and their tags repeat; a verdict is ~25 % of enriching an event otherwise
+# (`tests/bench/bench_import.py` under py-spy), and `Source` is immutable.
+@lru_cache(maxsize=20_000)
 def classify(page_url: str, referrer: str | None, site_host: str) -> Source:
     """Source of a page view: the referrer's (an app's for android-app://), else the page URL's
     utm_source, else an ad click id's; channel from the same, then paid for a click id, then
