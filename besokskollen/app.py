@@ -80,7 +80,7 @@ def open_services(settings: Settings, wait: bool = False) -> Services:
     visitors = Visitors(Salts(lookups, settings.historic_salt_days), partial(latest_ends, lookups),
                         partial(open_at, lookups), settings.session_timeout_s, lenient=True,
                         batch_lookups=(partial(latest_ends, client), partial(open_at, client)))
-    return Services(settings, client, storage.for_queries(client, settings.clickhouse_url, wait),
+    return Services(settings, client, storage.for_queries(client, settings.clickhouse_url, lookups, wait),
                     SiteRegistry(client, lookups), keys, visitors, GoalRegistry(client, lookups))
 
 

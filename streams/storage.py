@@ -86,35 +86,56 @@ def for_lookups(client: Client, url: str, wait: bool = False) -> Client:
 QUERY_TIMEOUT_S = 30.0
 
 
-def for_queries(client: Client, url: str, wait: bool = False) -> Client:
-    """A client of their own for the query API's reads (`QUERY_TIMEOUT_S`). It does not fail
-    fast: one question a timeout ends says nothing about the next."""
+def for_queries(client: Client, url: str, lookups: Client, wait: bool = False) -> Client:
+    """A client of their own for the query API's reads (`QUERY_TIMEOUT_S`). It fails at once
+    while `lookups` (`for_lookups`' client) does, after one of its calls (a key, a site) found no
+    server; a question of its own that times out does not start that, since one slow question
+    says nothing about the next. Otherwise, on a hung server, every request waited out its own
+    timeout, queued behind the others for the thread pool."""
     if url.startswith("chdb://"):
         return client
-    return connect(url, wait, read_timeout_s=QUERY_TIMEOUT_S)
+    return _fails_fast(connect(url, wait, read_timeout_s=QUERY_TIMEOUT_S), lookups.unanswered, records=False)
 
 
-def _fails_fast(client: Client, for_s: float) -> Client:
-    """After a call that could not reach ClickHouse or had no answer in time, the client's calls
-    raise OperationalError at once for `for_s` seconds."""
-    failed = [float("-inf"), ""]  # monotonic time of the last failure, and its reason
+class _Unanswered:
+    """When a client's call last found no server (refused, or no answer in time), and why: calls
+    made within `for_s` after it raise OperationalError at once."""
+
+    def __init__(self, for_s: float) -> None:
+        self.for_s, self.at, self.reason = for_s, float("-inf"), ""
+
+    def check(self) -> None:
+        ago = time.monotonic() - self.at
+        if ago < self.for_s:
+            raise OperationalError(f"ClickHouse did not answer {ago:.1f} s ago ({self.reason});"
+                                   f" not asked again for {self.for_s - ago:.1f} s")
+
+    def record(self, exc: OperationalError) -> None:
+        self.at, self.reason = time.monotonic(), reason(exc)
+
+
+def _fails_fast(client: Client, unanswered: float | _Unanswered, records: bool = True) -> Client:
+    """The client's calls raise OperationalError at once while `unanswered` says so (a float:
+    for that many seconds after one of its own calls could not reach ClickHouse or had no answer in
+    time). `records`: whether its own calls' failures start that; the state is kept as the
+    client's `unanswered`, for another client to share."""
+    state = unanswered if isinstance(unanswered, _Unanswered) else _Unanswered(unanswered)
 
     def wrapped(method):
         @functools.wraps(method)
         def call(*args, **kwargs):
-            ago = time.monotonic() - failed[0]
-            if ago < for_s:
-                raise OperationalError(f"ClickHouse did not answer {ago:.1f} s ago ({failed[1]});"
-                                       f" not asked again for {for_s - ago:.1f} s")
+            state.check()
             try:
                 return method(*args, **kwargs)
             except OperationalError as exc:
-                failed[:] = [time.monotonic(), reason(exc)]
+                if records:
+                    state.record(exc)
                 raise
         return call
 
     for name in ("query", "raw_query", "command", "insert"):
         setattr(client, name, wrapped(getattr(client, name)))
+    client.unanswered = state
     return client
 
 

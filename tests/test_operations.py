@@ -318,7 +318,8 @@ def test_status_gives_up_on_a_hung_clickhouse_in_seconds(kafka):
 
 class _HangingProxy:
     """A TCP proxy to a server that, once `hang` is set, takes connections and bytes and answers
-    nothing, as a hung (SIGSTOPped) ClickHouse does; `hang.clear()` lets the bytes through again."""
+    nothing, as a hung (SIGSTOPped) ClickHouse does; `hang.clear()` lets the bytes through again.
+    `held` counts the reads that arrived while it hung."""
 
     def __init__(self, port: int) -> None:
         import contextlib
@@ -326,12 +327,14 @@ class _HangingProxy:
         import threading
 
         self.hang = threading.Event()
+        self.held = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
 
         def pipe(source, target) -> None:
             try:
                 while data := source.recv(65536):
+                    self.held += self.hang.is_set()
                     while self.hang.is_set():
                         time.sleep(0.05)
                     target.sendall(data)
@@ -424,7 +427,8 @@ async def test_the_query_api_answers_503_in_bounded_time_while_clickhouse_hangs(
     """On a ClickHouse that takes connections and never answers, `/api/v1` waited clickhouse-connect's
     default 300 s: its reads have a client of their own (QUERY_TIMEOUT_S, shortened here), the key
     and the site are read through the lookups' client (served as last read once that times out),
-    and the answer is 503 `unavailable` with Retry-After; once ClickHouse answers, 200 again."""
+    and the answer is 503 `unavailable` with Retry-After; while the lookups find no server, the
+    questions are not sent either; once ClickHouse answers, 200 again."""
     from besokskollen.app import api_server_app, open_services
     from besokskollen.config import Settings
     from streams import storage
@@ -450,8 +454,11 @@ async def test_the_query_api_answers_503_in_bounded_time_while_clickhouse_hangs(
             hung = await overview()  # the key and the site from memory; the question times out
             assert (hung.status_code, hung.json()["error"]["code"], hung.headers["retry-after"]) == (503, "unavailable", "5")
             await asyncio.sleep(REFRESH_S + 0.5)  # the key's and the site's rows are due to be read again
-            hung = await overview()  # the lookups time out: both as last read; the question times out
+            hung = await overview()  # the lookups time out: both as last read; the question is not sent
             assert (hung.status_code, hung.json()["error"]["code"]) == (503, "unavailable")
+            held = proxy.held
+            hung = await overview()  # within the lookups' LOOKUP_TIMEOUT_S: nothing is sent
+            assert (hung.status_code, hung.json()["error"]["code"], proxy.held) == (503, "unavailable", held)
             # Not a speed assertion: each of the two waited 300 s before (the run took over 10 minutes).
             assert time.monotonic() - started < 120
 

@@ -99,3 +99,46 @@ def test_after_a_lookup_found_no_server_the_next_fail_at_once_until_it_is_asked_
     with pytest.raises(DatabaseError, match="bad SQL"):  # an answer, if a refusal: the server is there
         client.query("c")
     assert client.query("d") == [1] and calls == ["a", "c", "d"]
+
+
+def test_the_query_client_fails_at_once_while_the_lookups_find_no_server_but_its_own_timeouts_do_not(monkeypatch):
+    """`for_queries`' client shares the lookups' state: a question of its own that times out (a
+    slow question) leaves the next to ask; a lookup that finds no server stops both for a while."""
+    import time
+
+    import pytest
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    from streams import storage
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    calls = []
+
+    class Server:
+        def __init__(self, answers: list) -> None:
+            self.answers = answers
+
+        def query(self, sql):
+            calls.append(sql)
+            answer = self.answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        raw_query = command = insert = query
+
+    lookups = storage._fails_fast(Server([OperationalError("Read timed out")]), storage.LOOKUP_TIMEOUT_S)
+    queries = storage._fails_fast(Server([OperationalError("Read timed out"), [1], [2]]), lookups.unanswered,
+                                  records=False)
+    with pytest.raises(OperationalError, match="Read timed out"):
+        queries.query("slow question")
+    assert queries.query("next question") == [1]
+    with pytest.raises(OperationalError, match="Read timed out"):
+        lookups.query("key")
+    clock[0] += storage.LOOKUP_TIMEOUT_S - 0.1
+    with pytest.raises(OperationalError, match="did not answer"):
+        queries.query("not sent")
+    clock[0] += 0.1
+    assert queries.query("sent again") == [2]
+    assert calls == ["slow question", "next question", "key", "sent again"]
