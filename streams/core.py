@@ -16,9 +16,7 @@ order, duplicates or redeliveries.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import operator
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -281,17 +279,16 @@ class StreamCore:
         events, kept_goals, sessions_, rows = kept
         if kept_goals != goals or events != _plain_events(stored):
             return None
-        return [Session(*fields) for fields in sessions_], dict(rows)
+        return list(map(Session._make, sessions_)), dict(rows)
 
 
-_SESSION_FIELDS = operator.attrgetter(*(f.name for f in dataclasses.fields(Session)))
 _PROPS = raw_events.StoredEvent._fields.index("props")
 
 
 def _plain(known: _Derived) -> tuple:
     """`known` as tuples holding only strings, numbers and times (no dict, list, namedtuple or
     dataclass: a tuple holding one stays tracked). Goals are shared with the registry."""
-    return (_plain_events(known.events), known.goals, tuple(_SESSION_FIELDS(s) for s in known.sessions),
+    return (_plain_events(known.events), known.goals, tuple(map(tuple, known.sessions)),
             tuple(known.activity.items()))
 
 

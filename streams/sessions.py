@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
+from typing import NamedTuple
 
 from clickhouse_connect.driver.client import Client
 
@@ -19,8 +20,9 @@ from ingest.event import Event
 from streams.buckets import VISITOR_LIFETIME, bucket_of
 
 
-@dataclass(frozen=True, slots=True)
-class Session:
+class Session(NamedTuple):
+    """A tuple (built in C: a frozen dataclass's 20 field assignments cost ~5 µs, and the stream core
+    builds one per session of every visitor it touches, before and after)."""
     site_id: str
     visitor_id: int
     session_id: int
@@ -41,7 +43,16 @@ class Session:
     device: str
     browser: str
     os: str
-    event_ids: tuple[str, ...] = field(compare=False, repr=False)
+    event_ids: tuple[str, ...] = ()  # last: equality and hashing leave it out
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Session) and self[:-1] == other[:-1]
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash(self[:-1])
 
     @property
     def bucket(self) -> datetime:
@@ -63,6 +74,8 @@ class Session:
 SESSION_START_SHIFT = 32
 
 
+# Asked again for every session of every visitor a batch touches (~6 µs each, mostly isoformat).
+@lru_cache(maxsize=100_000)
 def session_id_for(site_id: str, visitor_id: int, start: datetime) -> int:
     digest = hashlib.blake2b(f"{site_id}\x00{visitor_id}\x00{start.isoformat()}".encode(), digest_size=4)
     return (int(start.timestamp()) << SESSION_START_SHIFT) | int.from_bytes(digest.digest(), "big")
