@@ -300,9 +300,6 @@ def test_distributed_answers_equal_the_reference_and_the_embedded_topology(sampl
     sites, lines, corrections, ref = sample
     assert len(lines) >= 20_000 and corrections
 
-    with up_server(tmp_path / "up", tmp_path / "up.log", env={"BK_ADMIN_KEY": ADMIN_KEY, **UNLIMITED}) as embedded_base:
-        embedded_answers = asyncio.run(_load_and_compare(embedded_base, embedded_base, sites, lines, corrections, ref))
-
     env = {"BK_KAFKA_BOOTSTRAP": kafka, "BK_CLICKHOUSE_URL": clickhouse_http, "BK_ADMIN_KEY": ADMIN_KEY, **UNLIMITED,
            "BK_KAFKA_TOPIC": f"events-{tmp_path.name}", "BK_SPOOL_DIR": str(tmp_path / "spool")}
     ingest_port, api_port = free_port(), free_port()
@@ -314,6 +311,9 @@ def test_distributed_answers_equal_the_reference_and_the_embedded_topology(sampl
         process([*CLI, "worker", "--port", str(free_port())], tmp_path / "worker-1.log", env),
         process([*CLI, "worker", "--port", str(free_port())], tmp_path / "worker-2.log", env),
     ):
+        # The embedded topology's run first, while the workers join their group (waiting, mostly).
+        with up_server(tmp_path / "up", tmp_path / "up.log", env={"BK_ADMIN_KEY": ADMIN_KEY, **UNLIMITED}) as base:
+            embedded_answers = asyncio.run(_load_and_compare(base, base, sites, lines, corrections, ref))
         wait_until(lambda: stable_group_size(kafka, "besokskollen") == 2, 120, "two workers in the consumer group",
                    interval=0.5)
         distributed_answers = asyncio.run(_load_and_compare(ingest, api, sites, lines, corrections, ref))
