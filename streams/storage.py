@@ -77,7 +77,7 @@ def for_lookups(client: Client, url: str, wait: bool = False) -> Client:
     in-process, and its one client serves."""
     if url.startswith("chdb://"):
         return client
-    return _fails_fast(connect(url, wait, read_timeout_s=LOOKUP_TIMEOUT_S), LOOKUP_TIMEOUT_S)
+    return _fails_fast(connect(url, wait, read_timeout_s=LOOKUP_TIMEOUT_S), _Unanswered(LOOKUP_TIMEOUT_S))
 
 
 # The query API's questions get this long: a dashboard or a Next.js page behind it gets a 503 it
@@ -114,12 +114,10 @@ class _Unanswered:
         self.at, self.reason = time.monotonic(), reason(exc)
 
 
-def _fails_fast(client: Client, unanswered: float | _Unanswered, records: bool = True) -> Client:
-    """The client's calls raise OperationalError at once while `unanswered` says so (a float:
-    for that many seconds after one of its own calls could not reach ClickHouse or had no answer in
-    time). `records`: whether its own calls' failures start that; the state is kept as the
-    client's `unanswered`, for another client to share."""
-    state = unanswered if isinstance(unanswered, _Unanswered) else _Unanswered(unanswered)
+def _fails_fast(client: Client, state: _Unanswered, records: bool = True) -> Client:
+    """The client's calls raise OperationalError at once while `state` says so. `records`: whether
+    its own calls that could not reach ClickHouse or had no answer in time start that. The state
+    is kept as the client's `unanswered`, for another client to share."""
 
     def wrapped(method):
         @functools.wraps(method)

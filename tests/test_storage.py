@@ -88,7 +88,7 @@ def test_after_a_lookup_found_no_server_the_next_fail_at_once_until_it_is_asked_
 
         raw_query = command = insert = query
 
-    client = storage._fails_fast(Server(), storage.LOOKUP_TIMEOUT_S)
+    client = storage._fails_fast(Server(), storage._Unanswered(storage.LOOKUP_TIMEOUT_S))
     with pytest.raises(OperationalError, match="Read timed out"):
         client.query("a")
     clock[0] += storage.LOOKUP_TIMEOUT_S - 0.1
@@ -128,7 +128,8 @@ def test_the_query_client_fails_at_once_while_the_lookups_find_no_server_but_its
 
         raw_query = command = insert = query
 
-    lookups = storage._fails_fast(Server([OperationalError("Read timed out")]), storage.LOOKUP_TIMEOUT_S)
+    lookups = storage._fails_fast(Server([OperationalError("Read timed out")]),
+                                 storage._Unanswered(storage.LOOKUP_TIMEOUT_S))
     queries = storage._fails_fast(Server([OperationalError("Read timed out"), [1], [2]]), lookups.unanswered,
                                   records=False)
     with pytest.raises(OperationalError, match="Read timed out"):
