@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from clickhouse_connect.driver.client import Client
-from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -23,8 +23,6 @@ from ingest.handoff import Handoff, InProcessHandoff, KafkaHandoff
 from ingest.salts import Salts
 from ingest.spool import Spool
 from ingest.visitors import CarryQuestions, Visitors
-from query_api.app import create_app as create_query_app
-from query_api.deps import Context
 from query_api.keys import KeyStore
 from query_api.rate_limit import RateLimit, RateLimiter, SharedRateLimiter
 from streams import replay, storage
@@ -34,6 +32,13 @@ from streams.funnels import FunnelRegistry
 from streams.goals import GoalRegistry
 from streams.sessions import latest_ends, open_at
 from streams.sites import SiteRegistry
+
+if TYPE_CHECKING:
+    # The query API (FastAPI, its models) is loaded by the processes that serve it: an `ingest`
+    # or a one-shot command started ~1 s sooner without it (`_query_app`).
+    from fastapi import FastAPI
+
+    from query_api.deps import Context
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,8 @@ class Services:
 
     @property
     def query_context(self) -> Context:
+        from query_api.deps import Context
+
         return Context(self.queries, self.sites, self.keys, self.goals, FunnelRegistry(self.queries))
 
     def stream_core(self) -> StreamCore:
@@ -152,8 +159,7 @@ class _Dispatch:
 
 def server_app(services: Services, handoff: Handoff) -> _Dispatch:
     """`up`: tracking and import endpoints and the query API in one process."""
-    api = create_query_app(services.query_context, trusted_proxies=services.settings.trusted_networks,
-                           rate_limiter=_rate_limiter(services.settings), lifespan=_lifespan(handoff))
+    api = _query_app(services, lifespan=_lifespan(handoff))
     routes = [*_ingest_routes(services, handoff), *_operations_routes(services, kafka=not services.settings.embedded)]
     api.router.routes.extend(r for r in routes if r.path.startswith("/api/v1/"))
     return _Dispatch(Starlette(routes=[r for r in routes if not r.path.startswith("/api/v1/")]), api)
@@ -171,10 +177,16 @@ def ingest_server_app(services: Services, handoff: Handoff) -> _Dispatch:
 
 def api_server_app(services: Services) -> FastAPI:
     """`api`: the query API alone."""
-    app = create_query_app(services.query_context, trusted_proxies=services.settings.trusted_networks,
-                           rate_limiter=_rate_limiter(services.settings))
+    app = _query_app(services)
     app.router.routes.extend(_operations_routes(services, kafka=False))
     return app
+
+
+def _query_app(services: Services, **options) -> FastAPI:
+    from query_api.app import create_app
+
+    return create_app(services.query_context, trusted_proxies=services.settings.trusted_networks,
+                      rate_limiter=_rate_limiter(services.settings), **options)
 
 
 def _rate_limiter(settings: Settings) -> RateLimiter | SharedRateLimiter:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import orjson
 from clickhouse_connect.driver.exceptions import OperationalError
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import get_route_path
 
-from query_api.http_semantics import flat_routes
+if TYPE_CHECKING:  # `ingest` answers in this shape too, and does not load FastAPI (~1 s of its start)
+    from fastapi import FastAPI
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ _METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 def allowed_methods(request: Request) -> list[str]:
     """Every method some route serves at the request's path; HEAD wherever GET is (HEAD is
     answered as GET, query_api/http_semantics.py)."""
+    from query_api.http_semantics import flat_routes  # FastAPI's routes: only the query API asks
+
     path = get_route_path(request.scope)
     methods: set[str] = set()
     for route in flat_routes(request.app.router.routes):
@@ -64,6 +67,8 @@ def _key_refusal(request: Request) -> Response | None:
 
 
 def install(app: FastAPI) -> None:
+    from fastapi.exceptions import RequestValidationError
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
         return error_response(exc.status, exc.code, exc.message, exc.headers)

@@ -352,10 +352,11 @@ def test_servers_leave_what_starting_made_out_of_full_garbage_collections(monkey
     meanwhile. What starting made (~150,000 objects) lives as long as the process: frozen before
     serving, full collections no longer walk it."""
     import gc
+    import socket
+
+    import uvicorn
 
     from besokskollen import cli
-
-    import socket
 
     frozen = []
 
@@ -366,7 +367,7 @@ def test_servers_leave_what_starting_made_out_of_full_garbage_collections(monkey
         def run(self, sockets) -> None:
             frozen.append(gc.get_freeze_count())
 
-    monkeypatch.setattr(cli.uvicorn, "Server", Server)
+    monkeypatch.setattr(uvicorn, "Server", Server)
     monkeypatch.setattr(cli.signal, "signal", lambda *args: None)
     try:
         with socket.socket() as sock:
