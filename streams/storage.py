@@ -18,6 +18,11 @@ from clickhouse_connect.driver.exceptions import OperationalError
 
 log = logging.getLogger(__name__)
 
+# clickhouse-connect imports pandas (chDB brings it) on a process's first insert, only to ask
+# whether the data is a DataFrame: 0.3-0.7 s of CPU holding the GIL, in every process (the first
+# requests of a fresh ingest waited ~0.7 s for it). We insert lists, never DataFrames.
+clickhouse_options.pd = None
+
 # Settings of every connection, so the embedded engine and a server behave the same:
 # - an insert is visible when it returns (the embedded engine 26.x defaults to async inserts);
 # - no block deduplication: every write is idempotent by design, and hashing blocks costs ~15 ms;
@@ -56,11 +61,6 @@ def connect(url: str, wait: bool = False, read_timeout_s: float | None = None) -
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
             continue
-        # clickhouse-connect imports pandas (when installed; chDB brings it) on the first insert,
-        # to check whether the data is a DataFrame: 0.3-0.7 s holding the GIL. Paid here, at
-        # start, rather than by the first requests of a fresh ingest process (measured: every
-        # request of its first wave waited ~0.7 s, for today's salt).
-        _ = clickhouse_options.pd
         return _lists_written_ahead(_utc(client))
 
 
