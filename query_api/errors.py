@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import get_route_path
 
-if TYPE_CHECKING:  # `ingest` answers in this shape too, and does not load FastAPI (~1 s of its start)
+if TYPE_CHECKING:  # `ingest` answers in this shape too, and loads no FastAPI (~0.7 s of CPU at its start)
     from fastapi import FastAPI
 
 log = logging.getLogger(__name__)

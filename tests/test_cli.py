@@ -14,7 +14,7 @@ import sys
 import httpx
 import pytest
 
-from tests.conftest import free_port, process, wait_until
+from tests.conftest import ROOT, free_port, process, wait_until
 
 CLI = [sys.executable, "-m", "besokskollen"]
 
@@ -376,6 +376,28 @@ def test_servers_leave_what_starting_made_out_of_full_garbage_collections(monkey
     finally:
         gc.unfreeze()
     assert frozen and frozen[0] > 10_000
+
+
+_LOADED = """
+import sys
+import besokskollen.cli
+from besokskollen.app import ingest_server_app, open_services
+from besokskollen.config import Settings
+# Opening inserts (migrations, BK_ADMIN_KEY): clickhouse-connect's first insert loaded pandas.
+open_services(Settings(clickhouse_url="chdb://" + sys.argv[1], kafka_bootstrap=None, admin_key=sys.argv[2]))
+print(sorted(name for name in ("fastapi", "pandas", "uvicorn") if name in sys.modules))
+"""
+
+
+def test_ingest_and_one_shot_commands_load_neither_the_query_api_nor_pandas(tmp_path):
+    """What a process does not use, it does not import: FastAPI (for the query API only),
+    pandas (clickhouse-connect's, for DataFrames we never insert) and uvicorn (servers only) were
+    ~1.5 s of CPU at every start of `ingest`, `keys`, `import`, `copy`: a restarted ingest took
+    that much longer to take beacons again."""
+    loaded = subprocess.run([sys.executable, "-c", _LOADED, str(tmp_path / "data"), "bk_test_admin_key_0123456789"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "[]"
 
 
 @pytest.mark.slow
