@@ -144,11 +144,11 @@ class SiteRegistry:
     def _start_empty(self, site_id: str) -> None:
         """A site created with the id of a deleted one must not show that one's numbers, goals or
         funnels: rows its delete has not removed yet (or that arrived after it) go first."""
-        for table in SITE_DATA_TABLES:
-            if self._client.query(f"SELECT 1 FROM {table} WHERE site_id = {{site:String}} LIMIT 1",
-                                  parameters={"site": site_id}).result_rows:
-                self._purge(site_id, wait=True)
-                return
+        # One statement for all the tables: each is a round trip, paid by every site created.
+        anywhere = " UNION ALL ".join(f"(SELECT 1 FROM {table} WHERE site_id = {{site:String}} LIMIT 1)"
+                                      for table in SITE_DATA_TABLES)
+        if self._client.query(anywhere, parameters={"site": site_id}).result_rows:
+            self._purge(site_id, wait=True)
 
     def valid_timezone(self, tz: str) -> bool:
         """Known to ClickHouse, whose rules draw every local day (query_api/periods.py): listed in

@@ -14,17 +14,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, ROOT, free_port, process, wait_until
+from tests.conftest import ADMIN_KEY, ROOT, SSL_CONTEXT, free_port, process, wait_until
 from tests.test_crash import API, AUTH, CLI
 
 BROWSER = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
 
 
 def answers(base: str, site: str) -> dict:
-    get = lambda path, **p: httpx.get(f"{base}{API}/{path}", params={"site_id": site, **p}, headers=AUTH).json()  # noqa: E731
-    return {path: get(path, period="7d")["data"] for path in ("stats/overview", "stats/pages", "stats/referrers",
-                                                              "stats/countries", "goals")} | {
-        "products": get("popular/products", days=7)["data"], "sites": httpx.get(f"{base}{API}/sites", headers=AUTH).json()}
+    with httpx.Client(base_url=f"{base}{API}", headers=AUTH, verify=SSL_CONTEXT) as client:
+        get = lambda path, **p: client.get(f"/{path}", params={"site_id": site, **p}).json()  # noqa: E731
+        return {path: get(path, period="7d")["data"] for path in ("stats/overview", "stats/pages", "stats/referrers",
+                                                                  "stats/countries", "goals")} | {
+            "products": get("popular/products", days=7)["data"], "sites": client.get("/sites").json()}
 
 
 @pytest.mark.slow
@@ -37,12 +38,13 @@ def test_copy_moves_every_number_from_up_to_a_server(tmp_path):
         site = httpx.post(f"{up}{API}/sites", json={"domain": "flytt.example"}, headers=AUTH).json()["data"]["id"]
         goal = {"site_id": site, "name": "Köp", "event_type": "event", "match_event": "purchase"}
         assert httpx.post(f"{up}{API}/goals", json=goal, headers=AUTH).status_code == 201
-        for n in range(60):
-            body = {"site_id": site, "name": ["pageview", "pageview", "purchase", "click"][n % 4],
-                    "url": f"https://flytt.example/p/{n % 7}", "referrer": ["", "https://www.google.se/"][n % 2],
-                    "product": {"id": f"prod-{n % 3}"}}
-            headers = {"user-agent": BROWSER, "x-forwarded-for": f"81.227.{n % 9}.{n % 5 + 1}", "cf-ipcountry": "SE"}
-            assert httpx.post(f"{up}/api/event", json=body, headers=headers).status_code == 202
+        with httpx.Client(base_url=up) as client:
+            for n in range(60):
+                body = {"site_id": site, "name": ["pageview", "pageview", "purchase", "click"][n % 4],
+                        "url": f"https://flytt.example/p/{n % 7}", "referrer": ["", "https://www.google.se/"][n % 2],
+                        "product": {"id": f"prod-{n % 3}"}}
+                headers = {"user-agent": BROWSER, "x-forwarded-for": f"81.227.{n % 9}.{n % 5 + 1}", "cf-ipcountry": "SE"}
+                assert client.post("/api/event", json=body, headers=headers).status_code == 202
         wait_until(lambda: answers(up, site)["stats/overview"]["pageviews"] == 30, 30, "the events in up")
         before = answers(up, site)
 

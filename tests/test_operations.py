@@ -19,7 +19,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import ADMIN_KEY, ROOT, free_port, process, scrape, wait_until
+from tests.conftest import ADMIN_KEY, ROOT, SSL_CONTEXT, free_port, process, scrape, wait_until
 from tests.test_crash import API, AUTH, CLI, _create, deploy, traffic
 from tests.test_spool import post_all, topic_records
 
@@ -97,7 +97,7 @@ def test_a_server_waiting_for_clickhouse_is_alive_and_serves_once_it_answers(tmp
             assert waiting.status_code == 503 and waiting.headers["retry-after"] == "5", (path, waiting.text)
         with process([sys.executable, "-m", "tests.chfront", "--path", str(tmp_path / "ch"), "--port", str(clickhouse_port)],
                      tmp_path / "chfront.log", ready_url=f"http://127.0.0.1:{clickhouse_port}/ping"):
-            wait_until(lambda: httpx.get(f"{base}/readyz").status_code == 200, 90, "the api ready once ClickHouse answers")
+            wait_until(lambda: httpx.get(f"{base}/readyz", verify=SSL_CONTEXT).status_code == 200, 90, "the api ready once ClickHouse answers")
             assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
             assert httpx.get(f"{base}{API}/sites", headers=AUTH).status_code == 200
 
@@ -207,7 +207,8 @@ def test_two_api_processes_share_the_per_key_limit_through_redis(clickhouse_http
         key = subprocess.run([*CLI, "keys", "create", "--account", "ratelimit"], capture_output=True, text=True,
                              cwd=ROOT, env={**os.environ, **env}, check=True).stdout.strip().splitlines()[-1]
         headers = {"authorization": f"Bearer {key}"}
-        answers = [httpx.get(f"{bases[n % 2]}{API}/sites", headers=headers) for n in range(100)]
+        with httpx.Client(headers=headers) as client:
+            answers = [client.get(f"{bases[n % 2]}{API}/sites") for n in range(100)]
         assert [r.status_code for r in answers] == [200] * 100
         assert [int(r.headers["x-ratelimit-remaining"]) for r in answers] == list(range(99, -1, -1))
         refused = httpx.get(f"{bases[1]}{API}/sites", headers=headers)
