@@ -39,13 +39,19 @@ def list_sites(request: Request, ctx: Ctx, key: UserKey,
                include_stats: Annotated[bool, Query(description="Include visitors of the last 7 days")] = False) -> Response:
     sites = ctx.sites.list(key.account_id)
     with_data = sites_with_events(ctx.client, [s.site_id for s in sites])
-    data = [
-        _out(s, s.site_id in with_data,
-             stats.totals(ctx.client, s.site_id, stats_period(ctx.client, "7d", s.timezone)) if include_stats else None)
-        for s in sites
-    ]
+    last_7d = _last_7d(ctx, sites) if include_stats else {}
+    data = [_out(s, s.site_id in with_data, last_7d.get(s.site_id)) for s in sites]
     data.sort(key=lambda site: (-site.get("visitors_7d", 0), site["name"], site["domain"]))  # SPEC §7.1
     return cached_json(request, {"data": data, "meta": {"total": len(data)}})
+
+
+def _last_7d(ctx: Ctx, sites: list[Site]) -> dict[str, dict]:
+    """Each site's totals of its last 7 days: a statement per timezone, not per site."""
+    by_tz: dict[str, list[str]] = {}
+    for site in sites:
+        by_tz.setdefault(site.timezone, []).append(site.site_id)
+    return {site_id: numbers for tz, site_ids in by_tz.items()
+            for site_id, numbers in stats.totals_of_sites(ctx.client, site_ids, stats_period(ctx.client, "7d", tz)).items()}
 
 
 @router.post("/sites", response_model=SiteResponse, status_code=201)

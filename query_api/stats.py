@@ -35,14 +35,15 @@ def _returning_since(start: str) -> str:
 _START = "toDateTime(%(start)s, 'UTC')"
 _END = "toDateTime(%(end)s, 'UTC')"
 
-# Per local day: pageviews, visitors, and for the whole period visitors first seen in it and
-# visitors back from before it; sessions and bounces by the day their session started. With
-# compare, the previous period is read in the same statement (days before `current`).
+# Per site and local day: pageviews, visitors, and for the whole period visitors first seen in it
+# and visitors back from before it; sessions and bounces by the day their session started. With
+# compare, the previous period is read in the same statement (days before `current`). Several
+# sites of one timezone are read in one statement (`/sites?include_stats=true`).
 _OVERVIEW = f"""
-SELECT day, sum(pageviews), sum(visitors + day_returning), sum(visitors), sum(period_returning),
+SELECT site_id, day, sum(pageviews), sum(visitors + day_returning), sum(visitors), sum(period_returning),
        sum(sessions), sum(bounces)
 FROM (
-    SELECT toDate(bucket, %(tz)s) AS day, pageviews, visitors, sessions, bounces,
+    SELECT site_id, toDate(bucket, %(tz)s) AS day, pageviews, visitors, sessions, bounces,
            {_returning_since("arrayElement(CAST(%(day_starts)s, 'Array(DateTime(''UTC''))'), indexOf(CAST(%(days)s, 'Array(Date)'), day))")}
                AS day_returning,
            if(bucket >= toDateTime(%(current)s, 'UTC'),
@@ -50,9 +51,9 @@ FROM (
               if(bucket < toDateTime(%(previous_lifetime_end)s, 'UTC'), {_returning_since(_START)}, 0))
                AS period_returning
     FROM rollup_15m FINAL
-    WHERE site_id = %(site)s AND kind = 'total' AND bucket >= {_START} AND bucket < {_END}
+    WHERE site_id IN %(sites)s AND kind = 'total' AND bucket >= {_START} AND bucket < {_END}
 )
-GROUP BY day
+GROUP BY site_id, day
 """
 
 # Per value of one kind: whole UTC days from rollup_1d, the partial first and last days and the
@@ -78,7 +79,7 @@ LIMIT %(limit)s
 """
 
 
-def _params(site_id: str, tz: str, start: datetime, end: datetime, **extra) -> dict:
+def _params(tz: str, start: datetime, end: datetime, **extra) -> dict:
     full_from = start.date() + timedelta(days=1) if start.time() != datetime.min.time() else start.date()
     full_to = end.date()
     if full_from >= full_to:  # no whole UTC day inside: all of it is edge
@@ -86,7 +87,7 @@ def _params(site_id: str, tz: str, start: datetime, end: datetime, **extra) -> d
         full_start = full_end = end
     else:
         full_start, full_end = _utc(full_from), _utc(full_to)
-    return {"site": site_id, "tz": tz, "start": start, "end": end,
+    return {"tz": tz, "start": start, "end": end,
             "lifetime_end": min(end, start + VISITOR_LIFETIME), "full_from": full_from, "full_to": full_to,
             "full_start": full_start, "full_end": full_end, **extra}
 
@@ -101,15 +102,24 @@ def _query(client: Client, sql: str, params: dict) -> list[tuple]:
 
 def _by_day(client: Client, site_id: str, period: Period, before: Period | None = None) -> dict[date, tuple]:
     """Overview rows per local day of `period`, and of `before` (just before it) if given."""
+    return _by_site_and_day(client, [site_id], period, before).get(site_id, {})
+
+
+def _by_site_and_day(client: Client, site_ids: list[str], period: Period,
+                     before: Period | None = None) -> dict[str, dict[date, tuple]]:
+    """`_by_day` of several sites of the period's timezone, in one statement."""
     days = (before.days if before else []) + period.days
     # Where each day begins, and where the last one ends: asked of the ClickHouse whose toDate
     # dates the buckets below, so both draw the same days (query_api/periods.py).
     starts = day_starts(client, period.tz, days[0], period.last + timedelta(days=1))
     start, current, end = starts[0], starts[len(days) - period.length], starts[-1]
-    params = _params(site_id, period.tz, start, end, days=days, day_starts=starts[:-1], current=current,
-                     previous_lifetime_end=min(current, start + VISITOR_LIFETIME),
+    params = _params(period.tz, start, end, sites=tuple(site_ids), days=days, day_starts=starts[:-1],
+                     current=current, previous_lifetime_end=min(current, start + VISITOR_LIFETIME),
                      lifetime_end=min(end, current + VISITOR_LIFETIME))
-    return {row[0]: row for row in _query(client, _OVERVIEW, params)}
+    out: dict[str, dict[date, tuple]] = {}
+    for row in _query(client, _OVERVIEW, params):
+        out.setdefault(row[0], {})[row[1]] = row[1:]
+    return out
 
 
 def _totals(rows: dict[date, tuple], period: Period) -> dict:
@@ -121,6 +131,12 @@ def _totals(rows: dict[date, tuple], period: Period) -> dict:
 
 def totals(client: Client, site_id: str, period: Period) -> dict:
     return _totals(_by_day(client, site_id, period), period)
+
+
+def totals_of_sites(client: Client, site_ids: list[str], period: Period) -> dict[str, dict]:
+    """`totals` of every site in `site_ids` (all of the period's timezone), in one statement."""
+    rows = _by_site_and_day(client, site_ids, period) if site_ids else {}
+    return {site_id: _totals(rows.get(site_id, {}), period) for site_id in site_ids}
 
 
 def overview(client: Client, site_id: str, period: Period, compare: bool = False) -> dict:
@@ -149,7 +165,8 @@ def overview(client: Client, site_id: str, period: Period, compare: bool = False
 
 def breakdown(client: Client, site_id: str, period: Period, kind: str, having: str, limit: int, **extra) -> list[tuple]:
     """(value, visitors, events, sessions) of one kind in the period, best first."""
-    params = _params(site_id, period.tz, period.start_utc(client), period.end_utc(client), kind=kind, limit=limit, **extra)
+    params = _params(period.tz, period.start_utc(client), period.end_utc(client), site=site_id, kind=kind, limit=limit,
+                     **extra)
     return _query(client, _BREAKDOWN.replace("{having}", having), params)
 
 

@@ -284,6 +284,24 @@ async def test_breakdowns_compare_and_limits(client, services):
     assert (mine["visitors_7d"], mine["pageviews_7d"]) == (4, 5)
 
 
+async def test_site_list_stats_are_each_sites_own_overview_read_a_timezone_at_a_time(client, services):
+    """`/sites?include_stats=true` reads the sites of one timezone in one statement: each site's
+    `visitors_7d` and `pageviews_7d` are still its own, as its `stats/overview` gives them —
+    two sites of one timezone, one of another, one without events."""
+    now = datetime.now(timezone.utc) - timedelta(minutes=5)
+    made = [(await _create_site(client, timezone=tz))["id"]
+            for tz in ("America/Vancouver", "America/Vancouver", "Asia/Kolkata", "America/Vancouver")]
+    traffic = {made[0]: (3, 2), made[1]: (1, 4), made[2]: (2, 1)}  # visitors, pageviews each
+    StreamCore(services.client, TIMEOUT).process(
+        [ev(sid, visitor, now - timedelta(minutes=n)) for sid, (visitors, views) in traffic.items()
+         for visitor in range(1, visitors + 1) for n in range(views)])
+    listed = {s["id"]: s for s in (await client.get(f"{API}/sites", params={"include_stats": "true"})).json()["data"]}
+    for sid in made:
+        overview = (await client.get(f"{API}/stats/overview", params={"site_id": sid, "period": "7d"})).json()["data"]
+        assert (listed[sid]["visitors_7d"], listed[sid]["pageviews_7d"]) == (overview["visitors"], overview["pageviews"])
+    assert [(listed[sid]["visitors_7d"], listed[sid]["pageviews_7d"]) for sid in made] == [(3, 6), (1, 4), (2, 2), (0, 0)]
+
+
 async def test_compare_rounds_half_away_from_zero_and_lists_break_ties_by_code_point(client, services):
     """Halves round away from zero, negative changes included (Python's round() gives -12 for
     -12.5); a session with a custom event or an affiliate click is no bounce, even without a
