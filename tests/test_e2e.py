@@ -80,9 +80,6 @@ def settle(api: str, expected: dict, timeout: float = 90) -> dict:
     return last
 
 
-async def post_all(t: Traffic, ingest: str) -> None:
-    async with httpx.AsyncClient(base_url=ingest, timeout=30) as client:
-        await t.send(client)
 
 
 def create_site(api: str) -> None:
@@ -98,7 +95,7 @@ def embedded_run(tmp_path_factory):
     with up_server(tmp / "data", tmp / "up.log", env=ENV) as base:
         create_site(base)
         t = traffic()
-        asyncio.run(post_all(t, base))
+        asyncio.run(t.send(base))
         expected = expected_answers(t)
         yield expected, settle(base, expected)
 
@@ -135,7 +132,7 @@ def test_distributed_topology_matches_events_and_embedded(embedded_run, kafka, c
         create_site(api)
         clear_of_utc_midnight(RUN_SECONDS)
         t = traffic()
-        asyncio.run(post_all(t, ingest))
+        asyncio.run(t.send(ingest))
         got = settle(api, expected)
         assert stable_group_size(kafka, "besokskollen") == 2
 
