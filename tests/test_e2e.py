@@ -80,8 +80,6 @@ def settle(api: str, expected: dict, timeout: float = 90) -> dict:
     return last
 
 
-
-
 def create_site(api: str) -> None:
     response = httpx.post(f"{api}/api/v1/sites", json={"domain": DOMAIN}, headers=AUTH)
     assert response.status_code == 201, response.text
