@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import decimal
+import math
 import re
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -13,7 +14,7 @@ from urllib.parse import urlencode
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from ingest.event import MAX_SITE_ID
 from query_api.deps import Ctx, Key, readable_site
@@ -37,6 +38,15 @@ Scalar = Annotated[str, Field(max_length=2000)] | int | float | bool
 class SubRequest(BaseModel):
     endpoint: Annotated[str, Field(min_length=1, max_length=100, examples=["popular/products"])]
     params: dict[ParamName, Scalar] = Field(default_factory=dict, max_length=20)
+
+    @field_validator("params")
+    @classmethod
+    def _finite(cls, params: dict[str, Scalar]) -> dict[str, Scalar]:
+        # NaN and Infinity are not JSON, though Python's parser takes them (and 1e400 as infinity).
+        for name, value in params.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name!r}: NaN, Infinity and numbers beyond ±1.8e308 are not taken")
+        return params
 
 
 class BatchRequest(BaseModel):

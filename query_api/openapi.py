@@ -159,6 +159,8 @@ def _json_schema_bounds(schema: dict[str, Any]) -> None:
     for ours, standard in _BOUNDS.items():
         if ours in schema:
             schema[standard] = schema.pop(ours)
+    for branch in schema.get("anyOf", []):  # an optional parameter: `{"anyOf": [{...bounds}, {"type": "null"}]}`
+        _json_schema_bounds(branch)
 
 
 def install(app: FastAPI) -> None:

@@ -627,13 +627,17 @@ async def test_batch_runs_sub_requests_and_reports_each(client, services):
 
 
 async def test_batch_params_no_url_can_carry_are_a_400(client):
-    """JSON carries lone surrogates, which no query string can: the batch is refused (a 500 it was)."""
+    """JSON carries lone surrogates, which no query string can: the batch is refused (a 500 it was).
+    NaN and Infinity are not JSON at all (Python's parser takes them, and 1e400 as infinity): the
+    batch is refused too, not sent on as a sub-request's error."""
     site = await _site(client)
-    for params in ('{"period": "\\ud800"}', '{"\\udfff": "7d"}'):
-        body = '{"site_id": "%s", "requests": [{"endpoint": "stats/overview", "params": %s}]}' % (site, params)
+    for params in ('{"period": "\\ud800"}', '{"\\udfff": "7d"}', '{"limit": NaN}', '{"limit": -Infinity}',
+                   '{"limit": 1e400}'):
+        body = '{"site_id": "%s", "requests": [{"endpoint": "stats/pages", "params": %s}]}' % (site, params)
         r = await client.post(f"{API}/batch", content=body.encode(), headers={"content-type": "application/json"})
-        assert r.status_code == 400, r.text
+        assert r.status_code == 400, (params, r.text)
         assert r.json()["error"]["code"] == "invalid_parameter"
+        assert r.json()["error"]["message"].startswith("requests.0.params"), r.text
 
 
 async def test_a_failing_sub_request_is_its_own_error_not_the_batch(embedded, services, monkeypatch):

@@ -423,9 +423,19 @@ async def test_openapi_states_parameter_bounds_in_json_schema_words(client):
     spec = (await client.get(f"{API}/openapi.json")).json()
     parameters = {(path, p["name"]): p["schema"] for path, ops in spec["paths"].items() for op in ops.values()
                   if isinstance(op, dict) for p in op.get("parameters", [])}
-    assert not [key for key, schema in parameters.items() if {"ge", "le", "gt", "lt"} & set(schema)]
+
+    def pydantic_words(schema) -> list:  # anywhere: an optional parameter's bounds sit in its anyOf
+        if isinstance(schema, list):
+            return [word for item in schema for word in pydantic_words(item)]
+        if not isinstance(schema, dict):
+            return []
+        return sorted({"ge", "le", "gt", "lt"} & set(schema)) + pydantic_words(list(schema.values()))
+
+    assert not [(key, pydantic_words(schema)) for key, schema in parameters.items() if pydantic_words(schema)]
     limit = parameters[("/api/v1/popular/products", "limit")]
     assert (limit["minimum"], limit["maximum"]) == (1, 100)
+    goals_limit = parameters[("/api/v1/goals", "limit")]["anyOf"][0]  # optional: all goals by default
+    assert (goals_limit["minimum"], goals_limit["maximum"]) == (1, 1000)
     assert parameters[("/api/v1/trending/products", "min_growth")]["minimum"] == -100
 
 
