@@ -618,18 +618,19 @@ def test_ctrl_c_ends_a_one_shot_command_in_one_line(command, monkeypatch, capsys
         f"besokskollen {command}: interrupted; running the same command again is safe"]
 
 
-@pytest.mark.parametrize("key", ["abc", "bk_short", "bk_0123456789abcde f"])
-def test_an_admin_key_of_another_shape_is_refused_in_one_line(tmp_path, key):
+def test_an_admin_key_of_another_shape_is_refused_in_one_line(tmp_path):
     """`up` ended in a traceback (ValueError from the key store) on a key without `bk_`, and
     `migrate` took it silently; a short one would be a user-level key anyone could guess."""
-    for command in (["migrate", "--data", str(tmp_path / "d")], ["up", "--data", str(tmp_path / "d"),
-                                                                   "--port", str(free_port())]):
-        result = subprocess.run([*CLI, *command], capture_output=True, text=True, timeout=60,
-                                env={**os.environ, "BK_ADMIN_KEY": key})
-        assert result.returncode == 2, result.stderr
-        assert result.stderr.strip().splitlines() == [
-            f"besokskollen {command[0]}: BK_ADMIN_KEY: must be bk_ and at least 16 more letters, digits, '-' or '_'"
-            " (such as bk_$(openssl rand -hex 24))"]
+    for key in ("abc", "bk_short", "bk_0123456789abcde f"):
+        for command in (["migrate", "--data", str(tmp_path / "d")], ["up", "--data", str(tmp_path / "d"),
+                                                                       "--port", str(free_port())]):
+            result = subprocess.run([*CLI, *command], capture_output=True, text=True, timeout=60,
+                                    env={**os.environ, "BK_ADMIN_KEY": key})
+            assert result.returncode == 2, (key, result.stderr)
+            assert result.stderr.strip().splitlines() == [
+                f"besokskollen {command[0]}: BK_ADMIN_KEY: must be bk_ and at least 16 more letters, digits, '-' or '_'"
+                " (such as bk_$(openssl rand -hex 24))"], key
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())  # refused before the folder was used
     empty = subprocess.run([*CLI, "migrate", "--data", str(tmp_path / "d")], capture_output=True, text=True,
                            timeout=60, env={**os.environ, "BK_ADMIN_KEY": ""})
     assert empty.returncode == 0, empty.stderr  # empty is unset
