@@ -3,6 +3,7 @@ CLI starts. The topologies differ only in the hand-off chosen here."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,7 +26,7 @@ from ingest.spool import Spool
 from ingest.visitors import CarryQuestions, Visitors
 from query_api.keys import KeyStore
 from query_api.rate_limit import RateLimit, RateLimiter, SharedRateLimiter
-from streams import replay, storage
+from streams import goals, replay, storage
 from streams.core import StreamCore
 from streams.embedded import EmbeddedRunner
 from streams.funnels import FunnelRegistry
@@ -182,11 +183,38 @@ def api_server_app(services: Services) -> FastAPI:
     return app
 
 
-def _query_app(services: Services, **options) -> FastAPI:
+def _query_app(services: Services, lifespan=None) -> FastAPI:
     from query_api.app import create_app
 
     return create_app(services.query_context, trusted_proxies=services.settings.trusted_networks,
-                      rate_limiter=_rate_limiter(services.settings), **options)
+                      rate_limiter=_rate_limiter(services.settings),
+                      lifespan=_finishing_goal_backfills(services.client, lifespan))
+
+
+def _finishing_goal_backfills(client: Client, inner=None):
+    """The query API's processes (`api`, `up`) finish goal backfills that a killed process left
+    unfinished (streams/goals.py), at start and every FINISH_EVERY_S, beside `inner`'s lifespan."""
+    async def finish_forever() -> None:
+        while True:
+            try:
+                await asyncio.to_thread(goals.finish_backfills, client)
+            except Exception as exc:  # ClickHouse away: the next round asks again
+                log.warning("could not finish goal backfills: %s", exc)
+            await asyncio.sleep(goals.FINISH_EVERY_S)
+
+    @asynccontextmanager
+    async def lifespan(app) -> AsyncIterator[None]:
+        task = asyncio.create_task(finish_forever())
+        try:
+            if inner is None:
+                yield
+            else:
+                async with inner(app):
+                    yield
+        finally:
+            task.cancel()
+
+    return lifespan
 
 
 def _rate_limiter(settings: Settings) -> RateLimiter | SharedRateLimiter:

@@ -6,10 +6,13 @@ the goal id) for every event that matches one of the site's goals, so converted 
 conversions come from the rollups, exact, like any other number. Goals apply retroactively: on
 creation `backfill` writes the same rows from every stored event and rebuilds their buckets; it
 runs again once every process has seen the new goal (their goal lists are cached a few seconds),
-so events processed in between are covered too."""
+so events processed in between are covered too. Only that second pass is recorded (`goal_backfills`):
+a process killed before it (or during the first) leaves the goal unrecorded, and every query API
+process finishes such goals (`finish_backfills`), at its start and every 30 s."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -23,6 +26,8 @@ from streams import migrations
 from streams import rollups
 from streams.buckets import BUCKET_S
 from streams.read_cache import ReadThroughCache
+
+log = logging.getLogger(__name__)
 
 _COLUMNS = ["site_id", "goal_id", "name", "event_type", "match_path", "match_event", "created_at", "deleted",
             "version"]
@@ -126,16 +131,16 @@ class GoalRegistry:
 
 # Activity rows of one goal from the stored events: per visitor and quarter hour the matching
 # events, and the gap to that visitor's previous matching quarter hour (0 for the first).
-# Their version is 0, below any stream core's: a batch writes its goal rows before its raw events
-# (the commit point), so a backfill reading meanwhile misses the batch's events, and its rows
-# must not replace the batch's (computed from all of that visitor's events). Of two backfills'
-# rows (equal versions) the later insert wins.
-BACKFILL_VERSION = 0
+# Their version is the server's clock in milliseconds when the backfill reads, below any stream
+# core's (nanoseconds): a batch writes its goal rows before its raw events (the commit point), so
+# a backfill reading meanwhile misses the batch's events, and its rows must not replace the
+# batch's (computed from all of that visitor's events). Of two backfills, the later reader's rows
+# win, whichever inserts last (a sweep beside a long first pass in another process).
 _BACKFILL = """
 INSERT INTO activity (site_id, kind, value, bucket, visitor_id, events, pageviews, sessions, bounces, duration_ms,
                       gap, version, is_deleted)
 SELECT site_id, 'goal', {goal:String}, bucket, visitor_id, n, 0, 0, 0, 0,
-       if(previous = 0, 0, intDiv(toUInt32(bucket) - previous, 900)), {version:UInt64}, 0
+       if(previous = 0, 0, intDiv(toUInt32(bucket) - previous, 900)), toUInt64(toUnixTimestamp64Milli(now64(3))), 0
 FROM (
     SELECT site_id, visitor_id, bucket, n,
            lagInFrame(toUInt32(bucket), 1, 0) OVER (PARTITION BY visitor_id ORDER BY bucket
@@ -151,8 +156,7 @@ def backfill(client: Client, goal: Goal) -> int:
     """Write the goal's activity from every stored event and rebuild its buckets; returns how
     many buckets it has."""
     condition, params = goal.sql_condition()
-    client.command(_BACKFILL % condition, parameters={**params, "site": goal.site_id, "goal": goal.goal_id,
-                                                      "version": BACKFILL_VERSION})
+    client.command(_BACKFILL % condition, parameters={**params, "site": goal.site_id, "goal": goal.goal_id})
     quarters = [row[0] for row in client.query(
         f"SELECT DISTINCT intDiv(toUInt32(bucket), {BUCKET_S}) FROM activity"
         " WHERE site_id = {site:String} AND kind = 'goal' AND value = {goal:String}",
@@ -163,13 +167,40 @@ def backfill(client: Client, goal: Goal) -> int:
 
 
 def backfill_twice(client: Client, goal: Goal) -> None:
-    """Backfill now, and again in the background once every process's goal list has it, unless
-    the goal was deleted meanwhile."""
+    """Backfill now, and again in the background once every process's goal list has it (`_last_pass`)."""
     # Scheduled first: it also makes up for a first backfill that fails.
-    migrations.run_later(2 * REFRESH_S,
-                         lambda: backfill(client, goal) if _get(client, goal.goal_id) else _purge(client, goal),
-                         f"second backfill of goal {goal.goal_id}")
+    migrations.run_later(2 * REFRESH_S, lambda: _last_pass(client, goal), f"second backfill of goal {goal.goal_id}")
     backfill(client, goal)
+
+
+def _last_pass(client: Client, goal: Goal) -> None:
+    """Backfill once every stream core has the goal, and record it; unless the goal was deleted
+    meanwhile: then its rows go (a pass that was running may have written some)."""
+    if _get(client, goal.goal_id) is None:
+        _purge(client, goal)
+        return
+    backfill(client, goal)
+    client.insert("goal_backfills", [[goal.site_id, goal.goal_id, datetime.now(timezone.utc)]],
+                  column_names=["site_id", "goal_id", "finished_at"])
+
+
+# A goal this old without a recorded backfill lost its second pass (its process was killed) or
+# is in a long one: passes may run side by side (the later reader's rows win, see _BACKFILL).
+UNFINISHED_AFTER_S = 30
+FINISH_EVERY_S = 30.0
+
+
+def finish_backfills(client: Client) -> int:
+    """Backfill and record every goal whose backfill no process finished; returns how many."""
+    rows = client.query(
+        _SELECT + " AND created_at < now64(3) - toIntervalSecond({after:UInt32})"
+        " AND (site_id, goal_id) NOT IN (SELECT site_id, goal_id FROM goal_backfills)",
+        parameters={"after": UNFINISHED_AFTER_S}).result_rows
+    for goal in map(lambda row: Goal(*row), rows):
+        log.warning("goal %s of site %s has no finished backfill (its process stopped before); backfilling it",
+                    goal.goal_id, goal.site_id)
+        _last_pass(client, goal)
+    return len(rows)
 
 
 def _purge(client: Client, goal: Goal) -> None:

@@ -309,6 +309,23 @@ ORDER BY (worker, reported_at)
 TTL toDateTime(reported_at) + INTERVAL 7 DAY
 """
 
+# -- 9: which goals' backfills finished (streams/goals.py) ---------------------------------------
+
+_GOAL_BACKFILLS = """
+CREATE TABLE IF NOT EXISTS goal_backfills (
+    site_id      String,
+    goal_id      String,
+    finished_at  DateTime64(3, 'UTC')
+) ENGINE = MergeTree
+ORDER BY (site_id, goal_id)
+"""
+
+
+def _goals_so_far_were_backfilled(client: Client, run: Callable[[str], None]) -> None:
+    """Goals made before this migration are taken as backfilled: no ledger said otherwise."""
+    client.command("INSERT INTO goal_backfills SELECT site_id, goal_id, now64(3) FROM goals FINAL WHERE deleted = 0")
+
+
 # -- 8: rollup_15m sorted by UTC day first -------------------------------------------------------
 # A batch recomputes its touched (site, kind, value, day) keys of rollup_1d from the day's quarter
 # hours (streams/rollups.py). Sorted by (site, kind, bucket, value), that read took every
@@ -391,6 +408,7 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     # That other 6's index, unused since retries are looked up in a 6-h window (streams/events.py).
     (7, "no event-id bloom filter", ["ALTER TABLE events DROP INDEX IF EXISTS event_id_bloom"]),
     (8, "rollup_15m sorted by day", [_sort_rollup_15m_by_day]),
+    (9, "goal backfills recorded", [_GOAL_BACKFILLS, _goals_so_far_were_backfilled]),
 ]
 
 # Ledger entries of migrations that shipped under a number now given to another: a database that
@@ -398,7 +416,7 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
 SUPERSEDED = {(6, "event-id bloom filter")}
 
 # Tables holding a site's data: deleting a site deletes its rows from each.
-SITE_DATA_TABLES = ("events", "sessions", "activity", "rollup_15m", "rollup_1d", "goals", "funnels")
+SITE_DATA_TABLES = ("events", "sessions", "activity", "rollup_15m", "rollup_1d", "goals", "goal_backfills", "funnels")
 
 # Migrations after which the derived tables must be rebuilt from the raw events.
 REPLAY_AFTER = {2, 6}

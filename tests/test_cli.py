@@ -62,7 +62,7 @@ def test_up_demo_prints_curl_lines_that_answer(tmp_path):
 def test_migrate_is_idempotent_and_keys_create_prints_working_keys(tmp_path):
     data = str(tmp_path / "data")
     first, second = run("migrate", "--data", data), run("migrate", "--data", data)
-    assert first.returncode == 0 and "applied migrations: [1, 2, 3, 4, 5, 6, 7, 8]" in first.stdout, first.stderr
+    assert first.returncode == 0 and "applied migrations: [1, 2, 3, 4, 5, 6, 7, 8, 9]" in first.stdout, first.stderr
     assert second.returncode == 0 and "schema is up to date" in second.stdout, second.stderr
 
     created = run("keys", "create", "--account", "acme", "--data", data)
@@ -211,6 +211,37 @@ print(json.dumps([
 """
 
 
+_AT_SCHEMA_8_WITH_GOALS = """
+import sys
+from streams import migrations, replay, storage
+from streams.goals import GoalRegistry
+client = storage.connect(sys.argv[1])
+migrations.MIGRATIONS = [m for m in migrations.MIGRATIONS if m[0] <= 8]  # the release before 9
+replay.upgrade(client, 1800, 400)
+goals = GoalRegistry(client)
+goals.create("s1", "Kept", "event", match_event="purchase")
+goals.delete(goals.create("s1", "Deleted", "event", match_event="signup"))
+"""
+
+
+def test_migration_9_takes_the_goals_so_far_as_backfilled(tmp_path):
+    """Goals of earlier releases had both passes in their process (no record was kept): after the
+    migration each existing goal is recorded, so no process backfills them all again."""
+    url = f"chdb://{tmp_path / 'ch'}"
+    seeded = subprocess.run([sys.executable, "-c", _AT_SCHEMA_8_WITH_GOALS, url], capture_output=True, text=True,
+                            timeout=120)
+    assert seeded.returncode == 0, seeded.stderr
+    env = {**os.environ, "BK_CLICKHOUSE_URL": url}
+    first = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
+    assert first.returncode == 0 and "applied migrations: [9]" in first.stdout, first.stdout + first.stderr
+    check = ("import sys; from streams import goals, storage; c = storage.connect(sys.argv[1]); print(c.query("
+             "'SELECT g.name FROM goal_backfills b JOIN goals g USING (site_id, goal_id)').result_rows, "
+             "goals.UNFINISHED_AFTER_S, end=' '); goals.UNFINISHED_AFTER_S = 0; print(goals.finish_backfills(c))")
+    out = subprocess.run([sys.executable, "-c", check, url], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[('Kept',)]", "30", "0"]
+
+
 def test_migration_8_sorts_rollup_15m_by_day_and_keeps_every_row(tmp_path):
     """A database of the release before migration 8: rollup_15m sorted by quarter hour, then value.
     `migrate` copies it into the order by day and swaps it in, every row kept as it was (version
@@ -228,7 +259,7 @@ def test_migration_8_sorts_rollup_15m_by_day_and_keeps_every_row(tmp_path):
     assert key == [["site_id, kind, bucket, value"]] and tables == [["rollup_15m"]] and len(before) > 100
     env = {**os.environ, "BK_CLICKHOUSE_URL": url}
     first = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
-    assert first.returncode == 0 and "applied migrations: [8]" in first.stdout, first.stdout + first.stderr
+    assert first.returncode == 0 and "applied migrations: [8, 9]" in first.stdout, first.stdout + first.stderr
     key, after, tables = rollups()
     assert key == [["site_id, kind, toDate(bucket), value, bucket"]] and tables == [["rollup_15m"]]
     assert after == before
@@ -324,7 +355,7 @@ def test_a_migrate_killed_after_the_swap_copies_the_old_table_back_at_the_next_s
     assert killed.returncode == 9, killed.stderr
     env = {**os.environ, "BK_CLICKHOUSE_URL": url}
     again = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
-    assert again.returncode == 0 and "applied migrations: [8]" in again.stdout, again.stdout + again.stderr
+    assert again.returncode == 0 and "applied migrations: [8, 9]" in again.stdout, again.stdout + again.stderr
     check = ("import sys; from streams import storage; c = storage.connect(sys.argv[1]); print("
              "c.query(\"SELECT sum(events) FROM rollup_15m FINAL WHERE site_id = 'late'\").result_rows[0][0], "
              "c.query(\"SELECT count() FROM system.tables WHERE database = currentDatabase()"
