@@ -196,7 +196,7 @@ def finish_backfills(client: Client) -> int:
         _SELECT + " AND created_at < now64(3) - toIntervalSecond({after:UInt32})"
         " AND (site_id, goal_id) NOT IN (SELECT site_id, goal_id FROM goal_backfills)",
         parameters={"after": UNFINISHED_AFTER_S}).result_rows
-    for goal in map(lambda row: Goal(*row), rows):
+    for goal in (Goal(*row) for row in rows):
         log.warning("goal %s of site %s has no finished backfill (its process stopped before); backfilling it",
                     goal.goal_id, goal.site_id)
         _last_pass(client, goal)

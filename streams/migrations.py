@@ -309,23 +309,6 @@ ORDER BY (worker, reported_at)
 TTL toDateTime(reported_at) + INTERVAL 7 DAY
 """
 
-# -- 9: which goals' backfills finished (streams/goals.py) ---------------------------------------
-
-_GOAL_BACKFILLS = """
-CREATE TABLE IF NOT EXISTS goal_backfills (
-    site_id      String,
-    goal_id      String,
-    finished_at  DateTime64(3, 'UTC')
-) ENGINE = MergeTree
-ORDER BY (site_id, goal_id)
-"""
-
-
-def _goals_so_far_were_backfilled(client: Client, run: Callable[[str], None]) -> None:
-    """Goals made before this migration are taken as backfilled: no ledger said otherwise."""
-    client.command("INSERT INTO goal_backfills SELECT site_id, goal_id, now64(3) FROM goals FINAL WHERE deleted = 0")
-
-
 # -- 8: rollup_15m sorted by UTC day first -------------------------------------------------------
 # A batch recomputes its touched (site, kind, value, day) keys of rollup_1d from the day's quarter
 # hours (streams/rollups.py). Sorted by (site, kind, bucket, value), that read took every
@@ -389,6 +372,23 @@ _SWAP = ("RENAME TABLE rollup_15m_by_day TO rollup_15m_swapping, rollup_15m TO r
 _DROP_LEFTOVERS = ["DROP TABLE IF EXISTS rollup_15m_by_bucket", "DROP TABLE IF EXISTS rollup_15m_by_day"]
 # The DDL it runs, as `cluster_ddl` lists it.
 _sort_rollup_15m_by_day.ddl = [_ROLLUP_15M_BY_DAY, _SWAP, *_DROP_LEFTOVERS]
+
+
+# -- 9: which goals' backfills finished (streams/goals.py) ---------------------------------------
+
+_GOAL_BACKFILLS = """
+CREATE TABLE IF NOT EXISTS goal_backfills (
+    site_id      String,
+    goal_id      String,
+    finished_at  DateTime64(3, 'UTC')
+) ENGINE = MergeTree
+ORDER BY (site_id, goal_id)
+"""
+
+
+def _goals_so_far_were_backfilled(client: Client, run: Callable[[str], None]) -> None:
+    """Goals made before this migration are taken as backfilled: no ledger said otherwise."""
+    client.command("INSERT INTO goal_backfills SELECT site_id, goal_id, now64(3) FROM goals FINAL WHERE deleted = 0")
 
 
 Step = str | Callable[[Client, Callable[[str], None]], None]
