@@ -23,6 +23,11 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
 
 
+def python_c(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`code` in a Python process of its own (a chDB folder opens in one process at a time)."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.slow
 def test_up_demo_prints_curl_lines_that_answer(tmp_path):
     port = free_port()
@@ -114,17 +119,16 @@ def test_an_upgrade_killed_mid_replay_replays_at_the_next_start(tmp_path):
     during that replay had already recorded 6, so the next start skipped the replay and the
     derived tables stayed as they were, for good."""
     url = f"chdb://{tmp_path / 'ch'}"
-    seeded = subprocess.run([sys.executable, "-c", _AT_SCHEMA_5, url], capture_output=True, text=True, timeout=120)
+    seeded = python_c(_AT_SCHEMA_5, url)
     assert seeded.returncode == 0, seeded.stderr
-    killed = subprocess.run([sys.executable, "-c", _KILLED_MID_REPLAY, url], capture_output=True, text=True,
-                            timeout=120)
+    killed = python_c(_KILLED_MID_REPLAY, url)
     assert killed.returncode == -9, killed.stderr
     again = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "BK_CLICKHOUSE_URL": url})
     assert again.returncode == 0 and "applied migrations: [6]" in again.stdout, again.stdout + again.stderr
     check = "import sys; from streams import storage; print(storage.connect(sys.argv[1]).query(" \
             "'SELECT count() FROM sessions FINAL').result_rows[0][0])"
-    sessions = subprocess.run([sys.executable, "-c", check, url], capture_output=True, text=True, timeout=120)
+    sessions = python_c(check, url)
     assert sessions.stdout.strip() == "3", sessions.stderr  # three visitors' sessions rebuilt
 
 
@@ -135,7 +139,7 @@ def test_migrate_rebuild_fills_derived_tables_a_killed_replay_of_an_old_release_
     --rebuild` rebuilds them from the raw events on request."""
     url = f"chdb://{tmp_path / 'ch'}"
     seed = _AT_SCHEMA_5.replace("client.command(\"ALTER TABLE schema_migrations DELETE", "# (\"ALTER TABLE")
-    seeded = subprocess.run([sys.executable, "-c", seed, url], capture_output=True, text=True, timeout=120)
+    seeded = python_c(seed, url)
     assert seeded.returncode == 0, seeded.stderr
     env = {**os.environ, "BK_CLICKHOUSE_URL": url}
     check = ("import sys; from streams import storage; c = storage.connect(sys.argv[1]); print("
@@ -143,7 +147,7 @@ def test_migrate_rebuild_fills_derived_tables_a_killed_replay_of_an_old_release_
              " FROM rollup_1d FINAL WHERE kind = 'total'\").result_rows[0][0])")
 
     def derived() -> list[str]:
-        out = subprocess.run([sys.executable, "-c", check, url], capture_output=True, text=True, timeout=120)
+        out = python_c(check, url)
         return out.stdout.split()
 
     plain = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
@@ -169,7 +173,7 @@ def test_a_database_whose_migration_6_was_the_bloom_filter_gets_the_countries_re
     given to "countries by the period's events" later. Their databases had 6 recorded, so an
     upgrade skipped the replay and stats/countries answered [] for the stored events."""
     url = f"chdb://{tmp_path / 'ch'}"
-    seeded = subprocess.run([sys.executable, "-c", _AT_1A1FA3D, url], capture_output=True, text=True, timeout=120)
+    seeded = python_c(_AT_1A1FA3D, url)
     assert seeded.returncode == 0, seeded.stderr
     env = {**os.environ, "BK_CLICKHOUSE_URL": url}
     first = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
@@ -179,7 +183,7 @@ def test_a_database_whose_migration_6_was_the_bloom_filter_gets_the_countries_re
     check = ("import sys; from streams import storage; c = storage.connect(sys.argv[1]); print("
              "c.query('SELECT count() FROM sessions FINAL').result_rows[0][0], "
              "c.query(\"SELECT count() FROM system.data_skipping_indices WHERE table = 'events'\").result_rows[0][0])")
-    out = subprocess.run([sys.executable, "-c", check, url], capture_output=True, text=True, timeout=120)
+    out = python_c(check, url)
     assert out.stdout.split() == ["3", "0"], out.stdout + out.stderr  # rebuilt; the unused index dropped
 
 
@@ -228,8 +232,7 @@ def test_migration_9_takes_the_goals_so_far_as_backfilled(tmp_path):
     """Goals of earlier releases had both passes in their process (no record was kept): after the
     migration each existing goal is recorded, so no process backfills them all again."""
     url = f"chdb://{tmp_path / 'ch'}"
-    seeded = subprocess.run([sys.executable, "-c", _AT_SCHEMA_8_WITH_GOALS, url], capture_output=True, text=True,
-                            timeout=120)
+    seeded = python_c(_AT_SCHEMA_8_WITH_GOALS, url)
     assert seeded.returncode == 0, seeded.stderr
     env = {**os.environ, "BK_CLICKHOUSE_URL": url}
     first = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
@@ -237,7 +240,7 @@ def test_migration_9_takes_the_goals_so_far_as_backfilled(tmp_path):
     check = ("import sys; from streams import goals, storage; c = storage.connect(sys.argv[1]); print(c.query("
              "'SELECT g.name FROM goal_backfills b JOIN goals g USING (site_id, goal_id)').result_rows, "
              "goals.UNFINISHED_AFTER_S, end=' '); goals.UNFINISHED_AFTER_S = 0; print(goals.finish_backfills(c))")
-    out = subprocess.run([sys.executable, "-c", check, url], capture_output=True, text=True, timeout=120)
+    out = python_c(check, url)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["[('Kept',)]", "30", "0"]
 
@@ -247,11 +250,11 @@ def test_migration_8_sorts_rollup_15m_by_day_and_keeps_every_row(tmp_path):
     `migrate` copies it into the order by day and swaps it in, every row kept as it was (version
     included); a second `migrate` finds nothing to do."""
     url = f"chdb://{tmp_path / 'ch'}"
-    seeded = subprocess.run([sys.executable, "-c", _AT_SCHEMA_7, url], capture_output=True, text=True, timeout=120)
+    seeded = python_c(_AT_SCHEMA_7, url)
     assert seeded.returncode == 0, seeded.stderr
 
     def rollups() -> list:
-        out = subprocess.run([sys.executable, "-c", _ROLLUPS, url], capture_output=True, text=True, timeout=120)
+        out = python_c(_ROLLUPS, url)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
@@ -336,10 +339,9 @@ def test_two_processes_migrating_at_once_swap_once_and_keep_every_row(tmp_path, 
     others: the swap used to rename `rollup_15m` first, and then a late swap renamed the new table
     away and failed, leaving no `rollup_15m` (a flaky failure of `race` under load)."""
     url = f"chdb://{tmp_path / 'ch'}"
-    seeded = subprocess.run([sys.executable, "-c", _AT_SCHEMA_7, url], capture_output=True, text=True, timeout=120)
+    seeded = python_c(_AT_SCHEMA_7, url)
     assert seeded.returncode == 0, seeded.stderr
-    raced = subprocess.run([sys.executable, "-c", _TWO_MIGRATORS, url, how], capture_output=True, text=True,
-                           timeout=180)
+    raced = python_c(_TWO_MIGRATORS, url, how, timeout=180)
     assert raced.returncode == 0, raced.stderr
     failures, unchanged, rows, key, tables = json.loads(raced.stdout)
     assert failures == [] and unchanged and rows > 100
@@ -348,10 +350,9 @@ def test_two_processes_migrating_at_once_swap_once_and_keep_every_row(tmp_path, 
 
 def test_a_migrate_killed_after_the_swap_copies_the_old_table_back_at_the_next_start(tmp_path):
     url = f"chdb://{tmp_path / 'ch'}"
-    seeded = subprocess.run([sys.executable, "-c", _AT_SCHEMA_7, url], capture_output=True, text=True, timeout=120)
+    seeded = python_c(_AT_SCHEMA_7, url)
     assert seeded.returncode == 0, seeded.stderr
-    killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER_SWAP, url], capture_output=True, text=True,
-                            timeout=120)
+    killed = python_c(_KILLED_AFTER_SWAP, url)
     assert killed.returncode == 9, killed.stderr
     env = {**os.environ, "BK_CLICKHOUSE_URL": url}
     again = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
@@ -360,7 +361,7 @@ def test_a_migrate_killed_after_the_swap_copies_the_old_table_back_at_the_next_s
              "c.query(\"SELECT sum(events) FROM rollup_15m FINAL WHERE site_id = 'late'\").result_rows[0][0], "
              "c.query(\"SELECT count() FROM system.tables WHERE database = currentDatabase()"
              " AND name LIKE 'rollup_15m%'\").result_rows[0][0])")
-    out = subprocess.run([sys.executable, "-c", check, url], capture_output=True, text=True, timeout=120)
+    out = python_c(check, url)
     assert out.stdout.split() == ["7", "1"], out.stdout + out.stderr  # the late row carried over; one table
 
 
