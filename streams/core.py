@@ -133,21 +133,18 @@ class StreamCore:
         sessions.write(self._client, changes.sessions, changes.dead_sessions, version)
         activity.write(self._client, changes.activity, changes.dead_activity, version)
         rollups.rebuild(self._client, changes.rollup_keys)
-        # What this batch read as stored: a copy of any other event found at the commit point was
-        # written meanwhile by another core.
-        seen = stored_as.keys() | {(site_id, event_id) for (site_id, _), events in stored.items() for event_id in events}
-        raw_events.write(self._client, self._not_taken_meanwhile(changes.events, seen))  # the commit point
+        raw_events.write(self._client, self._not_taken_meanwhile(changes.events, stored_as, stored))  # the commit point
         self._remember(changes.derived)
         for table, rows in (("sessions", len(changes.sessions) + len(changes.dead_sessions)),
                             ("activity", len(changes.activity) + len(changes.dead_activity)),
                             ("rollup_keys", len(changes.rollup_keys)), ("events", len(changes.events))):
             metrics.ROWS_WRITTEN.labels(table).inc(rows)
 
-    def _not_taken_meanwhile(self, rows: list[tuple[Event, int]], seen: set[tuple[str, str]]
+    def _not_taken_meanwhile(self, rows: list[tuple[Event, int]], stored_as: dict, history: dict
                              ) -> list[tuple[Event, int]]:
-        """The rows to store, less events another core stored since this batch read (`seen`: what
-        it read as stored): a worker stalled past the rebalance timeout writes after its
-        partitions' new owner. Its derived rows lose to the owner's (older version), but its raw
+        """The rows to store, less events another core stored since this batch read them as not
+        stored (`stored_as`: the batch's ids found stored; `history`: its visitors' stored events):
+        a worker stalled past the rebalance timeout writes after its partitions' new owner. Its derived rows lose to the owner's (older version), but its raw
         copies would replace the owner's: a copy at another time (the owner kept a client's
         original over this batch's retry) would be a second event, and one at the same time may
         carry an older session id (the owner also saw an earlier event that joined two sessions;
@@ -161,9 +158,12 @@ class StreamCore:
         maybe = [e for e, _ in rows if e.event_id[14:15] != "7"]
         if not maybe:
             return rows
+        def was_stored(e: Event) -> bool:
+            return (e.site_id, e.event_id) in stored_as or e.event_id in history.get((e.site_id, e.visitor_id), {})
+
         stored = raw_events.owners(self._client, maybe)
         taken = {key for e in maybe if (owner := stored.get(key := (e.site_id, e.event_id))) is not None
-                 and (owner.timestamp != e.timestamp or key not in seen)}
+                 and (owner.timestamp != e.timestamp or not was_stored(e))}
         if taken:
             log.warning("%d events were stored by another worker since this batch read them; their copies here are"
                         " dropped", len(taken))
