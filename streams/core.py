@@ -133,40 +133,32 @@ class StreamCore:
         sessions.write(self._client, changes.sessions, changes.dead_sessions, version)
         activity.write(self._client, changes.activity, changes.dead_activity, version)
         rollups.rebuild(self._client, changes.rollup_keys)
-        raw_events.write(self._client, self._not_taken_meanwhile(changes.events, stored_as, stored))  # the commit point
+        raw_events.write(self._client, self._not_taken_meanwhile(changes.events), version)  # the commit point
         self._remember(changes.derived)
         for table, rows in (("sessions", len(changes.sessions) + len(changes.dead_sessions)),
                             ("activity", len(changes.activity) + len(changes.dead_activity)),
                             ("rollup_keys", len(changes.rollup_keys)), ("events", len(changes.events))):
             metrics.ROWS_WRITTEN.labels(table).inc(rows)
 
-    def _not_taken_meanwhile(self, rows: list[tuple[Event, int]], stored_as: dict, history: dict
-                             ) -> list[tuple[Event, int]]:
-        """The rows to store, less events another core stored since this batch read them as not
-        stored (`stored_as`: the batch's ids found stored; `history`: its visitors' stored events):
-        a worker stalled past the rebalance timeout writes after its partitions' new owner. Its derived rows lose to the owner's (older version), but its raw
-        copies would replace the owner's: a copy at another time (the owner kept a client's
-        original over this batch's retry) would be a second event, and one at the same time may
-        carry an older session id (the owner also saw an earlier event that joined two sessions;
-        a chaos run with SIGSTOP left 372 events under a deleted session, and funnels short).
-        Server-made ids (UUIDv7) are not asked about: stamped on arrival, a visitor's events reach
-        its one partition in time order, so the new owner saw only later events besides these,
-        which move no session's start (its id), and no copies at other times exist. Asking about
-        every event cost ~150 ms a 5,000-event batch (chDB in-process, 40,000 events stored)."""
+    def _not_taken_meanwhile(self, rows: list[tuple[Event, int]]) -> list[tuple[Event, int]]:
+        """The rows to store, less retries whose original another core stored since this batch
+        read: a worker stalled past the rebalance timeout writes after its partitions' new owner,
+        which read the retry and its original and kept the original. The stalled copies of events
+        at their own times lose to the owner's (older version), but a retry at another time is
+        another row, a second event. Server-made ids (UUIDv7) are not asked about: stamped on
+        arrival, they are never retried. Asking about every event cost ~150 ms a 5,000-event batch
+        (chDB in-process, 40,000 events stored)."""
         if self._sole_writer:
             return rows
         maybe = [e for e, _ in rows if e.event_id[14:15] != "7"]
         if not maybe:
             return rows
-        def was_stored(e: Event) -> bool:
-            return (e.site_id, e.event_id) in stored_as or e.event_id in history.get((e.site_id, e.visitor_id), {})
-
         stored = raw_events.owners(self._client, maybe)
         taken = {key for e in maybe if (owner := stored.get(key := (e.site_id, e.event_id))) is not None
-                 and (owner.timestamp != e.timestamp or not was_stored(e))}
+                 and owner.timestamp != e.timestamp}
         if taken:
-            log.warning("%d events were stored by another worker since this batch read them; their copies here are"
-                        " dropped", len(taken))
+            log.warning("%d retries' originals were stored by another worker since this batch read them; the retries"
+                        " are dropped", len(taken))
         return [(e, session) for e, session in rows if (e.site_id, e.event_id) not in taken]
 
     def _history(self, days: dict[tuple[str, int], set[date]]) -> dict:

@@ -15,7 +15,7 @@ from ingest.event import Event
 from streams.buckets import history_windows
 
 _FIELDS = tuple(Event.model_fields)  # the wire contract's fields are the columns, in its order
-_COLUMNS = [*_FIELDS, "session_id"]
+_COLUMNS = [*_FIELDS, "session_id", "version"]
 # A retried event (same client event id, a later arrival time) is found this far from its copy.
 # The lookup reads the event ids of the site's events in the window (a bloom-filter index skips
 # nothing for 500 ids against 8,192-row granules): 6 hours of a 1M-events-a-day site cost ~5 ms.
@@ -33,15 +33,16 @@ class StoredEvent(namedtuple("_Fields", _FIELDS)):
         return self.name == "pageview"
 
 
-# Where a row was inserted, in insertion order: copies of one event not merged yet (a redelivery,
-# a corrected re-import another core wrote) come back in no set order, and the last inserted is
-# the one FINAL (and a merge) keeps. A part's name starts with its partition id (toYYYYMM: no "_")
-# and its first block number; within a part, rows of one key keep their insertion order. One
-# number (block · 2³² + offset): a tuple column cost ~3 µs a row to convert.
-_INSERTED = "bitShiftLeft(toUInt64(splitByChar('_', _part)[2]), 32) + _part_offset"
+# Which of a key's rows FINAL (and a merge) keeps: copies of one event not merged yet (a
+# redelivery, a corrected re-import, a rewrite by another core) come back in no set order; the
+# highest version wins, of equal versions the last inserted. A part's name starts with its
+# partition id (toYYYYMM: no "_") and its first block number; within a part, rows of one key keep
+# their insertion order. Insertion as one number (block · 2³² + offset): a tuple column cost ~3 µs
+# a row to convert.
+_KEPT = "version, bitShiftLeft(toUInt64(splitByChar('_', _part)[2]), 32) + _part_offset"
 
 # No FINAL: PREWHERE on visitor_id stays possible; copies of one event are collapsed here. Read
-# without `_INSERTED` first: it made the read ~40 ms slower at 5M events in the window, and copies
+# without `_KEPT` first: it made the read ~40 ms slower at 5M events in the window, and copies
 # are rare (they last until a merge).
 _HISTORY = """
 SELECT {columns} FROM events
@@ -71,11 +72,12 @@ def first_arrivals(batch: Sequence[Event]) -> dict[tuple[str, str], Event]:
     return first
 
 
-def write(client: Client, events: list[tuple[Event | StoredEvent, int]]) -> None:
+def write(client: Client, events: list[tuple[Event | StoredEvent, int]], version: int) -> None:
     """Insert (event, session id) rows, by column; a row for an existing event id replaces the
-    stored one."""
+    stored one unless that one has a higher version (was written by a batch that read later)."""
     if events:
-        columns = [[getattr(e, f) for e, _ in events] for f in _FIELDS] + [[sid for _, sid in events]]
+        columns = [[getattr(e, f) for e, _ in events] for f in _FIELDS] + [[sid for _, sid in events],
+                                                                             [version] * len(events)]
         client.insert("events", columns, column_names=_COLUMNS, column_oriented=True)
 
 
@@ -98,10 +100,10 @@ def history(client: Client, visitors: set[tuple[str, int]], start: datetime, end
             if (event.site_id, event.visitor_id) in visitors:
                 out[(event.site_id, event.visitor_id)][event.event_id] = event
         return out
-    rows = client.query(_HISTORY.format(columns=f"{_SELECT}, {_INSERTED}"), parameters=parameters).result_rows
-    kept: dict[tuple[str, str], tuple[int, tuple[str, int]]] = {}  # (site, id) → (inserted, visitor)
+    rows = client.query(_HISTORY.format(columns=f"{_SELECT}, {_KEPT}"), parameters=parameters).result_rows
+    kept: dict[tuple[str, str], tuple[tuple[int, int], tuple[str, int]]] = {}  # (site, id) → (_KEPT, visitor)
     for row in rows:
-        event, inserted = _event(row[:-1]), row[-1]
+        event, inserted = _event(row[:-2]), row[-2:]
         visitor = (event.site_id, event.visitor_id)
         if visitor not in visitors:
             continue
@@ -127,10 +129,10 @@ def owners(client: Client, events: Sequence[Event], chunk: int = 2000) -> dict[t
     covers (ids go as query parameters: a few thousand at a time), pruned by the sorting key
     (site, timestamp)."""
     found: dict[tuple[str, str], Owner] = {}
-    inserted_at: dict[tuple[str, str], int] = {}
-    for event_id, site_id, visitor_id, at, inserted in _near(
-            client, events, f"toString(event_id), site_id, visitor_id, timestamp, {_INSERTED}", chunk):
-        if inserted_at.get((site_id, event_id), inserted) <= inserted:  # the last inserted copy
+    inserted_at: dict[tuple[str, str], tuple[int, int]] = {}
+    for event_id, site_id, visitor_id, at, *inserted in _near(
+            client, events, f"toString(event_id), site_id, visitor_id, timestamp, {_KEPT}", chunk):
+        if inserted_at.get((site_id, event_id), inserted) <= inserted:  # the copy FINAL keeps
             inserted_at[(site_id, event_id)] = inserted
             found[(site_id, event_id)] = Owner(site_id, visitor_id, at.replace(tzinfo=timezone.utc))
     return found

@@ -67,7 +67,7 @@ def test_up_demo_prints_curl_lines_that_answer(tmp_path):
 def test_migrate_is_idempotent_and_keys_create_prints_working_keys(tmp_path):
     data = str(tmp_path / "data")
     first, second = run("migrate", "--data", data), run("migrate", "--data", data)
-    assert first.returncode == 0 and "applied migrations: [1, 2, 3, 4, 5, 6, 7, 8, 9]" in first.stdout, first.stderr
+    assert first.returncode == 0 and "applied migrations: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]" in first.stdout, first.stderr
     assert second.returncode == 0 and "schema is up to date" in second.stdout, second.stderr
 
     created = run("keys", "create", "--account", "acme", "--data", data)
@@ -194,7 +194,8 @@ from ingest.event import Event
 from streams import migrations, replay, storage
 from streams.core import StreamCore
 client = storage.connect(sys.argv[1])
-migrations.MIGRATIONS = [m for m in migrations.MIGRATIONS if m[0] <= 7]  # the release before 8
+# The release before 8, with raw events as the stream core writes them now (10).
+migrations.MIGRATIONS = [m for m in migrations.MIGRATIONS if m[0] <= 7 or m[0] == 10]
 replay.upgrade(client, 1800, 400)
 at = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) - timedelta(hours=30)
 StreamCore(client, 1800).process([
@@ -220,7 +221,7 @@ import sys
 from streams import migrations, replay, storage
 from streams.goals import GoalRegistry
 client = storage.connect(sys.argv[1])
-migrations.MIGRATIONS = [m for m in migrations.MIGRATIONS if m[0] <= 8]  # the release before 9
+migrations.MIGRATIONS = [m for m in migrations.MIGRATIONS if m[0] <= 8 or m[0] == 10]  # as above, before 9
 replay.upgrade(client, 1800, 400)
 goals = GoalRegistry(client)
 goals.create("s1", "Kept", "event", match_event="purchase")
@@ -243,6 +244,69 @@ def test_migration_9_takes_the_goals_so_far_as_backfilled(tmp_path):
     out = python_c(check, url)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["[('Kept',)]", "30", "0"]
+
+
+_AT_SCHEMA_9 = """
+import sys
+from streams import migrations, replay, storage
+client = storage.connect(sys.argv[1])
+migrations.MIGRATIONS = [m for m in migrations.MIGRATIONS if m[0] <= 9]  # the release before 10
+replay.upgrade(client, 1800, 400)
+client.command("SYSTEM STOP MERGES events")
+# Raw events as that release wrote them (no version): 300 events, then a second copy of one of them
+# (a rewrite into another session) in a part of its own, not merged.
+client.command("INSERT INTO events (event_id, site_id, timestamp, name, visitor_id, session_id, pathname)"
+               " SELECT generateUUIDv4(number), 's', toDateTime64('2026-11-20 10:00:00', 3, 'UTC') + number * 60,"
+               " 'pageview', number % 7, number % 7, concat('/', toString(number % 5)) FROM numbers(300)")
+client.command("INSERT INTO events (event_id, site_id, timestamp, name, visitor_id, session_id, pathname)"
+               " SELECT event_id, site_id, timestamp, name, visitor_id, 99, pathname FROM events"
+               " WHERE session_id = 3 ORDER BY timestamp LIMIT 1")
+"""
+
+_RAW_EVENTS = """
+import json, sys
+from streams import migrations, storage
+c = storage.connect(sys.argv[1])
+print(json.dumps([
+    migrations._table_fact(c, None, "events", "engine_full").split(" PARTITION")[0],
+    c.query("SELECT * EXCEPT version FROM events FINAL ORDER BY ALL").result_rows,
+    c.query("SELECT count(), countIf(session_id = 99) FROM events FINAL").result_rows,
+    c.query("SELECT name FROM system.tables WHERE database = currentDatabase() AND name LIKE 'events%'").result_rows,
+], default=str))
+"""
+
+
+def test_migration_10_versions_the_raw_events_and_keeps_what_final_read(tmp_path):
+    """A database of the release before migration 10: raw events without a version, the last
+    inserted copy of an event winning. `migrate` copies them, deduplicated as FINAL read them,
+    into the versioned table and swaps it in; a copy written later with a version wins over them,
+    and one with a lower version (a batch that read earlier) loses whatever its insert order."""
+    url = f"chdb://{tmp_path / 'ch'}"
+    seeded = python_c(_AT_SCHEMA_9, url)
+    assert seeded.returncode == 0, seeded.stderr
+
+    def raw() -> list:
+        out = python_c(_RAW_EVENTS, url)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    engine, before, counts, tables = raw()
+    assert engine == "ReplacingMergeTree" and counts == [[300, 1]] and tables == [["events"]]
+    env = {**os.environ, "BK_CLICKHOUSE_URL": url}
+    first = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
+    assert first.returncode == 0 and "applied migrations: [10]" in first.stdout, first.stdout + first.stderr
+    engine, after, counts, tables = raw()
+    assert engine == "ReplacingMergeTree(version)" and tables == [["events"]]
+    assert after == before and counts == [[300, 1]]
+    rewrite = ("import sys; from streams import events, storage; c = storage.connect(sys.argv[1]);"
+               " (stored,) = events.of_day(c, __import__('datetime').date(2026, 11, 20))[:1];"
+               " events.write(c, [(stored, 1)], 2); events.write(c, [(stored, 2)], 1);"
+               " print(c.query('SELECT session_id, version FROM events FINAL WHERE event_id = {i:UUID}',"
+               " parameters={'i': stored.event_id}).result_rows)")
+    out = python_c(rewrite, url)
+    assert out.stdout.strip() == "[(1, 2)]", out.stdout + out.stderr
+    second = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
+    assert second.returncode == 0 and "schema is up to date" in second.stdout, second.stdout + second.stderr
 
 
 def test_migration_8_sorts_rollup_15m_by_day_and_keeps_every_row(tmp_path):
@@ -283,15 +347,15 @@ run = migrations._runner(client, None)
 both_copied = threading.Barrier(2)
 late_at_swap, early_done = threading.Event(), threading.Event()
 def racing(statement):
-    if statement == migrations._SWAP:
+    if statement == migrations._sort_rollup_15m_by_day.swap:
         both_copied.wait(timeout=60)
     run(statement)
 def early(statement):
-    if statement == migrations._SWAP:
+    if statement == migrations._sort_rollup_15m_by_day.swap:
         late_at_swap.wait(timeout=60)
     run(statement)
 def late(statement):
-    if statement == migrations._SWAP:
+    if statement == migrations._sort_rollup_15m_by_day.swap:
         late_at_swap.set()
         early_done.wait(timeout=60)
     run(statement)

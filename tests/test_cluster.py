@@ -32,12 +32,17 @@ def embedded_tables(services) -> dict[str, tuple[str, str]]:
 
 def test_every_table_is_replicated_on_the_cluster_behind_a_distributed_front(embedded_tables):
     ddl = cluster_ddl(CLUSTER)
-    creates = {m.group(1): statement for statement in ddl
-               if (m := re.match(r"CREATE TABLE IF NOT EXISTS (\w+) ON CLUSTER bk_cluster ", statement))}
+    creates: dict[str, tuple[str, str]] = {}  # table → (its create, the name it was created as)
+    for statement in ddl:
+        if m := re.match(r"CREATE TABLE IF NOT EXISTS (\w+) ON CLUSTER bk_cluster ", statement):
+            creates[m.group(1)] = (statement, m.group(1))
+        elif m := re.match(r"RENAME TABLE (.*) ON CLUSTER", statement):  # a rewrite's swap (migrations 8, 10)
+            for old, new in re.findall(r"(\w+) TO (\w+)", m.group(1)):
+                creates[new] = creates.pop(old)
     for table, (engine, plain) in embedded_tables.items():
-        local, front = creates[f"{table}_local"], creates[table]
-        assert f"ENGINE = Replicated{engine}('/clickhouse/tables/{{shard}}/{{database}}/{table}_local', '{{replica}}'" \
-            in local, table
+        (local, created_as), (front, _) = creates[f"{table}_local"], creates[table]
+        assert f"ENGINE = Replicated{engine}('/clickhouse/tables/{{shard}}/{{database}}/{created_as}'," \
+               " '{replica}'" in local, table
         # The engine's own arguments (version, is_deleted) survive.
         arguments = re.search(rf"ENGINE = {engine}\(([^)]*)\)", plain)
         if arguments and arguments.group(1):
@@ -49,12 +54,15 @@ def test_every_table_is_replicated_on_the_cluster_behind_a_distributed_front(emb
     alters = [s for s in ddl if s.startswith("ALTER")]
     assert alters and all(re.match(r"ALTER TABLE \w+ ON CLUSTER", s) for s in alters)
     assert {"events", "sessions", "activity", "rollup_15m", "rollup_1d"} <= {
-        t for t in embedded_tables if "cityHash64(site_id)" in creates[t]}
+        t for t in embedded_tables if "cityHash64(site_id)" in creates[t][0]}
 
 
 def test_the_cluster_ddl_parses_in_the_real_engine(services):
     for statement in cluster_ddl(CLUSTER):
         services.client.query(f"EXPLAIN AST {statement}")  # a syntax error raises
+    for rewrite in (migrations._sort_rollup_15m_by_day, migrations._version_events):  # their copies back
+        old = f"cluster('{CLUSTER.name}', currentDatabase(), {rewrite.old}_local)"
+        services.client.query(f"EXPLAIN AST INSERT INTO {rewrite.table} {rewrite.rows.format(source=old)}")
 
 
 def test_the_embedded_schema_has_no_cluster_parts(embedded_tables):
@@ -68,15 +76,22 @@ def test_mutations_and_retention_go_to_the_shards():
         "ALTER TABLE events_local ON CLUSTER bk_cluster DELETE WHERE site_id = {site:String}"
 
 
-def test_the_re_sort_of_rollup_15m_swaps_the_shards_tables():
-    """Migration 8 swaps the local tables: each Distributed front names its local table, so the
-    front `rollup_15m` reads the new one after the swap."""
+def test_the_table_rewrites_swap_the_shards_tables():
+    """Migrations 8 and 10 swap the local tables: each Distributed front names its local table, so
+    the front reads the new one after the swap. The front `events` takes the new column itself."""
     swap = ("RENAME TABLE rollup_15m_by_day TO rollup_15m_swapping, rollup_15m TO rollup_15m_by_bucket,"
             " rollup_15m_swapping TO rollup_15m")
+    assert migrations._sort_rollup_15m_by_day.swap == swap
     assert CLUSTER.statements(swap) == [
         "RENAME TABLE rollup_15m_by_day_local TO rollup_15m_swapping_local, rollup_15m_local TO"
         " rollup_15m_by_bucket_local, rollup_15m_swapping_local TO rollup_15m_local ON CLUSTER bk_cluster"]
-    assert [s for s in cluster_ddl(CLUSTER) if s.startswith("RENAME")] == CLUSTER.statements(swap)
+    events = ["RENAME TABLE events_versioned_local TO events_swapping_local, events_local TO"
+              " events_unversioned_local, events_swapping_local TO events_local ON CLUSTER bk_cluster"]
+    assert CLUSTER.statements(migrations._version_events.swap) == events
+    ddl = cluster_ddl(CLUSTER)
+    assert [s for s in ddl if s.startswith("RENAME")] == CLUSTER.statements(swap) + events
+    front = "ALTER TABLE events ON CLUSTER bk_cluster ADD COLUMN IF NOT EXISTS version UInt64"
+    assert front in ddl and ddl.index(front) > ddl.index(events[0])
 
 
 def test_a_waited_for_site_purge_waits_for_the_shards_local_tables_on_every_replica(services):

@@ -517,6 +517,38 @@ def test_a_stalled_core_does_not_store_its_older_session_ids_over_the_new_owners
         derived_rows(client, _cold(client, [start, *later])))
 
 
+def test_a_core_stalled_in_its_raw_insert_does_not_store_its_older_session_ids_over_the_new_owners(
+        services, monkeypatch):
+    """The same, with the stall inside the raw insert itself (after every check a batch can make):
+    its rows reach ClickHouse after the new owner's. A chaos run with SIGSTOP still left 372 events
+    under a deleted session this way while raw events had no version (the last inserted won)."""
+    from streams import events as raw_events
+
+    client, site = services.client, _site()
+    start = event(site, 8, T0, path="/")
+    later = [event(site, 8, T0 + timedelta(minutes=20), path="/produkt/x"),
+             event(site, 8, T0 + timedelta(minutes=21), name="purchase", path="/produkt/x")]
+    write, stalled = raw_events.write, []
+
+    def stall(client_, rows, version):
+        if not stalled:
+            stalled.append(True)
+            StreamCore(client, TIMEOUT).process([*later, start])  # the new owner, meanwhile
+        write(client_, rows, version)
+
+    monkeypatch.setattr(raw_events, "write", stall)
+    StreamCore(client, TIMEOUT).process(later)  # the stalled batch's insert lands last
+    monkeypatch.undo()
+    assert stalled
+    live = client.query("SELECT session_id FROM sessions FINAL WHERE site_id = {s:String} AND NOT is_deleted",
+                        parameters={"s": site}).result_rows
+    stored = client.query("SELECT session_id, count() FROM events FINAL WHERE site_id = {s:String} GROUP BY ALL",
+                          parameters={"s": site}).result_rows
+    assert len(live) == 1 and stored == [(live[0][0], 3)]
+    assert _strip_session_ids(derived_rows(client, site)) == _strip_session_ids(
+        derived_rows(client, _cold(client, [start, *later])))
+
+
 def _rollups(client, site: str) -> tuple[list, list]:
     """Every rollup row of a site, quarter hours and days, without the site id or versions."""
     return tuple(client.query(f"SELECT * EXCEPT (site_id, version, is_deleted) FROM {table} FINAL"
@@ -572,23 +604,31 @@ def test_a_retry_anywhere_in_a_killed_and_redelivered_batch_ends_exact(services,
     assert _rollups(client, site) == _rollups(client, cold)
 
 
-def test_of_unmerged_copies_of_an_event_the_last_inserted_is_read(services):
+def test_of_unmerged_copies_of_an_event_the_one_final_keeps_is_read(services):
     """Copies of one event wait in separate parts until a merge (a redelivery, a corrected
     re-import another core wrote); read without FINAL they came back in no set order, and the
-    stream core took whichever came last. It must take the last inserted, as FINAL does."""
+    stream core took whichever came last. It must take the one FINAL keeps: the highest version,
+    of equal versions the last inserted."""
     from streams import events
 
     client, site = services.client, _site()
     copy = event(site, 7, T0, path="/a", source="Google", channel="search")
+
+    def read() -> tuple[dict, int, list]:
+        got = events.history(client, {(site, 7), (site, 8)}, T0 - timedelta(days=1), T0 + timedelta(days=1))
+        final = client.query("SELECT source FROM events FINAL WHERE site_id = {s:String}", parameters={"s": site})
+        return ({visitor: {e.source for e in stored.values()} for visitor, stored in got.items() if stored},
+                events.owners(client, [copy])[(site, copy.event_id)].visitor_id, final.result_rows)
+
     client.command("SYSTEM STOP MERGES events")
     try:
-        for n in range(8):  # eight parts
-            events.write(client, [(copy.model_copy(update={"source": f"S{n}", "visitor_id": 7 + n % 2}), 1)])
+        for n in range(8):  # eight parts, one version
+            events.write(client, [(copy.model_copy(update={"source": f"S{n}", "visitor_id": 7 + n % 2}), 1)], 5)
         for _ in range(5):
-            got = events.history(client, {(site, 7), (site, 8)}, T0 - timedelta(days=1), T0 + timedelta(days=1))
-            assert {visitor: {e.source for e in stored.values()} for visitor, stored in got.items() if stored} == {
-                (site, 8): {"S7"}}  # under the visitor of the last copy only
-            assert events.owners(client, [copy])[(site, copy.event_id)].visitor_id == 8
+            assert read() == ({(site, 8): {"S7"}}, 8, [("S7",)])  # under the visitor of the last copy only
+        events.write(client, [(copy.model_copy(update={"source": "older", "visitor_id": 7}), 1)], 4)
+        for _ in range(5):
+            assert read() == ({(site, 8): {"S7"}}, 8, [("S7",)])  # inserted last, but an older version
     finally:
         client.command("SYSTEM START MERGES events")
 
