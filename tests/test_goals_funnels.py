@@ -246,9 +246,9 @@ async def test_a_backfill_beside_a_batch_in_flight_keeps_the_batchs_goal_rows(cl
     core = StreamCore(services.client, 1800)  # has the goal
     write_events = core_module.raw_events.write
 
-    def backfill_before_the_commit(client_, events):
+    def backfill_before_the_commit(client_, events, version):
         backfill(services.client, goal)
-        write_events(client_, events)
+        write_events(client_, events, version)
 
     monkeypatch.setattr(core_module.raw_events, "write", backfill_before_the_commit)
     # Another conversion in the stored one's quarter hour, and an earlier one (its first: the
