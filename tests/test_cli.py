@@ -268,7 +268,7 @@ import json, sys
 from streams import migrations, storage
 c = storage.connect(sys.argv[1])
 print(json.dumps([
-    migrations._table_fact(c, None, "events", "engine_full").split(" PARTITION")[0],
+    migrations._table_fact(c, None, "events", "engine_full"),
     c.query("SELECT * EXCEPT version FROM events FINAL ORDER BY ALL").result_rows,
     c.query("SELECT count(), countIf(session_id = 99) FROM events FINAL").result_rows,
     c.query("SELECT name FROM system.tables WHERE database = currentDatabase() AND name LIKE 'events%'").result_rows,
@@ -279,8 +279,9 @@ print(json.dumps([
 def test_migration_10_versions_the_raw_events_and_keeps_what_final_read(tmp_path):
     """A database of the release before migration 10: raw events without a version, the last
     inserted copy of an event winning. `migrate` copies them, deduplicated as FINAL read them,
-    into the versioned table and swaps it in; a copy written later with a version wins over them,
-    and one with a lower version (a batch that read earlier) loses whatever its insert order."""
+    into the versioned table and swaps it in, with the retention; a copy written later with a
+    version wins over them, and one with a lower version (a batch that read earlier) loses
+    whatever its insert order."""
     url = f"chdb://{tmp_path / 'ch'}"
     seeded = python_c(_AT_SCHEMA_9, url)
     assert seeded.returncode == 0, seeded.stderr
@@ -291,12 +292,13 @@ def test_migration_10_versions_the_raw_events_and_keeps_what_final_read(tmp_path
         return json.loads(out.stdout)
 
     engine, before, counts, tables = raw()
-    assert engine == "ReplacingMergeTree" and counts == [[300, 1]] and tables == [["events"]]
+    assert engine.startswith("ReplacingMergeTree PARTITION") and counts == [[300, 1]] and tables == [["events"]]
     env = {**os.environ, "BK_CLICKHOUSE_URL": url}
     first = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
     assert first.returncode == 0 and "applied migrations: [10]" in first.stdout, first.stdout + first.stderr
     engine, after, counts, tables = raw()
-    assert engine == "ReplacingMergeTree(version)" and tables == [["events"]]
+    assert engine.startswith("ReplacingMergeTree(version) PARTITION") and tables == [["events"]]
+    assert "TTL toDateTime(least(" in engine and "ttl_only_drop_parts = 1" in engine  # retention kept
     assert after == before and counts == [[300, 1]]
     rewrite = ("import sys; from streams import events, storage; c = storage.connect(sys.argv[1]);"
                " (stored,) = events.of_day(c, __import__('datetime').date(2026, 11, 20))[:1];"
