@@ -28,6 +28,19 @@ def python_c(code: str, *args: str, timeout: float = 120) -> subprocess.Complete
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
 
 
+def json_of(code: str, url: str):
+    """What `code`, run on the ClickHouse at `url` by `python_c`, prints as JSON."""
+    out = python_c(code, url)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def migrate(url: str, *args: str) -> subprocess.CompletedProcess:
+    """`besokskollen migrate` on the ClickHouse at `url`."""
+    return subprocess.run([*CLI, "migrate", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "BK_CLICKHOUSE_URL": url})
+
+
 @pytest.mark.slow
 def test_up_demo_prints_curl_lines_that_answer(tmp_path):
     port = free_port()
@@ -123,8 +136,7 @@ def test_an_upgrade_killed_mid_replay_replays_at_the_next_start(tmp_path):
     assert seeded.returncode == 0, seeded.stderr
     killed = python_c(_KILLED_MID_REPLAY, url)
     assert killed.returncode == -9, killed.stderr
-    again = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "BK_CLICKHOUSE_URL": url})
+    again = migrate(url)
     assert again.returncode == 0 and "applied migrations: [6]" in again.stdout, again.stdout + again.stderr
     check = "import sys; from streams import storage; print(storage.connect(sys.argv[1]).query(" \
             "'SELECT count() FROM sessions FINAL').result_rows[0][0])"
@@ -141,7 +153,6 @@ def test_migrate_rebuild_fills_derived_tables_a_killed_replay_of_an_old_release_
     seed = _AT_SCHEMA_5.replace("client.command(\"ALTER TABLE schema_migrations DELETE", "# (\"ALTER TABLE")
     seeded = python_c(seed, url)
     assert seeded.returncode == 0, seeded.stderr
-    env = {**os.environ, "BK_CLICKHOUSE_URL": url}
     check = ("import sys; from streams import storage; c = storage.connect(sys.argv[1]); print("
              "c.query('SELECT count() FROM sessions FINAL').result_rows[0][0], c.query(\"SELECT sum(pageviews)"
              " FROM rollup_1d FINAL WHERE kind = 'total'\").result_rows[0][0])")
@@ -150,13 +161,13 @@ def test_migrate_rebuild_fills_derived_tables_a_killed_replay_of_an_old_release_
         out = python_c(check, url)
         return out.stdout.split()
 
-    plain = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
+    plain = migrate(url)
     assert "schema is up to date" in plain.stdout and derived() == ["0", "0"], plain.stdout + plain.stderr
-    rebuilt = subprocess.run([*CLI, "migrate", "--rebuild"], capture_output=True, text=True, timeout=120, env=env)
+    rebuilt = migrate(url, "--rebuild")
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert "rebuilt sessions, activity and rollups from 9 stored events" in rebuilt.stdout
     assert derived() == ["3", "9"]  # three visitors' sessions, nine pageviews
-    again = subprocess.run([*CLI, "migrate", "--rebuild"], capture_output=True, text=True, timeout=120, env=env)
+    again = migrate(url, "--rebuild")
     assert again.returncode == 0 and derived() == ["3", "9"], again.stderr  # idempotent
 
 
@@ -175,10 +186,9 @@ def test_a_database_whose_migration_6_was_the_bloom_filter_gets_the_countries_re
     url = f"chdb://{tmp_path / 'ch'}"
     seeded = python_c(_AT_1A1FA3D, url)
     assert seeded.returncode == 0, seeded.stderr
-    env = {**os.environ, "BK_CLICKHOUSE_URL": url}
-    first = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
+    first = migrate(url)
     assert first.returncode == 0 and "applied migrations: [6, 7]" in first.stdout, first.stdout + first.stderr
-    second = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
+    second = migrate(url)
     assert second.returncode == 0 and "schema is up to date" in second.stdout, second.stdout + second.stderr
     check = ("import sys; from streams import storage; c = storage.connect(sys.argv[1]); print("
              "c.query('SELECT count() FROM sessions FINAL').result_rows[0][0], "
@@ -235,8 +245,7 @@ def test_migration_9_takes_the_goals_so_far_as_backfilled(tmp_path):
     url = f"chdb://{tmp_path / 'ch'}"
     seeded = python_c(_AT_SCHEMA_8_WITH_GOALS, url)
     assert seeded.returncode == 0, seeded.stderr
-    env = {**os.environ, "BK_CLICKHOUSE_URL": url}
-    first = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
+    first = migrate(url)
     assert first.returncode == 0 and "applied migrations: [9]" in first.stdout, first.stdout + first.stderr
     check = ("import sys; from streams import goals, storage; c = storage.connect(sys.argv[1]); print(c.query("
              "'SELECT g.name FROM goal_backfills b JOIN goals g USING (site_id, goal_id)').result_rows, "
@@ -285,18 +294,11 @@ def test_migration_10_versions_the_raw_events_and_keeps_what_final_read(tmp_path
     url = f"chdb://{tmp_path / 'ch'}"
     seeded = python_c(_AT_SCHEMA_9, url)
     assert seeded.returncode == 0, seeded.stderr
-
-    def raw() -> list:
-        out = python_c(_RAW_EVENTS, url)
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
-
-    engine, before, counts, tables = raw()
+    engine, before, counts, tables = json_of(_RAW_EVENTS, url)
     assert engine.startswith("ReplacingMergeTree PARTITION") and counts == [[300, 1]] and tables == [["events"]]
-    env = {**os.environ, "BK_CLICKHOUSE_URL": url}
-    first = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
+    first = migrate(url)
     assert first.returncode == 0 and "applied migrations: [10]" in first.stdout, first.stdout + first.stderr
-    engine, after, counts, tables = raw()
+    engine, after, counts, tables = json_of(_RAW_EVENTS, url)
     assert engine.startswith("ReplacingMergeTree(version) PARTITION") and tables == [["events"]]
     assert "TTL toDateTime(least(" in engine and "ttl_only_drop_parts = 1" in engine  # retention kept
     assert after == before and counts == [[300, 1]]
@@ -307,7 +309,7 @@ def test_migration_10_versions_the_raw_events_and_keeps_what_final_read(tmp_path
                " parameters={'i': stored.event_id}).result_rows)")
     out = python_c(rewrite, url)
     assert out.stdout.strip() == "[(1, 2)]", out.stdout + out.stderr
-    second = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
+    second = migrate(url)
     assert second.returncode == 0 and "schema is up to date" in second.stdout, second.stdout + second.stderr
 
 
@@ -318,21 +320,14 @@ def test_migration_8_sorts_rollup_15m_by_day_and_keeps_every_row(tmp_path):
     url = f"chdb://{tmp_path / 'ch'}"
     seeded = python_c(_AT_SCHEMA_7, url)
     assert seeded.returncode == 0, seeded.stderr
-
-    def rollups() -> list:
-        out = python_c(_ROLLUPS, url)
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
-
-    key, before, tables = rollups()
+    key, before, tables = json_of(_ROLLUPS, url)
     assert key == [["site_id, kind, bucket, value"]] and tables == [["rollup_15m"]] and len(before) > 100
-    env = {**os.environ, "BK_CLICKHOUSE_URL": url}
-    first = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
+    first = migrate(url)
     assert first.returncode == 0 and "applied migrations: [8, 9]" in first.stdout, first.stdout + first.stderr
-    key, after, tables = rollups()
+    key, after, tables = json_of(_ROLLUPS, url)
     assert key == [["site_id, kind, toDate(bucket), value, bucket"]] and tables == [["rollup_15m"]]
     assert after == before
-    second = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
+    second = migrate(url)
     assert second.returncode == 0 and "schema is up to date" in second.stdout, second.stdout + second.stderr
 
 
@@ -420,8 +415,7 @@ def test_a_migrate_killed_after_the_swap_copies_the_old_table_back_at_the_next_s
     assert seeded.returncode == 0, seeded.stderr
     killed = python_c(_KILLED_AFTER_SWAP, url)
     assert killed.returncode == 9, killed.stderr
-    env = {**os.environ, "BK_CLICKHOUSE_URL": url}
-    again = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120, env=env)
+    again = migrate(url)
     assert again.returncode == 0 and "applied migrations: [8, 9]" in again.stdout, again.stdout + again.stderr
     check = ("import sys; from streams import storage; c = storage.connect(sys.argv[1]); print("
              "c.query(\"SELECT sum(events) FROM rollup_15m FINAL WHERE site_id = 'late'\").result_rows[0][0], "
