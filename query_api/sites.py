@@ -20,7 +20,8 @@ router = APIRouter(tags=["sites"])
 
 # Whether a domain is taken and taking it are one step: routes run on a thread pool, and two
 # creates of one domain (from two accounts) would both pass the check and the later row win,
-# leaving the earlier 201's account without its site. Per process (README, "Sites").
+# leaving the earlier 201's account without its site. In a process, this lock; across processes,
+# the domain's claim in ClickHouse (`SiteRegistry.claim`).
 _creating = threading.Lock()
 
 
@@ -63,7 +64,7 @@ def create_site(request: Request, ctx: Ctx, key: UserKey, body: SiteCreate) -> R
     if not ctx.sites.valid_timezone(body.timezone):
         raise APIError(400, "invalid_parameter", f"timezone: {body.timezone[:64]!r} is not a known IANA timezone") from None
     with _creating:
-        if ctx.sites.by_domain(domain) is not None:
+        if ctx.sites.by_domain(domain) is not None or not ctx.sites.claim(domain, key.account_id):
             raise APIError(409, "site_exists", f"a site for {domain} exists already")
         site = ctx.sites.create(key.account_id, domain, body.name, body.timezone)
     return cached_json(request, {"data": _out(site, False)}, status=201)

@@ -437,6 +437,23 @@ def _goals_so_far_were_backfilled(client: Client, run: Callable[[str], None]) ->
     client.command("INSERT INTO goal_backfills SELECT site_id, goal_id, now64(3) FROM goals FINAL WHERE deleted = 0")
 
 
+# -- 11: claims of a domain by the site creates racing for it (streams/sites.py) -----------------
+# ClickHouse has no unique constraint; its block deduplication is the one first-writer-wins step
+# every deployment has: of inserts with one token, the first is stored, the others are dropped.
+# `site_id` is the domain's readable id, so a domain's claims share a shard on a cluster.
+_SITE_CLAIMS = """
+CREATE TABLE IF NOT EXISTS site_claims (
+    site_id     String,
+    domain      String,
+    token       String,
+    account_id  String,
+    claimed_at  DateTime64(3, 'UTC') DEFAULT now64(3)
+) ENGINE = MergeTree
+ORDER BY (site_id, domain, token)
+SETTINGS non_replicated_deduplication_window = 10000, replicated_deduplication_window = 10000
+"""
+
+
 Step = str | Callable[[Client, Callable[[str], None]], None]
 
 MIGRATIONS: list[tuple[int, str, list[Step]]] = [
@@ -456,6 +473,7 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (8, "rollup_15m sorted by day", [_sort_rollup_15m_by_day]),
     (9, "goal backfills recorded", [_GOAL_BACKFILLS, _goals_so_far_were_backfilled]),
     (10, "raw events versioned", [_version_events]),
+    (11, "site claims", [_SITE_CLAIMS]),
 ]
 
 # Ledger entries of migrations that shipped under a number now given to another: a database that

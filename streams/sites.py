@@ -25,6 +25,9 @@ DEFAULT_TIMEZONE = "Europe/Stockholm"
 _COLUMNS = ["site_id", "account_id", "domain", "name", "timezone", "created_at", "deleted", "version"]
 # Processes re-read a site this often.
 REFRESH_S = 5.0
+# A claim on a domain whose site was not created this long after (its process died between the
+# two) no longer stops another account's create.
+CLAIM_TIMEOUT_S = 30
 _SELECT = "SELECT site_id, account_id, domain, name, timezone, created_at FROM sites FINAL WHERE deleted = 0"
 
 
@@ -101,6 +104,32 @@ class SiteRegistry:
               time.time_ns()]],
             column_names=_COLUMNS)
         return self._remember(site)
+
+    def claim(self, domain: str, account_id: str) -> bool:
+        """Whether this account may create the site for `domain`, which has none now: of creates
+        racing for it in several processes (several `api`), the first claim stored decides. The
+        token names the domain's incarnation (its last deletion), so a domain deleted can be taken
+        again; the claim names the account, so one account's retry (after a create that failed
+        between its claim and its site) is not refused, and another account's waits
+        CLAIM_TIMEOUT_S at most. Migration 11 says why a token."""
+        deleted = self._client.query("SELECT max(version) FROM sites WHERE domain = {d:String} AND deleted = 1",
+                                     parameters={"d": domain}).result_rows[0][0]
+        token = f"{domain}:{deleted}"
+        while True:
+            self._client.insert("site_claims", [[site_id_for(domain), domain, token, account_id]],
+                                column_names=["site_id", "domain", "token", "account_id"],
+                                settings={"insert_deduplicate": 1, "insert_deduplication_token": token})
+            # One row per token; of copies a lost deduplication log let in, the first stored.
+            winner, age_s = self._client.query(
+                "SELECT account_id, dateDiff('second', claimed_at, now64(3)) FROM site_claims"
+                " WHERE site_id = {s:String} AND domain = {d:String} AND token = {t:String}"
+                " ORDER BY claimed_at, account_id LIMIT 1",
+                parameters={"s": site_id_for(domain), "d": domain, "t": token}).result_rows[0]
+            if winner == account_id:
+                return True
+            if age_s < CLAIM_TIMEOUT_S:
+                return False
+            token = f"{token}>{winner}"  # that create never finished: every process claims this one next
 
     def _free_id(self, domain: str) -> str:
         """The domain's readable id, or when a site of another domain has it (`my-shop.se` and

@@ -278,6 +278,60 @@ async def test_concurrent_creates_of_one_domain_give_one_site(client, services):
         assert fetched.status_code == (200 if account == owner else 403), (account, owner)
 
 
+async def test_creates_of_one_domain_in_several_processes_give_one_accounts_site(client, services, monkeypatch):
+    """The lock above is per process. Several `api` processes, each past its check that the domain
+    has no site, are decided by the domain's claim in ClickHouse: every 201 is one account's (one
+    account's own repeats may all pass: they write the same site), the other's get 409."""
+    import contextlib
+
+    from query_api import sites as sites_route
+
+    keys = {account: services.keys.create(account) for account in ("claim-a", "claim-b")}
+    monkeypatch.setattr(sites_route, "_creating", contextlib.nullcontext())
+    monkeypatch.setattr(type(services.sites), "by_domain", lambda self, domain: None)
+    domain = _domain("claim")
+    order = ("claim-a", "claim-b") * 3
+    answers = await asyncio.gather(*(client.post(f"{API}/sites", json={"domain": domain}, headers=bearer(keys[a]))
+                                     for a in order))
+    monkeypatch.undo()
+    statuses = {account: {r.status_code for a, r in zip(order, answers) if a == account} for account in keys}
+    assert sorted(statuses.values(), key=sorted) == [{201}, {409}], statuses
+    owner = next(account for account, codes in statuses.items() if codes == {201})
+    site = next(r for r in answers if r.status_code == 201).json()["data"]["id"]
+    for account, key in keys.items():
+        fetched = await client.get(f"{API}/sites/{site}", headers=bearer(key))
+        assert fetched.status_code == (200 if account == owner else 403), (account, owner)
+
+
+def test_a_domains_claim_is_one_accounts_until_its_site_is_deleted_or_never_came(services, monkeypatch):
+    """Claims racing from four processes (registries), two accounts: one account's win. A deleted
+    site's domain can be claimed again, by anyone; a claim whose site was never written (its
+    process died) stops another account only for CLAIM_TIMEOUT_S."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from streams import sites
+
+    domain = sites.normalize_domain(_domain("claim"))
+    registries = [sites.SiteRegistry(services.client) for _ in range(4)]
+    at_once = threading.Barrier(4)
+
+    def claim(n: int) -> tuple[str, bool]:
+        at_once.wait(timeout=30)
+        return f"acc-{n % 2}", registries[n].claim(domain, f"acc-{n % 2}")
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(claim, range(4)))
+    winners = {account for account, won in results if won}
+    assert len(winners) == 1 and sum(won for _, won in results) == 2, results
+    (winner,), loser = winners, ({"acc-0", "acc-1"} - winners).pop()
+    site = registries[0].create(winner, domain)
+    registries[1].delete(site)
+    assert registries[2].claim(domain, loser) and not registries[3].claim(domain, winner)
+    monkeypatch.setattr(sites, "CLAIM_TIMEOUT_S", 0)  # the loser's create died before its site
+    assert registries[3].claim(domain, winner)
+
+
 @pytest.mark.parametrize("body", [
     {"domain": "localhost"},
     {"domain": "ab"},
