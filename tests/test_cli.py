@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import uuid
 
 import httpx
 import pytest
@@ -562,6 +563,46 @@ def test_a_second_server_on_one_spool_directory_stops_with_one_line(clickhouse_h
             " give each ingest process its own BK_SPOOL_DIR")
         assert "Traceback" not in second.stderr
         assert first.poll() is None and _answers(f"http://127.0.0.1:{port}/api/v1/openapi.json")
+
+
+def test_two_api_processes_racing_for_a_domain_give_it_to_one_account(clickhouse_http, tmp_path):
+    """Two `api` processes on one ClickHouse, each sent creates of one domain from two accounts at
+    once: every 201 is one account's, the other's all get 409 (each process's lock alone let both
+    win), and both processes serve the site to its account only."""
+    import asyncio
+
+    from query_api.keys import KeyStore
+    from streams import migrations, storage
+
+    client = storage.connect(clickhouse_http)
+    migrations.migrate(client)  # as the processes will at start; the keys go first
+    store = KeyStore(client)
+    keys = {account: store.create(account) for account in (f"race-{uuid.uuid4().hex[:6]}", f"race-{uuid.uuid4().hex[:6]}")}
+    domain = f"race-{uuid.uuid4().hex[:8]}.example"
+    ports = [free_port(), free_port()]
+    env = {"BK_CLICKHOUSE_URL": clickhouse_http}
+    with process([*CLI, "api", "--port", str(ports[0])], tmp_path / "api0.log", env,
+                 ready_url=f"http://127.0.0.1:{ports[0]}/api/v1/openapi.json"), \
+         process([*CLI, "api", "--port", str(ports[1])], tmp_path / "api1.log", env,
+                 ready_url=f"http://127.0.0.1:{ports[1]}/api/v1/openapi.json"):
+        async def race() -> list[tuple[str, int]]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                sent = [(account, port) for account in keys for port in ports for _ in range(2)]
+                answers = await asyncio.gather(*(client.post(
+                    f"http://127.0.0.1:{port}/api/v1/sites", json={"domain": domain},
+                    headers={"authorization": f"Bearer {keys[account]}"}) for account, port in sent))
+                return [(account, r.status_code) for (account, _), r in zip(sent, answers)]
+
+        answered = asyncio.run(race())
+        # The owner's later creates may find its site already (409) or pass as repeats (201).
+        owners = {account for account, status in answered if status == 201}
+        assert len(owners) == 1 and {status for _, status in answered} == {201, 409}, answered
+        (owner,) = owners
+        site = domain.replace(".", "-")
+        for port in ports:
+            for account, key in keys.items():
+                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/sites/{site}", headers={"authorization": f"Bearer {key}"})
+                assert r.status_code == (200 if account == owner else 403), (port, account, r.text)
 
 
 def test_a_server_whose_port_is_taken_stops_with_one_line(tmp_path):
