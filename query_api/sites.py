@@ -14,7 +14,7 @@ from query_api.errors import APIError
 from query_api.models import SiteCreate, SiteList, SiteResponse
 from query_api.periods import stats_period
 from streams.rollups import sites_with_events
-from streams.sites import Site, normalize_domain
+from streams.sites import DomainTaken, Site, normalize_domain
 
 router = APIRouter(tags=["sites"])
 
@@ -63,10 +63,14 @@ def create_site(request: Request, ctx: Ctx, key: UserKey, body: SiteCreate) -> R
         raise APIError(400, "invalid_parameter", "domain must be a hostname such as example.com") from None
     if not ctx.sites.valid_timezone(body.timezone):
         raise APIError(400, "invalid_parameter", f"timezone: {body.timezone[:64]!r} is not a known IANA timezone") from None
+    taken = APIError(409, "site_exists", f"a site for {domain} exists already")
     with _creating:
         if ctx.sites.by_domain(domain) is not None or not ctx.sites.claim(domain, key.account_id):
-            raise APIError(409, "site_exists", f"a site for {domain} exists already")
-        site = ctx.sites.create(key.account_id, domain, body.name, body.timezone)
+            raise taken
+        try:
+            site = ctx.sites.create(key.account_id, domain, body.name, body.timezone)
+        except DomainTaken:
+            raise taken from None
     return cached_json(request, {"data": _out(site, False)}, status=201)
 
 

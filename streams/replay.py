@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 def replay(client: Client, session_timeout_s: int, batch_size: int = 20_000,
            progress: Callable[[int, int], None] | None = None) -> int:
     """Every stored event through the core, a UTC day at a time; returns how many. `progress` is
-    told (events done, about how many in all) after each day."""
+    told (events done, how many in all) after each day."""
     core = StreamCore(client, session_timeout_s)
     days = events.stored_days(client)
     about, total = sum(n for _, n in days), 0

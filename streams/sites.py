@@ -31,6 +31,10 @@ CLAIM_TIMEOUT_S = 30
 _SELECT = "SELECT site_id, account_id, domain, name, timezone, created_at FROM sites FINAL WHERE deleted = 0"
 
 
+class DomainTaken(Exception):
+    """The domain has a site of another account."""
+
+
 @dataclass(frozen=True, slots=True)
 class Site:
     site_id: str
@@ -94,9 +98,17 @@ class SiteRegistry:
 
     def create(self, account_id: str, domain: str, name: str = "", tz: str = DEFAULT_TIMEZONE,
                site_id: str | None = None) -> Site:
+        """A new site for `domain`; if the domain has one now (made by another process since the
+        caller checked: one account's create sent to two `api` processes, both past the claim),
+        that one, or DomainTaken if another account's."""
         domain = normalize_domain(domain)
-        site = Site(site_id or self._free_id(domain), account_id, domain, name or domain, tz,
-                    datetime.now(timezone.utc))
+        if site_id is None:
+            site_id, existing = self._free_id(domain)
+            if existing is not None:
+                if existing.account_id != account_id:
+                    raise DomainTaken(domain)
+                return self._remember(existing)
+        site = Site(site_id, account_id, domain, name or domain, tz, datetime.now(timezone.utc))
         self._start_empty(site.site_id)
         self._client.insert(
             "sites",
@@ -131,15 +143,17 @@ class SiteRegistry:
                 return False
             token = f"{token}>{winner}"  # that create never finished: every process claims this one next
 
-    def _free_id(self, domain: str) -> str:
+    def _free_id(self, domain: str) -> tuple[str, Site | None]:
         """The domain's readable id, or when a site of another domain has it (`my-shop.se` and
-        `my.shop.se` read the same), the first of it + `-2`, `-3`, … that no site has."""
+        `my.shop.se` read the same), the first of it + `-2`, `-3`, … that no site has; with the
+        domain's own site if one of those ids is it (it was made meanwhile)."""
         readable = site_id_for(domain)
         for n in itertools.count(1):
             suffix = f"-{n}" if n > 1 else ""
             candidate = readable[:MAX_SITE_ID - len(suffix)] + suffix
-            if self._load("site_id", candidate) is None:
-                return candidate
+            holder = self._load("site_id", candidate)
+            if holder is None or holder.domain == domain:
+                return candidate, holder
         raise AssertionError("unreachable")
 
     def delete(self, site: Site) -> None:

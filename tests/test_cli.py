@@ -303,6 +303,10 @@ def test_migration_10_versions_the_raw_events_and_keeps_what_final_read(tmp_path
     assert engine.startswith("ReplacingMergeTree(version) PARTITION") and tables == [["events"]]
     assert "TTL toDateTime(least(" in engine and "ttl_only_drop_parts = 1" in engine  # retention kept
     assert after == before and counts == [[300, 1]]
+    # What a rebuild's progress counts: the events, not the two copies the migration left unmerged.
+    days = python_c("import sys; from streams import events, storage;"
+                    " print(sum(n for _, n in events.stored_days(storage.connect(sys.argv[1]))))", url)
+    assert days.stdout.strip() == "300", days.stdout + days.stderr
     rewrite = ("import sys; from streams import events, storage; c = storage.connect(sys.argv[1]);"
                " (stored,) = events.of_day(c, __import__('datetime').date(2026, 11, 20))[:1];"
                " events.write(c, [(stored, 1)], 2); events.write(c, [(stored, 2)], 1);"
@@ -591,18 +595,23 @@ def test_two_api_processes_racing_for_a_domain_give_it_to_one_account(clickhouse
                 answers = await asyncio.gather(*(client.post(
                     f"http://127.0.0.1:{port}/api/v1/sites", json={"domain": domain},
                     headers={"authorization": f"Bearer {keys[account]}"}) for account, port in sent))
-                return [(account, r.status_code) for (account, _), r in zip(sent, answers)]
+                return [(account, r.status_code, r.json().get("data", {}).get("id"))
+                        for (account, _), r in zip(sent, answers)]
 
         answered = asyncio.run(race())
-        # The owner's later creates may find its site already (409) or pass as repeats (201).
-        owners = {account for account, status in answered if status == 201}
-        assert len(owners) == 1 and {status for _, status in answered} == {201, 409}, answered
+        # The owner's later creates may find its site already (409) or pass as repeats (201), and
+        # a repeat is the same site (it was a `-2` site of the same domain).
+        owners = {account for account, status, _ in answered if status == 201}
+        assert len(owners) == 1 and {status for _, status, _ in answered} == {201, 409}, answered
         (owner,) = owners
         site = domain.replace(".", "-")
+        assert {site_id for _, status, site_id in answered if status == 201} == {site}, answered
         for port in ports:
             for account, key in keys.items():
                 r = httpx.get(f"http://127.0.0.1:{port}/api/v1/sites/{site}", headers={"authorization": f"Bearer {key}"})
                 assert r.status_code == (200 if account == owner else 403), (port, account, r.text)
+            listed = httpx.get(f"http://127.0.0.1:{port}/api/v1/sites", headers={"authorization": f"Bearer {keys[owner]}"})
+            assert [s["id"] for s in listed.json()["data"] if s["domain"] == domain] == [site], listed.text
 
 
 def test_a_server_whose_port_is_taken_stops_with_one_line(tmp_path):

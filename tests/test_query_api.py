@@ -297,10 +297,14 @@ async def test_creates_of_one_domain_in_several_processes_give_one_accounts_site
     statuses = {account: {r.status_code for a, r in zip(order, answers) if a == account} for account in keys}
     assert sorted(statuses.values(), key=sorted) == [{201}, {409}], statuses
     owner = next(account for account, codes in statuses.items() if codes == {201})
-    site = next(r for r in answers if r.status_code == 201).json()["data"]["id"]
+    sites = {r.json()["data"]["id"] for r in answers if r.status_code == 201}
+    assert len(sites) == 1, sites  # one account's repeats are one site (they made `-2`, `-3` sites)
+    (site,) = sites
     for account, key in keys.items():
         fetched = await client.get(f"{API}/sites/{site}", headers=bearer(key))
         assert fetched.status_code == (200 if account == owner else 403), (account, owner)
+    listed = (await client.get(f"{API}/sites", headers=bearer(keys[owner]))).json()["data"]
+    assert [s["id"] for s in listed if s["domain"] == domain] == [site]
 
 
 def test_a_domains_claim_is_one_accounts_until_its_site_is_deleted_or_never_came(services, monkeypatch):
