@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
@@ -318,16 +319,20 @@ def _out_of_time_order(events) -> bool:
     return False
 
 
-async def process_until_written(core: StreamCore, batch: list[Event]) -> None:
+async def process_until_written(core: StreamCore, batch: list[Event] | Callable[[], list[Event]]) -> int:
     """Run a batch on a worker thread (the ClickHouse client is synchronous), retrying until it
-    is written: the events were already answered 202 and are never dropped."""
+    is written: the events were already answered 202 and are never dropped. `batch` may be a
+    function that makes it there (and may read ClickHouse too). Returns its size."""
+    def write() -> int:
+        events = batch() if callable(batch) else batch
+        core.process(events)
+        return len(events)
+
     delay = 0.1
     while True:
         try:
-            await asyncio.to_thread(core.process, batch)
-            return
+            return await asyncio.to_thread(write)
         except Exception:
-            log.exception("stream core failed on a batch of %d events; retrying in %.1fs", len(batch), delay)
+            log.exception("the stream core failed on a batch; retrying in %.1fs", delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-

@@ -25,6 +25,12 @@ DEFAULT_TIMEZONE = "Europe/Stockholm"
 _COLUMNS = ["site_id", "account_id", "domain", "name", "timezone", "created_at", "deleted", "version"]
 # Processes re-read a site this often.
 REFRESH_S = 5.0
+# A site deleted and created again keeps its id. Events of the deleted one can still wait in Kafka
+# behind stopped or lagging workers; a worker drops those its producer (ingest) stamped more than
+# this before the current site's creation. Ingest takes a site's events only once it knows the
+# site, so the new site's are all stamped after its creation; the margin is for the clocks of the
+# ingest and api hosts, which may be this far apart.
+RECREATED_MARGIN_MS = 5000
 # A claim on a domain whose site was not created this long after (its process died between the
 # two) no longer stops another account's create.
 CLAIM_TIMEOUT_S = 30
@@ -201,6 +207,16 @@ class SiteRegistry:
 
     def get(self, site_id: str) -> Site | None:
         return self._by_id.get(site_id)
+
+    def first_acceptance_ms(self, site_id: str) -> float | None:
+        """The earliest time (ms since the epoch) an event of the current site with this id can
+        have been accepted: its creation, less RECREATED_MARGIN_MS; None for no site (its events
+        are not judged by this)."""
+        site = self.get(site_id)
+        if site is None:
+            return None
+        created = site.created_at if site.created_at.tzinfo else site.created_at.replace(tzinfo=timezone.utc)  # read back naive
+        return created.timestamp() * 1000 - RECREATED_MARGIN_MS
 
     def by_domain(self, domain: str) -> Site | None:
         try:

@@ -34,6 +34,7 @@ from besokskollen.config import Settings
 from ingest.event import Event
 from streams import monitor, replay, storage
 from streams.core import StreamCore, process_until_written
+from streams.sites import SiteRegistry
 from streams.topic import TopicRefused, ensure_topic
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class _FinishBatchFirst(ConsumerRebalanceListener):
         log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
 
 
-async def consume(settings: Settings, core: StreamCore, stats: monitor.BatchStats) -> None:
+async def consume(settings: Settings, core: StreamCore, sites: SiteRegistry, stats: monitor.BatchStats) -> None:
     """Read the events topic in batches, write each through the core, then commit its offsets."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
@@ -108,23 +109,44 @@ async def consume(settings: Settings, core: StreamCore, stats: monitor.BatchStat
                 if rebalances.generation != generation:
                     _unread(consumer, batches)
                     continue
-                events = Event.decode_all([record.value for records in batches.values() for record in records])
+                records = [record for records in batches.values() for record in records]
                 started = time.perf_counter()
                 # A batch being written is finished even when the worker is asked to stop.
-                written = asyncio.ensure_future(process_until_written(core, events))
+                written = asyncio.ensure_future(process_until_written(
+                    core, lambda: Event.decode_all([record.value for record in of_current_sites(records, sites)])))
                 try:
-                    await asyncio.shield(written)
+                    processed = await asyncio.shield(written)
                 except asyncio.CancelledError:
                     await written
                     await _commit(consumer, batches)
                     raise
                 await _commit(consumer, batches)
             elapsed = time.perf_counter() - started
-            stats.add(len(events), elapsed * 1000)
+            stats.add(processed, elapsed * 1000)
             metrics.BATCH_SECONDS.observe(elapsed)
-            metrics.EVENTS_PROCESSED.inc(len(events))
+            metrics.EVENTS_PROCESSED.inc(processed)
     finally:
         await consumer.stop()
+
+
+def of_current_sites(records: list, sites: SiteRegistry) -> list:
+    """The records less those of a deleted site whose id a new site has now: accepted (the
+    producer's timestamp) before the new site's events can be (`SiteRegistry.first_acceptance_ms`).
+    The record key starts with the site id (`Event.kafka_key`)."""
+    since: dict[bytes, float | None] = {}  # per site, looked up once a batch
+
+    def current(record) -> bool:
+        site = (record.key or b"").rpartition(b":")[0]
+        if site not in since:
+            since[site] = sites.first_acceptance_ms(site.decode(errors="replace"))
+        return since[site] is None or record.timestamp >= since[site]
+
+    kept = [record for record in records if current(record)]
+    if len(kept) < len(records):
+        log.warning("dropped %d events of deleted sites, accepted before a site with the same id was created",
+                    len(records) - len(kept))
+        metrics.EVENTS_OF_DELETED_SITES.inc(len(records) - len(kept))
+    return kept
 
 
 async def _fill(consumer: AIOKafkaConsumer, batches: dict) -> None:
@@ -188,6 +210,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
     client = storage.connect(settings.clickhouse_url, wait=True)
     replay.upgrade(client, settings.session_timeout_s, settings.raw_events_ttl_days, settings.clickhouse_cluster)
     core = StreamCore(client, settings.session_timeout_s)
+    sites = SiteRegistry(client)
 
     stats = monitor.BatchStats()
     # The minute reports' own client: a hung ClickHouse (connections taken, never answered) held
@@ -215,7 +238,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
         while True:
             started = time.monotonic()
             try:
-                await consume(settings, core, stats)
+                await consume(settings, core, sites, stats)
             except KafkaError as exc:  # e.g. no broker reachable (at start, or restarted meanwhile)
                 if time.monotonic() - started > HEALTHY_STRETCH_S:  # a new outage starts from 1 s again
                     delay = 1.0
