@@ -13,7 +13,8 @@ broker restart could assign no partitions at all).
 Delivery: offsets are committed after a batch is written, so a crash re-delivers at most the
 batches in flight, which the core processes idempotently. A rebalance waits for the batch being
 written and its commit before the partitions go, so two workers never write one partition's
-events at once (`_FinishBatchFirst`)."""
+events at once (`_FinishBatchFirst`). Records of a deleted site, accepted before a site with its
+id was created again, are dropped (`of_current_sites`)."""
 
 from __future__ import annotations
 
