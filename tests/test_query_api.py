@@ -280,8 +280,8 @@ async def test_concurrent_creates_of_one_domain_give_one_site(client, services):
 
 async def test_creates_of_one_domain_in_several_processes_give_one_accounts_site(client, services, monkeypatch):
     """The lock above is per process. Several `api` processes, each past its check that the domain
-    has no site, are decided by the domain's claim in ClickHouse: every 201 is one account's (one
-    account's own repeats may all pass: they write the same site), the other's get 409."""
+    has no site, are decided by the domain's claim in ClickHouse: every 201 is one account's, and
+    one site (its repeats may all pass, and answer the site the first made), the other's get 409."""
     import contextlib
 
     from query_api import sites as sites_route
