@@ -322,14 +322,12 @@ def _out_of_time_order(events) -> bool:
 async def process_until_written(core: StreamCore, batch: list[Event] | Callable[[], list[Event]]) -> int:
     """Run a batch on a worker thread (the ClickHouse client is synchronous), retrying until it
     is written: the events were already answered 202 and are never dropped. `batch` may be a
-    function that makes it there (and may read ClickHouse too), once. Returns its size."""
-    made: list[list[Event]] = [] if callable(batch) else [batch]
-
+    function that makes it there, at each attempt (it may read ClickHouse too, and what it reads
+    may have changed by a retry). Returns its size."""
     def write() -> int:
-        if not made:
-            made.append(batch())
-        core.process(made[0])
-        return len(made[0])
+        events = batch() if callable(batch) else batch
+        core.process(events)
+        return len(events)
 
     delay = 0.1
     while True:

@@ -111,10 +111,15 @@ async def consume(settings: Settings, core: StreamCore, sites: SiteRegistry, sta
                     _unread(consumer, batches)
                     continue
                 records = [record for records in batches.values() for record in records]
+                kept: list = []  # by the last attempt
+
+                def batch(records: list = records, kept: list = kept) -> list[Event]:  # this batch's, each attempt
+                    kept[:] = of_current_sites(records, sites)
+                    return Event.decode_all([record.value for record in kept])
+
                 started = time.perf_counter()
                 # A batch being written is finished even when the worker is asked to stop.
-                written = asyncio.ensure_future(process_until_written(
-                    core, lambda: Event.decode_all([record.value for record in of_current_sites(records, sites)])))
+                written = asyncio.ensure_future(process_until_written(core, batch))
                 try:
                     processed = await asyncio.shield(written)
                 except asyncio.CancelledError:
@@ -122,6 +127,10 @@ async def consume(settings: Settings, core: StreamCore, sites: SiteRegistry, sta
                     await _commit(consumer, batches)
                     raise
                 await _commit(consumer, batches)
+            if dropped := len(records) - len(kept):
+                log.warning("dropped %d events of deleted sites, accepted before a site with the same id was created",
+                            dropped)
+                metrics.EVENTS_OF_DELETED_SITES.inc(dropped)
             elapsed = time.perf_counter() - started
             stats.add(processed, elapsed * 1000)
             metrics.BATCH_SECONDS.observe(elapsed)
@@ -142,12 +151,7 @@ def of_current_sites(records: list, sites: SiteRegistry) -> list:
             since[site] = sites.first_acceptance_ms(site.decode(errors="replace"))
         return since[site] is None or record.timestamp >= since[site]
 
-    kept = [record for record in records if current(record)]
-    if len(kept) < len(records):
-        log.warning("dropped %d events of deleted sites, accepted before a site with the same id was created",
-                    len(records) - len(kept))
-        metrics.EVENTS_OF_DELETED_SITES.inc(len(records) - len(kept))
-    return kept
+    return [record for record in records if current(record)]
 
 
 async def _fill(consumer: AIOKafkaConsumer, batches: dict) -> None:
