@@ -355,10 +355,14 @@ class _Rewrite:
                 f" {self.table}_swapping TO {self.table}")
 
     @property
+    def leftovers(self) -> list[str]:
+        """The old table, and one a concurrent migrator made after the swap, dropped at the end."""
+        return [f"DROP TABLE IF EXISTS {self.old}", f"DROP TABLE IF EXISTS {self.new}"]
+
+    @property
     def ddl(self) -> list[str]:
-        """The DDL it runs, as `cluster_ddl` lists it: the old table, and one a concurrent migrator
-        made after the swap, are dropped at the end."""
-        return [self.create, self.swap, *self.after, f"DROP TABLE IF EXISTS {self.old}", f"DROP TABLE IF EXISTS {self.new}"]
+        """The DDL it runs, as `cluster_ddl` lists it."""
+        return [self.create, self.swap, *self.after, *self.leftovers]
 
     def __call__(self, client: Client, run: Callable[[str], None]) -> None:
         cluster = cluster_of(client)
@@ -382,7 +386,7 @@ class _Rewrite:
             old = (f"cluster('{cluster.name}', currentDatabase(), {self.old}_local)" if cluster else self.old)
             _unless_done(lambda: client.command(f"INSERT INTO {self.table} {self.rows.format(source=old)}"),
                          old_table_gone)
-        for statement in self.ddl[-2:]:
+        for statement in self.leftovers:
             run(statement)
 
 

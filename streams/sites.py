@@ -132,9 +132,9 @@ class SiteRegistry:
         CLAIM_TIMEOUT_S at most. Migration 11 says why a token."""
         deleted = self._client.query("SELECT max(version) FROM sites WHERE domain = {d:String} AND deleted = 1",
                                      parameters={"d": domain}).result_rows[0][0]
-        token = f"{domain}:{deleted}"
+        token, shard_key = f"{domain}:{deleted}", site_id_for(domain)
         while True:
-            self._client.insert("site_claims", [[site_id_for(domain), domain, token, account_id]],
+            self._client.insert("site_claims", [[shard_key, domain, token, account_id]],
                                 column_names=["site_id", "domain", "token", "account_id"],
                                 settings={"insert_deduplicate": 1, "insert_deduplication_token": token})
             # One row per token; of copies a lost deduplication log let in, the first stored.
@@ -142,7 +142,7 @@ class SiteRegistry:
                 "SELECT account_id, dateDiff('second', claimed_at, now64(3)) FROM site_claims"
                 " WHERE site_id = {s:String} AND domain = {d:String} AND token = {t:String}"
                 " ORDER BY claimed_at, account_id LIMIT 1",
-                parameters={"s": site_id_for(domain), "d": domain, "t": token}).result_rows[0]
+                parameters={"s": shard_key, "d": domain, "t": token}).result_rows[0]
             if winner == account_id:
                 return True
             if age_s < CLAIM_TIMEOUT_S:
