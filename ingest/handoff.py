@@ -16,7 +16,7 @@ from clickhouse_connect.driver.client import Client
 
 from besokskollen import metrics
 from ingest.event import Event
-from ingest.spool import Spool
+from ingest.spool import Record, Spool
 from streams.embedded import EmbeddedRunner
 from streams.events import stored_event_ids
 from streams.topic import ensure_topic
@@ -222,8 +222,9 @@ class KafkaHandoff:
 
     async def send(self, event: Event) -> None:
         key, value = event.kafka_key, event.to_bytes()
+        accepted_ms = time.time_ns() // 1_000_000
         if self._spooling:
-            self.spool.append(key, value)
+            self.spool.append(key, value, accepted_ms)
             return
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -238,7 +239,7 @@ class KafkaHandoff:
                     raise KafkaError("Kafka became unreachable")
             metrics.PRODUCER_LATENCY.observe(loop.time() - started)
         except (TimeoutError, KafkaError) as exc:
-            self.spool.append(key, value)  # SpoolFull goes to the caller: 503, never a silent drop
+            self.spool.append(key, value, accepted_ms)  # SpoolFull goes to the caller: 503, never a silent drop
             self._start_spooling(f"Kafka did not acknowledge within {self._ack_timeout_s * 1000:.0f} ms"
                                  f" ({type(exc).__name__})")
         finally:
@@ -281,11 +282,14 @@ class KafkaHandoff:
                 delay = 0.5
                 await self.spool.commit_off_loop(end)
 
-    async def _send_all(self, records: list[tuple[bytes, bytes]]) -> None:
+    async def _send_all(self, records: list[Record]) -> None:
         if not records:
             return
         async with asyncio.timeout(_REPLAY_ACK_TIMEOUT_S):
-            acks = [await self._producer.send(self._topic, value, key=key) for key, value in records]
+            # Stamped when ingest took them, as an event sent at once is: a worker drops a deleted
+            # site's events by that time (streams/worker.py of_current_sites).
+            acks = [await self._producer.send(self._topic, r.value, key=r.key, timestamp_ms=r.accepted_ms)
+                    for r in records]
             await asyncio.gather(*acks)
 
     async def _sync(self) -> None:

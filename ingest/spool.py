@@ -2,7 +2,9 @@
 order until they are sent, so a broker outage never blocks or loses a beacon.
 
 One directory per ingest process (a lock file keeps a second process out):
-- `spool.log`: append-only records, each `length (4 bytes) | crc32 (4) | key length (2) | key | value`;
+- `spool.log`: append-only records, each `length (4 bytes) | crc32 (4) | key length (2) | key |
+  accepted (8) | value`, `accepted` being when ingest took the event (ms since the epoch; the
+  top bit of the key length says it is there: a log written before it was kept has none);
 - `spool.pos`: how many bytes of the log are sent (replaced atomically).
 When everything is sent the log is truncated to empty. When it never is (the embedded journal under
 steady traffic always has a batch in flight), the log is compacted once its sent part is large: the
@@ -29,11 +31,48 @@ import fcntl
 import os
 import struct
 import threading
+import time
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 _HEADER = struct.Struct(">II")  # payload length, crc32 of the payload
 _KEY_LENGTH = struct.Struct(">H")
+_STAMPED = 0x8000  # in the key length: the accept time follows the key
+_ACCEPTED = struct.Struct(">q")
+
+
+class Record(NamedTuple):
+    key: bytes
+    value: bytes
+    # When ingest took the event, in ms since the epoch: what Kafka's record timestamp says of an
+    # event sent at once, and of a spooled one once it is sent (a worker judges by it whether the
+    # event is of a deleted site). None in a log written before it was kept.
+    accepted_ms: int | None
+
+
+def _payload(key: bytes, value: bytes, accepted_ms: int) -> bytes:
+    if len(key) >= _STAMPED:
+        raise ValueError(f"a spool record's key is at most {_STAMPED - 1} bytes")
+    return _KEY_LENGTH.pack(len(key) | _STAMPED) + key + _ACCEPTED.pack(accepted_ms) + value
+
+
+def _record(payload: bytes) -> Record:
+    (field,) = _KEY_LENGTH.unpack_from(payload)
+    start = _KEY_LENGTH.size
+    end = start + (field & ~_STAMPED)
+    if not field & _STAMPED:
+        return Record(payload[start:end], payload[end:], None)
+    return Record(payload[start:end], payload[end + _ACCEPTED.size:], _ACCEPTED.unpack_from(payload, end)[0])
+
+
+def _parses(payload: bytes) -> bool:
+    """Whether the payload is long enough for the key (and accept time) its key length names."""
+    if len(payload) < _KEY_LENGTH.size:
+        return False
+    (field,) = _KEY_LENGTH.unpack_from(payload)
+    needed = _KEY_LENGTH.size + (field & ~_STAMPED) + (_ACCEPTED.size if field & _STAMPED else 0)
+    return needed <= len(payload)
 
 
 class SpoolFull(Exception):
@@ -112,14 +151,17 @@ class Spool:
         """The log's size, which `max_bytes` bounds (it shrinks once everything is sent)."""
         return self._size
 
-    def append(self, key: bytes, value: bytes) -> int:
+    def append(self, key: bytes, value: bytes, accepted_ms: int | None = None) -> int:
         """Returns the offset after this record (what `commit` takes once it is sent)."""
-        return self.append_all([(key, value)])[-1]
+        return self.append_all([(key, value)], accepted_ms)[-1]
 
-    def append_all(self, records: list[tuple[bytes, bytes]]) -> list[int]:
-        """Append these records with one `write`, all or none; returns the offset after each
-        (a consumer may send them in more than one go)."""
-        payloads = [_KEY_LENGTH.pack(len(key)) + key + value for key, value in records]
+    def append_all(self, records: list[tuple[bytes, bytes]], accepted_ms: int | None = None) -> list[int]:
+        """Append these records (key, value), all accepted at `accepted_ms` (default: now), with
+        one `write`, all or none; returns the offset after each (a consumer may send them in more
+        than one go)."""
+        if accepted_ms is None:
+            accepted_ms = time.time_ns() // 1_000_000
+        payloads = [_payload(key, value, accepted_ms) for key, value in records]
         data = b"".join(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload for payload in payloads)
         with self._state:
             if self._size + len(data) > self.max_bytes:
@@ -144,18 +186,17 @@ class Spool:
             self._dirty = True
             return ends
 
-    def read(self, max_records: int) -> tuple[list[tuple[bytes, bytes]], int]:
+    def read(self, max_records: int) -> tuple[list[Record], int]:
         """Up to `max_records` unsent records, oldest first, and the offset to `commit` once they
         are sent."""
-        records: list[tuple[bytes, bytes]] = []
+        records: list[Record] = []
         offset = self._sent
         with self._state:
             size = self._size
         while len(records) < max_records and offset < size:
             length, _crc = _HEADER.unpack(os.pread(self._read_fd, _HEADER.size, offset))
             payload = os.pread(self._read_fd, length, offset + _HEADER.size)
-            (key_length,) = _KEY_LENGTH.unpack_from(payload)
-            records.append((payload[2:2 + key_length], payload[2 + key_length:]))
+            records.append(_record(payload))
             offset += _HEADER.size + length
         return records, self._base + offset
 
@@ -258,8 +299,7 @@ class Spool:
             payload = os.pread(self._read_fd, length, offset + _HEADER.size)
             # Zeros pass the CRC (crc32 of nothing is 0): a tail of them, as a file system leaves
             # after a power loss (size grown, data not written), would stop `read` for good.
-            if (zlib.crc32(payload) != crc or length < _KEY_LENGTH.size
-                    or _KEY_LENGTH.unpack_from(payload)[0] > length - _KEY_LENGTH.size):
+            if zlib.crc32(payload) != crc or not _parses(payload):
                 break
             offset = end
             at_boundary = at_boundary or offset == cursor

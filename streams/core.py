@@ -83,10 +83,11 @@ class StreamCore:
         # `_plain(_Derived)`s
         self._derived: LRUCache[tuple[str, int], tuple] = LRUCache(maxsize=REMEMBERED_VISITORS)
 
-    def process(self, batch: list[Event], rewrite: bool = False) -> None:
+    def process(self, batch: list[Event], rewrite: bool = False, still_current: Callable[[], bool] | None = None) -> None:
         """Idempotent: processing a batch again, whole or in part, changes no number. `rewrite`
         writes the touched visitors' sessions and activity whole, as if nothing derived were stored
-        (for `replay`)."""
+        (for `replay`). `still_current`, asked before the first write, says whether the batch as
+        its caller made it is still the one to write; if not, nothing is written (`BatchChanged`)."""
         if not batch:
             return
         # Taken before anything is read: a batch held up after its reads (a worker that lost its
@@ -131,6 +132,11 @@ class StreamCore:
             self._visitor(visitor, stored.get(visitor, {}), incoming.get(visitor, {}), delivered.get(visitor, []),
                           leaving.get(visitor, set()), changes, rewrite)
 
+        # A worker's batch leaves out a deleted site's events by what the site registry said before
+        # the reads. A process frozen since (SIGSTOP, a VM pause) across a delete and re-create of
+        # the site would write them for the new one: asked again here, in front of the writes.
+        if still_current is not None and not still_current():
+            raise BatchChanged
         sessions.write(self._client, changes.sessions, changes.dead_sessions, version)
         activity.write(self._client, changes.activity, changes.dead_activity, version)
         rollups.rebuild(self._client, changes.rollup_keys)
@@ -319,20 +325,28 @@ def _out_of_time_order(events) -> bool:
     return False
 
 
-async def process_until_written(core: StreamCore, batch: list[Event] | Callable[[], list[Event]]) -> int:
+class BatchChanged(Exception):
+    """What a batch is to hold changed while it was processed; it is made and processed again."""
+
+
+async def process_until_written(core: StreamCore, batch: list[Event] | Callable[[], list[Event]],
+                                still_current: Callable[[], bool] | None = None) -> int:
     """Run a batch on a worker thread (the ClickHouse client is synchronous), retrying until it
     is written: the events were already answered 202 and are never dropped. `batch` may be a
     function that makes it there, at each attempt (it may read ClickHouse too, and what it reads
-    may have changed by a retry). Returns its size."""
+    may have changed by a retry); `still_current` goes to `StreamCore.process`. Returns its size."""
     def write() -> int:
         events = batch() if callable(batch) else batch
-        core.process(events)
+        core.process(events, still_current=still_current)
         return len(events)
 
     delay = 0.1
     while True:
         try:
             return await asyncio.to_thread(write)
+        except BatchChanged:
+            log.info("a site of the batch was deleted and created again while the batch was processed; processing it"
+                     " again")
         except Exception:
             log.exception("the stream core failed on a batch; retrying in %.1fs", delay)
             await asyncio.sleep(delay)

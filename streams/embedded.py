@@ -123,7 +123,7 @@ class EmbeddedRunner:
             log.info("writing %d events journaled before the last stop", self._journal.pending_records)
         while self._journal.pending_records:
             records, end = self._journal.read(self._max_batch)
-            await process_until_written(self._core, Event.decode_all([value for _, value in records]))
+            await process_until_written(self._core, Event.decode_all([record.value for record in records]))
             await self._cut(end, len(records))
 
     async def _run(self) -> None:

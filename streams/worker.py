@@ -117,9 +117,12 @@ async def consume(settings: Settings, core: StreamCore, sites: SiteRegistry, sta
                     kept[:] = of_current_sites(records, sites)
                     return Event.decode_all([record.value for record in kept])
 
+                def still_current(records: list = records, kept: list = kept) -> bool:
+                    return len(of_current_sites(records, sites)) == len(kept)
+
                 started = time.perf_counter()
                 # A batch being written is finished even when the worker is asked to stop.
-                written = asyncio.ensure_future(process_until_written(core, batch))
+                written = asyncio.ensure_future(process_until_written(core, batch, still_current))
                 try:
                     processed = await asyncio.shield(written)
                 except asyncio.CancelledError:

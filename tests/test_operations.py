@@ -417,9 +417,9 @@ def test_ingest_answers_in_seconds_while_clickhouse_hangs_and_loses_nothing(kafk
 
     spool = Spool(tmp_path / "spool", 1 << 20)
     spool.open()
-    spooled = [orjson.loads(value)["pathname"] for _, value in spool.read(100)[0]]
+    spooled = [orjson.loads(record.value)["pathname"] for record in spool.read(100)[0]]
     spool.close()
-    sent = [orjson.loads(value)["pathname"] for _, value in topic_records(kafka, topic)]
+    sent = [orjson.loads(record.value)["pathname"] for record in topic_records(kafka, topic)]
     assert set(sent + spooled) == {f"/{n}" for n in [0, *range(1, 21), 23]}
 
 

@@ -11,10 +11,12 @@ import errno
 import os
 import re
 import shutil
+import struct
 import sys
 import threading
 import time
 import uuid
+import zlib
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 
@@ -24,7 +26,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from ingest.event import Event
-from ingest.spool import Spool, SpoolFull, SpoolLocked
+from ingest.spool import Record, Spool, SpoolFull, SpoolLocked
 from streams.core import StreamCore
 from streams.embedded import EmbeddedRunner
 from streams.events import stored_event_ids
@@ -39,7 +41,7 @@ def test_records_come_back_in_order_and_a_commit_survives_reopening(tmp_path):
     for n in range(10):
         spool.append(f"k{n}".encode(), f"value {n}".encode())
     records, end = spool.read(4)
-    assert records == [(f"k{n}".encode(), f"value {n}".encode()) for n in range(4)]
+    assert [(r.key, r.value) for r in records] == [(f"k{n}".encode(), f"value {n}".encode()) for n in range(4)]
     assert spool.pending_records == 10
     spool.commit(end)
     assert spool.pending_records == 6
@@ -49,7 +51,7 @@ def test_records_come_back_in_order_and_a_commit_survives_reopening(tmp_path):
     again.open()
     assert again.pending_records == 6
     records, end = again.read(100)
-    assert [k for k, _ in records] == [f"k{n}".encode() for n in range(4, 10)]
+    assert [r.key for r in records] == [f"k{n}".encode() for n in range(4, 10)]
     again.commit(end)
     assert again.pending_bytes == 0 and again.size_bytes == 0  # all sent: the log starts over
     assert os.path.getsize(tmp_path / "spool.log") == 0
@@ -67,7 +69,7 @@ def test_a_log_that_is_never_empty_is_compacted_and_loses_nothing(tmp_path):
         ends.append(spool.append(b"k", f"record {n:05}".encode() * 3))
         if n % 10 == 9 and n > 10:  # a batch of the oldest ten is written; ten newer ones stay in flight
             records, end = spool.read(10)
-            assert [v[:12] for _, v in records] == [f"record {i:05}".encode() for i in range(sent, sent + 10)]
+            assert [r.value[:12] for r in records] == [f"record {i:05}".encode() for i in range(sent, sent + 10)]
             assert end == ends[sent + 9]
             spool.commit(end, len(records))
             sent += 10
@@ -79,7 +81,7 @@ def test_a_log_that_is_never_empty_is_compacted_and_loses_nothing(tmp_path):
     again = Spool(tmp_path, 1 << 20, compact_bytes=4096)
     again.open()
     records, _ = again.read(10_000)
-    assert [v[:12] for _, v in records] == [f"record {i:05}".encode() for i in range(sent, 2000)]
+    assert [r.value[:12] for r in records] == [f"record {i:05}".encode() for i in range(sent, 2000)]
     again.close()
 
 
@@ -100,7 +102,7 @@ def test_commits_on_another_thread_lose_nothing_appended_meanwhile(tmp_path):
                 if not records:
                     time.sleep(0.0001)  # caught up: the next commit may truncate the log
                     continue
-                committed.extend(v for _, v in records)
+                committed.extend(r.value for r in records)
                 read_ends.append(end)
                 spool.commit(end, len(records))
                 swaps["truncated" if spool.size_bytes == 0 else "compacted"] += spool._base != swaps["base"]
@@ -131,7 +133,7 @@ def test_commits_on_another_thread_lose_nothing_appended_meanwhile(tmp_path):
 
     again = Spool(tmp_path, 1 << 22, compact_bytes=2048)
     again.open()
-    assert again.read(100)[0] == [(b"k", b"after")]
+    assert [r.value for r in again.read(100)[0]] == [b"after"]
     again.close()
 
 
@@ -154,6 +156,56 @@ async def test_switches_to_the_spool_are_warned_about_once_a_minute(tmp_path, ca
                       " (2 more switches to the spool since the last such message)"]
 
 
+def _unstamped(key: bytes, value: bytes) -> bytes:
+    """A record as the release before accept times wrote it."""
+    payload = struct.pack(">H", len(key)) + key + value
+    return struct.pack(">II", len(payload), zlib.crc32(payload)) + payload
+
+
+def test_records_keep_when_they_were_taken_and_a_log_from_before_that_is_read(tmp_path):
+    (tmp_path / "spool.log").write_bytes(_unstamped(b"old", b"from before"))
+    spool = Spool(tmp_path, 1 << 20)
+    spool.open()
+    spool.append(b"k", b"an hour ago", 1_700_000_000_000)
+    before = time.time_ns() // 1_000_000
+    spool.append_all([(b"k", b"now"), (b"k2", b"now too")])
+    records, _ = spool.read(10)
+    assert records[:2] == [Record(b"old", b"from before", None), Record(b"k", b"an hour ago", 1_700_000_000_000)]
+    assert [(r.key, r.value) for r in records[2:]] == [(b"k", b"now"), (b"k2", b"now too")]
+    assert records[2].accepted_ms == records[3].accepted_ms and before <= records[2].accepted_ms <= time.time() * 1000
+    spool.close()
+    again = Spool(tmp_path, 1 << 20)
+    again.open()  # every record passes the checks at open
+    assert again.read(10)[0] == records and again.pending_records == 4
+    again.close()
+
+
+async def test_spooled_events_reach_kafka_stamped_when_ingest_took_them(kafka, tmp_path):
+    """A worker drops a deleted site's records by their Kafka timestamp, stamped when ingest took
+    the event (streams/worker.py `of_current_sites`). A spooled event was stamped when the spool
+    sent it: events held in a spool across a delete and re-create counted for the new site. They
+    now go with the time they were taken; a record of a log from before that, with the time sent."""
+    from ingest import handoff
+
+    topic = f"stamped-{uuid.uuid4().hex[:8]}"
+    taken = int(time.time() * 1000) - 3_600_000
+    (tmp_path / "spool.log").write_bytes(_unstamped(b"site:1", b"from before stamps"))
+    spool = Spool(tmp_path, 1 << 20)
+    spool.open()
+    spool.append(b"site:2", b"taken an hour ago", taken)
+    spool.close()
+    sending = int(time.time() * 1000)
+    kafka_handoff = handoff.KafkaHandoff(kafka, topic, 1, 1, None, Spool(tmp_path, 1 << 20), 0.25)
+    await kafka_handoff.start()
+    try:
+        await asyncio.to_thread(wait_until, lambda: kafka_handoff.spool.pending_records == 0, 30, "the spool sent")
+    finally:
+        await kafka_handoff.stop()
+    records = await asyncio.to_thread(topic_records, kafka, topic)
+    assert [(r.key, r.value) for r in records] == [(b"site:1", b"from before stamps"), (b"site:2", b"taken an hour ago")]
+    assert records[0].accepted_ms >= sending and records[1].accepted_ms == taken
+
+
 def test_a_record_torn_by_a_crash_is_cut_off(tmp_path):
     spool = Spool(tmp_path, 1 << 20)
     spool.open()
@@ -164,9 +216,9 @@ def test_a_record_torn_by_a_crash_is_cut_off(tmp_path):
         log.truncate(os.path.getsize(tmp_path / "spool.log") - 5)
     again = Spool(tmp_path, 1 << 20)
     again.open()
-    assert again.read(10)[0] == [(b"a", b"whole")]
+    assert [r.value for r in again.read(10)[0]] == [b"whole"]
     again.append(b"c", b"after")  # appends go after the last whole record
-    assert [k for k, _ in again.read(10)[0]] == [b"a", b"c"]
+    assert [r.key for r in again.read(10)[0]] == [b"a", b"c"]
     again.close()
 
 
@@ -183,10 +235,10 @@ def test_a_tail_of_zeros_left_by_a_power_loss_is_cut_off(tmp_path):
     again = Spool(tmp_path, 1 << 20)
     again.open()
     assert again.pending_records == 1
-    assert again.read(10)[0] == [(b"a", b"whole")]
+    assert [r.value for r in again.read(10)[0]] == [b"whole"]
     again.append(b"b", b"after")
     records, end = again.read(10)
-    assert [k for k, _ in records] == [b"a", b"b"]
+    assert [r.key for r in records] == [b"a", b"b"]
     again.commit(end)
     assert again.pending_records == 0
     again.close()
@@ -232,7 +284,7 @@ def test_a_kill_while_an_emptied_log_starts_over_loses_nothing_after_it(tmp_path
 
     again = Spool(tmp_path, 1 << 20)
     again.open()
-    values = [v for _, v in again.read(100)[0]]
+    values = [r.value for r in again.read(100)[0]]
     assert values[-5:] == [f"new {n}".encode() for n in range(5)]
     assert set(values[:-5]) <= {f"sent {n}".encode() for n in range(5)}  # sent again at worst
     again.close()
@@ -250,7 +302,7 @@ def test_a_cursor_inside_a_record_is_not_trusted(tmp_path):
     again = Spool(tmp_path, 1 << 20)
     again.open()
     assert again.pending_records == 3
-    assert [v for _, v in again.read(10)[0]] == [f"record {n}".encode() for n in range(3)]
+    assert [r.value for r in again.read(10)[0]] == [f"record {n}".encode() for n in range(3)]
     again.close()
 
 
@@ -266,11 +318,11 @@ def test_a_full_disk_refuses_the_group_and_keeps_the_log_whole(tmp_path, monkeyp
         with pytest.raises(SpoolFull):  # refused (503), not answered as kept
             spool.append_all([(b"k", b"lost"), (b"k", b"to the full disk")])
     spool.append(b"k", b"after")  # space again
-    assert [v for _, v in spool.read(10)[0]] == [b"before", b"after"]
+    assert [r.value for r in spool.read(10)[0]] == [b"before", b"after"]
     _killed(spool)
     again = Spool(tmp_path, 1 << 20)
     again.open()
-    assert [v for _, v in again.read(10)[0]] == [b"before", b"after"]
+    assert [r.value for r in again.read(10)[0]] == [b"before", b"after"]
     again.close()
 
 
@@ -361,7 +413,7 @@ async def test_a_batch_cut_inside_one_turns_events_leaves_the_rest_journaled(tmp
         shutil.copytree(tmp_path / "journal", tmp_path / "after-kill")  # the disk as a kill -9 leaves it
         left = Spool(tmp_path / "after-kill", 1 << 20)
         left.open()
-        assert [e.event_id for e in Event.decode_all([v for _, v in left.read(100)[0]])] == [
+        assert [e.event_id for e in Event.decode_all([r.value for r in left.read(100)[0]])] == [
             e.event_id for e in events[20:]]
         left.close()
         assert runner._journal.pending_records == 10
@@ -455,7 +507,7 @@ async def test_a_stop_while_clickhouse_takes_no_writes_ends_and_keeps_the_events
     left = Spool(tmp_path, 1 << 20)
     left.open()
     try:
-        assert [e.event_id for e in Event.decode_all([v for _, v in left.read(10)[0]])] == [e.event_id for e in events]
+        assert [e.event_id for e in Event.decode_all([r.value for r in left.read(10)[0]])] == [e.event_id for e in events]
     finally:
         left.close()
 
@@ -582,18 +634,19 @@ def test_a_broker_outage_is_spooled_and_counted_once_also_across_an_ingest_kill(
         d.stop()
 
 
-def topic_records(bootstrap: str, topic: str) -> list[tuple[bytes, bytes]]:
-    """(key, value) of every message in the topic, read until none came for 2 s."""
+def topic_records(bootstrap: str, topic: str) -> list[Record]:
+    """Every message in the topic (key, value and its timestamp), read until none came for 2 s."""
     from aiokafka import AIOKafkaConsumer
 
-    async def read() -> list[tuple[bytes, bytes]]:
+    async def read() -> list[Record]:
         consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                     enable_auto_commit=False)
         await consumer.start()
         try:
-            out: list[tuple[bytes, bytes]] = []
+            out: list[Record] = []
             while batch := await consumer.getmany(timeout_ms=2000):
-                out += [(record.key or b"", record.value) for records in batch.values() for record in records]
+                out += [Record(record.key or b"", record.value, record.timestamp)
+                        for records in batch.values() for record in records]
             return out
         finally:
             await consumer.stop()
@@ -606,7 +659,7 @@ def assert_no_raw_ips(ips: set[str], bootstrap: str, topic: str, clickhouse_http
     from streams import storage
 
     found = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
-    sent = [value + key for key, value in topic_records(bootstrap, topic)]
+    sent = [record.value + record.key for record in topic_records(bootstrap, topic)]
     assert len(sent) >= 1000
     assert not [m for m in sent if set(found.findall(m.decode(errors="replace"))) & ips]
 

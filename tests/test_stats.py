@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 import uuid
 from datetime import date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
@@ -419,6 +420,56 @@ def test_a_worker_drops_kafka_records_of_a_deleted_site_accepted_before_its_id_w
     records = [record(new.site_id, before - 60_000), record(new.site_id, before - 1), record(new.site_id, before + 1),
                record(new.site_id, created_ms + 10), record("no-such-site", 0), SimpleNamespace(key=None, timestamp=0)]
     assert of_current_sites(records, registry) == records[2:]
+
+
+async def test_a_worker_frozen_mid_batch_across_a_delete_and_re_create_writes_none_of_the_old_sites_events(
+        services, monkeypatch):
+    """A worker judged its batch (the site existed, never deleted), then froze while it read
+    (SIGSTOP, a VM pause) while the site was deleted and created again. Running again, it wrote
+    the old site's events for the new one (an audit: 108-373 events in 4 of 4 runs). The batch is
+    judged again in front of the writes, and made and processed again when that changed."""
+    from types import SimpleNamespace
+
+    from streams.core import process_until_written
+    from streams.events import stored_event_ids
+    from streams.sites import SiteRegistry
+    from streams.worker import of_current_sites
+
+    from streams import sites
+
+    monkeypatch.setattr(sites, "RECREATED_MARGIN_MS", 0)  # one host's clock: no margin, no wait for it
+    registry = SiteRegistry(services.client)
+    domain = f"frozen-{uuid.uuid4().hex[:8]}.example"
+    old = registry.create("acc", domain)
+    taken = old.created_at.replace(tzinfo=timezone.utc) + timedelta(milliseconds=1)
+    events = [ev(old.site_id, visitor, taken) for visitor in (1, 2)]
+    records = [SimpleNamespace(key=e.kafka_key, timestamp=int(taken.timestamp() * 1000), value=e.to_bytes())
+               for e in events]
+    core = StreamCore(services.client, TIMEOUT)
+    reads = core._history
+    frozen = []
+
+    def history_while_frozen(days):
+        if not frozen:  # the freeze: the site is deleted and created again in the meantime
+            time.sleep(0.01)
+            registry.delete(old)
+            frozen.append(registry.create("acc", domain))
+        return reads(days)
+
+    core._history = history_while_frozen
+    kept: list = []
+
+    def batch() -> list[Event]:
+        kept[:] = of_current_sites(records, registry)
+        return Event.decode_all([record.value for record in kept])
+
+    written = await process_until_written(core, batch, lambda: len(of_current_sites(records, registry)) == len(kept))
+    assert frozen[0].site_id == old.site_id and frozen[0].created_at > old.created_at  # the same id, a new site
+    assert (written, kept) == (0, [])
+    assert not stored_event_ids(services.client, events)
+    around = Period(taken.date() - timedelta(days=1), taken.date() + timedelta(days=1), "UTC")
+    result = overview(services.client, old.site_id, around)
+    assert (result["pageviews"], result["visitors"], result["sessions"]) == (0, 0, 0)
 
 
 @pytest.mark.slow
