@@ -284,13 +284,19 @@ class Event(BaseModel):
         """The events among these Kafka or journal records. One that is not an event (a foreign
         producer's, an older release's, a tombstone without a value, values the tables cannot
         hold) is logged and skipped, rather than stop the reader on every restart."""
-        events = []
+        return [event for event in cls.decode_each(records) if event is not None]
+
+    @classmethod
+    def decode_each(cls, records: list[bytes | None]) -> list[Event | None]:
+        """`decode_all` with None in place of each record skipped."""
+        events: list[Event | None] = []
         for raw in records:
             try:
                 events.append(cls.from_bytes(raw))
             except (ValueError, TypeError):
                 log.error("skipping a record that is not an event: %r", raw[:200] if raw else raw)
                 metrics.RECORDS_SKIPPED.inc()
+                events.append(None)
         return events
 
     @property

@@ -111,11 +111,14 @@ async def consume(settings: Settings, core: StreamCore, sites: SiteRegistry, sta
                     _unread(consumer, batches)
                     continue
                 records = [record for records in batches.values() for record in records]
+                # Decoded once (a record that is no event is logged once), judged at each attempt.
+                decoded = {id(record): event for record, event in
+                           zip(records, Event.decode_each([record.value for record in records])) if event}
                 kept: list = []  # by the last attempt
 
-                def batch(records: list = records, kept: list = kept) -> list[Event]:  # this batch's, each attempt
+                def batch(records: list = records, kept: list = kept, decoded: dict = decoded) -> list[Event]:
                     kept[:] = of_current_sites(records, sites)
-                    return Event.decode_all([record.value for record in kept])
+                    return [decoded[id(record)] for record in kept if id(record) in decoded]
 
                 def still_current(records: list = records, kept: list = kept) -> bool:
                     return len(of_current_sites(records, sites)) == len(kept)
