@@ -113,7 +113,7 @@ async def consume(settings: Settings, core: StreamCore, sites: SiteRegistry, sta
                 records = [record for records in batches.values() for record in records]
                 # Decoded once (a record that is no event is logged once), judged at each attempt.
                 decoded = {id(record): event for record, event in
-                           zip(records, Event.decode_each([record.value for record in records])) if event}
+                           zip(records, Event.decode_each([record.value for record in records])) if event is not None}
                 kept: list = []  # by the last attempt
 
                 def batch(records: list = records, kept: list = kept, decoded: dict = decoded) -> list[Event]:
