@@ -124,11 +124,18 @@ def _ingest_routes(services: Services, handoff: Handoff) -> list:
             *tracker.ROUTES]
 
 
-def _operations_routes(services: Services, kafka: bool) -> list:
+def _operations_routes(services: Services, handoff: Handoff | None = None) -> list:
     """/healthz, /readyz (the store; Kafka too where the process sends to it) and /metrics."""
     checks = {"clickhouse": health.store_check(services.client)}
-    if kafka:
-        checks["kafka"] = health.broker_check(services.settings.kafka_servers)
+    if isinstance(handoff, KafkaHandoff):
+        broker = health.broker_check(services.settings.kafka_servers)
+
+        async def kafka() -> bool:
+            # A broker that answers but refused the topic (a name or replication it will not
+            # take) leaves every event in the spool: not ready either.
+            return handoff.connected and await broker()
+
+        checks["kafka"] = kafka
     return [*health.routes(checks), *metrics.ROUTES]
 
 
@@ -161,7 +168,7 @@ class _Dispatch:
 def server_app(services: Services, handoff: Handoff) -> _Dispatch:
     """`up`: tracking and import endpoints and the query API in one process."""
     api = _query_app(services, lifespan=_lifespan(handoff))
-    routes = [*_ingest_routes(services, handoff), *_operations_routes(services, kafka=not services.settings.embedded)]
+    routes = [*_ingest_routes(services, handoff), *_operations_routes(services, handoff)]
     api.router.routes.extend(r for r in routes if r.path.startswith("/api/v1/"))
     return _Dispatch(Starlette(routes=[r for r in routes if not r.path.startswith("/api/v1/")]), api)
 
@@ -171,7 +178,7 @@ def ingest_server_app(services: Services, handoff: Handoff) -> _Dispatch:
     # The import is under /api/v1: rate-limited per key (and refused keys per address) as in `up`.
     limit = Middleware(RateLimit, limiter=_rate_limiter(services.settings), keys=services.keys,
                        trusted=services.settings.trusted_networks)
-    app = Starlette(routes=[*_ingest_routes(services, handoff), *_operations_routes(services, kafka=True)],
+    app = Starlette(routes=[*_ingest_routes(services, handoff), *_operations_routes(services, handoff)],
                     lifespan=_lifespan(handoff), middleware=[limit])
     return _Dispatch(app, app)
 
@@ -179,7 +186,7 @@ def ingest_server_app(services: Services, handoff: Handoff) -> _Dispatch:
 def api_server_app(services: Services) -> FastAPI:
     """`api`: the query API alone."""
     app = _query_app(services)
-    app.router.routes.extend(_operations_routes(services, kafka=False))
+    app.router.routes.extend(_operations_routes(services))
     return app
 
 

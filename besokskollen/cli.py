@@ -86,6 +86,11 @@ def _stopped(signum, frame) -> NoReturn:
     raise SystemExit(0)
 
 
+def _stopped_while_starting(signum, frame) -> NoReturn:
+    logging.getLogger("besokskollen").info("stopped (SIGTERM) while starting")
+    raise SystemExit(0)
+
+
 def _serve(app, sock: socket.socket) -> None:
     """Serve on the socket `_listen` made (answered on while the server started)."""
     import uvicorn  # servers only: one-shot commands start ~0.2 s sooner without it
@@ -174,6 +179,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from streams import worker
 
     settings = _settings(args)
+    if settings.kafka_bootstrap is None:
+        _usage_error(args, "the worker reads Kafka: set BK_KAFKA_BOOTSTRAP (without Kafka, `besokskollen up` runs the"
+                           " stream core)")
     host, port = _address(args, settings)
     worker.run(settings, _listen("worker", host, port), host, port, args.loglevel)
 
@@ -220,7 +228,8 @@ def cmd_status(args: argparse.Namespace) -> None:
         raise SystemExit(2) from None
     if not exists:  # the topic is left to ingest and the workers, which create it as configured
         print(f"besokskollen status: Kafka at {settings.kafka_bootstrap} has no topic {settings.kafka_topic!r}:"
-              " no ingest or worker has started with this BK_KAFKA_TOPIC yet", file=sys.stderr)
+              " no ingest or worker has created it yet (they do at start; one the broker refused it to says why in"
+              " its log)", file=sys.stderr)
         raise SystemExit(2)
     print(f"topic {settings.kafka_topic}, group {settings.kafka_group}: {monitor.describe(lags)}")
     reports = storage.connect(settings.clickhouse_url, read_timeout_s=monitor.STATUS_READ_TIMEOUT_S)
@@ -393,7 +402,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     for line in misspelt(os.environ):
         print(f"besokskollen {args.command}: warning: {line}", file=sys.stderr)
-    if args.command not in _SERVERS:
+    if args.command in _SERVERS:
+        # Until it serves (waiting for ClickHouse or Kafka, migrating), a stop ends the process as
+        # a stop of a running server does: exit 0, said in the log. What starting leaves half
+        # done is done again at the next start (migrations are idempotent).
+        signal.signal(signal.SIGTERM, _stopped_while_starting)
+    else:
         # A one-shot command stopped by SIGTERM (a terminal closed, a job runner's timeout) ends as
         # after Ctrl-C: its summary and one line, not a silent death mid-chunk.
         signal.signal(signal.SIGTERM, _interrupted)
@@ -419,6 +433,10 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _usage_error(args, f"cannot use the data folder {folder}: {exc.strerror} ({exc.filename})")
     except Exception as exc:
+        # A setting ClickHouse refuses (a database or cluster it does not have, a wrong password)
+        # is a bad setting, for servers too: waiting would not mend it.
+        if (refused := _refused_setting(exc, _settings(args).clickhouse_url)) is not None:
+            _usage_error(args, refused)
         # chDB lets one process open a data folder: the engine says so only as "Error initializing
         # EmbeddedServer" (its exception types are its own).
         if "EmbeddedServer" not in str(exc):
@@ -431,14 +449,20 @@ def main(argv: list[str] | None = None) -> None:
 def _claim_spool(command: str, settings: Settings) -> Spool:
     """The server's spool (or journal), opened and locked before anything else starts: a second
     process on one directory stops here with one line, not with a traceback once the server runs."""
+    inside_the_data_folder = settings.embedded and settings.spool_dir is None  # `up`'s journal there
     try:
         return _open_spool(settings)
     except SpoolLocked as exc:
         message = str(exc)
-        if settings.embedded and settings.spool_dir is None:  # the journal inside an embedded data folder
+        if inside_the_data_folder:
             message = f"the data folder {settings.clickhouse_url.removeprefix('chdb://')} is in use by another `up`"
-        print(f"besokskollen {command}: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except OSError as exc:  # a directory that cannot be made (a read-only place, a file on its path) or used
+        if inside_the_data_folder:
+            raise  # the data folder's own trouble (main names it)
+        message = (f"BK_SPOOL_DIR: cannot use the spool directory {settings.spool_path}: {exc.strerror or exc}"
+                   + (f" ({exc.filename})" if exc.filename else ""))
+    print(f"besokskollen {command}: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def _journal_written(command: str, settings: Settings) -> None:
@@ -481,6 +505,28 @@ def _clickhouse_message(exc: Exception) -> str:
     text = re.sub(r"^HTTP driver received HTTP status (\d+), server response: ", r"HTTP \1: ", text)
     text = re.sub(r"\s*\((version [^)]*|for url [^)]*)\)", "", text)
     return " ".join(text.split())[:300]
+
+
+# ClickHouse's error names for settings it refuses: the variable, and what to do about it.
+_REFUSED_SETTINGS = {
+    "UNKNOWN_DATABASE": ("BK_CLICKHOUSE_URL", "names a database that ClickHouse at {server} does not have (create it,"
+                                              " or fix the URL's path)"),
+    "CLUSTER_DOESNT_EXIST": ("BK_CLICKHOUSE_CLUSTER", "ClickHouse at {server} has no such cluster (its"
+                                                      " system.clusters lists those it has)"),
+    "AUTHENTICATION_FAILED": ("BK_CLICKHOUSE_URL", "ClickHouse at {server} refused its user or password"),
+    "REQUIRED_PASSWORD": ("BK_CLICKHOUSE_URL", "ClickHouse at {server} refused its user or password"),
+}
+
+
+def _refused_setting(exc: Exception, url: str) -> str | None:
+    """One line naming the setting that ClickHouse's error is about, if it is about one."""
+    from streams import storage
+
+    text = str(exc)
+    for name, (variable, what) in _REFUSED_SETTINGS.items():
+        if f"({name})" in text:
+            return f"{variable}: {what.format(server=storage.server(url))}: {_clickhouse_message(exc)}"
+    return None
 
 
 def _clickhouse_url(text: str) -> str:

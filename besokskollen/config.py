@@ -10,7 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,7 +29,8 @@ class Settings(BaseSettings):
 
     clickhouse_url: str = _default_clickhouse_url()
     kafka_bootstrap: str | None = None
-    kafka_topic: str = "events"
+    # Kafka's own rule for a topic name (a name it refuses left ingest spooling every event).
+    kafka_topic: str = Field("events", min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")
     # The workers' consumer group (Faust's app id is `<group>-worker`): deployments sharing one
     # Kafka cluster give each its own, so one's rebalances never pause the other's workers.
     kafka_group: str = Field("besokskollen", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._-]+$")
@@ -86,6 +87,21 @@ class Settings(BaseSettings):
         if url.startswith(("http://", "https://")) and (problem := server_url_problem(url)):
             raise ValueError(problem)
         return url
+
+    @field_validator("kafka_topic")
+    @classmethod
+    def _not_dots(cls, topic: str) -> str:
+        if topic in (".", ".."):
+            raise ValueError("Kafka takes no topic named . or ..")
+        return topic
+
+    @field_validator("clickhouse_cluster")
+    @classmethod
+    def _on_a_server(cls, cluster: str | None, info: ValidationInfo) -> str | None:
+        if cluster and str(info.data.get("clickhouse_url", "")).startswith("chdb://"):
+            raise ValueError("needs a ClickHouse server (an http(s):// BK_CLICKHOUSE_URL): the embedded engine has no"
+                             " clusters")
+        return cluster
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -19,7 +19,7 @@ from ingest.event import Event
 from ingest.spool import Record, Spool
 from streams.embedded import EmbeddedRunner
 from streams.events import stored_event_ids
-from streams.topic import ensure_topic
+from streams.topic import TopicRefused, ensure_topic
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,11 @@ class KafkaHandoff:
         self._warned_at = float("-inf")
         self._switches_unsaid = 0
 
+    @property
+    def connected(self) -> bool:
+        """Whether the topic is there and the producer made (until then, every event is spooled)."""
+        return self._producer is not None
+
     async def start(self) -> None:
         """Opens the spool and connects; when Kafka is down, starts anyway (spooling) and keeps
         trying: an ingest process must take beacons through an outage, restarts included."""
@@ -155,7 +160,10 @@ class KafkaHandoff:
             try:
                 await self._connect()
             except (TimeoutError, KafkaError, OSError) as exc:
-                log.info("Kafka still unavailable (%s)", type(exc).__name__)
+                if isinstance(exc, TopicRefused):  # a setting to mend, not an outage to wait out
+                    log.error("%s; every event is spooled until it is mended", exc)
+                else:
+                    log.info("Kafka still unavailable (%s)", type(exc).__name__)
                 delay = min(delay * 2, 10.0)
                 continue
             log.info("connected to Kafka")

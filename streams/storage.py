@@ -34,6 +34,9 @@ SETTINGS = {"async_insert": 0, "insert_deduplicate": 0, "do_not_merge_across_par
             "distributed_foreground_insert": 1}
 
 
+HANDSHAKE_TIMEOUT_S = 10
+
+
 def connect(url: str, wait: bool = False, read_timeout_s: float | None = None) -> Client:
     """`wait`: a server process started before ClickHouse answers waits for it, saying so, rather
     than exit (one-shot commands fail at once; the CLI says where it could not connect).
@@ -50,6 +53,12 @@ def connect(url: str, wait: bool = False, read_timeout_s: float | None = None) -
     delay = 0.5
     while True:
         try:
+            if not wait and read_timeout_s is None:
+                # A server that takes the connection and never answers (hung, SIGSTOPped) held a
+                # one-shot command for the default read timeout, 300 s (a `migrate` Job 5 minutes),
+                # before its one line: its first question gets HANDSHAKE_TIMEOUT_S.
+                clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False, settings=SETTINGS,
+                                              send_receive_timeout=HANDSHAKE_TIMEOUT_S).close()
             # No session id: a server session runs one query at a time, and this client is shared
             # by the threads of a process (request handlers, the stream core).
             client = clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False, settings=SETTINGS,

@@ -197,8 +197,7 @@ def _faust_dir() -> str:
 
 
 def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) -> faust.App:
-    if settings.kafka_bootstrap is None:
-        raise SystemExit("the worker needs BK_KAFKA_BOOTSTRAP (without Kafka, `besokskollen up` runs the stream core)")
+    """`settings` name a Kafka (the CLI refuses a worker without one)."""
     app = faust.App(
         f"{settings.kafka_group}-worker",
         broker=broker_urls(settings.kafka_bootstrap),

@@ -633,7 +633,8 @@ def test_a_server_whose_port_is_taken_stops_with_one_line(tmp_path):
                                              ("BK_CLICKHOUSE_URL", "http://127.0.0.1:abc/"), ("BK_PORT", "70000"),
                                              ("BK_KAFKA_BOOTSTRAP", "kafka:abc"), ("BK_KAFKA_BOOTSTRAP", "kafka:9092,k2:0"),
                                              ("BK_REDIS_URL", "localhost:6379"), ("BK_RAW_EVENTS_TTL_DAYS", "6"),
-                                             ("BK_RAW_EVENTS_TTL_DAYS", "1000000")])
+                                             ("BK_RAW_EVENTS_TTL_DAYS", "1000000"), ("BK_KAFKA_TOPIC", "bad topic!"),
+                                             ("BK_KAFKA_TOPIC", ".."), ("BK_CLICKHOUSE_CLUSTER", "with-chdb")])
 def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path, variable, value):
     data = [] if variable == "BK_CLICKHOUSE_URL" else ["--data", str(tmp_path / "d")]  # --data would override it
     result = subprocess.run([*CLI, "migrate", *data], capture_output=True, text=True, timeout=60,
@@ -804,6 +805,83 @@ def test_commands_the_configuration_does_not_allow_exit_2(tmp_path):
     result = subprocess.run([*CLI, "status"], capture_output=True, text=True, timeout=60, env=env)
     assert (result.returncode, result.stderr.strip()) == (
         2, "besokskollen status: `status` reports on the distributed topology: set BK_KAFKA_BOOTSTRAP")
+    result = subprocess.run([*CLI, "worker", "--data", str(tmp_path / "d"), "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
+        2, "besokskollen worker: the worker reads Kafka: set BK_KAFKA_BOOTSTRAP (without Kafka, `besokskollen up` runs"
+           " the stream core)")
+
+
+def test_a_spool_directory_that_cannot_be_made_or_used_is_one_line(tmp_path):
+    """`up` and `ingest` ended in a traceback (FileExistsError, FileNotFoundError), exit 1, without
+    naming the variable."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for command, extra in (("up", {}), ("ingest", {"BK_KAFKA_BOOTSTRAP": "127.0.0.1:1"})):
+        for spool, error in ((afile, "File exists"), (afile / "spool", "Not a directory")):
+            result = subprocess.run([*CLI, command, "--data", str(tmp_path / "d"), "--port", str(free_port())],
+                                    capture_output=True, text=True, timeout=60,
+                                    env={**os.environ, **extra, "BK_SPOOL_DIR": str(spool)})
+            assert result.returncode == 2, result.stderr
+            assert result.stderr.strip().splitlines()[-1].startswith(
+                f"besokskollen {command}: BK_SPOOL_DIR: cannot use the spool directory {spool}: {error}"), result.stderr
+            assert "Traceback" not in result.stderr
+
+
+def test_a_database_or_cluster_clickhouse_does_not_have_is_one_line_naming_the_variable(clickhouse_http, tmp_path):
+    """A typo in the URL's database, or a cluster the server lacks: a 50-line traceback, exit 1,
+    from every command; the `api` server exited with it too. Waiting would not mend them."""
+    server = clickhouse_http.split("/?")[0]
+    nodb = {"BK_CLICKHOUSE_URL": f"{server}/nosuchdb?compress=false"}
+    for command in (["migrate"], ["keys", "create", "--account", "a"], ["api", "--port", str(free_port())]):
+        result = subprocess.run([*CLI, *command], capture_output=True, text=True, timeout=60, env={**os.environ, **nodb})
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith(
+            f"besokskollen {command[0]}: BK_CLICKHOUSE_URL: names a database that ClickHouse at {server} does not have"
+            " (create it, or fix the URL's path): Database nosuchdb does not exist"), result.stderr
+        assert "Traceback" not in result.stderr
+    result = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "BK_CLICKHOUSE_URL": clickhouse_http, "BK_CLICKHOUSE_CLUSTER": "nocluster"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"besokskollen migrate: BK_CLICKHOUSE_CLUSTER: ClickHouse at {server} has no such cluster"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_servers_stopped_while_they_start_exit_0_and_say_so(tmp_path):
+    """A SIGTERM while a server waited for ClickHouse or Kafka (or migrated) killed it: exit 143,
+    nothing logged, where a stop once it serves exits 0."""
+    nothing = f"127.0.0.1:{free_port()}"
+    cases = {"api": {"BK_CLICKHOUSE_URL": f"http://{nothing}/"},
+             "worker": {"BK_KAFKA_BOOTSTRAP": nothing, "BK_CLICKHOUSE_URL": f"chdb://{tmp_path / 'd'}"}}
+    for command, env in cases.items():
+        log = tmp_path / f"{command}.log"
+        with process([*CLI, command, "--port", str(free_port())], log, env) as server:
+            wait_until(lambda: "waiting" in log.read_text(), 60, f"the {command} to wait")
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(30) == 0, log.read_text()[-3000:]
+        assert "stopped (SIGTERM) while starting" in log.read_text()
+
+
+@pytest.mark.slow
+def test_a_one_shot_command_gives_up_on_a_hung_clickhouse_in_seconds(tmp_path):
+    """A ClickHouse that takes connections and never answers held `migrate` for clickhouse-connect's
+    default read timeout, 300 s (a Kubernetes migrate Job 5 minutes), before its one line."""
+    import socket
+
+    from streams.storage import HANDSHAKE_TIMEOUT_S
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        result = subprocess.run([*CLI, "migrate"], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "BK_CLICKHOUSE_URL": url + "/"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"besokskollen migrate: ClickHouse does not answer at {url}:")
+    # Not a speed assertion: what ended it is the handshake's timeout, not the 300 s default.
+    assert f"read timeout={HANDSHAKE_TIMEOUT_S}" in result.stderr, result.stderr
 
 
 def test_a_flag_replaces_its_variable_unread(tmp_path, monkeypatch):

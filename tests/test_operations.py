@@ -229,6 +229,23 @@ def test_a_topic_the_broker_refuses_is_an_error_not_an_auto_created_default(kafk
     asyncio.run(ensure_topic(kafka, topic, 12, 1))  # and then already there
 
 
+def test_an_ingest_whose_topic_the_broker_refuses_is_not_ready_and_says_why(kafka, clickhouse_http, tmp_path):
+    """With a topic the broker will not create (here a replication factor the one test broker
+    cannot give), ingest spools every event. Its /readyz said ready (the broker answered) and its
+    log said only INFO lines after the first: the alert on /readyz stayed green."""
+    topic = f"refused-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    log = tmp_path / "ingest.log"
+    env = {"BK_KAFKA_BOOTSTRAP": kafka, "BK_KAFKA_TOPIC": topic, "BK_KAFKA_REPLICATION_FACTOR": "3",
+           "BK_CLICKHOUSE_URL": clickhouse_http, "BK_SPOOL_DIR": str(tmp_path / "spool")}
+    with process([*CLI, "ingest", "--port", str(port)], log, env, ready_url=f"http://127.0.0.1:{port}/healthz"):
+        wait_until(lambda: "ERROR" in log.read_text(), 60, "ingest to log the refusal as an error")
+        ready = wait_until(lambda: (r := httpx.get(f"http://127.0.0.1:{port}/readyz")).json()["checks"] and r, 30,
+                           "ingest to serve (not its start's answers)")
+        assert (ready.status_code, ready.json()["checks"]) == (503, {"clickhouse": True, "kafka": False})
+    assert f"Kafka would not create topic {topic!r} with 12 partitions and replication factor 3" in log.read_text()
+
+
 # -- besokskollen status --------------------------------------------------------------------------
 
 def test_status_before_the_first_start_names_the_missing_topic_and_creates_none(kafka, clickhouse_http):
@@ -243,8 +260,8 @@ def test_status_before_the_first_start_names_the_missing_topic_and_creates_none(
     result = subprocess.run([*CLI, "status"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        f"besokskollen status: Kafka at {kafka} has no topic {topic!r}: no ingest or worker has started with this"
-        " BK_KAFKA_TOPIC yet")
+        f"besokskollen status: Kafka at {kafka} has no topic {topic!r}: no ingest or worker has created it yet (they"
+        " do at start; one the broker refused it to says why in its log)")
 
     async def topics() -> list[str]:
         admin = AIOKafkaAdminClient(bootstrap_servers=kafka)

@@ -389,7 +389,7 @@ async def test_a_batch_cut_inside_one_turns_events_leaves_the_rest_journaled(tmp
             self.batches: list[int] = []
             self.hung = threading.Event()
 
-        def process(self, batch: list[Event]) -> None:
+        def process(self, batch: list[Event], still_current=None) -> None:
             self.batches.append(len(batch))
             if len(self.batches) > 1:
                 self.hung.wait()
@@ -429,7 +429,7 @@ async def test_a_batch_takes_what_is_queued_and_what_comes_within_its_linger(tmp
         def __init__(self) -> None:
             self.batches: list[list[str]] = []
 
-        def process(self, batch: list[Event]) -> None:
+        def process(self, batch: list[Event], still_current=None) -> None:
             self.batches.append([e.event_id for e in batch])
 
     at = datetime.now(timezone.utc)
@@ -462,7 +462,7 @@ async def test_a_journal_cursor_that_cannot_be_saved_does_not_stop_the_stream_co
         def __init__(self) -> None:
             self.written: list[str] = []
 
-        def process(self, batch: list[Event]) -> None:
+        def process(self, batch: list[Event], still_current=None) -> None:
             self.written += [e.event_id for e in batch]
 
     at = datetime.now(timezone.utc)
@@ -493,7 +493,7 @@ async def test_a_stop_while_clickhouse_takes_no_writes_ends_and_keeps_the_events
     ever (SIGTERM never ended `up`). It now ends after its bound, the events still journaled for
     the next start."""
     class Core:
-        def process(self, batch: list[Event]) -> None:
+        def process(self, batch: list[Event], still_current=None) -> None:
             raise ConnectionError("ClickHouse does not answer")
 
     at = datetime.now(timezone.utc)
