@@ -185,8 +185,9 @@ class SharedRateLimiter:
             if isinstance(exc, self._answered):  # Redis answered (an error): no timeout to spare
                 log.warning("rate limit: Redis refused the script, counting in this process", exc_info=True)
             else:
-                log.warning("rate limit: Redis unavailable, counting in this process for %g s", self.retry_s,
-                            exc_info=True)
+                # An outage, not a defect: one line, not a traceback every retry_s.
+                log.warning("rate limit: Redis unavailable (%s: %s), counting in this process for %g s",
+                            type(exc).__name__, exc, self.retry_s)
                 self._redis_after = self.clock() + self.retry_s
             return self._fallback.hit(buckets)
         states = [(name, out[1 + 2 * i] / 1000, out[2 + 2 * i], limit) for i, (name, limit) in enumerate(buckets)]
