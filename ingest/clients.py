@@ -11,7 +11,7 @@ from functools import lru_cache
 import iptocc
 import pycountry
 
-from ingest.event import canonical_ip
+from ingest.event import canonical_ip_text
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Trusted proxies: hashable, since verdicts are cached by (address, trusted); a frozenset
@@ -54,15 +54,7 @@ def _address(hop: str) -> str:
     """One spelling per address, as imports have (ingest/event.py): proxies may add a port
     (`81.2.69.160:5000`, `[2001:db8::1]:443`), write IPv6 in capitals or uncompressed, or an IPv4
     client as `::ffff:81.2.69.160`. Anything else is kept as sent."""
-    text = hop.strip()
-    if text.startswith("[") and "]" in text:
-        text = text[1:text.index("]")]
-    elif text.count(":") == 1:
-        text = text.split(":", 1)[0]
-    try:
-        return canonical_ip(ipaddress.ip_address(text))
-    except ValueError:
-        return hop.strip()
+    return canonical_ip_text(hop) or hop.strip()
 
 
 @lru_cache(maxsize=50_000)

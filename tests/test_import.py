@@ -9,6 +9,7 @@ import dataclasses
 import ipaddress
 import os
 import random
+import re
 import subprocess
 import sys
 import uuid
@@ -117,6 +118,20 @@ def test_event_ids_are_a_hash_of_the_canonical_content():
     # The content holds the IP: without the installation's key nobody can recompute the id (and
     # so find the IP by trying every address).
     assert importer.parse(ndjson([base]), site, now, bytes(16)).lines[0].event_id != ids[0]
+
+
+def test_an_imported_address_with_a_port_is_the_address():
+    """As an X-Forwarded-For hop's: a log's `81.2.69.160:5000` was refused as no address."""
+    now = DAY + timedelta(days=30)
+    site = Site("a-example", "default", "a.example", "A", "Europe/Stockholm", DAY)
+    base = {"name": "pageview", "url": "https://a.example/", "user_agent": BROWSER, "timestamp": "2025-06-02T12:00:00Z"}
+    lines = [{**base, "ip": ip} for ip in ("81.2.69.160", "81.2.69.160:5000", "2a00:1450:4001::1",
+                                           "[2A00:1450:4001:0::1]:443", "81.2.69.160:x")]
+    parsed = importer.parse(ndjson(lines), site, now, bytes(range(16)))
+    assert [(r["line"], r["field"]) for r in parsed.rejected] == [(5, "ip")]
+    assert [line.event.ip for line in parsed.lines] == ["81.2.69.160", "81.2.69.160", "2a00:1450:4001::1",
+                                                        "2a00:1450:4001::1"]
+    assert len({line.event_id for line in parsed.lines}) == 2
 
 
 def test_an_ipv6_zone_is_not_part_of_the_address():
@@ -673,6 +688,8 @@ async def test_events_the_raw_event_ttl_would_drop_are_refused(client, services,
     assert data["accepted"] == 1
     assert [(r["line"], r["field"]) for r in data["rejected"]] == [(1, "timestamp")]
     assert "BK_RAW_EVENTS_TTL_DAYS" in data["rejected"][0]["message"]
+    # The cut-off is a moment, and said as one (an audit read a date as the whole day's).
+    assert re.search(r"before \d{4}-\d\d-\d\d \d\d:\d\d UTC", data["rejected"][0]["message"]), data["rejected"]
 
 
 def test_a_long_raw_event_ttl_keeps_events_instead_of_wrapping_past_2106(services):
@@ -709,7 +726,7 @@ async def test_a_hostile_body_is_answered_line_by_line_and_stored_once(client, s
         orjson.dumps({**good, "event_id": "{" + str(uuid.uuid4()) + "}"}),
         b"\xef\xbb\xbf" + orjson.dumps({**good, "ip": "fe80::1%eth0", "url": f"https://u:p@{site.domain}:8443/%zz"}),
         b"",
-        orjson.dumps({**good, "ip": "[::1]"}),
+        orjson.dumps({**good, "ip": "[::1]:port"}),
         orjson.dumps({**good, "timestamp": "2025-06-30T23:59:60Z"}),
         orjson.dumps({**good, "timestamp": iso(DAY + timedelta(hours=11)).replace("Z", "123456789+00:00")}),
         orjson.dumps(good)[:-2] + b"\xff\"}",
