@@ -31,6 +31,15 @@ Send = Callable[[bytes], dict]
 class ImportFailed(Exception):
     """A usage or connection problem: nothing more can be imported (exit code 2)."""
 
+    def __str__(self) -> str:
+        """With where it stopped, when that was past the first chunk (a server gone mid-import)."""
+        totals: Totals | None = getattr(self, "totals", None)
+        if totals is None or totals.in_flight is None or totals.in_flight[0] == 1:
+            return super().__str__()
+        first, last = totals.in_flight
+        return (f"{super().__str__()}; stopped at line {first:,}: the lines before it are stored ({totals.accepted:,}"
+                f" events), lines {first:,}–{last:,} may be; importing the whole file again is safe")
+
 
 class TooLarge(Exception):
     """The server refused the chunk's size (413): send it in smaller parts."""
@@ -154,6 +163,9 @@ def run(path: Path, send: Send) -> Totals:
                 progress.advance(task, len(body))
         except KeyboardInterrupt:
             totals.interrupted = True
+        except ImportFailed as exc:
+            exc.totals = totals
+            raise
     return totals
 
 

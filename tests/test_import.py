@@ -474,6 +474,31 @@ def test_the_cli_sends_no_chunk_without_events(tmp_path, monkeypatch):
     assert (totals.accepted, len(bodies)) == (3, 2)
 
 
+def test_a_server_gone_mid_import_is_said_with_where_the_import_stopped(tmp_path, monkeypatch):
+    """The CLI said only "could not reach …: Server disconnected", not how far it had come."""
+    from besokskollen import importing
+
+    monkeypatch.setattr(importing, "CHUNK_LINES", 2)
+    path = tmp_path / "events.ndjson"
+    path.write_bytes((orjson.dumps({"n": 1}) + b"\n") * 5)
+    answers = [{"accepted": 2, "rejected": [], "dropped": [], "stored": True}]
+
+    def send(body: bytes) -> dict:
+        if not answers:
+            raise importing.ImportFailed("could not reach http://x/api/v1/events/import: Server disconnected")
+        return answers.pop()
+
+    with pytest.raises(importing.ImportFailed) as failed:
+        importing.run(path, send)
+    assert str(failed.value) == ("could not reach http://x/api/v1/events/import: Server disconnected; stopped at line 3:"
+                                 " the lines before it are stored (2 events), lines 3–4 may be; importing the whole"
+                                 " file again is safe")
+    answers[:] = []  # the first chunk fails: nothing was stored, nothing more to say
+    with pytest.raises(importing.ImportFailed) as failed:
+        importing.run(path, send)
+    assert str(failed.value) == "could not reach http://x/api/v1/events/import: Server disconnected"
+
+
 def test_the_cli_waits_out_the_rate_limit_and_halves_what_the_server_finds_too_large(tmp_path, monkeypatch):
     """Against answers as a server gives them: 429 with Retry-After, then 413 for any body of more
     than two lines; one line alone too large is rejected and the import goes on. Halves are cut
