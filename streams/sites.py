@@ -4,6 +4,7 @@ API and the CLI, read by ingest (to accept or 404 an event) and by the query API
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -210,11 +211,19 @@ class SiteRegistry:
 
     def first_acceptance_ms(self, site_id: str) -> float | None:
         """The earliest time (ms since the epoch) an event of the current site with this id can
-        have been accepted: its creation, less RECREATED_MARGIN_MS; None for no site (its events
-        are not judged by this)."""
+        have been accepted: its creation, less RECREATED_MARGIN_MS; infinity while the site is
+        deleted (none of its events is current: written, they could land after the purge of a
+        site created again meanwhile); None for an id no site had (its events are not judged)."""
         site = self.get(site_id)
         if site is None:
-            return None
+            # Asked anew, not from the cache: a miss remembered from before a site was created
+            # again must not cost the new site its first events.
+            self._by_id.forget(site_id)
+            site = self.get(site_id)
+        if site is None:
+            deleted = self._lookups.query("SELECT count() FROM sites FINAL WHERE site_id = {site:String} AND deleted = 1",
+                                          parameters={"site": site_id}).result_rows[0][0]
+            return math.inf if deleted else None
         created = site.created_at if site.created_at.tzinfo else site.created_at.replace(tzinfo=timezone.utc)  # read back naive
         return created.timestamp() * 1000 - RECREATED_MARGIN_MS
 

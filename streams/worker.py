@@ -134,8 +134,7 @@ async def consume(settings: Settings, core: StreamCore, sites: SiteRegistry, sta
                     raise
                 await _commit(consumer, batches)
             if dropped := len(records) - len(kept):
-                log.warning("dropped %d events of deleted sites, accepted before a site with the same id was created",
-                            dropped)
+                log.warning("dropped %d events of deleted sites (some perhaps created again since)", dropped)
                 metrics.EVENTS_OF_DELETED_SITES.inc(dropped)
             elapsed = time.perf_counter() - started
             stats.add(processed, elapsed * 1000)
@@ -146,9 +145,9 @@ async def consume(settings: Settings, core: StreamCore, sites: SiteRegistry, sta
 
 
 def of_current_sites(records: list, sites: SiteRegistry) -> list:
-    """The records less those of a deleted site whose id a new site has now: accepted (the
-    producer's timestamp) before the new site's events can be (`SiteRegistry.first_acceptance_ms`).
-    The record key starts with the site id (`Event.kafka_key`)."""
+    """The records less those of deleted sites: of a site deleted now, or accepted (the producer's
+    timestamp) before the events of a site created again with its id can be
+    (`SiteRegistry.first_acceptance_ms`). The record key starts with the site id (`Event.kafka_key`)."""
     since: dict[bytes, float | None] = {}  # per site, looked up once a batch
 
     def current(record) -> bool:
