@@ -102,6 +102,8 @@ class SiteRegistry:
             lambda key: self._load("site_id", key), hit_ttl_s=REFRESH_S, known=self._site_ids)
         self._by_domain: ReadThroughCache[str, Site] = ReadThroughCache(
             lambda key: self._load("domain", key), hit_ttl_s=REFRESH_S)
+        # Ids whose site is deleted now (True); asked at most once a second per id without a site.
+        self._deleted: ReadThroughCache[str, bool] = ReadThroughCache(self._load_deleted, hit_ttl_s=1.0)
 
     def create(self, account_id: str, domain: str, name: str = "", tz: str = DEFAULT_TIMEZONE,
                site_id: str | None = None) -> Site:
@@ -173,6 +175,7 @@ class SiteRegistry:
             column_names=_COLUMNS)
         self._by_id.forget(site.site_id)
         self._by_domain.forget(site.domain)
+        self._deleted.forget(site.site_id)
         self._purge(site.site_id)
         # Other processes take up to REFRESH_S to notice, and events they accepted before may still
         # be on their way through Kafka: their rows are deleted again later, and when a site with this
@@ -216,14 +219,13 @@ class SiteRegistry:
         site created again meanwhile); None for an id no site had (its events are not judged)."""
         site = self.get(site_id)
         if site is None:
-            # Asked anew, not from the cache: a miss remembered from before a site was created
-            # again must not cost the new site its first events.
+            if not self._deleted.get(site_id):
+                return None
+            # Asked anew before its events are dropped: a miss remembered from before a site was
+            # created again must not cost the new site its first events.
             self._by_id.forget(site_id)
-            site = self.get(site_id)
-        if site is None:
-            deleted = self._lookups.query("SELECT count() FROM sites FINAL WHERE site_id = {site:String} AND deleted = 1",
-                                          parameters={"site": site_id}).result_rows[0][0]
-            return math.inf if deleted else None
+            if (site := self.get(site_id)) is None:
+                return math.inf
         created = site.created_at if site.created_at.tzinfo else site.created_at.replace(tzinfo=timezone.utc)  # read back naive
         return created.timestamp() * 1000 - RECREATED_MARGIN_MS
 
@@ -253,6 +255,11 @@ class SiteRegistry:
             _SELECT + f" AND {column} = {{key:String}} LIMIT 1", parameters={"key": key}
         ).result_rows
         return Site(*rows[0]) if rows else None
+
+    def _load_deleted(self, site_id: str) -> bool | None:
+        rows = self._lookups.query("SELECT 1 FROM sites FINAL WHERE site_id = {site:String} AND deleted = 1",
+                                   parameters={"site": site_id}).result_rows
+        return True if rows else None
 
     def _site_ids(self) -> list[str]:
         return [row[0] for row in self._lookups.query("SELECT site_id FROM sites FINAL WHERE deleted = 0").result_rows]
