@@ -142,7 +142,7 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
         if incoming.event_id:
             event = first_copies.follow(event)
         try:
-            await handoff.send(event)
+            await handoff.send(event, site.incarnation)
         except SpoolFull:
             return _error(503, "spool_full", "events wait for storage and the local spool is full; retry later",
                           {**_CORS, "retry-after": _SPOOL_FULL_RETRY_S})

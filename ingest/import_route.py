@@ -75,7 +75,7 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
             parts = importer.enriched(parsed.lines, site, visitors)
             while part := await asyncio.to_thread(next, parts, None):
                 for i in range(0, len(part), _SEND_AT_ONCE):
-                    await handoff.send_all(part[i:i + _SEND_AT_ONCE])
+                    await handoff.send_all(part[i:i + _SEND_AT_ONCE], site.incarnation)
                 # A live event continuing one of these sessions carries its id, stored or not yet.
                 visitors.remember((e.site_id, e.visitor_id, e.timestamp) for e in part)
                 events += part

@@ -3,8 +3,10 @@ order until they are sent, so a broker outage never blocks or loses a beacon.
 
 One directory per ingest process (a lock file keeps a second process out):
 - `spool.log`: append-only records, each `length (4 bytes) | crc32 (4) | key length (2) | key |
-  accepted (8) | value`, `accepted` being when ingest took the event (ms since the epoch; the
-  top bit of the key length says it is there: a log written before it was kept has none);
+  accepted (8) | incarnation (8) | value`: `accepted` is when ingest took the event (ms since the
+  epoch), `incarnation` the incarnation of its site (`Site.incarnation`). The two top bits of the
+  key length say which are there: a log written before they were kept has neither, one written
+  before 2026-12-03 no incarnation;
 - `spool.pos`: how many bytes of the log are sent (replaced atomically).
 When everything is sent the log is truncated to empty. When it never is (the embedded journal under
 steady traffic always has a batch in flight), the log is compacted once its sent part is large: the
@@ -39,7 +41,10 @@ from typing import NamedTuple
 _HEADER = struct.Struct(">II")  # payload length, crc32 of the payload
 _KEY_LENGTH = struct.Struct(">H")
 _STAMPED = 0x8000  # in the key length: the accept time follows the key
-_ACCEPTED = struct.Struct(">q")
+_OF_INCARNATION = 0x4000  # in the key length: the site's incarnation follows the accept time
+_FLAGS = _STAMPED | _OF_INCARNATION
+_MAX_KEY = ~_FLAGS & 0xFFFF
+_ACCEPTED = _INCARNATION = struct.Struct(">q")
 
 
 class Record(NamedTuple):
@@ -49,30 +54,43 @@ class Record(NamedTuple):
     # event sent at once, and of a spooled one once it is sent (a worker judges by it whether the
     # event is of a deleted site). None in a log written before it was kept.
     accepted_ms: int | None
+    # The incarnation of the event's site ingest took it for (`Site.incarnation`), sent as the
+    # record's `bk-site` header (streams/topic.py). None in a log written before it was kept.
+    incarnation: int | None = None
 
 
-def _payload(key: bytes, value: bytes, accepted_ms: int) -> bytes:
-    if len(key) >= _STAMPED:
-        raise ValueError(f"a spool record's key is at most {_STAMPED - 1} bytes")
-    return _KEY_LENGTH.pack(len(key) | _STAMPED) + key + _ACCEPTED.pack(accepted_ms) + value
+def _payload(key: bytes, value: bytes, accepted_ms: int, incarnation: int | None) -> bytes:
+    if len(key) > _MAX_KEY:
+        raise ValueError(f"a spool record's key is at most {_MAX_KEY} bytes")
+    if incarnation is None:
+        return _KEY_LENGTH.pack(len(key) | _STAMPED) + key + _ACCEPTED.pack(accepted_ms) + value
+    return (_KEY_LENGTH.pack(len(key) | _FLAGS) + key + _ACCEPTED.pack(accepted_ms) + _INCARNATION.pack(incarnation)
+            + value)
+
+
+def _fields(payload: bytes) -> tuple[int, int]:
+    """Where the key ends and where the value starts."""
+    (field,) = _KEY_LENGTH.unpack_from(payload)
+    end = _KEY_LENGTH.size + (field & ~_FLAGS)
+    return end, end + (_ACCEPTED.size if field & _STAMPED else 0) + (_INCARNATION.size if field & _OF_INCARNATION else 0)
 
 
 def _record(payload: bytes) -> Record:
     (field,) = _KEY_LENGTH.unpack_from(payload)
-    start = _KEY_LENGTH.size
-    end = start + (field & ~_STAMPED)
-    if not field & _STAMPED:
-        return Record(payload[start:end], payload[end:], None)
-    return Record(payload[start:end], payload[end + _ACCEPTED.size:], _ACCEPTED.unpack_from(payload, end)[0])
+    end, value = _fields(payload)
+    key = payload[_KEY_LENGTH.size:end]
+    accepted = incarnation = None
+    if field & _STAMPED:
+        (accepted,) = _ACCEPTED.unpack_from(payload, end)
+        end += _ACCEPTED.size
+    if field & _OF_INCARNATION:
+        (incarnation,) = _INCARNATION.unpack_from(payload, end)
+    return Record(key, payload[value:], accepted, incarnation)
 
 
 def _parses(payload: bytes) -> bool:
-    """Whether the payload is long enough for the key (and accept time) its key length names."""
-    if len(payload) < _KEY_LENGTH.size:
-        return False
-    (field,) = _KEY_LENGTH.unpack_from(payload)
-    needed = _KEY_LENGTH.size + (field & ~_STAMPED) + (_ACCEPTED.size if field & _STAMPED else 0)
-    return needed <= len(payload)
+    """Whether the payload is long enough for the key (and stamps) its key length names."""
+    return len(payload) >= _KEY_LENGTH.size and _fields(payload)[1] <= len(payload)
 
 
 class SpoolFull(Exception):
@@ -151,17 +169,18 @@ class Spool:
         """The log's size, which `max_bytes` bounds (it shrinks once everything is sent)."""
         return self._size
 
-    def append(self, key: bytes, value: bytes, accepted_ms: int | None = None) -> int:
+    def append(self, key: bytes, value: bytes, accepted_ms: int | None = None, incarnation: int | None = None) -> int:
         """Returns the offset after this record (what `commit` takes once it is sent)."""
-        return self.append_all([(key, value)], accepted_ms)[-1]
+        return self.append_all([(key, value)], accepted_ms, incarnation)[-1]
 
-    def append_all(self, records: list[tuple[bytes, bytes]], accepted_ms: int | None = None) -> list[int]:
-        """Append these records (key, value), all accepted at `accepted_ms` (default: now), with
-        one `write`, all or none; returns the offset after each (a consumer may send them in more
-        than one go)."""
+    def append_all(self, records: list[tuple[bytes, bytes]], accepted_ms: int | None = None,
+                   incarnation: int | None = None) -> list[int]:
+        """Append these records (key, value), all accepted at `accepted_ms` (default: now) for a
+        site's `incarnation` (if given), with one `write`, all or none; returns the offset after
+        each (a consumer may send them in more than one go)."""
         if accepted_ms is None:
             accepted_ms = time.time_ns() // 1_000_000
-        payloads = [_payload(key, value, accepted_ms) for key, value in records]
+        payloads = [_payload(key, value, accepted_ms, incarnation) for key, value in records]
         data = b"".join(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload for payload in payloads)
         with self._state:
             if self._size + len(data) > self.max_bytes:

@@ -7,8 +7,9 @@ import itertools
 import math
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 
 import idna
@@ -27,10 +28,11 @@ _COLUMNS = ["site_id", "account_id", "domain", "name", "timezone", "created_at",
 # Processes re-read a site this often.
 REFRESH_S = 5.0
 # A site deleted and created again keeps its id. Events of the deleted one can still wait in Kafka
-# behind stopped or lagging workers; a worker drops those its producer (ingest) stamped more than
-# this before the current site's creation. Ingest takes a site's events only once it knows the
-# site, so the new site's are all stamped after its creation; the margin is for the clocks of the
-# ingest and api hosts, which may be this far apart.
+# behind stopped or lagging workers. Ingest stamps each event with its site's incarnation, and a
+# worker drops those of another one. An event without it (from an ingest release before
+# 2026-12-03) is dropped when its producer stamped it more than this before the current site's
+# creation: ingest takes a site's events only once it knows the site, so the new site's are all
+# stamped after its creation; the margin is for the clocks of the ingest and api hosts.
 RECREATED_MARGIN_MS = 5000
 # A claim on a domain whose site was not created this long after (its process died between the
 # two) no longer stops another account's create.
@@ -49,7 +51,21 @@ class Site:
     domain: str
     name: str
     timezone: str
-    created_at: datetime
+    created_at: datetime  # in ms (what ClickHouse stores), read back without a timezone: UTC
+
+    @property
+    def incarnation(self) -> int:
+        """Which site with this id this is (a domain deleted and created again keeps its id): its
+        creation in ms since the epoch, as every process reads it. Ingest stamps it on each event."""
+        return _incarnation(self.created_at)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _incarnation(created_at: datetime) -> int:
+    created = created_at if created_at.tzinfo else created_at.replace(tzinfo=timezone.utc)  # read back naive
+    return (created - _EPOCH) // timedelta(milliseconds=1)
 
 
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -102,8 +118,6 @@ class SiteRegistry:
             lambda key: self._load("site_id", key), hit_ttl_s=REFRESH_S, known=self._site_ids)
         self._by_domain: ReadThroughCache[str, Site] = ReadThroughCache(
             lambda key: self._load("domain", key), hit_ttl_s=REFRESH_S)
-        # Ids whose site is deleted now (True); asked at most once a second per id without a site.
-        self._deleted: ReadThroughCache[str, bool] = ReadThroughCache(self._load_deleted, hit_ttl_s=1.0)
 
     def create(self, account_id: str, domain: str, name: str = "", tz: str = DEFAULT_TIMEZONE,
                site_id: str | None = None) -> Site:
@@ -117,7 +131,10 @@ class SiteRegistry:
                 if existing.account_id != account_id:
                     raise DomainTaken(domain)
                 return self._remember(existing)
-        site = Site(site_id, account_id, domain, name or domain, tz, datetime.now(timezone.utc))
+        now = datetime.now(timezone.utc)
+        # In ms, as stored: the process that made it and those that read it agree on its incarnation.
+        site = Site(site_id, account_id, domain, name or domain, tz,
+                    now.replace(microsecond=now.microsecond // 1000 * 1000))
         self._start_empty(site.site_id)
         self._client.insert(
             "sites",
@@ -175,7 +192,6 @@ class SiteRegistry:
             column_names=_COLUMNS)
         self._by_id.forget(site.site_id)
         self._by_domain.forget(site.domain)
-        self._deleted.forget(site.site_id)
         self._purge(site.site_id)
         # Other processes take up to REFRESH_S to notice, and events they accepted before may still
         # be on their way through Kafka: their rows are deleted again later, and when a site with this
@@ -212,22 +228,17 @@ class SiteRegistry:
     def get(self, site_id: str) -> Site | None:
         return self._by_id.get(site_id)
 
-    def first_acceptance_ms(self, site_id: str) -> float | None:
-        """The earliest time (ms since the epoch) an event of the current site with this id can
-        have been accepted: its creation, less RECREATED_MARGIN_MS; infinity while the site is
-        deleted (none of its events is current: written, they could land after the purge of a
-        site created again meanwhile); None for an id no site had (its events are not judged)."""
-        site = self.get(site_id)
-        if site is None:
-            if not self._deleted.get(site_id):
-                return None
-            # Asked anew before its events are dropped: a miss remembered from before a site was
-            # created again must not cost the new site its first events.
-            self._by_id.forget(site_id)
-            if (site := self.get(site_id)) is None:
-                return math.inf
-        created = site.created_at if site.created_at.tzinfo else site.created_at.replace(tzinfo=timezone.utc)  # read back naive
-        return created.timestamp() * 1000 - RECREATED_MARGIN_MS
+    def incarnations(self, site_ids: Collection[str]) -> dict[str, float]:
+        """The incarnation (`Site.incarnation`) of the site with each of these ids now, read anew
+        (not from the cache: a worker judges by it whether an event is of a site deleted, and
+        perhaps created again, seconds ago); infinity while it is deleted. Ids no site ever had
+        are left out."""
+        if not site_ids:
+            return {}
+        rows = self._client.query(
+            "SELECT site_id, argMax(deleted, version), argMax(created_at, version) FROM sites"
+            " WHERE site_id IN {ids:Array(String)} GROUP BY site_id", parameters={"ids": sorted(site_ids)}).result_rows
+        return {site_id: math.inf if deleted else _incarnation(created_at) for site_id, deleted, created_at in rows}
 
     def by_domain(self, domain: str) -> Site | None:
         try:
@@ -255,11 +266,6 @@ class SiteRegistry:
             _SELECT + f" AND {column} = {{key:String}} LIMIT 1", parameters={"key": key}
         ).result_rows
         return Site(*rows[0]) if rows else None
-
-    def _load_deleted(self, site_id: str) -> bool | None:
-        rows = self._lookups.query("SELECT 1 FROM sites FINAL WHERE site_id = {site:String} AND deleted = 1",
-                                   parameters={"site": site_id}).result_rows
-        return True if rows else None
 
     def _site_ids(self) -> list[str]:
         return [row[0] for row in self._lookups.query("SELECT site_id FROM sites FINAL WHERE deleted = 0").result_rows]

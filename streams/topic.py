@@ -1,5 +1,10 @@
 """The events topic. Created explicitly, with BK_KAFKA_PARTITIONS partitions, by whichever
-process starts first (ingest or worker), rather than left to the broker's auto-creation defaults."""
+process starts first (ingest or worker), rather than left to the broker's auto-creation defaults.
+
+A record: the key `Event.kafka_key`, the value `Event.to_bytes()`, the timestamp when ingest took
+the event, and the header `bk-site`: the incarnation of the event's site that ingest took it for
+(`Site.incarnation`, decimal). A site deleted and created again keeps its id, and its old events
+may still be on their way: workers drop those of another incarnation (streams/worker.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +14,24 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 log = logging.getLogger(__name__)
+
+INCARNATION_HEADER = "bk-site"
+
+
+def incarnation_headers(incarnation: int | None) -> list[tuple[str, bytes]] | None:
+    return None if incarnation is None else [(INCARNATION_HEADER, str(incarnation).encode())]
+
+
+def stamped_incarnation(record) -> int | None:
+    """The incarnation a consumed record carries; None without one (sent by an ingest release
+    before 2026-12-03, or not by ingest)."""
+    for name, value in record.headers or ():
+        if name == INCARNATION_HEADER:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 class TopicRefused(KafkaError):

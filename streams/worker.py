@@ -13,8 +13,8 @@ broker restart could assign no partitions at all).
 Delivery: offsets are committed after a batch is written, so a crash re-delivers at most the
 batches in flight, which the core processes idempotently. A rebalance waits for the batch being
 written and its commit before the partitions go, so two workers never write one partition's
-events at once (`_FinishBatchFirst`). Records of a deleted site, accepted before a site with its
-id was created again, are dropped (`of_current_sites`)."""
+events at once (`_FinishBatchFirst`). Records of a deleted site, or of one deleted and created
+again with its id since ingest took them, are dropped (`of_current_sites`)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ from besokskollen.config import Settings
 from ingest.event import Event
 from streams import monitor, replay, storage
 from streams.core import StreamCore, process_until_written
-from streams.sites import SiteRegistry
-from streams.topic import TopicRefused, ensure_topic
+from streams.sites import RECREATED_MARGIN_MS, SiteRegistry
+from streams.topic import TopicRefused, ensure_topic, stamped_incarnation
 
 log = logging.getLogger(__name__)
 
@@ -145,16 +145,23 @@ async def consume(settings: Settings, core: StreamCore, sites: SiteRegistry, sta
 
 
 def of_current_sites(records: list, sites: SiteRegistry) -> list:
-    """The records less those of deleted sites: of a site deleted now, or accepted (the producer's
-    timestamp) before the events of a site created again with its id can be
-    (`SiteRegistry.first_acceptance_ms`). The record key starts with the site id (`Event.kafka_key`)."""
-    since: dict[bytes, float | None] = {}  # per site, looked up once a batch
+    """The records less those of deleted sites: of a site deleted now, or of another incarnation of
+    its id than the one now (a site deleted and created again keeps its id), as ClickHouse says at
+    this call (`SiteRegistry.incarnations`). A record without an incarnation (from an ingest release
+    before they were stamped) is judged by when ingest took it (the producer's timestamp): before
+    the current site's creation, less RECREATED_MARGIN_MS, it is another's. Records of ids no site
+    ever had are not judged. The record key starts with the site id (`Event.kafka_key`)."""
+    def site_of(record) -> str:
+        return (record.key or b"").rpartition(b":")[0].decode(errors="replace")
+
+    now = sites.incarnations({site_of(record) for record in records})
 
     def current(record) -> bool:
-        site = (record.key or b"").rpartition(b":")[0]
-        if site not in since:
-            since[site] = sites.first_acceptance_ms(site.decode(errors="replace"))
-        return since[site] is None or record.timestamp >= since[site]
+        if (incarnation := now.get(site_of(record))) is None:
+            return True
+        if (stamped := stamped_incarnation(record)) is None:
+            return record.timestamp >= incarnation - RECREATED_MARGIN_MS
+        return stamped >= incarnation  # a newer one: a replica behind; an event is never dropped for it
 
     return [record for record in records if current(record)]
 

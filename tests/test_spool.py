@@ -162,29 +162,37 @@ def _unstamped(key: bytes, value: bytes) -> bytes:
     return struct.pack(">II", len(payload), zlib.crc32(payload)) + payload
 
 
-def test_records_keep_when_they_were_taken_and_a_log_from_before_that_is_read(tmp_path):
+def test_records_keep_when_they_were_taken_and_for_which_site_and_a_log_from_before_that_is_read(tmp_path):
+    """Records keep the accept time and the site's incarnation. Logs of older releases hold records
+    with neither (before accept times) or without the incarnation (before 2026-12-03, as an append
+    without one writes it): they are read as such."""
     (tmp_path / "spool.log").write_bytes(_unstamped(b"old", b"from before"))
     spool = Spool(tmp_path, 1 << 20)
     spool.open()
     spool.append(b"k", b"an hour ago", 1_700_000_000_000)
+    spool.append(b"s:1", b"for a site", 1_700_000_000_001, 1_690_000_000_123)
     before = time.time_ns() // 1_000_000
-    spool.append_all([(b"k", b"now"), (b"k2", b"now too")])
+    spool.append_all([(b"k", b"now"), (b"k2", b"now too")], incarnation=1_690_000_000_456)
     records, _ = spool.read(10)
-    assert records[:2] == [Record(b"old", b"from before", None), Record(b"k", b"an hour ago", 1_700_000_000_000)]
-    assert [(r.key, r.value) for r in records[2:]] == [(b"k", b"now"), (b"k2", b"now too")]
-    assert records[2].accepted_ms == records[3].accepted_ms and before <= records[2].accepted_ms <= time.time() * 1000
+    assert records[:3] == [Record(b"old", b"from before", None, None),
+                           Record(b"k", b"an hour ago", 1_700_000_000_000, None),
+                           Record(b"s:1", b"for a site", 1_700_000_000_001, 1_690_000_000_123)]
+    assert [(r.key, r.value, r.incarnation) for r in records[3:]] == [(b"k", b"now", 1_690_000_000_456),
+                                                                     (b"k2", b"now too", 1_690_000_000_456)]
+    assert records[3].accepted_ms == records[4].accepted_ms and before <= records[3].accepted_ms <= time.time() * 1000
     spool.close()
     again = Spool(tmp_path, 1 << 20)
     again.open()  # every record passes the checks at open
-    assert again.read(10)[0] == records and again.pending_records == 4
+    assert again.read(10)[0] == records and again.pending_records == 5
     again.close()
 
 
-async def test_spooled_events_reach_kafka_stamped_when_ingest_took_them(kafka, tmp_path):
-    """A worker drops a deleted site's records by their Kafka timestamp, stamped when ingest took
-    the event (streams/worker.py `of_current_sites`). A spooled event was stamped when the spool
-    sent it: events held in a spool across a delete and re-create counted for the new site. They
-    now go with the time they were taken; a record of a log from before that, with the time sent."""
+async def test_spooled_events_reach_kafka_stamped_when_ingest_took_them_and_for_which_site(kafka, tmp_path):
+    """A worker drops a deleted site's records by the site incarnation they carry, or without one
+    by their Kafka timestamp, stamped when ingest took the event (streams/worker.py
+    `of_current_sites`). A spooled event was stamped when the spool sent it: events held in a
+    spool across a delete and re-create counted for the new site. They now go with the time they
+    were taken and their incarnation; a record of a log from before that, with the time sent."""
     from ingest import handoff
 
     topic = f"stamped-{uuid.uuid4().hex[:8]}"
@@ -192,7 +200,7 @@ async def test_spooled_events_reach_kafka_stamped_when_ingest_took_them(kafka, t
     (tmp_path / "spool.log").write_bytes(_unstamped(b"site:1", b"from before stamps"))
     spool = Spool(tmp_path, 1 << 20)
     spool.open()
-    spool.append(b"site:2", b"taken an hour ago", taken)
+    spool.append(b"site:2", b"taken an hour ago", taken, 1_690_000_000_123)
     spool.close()
     sending = int(time.time() * 1000)
     kafka_handoff = handoff.KafkaHandoff(kafka, topic, 1, 1, None, Spool(tmp_path, 1 << 20), 0.25)
@@ -204,6 +212,7 @@ async def test_spooled_events_reach_kafka_stamped_when_ingest_took_them(kafka, t
     records = await asyncio.to_thread(topic_records, kafka, topic)
     assert [(r.key, r.value) for r in records] == [(b"site:1", b"from before stamps"), (b"site:2", b"taken an hour ago")]
     assert records[0].accepted_ms >= sending and records[1].accepted_ms == taken
+    assert (records[0].incarnation, records[1].incarnation) == (None, 1_690_000_000_123)
 
 
 def test_a_record_torn_by_a_crash_is_cut_off(tmp_path):
@@ -635,8 +644,11 @@ def test_a_broker_outage_is_spooled_and_counted_once_also_across_an_ingest_kill(
 
 
 def topic_records(bootstrap: str, topic: str) -> list[Record]:
-    """Every message in the topic (key, value and its timestamp), read until none came for 2 s."""
+    """Every message in the topic (key, value, its timestamp and the site incarnation it carries),
+    read until none came for 2 s."""
     from aiokafka import AIOKafkaConsumer
+
+    from streams.topic import stamped_incarnation
 
     async def read() -> list[Record]:
         consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
@@ -645,7 +657,7 @@ def topic_records(bootstrap: str, topic: str) -> list[Record]:
         try:
             out: list[Record] = []
             while batch := await consumer.getmany(timeout_ms=2000):
-                out += [Record(record.key or b"", record.value, record.timestamp)
+                out += [Record(record.key or b"", record.value, record.timestamp, stamped_incarnation(record))
                         for records in batch.values() for record in records]
             return out
         finally:

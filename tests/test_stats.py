@@ -413,12 +413,13 @@ def test_a_worker_drops_kafka_records_of_a_deleted_site_and_those_accepted_befor
     new = registry.create("acc", domain)
     created_ms = new.created_at.timestamp() * 1000
 
-    def record(site_id: str, ms: float):
-        return SimpleNamespace(key=f"{site_id}:7".encode(), timestamp=int(ms), value=b"{}")
+    def record(site_id: str, ms: float):  # from an ingest release that did not stamp the incarnation
+        return SimpleNamespace(key=f"{site_id}:7".encode(), timestamp=int(ms), value=b"{}", headers=())
 
     before = created_ms - RECREATED_MARGIN_MS
     records = [record(new.site_id, before - 60_000), record(new.site_id, before - 1), record(new.site_id, before + 1),
-               record(new.site_id, created_ms + 10), record("no-such-site", 0), SimpleNamespace(key=None, timestamp=0)]
+               record(new.site_id, created_ms + 10), record("no-such-site", 0),
+               SimpleNamespace(key=None, timestamp=0, headers=())]
     assert of_current_sites(records, registry) == records[2:]
     # A site deleted (and not created again): none of its records is current, however recent. A
     # worker busy with an import of the site wrote them while it was deleted, and the rows of a
@@ -428,8 +429,42 @@ def test_a_worker_drops_kafka_records_of_a_deleted_site_and_those_accepted_befor
     assert of_current_sites(records, registry) == records[4:]
 
 
-async def test_a_worker_frozen_mid_batch_across_a_delete_and_re_create_writes_none_of_the_old_sites_events(
-        services, monkeypatch):
+def test_a_worker_drops_records_of_another_incarnation_of_their_site_whenever_ingest_took_them(services):
+    """A site deleted and created again within seconds: ingest processes that had not seen the
+    delete yet (up to 5 s) took the old site's events after it, and by their time alone those could
+    not be told from the new site's. Each record carries the incarnation ingest took it for; a
+    worker keeps only those of the site with the id now, as ClickHouse says when it judges the
+    batch (a worker's cached site was up to 5 s old)."""
+    from types import SimpleNamespace
+
+    from streams.sites import SiteRegistry
+    from streams.topic import incarnation_headers
+    from streams.worker import of_current_sites
+
+    registry, workers = SiteRegistry(services.client), SiteRegistry(services.client)
+    domain = f"incarnation-{uuid.uuid4().hex[:8]}.example"
+    old = registry.create("acc", domain)
+    assert workers.get(old.site_id).incarnation == old.incarnation  # the worker's cache holds the old site
+    registry.delete(old)
+    new = registry.create("acc", domain)
+    assert new.site_id == old.site_id and new.incarnation > old.incarnation
+    assert SiteRegistry(services.client).get(new.site_id).incarnation == new.incarnation  # as made, as read back
+
+    def record(incarnation: int | None, ms: int, headers: list | None = None):
+        return SimpleNamespace(key=f"{new.site_id}:7".encode(), timestamp=ms, value=b"{}",
+                               headers=headers if headers is not None else incarnation_headers(incarnation) or ())
+
+    late_old, early_new = record(old.incarnation, new.incarnation + 500), record(new.incarnation, old.incarnation)
+    records = [late_old, early_new, record(new.incarnation, new.incarnation + 10)]
+    assert of_current_sites(records, workers) == records[1:]
+    # Without an incarnation (or an unreadable one), by time: after the creation less the margin.
+    assert of_current_sites([record(None, new.incarnation + 500)], workers) != []
+    assert of_current_sites([record(None, 0, [("bk-site", b"old")])], workers) == []
+    registry.delete(new)
+    assert of_current_sites(records, workers) == []
+
+
+async def test_a_worker_frozen_mid_batch_across_a_delete_and_re_create_writes_none_of_the_old_sites_events(services):
     """A worker judged its batch (the site existed, never deleted), then froze while it read
     (SIGSTOP, a VM pause) while the site was deleted and created again. Running again, it wrote
     the old site's events for the new one (an audit: 108-373 events in 4 of 4 runs). The batch is
@@ -439,18 +474,16 @@ async def test_a_worker_frozen_mid_batch_across_a_delete_and_re_create_writes_no
     from streams.core import process_until_written
     from streams.events import stored_event_ids
     from streams.sites import SiteRegistry
+    from streams.topic import incarnation_headers
     from streams.worker import of_current_sites
 
-    from streams import sites
-
-    monkeypatch.setattr(sites, "RECREATED_MARGIN_MS", 0)  # one host's clock: no margin, no wait for it
     registry = SiteRegistry(services.client)
     domain = f"frozen-{uuid.uuid4().hex[:8]}.example"
     old = registry.create("acc", domain)
     taken = old.created_at.replace(tzinfo=timezone.utc) + timedelta(milliseconds=1)
     events = [ev(old.site_id, visitor, taken) for visitor in (1, 2)]
-    records = [SimpleNamespace(key=e.kafka_key, timestamp=int(taken.timestamp() * 1000), value=e.to_bytes())
-               for e in events]
+    records = [SimpleNamespace(key=e.kafka_key, timestamp=int(taken.timestamp() * 1000), value=e.to_bytes(),
+                               headers=incarnation_headers(old.incarnation)) for e in events]
     core = StreamCore(services.client, TIMEOUT)
     reads = core._history
     frozen = []
