@@ -98,7 +98,7 @@ def make_handoff(services: Services, core: StreamCore | None = None, spool: Spoo
     settings = services.settings
     spool = spool or Spool(settings.spool_path, settings.spool_max_bytes)
     if settings.embedded:
-        return InProcessHandoff(EmbeddedRunner(core or services.stream_core(), spool))
+        return InProcessHandoff(EmbeddedRunner(core or services.stream_core(), spool, sites=services.sites))
     return KafkaHandoff(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions,
                         settings.kafka_replication_factor, services.client, spool, settings.spool_after_ms / 1000)
 

@@ -20,8 +20,8 @@ SPOOL_RECORDS = Gauge("bk_spool_records", "Events in the local spool not yet sen
 EVENTS_PROCESSED = Counter("bk_stream_events_total", "Events the stream core processed (worker)")
 RECORDS_SKIPPED = Counter("bk_records_skipped_total", "Kafka or journal records that are no event, logged and skipped")
 EVENTS_OF_DELETED_SITES = Counter("bk_events_of_deleted_sites_total",
-                                  "Kafka records of deleted sites dropped (also those of a site deleted and created"
-                                  " again with the id since ingest took them)")
+                                  "Events of deleted sites dropped by a worker or up (also those of a site deleted"
+                                  " and created again with the id since ingest took them)")
 BATCH_SECONDS = Histogram("bk_stream_batch_seconds", "Time to process one batch in the stream core",
                           buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 CONSUMER_LAG = Gauge("bk_consumer_lag", "Events in a partition not yet processed by the group", ["partition"])

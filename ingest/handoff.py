@@ -67,13 +67,11 @@ class InProcessHandoff:
     async def start(self) -> None:
         await self.runner.start()
 
-    # The incarnation is not kept: the queue is written in well under a second (README "Sites":
-    # a site created again within it is the case left uncovered).
     async def send(self, event: Event, incarnation: int) -> None:
-        await self.runner.submit(event)
+        await self.runner.submit(event, incarnation)
 
     async def send_all(self, events: Sequence[Event], incarnation: int) -> None:
-        await self.runner.submit_all(events)
+        await self.runner.submit_all(events, incarnation)
 
     async def flush(self, events: Sequence[Event]) -> bool:
         await self.runner.drain()

@@ -6,7 +6,11 @@ pushes back on ingest instead of growing.
 Each event is first appended to a journal on disk (the spool's file format, `ingest/spool.py`),
 so an event answered 202 survives a `kill -9` of the process: the journal is cut back as batches
 are written, and whatever it still holds at start is written first. The stream core is idempotent,
-so an event that was written but not yet cut from the journal costs a second, harmless pass."""
+so an event that was written but not yet cut from the journal costs a second, harmless pass.
+
+Each event is queued and journaled with the incarnation of its site (`Site.incarnation`); events of
+a site deleted, or deleted and created again, since they were taken are dropped, as a worker drops
+them (`of_site_now`)."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from besokskollen import metrics
 from ingest.event import Event
 from ingest.spool import Spool
 from streams.core import StreamCore, process_until_written
+from streams.sites import SiteRegistry, of_site_now
 
 log = logging.getLogger(__name__)
 
@@ -31,33 +36,37 @@ STOP_DRAIN_S = 20.0
 
 class EmbeddedRunner:
     def __init__(self, core: StreamCore, journal: Spool, max_batch: int = 5000, linger_s: float = 0.05,
-                 max_queued: int = 100_000, stop_drain_s: float = STOP_DRAIN_S) -> None:
+                 max_queued: int = 100_000, stop_drain_s: float = STOP_DRAIN_S, sites: SiteRegistry | None = None
+                 ) -> None:
+        """`sites`: to drop the events of sites deleted (or deleted and created again) since they
+        were queued, as a worker does; None judges none (a runner tested alone)."""
         self._core = core
+        self._sites = sites
         self._stop_drain_s = stop_drain_s
         self._journal = journal
         self._max_batch = max_batch
         self._linger_s = linger_s
-        # (event, the journal's offset after its record), in journal order: a batch's last entry
-        # is how far the journal is written. Bounded by `_room`, taken before the journal,
-        # because waiting for a full queue after it could reorder the two.
-        self._queue: asyncio.Queue[tuple[Event, int]] = asyncio.Queue()
+        # (event, the journal's offset after its record, its site's incarnation), in journal order:
+        # a batch's last entry is how far the journal is written. Bounded by `_room`, taken before
+        # the journal, because waiting for a full queue after it could reorder the two.
+        self._queue: asyncio.Queue[tuple[Event, int, int | None]] = asyncio.Queue()
         self._room = asyncio.Semaphore(max_queued)
         self._tasks: list[asyncio.Task] = []
-        self._waiting: list[tuple[bytes, bytes]] = []  # records to journal at the end of this turn
+        self._waiting: list[tuple[bytes, bytes, int | None]] = []  # records to journal at the end of this turn
         self._appended: asyncio.Future[list[int]] | None = None
         # Counted rather than "queue empty": under steady traffic the queue may never be empty,
         # and a drain must still end once what came before it is written.
         self._submitted = 0
         self._written = 0
 
-    async def submit(self, event: Event) -> None:
+    async def submit(self, event: Event, incarnation: int | None = None) -> None:
         """Returns once the event is journaled and queued; raises `SpoolFull` (the caller answers
-        503) when the journal is at its limit."""
-        await self.submit_all([event])
+        503) when the journal is at its limit. `incarnation`: of the site it was taken for."""
+        await self.submit_all([event], incarnation)
 
-    async def submit_all(self, events: Sequence[Event]) -> None:
-        """`submit` for many events (an import's part), in order, with one wait: a task per event
-        cost an import ~8 % of its time in the event loop."""
+    async def submit_all(self, events: Sequence[Event], incarnation: int | None = None) -> None:
+        """`submit` for many events of one site (an import's part), in order, with one wait: a
+        task per event cost an import ~8 % of its time in the event loop."""
         taken = 0
         try:
             for _ in events:
@@ -72,7 +81,7 @@ class EmbeddedRunner:
             self._appended = asyncio.get_running_loop().create_future()
             asyncio.get_running_loop().call_soon(self._append_waiting)
         appended, first = self._appended, len(self._waiting)
-        self._waiting.extend([(event.kafka_key, event.to_bytes()) for event in events])
+        self._waiting.extend([(event.kafka_key, event.to_bytes(), incarnation) for event in events])
         try:
             # Each record's own end: a batch may end inside the group, and the rest of the group
             # must stay journaled until it is written.
@@ -81,8 +90,8 @@ class EmbeddedRunner:
             for _ in events:
                 self._room.release()
             raise
-        for entry in zip(events, ends):
-            self._queue.put_nowait(entry)
+        for event, end in zip(events, ends):
+            self._queue.put_nowait((event, end, incarnation))
         self._submitted += len(events)
 
     def _append_waiting(self) -> None:
@@ -123,7 +132,9 @@ class EmbeddedRunner:
             log.info("writing %d events journaled before the last stop", self._journal.pending_records)
         while self._journal.pending_records:
             records, end = self._journal.read(self._max_batch)
-            await process_until_written(self._core, Event.decode_all([record.value for record in records]))
+            events = Event.decode_each([record.value for record in records])
+            await self._write([(event, end, record.incarnation) for record, event in zip(records, events)
+                               if event is not None])
             await self._cut(end, len(records))
 
     async def _run(self) -> None:
@@ -136,11 +147,32 @@ class EmbeddedRunner:
                 async with asyncio.timeout(self._linger_s):
                     while len(batch) < self._max_batch:
                         batch.append(self._queue.get_nowait() if not self._queue.empty() else await self._queue.get())
-            await process_until_written(self._core, [event for event, _ in batch])
+            await self._write(batch)
             await self._cut(batch[-1][1], len(batch))
             self._written += len(batch)
             for _ in batch:
                 self._room.release()
+
+    async def _write(self, entries: list[tuple[Event, int, int | None]]) -> None:
+        """Write the events of these entries whose site is the one with the id now (judged again in
+        front of the writes, as a worker's batch is: a site deleted and created again while the
+        batch was processed)."""
+        kept: list = []
+
+        def current() -> list:
+            if self._sites is None:
+                return entries
+            now = self._sites.incarnations({event.site_id for event, _, _ in entries})
+            return [entry for entry in entries if of_site_now(now.get(entry[0].site_id), entry[2], None)]
+
+        def batch() -> list[Event]:
+            kept[:] = current()
+            return [event for event, _, _ in kept]
+
+        await process_until_written(self._core, batch, lambda: len(current()) == len(kept))
+        if dropped := len(entries) - len(kept):
+            log.warning("dropped %d events of deleted sites (some perhaps created again since)", dropped)
+            metrics.EVENTS_OF_DELETED_SITES.inc(dropped)
 
     async def _cut(self, end: int, records: int) -> None:
         """Cut written records from the journal, off the event loop that answers /api/event.

@@ -68,6 +68,18 @@ def _incarnation(created_at: datetime) -> int:
     return (created - _EPOCH) // timedelta(milliseconds=1)
 
 
+def of_site_now(now: float | None, stamped: int | None, accepted_ms: int | None) -> bool:
+    """Whether an event is of the site with its id now, whose incarnation is `now`
+    (`SiteRegistry.incarnations`: infinity while it is deleted, None for an id no site ever had,
+    which is not judged): by the incarnation ingest `stamped` on it, or without one (an ingest
+    release before 2026-12-03) by when ingest took it, if known."""
+    if now is None:
+        return True
+    if stamped is None:
+        return accepted_ms is None or accepted_ms >= now - RECREATED_MARGIN_MS
+    return stamped >= now  # a newer one: a replica behind; an event is never dropped for it
+
+
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 

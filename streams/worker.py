@@ -35,7 +35,7 @@ from besokskollen.config import Settings
 from ingest.event import Event
 from streams import monitor, replay, storage
 from streams.core import StreamCore, process_until_written
-from streams.sites import RECREATED_MARGIN_MS, SiteRegistry
+from streams.sites import SiteRegistry, of_site_now
 from streams.topic import TopicRefused, ensure_topic, stamped_incarnation
 
 log = logging.getLogger(__name__)
@@ -147,23 +147,16 @@ async def consume(settings: Settings, core: StreamCore, sites: SiteRegistry, sta
 def of_current_sites(records: list, sites: SiteRegistry) -> list:
     """The records less those of deleted sites: of a site deleted now, or of another incarnation of
     its id than the one now (a site deleted and created again keeps its id), as ClickHouse says at
-    this call (`SiteRegistry.incarnations`). A record without an incarnation (from an ingest release
-    before they were stamped) is judged by when ingest took it (the producer's timestamp): before
-    the current site's creation, less RECREATED_MARGIN_MS, it is another's. Records of ids no site
-    ever had are not judged. The record key starts with the site id (`Event.kafka_key`)."""
+    this call (`SiteRegistry.incarnations`, `of_site_now`). A record without an incarnation (from
+    an ingest release before they were stamped) is judged by when ingest took it: the producer's
+    timestamp. The record key starts with the site id (`Event.kafka_key`)."""
     def site_of(record) -> str:
         return (record.key or b"").rpartition(b":")[0].decode(errors="replace")
 
     now = sites.incarnations({site_of(record) for record in records})
 
-    def current(record) -> bool:
-        if (incarnation := now.get(site_of(record))) is None:
-            return True
-        if (stamped := stamped_incarnation(record)) is None:
-            return record.timestamp >= incarnation - RECREATED_MARGIN_MS
-        return stamped >= incarnation  # a newer one: a replica behind; an event is never dropped for it
-
-    return [record for record in records if current(record)]
+    return [record for record in records
+            if of_site_now(now.get(site_of(record)), stamped_incarnation(record), record.timestamp)]
 
 
 async def _fill(consumer: AIOKafkaConsumer, batches: dict) -> None:

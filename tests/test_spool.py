@@ -116,7 +116,7 @@ def test_commits_on_another_thread_lose_nothing_appended_meanwhile(tmp_path):
     committer.start()
     try:
         for n in range(6000):
-            ends.extend(spool.append_all([(b"k", f"record {n:05} {i}".encode() * 2) for i in range(1 + n % 3)]))
+            ends.extend(spool.append_all([(b"k", f"record {n:05} {i}".encode() * 2, None) for i in range(1 + n % 3)]))
             if n % 3 == 0:
                 time.sleep(0.0002)  # the committer catches up at times: truncations, not only compactions
     finally:
@@ -172,13 +172,13 @@ def test_records_keep_when_they_were_taken_and_for_which_site_and_a_log_from_bef
     spool.append(b"k", b"an hour ago", 1_700_000_000_000)
     spool.append(b"s:1", b"for a site", 1_700_000_000_001, 1_690_000_000_123)
     before = time.time_ns() // 1_000_000
-    spool.append_all([(b"k", b"now"), (b"k2", b"now too")], incarnation=1_690_000_000_456)
+    spool.append_all([(b"k", b"now", 1_690_000_000_456), (b"k2", b"now too", 1_690_000_000_789)])
     records, _ = spool.read(10)
     assert records[:3] == [Record(b"old", b"from before", None, None),
                            Record(b"k", b"an hour ago", 1_700_000_000_000, None),
                            Record(b"s:1", b"for a site", 1_700_000_000_001, 1_690_000_000_123)]
     assert [(r.key, r.value, r.incarnation) for r in records[3:]] == [(b"k", b"now", 1_690_000_000_456),
-                                                                     (b"k2", b"now too", 1_690_000_000_456)]
+                                                                     (b"k2", b"now too", 1_690_000_000_789)]
     assert records[3].accepted_ms == records[4].accepted_ms and before <= records[3].accepted_ms <= time.time() * 1000
     spool.close()
     again = Spool(tmp_path, 1 << 20)
@@ -325,7 +325,7 @@ def test_a_full_disk_refuses_the_group_and_keeps_the_log_whole(tmp_path, monkeyp
     with monkeypatch.context() as patch:
         patch.setattr(os, "write", lambda fd, data: write(fd, data[:len(data) // 2]))
         with pytest.raises(SpoolFull):  # refused (503), not answered as kept
-            spool.append_all([(b"k", b"lost"), (b"k", b"to the full disk")])
+            spool.append_all([(b"k", b"lost", None), (b"k", b"to the full disk", None)])
     spool.append(b"k", b"after")  # space again
     assert [r.value for r in spool.read(10)[0]] == [b"before", b"after"]
     _killed(spool)
@@ -340,7 +340,7 @@ def test_a_full_spool_refuses_and_a_second_process_is_kept_out(tmp_path):
     spool.open()
     spool.append(b"k", b"x" * 10)
     with pytest.raises(SpoolFull):  # a group that does not fit whole is refused whole
-        spool.append_all([(b"k", b"x" * 10), (b"k", b"x" * 50)])
+        spool.append_all([(b"k", b"x" * 10, None), (b"k", b"x" * 50, None)])
     assert spool.pending_records == 1
     spool.append(b"k", b"x" * 40)
     with pytest.raises(SpoolFull):

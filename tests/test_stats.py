@@ -511,6 +511,61 @@ async def test_a_worker_frozen_mid_batch_across_a_delete_and_re_create_writes_no
     assert (result["pageviews"], result["visitors"], result["sessions"]) == (0, 0, 0)
 
 
+async def test_up_drops_queued_events_of_a_site_deleted_and_created_again_before_they_are_written(services, tmp_path):
+    """`up` queues (and journals) events in process. A site deleted and created again while some
+    of its events wait there counted them for the new site. Each is queued with the incarnation
+    of its site, and dropped when that is not the site's now: from the queue, and from the
+    journal a kill -9 leaves behind."""
+    import shutil
+
+    from ingest.spool import Spool
+    from streams.embedded import EmbeddedRunner
+    from streams.sites import SiteRegistry
+
+    registry = SiteRegistry(services.client)
+    domain = f"queued-{uuid.uuid4().hex[:8]}.example"
+    old = registry.create("acc", domain)
+    core = StreamCore(services.client, TIMEOUT)
+    process, busy, go_on = core.process, threading.Event(), threading.Event()
+
+    def held(batch, **kwargs):  # the core busy with an earlier batch while events queue up
+        if any(e.site_id == "holds-the-core" for e in batch):
+            busy.set()
+            go_on.wait(30)
+        return process(batch, **kwargs)
+
+    core.process = held
+    at = datetime.now(timezone.utc) - timedelta(minutes=1)
+    runner = EmbeddedRunner(core, Spool(tmp_path / "journal", 1 << 20), sites=registry)
+    await runner.start()
+    try:
+        await runner.submit(ev("holds-the-core", 1, at))
+        await asyncio.to_thread(busy.wait, 30)
+        await runner.submit_all([ev(old.site_id, visitor, at, path="/old") for visitor in (1, 2)], old.incarnation)
+        registry.delete(old)
+        new = registry.create("acc", domain)
+        assert new.site_id == old.site_id
+        await runner.submit_all([ev(new.site_id, visitor, at, path="/new") for visitor in (3, 4)], new.incarnation)
+        shutil.copytree(tmp_path / "journal", tmp_path / "after-kill")  # the disk as a kill -9 leaves it
+        go_on.set()
+        await runner.drain()
+    finally:
+        go_on.set()
+        await runner.stop()
+
+    def stored() -> list:
+        return sorted(services.client.query("SELECT pathname, visitor_id FROM events FINAL WHERE site_id = {s:String}",
+                                            parameters={"s": new.site_id}).result_rows)
+
+    assert stored() == [("/new", 3), ("/new", 4)]
+    again = EmbeddedRunner(StreamCore(services.client, TIMEOUT), Spool(tmp_path / "after-kill", 1 << 20), sites=registry)
+    await again.start()  # writes what the journal holds: the old site's two again, and the new one's
+    await again.stop()
+    assert stored() == [("/new", 3), ("/new", 4)]
+    around = Period(at.date() - timedelta(days=1), at.date() + timedelta(days=1), "UTC")
+    assert overview(services.client, new.site_id, around)["visitors"] == 2
+
+
 @pytest.mark.slow
 async def test_a_site_created_again_keeps_its_data_through_the_deleted_ones_second_purge(client, services):
     """The delete purges the site's rows again ~10 s later (for events other processes accepted
