@@ -130,9 +130,9 @@ async def test_a_retry_from_another_address_keeps_its_first_copys_visitor_id(cli
     handoff, sent = embedded[1], []
     send = handoff.send
 
-    async def recording(event):
+    async def recording(event, incarnation):
         sent.append(event)
-        await send(event)
+        await send(event, incarnation)
 
     monkeypatch.setattr(handoff, "send", recording)
     client_id = str(uuid.uuid4())
