@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 
 from besokskollen import metrics
@@ -33,6 +34,8 @@ _SYNC_PERIOD_S = 1.0
 # grace period a supervisor gives it before a kill (Kubernetes: 30 s).
 STOP_DRAIN_S = 20.0
 
+_Entry = tuple[Event, int, int | None, int | None]  # see `EmbeddedRunner._queue`
+
 
 class EmbeddedRunner:
     def __init__(self, core: StreamCore, journal: Spool, max_batch: int = 5000, linger_s: float = 0.05,
@@ -46,10 +49,11 @@ class EmbeddedRunner:
         self._journal = journal
         self._max_batch = max_batch
         self._linger_s = linger_s
-        # (event, the journal's offset after its record, its site's incarnation), in journal order:
-        # a batch's last entry is how far the journal is written. Bounded by `_room`, taken before
-        # the journal, because waiting for a full queue after it could reorder the two.
-        self._queue: asyncio.Queue[tuple[Event, int, int | None]] = asyncio.Queue()
+        # (event, the journal's offset after its record, its site's incarnation, when it was taken
+        # in ms), in journal order: a batch's last entry is how far the journal is written. Bounded
+        # by `_room`, taken before the journal, because waiting for a full queue after it could
+        # reorder the two.
+        self._queue: asyncio.Queue[_Entry] = asyncio.Queue()
         self._room = asyncio.Semaphore(max_queued)
         self._tasks: list[asyncio.Task] = []
         self._waiting: list[tuple[bytes, bytes, int | None]] = []  # records to journal at the end of this turn
@@ -90,8 +94,9 @@ class EmbeddedRunner:
             for _ in events:
                 self._room.release()
             raise
+        accepted_ms = time.time_ns() // 1_000_000
         for event, end in zip(events, ends):
-            self._queue.put_nowait((event, end, incarnation))
+            self._queue.put_nowait((event, end, incarnation, accepted_ms))
         self._submitted += len(events)
 
     def _append_waiting(self) -> None:
@@ -133,8 +138,8 @@ class EmbeddedRunner:
         while self._journal.pending_records:
             records, end = self._journal.read(self._max_batch)
             events = Event.decode_each([record.value for record in records])
-            await self._write([(event, end, record.incarnation) for record, event in zip(records, events)
-                               if event is not None])
+            await self._write([(event, end, record.incarnation, record.accepted_ms)
+                               for record, event in zip(records, events) if event is not None])
             await self._cut(end, len(records))
 
     async def _run(self) -> None:
@@ -153,7 +158,7 @@ class EmbeddedRunner:
             for _ in batch:
                 self._room.release()
 
-    async def _write(self, entries: list[tuple[Event, int, int | None]]) -> None:
+    async def _write(self, entries: list[_Entry]) -> None:
         """Write the events of these entries whose site is the one with the id now (judged again in
         front of the writes, as a worker's batch is: a site deleted and created again while the
         batch was processed)."""
@@ -162,12 +167,12 @@ class EmbeddedRunner:
         def current() -> list:
             if self._sites is None:
                 return entries
-            now = self._sites.incarnations({event.site_id for event, _, _ in entries})
-            return [entry for entry in entries if of_site_now(now.get(entry[0].site_id), entry[2], None)]
+            now = self._sites.incarnations({entry[0].site_id for entry in entries})
+            return [entry for entry in entries if of_site_now(now.get(entry[0].site_id), entry[2], entry[3])]
 
         def batch() -> list[Event]:
             kept[:] = current()
-            return [event for event, _, _ in kept]
+            return [entry[0] for entry in kept]
 
         await process_until_written(self._core, batch, lambda: len(current()) == len(kept))
         if dropped := len(entries) - len(kept):

@@ -28,11 +28,11 @@ _COLUMNS = ["site_id", "account_id", "domain", "name", "timezone", "created_at",
 # Processes re-read a site this often.
 REFRESH_S = 5.0
 # A site deleted and created again keeps its id. Events of the deleted one can still wait in Kafka
-# behind stopped or lagging workers. Ingest stamps each event with its site's incarnation, and a
-# worker drops those of another one. An event without it (from an ingest release before
-# 2026-12-03) is dropped when its producer stamped it more than this before the current site's
-# creation: ingest takes a site's events only once it knows the site, so the new site's are all
-# stamped after its creation; the margin is for the clocks of the ingest and api hosts.
+# behind stopped or lagging workers: `of_site_now` tells them from the current site's. An event
+# without the site's incarnation (from an ingest release before 2026-12-03) is dropped when
+# ingest took it more than this before the current site's creation: ingest takes a site's events
+# only once it knows the site, so the new site's are taken after its creation; the margin is for
+# the clocks of the ingest and api hosts.
 RECREATED_MARGIN_MS = 5000
 # A claim on a domain whose site was not created this long after (its process died between the
 # two) no longer stops another account's create.
@@ -70,14 +70,19 @@ def _incarnation(created_at: datetime) -> int:
 
 def of_site_now(now: float | None, stamped: int | None, accepted_ms: int | None) -> bool:
     """Whether an event is of the site with its id now, whose incarnation is `now`
-    (`SiteRegistry.incarnations`: infinity while it is deleted, None for an id no site ever had,
-    which is not judged): by the incarnation ingest `stamped` on it, or without one (an ingest
-    release before 2026-12-03) by when ingest took it, if known."""
+    (`SiteRegistry.incarnations`: infinity while it is deleted; None for an id no site ever had,
+    which is not judged). By the incarnation ingest `stamped` on it: its own (or a newer one: a
+    replica behind), or an older one taken (`accepted_ms`, ingest's clock) once the current site
+    existed, by an ingest that had not read it again yet (its cache is up to REFRESH_S old): that
+    beacon came for the site as it is now. Without a stamp (an ingest release before 2026-12-03),
+    by when ingest took it alone, with RECREATED_MARGIN_MS for the clocks; unknown: kept."""
     if now is None:
         return True
-    if stamped is None:
-        return accepted_ms is None or accepted_ms >= now - RECREATED_MARGIN_MS
-    return stamped >= now  # a newer one: a replica behind; an event is never dropped for it
+    if stamped is not None and stamped >= now:
+        return True
+    if accepted_ms is None:
+        return stamped is None
+    return accepted_ms >= (now if stamped is not None else now - RECREATED_MARGIN_MS)
 
 
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")

@@ -429,12 +429,13 @@ def test_a_worker_drops_kafka_records_of_a_deleted_site_and_those_accepted_befor
     assert of_current_sites(records, registry) == records[4:]
 
 
-def test_a_worker_drops_records_of_another_incarnation_of_their_site_whenever_ingest_took_them(services):
+def test_a_worker_drops_records_of_another_incarnation_of_their_site_taken_before_it_was_created(services):
     """A site deleted and created again within seconds: ingest processes that had not seen the
     delete yet (up to 5 s) took the old site's events after it, and by their time alone those could
     not be told from the new site's. Each record carries the incarnation ingest took it for; a
-    worker keeps only those of the site with the id now, as ClickHouse says when it judges the
-    batch (a worker's cached site was up to 5 s old)."""
+    worker keeps those of the site with the id now, as ClickHouse says when it judges the batch
+    (a worker's cached site was up to 5 s old), and those an ingest that had not read the new site
+    yet took after its creation (a chaos run: they were dropped, 20 of 40 new events lost)."""
     from types import SimpleNamespace
 
     from streams.sites import SiteRegistry
@@ -454,8 +455,9 @@ def test_a_worker_drops_records_of_another_incarnation_of_their_site_whenever_in
         return SimpleNamespace(key=f"{new.site_id}:7".encode(), timestamp=ms, value=b"{}",
                                headers=headers if headers is not None else incarnation_headers(incarnation) or ())
 
-    late_old, early_new = record(old.incarnation, new.incarnation + 500), record(new.incarnation, old.incarnation)
-    records = [late_old, early_new, record(new.incarnation, new.incarnation + 10)]
+    late_old, early_new = record(old.incarnation, new.incarnation - 1), record(new.incarnation, old.incarnation)
+    stale_ingest = record(old.incarnation, new.incarnation)
+    records = [late_old, early_new, record(new.incarnation, new.incarnation + 10), stale_ingest]
     assert of_current_sites(records, workers) == records[1:]
     # Without an incarnation (or an unreadable one), by time: after the creation less the margin.
     assert of_current_sites([record(None, new.incarnation + 500)], workers) != []
