@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from aiokafka import AIOKafkaProducer
@@ -52,9 +52,11 @@ class Handoff(Protocol):
         """`send` for many events of one site (an import's), in order."""
         ...
 
-    async def flush(self, events: Sequence[Event]) -> bool:
+    async def flush(self, events: Sequence[Event], gone: Callable[[], bool] = lambda: False) -> bool:
         """Wait until these sent events are stored; False if that took too long (they are still
-        on their way). Imports use it so the next request's visitor ids see these events."""
+        on their way), or once `gone()` (asked off the event loop) says they never will be (their
+        site was deleted meanwhile). Imports use it so the next request's visitor ids see these
+        events."""
         ...
 
     async def stop(self) -> None: ...
@@ -73,9 +75,9 @@ class InProcessHandoff:
     async def send_all(self, events: Sequence[Event], incarnation: int) -> None:
         await self.runner.submit_all(events, incarnation)
 
-    async def flush(self, events: Sequence[Event]) -> bool:
-        await self.runner.drain()
-        return True
+    async def flush(self, events: Sequence[Event], gone: Callable[[], bool] = lambda: False) -> bool:
+        await self.runner.drain()  # events of a site deleted meanwhile are dropped, and count as written
+        return not await asyncio.to_thread(gone)
 
     async def stop(self) -> None:
         await self.runner.stop()
@@ -309,14 +311,16 @@ class KafkaHandoff:
             await asyncio.sleep(_SYNC_PERIOD_S)
             await asyncio.to_thread(self.spool.sync)
 
-    async def flush(self, events: Sequence[Event]) -> bool:
+    async def flush(self, events: Sequence[Event], gone: Callable[[], bool] = lambda: False) -> bool:
         if self._producer is not None:
             await self._producer.flush()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._store_timeout_s
         pending = list(events)
         while pending:
-            if loop.time() > deadline:
+            # Dropped events are never stored: an import of a site deleted meanwhile waited out the
+            # 120 s, holding up every other import of the process.
+            if loop.time() > deadline or await asyncio.to_thread(gone):
                 return False
             stored = await asyncio.to_thread(stored_event_ids, self._client, pending)
             pending = [e for e in pending if e.event_id not in stored]

@@ -79,7 +79,7 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
                 # A live event continuing one of these sessions carries its id, stored or not yet.
                 visitors.remember((e.site_id, e.visitor_id, e.timestamp) for e in part)
                 events += part
-            stored = await handoff.flush(events)
+            stored = await handoff.flush(events, lambda: not sites.is_current(site))
         reply = {"accepted": len(parsed.lines), "rejected": parsed.rejected, "dropped": parsed.dropped, "stored": stored}
         return Response(orjson.dumps({"data": reply}), media_type="application/json")
 

@@ -257,6 +257,10 @@ class SiteRegistry:
             " WHERE site_id IN {ids:Array(String)} GROUP BY site_id", parameters={"ids": sorted(site_ids)}).result_rows
         return {site_id: math.inf if deleted else _incarnation(created_at) for site_id, deleted, created_at in rows}
 
+    def is_current(self, site: Site) -> bool:
+        """Whether this site is still the one with its id (not deleted, nor created again), read anew."""
+        return self.incarnations({site.site_id}).get(site.site_id) == site.incarnation
+
     def by_domain(self, domain: str) -> Site | None:
         try:
             return self._by_domain.get(normalize_domain(domain))

@@ -5,6 +5,7 @@ continues, across requests too."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import os
@@ -291,6 +292,27 @@ async def test_the_wait_for_stored_ends_for_a_line_the_stream_core_keeps_out(cli
     handoff = KafkaHandoff("127.0.0.1:1", "unused", 1, 1, services.client, spool=None, ack_timeout_s=0.25,
                            store_timeout_s=3)
     assert await handoff.flush(events)  # no producer: only the wait for "stored"
+
+
+async def test_the_wait_for_stored_ends_once_the_imports_site_is_deleted(services):
+    """The events of a site deleted during its import are dropped by the workers, never stored:
+    the distributed import waited out its 120 s for them, holding up every other import of the
+    process (a chaos run). It answers "stored": false once the site is gone."""
+    from ingest.handoff import KafkaHandoff
+    from streams.sites import SiteRegistry
+
+    registry = SiteRegistry(services.client)
+    doomed = registry.create("acc", f"doomed-{uuid.uuid4().hex[:8]}.example")
+    line = {"name": "pageview", "url": f"https://{doomed.domain}/a", "ip": "81.2.69.160", "user_agent": BROWSER,
+            "timestamp": iso(DAY + timedelta(hours=1))}
+    parsed = importer.parse(ndjson([line]), doomed, datetime.now(timezone.utc), services.visitors.id_key())
+    events = importer.to_events(parsed.lines, doomed, services.visitors)
+    handoff = KafkaHandoff("127.0.0.1:1", "unused", 1, 1, services.client, spool=None, ack_timeout_s=0.25,
+                           store_timeout_s=120)
+    assert registry.is_current(doomed)
+    registry.delete(doomed)
+    async with asyncio.timeout(30):
+        assert not await handoff.flush(events, lambda: not registry.is_current(doomed))
 
 
 async def test_one_id_on_two_lines_of_a_request_is_one_event_however_the_request_is_cut(client, services, site):
