@@ -48,8 +48,10 @@ class Handoff(Protocol):
         (`Site.incarnation`; a site deleted and created again keeps its id)."""
         ...
 
-    async def send_all(self, events: Sequence[Event], incarnation: int) -> None:
-        """`send` for many events of one site (an import's), in order."""
+    async def send_all(self, events: Sequence[Event], incarnation: int, accepted_ms: int) -> None:
+        """`send` for many events of one site (an import's), in order, taken at `accepted_ms`
+        (the request's arrival: a worker tells the old site's events from a site created again by
+        it, and an import's later parts are sent after that)."""
         ...
 
     async def flush(self, events: Sequence[Event], gone: Callable[[], bool] = lambda: False) -> bool:
@@ -72,8 +74,8 @@ class InProcessHandoff:
     async def send(self, event: Event, incarnation: int) -> None:
         await self.runner.submit(event, incarnation)
 
-    async def send_all(self, events: Sequence[Event], incarnation: int) -> None:
-        await self.runner.submit_all(events, incarnation)
+    async def send_all(self, events: Sequence[Event], incarnation: int, accepted_ms: int) -> None:
+        await self.runner.submit_all(events, incarnation, accepted_ms)
 
     async def flush(self, events: Sequence[Event], gone: Callable[[], bool] = lambda: False) -> bool:
         await self.runner.drain()  # events of a site deleted meanwhile are dropped, and count as written
@@ -231,9 +233,10 @@ class KafkaHandoff:
             if not self._spooling and not await self._reachable():
                 self._start_spooling("no Kafka broker is reachable")
 
-    async def send(self, event: Event, incarnation: int) -> None:
+    async def send(self, event: Event, incarnation: int, accepted_ms: int | None = None) -> None:
         key, value = event.kafka_key, event.to_bytes()
-        accepted_ms = time.time_ns() // 1_000_000
+        if accepted_ms is None:
+            accepted_ms = time.time_ns() // 1_000_000
         if self._spooling:
             self.spool.append(key, value, accepted_ms, incarnation)
             return
@@ -243,7 +246,7 @@ class KafkaHandoff:
         self._waiting.add(outcome)
         try:
             async with asyncio.timeout(self._ack_timeout_s):
-                acked = await self._producer.send(self._topic, value, key=key,
+                acked = await self._producer.send(self._topic, value, key=key, timestamp_ms=accepted_ms,
                                                   headers=incarnation_headers(incarnation))
                 acked.add_done_callback(lambda ack: outcome.done() or outcome.set_result(
                     not ack.cancelled() and ack.exception() is None))
@@ -258,9 +261,9 @@ class KafkaHandoff:
         finally:
             self._waiting.discard(outcome)
 
-    async def send_all(self, events: Sequence[Event], incarnation: int) -> None:
+    async def send_all(self, events: Sequence[Event], incarnation: int, accepted_ms: int) -> None:
         # Concurrently, so the producer batches them; each is acknowledged or spooled on its own.
-        await asyncio.gather(*(self.send(event, incarnation) for event in events))
+        await asyncio.gather(*(self.send(event, incarnation, accepted_ms) for event in events))
 
     async def _replay(self) -> None:
         """While spooling: send the spool in order; once it is empty and a broker is reachable,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
@@ -46,6 +47,7 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
                                   {"Retry-After": str(STORAGE_RETRY_AFTER_S)})
 
     async def import_events(request: Request) -> Response:
+        taken_ms = time.time_ns() // 1_000_000  # every part of the request is taken now (handoff.send_all)
         key = await asyncio.to_thread(keys.authenticate, request.headers.get("authorization", ""))
         site_id = request.query_params.get("site_id")
         if not site_id:
@@ -75,7 +77,7 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
             parts = importer.enriched(parsed.lines, site, visitors)
             while part := await asyncio.to_thread(next, parts, None):
                 for i in range(0, len(part), _SEND_AT_ONCE):
-                    await handoff.send_all(part[i:i + _SEND_AT_ONCE], site.incarnation)
+                    await handoff.send_all(part[i:i + _SEND_AT_ONCE], site.incarnation, taken_ms)
                 # A live event continuing one of these sessions carries its id, stored or not yet.
                 visitors.remember((e.site_id, e.visitor_id, e.timestamp) for e in part)
                 events += part

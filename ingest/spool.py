@@ -36,6 +36,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from collections.abc import Sequence
 from typing import NamedTuple
 
 _HEADER = struct.Struct(">II")  # payload length, crc32 of the payload
@@ -171,15 +172,14 @@ class Spool:
 
     def append(self, key: bytes, value: bytes, accepted_ms: int | None = None, incarnation: int | None = None) -> int:
         """Returns the offset after this record (what `commit` takes once it is sent)."""
-        return self.append_all([(key, value, incarnation)], accepted_ms)[-1]
+        return self.append_all([Record(key, value, accepted_ms, incarnation)])[-1]
 
-    def append_all(self, records: list[tuple[bytes, bytes, int | None]], accepted_ms: int | None = None) -> list[int]:
-        """Append these records (key, value, the incarnation of the event's site if known), all
-        accepted at `accepted_ms` (default: now), with one `write`, all or none; returns the offset
-        after each (a consumer may send them in more than one go)."""
-        if accepted_ms is None:
-            accepted_ms = time.time_ns() // 1_000_000
-        payloads = [_payload(key, value, accepted_ms, incarnation) for key, value, incarnation in records]
+    def append_all(self, records: Sequence[Record]) -> list[int]:
+        """Append these records (an `accepted_ms` of None: now) with one `write`, all or none;
+        returns the offset after each (a consumer may send them in more than one go)."""
+        now = time.time_ns() // 1_000_000
+        payloads = [_payload(r.key, r.value, now if r.accepted_ms is None else r.accepted_ms, r.incarnation)
+                    for r in records]
         data = b"".join(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload for payload in payloads)
         with self._state:
             if self._size + len(data) > self.max_bytes:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from besokskollen import metrics
 from ingest.event import Event
-from ingest.spool import Spool
+from ingest.spool import Record, Spool
 from streams.core import StreamCore, process_until_written
 from streams.sites import SiteRegistry, of_site_now
 
@@ -56,7 +56,7 @@ class EmbeddedRunner:
         self._queue: asyncio.Queue[_Entry] = asyncio.Queue()
         self._room = asyncio.Semaphore(max_queued)
         self._tasks: list[asyncio.Task] = []
-        self._waiting: list[tuple[bytes, bytes, int | None]] = []  # records to journal at the end of this turn
+        self._waiting: list[Record] = []  # to journal at the end of this turn
         self._appended: asyncio.Future[list[int]] | None = None
         # Counted rather than "queue empty": under steady traffic the queue may never be empty,
         # and a drain must still end once what came before it is written.
@@ -68,9 +68,11 @@ class EmbeddedRunner:
         503) when the journal is at its limit. `incarnation`: of the site it was taken for."""
         await self.submit_all([event], incarnation)
 
-    async def submit_all(self, events: Sequence[Event], incarnation: int | None = None) -> None:
+    async def submit_all(self, events: Sequence[Event], incarnation: int | None = None,
+                         accepted_ms: int | None = None) -> None:
         """`submit` for many events of one site (an import's part), in order, with one wait: a
-        task per event cost an import ~8 % of its time in the event loop."""
+        task per event cost an import ~8 % of its time in the event loop. `accepted_ms`: when they
+        were taken (an import's request), if not now."""
         taken = 0
         try:
             for _ in events:
@@ -84,8 +86,10 @@ class EmbeddedRunner:
             # The events submitted in one turn of the event loop are journaled with one `write`.
             self._appended = asyncio.get_running_loop().create_future()
             asyncio.get_running_loop().call_soon(self._append_waiting)
+        if accepted_ms is None:
+            accepted_ms = time.time_ns() // 1_000_000
         appended, first = self._appended, len(self._waiting)
-        self._waiting.extend([(event.kafka_key, event.to_bytes(), incarnation) for event in events])
+        self._waiting.extend([Record(event.kafka_key, event.to_bytes(), accepted_ms, incarnation) for event in events])
         try:
             # Each record's own end: a batch may end inside the group, and the rest of the group
             # must stay journaled until it is written.
@@ -94,7 +98,6 @@ class EmbeddedRunner:
             for _ in events:
                 self._room.release()
             raise
-        accepted_ms = time.time_ns() // 1_000_000
         for event, end in zip(events, ends):
             self._queue.put_nowait((event, end, incarnation, accepted_ms))
         self._submitted += len(events)

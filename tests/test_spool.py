@@ -116,7 +116,8 @@ def test_commits_on_another_thread_lose_nothing_appended_meanwhile(tmp_path):
     committer.start()
     try:
         for n in range(6000):
-            ends.extend(spool.append_all([(b"k", f"record {n:05} {i}".encode() * 2, None) for i in range(1 + n % 3)]))
+            ends.extend(spool.append_all([Record(b"k", f"record {n:05} {i}".encode() * 2, None)
+                                          for i in range(1 + n % 3)]))
             if n % 3 == 0:
                 time.sleep(0.0002)  # the committer catches up at times: truncations, not only compactions
     finally:
@@ -172,7 +173,8 @@ def test_records_keep_when_they_were_taken_and_for_which_site_and_a_log_from_bef
     spool.append(b"k", b"an hour ago", 1_700_000_000_000)
     spool.append(b"s:1", b"for a site", 1_700_000_000_001, 1_690_000_000_123)
     before = time.time_ns() // 1_000_000
-    spool.append_all([(b"k", b"now", 1_690_000_000_456), (b"k2", b"now too", 1_690_000_000_789)])
+    spool.append_all([Record(b"k", b"now", None, 1_690_000_000_456),
+                      Record(b"k2", b"now too", None, 1_690_000_000_789)])
     records, _ = spool.read(10)
     assert records[:3] == [Record(b"old", b"from before", None, None),
                            Record(b"k", b"an hour ago", 1_700_000_000_000, None),
@@ -205,14 +207,20 @@ async def test_spooled_events_reach_kafka_stamped_when_ingest_took_them_and_for_
     sending = int(time.time() * 1000)
     kafka_handoff = handoff.KafkaHandoff(kafka, topic, 1, 1, None, Spool(tmp_path, 1 << 20), 0.25)
     await kafka_handoff.start()
+    # An import's events go with the time its request came, whenever each part is sent.
+    imported = Event(event_id=str(uuid.uuid4()), site_id="site", timestamp=datetime.now(timezone.utc), name="pageview",
+                     visitor_id=3, pathname="/")
     try:
+        await asyncio.to_thread(wait_until, lambda: kafka_handoff.spool.pending_records == 0, 30, "the spool sent")
+        await kafka_handoff.send_all([imported], 1_690_000_000_456, taken - 1000)
         await asyncio.to_thread(wait_until, lambda: kafka_handoff.spool.pending_records == 0, 30, "the spool sent")
     finally:
         await kafka_handoff.stop()
     records = await asyncio.to_thread(topic_records, kafka, topic)
-    assert [(r.key, r.value) for r in records] == [(b"site:1", b"from before stamps"), (b"site:2", b"taken an hour ago")]
-    assert records[0].accepted_ms >= sending and records[1].accepted_ms == taken
-    assert (records[0].incarnation, records[1].incarnation) == (None, 1_690_000_000_123)
+    assert [(r.key, r.value) for r in records] == [(b"site:1", b"from before stamps"), (b"site:2", b"taken an hour ago"),
+                                                   (imported.kafka_key, imported.to_bytes())]
+    assert records[0].accepted_ms >= sending and records[1].accepted_ms == taken and records[2].accepted_ms == taken - 1000
+    assert [r.incarnation for r in records] == [None, 1_690_000_000_123, 1_690_000_000_456]
 
 
 def test_a_record_torn_by_a_crash_is_cut_off(tmp_path):
@@ -325,7 +333,7 @@ def test_a_full_disk_refuses_the_group_and_keeps_the_log_whole(tmp_path, monkeyp
     with monkeypatch.context() as patch:
         patch.setattr(os, "write", lambda fd, data: write(fd, data[:len(data) // 2]))
         with pytest.raises(SpoolFull):  # refused (503), not answered as kept
-            spool.append_all([(b"k", b"lost", None), (b"k", b"to the full disk", None)])
+            spool.append_all([Record(b"k", b"lost", None), Record(b"k", b"to the full disk", None)])
     spool.append(b"k", b"after")  # space again
     assert [r.value for r in spool.read(10)[0]] == [b"before", b"after"]
     _killed(spool)
@@ -340,7 +348,7 @@ def test_a_full_spool_refuses_and_a_second_process_is_kept_out(tmp_path):
     spool.open()
     spool.append(b"k", b"x" * 10)
     with pytest.raises(SpoolFull):  # a group that does not fit whole is refused whole
-        spool.append_all([(b"k", b"x" * 10, None), (b"k", b"x" * 50, None)])
+        spool.append_all([Record(b"k", b"x" * 10, None), Record(b"k", b"x" * 50, None)])
     assert spool.pending_records == 1
     spool.append(b"k", b"x" * 40)
     with pytest.raises(SpoolFull):
