@@ -35,8 +35,8 @@ import struct
 import threading
 import time
 import zlib
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 _HEADER = struct.Struct(">II")  # payload length, crc32 of the payload
@@ -73,7 +73,8 @@ def _fields(payload: bytes) -> tuple[int, int]:
     """Where the key ends and where the value starts."""
     (field,) = _KEY_LENGTH.unpack_from(payload)
     end = _KEY_LENGTH.size + (field & ~_FLAGS)
-    return end, end + (_ACCEPTED.size if field & _STAMPED else 0) + (_INCARNATION.size if field & _OF_INCARNATION else 0)
+    stamps = (_ACCEPTED.size if field & _STAMPED else 0) + (_INCARNATION.size if field & _OF_INCARNATION else 0)
+    return end, end + stamps
 
 
 def _record(payload: bytes) -> Record:

@@ -89,7 +89,8 @@ class EmbeddedRunner:
         if accepted_ms is None:
             accepted_ms = time.time_ns() // 1_000_000
         appended, first = self._appended, len(self._waiting)
-        self._waiting.extend([Record(event.kafka_key, event.to_bytes(), accepted_ms, incarnation) for event in events])
+        self._waiting.extend([Record(event.kafka_key, event.to_bytes(), accepted_ms, incarnation)
+                              for event in events])
         try:
             # Each record's own end: a batch may end inside the group, and the rest of the group
             # must stay journaled until it is written.
