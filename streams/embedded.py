@@ -10,7 +10,7 @@ so an event that was written but not yet cut from the journal costs a second, ha
 
 Each event is queued and journaled with the incarnation of its site (`Site.incarnation`); events of
 a site deleted, or deleted and created again, since they were taken are dropped, as a worker drops
-them (`of_site_now`)."""
+them (`SiteRegistry.of_current_sites`)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from besokskollen import metrics
 from ingest.event import Event
 from ingest.spool import Record, Spool
 from streams.core import StreamCore, process_until_written
-from streams.sites import SiteRegistry, of_site_now
+from streams.sites import SiteRegistry, count_dropped
 
 log = logging.getLogger(__name__)
 
@@ -171,17 +171,14 @@ class EmbeddedRunner:
         def current() -> list:
             if self._sites is None:
                 return entries
-            now = self._sites.incarnations({entry[0].site_id for entry in entries})
-            return [entry for entry in entries if of_site_now(now.get(entry[0].site_id), entry[2], entry[3])]
+            return self._sites.of_current_sites(entries, lambda entry: (entry[0].site_id, entry[2], entry[3]))
 
         def batch() -> list[Event]:
             kept[:] = current()
             return [entry[0] for entry in kept]
 
         await process_until_written(self._core, batch, lambda: len(current()) == len(kept))
-        if dropped := len(entries) - len(kept):
-            log.warning("dropped %d events of deleted sites (some perhaps created again since)", dropped)
-            metrics.EVENTS_OF_DELETED_SITES.inc(dropped)
+        count_dropped(len(entries) - len(kept))
 
     async def _cut(self, end: int, records: int) -> None:
         """Cut written records from the journal, off the event loop that answers /api/event.

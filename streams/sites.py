@@ -4,23 +4,28 @@ API and the CLI, read by ingest (to accept or 404 an event) and by the query API
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import re
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
+from typing import TypeVar
 
 import idna
 
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
+from besokskollen import metrics
 from ingest.event import MAX_SITE_ID
 from streams import migrations
 from streams.migrations import SITE_DATA_TABLES
 from streams.read_cache import ReadThroughCache
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEZONE = "Europe/Stockholm"
 
@@ -61,11 +66,19 @@ class Site:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+T = TypeVar("T")
 
 
 def _incarnation(created_at: datetime) -> int:
     created = created_at if created_at.tzinfo else created_at.replace(tzinfo=timezone.utc)  # read back naive
     return (created - _EPOCH) // timedelta(milliseconds=1)
+
+
+def count_dropped(dropped: int) -> None:
+    """Say and count the events a worker or `up` dropped as of deleted sites."""
+    if dropped:
+        log.warning("dropped %d events of deleted sites (some perhaps created again since)", dropped)
+        metrics.EVENTS_OF_DELETED_SITES.inc(dropped)
 
 
 def of_site_now(now: float | None, stamped: int | None, accepted_ms: int | None) -> bool:
@@ -256,6 +269,16 @@ class SiteRegistry:
             "SELECT site_id, argMax(deleted, version), argMax(created_at, version) FROM sites"
             " WHERE site_id IN {ids:Array(String)} GROUP BY site_id", parameters={"ids": sorted(site_ids)}).result_rows
         return {site_id: math.inf if deleted else _incarnation(created_at) for site_id, deleted, created_at in rows}
+
+    def of_current_sites(self, items: list[T], judged_by: Callable[[T], tuple[str, int | None, int | None]]
+                         ) -> list[T]:
+        """The items (events, Kafka records, queue entries) of the sites with their ids now, as
+        ClickHouse says at this call: `judged_by` gives each one's site id, the incarnation ingest
+        stamped on it and when ingest took it (`of_site_now`). One read for all their sites."""
+        judged = [judged_by(item) for item in items]
+        now = self.incarnations({site_id for site_id, _, _ in judged})
+        return [item for item, (site_id, stamped, accepted_ms) in zip(items, judged)
+                if of_site_now(now.get(site_id), stamped, accepted_ms)]
 
     def is_current(self, site: Site) -> bool:
         """Whether this site is still the one with its id (not deleted, nor created again), read anew."""

@@ -35,7 +35,7 @@ from besokskollen.config import Settings
 from ingest.event import Event
 from streams import monitor, replay, storage
 from streams.core import StreamCore, process_until_written
-from streams.sites import SiteRegistry, of_site_now
+from streams.sites import SiteRegistry, count_dropped
 from streams.topic import TopicRefused, ensure_topic, stamped_incarnation
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,7 @@ async def consume(settings: Settings, core: StreamCore, sites: SiteRegistry, sta
                     await _commit(consumer, batches)
                     raise
                 await _commit(consumer, batches)
-            if dropped := len(records) - len(kept):
-                log.warning("dropped %d events of deleted sites (some perhaps created again since)", dropped)
-                metrics.EVENTS_OF_DELETED_SITES.inc(dropped)
+            count_dropped(len(records) - len(kept))
             elapsed = time.perf_counter() - started
             stats.add(processed, elapsed * 1000)
             metrics.BATCH_SECONDS.observe(elapsed)
@@ -145,18 +143,16 @@ async def consume(settings: Settings, core: StreamCore, sites: SiteRegistry, sta
 
 
 def of_current_sites(records: list, sites: SiteRegistry) -> list:
-    """The records less those of deleted sites: of a site deleted now, or of another incarnation of
-    its id than the one now (a site deleted and created again keeps its id), as ClickHouse says at
-    this call (`SiteRegistry.incarnations`, `of_site_now`). A record without an incarnation (from
-    an ingest release before they were stamped) is judged by when ingest took it: the producer's
-    timestamp. The record key starts with the site id (`Event.kafka_key`)."""
-    def site_of(record) -> str:
-        return (record.key or b"").rpartition(b":")[0].decode(errors="replace")
+    """The records less those of deleted sites (`SiteRegistry.of_current_sites`): of a site deleted
+    now, or of another incarnation of its id than the one now, unless ingest took them after its
+    creation. A record without an incarnation (from an ingest release before they were stamped)
+    is judged by when ingest took it: the producer's timestamp. The record key starts with the
+    site id (`Event.kafka_key`)."""
+    def judged_by(record) -> tuple[str, int | None, int]:
+        site_id = (record.key or b"").rpartition(b":")[0].decode(errors="replace")
+        return site_id, stamped_incarnation(record), record.timestamp
 
-    now = sites.incarnations({site_of(record) for record in records})
-
-    return [record for record in records
-            if of_site_now(now.get(site_of(record)), stamped_incarnation(record), record.timestamp)]
+    return sites.of_current_sites(records, judged_by)
 
 
 async def _fill(consumer: AIOKafkaConsumer, batches: dict) -> None:
