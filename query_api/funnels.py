@@ -1,13 +1,13 @@
 """`/funnels`: list, create and delete a site's funnels, and `/funnels/{id}/stats`: how many
 sessions that started in the period went through the steps in order.
 
-Counted from the raw events: only they keep the order of events within a session. Per session,
-the events that match any step are put in the session's event order with a bit per step they
-match, and one pass over them (arrayFold) does the steps greedily: an event that matches the next
-step does it, and the pass goes on with the step after (the earliest match for each step is
-optimal for an ordered subsequence). ClickHouse's windowFunnel is not used: with an event that
-matches two neighbouring steps its 'strict_increase' mode never lets the session past the
-first of them."""
+Counted from each session's events in order, as the stream core stores them with the session
+(`sessions.event_names`, `event_pages`: streams/sessions.py). Per session, each event gets a bit
+per step it matches, and one pass over them (arrayFold) does the steps greedily: an event that
+matches the next step does it, and the pass goes on with the step after (the earliest match for
+each step is optimal for an ordered subsequence). ClickHouse's windowFunnel is not used: with an
+event that matches two neighbouring steps its 'strict_increase' mode never lets the session past
+the first of them, and it orders events of one millisecond as they come."""
 
 from __future__ import annotations
 
@@ -24,9 +24,7 @@ from query_api.errors import APIError
 from query_api.models import FunnelCreated, FunnelsResponse, FunnelStatsResponse, Name
 from query_api.periods import Period, percent, stats_period
 from query_api.stats import From, PeriodName, To
-from streams.buckets import VISITOR_LIFETIME
 from streams.funnels import Funnel, Step
-from streams.sessions import SESSION_START_SHIFT
 from streams.sites import Site
 
 router = APIRouter(tags=["funnels"])
@@ -65,42 +63,25 @@ class FunnelCreate(BaseModel):
 
 
 def _condition(step: Step, n: int) -> str:
-    field = "pathname" if step.type == "pageview" else "name"
-    match = f"{field} = %(v{n})s" if step.match_type == "exact" else f"startsWith({field}, %(v{n})s)"
-    return f"(name = 'pageview' AND {match})" if step.type == "pageview" else f"({match})"
+    # A page is stored for pageviews only ("" for other events), and a step's page is never empty.
+    field = "page" if step.type == "pageview" else "name"
+    return f"{field} = %(v{n})s" if step.match_type == "exact" else f"startsWith({field}, %(v{n})s)"
 
 
-# Sessions that started in the period — a session id starts with its start second
-# (streams/sessions.py), and a session lasts at most two days, so its events lie before `until` —
-# and per session the number of steps done in order (module docstring).
-#
-# - Each event once, in its newest row: FINAL. The stream core writes a session's events again
-#   when the session's id changes (an earlier event moved its start); until the table merges, the
-#   rows under the old id are stored too and would make a phantom session. Only the sorting key's
-#   columns (site_id, timestamp) filter before FINAL (PREWHERE, the primary key's range); the
-#   step and session conditions are read after it (WHERE), so a superseded row can never stand
-#   in for the newest one.
-# - Order is the sessions' own (streams/sessions.py `event_order`): by time, then event id as
-#   text (events of one millisecond are common; ClickHouse orders the UUID type by its second
-#   half first). Its 16 bytes in text order (`UUIDToNum`) sort as the text does, and cost ~a
-#   fifth of the query less than the text (a 30-day funnel at 10M events). Two events of one
-#   millisecond are two events, one after the other in that order.
-# - `mask` has bit k set when the event matches step k; the fold's accumulator is the number of
-#   steps done, so `bitTest(m, done)` asks whether the event (its mask `m`) does the next step.
-#   Bit N (past the last step) is never set, so a finished session stays at N.
+# Sessions that started in the period (the sorting key's range; FINAL: a session's newest row,
+# none for a session that was merged into another), and per session the number of steps done in
+# order (module docstring). `mask` has bit k set when the event matches step k; the fold's
+# accumulator is the number of steps done, so `bitTest(m, done)` asks whether the event (its mask
+# `m`) does the next step. Bit N (past the last step) is never set, so a finished session stays
+# at N. Read from the raw events instead (grouped and sorted by session per request), a 30-day
+# funnel at 10M events took 2.9× as long (README, "Benchmarks").
 _STATS = """
 SELECT level, count() FROM (
     SELECT arrayFold((done, m) -> done + bitTest(m, done),
-                     arrayMap(e -> e.3, arraySort(groupArray((at, id, mask)))), toUInt64(0)) AS level
-    FROM (
-        SELECT session_id, timestamp AS at, UUIDToNum(event_id) AS id, {mask} AS mask
-        FROM events FINAL
-        PREWHERE site_id = %(site)s AND timestamp >= toDateTime64(%(start)s, 3, 'UTC')
-             AND timestamp < toDateTime64(%(until)s, 3, 'UTC')
-        WHERE mask != 0
-          AND bitShiftRight(session_id, %(shift)s) >= %(start_s)s AND bitShiftRight(session_id, %(shift)s) < %(end_s)s
-    )
-    GROUP BY session_id
+                     arrayMap((name, page) -> {mask}, event_names, event_pages), toUInt64(0)) AS level
+    FROM sessions FINAL
+    WHERE site_id = %(site)s AND start >= toDateTime64(%(start)s, 3, 'UTC') AND start < toDateTime64(%(end)s, 3, 'UTC')
+      AND NOT is_deleted
 )
 WHERE level > 0
 GROUP BY level
@@ -109,14 +90,13 @@ SETTINGS optimize_move_to_prewhere_if_final = 0
 
 
 def stats_sql(funnel: Funnel) -> str:
-    mask = " + ".join(f"{1 << n} * {_condition(step, n)}" for n, step in enumerate(funnel.steps))
+    mask = " + ".join(f"{1 << n} * ({_condition(step, n)})" for n, step in enumerate(funnel.steps))
     return _STATS.replace("{mask}", f"toUInt16({mask})")
 
 
 def funnel_stats(client: Client, funnel: Funnel, period: Period) -> dict:
     start, end = period.start_utc(client), period.end_utc(client)
-    params = {"site": funnel.site_id, "start": start, "end": end, "until": end + VISITOR_LIFETIME,
-              "shift": SESSION_START_SHIFT, "start_s": int(start.timestamp()), "end_s": int(end.timestamp()),
+    params = {"site": funnel.site_id, "start": start, "end": end,
               **{f"v{n}": s.match_value for n, s in enumerate(funnel.steps)}}
     at_level = dict(client.query(stats_sql(funnel), parameters=params).result_rows)
     reached = [sum(n for level, n in at_level.items() if level >= k) for k in range(1, len(funnel.steps) + 1)]

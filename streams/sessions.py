@@ -43,6 +43,10 @@ class Session(NamedTuple):
     device: str
     browser: str
     os: str
+    # Each event's name and, for a pageview, its page ("" for other events), in the session's
+    # order: funnels read a session's steps from these (query_api/funnels.py).
+    event_names: tuple[str, ...] = ()
+    event_pages: tuple[str, ...] = ()
     event_ids: tuple[str, ...] = ()  # last: equality and hashing leave it out
 
     def __eq__(self, other: object) -> bool:
@@ -113,19 +117,21 @@ def _session(run: list[Event]) -> Session:
         source=first.source, channel=first.channel, referrer=first.referrer, utm_source=first.utm_source,
         utm_medium=first.utm_medium, utm_campaign=first.utm_campaign, country=first.country,
         device=first.device, browser=first.browser, os=first.os,
+        event_names=tuple(e.name for e in run), event_pages=tuple(e.pathname if e.is_pageview else "" for e in run),
         event_ids=tuple(e.event_id for e in run),
     )
 
 
 _COLUMNS = ["site_id", "visitor_id", "session_id", "start", "end", "entry_page", "exit_page", "pageviews",
             "events", "bounce", "duration_ms", "source", "channel", "referrer", "utm_source", "utm_medium",
-            "utm_campaign", "country", "device", "browser", "os", "version", "is_deleted"]
+            "utm_campaign", "country", "device", "browser", "os", "event_names", "event_pages", "version", "is_deleted"]
 
 
 def _row(s: Session, version: int, deleted: int) -> list:
     return [s.site_id, s.visitor_id, s.session_id, s.start, s.end, s.entry_page, s.exit_page, s.pageviews,
             s.events, int(s.bounce), s.duration_ms, s.source, s.channel, s.referrer, s.utm_source,
-            s.utm_medium, s.utm_campaign, s.country, s.device, s.browser, s.os, version, deleted]
+            s.utm_medium, s.utm_campaign, s.country, s.device, s.browser, s.os, s.event_names, s.event_pages, version,
+            deleted]
 
 
 def write(client: Client, upserts: Iterable[Session], deletes: Iterable[Session], version: int) -> None:

@@ -81,7 +81,7 @@ def test_up_demo_prints_curl_lines_that_answer(tmp_path):
 def test_migrate_is_idempotent_and_keys_create_prints_working_keys(tmp_path):
     data = str(tmp_path / "data")
     first, second = run("migrate", "--data", data), run("migrate", "--data", data)
-    assert first.returncode == 0 and "applied migrations: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]" in first.stdout, first.stderr
+    assert first.returncode == 0 and "applied migrations: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]" in first.stdout, first.stderr
     assert second.returncode == 0 and "schema is up to date" in second.stdout, second.stderr
 
     created = run("keys", "create", "--account", "acme", "--data", data)
@@ -247,7 +247,7 @@ def test_migration_9_takes_the_goals_so_far_as_backfilled(tmp_path):
     seeded = python_c(_AT_SCHEMA_8_WITH_GOALS, url)
     assert seeded.returncode == 0, seeded.stderr
     first = migrate(url)
-    assert first.returncode == 0 and "applied migrations: [9, 11]" in first.stdout, first.stdout + first.stderr
+    assert first.returncode == 0 and "applied migrations: [9, 11, 12]" in first.stdout, first.stdout + first.stderr
     check = ("import sys; from streams import goals, storage; c = storage.connect(sys.argv[1]); print(c.query("
              "'SELECT g.name FROM goal_backfills b JOIN goals g USING (site_id, goal_id)').result_rows, "
              "goals.UNFINISHED_AFTER_S, end=' '); goals.UNFINISHED_AFTER_S = 0; print(goals.finish_backfills(c))")
@@ -298,7 +298,7 @@ def test_migration_10_versions_the_raw_events_and_keeps_what_final_read(tmp_path
     engine, before, counts, tables = json_of(_RAW_EVENTS, url)
     assert engine.startswith("ReplacingMergeTree PARTITION") and counts == [[300, 1]] and tables == [["events"]]
     first = migrate(url)
-    assert first.returncode == 0 and "applied migrations: [10, 11]" in first.stdout, first.stdout + first.stderr
+    assert first.returncode == 0 and "applied migrations: [10, 11, 12]" in first.stdout, first.stdout + first.stderr
     engine, after, counts, tables = json_of(_RAW_EVENTS, url)
     assert engine.startswith("ReplacingMergeTree(version) PARTITION") and tables == [["events"]]
     assert "TTL toDateTime(least(" in engine and "ttl_only_drop_parts = 1" in engine  # retention kept
@@ -318,6 +318,81 @@ def test_migration_10_versions_the_raw_events_and_keeps_what_final_read(tmp_path
     assert second.returncode == 0 and "schema is up to date" in second.stdout, second.stdout + second.stderr
 
 
+# A database as the stream core of the release before migration 12 left it: every session
+# without its events. Written by today's core (the same rows, plus the new columns), then put
+# back to that schema: the columns dropped and migration 12 taken off the ledger. The visitors
+# return, some within one millisecond, and two events arrive late, one merging two sessions.
+_BEFORE_SCHEMA_12 = """
+import random, sys, uuid
+from datetime import datetime, timedelta, timezone
+from ingest.event import Event
+from streams import replay, storage
+from streams.core import StreamCore
+client = storage.connect(sys.argv[1])
+replay.upgrade(client, 1800, 400)
+core, rng = StreamCore(client, 1800), random.Random(12)
+start = datetime(2026, 10, 30, 23, 0, tzinfo=timezone.utc)  # sessions over a month's end
+pages = ["/", "/produkt/a", "/produkt/b", "/kassa"]
+def event(visitor, at, name="pageview"):
+    return Event(event_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)), site_id="s", timestamp=at, name=name, visitor_id=visitor,
+                 pathname=rng.choice(pages), country="SE", channel="direct")
+events = []
+for i in range(400):
+    at = start + timedelta(seconds=rng.randrange(3 * 86400))
+    events.append(event(rng.randrange(40), at, rng.choice(["pageview"] * 3 + ["click", "signup"])))
+    if i % 10 == 0:  # another event of the visitor in the same millisecond
+        events.append(event(events[-1].visitor_id, at, "click"))
+for i in range(0, len(events), 100):
+    core.process(sorted(events[i:i + 100], key=lambda e: e.timestamp))
+late = events[5]  # an earlier event of a visitor: moves a session's start, or joins two
+core.process([event(late.visitor_id, late.timestamp - timedelta(minutes=20)),
+              event(late.visitor_id, late.timestamp + timedelta(minutes=25))])
+if "--drop" in sys.argv:
+    client.command("ALTER TABLE sessions DROP COLUMN event_names, DROP COLUMN event_pages")
+    client.command("ALTER TABLE schema_migrations DELETE WHERE version = 12 SETTINGS mutations_sync = 1")
+"""
+
+_SESSION_STEPS = """
+import json, sys
+from datetime import date
+from query_api.funnels import funnel_stats
+from query_api.periods import Period
+from streams import storage
+from streams.funnels import Funnel, Step
+c = storage.connect(sys.argv[1])
+funnel = Funnel("f", "s", "F", (Step("Start", "pageview", "/", "exact"), Step("Produkt", "pageview", "/produkt", "startswith"),
+                                Step("Klick", "event", "click", "exact"), Step("Kassa", "pageview", "/kassa", "exact")), None)
+print(json.dumps([
+    c.query("SELECT session_id, event_names, event_pages FROM sessions FINAL WHERE NOT is_deleted ORDER BY session_id").result_rows,
+    funnel_stats(c, funnel, Period(date(2026, 10, 30), date(2026, 11, 2), "UTC")),
+    c.query("SELECT count() FROM sessions WHERE is_deleted").result_rows,
+], default=str))
+"""
+
+
+def test_migration_12_gives_the_stored_sessions_their_events_in_the_stream_cores_order(tmp_path):
+    """A database of the release before migration 12: sessions without their events' names and
+    pages. `migrate` fills them from the raw events exactly as the stream core writes them (the
+    same sessions, events in the same order, events of one millisecond by id), over a month's
+    end, with a merged session's old row still gone; funnels then count as for a database the
+    core wrote with them; a second `migrate` finds nothing to do."""
+    written, stripped = f"chdb://{tmp_path / 'written'}", f"chdb://{tmp_path / 'stripped'}"
+    for url, args in ((written, ()), (stripped, ("--drop",))):
+        seeded = python_c(_BEFORE_SCHEMA_12, url, *args)
+        assert seeded.returncode == 0, seeded.stderr
+    expected_sessions, expected_funnel, tombstones = json_of(_SESSION_STEPS, written)
+    assert len(expected_sessions) > 50 and tombstones[0][0] >= 1
+    assert any(len(names) > 3 for _, names, _ in expected_sessions)
+    assert [s["sessions"] for s in expected_funnel["steps"]][1] > 0
+    first = migrate(stripped)
+    assert first.returncode == 0 and "applied migrations: [12]" in first.stdout, first.stdout + first.stderr
+    sessions, funnel, _ = json_of(_SESSION_STEPS, stripped)
+    assert sessions == expected_sessions
+    assert funnel == expected_funnel
+    second = migrate(stripped)
+    assert second.returncode == 0 and "schema is up to date" in second.stdout, second.stdout + second.stderr
+
+
 def test_migration_8_sorts_rollup_15m_by_day_and_keeps_every_row(tmp_path):
     """A database of the release before migration 8: rollup_15m sorted by quarter hour, then value.
     `migrate` copies it into the order by day and swaps it in, every row kept as it was (version
@@ -328,7 +403,7 @@ def test_migration_8_sorts_rollup_15m_by_day_and_keeps_every_row(tmp_path):
     key, before, tables = json_of(_ROLLUPS, url)
     assert key == [["site_id, kind, bucket, value"]] and tables == [["rollup_15m"]] and len(before) > 100
     first = migrate(url)
-    assert first.returncode == 0 and "applied migrations: [8, 9, 11]" in first.stdout, first.stdout + first.stderr
+    assert first.returncode == 0 and "applied migrations: [8, 9, 11, 12]" in first.stdout, first.stdout + first.stderr
     key, after, tables = json_of(_ROLLUPS, url)
     assert key == [["site_id, kind, toDate(bucket), value, bucket"]] and tables == [["rollup_15m"]]
     assert after == before
@@ -421,7 +496,7 @@ def test_a_migrate_killed_after_the_swap_copies_the_old_table_back_at_the_next_s
     killed = python_c(_KILLED_AFTER_SWAP, url)
     assert killed.returncode == 9, killed.stderr
     again = migrate(url)
-    assert again.returncode == 0 and "applied migrations: [8, 9, 11]" in again.stdout, again.stdout + again.stderr
+    assert again.returncode == 0 and "applied migrations: [8, 9, 11, 12]" in again.stdout, again.stdout + again.stderr
     check = ("import sys; from streams import storage; c = storage.connect(sys.argv[1]); print("
              "c.query(\"SELECT sum(events) FROM rollup_15m FINAL WHERE site_id = 'late'\").result_rows[0][0], "
              "c.query(\"SELECT count() FROM system.tables WHERE database = currentDatabase()"
