@@ -94,6 +94,22 @@ def test_the_table_rewrites_swap_the_shards_tables():
     assert front in ddl and ddl.index(front) > ddl.index(events[0])
 
 
+def test_migration_12_adds_the_session_events_on_the_shards_and_the_front_and_merges_the_shards():
+    """The columns go to the shards' tables and the front; the merge after a month's fill runs on
+    the shards' tables (a Distributed table has no parts)."""
+    ddl = cluster_ddl(CLUSTER)
+    for table in ("sessions_local", "sessions"):
+        assert f"ALTER TABLE {table} ON CLUSTER bk_cluster {migrations._SESSION_EVENT_COLUMNS.split(' ', 3)[3]}" in ddl
+    assert CLUSTER.statements("OPTIMIZE TABLE sessions PARTITION ID '202611' FINAL") == [
+        "OPTIMIZE TABLE sessions_local ON CLUSTER bk_cluster PARTITION ID '202611' FINAL"]
+
+
+def test_migration_12s_fill_reads_as_sql_in_the_real_engine(services):
+    services.client.query(f"EXPLAIN AST {migrations._FILL_SESSION_EVENTS}", parameters={
+        "month": datetime(2026, 11, 1, tzinfo=timezone.utc), "next": datetime(2026, 12, 1, tzinfo=timezone.utc),
+        "until": datetime(2026, 12, 4, tzinfo=timezone.utc)})
+
+
 def test_a_waited_for_site_purge_waits_for_the_shards_local_tables_on_every_replica(services):
     """On a cluster, `mutations(wait=True)` issues each DELETE to the shards, then asks every
     replica's `system.mutations` about the local tables until none is left to do."""
