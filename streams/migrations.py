@@ -470,7 +470,7 @@ SETTINGS non_replicated_deduplication_window = 10000, replicated_deduplication_w
 # starts at a time, each row under its own version: a newer row the stream core writes meanwhile
 # wins. Sessions whose raw events expired stay without (they had no funnel data before either).
 _SESSION_EVENT_COLUMNS = ("ALTER TABLE sessions ADD COLUMN IF NOT EXISTS event_names Array(LowCardinality(String))"
-                          " AFTER os, ADD COLUMN IF NOT EXISTS event_pages Array(String) AFTER event_names")
+                          " AFTER os, ADD COLUMN IF NOT EXISTS event_pages Array(LowCardinality(String)) AFTER event_names")
 
 _SESSION_FIELDS = ("site_id, visitor_id, session_id, start, end, entry_page, exit_page, pageviews, events, bounce,"
                    " duration_ms, source, channel, referrer, utm_source, utm_medium, utm_campaign, country, device,"
