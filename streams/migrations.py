@@ -477,7 +477,8 @@ _SESSION_FIELDS = ("site_id, visitor_id, session_id, start, end, entry_page, exi
                    " browser, os, version, is_deleted")
 
 # Events in the sessions' order (streams/sessions.py `event_order`): time, then id as text, which
-# `UUIDToNum`'s bytes sort as. A session's events lie within VISITOR_LIFETIME of its start.
+# `UUIDToNum`'s bytes sort as. A session's events lie within VISITOR_LIFETIME of its start, and
+# its id starts with its start second (the high 32 bits: streams/sessions.py SESSION_START_SHIFT).
 _FILL_SESSION_EVENTS = f"""
 INSERT INTO sessions ({_SESSION_FIELDS}, event_names, event_pages)
 SELECT {", ".join("s." + f.strip() for f in _SESSION_FIELDS.split(","))}, e.names, e.pages
@@ -510,8 +511,8 @@ def _fill_session_events(client: Client, run: Callable[[str], None]) -> None:
         following = datetime(month.year + month.month // 12, month.month % 12 + 1, 1, tzinfo=timezone.utc)
         log.info("filling sessions with their events for funnels: %s (%d of %d months)", f"{month:%Y-%m}", n,
                  len(months))
-        client.command(_FILL_SESSION_EVENTS, parameters={"month": start, "next": following, "until": following + VISITOR_LIFETIME},
-                       settings=settings)
+        client.command(_FILL_SESSION_EVENTS, settings=settings,
+                       parameters={"month": start, "next": following, "until": following + VISITOR_LIFETIME})
         # Each session now has two rows until they merge, which ClickHouse may not do for days
         # (parts this large wait for more), and FINAL merged them at every read: a 30-day funnel
         # at 10M events took as long as from the raw events. Merged once, here (~ a copy).
