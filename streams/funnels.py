@@ -1,6 +1,6 @@
 """Funnels (SPEC §7): named, ordered steps — a pageview of a path or an event of a name, matched
-exactly or by prefix — whose completion is counted per session from the raw events when asked
-(query_api/funnels.py), so a funnel applies to all stored data the moment it exists."""
+exactly or by prefix — whose completion is counted when asked from each session's events as
+stored with it (query_api/funnels.py), so a funnel applies to all stored data the moment it exists."""
 
 from __future__ import annotations
 

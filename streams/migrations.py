@@ -410,7 +410,7 @@ _sort_rollup_15m_by_day = _Rewrite(
 # Of two copies of an event (one key), the last inserted won, as events had no version. A worker
 # frozen past the session timeout (SIGSTOP, a VM pause) during its raw insert writes after its
 # partitions' new owner, and its copies then replaced the owner's: with a session id the owner had
-# since merged away (funnels read raw events by session; a chaos run left 372 such events). Raw
+# since merged away (funnels then read raw events by session; a chaos run left 372 such events). Raw
 # rows now carry the batch's version, as sessions and activity do, so the later reader wins
 # whatever the insert order. The table is copied (deduplicated: FINAL) with version 0 and swapped.
 _EVENTS_VERSIONED = _EVENTS.replace("events (", "events_versioned (").replace(

@@ -74,7 +74,7 @@ class Session(NamedTuple):
 
 # A session id is its start (UTC seconds) in the high 32 bits and a hash of (site, visitor, start)
 # in the low 32: the same events give the same id, and "sessions that started in a period" is a
-# range of ids — a query over events needs no join with `sessions` (query_api/funnels.py).
+# range of ids — a query over events needs no join with `sessions` (migration 12's fill).
 SESSION_START_SHIFT = 32
 
 

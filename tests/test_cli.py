@@ -366,6 +366,7 @@ print(json.dumps([
     c.query("SELECT session_id, event_names, event_pages FROM sessions FINAL WHERE NOT is_deleted ORDER BY session_id").result_rows,
     funnel_stats(c, funnel, Period(date(2026, 10, 30), date(2026, 11, 2), "UTC")),
     c.query("SELECT count() FROM sessions WHERE is_deleted").result_rows,
+    c.query("SELECT count() = uniqExact(site_id, session_id) FROM sessions").result_rows,  # one row a session
 ], default=str))
 """
 
@@ -375,20 +376,21 @@ def test_migration_12_gives_the_stored_sessions_their_events_in_the_stream_cores
     pages. `migrate` fills them from the raw events exactly as the stream core writes them (the
     same sessions, events in the same order, events of one millisecond by id), over a month's
     end, with a merged session's old row still gone; funnels then count as for a database the
-    core wrote with them; a second `migrate` finds nothing to do."""
+    core wrote with them, each session in one row again; a second `migrate` finds nothing to do."""
     written, stripped = f"chdb://{tmp_path / 'written'}", f"chdb://{tmp_path / 'stripped'}"
     for url, args in ((written, ()), (stripped, ("--drop",))):
         seeded = python_c(_BEFORE_SCHEMA_12, url, *args)
         assert seeded.returncode == 0, seeded.stderr
-    expected_sessions, expected_funnel, tombstones = json_of(_SESSION_STEPS, written)
+    expected_sessions, expected_funnel, tombstones, _ = json_of(_SESSION_STEPS, written)
     assert len(expected_sessions) > 50 and tombstones[0][0] >= 1
     assert any(len(names) > 3 for _, names, _ in expected_sessions)
     assert [s["sessions"] for s in expected_funnel["steps"]][1] > 0
     first = migrate(stripped)
     assert first.returncode == 0 and "applied migrations: [12]" in first.stdout, first.stdout + first.stderr
-    sessions, funnel, _ = json_of(_SESSION_STEPS, stripped)
+    sessions, funnel, _, merged = json_of(_SESSION_STEPS, stripped)
     assert sessions == expected_sessions
     assert funnel == expected_funnel
+    assert merged == [[True]]  # filled, then merged: no session is read from two rows
     second = migrate(stripped)
     assert second.returncode == 0 and "schema is up to date" in second.stdout, second.stdout + second.stderr
 
