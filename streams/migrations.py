@@ -502,10 +502,10 @@ def _fill_session_events(client: Client, run: Callable[[str], None]) -> None:
     """Sessions stored before migration 12 get their events' names and pages, a month at a time."""
     months = [m for (m,) in client.query(
         "SELECT DISTINCT toStartOfMonth(start) AS m FROM sessions WHERE empty(event_names) ORDER BY m").result_rows]
-    # The conditions on columns outside the sorting key stay after FINAL; on a cluster, each
-    # shard joins its own sessions and events (a site's rows share a shard).
-    settings = {"optimize_move_to_prewhere_if_final": 0,
-                **({"distributed_product_mode": "local"} if cluster_of(client) else {})}
+    # The conditions on columns outside the sorting key stay after FINAL. On a cluster, both
+    # sides are read through the fronts (each shard's FINAL is whole: a site's rows share a
+    # shard) and joined by this process, then inserted through the front.
+    settings = {"optimize_move_to_prewhere_if_final": 0}
     for n, month in enumerate(months, 1):
         start = datetime(month.year, month.month, 1, tzinfo=timezone.utc)
         following = datetime(month.year + month.month // 12, month.month % 12 + 1, 1, tzinfo=timezone.utc)
