@@ -504,7 +504,7 @@ def _fill_session_events(client: Client, run: Callable[[str], None]) -> None:
         "SELECT DISTINCT toStartOfMonth(start) AS m FROM sessions WHERE empty(event_names) ORDER BY m").result_rows]
     # The conditions on columns outside the sorting key stay after FINAL. On a cluster, both
     # sides are read through the fronts (each shard's FINAL is whole: a site's rows share a
-    # shard) and joined by this process, then inserted through the front.
+    # shard) and joined on the server this process asks, then inserted through the front.
     settings = {"optimize_move_to_prewhere_if_final": 0}
     for n, month in enumerate(months, 1):
         start = datetime(month.year, month.month, 1, tzinfo=timezone.utc)
