@@ -94,14 +94,17 @@ def _matches(step: dict, name: str, path: str) -> bool:
     return path.startswith(step["match_value"]) if step.get("match_type") == "startswith" else path == step["match_value"]
 
 
-def expected(people: list[Person], landed: set[str]) -> dict:
-    """Every answer the API must give, from the events that landed (a person is one visitor with
-    one session: all its events arrive within minutes)."""
+def expected(people: list[Person], landed: dict[str, tuple]) -> dict:
+    """Every answer the API must give, from the events that landed (serial → stored (time, id as
+    text): `stored_order`). A person is one visitor with one session (all its events arrive within
+    minutes), its events in the session's order, not the order they were sent: the server stamps
+    the time and orders one millisecond's events by id (README, Funnels), which for a client id is
+    random. Two of a person's events sent within a millisecond, as spooled answers can be, swap."""
     pageviews, page_visitors, referrers, countries = Counter(), defaultdict(set), defaultdict(set), defaultdict(set)
     goal_checkout, goal_purchase, clicks, bounces, visitors = [set(), 0], [set(), 0], Counter(), 0, 0
     steps = [0, 0, 0]
     for n, person in enumerate(people):
-        mine = [e for e in person.events if e["props"]["n"] in landed]
+        mine = sorted((e for e in person.events if e["props"]["n"] in landed), key=lambda e: landed[e["props"]["n"]])
         if not mine:
             continue
         visitors += 1
@@ -307,6 +310,16 @@ def stored_serials(clickhouse_http: str, site: str) -> Counter:
     return Counter(dict(rows))
 
 
+def stored_order(clickhouse_http: str, site: str) -> dict[str, tuple]:
+    """Each stored event's place in its session's order: (time, event id as text), by serial."""
+    from streams import storage
+
+    rows = storage.connect(clickhouse_http).query(
+        "SELECT props['n'], timestamp, toString(event_id) FROM events FINAL WHERE site_id = {s:String}",
+        parameters={"s": site}).result_rows
+    return {serial: (timestamp, event_id) for serial, timestamp, event_id in rows}
+
+
 def settle(api: str, clickhouse_http: str, site: str, people: list[Person], outcome: dict[str, str],
            funnel: str | None, timeout: float) -> tuple[dict, dict, float]:
     """Poll until the API gives exactly what the landed events imply (and nothing accepted is
@@ -325,7 +338,7 @@ def settle(api: str, clickhouse_http: str, site: str, people: list[Person], outc
             got = {"missing accepted events": len(accepted - landed)}
             return False
         assert landed <= set(outcome), "an event that was never sent"
-        want = expected(people, landed)
+        want = expected(people, stored_order(clickhouse_http, site))
         got = asyncio.run(answers(api, site, goals=funnel is not None, funnel=funnel))
         return got == {k: want[k] for k in got}
 
