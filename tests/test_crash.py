@@ -96,7 +96,7 @@ def _matches(step: dict, name: str, path: str) -> bool:
 
 def expected(people: list[Person], landed: dict[str, tuple]) -> dict:
     """Every answer the API must give, from the events that landed (serial → stored (time, id as
-    text): `stored_order`). A person is one visitor with one session (all its events arrive within
+    text): `stored_events`). A person is one visitor with one session (all its events arrive within
     minutes), its events in the session's order, not the order they were sent: the server stamps
     the time and orders one millisecond's events by id (README, Funnels), which for a client id is
     random. Two of a person's events sent within a millisecond, as spooled answers can be, swap."""
@@ -298,26 +298,18 @@ def exact_despite(disturb, d: Deployment, clickhouse_http: str, domain: str, see
     assert got == {k: want[k] for k in got}
 
 
-def stored_serials(clickhouse_http: str, site: str) -> Counter:
+def stored_events(clickhouse_http: str, site: str) -> dict[str, list[tuple]]:
+    """Each stored copy's place in its session's order, (time, event id as text), by serial: one
+    copy per serial unless an event was stored twice."""
     from streams import storage
 
     client = storage.connect(clickhouse_http)
-    rows = client.query("SELECT props['n'], count() FROM events FINAL WHERE site_id = {s:String} GROUP BY 1",
-                        parameters={"s": site}).result_rows
+    rows = client.query("SELECT props['n'], groupArray((timestamp, toString(event_id))) FROM events FINAL"
+                        " WHERE site_id = {s:String} GROUP BY 1", parameters={"s": site}).result_rows
     dupes = client.query("SELECT count(), uniqExact(event_id) FROM events FINAL WHERE site_id = {s:String}",
                          parameters={"s": site}).result_rows[0]
     assert dupes[0] == dupes[1]
-    return Counter(dict(rows))
-
-
-def stored_order(clickhouse_http: str, site: str) -> dict[str, tuple]:
-    """Each stored event's place in its session's order: (time, event id as text), by serial."""
-    from streams import storage
-
-    rows = storage.connect(clickhouse_http).query(
-        "SELECT props['n'], timestamp, toString(event_id) FROM events FINAL WHERE site_id = {s:String}",
-        parameters={"s": site}).result_rows
-    return {serial: (timestamp, event_id) for serial, timestamp, event_id in rows}
+    return {serial: [tuple(copy) for copy in copies] for serial, copies in rows}
 
 
 def settle(api: str, clickhouse_http: str, site: str, people: list[Person], outcome: dict[str, str],
@@ -331,14 +323,14 @@ def settle(api: str, clickhouse_http: str, site: str, people: list[Person], outc
 
     def exact() -> bool:
         nonlocal got, want
-        stored = stored_serials(clickhouse_http, site)
-        assert all(count == 1 for count in stored.values()), "an event was stored twice"
+        stored = stored_events(clickhouse_http, site)
+        assert all(len(copies) == 1 for copies in stored.values()), "an event was stored twice"
         landed = set(stored)
         if not accepted <= landed:
             got = {"missing accepted events": len(accepted - landed)}
             return False
         assert landed <= set(outcome), "an event that was never sent"
-        want = expected(people, stored_order(clickhouse_http, site))
+        want = expected(people, {serial: copies[0] for serial, copies in stored.items()})
         got = asyncio.run(answers(api, site, goals=funnel is not None, funnel=funnel))
         return got == {k: want[k] for k in got}
 

@@ -34,10 +34,10 @@ sys.path.insert(0, str(ROOT))
 from ingest.event import Event  # noqa: E402
 from streams import events as raw_events  # noqa: E402
 from streams import replay, rollups, storage  # noqa: E402
+from streams.buckets import BUCKET_S  # noqa: E402
 from streams.core import StreamCore  # noqa: E402
 
 TIMEOUT_S = 1800
-_EVENT_COLUMNS = [*raw_events._FIELDS, "session_id", "version"]
 _SESSION_COLUMNS = ("site_id, visitor_id, session_id, start, end, entry_page, exit_page, pageviews, events, bounce,"
                     " duration_ms, source, channel, referrer, utm_source, utm_medium, utm_campaign, country, device,"
                     " browser, os, event_names, event_pages")
@@ -92,10 +92,10 @@ SELECT site_id, visitor_id, kind, value, r.1 AS bucket, r.2 AS events, r.3 AS pa
 FROM (SELECT site_id, visitor_id, kind, value,
              arraySort(groupArray((bucket, events, pageviews, sessions, bounces, duration_ms))) AS rs,
              arrayMap((x, i) -> (x.1, x.2, x.3, x.4, x.5, x.6,
-                                 toUInt32(if(i = 1, 0, (toUInt32(x.1) - toUInt32(rs[i - 1].1)) / 900))),
+                                 toUInt32(if(i = 1, 0, (toUInt32(x.1) - toUInt32(rs[i - 1].1)) / {BUCKET_S}))),
                       rs, arrayEnumerate(rs)) AS rr
       FROM (SELECT site_id, visitor_id, k.1 AS kind, k.2 AS value,
-                   toDateTime(intDiv(toUInt32(k.8), 900) * 900, 'UTC') AS bucket, toUInt32(sum(k.3)) AS events,
+                   toDateTime(intDiv(toUInt32(k.8), {BUCKET_S}) * {BUCKET_S}, 'UTC') AS bucket, toUInt32(sum(k.3)) AS events,
                    toUInt32(sum(k.4)) AS pageviews, toUInt32(sum(k.5)) AS sessions, toUInt32(sum(k.6)) AS bounces,
                    toUInt64(sum(k.7)) AS duration_ms
             FROM (SELECT site_id, visitor_id, {_KEYS} AS ks FROM work_sessions) ARRAY JOIN ks AS k
@@ -116,7 +116,7 @@ WHERE f.site_id = '' OR o.site_id = ''
    OR ({", ".join(f"f.{m}" for m in _MEASURES)}) != ({", ".join(f"o.{m}" for m in _MEASURES)})
 SETTINGS join_use_nulls = 0"""
 _EVENTS = f"""
-INSERT INTO events ({", ".join(_EVENT_COLUMNS)})
+INSERT INTO events ({", ".join(raw_events._COLUMNS)})
 SELECT {", ".join(f"e.{f}" for f in raw_events._FIELDS)}, a.session_id, {{v:UInt64}}
 FROM ({_COMBINED}) AS e
 JOIN (SELECT site_id, x.2 AS eid, x.15 AS stored_session, session_id FROM work_sessions ARRAY JOIN s AS x) AS a
@@ -134,7 +134,7 @@ def derive(client, batch: list[Event], version: int, parts: dict[str, float]) ->
     started = time.perf_counter()
     client.command("TRUNCATE TABLE staging")
     client.insert("staging", [[getattr(e, f) for e in batch] for f in raw_events._FIELDS]
-                  + [[0] * len(batch), [version] * len(batch)], column_names=_EVENT_COLUMNS, column_oriented=True)
+                  + [[0] * len(batch), [version] * len(batch)], column_names=raw_events._COLUMNS, column_oriented=True)
     parts["stage"] = parts.get("stage", 0.0) + time.perf_counter() - started
     window = {"lo": min(e.timestamp for e in batch) - timedelta(days=2),
               "hi": max(e.timestamp for e in batch) + timedelta(days=2), "v": version}
@@ -149,7 +149,7 @@ def derive(client, batch: list[Event], version: int, parts: dict[str, float]) ->
           f"INSERT INTO activity ({_ACTIVITY_COLUMNS}, version, is_deleted)"
           f" SELECT {_ACTIVITY_COLUMNS}, {{v:UInt64}}, is_deleted FROM work_changed")
     started = time.perf_counter()
-    keys = {(site, kind, value, int(bucket.timestamp()) // 900) for site, kind, value, bucket in
+    keys = {(site, kind, value, int(bucket.timestamp()) // BUCKET_S) for site, kind, value, bucket in
             client.query("SELECT DISTINCT site_id, kind, value, bucket FROM work_changed").result_rows}
     rollups.rebuild(client, keys)
     parts["rollups"] = parts.get("rollups", 0.0) + time.perf_counter() - started
