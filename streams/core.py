@@ -342,8 +342,8 @@ def collection_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector while a batch runs. A batch allocates hundreds of
     thousands of containers (events, sessions, activity dicts), nearly all freed by reference
     counting when it ends, and almost no cycles; but the allocations alone set off the collector:
-    in `tests/bench/bench_core.py`, ~3,000 young and ~14 full collections took 2.9 s of ~10 s
-    (a full one ~130 ms, holding the GIL). Cycles made meanwhile (in this or another thread) are
+    in a `tests/bench/bench_core.py` run of ~10 s (its setup included), ~3,000 young and ~14 full
+    collections took 2.9 s (a full one ~130 ms, holding the GIL). Cycles made meanwhile (in this or another thread) are
     collected once the batch is done: the first allocation after it sets off a collection."""
     global _paused, _was_enabled
     with _pauses:

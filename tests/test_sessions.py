@@ -4,6 +4,7 @@ bounces, a worker restart in mid-session, the day a session belongs to, and idem
 from __future__ import annotations
 
 import gc
+import threading
 import uuid
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import ROUND_HALF_UP, Decimal
@@ -355,6 +356,60 @@ def test_a_cores_memory_of_visitors_gives_the_garbage_collector_nothing_to_walk(
     assert grown < 500, grown  # 2,000 visitors remembered (about 12,000 as objects)
     core.process([event(site, 7, T0 + timedelta(minutes=10), path="/b")])  # a visitor that comes back
     assert [r[6:8] for r in derived_rows(client, site)[0] if r[0] == 7] == [(2, 3)]  # pageviews, events
+
+
+def test_the_garbage_collector_is_paused_while_a_batch_runs_and_only_then(services, monkeypatch):
+    """`collection_paused`: off while a batch runs, on again after it, also after a failed one; a
+    batch of another thread that is still running keeps it off; a collector that was off before
+    stays off."""
+    from streams import events as raw_events
+    from streams.core import collection_paused
+
+    client, site = services.client, _site()
+    write, seen = raw_events.write, []
+
+    def spy(*args):
+        seen.append(gc.isenabled())
+        write(*args)
+
+    monkeypatch.setattr(raw_events, "write", spy)
+    StreamCore(client, TIMEOUT).process([event(site, 1, T0)])
+    assert seen == [False] and gc.isenabled()
+
+    def fail(*args):
+        raise ConnectionError("the database went away")
+
+    monkeypatch.setattr(raw_events, "write", fail)
+    with pytest.raises(ConnectionError):
+        StreamCore(client, TIMEOUT).process([event(site, 2, T0)])
+    assert gc.isenabled()
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def other_batch() -> None:
+        with collection_paused():
+            inside.set()
+            leave.wait(30)
+
+    other = threading.Thread(target=other_batch)
+    other.start()
+    try:
+        assert inside.wait(30)
+        with collection_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the other thread's batch still runs
+    finally:
+        leave.set()
+        other.join()
+    assert gc.isenabled()
+
+    gc.disable()
+    try:
+        with collection_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_a_batch_that_failed_halfway_is_retried_against_what_is_stored(services, monkeypatch):
