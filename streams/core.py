@@ -320,8 +320,8 @@ def _plain(known: _Derived) -> tuple:
 def _plain_events(events: dict[str, raw_events.StoredEvent]) -> tuple:
     """Stored events by id, each one tuple (id, fields), its props as sorted keys and values end
     to end (key, value, key, …)."""
-    return tuple(sorted((event_id, *e[:_PROPS], tuple(chain.from_iterable(sorted(e.props.items()))), *e[_PROPS + 1:])
-                        for event_id, e in events.items()))
+    return tuple(sorted((event_id, *e[:_PROPS], tuple(chain.from_iterable(sorted(e.props.items()))),
+                         *e[_PROPS + 1:]) for event_id, e in events.items()))
 
 
 def _contents(events: dict[str, Event]) -> dict[str, raw_events.StoredEvent]:
@@ -353,8 +353,9 @@ def collection_paused() -> Iterator[None]:
     thousands of containers (events, sessions, activity dicts), nearly all freed by reference
     counting when it ends, and almost no cycles; but the allocations alone set off the collector:
     in a `tests/bench/bench_core.py` run of ~10 s (its setup included), ~3,000 young and ~14 full
-    collections took 2.9 s (a full one ~130 ms, holding the GIL). Cycles made meanwhile (in this or another thread) are
-    collected once the batch is done: the first allocation after it sets off a collection."""
+    collections took 2.9 s (a full one ~130 ms, holding the GIL). Cycles made meanwhile, in this
+    or another thread, are collected once the batch is done: the first allocation after it sets
+    off a collection."""
     global _paused, _was_enabled
     with _pauses:
         if _paused == 0:

@@ -52,8 +52,8 @@ def main() -> None:
     if profiler:
         profiler.disable()
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
-    # Per CPU second too (chDB's threads included): steady where the wall clock is not, on a
-    # machine whose hypervisor takes CPU time away now and then.
+    # Per CPU second too (chDB's threads included), which leaves out time spent waiting for a core
+    # (still noisy here: compare several alternating runs).
     print(f"{args.repo}: {(n - args.batch) / elapsed:,.0f} events/s, {(n - args.batch) / cpu:,.0f} per CPU second"
           f" ({n - args.batch:,} events in {args.batch:,}-event batches{', under cProfile' if profiler else ''})")
     if profiler:
