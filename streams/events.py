@@ -28,10 +28,6 @@ class StoredEvent(namedtuple("_Fields", _FIELDS)):
 
     __slots__ = ()
 
-    @property
-    def is_pageview(self) -> bool:
-        return self.name == "pageview"
-
 
 # Which of a key's rows FINAL (and a merge) keeps: copies of one event not merged yet (a
 # redelivery, a corrected re-import, a rewrite by another core) come back in no set order; the
