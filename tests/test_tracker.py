@@ -290,10 +290,13 @@ def test_a_prerendered_page_counts_once_shown_and_never_if_not(up, tmp_path):
         report = """<script>fetch("/log?" + location.pathname + "=" + document.prerendering);
           document.addEventListener("prerenderingchange", () => fetch("/log?shown=" + location.pathname))</script>"""
         prerendered = STUB + """<script>bk("signup")</script>""" + TAG + report
-        # Once both pages report they were prerendered, the start page goes to one of them.
+        # Once its tracker has run (its pageview is then on the way: a keepalive fetch outlives the
+        # page) and both pages report they were prerendered, the start page goes to one of them.
+        # Its poll waits for the tracker: under load the prerendering can finish before the
+        # deferred script has run, and a page left before then is rightly never counted.
         start = TAG + """<script type="speculationrules">
           {"prerender": [{"source": "list", "urls": ["/shown", "/never"]}]}</script>
-          <script>(function poll() { fetch("/ready").then(r => r.text())
+          <script>(function poll() { if (!window.bk) return setTimeout(poll, 100); fetch("/ready").then(r => r.text())
             .then(t => t == "yes" ? location.href = "/shown" : setTimeout(poll, 100)) })()</script>"""
         log: list[str] = []
         _Site.pages = {"/start": start, "/shown": prerendered, "/never": prerendered}
