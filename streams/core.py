@@ -11,6 +11,13 @@ the raw events inserted. The raw insert is the commit point: a crash before it l
 events as they were, so a redelivered batch computes the same difference again; after it, nothing
 is left to write. Every number is therefore a function of the deduplicated events, whatever their
 order, duplicates or redeliveries.
+
+A core keeps nothing between batches: the "before" half is computed again from the stored events
+each time. Remembering it (the last 50,000 visitors, as plain tuples, until 2026-12-03) cost more
+than it saved: converting and checking it cost about what computing it does for a visitor's usual
+few events, and the collection after each batch scanned it. Without it, `tests/bench/bench_core.py`
+ran 1.05–1.46× faster in nine alternating pairs (3 or 20 events a visitor, in one session or in
+many), and a process holds ~200 MB less.
 """
 
 from __future__ import annotations
@@ -25,9 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, timedelta
-from itertools import chain
 
-from cachetools import LRUCache
 from clickhouse_connect.driver.client import Client
 
 from besokskollen import metrics
@@ -50,29 +55,6 @@ class _Changes:
     dead_activity: list[tuple] = field(default_factory=list)
     events: list[tuple[Event, int]] = field(default_factory=list)
     rollup_keys: set = field(default_factory=set)  # (site, kind, value, quarter hour) to rebuild
-    derived: dict = field(default_factory=dict)  # visitor → _Derived, remembered once written
-
-
-@dataclass(frozen=True, slots=True)
-class _Derived:
-    """A visitor's sessions and activity as computed from a set of its events, with the goals
-    that applied: what the derived tables hold for it while its stored events are that set."""
-    events: dict  # `_contents`
-    goals: tuple
-    sessions: list[Session]
-    activity: dict
-
-
-# Visitors whose derived rows a core remembers (least recently seen go first). A visitor's next
-# batch usually comes within minutes, to the worker that owns its partition: its "before" is then
-# the last "after". About 4 KB each (measured: `tests/bench/bench_core.py`'s visitors, a few
-# events and sessions each), so ~200 MB.
-# Each is kept as plain tuples of strings, numbers and times (`_plain`), which the garbage collector
-# stops tracking once it has seen them. As objects (namedtuples, dataclasses, lists and dicts:
-# about six per visitor, never untracked) they made every full collection walk 300,000 more of
-# them, holding the GIL: in `up`, the event loop serving /api/event waited 0.2–0.3 s each time,
-# longer as the memory filled.
-REMEMBERED_VISITORS = 50_000
 
 
 class StreamCore:
@@ -85,8 +67,6 @@ class StreamCore:
         self._sole_writer = sole_writer
         self._timeout = timedelta(seconds=session_timeout_s)
         self._goals = goals or GoalRegistry(client)
-        # `_plain(_Derived)`s
-        self._derived: LRUCache[tuple[str, int], tuple] = LRUCache(maxsize=REMEMBERED_VISITORS)
 
     def process(self, batch: list[Event], rewrite: bool = False, still_current: Callable[[], bool] | None = None) -> None:
         """Idempotent: processing a batch again, whole or in part, changes no number. `rewrite`
@@ -150,7 +130,6 @@ class StreamCore:
         activity.write(self._client, changes.activity, changes.dead_activity, version)
         rollups.rebuild(self._client, changes.rollup_keys)
         raw_events.write(self._client, self._not_taken_meanwhile(changes.events), version)  # the commit point
-        self._remember(changes.derived)
         for table, rows in (("sessions", len(changes.sessions) + len(changes.dead_sessions)),
                             ("activity", len(changes.activity) + len(changes.dead_activity)),
                             ("rollup_keys", len(changes.rollup_keys)), ("events", len(changes.events))):
@@ -194,26 +173,22 @@ class StreamCore:
         def not_a_late_retry(e: Event) -> bool:
             return (known := stored.get(e.event_id)) is None or known.timestamp == e.timestamp
 
-        new = {event_id: e for event_id, e in new.items() if not_a_late_retry(e)}
-        delivered = list(filter(not_a_late_retry, delivered))
+        if stored:  # a new visitor (most of a batch's) has nothing to filter
+            new = {event_id: e for event_id, e in new.items() if not_a_late_retry(e)}
+            delivered = list(filter(not_a_late_retry, delivered))
         after = {**stored, **new}
         for event_id in gone:
             after.pop(event_id, None)
         after_events = sorted(after.values(), key=event_order)
         after_sessions = sessionize(after_events, self._timeout)
         fresh = activity.activity(after_events, after_sessions, goals)
-        changes.derived[visitor] = _Derived(_contents(after), goals, after_sessions, fresh)
 
         if rewrite:
             before_sessions, old = [], {}
         else:
-            known = self._remembered(visitor, goals, stored)
-            if known is not None:
-                before_sessions, old = known
-            else:
-                before_events = sorted(stored.values(), key=event_order)
-                before_sessions = sessionize(before_events, self._timeout)
-                old = activity.activity(before_events, before_sessions, goals) if before_events else {}
+            before_events = sorted(stored.values(), key=event_order)
+            before_sessions = sessionize(before_events, self._timeout)
+            old = activity.activity(before_events, before_sessions, goals) if before_events else {}
             if before_sessions == after_sessions and old == fresh:  # only events seen before
                 # Nothing derived changes, but a copy sent again with fields no number reads (a
                 # click's page, props: a corrected import line) still replaces the stored event.
@@ -280,56 +255,6 @@ class StreamCore:
             for key, measures in activity.activity(ordered, prefix_sessions, goals).items():
                 rows_seen.setdefault(key, measures)
         return sessions_seen, rows_seen
-
-    def _remember(self, derived: dict[tuple[str, int], _Derived]) -> None:
-        """Keep what a batch wrote (only once written: a batch that failed halfway is retried
-        against what is stored, not against what it meant to store)."""
-        for visitor, known in derived.items():
-            self._derived[visitor] = _plain(known)
-
-    def _remembered(self, visitor: tuple[str, int], goals: tuple, stored: dict[str, raw_events.StoredEvent]
-                    ) -> tuple[list[Session], dict] | None:
-        """The sessions and activity rows remembered for this visitor, if they were derived from
-        exactly these stored events with these goals."""
-        kept = self._derived.get(visitor)
-        if kept is None:
-            return None
-        events, kept_goals, sessions_, rows = kept
-        if kept_goals != goals or events != _plain_events(stored):
-            return None
-        return list(map(Session._make, sessions_)), {rows[i:i + 3]: rows[i + 3:i + _ROW]
-                                                     for i in range(0, len(rows), _ROW)}
-
-
-_PROPS = raw_events.StoredEvent._fields.index("props")
-_ROW = 3 + len(activity.Measures.__args__)  # a remembered activity row: its key, then its measures
-
-
-def _plain(known: _Derived) -> tuple:
-    """`known` as tuples holding only strings, numbers and times (no dict, list, namedtuple or
-    dataclass: a tuple holding one stays tracked). Goals are shared with the registry. Flat where
-    it can be: a batch leaves every tuple of the visitors it touched alive, and the collection
-    after it scans them all. Activity as one tuple of rows laid end to end (kind, value, quarter,
-    measures, kind, …), not three tuples a row, and an event as one tuple, not two: in
-    `tests/bench/bench_core.py`, ~21 tuples a visitor instead of ~61, 4.0 KB instead of 5.9, and
-    that collection's time in the timed batches 0.57 s instead of 0.84."""
-    return (_plain_events(known.events), known.goals, tuple(map(tuple, known.sessions)),
-            tuple(chain.from_iterable((*key, *measures) for key, measures in known.activity.items())))
-
-
-def _plain_events(events: dict[str, raw_events.StoredEvent]) -> tuple:
-    """Stored events by id, each one tuple (id, fields), its props as sorted keys and values end
-    to end (key, value, key, …)."""
-    return tuple(sorted((event_id, *e[:_PROPS], tuple(chain.from_iterable(sorted(e.props.items()))),
-                         *e[_PROPS + 1:]) for event_id, e in events.items()))
-
-
-def _contents(events: dict[str, Event]) -> dict[str, raw_events.StoredEvent]:
-    """What a visitor's derived rows are computed from, as its stored events will read back: their
-    fields, not only their ids (another core may have written a corrected copy, with the same id
-    and time, meanwhile). Compared with the stored events in C, tuple by tuple."""
-    return {event_id: raw_events.as_stored(e) for event_id, e in events.items()}
-
 
 def _out_of_time_order(events) -> bool:
     """Whether some event was delivered after a later one (by `event_order`)."""

@@ -95,6 +95,22 @@ def test_gap_below_timeout_continues_and_at_timeout_starts_a_new_session(service
     assert (result["sessions"], result["pageviews"], result["visitors"]) == (2, 3, 1)
 
 
+def test_a_sessions_duration_is_its_exact_milliseconds(services):
+    """Durations whose float seconds times 1,000 fall just short of the whole number (1.001 s,
+    1.003 s, 4.097 s: 1000.9999…) are stored exactly, in the session and in its activity row."""
+    client, site = services.client, _site()
+    core = StreamCore(client, TIMEOUT)
+    durations = [1001, 1003, 4097, 59_999]
+    core.process([e for visitor, ms in enumerate(durations) for e in
+                  (event(site, visitor, T0), event(site, visitor, T0 + timedelta(milliseconds=ms)))])
+    rows = client.query("SELECT visitor_id, duration_ms FROM sessions FINAL WHERE site_id = {s:String}"
+                        " ORDER BY visitor_id", parameters={"s": site}).result_rows
+    assert rows == list(enumerate(durations))
+    rows = client.query("SELECT visitor_id, duration_ms FROM activity FINAL WHERE site_id = {s:String}"
+                        " AND kind = 'total' ORDER BY visitor_id", parameters={"s": site}).result_rows
+    assert rows == list(enumerate(durations))
+
+
 def test_sessions_of_different_visitors_do_not_mix(services):
     client, site = services.client, _site()
     StreamCore(client, TIMEOUT).process([
@@ -303,9 +319,9 @@ def _cold(client, events: list[Event]) -> str:
     return site
 
 
-def test_a_visitor_remembered_by_a_core_that_another_core_wrote_meanwhile(services):
-    """Partitions move between workers: a core's memory of a visitor is used only while the stored
-    events are exactly those it was computed from."""
+def test_a_visitor_another_core_wrote_meanwhile_is_derived_from_what_is_stored(services):
+    """Partitions move between workers: a core that saw a visitor before derives its next batch
+    from the stored events, including what another core wrote meanwhile."""
     client, site = services.client, _site()
     first, second, third = (event(site, 5, T0, path="/a"), event(site, 5, T0 + timedelta(minutes=40), path="/c"),
                             event(site, 5, T0 + timedelta(minutes=20), path="/b"))  # joins the two sessions
@@ -318,10 +334,10 @@ def test_a_visitor_remembered_by_a_core_that_another_core_wrote_meanwhile(servic
         derived_rows(client, _cold(client, [first, second, third])))
 
 
-def test_a_remembered_visitor_one_of_whose_events_another_core_corrected_meanwhile(services):
+def test_an_event_another_core_corrected_meanwhile_is_derived_as_stored(services):
     """The same, when the other core wrote a corrected copy of an event (same id and time, another
-    source: a re-imported line): the ids alone were unchanged, so the memory was used, and the
-    corrected copy's source row stayed for good once an earlier event took over the session."""
+    source: a re-imported line). A memory checked by ids alone (as cores once kept) kept the
+    corrected copy's source row for good once an earlier event took over the session."""
     client, site = services.client, _site()
     first = event(site, 5, T0, path="/a", source="Google", channel="search")
     corrected = first.model_copy(update={"source": "Bing"})
@@ -334,11 +350,11 @@ def test_a_remembered_visitor_one_of_whose_events_another_core_corrected_meanwhi
         derived_rows(client, _cold(client, [corrected, earlier])))
 
 
-def test_a_cores_memory_of_visitors_gives_the_garbage_collector_nothing_to_walk(services):
+def test_a_core_keeps_nothing_of_a_batch_for_the_garbage_collector_to_walk(services):
     """A full collection walks every object the garbage collector tracks, holding the GIL, and in
-    `up` the event loop serving /api/event waits meanwhile. Remembered as objects (about eight per
-    visitor: its events, sessions, activity rows), the 50,000 visitors a core keeps made each
-    full collection of a soak take longer as they filled up (0.3 s at 270,000 tracked objects)."""
+    `up` the event loop serving /api/event waits meanwhile. Visitors a core remembered as objects
+    (about eight each: events, sessions, activity rows) made each full collection of a soak take
+    longer as they filled up (0.3 s at 270,000 tracked objects); a core now keeps nothing."""
     client, site = services.client, _site()
     core = StreamCore(client, TIMEOUT)
     batch = [event(site, visitor, T0 + timedelta(seconds=visitor)) for visitor in range(1, 2001)]
@@ -348,12 +364,9 @@ def test_a_cores_memory_of_visitors_gives_the_garbage_collector_nothing_to_walk(
     gc.collect()
     tracked = len(gc.get_objects())  # the batch included: it stays alive until the second count
     core.process(batch)
-    # A tuple is untracked once what it holds is; a nested one may take a collection per level
-    # (a remembered visitor's events nest five deep), as the collector meets them in list order.
-    for _ in range(6):
-        gc.collect()
+    gc.collect()
     grown = len(gc.get_objects()) - tracked
-    assert grown < 500, grown  # 2,000 visitors remembered (about 12,000 as objects)
+    assert grown < 500, grown  # 2,000 visitors: about 12,000 objects, were they kept
     core.process([event(site, 7, T0 + timedelta(minutes=10), path="/b")])  # a visitor that comes back
     assert [r[6:8] for r in derived_rows(client, site)[0] if r[0] == 7] == [(2, 3)]  # pageviews, events
 

@@ -3,7 +3,12 @@ returning visitors in fixed-size batches — the number behind a worker's rate, 
 Kafka in the way. `--repo` times another checkout (a worktree of an older commit) with the same
 events, so two versions can be run alternately, as ratios on this noisy 2-core machine.
 
-    python3 tests/bench/bench_core.py [--events 40000] [--batch 5000] [--repo PATH] [--profile]
+    python3 tests/bench/bench_core.py [--events 40000] [--batch 5000] [--per-visitor 3]
+                                      [--seconds-apart 1] [--repo PATH] [--profile]
+
+`--per-visitor`: events a visitor has on average; `--seconds-apart`: between consecutive events of
+the whole stream (with the defaults a visitor's events are ~3 hours apart, a session each; 20 and
+0.1 give visitors of ~20 events ~3 minutes apart, mostly in one session).
 
 The first batch warms up (caches, imports) and is not timed. `--profile` prints cProfile's top
 functions by own time (the rate under the profiler is far lower). Not run by CI."""
@@ -26,6 +31,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=40_000)
     parser.add_argument("--batch", type=int, default=5000)
+    parser.add_argument("--per-visitor", type=float, default=3)
+    parser.add_argument("--seconds-apart", type=float, default=1)
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[2])
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
@@ -38,9 +45,9 @@ def main() -> None:
     replay.upgrade(client, 1800, 400, None)
     core = StreamCore(client, 1800)
     rng, now, n = random.Random(5), datetime.now(timezone.utc), args.events
-    # A visitor comes back ~3 times, a second apart from the previous event on average.
-    events = [Event(event_id=str(uuid.uuid4()), site_id="bench", timestamp=now - timedelta(seconds=n - i),
-                    name="pageview", visitor_id=rng.randrange(n // 3), pathname=f"/p/{rng.randrange(200)}",
+    events = [Event(event_id=str(uuid.uuid4()), site_id="bench",
+                    timestamp=now - timedelta(seconds=(n - i) * args.seconds_apart),
+                    name="pageview", visitor_id=rng.randrange(int(n / args.per_visitor)), pathname=f"/p/{rng.randrange(200)}",
                     country="SE", channel="direct") for i in range(n)]
     core.process(events[:args.batch])
     profiler = cProfile.Profile() if args.profile else None
