@@ -47,7 +47,8 @@ def main() -> None:
     rng, now, n = random.Random(5), datetime.now(timezone.utc), args.events
     events = [Event(event_id=str(uuid.uuid4()), site_id="bench",
                     timestamp=now - timedelta(seconds=(n - i) * args.seconds_apart),
-                    name="pageview", visitor_id=rng.randrange(int(n / args.per_visitor)), pathname=f"/p/{rng.randrange(200)}",
+                    name="pageview", visitor_id=rng.randrange(int(n / args.per_visitor)),
+                    pathname=f"/p/{rng.randrange(200)}",
                     country="SE", channel="direct") for i in range(n)]
     core.process(events[:args.batch])
     profiler = cProfile.Profile() if args.profile else None
