@@ -191,7 +191,8 @@ def written(value):
     if all(type(x) is str for x in value):  # the common case, without a call per element
         # Ids, sites, kinds: nothing to escape, which a scan of them joined tells (`translate` per
         # string cost ~2 µs: 9 ms for a batch's 5,000 event ids).
-        if not any(c in "".join(value) for c in must_escape):
+        joined = "".join(value)
+        if not any(c in joined for c in must_escape):
             return _Written("['" + "', '".join(value) + "']" if value else "[]")
         return _Written("[" + ", ".join(["'" + x.translate(_ESCAPES) + "'" for x in value]) + "]")
     if all(type(x) is int for x in value):  # visitor ids
