@@ -51,16 +51,22 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] = _CORS
 
 
 async def read_body(request: Request, limit: int) -> bytes | None:
-    """The body, or None when it is larger than `limit` (read no further than that)."""
+    """The body, or None when it is larger than `limit` (read no further than that). Read from the
+    ASGI messages themselves: a beacon's body is one message, taken as it is."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         return None
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
+    body = b""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        chunk = message.get("body", b"")
+        body = body + chunk if body else chunk  # bounded by `limit`
         if len(body) > limit:
             return None
-    return bytes(body)
+        if not message.get("more_body", False):
+            return body
 
 
 def _headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -134,11 +140,13 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
         at = utcnow()
         peer = request.client.host if request.client else ""
         ip = clients.client_ip(peer, headers, trusted)
-        args = (incoming, site, agent, user_agent, ip, clients.country(ip, peer, headers, trusted), visitors, at)
-        if visitors.needs_io(site.site_id, ip, user_agent, at):
-            await carries.settle(site.site_id, ip, user_agent, at)
-        needs_io = visitors.needs_io(site.site_id, ip, user_agent, at)  # salts, or the day's first load
-        event = await asyncio.to_thread(enrich, *args) if needs_io else enrich(*args)
+        person = (site.site_id, ip, user_agent, at)
+        if (visitor := visitors.known_id(*person)) is None:
+            await carries.settle(*person)
+            # Still unknown: a salt to load, or the day's first load of the sessions open at midnight.
+            if (visitor := visitors.known_id(*person)) is None:
+                visitor = await asyncio.to_thread(visitors.visitor_id, *person)
+        event = enrich(incoming, site, agent, clients.country(ip, peer, headers, trusted), visitor, at)
         if incoming.event_id:
             event = first_copies.follow(event)
         try:

@@ -1,5 +1,5 @@
 """Enrichment (SPEC §5.2): a validated client event plus request facts → an `Event` ready for the
-stream core. Pure apart from the visitor-id salts."""
+stream core. Pure: the visitor id comes decided (ingest/visitors.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ from urllib.parse import SplitResult, urlsplit, urlunsplit
 from ingest import referrers
 from ingest.event import Event, IncomingEvent, decoded
 from ingest.useragents import Agent
-from ingest.visitors import Visitors
 from streams.sites import Site
 
 
-def enrich(incoming: IncomingEvent, site: Site, agent: Agent, user_agent: str, ip: str, country: str,
-           visitors: Visitors, at: datetime, event_id: str | None = None) -> Event:
-    """`ip` and `country` are the client's (ingest/clients.py). `event_id` is given by imports
+def enrich(incoming: IncomingEvent, site: Site, agent: Agent, country: str, visitor_id: int, at: datetime,
+           event_id: str | None = None) -> Event:
+    """`country` is the client's (ingest/clients.py). `event_id` is given by imports
     (their own or a content hash). A live event with a client id gets uuid5(client id, site id) —
     the same on every retry, and no client can reach another site's events — else a new UUIDv7."""
     url = urlsplit(incoming.url)
@@ -30,7 +29,7 @@ def enrich(incoming: IncomingEvent, site: Site, agent: Agent, user_agent: str, i
         site_id=site.site_id,
         timestamp=at,
         name=incoming.name,
-        visitor_id=visitors.visitor_id(site.site_id, ip, user_agent, at),
+        visitor_id=visitor_id,
         hostname=(url.hostname or "").removeprefix("www."),
         pathname=page_path(url, incoming.hash),
         referrer=stored_referrer(incoming.referrer),

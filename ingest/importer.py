@@ -151,6 +151,7 @@ def enriched(lines: list[Line], site: Site, visitors: Visitors, size: int = 5000
         for line in ordered[start:start + size]:
             e = line.event
             country = clients.country(e.ip, e.ip, {}, ())  # the address's own: no edge headers here
-            part.append(enrich(e, site, useragents.parse(e.user_agent), e.user_agent, e.ip, country, visitors,
-                               e.timestamp, event_id=line.event_id))
+            visitor = visitors.visitor_id(site.site_id, e.ip, e.user_agent, e.timestamp)
+            part.append(enrich(e, site, useragents.parse(e.user_agent), country, visitor, e.timestamp,
+                               event_id=line.event_id))
         yield part

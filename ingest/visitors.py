@@ -98,7 +98,7 @@ class Visitors:
         self._latest: dict[Key, datetime] = {}
         self._newest: datetime | None = None
         self._days: dict[date, _Day] = {}
-        self._lock = threading.Lock()  # callers may hop to threads (needs_io)
+        self._lock = threading.Lock()  # callers may hop to threads (visitor_id, when it asks)
         self._load_lock = threading.Lock()  # one load of a day's open sessions, not under _lock
 
     @property
@@ -167,10 +167,15 @@ class Visitors:
         # database for nearly every event of an import (a 100k-event import took 5 minutes, not 40 s).
         return Visitors(self._salts, latest_ends, open_at_midnight, self._timeout_s, reload=None)
 
-    def needs_io(self, site_id: str, ip: str, user_agent: str, at: datetime) -> bool:
-        """Whether `visitor_id` may touch the database (so async callers use a thread)."""
-        key = self._yesterday_if_cached(site_id, ip, user_agent, at)
-        return key is None or self._known_carry(key, at) is None
+    def known_id(self, site_id: str, ip: str, user_agent: str, at: datetime) -> int | None:
+        """`visitor_id` when memory decides it, without I/O; None when that needs the database (or
+        a salt not loaded). A live request asks this first: one pass, two hashes at most."""
+        yesterday = self._yesterday_if_cached(site_id, ip, user_agent, at)
+        if yesterday is None or (carry := self._known_carry(yesterday, at)) is None:
+            return None
+        visitor = yesterday[1] if carry else hash_visitor(self._salts.for_day(at.date()), site_id, ip, user_agent)
+        self._remember((site_id, visitor), at)
+        return visitor
 
     def visitor_id(self, site_id: str, ip: str, user_agent: str, at: datetime) -> int:
         day = at.date()

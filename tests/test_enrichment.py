@@ -238,10 +238,25 @@ def test_client_ip(peer, xff, trusted, expected):
     assert clients.client_ip(peer, headers, trusted) == expected
 
 
+_OCTETS = st.one_of(st.integers(0, 300).map(str), st.sampled_from(["00", "01", "007", "٣", "1e1", "", " 1", "-1"]))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(octets=st.lists(_OCTETS, min_size=3, max_size=5), spaces=st.sampled_from(["", " ", "\t"]),
+       tail=st.sampled_from(["", ":80", "\n", "/24"]),
+       trusted=st.sampled_from([LOCAL, PROXIES, (ipaddress.ip_network("81.0.0.0/9"), ipaddress.ip_network("0.0.0.0/0"))]))
+def test_the_dotted_quad_shortcut_agrees_with_ipaddress(octets, spaces, tail, trusted):
+    # Most clients are a plain IPv4 address: judged without `ipaddress`, as it would judge them.
+    text = f"{spaces}{'.'.join(octets)}{tail}{spaces}"
+    assert clients._address(text) == (clients.canonical_ip_text(text) or text.strip())
+    address = text.strip()
+    assert clients._is_trusted(address, trusted) == clients._trusted.__wrapped__(address, trusted)
+
+
 def test_long_forwarded_hops_are_not_remembered():
     # X-Forwarded-For entries left of the proxy's are the client's to write: each unique one kept
     # in the parse and country caches (50,000 each) could hold a header's worth of bytes.
-    clients._address.cache_clear()
+    clients._respelled.cache_clear()
     clients._lookup.cache_clear()
     trusted_before = clients._trusted.cache_info().currsize
     for i in range(50):
@@ -249,7 +264,7 @@ def test_long_forwarded_hops_are_not_remembered():
         ip = clients.client_ip("127.0.0.1", {"x-forwarded-for": f"{spoofed}, {spoofed}"}, LOCAL)
         assert ip == spoofed  # kept as sent, as a short non-address is
         clients.country(ip, "127.0.0.1", {}, LOCAL)
-    assert clients._address.cache_info().currsize == 0 and clients._lookup.cache_info().currsize == 0
+    assert clients._respelled.cache_info().currsize == 0 and clients._lookup.cache_info().currsize == 0
     assert clients._trusted.cache_info().currsize <= trusted_before + 1  # the peer
     assert clients.client_ip("127.0.0.1", {"x-forwarded-for": "[2001:DB8:0:0::1]:443"}, LOCAL) == "2001:db8::1"
 
@@ -436,7 +451,7 @@ def test_a_session_open_at_midnight_keeps_yesterdays_id_while_it_continues(servi
     open_ = OpenSessions(lambda since: since < midnight)
     visitors = _visitors(salts, open_, OpenAtMidnight({(site, yesterday_id)}))
     at = midnight + 10 * MINUTE
-    assert visitors.needs_io(site, ip, BROWSER, at)
+    assert visitors.known_id(site, ip, BROWSER, at) is None
     assert visitors.visitor_id(site, ip, BROWSER, at) == yesterday_id
     assert open_.calls == [(site, yesterday_id, at - timedelta(seconds=TIMEOUT))]
 
@@ -444,17 +459,17 @@ def test_a_session_open_at_midnight_keeps_yesterdays_id_while_it_continues(servi
     # from memory, past the first timeout of the day too.
     for minutes in (35, 60, 85):
         at = midnight + minutes * MINUTE
-        assert not visitors.needs_io(site, ip, BROWSER, at)
+        assert visitors.known_id(site, ip, BROWSER, at) is not None
         assert visitors.visitor_id(site, ip, BROWSER, at) == yesterday_id
     assert len(open_.calls) == 1
 
     # 45 minutes of silence end the session: today's id from then on (another process might
     # have seen the session go on, so the database is asked once).
     at = midnight + 130 * MINUTE
-    assert visitors.needs_io(site, ip, BROWSER, at)
+    assert visitors.known_id(site, ip, BROWSER, at) is None
     assert visitors.visitor_id(site, ip, BROWSER, at) == today_id
     assert open_.calls[-1] == (site, yesterday_id, at - timedelta(seconds=TIMEOUT))
-    assert not visitors.needs_io(site, ip, BROWSER, at + MINUTE)
+    assert visitors.known_id(site, ip, BROWSER, at + MINUTE) is not None
     assert visitors.visitor_id(site, ip, BROWSER, at + MINUTE) == today_id
     assert visitors.visitor_id(site, ip, BROWSER, midnight + timedelta(hours=20)) == today_id
     assert len(open_.calls) == 2
@@ -472,7 +487,7 @@ def test_without_an_open_session_it_is_todays_id_and_asked_once(services):
     # storage: the database is asked about each new visitor.
     assert visitors.visitor_id(site, ip, BROWSER, midnight + timedelta(seconds=30)) == today_id
     # A lapsed id stays lapsed: the next events are decided from memory.
-    assert not visitors.needs_io(site, ip, BROWSER, midnight + 50 * MINUTE)
+    assert visitors.known_id(site, ip, BROWSER, midnight + 50 * MINUTE) is not None
     assert visitors.visitor_id(site, ip, BROWSER, midnight + 50 * MINUTE) == today_id
     assert len(closed.calls) == 1
 
@@ -496,9 +511,9 @@ def test_after_the_first_minute_only_sessions_open_at_midnight_are_asked_about(s
     # Someone whose session was not open at midnight is today's visitor without a question.
     assert visitors.visitor_id(site, other_ip, BROWSER, at) == other_today
     assert open_.calls == [] and at_midnight.calls == [[midnight]]
-    assert not visitors.needs_io(site, other_ip, BROWSER, at)
+    assert visitors.known_id(site, other_ip, BROWSER, at) is not None
     # Someone whose session was: the database says whether it still goes on (here it does).
-    assert visitors.needs_io(site, ip, BROWSER, at)
+    assert visitors.known_id(site, ip, BROWSER, at) is None
     assert visitors.visitor_id(site, ip, BROWSER, at) == yesterday_id
     assert open_.calls == [(site, yesterday_id, at - timedelta(seconds=TIMEOUT))]
     assert at_midnight.calls == [[midnight]]  # loaded once a day
@@ -631,7 +646,7 @@ async def test_concurrent_requests_ask_about_their_carries_in_one_query(services
     # are known not to carry without a question.
     asked = len(last_seen) if after < MINUTE else 2
     assert len(counted.queries) == 1 and len(counted.queries[0]) == asked
-    assert not any(batched.needs_io(site, ip, BROWSER, at) for ip in last_seen)
+    assert all(batched.known_id(site, ip, BROWSER, at) is not None for ip in last_seen)
 
     one_by_one = Visitors(Salts(client), partial(latest_ends, client), partial(open_at, client), TIMEOUT)
     expected = {ip: one_by_one.visitor_id(site, ip, BROWSER, at) for ip in last_seen}

@@ -417,11 +417,7 @@ def test_import_lines_are_judged_alone_and_every_one_is_answered(lines, newline,
     assert _verdicts(importer.parse(body, _IMPORT_SITE, _IMPORT_NOW, key, 400)) == verdicts
     # What is accepted can be enriched and serialised as an event.
     for line in parsed.lines:
-        Event.from_bytes(enrich(line.event, _IMPORT_SITE, useragents.parse(line.event.user_agent), line.event.user_agent,
-                                line.event.ip, "", _FixedVisitors(), line.event.timestamp,
-                                event_id=line.event_id).to_bytes())
+        Event.from_bytes(enrich(line.event, _IMPORT_SITE, useragents.parse(line.event.user_agent), "", 42,
+                                line.event.timestamp, event_id=line.event_id).to_bytes())
 
 
-class _FixedVisitors:
-    def visitor_id(self, *args) -> int:
-        return 1

@@ -8,6 +8,9 @@ import uuid
 import orjson
 import pytest
 
+from starlette.requests import ClientDisconnect, Request
+
+from ingest.app import read_body
 from streams.read_cache import ReadThroughCache
 from tests.conftest import BROWSER
 from tests.traffic import Traffic
@@ -69,6 +72,29 @@ async def test_oversized_body_is_413(client, site):
     response = await post(client, pageview(site, props={"big": "x" * 1999, **{f"k{i}": "y" * 1999 for i in range(9)}}))
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "body_too_large"
+
+
+def _request(messages: list[dict], headers: list[tuple[bytes, bytes]] = ()) -> Request:
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    return Request({"type": "http", "method": "POST", "path": "/api/event", "headers": list(headers)}, receive)
+
+
+async def test_a_body_is_read_whole_from_its_messages_and_no_further_than_the_limit():
+    def parts(*chunks: bytes) -> list[dict]:
+        return [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+    assert await read_body(_request(parts(b'{"a":')), 100) == b'{"a":'
+    assert await read_body(_request(parts(b'{"a"', b"", b':1}')), 100) == b'{"a":1}'
+    assert await read_body(_request(parts(b"", b"x" * 10)), 100) == b"x" * 10
+    assert await read_body(_request([{"type": "http.request"}]), 100) == b""
+    # Past the limit without a declared length (chunked): no further message is read.
+    messages = parts(b"x" * 60, b"x" * 60, b"never read")
+    assert await read_body(_request(messages), 100) is None and len(messages) == 1
+    assert await read_body(_request(parts(b"x"), [(b"content-length", b"101")]), 100) is None
+    with pytest.raises(ClientDisconnect):  # the client went away mid-body
+        await read_body(_request([{"type": "http.request", "body": b"x", "more_body": True}]), 100)
 
 
 @pytest.mark.parametrize("headers", [
