@@ -23,7 +23,6 @@ from streams.topic import TopicRefused, ensure_topic, incarnation_headers
 
 log = logging.getLogger(__name__)
 
-PRODUCER_LINGER_MS = 5
 # Spooled events go to Kafka this many at a time, each round waiting for every acknowledgement.
 _REPLAY_BATCH = 2000
 _REPLAY_ACK_TIMEOUT_S = 10.0
@@ -151,7 +150,7 @@ class KafkaHandoff:
             acks="all",
             enable_idempotence=True,
             compression_type="gzip",
-            linger_ms=PRODUCER_LINGER_MS,
+            linger_ms=5,
         )
         try:
             async with asyncio.timeout(_CONNECT_TIMEOUT_S):
