@@ -419,5 +419,3 @@ def test_import_lines_are_judged_alone_and_every_one_is_answered(lines, newline,
     for line in parsed.lines:
         Event.from_bytes(enrich(line.event, _IMPORT_SITE, useragents.parse(line.event.user_agent), "", 42,
                                 line.event.timestamp, event_id=line.event_id).to_bytes())
-
-

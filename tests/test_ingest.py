@@ -7,7 +7,6 @@ import uuid
 
 import orjson
 import pytest
-
 from starlette.requests import ClientDisconnect, Request
 
 from ingest.app import read_body
