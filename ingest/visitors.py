@@ -177,17 +177,20 @@ class Visitors:
         yesterday = self._yesterday_if_cached(site_id, ip, user_agent, at)
         if yesterday is None or (carry := self._known_carry(yesterday, at)) is None:
             return None
-        visitor = yesterday[1] if carry else hash_visitor(self._salts.for_day(at.date()), site_id, ip, user_agent)
-        self._remember((site_id, visitor), at)
-        return visitor
+        return self._given(yesterday, carry, ip, user_agent, at)
 
     def visitor_id(self, site_id: str, ip: str, user_agent: str, at: datetime) -> int:
-        day = at.date()
-        key = (site_id, hash_visitor(self._salts.for_day(day - timedelta(days=1)), site_id, ip, user_agent))
+        key = (site_id, hash_visitor(self._salts.for_day(at.date() - timedelta(days=1)), site_id, ip, user_agent))
         carry = self._known_carry(key, at)
         if carry is None:
             carry = self._ask_database(key, at)
-        visitor = key[1] if carry else hash_visitor(self._salts.for_day(day), site_id, ip, user_agent)
+        return self._given(key, carry, ip, user_agent, at)
+
+    def _given(self, yesterday: Key, carry: bool, ip: str, user_agent: str, at: datetime) -> int:
+        """The id given for an event at `at`: yesterday's while its session carries on, else
+        today's; noted as given."""
+        site_id = yesterday[0]
+        visitor = yesterday[1] if carry else hash_visitor(self._salts.for_day(at.date()), site_id, ip, user_agent)
         self._remember((site_id, visitor), at)
         return visitor
 
