@@ -74,7 +74,7 @@ def _condition(step: Step, n: int) -> str:
 # accumulator is the number of steps done, so `bitTest(m, done)` asks whether the event (its mask
 # `m`) does the next step. Bit N (past the last step) is never set, so a finished session stays
 # at N. Read from the raw events instead (grouped and sorted by session per request), a 30-day
-# funnel at 10M events took 3.5× as long (README, "Benchmarks").
+# funnel at 10M events took 3.5× as long (docs/benchmarks.md).
 _STATS = """
 SELECT level, count() FROM (
     SELECT arrayFold((done, m) -> done + bitTest(m, done),

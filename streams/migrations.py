@@ -464,7 +464,7 @@ SETTINGS non_replicated_deduplication_window = 10000, replicated_deduplication_w
 # -- 12: each session's events, in order, for funnels ---------------------------------------------
 # A funnel is counted per session from the order of its events. Read from the raw events, that
 # meant grouping and sorting every matching event of the period by session: a 30-day funnel at
-# 10M events took 0.5–0.7 s here, against a 300 ms target (README, "Benchmarks"). The stream core
+# 10M events took 0.5–0.7 s here, against a 300 ms target (docs/benchmarks.md). The stream core
 # now writes each session's event names and pages with the session (streams/sessions.py), and
 # funnels read those. Sessions written before are filled from the raw events, a month of session
 # starts at a time, each row under its own version: a newer row the stream core writes meanwhile

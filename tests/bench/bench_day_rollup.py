@@ -1,6 +1,6 @@
 """What the daily rollup's rebuild reads as a UTC day fills, and what another sort order of
 `rollup_15m` would read: the cause of the stream core's per-batch ClickHouse cost rising through
-each day (README, "Benchmarks", the soaks).
+each day (docs/benchmarks.md, the soaks).
 
 Each batch recomputes its touched (site, kind, value, day) keys of `rollup_1d` from the day's
 quarter hours (`streams/rollups.py`). `rollup_15m` is sorted by (site_id, kind, bucket, value), so

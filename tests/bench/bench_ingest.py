@@ -12,7 +12,7 @@ Afterwards every event accepted by 2 and 3 must show up in the API (pageviews, c
 goal, clicks); the time until it did is printed, and the end-to-end rate: accepted events over the
 load's seconds plus that wait. req/s alone rewards a server that answers fast by leaving its
 stream work for after the load (an earlier embedded batch collector took ~1.5× the requests of
-today's in 10 s, and finished writing them 8-10 s later: README, "Benchmarks").
+today's in 10 s, and finished writing them 8-10 s later: docs/benchmarks.md).
 
     python3 tests/bench/bench_ingest.py [--seconds 10] [--connections 64] [--goatcounter PATH]
 
