@@ -232,7 +232,7 @@ def canonical_ip_text(value: str) -> str | None:
 
 
 # What the events table can hold; a record outside it (a foreign producer's) would fail every
-# batch it is in, forever: decode_all skips it instead.
+# batch it is in, forever: decode_each skips it instead.
 _UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 _STORABLE_FROM, _STORABLE_UNTIL = datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(2106, 1, 1, tzinfo=timezone.utc)
 
@@ -291,15 +291,11 @@ class Event(BaseModel):
         return at
 
     @classmethod
-    def decode_all(cls, records: list[bytes | None]) -> list[Event]:
-        """The events among these Kafka or journal records. One that is not an event (a foreign
-        producer's, an older release's, a tombstone without a value, values the tables cannot
-        hold) is logged and skipped, rather than stop the reader on every restart."""
-        return [event for event in cls.decode_each(records) if event is not None]
-
-    @classmethod
     def decode_each(cls, records: list[bytes | None]) -> list[Event | None]:
-        """`decode_all` with None in place of each record skipped."""
+        """The events of these Kafka or journal records, None in place of each that is not an
+        event (a foreign producer's, an older release's, a tombstone without a value, values the
+        tables cannot hold): it is logged and skipped, rather than stop the reader on every
+        restart."""
         events: list[Event | None] = []
         for raw in records:
             try:
@@ -309,10 +305,6 @@ class Event(BaseModel):
                 metrics.RECORDS_SKIPPED.inc()
                 events.append(None)
         return events
-
-    @property
-    def is_pageview(self) -> bool:
-        return self.name == "pageview"
 
 
 def utcnow() -> datetime:

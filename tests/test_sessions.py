@@ -135,11 +135,11 @@ def test_bounce_is_at_most_one_pageview_and_no_other_event(services):
     StreamCore(client, TIMEOUT).process([e for evs in sessions.values() for e in evs])
 
     bounces = sum(1 for evs in sessions.values()
-                  if sum(e.is_pageview for e in evs) <= 1 and all(e.is_pageview for e in evs))
+                  if sum(e.name == "pageview" for e in evs) <= 1 and all(e.name == "pageview" for e in evs))
     assert bounces == 3
     result = overview(client, site, day_period(T0.date()))
     assert result["sessions"] == len(sessions)
-    assert result["pageviews"] == sum(e.is_pageview for evs in sessions.values() for e in evs)
+    assert result["pageviews"] == sum(e.name == "pageview" for evs in sessions.values() for e in evs)
     assert result["visitors"] == len(sessions)
     # 3 / 8 = 37.5 %: whole numbers, half away from zero.
     assert result["bounce_rate"] == half_up(Decimal(bounces) / len(sessions) * 100) == 38
@@ -291,7 +291,7 @@ def test_a_partly_redelivered_batch_counts_each_event_once(services):
             expected_clicks[e.product_id] = expected_clicks.get(e.product_id, 0) + 1
     assert _clicks(client, site) == expected_clicks
     assert [(r[0], r[3], r[4]) for r in stored_sessions(client, site)] == [
-        (v, sum(e.is_pageview for e in distinct if e.visitor_id == v), sum(e.visitor_id == v for e in distinct))
+        (v, sum(e.name == "pageview" for e in distinct if e.visitor_id == v), sum(e.visitor_id == v for e in distinct))
         for v in (1, 2)]
     result = overview(client, site, day_period(T0.date()))
     assert (result["pageviews"], result["sessions"], result["bounce_rate"]) == (3, 2, 0)

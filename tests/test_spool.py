@@ -430,7 +430,7 @@ async def test_a_batch_cut_inside_one_turns_events_leaves_the_rest_journaled(tmp
         shutil.copytree(tmp_path / "journal", tmp_path / "after-kill")  # the disk as a kill -9 leaves it
         left = Spool(tmp_path / "after-kill", 1 << 20)
         left.open()
-        assert [e.event_id for e in Event.decode_all([r.value for r in left.read(100)[0]])] == [
+        assert [e.event_id for e in Event.decode_each([r.value for r in left.read(100)[0]])] == [
             e.event_id for e in events[20:]]
         left.close()
         assert runner._journal.pending_records == 10
@@ -524,7 +524,7 @@ async def test_a_stop_while_clickhouse_takes_no_writes_ends_and_keeps_the_events
     left = Spool(tmp_path, 1 << 20)
     left.open()
     try:
-        assert [e.event_id for e in Event.decode_all([r.value for r in left.read(10)[0]])] == [e.event_id for e in events]
+        assert [e.event_id for e in Event.decode_each([r.value for r in left.read(10)[0]])] == [e.event_id for e in events]
     finally:
         left.close()
 

@@ -502,7 +502,7 @@ async def test_a_worker_frozen_mid_batch_across_a_delete_and_re_create_writes_no
 
     def batch() -> list[Event]:
         kept[:] = of_current_sites(records, registry)
-        return Event.decode_all([record.value for record in kept])
+        return [e for e in Event.decode_each([record.value for record in kept]) if e is not None]
 
     written = await process_until_written(core, batch, lambda: len(of_current_sites(records, registry)) == len(kept))
     assert frozen[0].site_id == old.site_id and frozen[0].created_at > old.created_at  # the same id, a new site
