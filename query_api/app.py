@@ -27,8 +27,9 @@ def create_app(context: Context, *, trusted_proxies: Trusted = (),
     app = FastAPI(
         title="Besökskollen API",
         version="1",
-        openapi_url=f"{PREFIX}/openapi.json",
-        docs_url=f"{PREFIX}/docs",
+        # Served by query_api/openapi.py, with the cache headers of every GET.
+        openapi_url=None,
+        docs_url=None,
         redoc_url=None,
         # `/sites/` is not `/sites`: a redirect took `/sites/%2F` to the site list.
         redirect_slashes=False,
@@ -39,7 +40,7 @@ def create_app(context: Context, *, trusted_proxies: Trusted = (),
     # Added last = runs first: HEAD/Vary around the rate limit around the body cap.
     app.state.rate_limiter = rate_limiter or RateLimiter()
     app.add_middleware(RateLimit, limiter=app.state.rate_limiter, keys=context.keys, trusted=trusted_proxies,
-                       exempt=frozenset({app.openapi_url, app.docs_url}))
+                       exempt=frozenset({openapi.DOCUMENT_PATH, openapi.DOCS_PATH}))
     app.add_middleware(HeadAndVary)
     app.add_middleware(Timing)
     errors.install(app)

@@ -27,12 +27,14 @@ MAX_REQUESTS = 20
 _SITE_ENDPOINTS = frozenset({"stats/overview", "stats/pages", "stats/referrers", "stats/countries",
                              "popular/products", "popular/categories", "popular/partners", "trending/products",
                              "goals", "funnels"})
-_FUNNEL_STATS = re.compile(r"funnels/(f_[0-9a-f]{16})/stats")
+# Any id: one that no funnel has is `funnel_not_found`, as alone.
+_FUNNEL_STATS = re.compile(r"funnels/([^/]+)/stats")
 
 # Constrained, so pydantic refuses what no query string can carry: a JSON body can hold lone
 # surrogates ("\ud800"), which a plain `str` lets through to the sub-request's URL encoding (a 500).
 ParamName = Annotated[str, Field(max_length=100)]
-Scalar = Annotated[str, Field(max_length=2000)] | int | float | bool
+MAX_PARAM_CHARS = 2000
+Scalar = Annotated[str, Field(max_length=MAX_PARAM_CHARS)] | int | float | bool
 
 
 class SubRequest(BaseModel):
@@ -46,6 +48,8 @@ class SubRequest(BaseModel):
         for name, value in params.items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{name!r}: NaN, Infinity and numbers beyond ±1.8e308 are not taken")
+            if isinstance(value, int) and len(_query_value(value)) > MAX_PARAM_CHARS:
+                raise ValueError(f"{name!r}: at most {MAX_PARAM_CHARS} characters, as text")
         return params
 
 

@@ -81,9 +81,13 @@ def readable_site(ctx: Context, key: ApiKey, site_id: str) -> Site:
 def cached_json(request: Request, payload: dict[str, Any], status: int = 200) -> Response:
     """JSON; a GET gets the ISR-friendly cache headers and a strong ETag, and a matching
     If-None-Match gets 304."""
-    body = orjson.dumps(payload)
+    return cached(request, orjson.dumps(payload), "application/json", status)
+
+
+def cached(request: Request, body: bytes, media_type: str, status: int = 200) -> Response:
+    """`cached_json` for any body (the OpenAPI document and its docs page are GETs too)."""
     if request.method != "GET":
-        return Response(body, status_code=status, media_type="application/json")
+        return Response(body, status_code=status, media_type=media_type)
     etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
     headers = {"Cache-Control": CACHE_CONTROL, "ETag": etag}
     # Weak comparison (RFC 9110 §13.1.2): proxies that compress turn our tags into W/"…". The list
@@ -91,7 +95,7 @@ def cached_json(request: Request, payload: dict[str, Any], status: int = 200) ->
     sent = {t.strip().removeprefix("W/") for line in request.headers.getlist("if-none-match") for t in line.split(",")}
     if etag in sent or "*" in sent:
         return Response(status_code=304, headers=headers)
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+    return Response(body, status_code=status, media_type=media_type, headers=headers)
 
 
 _WHOLE = re.compile(r"-?[0-9]+")

@@ -84,6 +84,12 @@ def install(app: FastAPI) -> None:
         # The field's path inside the body (steps.1.match_type), or the query parameter's name.
         loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
         field = ".".join(loc) or "body"
+        content_type = request.headers.get("content-type", "")
+        if (tuple(first.get("loc", ())) == ("body",) and first["type"] != "missing"
+                and "json" not in content_type.lower()):
+            # FastAPI reads a body as JSON only when it is labelled so (`curl -d` labels it a form).
+            return error_response(400, "invalid_parameter", "body: send JSON with Content-Type: application/json"
+                                  f" (this one was {content_type or 'unlabelled'!r})")
         # An empty value (`?site_id=`, `"site_id": ""`) is a missing one, as in the import.
         empty = first["type"] == "string_too_short" and first.get("input") == ""
         if first["type"] == "missing" or empty:

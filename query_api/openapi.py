@@ -9,16 +9,20 @@ import copy
 from typing import Any
 
 import orjson
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.dependencies.models import Dependant
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import Response
 
-from query_api.deps import CACHE_CONTROL, api_key
+from query_api.deps import CACHE_CONTROL, api_key, cached
 from query_api.http_semantics import flat_routes
 from query_api.limits import MAX_BODY_BYTES
 from query_api.models import ErrorResponse
 from query_api.rate_limit import DEFAULT_FAILED_AUTH_LIMIT, DEFAULT_LIMIT
 
 SECURITY_SCHEME = "bearerAuth"
+DOCUMENT_PATH = "/api/v1/openapi.json"
+DOCS_PATH = "/api/v1/docs"
 
 _ERROR_DESCRIPTIONS = {
     "400": "Invalid or missing parameter or body field (`missing_parameter`, `invalid_parameter`)",
@@ -164,7 +168,9 @@ def _json_schema_bounds(schema: dict[str, Any]) -> None:
 
 
 def install(app: FastAPI) -> None:
-    """Make `app.openapi` (served at the app's openapi_url) return the completed document."""
+    """Make `app.openapi` return the completed document, and serve it at DOCUMENT_PATH and the
+    Swagger UI at DOCS_PATH with the cache headers, ETag and 304 of every other GET (FastAPI's
+    own routes for them send neither; the app is made without them)."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -173,3 +179,13 @@ def install(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+    async def document(request: Request) -> Response:
+        return cached(request, orjson.dumps(app.openapi()), "application/json")
+
+    async def docs(request: Request) -> Response:
+        page = get_swagger_ui_html(openapi_url=DOCUMENT_PATH, title=f"{app.title} - Swagger UI")
+        return cached(request, bytes(page.body), "text/html; charset=utf-8")
+
+    app.add_route(DOCUMENT_PATH, document, include_in_schema=False)
+    app.add_route(DOCS_PATH, docs, include_in_schema=False)

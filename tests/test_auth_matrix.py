@@ -136,6 +136,22 @@ async def test_the_key_is_judged_before_a_body_that_is_not_json(client, embedded
     assert status == {"none": 401, "revoked": 401, "site key": 403 if path == "/sites" else 400, "user": 400}
 
 
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", None])
+async def test_a_json_body_not_labelled_json_is_told_so(client, world, content_type):
+    """`curl -d '{…}'` labels its body a form, which FastAPI does not read as JSON: the 400 says
+    what to send, rather than that the body is not an object. The key is still judged first."""
+    services, a, callers = world
+    headers = {"content-type": content_type} if content_type else {}
+    body = orjson.dumps({"domain": _domain()})
+    response = await client.post(f"{API}/sites", content=body, headers={**headers, "authorization": ""})
+    assert response.status_code == 401
+    response = await client.post(f"{API}/sites", content=body,
+                                 headers={**headers, "authorization": f"Bearer {callers['user']}"})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_parameter"
+    assert response.json()["error"]["message"].startswith("body: send JSON with Content-Type: application/json")
+
+
 async def test_site_keys_cannot_manage_sites(client, world):
     services, a, callers = world
     site_key = {"authorization": f"Bearer {callers['site key']}"}

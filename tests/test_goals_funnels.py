@@ -673,15 +673,23 @@ async def test_batch_runs_sub_requests_and_reports_each(client, services):
     r = await client.post(f"{API}/batch", json={"site_id": other, "requests": [{"endpoint": f"funnels/{funnel['id']}/stats"}]},
                           headers={"authorization": f"Bearer {key}"})
     assert r.json()["results"][0]["data"]["funnel"]["id"] == funnel["id"]
+    # An id of any shape that no funnel has is not found, as alone (not an unknown endpoint).
+    for made_up in ("f_nope", "x", funnel["id"].upper(), f"{funnel['id']} ", "f_0000000000000000"):
+        alone = await client.get(f"{API}/funnels/{made_up}/stats", headers={"authorization": f"Bearer {key}"})
+        assert alone.status_code == 404 and alone.json()["error"]["code"] == "funnel_not_found", made_up
+        r = await client.post(f"{API}/batch", json={"site_id": other, "requests": [{"endpoint": f"funnels/{made_up}/stats"}]},
+                              headers={"authorization": f"Bearer {key}"})
+        assert r.json()["results"][0]["error"]["code"] == "funnel_not_found", (made_up, r.text)
 
 
 async def test_batch_params_no_url_can_carry_are_a_400(client):
     """JSON carries lone surrogates, which no query string can: the batch is refused (a 500 it was).
     NaN and Infinity are not JSON at all (Python's parser takes them, and 1e400 as infinity): the
-    batch is refused too, not sent on as a sub-request's error."""
+    batch is refused too, not sent on as a sub-request's error; so is a number longer than the
+    2,000 characters of a text parameter."""
     site = await _site(client)
     for params in ('{"period": "\\ud800"}', '{"\\udfff": "7d"}', '{"limit": NaN}', '{"limit": -Infinity}',
-                   '{"limit": 1e400}'):
+                   '{"limit": 1e400}', '{"category_slug": %s}' % ("1" * 2001), '{"limit": -%s}' % ("1" * 2000)):
         body = '{"site_id": "%s", "requests": [{"endpoint": "stats/pages", "params": %s}]}' % (site, params)
         r = await client.post(f"{API}/batch", content=body.encode(), headers={"content-type": "application/json"})
         assert r.status_code == 400, (params, r.text)

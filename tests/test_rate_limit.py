@@ -209,6 +209,23 @@ async def test_openapi_and_docs_are_not_limited(client, clock):
             assert "x-ratelimit-limit" not in response.headers
 
 
+async def test_openapi_and_docs_have_the_cache_headers_of_every_get(client):
+    """SPEC §7: every GET answers the cache headers and a strong ETag, and If-None-Match a 304."""
+    from query_api.deps import CACHE_CONTROL
+
+    for path, media_type in (("/openapi.json", "application/json"), ("/docs", "text/html")):
+        response = await client.get(API + path)
+        assert response.status_code == 200 and response.headers["content-type"].startswith(media_type)
+        assert response.headers["cache-control"] == CACHE_CONTROL
+        etag = response.headers["etag"]
+        assert etag.startswith('"') and etag.endswith('"')
+        again = await client.get(API + path, headers={"if-none-match": etag})
+        assert again.status_code == 304 and again.headers["etag"] == etag and not again.content
+        assert (await client.head(API + path)).headers["etag"] == etag
+    assert "paths" in (await client.get(f"{API}/openapi.json")).json()
+    assert b"/api/v1/openapi.json" in (await client.get(f"{API}/docs")).content
+
+
 async def test_batch_internal_requests_are_not_counted(embedded, client, services, clock):
     app, _ = embedded
     site = await create_site(client)
