@@ -55,6 +55,7 @@ class _Changes:
     dead_activity: list[tuple] = field(default_factory=list)
     events: list[tuple[Event, int]] = field(default_factory=list)
     rollup_keys: set = field(default_factory=set)  # (site, kind, value, quarter hour) to rebuild
+    superseded: set = field(default_factory=set)  # (site, event id, time) of stored copies an earlier one replaces
 
 
 class StreamCore:
@@ -88,11 +89,16 @@ class StreamCore:
         by_id = raw_events.first_arrivals(batch)
         stored_as = {key: owner for key, owner in raw_events.owners(self._client, list(by_id.values())).items()
                      if key in by_id}
-        # A retry (the client's event id again, with a later arrival time) is counted once: the
-        # copy already stored stays, whichever arrived first.
+        # Of a client's copies of one event (its retry: the id again, a later arrival time), the
+        # earliest counts, whichever was processed first: a later copy is dropped, and an earlier
+        # one (an original that waited in another ingest's spool while its retry went through)
+        # takes the stored copy's place, whose raw row is deleted before the commit point.
+        superseded: dict[tuple[str, str], raw_events.Owner] = {}
         for key, owner in stored_as.items():
-            if owner.timestamp != by_id[key].timestamp:
+            if owner.timestamp < by_id[key].timestamp:
                 del by_id[key]
+            elif owner.timestamp > by_id[key].timestamp:
+                superseded[key] = owner
         # Every copy of the ids kept, in delivery order: an attempt killed midway saw a prefix of
         # them, in which a later copy (a retry delivered first) may have been the one kept.
         delivered: dict[tuple[str, int], list[Event]] = defaultdict(list)
@@ -113,10 +119,12 @@ class StreamCore:
         for e in batch:
             days[(e.site_id, e.visitor_id)].add(e.timestamp.date())
         for visitor, event_ids in leaving.items():
-            days[visitor] |= {by_id[(visitor[0], event_id)].timestamp.date() for event_id in event_ids}
+            days[visitor] |= {stored_as[(visitor[0], event_id)].timestamp.date() for event_id in event_ids}
+        for owner in superseded.values():  # the copy to replace is read with its visitor's history
+            days[owner[:2]].add(owner.timestamp.date())
         stored = self._history(days)
 
-        changes = _Changes()
+        changes = _Changes(superseded={(*key, owner.timestamp) for key, owner in superseded.items()})
         for visitor in incoming.keys() | leaving.keys():
             self._visitor(visitor, stored.get(visitor, {}), incoming.get(visitor, {}), delivered.get(visitor, []),
                           leaving.get(visitor, set()), changes, rewrite)
@@ -129,6 +137,9 @@ class StreamCore:
         sessions.write(self._client, changes.sessions, changes.dead_sessions, version)
         activity.write(self._client, changes.activity, changes.dead_activity, version)
         rollups.rebuild(self._client, changes.rollup_keys)
+        # Killed after this and before the commit point, the redelivered batch finds neither copy
+        # stored and derives what this one wrote.
+        raw_events.delete(self._client, sorted(changes.superseded))
         raw_events.write(self._client, self._not_taken_meanwhile(changes.events), version)  # the commit point
         for table, rows in (("sessions", len(changes.sessions) + len(changes.dead_sessions)),
                             ("activity", len(changes.activity) + len(changes.dead_activity)),
@@ -168,14 +179,16 @@ class StreamCore:
                  delivered: list[Event], gone: set[str], changes: _Changes, rewrite: bool) -> None:
         site_id, visitor_id = visitor
         goals = self._goals.for_site(site_id)
-        # An id this visitor already has at another time is a retry from beyond RETRY_WINDOW: the
-        # stored copy stays (the new one would replace it in the numbers but not in the raw events).
+        # An id this visitor already has at an earlier time is a retry (from beyond RETRY_WINDOW
+        # too): the stored copy stays. At a later time, the stored copy is the retry: replaced.
         def not_a_late_retry(e: Event) -> bool:
-            return (known := stored.get(e.event_id)) is None or known.timestamp == e.timestamp
+            return (known := stored.get(e.event_id)) is None or e.timestamp <= known.timestamp
 
         if stored:  # a new visitor (most of a batch's) has nothing to filter
             new = {event_id: e for event_id, e in new.items() if not_a_late_retry(e)}
             delivered = list(filter(not_a_late_retry, delivered))
+            changes.superseded |= {(site_id, event_id, known.timestamp) for event_id, e in new.items()
+                                   if (known := stored.get(event_id)) is not None and known.timestamp > e.timestamp}
         after = {**stored, **new}
         for event_id in gone:
             after.pop(event_id, None)

@@ -12,6 +12,7 @@ from typing import NamedTuple
 from clickhouse_connect.driver.client import Client
 
 from ingest.event import Event
+from streams import migrations
 from streams.buckets import history_windows
 
 _FIELDS = tuple(Event.model_fields)  # the wire contract's fields are the columns, in its order
@@ -75,6 +76,15 @@ def write(client: Client, events: list[tuple[Event | StoredEvent, int]], version
         columns = [[getattr(e, f) for e, _ in events] for f in _FIELDS] + [[sid for _, sid in events],
                                                                              [version] * len(events)]
         client.insert("events", columns, column_names=_COLUMNS, column_oriented=True)
+
+
+def delete(client: Client, rows: list[tuple[str, str, datetime]]) -> None:
+    """Delete these (site, event id, time) rows: stored copies that an earlier copy of the same
+    event replaces (streams/core.py). Rare, so a lightweight DELETE, masked for every read at once."""
+    if rows:
+        migrations.delete_rows(
+            client, "DELETE FROM events WHERE (site_id, event_id, timestamp)"
+                    " IN {rows:Array(Tuple(String, UUID, DateTime64(3, 'UTC')))}", {"rows": rows})
 
 
 def history(client: Client, visitors: set[tuple[str, int]], start: datetime, end: datetime
@@ -166,17 +176,17 @@ def _stretches(events: list[Event]) -> list[list[Event]]:
 
 def stored_event_ids(client: Client, events: Sequence[Event]) -> set[str]:
     """Which of these events are written as sent (for their site), or never will be because the
-    stream core keeps a stored copy instead: one at another time within RETRY_WINDOW (`owners`),
-    or one their own visitor holds at another time, however far (`StreamCore._visitor`). A copy at
-    the same time with other fields (a line imported again with corrected fields, an event moving
-    to another visitor id) is replaced once processed, so it does not count: the distributed
-    import answered "stored" while such events were still in Kafka."""
+    stream core keeps a stored copy instead: one at an earlier time within RETRY_WINDOW (`owners`),
+    or one their own visitor holds at an earlier time, however far (`StreamCore._visitor`). A copy
+    at the same time with other fields (a line imported again with corrected fields, an event
+    moving to another visitor id), or at a later time, is replaced once processed, so it does not
+    count: the distributed import answered "stored" while such events were still in Kafka."""
     sent = first_arrivals(events)
     copies = _copies(client, list(sent.values()))
     found, rest = set(), []
     for key, e in sent.items():
         here = copies.get(key, [])
-        if as_stored(e) in here or (here and all(c.timestamp != e.timestamp for c in here)):
+        if as_stored(e) in here or any(c.timestamp < e.timestamp for c in here):
             found.add(key)
         elif not here:
             rest.append(e)
@@ -196,21 +206,23 @@ def _copies(client: Client, events: list[Event], chunk: int = 2000) -> dict[tupl
 
 
 def _held_by_own_visitor(client: Client, events: list[Event]) -> set[tuple[str, str]]:
-    """(site_id, event_id) of these events whose id their visitor has stored within its history
-    window (what the stream core reads), one query per stretch of days, as the core reads them."""
-    wanted = {(e.site_id, e.visitor_id, e.event_id) for e in events}
+    """(site_id, event_id) of these events whose id their visitor has stored at an earlier time
+    within its history window (what the stream core reads), one query per stretch of days, as the
+    core reads them."""
+    wanted = {(e.site_id, e.visitor_id, e.event_id): e.timestamp for e in events}
     found: set[tuple[str, str]] = set()
     for start, end, members in history_windows((e, e.timestamp.date(), e.timestamp.date()) for e in events):
         rows = client.query(
-            "SELECT site_id, visitor_id, toString(event_id) FROM events"
+            "SELECT site_id, visitor_id, toString(event_id), timestamp FROM events"
             " WHERE site_id IN {sites:Array(String)}"
             " AND timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp < {end:DateTime64(3, 'UTC')}"
             " AND visitor_id IN {visitors:Array(UInt64)} AND event_id IN {ids:Array(UUID)}",  # as in `history`
             parameters={"sites": sorted({e.site_id for e in members}), "start": start, "end": end,
                         "visitors": sorted({e.visitor_id for e in members}), "ids": [e.event_id for e in members]},
         ).result_rows
-        found |= {(site_id, event_id) for site_id, visitor_id, event_id in rows
-                  if (site_id, visitor_id, event_id) in wanted}
+        found |= {(site_id, event_id) for site_id, visitor_id, event_id, at in rows
+                  if (sent := wanted.get((site_id, visitor_id, event_id))) is not None
+                  and at.replace(tzinfo=timezone.utc) < sent}
     return found
 
 

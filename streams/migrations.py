@@ -567,6 +567,7 @@ _ALTER = re.compile(r"ALTER TABLE (\w+) (.*)", re.S)
 _DROP = re.compile(r"DROP TABLE IF EXISTS (\w+)$")
 _RENAME = re.compile(r"RENAME TABLE (\w+ TO \w+(?:, \w+ TO \w+)*)$")
 _OPTIMIZE = re.compile(r"OPTIMIZE TABLE (\w+) (.*)", re.S)
+_DELETE = re.compile(r"DELETE FROM (\w+) (WHERE .*)", re.S)
 
 
 @dataclass(frozen=True)
@@ -601,6 +602,9 @@ class Cluster:
         if match := _OPTIMIZE.fullmatch(statement):  # the shards' tables
             table, rest = match.groups()
             return [f"OPTIMIZE TABLE {table}_local ON CLUSTER {self.name} {rest}"]
+        if match := _DELETE.fullmatch(statement):  # the shards' tables
+            table, where = match.groups()
+            return [f"DELETE FROM {table}_local ON CLUSTER {self.name} {where}"]
         raise ValueError(f"no cluster form for: {statement[:80]}")
 
     def mutation(self, statement: str) -> str:
@@ -655,6 +659,14 @@ def mutations(client: Client, statements: list[str], parameters: dict, wait: boo
         tables.append(f"{table}_local" if cluster else table)
     if wait:
         _wait_for_mutations(client, tables, cluster)
+
+
+def delete_rows(client: Client, statement: str, parameters: dict) -> None:
+    """A lightweight `DELETE FROM … WHERE …` on a single server or the cluster's shards: the rows
+    are masked for every read once it returns."""
+    cluster = cluster_of(client)
+    for sql in cluster.statements(statement) if cluster else [statement]:
+        client.command(sql, parameters=parameters)
 
 
 def _wait_for_mutations(client: Client, tables: list[str], cluster: Cluster | None) -> None:

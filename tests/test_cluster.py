@@ -74,6 +74,9 @@ def test_the_embedded_schema_has_no_cluster_parts(embedded_tables):
 def test_mutations_and_retention_go_to_the_shards():
     assert CLUSTER.mutation("ALTER TABLE events DELETE WHERE site_id = {site:String}") == \
         "ALTER TABLE events_local ON CLUSTER bk_cluster DELETE WHERE site_id = {site:String}"
+    # A stored retry that its original replaces (streams/events.py `delete`).
+    assert CLUSTER.statements("DELETE FROM events WHERE (site_id, event_id) IN {rows:Array(Tuple(String, UUID))}") == \
+        ["DELETE FROM events_local ON CLUSTER bk_cluster WHERE (site_id, event_id) IN {rows:Array(Tuple(String, UUID))}"]
 
 
 def test_the_table_rewrites_swap_the_shards_tables():

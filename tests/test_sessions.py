@@ -515,6 +515,69 @@ def test_a_retry_delivered_before_its_original_to_a_core_killed_before_its_commi
     assert _rollups(client, site) == _rollups(client, _cold(client, [earlier, original]))
 
 
+def _stored_copies(client, site: str) -> list[tuple]:
+    return client.query("SELECT toString(event_id), visitor_id, timestamp FROM events FINAL WHERE site_id = {s:String}"
+                        " ORDER BY ALL", parameters={"s": site}).result_rows
+
+
+@pytest.mark.parametrize("retry_visitor, later", [(6, timedelta(minutes=30)), (7, timedelta(minutes=30)),
+                                                  (6, timedelta(hours=7))],
+                         ids=["same visitor", "another visitor id", "beyond the retry window"])
+def test_an_original_processed_after_its_stored_retry_replaces_it(services, retry_visitor, later):
+    """A client's retry reached Kafka, and was stored, before its original, which waited in another
+    ingest's spool through a Kafka outage. When the original comes, it takes the retry's place:
+    of a client's copies of one event the earliest counts, whatever order they are processed in,
+    so every number is a function of the copies accepted (an independent chaos run kept 250
+    retries, 19-23 s late, and moved sessions' entry pages and sources). A retry under another
+    visitor id (the day's salt turned between the two) leaves that visitor; one stored more than
+    the retry window later is found in the visitor's own history."""
+    client, site = services.client, _site()
+    earlier = event(site, 6, T0, path="/a")
+    original = event(site, 6, T0 + timedelta(minutes=10), path="/b", source="Google", channel="search")
+    retry = original.model_copy(update={"timestamp": original.timestamp + later, "visitor_id": retry_visitor})
+    StreamCore(client, TIMEOUT).process([earlier])
+    StreamCore(client, TIMEOUT).process([retry])
+    StreamCore(client, TIMEOUT).process([original])
+    expected = _cold(client, [earlier, original])
+    assert _stored_copies(client, site) == [
+        (e.event_id, 6, e.timestamp.replace(tzinfo=None)) for e in sorted([earlier, original], key=lambda e: e.event_id)]
+    assert _strip_session_ids(derived_rows(client, site)) == _strip_session_ids(derived_rows(client, expected))
+    assert _rollups(client, site) == _rollups(client, expected)
+    StreamCore(client, TIMEOUT).process([retry])  # the retry once more: a later copy, dropped
+    assert _rollups(client, site) == _rollups(client, expected)
+    assert len(_stored_copies(client, site)) == 2
+
+
+def test_a_core_killed_between_deleting_a_retry_and_storing_its_original_ends_exact(services):
+    """The stored retry's row goes before the commit point (the original's insert). Killed in
+    between, the redelivered batch finds neither copy and stores the original as a new event."""
+    from streams import events as raw_events
+
+    client, site = services.client, _site()
+    original = event(site, 6, T0 + timedelta(minutes=10), path="/b", source="Google", channel="search")
+    retry = original.model_copy(update={"timestamp": T0 + timedelta(minutes=40)})
+    StreamCore(client, TIMEOUT).process([event(site, 6, T0, path="/a"), retry])
+    deleted = []
+
+    def killed(*args):
+        raise SystemExit("kill -9 before the raw insert")
+
+    with pytest.MonkeyPatch.context() as patched:
+        delete = raw_events.delete
+        patched.setattr(raw_events, "delete", lambda *a: deleted.append(delete(*a)))
+        patched.setattr(raw_events, "write", killed)
+        with pytest.raises(SystemExit):
+            StreamCore(client, TIMEOUT).process([original])
+    assert deleted and [row[0] for row in _stored_copies(client, site)] != [original.event_id] * 2
+    StreamCore(client, TIMEOUT).process([original])  # redelivered
+    first = client.query("SELECT toString(event_id), timestamp FROM events FINAL WHERE site_id = {s:String}"
+                         " AND pathname = '/b'", parameters={"s": site}).result_rows
+    assert first == [(original.event_id, original.timestamp.replace(tzinfo=None))]
+    expected = _cold(client, [event(site, 6, T0, path="/a"), original])
+    assert _strip_session_ids(derived_rows(client, site)) == _strip_session_ids(derived_rows(client, expected))
+    assert _rollups(client, site) == _rollups(client, expected)
+
+
 def test_a_stalled_core_does_not_store_a_retry_whose_original_the_new_owner_kept(services, monkeypatch):
     """A worker stalled mid-batch past the rebalance timeout (SIGSTOP, a hung insert) writes after
     its partitions' new owner. Its batch held a client's retry alone; the new owner read the retry
