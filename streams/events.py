@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from datetime import date, datetime, timedelta, timezone
 from typing import NamedTuple
 
+from clickhouse_connect.driver.binding import DT64Param
 from clickhouse_connect.driver.client import Client
 
 from ingest.event import Event
@@ -80,11 +81,15 @@ def write(client: Client, events: list[tuple[Event | StoredEvent, int]], version
 
 def delete(client: Client, rows: list[tuple[str, str, datetime]]) -> None:
     """Delete these (site, event id, time) rows: stored copies that an earlier copy of the same
-    event replaces (streams/core.py). Rare, so a lightweight DELETE, masked for every read at once."""
+    event replaces (streams/core.py). Rare, so a lightweight DELETE, masked for every read at once.
+    The times as `DT64Param`: a datetime inside a list is written in whole seconds (as
+    clickhouse-connect writes it, `streams/storage.py`), which matched no stored row with
+    milliseconds (an independent chaos run's 250 retries stayed)."""
     if rows:
         migrations.delete_rows(
             client, "DELETE FROM events WHERE (site_id, event_id, timestamp)"
-                    " IN {rows:Array(Tuple(String, UUID, DateTime64(3, 'UTC')))}", {"rows": rows})
+                    " IN {rows:Array(Tuple(String, UUID, DateTime64(3, 'UTC')))}",
+            {"rows": [(site, event_id, DT64Param(at)) for site, event_id, at in rows]})
 
 
 def history(client: Client, visitors: set[tuple[str, int]], start: datetime, end: datetime

@@ -561,6 +561,27 @@ def test_carry_through_the_database_across_processes(services):
         Salts(client).for_day(midnight.date()), site, quiet_ip, BROWSER)
 
 
+def test_a_stored_session_carries_the_id_to_the_millisecond(services):
+    """An event a timeout after the stored session's last one starts a new session, to the
+    millisecond, for a process that asks the database (times inside list parameters are written
+    in whole seconds: `streams/events.py` `delete`)."""
+    client = services.client
+    site, ip = _site(), "81.227.5.16"
+    midnight = DAY + timedelta(days=3)
+    yesterday_id, today_id = _ids(Salts(client), site, ip, midnight)
+    last = midnight - 10 * MINUTE + timedelta(milliseconds=500)
+    StreamCore(client, TIMEOUT).process([Event(event_id=str(uuid.uuid4()), site_id=site, timestamp=last,
+                                               name="pageview", visitor_id=yesterday_id, pathname="/a")])
+
+    def asked_by_a_new_process(at: datetime) -> int:
+        return Visitors(Salts(client), partial(latest_ends, client), partial(open_at, client), TIMEOUT).visitor_id(
+            site, ip, BROWSER, at)
+
+    timeout = timedelta(seconds=TIMEOUT)
+    assert asked_by_a_new_process(last + timeout - timedelta(milliseconds=200)) == yesterday_id
+    assert asked_by_a_new_process(last + timeout + timedelta(milliseconds=200)) == today_id
+
+
 def test_a_session_imported_after_the_days_load_carries_within_a_minute(services):
     """The sessions open at midnight are loaded from the first minute of the day on, but
     an import through another process may store one later: it is loaded again a minute on."""

@@ -533,8 +533,11 @@ def test_an_original_processed_after_its_stored_retry_replaces_it(services, retr
     the retry window later is found in the visitor's own history."""
     client, site = services.client, _site()
     earlier = event(site, 6, T0, path="/a")
-    original = event(site, 6, T0 + timedelta(minutes=10), path="/b", source="Google", channel="search")
-    retry = original.model_copy(update={"timestamp": original.timestamp + later, "visitor_id": retry_visitor})
+    # Times in milliseconds, as live ones are: the stored copy's row is found by its exact time.
+    original = event(site, 6, T0 + timedelta(minutes=10, milliseconds=123), path="/b", source="Google",
+                     channel="search")
+    retry = original.model_copy(update={"timestamp": original.timestamp + later + timedelta(milliseconds=733),
+                                        "visitor_id": retry_visitor})
     StreamCore(client, TIMEOUT).process([earlier])
     StreamCore(client, TIMEOUT).process([retry])
     StreamCore(client, TIMEOUT).process([original])
@@ -554,8 +557,8 @@ def test_a_core_killed_between_deleting_a_retry_and_storing_its_original_ends_ex
     from streams import events as raw_events
 
     client, site = services.client, _site()
-    original = event(site, 6, T0 + timedelta(minutes=10), path="/b", source="Google", channel="search")
-    retry = original.model_copy(update={"timestamp": T0 + timedelta(minutes=40)})
+    original = event(site, 6, T0 + timedelta(minutes=10, milliseconds=5), path="/b", source="Google", channel="search")
+    retry = original.model_copy(update={"timestamp": T0 + timedelta(minutes=40, milliseconds=999)})
     StreamCore(client, TIMEOUT).process([event(site, 6, T0, path="/a"), retry])
     deleted = []
 

@@ -196,7 +196,8 @@ def test_any_order_and_any_batching_gives_the_same_numbers(services):
 
     shuffled = _site()
     scrambled = events(shuffled)
-    scrambled += [e.model_copy(update={"timestamp": e.timestamp + timedelta(minutes=rng.choice([1, 20, 40, 300]))})
+    scrambled += [e.model_copy(update={"timestamp": e.timestamp + timedelta(minutes=rng.choice([1, 20, 40, 300]),
+                                                                            milliseconds=rng.randint(1, 999))})
                   for e in rng.sample(scrambled, 12)]
     rng.shuffle(scrambled)
     core = StreamCore(services.client, TIMEOUT)
