@@ -9,8 +9,11 @@ twice: from the stored events (what the derived tables hold now) and from stored
 difference is written, the rollup keys it touched are rebuilt from activity, and only then are
 the raw events inserted. The raw insert is the commit point: a crash before it leaves the stored
 events as they were, so a redelivered batch computes the same difference again; after it, nothing
-is left to write. Every number is therefore a function of the deduplicated events, whatever their
-order, duplicates or redeliveries.
+is left to write. (One exception, just before the insert: a stored copy of an event that the batch
+holds at an earlier time is deleted. Killed between the two, neither copy is stored, and the
+redelivered batch stores the batch's as a new event, deriving what the killed one wrote.) Every
+number is therefore a function of the deduplicated events, whatever their order, duplicates or
+redeliveries.
 
 A core keeps nothing between batches: the "before" half is computed again from the stored events
 each time. Remembering it (the last 50,000 visitors, as plain tuples, until 2026-12-03) cost more
