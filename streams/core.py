@@ -10,8 +10,9 @@ difference is written, the rollup keys it touched are rebuilt from activity, and
 the raw events inserted. The raw insert is the commit point: a crash before it leaves the stored
 events as they were, so a redelivered batch computes the same difference again; after it, nothing
 is left to write. (One exception, just before the insert: a stored copy of an event that the batch
-holds at an earlier time is deleted. Killed between the two, neither copy is stored, and the
-redelivered batch stores the batch's as a new event, deriving what the killed one wrote.) Every
+holds at an earlier time, or under another visitor id, is deleted. Killed between the two,
+neither copy is stored, and the redelivered batch stores the batch's as a new event, deriving
+what the killed one wrote.) Every
 number is therefore a function of the deduplicated events, whatever their order, duplicates or
 redeliveries.
 
@@ -58,7 +59,7 @@ class _Changes:
     dead_activity: list[tuple] = field(default_factory=list)
     events: list[tuple[Event, int]] = field(default_factory=list)
     rollup_keys: set = field(default_factory=set)  # (site, kind, value, quarter hour) to rebuild
-    superseded: set = field(default_factory=set)  # (site, event id, time) of stored copies an earlier one replaces
+    superseded: set = field(default_factory=set)  # (site, event id, time, visitor) of stored rows to delete
 
 
 class StreamCore:
@@ -127,7 +128,13 @@ class StreamCore:
             days[owner[:2]].add(owner.timestamp.date())
         stored = self._history(days)
 
-        changes = _Changes(superseded={(*key, owner.timestamp) for key, owner in superseded.items()})
+        # The stored rows to delete: copies an earlier one replaces, and those of events moving to
+        # another visitor. A moved event's new row has the same key, but until the two merge a
+        # read of the old visitor's events (`history`, by visitor, without FINAL) found the old
+        # row alone and put the event back in that visitor's sessions.
+        changes = _Changes(superseded={(*key, owner.timestamp, owner.visitor_id) for key, owner in superseded.items()}
+                           | {(site, event_id, stored_as[(site, event_id)].timestamp, visitor)
+                              for (site, visitor), event_ids in leaving.items() for event_id in event_ids})
         for visitor in incoming.keys() | leaving.keys():
             self._visitor(visitor, stored.get(visitor, {}), incoming.get(visitor, {}), delivered.get(visitor, []),
                           leaving.get(visitor, set()), changes, rewrite)
@@ -190,7 +197,7 @@ class StreamCore:
         if stored:  # a new visitor (most of a batch's) has nothing to filter
             new = {event_id: e for event_id, e in new.items() if not_a_late_retry(e)}
             delivered = list(filter(not_a_late_retry, delivered))
-            changes.superseded |= {(site_id, event_id, known.timestamp) for event_id, e in new.items()
+            changes.superseded |= {(site_id, event_id, known.timestamp, visitor_id) for event_id, e in new.items()
                                    if (known := stored.get(event_id)) is not None and known.timestamp > e.timestamp}
         after = {**stored, **new}
         for event_id in gone:

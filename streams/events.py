@@ -79,17 +79,18 @@ def write(client: Client, events: list[tuple[Event | StoredEvent, int]], version
         client.insert("events", columns, column_names=_COLUMNS, column_oriented=True)
 
 
-def delete(client: Client, rows: list[tuple[str, str, datetime]]) -> None:
-    """Delete these (site, event id, time) rows: stored copies that an earlier copy of the same
-    event replaces (streams/core.py). Rare, so a lightweight DELETE, masked for every read at once.
+def delete(client: Client, rows: list[tuple[str, str, datetime, int]]) -> None:
+    """Delete these (site, event id, time, visitor) rows: stored copies that an earlier copy of the
+    same event replaces, or that moved to another visitor (streams/core.py). Rare, so a
+    lightweight DELETE, masked for every read at once.
     The times as `DT64Param`: a datetime inside a list is written in whole seconds (as
     clickhouse-connect writes it, `streams/storage.py`), which matched no stored row with
     milliseconds (an independent chaos run's 250 retries stayed)."""
     if rows:
         migrations.delete_rows(
-            client, "DELETE FROM events WHERE (site_id, event_id, timestamp)"
-                    " IN {rows:Array(Tuple(String, UUID, DateTime64(3, 'UTC')))}",
-            {"rows": [(site, event_id, DT64Param(at)) for site, event_id, at in rows]})
+            client, "DELETE FROM events WHERE (site_id, event_id, timestamp, visitor_id)"
+                    " IN {rows:Array(Tuple(String, UUID, DateTime64(3, 'UTC'), UInt64))}",
+            {"rows": [(site, event_id, DT64Param(at), visitor) for site, event_id, at, visitor in rows]})
 
 
 def history(client: Client, visitors: set[tuple[str, int]], start: datetime, end: datetime

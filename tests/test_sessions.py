@@ -551,6 +551,28 @@ def test_an_original_processed_after_its_stored_retry_replaces_it(services, retr
     assert len(_stored_copies(client, site)) == 2
 
 
+def test_an_event_moved_to_another_visitor_stays_out_of_the_old_visitors_sessions(services):
+    """A corrected import line (same id and time, another ip) moves an event to another visitor:
+    its new row has the old one's key, and until the two merged, the old visitor's history (read
+    by visitor, without FINAL) found the old row alone, so the next batch of that visitor put the
+    event back in its session (an independent check's funnel counted a purchase twice)."""
+    client, site = services.client, _site()
+    landing = event(site, 6, T0 + timedelta(milliseconds=250), path="/")
+    purchase = event(site, 6, T0 + timedelta(minutes=6, milliseconds=500), name="purchase")
+    StreamCore(client, TIMEOUT).process([landing, purchase])
+    moved = purchase.model_copy(update={"visitor_id": 7})
+    StreamCore(client, TIMEOUT).process([moved])
+    # No merge stopped: the delete of the moved row is a mutation, which merges carry out.
+    earlier = landing.model_copy(update={"timestamp": landing.timestamp - timedelta(minutes=10)})
+    StreamCore(client, TIMEOUT).process([earlier])  # reads visitor 6 again
+    expected = _cold(client, [earlier, moved])
+    assert _strip_session_ids(derived_rows(client, site)) == _strip_session_ids(derived_rows(client, expected))
+    assert _rollups(client, site) == _rollups(client, expected)
+    assert sorted(row[1] for row in _stored_copies(client, site)) == [6, 7]
+    assert client.query("SELECT count() FROM events WHERE site_id = {s:String} AND visitor_id = 6"
+                        " AND name = 'purchase'", parameters={"s": site}).result_rows == [(0,)]
+
+
 def test_a_core_killed_between_deleting_a_retry_and_storing_its_original_ends_exact(services):
     """The stored retry's row goes before the commit point (the original's insert). Killed in
     between, the redelivered batch finds neither copy and stores the original as a new event."""
