@@ -12,9 +12,8 @@ events as they were, so a redelivered batch computes the same difference again; 
 is left to write. (One exception, just before the insert: a stored copy of an event that the batch
 holds at an earlier time, or under another visitor id, is deleted. Killed between the two,
 neither copy is stored, and the redelivered batch stores the batch's as a new event, deriving
-what the killed one wrote.) Every
-number is therefore a function of the deduplicated events, whatever their order, duplicates or
-redeliveries.
+what the killed one wrote.) Every number is therefore a function of the deduplicated events,
+whatever their order, duplicates or redeliveries.
 
 A core keeps nothing between batches: the "before" half is computed again from the stored events
 each time. Remembering it (the last 50,000 visitors, as plain tuples, until 2026-12-03) cost more
@@ -96,13 +95,14 @@ class StreamCore:
         # Of a client's copies of one event (its retry: the id again, a later arrival time), the
         # earliest counts, whichever was processed first: a later copy is dropped, and an earlier
         # one (an original that waited in another ingest's spool while its retry went through)
-        # takes the stored copy's place, whose raw row is deleted before the commit point.
-        superseded: dict[tuple[str, str], raw_events.Owner] = {}
+        # takes the stored copy's place, whose raw row is deleted before the commit point
+        # (`_visitor` finds it in the visitor's history; under another visitor it is `leaving`).
+        replaced: list[raw_events.Owner] = []
         for key, owner in stored_as.items():
             if owner.timestamp < by_id[key].timestamp:
                 del by_id[key]
             elif owner.timestamp > by_id[key].timestamp:
-                superseded[key] = owner
+                replaced.append(owner)
         # Every copy of the ids kept, in delivery order: an attempt killed midway saw a prefix of
         # them, in which a later copy (a retry delivered first) may have been the one kept.
         delivered: dict[tuple[str, int], list[Event]] = defaultdict(list)
@@ -124,17 +124,16 @@ class StreamCore:
             days[(e.site_id, e.visitor_id)].add(e.timestamp.date())
         for visitor, event_ids in leaving.items():
             days[visitor] |= {stored_as[(visitor[0], event_id)].timestamp.date() for event_id in event_ids}
-        for owner in superseded.values():  # the copy to replace is read with its visitor's history
+        for owner in replaced:  # the copy to replace is read with its visitor's history
             days[owner[:2]].add(owner.timestamp.date())
         stored = self._history(days)
 
-        # The stored rows to delete: copies an earlier one replaces, and those of events moving to
-        # another visitor. A moved event's new row has the same key, but until the two merge a
-        # read of the old visitor's events (`history`, by visitor, without FINAL) found the old
-        # row alone and put the event back in that visitor's sessions.
-        changes = _Changes(superseded={(*key, owner.timestamp, owner.visitor_id) for key, owner in superseded.items()}
-                           | {(site, event_id, stored_as[(site, event_id)].timestamp, visitor)
-                              for (site, visitor), event_ids in leaving.items() for event_id in event_ids})
+        # The stored rows of events moving to another visitor are deleted too (with those an
+        # earlier copy replaces, `_visitor`): a moved event's new row has the same key, but until
+        # the two merge a read of the old visitor's events (`history`, by visitor, without FINAL)
+        # found the old row alone and put the event back in that visitor's sessions.
+        changes = _Changes(superseded={(site, event_id, stored_as[(site, event_id)].timestamp, visitor)
+                                       for (site, visitor), event_ids in leaving.items() for event_id in event_ids})
         for visitor in incoming.keys() | leaving.keys():
             self._visitor(visitor, stored.get(visitor, {}), incoming.get(visitor, {}), delivered.get(visitor, []),
                           leaving.get(visitor, set()), changes, rewrite)
