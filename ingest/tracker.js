@@ -76,7 +76,10 @@
   function page() {
     // The page as the API keeps it: the path, and with data-hash the fragment. A replaceState to
     // the same page (one that only drops utm tags), a new query string, a hash change: no new page.
-    var at = loc.pathname + (hash ? loc.hash : "");
+    // Compared decoded, as the API keeps it: /s%c3%b6k and /s%C3%B6k are one page.
+    var at = (loc.pathname + (hash ? loc.hash : "")).replace(/(%[\da-f]{2})+/gi, function (x) {
+      try { return decodeURIComponent(x); } catch (_) { return x.toUpperCase(); } // not UTF-8
+    });
     if (at == last) return;
     // The document referrer goes with the landing page's events (one sent beside the pageview may
     // arrive first and open the session), not with later pages.
