@@ -645,7 +645,8 @@ def cluster_of(client: Client) -> Cluster | None:
     return Cluster(match.group(1)) if match else None
 
 
-def mutations(client: Client, statements: list[str], parameters: dict, wait: bool = False) -> None:
+def mutations(client: Client, statements: list[str], parameters: dict, wait: bool = False,
+              settings: dict | None = None) -> None:
     """Run `ALTER TABLE … DELETE`s (a deleted site's or goal's rows) on a single server or the
     cluster's shards alike; asynchronous unless `wait`. Waited for together, not one after another
     (`mutations_sync`): each waits for its table's background merges, and in a row the seven of
@@ -654,7 +655,7 @@ def mutations(client: Client, statements: list[str], parameters: dict, wait: boo
     tables = []
     for statement in statements:
         client.command(cluster.mutation(statement) if cluster else statement, parameters=parameters,
-                       settings={"mutations_sync": 0})
+                       settings={**(settings or {}), "mutations_sync": 0})
         table = _ALTER.fullmatch(statement).group(1)
         tables.append(f"{table}_local" if cluster else table)
     if wait:

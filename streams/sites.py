@@ -222,7 +222,7 @@ class SiteRegistry:
             column_names=_COLUMNS)
         self._by_id.forget(site.site_id)
         self._by_domain.forget(site.domain)
-        self._purge(site.site_id)
+        self._purge(site.site_id, while_deleted=True)
         # Other processes take up to REFRESH_S to notice, and events they accepted before may still
         # be on their way through Kafka: their rows are deleted again later, and when a site with this
         # id is created again (a worker far behind can still write some in between).
@@ -231,14 +231,23 @@ class SiteRegistry:
 
     def _second_purge(self, site_id: str) -> None:
         """Unless a site with this id was created again meanwhile: its create emptied what the
-        deleted one had left (`_start_empty`), and the rows there now are the new site's (a purge
-        by site id deleted its events, goals and funnels ~10 s after the delete)."""
+        deleted one had left (`_start_empty`), and the rows there now are the new site's."""
         if self._load("site_id", site_id, self._client) is None:  # in the background: no hurry
-            self._purge(site_id)
+            self._purge(site_id, while_deleted=True)
 
-    def _purge(self, site_id: str, wait: bool = False) -> None:
-        migrations.mutations(self._client, [f"ALTER TABLE {table} DELETE WHERE site_id = {{site:String}}"
-                                            for table in SITE_DATA_TABLES], {"site": site_id}, wait)
+    def _purge(self, site_id: str, wait: bool = False, while_deleted: bool = False) -> None:
+        """Delete the site id's rows from every table. `while_deleted`: only where the id has no
+        site when ClickHouse applies the delete (not when it is sent): a site created again between
+        a purge's check and its mutations (~10 s after the delete, one try in six in a loop) lost
+        the goals and funnels it had just been given. Its rows there are newer than its `sites` row,
+        so a mutation that sees no site was sent before them and cannot reach them."""
+        where = "site_id = {site:String}"
+        if while_deleted:
+            where += " AND (SELECT argMax(deleted, version) FROM sites WHERE site_id = {site:String}) = 1"
+        # The condition reads another table, which ClickHouse calls nondeterministic: a replicated
+        # table refuses it unless allowed.
+        migrations.mutations(self._client, [f"ALTER TABLE {table} DELETE WHERE {where}" for table in SITE_DATA_TABLES],
+                             {"site": site_id}, wait, settings={"allow_nondeterministic_mutations": 1})
 
     def _start_empty(self, site_id: str) -> None:
         """A site created with the id of a deleted one must not show that one's numbers, goals or
