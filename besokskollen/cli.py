@@ -204,7 +204,10 @@ def cmd_migrate(args: argparse.Namespace) -> None:
             task = progress.add_task("rebuild", total=None)
             done = replay.replay(client, settings.session_timeout_s,
                                  progress=lambda n, about: progress.update(task, completed=n, total=about))
-        print(f"rebuilt sessions, activity and rollups from {done} stored events")
+        print(f"rebuilt sessions, activity and rollups from {done.events} stored events")
+        if done.kept:
+            print(f"kept the stored sessions and activity of {done.kept} visitors: some of their raw events are past"
+                  " the raw-event TTL")
 
 
 def cmd_status(args: argparse.Namespace) -> None:

@@ -232,6 +232,22 @@ def _held_by_own_visitor(client: Client, events: list[Event]) -> set[tuple[str, 
     return found
 
 
+def per_session(client: Client, visitors: set[tuple[str, int]], start: datetime, end: datetime
+                ) -> dict[tuple[str, int, int], int]:
+    """How many events are stored for each session of these (site, visitor) pairs, of the events
+    between start and end."""
+    if not visitors:
+        return {}
+    rows = client.query(
+        "SELECT site_id, visitor_id, session_id, count() FROM events FINAL"
+        " WHERE site_id IN {sites:Array(String)} AND timestamp >= {start:DateTime64(3, 'UTC')}"
+        " AND timestamp < {end:DateTime64(3, 'UTC')} AND visitor_id IN {visitors:Array(UInt64)}"
+        " GROUP BY site_id, visitor_id, session_id",
+        parameters={"sites": sorted({site for site, _ in visitors}), "visitors": sorted({v for _, v in visitors}),
+                    "start": start, "end": end}).result_rows
+    return {(site, visitor, session): n for site, visitor, session, n in rows if (site, visitor) in visitors}
+
+
 def stored_days(client: Client) -> list[tuple[date, int]]:
     """Each UTC day with stored events, and how many. Deduplicated: copies not merged yet (every
     row twice after migration 10's two copies) made a rebuild's progress end at half its total."""

@@ -145,6 +145,21 @@ def write(client: Client, upserts: Iterable[Session], deletes: Iterable[Session]
         client.insert("sessions", rows, column_names=_COLUMNS)
 
 
+def event_counts(client: Client, visitors: set[tuple[str, int]], start: datetime, end: datetime
+                 ) -> dict[tuple[str, int, int], int]:
+    """How many events each session of these (site, visitor) pairs that started between start
+    and end counts."""
+    if not visitors:
+        return {}
+    rows = client.query(
+        "SELECT site_id, visitor_id, session_id, events FROM sessions FINAL WHERE site_id IN {sites:Array(String)}"
+        " AND start >= {start:DateTime64(3, 'UTC')} AND start < {end:DateTime64(3, 'UTC')}"
+        " AND visitor_id IN {visitors:Array(UInt64)}",
+        parameters={"sites": sorted({site for site, _ in visitors}), "visitors": sorted({v for _, v in visitors}),
+                    "start": start, "end": end}).result_rows
+    return {(site, visitor, session): n for site, visitor, session, n in rows if (site, visitor) in visitors}
+
+
 def latest_ends(client: Client, visitors: Iterable[tuple[str, int]], since: datetime) -> dict[tuple[str, int], datetime]:
     """The latest session end of each of these (site, visitor)s that has one after `since`: the
     visitors with a session that has an event after `since` (strictly: an event exactly a timeout

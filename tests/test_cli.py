@@ -172,6 +172,55 @@ def test_migrate_rebuild_fills_derived_tables_a_killed_replay_of_an_old_release_
     assert again.returncode == 0 and derived() == ["3", "9"], again.stderr  # idempotent
 
 
+_PAST_THE_CUT = """
+import json, sys, uuid
+from datetime import date, datetime, timedelta, timezone
+from ingest.event import Event
+from query_api.periods import Period
+from query_api.stats import overview
+from streams import replay, storage
+from streams.core import StreamCore
+client = storage.connect(sys.argv[1])
+if sys.argv[2] == "seed":
+    replay.upgrade(client, 1800, 36500)
+    # 30 visitors whose sessions cross into November (three pageviews 10 minutes apart), and one
+    # on 2 November, all of whose events stay.
+    at = datetime(2026, 10, 31, 23, 40, tzinfo=timezone.utc)
+    events = [Event(site_id="cut", timestamp=at + timedelta(seconds=37 * i, minutes=10 * k), name="pageview",
+                    visitor_id=i + 1, pathname=f"/p{k}", event_id=str(uuid.uuid4())) for i in range(30) for k in range(3)]
+    events += [Event(site_id="cut", timestamp=datetime(2026, 11, 2, 12, k, tzinfo=timezone.utc), name="pageview",
+                     visitor_id=99, pathname="/", event_id=str(uuid.uuid4())) for k in range(2)]
+    StreamCore(client, 1800).process(events)
+    # What the raw-event TTL does once October's rows expired (whole parts, ttl_only_drop_parts);
+    # and the 2 November visitor's derived rows lost (what a rebuild is for).
+    client.command("ALTER TABLE events DROP PARTITION '202610'")
+    for table, where in (("sessions", "visitor_id = 99"), ("activity", "visitor_id = 99"),
+                         ("rollup_15m", "bucket >= '2026-11-02'"), ("rollup_1d", "day >= '2026-11-02'")):
+        client.command(f"ALTER TABLE {table} DELETE WHERE {where}", settings={"mutations_sync": 2})
+numbers = {}
+for first, last in ((date(2026, 10, 31), date(2026, 10, 31)), (date(2026, 11, 1), date(2026, 11, 1)),
+                    (date(2026, 10, 31), date(2026, 11, 1)), (date(2026, 11, 2), date(2026, 11, 2))):
+    o = overview(client, "cut", Period(first, last, "UTC"))
+    numbers[f"{first}..{last}"] = [o["visitors"], o["sessions"], o["pageviews"], o["bounce_rate"]]
+print(json.dumps(numbers))
+"""
+
+
+def test_migrate_rebuild_keeps_what_visitors_past_the_raw_event_ttl_counted(tmp_path):
+    """The raw-event TTL drops whole month partitions: of a session crossing into the month kept,
+    its later pageviews stay. A rebuild derived a second, later session from them beside the
+    stored one: sessions and visitors counted twice on the first day kept and across the two.
+    Those visitors keep their stored rows; one whose events are all there is rebuilt."""
+    url = f"chdb://{tmp_path / 'ch'}"
+    before = json_of(_PAST_THE_CUT.replace("sys.argv[2]", "'seed'"), url)
+    assert before["2026-10-31..2026-11-01"][:3] == [30, 30, 90] and before["2026-11-02..2026-11-02"][:2] == [0, 0]
+    rebuilt = migrate(url, "--rebuild")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "from 45 stored events" in rebuilt.stdout and "of 30 visitors" in rebuilt.stdout, rebuilt.stdout
+    after = json_of(_PAST_THE_CUT.replace("sys.argv[2]", "'read'"), url)
+    assert after == {**before, "2026-11-02..2026-11-02": [1, 1, 2, 0]}
+
+
 _AT_1A1FA3D = _AT_SCHEMA_5 + """
 # Releases 1a1fa3d-9bccdc2 recorded a 6 of their own (an event-id bloom filter), never a 7.
 client.command("ALTER TABLE schema_migrations DELETE WHERE version = 7", settings={"mutations_sync": 2})
