@@ -17,7 +17,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field, field_validator
 
 from ingest.event import MAX_SITE_ID
-from query_api.deps import Ctx, Key, readable_site
+from query_api.deps import CACHE_CONTROL, Ctx, Key, readable_site
+from query_api.http_semantics import VARY
 from query_api.models import BatchResponse
 
 router = APIRouter(tags=["batch"])
@@ -123,4 +124,8 @@ async def batch(request: Request, ctx: Ctx, key: Key, body: BatchRequest) -> Res
     Counts as one request against the rate limit."""
     site = await asyncio.to_thread(readable_site, ctx, key, body.site_id)
     results = await asyncio.gather(*(_run(request, ctx, site.site_id, sub) for sub in body.requests))
-    return Response(orjson.dumps({"results": results}), media_type="application/json")
+    # The reference's cache headers on every endpoint: a batch's answers are the GETs', as fresh.
+    # One with a sub-request's error is not to be kept (a funnel not found may be made a minute later).
+    fresh = CACHE_CONTROL if all("error" not in r for r in results) else "no-store"
+    return Response(orjson.dumps({"results": results}), media_type="application/json",
+                    headers={"Cache-Control": fresh, "Vary": VARY})

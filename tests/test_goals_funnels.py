@@ -656,8 +656,13 @@ async def test_batch_runs_sub_requests_and_reports_each(client, services):
     assert second["data"]["comparison"]["period"]["to"]
     assert bad["error"]["code"] == "invalid_parameter" and "data" not in bad
     assert unknown["error"]["code"] == "unknown_endpoint"
-    alone = (await client.get(f"{API}/popular/products", params={"site_id": site, "limit": 10, "days": 7})).json()
-    assert {k: first[k] for k in ("data", "meta")} == alone
+    assert (r.headers["cache-control"], r.headers["vary"]) == ("no-store", "Authorization")  # errors are not kept
+    alone = await client.get(f"{API}/popular/products", params={"site_id": site, "limit": 10, "days": 7})
+    assert {k: first[k] for k in ("data", "meta")} == alone.json()
+    r = await client.post(f"{API}/batch", json={"site_id": site, "requests": [
+        {"endpoint": "popular/products", "params": {"limit": 10, "days": 7}}]})
+    assert (r.headers["cache-control"], r.headers["vary"]) == (alone.headers["cache-control"], "Authorization")
+    assert "etag" not in r.headers  # no conditional POST
 
     too_many = [{"endpoint": "goals"}] * 21
     assert (await client.post(f"{API}/batch", json={"site_id": site, "requests": too_many})).status_code == 400
