@@ -64,6 +64,14 @@ def _account(text: str) -> str:
     return text
 
 
+def _site(text: str) -> str:
+    """A --site flag: given empty (`--site "$SITE"` with SITE unset), a key for every site of the
+    account would be made where one site's was asked for."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: name the site, or leave --site out for a user-level key")
+    return text
+
+
 _BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:132.0) Gecko/20100101 Firefox/132.0"
 
 
@@ -387,7 +395,7 @@ def parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     create = with_data(keys.add_parser("create", help="print a new bk_… key"))
     create.add_argument("--account", required=True, type=_account)
-    create.add_argument("--site", help="make a site-level key for this site")
+    create.add_argument("--site", type=_site, help="make a site-level key for this site")
     create.set_defaults(func=cmd_keys_create)
     revoke = with_data(keys.add_parser("revoke", help="stop a key from working"))
     revoke.add_argument("key", help="the bk_… key")

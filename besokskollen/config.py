@@ -14,8 +14,13 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-_PLACEHOLDER_KEYS = frozenset({"bk_change_me", "bk_change_me_0000000000000000000000"})
+_PLACEHOLDER = "bk_change_me"  # deploy/'s keys start so
 _ADMIN_KEY = re.compile(r"bk_[A-Za-z0-9_-]{16,}")
+# A key made of few characters (bk_aaaaaaaaaaaaaaaa, bk_0101010101010101) is guessed by trying;
+# 16 random hex digits have fewer than 5 different ones less than once in 10^6 (8: once in 90).
+_FEWEST_CHARACTERS = 5
+# A hostname or an address as a Kafka bootstrap server names it (Docker's names may hold `_`).
+_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 # Settings whose value an error line must not show.
 _SECRET = frozenset({"admin_key"})
 
@@ -35,9 +40,11 @@ class Settings(BaseSettings):
     # Kafka cluster give each its own, so one's rebalances never pause the other's workers.
     kafka_group: str = Field("besokskollen", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._-]+$")
     # Partitions of the events topic when it is created; the most workers that can share it.
-    kafka_partitions: int = Field(12, ge=1)
+    # At most 10,000: more than a topic is ever given (Kafka advises ~4,000 partitions per broker);
+    # a number Kafka's protocol cannot carry stopped ingest and the worker with a traceback.
+    kafka_partitions: int = Field(12, ge=1, le=10_000)
     # Replication of the topics we and Faust create; 1 suits a single broker, use 3 on a cluster.
-    kafka_replication_factor: int = Field(1, ge=1)
+    kafka_replication_factor: int = Field(1, ge=1, le=32_767)  # the protocol's 16 bits
     admin_key: str | None = None
     trusted_proxies: str = "127.0.0.1/32,::1/128"
     session_timeout_s: int = Field(1800, ge=60, le=86_400)
@@ -53,7 +60,7 @@ class Settings(BaseSettings):
     # Largest accepted /api/v1/events/import body; larger answers 413.
     max_import_bytes: int = Field(20 * 1024 * 1024, ge=64 * 1024)
     # Days a salt made for a past day by an import is kept after it was made (live salts: 48 h).
-    historic_salt_days: int = Field(30, ge=1)
+    historic_salt_days: int = Field(30, ge=1, le=36_500)
     # Where ingest keeps events answered 202 but not yet safe elsewhere (one directory per
     # process): distributed, those Kafka did not acknowledge in time; embedded, those the stream
     # core has not written yet. Unset: `spool` inside the embedded data folder, else `./spool`.
@@ -114,20 +121,25 @@ class Settings(BaseSettings):
                     raise ValueError(f"{cidr.strip()!r} is not an address or CIDR network") from None
         return cidrs
 
-    @field_validator("kafka_bootstrap", "worker_instance_id", "host", "redis_url", "clickhouse_cluster")
+    @field_validator("kafka_bootstrap", "worker_instance_id", "host", "redis_url", "clickhouse_cluster", "spool_dir",
+                     mode="before")
     @classmethod
-    def _blank_is_unset(cls, value: str | None) -> str | None:
-        return value or None
+    def _blank_is_unset(cls, value: object) -> object:
+        # Compose and Kubernetes set a variable empty to leave it out: an empty BK_SPOOL_DIR put
+        # the spool in the working directory, a blank BK_KAFKA_BOOTSTRAP meant "Kafka at ''".
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("kafka_bootstrap")
     @classmethod
     def _servers(cls, bootstrap: str | None) -> str | None:
+        if bootstrap is not None and not _bootstrap_list(bootstrap):
+            raise ValueError("names no server: host:port, comma-separated")
         for server in _bootstrap_list(bootstrap):
             try:
-                port = _host_port(server)[1]
+                host, port = _host_port(server)
             except ValueError:
-                port = 0
-            if not 1 <= port <= 65535:
+                host, port = "", 0
+            if not 1 <= port <= 65535 or not (_HOST.fullmatch(host) or _is_address(host)):
                 raise ValueError(f"{server!r} is not host:port")
         return bootstrap
 
@@ -136,6 +148,13 @@ class Settings(BaseSettings):
     def _redis(cls, url: str | None) -> str | None:
         if url and not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
+        if url and not url.startswith("unix://"):
+            try:
+                port = urlsplit(url).port
+            except ValueError:
+                raise ValueError("has a port that is not a number from 1 to 65535") from None
+            if port == 0:
+                raise ValueError("has a port that is not a number from 1 to 65535")
         return url
 
     @field_validator("admin_key")
@@ -144,13 +163,16 @@ class Settings(BaseSettings):
         if not key:
             return None
         # Published in deploy/ and the README: kept in a deployment, it opens the account to anyone.
-        if key in _PLACEHOLDER_KEYS:
+        if key.startswith(_PLACEHOLDER):
             raise ValueError("is the placeholder from the deploy files; set a key of your own")
         # The shape every key has (query_api/keys.py makes bk_ + 32): one that could be guessed
         # opens a user-level key to anyone who tries.
         if not _ADMIN_KEY.fullmatch(key):
             raise ValueError("must be bk_ and at least 16 more letters, digits, '-' or '_'"
                              " (such as bk_$(openssl rand -hex 24))")
+        if len(set(key.removeprefix("bk_"))) < _FEWEST_CHARACTERS:
+            raise ValueError(f"could be guessed: fewer than {_FEWEST_CHARACTERS} different characters after bk_; set a"
+                             " random one (such as bk_$(openssl rand -hex 24))")
         return key
 
     @field_validator("raw_events_ttl_days")
@@ -211,6 +233,14 @@ def server_url_problem(url: str) -> str | None:
     except ValueError as exc:
         return f"not a URL: {exc}"
     return None if parts.hostname else "names no host"
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _bootstrap_list(bootstrap: str | None) -> list[str]:

@@ -760,7 +760,13 @@ def test_a_server_whose_port_is_taken_stops_with_one_line(tmp_path):
                                              ("BK_KAFKA_BOOTSTRAP", "kafka:abc"), ("BK_KAFKA_BOOTSTRAP", "kafka:9092,k2:0"),
                                              ("BK_REDIS_URL", "localhost:6379"), ("BK_RAW_EVENTS_TTL_DAYS", "6"),
                                              ("BK_RAW_EVENTS_TTL_DAYS", "1000000"), ("BK_KAFKA_TOPIC", "bad topic!"),
-                                             ("BK_KAFKA_TOPIC", ".."), ("BK_CLICKHOUSE_CLUSTER", "with-chdb")])
+                                             ("BK_KAFKA_TOPIC", ".."), ("BK_CLICKHOUSE_CLUSTER", "with-chdb"),
+                                             # each of these started a command that then failed with a traceback
+                                             ("BK_HISTORIC_SALT_DAYS", "1000000"), ("BK_KAFKA_PARTITIONS", "3000000000"),
+                                             ("BK_KAFKA_REPLICATION_FACTOR", "40000"), ("BK_REDIS_URL", "redis://h:abc/0"),
+                                             ("BK_REDIS_URL", "redis://h:99999/0"), ("BK_KAFKA_BOOTSTRAP", ","),
+                                             ("BK_KAFKA_BOOTSTRAP", "a b:9092"), ("BK_ADMIN_KEY", "bk_aaaaaaaaaaaaaaaa"),
+                                             ("BK_ADMIN_KEY", "bk_0101010101010101")])
 def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path, variable, value):
     data = [] if variable == "BK_CLICKHOUSE_URL" else ["--data", str(tmp_path / "d")]  # --data would override it
     result = subprocess.run([*CLI, "migrate", *data], capture_output=True, text=True, timeout=60,
@@ -778,7 +784,8 @@ def test_a_bad_clickhouse_url_is_shown_without_its_password():
     assert "127.0.0.1:abc" in result.stderr and "s3cret-pw" not in result.stderr
 
 
-@pytest.mark.parametrize("placeholder", ["bk_change_me", "bk_change_me_0000000000000000000000"])
+@pytest.mark.parametrize("placeholder", ["bk_change_me", "bk_change_me_0000000000000000000000",
+                                         "bk_change_me_1234567890abcdef"])
 def test_the_admin_key_placeholder_of_the_deploy_files_is_refused(tmp_path, placeholder):
     """deploy/compose.yml and deploy/k8s/config.yaml publish a placeholder key: a deployment that
     kept it would give every reader of this repository a user-level key."""
@@ -1064,6 +1071,30 @@ def test_a_misspelt_variable_is_warned_about(tmp_path):
     warnings = [line for line in result.stderr.splitlines() if "warning" in line]
     assert warnings == ["besokskollen migrate: warning: BK_SESSION_TIMEOUT is not a setting and is ignored;"
                         " did you mean BK_SESSION_TIMEOUT_S?"]  # deploy/kafka's BK_KAFKA_VERSION is not ours
+
+
+def test_keys_create_refuses_an_empty_site_rather_than_make_a_user_level_key(capsys):
+    """`--site "$SITE"` with SITE unset made a key for every site of the account."""
+    from besokskollen import cli
+
+    for site in ("", " "):
+        with pytest.raises(SystemExit) as stopped:
+            cli.main(["keys", "create", "--account", "acme", "--site", site])
+        assert stopped.value.code == 2
+        assert "argument --site: is empty" in capsys.readouterr().err
+
+
+def test_blank_settings_are_unset(monkeypatch, tmp_path):
+    """Compose and Kubernetes set a variable empty to leave it out: an empty BK_SPOOL_DIR put the
+    spool in the working directory, a blank BK_KAFKA_BOOTSTRAP made `up` dial Kafka at ''."""
+    from besokskollen.config import Settings
+
+    monkeypatch.setenv("BK_CLICKHOUSE_URL", f"chdb://{tmp_path / 'data'}")
+    for blank in ("", " "):
+        monkeypatch.setenv("BK_SPOOL_DIR", blank)
+        monkeypatch.setenv("BK_KAFKA_BOOTSTRAP", blank)
+        settings = Settings()
+        assert settings.spool_path == tmp_path / "data" / "spool" and settings.embedded
 
 
 @pytest.mark.parametrize("account", ["", " acme", "ac\nme"])
