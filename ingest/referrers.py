@@ -50,6 +50,7 @@ _add("Flashback", "social", "flashback.org")
 _add("Gmail", "email", "mail.google.com")
 _add("Outlook", "email", "outlook.live.com", "outlook.office.com", "outlook.office365.com")
 _add("Yahoo Mail", "email", "mail.yahoo.com")
+_add("Yandex Mail", "email", "mail.yandex.ru", "mail.yandex.com")
 _add("Proton Mail", "email", "mail.proton.me")
 
 # Names registered under many country domains: google.se, google.co.uk, google.com.au,
@@ -61,6 +62,8 @@ _COUNTRY_NAMES: dict[str, tuple[str, str]] = {
     "yandex": ("Yandex", "search"),
     "yahoo": ("Yahoo", "search"),
 }
+# Their webmail on country domains too (mail.yahoo.co.jp, mail.yandex.com.tr): email, not search.
+_COUNTRY_MAIL: dict[str, tuple[str, str]] = {"yahoo": _KNOWN["mail.yahoo.com"], "yandex": _KNOWN["mail.yandex.ru"]}
 
 # android-app://<package>/ is what Chrome on Android sends when an app opened the link.
 _APPS: dict[str, tuple[str, str]] = {
@@ -122,6 +125,8 @@ def _known(host: str) -> tuple[str, str] | None:
     for i, label in enumerate(labels[:-1]):
         rest = labels[i + 1:]
         if label in _COUNTRY_NAMES and (len(rest) == 1 or (len(rest) == 2 and rest[0] in _COUNTRY_SECOND_LEVEL)):
+            if i and labels[i - 1] == "mail" and label in _COUNTRY_MAIL:
+                return _COUNTRY_MAIL[label]
             return _COUNTRY_NAMES[label]
     return None
 

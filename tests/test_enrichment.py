@@ -149,6 +149,12 @@ def test_utm_source_of_a_known_network_names_it_without_referrer():
     ("https://www.pinterest.co.uk/pin/1", "Pinterest", "social"),
     ("https://yandex.com.tr/", "Yandex", "search"),
     ("https://mail.yahoo.com/d/folders/1", "Yahoo Mail", "email"),
+    # Webmail of names on country domains: was their search (a newsletter read there counted as search).
+    ("https://mail.yahoo.co.jp/", "Yahoo Mail", "email"),
+    ("https://mail.yandex.ru/", "Yandex Mail", "email"),
+    ("https://mail.yandex.com/", "Yandex Mail", "email"),
+    ("https://mail.yandex.com.tr/", "Yandex Mail", "email"),
+    ("https://search.yahoo.co.jp/", "Yahoo", "search"),
     ("https://outlook.office365.com/mail/", "Outlook", "email"),
     ("https://www.pinterest.evil.example/", "pinterest.evil.example", "referral"),  # no country domain
 ])
