@@ -115,6 +115,12 @@ class IncomingEvent(BaseModel):
     # The tracker's data-hash mode: the URL's fragment is part of the page (hash routing).
     hash: bool = False
 
+    @field_validator("props", mode="before")
+    @classmethod
+    def _null_props_are_none(cls, props: object) -> object:
+        # `props: opts.props ?? null` is common tracker code; `referrer: null` is taken too.
+        return {} if props is None else props
+
     @field_validator("event_id")
     @classmethod
     def _one_events_id(cls, event_id: uuid.UUID | None) -> uuid.UUID | None:

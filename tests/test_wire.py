@@ -208,9 +208,11 @@ async def test_what_a_browser_may_send_is_taken(client, embedded, services, site
     assert (await post(client, bom, **{"content-type": "text/plain"})).status_code == 202
     assert (await post(client, pageview(site, url="https://ingest.example/app#/cart", hash=True))).status_code == 202
     assert (await post(client, pageview(site, url="https://ingest.example/app#/cart"))).status_code == 202
+    # `props: null` as `referrer: null`: none (it was a 400, and the event lost).
+    assert (await post(client, pageview(site, url="https://ingest.example/c", props=None, referrer=None))).status_code == 202
     await embedded[1].runner.drain()
     assert sorted(stored(services, site, "pathname, referrer")) == [
-        ("/a", "https://partner.example/"), ("/app", ""), ("/app#/cart", ""), ("/b", "")]
+        ("/a", "https://partner.example/"), ("/app", ""), ("/app#/cart", ""), ("/b", ""), ("/c", "")]
 
 
 async def test_a_referrer_is_kept_without_query_fragment_or_credentials(client, embedded, services, site):
