@@ -76,9 +76,10 @@
   function page() {
     // The page as the API keeps it: the path, and with data-hash the fragment. A replaceState to
     // the same page (one that only drops utm tags), a new query string, a hash change: no new page.
-    // Compared decoded, as the API keeps it: /s%c3%b6k and /s%C3%B6k are one page.
+    // Compared decoded, as the API keeps it: /s%c3%b6k and /s%C3%B6k are one page, and bytes that
+    // are no UTF-8 are U+FFFD there as here (/a%ff and /a%fe are one page).
     var at = (loc.pathname + (hash ? loc.hash : "")).replace(/(%[\da-f]{2})+/gi, function (x) {
-      try { return decodeURIComponent(x); } catch (_) { return x.toUpperCase(); } // not UTF-8
+      return new TextDecoder().decode(new Uint8Array(x.slice(1).split("%").map(function (b) { return parseInt(b, 16); })));
     });
     if (at == last) return;
     // The document referrer goes with the landing page's events (one sent beside the pageview may
