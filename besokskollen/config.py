@@ -151,8 +151,8 @@ class Settings(BaseSettings):
         if url and not url.startswith("unix://"):
             try:
                 port = urlsplit(url).port
-            except ValueError:
-                raise ValueError("has a port that is not a number from 1 to 65535") from None
+            except ValueError:  # not a number, or past 65535
+                port = 0
             if port == 0:
                 raise ValueError("has a port that is not a number from 1 to 65535")
         return url

@@ -85,7 +85,7 @@ _HEADERS = {
 }
 _RATE_LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
 _CACHE_HEADERS = ("ETag", "Cache-Control", "Vary")
-BATCH_PATH = "/api/v1/batch"  # its answers are reads: cache headers as the GETs', without an ETag
+_BATCH_PATH = "/api/v1/batch"  # its answers are reads: cache headers as the GETs', without an ETag
 _BATCH_CACHE_HEADERS = {
     "Cache-Control": {"description": f"`{CACHE_CONTROL}`, or `no-store` when a sub-request answered an error",
                       "required": True, "schema": {"type": "string"}},
@@ -149,7 +149,7 @@ def complete(schema: dict[str, Any], app: FastAPI) -> dict[str, Any]:
                     headers.update(_refs(("Retry-After",)))
                 if method == "get" and status in ("200", "304"):
                     headers.update(_refs(_CACHE_HEADERS))
-                if (method, path) == ("post", BATCH_PATH) and status == "200":
+                if (method, path) == ("post", _BATCH_PATH) and status == "200":
                     headers.update(_BATCH_CACHE_HEADERS)
             operation["responses"] = dict(sorted(responses.items()))
 
