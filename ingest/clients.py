@@ -61,6 +61,7 @@ def _trusted(address: str, trusted: Trusted) -> bool:
 
 def client_ip(peer: str, headers: Mapping[str, str], trusted: Trusted) -> str:
     """The right-most X-Forwarded-For entry that is not itself a trusted proxy."""
+    peer = _address(peer)  # a server listening on `::` sees IPv4 peers as `::ffff:127.0.0.1`
     if not _is_trusted(peer, trusted):
         return peer
     forwarded = [_address(part) if len(part) <= _LONGEST_HOP else part.strip()
@@ -93,7 +94,7 @@ def _lookup(ip: str) -> str:
 
 
 def country(ip: str, peer: str, headers: Mapping[str, str], trusted: Trusted) -> str:
-    if _is_trusted(peer, trusted):
+    if _is_trusted(_address(peer), trusted):
         for name in _COUNTRY_HEADERS:
             code = headers.get(name, "").strip().upper()
             if code in _COUNTRIES:

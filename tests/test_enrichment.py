@@ -238,6 +238,10 @@ def test_utm_source_short_names_of_networks(tag, source):
     ("127.0.0.1", "[2001:DB8:0:0::1]:443", LOCAL, "2001:db8::1"),
     ("127.0.0.1", "2001:DB8:0:0::1", LOCAL, "2001:db8::1"),
     ("127.0.0.1", "not-an-address", LOCAL, "not-an-address"),
+    # A server listening on `::` sees IPv4 peers mapped: the proxy on 127.0.0.1 is still trusted,
+    # and a direct client is its plain IPv4 address.
+    ("::ffff:127.0.0.1", "81.227.0.1", LOCAL, "81.227.0.1"),
+    ("::ffff:81.2.69.160", "", LOCAL, "81.2.69.160"),
 ])
 def test_client_ip(peer, xff, trusted, expected):
     headers = {"x-forwarded-for": xff} if xff else {}
@@ -276,6 +280,7 @@ def test_long_forwarded_hops_are_not_remembered():
 
 
 def test_trusted_edge_country_header_wins():
+    assert clients.country("81.227.0.1", "::ffff:127.0.0.1", {"cf-ipcountry": "de"}, LOCAL) == "DE"
     assert clients.country("81.227.0.1", "127.0.0.1", {"cf-ipcountry": "de"}, LOCAL) == "DE"
     assert clients.country("81.227.0.1", "127.0.0.1", {"x-vercel-ip-country": "NO"}, LOCAL) == "NO"
     assert clients.country("81.227.0.1", "127.0.0.1", {"cloudfront-viewer-country": "FI"}, LOCAL) == "FI"
