@@ -190,7 +190,13 @@ class Visitors:
         """The id given for an event at `at`: yesterday's while its session carries on, else
         today's; noted as given."""
         site_id = yesterday[0]
-        visitor = yesterday[1] if carry else hash_visitor(self._salts.for_day(at.date()), site_id, ip, user_agent)
+        today = hash_visitor(self._salts.for_day(at.date()), site_id, ip, user_agent)
+        if carry:
+            # An import of earlier events can open yesterday's session again after this person's
+            # live events began one under today's id: those go on under today's.
+            last = self._latest.get((site_id, today))
+            carry = last is None or at - last >= self._timeout
+        visitor = yesterday[1] if carry else today
         self._remember((site_id, visitor), at)
         return visitor
 

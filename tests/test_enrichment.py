@@ -632,6 +632,23 @@ def test_an_import_continues_a_session_this_process_saw_live_but_has_not_stored(
         assert [imported.visitor_id(*person) for person in people] == expected, minutes
 
 
+def test_live_events_under_todays_id_go_on_under_it_after_an_import_of_earlier_events(services):
+    """A person's live event at 00:00:10 starts a session under today's id; an import then brings
+    their event of 23:50, which opens yesterday's session again on paper. Their next live event,
+    at 00:01:15, goes on under today's id: one visitor today, not two."""
+    salts = Salts(services.client)
+    site, ip = _site(), "81.227.12.9"
+    midnight = DAY + timedelta(days=8)
+    yesterday_id, today_id = _ids(salts, site, ip, midnight)
+    live = _visitors(salts)  # the database knows of no session
+    assert live.visitor_id(site, ip, BROWSER, midnight + timedelta(seconds=10)) == today_id
+    people = [(site, ip, BROWSER, midnight - 10 * MINUTE)]
+    assert [live.for_batch(people).visitor_id(*person) for person in people] == [yesterday_id]
+    live.remember([(site, yesterday_id, midnight - 10 * MINUTE)])  # as the import route does
+    assert live.visitor_id(site, ip, BROWSER, midnight + timedelta(seconds=75)) == today_id
+    assert live.known_id(site, ip, BROWSER, midnight + timedelta(seconds=80)) == today_id
+
+
 class CountedLatestEnds:
     """The database's latest-session-end lookup, recording the visitors of each query."""
 
