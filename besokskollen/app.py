@@ -21,7 +21,7 @@ from besokskollen.config import Settings
 from ingest import app as ingest_app
 from ingest import import_route, tracker, useragents
 from ingest.handoff import Handoff, InProcessHandoff, KafkaHandoff
-from ingest.salts import Salts
+from ingest.salts import EXPIRE_EVERY_S, Salts
 from ingest.spool import Spool
 from ingest.visitors import CarryQuestions, Visitors
 from query_api.keys import KeyStore
@@ -53,6 +53,7 @@ class Services:
     queries: Client  # the query API's reads (`storage.for_queries`)
     sites: SiteRegistry
     keys: KeyStore
+    salts: Salts
     visitors: Visitors
     # One per process: the query API's goal changes are what this process's stream core matches
     # (a core with its own cache ignored a new goal for up to its refresh).
@@ -85,11 +86,11 @@ def open_services(settings: Settings, wait: bool = False) -> Services:
         log.warning("BK_ADMIN_KEY is revoked: it opens nothing; set a new one or unset it")
     # Lenient: live events get today's id rather than a 503 while ClickHouse cannot be asked.
     # Imports ask with the long timeout: theirs may read months of sessions.
-    visitors = Visitors(Salts(lookups, settings.historic_salt_days), partial(latest_ends, lookups),
-                        partial(open_at, lookups), settings.session_timeout_s, lenient=True,
-                        batch_lookups=(partial(latest_ends, client), partial(open_at, client)))
+    salts = Salts(lookups, settings.historic_salt_days)
+    visitors = Visitors(salts, partial(latest_ends, lookups), partial(open_at, lookups), settings.session_timeout_s,
+                        lenient=True, batch_lookups=(partial(latest_ends, client), partial(open_at, client)))
     return Services(settings, client, storage.for_queries(client, settings.clickhouse_url, lookups, wait),
-                    SiteRegistry(client, lookups), keys, visitors, GoalRegistry(client, lookups))
+                    SiteRegistry(client, lookups), keys, salts, visitors, GoalRegistry(client, lookups))
 
 
 def make_handoff(services: Services, core: StreamCore | None = None, spool: Spool | None = None) -> Handoff:
@@ -103,13 +104,25 @@ def make_handoff(services: Services, core: StreamCore | None = None, spool: Spoo
                         settings.kafka_replication_factor, services.client, spool, settings.spool_after_ms / 1000)
 
 
-def _lifespan(handoff: Handoff):
+def _lifespan(handoff: Handoff, salts: Salts):
+    """The ingest processes' (`up`, `ingest`): the hand-off, and salts expired on time whether
+    or not events come (`Salts.expire`)."""
+    async def expire_forever() -> None:
+        while True:
+            await asyncio.sleep(EXPIRE_EVERY_S)
+            try:
+                await asyncio.to_thread(salts.expire)
+            except Exception as exc:  # ClickHouse away: the next round tries again
+                log.warning("could not expire salts: %s", exc)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await handoff.start()
+        task = asyncio.create_task(expire_forever())
         try:
             yield
         finally:
+            task.cancel()
             await handoff.stop()  # drains: events answered 202 are written (or stay journaled) before exit
 
     return lifespan
@@ -167,7 +180,7 @@ class _Dispatch:
 
 def server_app(services: Services, handoff: Handoff) -> _Dispatch:
     """`up`: tracking and import endpoints and the query API in one process."""
-    api = _query_app(services, lifespan=_lifespan(handoff))
+    api = _query_app(services, lifespan=_lifespan(handoff, services.salts))
     routes = [*_ingest_routes(services, handoff), *_operations_routes(services, handoff)]
     api.router.routes.extend(r for r in routes if r.path.startswith("/api/v1/"))
     return _Dispatch(Starlette(routes=[r for r in routes if not r.path.startswith("/api/v1/")]), api)
@@ -179,7 +192,7 @@ def ingest_server_app(services: Services, handoff: Handoff) -> _Dispatch:
     limit = Middleware(RateLimit, limiter=_rate_limiter(services.settings), keys=services.keys,
                        trusted=services.settings.trusted_networks)
     app = Starlette(routes=[*_ingest_routes(services, handoff), *_operations_routes(services, handoff)],
-                    lifespan=_lifespan(handoff), middleware=[limit])
+                    lifespan=_lifespan(handoff, services.salts), middleware=[limit])
     return _Dispatch(app, app)
 
 

@@ -27,6 +27,14 @@ log = logging.getLogger(__name__)
 # How long after a day's earliest salt proposal it is taken (`_read_all`): inserts take milliseconds.
 SETTLE_S = 0.25
 
+# A process that takes no events still deletes expired salts (SPEC §5.2: kept 48 h): `expire`,
+# this often (the ingest processes' lifespan).
+EXPIRE_EVERY_S = 60
+# Live salts older than yesterday's (made before their day ended), and historic ones (made for a
+# day that had ended: by an import) past their time; never the key row.
+_EXPIRED = ("day < {before:Date} AND day != {key_day:Date}"
+            " AND (toDate(created_at) <= day + 1 OR created_at < {expired:DateTime64(6, 'UTC')})")
+
 # Not a day: the row holding the installation's secret key for imported lines' content ids
 # (`importer.content_event_id`). Never purged; `besokskollen copy` carries it with the data.
 ID_KEY_DAY = date(1970, 1, 1)
@@ -39,6 +47,7 @@ class Salts:
         self._cache: dict[date, bytes] = {}
         self._ahead: dict[date, bytes] = {}  # tomorrow's, read today
         self._day: date | None = None  # the UTC day the cache was last trimmed on
+        self._purged_at = float("-inf")  # time.monotonic() of this process's last purge
         self._lock = threading.Lock()
 
     def for_day(self, day: date) -> bytes:
@@ -140,21 +149,35 @@ class Salts:
     def _create(self, day: date) -> bytes:
         created = self._propose([day])
         if day >= created.date():  # a live salt (today's, or tomorrow's read ahead): about once a day
-            self._purge(before=created.date() - timedelta(days=1), now=created)
+            self._purge(created)
         salt = self._read(day)
         if salt is None:
             raise RuntimeError(f"the salt inserted for {day} is not visible")
         return salt
 
-    def _purge(self, before: date, now: datetime) -> None:
-        """Forget live salts older than `before`, and historic ones past their time."""
-        self._client.command(
-            "ALTER TABLE salts DELETE WHERE day < {before:Date} AND day != {key_day:Date}"
-            " AND (toDate(created_at) <= day + 1 OR created_at < {expired:DateTime64(6, 'UTC')})",
-            parameters={"before": before, "key_day": ID_KEY_DAY,
-                        "expired": now - timedelta(days=self._historic_days)},
-        )
-        self._forget(before)
+    def expire(self) -> None:
+        """What a day's first event does, for a process that takes none: today's salt read (and
+        tomorrow's ahead, which purges when it is made), older days forgotten; then any expired
+        salt still stored (a purge that failed, a historic salt past its time) deleted. One small
+        query when there is none; at most one delete per EXPIRE_EVERY_S * 10."""
+        self.for_day(datetime.now(timezone.utc).date())
+        now = datetime.now(timezone.utc)
+        if time.monotonic() - self._purged_at < EXPIRE_EVERY_S * 10:
+            return
+        left = self._client.query(f"SELECT count() FROM salts WHERE {_EXPIRED}",
+                                  parameters=self._expiry(now)).result_rows[0][0]
+        if left:
+            self._purge(now)
+
+    def _purge(self, now: datetime) -> None:
+        """Forget live salts older than yesterday's, and historic ones past their time."""
+        self._client.command(f"ALTER TABLE salts DELETE WHERE {_EXPIRED}", parameters=self._expiry(now))
+        self._purged_at = time.monotonic()
+        self._forget(now.date() - timedelta(days=1))
+
+    def _expiry(self, now: datetime) -> dict:
+        return {"before": now.date() - timedelta(days=1), "key_day": ID_KEY_DAY,
+                "expired": now - timedelta(days=self._historic_days)}
 
     def _forget(self, before: date) -> None:
         for day in [d for d in self._cache if d < before]:

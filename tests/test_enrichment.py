@@ -852,6 +852,60 @@ def test_historic_salts_outlive_live_ones_for_a_while(services):
     wait_until(lambda: remaining() == {historic}, 30, "the purge of old salts")
 
 
+def test_a_process_without_events_still_expires_salts(services):
+    """Salts are kept 48 h (SPEC §5.2) also when no event comes to make the next day's: an idle
+    process's `expire` (every EXPIRE_EVERY_S, in its lifespan) deletes old live salts, and a
+    historic salt past its time, when no new salt is made. Today's and tomorrow's exist already
+    here (another process made them), so nothing else purges."""
+    client = services.client
+    now = datetime.now(timezone.utc)
+    today = now.date()
+    Salts(client).warm_up()  # yesterday's, today's and tomorrow's, made elsewhere
+    old = today - timedelta(days=2000 + uuid.uuid4().int % 1000)
+    historic = old - timedelta(days=1)
+    rows = [[old, "44" * 16, datetime(old.year, old.month, old.day, 12, tzinfo=timezone.utc)],
+            [historic, "55" * 16, now - timedelta(days=31)]]
+    client.insert("salts", rows, column_names=["day", "salt", "created_at"])
+    idle = Salts(client, historic_days=30)
+    idle.expire()
+
+    def left() -> int:
+        return client.query("SELECT count() FROM salts WHERE day IN {days:Array(Date)}",
+                            parameters={"days": [old, historic]}).result_rows[0][0]
+
+    wait_until(lambda: left() == 0, 30, "the idle process's purge")
+    assert {today - timedelta(days=1), today, today + timedelta(days=1)} <= {
+        row[0] for row in client.query("SELECT day FROM salts").result_rows}
+
+
+async def test_the_ingest_processes_expire_salts_as_they_run(monkeypatch):
+    """`up` and `ingest` call `Salts.expire` every EXPIRE_EVERY_S while they run, and stop at exit."""
+    from besokskollen import app
+
+    calls: list[str] = []
+
+    class Handoff:
+        async def start(self) -> None:
+            calls.append("start")
+
+        async def stop(self) -> None:
+            calls.append("stop")
+
+    class CountedSalts:
+        def expire(self) -> None:
+            calls.append("expire")
+
+    monkeypatch.setattr(app, "EXPIRE_EVERY_S", 0.01)
+    async with app._lifespan(Handoff(), CountedSalts())(None):
+        for _ in range(500):
+            if calls.count("expire") >= 3:
+                break
+            await asyncio.sleep(0.01)
+    stopped = len(calls)
+    await asyncio.sleep(0.05)
+    assert calls[0] == "start" and calls.count("expire") >= 3 and calls[-1] == "stop" and len(calls) == stopped
+
+
 def test_a_salt_the_purge_deleted_is_not_used_from_memory(services, monkeypatch):
     """A process forgets salts older than yesterday's, as the purge deletes them, even when
     another process made the salt that purged them: it kept every day's in memory, and an
