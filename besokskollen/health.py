@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from ingest.cors import CORS
 from streams import migrations
 
 Check = Callable[[], Awaitable[bool]]
@@ -133,6 +134,9 @@ class _StartingHandler(BaseHTTPRequestHandler):
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(payload)))
         self.send_header("cache-control", "no-store")
+        if self.path.split("?", 1)[0] == "/api/event":  # a page's script reads the answer, a preflight passes
+            for name, value in CORS.items():
+                self.send_header(name, value)
         if status == 503:
             self.send_header("retry-after", _STARTING_RETRY_S)
         self.send_header("connection", "close")

@@ -16,6 +16,7 @@ from starlette.routing import Route
 from besokskollen import metrics
 from besokskollen.config import Settings
 from ingest import clients, useragents
+from ingest.cors import CORS
 from ingest.enrich import enrich
 from ingest.event import IncomingEvent, problem, utcnow
 from ingest.handoff import Handoff
@@ -28,24 +29,17 @@ from streams.sites import Site, SiteRegistry
 
 log = logging.getLogger(__name__)
 
-_CORS = {
-    "access-control-allow-origin": "*",
-    "access-control-allow-methods": "POST, OPTIONS",
-    "access-control-allow-headers": "content-type",
-    "access-control-max-age": "86400",
-    "access-control-expose-headers": "x-dropped",  # so a page's script can see why an event was dropped
-}
 _PREFETCH = ("prefetch", "prerender")
 # Kafka is down and the spool full: a client should come back when an outage may be over.
 _SPOOL_FULL_RETRY_S = "30"
 
 
 # Built once: a Response is not changed by sending it, and its headers cost more than the send.
-_ACCEPTED = Response(status_code=202, headers=_CORS)
-_DROPPED = Response(status_code=202, headers={**_CORS, "x-dropped": "bot"})
+_ACCEPTED = Response(status_code=202, headers=CORS)
+_DROPPED = Response(status_code=202, headers={**CORS, "x-dropped": "bot"})
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] = _CORS) -> Response:
+def _error(status: int, code: str, message: str, headers: dict[str, str] = CORS) -> Response:
     body = orjson.dumps({"error": {"code": code, "message": message}})
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
@@ -102,7 +96,7 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
         except OperationalError as exc:  # a lookup ClickHouse did not answer (a site not cached, a salt)
             log.warning("could not accept an event: ClickHouse does not answer (%s)", storage.reason(exc))
             response = _error(503, "unavailable", "the event could not be stored; retry later",
-                              {**_CORS, "retry-after": str(STORAGE_RETRY_AFTER_S)})
+                              {**CORS, "retry-after": str(STORAGE_RETRY_AFTER_S)})
         except Exception:
             # Storage or broker trouble is ours, not the client's: say so with a retryable 503.
             log.exception("could not accept an event")
@@ -153,18 +147,18 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
             await handoff.send(event, site.incarnation)
         except SpoolFull:
             return _error(503, "spool_full", "events wait for storage and the local spool is full; retry later",
-                          {**_CORS, "retry-after": _SPOOL_FULL_RETRY_S})
+                          {**CORS, "retry-after": _SPOOL_FULL_RETRY_S})
         if incoming.event_id:
             first_copies.taken(event)
         metrics.EVENTS_ACCEPTED.inc()
         return _ACCEPTED
 
     async def preflight(request: Request) -> Response:
-        return Response(status_code=204, headers=_CORS)
+        return Response(status_code=204, headers=CORS)
 
     async def wrong_method(request: Request) -> Response:
         # Starlette's own 405 would name POST only, and without CORS a page's script cannot read it.
-        return _error(405, "method_not_allowed", "send events with POST", {**_CORS, "allow": "POST, OPTIONS"})
+        return _error(405, "method_not_allowed", "send events with POST", {**CORS, "allow": "POST, OPTIONS"})
 
     return [Route("/api/event", post_event, methods=["POST"]),
             Route("/api/event", preflight, methods=["OPTIONS"]),

@@ -103,6 +103,25 @@ def test_a_server_waiting_for_clickhouse_is_alive_and_serves_once_it_answers(tmp
             assert httpx.get(f"{base}{API}/sites", headers=AUTH).status_code == 200
 
 
+def test_the_tracking_endpoint_answers_with_cors_while_a_server_starts():
+    """A page's beacon or preflight that reaches a starting server gets a 503 its script can
+    read (SPEC §5.1: CORS `*` on /api/event); the query API's paths get none, as when it runs."""
+    from besokskollen import health
+
+    sock = health.listening_socket("127.0.0.1", 0)
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        with health.answering_while_starting(sock):
+            for method in ("OPTIONS", "POST"):
+                answer = httpx.request(method, f"{base}/api/event", content=b"{}")
+                assert answer.status_code == 503 and answer.headers["retry-after"] == "5", method
+                assert answer.headers["access-control-allow-origin"] == "*", method
+                assert "retry-after" in answer.headers["access-control-expose-headers"], method
+            assert "access-control-allow-origin" not in httpx.get(f"{base}{API}/sites", headers=AUTH).headers
+    finally:
+        sock.close()
+
+
 def test_up_serves_health_and_metrics_that_move(tmp_path):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
