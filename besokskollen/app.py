@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from clickhouse_connect.driver.client import Client
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 
@@ -24,6 +25,7 @@ from ingest.handoff import Handoff, InProcessHandoff, KafkaHandoff
 from ingest.salts import EXPIRE_EVERY_S, Salts
 from ingest.spool import Spool
 from ingest.visitors import CarryQuestions, Visitors
+from query_api.errors import http_error
 from query_api.keys import KeyStore
 from query_api.rate_limit import RateLimit, RateLimiter, SharedRateLimiter
 from streams import goals, replay, storage
@@ -161,13 +163,15 @@ class _Dispatch:
     def __init__(self, tracking: Starlette, rest) -> None:
         self.tracking, self.rest = tracking, rest
         self._paths = frozenset(route.path for route in tracking.routes)
-        self._post_event = next(route.endpoint for route in tracking.routes
-                                if route.path == "/api/event" and "POST" in route.methods)
+        self._event = {method: route.endpoint for route in tracking.routes if route.path == "/api/event"
+                       for method in route.methods}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"] in self._paths:
-            if scope["path"] == "/api/event" and scope["method"] == "POST":
-                response = await self._post_event(Request(scope, receive))
+            if scope["path"] == "/api/event":
+                # GET's answer, the 405 with CORS, is every method's but POST's and OPTIONS' (TRACE too).
+                endpoint = self._event.get(scope["method"]) or self._event["GET"]
+                response = await endpoint(Request(scope, receive))
                 await response(scope, receive, send)
             else:
                 await self.tracking(scope, receive, send)
@@ -183,7 +187,7 @@ def server_app(services: Services, handoff: Handoff) -> _Dispatch:
     api = _query_app(services, lifespan=_lifespan(handoff, services.salts))
     routes = [*_ingest_routes(services, handoff), *_operations_routes(services, handoff)]
     api.router.routes.extend(r for r in routes if r.path.startswith("/api/v1/"))
-    return _Dispatch(Starlette(routes=[r for r in routes if not r.path.startswith("/api/v1/")]), api)
+    return _Dispatch(_plain_app([r for r in routes if not r.path.startswith("/api/v1/")]), api)
 
 
 def ingest_server_app(services: Services, handoff: Handoff) -> _Dispatch:
@@ -191,9 +195,17 @@ def ingest_server_app(services: Services, handoff: Handoff) -> _Dispatch:
     # The import is under /api/v1: rate-limited per key (and refused keys per address) as in `up`.
     limit = Middleware(RateLimit, limiter=_rate_limiter(services.settings), keys=services.keys,
                        trusted=services.settings.trusted_networks)
-    app = Starlette(routes=[*_ingest_routes(services, handoff), *_operations_routes(services, handoff)],
-                    lifespan=_lifespan(handoff, services.salts), middleware=[limit])
+    app = _plain_app([*_ingest_routes(services, handoff), *_operations_routes(services, handoff)],
+                     lifespan=_lifespan(handoff, services.salts), middleware=[limit])
     return _Dispatch(app, app)
+
+
+def _plain_app(routes: list, **options) -> Starlette:
+    """The tracking paths' app (and all of `ingest`): routing's 404 and 405 are JSON errors as
+    the query API's, and a trailing slash is another path (404), not a redirect."""
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, **options)
+    app.router.redirect_slashes = False
+    return app
 
 
 def api_server_app(services: Services) -> FastAPI:

@@ -169,14 +169,15 @@ class Salts:
         if left:
             self._purge(now)
 
-    def _purge(self, now: datetime) -> None:
-        """Forget live salts older than yesterday's, and historic ones past their time."""
-        self._client.command(f"ALTER TABLE salts DELETE WHERE {_EXPIRED}", parameters=self._expiry(now))
+    def _purge(self, now: datetime, before: date | None = None) -> None:
+        """Forget live salts older than `before` (yesterday's), and historic ones past their time."""
+        parameters = self._expiry(now, before)
+        self._client.command(f"ALTER TABLE salts DELETE WHERE {_EXPIRED}", parameters=parameters)
         self._purged_at = time.monotonic()
-        self._forget(now.date() - timedelta(days=1))
+        self._forget(parameters["before"])
 
-    def _expiry(self, now: datetime) -> dict:
-        return {"before": now.date() - timedelta(days=1), "key_day": ID_KEY_DAY,
+    def _expiry(self, now: datetime, before: date | None = None) -> dict:
+        return {"before": before or now.date() - timedelta(days=1), "key_day": ID_KEY_DAY,
                 "expired": now - timedelta(days=self._historic_days)}
 
     def _forget(self, before: date) -> None:

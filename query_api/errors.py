@@ -44,17 +44,30 @@ _METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 def allowed_methods(request: Request) -> list[str]:
     """Every method some route serves at the request's path; HEAD wherever GET is (HEAD is
     answered as GET, query_api/http_semantics.py)."""
-    from query_api.http_semantics import flat_routes  # FastAPI's routes: only the query API asks
+    routes = request.app.router.routes
+    if type(request.app).__module__.startswith("fastapi"):
+        from query_api.http_semantics import flat_routes  # FastAPI's routes: only the query API asks
 
+        routes = flat_routes(routes)
     path = get_route_path(request.scope)
     methods: set[str] = set()
-    for route in flat_routes(request.app.router.routes):
+    for route in routes:
         regex = getattr(route, "path_regex", None)
         if regex is not None and regex.match(path):
             methods |= set(getattr(route, "methods", None) or ())
     if "GET" in methods:
         methods.add("HEAD")
     return sorted(methods, key=lambda m: (_METHOD_ORDER.index(m) if m in _METHOD_ORDER else len(_METHOD_ORDER), m))
+
+
+def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """Routing's own errors (404, 405) as every other error: JSON, no-store."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # Starlette names only the methods of the first route of the path; list them all.
+        headers["Allow"] = ", ".join(allowed_methods(request))
+    return error_response(exc.status_code, code, str(exc.detail), headers or None)
 
 
 def _key_refusal(request: Request) -> Response | None:
@@ -103,12 +116,7 @@ def install(app: FastAPI) -> None:
             # that are not UTF-8, nesting past the recursion limit): the key first, as for bad JSON.
             return _key_refusal(request) or error_response(
                 400, "invalid_parameter", "body: not JSON text in UTF-8, or nested too deep")
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        headers = dict(exc.headers or {})
-        if exc.status_code == 405:
-            # Starlette names only the methods of the first route of the path; list them all.
-            headers["Allow"] = ", ".join(allowed_methods(request))
-        return error_response(exc.status_code, code, str(exc.detail), headers or None)
+        return http_error(request, exc)
 
     @app.exception_handler(OperationalError)
     async def _storage_away(request: Request, exc: OperationalError) -> Response:

@@ -224,3 +224,34 @@ async def test_another_keys_revalidation_gets_its_own_refusal_not_304(client, se
         response = await client.get(url, headers={**headers, "if-none-match": etag})
         assert response.status_code in (401, 403, 404), response.status_code
         assert response.headers["cache-control"] == "no-store" and "etag" not in response.headers
+
+
+@pytest.fixture(params=["up", "ingest"])
+async def tracking_client(request, embedded, services):
+    """The tracking paths as `up` serves them, and as `ingest` does (the same hand-off)."""
+    import httpx
+
+    from besokskollen.app import ingest_server_app
+
+    app = embedded[0] if request.param == "up" else ingest_server_app(services, embedded[1])
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        yield c
+
+
+async def test_routing_errors_of_the_tracking_paths_are_json_in_both_servers(tracking_client):
+    """`ingest` answers its paths' routing errors as `up` does (README: a trailing slash is another
+    path, 404; errors are JSON with no-store; 405 names the path's methods), and /api/event's 405
+    is the same for every method it does not take, with CORS."""
+    for method in ("TRACE", "PROPFIND", "GET", "DELETE"):
+        response = await tracking_client.request(method, "/api/event")
+        assert assert_error(response, 405)["code"] == "method_not_allowed", method
+        assert response.headers["allow"] == "POST, OPTIONS" and response.headers["access-control-allow-origin"] == "*"
+    for path in ("/api/event/", f"{API}/events/import/?site_id=x"):
+        response = await tracking_client.post(path, content=b"{}")
+        assert assert_error(response, 404)["code"] == "not_found", path
+    response = await tracking_client.post("/js/script.js")
+    assert assert_error(response, 405)["code"] == "method_not_allowed"
+    assert response.headers["allow"] == "GET, HEAD"
+    response = await tracking_client.get(f"{API}/events/import")
+    assert assert_error(response, 405)["code"] == "method_not_allowed" and response.headers["allow"] == "POST"

@@ -176,7 +176,7 @@ def test_the_content_id_key_is_one_per_installation_and_outlives_every_purge(ser
     assert len(key) == 16 and Salts(services.client).id_key() == key  # every process agrees
     # The daily purge, run as if the key were centuries old, keeps it. (Of days before 2000 only:
     # the other tests' salts, cached by the processes under test, stay as they are.)
-    Salts(services.client, historic_days=1)._purge(before=date(2000, 1, 1), now=datetime(2100, 1, 1, tzinfo=timezone.utc))
+    Salts(services.client, historic_days=1)._purge(datetime(2100, 1, 1, tzinfo=timezone.utc), before=date(2000, 1, 1))
     assert Salts(services.client).id_key() == key
 
 
