@@ -140,9 +140,18 @@ def _ingest_routes(services: Services, handoff: Handoff) -> list:
 
 
 def _operations_routes(services: Services, handoff: Handoff | None = None) -> list:
-    """/healthz, /readyz (the store; Kafka too where the process sends to it) and /metrics."""
+    """/healthz, /readyz (the store; Kafka too where the process sends to it, the journal's
+    replay in `up`) and /metrics."""
     checks = {"clickhouse": health.store_check(services.client)}
-    if isinstance(handoff, KafkaHandoff):
+    if isinstance(handoff, InProcessHandoff):
+        runner = handoff.runner
+
+        async def journal() -> bool:
+            # Written what a stopped process left in it: until then, numbers lack those events.
+            return runner.recovered
+
+        checks["journal"] = journal
+    elif isinstance(handoff, KafkaHandoff):
         broker = health.broker_check(services.settings.kafka_servers)
 
         async def kafka() -> bool:

@@ -56,6 +56,7 @@ class EmbeddedRunner:
         self._queue: asyncio.Queue[_Entry] = asyncio.Queue()
         self._room = asyncio.Semaphore(max_queued)
         self._tasks: list[asyncio.Task] = []
+        self._recovered = False
         self._waiting: list[Record] = []  # to journal at the end of this turn
         self._appended: asyncio.Future[list[int]] | None = None
         # Counted rather than "queue empty": under steady traffic the queue may never be empty,
@@ -112,16 +113,23 @@ class EmbeddedRunner:
             appended.set_exception(exc)
 
     async def start(self) -> None:
+        """Open the journal and start writing: first what a process that died left in it, then
+        what comes. New events are taken meanwhile (journaled behind the old ones), so a long
+        replay holds up no request and no health probe; `recovered` says when it is done."""
         self._journal.open()
         metrics.watch_spool(self._journal)
-        await self._recover()
-        self._tasks = [asyncio.create_task(self._run(), name="stream-core"),
+        self._tasks = [asyncio.create_task(self._run(self._journal.pending_records), name="stream-core"),
                        asyncio.create_task(self._sync(), name="journal-sync")]
 
+    @property
+    def recovered(self) -> bool:
+        """Whether what the journal held at start is written (`up`'s /readyz waits for it)."""
+        return self._recovered
+
     async def drain(self) -> None:
-        """Wait until everything submitted so far is written."""
+        """Wait until everything submitted so far is written (and what the journal held at start)."""
         target = self._submitted
-        while self._written < target:
+        while not self._recovered or self._written < target:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
@@ -135,18 +143,21 @@ class EmbeddedRunner:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._journal.close()
 
-    async def _recover(self) -> None:
-        """Write what a process that died left in the journal, before taking new events."""
-        if self._journal.pending_records:
-            log.info("writing %d events journaled before the last stop", self._journal.pending_records)
-        while self._journal.pending_records:
-            records, end = self._journal.read(self._max_batch)
+    async def _recover(self, journaled: int) -> None:
+        """Write the first `journaled` records of the journal: what a process that died left."""
+        if journaled:
+            log.info("writing %d events journaled before the last stop", journaled)
+        while journaled:
+            records, end = self._journal.read(min(self._max_batch, journaled))
             events = Event.decode_each([record.value for record in records])
             await self._write([(event, end, record.incarnation, record.accepted_ms)
                                for record, event in zip(records, events) if event is not None])
             await self._cut(end, len(records))
+            journaled -= len(records)
+        self._recovered = True
 
-    async def _run(self) -> None:
+    async def _run(self, journaled: int) -> None:
+        await self._recover(journaled)
         while True:
             batch = [await self._queue.get()]
             # One timeout for the batch, and what is queued already taken without waiting:

@@ -127,7 +127,7 @@ def test_up_serves_health_and_metrics_that_move(tmp_path):
     base = f"http://127.0.0.1:{port}"
     with process([*CLI, "up", "--data", str(tmp_path / "data"), "--port", str(port)], tmp_path / "up.log",
                  env={"BK_ADMIN_KEY": ADMIN_KEY}, ready_url=f"{base}/readyz"):
-        assert httpx.get(f"{base}/readyz").json() == {"status": "ready", "checks": {"clickhouse": True}}
+        assert httpx.get(f"{base}/readyz").json() == {"status": "ready", "checks": {"clickhouse": True, "journal": True}}
         before = scrape(base)
         site = httpx.post(f"{base}{API}/sites", json={"domain": "ops.example"}, headers=AUTH).json()["data"]["id"]
         body = {"site_id": site, "name": "pageview", "url": "https://ops.example/"}

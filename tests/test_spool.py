@@ -381,6 +381,8 @@ async def test_events_a_dead_embedded_process_had_not_written_are_written_at_sta
     runner = EmbeddedRunner(StreamCore(services.client, 1800), Spool(tmp_path, 1 << 20))
     await runner.start()
     try:
+        await runner.drain()  # waits for the replay too
+        assert runner.recovered
         assert stored_event_ids(services.client, events) == {e.event_id for e in events}
         assert runner._journal.pending_records == 0
         await runner.submit(events[0])  # again: still stored once
@@ -393,6 +395,40 @@ async def test_events_a_dead_embedded_process_had_not_written_are_written_at_sta
         await runner.stop()
     assert services.client.query("SELECT count() FROM events FINAL WHERE site_id = {s:String}",
                                  parameters={"s": site}).result_rows[0][0] == 50
+
+
+async def test_a_long_replay_at_start_holds_up_no_new_event(services, tmp_path):
+    """What a killed `up` left in its journal is written at start while new events are taken
+    (journaled behind it, written after it): a replay of a large journal used to hold every
+    request, `/healthz` included, until it was done. `recovered` (`up`'s /readyz) says when."""
+    site = f"replay-{uuid.uuid4().hex[:8]}"
+    at = datetime.now(timezone.utc) - timedelta(minutes=30)
+    events = [Event(event_id=str(uuid.uuid4()), site_id=site, timestamp=at + timedelta(seconds=n), name="pageview",
+                    visitor_id=n % 7, pathname=f"/{n}") for n in range(61)]
+    dead = EmbeddedRunner(StreamCore(services.client, 1800), Spool(tmp_path, 1 << 20))
+    dead._journal.open()
+    await dead.submit_all(events[:60])
+    dead._journal.close()
+    written: list[list[str]] = []
+
+    class Slow(StreamCore):
+        def process(self, batch: list[Event], still_current=None) -> None:
+            time.sleep(0.2)  # a batch of a long replay
+            super().process(batch, still_current)
+            written.append([event.event_id for event in batch])
+
+    runner = EmbeddedRunner(Slow(services.client, 1800), Spool(tmp_path, 1 << 20), max_batch=10)
+    await runner.start()
+    try:
+        await runner.submit(events[60])  # answered while the replay's six batches run
+        assert not runner.recovered
+        await runner.drain()
+        assert runner.recovered
+        assert [len(batch) for batch in written[:6]] == [10] * 6
+        assert sum(written, []) == [event.event_id for event in events]  # the journal's order
+        assert stored_event_ids(services.client, events) == {e.event_id for e in events}
+    finally:
+        await runner.stop()
 
 
 @pytest.mark.parametrize("submitted", ["one by one", "all at once", "both"])
