@@ -107,7 +107,10 @@ class Spool:
     def __init__(self, directory: Path, max_bytes: int, compact_bytes: int = 16 * 1024 * 1024) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
-        self.compact_bytes = compact_bytes
+        # A log never empty when a batch commits (steady traffic) grows by what is written until
+        # it is compacted: at a quarter of the bound at most, or a small bound filled (503) with
+        # next to nothing waiting. Full then means at least half the bound unsent.
+        self.compact_bytes = min(compact_bytes, max_bytes // 4)
         self._log = directory / "spool.log"
         self._pos = directory / "spool.pos"
         self._lock_fd = self._fd = self._read_fd = -1

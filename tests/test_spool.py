@@ -85,6 +85,24 @@ def test_a_log_that_is_never_empty_is_compacted_and_loses_nothing(tmp_path):
     again.close()
 
 
+def test_a_small_bound_is_not_filled_by_what_was_written_already(tmp_path):
+    """BK_SPOOL_MAX_BYTES bounds what waits: under steady traffic the log is never empty at a
+    commit, and with a bound below the 16 MiB compaction size the written part filled it — 503s
+    with 2 % of the bound waiting. It is compacted at a quarter of the bound instead."""
+    bound = 64 * 1024
+    spool = Spool(tmp_path, bound)
+    spool.open()
+    sent = 0
+    for n in range(20_000):  # ~1.3 MB through a 64 KiB journal, ten records in flight
+        spool.append(b"k", f"record {n:05}".encode() * 4)
+        if n % 10 == 9 and n > 10:
+            records, end = spool.read(10)
+            spool.commit(end, len(records))
+            sent += 10
+    assert spool.pending_records == 20_000 - sent and spool.size_bytes <= bound // 2
+    spool.close()
+
+
 def test_commits_on_another_thread_lose_nothing_appended_meanwhile(tmp_path):
     """`up` and ingest commit (and compact, and truncate) on a worker thread while the event loop
     appends: every record appended comes back once, in order, through the commits and after
