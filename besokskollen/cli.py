@@ -95,7 +95,7 @@ def _stopped(signum, frame) -> NoReturn:
 
 
 def _stopped_while_starting(signum, frame) -> NoReturn:
-    logging.getLogger("besokskollen").info("stopped (SIGTERM) while starting")
+    logging.getLogger("besokskollen").info("stopped (%s) while starting", signal.Signals(signum).name)
     raise SystemExit(0)
 
 
@@ -108,6 +108,7 @@ def _serve(app, sock: socket.socket) -> None:
     # default one the process died of that signal — exit status 143 after a complete, clean stop,
     # which systemd, Docker and Kubernetes report as a failure. A stop that was carried out exits 0.
     signal.signal(signal.SIGTERM, _stopped)
+    signal.signal(signal.SIGINT, _stopped)  # Ctrl+C is a stop as well (it exited 130)
     # What starting made (modules, the app, compiled patterns: ~150,000 objects in `up`) lives as
     # long as the process. Frozen, it is left out of full garbage collections, which walked all
     # of it every ~15 s under load, holding the GIL (0.1-0.15 s each in the embedded soak, the
@@ -418,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
         # a stop of a running server does: exit 0, said in the log. What starting leaves half
         # done is done again at the next start (migrations are idempotent).
         signal.signal(signal.SIGTERM, _stopped_while_starting)
+        signal.signal(signal.SIGINT, _stopped_while_starting)
     else:
         # A one-shot command stopped by SIGTERM (a terminal closed, a job runner's timeout) ends as
         # after Ctrl-C: its summary and one line, not a silent death mid-chunk.

@@ -644,10 +644,13 @@ def test_up_stopped_by_sigterm_drains_and_exits_0(tmp_path):
     assert "Application shutdown complete" in log.read_text()
     assert "journaled before the last stop" not in log.read_text()
     with process([*CLI, "up", "--data", str(tmp_path / "data"), "--port", str(port)], log, env,
-                 ready_url=f"{base}/api/v1/openapi.json"):
+                 ready_url=f"{base}/api/v1/openapi.json") as again:
         assert "journaled before the last stop" not in log.read_text()  # the stop wrote it
         overview = httpx.get(f"{base}/api/v1/stats/overview", params={"site_id": site}, headers=auth).json()
         assert overview["data"]["pageviews"] == 1
+        again.send_signal(signal.SIGINT)  # Ctrl+C is a stop too: it exited 130, "interrupted"
+        assert again.wait(60) == 0, log.read_text()[-3000:]
+    assert "interrupted" not in log.read_text()
 
 
 @pytest.mark.slow
@@ -986,15 +989,17 @@ def test_servers_stopped_while_they_start_exit_0_and_say_so(tmp_path):
     """A SIGTERM while a server waited for ClickHouse or Kafka (or migrated) killed it: exit 143,
     nothing logged, where a stop once it serves exits 0."""
     nothing = f"127.0.0.1:{free_port()}"
-    cases = {"api": {"BK_CLICKHOUSE_URL": f"http://{nothing}/"},
-             "worker": {"BK_KAFKA_BOOTSTRAP": nothing, "BK_CLICKHOUSE_URL": f"chdb://{tmp_path / 'd'}"}}
-    for command, env in cases.items():
+    cases = {"api": ({"BK_CLICKHOUSE_URL": f"http://{nothing}/"}, signal.SIGTERM),
+             "worker": ({"BK_KAFKA_BOOTSTRAP": nothing, "BK_CLICKHOUSE_URL": f"chdb://{tmp_path / 'd'}"}, signal.SIGTERM),
+             "ingest": ({"BK_KAFKA_BOOTSTRAP": nothing, "BK_CLICKHOUSE_URL": f"http://{nothing}/",
+                         "BK_SPOOL_DIR": str(tmp_path / "spool")}, signal.SIGINT)}
+    for command, (env, stop) in cases.items():
         log = tmp_path / f"{command}.log"
         with process([*CLI, command, "--port", str(free_port())], log, env) as server:
             wait_until(lambda: "waiting" in log.read_text(), 60, f"the {command} to wait")
-            server.send_signal(signal.SIGTERM)
+            server.send_signal(stop)
             assert server.wait(30) == 0, log.read_text()[-3000:]
-        assert "stopped (SIGTERM) while starting" in log.read_text()
+        assert f"stopped ({stop.name}) while starting" in log.read_text()
 
 
 @pytest.mark.slow
