@@ -17,7 +17,7 @@ PRODUCER_LATENCY = Histogram("bk_producer_ack_seconds", "Time from send to Kafka
                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 
 SPOOL_RECORDS = Gauge("bk_spool_records", "Events in the local spool not yet sent to Kafka (embedded: in the journal, not yet written)")
-EVENTS_PROCESSED = Counter("bk_stream_events_total", "Events the stream core processed (worker)")
+EVENTS_PROCESSED = Counter("bk_stream_events_total", "Events the stream core processed (a worker, or up)")
 RECORDS_SKIPPED = Counter("bk_records_skipped_total", "Kafka or journal records that are no event, logged and skipped")
 EVENTS_OF_DELETED_SITES = Counter("bk_events_of_deleted_sites_total",
                                   "Events of deleted sites dropped by a worker or up (also those of a site deleted"

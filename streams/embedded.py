@@ -188,7 +188,10 @@ class EmbeddedRunner:
             kept[:] = current()
             return [entry[0] for entry in kept]
 
+        started = time.perf_counter()
         await process_until_written(self._core, batch, lambda: len(current()) == len(kept))
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        metrics.EVENTS_PROCESSED.inc(len(kept))
         count_dropped(len(entries) - len(kept))
 
     async def _cut(self, end: int, records: int) -> None:
