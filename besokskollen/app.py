@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_ACCOUNT = "default"
+# How long a new goal's first backfill waits for `up`'s queued events (the second pass counts
+# what is still queued then).
+_GOAL_WAITS_FOR_EVENTS_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +104,9 @@ def make_handoff(services: Services, core: StreamCore | None = None, spool: Spoo
     settings = services.settings
     spool = spool or Spool(settings.spool_path, settings.spool_max_bytes)
     if settings.embedded:
-        return InProcessHandoff(EmbeddedRunner(core or services.stream_core(), spool, sites=services.sites))
+        runner = EmbeddedRunner(core or services.stream_core(), spool, sites=services.sites)
+        services.goals.before_backfill = partial(runner.wait_written, _GOAL_WAITS_FOR_EVENTS_S)
+        return InProcessHandoff(runner)
     return KafkaHandoff(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions,
                         settings.kafka_replication_factor, services.client, spool, settings.spool_after_ms / 1000)
 

@@ -56,6 +56,7 @@ class EmbeddedRunner:
         self._queue: asyncio.Queue[_Entry] = asyncio.Queue()
         self._room = asyncio.Semaphore(max_queued)
         self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # while running
         self._recovered = False
         self._waiting: list[Record] = []  # to journal at the end of this turn
         self._appended: asyncio.Future[list[int]] | None = None
@@ -118,6 +119,7 @@ class EmbeddedRunner:
         replay holds up no request and no health probe; `recovered` says when it is done."""
         self._journal.open()
         metrics.watch_spool(self._journal)
+        self._loop = asyncio.get_running_loop()
         self._tasks = [asyncio.create_task(self._run(self._journal.pending_records), name="stream-core"),
                        asyncio.create_task(self._sync(), name="journal-sync")]
 
@@ -132,6 +134,22 @@ class EmbeddedRunner:
         while not self._recovered or self._written < target:
             await asyncio.sleep(0.01)
 
+    def wait_written(self, timeout_s: float) -> None:
+        """`drain` for a caller on another thread (a sync route of the query API), for at most
+        `timeout_s`; at once when the runner is not running, or on its own event loop (where
+        waiting would hold up the writes it waits for)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop()
+            return
+        written = asyncio.run_coroutine_threadsafe(self.drain(), loop)
+        try:
+            written.result(timeout_s)
+        except TimeoutError:
+            written.cancel()
+
     async def stop(self) -> None:
         try:
             await asyncio.wait_for(self.drain(), self._stop_drain_s)
@@ -141,6 +159,7 @@ class EmbeddedRunner:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._loop = None
         self._journal.close()
 
     async def _recover(self, journaled: int) -> None:

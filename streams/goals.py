@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -93,6 +94,10 @@ class GoalRegistry:
         self._lookups = lookups or client
         self._by_site: ReadThroughCache[str, tuple[Goal, ...]] = ReadThroughCache(
             self._load_site, miss_ttl_s=REFRESH_S, hit_ttl_s=REFRESH_S)
+        # `up` sets it (`make_handoff`): waits until the events accepted so far are written, so
+        # that a new goal's first backfill reads them all (a batch already running when the goal
+        # came matched without it). Elsewhere they may be in Kafka: the second pass counts them.
+        self.before_backfill: Callable[[], None] = lambda: None
 
     def create(self, site_id: str, name: str, event_type: str, match_path: str = "", match_event: str = "") -> Goal:
         goal = Goal(site_id, "g_" + secrets.token_hex(8), name, event_type, match_path, match_event,
@@ -117,6 +122,7 @@ class GoalRegistry:
 
     def apply_to_past(self, goal: Goal) -> None:
         """Count the goal's conversions in every stored event (`backfill_twice`): a long write."""
+        self.before_backfill()
         backfill_twice(self._client, goal)
 
     def for_site(self, site_id: str) -> tuple[Goal, ...]:

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -170,6 +171,33 @@ async def test_a_goal_left_without_its_backfill_by_a_killed_process_is_finished_
     assert rows("SELECT count() FROM activity", gone) == [(0,)]
     goals_module.finish_backfills(services.client)  # a finished goal is not done (nor recorded) again
     assert rows("SELECT goal_id FROM goal_backfills", kept) == [(kept.goal_id,)]
+
+
+async def test_a_new_goal_counts_an_event_accepted_just_before_it_at_once(client, embedded, services, monkeypatch):
+    """In `up`, an event answered 202 whose batch was still being written when the goal came
+    (matched without it) is counted when the 201 comes: the first backfill waits for the queued
+    events. It used to wait for the second pass, 10 s later."""
+    site = await _site(client)
+    core = embedded[1].runner._core
+    process, writing = core.process, asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow(batch, still_current=None):
+        loop.call_soon_threadsafe(writing.set)
+        time.sleep(1.0)  # the batch is in flight while the goal is created and backfilled
+        return process(batch, still_current=still_current)
+
+    monkeypatch.setattr(core, "process", slow)
+    name = f"bought-{uuid.uuid4().hex[:6]}"
+    r = await client.post("/api/event", json={"site_id": site, "name": name, "url": "https://x.example/"},
+                          headers={"user-agent": BROWSER})
+    assert r.status_code == 202
+    await writing.wait()
+    r = await client.post(f"{API}/goals", json={"site_id": site, "name": "Bought", "event_type": "event",
+                                                "match_event": name})
+    assert r.status_code == 201, r.text
+    r = await client.get(f"{API}/goals", params={"site_id": site, "period": "7d"})
+    assert [(g["name"], g["visitors"], g["conversions"]) for g in r.json()["data"]] == [("Bought", 1, 1)]
 
 
 async def test_goals_apply_to_past_and_new_events(client, services):
