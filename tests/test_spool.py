@@ -380,14 +380,18 @@ def test_a_full_spool_refuses_and_a_second_process_is_kept_out(tmp_path):
 
 # -- the embedded topology's journal ----------------------------------------------------------------
 
+def _pageviews(site: str, count: int) -> list[Event]:
+    """`count` pageviews of seven visitors, a second apart, half an hour ago."""
+    at = datetime.now(timezone.utc) - timedelta(minutes=30)
+    return [Event(event_id=str(uuid.uuid4()), site_id=site, timestamp=at + timedelta(seconds=n), name="pageview",
+                  visitor_id=n % 7, pathname=f"/{n}") for n in range(count)]
+
+
 async def test_events_a_dead_embedded_process_had_not_written_are_written_at_start(services, tmp_path):
     """The runner journals before it queues; one that dies before writing (here: never started,
     its journal closed as a kill leaves it) leaves the events to the next, which writes them first
     (and skips a record that is not an event)."""
-    site = f"journal-{uuid.uuid4().hex[:8]}"
-    at = datetime.now(timezone.utc) - timedelta(minutes=30)
-    events = [Event(event_id=str(uuid.uuid4()), site_id=site, timestamp=at + timedelta(seconds=n), name="pageview",
-                    visitor_id=n % 7, pathname=f"/{n}") for n in range(50)]
+    events = _pageviews(f"journal-{uuid.uuid4().hex[:8]}", 50)
     dead = EmbeddedRunner(StreamCore(services.client, 1800), Spool(tmp_path, 1 << 20))
     dead._journal.open()
     for event in events:
@@ -419,10 +423,7 @@ async def test_a_long_replay_at_start_holds_up_no_new_event(services, tmp_path):
     """What a killed `up` left in its journal is written at start while new events are taken
     (journaled behind it, written after it): a replay of a large journal used to hold every
     request, `/healthz` included, until it was done. `recovered` (`up`'s /readyz) says when."""
-    site = f"replay-{uuid.uuid4().hex[:8]}"
-    at = datetime.now(timezone.utc) - timedelta(minutes=30)
-    events = [Event(event_id=str(uuid.uuid4()), site_id=site, timestamp=at + timedelta(seconds=n), name="pageview",
-                    visitor_id=n % 7, pathname=f"/{n}") for n in range(61)]
+    events = _pageviews(f"replay-{uuid.uuid4().hex[:8]}", 61)
     dead = EmbeddedRunner(StreamCore(services.client, 1800), Spool(tmp_path, 1 << 20))
     dead._journal.open()
     await dead.submit_all(events[:60])
