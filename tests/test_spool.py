@@ -391,7 +391,8 @@ async def test_events_a_dead_embedded_process_had_not_written_are_written_at_sta
     """The runner journals before it queues; one that dies before writing (here: never started,
     its journal closed as a kill leaves it) leaves the events to the next, which writes them first
     (and skips a record that is not an event)."""
-    events = _pageviews(f"journal-{uuid.uuid4().hex[:8]}", 50)
+    site = f"journal-{uuid.uuid4().hex[:8]}"
+    events = _pageviews(site, 50)
     dead = EmbeddedRunner(StreamCore(services.client, 1800), Spool(tmp_path, 1 << 20))
     dead._journal.open()
     for event in events:
