@@ -40,8 +40,10 @@ _DROPPED = Response(status_code=202, headers={**CORS, "x-dropped": "bot"})
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] = CORS) -> Response:
+    """An error as the API's are: JSON, not to be cached (README)."""
     body = orjson.dumps({"error": {"code": code, "message": message}})
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+    return Response(body, status_code=status, media_type="application/json",
+                    headers={**headers, "cache-control": "no-store"})
 
 
 async def read_body(request: Request, limit: int) -> bytes | None:

@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from query_api.app import create_app
+from tests.conftest import BROWSER
 from tests.test_query_api import API, CACHE_CONTROL, assert_error, create_site
 
 
@@ -247,6 +248,9 @@ async def test_routing_errors_of_the_tracking_paths_are_json_in_both_servers(tra
         response = await tracking_client.request(method, "/api/event")
         assert assert_error(response, 405)["code"] == "method_not_allowed", method
         assert response.headers["allow"] == "POST, OPTIONS" and response.headers["access-control-allow-origin"] == "*"
+    for body in (b"{", b'{"site_id": "no-such-site", "name": "pageview", "url": "https://x.example/"}'):
+        response = await tracking_client.post("/api/event", content=body, headers={"user-agent": BROWSER})
+        assert response.status_code in (400, 404) and response.headers["cache-control"] == "no-store", response.text
     for path in ("/api/event/", f"{API}/events/import/?site_id=x"):
         response = await tracking_client.post(path, content=b"{}")
         assert assert_error(response, 404)["code"] == "not_found", path
