@@ -71,6 +71,7 @@ def create_site(request: Request, ctx: Ctx, key: UserKey, body: SiteCreate) -> R
             site = ctx.sites.create(key.account_id, domain, body.name, body.timezone)
         except DomainTaken:
             raise taken from None
+    ctx.goals.forget_site(site.site_id)  # a deleted site's with the id, if this process still had them
     return cached_json(request, {"data": _out(site, False)}, status=201)
 
 
@@ -87,4 +88,5 @@ def delete_site(ctx: Ctx, key: UserKey, site_id: str) -> Response:
     site = readable_site(ctx, key, site_id)
     ctx.keys.revoke_site(site.site_id)  # first: a delete that fails halfway leaves no key behind
     ctx.sites.delete(site)
+    ctx.goals.forget_site(site.site_id)  # its goals go from lists (and this process's stream core) at once
     return Response(status_code=204)

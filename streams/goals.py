@@ -117,6 +117,10 @@ class GoalRegistry:
         # backfill that was running may finish after the delete: its rows go once more after that.
         migrations.run_later(2 * REFRESH_S, lambda: _purge(self._client, goal), f"second purge of goal {goal.goal_id}")
 
+    def forget_site(self, site_id: str) -> None:
+        """The site was deleted or created: its goals are read again (a deleted site's are gone)."""
+        self._by_site.forget(site_id)
+
     def get(self, goal_id: str) -> Goal | None:
         return _get(self._lookups, goal_id)
 
