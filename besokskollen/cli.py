@@ -269,8 +269,10 @@ def cmd_import(args: argparse.Namespace) -> None:
     path = Path(args.file)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per chunk would break the progress bar
     try:
-        if not path.is_file():
+        if not path.exists():
             raise importing.ImportFailed(f"no such file: {path}")
+        if not path.is_file():  # a folder, /dev/null: "no such file" misled
+            raise importing.ImportFailed(f"not a regular file: {path}")
         if args.url:
             key = args.key or settings.admin_key
             if not key:

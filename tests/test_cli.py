@@ -928,7 +928,9 @@ def test_a_data_folder_that_is_a_file_or_cannot_be_made_is_one_line(tmp_path):
              (["up", "--data", str(afile / "d"), "--port", str(free_port())],
               f"cannot use the data folder {afile / 'd'}: Not a directory ("),
              (["import", str(events), "--site", "s", "--data", str(afile / "d" / "e")],
-              f"cannot use the data folder {afile / 'd' / 'e'}: Not a directory (")]
+              f"cannot use the data folder {afile / 'd' / 'e'}: Not a directory ("),
+             (["import", str(tmp_path / "missing.ndjson"), "--site", "s"], f"no such file: {tmp_path / 'missing.ndjson'}"),
+             (["import", str(tmp_path), "--site", "s"], f"not a regular file: {tmp_path}")]
     for command, message in cases:
         result = subprocess.run([*CLI, *command], capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, (command, result.stderr)
