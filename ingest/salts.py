@@ -47,7 +47,6 @@ class Salts:
         self._cache: dict[date, bytes] = {}
         self._ahead: dict[date, bytes] = {}  # tomorrow's, read today
         self._day: date | None = None  # the UTC day the cache was last trimmed on
-        self._purged_at = float("-inf")  # time.monotonic() of this process's last purge
         self._lock = threading.Lock()
 
     def for_day(self, day: date) -> bytes:
@@ -159,11 +158,9 @@ class Salts:
         """What a day's first event does, for a process that takes none: today's salt read (and
         tomorrow's ahead, which purges when it is made), older days forgotten; then any expired
         salt still stored (a purge that failed, a historic salt past its time) deleted. One small
-        query when there is none; at most one delete per EXPIRE_EVERY_S * 10."""
+        query when there is none."""
         self.for_day(datetime.now(timezone.utc).date())
         now = datetime.now(timezone.utc)
-        if time.monotonic() - self._purged_at < EXPIRE_EVERY_S * 10:
-            return
         left = self._client.query(f"SELECT count() FROM salts WHERE {_EXPIRED}",
                                   parameters=self._expiry(now)).result_rows[0][0]
         if left:
@@ -173,7 +170,6 @@ class Salts:
         """Forget live salts older than `before` (yesterday's), and historic ones past their time."""
         parameters = self._expiry(now, before)
         self._client.command(f"ALTER TABLE salts DELETE WHERE {_EXPIRED}", parameters=parameters)
-        self._purged_at = time.monotonic()
         self._forget(parameters["before"])
 
     def _expiry(self, now: datetime, before: date | None = None) -> dict:
