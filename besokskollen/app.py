@@ -68,7 +68,8 @@ class Services:
     def query_context(self) -> Context:
         from query_api.deps import Context
 
-        return Context(self.queries, self.sites, self.keys, self.goals, FunnelRegistry(self.queries))
+        return Context(self.queries, self.sites, self.keys, self.goals, FunnelRegistry(self.queries),
+                       self.settings.raw_events_ttl_days)
 
     def stream_core(self) -> StreamCore:
         """The process's one stream core. On the embedded engine it is the only writer of events: a

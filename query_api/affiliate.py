@@ -1,7 +1,7 @@
 """`/popular/*` and `/trending/products`: affiliate clicks from the rollups (kind `click`, value
 "id\x1fslug\x1fcategory\x1fbrand\x1fpartner"). `days` are the last N UTC calendar days (whole
-days of `rollup_1d`); trending windows count back from the end of the current UTC quarter hour
-(`rollup_15m`)."""
+days of `rollup_1d`); trending windows count back from now, to the second (`rollup_15m` and, for
+the quarter hours their edges cut, the raw clicks)."""
 
 from __future__ import annotations
 
@@ -40,17 +40,54 @@ ORDER BY n DESC, {{order}}
 # A product is its id: a rename changes its slug, not which product it is. It is listed once,
 # under the slug of its latest clicks (latest day or quarter hour; ties by the greater slug).
 _PRODUCT_COLUMNS = "product_id, argMax(product_slug, ({time}, product_slug)) AS slug"
+# Whole quarter hours from the rollup; the quarter hours cut by a window's edge (its start, the
+# recent window's start, now) from the raw clicks in them, so the windows count back from now to
+# the second (SPEC §7). A raw click is an event named `click` with a product id, as the rollup's
+# (streams/activity.py). `at` sorts a row into the recent window or the baseline.
 _TRENDING = f"""
 SELECT {_PRODUCT_COLUMNS.format(time="bucket")},
-       sumIf(clicks, bucket >= toDateTime(%(recent_start)s, 'UTC')) AS recent,
-       sumIf(clicks, bucket < toDateTime(%(recent_start)s, 'UTC')) AS baseline
-FROM (SELECT parts[1] AS product_id, parts[2] AS product_slug, bucket, events AS clicks
-      FROM (SELECT splitByChar(%(separator)s, value) AS parts, bucket, events FROM rollup_15m FINAL
-            WHERE site_id = %(site)s AND kind = 'click'
-              AND bucket >= toDateTime(%(baseline_start)s, 'UTC') AND bucket < toDateTime(%(recent_end)s, 'UTC'))
-      WHERE (%(category)s = '' OR parts[3] = %(category)s) AND (%(brand)s = '' OR parts[4] = %(brand)s))
+       sumIf(clicks, at >= toDateTime64(%(recent_start)s, 3, 'UTC')) AS recent,
+       sumIf(clicks, at < toDateTime64(%(recent_start)s, 3, 'UTC')) AS baseline
+FROM (
+    SELECT parts[1] AS product_id, parts[2] AS product_slug, parts[3] AS category_slug, parts[4] AS brand_slug,
+           bucket, toDateTime64(bucket, 3, 'UTC') AS at, events AS clicks
+    FROM (SELECT splitByChar(%(separator)s, value) AS parts, bucket, events FROM rollup_15m FINAL
+          WHERE site_id = %(site)s AND kind = 'click'
+            AND bucket >= toDateTime(%(whole_start)s, 'UTC') AND bucket < toDateTime(%(whole_end)s, 'UTC')
+            AND NOT (bucket >= toDateTime(%(cut)s, 'UTC') AND bucket < toDateTime(%(cut_end)s, 'UTC')))
+    UNION ALL
+    SELECT product_id, product_slug, category_slug, brand_slug, toStartOfFifteenMinutes(timestamp) AS bucket,
+           timestamp AS at, 1 AS clicks
+    FROM events FINAL
+    WHERE site_id = %(site)s AND name = 'click' AND product_id != ''
+      AND (timestamp >= toDateTime64(%(baseline_start)s, 3, 'UTC') AND timestamp < toDateTime64(%(whole_start)s, 3, 'UTC')
+           OR timestamp >= toDateTime64(%(cut)s, 3, 'UTC') AND timestamp < toDateTime64(%(cut_end)s, 3, 'UTC')
+           OR timestamp >= toDateTime64(%(whole_end)s, 3, 'UTC') AND timestamp < toDateTime64(%(recent_end)s, 3, 'UTC')))
+WHERE (%(category)s = '' OR category_slug = %(category)s) AND (%(brand)s = '' OR brand_slug = %(brand)s)
 GROUP BY product_id
 """
+# Raw events of a window's first quarter hour are read only while the TTL surely keeps them (a
+# margin for clocks that differ between processes); past that the baseline starts at that whole
+# quarter hour, so an answer never changes when ClickHouse applies the TTL.
+_TTL_MARGIN = timedelta(hours=1)
+
+
+def _quarter_ceil(at: datetime) -> datetime:
+    floor = bucket_of(at)
+    return floor if floor == at else floor + BUCKET
+
+
+def trending_windows(now: datetime, recent_hours: int, baseline_days: int,
+                     raw_events_ttl_days: int = 400) -> tuple[datetime, datetime, datetime]:
+    """(baseline start, recent start, recent end): the recent window is the `recent_hours` up to
+    now, to the second — it ends at the next whole second, so every event up to now is in it — and
+    the baseline the `baseline_days` before it."""
+    end = now.replace(microsecond=0) + timedelta(seconds=1)
+    recent_start = end - timedelta(hours=recent_hours)
+    baseline_start = recent_start - timedelta(days=baseline_days)
+    if baseline_start < end - timedelta(days=raw_events_ttl_days) + _TTL_MARGIN:
+        baseline_start = bucket_of(baseline_start)
+    return baseline_start, recent_start, end
 
 
 def confidence(total_clicks: int) -> str:
@@ -92,17 +129,17 @@ def popular_partners(client: Client, site_id: str, start: datetime, end: datetim
 
 def trending_products(client: Client, site_id: str, now: datetime, recent_hours: int, baseline_days: int,
                       min_growth: float, min_recent_clicks: int, limit: int, category: str = "",
-                      brand: str = "") -> dict:
+                      brand: str = "", raw_events_ttl_days: int = 400) -> dict:
     """Clicks in the last `recent_hours` against the average per `recent_hours` window of the
     `baseline_days` before them. A product without baseline clicks has no growth to compute: it
     trends when it reaches min_recent_clicks, with growth_percent null."""
-    recent_end = bucket_of(now) + BUCKET
-    recent_start = recent_end - timedelta(hours=recent_hours)
-    baseline_start = recent_start - timedelta(days=baseline_days)
+    baseline_start, recent_start, recent_end = trending_windows(now, recent_hours, baseline_days, raw_events_ttl_days)
     windows = Fraction(baseline_days * 24, recent_hours)  # recent-sized windows in the baseline (exact)
     rows = client.query(_TRENDING, parameters={
         "site": site_id, "separator": SEPARATOR, "category": category, "brand": brand,
-        "recent_start": recent_start, "recent_end": recent_end, "baseline_start": baseline_start}).result_rows
+        "baseline_start": baseline_start, "recent_start": recent_start, "recent_end": recent_end,
+        "whole_start": _quarter_ceil(baseline_start), "whole_end": bucket_of(recent_end),
+        "cut": bucket_of(recent_start), "cut_end": _quarter_ceil(recent_start)}).result_rows
     trending, recent_total = [], 0
     for product_id, slug, recent, baseline in rows:
         recent_total += recent
@@ -167,4 +204,4 @@ def get_trending_products(
     site = readable_site(ctx, key, site_id)
     return cached_json(request, trending_products(ctx.client, site.site_id, datetime.now(timezone.utc), recent_hours,
                                                   baseline_days, min_growth, min_recent_clicks, limit,
-                                                  category_slug, brand_slug))
+                                                  category_slug, brand_slug, ctx.raw_events_ttl_days))

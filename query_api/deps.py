@@ -30,6 +30,9 @@ class Context:
     keys: KeyStore
     goals: GoalRegistry
     funnels: FunnelRegistry
+    # How long raw events are kept (BK_RAW_EVENTS_TTL_DAYS): trending reads the edges of its
+    # windows from them (query_api/affiliate.py).
+    raw_events_ttl_days: int = 400
 
 
 def context(request: Request) -> Context:

@@ -398,10 +398,10 @@ QUARTER_HOUR = 15 * MINUTE
 
 
 def trending_windows(now: datetime, recent_hours: int = 24, baseline_days: int = 7) -> tuple[int, int, int]:
-    """(baseline start, recent start, recent end) in ms: the recent window ends at the end of the
-    UTC quarter hour holding `now` and is `recent_hours` long; the baseline is the
-    `baseline_days` right before it."""
-    end = to_ms(now) // QUARTER_HOUR * QUARTER_HOUR + QUARTER_HOUR
+    """(baseline start, recent start, recent end) in ms: the recent window is the `recent_hours`
+    back from now, to the second (it ends at the second after now's, so a click at now is in it);
+    the baseline is the `baseline_days` right before it."""
+    end = to_ms(now) // SECOND * SECOND + SECOND
     recent_start = end - recent_hours * HOUR
     return recent_start - baseline_days * DAY, recent_start, end
 
@@ -1182,8 +1182,8 @@ class _Generator:
             product = rng.choices(baseline, weights)[0]
             again = rng.choice(people) if people and rng.random() < 0.15 else None
             people.append(self.click_session(site, rng.randrange(self.start, self.now), product, again, steady))
-        # Windows that hold for any trending query within 45 min of `now` (the recent window ends at
-        # the end of the query's quarter hour): the last 23 h are recent, [8 d − 1 h, 25 h) ago baseline.
+        # Windows that hold for any trending query within an hour of `now`: the last 23 h are
+        # recent, [8 d − 1 h, 25 h) ago baseline.
         recent_start = self.now - 23 * HOUR
         for product in trending + mild:  # a baseline of their own, so they trend by growth
             for _ in range(rng.randint(2, 7)):

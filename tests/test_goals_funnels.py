@@ -43,6 +43,10 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
+def iso(at: datetime) -> str:
+    return f"{at:%Y-%m-%dT%H:%M:%S}Z"
+
+
 @pytest.mark.parametrize("pattern, path, matches", [
     ("/produkt/*", "/produkt/a", True), ("/produkt/*", "/produkt/a/b", True), ("/produkt/*", "/produkt/", True),
     ("/produkt/*", "/produkt", False), ("/*/tack", "/sv/tack", True), ("/*/tack", "/tack", False),
@@ -590,6 +594,50 @@ async def test_categories_partners_and_trending(client, services):
     assert [p["product_id"] for p in r.json()["data"]] == ["hot"]
     r = await client.get(f"{API}/trending/products", params={"site_id": site, "min_growth": 0, "min_recent_clicks": 1})
     assert [p["product_id"] for p in r.json()["data"]] == ["hot", "new", "steady", "lonely"]
+
+
+async def test_trending_windows_count_back_from_now_to_the_second(client, services):
+    """SPEC §7: `recent_hours` and `baseline_days` count back from now. The windows end at the
+    second after now's, and the quarter hours their edges cut are counted from the raw clicks in
+    them (they ended at the end of now's quarter hour, so a click up to 15 minutes off an edge was
+    counted in the other window)."""
+    from query_api.affiliate import trending_products
+
+    site = await _site(client)
+    now = _now().replace(minute=7, second=30) - timedelta(hours=2) + timedelta(milliseconds=250)
+    end = now.replace(microsecond=0) + timedelta(seconds=1)
+    recent_start, ms = end - timedelta(hours=24), timedelta(milliseconds=1)
+    base = recent_start - timedelta(days=7)
+    times = [base - ms, base, base + timedelta(hours=1), recent_start - ms,  # out, then baseline 3
+             recent_start, recent_start + timedelta(hours=1), end - ms, end]  # recent 3, then out
+    StreamCore(services.client, 1800).process([_click(site, at, "edge") for at in times])
+
+    def ask(ttl_days: int = 400) -> dict:
+        return trending_products(services.client, site, now, 24, 7, -100, 0, 10, raw_events_ttl_days=ttl_days)
+
+    out = ask()
+    assert out["data"] == [{"product_id": "edge", "product_slug": "edge", "clicks_recent": 3,
+                            "clicks_baseline_avg": 0.4, "growth_percent": 600}]  # 3 against 3/7
+    assert out["meta"]["recent_period"] == {"hours": 24, "from": iso(recent_start), "to": iso(end)}
+    assert out["meta"]["baseline_period"] == {"days": 7, "from": iso(base), "to": iso(recent_start)}
+    assert out["meta"]["total_clicks"] == 3
+
+    # With raw events kept 7 days, those of the baseline's first quarter hour may be gone: it is
+    # counted whole from the rollup, and the answer stays when the TTL deletes them.
+    short = ask(7)
+    assert short["data"][0]["clicks_baseline_avg"] == 0.6 and short["data"][0]["growth_percent"] == 425  # 3 vs 4/7
+    assert short["meta"]["baseline_period"]["from"] == iso(base.replace(minute=0, second=0))
+    services.client.command("ALTER TABLE events DELETE WHERE site_id = {site:String} AND timestamp < {before:DateTime64(3, 'UTC')}",
+                            parameters={"site": site, "before": end - timedelta(days=7)}, settings={"mutations_sync": 2})
+    assert ask(7) == short
+
+    # Through the API: its clock's second.
+    before = datetime.now(timezone.utc)
+    meta = (await client.get(f"{API}/trending/products", params={"site_id": site, "recent_hours": 6})).json()["meta"]
+    after = datetime.now(timezone.utc)
+    to = datetime.fromisoformat(meta["recent_period"]["to"].replace("Z", "+00:00"))
+    assert before.replace(microsecond=0) < to <= after.replace(microsecond=0) + timedelta(seconds=1)
+    assert meta["recent_period"]["from"] == iso(to - timedelta(hours=6)) == meta["baseline_period"]["to"]
 
 
 async def test_a_product_without_recent_clicks_never_trends(client, services):

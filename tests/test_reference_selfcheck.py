@@ -785,20 +785,19 @@ def test_utc_days_window():
 
 # -- affiliate: trending -------------------------------------------------------------------------
 
-def test_trending_windows_align_to_the_quarter_hour():
+def test_trending_windows_count_back_from_now_to_the_second():
     def windows(now: str, hours: int = 24, days: int = 7) -> list[str]:
         return [R.iso_z(ms) for ms in R.trending_windows(datetime.fromisoformat(now), hours, days)]
 
-    assert windows("2026-11-29T10:07:30.500+00:00") == ["2026-11-21T10:15:00Z", "2026-11-28T10:15:00Z", "2026-11-29T10:15:00Z"]
-    assert windows("2026-11-29T10:00:00+00:00") == ["2026-11-21T10:15:00Z", "2026-11-28T10:15:00Z", "2026-11-29T10:15:00Z"]
+    assert windows("2026-11-29T10:07:30.500+00:00") == ["2026-11-21T10:07:31Z", "2026-11-28T10:07:31Z", "2026-11-29T10:07:31Z"]
+    assert windows("2026-11-29T10:00:00+00:00") == ["2026-11-21T10:00:01Z", "2026-11-28T10:00:01Z", "2026-11-29T10:00:01Z"]
     assert windows("2026-11-29T10:14:59.999+00:00")[2] == "2026-11-29T10:15:00Z"
-    assert windows("2026-11-29T10:15:00+00:00")[2] == "2026-11-29T10:30:00Z"
-    assert windows("2026-11-29T10:07:00+00:00", 6, 1) == ["2026-11-28T04:15:00Z", "2026-11-29T04:15:00Z", "2026-11-29T10:15:00Z"]
-    assert windows("2026-11-29T15:40:00+05:30")[2] == "2026-11-29T10:15:00Z"  # 10:10Z
+    assert windows("2026-11-29T10:07:00+00:00", 6, 1) == ["2026-11-28T04:07:01Z", "2026-11-29T04:07:01Z", "2026-11-29T10:07:01Z"]
+    assert windows("2026-11-29T15:40:00+05:30")[2] == "2026-11-29T10:10:01Z"
 
 
 TREND_NOW = datetime(2026, 11, 29, 10, 7, 30, tzinfo=timezone.utc)
-B0, R0, E0 = R.trending_windows(TREND_NOW)  # 21 Nov 10:15, 28 Nov 10:15, 29 Nov 10:15
+B0, R0, E0 = R.trending_windows(TREND_NOW)  # 21 Nov 10:07:31, 28 Nov 10:07:31, 29 Nov 10:07:31
 DIM = {"category": "horlurar", "brand": "apple", "partner": "kjell"}
 
 
@@ -849,15 +848,18 @@ TRENDING_ROWS = [
 def test_trending(trending_ref):
     out = trending_ref.trending(SITE, TREND_NOW)
     assert out["meta"] == {
-        "recent_period": {"hours": 24, "from": "2026-11-28T10:15:00Z", "to": "2026-11-29T10:15:00Z"},
-        "baseline_period": {"days": 7, "from": "2026-11-21T10:15:00Z", "to": "2026-11-28T10:15:00Z"},
+        "recent_period": {"hours": 24, "from": "2026-11-28T10:07:31Z", "to": "2026-11-29T10:07:31Z"},
+        "baseline_period": {"days": 7, "from": "2026-11-21T10:07:31Z", "to": "2026-11-28T10:07:31Z"},
         "total_trending": 9, "total_clicks": 143, "confidence": "high"}  # new-c and almost count in total_clicks
     assert _rows(out) == TRENDING_ROWS
     assert list(out["data"][0]) == ["product_id", "product_slug", "clicks_recent", "clicks_baseline_avg", "growth_percent"]
     assert all(isinstance(r["clicks_baseline_avg"], float) for r in out["data"])
     assert trending_ref.trending(SITE) == out  # the reference's own `now` by default
-    # A query later in the same quarter hour has the same windows.
-    assert trending_ref.trending(SITE, datetime(2026, 11, 29, 10, 14, 59, 999000, tzinfo=timezone.utc)) == out
+    # A query later in the same second has the same windows. A second later, B0 has left the
+    # baseline, R0 moved into it and E0 joined the recent window: still 2 and 3.
+    assert trending_ref.trending(SITE, datetime(2026, 11, 29, 10, 7, 30, 999000, tzinfo=timezone.utc)) == out
+    later = trending_ref.trending(SITE, TREND_NOW + timedelta(seconds=1))
+    assert later["meta"]["recent_period"]["to"] == "2026-11-29T10:07:32Z" and _rows(later) == TRENDING_ROWS
     limited = trending_ref.trending(SITE, TREND_NOW, limit=2)
     assert _rows(limited) == TRENDING_ROWS[:2] and limited["meta"] == out["meta"]
 
@@ -905,12 +907,12 @@ def test_trending_rounding_with_short_windows():
     r = Reference(lines, [SiteSpec(SITE, DOMAIN, "UTC")], TREND_NOW)
     out = r.trending(SITE, TREND_NOW, recent_hours=6, min_growth=12.5)
     assert _rows(out) == [("h", "h", 9, 8.0, 13), ("q", "q", 3, 0.3, 1100)]
-    assert out["meta"]["recent_period"] == {"hours": 6, "from": "2026-11-29T04:15:00Z", "to": "2026-11-29T10:15:00Z"}
-    assert out["meta"]["baseline_period"] == {"days": 7, "from": "2026-11-22T04:15:00Z", "to": "2026-11-29T04:15:00Z"}
+    assert out["meta"]["recent_period"] == {"hours": 6, "from": "2026-11-29T04:07:31Z", "to": "2026-11-29T10:07:31Z"}
+    assert out["meta"]["baseline_period"] == {"days": 7, "from": "2026-11-22T04:07:31Z", "to": "2026-11-29T04:07:31Z"}
     assert _rows(r.trending(SITE, TREND_NOW, recent_hours=6, min_growth=12.6)) == [("q", "q", 3, 0.3, 1100)]
     # Another window length: 1 day of baseline is one 24-hour window.
     one_day = r.trending(SITE, TREND_NOW, recent_hours=24, baseline_days=1, min_growth=-100)
-    assert one_day["meta"]["baseline_period"]["from"] == "2026-11-27T10:15:00Z"
+    assert one_day["meta"]["baseline_period"]["from"] == "2026-11-27T10:07:31Z"
 
 
 # -- generator: clicks and journeys ---------------------------------------------------------------
@@ -980,7 +982,7 @@ def test_click_traffic_catalogue_and_sessions(click_sample):
 def test_click_traffic_trends(click_sample):
     sites, _, lines, r = click_sample
     for site in sites:
-        for later in (0, 20):  # a query up to 45 min after `now` sees the same shape
+        for later in (0, 20):  # a query up to an hour after `now` sees the same shape
             now = NOW + timedelta(minutes=later)
             out = r.trending(site.site_id, now, limit=100)
             fresh = [row for row in out["data"] if row["growth_percent"] is None]

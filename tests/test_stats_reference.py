@@ -153,7 +153,7 @@ async def compare_goals_funnels_affiliate(client: httpx.AsyncClient, ref: Refere
                     answers[(sid, name, days, limit, now.date())] = got
         for params in TRENDING + [{"category_slug": "mobilskal", "min_growth": 0}, {"brand_slug": "apple", "min_growth": 0}]:
             got = await _get(client, "trending/products", site_id=sid, **params)
-            # The API's clock decides the window; ask the reference for the same quarter hour.
+            # The API's clock decides the window (to the second); ask the reference for the same one.
             end = datetime.fromisoformat(got["meta"]["recent_period"]["to"].replace("Z", "+00:00"))
             assert got == ref.trending(sid, end - timedelta(seconds=1), **params), (sid, params)
             levels.add(got["meta"]["confidence"])
@@ -188,7 +188,7 @@ async def _asked_at(depends: Callable[[datetime], object], question: Callable[[]
 def same_answers(a: dict, b: dict) -> None:
     """Two topologies' answers (`compare_all`, `compare_goals_funnels_affiliate`) are equal where
     they are for the same days or window, the last part of each key. Both runs take minutes: one
-    may ask after a local midnight or a quarter hour's start the other asked before. Each answer,
+    may ask after a local midnight the other asked before, and trending at another second. Each answer,
     whichever, already equalled the reference's for its own days."""
     assert {key[:-1] for key in a} == {key[:-1] for key in b}
     both = a.keys() & b.keys()
@@ -319,7 +319,7 @@ def test_distributed_answers_equal_the_reference_and_the_embedded_topology(sampl
         distributed_answers = asyncio.run(_load_and_compare(ingest, api, sites, lines, corrections, ref))
         assert stable_group_size(kafka, "besokskollen") == 2
 
-    # Trending answers are for the quarter hour they were asked in, the others for their days: only
-    # those for the same ones compare (when the two runs straddle a quarter hour's start, no
-    # trending answer is left to compare directly: that was asserted, and failed on the clock).
+    # Trending answers are for the second they were asked in, the others for their days: only
+    # those for the same ones compare (two runs minutes apart leave no trending answer to compare
+    # directly; each equalled the reference's for its own second).
     same_answers(distributed_answers, embedded_answers)
