@@ -1,0 +1,52 @@
+"""Repeated log lines collapsed: while Kafka is away, aiokafka logs an ERROR per failed connection,
+metadata refresh, fetch and coordinator lookup — ~140 lines a second in a worker, ~10 in ingest —
+which buries every other line of the outage. The first line of a kind is logged, the same kind
+again at most once per `every` seconds with how many were left out; the processes' own lines
+("no Kafka broker is reachable; spooling", readiness) say what is going on."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+# aiokafka's module loggers (`aiokafka.conn`, `aiokafka.consumer.fetcher`, …) and the one its
+# client logs to, `aiokafka`. A logger's filter sees only the records made on it, not on its
+# children, so each gets the filter.
+_KAFKA_MODULES = ("aiokafka", "aiokafka.conn", "aiokafka.cluster", "aiokafka.consumer.consumer",
+                  "aiokafka.consumer.fetcher", "aiokafka.consumer.group_coordinator",
+                  "aiokafka.consumer.subscription_state", "aiokafka.producer.producer", "aiokafka.producer.sender",
+                  "aiokafka.admin.client")
+
+
+class Repeats(logging.Filter):
+    """Passes a record whose kind (logger, level, message before its arguments) was not seen in the
+    last `every` seconds; the one that passes after some were held back says how many."""
+
+    def __init__(self, every: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.every, self.clock = every, clock
+        self._seen: dict[tuple[str, int, str], list] = {}  # kind -> [passed at, held back since]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = (record.name, record.levelno, str(record.msg))
+        now = self.clock()
+        seen = self._seen.get(kind)
+        if seen is None or now - seen[0] >= self.every:
+            held = seen[1] if seen else 0
+            self._seen[kind] = [now, 0]
+            if held:
+                record.msg = f"{record.getMessage()} ({held} more like this in the last {now - seen[0]:.0f} s)"
+                record.args = ()  # not None: Faust's formatter formats (None,) into it
+            return True
+        seen[1] += 1
+        return False
+
+
+def collapse_kafka_repeats(every: float = 30.0) -> Repeats:
+    """Attach one `Repeats` to aiokafka's loggers (they outlive Faust's logging setup, which
+    keeps existing loggers)."""
+    repeats = Repeats(every)
+    for name in _KAFKA_MODULES:
+        logging.getLogger(name).addFilter(repeats)
+    return repeats

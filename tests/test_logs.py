@@ -1,0 +1,61 @@
+"""besokskollen/logs.py: repeated lines of a kind come once per window, with a count."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+from mode.utils.logging import ExtensionFormatter
+
+from besokskollen.logs import Repeats, collapse_kafka_repeats
+
+
+def _logger(repeats: Repeats, name: str = "test.repeats") -> tuple[logging.Logger, io.StringIO]:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    # Faust's formatter: it formats a record's args again, and broke on a rewritten record whose
+    # args were None ("not all arguments converted", a traceback in the worker's log).
+    handler.setFormatter(ExtensionFormatter(stream=out, fmt="%(levelname)s %(message)s"))
+    logger = logging.getLogger(name)
+    logger.handlers[:], logger.propagate = [handler], False
+    logger.filters[:] = [repeats]
+    return logger, out
+
+
+def test_a_kind_of_line_comes_once_per_window_with_how_many_were_held_back():
+    now = [100.0]
+    log, out = _logger(Repeats(30, clock=lambda: now[0]))
+    for second in range(0, 65):
+        now[0] = 100.0 + second
+        log.error("Unable connect to node with id %s: %s", 1, "[Errno 111] 100% refused")
+        if second % 2 == 0:
+            log.error("Unable to update metadata from [%s]", 1)
+    log.warning("Unable to update metadata from [%s]", 1)  # another level is another kind
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "ERROR Unable connect to node with id 1: [Errno 111] 100% refused",
+        "ERROR Unable to update metadata from [1]",
+        "ERROR Unable connect to node with id 1: [Errno 111] 100% refused (29 more like this in the last 30 s)",
+        "ERROR Unable to update metadata from [1] (14 more like this in the last 30 s)",
+        "ERROR Unable connect to node with id 1: [Errno 111] 100% refused (29 more like this in the last 30 s)",
+        "ERROR Unable to update metadata from [1] (14 more like this in the last 30 s)",
+        "WARNING Unable to update metadata from [1]",
+    ]
+    now[0] += 100  # held back since the last one: seconds 62 and 64
+    log.error("Unable to update metadata from [%s]", 2)
+    assert out.getvalue().splitlines()[-1] == "ERROR Unable to update metadata from [2] (2 more like this in the last 104 s)"
+    now[0] += 100  # nothing held back: as it is
+    log.error("Unable to update metadata from [%s]", 3)
+    assert out.getvalue().splitlines()[-1] == "ERROR Unable to update metadata from [3]"
+
+
+def test_aiokafkas_loggers_get_the_filter():
+    repeats = collapse_kafka_repeats()
+    try:
+        for name in ("aiokafka", "aiokafka.conn", "aiokafka.consumer.fetcher", "aiokafka.consumer.group_coordinator",
+                     "aiokafka.producer.sender"):
+            assert repeats in logging.getLogger(name).filters, name
+    finally:
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("aiokafka"):
+                logging.getLogger(name).removeFilter(repeats)
