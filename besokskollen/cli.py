@@ -270,9 +270,10 @@ def cmd_import(args: argparse.Namespace) -> None:
     path = Path(args.file)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per chunk would break the progress bar
     try:
-        if not path.exists():
+        if args.file != "-" and not path.exists():
             raise importing.ImportFailed(f"no such file: {path}")
-        if not path.is_file():  # a folder, /dev/null: "no such file" misled
+        # A folder, /dev/null ("no such file" misled); a pipe (`<(zcat …)`) is read as standard input is.
+        if args.file != "-" and not (path.is_file() or path.is_fifo()):
             raise importing.ImportFailed(f"not a regular file: {path}")
         if args.url:
             key = args.key or settings.admin_key
@@ -281,7 +282,7 @@ def cmd_import(args: argparse.Namespace) -> None:
             send = importing.remote(args.url, key, args.site)
         else:
             send = importing.local(settings, args.site)
-        totals = importing.run(path, send)
+        totals = importing.run(args.file, send)
     except importing.ImportFailed as exc:
         print(f"besokskollen import: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -383,7 +384,7 @@ def parser() -> argparse.ArgumentParser:
         description="Exit code 0 when every line was accepted or dropped as a bot, 1 when a line was "
                     "rejected, 2 on a usage or connection error, 130 when interrupted (Ctrl-C or SIGTERM; "
                     "importing the whole file again is safe)."))
-    import_.add_argument("file", help="NDJSON: one event per line, with timestamp, ip and user_agent")
+    import_.add_argument("file", help="NDJSON (gzip or not; - for standard input): one event per line, with timestamp, ip and user_agent")
     import_.add_argument("--site", required=True, help="site id the events belong to")
     import_.add_argument("--url", help="a running server (http://host:port); without it the data folder "
                                        "or BK_CLICKHOUSE_URL is opened directly")

@@ -1,4 +1,5 @@
-"""`besokskollen import FILE --site S` (SPEC §5.3): an NDJSON file in chunks of lines, either
+"""`besokskollen import FILE --site S` (SPEC §5.3): an NDJSON file (gzip or not, `-` for standard
+input) in chunks of lines, either
 posted to a running server's `/api/v1/events/import` or run through the importer and an embedded
 stream core against the data folder directly. Chunks go one after another, each stored before
 the next, so visitor ids come out as one request of the whole file would give them.
@@ -7,11 +8,14 @@ Line numbers in the summary count across the whole file, not per chunk."""
 
 from __future__ import annotations
 
+import gzip
+import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
 import httpx
 from rich.console import Console
@@ -34,6 +38,9 @@ class ImportFailed(Exception):
     def __str__(self) -> str:
         """With where it stopped, when that was past the first chunk (a server gone mid-import)."""
         totals: Totals | None = getattr(self, "totals", None)
+        if totals is not None and totals.in_flight is None and totals.accepted:  # the file, read past a chunk
+            return (f"{super().__str__()}; the chunks before were sent and are stored ({totals.accepted:,} events);"
+                    " importing the whole file again is safe")
         if totals is None or totals.in_flight is None or totals.in_flight[0] == 1:
             return super().__str__()
         first, last = totals.in_flight
@@ -133,34 +140,69 @@ def local(settings: Settings, site_id: str) -> Send:
     return send
 
 
-def chunks(path: Path) -> Iterator[tuple[int, bytes]]:
+class Source:
+    """The lines to import: a file, gzip-compressed or not (told by its first bytes, as `zcat`
+    does), a pipe (`<(…)`), or standard input for `-`. `done` is how far the bar is: bytes of the
+    file as stored, so the bar ends full whatever a byte order mark or gzip took."""
+
+    def __init__(self, file: str | Path) -> None:
+        file = str(file)
+        self.name = "stdin" if file == "-" else Path(file).name
+        try:
+            self._stored = sys.stdin.buffer if file == "-" else open(file, "rb")  # noqa: SIM115 - closed in close()
+            gzipped = self._stored.peek(2)[:2] == b"\x1f\x8b"
+            stat = os.fstat(self._stored.fileno())
+        except OSError as exc:
+            raise ImportFailed(f"cannot read {file}: {exc.strerror or exc}") from None
+        self.size = stat.st_size if S_ISREG(stat.st_mode) else None  # a pipe: no total
+        self._lines = gzip.GzipFile(fileobj=self._stored) if gzipped else self._stored
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stored is not sys.stdin.buffer:
+            self._stored.close()
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._lines
+        except (OSError, EOFError) as exc:  # gzip's "Not a gzipped file", "Compressed file ended before …"
+            raise ImportFailed(f"{self.name}: {exc}") from None
+
+    @property
+    def done(self) -> int:
+        return self._stored.tell() if self.size is not None else 0
+
+
+def chunks(lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
     """(lines before the chunk, chunk body): CHUNK_LINES lines, fewer if they are long. A UTF-8
     byte order mark before the first line (Windows exports) is not part of it."""
-    lines: list[bytes] = []
+    chunk: list[bytes] = []
     size = before = 0
-    with open(path, "rb") as f:
-        for number, line in enumerate(f):
-            lines.append(line.removeprefix(b"\xef\xbb\xbf") if number == 0 else line)
-            size += len(line)
-            if len(lines) == CHUNK_LINES or size >= CHUNK_BYTES:
-                yield before, b"".join(lines)
-                before += len(lines)
-                lines, size = [], 0
-    if lines:
-        yield before, b"".join(lines)
+    for number, line in enumerate(lines):
+        chunk.append(line.removeprefix(b"\xef\xbb\xbf") if number == 0 else line)
+        size += len(line)
+        if len(chunk) == CHUNK_LINES or size >= CHUNK_BYTES:
+            yield before, b"".join(chunk)
+            before += len(chunk)
+            chunk, size = [], 0
+    if chunk:
+        yield before, b"".join(chunk)
 
 
-def run(path: Path, send: Send) -> Totals:
+def run(file: str | Path, send: Send) -> Totals:
+    """Import `file` (a path, or `-` for standard input) chunk by chunk through `send`."""
     totals = Totals()
     columns = (TextColumn("importing {task.fields[name]}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as progress:
-        task = progress.add_task("import", total=path.stat().st_size, name=path.name)
+    with Source(file) as source, Progress(*columns, console=Console(stderr=True)) as progress:
+        task = progress.add_task("import", total=source.size, name=source.name)
         try:
-            for before, body in chunks(path):
+            for before, body in chunks(source):
                 totals.in_flight = (before + 1, before + body.count(b"\n") + (not body.endswith(b"\n")))
                 _send(send, before, body, totals)
                 totals.in_flight = None
-                progress.advance(task, len(body))
+                progress.update(task, completed=source.done)
         except KeyboardInterrupt:
             totals.interrupted = True
         except ImportFailed as exc:

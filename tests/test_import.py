@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gzip
 import ipaddress
 import os
 import random
@@ -521,6 +522,27 @@ def test_a_server_gone_mid_import_is_said_with_where_the_import_stopped(tmp_path
     assert str(failed.value) == "could not reach http://x/api/v1/events/import: Server disconnected"
 
 
+def test_a_gzip_file_cut_short_is_said_with_what_was_stored(tmp_path, monkeypatch):
+    from besokskollen import importing
+
+    monkeypatch.setattr(importing, "CHUNK_LINES", 2)
+    lines = b"".join(orjson.dumps({"n": n, "pad": os.urandom(200).hex()}) + b"\n" for n in range(400))
+    path = tmp_path / "events.ndjson.gz"
+    path.write_bytes(gzip.compress(lines)[:-5000])
+    sent = []
+
+    def send(body: bytes) -> dict:
+        sent.append(body)
+        return {"accepted": body.count(b"\n"), "rejected": [], "dropped": [], "stored": True}
+
+    with pytest.raises(importing.ImportFailed) as failed:
+        importing.run(path, send)
+    assert 0 < len(sent) < 200 and lines.startswith(b"".join(sent))
+    assert str(failed.value) == (f"events.ndjson.gz: Compressed file ended before the end-of-stream marker was reached;"
+                                 f" the chunks before were sent and are stored ({2 * len(sent):,} events); importing"
+                                 " the whole file again is safe")
+
+
 def test_the_cli_waits_out_the_rate_limit_and_halves_what_the_server_finds_too_large(tmp_path, monkeypatch):
     """Against answers as a server gives them: 429 with Retry-After, then 413 for any body of more
     than two lines; one line alone too large is rejected and the import goes on. Halves are cut
@@ -683,6 +705,23 @@ def test_cli_imports_through_a_server_and_into_a_folder(tmp_path):
     assert cli(str(extra), "--site", site_id, "--data", str(data)).returncode == 0
     assert stored_in_folder(data, site_id) == [12_000 - 1 + 500] * 3
     assert cli(str(tmp_path / "missing.ndjson"), "--site", site_id, "--data", str(data)).returncode == 2
+
+    # Exports come gzipped (told by their first bytes, not the name) and through pipes: `-` is
+    # standard input. A gzip file cut short stops the import with one line, exit 2.
+    more = [sorted(history("cli.example", 200, seed=seed), key=lambda line: line["timestamp"]) for seed in (8, 9)]
+    packed = tmp_path / "more.ndjson.gz"
+    packed.write_bytes(gzip.compress(b"\xef\xbb\xbf" + ndjson(more[0])))
+    done = cli(str(packed), "--site", site_id, "--data", str(data))
+    assert done.returncode == 0 and "accepted 200, rejected 0, dropped 0" in done.stdout, done.stderr
+    piped = subprocess.run([*CLI, "import", "-", "--site", site_id, "--data", str(data)], input=gzip.compress(ndjson(more[1])),
+                           capture_output=True, timeout=600)
+    assert piped.returncode == 0 and b"accepted 200, rejected 0, dropped 0" in piped.stdout, piped.stderr
+    assert stored_in_folder(data, site_id) == [12_000 - 1 + 500 + 400] * 3
+    cut = tmp_path / "cut.ndjson.gz"
+    cut.write_bytes(gzip.compress(ndjson(more[0]))[:-100])
+    broken_gzip = cli(str(cut), "--site", site_id, "--data", str(data))
+    assert broken_gzip.returncode == 2 and "cut.ndjson.gz: Compressed file ended before the end-of-stream marker" in \
+        broken_gzip.stderr, broken_gzip.stderr
 
 
 @pytest.mark.slow
