@@ -142,20 +142,22 @@ def local(settings: Settings, site_id: str) -> Send:
 
 class Source:
     """The lines to import: a file, gzip-compressed or not (told by its first bytes, as `zcat`
-    does), a pipe (`<(…)`), or standard input for `-`. `done` is how far the bar is: bytes of the
-    file as stored, so the bar ends full whatever a byte order mark or gzip took."""
+    does), a pipe (`<(…)`), or standard input for `-`. `done` is how far the bar is: bytes of a
+    file as stored, so the bar ends full whatever a byte order mark or gzip took; bytes of lines
+    read from a pipe, which has no total."""
 
     def __init__(self, file: str | Path) -> None:
         file = str(file)
         self.name = "stdin" if file == "-" else Path(file).name
         try:
-            self._stored = sys.stdin.buffer if file == "-" else open(file, "rb")  # noqa: SIM115 - closed in close()
+            self._stored = sys.stdin.buffer if file == "-" else open(file, "rb")  # noqa: SIM115 - closed in __exit__
             gzipped = self._stored.peek(2)[:2] == b"\x1f\x8b"
             stat = os.fstat(self._stored.fileno())
         except OSError as exc:
             raise ImportFailed(f"cannot read {file}: {exc.strerror or exc}") from None
         self.size = stat.st_size if S_ISREG(stat.st_mode) else None  # a pipe: no total
         self._lines = gzip.GzipFile(fileobj=self._stored) if gzipped else self._stored
+        self._read = 0
 
     def __enter__(self) -> Source:
         return self
@@ -166,13 +168,15 @@ class Source:
 
     def __iter__(self) -> Iterator[bytes]:
         try:
-            yield from self._lines
+            for line in self._lines:
+                self._read += len(line)
+                yield line
         except (OSError, EOFError) as exc:  # gzip's "Not a gzipped file", "Compressed file ended before …"
             raise ImportFailed(f"{self.name}: {exc}") from None
 
     @property
     def done(self) -> int:
-        return self._stored.tell() if self.size is not None else 0
+        return self._stored.tell() if self.size is not None else self._read
 
 
 def chunks(lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
