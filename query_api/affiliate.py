@@ -6,6 +6,7 @@ the quarter hours their edges cut, the raw clicks)."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from fractions import Fraction
 from typing import Annotated
 
@@ -128,7 +129,7 @@ def popular_partners(client: Client, site_id: str, start: datetime, end: datetim
 
 
 def trending_products(client: Client, site_id: str, now: datetime, recent_hours: int, baseline_days: int,
-                      min_growth: float, min_recent_clicks: int, limit: int, category: str = "",
+                      min_growth: Decimal | float, min_recent_clicks: int, limit: int, category: str = "",
                       brand: str = "", raw_events_ttl_days: int = 400) -> dict:
     """Clicks in the last `recent_hours` against the average per `recent_hours` window of the
     `baseline_days` before them. A product without baseline clicks has no growth to compute: it
@@ -140,12 +141,13 @@ def trending_products(client: Client, site_id: str, now: datetime, recent_hours:
         "baseline_start": baseline_start, "recent_start": recent_start, "recent_end": recent_end,
         "whole_start": _quarter_ceil(baseline_start), "whole_end": bucket_of(recent_end),
         "cut": bucket_of(recent_start), "cut_end": _quarter_ceil(recent_start)}).result_rows
+    threshold = Fraction(str(min_growth))  # exact: as written (a Decimal), not as a float holds it
     trending, recent_total = [], 0
     for product_id, slug, recent, baseline in rows:
         recent_total += recent
         average = baseline / windows
         growth = (recent - average) * 100 / average if baseline else None
-        if recent >= min_recent_clicks and recent > 0 and (growth is None or growth >= Fraction(str(min_growth))):
+        if recent >= min_recent_clicks and recent > 0 and (growth is None or growth >= threshold):
             trending.append((growth, recent, product_id, slug, average))
     # Growth decides what trends; the list is ordered as every list (SPEC §7.1): by its first
     # metric, clicks_recent, ties by slug.

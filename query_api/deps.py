@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Annotated, Any
 
 import orjson
@@ -118,6 +119,20 @@ def _written_as(pattern: re.Pattern, what: str) -> BeforeValidator:
 
 # Query parameters: `Annotated[Integer, Query(ge=1)]`.
 Integer = Annotated[int, _written_as(_WHOLE, "a whole number in digits, such as 10")]
-DecimalNumber = Annotated[float, _written_as(_DECIMAL, "a number in digits, such as 100 or 12.5")]
+class _DocumentedAsNumber:
+    """pydantic documents a Decimal as a number or a string of digits; a query parameter is text
+    anyway, and the document says number, as it did for a float."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        schema = handler(core_schema)
+        schema.pop("anyOf", None)
+        return {"type": "number", **schema}
+
+
+# A Decimal, not a float: a threshold compared exactly (`min_growth=100.0000000000000001` is above
+# a growth of 100, and a float took it for 100; `-100.00000000000000001` passed `ge=-100`).
+DecimalNumber = Annotated[Decimal, _written_as(_DECIMAL, "a number in digits, such as 100 or 12.5"),
+                          _DocumentedAsNumber]
 # An empty site_id is a 400 like any missing parameter, not a site that does not exist.
 SiteId = Annotated[str, Query(description="Site ID", min_length=1, max_length=MAX_SITE_ID)]

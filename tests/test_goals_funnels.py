@@ -594,6 +594,13 @@ async def test_categories_partners_and_trending(client, services):
     assert [p["product_id"] for p in r.json()["data"]] == ["hot"]
     r = await client.get(f"{API}/trending/products", params={"site_id": site, "min_growth": 0, "min_recent_clicks": 1})
     assert [p["product_id"] for p in r.json()["data"]] == ["hot", "new", "steady", "lonely"]
+    # min_growth is compared exactly as written: hot's +500 % passes 500, not 500 and a hair (a
+    # float took 500.0000000000000001 for 500), and the bounds are exact too.
+    for min_growth, trending in (("500", ["hot", "new"]), ("500.0000000000000001", ["new"])):
+        r = await client.get(f"{API}/trending/products", params={"site_id": site, "min_growth": min_growth})
+        assert [p["product_id"] for p in r.json()["data"]] == trending, min_growth
+    r = await client.get(f"{API}/trending/products", params={"site_id": site, "min_growth": "-100.00000000000000001"})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("min_growth"), r.text
 
 
 async def test_trending_windows_count_back_from_now_to_the_second(client, services):
