@@ -284,6 +284,9 @@ def cmd_import(args: argparse.Namespace) -> None:
             send = importing.local(settings, args.site)
         totals = importing.run(args.file, send)
     except importing.ImportFailed as exc:
+        done = getattr(exc, "totals", None)
+        if done is not None and (done.accepted or done.rejected or done.dropped):  # what the chunks before did
+            importing.report(done)
         print(f"besokskollen import: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     raise SystemExit(importing.report(totals))

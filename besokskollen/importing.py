@@ -9,13 +9,17 @@ Line numbers in the summary count across the whole file, not per chunk."""
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import sys
+import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
+from typing import BinaryIO
 
 import httpx
 from rich.console import Console
@@ -140,38 +144,101 @@ def local(settings: Settings, site_id: str) -> Send:
     return send
 
 
+# What a file starts with when it is compressed in a way the import does not read (`file`'s magic).
+_OTHER_COMPRESSION = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip"}
+_GZIP = b"\x1f\x8b"
+_GZIP_ERRORS = (OSError, EOFError, zlib.error)  # "Not a gzipped file", "ended before …", "CRC check failed", bad data
+
+
+class _Prefixed(io.RawIOBase):
+    """A pipe whose first bytes were read to tell its format: those bytes, then the rest."""
+
+    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+        self._head, self._rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        data = self._head[:len(buffer)] if self._head else self._rest.read1(len(buffer))
+        self._head = self._head[len(data):]
+        buffer[:len(data)] = data
+        return len(data)
+
+
 class Source:
-    """The lines to import: a file, gzip-compressed or not (told by its first bytes, as `zcat`
-    does), a pipe (`<(…)`), or standard input for `-`. `done` is how far the bar is: bytes of a
-    file as stored, so the bar ends full whatever a byte order mark or gzip took; bytes of lines
-    read from a pipe, which has no total."""
+    """The lines to import: a file or a pipe (`<(…)`, `-` for standard input), gzip-compressed or
+    not (told by its first bytes, as `zcat` does). A gzip file is read through once before any
+    line is sent — its checksum comes at its end, and a damaged one would have sent damaged lines
+    first; from a pipe it is unpacked into a temporary file on the way. `size` and `done` are for
+    the bar: bytes of the file as stored (None for a pipe: no total)."""
 
     def __init__(self, file: str | Path) -> None:
         file = str(file)
-        self.name = "stdin" if file == "-" else Path(file).name
+        self.name = "stdin" if file == "-" else file
+        if file == "-" and sys.stdin is None:  # started with standard input closed (`<&-`)
+            raise ImportFailed("there is no standard input to read (`-`)")
         try:
-            self._stored = sys.stdin.buffer if file == "-" else open(file, "rb")  # noqa: SIM115 - closed in __exit__
-            gzipped = self._stored.peek(2)[:2] == b"\x1f\x8b"
+            self._opened = None if file == "-" else open(file, "rb")  # noqa: SIM115 - closed in __exit__
+            self._stored: BinaryIO = self._opened or sys.stdin.buffer
             stat = os.fstat(self._stored.fileno())
+            self.size = stat.st_size if S_ISREG(stat.st_mode) else None
+            if self.size is not None:
+                self.name = Path(file).name
+                head = self._stored.read(6)
+                self._stored.seek(0)
+            else:
+                head = self._stored.read(6)  # a pipe may hand over one byte at a time
+                self._stored = io.BufferedReader(_Prefixed(head, self._stored))
         except OSError as exc:
             raise ImportFailed(f"cannot read {file}: {exc.strerror or exc}") from None
-        self.size = stat.st_size if S_ISREG(stat.st_mode) else None  # a pipe: no total
-        self._lines = gzip.GzipFile(fileobj=self._stored) if gzipped else self._stored
+        for magic, kind in _OTHER_COMPRESSION.items():
+            if head.startswith(magic):
+                raise ImportFailed(f"{self.name} is {kind}-compressed; the import reads plain or gzip NDJSON"
+                                   " (unpack it first, or pipe it: … | besokskollen import - --site S)")
+        self.gzipped = head.startswith(_GZIP)
+        self._lines: Iterable[bytes] = self._stored
+        self._unpacked: BinaryIO | None = None
         self._read = 0
+
+    def check(self, advance: Callable[[int], None]) -> None:
+        """Read a gzip file through (its checksum is at its end); from a pipe, into a temporary
+        file the lines are then read from. `advance(done)` as it goes. Plain text: nothing to do."""
+        if not self.gzipped:
+            return
+        unpacked = None if self.size is not None else tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
+        try:
+            with gzip.GzipFile(fileobj=self._stored) as packed:
+                while block := packed.read(1 << 20):
+                    if unpacked is not None:
+                        unpacked.write(block)
+                    advance(self._stored.tell() if self.size is not None else packed.tell())
+        except _GZIP_ERRORS as exc:
+            if unpacked is not None:
+                unpacked.close()
+            raise ImportFailed(f"{self.name} is not a whole gzip file ({exc}); nothing was imported") from None
+        if unpacked is None:
+            self._stored.seek(0)
+            self._lines = gzip.GzipFile(fileobj=self._stored)
+        else:  # read on from the unpacked copy, with its size for the bar
+            self._unpacked = self._stored = self._lines = unpacked
+            self.size = unpacked.tell()
+            unpacked.seek(0)
 
     def __enter__(self) -> Source:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._stored is not sys.stdin.buffer:
-            self._stored.close()
+        for stream in (self._opened, self._unpacked):
+            if stream is not None:
+                stream.close()
 
     def __iter__(self) -> Iterator[bytes]:
         try:
             for line in self._lines:
                 self._read += len(line)
                 yield line
-        except (OSError, EOFError) as exc:  # gzip's "Not a gzipped file", "Compressed file ended before …"
+        except _GZIP_ERRORS as exc:  # checked before; the file changed since, or the disk failed
             raise ImportFailed(f"{self.name}: {exc}") from None
 
     @property
@@ -198,9 +265,14 @@ def chunks(lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
 def run(file: str | Path, send: Send) -> Totals:
     """Import `file` (a path, or `-` for standard input) chunk by chunk through `send`."""
     totals = Totals()
-    columns = (TextColumn("importing {task.fields[name]}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    columns = (TextColumn("{task.fields[doing]} {task.fields[name]}"), BarColumn(), DownloadColumn(),
+               TimeRemainingColumn())
     with Source(file) as source, Progress(*columns, console=Console(stderr=True)) as progress:
-        task = progress.add_task("import", total=source.size, name=source.name)
+        if source.gzipped:
+            checking = progress.add_task("check", total=source.size, name=source.name, doing="checking")
+            source.check(lambda done: progress.update(checking, completed=done))
+            progress.update(checking, total=progress.tasks[checking].completed)
+        task = progress.add_task("import", total=source.size, name=source.name, doing="importing")
         try:
             for before, body in chunks(source):
                 totals.in_flight = (before + 1, before + body.count(b"\n") + (not body.endswith(b"\n")))
@@ -212,6 +284,8 @@ def run(file: str | Path, send: Send) -> Totals:
         except ImportFailed as exc:
             exc.totals = totals
             raise
+        if not totals.interrupted:  # full, also without a total (a pipe) or a chunk (an empty file)
+            progress.update(task, total=source.done, completed=source.done)
     return totals
 
 
