@@ -183,8 +183,8 @@ class Source:
             self._stored: BinaryIO = self._opened or sys.stdin.buffer
             stat = os.fstat(self._stored.fileno())
             self.size = stat.st_size if S_ISREG(stat.st_mode) else None
-            if self.size is not None:
-                self.name = Path(file).name
+            if self.size is not None:  # a file, also as standard input (`- < export.ndjson`)
+                self.name = self.name if file == "-" else Path(file).name
                 head = self._stored.read(6)
                 self._stored.seek(0)
             else:
