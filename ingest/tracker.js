@@ -89,10 +89,17 @@
     send("pageview");
   }
 
+  // bk() never throws into the page's code: a prop JSON cannot write (a cyclic object, a BigInt
+  // inside one) is left out, and the event goes. `click` is the affiliate links' event, which the
+  // API refuses without their product: bk("click") sends nothing, and says so.
   function bk(name, options) {
     var props = options && options.props, p = {}, n = 0, k, v;
+    if (clean(name, 9) == "click") return console.warn("bk: clicks come from links with data-bk-product");
     // The API takes 30 props, keys of 1-120 characters and strings of <= 500.
-    for (k in props) if ((v = props[k]) != null && k && n++ < 30) p[cut(k, 120)] = cut(typeof v == "object" ? JSON.stringify(v) : v, 500);
+    for (k in props) {
+      try { v = props[k]; v = v == null ? v : cut(typeof v == "object" ? JSON.stringify(v) : v, 500); } catch (x) { v = null; }
+      if (v != null && k && n++ < 30) p[cut(k, 120)] = v;
+    }
     send(name, props ? { props: p } : {});
   }
 
@@ -131,5 +138,5 @@
   var queued = (w.bk && w.bk.q) || [];
   w.bk = bk;
   page();
-  for (var i = 0; i < queued.length; i++) bk.apply(null, queued[i]);
+  for (var i = 0; i < queued.length; i++) try { bk.apply(null, queued[i]); } catch (x) {} // one bad call, not the rest
 })(window, document);

@@ -336,6 +336,11 @@ REFUSED = (STUB + """<script>
   bk("keys", {props: {["k".repeat(121)]: "long key", "": "no key", obj: {a: 1}}});
   bk("surrogate", {props: {q: "\\u{1F600}abc".slice(1)}});
   bk("large", {props: Object.fromEntries(Array.from({length: 20}, (_, i) => ["k" + i, "å".repeat(500)]))});
+  // Props JSON cannot write: the call threw in the script's start, and every call queued after it
+  // was lost.
+  var cyclic = {}; cyclic.self = cyclic;
+  bk("queued-bad", {props: {o: cyclic, big: {n: 10n}, s: Symbol("s"), kept: "yes"}});
+  bk("after-bad");
   navigation.addEventListener("navigate", e => {
     if (e.canIntercept && e.destination.url.includes("/nav/")) e.intercept({handler: async () => {}}) });
 </script>""" + WHOLE_API_TAG + """
@@ -356,7 +361,8 @@ def test_what_the_api_would_refuse_is_cut_or_cleaned_not_lost_in_chromium(up):
     from playwright.sync_api import sync_playwright
 
     with httpx.Client(base_url=up, headers=AUTH, timeout=30) as api:
-        site = _site_with_goals(api, "lang.example", "many", "keys", "surrogate", "large", "burst", "a button s text")
+        site = _site_with_goals(api, "lang.example", "many", "keys", "surrogate", "large", "burst", "a button s text",
+                                "queued-bad", "after-bad", "late-bad")
         _Site.pages, _Site.site, _Site.api = {"/lang": REFUSED}, site, up
         server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Site)
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -364,6 +370,9 @@ def test_what_the_api_would_refuse_is_cut_or_cleaned_not_lost_in_chromium(up):
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 page = browser.new_page(user_agent=DESKTOP)
+                answers, warnings = [], []
+                page.on("response", lambda r: answers.append(r.status) if r.url == f"{up}/api/event" else None)
+                page.on("console", lambda m: warnings.append(m.text) if m.type == "warning" else None)
                 page.goto(f"http://127.0.0.1:{server.server_address[1]}{LONG_URL}")  # pageview of /lang
                 page.wait_for_function("window.bk && !window.bk.q")
                 page.evaluate("""() => {
@@ -374,6 +383,10 @@ def test_what_the_api_would_refuse_is_cut_or_cleaned_not_lost_in_chromium(up):
                     history.pushState(null, "", "/å/" + "å".repeat(400));
                     bk("\\n  a button\\u0085s text\\t");  // control characters in a name: a 400
                     bk(""); bk("  \\n ");                 // nothing to name: not sent
+                    // bk() threw into the page's code for these; a click without a product was a 400.
+                    const c = {}; c.c = c;
+                    bk("late-bad", {props: {c, kept: "yes"}});
+                    bk("click", {props: {a: "1"}});
                     for (let i = 0; i < 12; i++)                        // ~15 KB each
                         bk("burst", {props: Object.fromEntries(Array.from({length: 30}, (_, k) => ["k" + k, "x".repeat(500)]))});
                 }""")
@@ -385,8 +398,11 @@ def test_what_the_api_would_refuse_is_cut_or_cleaned_not_lost_in_chromium(up):
                 long_page = "/å/" + "å" * ((2000 - len(f"http://127.0.0.1:{server.server_address[1]}/%C3%A5/")) // 6)
                 _wait_for_numbers(api, site, {
                     "pages": {"/lang": 1, long_page: 1, "/nav/one": 1},
-                    "goals": {"many": 1, "keys": 1, "surrogate": 1, "large": 1, "burst": 12, "a button s text": 1},
+                    "goals": {"many": 1, "keys": 1, "surrogate": 1, "large": 1, "burst": 12, "a button s text": 1,
+                              "queued-bad": 1, "after-bad": 1, "late-bad": 1},
                     "products": {"newline": 1, "p" * 200: 1, "card": 1}})
+                assert answers and set(answers) == {202}, answers
+                assert "bk: clicks come from links with data-bk-product" in warnings, warnings
                 browser.close()
         finally:
             server.shutdown()
