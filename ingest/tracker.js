@@ -7,8 +7,10 @@
   var site = s.getAttribute("data-site"), on = w.bkSites = w.bkSites || {};
   if (on[site]) return; // included twice: one init per site
   on[site] = 1;
-  // data-api names the host; the endpoint's whole URL (as other trackers take it) works too.
-  var api = (s.getAttribute("data-api") || new URL(s.src).origin).replace(/\/$/, "").replace(/\/api\/event$/, "") + "/api/event";
+  // data-api names the host (or a path ending in "/": a proxy's prefix), where /api/event is; or
+  // the endpoint's whole URL, as other trackers take it (a proxy's own path, /stats/event).
+  var api = new URL(s.getAttribute("data-api") || "/", s.getAttribute("data-api") ? loc : s.src).href;
+  if (/\/$/.test(api)) api += "api/event";
   var hash = s.hasAttribute("data-hash");
   var off = s.hasAttribute("data-respect-dnt") && (nav.doNotTrack == "1" || w.doNotTrack == "1");
   var last = null, ref = d.referrer || null;

@@ -168,6 +168,16 @@ class _Site(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_POST(self) -> None:
+        """A site's own proxy for the tracker's events at a path of its choosing, `/stats/event`."""
+        assert self.path == "/stats/event", self.path
+        body = self.rfile.read(int(self.headers["content-length"]))
+        sent = httpx.post(f"{self.api}/api/event", content=body,
+                          headers={"user-agent": self.headers["user-agent"], "content-type": self.headers["content-type"]})
+        self.send_response(sent.status_code)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
     def log_message(self, *args) -> None:
         pass
 
@@ -354,6 +364,30 @@ line">brand on two lines</a>
 <div data-bk-product="card" data-bk-partner="kjell"><buy-button></buy-button></div>
 <script>customElements.define("buy-button", class extends HTMLElement {
   connectedCallback() { this.attachShadow({mode: "open"}).innerHTML = '<a id="inner" href="#d">Köp</a>' } })</script>""")
+
+
+def test_data_api_takes_a_host_or_a_proxys_own_path_in_chromium(up):
+    """`data-api` with a path is the endpoint itself: a site proxying at /stats/event had its
+    events sent to /stats/event/api/event."""
+    from playwright.sync_api import sync_playwright
+
+    with httpx.Client(base_url=up, headers=AUTH, timeout=30) as api:
+        site = _site_with_goals(api, "proxy.example", "via-proxy")
+        proxied = """<script defer data-site="{site}" data-api="/stats/event" src="{api}/js/script.js"></script>
+                     <script>window.bk = window.bk || function () { (bk.q = bk.q || []).push(arguments) };
+                     bk("via-proxy")</script>"""
+        _Site.pages, _Site.site, _Site.api = {"/p": proxied}, site, up
+        server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Site)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                page = browser.new_page(user_agent=DESKTOP)
+                page.goto(f"http://127.0.0.1:{server.server_address[1]}/p")
+                _wait_for_numbers(api, site, {"pages": {"/p": 1}, "goals": {"via-proxy": 1}})
+                browser.close()
+        finally:
+            server.shutdown()
 
 
 def test_what_the_api_would_refuse_is_cut_or_cleaned_not_lost_in_chromium(up):
