@@ -4,6 +4,7 @@ enrichment and stream core as live events (only the clock is the events' own).""
 from __future__ import annotations
 
 import random
+import uuid
 from datetime import datetime, timedelta, timezone
 
 from rich.progress import Progress
@@ -13,7 +14,8 @@ from ingest import useragents
 from ingest.enrich import enrich
 from ingest.event import Event, IncomingEvent
 from streams.core import StreamCore
-from streams.rollups import sites_with_events
+from streams.buckets import BUCKET, bucket_of
+from streams.rollups import events_before
 from streams.sites import Site
 
 DEMO_DOMAIN = "mobildelar.se"
@@ -49,10 +51,17 @@ def _pick(rng: random.Random, weighted: list[tuple]) -> tuple:
     return rng.choices(weighted, weights=[w[-1] for w in weighted])[0]
 
 
-def _visit(rng: random.Random, site: Site, start: datetime) -> list[tuple[datetime, IncomingEvent]]:
-    """One session: a landing page, maybe more pages, maybe an affiliate click."""
+# Hot right now (so `trending/products` has something to show at its defaults): (product, extra
+# visits that click it in the last day), one of them new, without a baseline.
+_TRENDING = [(_PRODUCTS[4], 22), (_PRODUCTS[5], 14), (("iphone-17-skal", "mobilskal", "apple", "teknikdelar", 0), 9)]
+_IDS = uuid.UUID("6f1e8a0c-0d5b-4c53-9a53-0b1e5c2d7a11")  # namespace of the demo's event ids
+
+
+def _visit(rng: random.Random, site: Site, start: datetime, hot: tuple | None = None
+           ) -> list[tuple[datetime, IncomingEvent]]:
+    """One session: a landing page, maybe more pages, maybe an affiliate click (of `hot`, always)."""
     referrer = _pick(rng, _REFERRERS)[0]
-    product = _pick(rng, _PRODUCTS)
+    product = hot or _pick(rng, _PRODUCTS)
     landing = rng.choice([f"/produkt/{product[0]}"] * 3 + _PAGES)
     pages = [landing] + [rng.choice(_PAGES + [f"/produkt/{_pick(rng, _PRODUCTS)[0]}"])
                          for _ in range(rng.choices([0, 1, 2, 3, 5], weights=[45, 25, 15, 10, 5])[0])]
@@ -61,21 +70,21 @@ def _visit(rng: random.Random, site: Site, start: datetime) -> list[tuple[dateti
         out.append((at, IncomingEvent(site_id=site.site_id, name="pageview", url=f"https://{site.domain}{page}",
                                       referrer=referrer if i == 0 else f"https://{site.domain}{pages[i - 1]}")))
         at += timedelta(seconds=rng.randint(8, 240))
-    if rng.random() < 0.22:
-        clicked = product if rng.random() < 0.6 else _pick(rng, _PRODUCTS)
+    if hot or rng.random() < 0.22:
+        clicked = product if hot or rng.random() < 0.6 else _pick(rng, _PRODUCTS)
         out.append((at, IncomingEvent(
             site_id=site.site_id, name="click", url=f"https://{site.domain}{pages[-1]}",
             product={"id": clicked[0], "category_slug": clicked[1], "brand_slug": clicked[2], "partner_slug": clicked[3]})))
     return out
 
 
-def seed(services: Services, core: StreamCore, now: datetime | None = None, seed_value: int = 42) -> Site:
-    """Create the demo site and feed it DAYS days of traffic ending now, unless it has data."""
-    now = now or datetime.now(timezone.utc)
+def seed(services: Services, core: StreamCore, seed_value: int = 42) -> Site:
+    """Create the demo site and feed it DAYS days of traffic ending when the site was created,
+    unless it has them all. The same site gets the same traffic under the same event ids, so a
+    seeding stopped half-way is done again, whole, at the next start, and stores each event once."""
     site = (services.sites.by_domain(DEMO_DOMAIN)
             or services.sites.create(DEFAULT_ACCOUNT, DEMO_DOMAIN, "Mobildelar (demo)"))
-    if sites_with_events(services.client, [site.site_id]):
-        return site
+    now = site.created_at.replace(tzinfo=timezone.utc)
     rng = random.Random(seed_value)
     people = [(f"81.{rng.randint(1, 250)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}",
                _pick(rng, _AGENTS)[0], _pick(rng, _COUNTRIES)[0]) for _ in range(6000)]
@@ -91,7 +100,16 @@ def seed(services: Services, core: StreamCore, now: datetime | None = None, seed
             # Busier in the evening (Swedish time), quiet at night.
             start = midnight + timedelta(hours=min(23.99, max(0.0, rng.gauss(16, 4.5))))
             visits += [(at, incoming, ip, agent, country) for at, incoming in _visit(rng, site, start) if at <= now]
+        if day == DAYS - 1:
+            for hot, extra in _TRENDING:
+                for _ in range(extra):
+                    ip, agent, country = rng.choice(people)
+                    start = now - timedelta(hours=rng.uniform(0.5, 20))
+                    visits += [(at, incoming, ip, agent, country) for at, incoming in _visit(rng, site, start, hot)
+                               if at <= now]
         days.append(sorted(visits, key=lambda visit: visit[0]))
+    if events_before(services.client, site.site_id, bucket_of(now) + BUCKET) >= sum(map(len, days)):
+        return site
     # Historic times, decided oldest first, as an import is: every day's salt read or made up
     # front (one by one, each new salt waited `salts.SETTLE_S`: ~25 s of a 50 s start).
     visitors = services.visitors.for_batch((site.site_id, ip, agent, at)
@@ -101,8 +119,9 @@ def seed(services: Services, core: StreamCore, now: datetime | None = None, seed
         task = progress.add_task(f"Seeding {DAYS} days of demo traffic", total=DAYS)
         for day, visits in enumerate(days):
             batch += [enrich(incoming, site, useragents.parse(agent), country,
-                             visitors.visitor_id(site.site_id, ip, agent, at), at)
-                      for at, incoming, ip, agent, country in visits]
+                             visitors.visitor_id(site.site_id, ip, agent, at), at,
+                             str(uuid.uuid5(_IDS, f"{site.incarnation}:{day}:{n}")))
+                      for n, (at, incoming, ip, agent, country) in enumerate(visits)]
             # Several days per batch: the core took 13.4 s for 90 one-day batches, 7.4 s for 12 of
             # ~5,000 events. Visitor ids, sessions and rollups are the same: `visitors` remembers
             # the sessions it saw, as it does within an import.

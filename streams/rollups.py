@@ -96,6 +96,14 @@ def rebuild(client: Client, touched: set[tuple[str, str, str, int]]) -> None:
               "end": times[-1] + timedelta(days=1)}, ["visitors", *_MEASURES], (0, *[0] * len(_MEASURES)))
 
 
+def events_before(client: Client, site_id: str, until: datetime) -> int:
+    """How many events a site has in the quarter hours before `until` (`up --demo`: whether its
+    seeding was done)."""
+    return client.query(
+        "SELECT sum(events) FROM rollup_15m FINAL WHERE site_id = {site:String} AND kind = 'total'"
+        " AND bucket < {until:DateTime('UTC')}", parameters={"site": site_id, "until": until}).result_rows[0][0]
+
+
 def sites_with_events(client: Client, site_ids: list[str]) -> set[str]:
     """The sites among `site_ids` that have had an event (`verified`, `has_data`). Read from the
     daily totals, not the raw events: those expire (BK_RAW_EVENTS_TTL_DAYS), and a site whose last
