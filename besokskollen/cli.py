@@ -143,9 +143,12 @@ def cmd_up(args: argparse.Namespace) -> None:
             if core is None:
                 _usage_error(args, "--demo seeds through the embedded stream core; unset BK_KAFKA_BOOTSTRAP")
             site = demo.seed(services, core)
-            key = settings.admin_key or services.keys.create(DEFAULT_ACCOUNT)
+            # BK_ADMIN_KEY unless it was revoked (it then opens nothing: a new key works).
+            admin = settings.admin_key if settings.admin_key and services.keys.lookup(settings.admin_key) else None
+            key = admin or services.keys.create(DEFAULT_ACCOUNT)
             print(f"\nDemo site {site.site_id!r} is ready. API key (user level): {key}\n")
             for path in (f"popular/products?site_id={site.site_id}&days=7&limit=5",
+                         f"trending/products?site_id={site.site_id}",
                          f"stats/overview?site_id={site.site_id}&period=30d",
                          "sites"):
                 print(f'curl -H "Authorization: Bearer {key}" "{base}/api/v1/{path}"')

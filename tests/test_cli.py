@@ -70,6 +70,10 @@ def test_up_demo_prints_curl_lines_that_answer(tmp_path):
         tracked = httpx.post(argv[-1], content=argv[argv.index("-d") + 1], headers=headers)
         assert tracked.status_code == 202 and "x-dropped" not in tracked.headers, tracked.text
 
+        argv = shlex.split(next(line for line in lines if "/trending/products" in line))
+        trending = httpx.get(argv[-1], headers=[tuple(p.strip() for p in argv[argv.index("-H") + 1].split(":", 1))])
+        assert trending.status_code == 200 and trending.json()["data"], trending.text  # hot products at the defaults
+
         overview_line = next(line for line in lines if "/stats/overview" in line)
         argv = shlex.split(overview_line)
         overview = httpx.get(argv[-1], headers=[tuple(p.strip() for p in argv[argv.index("-H") + 1].split(":", 1))]).json()
