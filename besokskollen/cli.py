@@ -256,7 +256,12 @@ def cmd_status(args: argparse.Namespace) -> None:
 def cmd_keys_create(args: argparse.Namespace) -> None:
     from besokskollen.app import open_services
 
-    services = open_services(_settings(args))
+    settings = _settings(args)
+    new = settings.data_folder is not None and not settings.data_folder.exists()
+    services = open_services(settings)
+    if new:  # a new deployment's first key, or a mistyped --data: said either way
+        print(f"besokskollen keys: there was no data folder at {settings.data_folder}; made a new, empty one",
+              file=sys.stderr)
     if args.site:
         site = services.sites.get(args.site)
         if site is None:
@@ -338,8 +343,11 @@ def cmd_copy(args: argparse.Namespace) -> None:
 def cmd_keys_revoke(args: argparse.Namespace) -> None:
     from besokskollen.app import open_services
 
-    if not open_services(_settings(args)).keys.revoke(args.key):
-        raise SystemExit("no such API key (or it is revoked already)")
+    settings = _settings(args)
+    if settings.data_folder is not None and not settings.data_folder.is_dir():  # it would make an empty one
+        _usage_error(args, f"no data folder at {settings.data_folder}")
+    if not open_services(settings).keys.revoke(args.key):
+        raise SystemExit("besokskollen keys: no such API key (or it is revoked already)")
     print("revoked")
 
 

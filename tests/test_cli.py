@@ -90,8 +90,12 @@ def test_migrate_is_idempotent_and_keys_create_prints_working_keys(tmp_path):
     assert second.returncode == 0 and "schema is up to date" in second.stdout, second.stderr
 
     created = run("keys", "create", "--account", "acme", "--data", data)
-    assert created.returncode == 0, created.stderr
+    assert created.returncode == 0 and "no data folder" not in created.stderr, created.stderr
     key = created.stdout.strip()
+    # A key made in a folder that was not there is said to be (a mistyped --data).
+    elsewhere = run("keys", "create", "--account", "acme", "--data", str(tmp_path / "typo"))
+    assert elsewhere.returncode == 0 and re.fullmatch(r"bk_[A-Za-z0-9_-]{20,}", elsewhere.stdout.strip())
+    assert f"there was no data folder at {tmp_path / 'typo'}; made a new, empty one" in elsewhere.stderr
     assert re.fullmatch(r"bk_[A-Za-z0-9_-]{20,}", key)
     unknown_site = run("keys", "create", "--account", "acme", "--site", "nope", "--data", data)
     assert unknown_site.returncode != 0 and "no site with id 'nope'" in unknown_site.stderr
@@ -935,7 +939,9 @@ def test_a_data_folder_that_is_a_file_or_cannot_be_made_is_one_line(tmp_path):
              (["import", str(events), "--site", "s", "--data", str(afile / "d" / "e")],
               f"cannot use the data folder {afile / 'd' / 'e'}: Not a directory ("),
              (["import", str(tmp_path / "missing.ndjson"), "--site", "s"], f"no such file: {tmp_path / 'missing.ndjson'}"),
-             (["import", str(tmp_path), "--site", "s"], f"not a regular file: {tmp_path}")]
+             (["import", str(tmp_path), "--site", "s"], f"not a regular file: {tmp_path}"),
+             # A mistyped folder: revoking there made an empty database, and said only "no such key".
+             (["keys", "revoke", "bk_" + "x" * 20, "--data", str(tmp_path / "typo")], f"no data folder at {tmp_path / 'typo'}")]
     for command, message in cases:
         result = subprocess.run([*CLI, *command], capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, (command, result.stderr)
