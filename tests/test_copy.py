@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from query_api.keys import KeyStore
+from streams import replay
 from tests.conftest import ADMIN_KEY, ROOT, SSL_CONTEXT, free_port, process, wait_until
 from tests.test_crash import API, AUTH, CLI
 
@@ -134,18 +136,41 @@ def test_a_copy_that_did_not_finish_is_started_over(tmp_path):
     with _front(tmp_path) as front:
         assert _copy(data, front).returncode == 0
         target = storage.connect(front)
-        count = lambda table: target.query(f"SELECT count() FROM {table}").result_rows[0][0]  # noqa: E731
+        # Rows as read (keyed tables under FINAL: a key copied again is one row to every reader).
+        count = lambda table: target.query(  # noqa: E731
+            f"SELECT count() FROM {table}{' FINAL' if table == 'api_keys' else ''}").result_rows[0][0]
         whole = {table: count(table) for table in ("events", "salts", "api_keys")}
         assert whole["events"] == 5000 and whole["salts"] == 1
         # As a run killed after the marker and some rows leaves the target:
         target.command("CREATE TABLE copy_unfinished (started DateTime) ENGINE = MergeTree ORDER BY tuple()")
         target.command("ALTER TABLE events DELETE WHERE timestamp < now64(3) - 1000 SETTINGS mutations_sync = 2")
+        # What the target's own processes wrote meanwhile (their BK_ADMIN_KEY, the day's salt) stays:
+        # the run started over emptied every table, and a running `api` answered its key 401.
+        own_key = KeyStore(target, target).create("default")
+        target.command("INSERT INTO salts (day, salt, created_at) VALUES (today() + 1, 'the target''s own salt', now64(6))")
         again = _copy(data, front)
         assert again.returncode == 0, again.stderr
         assert "did not finish" in again.stderr and "starting over" in again.stderr
+        whole |= {"salts": whole["salts"] + 1, "api_keys": whole["api_keys"] + 1}
         assert {table: count(table) for table in whole} == whole  # nothing doubled (salts have no key)
+        assert KeyStore(target, target).lookup(own_key) is not None
         refused = _copy(data, front)
         assert refused.returncode != 0 and "already holds events" in refused.stderr
+
+
+def test_a_target_with_sites_of_its_own_is_refused(tmp_path):
+    """A site made on the target before the copy stood beside the copied one of its domain, and
+    its timezone won: the numbers were no longer `up`'s."""
+    from streams import storage
+    from streams.sites import SiteRegistry
+
+    data, _ = _folder(tmp_path)
+    with _front(tmp_path) as front:
+        target = storage.connect(front)
+        replay.upgrade(target, 1800, 400)
+        SiteRegistry(target, target).create("default", "copy.example", "New deployment", "UTC")
+        refused = _copy(data, front)
+        assert refused.returncode != 0 and "the target already has sites (copy.example)" in refused.stderr
 
 
 def test_a_target_whose_raw_events_expired_is_refused_too(tmp_path):
