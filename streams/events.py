@@ -201,6 +201,16 @@ def stored_event_ids(client: Client, events: Sequence[Event]) -> set[str]:
     return {event_id for _, event_id in found}
 
 
+def stored_at(client: Client, site_id: str, event_id: str, at: datetime) -> bool:
+    """Whether the event is stored with this id at this time, to the millisecond it was stored at
+    (`up --demo`: whether its events are the demo's own)."""
+    return bool(client.query(
+        "SELECT count() FROM events WHERE site_id = {site:String} AND event_id = {id:UUID}"
+        " AND timestamp BETWEEN subtractMilliseconds({at:DateTime64(6, 'UTC')}, 1)"
+        " AND addMilliseconds({at:DateTime64(6, 'UTC')}, 1)",
+        parameters={"site": site_id, "at": DT64Param(at), "id": event_id}).result_rows[0][0])
+
+
 def _copies(client: Client, events: list[Event], chunk: int = 2000) -> dict[tuple[str, str], list[StoredEvent]]:
     """The stored rows (every copy, merged or not) of these events' ids within RETRY_WINDOW of
     their times, by (site_id, event_id)."""

@@ -1165,3 +1165,20 @@ def test_a_demo_seeding_stopped_half_way_is_done_whole_at_the_next_start(service
     hot = trending_products(services.client, site.site_id, datetime.now(timezone.utc), 24, 7, 100, 3, 10)["data"]
     assert {p["product_id"] for p in hot} >= {"airpods-pro-2", "iphone-17-skal"}, hot
     assert any(p["growth_percent"] is None for p in hot) and any(p["growth_percent"] for p in hot), hot
+
+
+def test_a_demo_site_with_events_not_its_own_is_left_as_it_is(services, monkeypatch):
+    """A demo seeded by an earlier release has random event ids: seeding it again would count its
+    traffic twice. Nor is a site with imported events of its own topped up."""
+    from besokskollen import demo
+    from ingest.event import Event
+    from streams.core import StreamCore
+
+    monkeypatch.setattr(demo, "DEMO_DOMAIN", f"old-demo-{uuid.uuid4().hex[:6]}.example")
+    site = services.sites.create("default", demo.DEMO_DOMAIN, "Mobildelar (demo)")
+    core = StreamCore(services.client, services.settings.session_timeout_s, services.goals)
+    at = site.created_at.replace(tzinfo=timezone.utc) - timedelta(days=3)
+    core.process([Event(event_id=str(uuid.uuid4()), site_id=site.site_id, timestamp=at, name="pageview", visitor_id=1,
+                        pathname="/")])
+    monkeypatch.setattr(core, "process", lambda batch: pytest.fail("seeded over events not its own"))
+    assert demo.seed(services, core) == site
