@@ -7,6 +7,8 @@ from __future__ import annotations
 import gzip
 import shutil
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -182,6 +184,18 @@ class _Site(BaseHTTPRequestHandler):
         pass
 
 
+@contextmanager
+def _serving(pages: dict[str, str], site: str, api: str) -> Iterator[str]:
+    """The test site's pages (`_Site`) on a port of their own while the block runs: their origin."""
+    _Site.pages, _Site.site, _Site.api = pages, site, api
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Site)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
 def _site_with_goals(api: httpx.Client, domain: str, *events: str) -> str:
     site = api.post(f"{API}/sites", json={"domain": domain, "timezone": "UTC"}).json()["data"]["id"]
     for event in events:
@@ -253,16 +267,13 @@ def test_affiliate_clicks_by_every_hand_script_twice_props_and_back_forward_cach
 
     with httpx.Client(base_url=up, headers=AUTH, timeout=30) as api:
         site = _site_with_goals(api, "klick.example", "long")
-        _Site.pages, _Site.site, _Site.api = {"/": SHOP}, site, up  # /away: no script
-        server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Site)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
+        with _serving({"/": SHOP}, site, up) as origin:  # /away: no script
             with sync_playwright() as p:
                 # Playwright turns the back-forward cache off by default.
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
                                             ignore_default_args=["--disable-back-forward-cache"])
                 page = browser.new_page(user_agent=DESKTOP)
-                page.goto(f"http://127.0.0.1:{server.server_address[1]}/")  # pageview 1 of /
+                page.goto(f"{origin}/")  # pageview 1 of /
                 page.wait_for_function("window.bk && !window.bk.q")
                 page.evaluate("""() => history.pushState({}, "", "/produkt")""")  # /produkt
                 page.click("#card-img")
@@ -283,8 +294,6 @@ def test_affiliate_clicks_by_every_hand_script_twice_props_and_back_forward_cach
                 with page.expect_request(f"{up}/api/event"):
                     page.evaluate("""() => history.pushState({}, "", "/jamfor")""")
                 browser.close()
-        finally:
-            server.shutdown()
         _wait_for_numbers(api, site, {
             "pages": {"/": 1, "/produkt": 2, "/jamfor": 1}, "goals": {"long": 1},
             "products": {"card": 1, "double": 1, "middle": 1, "ctrl": 1, "enter": 1, "nested": 1, "shadow": 1}})
@@ -313,26 +322,22 @@ def test_a_prerendered_page_counts_once_shown_and_never_if_not(up, tmp_path):
           <script>(function poll() { if (!window.bk) return setTimeout(poll, 100); fetch("/ready").then(r => r.text())
             .then(t => t == "yes" ? location.href = "/shown" : setTimeout(poll, 100)) })()</script>"""
         log: list[str] = []
-        _Site.pages = {"/start": start, "/shown": prerendered, "/never": prerendered}
-        _Site.site, _Site.api, _Site.log = site, up, log
-        _Site.ready = staticmethod(lambda: {"/shown=true", "/never=true"} <= set(log))
-        server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Site)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        browser = subprocess.Popen([CHROMIUM, "--headless", *CHROMIUM_ARGS, f"--user-agent={DESKTOP}",
-                                    f"--user-data-dir={tmp_path / 'profile'}",
-                                    f"http://127.0.0.1:{server.server_address[1]}/start"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            wait_until(lambda: "shown=/shown" in log, 60, f"Chromium to prerender /shown and show it (log: {log})")
-            _wait_for_numbers(api, site, {"pages": {"/start": 1, "/shown": 1}, "goals": {"signup": 1}, "products": {}})
-        finally:
-            os.killpg(browser.pid, signal.SIGTERM)
+        _Site.log, _Site.ready = log, staticmethod(lambda: {"/shown=true", "/never=true"} <= set(log))
+        with _serving({"/start": start, "/shown": prerendered, "/never": prerendered}, site, up) as origin:
+            browser = subprocess.Popen([CHROMIUM, "--headless", *CHROMIUM_ARGS, f"--user-agent={DESKTOP}",
+                                        f"--user-data-dir={tmp_path / 'profile'}",
+                                        f"{origin}/start"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             try:
-                browser.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(browser.pid, signal.SIGKILL)
-                browser.wait()
-            server.shutdown()
+                wait_until(lambda: "shown=/shown" in log, 60, f"Chromium to prerender /shown and show it (log: {log})")
+                _wait_for_numbers(api, site, {"pages": {"/start": 1, "/shown": 1}, "goals": {"signup": 1}, "products": {}})
+            finally:
+                os.killpg(browser.pid, signal.SIGTERM)
+                try:
+                    browser.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(browser.pid, signal.SIGKILL)
+                    browser.wait()
 
 
 # A landing URL past the API's 2,000 characters (a filter state in the query, a long fragment),
@@ -373,21 +378,15 @@ def test_data_api_takes_a_host_or_a_proxys_own_path_in_chromium(up):
 
     with httpx.Client(base_url=up, headers=AUTH, timeout=30) as api:
         site = _site_with_goals(api, "proxy.example", "via-proxy")
-        proxied = """<script defer data-site="{site}" data-api="/stats/event" src="{api}/js/script.js"></script>
-                     <script>window.bk = window.bk || function () { (bk.q = bk.q || []).push(arguments) };
-                     bk("via-proxy")</script>"""
-        _Site.pages, _Site.site, _Site.api = {"/p": proxied}, site, up
-        server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Site)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
+        proxied = (STUB + """<script>bk("via-proxy")</script>"""
+                   """<script defer data-site="{site}" data-api="/stats/event" src="{api}/js/script.js"></script>""")
+        with _serving({"/p": proxied}, site, up) as origin:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 page = browser.new_page(user_agent=DESKTOP)
-                page.goto(f"http://127.0.0.1:{server.server_address[1]}/p")
+                page.goto(f"{origin}/p")
                 _wait_for_numbers(api, site, {"pages": {"/p": 1}, "goals": {"via-proxy": 1}})
                 browser.close()
-        finally:
-            server.shutdown()
 
 
 def test_what_the_api_would_refuse_is_cut_or_cleaned_not_lost_in_chromium(up):
@@ -397,17 +396,14 @@ def test_what_the_api_would_refuse_is_cut_or_cleaned_not_lost_in_chromium(up):
     with httpx.Client(base_url=up, headers=AUTH, timeout=30) as api:
         site = _site_with_goals(api, "lang.example", "many", "keys", "surrogate", "large", "burst", "a button s text",
                                 "queued-bad", "after-bad", "late-bad")
-        _Site.pages, _Site.site, _Site.api = {"/lang": REFUSED}, site, up
-        server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Site)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
+        with _serving({"/lang": REFUSED}, site, up) as origin:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 page = browser.new_page(user_agent=DESKTOP)
                 answers, warnings = [], []
                 page.on("response", lambda r: answers.append(r.status) if r.url == f"{up}/api/event" else None)
                 page.on("console", lambda m: warnings.append(m.text) if m.type == "warning" else None)
-                page.goto(f"http://127.0.0.1:{server.server_address[1]}{LONG_URL}")  # pageview of /lang
+                page.goto(f"{origin}{LONG_URL}")  # pageview of /lang
                 page.wait_for_function("window.bk && !window.bk.q")
                 page.evaluate("""() => {
                     history.replaceState(null, "", location.pathname);  // drops the utm tags: no new page
@@ -429,7 +425,7 @@ def test_what_the_api_would_refuse_is_cut_or_cleaned_not_lost_in_chromium(up):
                 page.click("#nav")  # no history method called: pageview of /nav/one
                 page.wait_for_url("**/nav/one")
                 # /å/ and as many whole å (6 characters each) as fit in 2,000 with the origin.
-                long_page = "/å/" + "å" * ((2000 - len(f"http://127.0.0.1:{server.server_address[1]}/%C3%A5/")) // 6)
+                long_page = "/å/" + "å" * ((2000 - len(f"{origin}/%C3%A5/")) // 6)
                 _wait_for_numbers(api, site, {
                     "pages": {"/lang": 1, long_page: 1, "/nav/one": 1},
                     "goals": {"many": 1, "keys": 1, "surrogate": 1, "large": 1, "burst": 12, "a button s text": 1,
@@ -438,8 +434,6 @@ def test_what_the_api_would_refuse_is_cut_or_cleaned_not_lost_in_chromium(up):
                 assert answers and set(answers) == {202}, answers
                 assert "bk: clicks come from links with data-bk-product" in warnings, warnings
                 browser.close()
-        finally:
-            server.shutdown()
         get = lambda path, **params: api.get(f"{API}/{path}", params={"site_id": site, **params}).json()["data"]  # noqa: E731
         assert [r["source"] for r in get("stats/referrers", period="7d")] == ["nyhetsbrev"]
         assert [p["product_slug"] for p in get("popular/products", days=1, brand_slug="multi line")] == ["newline"]
