@@ -271,7 +271,8 @@ def run(file: str | Path, send: Send) -> Totals:
         if source.gzipped:
             checking = progress.add_task("check", total=source.size, name=source.name, doing="checking")
             source.check(lambda done: progress.update(checking, completed=done))
-            progress.update(checking, total=progress.tasks[checking].completed)
+            # Read through: the file's size, or from a pipe what it held.
+            progress.update(checking, total=source.size, completed=source.size)
         task = progress.add_task("import", total=source.size, name=source.name, doing="importing")
         try:
             for before, body in chunks(source):
