@@ -325,7 +325,7 @@ def cmd_copy(args: argparse.Namespace) -> None:
         copied = copying.copy(source, target, settings.session_timeout_s, settings.raw_events_ttl_days, args.cluster,
                               say=say)
     except copying.CopyRefused as exc:
-        raise SystemExit(f"besokskollen copy: {exc}") from None
+        _usage_error(args, str(exc))
     except (OperationalError, DatabaseError, copying.CopyStopped) as stopped:
         # One line, not clickhouse-connect's traceback: which server, what it said, what next.
         exc = stopped.__cause__ if isinstance(stopped, copying.CopyStopped) else stopped
@@ -347,7 +347,8 @@ def cmd_keys_revoke(args: argparse.Namespace) -> None:
     if settings.data_folder is not None and not settings.data_folder.is_dir():  # it would make an empty one
         _usage_error(args, f"no data folder at {settings.data_folder}")
     if not open_services(settings).keys.revoke(args.key):
-        raise SystemExit("besokskollen keys: no such API key (or it is revoked already)")
+        print("besokskollen keys: no such API key (or it is revoked already)", file=sys.stderr)
+        raise SystemExit(2)
     print("revoked")
 
 
@@ -509,8 +510,9 @@ def _journal_written(command: str, settings: Settings) -> None:
               file=sys.stderr)
         raise SystemExit(2) from None
     if pending:
-        raise SystemExit(f"besokskollen {command}: {settings.spool_path} holds {pending:,} event{'s' * (pending != 1)} not written yet;"
-                         " start and stop `up` on this data folder once to write them")
+        print(f"besokskollen {command}: {settings.spool_path} holds {pending:,} event{'s' * (pending != 1)} not written yet;"
+              " start and stop `up` on this data folder once to write them", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _open_spool(settings: Settings) -> Spool:

@@ -177,7 +177,7 @@ def test_revoked_key_stops_working_for_the_cli_too(tmp_path):
     first = revoke()
     assert first.returncode == 0 and "revoked" in first.stdout, first.stderr
     second = revoke()
-    assert second.returncode == 1 and "no such API key" in second.stderr
+    assert second.returncode == 2 and "no such API key" in second.stderr
 
 
 @pytest.mark.slow
@@ -197,7 +197,7 @@ def test_a_revoked_admin_key_is_not_created_again_at_the_next_start(tmp_path):
     assert cli("keys", "revoke", admin).returncode == 0
     again = cli("keys", "create", "--account", "x")
     assert again.returncode == 0 and "BK_ADMIN_KEY is revoked" in again.stderr
-    assert cli("keys", "revoke", admin).returncode == 1  # still revoked: nothing to revoke
+    assert cli("keys", "revoke", admin).returncode == 2  # still revoked: nothing to revoke
 
 
 async def test_a_site_key_cannot_tell_which_other_sites_exist(client, world):

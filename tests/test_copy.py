@@ -67,7 +67,7 @@ def test_copy_moves_every_number_from_up_to_a_server(tmp_path):
 
         again = subprocess.run([*CLI, "copy", "--data", str(data), "--to", front], capture_output=True, text=True,
                                cwd=ROOT, timeout=300)
-        assert again.returncode != 0 and "already holds events" in again.stderr
+        assert again.returncode == 2 and "already holds events" in again.stderr
 
 
 @contextmanager
@@ -155,7 +155,7 @@ def test_a_copy_that_did_not_finish_is_started_over(tmp_path):
         assert {table: count(table) for table in whole} == whole  # nothing doubled (salts have no key)
         assert KeyStore(target, target).lookup(own_key) is not None
         refused = _copy(data, front)
-        assert refused.returncode != 0 and "already holds events" in refused.stderr
+        assert refused.returncode == 2 and "already holds events" in refused.stderr
 
 
 def test_a_target_with_sites_of_its_own_is_refused(tmp_path):
@@ -170,7 +170,7 @@ def test_a_target_with_sites_of_its_own_is_refused(tmp_path):
         replay.upgrade(target, 1800, 400)
         SiteRegistry(target, target).create("default", "copy.example", "New deployment", "UTC")
         refused = _copy(data, front)
-        assert refused.returncode != 0 and "the target already has sites (copy.example)" in refused.stderr
+        assert refused.returncode == 2 and "the target already has sites (copy.example)" in refused.stderr
 
 
 def test_a_target_whose_raw_events_expired_is_refused_too(tmp_path):
@@ -186,7 +186,7 @@ def test_a_target_whose_raw_events_expired_is_refused_too(tmp_path):
         target.command("TRUNCATE TABLE events")
         target.command("INSERT INTO rollup_1d (site_id, kind, value, day, events) VALUES ('s', 'total', '', today(), 5)")
         refused = _copy(data, front)
-        assert refused.returncode != 0 and "already holds events" in refused.stderr
+        assert refused.returncode == 2 and "already holds events" in refused.stderr
 
 
 def test_a_wrong_target_is_one_line_exit_2(tmp_path):
