@@ -78,8 +78,8 @@ def _needs(dependant, call) -> bool:
     return any(d.call is call or _needs(d, call) for d in dependant.dependencies)
 
 
-def readable_site(ctx: Context, key: ApiKey, site_id: str) -> Site:
-    return key.readable_site(site_id, ctx.sites)
+def readable_site(ctx: Context, key: ApiKey, site_id: str, asked: str | None = None) -> Site:
+    return key.readable_site(site_id, ctx.sites, asked)
 
 
 def cached_json(request: Request, payload: dict[str, Any], status: int = 200) -> Response:

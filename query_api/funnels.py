@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 from clickhouse_connect.driver.client import Client
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from ingest.event import MAX_SITE_ID, EventName, PagePath
 from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
@@ -40,14 +40,19 @@ class StepIn(BaseModel):
     match_value: Annotated[str, Field(min_length=1, max_length=2000)]
     match_type: Literal["exact", "startswith"] = "exact"
 
+    @field_validator("match_type", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value: object) -> object:
+        return "exact" if value is None else value  # as `"props": null` is none (README)
+
     @model_validator(mode="after")
     def _read_as_stored(self) -> StepIn:
         # Compared with what ingest stored, so read the same way (ingest/event.py): a page as
         # PagePath, an exact event name as EventName.
         if self.type == "pageview":
             self.match_value = _PAGE_PATH.validate_python(self.match_value)
-            if not self.match_value:  # "" would start every page
-                raise ValueError("match_value: a page path, not only control characters")
+            if not self.match_value.startswith("/"):  # every stored page does: "checkout" would match none
+                raise ValueError("match_value: a page path starting with '/' (as goals' match_path)")
         elif self.match_type == "exact":
             try:
                 self.match_value = _EVENT_NAME.validate_python(self.match_value)
@@ -114,7 +119,7 @@ def _readable_funnel(ctx, key, funnel_id: str) -> tuple[Funnel, Site]:
     funnel = ctx.funnels.get(funnel_id)
     if funnel is None:
         raise APIError(404, "funnel_not_found", f"no funnel with id {funnel_id!r}")
-    return funnel, readable_site(ctx, key, funnel.site_id)
+    return funnel, readable_site(ctx, key, funnel.site_id, f"funnel {funnel_id!r}")
 
 
 @router.get("/funnels", response_model=FunnelsResponse)

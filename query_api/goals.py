@@ -91,6 +91,6 @@ def delete_goal(ctx: Ctx, key: Key, goal_id: str) -> Response:
     goal = ctx.goals.get(goal_id)
     if goal is None:
         raise APIError(404, "goal_not_found", f"no goal with id {goal_id!r}")
-    readable_site(ctx, key, goal.site_id)
+    readable_site(ctx, key, goal.site_id, f"goal {goal_id!r}")
     ctx.goals.delete(goal)
     return Response(status_code=204)

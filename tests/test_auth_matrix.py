@@ -233,3 +233,24 @@ async def test_a_deleted_sites_keys_do_not_open_the_site_created_again(client, s
     refused = await client.get(overview, headers=site_key)
     assert refused.status_code == 401, refused.text
     assert (await client.get(overview)).status_code == 200  # the account's user-level key still reaches it
+
+
+async def test_a_foreign_goal_or_funnel_id_is_refused_without_naming_its_site(client, world):
+    """A key that asked for a goal or funnel by id was told the site it belongs to
+    ("no access to site 'shop.example'"), which the id alone did not say."""
+    from streams.funnels import FunnelRegistry, Step
+    from streams.goals import GoalRegistry
+
+    services, a, callers = world
+    goal = GoalRegistry(services.client).create(a.site_id, "g", "event", "", "purchase").goal_id
+    funnel = FunnelRegistry(services.client).create(a.site_id, "f", [Step("a", "pageview", "/", "exact"),
+                                                                     Step("b", "event", "purchase", "exact")]).funnel_id
+    for caller in ("other site's key", "other account"):
+        headers = {"authorization": f"Bearer {callers[caller]}"}
+        for method, path, asked in (("GET", f"/funnels/{funnel}/stats", f"funnel {funnel!r}"),
+                                    ("DELETE", f"/funnels/{funnel}", f"funnel {funnel!r}"),
+                                    ("DELETE", f"/goals/{goal}", f"goal {goal!r}")):
+            refused = await client.request(method, API + path, headers=headers)
+            assert refused.status_code == 403, refused.text
+            assert refused.json()["error"]["message"] == f"this API key has no access to {asked}"
+            assert a.site_id not in refused.text

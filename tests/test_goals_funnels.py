@@ -551,12 +551,24 @@ async def test_a_late_event_that_moves_a_session_start_leaves_no_phantom_session
     [{**FUNNEL[0], "match_type": "regex"}, FUNNEL[1]], [{**FUNNEL[0], "match_value": ""}, FUNNEL[1]],
     [{"name": "x", "type": "pageview"}, FUNNEL[1]],
     [FUNNEL[0], {**FUNNEL[3], "match_value": "  "}], [FUNNEL[0], {**FUNNEL[3], "match_value": "köp\x07"}],
+    # every stored page starts with "/": such a step could never match (goals refuse it alike)
+    [{**FUNNEL[0], "match_value": "checkout"}, FUNNEL[1]],
+    [{**FUNNEL[0], "match_value": "produkt", "match_type": "startswith"}, FUNNEL[1]],
 ])
 async def test_bad_funnels_are_400(client, steps):
     site = await _site(client)
     r = await client.post(f"{API}/funnels", json={"site_id": site, "name": "f", "steps": steps})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] in ("invalid_parameter", "missing_parameter")
+
+
+async def test_a_step_with_match_type_null_is_exact(client):
+    """A field left out is `exact`; `"match_type": null` was a 400 (`"props": null` is none too)."""
+    site = await _site(client)
+    r = await client.post(f"{API}/funnels", json={"site_id": site, "name": "f",
+                                                   "steps": [{**FUNNEL[0], "match_type": None}, FUNNEL[1]]})
+    assert r.status_code == 201, r.text
+    assert r.json()["data"]["steps"][0]["match_type"] == "exact"
 
 
 def _click(site: str, at: datetime, product: str, category: str = "", partner: str = "", brand: str = "") -> Event:
