@@ -168,7 +168,11 @@ class SharedRateLimiter:
         self.window_s = window_s
         self.retry_s = retry_s
         self.clock = clock
-        self._redis = redis.asyncio.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        # Requests in flight wait for one of a few connections: redis-py's default pool raises on
+        # its 101st, which read as an outage and let a burst of one key through uncounted.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=32, timeout=1.0, socket_timeout=1.0,
+                                                             socket_connect_timeout=1.0)
+        self._redis = redis.asyncio.Redis(connection_pool=pool)
         self._decide = self._redis.register_script(_DECIDE)
         self._fallback = RateLimiter(limit, failed_auth_limit, window_s)
         self._redis_after = -math.inf  # clock() before which Redis is not asked (it just failed)

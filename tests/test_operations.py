@@ -244,6 +244,23 @@ def test_two_api_processes_share_the_per_key_limit_through_redis(clickhouse_http
         assert httpx.get(f"{bases[0]}{API}/sites", headers=headers).status_code == 429
 
 
+def test_more_requests_at_once_than_redis_connections_still_share_the_limit(redis_url, caplog):
+    """redis-py's pool holds at most 100 connections and raised on the 101st request in flight;
+    the limiter took that for an outage and counted in memory for 5 s, from zero for every key:
+    150 requests at once with one key were all let through."""
+    from query_api.rate_limit import SharedRateLimiter
+
+    async def burst() -> list[bool]:
+        limiter = SharedRateLimiter(redis_url, limit=100)
+        bucket = f"key:{uuid.uuid4().hex}"
+        return [d.allowed for d in await asyncio.gather(*(limiter.decide([(bucket, 100)]) for _ in range(250)))]
+
+    with caplog.at_level("WARNING", logger="query_api.rate_limit"):
+        allowed = asyncio.run(burst())
+    assert (allowed.count(True), allowed.count(False)) == (100, 150)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
 def test_a_topic_the_broker_refuses_is_an_error_not_an_auto_created_default(kafka):
     """A replication factor the single test broker cannot give: aiokafka reports it inside the
     response, not as an exception; we raise it, so nothing sends until the topic is right."""
