@@ -11,7 +11,7 @@ from datetime import datetime
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from ingest import referrers
-from ingest.event import Event, IncomingEvent, decoded
+from ingest.event import Event, IncomingEvent, decoded, without_control_characters
 from ingest.useragents import Agent
 from streams.sites import Site
 
@@ -22,7 +22,8 @@ def enrich(incoming: IncomingEvent, site: Site, agent: Agent, country: str, visi
     (their own or a content hash). A live event with a client id gets uuid5(client id, site id) —
     the same on every retry, and no client can reach another site's events — else a new UUIDv7."""
     url = urlsplit(incoming.url)
-    source = referrers.classify(incoming.url, incoming.referrer, site.domain)
+    referrer = referrers.usable(incoming.referrer)
+    source = referrers.classify(incoming.url, referrer, site.domain)
     product = incoming.product
     return Event(
         event_id=event_id or (str(uuid.uuid5(incoming.event_id, site.site_id)) if incoming.event_id else uuid7()),
@@ -32,7 +33,7 @@ def enrich(incoming: IncomingEvent, site: Site, agent: Agent, country: str, visi
         visitor_id=visitor_id,
         hostname=(url.hostname or "").removeprefix("www."),
         pathname=page_path(url, incoming.hash),
-        referrer=stored_referrer(incoming.referrer),
+        referrer=stored_referrer(referrer),
         source=source.source,
         channel=source.channel,
         utm_source=source.utm_source,
@@ -59,7 +60,7 @@ def stored_referrer(referrer: str | None) -> str:
     if not referrer:
         return ""
     parts = urlsplit(referrer)  # parsed by the validator before: does not raise here
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], without_control_characters(parts.path), "", ""))
 
 
 def page_path(url: SplitResult, hash_routes: bool = False) -> str:

@@ -3,10 +3,13 @@ paid). The maintained referer-parser data on PyPI is from 2016, so the known hos
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import parse_qs, urlsplit
+
+import pycountry
 
 from ingest.event import without_control_characters
 
@@ -26,12 +29,14 @@ _add("Bing", "search", "bing.com")
 _add("DuckDuckGo", "search", "duckduckgo.com")
 _add("Yahoo", "search", "yahoo.com", "search.yahoo.com")
 _add("Ecosia", "search", "ecosia.org")
-_add("Yandex", "search", "yandex.ru", "yandex.com")
+_add("Yandex", "search", "yandex.ru", "yandex.com", "ya.ru")
 _add("Baidu", "search", "baidu.com")
 _add("Brave", "search", "search.brave.com")
 _add("Qwant", "search", "qwant.com")
 _add("Startpage", "search", "startpage.com")
 _add("Kagi", "search", "kagi.com")
+_add("Naver", "search", "search.naver.com")
+_add("Seznam", "search", "search.seznam.cz")
 _add("Perplexity", "search", "perplexity.ai")
 _add("ChatGPT", "referral", "chatgpt.com", "chat.openai.com")
 _add("Facebook", "social", "facebook.com", "fb.com", "m.facebook.com", "l.facebook.com", "lm.facebook.com")
@@ -62,6 +67,10 @@ _COUNTRY_NAMES: dict[str, tuple[str, str]] = {
     "yandex": ("Yandex", "search"),
     "yahoo": ("Yahoo", "search"),
 }
+# Of Google's hosts only search's own: docs., sites., translate. and the like are referrals.
+_SEARCH_SUBDOMAINS = {"google": frozenset({"", "m", "images", "news", "scholar", "books", "video", "encrypted"})}
+# Country top-level domains (ISO 3166-1 codes, and the UK's): google.se, not google.xyz or google.zz.
+_COUNTRY_TLDS = frozenset(c.alpha_2.lower() for c in pycountry.countries) | {"uk"}
 # Their webmail on country domains too (mail.yahoo.co.jp, mail.yandex.com.tr): email, not search.
 _COUNTRY_MAIL: dict[str, tuple[str, str]] = {"yahoo": _KNOWN["mail.yahoo.com"], "yandex": _KNOWN["mail.yandex.ru"]}
 
@@ -124,9 +133,12 @@ def _known(host: str) -> tuple[str, str] | None:
             return hit
     for i, label in enumerate(labels[:-1]):
         rest = labels[i + 1:]
-        if label in _COUNTRY_NAMES and (len(rest) == 1 or (len(rest) == 2 and rest[0] in _COUNTRY_SECOND_LEVEL)):
+        if label in _COUNTRY_NAMES and rest[-1] in _COUNTRY_TLDS | {"com"} and (
+                len(rest) == 1 or (len(rest) == 2 and rest[0] in _COUNTRY_SECOND_LEVEL)):
             if i and labels[i - 1] == "mail" and label in _COUNTRY_MAIL:
                 return _COUNTRY_MAIL[label]
+            if label in _SEARCH_SUBDOMAINS and ".".join(labels[:i]) not in _SEARCH_SUBDOMAINS[label]:
+                return None
             return _COUNTRY_NAMES[label]
     return None
 
@@ -147,6 +159,31 @@ def _host(url: str) -> str:
         except UnicodeError:
             pass
     return host
+
+
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+@lru_cache(maxsize=10_000)
+def usable(referrer: str | None) -> str | None:
+    """The referrer, if its host is one a browser could have sent (a name, an IPv4 or an IPv6
+    address, a port of 0–65535); else None: counted as direct, stored as none, as one that cannot
+    be parsed at all (ingest/event.py). `https://exa mple.com/` or a port of 99999 named sources."""
+    if not referrer:
+        return None
+    try:
+        parts = urlsplit(referrer)
+        parts.port  # noqa: B018 - raises ValueError when out of range or no number
+    except ValueError:
+        return None
+    host = (parts.hostname or "").rstrip(".")
+    if ":" in host:  # IPv6; a zone (fe80::1%25eth0) never leaves the machine
+        try:
+            return referrer if "%" not in host and ipaddress.IPv6Address(host) else None
+        except ValueError:
+            return None
+    host = _host(referrer)
+    return referrer if host and len(host) <= 253 and all(_LABEL.fullmatch(label) for label in host.split(".")) else None
 
 
 def _same_site(ref_host: str, page_url: str, site_host: str) -> bool:

@@ -157,10 +157,46 @@ def test_utm_source_of_a_known_network_names_it_without_referrer():
     ("https://search.yahoo.co.jp/", "Yahoo", "search"),
     ("https://outlook.office365.com/mail/", "Outlook", "email"),
     ("https://www.pinterest.evil.example/", "pinterest.evil.example", "referral"),  # no country domain
+    ("https://ya.ru/search/?text=x", "Yandex", "search"),  # Yandex search's own domain since 2023
+    ("https://m.search.naver.com/search.naver", "Naver", "search"),
+    ("https://search.seznam.cz/?q=x", "Seznam", "search"),
+    # Google's other products are referrals, not search (as in GA4): a link in a document
+    ("https://docs.google.com/document/d/x", "docs.google.com", "referral"),
+    ("https://sites.google.com/view/x", "sites.google.com", "referral"),
+    ("https://translate.google.se/", "translate.google.se", "referral"),
+    ("https://images.google.de/", "Google", "search"),
+    ("https://www.google.xyz/", "google.xyz", "referral"),  # no country's domain
+    ("https://www.google.co.zz/", "google.co.zz", "referral"),
 ])
 def test_more_engines_networks_country_domains_and_webmail(referrer, source, channel):
     result = referrers.classify("https://shop.example/", referrer, "shop.example")
     assert (result.source, result.channel) == (source, channel)
+
+
+@pytest.mark.parametrize("referrer", [
+    "https://exa mple.com/", "https://www.google.com:99999/", "https://evil%2Ese/", "https://[fe80::1%25eth0]/",
+    "https://a..b/", "https://-a.se/", "https://" + "a" * 64 + ".se/",
+])
+def test_a_referrer_with_a_host_no_browser_sends_is_none(referrer):
+    """Such hosts named sources ("exa mple.com", Google for a port of 99999); README: a referrer
+    that cannot be parsed is dropped, and the event counts as direct."""
+    from ingest.enrich import enrich
+    from ingest.event import IncomingEvent
+    from streams.sites import Site
+
+    assert referrers.usable(referrer) is None
+    site = Site("shop.example", "a", "shop.example", "", "Europe/Stockholm", datetime(2026, 1, 1))
+    event = enrich(IncomingEvent(site_id="shop.example", name="pageview", url="https://shop.example/?utm_source=nl",
+                                 referrer=referrer), site, useragents.parse(BROWSER), "", 1, datetime.now(timezone.utc))
+    assert (event.source, event.channel, event.referrer) == ("nl", "referral", "")
+
+
+def test_a_usable_referrer_keeps_its_source_and_loses_its_control_characters():
+    from ingest.enrich import stored_referrer
+
+    for referrer in ("https://[2001:db8::1]/x", "https://81.2.69.160:8080/", "https://bücher.de/", "https://a_b.se/"):
+        assert referrers.usable(referrer) == referrer
+    assert stored_referrer("https://ctrl.se/a\x07b?q=1") == "https://ctrl.se/ab"
 
 
 @pytest.mark.parametrize("referrer, source, channel", [
@@ -324,6 +360,51 @@ def test_iphone_safari_is_mobile_ios():
     assert not agent.is_bot
     assert (agent.device, agent.os) == ("Mobile", "iOS")
     assert "Safari" in agent.browser
+
+
+@pytest.mark.parametrize("agent, device", [
+    ("Opera/9.80 (Android; Opera Mini/7.5.54678/191.227; U; en) Presto/2.12.423 Version/12.16", "Mobile"),
+    ("Mozilla/5.0 (Linux; Android 9; BRAVIA 4K UR2 Build/PTT1.190515.001.S52) AppleWebKit/537.36 (KHTML, like Gecko)"
+     " Chrome/98.0.4758.101 Safari/537.36", "TV"),
+    ("Mozilla/5.0 (Linux; Android 12; Chromecast HD Build/STTE.230319.008.H1; wv) AppleWebKit/537.36 (KHTML, like Gecko)"
+     " Version/4.0 Chrome/114.0.5735.196 Safari/537.36", "TV"),
+    ("Mozilla/5.0 (Linux; Android 9; AFTKA Build/PS7633.3445N; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0"
+     " Chrome/120.0.6099.230 Safari/537.36", "TV"),  # Fire TV
+    ("Mozilla/5.0 (SMART-TV; LINUX; Tizen 6.0) AppleWebKit/537.36 (KHTML, like Gecko) 76.0.3809.146/6.0 TV Safari/537.36",
+     "TV"),
+    ("Mozilla/5.0 (Web0S; Linux/SmartTV) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/79.0.3945.79 Safari/537.36"
+     " WebAppManager", "TV"),
+    ("Mozilla/5.0 (Windows NT 10.0; Win64; x64; Xbox; Xbox One) AppleWebKit/537.36 (KHTML, like Gecko)"
+     " Chrome/70.0.3538.102 Safari/537.36 Edge/44.18363.8131", "Console"),
+    ("Mozilla/5.0 (PlayStation; PlayStation 5/2.26) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/13.0"
+     " Safari/605.1.15", "Console"),
+    ("Mozilla/5.0 (X11; Linux x86_64; Quest 3) AppleWebKit/537.36 (KHTML, like Gecko) OculusBrowser/35.0.0.0"
+     " SamsungBrowser/4.0 Chrome/126.0.6478.122 VR Safari/537.36", "Headset"),
+    ("Mozilla/5.0 (Linux; Android 11; KFTRWI) AppleWebKit/537.36 (KHTML, like Gecko) Silk/131.3.1"
+     " like Chrome/131.0.6778.108 Safari/537.36", "Tablet"),  # a Fire tablet, not a Fire TV
+])
+def test_tvs_consoles_headsets_and_opera_mini_are_no_tablets_or_desktops(agent, device):
+    """Android without "Mobile" was a tablet: Opera Mini, Android TV, Fire TV, the Quest; smart
+    TVs and consoles were desktops."""
+    parsed = useragents.parse(agent)
+    assert (parsed.device, parsed.is_bot) == (device, False)
+
+
+@pytest.mark.parametrize("agent, bot", [
+    ("Mozilla/5.0 (compatible; Bluesky Cardyb/1.1; +mailto:support@bsky.app)", True),
+    ("insomnia/10.1.1", True),
+    ("Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; Perplexity-User/1.0;"
+     " +https://perplexity.ai/perplexity-user)", True),
+    ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Cypress/13.15.0 Chrome/118.0.5993.159"
+     " Electron/27.3.10 Safari/537.36", True),
+    ("anthropic-ai", True),
+    ("Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)", True),
+    # the Slack desktop app, which crawlerdetect's `Slack/` takes for Slack's fetchers
+    ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) Slack/4.41.97"
+     " Chrome/130.0.6723.191 Electron/33.0.2 Safari/537.36 Sonic Slack_SSB/4.41.97", False),
+])
+def test_bots_crawlerdetect_misses_and_an_app_it_takes_for_one(agent, bot):
+    assert useragents.parse(agent).is_bot is bot
 
 
 def test_windows_chrome_is_desktop():
