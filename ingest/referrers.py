@@ -69,8 +69,9 @@ _COUNTRY_NAMES: dict[str, tuple[str, str]] = {
 }
 # Of Google's hosts only search's own: docs., sites., translate. and the like are referrals.
 _SEARCH_SUBDOMAINS = {"google": frozenset({"", "m", "images", "news", "scholar", "books", "video", "encrypted"})}
-# Country top-level domains (ISO 3166-1 codes, and the UK's): google.se, not google.xyz or google.zz.
-_COUNTRY_TLDS = frozenset(c.alpha_2.lower() for c in pycountry.countries) | {"uk"}
+# Where such names are registered: com and countries' top-level domains (ISO 3166-1 codes, and
+# the UK's): google.se, not google.xyz or google.zz.
+_NAME_TLDS = frozenset(c.alpha_2.lower() for c in pycountry.countries) | {"uk", "com"}
 # Their webmail on country domains too (mail.yahoo.co.jp, mail.yandex.com.tr): email, not search.
 _COUNTRY_MAIL: dict[str, tuple[str, str]] = {"yahoo": _KNOWN["mail.yahoo.com"], "yandex": _KNOWN["mail.yandex.ru"]}
 
@@ -133,7 +134,7 @@ def _known(host: str) -> tuple[str, str] | None:
             return hit
     for i, label in enumerate(labels[:-1]):
         rest = labels[i + 1:]
-        if label in _COUNTRY_NAMES and rest[-1] in _COUNTRY_TLDS | {"com"} and (
+        if label in _COUNTRY_NAMES and rest[-1] in _NAME_TLDS and (
                 len(rest) == 1 or (len(rest) == 2 and rest[0] in _COUNTRY_SECOND_LEVEL)):
             if i and labels[i - 1] == "mail" and label in _COUNTRY_MAIL:
                 return _COUNTRY_MAIL[label]
@@ -179,9 +180,10 @@ def usable(referrer: str | None) -> str | None:
     host = (parts.hostname or "").rstrip(".")
     if ":" in host:  # IPv6; a zone (fe80::1%25eth0) never leaves the machine
         try:
-            return referrer if "%" not in host and ipaddress.IPv6Address(host) else None
+            ipaddress.IPv6Address(host)
         except ValueError:
             return None
+        return None if "%" in host else referrer
     host = _host(referrer)
     return referrer if host and len(host) <= 253 and all(_LABEL.fullmatch(label) for label in host.split(".")) else None
 

@@ -101,15 +101,16 @@ def _parse(user_agent: str) -> Agent:
     browser = result.user_agent.family if result.user_agent else ""
     os_name = result.os.family if result.os else ""
     device_family = (result.device.family if result.device else "").lower()
-    device = next((name for name, pattern in _OTHER_DEVICES if pattern.search(user_agent)), "")
-    if device:
-        pass
-    elif browser == "Opera Mini":  # phones only, and its Android UA has no "Mobile"
-        device = "Mobile"
-    elif any(t in device_family for t in _TABLETS) or ("android" in os_name.lower() and "mobile" not in user_agent.lower()):
-        device = "Tablet"
-    elif os_name in ("iOS", "Android") or "mobile" in user_agent.lower():
-        device = "Mobile"
-    else:
-        device = "Desktop"
-    return Agent(browser if browser != "Other" else "", os_name if os_name != "Other" else "", device, is_bot=False)
+    device = next((name for name, pattern in _OTHER_DEVICES if pattern.search(user_agent)), None)
+    return Agent(browser if browser != "Other" else "", os_name if os_name != "Other" else "",
+                 device or _handheld_or_desktop(user_agent.lower(), browser, os_name, device_family), is_bot=False)
+
+
+def _handheld_or_desktop(user_agent: str, browser: str, os_name: str, device_family: str) -> str:
+    if browser == "Opera Mini":  # phones only, and its Android UA has no "Mobile"
+        return "Mobile"
+    if any(t in device_family for t in _TABLETS) or ("android" in os_name.lower() and "mobile" not in user_agent):
+        return "Tablet"
+    if os_name in ("iOS", "Android") or "mobile" in user_agent:
+        return "Mobile"
+    return "Desktop"
