@@ -105,11 +105,15 @@ def normalize_domain(domain: str) -> str:
     """A site's hostname in ASCII (IDNA) form without scheme, path, port or `www.`; raises
     ValueError when it is not a hostname with at least two labels."""
     host = re.sub(r"^[a-z][a-z0-9+.-]*://", "", domain.strip().lower()).split("/")[0]
-    host = host.split(":")[0].rstrip(".").removeprefix("www.")
+    host = host.split(":")[0].rstrip(".")
     try:
         ascii_host = idna.encode(host, uts46=True).decode("ascii")
     except (idna.IDNAError, UnicodeError):
         raise ValueError(f"{domain!r} is not a valid hostname") from None
+    # Every `www.` (after UTS #46 mapping: a full-width ｗｗｗ is one too), so that the result is
+    # its own normal form: `www.www.se` became `www.se`, which the site id's normalising refused.
+    while ascii_host.startswith("www."):
+        ascii_host = ascii_host[4:]
     labels = ascii_host.split(".")
     if (len(labels) < 2 or len(ascii_host) > 253 or not all(_LABEL.fullmatch(label) for label in labels)
             or labels[-1].isdigit()):

@@ -226,6 +226,14 @@ async def test_duplicate_domain_is_409(client, site):
         assert_error(await client.post(f"{API}/sites", json={"domain": domain}), 409)
 
 
+async def test_every_www_is_dropped_once_and_for_all(client, site):
+    """`www.www.se` was a 500: validation dropped one `www.`, the site id's normalising another
+    and refused what was left (`se`). Every `www.` goes now, full-width ones too."""
+    assert_error(await client.post(f"{API}/sites", json={"domain": "www.www.se"}), 400)
+    for domain in ("www.www." + site["domain"], "ｗｗｗ." + site["domain"], "https://WWW.www." + site["domain"] + "/x"):
+        assert_error(await client.post(f"{API}/sites", json={"domain": domain}), 409)
+
+
 async def test_domains_whose_readable_ids_are_alike_get_sites_of_their_own(client):
     """`my-shop.se` and `my.shop.se` both read `my-shop-se`: the second domain's site gets the id
     with `-2` (it was a 409 "a site for my.shop.se exists already", whoever's account asked)."""
