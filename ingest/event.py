@@ -86,6 +86,11 @@ class Product(BaseModel):
     brand_slug: Slug = ""
     partner_slug: Slug = ""
 
+    @field_validator("slug", "category_slug", "brand_slug", "partner_slug", mode="before")
+    @classmethod
+    def _null_is_none(cls, value: object) -> object:
+        return "" if value is None else value  # as `"referrer": null` is none
+
     @model_validator(mode="after")
     def _slug_defaults_to_id(self) -> Product:
         if not self.slug:

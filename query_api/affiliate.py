@@ -13,6 +13,7 @@ from typing import Annotated
 from clickhouse_connect.driver.client import Client
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
+from pydantic import AfterValidator
 
 from query_api.deps import Ctx, DecimalNumber, Integer, Key, SiteId, cached_json, readable_site
 from query_api.models import (PopularCategoriesResponse, PopularPartnersResponse, PopularProductsResponse,
@@ -164,7 +165,9 @@ def trending_products(client: Client, site_id: str, now: datetime, recent_hours:
 
 
 Days = Annotated[Integer, Query(ge=1, le=365, description="Number of UTC days including today")]
-Slug = Annotated[str, Query(max_length=200)]
+# Read as ingest stores a click's slugs (ingest/event.py): without surrounding whitespace, so
+# `category_slug=%20kablar` finds the clicks sent with " kablar".
+Slug = Annotated[str, Query(max_length=200), AfterValidator(str.strip)]
 
 
 @router.get("/popular/products", response_model=PopularProductsResponse)

@@ -40,11 +40,12 @@ Scalar = Annotated[str, Field(max_length=MAX_PARAM_CHARS)] | int | float | bool
 
 class SubRequest(BaseModel):
     endpoint: Annotated[str, Field(min_length=1, max_length=100, examples=["popular/products"])]
-    params: dict[ParamName, Scalar] = Field(default_factory=dict, max_length=20)
+    # null is a parameter not given, as `"referrer": null` is none in an event
+    params: dict[ParamName, Scalar | None] = Field(default_factory=dict, max_length=20)
 
     @field_validator("params")
     @classmethod
-    def _finite(cls, params: dict[str, Scalar]) -> dict[str, Scalar]:
+    def _finite(cls, params: dict[str, Scalar | None]) -> dict[str, Scalar | None]:
         # NaN and Infinity are not JSON, though Python's parser takes them (and 1e400 as infinity).
         for name, value in params.items():
             if isinstance(value, float) and not math.isfinite(value):
@@ -75,7 +76,7 @@ def _query_value(value: Scalar) -> str:
 
 async def _run(request: Request, ctx, site_id: str, sub: SubRequest) -> dict:
     endpoint = sub.endpoint.strip("/")
-    params = {k: _query_value(v) for k, v in sub.params.items()}
+    params = {k: _query_value(v) for k, v in sub.params.items() if v is not None}
     if endpoint in _SITE_ENDPOINTS:
         params["site_id"] = site_id
     elif (found := _FUNNEL_STATS.fullmatch(endpoint)) is not None:

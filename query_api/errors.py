@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING
 
 import orjson
@@ -39,6 +40,8 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 
 _METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+# The tags pydantic puts in an error's loc for the member of a union it tried (`constrained-str`).
+_UNION_MEMBER = re.compile(r"(constrained-)?(str|int|float|bool|decimal)|function-[a-z]+\[.*\]")
 
 
 def allowed_methods(request: Request) -> list[str]:
@@ -96,6 +99,8 @@ def install(app: FastAPI) -> None:
                 400, "invalid_parameter", f"body: not valid JSON at character {first['loc'][-1]} ({reason})")
         # The field's path inside the body (steps.1.match_type), or the query parameter's name.
         loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+        if len(loc) > 1 and _UNION_MEMBER.fullmatch(loc[-1]):
+            loc.pop()  # which member of a union pydantic tried first (`days.constrained-str`): no field
         field = ".".join(loc) or "body"
         content_type = request.headers.get("content-type", "")
         if (tuple(first.get("loc", ())) == ("body",) and first["type"] != "missing"

@@ -604,6 +604,11 @@ async def test_categories_partners_and_trending(client, services):
     assert body["meta"]["baseline_period"]["days"] == 7 and body["meta"]["confidence"] == "medium"
     r = await client.get(f"{API}/trending/products", params={"site_id": site, "min_growth": -100, "brand_slug": "apple"})
     assert [p["product_id"] for p in r.json()["data"]] == ["hot"]
+    # Filters are read as ingest stores slugs, without surrounding whitespace (they matched nothing)
+    r = await client.get(f"{API}/trending/products", params={"site_id": site, "min_growth": -100, "brand_slug": " apple\t"})
+    assert [p["product_id"] for p in r.json()["data"]] == ["hot"]
+    r = await client.get(f"{API}/popular/products", params={"site_id": site, "days": 7, "category_slug": " skal "})
+    assert [(p["product_id"], p["clicks"]) for p in r.json()["data"]] == [("hot", 13)]
     r = await client.get(f"{API}/trending/products", params={"site_id": site, "min_growth": 0, "min_recent_clicks": 1})
     assert [p["product_id"] for p in r.json()["data"]] == ["hot", "new", "steady", "lonely"]
     # min_growth is compared exactly as written: hot's +500 % passes 500, not 500 and a hair (a
@@ -795,6 +800,19 @@ async def test_batch_params_no_url_can_carry_are_a_400(client):
         assert r.status_code == 400, (params, r.text)
         assert r.json()["error"]["code"] == "invalid_parameter"
         assert r.json()["error"]["message"].startswith("requests.0.params"), r.text
+    # a list is no scalar: the message names the parameter, not the union member pydantic tried
+    body = {"site_id": site, "requests": [{"endpoint": "stats/pages", "params": {"limit": [1]}}]}
+    r = await client.post(f"{API}/batch", json=body)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("requests.0.params.limit: "), r.text
+
+
+async def test_a_batch_param_of_null_is_one_not_given(client):
+    site = await _site(client)
+    r = await client.post(f"{API}/batch", json={"site_id": site, "requests": [
+        {"endpoint": "popular/products", "params": {"days": None, "limit": 3}}, {"endpoint": "popular/products"}]})
+    assert r.status_code == 200, r.text
+    with_null, without = (result["meta"] for result in r.json()["results"])
+    assert with_null == without and with_null["period"]["from"] == without["period"]["from"]  # days: the default
 
 
 async def test_a_failing_sub_request_is_its_own_error_not_the_batch(embedded, services, monkeypatch):

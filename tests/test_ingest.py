@@ -237,3 +237,13 @@ async def test_no_table_or_spool_file_holds_an_ip_a_user_agent_or_a_key(client, 
     for path in services.settings.spool_path.rglob("*"):
         if path.is_file():
             assert not [s for s in secrets if s.encode() in path.read_bytes()], path
+
+
+def test_a_products_null_slugs_are_none_as_a_null_referrer_is():
+    """`"brand_slug": null` (what `{brand: item.brand ?? null}` sends) was a 400, and the click lost."""
+    from ingest.event import IncomingEvent
+
+    click = IncomingEvent.model_validate({"site_id": "s", "name": "click", "url": "https://s.se/", "product": {
+        "id": " p1 ", "slug": None, "category_slug": None, "brand_slug": None, "partner_slug": "adtraction"}})
+    assert click.product.model_dump() == {"id": "p1", "slug": "p1", "category_slug": "", "brand_slug": "",
+                                          "partner_slug": "adtraction"}
