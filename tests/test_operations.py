@@ -38,6 +38,30 @@ def test_dockerfile_passes_hadolint():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_images_install_holds_every_file_the_packages_read(tmp_path):
+    """The Dockerfile installs a wheel of what it copies (`pip install .`): the wheel held the
+    packages' .py files only, so `up`, `ingest` and `api` died at start on ingest/tracker.js."""
+    import zipfile
+
+    source = tmp_path / "src"
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():  # the build stage's COPY lines
+        if line.startswith("COPY ") and "--from" not in line:
+            *names, target = line.split()[1:]
+            for name in names:
+                if target.endswith("/") or target == "./":
+                    shutil.copy(ROOT / name, source.mkdir(exist_ok=True) or source / name)
+                else:
+                    shutil.copytree(ROOT / name, source / target, ignore=shutil.ignore_patterns("__pycache__"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",  # isolated, as in the image
+                            "-w", str(tmp_path / "wheel"), str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    held = set(zipfile.ZipFile(wheel).namelist())
+    packaged = {str(p.relative_to(source)) for package in ("besokskollen", "ingest", "streams", "query_api")
+                for p in (source / package).rglob("*") if p.is_file()}
+    assert "ingest/tracker.js" in packaged and packaged <= held, sorted(packaged - held)
+
+
 def test_compose_file_passes_docker_compose_config():
     assert Path(DOCKER_COMPOSE).exists(), f"{DOCKER_COMPOSE} is missing: tests/run.sh installs docker-compose"
     config = lambda env: subprocess.run([DOCKER_COMPOSE, "-f", str(DEPLOY / "compose.yml"), "config"],  # noqa: E731
