@@ -1,6 +1,9 @@
 """`besokskollen` and `python3 -m besokskollen`: the CLI, started so that a Ctrl-C while its
-modules load (about half a second) ends in one line, as one later does, not in a traceback."""
+modules load (about half a second) ends in one line, as one later does, not in a traceback, and
+so that a reader that stops early (`besokskollen status | head -1`) ends it quietly."""
 
+import os
+import select
 import sys
 
 
@@ -12,6 +15,23 @@ def run() -> None:
     except KeyboardInterrupt:
         print("besokskollen: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # a socket's (ClickHouse's, Kafka's): an error, not the reader's choice
+        # The rest of the output is unread, as for any Unix tool; Python would print a traceback
+        # on exit when it flushes stdout into the closed pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None  # as a shell reports a command ended by SIGPIPE
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on its write end)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLERR)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ from clickhouse_connect.driver.client import Client
 REPORT_EVERY_S = 60.0
 # How long a report's row may take to write or read: well under the minute between reports.
 STATUS_READ_TIMEOUT_S = 10
+# A broker that takes the connection and never answers: `status` says so after 10 s, not after
+# aiokafka's default of 40.
+KAFKA_REQUEST_TIMEOUT_MS = STATUS_READ_TIMEOUT_S * 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +40,7 @@ async def topic_exists(bootstrap: str, topic: str) -> bool:
     """Asked of the list of every topic: metadata asked for one topic by name lets the broker
     auto-create it, with the broker's default partitions (1 on a stock broker), which ingest and
     the workers would then keep."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS)
     try:
         await admin.start()
         return topic in await admin.list_topics()
@@ -49,8 +52,9 @@ async def partition_lags(bootstrap: str, topic: str, group: str, ages: bool = Tr
     """Lag of the consumer group on every partition of the topic, which must exist (`topic_exists`):
     asking about one that does not may create it. `ages=False` leaves `oldest_age_s` None and reads
     no record: the worker's lag gauge, every 5 s, needs none."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS)
     try:  # both are closed whichever start fails (the broker may be away)
         await consumer.start()
         await admin.start()

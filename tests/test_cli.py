@@ -1102,6 +1102,19 @@ def test_ctrl_c_while_the_cli_starts_ends_in_one_line_not_a_traceback(tmp_path):
         assert "Traceback" not in err and "interrupted" in err.strip().splitlines()[-1], err
 
 
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    """`besokskollen status | head -1` printed a BrokenPipeError traceback and exited 1."""
+    script = ("import besokskollen.cli as cli, besokskollen.__main__ as entry\n"
+              "cli.main = lambda: [print('x' * 100) for _ in range(100_000)]\nentry.run()")
+    command = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               cwd=ROOT)
+    command.stdout.read(10)
+    command.stdout.close()
+    err = command.stderr.read().decode()
+    assert command.wait(timeout=60) == 141, err
+    assert err == ""
+
+
 def test_a_misspelt_variable_is_warned_about(tmp_path):
     """BK_SESSION_TIMEOUT (no _S) was ignored without a word: the default timeout applied."""
     result = subprocess.run([*CLI, "migrate", "--data", str(tmp_path / "d")], capture_output=True, text=True,
