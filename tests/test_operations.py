@@ -100,6 +100,12 @@ def test_the_compose_proxy_passes_on_no_country_header_of_a_client():
     assert "proxy_set_header" not in locations  # one there would void every server-level one
     for header in _COUNTRY_HEADERS:
         assert re.search(rf'^\s*proxy_set_header {header} "";', top, re.I | re.M), header
+    # nginx is the edge: the client's own X-Forwarded-For is replaced, not appended to (compose
+    # trusts private ranges, so a client on one chose its address, visitor id and country)
+    assert re.search(r"^\s*proxy_set_header X-Forwarded-For \$remote_addr;", top, re.M)
+    # services by variable, asked of Docker's DNS again (a named upstream is resolved once)
+    assert not re.search(r"^\s*upstream ", conf, re.M) and set(re.findall(r"proxy_pass ([^;]+);", locations)) == {"$ingest", "$api"}
+    assert re.search(r"location / \{ return 404; \}", locations)  # /metrics is not the world's
 
 
 # -- metrics and health ---------------------------------------------------------------------------
