@@ -15,6 +15,13 @@ def run() -> None:
     except KeyboardInterrupt:
         print("besokskollen: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except ImportError as exc:
+        # A Ctrl-C while an extension module loads (chDB's engine, ~1 s) reaches Python as an
+        # ImportError naming KeyboardInterrupt; chDB's own then says "chdb-core engine not found".
+        if not _interrupted(exc):
+            raise
+        print("besokskollen: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     except BrokenPipeError:
         if not _stdout_closed():
             raise  # a socket's (ClickHouse's, Kafka's): an error, not the reader's choice
@@ -22,6 +29,14 @@ def run() -> None:
         # on exit when it flushes stdout into the closed pipe again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(141) from None  # as a shell reports a command ended by SIGPIPE
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt) or str(exc).startswith("KeyboardInterrupt"):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _stdout_closed() -> bool:
