@@ -4,6 +4,7 @@ so that a reader that stops early (`besokskollen status | head -1`) ends it quie
 
 import os
 import select
+import signal
 import sys
 
 
@@ -29,6 +30,10 @@ def run() -> None:
         # on exit when it flushes stdout into the closed pipe again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(141) from None  # as a shell reports a command ended by SIGPIPE
+    finally:
+        # Done, refused or interrupted, and said so: a Ctrl-C now would end the process by the
+        # signal mid-shutdown (a key printed and stored, then "killed"), not change the outcome.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _interrupted(exc: BaseException | None) -> bool:
