@@ -178,6 +178,8 @@ def usable(referrer: str | None) -> str | None:
     except ValueError:
         return None
     host = (parts.hostname or "").rstrip(".")
+    if without_control_characters(host) != host or ("[" in parts.netloc and ":" not in host):
+        return None  # `ho\x01st.com` is not host.com; `[v1.x]` (an IPvFuture) no browser sends
     if ":" in host:  # IPv6; a zone (fe80::1%25eth0) never leaves the machine
         try:
             ipaddress.IPv6Address(host)

@@ -176,6 +176,7 @@ def test_more_engines_networks_country_domains_and_webmail(referrer, source, cha
 @pytest.mark.parametrize("referrer", [
     "https://exa mple.com/", "https://www.google.com:99999/", "https://evil%2Ese/", "https://[fe80::1%25eth0]/",
     "https://a..b/", "https://-a.se/", "https://" + "a" * 64 + ".se/",
+    "https://ho\x01st.com/", "https://host.com\x00/", "https://[v1.x]/",  # were host.com and v1.x
 ])
 def test_a_referrer_with_a_host_no_browser_sends_is_none(referrer):
     """Such hosts named sources ("exa mple.com", Google for a port of 99999); README: a referrer
