@@ -132,6 +132,12 @@ async def test_text_plain_beacons_and_domain_lookup_are_accepted(client, site):
     listing = (await client.get(f"/api/v1/sites/{site}")).json()["data"]
     response = await post(client, {"domain": "www." + listing["domain"], "name": "pageview", "url": "https://x.example/"})
     assert response.status_code == 202, response.text
+    both = {"site_id": site, "domain": listing["domain"].upper(), "name": "pageview", "url": "https://x.example/"}
+    assert (await post(client, both)).status_code == 202  # one site, named twice
+    # two sites named: it was counted on site_id's, the domain ignored (the import refuses that)
+    for other in ("another-site.example", "not a domain"):
+        refused = await post(client, {**both, "domain": other})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "wrong_site", refused.text
 
 
 async def test_nothing_accepted_is_lost_around_bad_input(client, embedded, site):
