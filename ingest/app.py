@@ -25,7 +25,7 @@ from ingest.spool import SpoolFull
 from ingest.visitors import CarryQuestions, Visitors
 from query_api.errors import STORAGE_RETRY_AFTER_S
 from streams import storage
-from streams.sites import Site, SiteRegistry, normalize_domain
+from streams.sites import Site, SiteRegistry
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,6 @@ _SPOOL_FULL_RETRY_S = "30"
 # Built once: a Response is not changed by sending it, and its headers cost more than the send.
 _ACCEPTED = Response(status_code=202, headers=CORS)
 _DROPPED = Response(status_code=202, headers={**CORS, "x-dropped": "bot"})
-
-
-def _is_domain_of(site: Site, domain: str) -> bool:
-    try:
-        return normalize_domain(domain) == site.domain
-    except ValueError:
-        return False
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] = CORS) -> Response:
@@ -131,7 +124,7 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
         if site is None:
             which = f"site_id {incoming.site_id!r}" if incoming.site_id else f"domain {incoming.domain!r}"
             return _error(404, "unknown_site", f"no site with {which}")
-        if incoming.site_id and incoming.domain and not _is_domain_of(site, incoming.domain):
+        if incoming.site_id and incoming.domain and not site.named_by(incoming.domain):
             # Two sites named: which one the integrator meant is unknown (the import refuses it too)
             return _error(400, "wrong_site", f"domain: {incoming.domain!r} is not the domain of site {site.site_id!r}")
 

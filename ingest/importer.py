@@ -24,7 +24,7 @@ from ingest.enrich import enrich
 from ingest.event import Event, ImportedEvent, problem
 from ingest.visitors import Visitors
 from streams.buckets import VISITOR_LIFETIME
-from streams.sites import Site, normalize_domain
+from streams.sites import Site
 
 MAX_LINES = 100_000
 _BOM = b"\xef\xbb\xbf"
@@ -114,16 +114,9 @@ def _validate(raw: bytes, site: Site, now: datetime, oldest: datetime | None) ->
         raise _Rejected(*problem(exc)) from None
     if event.site_id is not None and event.site_id != site.site_id:
         raise _Rejected("site_id", "wrong_site", f"site_id: {event.site_id!r} is not the site imported to")
-    if event.domain is not None and _hostname(event.domain) != site.domain:
+    if event.domain is not None and not site.named_by(event.domain):
         raise _Rejected("domain", "wrong_site", f"domain: {event.domain!r} is not the site imported to")
     return event
-
-
-def _hostname(domain: str) -> str | None:
-    try:
-        return normalize_domain(domain)
-    except ValueError:
-        return None
 
 
 def to_events(lines: list[Line], site: Site, visitors: Visitors) -> list[Event]:

@@ -64,6 +64,13 @@ class Site:
         creation in ms since the epoch, as every process reads it. Ingest stamps it on each event."""
         return _incarnation(self.created_at)
 
+    def named_by(self, domain: str) -> bool:
+        """Whether `domain`, as an event or an import line writes it, is this site's."""
+        try:
+            return normalize_domain(domain) == self.domain
+        except ValueError:
+            return False
+
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 T = TypeVar("T")
