@@ -13,10 +13,7 @@ def run() -> None:
         from besokskollen.cli import main
 
         main()  # catches a Ctrl-C itself once the command runs
-    except KeyboardInterrupt:
-        print("besokskollen: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-    except ImportError as exc:
+    except (KeyboardInterrupt, ImportError) as exc:
         # A Ctrl-C while an extension module loads (chDB's engine, ~1 s) reaches Python as an
         # ImportError naming KeyboardInterrupt; chDB's own then says "chdb-core engine not found".
         if not _interrupted(exc):

@@ -347,8 +347,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> None:
     if settings.data_folder is not None and not settings.data_folder.is_dir():  # it would make an empty one
         _usage_error(args, f"no data folder at {settings.data_folder}")
     if not open_services(settings).keys.revoke(args.key):
-        print("besokskollen keys: no such API key (or it is revoked already)", file=sys.stderr)
-        raise SystemExit(2)
+        _usage_error(args, "no such API key (or it is revoked already)")
     print("revoked")
 
 
