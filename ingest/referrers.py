@@ -162,7 +162,8 @@ def _host(url: str) -> str:
     return host
 
 
-_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+# A DNS label as hosts carry them: `_` too, which site domains (streams/sites.py) may not hold.
+_HOST_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 
 
 @lru_cache(maxsize=10_000)
@@ -187,7 +188,8 @@ def usable(referrer: str | None) -> str | None:
             return None
         return None if "%" in host else referrer
     host = _host(referrer)
-    return referrer if host and len(host) <= 253 and all(_LABEL.fullmatch(label) for label in host.split(".")) else None
+    usable_name = host and len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in host.split("."))
+    return referrer if usable_name else None
 
 
 def _same_site(ref_host: str, page_url: str, site_host: str) -> bool:
