@@ -21,7 +21,7 @@ from ingest.enrich import enrich
 from ingest.event import IncomingEvent, problem, utcnow
 from ingest.handoff import Handoff
 from ingest.retries import FirstCopies
-from ingest.spool import SpoolFull
+from ingest.spool import RETRY_AFTER_S, SpoolFull, SpoolRefused
 from ingest.visitors import CarryQuestions, Visitors
 from query_api.errors import STORAGE_RETRY_AFTER_S
 from streams import storage
@@ -30,8 +30,6 @@ from streams.sites import Site, SiteRegistry
 log = logging.getLogger(__name__)
 
 _PREFETCH = ("prefetch", "prerender")
-# Kafka is down and the spool full: a client should come back when an outage may be over.
-_SPOOL_FULL_RETRY_S = "30"
 
 
 # Built once: a Response is not changed by sending it, and its headers cost more than the send.
@@ -152,7 +150,10 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
             await handoff.send(event, site.incarnation)
         except SpoolFull:
             return _error(503, "spool_full", "events wait for storage and the local spool is full; retry later",
-                          {**CORS, "retry-after": _SPOOL_FULL_RETRY_S})
+                          {**CORS, "retry-after": str(RETRY_AFTER_S)})
+        except SpoolRefused:  # the spool cannot be written (it logs why, once a minute)
+            return _error(503, "unavailable", "the event could not be stored; retry later",
+                          {**CORS, "retry-after": str(RETRY_AFTER_S)})
         if incoming.event_id:
             first_copies.taken(event)
         metrics.EVENTS_ACCEPTED.inc()

@@ -44,7 +44,7 @@ class Handoff(Protocol):
 
     async def send(self, event: Event, incarnation: int) -> None:
         """Returns once the event is safe (in Kafka, in the spool, or in the embedded queue);
-        raises `SpoolFull` when it cannot be kept. `incarnation`: of the site ingest took it for
+        raises `SpoolRefused` when it cannot be kept. `incarnation`: of the site ingest took it for
         (`Site.incarnation`; a site deleted and created again keeps its id)."""
         ...
 
@@ -256,10 +256,11 @@ class KafkaHandoff:
                     raise KafkaError("Kafka became unreachable")
             metrics.PRODUCER_LATENCY.observe(loop.time() - started)
         except (TimeoutError, KafkaError) as exc:
-            # SpoolFull goes to the caller: 503, never a silent drop.
-            self.spool.append(key, value, accepted_ms, incarnation)
+            # Spooling begins even when this append fails: Kafka is what is late.
             self._start_spooling(f"Kafka did not acknowledge within {self._ack_timeout_s * 1000:.0f} ms"
                                  f" ({type(exc).__name__})")
+            # SpoolRefused goes to the caller: 503, never a silent drop.
+            self.spool.append(key, value, accepted_ms, incarnation)
         finally:
             self._waiting.discard(outcome)
 
@@ -343,4 +344,7 @@ class KafkaHandoff:
                     await self._producer.stop()  # whatever Kafka acknowledged was answered already
             except TimeoutError:
                 log.warning("Kafka producer did not stop within 10 s")
+        if self.spool.pending_records:
+            log.warning("stopping with %d events in the spool in %s: they are sent to Kafka when ingest starts there"
+                        " again", self.spool.pending_records, self.spool.directory)
         self.spool.close()

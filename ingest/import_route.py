@@ -18,6 +18,7 @@ from ingest import importer
 from ingest.app import read_body
 from ingest.event import Event, utcnow
 from ingest.handoff import Handoff
+from ingest.spool import RETRY_AFTER_S, SpoolFull, SpoolRefused
 from ingest.visitors import Visitors
 from query_api.errors import STORAGE_RETRY_AFTER_S, APIError, error_response
 from query_api.keys import KeyStore
@@ -41,6 +42,10 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
             return await import_events(request)
         except APIError as refusal:
             return error_response(refusal.status, refusal.code, refusal.message, refusal.headers)
+        except SpoolRefused as exc:  # the spool logs why, once a minute; what was taken is sent on
+            return error_response(503, "spool_full" if isinstance(exc, SpoolFull) else "unavailable",
+                                  "the events could not all be kept: the local spool is full or cannot be written;"
+                                  " send them again later (each is stored once)", {"Retry-After": str(RETRY_AFTER_S)})
         except Exception:
             log.exception("could not import events")
             return error_response(503, "unavailable", "the events could not be stored; retry later",

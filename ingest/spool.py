@@ -10,8 +10,14 @@ One directory per ingest process (a lock file keeps a second process out):
 - `spool.pos`: how many bytes of the log are sent (replaced atomically).
 When everything is sent the log is truncated to empty. When it never is (the embedded journal under
 steady traffic always has a batch in flight), the log is compacted once its sent part is large: the
-unsent rest is copied to a new log that replaces it. A record torn by a crash mid-write fails its
-length or CRC check at open and is cut off: it was never answered 202.
+unsent rest is copied to a new log that replaces it.
+
+At open, a record that fails its length or CRC check is not the end of the log: the records after
+it were answered 202 too. A torn or zeroed tail (a crash mid-write, a power loss) is cut off; bytes
+damaged in the middle are skipped up to the next whole record, the log is rewritten without them
+and the damaged file is kept beside it for the operator (`spool.log.damaged-<time>`), each with
+a WARNING. A cursor file that is no number sends the log whole (duplicates are dropped by event
+id downstream).
 
 Offsets handed out (`append`, `read`) and taken back (`commit`) count every byte ever appended in
 this process, so they stay valid across truncations and compactions.
@@ -28,8 +34,11 @@ the final swap of a compaction, never for its copy or fsync."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
+import logging
+import mmap
 import os
 import struct
 import threading
@@ -39,6 +48,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from besokskollen.logs import Repeats
+
+log = logging.getLogger(__name__)
+
 _HEADER = struct.Struct(">II")  # payload length, crc32 of the payload
 _KEY_LENGTH = struct.Struct(">H")
 _STAMPED = 0x8000  # in the key length: the accept time follows the key
@@ -46,6 +59,14 @@ _OF_INCARNATION = 0x4000  # in the key length: the site's incarnation follows th
 _FLAGS = _STAMPED | _OF_INCARNATION
 _MAX_KEY = ~_FLAGS & 0xFFFF
 _ACCEPTED = _INCARNATION = struct.Struct(">q")
+# No record is near this long (an event is a few KiB): a longer length read while looking for the
+# next whole record after damaged bytes is itself damage, not worth a CRC over megabytes.
+_LONGEST_RECORD = 16 * 1024 * 1024
+# A client refused (503) because the spool cannot take its event should come back when an outage
+# may be over.
+RETRY_AFTER_S = 30
+# A spool that cannot take events says so once a minute, with how many it refused meanwhile.
+_REFUSALS_LOGGED_EVERY_S = 60.0
 
 
 class Record(NamedTuple):
@@ -58,6 +79,34 @@ class Record(NamedTuple):
     # The incarnation of the event's site ingest took it for (`Site.incarnation`), sent as the
     # record's `bk-site` header (streams/topic.py). None in a log written before it was kept.
     incarnation: int | None = None
+
+
+class _Scan(NamedTuple):
+    """What `open` found in the log: the spans of whole records, the damaged spans between them,
+    where the last whole record ends, and the cursor as a byte offset into the kept records (0 when
+    the cursor was no record boundary)."""
+    kept: list[tuple[int, int]]
+    damaged: list[tuple[int, int]]
+    end: int
+    cursor: int
+
+    @property
+    def length(self) -> int:
+        return sum(end - start for start, end in self.kept)
+
+
+def _whole_record(data: mmap.mmap, offset: int, size: int, longest: int | None = None) -> int | None:
+    """Where the record at `offset` ends, if one whole, with a good checksum, starts there."""
+    length, crc = _HEADER.unpack_from(data, offset)
+    end = offset + _HEADER.size + length
+    if end > size or (longest is not None and length > longest):
+        return None
+    payload = data[offset + _HEADER.size:end]
+    # Zeros pass the CRC (crc32 of nothing is 0): a tail of them, as a file system leaves after a
+    # power loss (size grown, data not written), would stop `read` for good.
+    if zlib.crc32(payload) != crc or not _parses(payload):
+        return None
+    return end
 
 
 def _payload(key: bytes, value: bytes, accepted_ms: int, incarnation: int | None) -> bytes:
@@ -95,8 +144,16 @@ def _parses(payload: bytes) -> bool:
     return len(payload) >= _KEY_LENGTH.size and _fields(payload)[1] <= len(payload)
 
 
-class SpoolFull(Exception):
-    """The spool holds its maximum; the caller must refuse the event (503), not drop it."""
+class SpoolRefused(Exception):
+    """The spool cannot keep the event; the caller must refuse it (503), not drop it."""
+
+
+class SpoolFull(SpoolRefused):
+    """The spool holds its maximum, or the disk is full."""
+
+
+class SpoolUnwritable(SpoolRefused):
+    """The log cannot be written (permissions, a read-only or failing disk)."""
 
 
 class SpoolLocked(Exception):
@@ -117,6 +174,8 @@ class Spool:
         self._size = self._sent = self._records = 0  # in the log file
         self._base = 0  # bytes dropped from the front of the log in this process
         self._dirty = False
+        # A full or unwritable spool refuses every event: one line a minute says so, with a count.
+        self._repeats = Repeats(_REFUSALS_LOGGED_EVERY_S)
         # `_state` guards the counters and the log's descriptors against a commit on another
         # thread; `_swap` keeps a compaction from swapping the log under an fsync. Order: `_swap`
         # first, so that an fsync holding `_swap` never makes an append wait.
@@ -137,15 +196,111 @@ class Spool:
             raise SpoolLocked(f"spool directory {self.directory} is in use by another process;"
                               " give each ingest process its own BK_SPOOL_DIR") from None
         self._open_log()
-        self._sent = int(self._pos.read_text() or 0) if self._pos.exists() else 0
-        self._size, at_boundary = self._valid_length(self._sent)
-        if self._size < os.fstat(self._fd).st_size:
-            os.ftruncate(self._fd, self._size)  # a torn tail from a crash mid-write
-        if not at_boundary:
-            # A cursor inside a record would skip records and read the rest from mid-record:
-            # send the log whole instead (duplicates are dropped by event id).
-            self._sent = 0
+        cursor = self._read_pos()
+        scan = self._scan(cursor)
+        if scan.damaged:
+            self._rewrite(scan)
+        elif scan.end < os.fstat(self._fd).st_size:
+            self._cut_tail(scan.end)
+        self._size = scan.length
+        # A cursor that is no record boundary would skip records and read the rest from
+        # mid-record: the log is sent whole instead (duplicates are dropped by event id).
+        self._sent = scan.cursor
         self._records = self._count(self._sent, self._size)
+
+    def _read_pos(self) -> int:
+        try:
+            text = self._pos.read_text().strip()
+        except FileNotFoundError:
+            return 0
+        if not text.isdigit():
+            log.warning("%s holds %r, not a byte offset; the spool is sent whole again (events are stored once)",
+                        self._pos, text[:40])
+            return 0
+        return int(text)
+
+    def _scan(self, cursor: int) -> _Scan:
+        """Walk the log's records; past bytes that are no whole record, look for the next one."""
+        size = os.fstat(self._read_fd).st_size
+        kept: list[tuple[int, int]] = []
+        damaged: list[tuple[int, int]] = []
+        offset = length = 0
+        mapped = 0
+        if size == 0:
+            return _Scan(kept, damaged, 0, 0)
+        with mmap.mmap(self._read_fd, size, access=mmap.ACCESS_READ) as data:
+            while offset + _HEADER.size <= size:
+                end = _whole_record(data, offset, size)
+                if end is None:
+                    resume = next((at for at in range(offset + 1, size - _HEADER.size + 1)
+                                   if _whole_record(data, at, size, _LONGEST_RECORD) is not None), None)
+                    if resume is None:
+                        break  # a tail that is no record
+                    damaged.append((offset, resume))
+                    offset = resume
+                    continue
+                if kept and kept[-1][1] == offset:
+                    kept[-1] = (kept[-1][0], end)
+                else:
+                    kept.append((offset, end))
+                length += end - offset
+                offset = end
+                if offset == cursor:
+                    mapped = length
+        return _Scan(kept, damaged, offset, mapped)
+
+    def _rewrite(self, scan: _Scan) -> None:
+        """Replace a log damaged in the middle by its whole records; the damaged file stays."""
+        kept_as = self._unused_name("spool.log.damaged")
+        os.link(self._log, kept_as)
+        tmp = self.directory / "spool.log.new"
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+            for start, end in scan.kept:
+                out.write(os.pread(self._read_fd, end - start, start))
+            out.flush()
+            os.fsync(out.fileno())
+        self._write_pos(0)  # a crash from here sends whichever log it finds whole, and stores it once
+        os.replace(tmp, self._log)
+        os.close(self._fd)
+        os.close(self._read_fd)
+        self._open_log()
+        if scan.cursor:
+            self._write_pos(scan.cursor)
+        skipped = sum(end - start for start, end in scan.damaged)
+        after = scan.damaged[-1][1]
+        log.warning("%s: %d bytes in %d place(s) are damaged (they fail their checksums); the events in them are"
+                    " lost, the %d bytes of whole records before and after are kept (%d after the last damage),"
+                    " and the damaged file is kept as %s", self._log, skipped, len(scan.damaged), scan.length,
+                    sum(end - max(start, after) for start, end in scan.kept if end > after), kept_as)
+
+    def _cut_tail(self, end: int) -> None:
+        """Cut what follows the last whole record: a write torn by a crash (never answered 202), or
+        zeros a power loss left; bytes that are not zeros are kept beside the log."""
+        tail = os.pread(self._read_fd, os.fstat(self._read_fd).st_size - end, end)
+        if tail.strip(b"\0"):
+            kept_as = self._unused_name("spool.log.cut")
+            with open(os.open(kept_as, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+                out.write(tail)
+            log.warning("%s: cut %d bytes at its end that are no whole record (a write torn by a crash, never"
+                        " answered 202, or damage); they are kept as %s", self._log, len(tail), kept_as)
+        else:
+            log.warning("%s: cut %d bytes of zeros at its end (left by a power loss)", self._log, len(tail))
+        os.ftruncate(self._fd, end)
+
+    def _unused_name(self, prefix: str) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for n in range(1, 10_000):
+            path = self.directory / (f"{prefix}-{stamp}" + (f".{n}" if n > 1 else ""))
+            if not path.exists():
+                return path
+        raise FileExistsError(f"{prefix}-{stamp}")
+
+    def _say(self, level: int, message: str, *args: object) -> None:
+        """Log, at most once a minute for each message (with how many were left out)."""
+        if log.isEnabledFor(level):
+            record = log.makeRecord(log.name, level, __file__, 0, message, args, None)
+            if self._repeats.filter(record):
+                log.handle(record)
 
     def _open_log(self) -> None:
         self._fd = os.open(self._log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -187,6 +342,8 @@ class Spool:
         data = b"".join(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload for payload in payloads)
         with self._state:
             if self._size + len(data) > self.max_bytes:
+                self._say(logging.WARNING, "the spool in %s is full (BK_SPOOL_MAX_BYTES, %d bytes): events are answered"
+                          " 503 until what it holds is sent on", self.directory, self.max_bytes)
                 raise SpoolFull(f"the spool is full ({self._size} of {self.max_bytes} bytes)")
             ends, end = [], self._base + self._size
             for payload in payloads:
@@ -196,12 +353,16 @@ class Spool:
                 written = os.write(self._fd, data)
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
-                    raise
+                    self._say(logging.ERROR, "cannot write to %s (%s): events are answered 503 until it can",
+                              self._log, exc.strerror or exc)
+                    raise SpoolUnwritable(f"cannot write to {self._log}: {exc.strerror or exc}") from None
                 written = 0
             if written < len(data):
                 # A full disk writes what fits and says so only by the count. Kept, the torn record
-                # would hide every later one from `read` and from the next start: cut it, refuse all.
+                # would hide every later one from `read`: cut it, refuse all.
                 os.ftruncate(self._fd, self._size)
+                self._say(logging.ERROR, "no space left on the disk of %s: events are answered 503 until there is",
+                          self.directory)
                 raise SpoolFull(f"no space left on the disk of {self.directory}")
             self._size += len(data)
             self._records += len(records)
@@ -232,21 +393,28 @@ class Spool:
             self._records -= done
             self._sent = offset
             everything, size = offset >= self._size, self._size
-        if everything:
-            # The cursor goes to 0 first, as in `_compact`: a kill between the two replays the
-            # sent log whole, where a stale cursor over a truncated log would skip later records.
-            self._write_pos(0)
-            with self._state:
-                if self._size == size:  # nothing was appended meanwhile
-                    os.ftruncate(self._fd, 0)
-                    self._base += self._size
-                    self._size = self._sent = self._records = 0
-                    return
-            self._write_pos(offset)
-        elif offset >= self.compact_bytes and size - offset <= offset:
-            self._compact(offset, size)
-        else:
-            self._write_pos(offset)
+        try:
+            if everything:
+                # The cursor goes to 0 first, as in `_compact`: a kill between the two replays the
+                # sent log whole, where a stale cursor over a truncated log would skip later records.
+                self._write_pos(0)
+                with self._state:
+                    if self._size == size:  # nothing was appended meanwhile
+                        os.ftruncate(self._fd, 0)
+                        self._base += self._size
+                        self._size = self._sent = self._records = 0
+                        return
+                self._write_pos(offset)
+            elif offset >= self.compact_bytes and size - offset <= offset:
+                self._compact(offset, size)
+            else:
+                self._write_pos(offset)
+        except OSError as exc:
+            # The records are sent; only the record of it is not saved. A restart sends them again
+            # (stored once downstream); raising would stop the sending.
+            self._say(logging.ERROR, "cannot save the progress of the spool in %s (%s): a restart sends again what"
+                      " was sent since, and the log grows until it can start over", self.directory,
+                      exc.strerror or exc)
 
     def _compact(self, start: int, end: int) -> None:
         """Replace the log by its unsent rest. The rest up to `end` is copied and fsynced while
@@ -254,10 +422,15 @@ class Spool:
         the swap: a crash in between replays the old log whole, and a replayed record is stored
         once downstream anyway."""
         tmp = self.directory / "spool.log.new"
-        with open(tmp, "wb") as out:
-            out.write(os.pread(self._read_fd, end - start, start))
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+                out.write(os.pread(self._read_fd, end - start, start))
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         self._write_pos(0)
         with self._swap, self._state:
             tail = os.pread(self._read_fd, self._size - end, end)
@@ -284,9 +457,19 @@ class Spool:
             raise
 
     def _write_pos(self, sent: int) -> None:
+        if not sent:
+            # No cursor file is cursor 0: removing it needs no room on a full disk.
+            with contextlib.suppress(FileNotFoundError):
+                self._pos.unlink()
+            return
         tmp = self._pos.with_suffix(".tmp")
-        tmp.write_text(str(sent))
-        os.replace(tmp, self._pos)
+        try:
+            tmp.write_text(str(sent))
+            os.replace(tmp, self._pos)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
     def sync(self) -> None:
         with self._swap:
@@ -308,21 +491,3 @@ class Spool:
             offset += _HEADER.size + length
             n += 1
         return n
-
-    def _valid_length(self, cursor: int) -> tuple[int, bool]:
-        """Length of the log's prefix made of whole records with good checksums, and whether
-        `cursor` is a record boundary in it."""
-        size, offset, at_boundary = os.fstat(self._read_fd).st_size, 0, cursor == 0
-        while offset + _HEADER.size <= size:
-            length, crc = _HEADER.unpack(os.pread(self._read_fd, _HEADER.size, offset))
-            end = offset + _HEADER.size + length
-            if end > size:
-                break
-            payload = os.pread(self._read_fd, length, offset + _HEADER.size)
-            # Zeros pass the CRC (crc32 of nothing is 0): a tail of them, as a file system leaves
-            # after a power loss (size grown, data not written), would stop `read` for good.
-            if zlib.crc32(payload) != crc or not _parses(payload):
-                break
-            offset = end
-            at_boundary = at_boundary or offset == cursor
-        return offset, at_boundary

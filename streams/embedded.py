@@ -66,7 +66,7 @@ class EmbeddedRunner:
         self._written = 0
 
     async def submit(self, event: Event, incarnation: int | None = None) -> None:
-        """Returns once the event is journaled and queued; raises `SpoolFull` (the caller answers
+        """Returns once the event is journaled and queued; raises `SpoolRefused` (the caller answers
         503) when the journal is at its limit. `incarnation`: of the site it was taken for."""
         await self.submit_all([event], incarnation)
 
@@ -110,7 +110,7 @@ class EmbeddedRunner:
         self._waiting, self._appended = [], None
         try:
             appended.set_result(self._journal.append_all(records))
-        except Exception as exc:  # SpoolFull (or a disk error): every event of the turn is refused
+        except Exception as exc:  # SpoolRefused (or another error): every event of the turn is refused
             appended.set_exception(exc)
 
     async def start(self) -> None:

@@ -10,6 +10,7 @@ import pytest
 from starlette.requests import ClientDisconnect, Request
 
 from ingest.app import read_body
+from ingest.spool import SpoolFull, SpoolUnwritable
 from streams.read_cache import ReadThroughCache
 from tests.conftest import BROWSER
 from tests.traffic import Traffic
@@ -154,6 +155,23 @@ async def test_nothing_accepted_is_lost_around_bad_input(client, embedded, site)
     overview = (await client.get(f"/api/v1/stats/overview?site_id={site}&period=7d")).json()["data"]
     expected = traffic.expected_overview()
     assert {k: overview[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("refusal, code", [(SpoolUnwritable("cannot write"), "unavailable"),
+                                           (SpoolFull("full"), "spool_full")])
+async def test_a_journal_that_cannot_take_an_event_is_a_503_with_retry_after(client, embedded, site, monkeypatch,
+                                                                           caplog, refusal, code):
+    """A journal (or spool) that cannot be written answered 503 without Retry-After, with a
+    traceback logged for every event; the spool says once a minute why (tests/test_spool.py)."""
+    def refuse(records):
+        raise refusal
+
+    monkeypatch.setattr(embedded[1].runner._journal, "append_all", refuse)
+    with caplog.at_level("WARNING"):
+        response = await post(client, pageview(site))
+    assert response.status_code == 503 and response.headers["retry-after"] == "30"
+    assert response.json()["error"]["code"] == code and "Traceback" not in caplog.text
+    assert "could not accept" not in caplog.text
 
 
 def test_a_row_read_before_is_served_while_the_store_cannot_be_read():

@@ -19,6 +19,7 @@ import uuid
 import zlib
 from collections import Counter
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import aiohttp
 import httpx
@@ -26,7 +27,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from ingest.event import Event
-from ingest.spool import Record, Spool, SpoolFull, SpoolLocked
+from ingest.spool import Record, Spool, SpoolFull, SpoolLocked, SpoolRefused, SpoolUnwritable
 from streams.core import StreamCore
 from streams.embedded import EmbeddedRunner
 from streams.events import stored_event_ids
@@ -277,6 +278,141 @@ def test_a_tail_of_zeros_left_by_a_power_loss_is_cut_off(tmp_path):
     again.commit(end)
     assert again.pending_records == 0
     again.close()
+
+
+def _damage(path, at: int, count: int = 4) -> None:
+    with open(path, "r+b") as log:
+        log.seek(at)
+        flipped = bytes(b ^ 0xFF for b in log.read(count))
+        log.seek(at)
+        log.write(flipped)
+
+
+@pytest.mark.parametrize("cursor_after", [0, 2])
+def test_damage_in_the_middle_loses_only_the_damaged_record_and_keeps_the_file(tmp_path, caplog, cursor_after):
+    """Bytes flipped in one record (a disk fault, a stray write): the records after it were
+    answered 202 too. They were cut off with it, silently — in `up`, damage before the journal's
+    cursor lost every event not yet written. Now only the damaged record is lost, the cursor
+    still says what was sent, the damaged file stays for the operator, and a WARNING says so."""
+    spool = Spool(tmp_path, 1 << 20)
+    spool.open()
+    ends = [spool.append(b"k", f"record {n}".encode()) for n in range(6)]
+    if cursor_after:
+        spool.commit(ends[cursor_after - 1] if cursor_after < 3 else ends[cursor_after])
+    spool.close()
+    log_file = tmp_path / "spool.log"
+    original = log_file.read_bytes()
+    _damage(log_file, ends[2] + 12)  # inside record 3, after the cursor (or in `up`: any record)
+    if cursor_after:
+        _damage(log_file, 12)  # and one already sent, before the cursor
+
+    again = Spool(tmp_path, 1 << 20)
+    with caplog.at_level("WARNING", logger="ingest.spool"):
+        again.open()
+    values = [r.value for r in again.read(10)[0]]
+    kept = [n for n in range(6) if n != 3 and not (cursor_after and n == 0)]
+    sent = set(range(cursor_after))
+    assert values == [f"record {n}".encode() for n in kept if n not in sent]
+    assert again.pending_records == len(values)
+    copies = list(tmp_path.glob("spool.log.damaged-*"))
+    assert len(copies) == 1 and copies[0].read_bytes() != original and len(copies[0].read_bytes()) == len(original)
+    assert "damaged" in caplog.text and str(copies[0]) in caplog.text
+    again.append(b"k", b"after")
+    records, end = again.read(10)
+    assert [r.value for r in records][-1] == b"after"
+    again.commit(end)
+    again.close()
+    third = Spool(tmp_path, 1 << 20)
+    third.open()
+    assert third.pending_records == 0  # the rewritten log is whole: nothing more to repair
+    third.close()
+    assert len(list(tmp_path.glob("spool.log.damaged-*"))) == 1
+
+
+def test_a_torn_tail_that_is_not_zeros_is_cut_and_kept_beside_the_log(tmp_path, caplog):
+    spool = Spool(tmp_path, 1 << 20)
+    spool.open()
+    spool.append(b"a", b"whole")
+    spool.append(b"b", b"torn at the end")
+    spool.close()
+    with open(tmp_path / "spool.log", "r+b") as log:
+        log.truncate(os.path.getsize(tmp_path / "spool.log") - 3)
+    again = Spool(tmp_path, 1 << 20)
+    with caplog.at_level("WARNING", logger="ingest.spool"):
+        again.open()
+    assert [r.value for r in again.read(10)[0]] == [b"whole"]
+    (cut,) = tmp_path.glob("spool.log.cut-*")
+    assert b"torn at the" in cut.read_bytes() and str(cut) in caplog.text
+    again.close()
+
+
+def test_a_cursor_file_that_is_no_number_sends_the_log_whole(tmp_path, caplog):
+    """It stopped ingest and `up` at start with a ValueError traceback (exit 1)."""
+    spool = Spool(tmp_path, 1 << 20)
+    spool.open()
+    for n in range(3):
+        spool.append(b"k", f"record {n}".encode())
+    spool.commit(spool.read(1)[1])
+    spool.close()
+    (tmp_path / "spool.pos").write_text("abc\n")
+    again = Spool(tmp_path, 1 << 20)
+    with caplog.at_level("WARNING", logger="ingest.spool"):
+        again.open()
+    assert again.pending_records == 3 and "'abc'" in caplog.text
+    again.close()
+
+
+def test_a_cursor_that_cannot_be_saved_on_a_full_disk_still_lets_the_log_start_over(tmp_path, monkeypatch, caplog):
+    """A full disk as the spool was sent: the cursor file could not be written, so the log was
+    never truncated (each restart sent it all again), the counters said empty while the file was
+    full, and the next outage was answered 503 `spool_full` at once. Cursor 0 is now no cursor
+    file (an unlink needs no room), and a cursor that cannot be saved is logged, not raised (it
+    stopped the task that sends the spool)."""
+    spool = Spool(tmp_path, 2048)
+    spool.open()
+    for n in range(20):
+        spool.append(b"k", f"record {n:03}".encode() * 5)
+    assert spool.size_bytes > 2048 // 2  # a second outage as long fits only once this one is gone
+
+    def no_space(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch, caplog.at_level("ERROR", logger="ingest.spool"):
+        patch.setattr(Path, "write_text", no_space)
+        spool.commit(spool.read(3)[1])  # a cursor inside the log: cannot be saved, said once
+        spool.commit(spool.read(3)[1])
+        assert caplog.text.count("cannot save the progress") == 1
+        spool.commit(spool.read(100)[1])  # everything: starts over without writing anything
+    assert spool.size_bytes == 0 == spool.pending_bytes and os.path.getsize(tmp_path / "spool.log") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spool.lock", "spool.log"]  # no spool.tmp left
+    for n in range(20):  # room for a whole new outage
+        spool.append(b"k", f"record {n:03}".encode() * 5)
+    spool.close()
+
+
+def test_a_spool_that_cannot_be_written_refuses_with_one_line_a_minute(tmp_path, monkeypatch, caplog):
+    """A write refused (permissions, a read-only or failing disk) raised a bare OSError: every
+    event was a 503 without Retry-After and a traceback in the log."""
+    spool = Spool(tmp_path, 200)
+    spool.open()
+
+    def refused(fd, data):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    with caplog.at_level("WARNING", logger="ingest.spool"):
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "write", refused)
+            for _ in range(3):
+                with pytest.raises(SpoolUnwritable):
+                    spool.append(b"k", b"event")
+        spool.append(b"k", b"x" * 100)
+        for _ in range(3):
+            with pytest.raises(SpoolFull):
+                spool.append(b"k", b"x" * 100)
+    assert caplog.text.count("cannot write to") == 1 and "Operation not permitted" in caplog.text
+    assert caplog.text.count("is full") == 1 and "Traceback" not in caplog.text
+    assert isinstance(SpoolUnwritable("x"), SpoolRefused) and isinstance(SpoolFull("x"), SpoolRefused)
+    spool.close()
 
 
 class _Killed(BaseException):
