@@ -33,6 +33,7 @@ from streams.core import StreamCore
 from streams.embedded import EmbeddedRunner
 from streams.funnels import FunnelRegistry
 from streams.goals import GoalRegistry
+from streams.retention import RawEvents
 from streams.sessions import latest_ends, open_at
 from streams.sites import SiteRegistry
 
@@ -63,13 +64,14 @@ class Services:
     # One per process: the query API's goal changes are what this process's stream core matches
     # (a core with its own cache ignored a new goal for up to its refresh).
     goals: GoalRegistry
+    raw_events: RawEvents
 
     @property
     def query_context(self) -> Context:
         from query_api.deps import Context
 
         return Context(self.queries, self.sites, self.keys, self.goals, FunnelRegistry(self.queries),
-                       self.settings.raw_events_ttl_days)
+                       self.raw_events)
 
     def stream_core(self) -> StreamCore:
         """The process's one stream core. On the embedded engine it is the only writer of events: a
@@ -96,7 +98,8 @@ def open_services(settings: Settings, wait: bool = False) -> Services:
     visitors = Visitors(salts, partial(latest_ends, lookups), partial(open_at, lookups), settings.session_timeout_s,
                         lenient=True, batch_lookups=(partial(latest_ends, client), partial(open_at, client)))
     return Services(settings, client, storage.for_queries(client, settings.clickhouse_url, lookups, wait),
-                    SiteRegistry(client, lookups), keys, salts, visitors, GoalRegistry(client, lookups))
+                    SiteRegistry(client, lookups), keys, salts, visitors, GoalRegistry(client, lookups),
+                    RawEvents(lookups, settings.raw_events_ttl_days))
 
 
 def make_handoff(services: Services, core: StreamCore | None = None, spool: Spool | None = None) -> Handoff:
@@ -141,7 +144,8 @@ def _ingest_routes(services: Services, handoff: Handoff) -> list:
     services.visitors.warm_up()
     carries = CarryQuestions(services.visitors)
     return [*ingest_app.routes(services.settings, services.sites, services.visitors, carries, handoff),
-            *import_route.routes(services.settings, services.sites, services.visitors, handoff, services.keys),
+            *import_route.routes(services.settings, services.sites, services.visitors, handoff, services.keys,
+                                 services.raw_events),
             *tracker.ROUTES]
 
 

@@ -135,7 +135,8 @@ def local(settings: Settings, site_id: str) -> Send:
     core = services.stream_core()
 
     def send(body: bytes) -> dict:
-        parsed = importer.parse(body, site, utcnow(), services.visitors.id_key(), settings.raw_events_ttl_days)
+        now = utcnow()
+        parsed = importer.parse(body, site, now, services.visitors.id_key(), services.raw_events.complete_since(now))
         events = importer.to_events(parsed.lines, site, services.visitors)
         core.process(events)  # stored when it returns
         # Lines, as the endpoint counts them (copies of one event id are stored once).

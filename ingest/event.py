@@ -210,7 +210,7 @@ class ImportedEvent(IncomingEvent):
         if at < EARLIEST:
             raise ValueError("is before 2000-01-01")
         if at < context.get("oldest", EARLIEST):
-            raise ValueError(f"is older than the raw events are kept (before {context['oldest']:%Y-%m-%d %H:%M} UTC;"
+            raise ValueError(f"is older than the raw events are kept (before {context['oldest']:%Y-%m-%d %H:%M:%S} UTC;"
                              " BK_RAW_EVENTS_TTL_DAYS)")
         return at
 

@@ -22,6 +22,7 @@ from ingest.spool import RETRY_AFTER_S, SpoolFull, SpoolRefused
 from ingest.visitors import Visitors
 from query_api.errors import STORAGE_RETRY_AFTER_S, APIError, error_response
 from query_api.keys import KeyStore
+from streams.retention import RawEvents
 from streams.sites import SiteRegistry
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ _SEND_AT_ONCE = 1000
 
 
 def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff: Handoff,
-           keys: KeyStore) -> list[Route]:
+           keys: KeyStore, raw_events: RawEvents) -> list[Route]:
     # One import at a time per process: each sees every earlier one stored, so visitor ids do
     # not depend on how concurrent requests interleave.
     lock = asyncio.Lock()
@@ -70,8 +71,9 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
             raise APIError(413, "body_too_large",
                            f"import bodies are limited to {settings.max_import_bytes} bytes; split the file")
         try:
+            now = utcnow()
             parsed = await asyncio.to_thread(lambda: importer.parse(
-                body, site, utcnow(), visitors.id_key(), settings.raw_events_ttl_days))
+                body, site, now, visitors.id_key(), raw_events.complete_since(now)))
         except importer.BadBody as exc:
             raise APIError(400, exc.code, exc.message) from None
 

@@ -62,12 +62,12 @@ def content_event_id(site_id: str, e: ImportedEvent, key: bytes) -> str:
     return str(uuid.uuid5(uuid.UUID(bytes=key), orjson.dumps(content, option=orjson.OPT_SORT_KEYS).decode()))
 
 
-def parse(body: bytes, site: Site, now: datetime, id_key: bytes, retention_days: int | None = None) -> Parsed:
+def parse(body: bytes, site: Site, now: datetime, id_key: bytes, complete_since: datetime | None = None) -> Parsed:
     """Validate every line of `body` as an event of `site`, judged against the clock `now`;
     `id_key` keys the content ids of lines without an `event_id`. With
-    `retention_days`, events the raw-event TTL would delete within a visitor's lifetime are
-    refused: the stream core reads a visitor's stored events, and they must still be there."""
-    oldest = now - timedelta(days=retention_days) + VISITOR_LIFETIME if retention_days else None
+    `complete_since` (`streams.retention`), events whose visitor's stored events may be gone in
+    part (within a visitor's lifetime of it) are refused: the stream core reads them."""
+    oldest = complete_since + VISITOR_LIFETIME if complete_since else None
     # A UTF-8 BOM starts Windows exports, and so every part of files joined with `cat`: skipped
     # at the start of any line (it is never JSON), so a line's verdict does not depend on where it is.
     raw_lines = [line.removeprefix(_BOM) for line in body.split(b"\n")]

@@ -80,14 +80,18 @@ def _quarter_ceil(at: datetime) -> datetime:
 
 
 def trending_windows(now: datetime, recent_hours: int, baseline_days: int,
-                     raw_events_ttl_days: int = 400) -> tuple[datetime, datetime, datetime]:
+                     complete_since: datetime | None = None) -> tuple[datetime, datetime, datetime]:
     """(baseline start, recent start, recent end): the recent window is the `recent_hours` up to
     now, to the second — it ends at the next whole second, so every event up to now is in it — and
-    the baseline the `baseline_days` before it."""
+    the baseline the `baseline_days` before it. An edge where raw events may be gone
+    (`complete_since`, streams/retention.py) moves back to its whole quarter hour."""
     end = now.replace(microsecond=0) + timedelta(seconds=1)
+    edge = complete_since + _TTL_MARGIN if complete_since else None
     recent_start = end - timedelta(hours=recent_hours)
+    if edge and recent_start < edge:
+        recent_start = bucket_of(recent_start)
     baseline_start = recent_start - timedelta(days=baseline_days)
-    if baseline_start < end - timedelta(days=raw_events_ttl_days) + _TTL_MARGIN:
+    if edge and baseline_start < edge:
         baseline_start = bucket_of(baseline_start)
     return baseline_start, recent_start, end
 
@@ -131,12 +135,14 @@ def popular_partners(client: Client, site_id: str, start: datetime, end: datetim
 
 def trending_products(client: Client, site_id: str, now: datetime, recent_hours: int, baseline_days: int,
                       min_growth: Decimal | float, min_recent_clicks: int, limit: int, category: str = "",
-                      brand: str = "", raw_events_ttl_days: int = 400) -> dict:
+                      brand: str = "", complete_since: datetime | None = None) -> dict:
     """Clicks in the last `recent_hours` against the average per `recent_hours` window of the
     `baseline_days` before them. A product without baseline clicks has no growth to compute: it
     trends when it reaches min_recent_clicks, with growth_percent null."""
-    baseline_start, recent_start, recent_end = trending_windows(now, recent_hours, baseline_days, raw_events_ttl_days)
-    windows = Fraction(baseline_days * 24, recent_hours)  # recent-sized windows in the baseline (exact)
+    baseline_start, recent_start, recent_end = trending_windows(now, recent_hours, baseline_days, complete_since)
+    # `recent_hours` windows in the baseline (exact), as long as it is (an edge moved back to its
+    # quarter hour makes it longer)
+    windows = Fraction(int((recent_start - baseline_start).total_seconds()), recent_hours * 3600)
     rows = client.query(_TRENDING, parameters={
         "site": site_id, "separator": SEPARATOR, "category": category, "brand": brand,
         "baseline_start": baseline_start, "recent_start": recent_start, "recent_end": recent_end,
@@ -207,6 +213,7 @@ def get_trending_products(
     category_slug: Slug = "", brand_slug: Slug = "",
 ) -> Response:
     site = readable_site(ctx, key, site_id)
-    return cached_json(request, trending_products(ctx.client, site.site_id, datetime.now(timezone.utc), recent_hours,
-                                                  baseline_days, min_growth, min_recent_clicks, limit,
-                                                  category_slug, brand_slug, ctx.raw_events_ttl_days))
+    now = datetime.now(timezone.utc)
+    return cached_json(request, trending_products(ctx.client, site.site_id, now, recent_hours, baseline_days,
+                                                  min_growth, min_recent_clicks, limit, category_slug, brand_slug,
+                                                  ctx.raw_events.complete_since(now) if ctx.raw_events else None))

@@ -19,6 +19,7 @@ from query_api.errors import APIError
 from query_api.keys import ApiKey, KeyStore
 from streams.funnels import FunnelRegistry
 from streams.goals import GoalRegistry
+from streams.retention import RawEvents
 from streams.sites import Site, SiteRegistry
 
 CACHE_CONTROL = "public, max-age=1800, stale-while-revalidate=3600, stale-if-error=86400"
@@ -31,9 +32,9 @@ class Context:
     keys: KeyStore
     goals: GoalRegistry
     funnels: FunnelRegistry
-    # How long raw events are kept (BK_RAW_EVENTS_TTL_DAYS): trending reads the edges of its
-    # windows from them (query_api/affiliate.py).
-    raw_events_ttl_days: int = 400
+    # Since when raw events are all stored: trending reads the edges of its windows from them
+    # (query_api/affiliate.py). None: all are.
+    raw_events: RawEvents | None = None
 
 
 def context(request: Request) -> Context:

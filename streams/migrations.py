@@ -519,6 +519,18 @@ def _fill_session_events(client: Client, run: Callable[[str], None]) -> None:
         run(f"OPTIMIZE TABLE sessions PARTITION ID '{month:%Y%m}' FINAL")
 
 
+# -- 13: the raw-event TTLs a database has had ------------------------------------------------------
+# A TTL raised again keeps only what the shorter one left: the import and trending must know
+# since when every raw event is surely stored, not only the TTL of today (streams/retention.py).
+_RETENTION_HISTORY = """
+CREATE TABLE IF NOT EXISTS raw_events_retention (
+    changed_at  DateTime64(3, 'UTC'),
+    days        UInt32
+) ENGINE = MergeTree
+ORDER BY changed_at
+"""
+
+
 Step = str | Callable[[Client, Callable[[str], None]], None]
 
 MIGRATIONS: list[tuple[int, str, list[Step]]] = [
@@ -540,6 +552,7 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (10, "raw events versioned", [_version_events]),
     (11, "site claims", [_SITE_CLAIMS]),
     (12, "session events for funnels", [_SESSION_EVENT_COLUMNS, _fill_session_events]),
+    (13, "raw-event retention history", [_RETENTION_HISTORY]),
 ]
 
 # Ledger entries of migrations that shipped under a number now given to another: a database that
@@ -700,21 +713,49 @@ def run_later(delay_s: float, work: Callable[[], object], what: str) -> None:
 
 
 def apply_retention(client: Client, days: int, cluster: Cluster | None = None) -> None:
-    """Raw events are deleted `days` after their time (BK_RAW_EVENTS_TTL_DAYS). Whole parts are
-    dropped once every row in them expired, so data may stay up to a month longer; rollups,
-    sessions and activity keep every number. Applied at every start when it changed."""
+    """Raw events are deleted `days` after their time (BK_RAW_EVENTS_TTL_DAYS); rollups, sessions
+    and activity keep every number. Applied at every start when it changed, and each change
+    recorded in `raw_events_retention` (the first time, with the TTL an older release set, as in
+    effect since ever)."""
     # Added in seconds and capped at DateTime's last second (2106-02-07): `toDateTime(timestamp)
     # + toIntervalDay(days)` wraps around past it, so a retention meant as "for ever" (36500 days)
     # made every event newer than ~2006 expire at once. Written as ClickHouse prints it back in
     # engine_full, so an unchanged TTL is recognised.
     ttl = f"toDateTime(least(toUInt32(toDateTime(timestamp)) + {int(days) * 86400}, 4294967295), 'UTC')"
-    engine = _table_fact(client, cluster, "events", "engine_full")
+    engine = _table_fact(client, cluster, "events", "engine_full") or ""
+    # Without the table (a schema as a release before migration 13 left it: tests make such
+    # ones), nothing is recorded, as nothing was then.
+    recorded = bool(client.command("EXISTS TABLE raw_events_retention"))
+    found = _ttl_days(engine)  # None on a new table: nothing was deleted yet
+    if recorded and found is not None and not client.query("SELECT count() FROM raw_events_retention").result_rows[0][0]:
+        _record_retention(client, datetime(1970, 1, 1, tzinfo=timezone.utc), found)
     if f"TTL {ttl}" not in engine:
         # Existing parts are not rewritten now (no heavy mutation): merges apply the TTL to them.
         run = _runner(client, cluster, {"materialize_ttl_after_modify": 0})
         run(f"ALTER TABLE events MODIFY TTL {ttl}")
         run("ALTER TABLE events MODIFY SETTING ttl_only_drop_parts = 1")
+        if recorded:
+            _record_retention(client, datetime.now(timezone.utc), days)
         log.info("raw events are kept %d days", days)
+
+
+def _ttl_days(engine: str) -> int | None:
+    """The days of the TTL in `events`' engine_full, as this release writes it or as 7e0367d did."""
+    if found := re.search(r"TTL toDateTime\(least\(toUInt32\(toDateTime\(timestamp\)\) \+ (\d+),", engine):
+        return int(found.group(1)) // 86400
+    if found := re.search(r"TTL toDateTime\(timestamp\) \+ toIntervalDay\((\d+)\)", engine):
+        return int(found.group(1))
+    return None
+
+
+def _record_retention(client: Client, at: datetime, days: int) -> None:
+    client.insert("raw_events_retention", [[at, days]], column_names=["changed_at", "days"])
+
+
+def retention_history(client: Client) -> list[tuple[datetime, int]]:
+    """(changed at, days) of every raw-event TTL the database has had, oldest first."""
+    rows = client.query("SELECT changed_at, days FROM raw_events_retention ORDER BY changed_at").result_rows
+    return [(at if at.tzinfo else at.replace(tzinfo=timezone.utc), days) for at, days in rows]
 
 
 def applied_versions(client: Client, cluster: Cluster | None = None) -> set[int]:

@@ -86,7 +86,7 @@ def test_up_demo_prints_curl_lines_that_answer(tmp_path):
 def test_migrate_is_idempotent_and_keys_create_prints_working_keys(tmp_path):
     data = str(tmp_path / "data")
     first, second = run("migrate", "--data", data), run("migrate", "--data", data)
-    assert first.returncode == 0 and "applied migrations: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]" in first.stdout, first.stderr
+    assert first.returncode == 0 and "applied migrations: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]" in first.stdout, first.stderr
     assert second.returncode == 0 and "schema is up to date" in second.stdout, second.stderr
 
     created = run("keys", "create", "--account", "acme", "--data", data)
@@ -305,7 +305,7 @@ def test_migration_9_takes_the_goals_so_far_as_backfilled(tmp_path):
     seeded = python_c(_AT_SCHEMA_8_WITH_GOALS, url)
     assert seeded.returncode == 0, seeded.stderr
     first = migrate(url)
-    assert first.returncode == 0 and "applied migrations: [9, 11]" in first.stdout, first.stdout + first.stderr
+    assert first.returncode == 0 and "applied migrations: [9, 11, 13]" in first.stdout, first.stdout + first.stderr
     check = ("import sys; from streams import goals, storage; c = storage.connect(sys.argv[1]); print(c.query("
              "'SELECT g.name FROM goal_backfills b JOIN goals g USING (site_id, goal_id)').result_rows, "
              "goals.UNFINISHED_AFTER_S, end=' '); goals.UNFINISHED_AFTER_S = 0; print(goals.finish_backfills(c))")
@@ -356,7 +356,7 @@ def test_migration_10_versions_the_raw_events_and_keeps_what_final_read(tmp_path
     engine, before, counts, tables = json_of(_RAW_EVENTS, url)
     assert engine.startswith("ReplacingMergeTree PARTITION") and counts == [[300, 1]] and tables == [["events"]]
     first = migrate(url)
-    assert first.returncode == 0 and "applied migrations: [10, 11, 12]" in first.stdout, first.stdout + first.stderr
+    assert first.returncode == 0 and "applied migrations: [10, 11, 12, 13]" in first.stdout, first.stdout + first.stderr
     engine, after, counts, tables = json_of(_RAW_EVENTS, url)
     assert engine.startswith("ReplacingMergeTree(version) PARTITION") and tables == [["events"]]
     assert "TTL toDateTime(least(" in engine and "ttl_only_drop_parts = 1" in engine  # retention kept
@@ -463,7 +463,7 @@ def test_migration_8_sorts_rollup_15m_by_day_and_keeps_every_row(tmp_path):
     key, before, tables = json_of(_ROLLUPS, url)
     assert key == [["site_id, kind, bucket, value"]] and tables == [["rollup_15m"]] and len(before) > 100
     first = migrate(url)
-    assert first.returncode == 0 and "applied migrations: [8, 9, 11]" in first.stdout, first.stdout + first.stderr
+    assert first.returncode == 0 and "applied migrations: [8, 9, 11, 13]" in first.stdout, first.stdout + first.stderr
     key, after, tables = json_of(_ROLLUPS, url)
     assert key == [["site_id, kind, toDate(bucket), value, bucket"]] and tables == [["rollup_15m"]]
     assert after == before
@@ -556,7 +556,7 @@ def test_a_migrate_killed_after_the_swap_copies_the_old_table_back_at_the_next_s
     killed = python_c(_KILLED_AFTER_SWAP, url)
     assert killed.returncode == 9, killed.stderr
     again = migrate(url)
-    assert again.returncode == 0 and "applied migrations: [8, 9, 11]" in again.stdout, again.stdout + again.stderr
+    assert again.returncode == 0 and "applied migrations: [8, 9, 11, 13]" in again.stdout, again.stdout + again.stderr
     check = ("import sys; from streams import storage; c = storage.connect(sys.argv[1]); print("
              "c.query(\"SELECT sum(events) FROM rollup_15m FINAL WHERE site_id = 'late'\").result_rows[0][0], "
              "c.query(\"SELECT count() FROM system.tables WHERE database = currentDatabase()"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from urllib.parse import quote
 
 import jsonschema
@@ -235,6 +235,10 @@ async def test_hostile_query_strings_paths_and_headers_on_every_get(client, fuzz
         assert_sound(response, fuzz_world, what)
         if response.status_code == 200:
             again = await client.request(method, url, headers={**headers, "if-none-match": response.headers["etag"].encode()})
+            if again.status_code == 200 and "/trending/" in url and method == "GET":
+                # Its windows end at now's second (meta): the next second is another body.
+                assert again.json()["data"] == response.json()["data"], what
+                continue
             assert again.status_code == 304 and again.content == b"", what
             assert again.headers["etag"] == response.headers["etag"], what
             assert_sound(again, fuzz_world, what)
@@ -397,7 +401,7 @@ def test_import_lines_are_judged_alone_and_every_one_is_answered(lines, newline,
     body = newline.join(lines) + (newline if last_newline else b"")
     key = bytes(range(16))
     try:
-        parsed = importer.parse(body, _IMPORT_SITE, _IMPORT_NOW, key, 400)
+        parsed = importer.parse(body, _IMPORT_SITE, _IMPORT_NOW, key, _IMPORT_NOW - timedelta(days=400))
     except importer.BadBody as exc:
         assert exc.code == "empty_body" and not any(line.removeprefix(b"\xef\xbb\xbf").strip() for line in lines), body
         return
@@ -412,9 +416,10 @@ def test_import_lines_are_judged_alone_and_every_one_is_answered(lines, newline,
         assert rejection["field"] or rejection["code"] == "invalid_json", rejection
     # A line's verdict does not depend on the others, and a second parse gives the same ids.
     for n, raw in numbered.items():
-        alone = _verdicts(importer.parse(raw.rstrip(b"\r") + b"\n", _IMPORT_SITE, _IMPORT_NOW, key, 400))
+        alone = _verdicts(importer.parse(raw.rstrip(b"\r") + b"\n", _IMPORT_SITE, _IMPORT_NOW, key,
+                                               _IMPORT_NOW - timedelta(days=400)))
         assert alone == {1: verdicts[n]}, (raw, alone, verdicts[n])
-    assert _verdicts(importer.parse(body, _IMPORT_SITE, _IMPORT_NOW, key, 400)) == verdicts
+    assert _verdicts(importer.parse(body, _IMPORT_SITE, _IMPORT_NOW, key, _IMPORT_NOW - timedelta(days=400))) == verdicts
     # What is accepted can be enriched and serialised as an event.
     for line in parsed.lines:
         Event.from_bytes(enrich(line.event, _IMPORT_SITE, useragents.parse(line.event.user_agent), "", 42,

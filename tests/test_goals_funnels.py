@@ -637,7 +637,7 @@ async def test_trending_windows_count_back_from_now_to_the_second(client, servic
     StreamCore(services.client, 1800).process([_click(site, at, "edge") for at in times])
 
     def ask(ttl_days: int = 400) -> dict:
-        return trending_products(services.client, site, now, 24, 7, -100, 0, 10, raw_events_ttl_days=ttl_days)
+        return trending_products(services.client, site, now, 24, 7, -100, 0, 10, complete_since=now - timedelta(days=ttl_days))
 
     out = ask()
     assert out["data"] == [{"product_id": "edge", "product_slug": "edge", "clicks_recent": 3,
@@ -662,6 +662,44 @@ async def test_trending_windows_count_back_from_now_to_the_second(client, servic
     to = datetime.fromisoformat(meta["recent_period"]["to"].replace("Z", "+00:00"))
     assert before.replace(microsecond=0) < to <= after.replace(microsecond=0) + timedelta(seconds=1)
     assert meta["recent_period"]["from"] == iso(to - timedelta(hours=6)) == meta["baseline_period"]["to"]
+
+
+async def test_trending_edges_past_the_raw_events_count_each_click_once_and_average_over_the_real_length(client,
+                                                                                                       services):
+    """An audit with a 7-day TTL: at `recent_hours=168` the recent window starts where raw events
+    may be gone, and the clicks between its quarter hour and its start were counted in neither
+    window once they were (the baseline ended at the start, the rollup's part of the recent
+    window began at the next quarter hour). Such an edge now moves back to its quarter hour too.
+    And a baseline whose start moved back is longer than `baseline_days`: its average was over
+    the nominal length (30.0 for 5 clicks in 24 h 7 min of a 144-h trending, not 29.8)."""
+    from query_api.affiliate import trending_products
+
+    site = await _site(client)
+    now = _now().replace(minute=7, second=30) - timedelta(hours=2)
+    end = now + timedelta(seconds=1)
+    kept_since = end - timedelta(days=7)
+    week_start = end - timedelta(hours=168)
+    clicks = [_click(site, week_start - timedelta(minutes=1), "edge")]  # in the quarter hour cut by the edge
+    clicks += [_click(site, end - timedelta(hours=150, minutes=i), "edge") for i in range(2)]
+    clicks += [_click(site, end - timedelta(days=6, hours=1 + h), "base") for h in range(5)]
+    clicks += [_click(site, end - timedelta(hours=1, minutes=i), "base") for i in range(3)]
+    StreamCore(services.client, 1800).process(clicks)
+
+    def ask(recent_hours: int, baseline_days: int) -> dict:
+        return trending_products(services.client, site, now, recent_hours, baseline_days, -100, 0, 10,
+                                 complete_since=kept_since)
+
+    week = ask(168, 1)
+    recent_from = week_start.replace(minute=0, second=0)
+    assert week["meta"]["recent_period"]["from"] == iso(recent_from) == week["meta"]["baseline_period"]["to"]
+    assert {p["product_id"]: p["clicks_recent"] for p in week["data"]} == {"edge": 3, "base": 8}
+    six_days = ask(144, 1)
+    assert six_days["meta"]["baseline_period"]["from"] == iso((end - timedelta(days=7)).replace(minute=0, second=0))
+    base = {p["product_id"]: p for p in six_days["data"]}["base"]
+    assert base["clicks_baseline_avg"] == 29.8 and base["growth_percent"] == -90  # 3 against 5 / (24h 7m 31s / 144 h)
+    services.client.command("ALTER TABLE events DELETE WHERE site_id = {site:String} AND timestamp < {before:DateTime64(3, 'UTC')}",
+                            parameters={"site": site, "before": kept_since}, settings={"mutations_sync": 2})
+    assert ask(168, 1) == week and ask(144, 1) == six_days  # the TTL changes no answer
 
 
 async def test_a_product_without_recent_clicks_never_trends(client, services):

@@ -648,7 +648,7 @@ async def test_body_limits(client, services, embedded, site):
     # A small cap, to show a large body is refused as declared, and as streamed without reading it all.
     settings = services.settings.model_copy(update={"max_import_bytes": 10_000})
     small = Starlette(routes=import_route.routes(settings, services.sites, services.visitors, embedded[1],
-                                                 services.keys))
+                                                 services.keys, services.raw_events))
     transport = httpx.ASGITransport(app=small, client=("127.0.0.1", 5000))
     headers = {"authorization": f"Bearer {ADMIN_KEY}", "content-type": NDJSON}
     url = f"/api/v1/events/import?site_id={site.site_id}"
@@ -820,7 +820,59 @@ async def test_events_the_raw_event_ttl_would_drop_are_refused(client, services,
     assert [(r["line"], r["field"]) for r in data["rejected"]] == [(1, "timestamp")]
     assert "BK_RAW_EVENTS_TTL_DAYS" in data["rejected"][0]["message"]
     # The cut-off is a moment, and said as one (an audit read a date as the whole day's).
-    assert re.search(r"before \d{4}-\d\d-\d\d \d\d:\d\d UTC", data["rejected"][0]["message"]), data["rejected"]
+    assert re.search(r"before \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", data["rejected"][0]["message"]), data["rejected"]
+
+
+def test_raw_events_are_complete_since_the_latest_edge_any_ttl_had():
+    """A TTL of 7 days deletes raw events; raised to 400 again, it brings none back."""
+    from streams.retention import complete_since
+
+    day = timedelta(days=1)
+    now = datetime(2026, 12, 4, 12, tzinfo=timezone.utc)
+    ever = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    assert complete_since([(ever, 400)], now, 400) == now - 400 * day
+    lowered_then_raised = [(ever, 400), (now - 30 * day, 7), (now - 10 * day, 400)]
+    assert complete_since(lowered_then_raised, now, 400) == now - 17 * day  # 7 days before it was raised
+    assert complete_since(lowered_then_raised, now, 7) == now - 7 * day  # this process's own is later
+    assert complete_since([(ever, 400), (now - day, 7)], now, 400) == now - 7 * day  # lowered: today's edge
+
+
+_TTL_LOWERED_THEN_RAISED = """
+import sys
+from datetime import datetime, timedelta, timezone
+from ingest import importer
+from streams import migrations, replay, storage
+from streams.retention import RawEvents
+from streams.sites import Site
+
+client = storage.connect(sys.argv[1])
+replay.upgrade(client, 1800, 400)
+migrations.apply_retention(client, 7)  # a deployment tried a week's retention, and ClickHouse deleted
+migrations.apply_retention(client, 400)
+migrations.apply_retention(client, 400)  # unchanged: not recorded again
+now = datetime.now(timezone.utc)
+since = RawEvents(client, 400).complete_since(now)
+site = Site("ttl-example", "default", "ttl.example", "ttl.example", "UTC", datetime(2026, 1, 1))
+lines = b"".join(b'{"name": "pageview", "url": "https://ttl.example/", "ip": "81.227.0.1", "user_agent": "Mozilla/5.0'
+                 b' (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36",'
+                 b' "timestamp": "' + (now - timedelta(days=d)).isoformat().encode() + b'"}\\n' for d in (5, 3))
+parsed = importer.parse(lines, site, now, bytes(16), since)
+print((now - since).total_seconds() / 86400, len(migrations.retention_history(client)),
+      [r["line"] for r in parsed.rejected], [line.number for line in parsed.lines])
+"""
+
+
+def test_an_import_into_days_a_shorter_ttl_may_have_deleted_is_refused(tmp_path):
+    """An audit lowered the TTL to 7 days, let ClickHouse delete, raised it to 400 and imported
+    into the deleted days: accepted, and each such day's pageviews went down while visitors,
+    sessions and bounce rate went up (the stream core placed the events against a visitor
+    history that was gone). The import now refuses what it refused under the shorter TTL."""
+    done = subprocess.run([sys.executable, "-c", _TTL_LOWERED_THEN_RAISED, f"chdb://{tmp_path / 'ch'}"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    days, changes, rejected, accepted = done.stdout.split(" ", 3)
+    assert 7.0 <= float(days) < 7.01 and int(changes) == 3  # (since ever, 400), (now, 7), (now, 400)
+    assert (rejected, accepted.strip()) == ("[1]", "[2]")  # 5 days old: inside the three days the core reads
 
 
 def test_a_long_raw_event_ttl_keeps_events_instead_of_wrapping_past_2106(services):
