@@ -119,6 +119,7 @@ def local(settings: Settings, site_id: str) -> Send:
     from ingest import importer
     from ingest.event import utcnow
     from streams import storage
+    from streams.core import BatchChanged
 
     try:
         services = open_services(settings)
@@ -138,7 +139,13 @@ def local(settings: Settings, site_id: str) -> Send:
         now = utcnow()
         parsed = importer.parse(body, site, now, services.visitors.id_key(), services.raw_events.complete_since(now))
         events = importer.to_events(parsed.lines, site, services.visitors)
-        core.process(events)  # stored when it returns
+        try:
+            # Judged in front of the writes, as `up` and the workers judge a batch: a site deleted
+            # meanwhile, and perhaps created again by another account, got the rest of the file.
+            core.process(events, still_current=lambda: services.sites.is_current(site))  # stored when it returns
+        except BatchChanged:
+            raise ImportFailed(f"site {site_id!r} was deleted during the import; the lines before this part were"
+                               " stored, and deleted with it") from None
         # Lines, as the endpoint counts them (copies of one event id are stored once).
         return {"accepted": len(parsed.lines), "rejected": parsed.rejected, "dropped": parsed.dropped, "stored": True}
 

@@ -79,8 +79,11 @@ def _needs(dependant, call) -> bool:
     return any(d.call is call or _needs(d, call) for d in dependant.dependencies)
 
 
-def readable_site(ctx: Context, key: ApiKey, site_id: str, asked: str | None = None) -> Site:
-    return key.readable_site(site_id, ctx.sites, asked)
+def readable_site(ctx: Context, key: ApiKey, site_id: str, asked: str | None = None, fresh: bool = False) -> Site:
+    """`fresh` for a change (a goal, a funnel, a delete): the site as ClickHouse has it now. From
+    the cache, a site another process deleted, and another account created again, was still this
+    key's for up to 5 s: its old owner's key put a goal on the new owner's site."""
+    return key.readable_site(site_id, ctx.sites, asked, fresh)
 
 
 def cached_json(request: Request, payload: dict[str, Any], status: int = 200) -> Response:

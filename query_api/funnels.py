@@ -115,11 +115,11 @@ def funnel_stats(client: Client, funnel: Funnel, period: Period) -> dict:
             "overall_conversion": percent(reached[-1], reached[0])}
 
 
-def _readable_funnel(ctx, key, funnel_id: str) -> tuple[Funnel, Site]:
+def _readable_funnel(ctx, key, funnel_id: str, fresh: bool = False) -> tuple[Funnel, Site]:
     funnel = ctx.funnels.get(funnel_id)
     if funnel is None:
         raise APIError(404, "funnel_not_found", f"no funnel with id {funnel_id!r}")
-    return funnel, readable_site(ctx, key, funnel.site_id, f"funnel {funnel_id!r}")
+    return funnel, readable_site(ctx, key, funnel.site_id, f"funnel {funnel_id!r}", fresh)
 
 
 @router.get("/funnels", response_model=FunnelsResponse)
@@ -130,14 +130,14 @@ def list_funnels(request: Request, ctx: Ctx, key: Key, site_id: SiteId) -> Respo
 
 @router.post("/funnels", response_model=FunnelCreated, status_code=201)
 def create_funnel(request: Request, ctx: Ctx, key: Key, body: FunnelCreate) -> Response:
-    site = readable_site(ctx, key, body.site_id)
+    site = readable_site(ctx, key, body.site_id, fresh=True)
     funnel = ctx.funnels.create(site.site_id, body.name, [Step(**s.model_dump()) for s in body.steps])
     return cached_json(request, {"data": funnel.as_json()}, status=201)
 
 
 @router.delete("/funnels/{funnel_id}", status_code=204, response_class=Response)
 def delete_funnel(ctx: Ctx, key: Key, funnel_id: str) -> Response:
-    ctx.funnels.delete(_readable_funnel(ctx, key, funnel_id)[0])
+    ctx.funnels.delete(_readable_funnel(ctx, key, funnel_id, fresh=True)[0])
     return Response(status_code=204)
 
 

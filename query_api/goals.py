@@ -74,7 +74,7 @@ def list_goals(request: Request, ctx: Ctx, key: Key, site_id: SiteId, period: Pe
 @router.post("/goals", response_model=GoalCreated, status_code=201, response_model_exclude_none=True)
 def create_goal(request: Request, ctx: Ctx, key: Key, body: GoalCreate) -> Response:
     """Applies to all stored data: answers once the goal's past conversions are counted."""
-    site = readable_site(ctx, key, body.site_id)
+    site = readable_site(ctx, key, body.site_id, fresh=True)
     goal = ctx.goals.create(site.site_id, body.name, body.event_type, body.match_path or "", body.match_event or "")
     try:
         ctx.goals.apply_to_past(goal)
@@ -91,6 +91,6 @@ def delete_goal(ctx: Ctx, key: Key, goal_id: str) -> Response:
     goal = ctx.goals.get(goal_id)
     if goal is None:
         raise APIError(404, "goal_not_found", f"no goal with id {goal_id!r}")
-    readable_site(ctx, key, goal.site_id, f"goal {goal_id!r}")
+    readable_site(ctx, key, goal.site_id, f"goal {goal_id!r}", fresh=True)
     ctx.goals.delete(goal)
     return Response(status_code=204)

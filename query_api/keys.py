@@ -31,7 +31,7 @@ class ApiKey:
         """User-level: every site of its account; site-level: its own site only."""
         return self.account_id == site.account_id and self.site_id in ("", site.site_id)
 
-    def readable_site(self, site_id: str, sites: SiteRegistry, asked: str | None = None) -> Site:
+    def readable_site(self, site_id: str, sites: SiteRegistry, asked: str | None = None, fresh: bool = False) -> Site:
         """The site `site_id` when this key may read it; else an APIError. A site-level key gets 403
         for every other id, existing or not: a 404 would tell it which domains use the service
         (SPEC §7: any other site → 403). `asked` names what the caller asked for when that was a
@@ -39,7 +39,7 @@ class ApiKey:
         forbidden = APIError(403, "forbidden", f"this API key has no access to {asked or f'site {site_id!r}'}")
         if self.site_id and self.site_id != site_id:
             raise forbidden
-        site = sites.get(site_id)
+        site = sites.fresh(site_id) if fresh else sites.get(site_id)
         if site is None:
             raise APIError(404, "site_not_found", f"no site with id {site_id!r}")
         if not self.reaches(site):

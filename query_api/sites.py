@@ -65,10 +65,12 @@ def create_site(request: Request, ctx: Ctx, key: UserKey, body: SiteCreate) -> R
         raise APIError(400, "invalid_parameter", f"timezone: {body.timezone[:64]!r} is not a known IANA timezone") from None
     taken = APIError(409, "site_exists", f"a site for {domain} exists already")
     with _creating:
-        if ctx.sites.by_domain(domain) is not None or not ctx.sites.claim(domain, key.account_id):
+        # Read anew: a site another process deleted a moment ago is still in this one's cache.
+        if ctx.sites.fresh_by_domain(domain) is not None or (claimed := ctx.sites.claim(domain, key.account_id)) is False:
             raise taken
         try:
-            site = ctx.sites.create(key.account_id, domain, body.name, body.timezone)
+            site = claimed if isinstance(claimed, Site) else ctx.sites.create(key.account_id, domain, body.name,
+                                                                              body.timezone)
         except DomainTaken:
             raise taken from None
     ctx.goals.forget_site(site.site_id)  # a deleted site's with the id, if this process still had them
@@ -85,7 +87,7 @@ def get_site(request: Request, ctx: Ctx, key: UserKey, site_id: str) -> Response
 def delete_site(ctx: Ctx, key: UserKey, site_id: str) -> Response:
     """Deletes the site and all its data, and revokes its site-level keys; its stats answer 404
     from now on."""
-    site = readable_site(ctx, key, site_id)
+    site = readable_site(ctx, key, site_id, fresh=True)
     ctx.keys.revoke_site(site.site_id)  # first: a delete that fails halfway leaves no key behind
     ctx.sites.delete(site)
     ctx.goals.forget_site(site.site_id)  # its goals go from lists (and this process's stream core) at once

@@ -553,6 +553,8 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (11, "site claims", [_SITE_CLAIMS]),
     (12, "session events for funnels", [_SESSION_EVENT_COLUMNS, _fill_session_events]),
     (13, "raw-event retention history", [_RETENTION_HISTORY]),
+    # Which create made a claim (streams/sites.py): one account's creates in two processes at once.
+    (14, "site claims name their create", ["ALTER TABLE site_claims ADD COLUMN IF NOT EXISTS claimant String DEFAULT ''"]),
 ]
 
 # Ledger entries of migrations that shipped under a number now given to another: a database that

@@ -8,6 +8,7 @@ import logging
 import math
 import re
 import time
+import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -42,6 +43,9 @@ RECREATED_MARGIN_MS = 5000
 # A claim on a domain whose site was not created this long after (its process died between the
 # two) no longer stops another account's create.
 CLAIM_TIMEOUT_S = 30
+# How long a create waits for the site of its own account's claim made first (another process's
+# create of the domain, a few ms from storing it) before taking it as a create that died.
+OWN_CLAIM_WAIT_S = 5.0
 _SELECT = "SELECT site_id, account_id, domain, name, timezone, created_at FROM sites FINAL WHERE deleted = 0"
 
 
@@ -184,31 +188,56 @@ class SiteRegistry:
             column_names=_COLUMNS)
         return self._remember(site)
 
-    def claim(self, domain: str, account_id: str) -> bool:
-        """Whether this account may create the site for `domain`, which has none now: of creates
-        racing for it in several processes (several `api`), the first claim stored decides. The
-        token names the domain's incarnation (its last deletion), so a domain deleted can be taken
-        again; the claim names the account, so one account's retry (after a create that failed
-        between its claim and its site) is not refused, and another account's waits
-        CLAIM_TIMEOUT_S at most. Migration 11 says why a token."""
+    def claim(self, domain: str, account_id: str) -> bool | Site:
+        """Whether this create may make the site for `domain`, which has none now: of creates
+        racing for it in several processes (several `api`), the first claim stored decides. True:
+        this one; False: another account's; a Site: another create of this account, whose site
+        is the answer (two 201s with two bodies, of which one was stored, before). The token names
+        the domain's incarnation (its last deletion), so a domain deleted can be taken again. A
+        claim whose site does not come (its process died between the two) stops this account's
+        retry OWN_CLAIM_WAIT_S, another account's CLAIM_TIMEOUT_S at most. Migration 11 says why
+        a token."""
         deleted = self._client.query("SELECT max(version) FROM sites WHERE domain = {d:String} AND deleted = 1",
                                      parameters={"d": domain}).result_rows[0][0]
-        token, shard_key = f"{domain}:{deleted}", site_id_for(domain)
+        token, shard_key, mine = f"{domain}:{deleted}", site_id_for(domain), uuid.uuid4().hex
         while True:
-            self._client.insert("site_claims", [[shard_key, domain, token, account_id]],
-                                column_names=["site_id", "domain", "token", "account_id"],
+            self._client.insert("site_claims", [[shard_key, domain, token, account_id, mine]],
+                                column_names=["site_id", "domain", "token", "account_id", "claimant"],
                                 settings={"insert_deduplicate": 1, "insert_deduplication_token": token})
             # One row per token; of copies a lost deduplication log let in, the first stored.
-            winner, age_s = self._client.query(
-                "SELECT account_id, dateDiff('second', claimed_at, now64(3)) FROM site_claims"
+            winner, claimant, age_s = self._client.query(
+                "SELECT account_id, claimant, dateDiff('second', claimed_at, now64(3)) FROM site_claims"
                 " WHERE site_id = {s:String} AND domain = {d:String} AND token = {t:String}"
-                " ORDER BY claimed_at, account_id LIMIT 1",
+                " ORDER BY claimed_at, account_id, claimant LIMIT 1",
                 parameters={"s": shard_key, "d": domain, "t": token}).result_rows[0]
-            if winner == account_id:
+            if claimant == mine:
                 return True
+            if winner == account_id:
+                deadline = time.monotonic() + OWN_CLAIM_WAIT_S
+                while time.monotonic() < deadline:
+                    if (made := self.fresh_by_domain(domain)) is not None:
+                        return made
+                    time.sleep(0.05)
+                return True  # a retry of a create that died after its claim
             if age_s < CLAIM_TIMEOUT_S:
                 return False
             token = f"{token}>{winner}"  # that create never finished: every process claims this one next
+
+    def fresh(self, site_id: str) -> Site | None:
+        """The site with this id as ClickHouse has it now, not as cached: for a change, and for a
+        key's access to a site another process may have deleted (and another account created again)."""
+        site = self._load("site_id", site_id, self._client)
+        if site is None:
+            self._by_id.forget(site_id)
+            return None
+        return self._remember(site)
+
+    def fresh_by_domain(self, domain: str) -> Site | None:
+        site = self._load("domain", domain, self._client)
+        if site is None:
+            self._by_domain.forget(domain)
+            return None
+        return self._remember(site)
 
     def _free_id(self, domain: str) -> tuple[str, Site | None]:
         """The domain's readable id, or when a site of another domain has it (`my-shop.se` and

@@ -86,7 +86,7 @@ def test_up_demo_prints_curl_lines_that_answer(tmp_path):
 def test_migrate_is_idempotent_and_keys_create_prints_working_keys(tmp_path):
     data = str(tmp_path / "data")
     first, second = run("migrate", "--data", data), run("migrate", "--data", data)
-    assert first.returncode == 0 and "applied migrations: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]" in first.stdout, first.stderr
+    assert first.returncode == 0 and "applied migrations: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]" in first.stdout, first.stderr
     assert second.returncode == 0 and "schema is up to date" in second.stdout, second.stderr
 
     created = run("keys", "create", "--account", "acme", "--data", data)
@@ -305,7 +305,7 @@ def test_migration_9_takes_the_goals_so_far_as_backfilled(tmp_path):
     seeded = python_c(_AT_SCHEMA_8_WITH_GOALS, url)
     assert seeded.returncode == 0, seeded.stderr
     first = migrate(url)
-    assert first.returncode == 0 and "applied migrations: [9, 11, 13]" in first.stdout, first.stdout + first.stderr
+    assert first.returncode == 0 and "applied migrations: [9, 11, 13, 14]" in first.stdout, first.stdout + first.stderr
     check = ("import sys; from streams import goals, storage; c = storage.connect(sys.argv[1]); print(c.query("
              "'SELECT g.name FROM goal_backfills b JOIN goals g USING (site_id, goal_id)').result_rows, "
              "goals.UNFINISHED_AFTER_S, end=' '); goals.UNFINISHED_AFTER_S = 0; print(goals.finish_backfills(c))")
@@ -356,7 +356,7 @@ def test_migration_10_versions_the_raw_events_and_keeps_what_final_read(tmp_path
     engine, before, counts, tables = json_of(_RAW_EVENTS, url)
     assert engine.startswith("ReplacingMergeTree PARTITION") and counts == [[300, 1]] and tables == [["events"]]
     first = migrate(url)
-    assert first.returncode == 0 and "applied migrations: [10, 11, 12, 13]" in first.stdout, first.stdout + first.stderr
+    assert first.returncode == 0 and "applied migrations: [10, 11, 12, 13, 14]" in first.stdout, first.stdout + first.stderr
     engine, after, counts, tables = json_of(_RAW_EVENTS, url)
     assert engine.startswith("ReplacingMergeTree(version) PARTITION") and tables == [["events"]]
     assert "TTL toDateTime(least(" in engine and "ttl_only_drop_parts = 1" in engine  # retention kept
@@ -463,7 +463,7 @@ def test_migration_8_sorts_rollup_15m_by_day_and_keeps_every_row(tmp_path):
     key, before, tables = json_of(_ROLLUPS, url)
     assert key == [["site_id, kind, bucket, value"]] and tables == [["rollup_15m"]] and len(before) > 100
     first = migrate(url)
-    assert first.returncode == 0 and "applied migrations: [8, 9, 11, 13]" in first.stdout, first.stdout + first.stderr
+    assert first.returncode == 0 and "applied migrations: [8, 9, 11, 13, 14]" in first.stdout, first.stdout + first.stderr
     key, after, tables = json_of(_ROLLUPS, url)
     assert key == [["site_id, kind, toDate(bucket), value, bucket"]] and tables == [["rollup_15m"]]
     assert after == before
@@ -556,7 +556,7 @@ def test_a_migrate_killed_after_the_swap_copies_the_old_table_back_at_the_next_s
     killed = python_c(_KILLED_AFTER_SWAP, url)
     assert killed.returncode == 9, killed.stderr
     again = migrate(url)
-    assert again.returncode == 0 and "applied migrations: [8, 9, 11, 13]" in again.stdout, again.stdout + again.stderr
+    assert again.returncode == 0 and "applied migrations: [8, 9, 11, 13, 14]" in again.stdout, again.stdout + again.stderr
     check = ("import sys; from streams import storage; c = storage.connect(sys.argv[1]); print("
              "c.query(\"SELECT sum(events) FROM rollup_15m FINAL WHERE site_id = 'late'\").result_rows[0][0], "
              "c.query(\"SELECT count() FROM system.tables WHERE database = currentDatabase()"
@@ -750,6 +750,59 @@ def test_two_api_processes_racing_for_a_domain_give_it_to_one_account(clickhouse
                 assert r.status_code == (200 if account == owner else 403), (port, account, r.text)
             listed = httpx.get(f"http://127.0.0.1:{port}/api/v1/sites", headers={"authorization": f"Bearer {keys[owner]}"})
             assert [s["id"] for s in listed.json()["data"] if s["domain"] == domain] == [site], listed.text
+
+
+def test_site_changes_across_two_api_processes_act_on_the_site_as_stored(clickhouse_http, tmp_path):
+    """An audit with three `api` processes on one ClickHouse: one account's creates of a domain
+    sent to several at once each answered 201 with its own time zone, of which one was stored;
+    a domain deleted through one process and created again through another got 409 there (its
+    cache still had the site); and the old owner's key, through a process whose cache still had
+    the deleted site, put a goal on the site another account had just created again."""
+    import asyncio
+
+    from query_api.keys import KeyStore
+    from streams import migrations, storage
+
+    client = storage.connect(clickhouse_http)
+    migrations.migrate(client)
+    store = KeyStore(client)
+    old, new = store.create(f"old-{uuid.uuid4().hex[:6]}"), store.create(f"new-{uuid.uuid4().hex[:6]}")
+    domain = f"change-{uuid.uuid4().hex[:8]}.example"
+    site = domain.replace(".", "-")
+    ports = [free_port(), free_port()]
+    env = {"BK_CLICKHOUSE_URL": clickhouse_http}
+    api = [f"http://127.0.0.1:{port}/api/v1" for port in ports]
+    with process([*CLI, "api", "--port", str(ports[0])], tmp_path / "api0.log", env,
+                 ready_url=f"{api[0]}/openapi.json"), \
+         process([*CLI, "api", "--port", str(ports[1])], tmp_path / "api1.log", env,
+                 ready_url=f"{api[1]}/openapi.json"):
+        def auth(key: str) -> dict:
+            return {"authorization": f"Bearer {key}"}
+
+        async def creates() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=30) as c:
+                return await asyncio.gather(*(c.post(f"{api[n % 2]}/sites", headers=auth(old), json={
+                    "domain": domain, "timezone": tz}) for n, tz in enumerate(["UTC", "Asia/Kolkata", "Europe/Stockholm",
+                                                                              "America/Adak"])))
+
+        answered = asyncio.run(creates())
+        stored = httpx.get(f"{api[0]}/sites/{site}", headers=auth(old)).json()["data"]
+        made = [r.json()["data"] for r in answered if r.status_code == 201]
+        same = [k for k in stored if k not in ("has_data", "verified")]  # the site as stored, not its traffic
+        assert made and all({k: body[k] for k in same} == {k: stored[k] for k in same} for body in made), (made, stored)
+        assert {r.status_code for r in answered} <= {201, 409}, [r.text for r in answered]
+
+        # Every process has the site cached; it is deleted through one, created again through the other.
+        for base in api:
+            assert httpx.get(f"{base}/stats/overview", params={"site_id": site}, headers=auth(old)).status_code == 200
+        assert httpx.delete(f"{api[0]}/sites/{site}", headers=auth(old)).status_code == 204
+        goal = {"site_id": site, "name": "planted", "event_type": "event", "match_event": "x"}
+        assert httpx.post(f"{api[1]}/goals", json=goal, headers=auth(old)).status_code == 404  # deleted: nothing to add to
+        again = httpx.post(f"{api[1]}/sites", json={"domain": domain}, headers=auth(new))
+        assert again.status_code == 201, again.text
+        planted = httpx.post(f"{api[0]}/goals", json=goal, headers=auth(old))
+        assert planted.status_code == 403, planted.text
+        assert httpx.get(f"{api[1]}/goals", params={"site_id": site}, headers=auth(new)).json()["data"] == []
 
 
 def test_a_server_whose_port_is_taken_stops_with_one_line(tmp_path):

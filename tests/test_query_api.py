@@ -327,6 +327,7 @@ def test_a_domains_claim_is_one_accounts_until_its_site_is_deleted_or_never_came
     domain = sites.normalize_domain(_domain("claim"))
     registries = [sites.SiteRegistry(services.client) for _ in range(4)]
     at_once = threading.Barrier(4)
+    monkeypatch.setattr(sites, "OWN_CLAIM_WAIT_S", 0.5)  # the first claim's create never comes here
 
     def claim(n: int) -> tuple[str, bool]:
         at_once.wait(timeout=30)
@@ -342,6 +343,28 @@ def test_a_domains_claim_is_one_accounts_until_its_site_is_deleted_or_never_came
     assert registries[2].claim(domain, loser) and not registries[3].claim(domain, winner)
     monkeypatch.setattr(sites, "CLAIM_TIMEOUT_S", 0)  # the loser's create died before its site
     assert registries[3].claim(domain, winner)
+
+
+def test_one_accounts_creates_of_a_domain_in_two_processes_answer_the_one_site_stored(services):
+    """Both passed the claim (one account), and each stored a site with its own name and time zone:
+    two 201s, two bodies, one of them the site. The second now waits for the first one's site."""
+    import threading
+    import time as clock
+
+    from streams import sites
+
+    domain = sites.normalize_domain(_domain("twice"))
+    first, second = sites.SiteRegistry(services.client), sites.SiteRegistry(services.client)
+    assert first.claim(domain, "acc") is True
+    answer = []
+    waiting = threading.Thread(target=lambda: answer.append(second.claim(domain, "acc")))
+    waiting.start()
+    clock.sleep(0.3)
+    made = first.create("acc", domain, "First", "Asia/Kolkata")
+    waiting.join(timeout=30)
+    (got,) = answer
+    assert (got.site_id, got.name, got.timezone, got.incarnation) == (made.site_id, "First", "Asia/Kolkata",
+                                                                       made.incarnation)
 
 
 @pytest.mark.parametrize("body", [
