@@ -35,6 +35,17 @@ SETTINGS = {"async_insert": 0, "insert_deduplicate": 0, "do_not_merge_across_par
 
 
 HANDSHAKE_TIMEOUT_S = 10
+# Connections kept open to a ClickHouse server, shared by a process's clients. clickhouse-connect
+# keeps 8; the query API answers on up to 40 threads (Starlette's pool), and each connection past
+# 8 was closed after its query, with a urllib3 WARNING each (~300 a process under 25 requests at once).
+_CONNECTIONS_KEPT = 64
+
+
+@functools.cache
+def _connections():
+    from clickhouse_connect.driver.httputil import get_pool_manager
+
+    return get_pool_manager(maxsize=_CONNECTIONS_KEPT)
 
 
 def connect(url: str, wait: bool = False, read_timeout_s: float | None = None) -> Client:
@@ -61,8 +72,10 @@ def connect(url: str, wait: bool = False, read_timeout_s: float | None = None) -
                                               send_receive_timeout=HANDSHAKE_TIMEOUT_S).close()
             # No session id: a server session runs one query at a time, and this client is shared
             # by the threads of a process (request handlers, the stream core).
+            # Plain HTTP only: an https:// URL's TLS options (verify, ca_cert, …) make a pool of their own.
             client = clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False, settings=SETTINGS,
-                                                   **({"send_receive_timeout": read_timeout_s} if read_timeout_s else {}))
+                                                   **({"send_receive_timeout": read_timeout_s} if read_timeout_s else {}),
+                                                   **({"pool_mgr": _connections()} if url.startswith("http://") else {}))
         except OperationalError as exc:
             if not wait:
                 raise

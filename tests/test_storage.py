@@ -10,6 +10,7 @@ from clickhouse_connect.driver.binding import format_bind_value
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from streams import storage
 from streams.storage import written
 
 _UTC_TIMES = st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2105, 12, 31),
@@ -143,3 +144,15 @@ def test_the_query_client_fails_at_once_while_the_lookups_find_no_server_but_its
     clock[0] += 0.1
     assert queries.query("sent again") == [2]
     assert calls == ["slow question", "next question", "key", "sent again"]
+
+
+def test_queries_at_once_from_a_process_s_threads_keep_their_connections(clickhouse_http, caplog):
+    """The query API answers on up to 40 threads; clickhouse-connect keeps 8 connections, and each
+    one past them was closed after its query with a urllib3 WARNING (~300 a process in an audit)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = storage.connect(clickhouse_http)
+    with caplog.at_level("WARNING", logger="urllib3"), ThreadPoolExecutor(30) as pool:
+        answers = list(pool.map(lambda n: client.query(f"SELECT {n}, sleep(0.2)").result_rows[0][0], range(30)))
+    assert answers == list(range(30))
+    assert "Connection pool is full" not in caplog.text
