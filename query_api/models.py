@@ -45,6 +45,12 @@ class SiteCreate(BaseModel):
     timezone: str = Field("Europe/Stockholm", max_length=64, description="An IANA timezone")
 
 
+class SiteChange(BaseModel):
+    """What `PATCH /sites/{id}` changes; a field left out stays as it is."""
+    name: Annotated[str, Field(max_length=200), AfterValidator(_printable)] | None = None
+    timezone: str | None = Field(None, max_length=64, description="An IANA timezone")
+
+
 class ListMeta(BaseModel):
     total: int
 

@@ -1,4 +1,4 @@
-"""`/sites`: list, create and read the sites of the caller's account (user-level keys only)."""
+"""`/sites`: list, create, read, change and delete the sites of the caller's account (user-level keys only)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from query_api import stats
 from query_api.deps import Ctx, UserKey, cached_json, readable_site
 from query_api.errors import APIError
-from query_api.models import SiteCreate, SiteList, SiteResponse
+from query_api.models import SiteChange, SiteCreate, SiteList, SiteResponse
 from query_api.periods import stats_period
 from streams.rollups import sites_with_events
 from streams.sites import DomainTaken, Site, normalize_domain
@@ -81,6 +81,21 @@ def create_site(request: Request, ctx: Ctx, key: UserKey, body: SiteCreate) -> R
 def get_site(request: Request, ctx: Ctx, key: UserKey, site_id: str) -> Response:
     site = readable_site(ctx, key, site_id)
     return cached_json(request, {"data": _out(site, site.site_id in sites_with_events(ctx.client, [site.site_id]))})
+
+
+@router.patch("/sites/{site_id}", response_model=SiteResponse)
+def change_site(request: Request, ctx: Ctx, key: UserKey, site_id: str, body: SiteChange) -> Response:
+    """A site's name or time zone, in place: its data stays, and every period is drawn in the new
+    zone from now on (past days too). Other processes serve the change within 5 s."""
+    if body.name is None and body.timezone is None:
+        raise APIError(400, "invalid_parameter", "give the name or the timezone to change (or both)")
+    if body.timezone is not None and not ctx.sites.valid_timezone(body.timezone):
+        raise APIError(400, "invalid_parameter", f"timezone: {body.timezone[:64]!r} is not a known IANA timezone")
+    site = readable_site(ctx, key, site_id, fresh=True)
+    changed = ctx.sites.change(site, body.name, body.timezone)
+    if changed is None:  # deleted meanwhile
+        raise APIError(404, "site_not_found", f"no site with id {site_id!r}")
+    return cached_json(request, {"data": _out(changed, changed.site_id in sites_with_events(ctx.client, [site_id]))})
 
 
 @router.delete("/sites/{site_id}", status_code=204, response_class=Response)

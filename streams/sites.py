@@ -223,6 +223,25 @@ class SiteRegistry:
                 return False
             token = f"{token}>{winner}"  # that create never finished: every process claims this one next
 
+    def change(self, site: Site, name: str | None = None, tz: str | None = None) -> Site | None:
+        """The site with another name or time zone (every number is drawn in a site's zone when it
+        is asked for, past days too: the rollups are UTC quarter hours); None once it is deleted or
+        created again. The row is written under the version of the one read plus one, so a delete
+        sent since, which writes the time as its version, is never undone by it."""
+        rows = self._client.query(
+            "SELECT name, timezone, created_at, deleted, version FROM sites WHERE site_id = {s:String}"
+            " ORDER BY version DESC LIMIT 1", parameters={"s": site.site_id}).result_rows
+        if not rows or rows[0][3] or _incarnation(rows[0][2]) != site.incarnation:
+            return None
+        old_name, old_tz, created_at, _, version = rows[0]
+        self._client.insert(
+            "sites",
+            [[site.site_id, site.account_id, site.domain, old_name if name is None else name or site.domain,
+              old_tz if tz is None else tz, created_at, 0, version + 1]],
+            column_names=_COLUMNS)
+        self._by_domain.forget(site.domain)
+        return self.fresh(site.site_id)
+
     def fresh(self, site_id: str) -> Site | None:
         """The site with this id as ClickHouse has it now, not as cached: for a change, and for a
         key's access to a site another process may have deleted (and another account created again)."""
