@@ -195,13 +195,21 @@ class Spool:
             os.close(self._lock_fd)
             raise SpoolLocked(f"spool directory {self.directory} is in use by another process;"
                               " give each ingest process its own BK_SPOOL_DIR") from None
-        self._open_log()
-        cursor = self._read_pos()
-        scan = self._scan(cursor)
-        if scan.damaged:
-            self._rewrite(scan)
-        elif scan.end < os.fstat(self._fd).st_size:
-            self._cut_tail(scan.end)
+        try:
+            self._open_log()
+            cursor = self._read_pos()
+            scan = self._scan(cursor)
+            size = os.fstat(self._fd).st_size
+            if scan.damaged:
+                self._rewrite(scan, size - scan.end)
+            elif scan.end < size:
+                self._cut_tail(scan.end)
+        except BaseException:
+            for fd in (self._fd, self._read_fd, self._lock_fd):
+                if fd >= 0:
+                    os.close(fd)
+            self._lock_fd = self._fd = self._read_fd = -1
+            raise
         self._size = scan.length
         # A cursor that is no record boundary would skip records and read the rest from
         # mid-record: the log is sent whole instead (duplicates are dropped by event id).
@@ -249,16 +257,26 @@ class Spool:
                     mapped = length
         return _Scan(kept, damaged, offset, mapped)
 
-    def _rewrite(self, scan: _Scan) -> None:
-        """Replace a log damaged in the middle by its whole records; the damaged file stays."""
+    def _rewrite(self, scan: _Scan, tail: int) -> None:
+        """Replace a log damaged in the middle by its whole records (without the `tail` bytes after
+        the last one either); the damaged file stays whole."""
+        skipped = sum(end - start for start, end in scan.damaged) + tail
+        tmp = self.directory / "spool.log.new"
+        try:
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+                for start, end in scan.kept:
+                    out.write(os.pread(self._read_fd, end - start, start))
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            # Nothing changed: a start with room (or the damaged file moved away) repairs it.
+            raise OSError(exc.errno, f"{self._log} is damaged ({skipped} bytes), and"
+                                     f" rewriting it without them needs {scan.length} bytes beside it:"
+                                     f" {exc.strerror or exc}") from None
         kept_as = self._unused_name("spool.log.damaged")
         os.link(self._log, kept_as)
-        tmp = self.directory / "spool.log.new"
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
-            for start, end in scan.kept:
-                out.write(os.pread(self._read_fd, end - start, start))
-            out.flush()
-            os.fsync(out.fileno())
         self._write_pos(0)  # a crash from here sends whichever log it finds whole, and stores it once
         os.replace(tmp, self._log)
         os.close(self._fd)
@@ -266,11 +284,11 @@ class Spool:
         self._open_log()
         if scan.cursor:
             self._write_pos(scan.cursor)
-        skipped = sum(end - start for start, end in scan.damaged)
         after = scan.damaged[-1][1]
-        log.warning("%s: %d bytes in %d place(s) are damaged (they fail their checksums); the events in them are"
-                    " lost, the %d bytes of whole records before and after are kept (%d after the last damage),"
-                    " and the damaged file is kept as %s", self._log, skipped, len(scan.damaged), scan.length,
+        log.warning("%s: %d bytes in %d place(s) are damaged (they fail their checksums; %d of them at its end); the"
+                    " events in them are lost, the %d bytes of whole records before and after are kept (%d after"
+                    " the last damage), and the damaged file is kept as %s", self._log, skipped,
+                    len(scan.damaged) + bool(tail), tail, scan.length,
                     sum(end - max(start, after) for start, end in scan.kept if end > after), kept_as)
 
     def _cut_tail(self, end: int) -> None:

@@ -304,10 +304,12 @@ def test_damage_in_the_middle_loses_only_the_damaged_record_and_keeps_the_file(t
         spool.commit(ends[cursor_after - 1] if cursor_after < 3 else ends[cursor_after])
     spool.close()
     log_file = tmp_path / "spool.log"
-    original = log_file.read_bytes()
     _damage(log_file, ends[2] + 12)  # inside record 3, after the cursor (or in `up`: any record)
     if cursor_after:
         _damage(log_file, 12)  # and one already sent, before the cursor
+        with open(log_file, "ab") as log:
+            log.write(b"junk after the last record")  # cut with the rest, and said
+    damaged = log_file.read_bytes()
 
     again = Spool(tmp_path, 1 << 20)
     with caplog.at_level("WARNING", logger="ingest.spool"):
@@ -318,8 +320,9 @@ def test_damage_in_the_middle_loses_only_the_damaged_record_and_keeps_the_file(t
     assert values == [f"record {n}".encode() for n in kept if n not in sent]
     assert again.pending_records == len(values)
     copies = list(tmp_path.glob("spool.log.damaged-*"))
-    assert len(copies) == 1 and copies[0].read_bytes() != original and len(copies[0].read_bytes()) == len(original)
+    assert len(copies) == 1 and copies[0].read_bytes() == damaged
     assert "damaged" in caplog.text and str(copies[0]) in caplog.text
+    assert f"{26 if cursor_after else 0} of them at its end" in caplog.text
     again.append(b"k", b"after")
     records, end = again.read(10)
     assert [r.value for r in records][-1] == b"after"
@@ -330,6 +333,35 @@ def test_damage_in_the_middle_loses_only_the_damaged_record_and_keeps_the_file(t
     assert third.pending_records == 0  # the rewritten log is whole: nothing more to repair
     third.close()
     assert len(list(tmp_path.glob("spool.log.damaged-*"))) == 1
+
+
+def test_a_damaged_log_without_room_to_rewrite_it_is_left_as_it_was_and_said_so(tmp_path, monkeypatch):
+    """A full disk: the start failed with only "No space left on device", and each try left one
+    more `spool.log.damaged-` link and an empty `spool.log.new` behind."""
+    spool = Spool(tmp_path, 1 << 20)
+    spool.open()
+    ends = [spool.append(b"k", f"record {n}".encode()) for n in range(4)]
+    spool.close()
+    _damage(tmp_path / "spool.log", ends[1] + 12)
+    before = (tmp_path / "spool.log").read_bytes()
+    open_file = os.open
+
+    def no_room(path, *args, **kwargs):
+        if str(path).endswith("spool.log.new"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return open_file(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "open", no_room)
+        for _ in range(2):
+            with pytest.raises(OSError, match=r"spool.log is damaged \(\d+ bytes\).*No space left"):
+                Spool(tmp_path, 1 << 20).open()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spool.lock", "spool.log"]
+    assert (tmp_path / "spool.log").read_bytes() == before
+    again = Spool(tmp_path, 1 << 20)
+    again.open()  # room again: repaired
+    assert [r.value for r in again.read(10)[0]] == [b"record 0", b"record 1", b"record 3"]
+    again.close()
 
 
 def test_a_cursor_file_that_is_no_number_sends_the_log_whole(tmp_path, caplog):
