@@ -211,7 +211,7 @@ class ImportedEvent(IncomingEvent):
             raise ValueError("is before 2000-01-01")
         if at < context.get("oldest", EARLIEST):
             raise ValueError(f"is older than the raw events are kept (before {context['oldest']:%Y-%m-%d %H:%M:%S} UTC;"
-                             " BK_RAW_EVENTS_TTL_DAYS)")
+                             " BK_RAW_EVENTS_TTL_DAYS, or a shorter one the database had before)")
         return at
 
     @field_validator("ip")
