@@ -111,6 +111,9 @@ class KafkaHandoff:
         self._waiting: set[asyncio.Future] = set()
         self._warned_at = float("-inf")
         self._switches_unsaid = 0
+        # Whether this spell of spooling was said (its switch, or that Kafka is still away): then
+        # its end is said too, or the log's last word is events waiting that were long sent.
+        self._spell_said = False
 
     @property
     def connected(self) -> bool:
@@ -126,12 +129,12 @@ class KafkaHandoff:
         self._spawn(self._sync)
         if self.spool.pending_bytes:
             log.info("the spool holds %d bytes from before; sending them first", self.spool.pending_bytes)
-            self._spooling = True
+            self._spooling = self._spell_said = True
         try:
             await self._connect()
         except (TimeoutError, KafkaError, OSError) as exc:
             log.warning("Kafka is unavailable at start (%s); spooling until it is back", exc)
-            self._spooling = True
+            self._spooling = self._spell_said = True
             self._spawn(self._keep_connecting)
         else:
             self._start_tasks()
@@ -204,7 +207,7 @@ class KafkaHandoff:
                 more = f" ({self._switches_unsaid} more switches to the spool since the last such message)" \
                     if self._switches_unsaid else ""
                 log.warning("%s; spooling to %s%s", why, self.spool.directory, more)
-                self._warned_at, self._switches_unsaid = now, 0
+                self._warned_at, self._switches_unsaid, self._spell_said = now, 0, True
             else:
                 self._switches_unsaid += 1
                 log.debug("%s; spooling to %s", why, self.spool.directory)
@@ -280,9 +283,10 @@ class KafkaHandoff:
                     if await self._reachable():
                         if not self.spool.pending_bytes:  # nothing slipped in during the check
                             self._spooling = False
-                            # Said when the switch to the spool was (not for each unsaid one).
-                            log.log(logging.DEBUG if self._switches_unsaid else logging.INFO,
+                            # Said when the spell was (not for each short one left unsaid).
+                            log.log(logging.INFO if self._spell_said else logging.DEBUG,
                                     "spool sent; events go to Kafka directly again")
+                            self._spell_said = False
                         continue
                     await asyncio.sleep(delay)
                     continue
@@ -295,6 +299,7 @@ class KafkaHandoff:
                 except (TimeoutError, KafkaError) as exc:
                     log.info("spool: Kafka still unavailable (%s); %d bytes waiting", type(exc).__name__,
                              self.spool.pending_bytes)
+                    self._spell_said = True
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue

@@ -42,7 +42,8 @@ def create_app(context: Context, *, trusted_proxies: Trusted = (),
     app.add_middleware(RateLimit, limiter=app.state.rate_limiter, keys=context.keys, trusted=trusted_proxies,
                        exempt=frozenset({openapi.DOCUMENT_PATH, openapi.DOCS_PATH}))
     app.add_middleware(HeadAndVary)
-    app.add_middleware(Timing)
+    app.add_middleware(Timing, prefix=PREFIX,
+                       templates=lambda: [path.removeprefix(PREFIX) for path in app.openapi()["paths"]])
     errors.install(app)
     for module in (sites, stats, affiliate, goals, funnels, batch):
         app.include_router(module.router, prefix=PREFIX, responses=_ERRORS)

@@ -346,3 +346,26 @@ async def test_an_unreachable_redis_is_asked_again_only_after_a_pause():
     await limiter.decide([("key:y", 3)])
     await limiter.decide([("key:y", 3)])
     assert len(calls) == 4
+
+
+async def test_query_time_counts_a_429_under_the_endpoint_asked_for_and_no_probe(client, embedded, services, clock):
+    """The rate limit answers before routing: its 429s were `unmatched`, beside 404s, probes and
+    scrapes, and each endpoint's request rate on /metrics was short by them."""
+    from prometheus_client import REGISTRY
+
+    def count(endpoint: str) -> float:
+        return REGISTRY.get_sample_value("bk_query_seconds_count", {"endpoint": endpoint}) or 0.0
+
+    site = await create_site(client)
+    key = services.keys.create("default")
+    url = f"{API}/sites/{site['id']}"
+    endpoint = "GET /sites/{site_id}"
+    before, unmatched = count(endpoint), count("unmatched")
+    embedded[0].state.rate_limiter.limit = 2
+    answers = [(await client.get(url, headers=bearer(key))).status_code for _ in range(3)]
+    assert answers == [200, 200, 429]
+    await client.get("/healthz")
+    await client.get("/metrics")
+    assert count(endpoint) - before == 3 and count("unmatched") == unmatched
+    await client.get(f"{API}/no-such-endpoint", headers=bearer(services.keys.create("default")))
+    assert count("unmatched") == unmatched + 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import re
 import shutil
@@ -174,6 +175,50 @@ async def test_switches_to_the_spool_are_warned_about_once_a_minute(tmp_path, ca
     assert warned == [f"Kafka did not acknowledge within 250 ms; spooling to {tmp_path}",
                       f"Kafka did not acknowledge within 250 ms; spooling to {tmp_path}"
                       " (2 more switches to the spool since the last such message)"]
+
+
+async def test_a_spell_of_spooling_whose_waiting_was_said_says_when_it_is_sent(tmp_path, caplog, monkeypatch):
+    """A second broker hang within the minute switched to the spool quietly (as it should), but
+    its "still unavailable; N bytes waiting" was logged and its end was not: the log's last word
+    was events waiting that had long been sent."""
+    from ingest import handoff
+
+    kafka = handoff.KafkaHandoff("127.0.0.1:1", "events", 1, 1, None, Spool(tmp_path, 1 << 20), 0.25)
+    kafka.spool.open()
+    caplog.set_level("INFO", logger=handoff.__name__)
+    kafka._start_spooling("Kafka did not acknowledge within 250 ms")  # said
+    kafka._spooling = False
+    kafka._spell_said = False  # ... and sent (its end said)
+    kafka._start_spooling("Kafka did not acknowledge within 250 ms")  # within the minute: not said
+    kafka.spool.append(b"k", b"an event")
+    failures = [TimeoutError()]
+
+    async def reachable() -> bool:
+        return True
+
+    async def send_all(records) -> None:
+        if records and failures:
+            raise failures.pop()
+
+    monkeypatch.setattr(kafka, "_reachable", reachable)
+    monkeypatch.setattr(kafka, "_send_all", send_all)
+    monkeypatch.setattr(asyncio, "sleep", lambda delay, real=asyncio.sleep: real(0))
+    replay = asyncio.create_task(kafka._replay())
+    kafka._wake.set()
+    try:
+        await wait_until_async(lambda: not kafka._spooling and not kafka.spool.pending_bytes)
+    finally:
+        replay.cancel()
+        kafka.spool.close()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert any("bytes waiting" in line for line in said) and said[-1] == "spool sent; events go to Kafka directly again"
+
+
+async def wait_until_async(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
 
 
 def _unstamped(key: bytes, value: bytes) -> bytes:
