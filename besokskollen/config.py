@@ -79,6 +79,17 @@ class Settings(BaseSettings):
     # fronts (streams/migrations.py); unset: a single server or the embedded engine.
     clickhouse_cluster: str | None = None
 
+    @field_validator("session_timeout_s", "kafka_partitions", "kafka_replication_factor", "raw_events_ttl_days",
+                     "rate_limit_per_minute", "max_event_bytes", "max_import_bytes", "historic_salt_days",
+                     "spool_max_bytes", "spool_after_ms", "port", mode="before")
+    @classmethod
+    def _whole_number(cls, value: object) -> object:
+        # pydantic's lax mode reads "7.0", "+1800" and "1_800" as numbers: a value in another unit
+        # or with a typo passed unnoticed.
+        if isinstance(value, str) and value.strip() and not re.fullmatch(r"-?[0-9]+", value.strip()):
+            raise ValueError("must be a whole number written in digits")
+        return value
+
     @field_validator("clickhouse_url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
@@ -121,8 +132,8 @@ class Settings(BaseSettings):
                     raise ValueError(f"{cidr.strip()!r} is not an address or CIDR network") from None
         return cidrs
 
-    @field_validator("kafka_bootstrap", "worker_instance_id", "host", "redis_url", "clickhouse_cluster", "spool_dir",
-                     mode="before")
+    @field_validator("kafka_bootstrap", "worker_instance_id", "host", "port", "redis_url", "clickhouse_cluster",
+                     "spool_dir", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # Compose and Kubernetes set a variable empty to leave it out: an empty BK_SPOOL_DIR put

@@ -831,7 +831,10 @@ def test_a_server_whose_port_is_taken_stops_with_one_line(tmp_path):
                                              ("BK_KAFKA_REPLICATION_FACTOR", "40000"), ("BK_REDIS_URL", "redis://h:abc/0"),
                                              ("BK_REDIS_URL", "redis://h:99999/0"), ("BK_KAFKA_BOOTSTRAP", ","),
                                              ("BK_KAFKA_BOOTSTRAP", "a b:9092"), ("BK_ADMIN_KEY", "bk_aaaaaaaaaaaaaaaa"),
-                                             ("BK_ADMIN_KEY", "bk_0101010101010101")])
+                                             ("BK_ADMIN_KEY", "bk_0101010101010101"),
+                                             # lax numbers, taken as such before
+                                             ("BK_RAW_EVENTS_TTL_DAYS", "7.0"), ("BK_SESSION_TIMEOUT_S", "1_800"),
+                                             ("BK_PORT", "+8080")])
 def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path, variable, value):
     data = [] if variable == "BK_CLICKHOUSE_URL" else ["--data", str(tmp_path / "d")]  # --data would override it
     result = subprocess.run([*CLI, "migrate", *data], capture_output=True, text=True, timeout=60,
