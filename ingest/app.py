@@ -30,6 +30,9 @@ from streams.sites import Site, SiteRegistry
 log = logging.getLogger(__name__)
 
 _PREFETCH = ("prefetch", "prerender")
+# A beacon's body (16 KiB at most) arrives in one packet; one still arriving after this is a
+# client holding a socket open, not a slow network.
+EVENT_BODY_DEADLINE_S = 10.0
 
 
 # Built once: a Response is not changed by sending it, and its headers cost more than the send.
@@ -44,23 +47,33 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] = CORS)
                     headers={**headers, "cache-control": "no-store"})
 
 
-async def read_body(request: Request, limit: int) -> bytes | None:
+class BodyTooSlow(Exception):
+    """The body did not arrive within its deadline."""
+
+
+async def read_body(request: Request, limit: int, deadline_s: float = EVENT_BODY_DEADLINE_S) -> bytes | None:
     """The body, or None when it is larger than `limit` (read no further than that). Read from the
-    ASGI messages themselves: a beacon's body is one message, taken as it is."""
+    ASGI messages themselves: a beacon's body is one message, taken as it is. Raises BodyTooSlow
+    when it takes longer than `deadline_s`: a client trickling a byte every few seconds held a
+    request (and its socket) open for hours."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         return None
     body = b""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect
-        chunk = message.get("body", b"")
-        body = body + chunk if body else chunk  # bounded by `limit`
-        if len(body) > limit:
-            return None
-        if not message.get("more_body", False):
-            return body
+    try:
+        async with asyncio.timeout(deadline_s):
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect
+                chunk = message.get("body", b"")
+                body = body + chunk if body else chunk  # bounded by `limit`
+                if len(body) > limit:
+                    return None
+                if not message.get("more_body", False):
+                    return body
+    except TimeoutError:
+        raise BodyTooSlow from None
 
 
 def _headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -110,6 +123,8 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
             body = await read_body(request, settings.max_event_bytes)
         except ClientDisconnect:
             return _error(400, "incomplete_body", "the request body was cut off")
+        except BodyTooSlow:
+            return _error(408, "body_timeout", f"the request body did not arrive within {EVENT_BODY_DEADLINE_S:.0f} s")
         if body is None:
             return _error(413, "body_too_large", f"event bodies are limited to {settings.max_event_bytes} bytes")
         try:

@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from besokskollen.config import Settings
 from ingest import importer
-from ingest.app import read_body
+from ingest.app import BodyTooSlow, read_body
 from ingest.event import Event, utcnow
 from ingest.handoff import Handoff
 from ingest.spool import RETRY_AFTER_S, SpoolFull, SpoolRefused
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 _NDJSON = "application/x-ndjson"
 # Events handed on at once: the Kafka producer batches them, memory stays bounded.
 _SEND_AT_ONCE = 1000
+# The largest body (BK_MAX_IMPORT_BYTES, 20 MiB by default) at ~70 KB/s.
+_BODY_DEADLINE_S = 300.0
 
 
 def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff: Handoff,
@@ -64,9 +66,12 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
         if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
             raise APIError(415, "unsupported_media_type", "send the NDJSON uncompressed (no Content-Encoding)")
         try:
-            body = await read_body(request, settings.max_import_bytes)
+            body = await read_body(request, settings.max_import_bytes, _BODY_DEADLINE_S)
         except ClientDisconnect:
             raise APIError(400, "incomplete_body", "the request body was cut off") from None
+        except BodyTooSlow:
+            raise APIError(408, "body_timeout", f"the request body did not arrive within {_BODY_DEADLINE_S:.0f} s;"
+                                                " send smaller parts") from None
         if body is None:
             raise APIError(413, "body_too_large",
                            f"import bodies are limited to {settings.max_import_bytes} bytes; split the file")

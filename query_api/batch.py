@@ -75,7 +75,8 @@ def _query_value(value: Scalar) -> str:
 
 
 async def _run(request: Request, ctx, site_id: str, sub: SubRequest) -> dict:
-    endpoint = sub.endpoint.strip("/")
+    # As written: `/stats/pages` and `stats/pages/` are no endpoints alone (404), nor here.
+    endpoint = sub.endpoint
     params = {k: _query_value(v) for k, v in sub.params.items() if v is not None}
     if endpoint in _SITE_ENDPOINTS:
         params["site_id"] = site_id

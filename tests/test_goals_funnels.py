@@ -787,9 +787,12 @@ async def test_batch_runs_sub_requests_and_reports_each(client, services):
         {"endpoint": "stats/overview", "params": {"period": "7d", "compare": True}},
         {"endpoint": "popular/products", "params": {"limit": 0}},
         {"endpoint": "sites"},
+        {"endpoint": "/stats/pages"},  # paths that are 404 alone (they were served here)
+        {"endpoint": "stats/pages/"},
     ]})
     assert r.status_code == 200, r.text
-    first, second, bad, unknown = r.json()["results"]
+    first, second, bad, unknown, *slashed = r.json()["results"]
+    assert [result["error"]["code"] for result in slashed] == ["unknown_endpoint"] * 2
     assert first["endpoint"] == "popular/products" and first["data"][0]["clicks"] == 1 and "meta" in first
     assert second["data"]["comparison"]["period"]["to"]
     assert bad["error"]["code"] == "invalid_parameter" and "data" not in bad

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from starlette.requests import ClientDisconnect, Request
 
-from ingest.app import read_body
+from ingest.app import BodyTooSlow, read_body
 from ingest.spool import SpoolFull, SpoolUnwritable
 from streams.read_cache import ReadThroughCache
 from tests.conftest import BROWSER
@@ -95,6 +95,20 @@ async def test_a_body_is_read_whole_from_its_messages_and_no_further_than_the_li
     assert await read_body(_request(parts(b"x"), [(b"content-length", b"101")]), 100) is None
     with pytest.raises(ClientDisconnect):  # the client went away mid-body
         await read_body(_request([{"type": "http.request", "body": b"x", "more_body": True}]), 100)
+
+
+async def test_a_body_that_trickles_in_is_cut_at_its_deadline():
+    """A byte every few seconds held a request, and its socket, open for hours (a security audit
+    kept 200 open for 90 s and one for 240 s; 16 KiB at that pace is 22 hours)."""
+    import asyncio
+
+    async def trickle() -> dict:
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    request = Request({"type": "http", "method": "POST", "path": "/api/event", "headers": []}, trickle)
+    with pytest.raises(BodyTooSlow):
+        await read_body(request, 16_384, deadline_s=0.3)
 
 
 @pytest.mark.parametrize("headers", [
