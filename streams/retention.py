@@ -21,7 +21,8 @@ def complete_since(history: Sequence[tuple[datetime, int]], now: datetime, days:
     """The latest point any TTL in `history` (changed at, days) can have deleted up to, and
     `now - days` (this process's own setting: before its start recorded it, and a margin)."""
     since = now - timedelta(days=days)
-    for (changed_at, kept_days), (ended_at, _) in zip(history, [*history[1:], (now, 0)]):
+    # Each TTL was in force until the next change (the last one: until now).
+    for (_, kept_days), (ended_at, _) in zip(history, [*history[1:], (now, 0)]):
         since = max(since, min(ended_at, now) - timedelta(days=kept_days))
     return since
 
