@@ -120,11 +120,13 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
 
     async def accept(request: Request) -> Response:
         try:
-            body = await read_body(request, settings.max_event_bytes)
+            body = await read_body(request, settings.max_event_bytes, EVENT_BODY_DEADLINE_S)
         except ClientDisconnect:
             return _error(400, "incomplete_body", "the request body was cut off")
         except BodyTooSlow:
-            return _error(408, "body_timeout", f"the request body did not arrive within {EVENT_BODY_DEADLINE_S:.0f} s")
+            # Closed after the answer: kept open, the client could go on trickling the rest.
+            return _error(408, "body_timeout", f"the request body did not arrive within {EVENT_BODY_DEADLINE_S:.0f} s",
+                          {**CORS, "connection": "close"})
         if body is None:
             return _error(413, "body_too_large", f"event bodies are limited to {settings.max_event_bytes} bytes")
         try:

@@ -71,7 +71,7 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
             raise APIError(400, "incomplete_body", "the request body was cut off") from None
         except BodyTooSlow:
             raise APIError(408, "body_timeout", f"the request body did not arrive within {_BODY_DEADLINE_S:.0f} s;"
-                                                " send smaller parts") from None
+                                                " send smaller parts", {"Connection": "close"}) from None
         if body is None:
             raise APIError(413, "body_too_large",
                            f"import bodies are limited to {settings.max_import_bytes} bytes; split the file")

@@ -111,6 +111,33 @@ async def test_a_body_that_trickles_in_is_cut_at_its_deadline():
         await read_body(request, 16_384, deadline_s=0.3)
 
 
+async def test_a_trickling_event_is_answered_408_and_its_connection_closed(embedded, monkeypatch):
+    """Kept open after the 408, the connection went on taking the rest of the body as slowly as
+    the client sent it (an audit's was open 130 s later)."""
+    import asyncio
+
+    from ingest import app as ingest_app
+
+    monkeypatch.setattr(ingest_app, "EVENT_BODY_DEADLINE_S", 0.3)
+    sent: list[dict] = []
+
+    async def trickle() -> dict:
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b" ", "more_body": True}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/api/event", "raw_path": b"/api/event", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"5000")],
+             "client": ("127.0.0.1", 5000), "server": ("testserver", 80)}
+    await asyncio.wait_for(embedded[0](scope, trickle, send), 10)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 408 and (b"connection", b"close") in start["headers"]
+    assert b"body_timeout" in b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
 @pytest.mark.parametrize("headers", [
     {"user-agent": "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"},
     {"user-agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/131.0 Safari/537.36"},
