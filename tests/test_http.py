@@ -103,15 +103,18 @@ async def test_error_answers_are_not_to_be_cached(client):
 @pytest.mark.parametrize("path", GETS)
 async def test_head_is_get_without_the_body(client, path):
     url = await _url(client, path)
-    got = await client.get(url)
-    head = await client.head(url)
+    for _ in range(3):
+        got = await client.get(url)
+        head = await client.head(url)
+        not_modified = await client.head(url, headers={"if-none-match": got.headers["etag"]})
+        # Trending's windows end at now's second (its meta): requests a second apart are two bodies.
+        if "/trending/" not in path or got.headers["etag"] == head.headers["etag"] == not_modified.headers["etag"]:
+            break
     assert head.status_code == got.status_code == 200
     assert head.content == b""
     assert _without_count(head.headers) == _without_count(got.headers)
     assert int(head.headers["content-length"]) == len(got.content)
     assert int(head.headers["x-ratelimit-remaining"]) == int(got.headers["x-ratelimit-remaining"]) - 1
-
-    not_modified = await client.head(url, headers={"if-none-match": got.headers["etag"]})
     assert not_modified.status_code == 304
     assert not_modified.headers["etag"] == got.headers["etag"]
 
