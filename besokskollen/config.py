@@ -79,14 +79,13 @@ class Settings(BaseSettings):
     # fronts (streams/migrations.py); unset: a single server or the embedded engine.
     clickhouse_cluster: str | None = None
 
-    @field_validator("session_timeout_s", "kafka_partitions", "kafka_replication_factor", "raw_events_ttl_days",
-                     "rate_limit_per_minute", "max_event_bytes", "max_import_bytes", "historic_salt_days",
-                     "spool_max_bytes", "spool_after_ms", "port", mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _whole_number(cls, value: object) -> object:
+    def _whole_number(cls, value: object, info: ValidationInfo) -> object:
         # pydantic's lax mode reads "7.0", "+1800" and "1_800" as numbers: a value in another unit
-        # or with a typo passed unnoticed.
-        if isinstance(value, str) and value.strip() and not re.fullmatch(r"-?[0-9]+", value.strip()):
+        # or with a typo passed unnoticed. Every integer setting, by its type.
+        if (cls.model_fields[info.field_name].annotation in (int, int | None) and isinstance(value, str)
+                and value.strip() and not re.fullmatch(r"-?[0-9]+", value.strip())):
             raise ValueError("must be a whole number written in digits")
         return value
 

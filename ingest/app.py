@@ -51,7 +51,7 @@ class BodyTooSlow(Exception):
     """The body did not arrive within its deadline."""
 
 
-async def read_body(request: Request, limit: int, deadline_s: float = EVENT_BODY_DEADLINE_S) -> bytes | None:
+async def read_body(request: Request, limit: int, deadline_s: float) -> bytes | None:
     """The body, or None when it is larger than `limit` (read no further than that). Read from the
     ASGI messages themselves: a beacon's body is one message, taken as it is. Raises BodyTooSlow
     when it takes longer than `deadline_s`: a client trickling a byte every few seconds held a

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from besokskollen import metrics
 
+
 class Timing:
     def __init__(self, app: ASGIApp, prefix: str, templates: Callable[[], Iterable[str]] = tuple) -> None:
         """`templates`: the API's path templates under `prefix` (read at the first request that was

@@ -245,16 +245,15 @@ class SiteRegistry:
     def fresh(self, site_id: str) -> Site | None:
         """The site with this id as ClickHouse has it now, not as cached: for a change, and for a
         key's access to a site another process may have deleted (and another account created again)."""
-        site = self._load("site_id", site_id, self._client)
-        if site is None:
-            self._by_id.forget(site_id)
-            return None
-        return self._remember(site)
+        return self._fresh("site_id", site_id, self._by_id)
 
     def fresh_by_domain(self, domain: str) -> Site | None:
-        site = self._load("domain", domain, self._client)
+        return self._fresh("domain", domain, self._by_domain)
+
+    def _fresh(self, column: str, key: str, cache: ReadThroughCache[str, Site]) -> Site | None:
+        site = self._load(column, key, self._client)
         if site is None:
-            self._by_domain.forget(domain)
+            cache.forget(key)
             return None
         return self._remember(site)
 

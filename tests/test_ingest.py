@@ -85,16 +85,16 @@ async def test_a_body_is_read_whole_from_its_messages_and_no_further_than_the_li
     def parts(*chunks: bytes) -> list[dict]:
         return [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
 
-    assert await read_body(_request(parts(b'{"a":')), 100) == b'{"a":'
-    assert await read_body(_request(parts(b'{"a"', b"", b':1}')), 100) == b'{"a":1}'
-    assert await read_body(_request(parts(b"", b"x" * 10)), 100) == b"x" * 10
-    assert await read_body(_request([{"type": "http.request"}]), 100) == b""
+    assert await read_body(_request(parts(b'{"a":')), 100, 10) == b'{"a":'
+    assert await read_body(_request(parts(b'{"a"', b"", b':1}')), 100, 10) == b'{"a":1}'
+    assert await read_body(_request(parts(b"", b"x" * 10)), 100, 10) == b"x" * 10
+    assert await read_body(_request([{"type": "http.request"}]), 100, 10) == b""
     # Past the limit without a declared length (chunked): no further message is read.
     messages = parts(b"x" * 60, b"x" * 60, b"never read")
-    assert await read_body(_request(messages), 100) is None and len(messages) == 1
-    assert await read_body(_request(parts(b"x"), [(b"content-length", b"101")]), 100) is None
+    assert await read_body(_request(messages), 100, 10) is None and len(messages) == 1
+    assert await read_body(_request(parts(b"x"), [(b"content-length", b"101")]), 100, 10) is None
     with pytest.raises(ClientDisconnect):  # the client went away mid-body
-        await read_body(_request([{"type": "http.request", "body": b"x", "more_body": True}]), 100)
+        await read_body(_request([{"type": "http.request", "body": b"x", "more_body": True}]), 100, 10)
 
 
 async def test_a_body_that_trickles_in_is_cut_at_its_deadline():
