@@ -30,6 +30,7 @@ import gc
 import logging
 import threading
 import time
+from bisect import bisect_left, insort
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -260,23 +261,53 @@ class StreamCore:
 
     def _prefix_rows(self, stored: dict[str, Event], delivered: list[Event], gone: set[str],
                      goals: tuple) -> tuple[dict[int, Session], dict]:
-        """The sessions (by id) and activity rows that the stored events with each proper prefix
-        of `delivered` derive, each prefix keeping one copy of an id as `first_arrivals` does."""
-        sessions_seen: dict[int, Session] = {}
-        rows_seen: dict = {}
-        events = {event_id: e for event_id, e in stored.items() if event_id not in gone}
+        """The sessions (by id) and activity rows that the stored events with some proper prefix
+        of `delivered` derive, each prefix keeping one copy of an id as `first_arrivals` does.
+        Only their keys matter (they become tombstones where the whole set drops them), so the
+        prefixes are followed incrementally: a row's key comes from one event, or from the first
+        event of a session, and from one prefix to the next only the added copy, or the successor
+        of the copy it replaced, can become a session's first event. (Sessionizing every prefix
+        whole was quadratic: a 5,000-event batch of one visitor at one time took 36 s.)"""
+        present = {event_id: e for event_id, e in stored.items() if event_id not in gone}
+        order = sorted(map(event_order, present.values()))
+        timeout = self._timeout
+        ever: list[Event] = []  # every copy some prefix holds
+        firsts: list[Event] = []  # every copy that starts a session in some prefix
+
+        def starts(position: int) -> bool:
+            return position == 0 or order[position][0] - order[position - 1][0] >= timeout
+
         kept: dict[str, Event] = {}
-        for e in delivered[:-1]:
+        for step, e in enumerate(delivered[:-1]):
             if (copy := kept.get(e.event_id)) is not None and copy.timestamp < e.timestamp:
                 continue  # a retry after the copy already in this prefix: that one stays
-            events[e.event_id] = kept[e.event_id] = e
-            ordered = sorted(events.values(), key=event_order)
-            prefix_sessions = sessionize(ordered, self._timeout)
-            for s in prefix_sessions:
-                sessions_seen.setdefault(s.session_id, s)
-            for key, measures in activity.activity(ordered, prefix_sessions, goals).items():
-                rows_seen.setdefault(key, measures)
+            kept[e.event_id] = e
+            successor = None
+            if (old := present.get(e.event_id)) is not None:
+                position = bisect_left(order, event_order(old))
+                del order[position]
+                successor = order[position] if position < len(order) else None
+            present[e.event_id] = e
+            insort(order, event_order(e))
+            ever.append(e)
+            if step == 0:  # the first prefix: every copy it holds, every session start
+                ever += present.values()
+                firsts += [present[order[i][1]] for i in range(len(order)) if starts(i)]
+                continue
+            for candidate in (event_order(e), successor):
+                if candidate is not None and starts(bisect_left(order, candidate)):
+                    firsts.append(present[candidate[1]])
+
+        sessions_seen = {}
+        rows_seen: dict = {}
+        for e in firsts:
+            session = sessionize([e], timeout)[0]
+            sessions_seen.setdefault(session.session_id, session)
+            rows_seen.update(activity.activity([e], [session], goals))
+        for e in ever:
+            rows_seen.update(activity.activity([e], (), goals))
         return sessions_seen, rows_seen
+
 
 def _out_of_time_order(events) -> bool:
     """Whether some event was delivered after a later one (by `event_order`)."""
