@@ -43,8 +43,9 @@ from streams.buckets import utc_midnight
 # ((site_id, visitor_id) pairs, since) -> the latest session end of each that has a session
 # ending after `since` (so whether a visitor has a session with an event after `since`).
 LatestEnds = Callable[[Iterable[tuple[str, int]], datetime], dict[tuple[str, int], datetime]]
-# (midnights, session timeout) -> for each midnight, (site_id, visitor_id) of every session open then.
-OpenAtMidnight = Callable[[Iterable[datetime], timedelta], dict[datetime, set[tuple[str, int]]]]
+# (midnights, session timeout, site ids or None for all) -> for each midnight, (site_id, visitor_id)
+# of every session open then.
+OpenAtMidnight = Callable[[Iterable[datetime], timedelta, Iterable[str] | None], dict[datetime, set[tuple[str, int]]]]
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +134,13 @@ class Visitors:
             seen = dict(self._latest)
 
         settled = {_midnight(at) for *_, at in people if _settled(at)}
-        opened = self._batch_open_at(settled, self._timeout) if settled else {}
+        sites = {site_id for site_id, *_ in people}
+        opened = self._batch_open_at(settled, self._timeout, sites) if settled else {}
 
-        def open_at_midnight(midnights: Iterable[datetime], timeout: timedelta) -> dict[datetime, set[Key]]:
+        def open_at_midnight(midnights: Iterable[datetime], timeout: timedelta, _sites=None) -> dict[datetime, set[Key]]:
             midnights = set(midnights)
             found = {m: opened[m] for m in midnights if m in opened and timeout == self._timeout}
-            found |= self._batch_open_at(midnights - found.keys(), timeout) if midnights - found.keys() else {}
+            found |= self._batch_open_at(midnights - found.keys(), timeout, sites) if midnights - found.keys() else {}
             # Ids seen live since the timeout before midnight: a superset is safe, `latest_ends` decides.
             return {m: keys | {key for key, at in seen.items() if at > m - timeout} for m, keys in found.items()}
 
@@ -254,7 +256,7 @@ class Visitors:
             if _settled(at):
                 with self._load_lock:
                     if not day.knows_open(at, self._reload):
-                        day.open_at_midnight = self._open_at_midnight([midnight], self._timeout)[midnight]
+                        day.open_at_midnight = self._open_at_midnight([midnight], self._timeout, None)[midnight]
                         day.loaded_for = at
                 if yesterday not in day.open_at_midnight:
                     return False

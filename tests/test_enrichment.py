@@ -441,7 +441,7 @@ class OpenAtMidnight:
         self.keys = keys
         self.calls: list[list[datetime]] = []  # the midnights of each call
 
-    def __call__(self, midnights, timeout: timedelta) -> dict[datetime, set[tuple[str, int]]]:
+    def __call__(self, midnights, timeout: timedelta, sites=None) -> dict[datetime, set[tuple[str, int]]]:
         self.calls.append(sorted(midnights))
         return {m: self.keys for m in midnights}
 
@@ -1020,3 +1020,42 @@ def test_a_salt_the_purge_deleted_is_not_used_from_memory(services, monkeypatch)
                30, "the purge of the old salt")
     serving.for_day(today)  # the serving process goes on with today's events
     assert serving.for_day(past) != bytes.fromhex("33" * 16)
+
+
+def test_the_sessions_open_at_midnights_are_those_the_definition_gives_and_only_the_sites_asked(services):
+    """`open_at`: a session is open at midnight m when it started in [m − VISITOR_LIFETIME, m) and
+    ended after m − timeout. Sessions at each edge (a start at midnight, an end exactly a timeout
+    before it, a start exactly a lifetime before it, one open across three midnights) of two
+    sites, asked about 6 midnights at once, for one site and for all. Each session was once
+    matched in SQL against every midnight asked, without the site: an import spanning 390 days
+    next to 200,000 sessions of other sites spent 3.5 s a request on it."""
+    import random
+
+    from streams.buckets import VISITOR_LIFETIME
+
+    client, sites = services.client, [_site(), _site()]
+    timeout = timedelta(seconds=TIMEOUT)
+    first = DAY + timedelta(days=1)
+    midnights = [first + timedelta(days=n) for n in range(6)]
+    edges = [(m + delta, length) for m in midnights for delta, length in [
+        (timedelta(0), timedelta(minutes=5)), (-timeout, timedelta(0)), (-timeout - timedelta(milliseconds=1), timedelta(milliseconds=2)),
+        (-VISITOR_LIFETIME, VISITOR_LIFETIME), (-VISITOR_LIFETIME - timedelta(milliseconds=1), VISITOR_LIFETIME),
+        (-timedelta(hours=50), timedelta(hours=49, minutes=59)), (-timedelta(minutes=1), timedelta(0))]]
+    rng = random.Random(7)
+    moments = edges + [(first + timedelta(milliseconds=rng.randrange(0, 7 * 86_400_000)),
+                        timedelta(milliseconds=rng.choice([0, 1, rng.randrange(0, 3 * 86_400_000)]))) for _ in range(300)]
+    rows = [(sites[n % 2], n, n, start, start + length, 1, 0) for n, (start, length) in enumerate(moments)]
+    client.insert("sessions", rows, column_names=["site_id", "visitor_id", "session_id", "start", "end", "version",
+                                                  "is_deleted"])
+    client.insert("sessions", [rows[0][:-2] + (2, 1)], column_names=["site_id", "visitor_id", "session_id", "start",
+                                                                     "end", "version", "is_deleted"])  # deleted
+    live = rows[1:]
+
+    def expected(wanted: set[str]) -> dict:
+        return {m: {(site, visitor) for site, visitor, _, start, end, *_ in live if site in wanted
+                    and m - VISITOR_LIFETIME <= start < m and end > m - timeout} for m in midnights}
+
+    assert open_at(client, midnights, timeout, [sites[0]]) == expected({sites[0]})
+    everyone = open_at(client, midnights, timeout)
+    assert {m: {key for key in keys if key[0] in sites} for m, keys in everyone.items()} == expected(set(sites))
+    assert all(expected(set(sites)).values())
