@@ -64,6 +64,28 @@ class Goal:
         return "name = 'pageview' AND pathname LIKE {match:String}", {"match": like}
 
 
+class SiteGoals(tuple):
+    """One site's goals, oldest first, remembering which of them each (event name, path) matches:
+    the stream core asks for every event of every visitor a batch touches, and trying every goal
+    each time cost ~0.5 µs an event per goal (a batch took 5.6 s with 400 goals against 1.6 s
+    with none). A site's paths repeat, and the registry makes a new instance when it re-reads."""
+
+    _REMEMBERED = 10_000  # (name, path)s; forgotten all at once beyond it
+
+    def __init__(self, goals=()) -> None:
+        self._matching: dict[tuple[str, str], tuple[str, ...]] = {}
+
+    def matching(self, name: str, pathname: str) -> tuple[str, ...]:
+        """The ids of the goals an event of this name and path matches."""
+        found = self._matching.get((name, pathname))
+        if found is None:
+            if len(self._matching) >= self._REMEMBERED:
+                self._matching.clear()
+            found = self._matching[(name, pathname)] = tuple(
+                goal.goal_id for goal in self if goal.matches(name, pathname))
+        return found
+
+
 @lru_cache(maxsize=1024)
 def _parts(match_path: str) -> tuple[str, ...]:
     return tuple(match_path.split("*"))
@@ -86,13 +108,16 @@ def _wildcard_match(parts: tuple[str, ...], path: str) -> bool:
     return True
 
 
+_NONE = SiteGoals()
+
+
 class GoalRegistry:
     def __init__(self, client: Client, lookups: Client | None = None) -> None:
         """`lookups`: the client requests read goals through (`storage.for_lookups`); changes,
         purges and backfills go through `client`."""
         self._client = client
         self._lookups = lookups or client
-        self._by_site: ReadThroughCache[str, tuple[Goal, ...]] = ReadThroughCache(
+        self._by_site: ReadThroughCache[str, SiteGoals] = ReadThroughCache(
             self._load_site, miss_ttl_s=REFRESH_S, hit_ttl_s=REFRESH_S)
         # `up` sets it (`make_handoff`): waits until the events accepted so far are written, so
         # that a new goal's first backfill reads them all (a batch already running when the goal
@@ -129,14 +154,14 @@ class GoalRegistry:
         self.before_backfill()
         backfill_twice(self._client, goal)
 
-    def for_site(self, site_id: str) -> tuple[Goal, ...]:
+    def for_site(self, site_id: str) -> SiteGoals:
         """The site's goals, oldest first (cached for REFRESH_S)."""
-        return self._by_site.get(site_id) or ()
+        return self._by_site.get(site_id) or _NONE
 
-    def _load_site(self, site_id: str) -> tuple[Goal, ...] | None:
+    def _load_site(self, site_id: str) -> SiteGoals | None:
         rows = self._lookups.query(_SELECT + " AND site_id = {site:String} ORDER BY created_at, goal_id",
                                    parameters={"site": site_id}).result_rows
-        return tuple(Goal(*row) for row in rows) or None
+        return SiteGoals(Goal(*row) for row in rows) or None
 
 
 # Activity rows of one goal from the stored events: per visitor and quarter hour the matching

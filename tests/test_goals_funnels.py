@@ -92,6 +92,23 @@ def test_wildcards_match_as_the_regular_expression_would(pattern, path):
     assert Goal("s", "g", "n", "pageview", pattern, "", _now()).matches("pageview", path) is expected
 
 
+def test_a_sites_goals_answer_each_event_as_every_goal_would_and_forget_beyond_their_bound(monkeypatch):
+    """`SiteGoals` remembers which goals each (name, path) matches (the stream core asked all 400
+    goals of a site for every event: 79 µs an event against 2.5). It answers what asking each
+    goal does, in goal order, and forgets everything once it holds its bound."""
+    from streams.goals import SiteGoals
+
+    goals = SiteGoals([Goal("s", "g1", "n", "pageview", "/p/*", "", _now()), Goal("s", "g2", "n", "event", "", "buy", _now()),
+                       Goal("s", "g3", "n", "pageview", "/p/1", "", _now()), Goal("s", "g4", "n", "pageview", "/*", "", _now())])
+    monkeypatch.setattr(SiteGoals, "_REMEMBERED", 3)
+    events = [("pageview", "/p/1"), ("pageview", "/q"), ("buy", "/p/1"), ("pageview", "/p/1"), ("click", "/p/2"),
+              ("pageview", "/p/2"), ("pageview", "/p/1")]
+    for name, path in events:
+        assert goals.matching(name, path) == tuple(g.goal_id for g in goals if g.matches(name, path))
+        assert len(goals._matching) <= 3
+    assert goals.matching("pageview", "/p/1") == ("g1", "g3", "g4") and len(goals) == 4
+
+
 def test_a_pattern_of_many_wildcards_does_not_backtrack():
     # A regular expression took seconds here, growing with every `*`, on the stream core's thread.
     goal = Goal("s", "g", "n", "pageview", "/" + "*a" * 30 + "*b", "", _now())
