@@ -38,14 +38,15 @@ _END = "toDateTime(%(end)s, 'UTC')"
 # Per site and local day: pageviews, visitors, and for the whole period visitors first seen in it
 # and visitors back from before it; sessions and bounces by the day their session started. With
 # compare, the previous period is read in the same statement (days before `current`). Several
-# sites of one timezone are read in one statement (`/sites?include_stats=true`).
+# sites of one timezone are read in one statement (`/sites?include_stats=true`). A day begins at
+# `toDateTime(day, tz)`, as in `periods.day_starts` (finding it in a bound array of the period's
+# days cost rows × days: 185 ms for 731 days with compare, against 22).
 _OVERVIEW = f"""
 SELECT site_id, day, sum(pageviews), sum(visitors + day_returning), sum(visitors), sum(period_returning),
        sum(sessions), sum(bounces)
 FROM (
     SELECT site_id, toDate(bucket, %(tz)s) AS day, pageviews, visitors, sessions, bounces,
-           {_returning_since("arrayElement(CAST(%(day_starts)s, 'Array(DateTime(''UTC''))'), indexOf(CAST(%(days)s, 'Array(Date)'), day))")}
-               AS day_returning,
+           {_returning_since("toDateTime(day, %(tz)s)")} AS day_returning,
            if(bucket >= toDateTime(%(current)s, 'UTC'),
               if(bucket < toDateTime(%(lifetime_end)s, 'UTC'), {_returning_since("toDateTime(%(current)s, 'UTC')")}, 0),
               if(bucket < toDateTime(%(previous_lifetime_end)s, 'UTC'), {_returning_since(_START)}, 0))
@@ -113,8 +114,7 @@ def _by_site_and_day(client: Client, site_ids: list[str], period: Period,
     # dates the buckets below, so both draw the same days (query_api/periods.py).
     starts = day_starts(client, period.tz, days[0], period.last + timedelta(days=1))
     start, current, end = starts[0], starts[len(days) - period.length], starts[-1]
-    params = _params(period.tz, start, end, sites=tuple(site_ids), days=days, day_starts=starts[:-1],
-                     current=current, previous_lifetime_end=min(current, start + VISITOR_LIFETIME),
+    params = _params(period.tz, start, end, sites=tuple(site_ids), current=current, previous_lifetime_end=min(current, start + VISITOR_LIFETIME),
                      lifetime_end=min(end, current + VISITOR_LIFETIME))
     out: dict[str, dict[date, tuple]] = {}
     for row in _query(client, _OVERVIEW, params):
