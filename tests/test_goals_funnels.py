@@ -637,6 +637,32 @@ async def test_categories_partners_and_trending(client, services):
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("min_growth"), r.text
 
 
+async def test_popular_lists_fill_their_limit_with_listed_rows_and_keep_the_total(client, services):
+    """The statement returns only `limit` rows (all products went to Python at any limit), the
+    rows a list shows sorted first: the most clicked rows are ones it leaves out (below
+    min_clicks, without a category or partner), and total_clicks counts them all."""
+    site = await _site(client)
+    now = _now() - timedelta(hours=1)
+    clicks = []
+    for product, n, category, partner in (("big", 9, "", ""), ("mid", 5, "skal", ""), ("small", 2, "glas", "kjell"),
+                                          ("tiny", 1, "kabel", "teknik")):
+        clicks += [_click(site, now - timedelta(minutes=i), product, category, partner) for i in range(n)]
+    StreamCore(services.client, 1800).process(clicks)
+
+    async def listed(what: str, **params) -> tuple[list, int]:
+        r = await client.get(f"{API}/popular/{what}", params={"site_id": site, "days": 1, **params})
+        assert r.status_code == 200, r.text
+        return [tuple(row.values())[:2] for row in r.json()["data"]], r.json()["meta"]["total_clicks"]
+
+    assert await listed("products", limit=1, min_clicks=3) == ([("big", "big")], 17)
+    assert await listed("products", limit=2, min_clicks=5) == ([("big", "big"), ("mid", "mid")], 17)
+    assert await listed("products", limit=1, min_clicks=10) == ([], 17)
+    assert await listed("categories", limit=1) == ([("skal", 5)], 17)
+    assert await listed("categories", limit=3) == ([("skal", 5), ("glas", 2), ("kabel", 1)], 17)
+    assert await listed("partners", limit=1) == ([("kjell", 2)], 17)
+    assert await listed("partners", limit=5) == ([("kjell", 2), ("teknik", 1)], 17)
+
+
 async def test_trending_windows_count_back_from_now_to_the_second(client, services):
     """SPEC §7: `recent_hours` and `baseline_days` count back from now. The windows end at the
     second after now's, and the quarter hours their edges cut are counted from the raw clicks in
@@ -749,6 +775,44 @@ async def test_trending_is_ordered_by_recent_clicks_then_slug(client, services):
     r = await client.get(f"{API}/trending/products", params={"site_id": site, "limit": 2})
     assert [p["product_id"] for p in r.json()["data"]] == ["bb-huge", "aa-tie"]
     assert r.json()["meta"]["total_trending"] == 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), max_size=12),
+       recent_hours=st.integers(1, 168), baseline_days=st.integers(1, 90), min_recent=st.integers(0, 5),
+       min_growth=st.sampled_from(["-100", "-50", "0", "0.5", "33.333", "100", "250", "1000"]),
+       limit=st.integers(1, 5))
+def test_trending_picks_products_by_the_growth_definition_in_whole_numbers(rows, recent_hours, baseline_days,
+                                                                           min_recent, min_growth, limit):
+    """Which products trend is decided by multiplying the growth inequality out in integers (a
+    Fraction per product cost 80 % of a request at 100,000 products): the same products, order,
+    growth and averages as the definition computed in fractions. The statement's rows are given."""
+    from decimal import Decimal
+    from fractions import Fraction
+
+    from query_api.affiliate import trending_products, trending_windows
+    from query_api.periods import round_half_away
+
+    class Rows:
+        def query(self, sql, parameters):
+            return type("Result", (), {"result_rows": [(f"p{i}", f"s{i % 3}", r, b) for i, (r, b) in enumerate(rows)]})
+
+    now = datetime(2026, 11, 20, 12, 7, 31, 250_000, tzinfo=timezone.utc)
+    got = trending_products(Rows(), "s", now, recent_hours, baseline_days, Decimal(min_growth), min_recent, limit)
+    baseline_start, recent_start, _ = trending_windows(now, recent_hours, baseline_days)
+    windows = Fraction(int((recent_start - baseline_start).total_seconds()), recent_hours * 3600)
+    expected = []
+    for i, (recent, baseline) in enumerate(rows):
+        average = baseline / windows
+        growth = (recent - average) * 100 / average if baseline else None
+        if recent >= min_recent and recent > 0 and (growth is None or growth >= Fraction(min_growth)):
+            expected.append({"product_id": f"p{i}", "product_slug": f"s{i % 3}", "clicks_recent": recent,
+                             "clicks_baseline_avg": round_half_away(average, 1) if baseline else 0.0,
+                             "growth_percent": round_half_away(growth) if growth is not None else None})
+    expected.sort(key=lambda p: (-p["clicks_recent"], p["product_slug"], p["product_id"]))
+    assert got["data"] == expected[:limit]
+    assert got["meta"]["total_trending"] == len(expected)
+    assert got["meta"]["total_clicks"] == sum(recent for recent, _ in rows)
 
 
 async def test_a_renamed_product_trends_by_growth_under_its_latest_slug(client, services):
