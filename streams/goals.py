@@ -67,8 +67,8 @@ class Goal:
 class SiteGoals(tuple):
     """One site's goals, oldest first, remembering which of them each (event name, path) matches:
     the stream core asks for every event of every visitor a batch touches, and trying every goal
-    each time cost ~0.5 µs an event per goal (a batch took 5.6 s with 400 goals against 1.6 s
-    with none). A site's paths repeat, and the registry makes a new instance when it re-reads."""
+    each time cost ~0.2 µs an event per goal (`activity`: 79 µs an event with 400 goals, 2.5 now).
+    A site's paths repeat, and the registry makes a new instance when it re-reads."""
 
     _REMEMBERED = 10_000  # (name, path)s; forgotten all at once beyond it
 
