@@ -8,7 +8,7 @@ activity lies before the period started (the `returning` gaps; streams/activity.
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from typing import Annotated, Literal
 
 from clickhouse_connect.driver.client import Client
@@ -19,7 +19,7 @@ from query_api.deps import Ctx, Integer, Key, SiteId, cached_json, readable_site
 from query_api.models import CountriesResponse, OverviewResponse, PagesResponse, ReferrersResponse
 from query_api.periods import Period, change, day_starts, percent, stats_period
 from streams.activity import SEPARATOR
-from streams.buckets import VISITOR_LIFETIME
+from streams.buckets import VISITOR_LIFETIME, utc_midnight
 
 router = APIRouter(tags=["stats"])
 
@@ -102,14 +102,10 @@ def _params(tz: str, start: datetime, end: datetime, **extra) -> dict:
         full_from = full_to = end.date()
         full_start = full_end = end
     else:
-        full_start, full_end = _utc(full_from), _utc(full_to)
+        full_start, full_end = utc_midnight(full_from), utc_midnight(full_to)
     return {"tz": tz, "start": start, "end": end,
             "lifetime_end": min(end, start + VISITOR_LIFETIME), "full_from": full_from, "full_to": full_to,
             "full_start": full_start, "full_end": full_end, **extra}
-
-
-def _utc(day: date) -> datetime:
-    return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
 
 
 def _query(client: Client, sql: str, params: dict) -> list[tuple]:

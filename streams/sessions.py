@@ -18,7 +18,7 @@ from typing import NamedTuple
 from clickhouse_connect.driver.client import Client
 
 from ingest.event import Event
-from streams.buckets import VISITOR_LIFETIME, bucket_of
+from streams.buckets import VISITOR_LIFETIME, bucket_of, utc_midnight
 
 
 class Session(NamedTuple):
@@ -204,7 +204,7 @@ def open_at(client: Client, midnights: Iterable[datetime], timeout: timedelta,
     out: dict[datetime, set[tuple[str, int]]] = {m: set() for m in midnights}
     for site, visitor, start, end in rows:
         start, end = start.replace(tzinfo=timezone.utc), end.replace(tzinfo=timezone.utc)
-        m = datetime.combine(start.date() + _DAY, datetime.min.time(), timezone.utc)
+        m = utc_midnight(start.date() + _DAY)
         while m - start <= VISITOR_LIFETIME and end > m - timeout:
             if m in wanted:
                 out[m].add((site, visitor))
