@@ -289,11 +289,11 @@ class StreamCore:
                 successor = order[position] if position < len(order) else None
             present[e.event_id] = e
             insort(order, event_order(e))
-            ever.append(e)
             if step == 0:  # the first prefix: every copy it holds, every session start
                 ever += present.values()
                 firsts += [present[order[i][1]] for i in range(len(order)) if starts(i)]
                 continue
+            ever.append(e)
             for candidate in (event_order(e), successor):
                 if candidate is not None and starts(bisect_left(order, candidate)):
                     firsts.append(present[candidate[1]])

@@ -288,7 +288,7 @@ async def test_breakdowns_compare_and_limits(client, services):
     assert (mine["visitors_7d"], mine["pageviews_7d"]) == (4, 5)
 
 
-async def test_site_list_stats_are_each_sites_own_overview_read_in_one_statement(client, services):
+async def test_site_list_stats_are_each_sites_own_overview_in_its_timezone(client, services):
     """`/sites?include_stats=true` reads every site in one statement, each over the last 7 days
     of its own timezone: each site's `visitors_7d` and `pageviews_7d` are still its own, as its
     `stats/overview` gives them — two sites of one timezone, one of another, one without events."""
