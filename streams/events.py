@@ -49,6 +49,7 @@ WHERE site_id IN {{sites:Array(String)}}
   AND visitor_id IN {{visitors:Array(UInt64)}}
 """
 _ID = _FIELDS.index("event_id")
+_TIME = _FIELDS.index("timestamp")
 
 
 _GET_FIELDS = operator.attrgetter(*_FIELDS)  # one C call: this runs for every event of every batch
@@ -274,5 +275,8 @@ def of_day(client: Client, day: date) -> list[StoredEvent]:
 
 
 def _event(row: tuple) -> StoredEvent:
-    event = StoredEvent._make(row)
-    return event._replace(timestamp=event.timestamp.replace(tzinfo=timezone.utc))
+    # Built as a plain tuple (`_make` then `_replace` took twice as long): every stored event of
+    # every visitor a batch touches is read back through here.
+    fields = list(row)
+    fields[_TIME] = fields[_TIME].replace(tzinfo=timezone.utc)
+    return tuple.__new__(StoredEvent, fields)
