@@ -44,7 +44,7 @@ from ingest.event import Event
 from streams import activity, rollups, sessions
 from streams import events as raw_events
 from streams.buckets import history_windows
-from streams.goals import GoalRegistry
+from streams.goals import GoalRegistry, SiteGoals
 from streams.sessions import Session, event_order, sessionize
 
 log = logging.getLogger(__name__)
@@ -135,9 +135,11 @@ class StreamCore:
         # found the old row alone and put the event back in that visitor's sessions.
         changes = _Changes(superseded={(site, event_id, stored_as[(site, event_id)].timestamp, visitor)
                                        for (site, visitor), event_ids in leaving.items() for event_id in event_ids})
-        for visitor in incoming.keys() | leaving.keys():
+        visitors = incoming.keys() | leaving.keys()
+        goals = self._goals.for_sites({site_id for site_id, _ in visitors})
+        for visitor in visitors:
             self._visitor(visitor, stored.get(visitor, {}), incoming.get(visitor, {}), delivered.get(visitor, []),
-                          leaving.get(visitor, set()), changes, rewrite)
+                          leaving.get(visitor, set()), goals[visitor[0]], changes, rewrite)
 
         # A worker's batch leaves out a deleted site's events by what the site registry said before
         # the reads. A process frozen since (SIGSTOP, a VM pause) across a delete and re-create of
@@ -186,9 +188,8 @@ class StreamCore:
         return stored
 
     def _visitor(self, visitor: tuple[str, int], stored: dict[str, Event], new: dict[str, Event],
-                 delivered: list[Event], gone: set[str], changes: _Changes, rewrite: bool) -> None:
+                 delivered: list[Event], gone: set[str], goals: SiteGoals, changes: _Changes, rewrite: bool) -> None:
         site_id, visitor_id = visitor
-        goals = self._goals.for_site(site_id)
         # An id this visitor already has at an earlier time is a retry (from beyond RETRY_WINDOW
         # too): the stored copy stays. At a later time, the stored copy is the retry: replaced.
         def not_a_late_retry(e: Event) -> bool:

@@ -7,7 +7,13 @@ there is, read in one query at most once a second): once more than MISSES_PER_S 
 second were asked for (a flood of made-up site ids or API keys), a key not on that list is a miss
 without a query of its own, so the flood costs one query a second, not one each. When the database cannot be read, a row read before is served on (and asked for
 again a few seconds later): ingest keeps taking events for known sites while ClickHouse is
-restarted, as Kafka keeps them."""
+restarted, as Kafka keeps them.
+
+With `load_many` (a query for many keys at once), a key read again takes along every other value
+past half its time that was asked for in the last TAKEN_ALONG_IF_USED_S, and `get_many` reads
+what a batch needs in one query: with thousands of sites
+each seen less often than every few seconds, a query per site (ingest's site, the stream core's
+goals) cut ingest from 2,040 to 183 events/s (a many-tenant audit, 2026-12-05)."""
 
 from __future__ import annotations
 
@@ -22,14 +28,22 @@ V = TypeVar("V")
 
 _MAX_MISSES = 10_000  # bounded: clients may send any key they like
 MISSES_PER_S = 20
+_MAX_TAKEN_ALONG = 10_000  # values a read takes along (`load_many`): one statement's worth
+TAKEN_ALONG_IF_USED_S = 60.0
 
 log = logging.getLogger(__name__)
 
 
 class ReadThroughCache(Generic[K, V]):
     def __init__(self, load: Callable[[K], V | None], miss_ttl_s: float = 1.0, hit_ttl_s: float = 5.0,
-                 known: Callable[[], Iterable[K]] | None = None) -> None:
+                 known: Callable[[], Iterable[K]] | None = None,
+                 load_many: Callable[[list[K]], dict[K, V]] | None = None) -> None:
+        """`load_many`: the values of the keys that have one (the others are misses)."""
         self._load = load
+        self._load_many = load_many
+        self._taking_along = threading.Lock()  # one read that takes others along at a time
+        self._used: dict[K, float] = {}  # when each value was last asked for (with `load_many`)
+        self._changes = 0  # `put`s and `forget`s: a read for many keys begun before one keeps nothing
         self._miss_ttl_s = miss_ttl_s
         self._hit_ttl_s = hit_ttl_s
         self._hits: dict[K, tuple[V, float]] = {}
@@ -46,6 +60,8 @@ class ReadThroughCache(Generic[K, V]):
 
     def get(self, key: K) -> V | None:
         if (value := self._fresh_hit(key)) is not None:
+            if self._load_many is not None:
+                self._used[key] = time.monotonic()
             return value
         if self._fresh_miss(key):
             return None
@@ -53,7 +69,7 @@ class ReadThroughCache(Generic[K, V]):
             self._note_miss(key)
             return None
         try:
-            value = self._load(key)
+            value = self._read(key)
         except Exception as exc:
             with self._lock:
                 if (stale := self._hits.get(key)) is None:
@@ -64,9 +80,70 @@ class ReadThroughCache(Generic[K, V]):
         if value is None:
             self._note_miss(key)
         else:
+            now = time.monotonic()
             with self._lock:
-                self._hits[key] = (value, time.monotonic())
+                self._hits[key] = (value, now)
+            if self._load_many is not None:
+                self._used[key] = now
         return value
+
+    def get_many(self, keys: Iterable[K]) -> dict[K, V]:
+        """The values of these keys that have one; what is not fresh is read in one query (with
+        `load_many`; else one each). Not for keys from clients: no flood check."""
+        out: dict[K, V] = {}
+        due = []
+        for key in keys:
+            if (value := self._fresh_hit(key)) is not None:
+                out[key] = value
+            elif not self._fresh_miss(key):
+                due.append(key)
+        if not due:
+            return out
+        if self._load_many is None:
+            return out | {key: value for key in due if (value := self.get(key)) is not None}
+        changes = self._changes
+        found = self._load_many(due)
+        self._store(due, found, changes)
+        return out | {key: found[key] for key in due if key in found}
+
+    def _read(self, key: K) -> V | None:
+        """The key's value from the database, with every other entry past half its time when one
+        query can read many (and no other thread is doing so: those read theirs alone)."""
+        if self._load_many is None or not self._taking_along.acquire(blocking=False):
+            return self._load(key)
+        try:
+            now = time.monotonic()
+            used = self._used.copy()  # one C call: `get` adds to it without the lock
+            for k in [k for k, at in used.items() if now - at > TAKEN_ALONG_IF_USED_S]:
+                del self._used[k]
+            with self._lock:
+                along = [k for k, at in used.items() if k != key and now - at <= TAKEN_ALONG_IF_USED_S
+                         and (hit := self._hits.get(k)) is not None and now - hit[1] > self._hit_ttl_s / 2]
+            keys = [key, *along[:_MAX_TAKEN_ALONG]]
+            changes = self._changes
+            found = self._load_many(keys)
+            self._store(keys[1:], found, changes)
+            return found.get(key)
+        finally:
+            self._taking_along.release()
+
+    def _store(self, keys: list[K], found: dict[K, V], changes: int) -> None:
+        """Keep what a read for these keys found; a key without a value is a miss (not counted
+        towards a flood: nobody asked for it). Nothing if a row changed here since the read began:
+        the read may predate it (a site deleted here would be served on)."""
+        now = time.monotonic()
+        with self._lock:
+            if changes != self._changes:
+                return
+            for key in keys:
+                if key in found:
+                    self._hits[key] = (found[key], now)
+                    self._misses.pop(key, None)
+                else:
+                    self._hits.pop(key, None)
+                    if len(self._misses) >= _MAX_MISSES:
+                        self._misses.clear()
+                    self._misses[key] = now
 
     def _note_miss(self, key: K) -> None:
         now = time.monotonic()
@@ -85,12 +162,14 @@ class ReadThroughCache(Generic[K, V]):
 
     def put(self, key: K, value: V) -> None:
         with self._lock:
+            self._changes += 1
             self._hits[key] = (value, time.monotonic())
             self._misses.pop(key, None)
 
     def forget(self, key: K) -> None:
         """The row changed here: the next get reads it again."""
         with self._lock:
+            self._changes += 1
             self._hits.pop(key, None)
             self._misses.pop(key, None)
 

@@ -160,9 +160,11 @@ class SiteRegistry:
         self._client = client
         self._lookups = lookups or client
         self._by_id: ReadThroughCache[str, Site] = ReadThroughCache(
-            lambda key: self._load("site_id", key), hit_ttl_s=REFRESH_S, known=self._site_ids)
+            lambda key: self._load("site_id", key), hit_ttl_s=REFRESH_S, known=self._site_ids,
+            load_many=lambda keys: {site.site_id: site for site in self._load_many("site_id", keys)})
         self._by_domain: ReadThroughCache[str, Site] = ReadThroughCache(
-            lambda key: self._load("domain", key), hit_ttl_s=REFRESH_S)
+            lambda key: self._load("domain", key), hit_ttl_s=REFRESH_S,
+            load_many=lambda keys: {site.domain: site for site in self._load_many("domain", keys)})
 
     def create(self, account_id: str, domain: str, name: str = "", tz: str = DEFAULT_TIMEZONE,
                site_id: str | None = None) -> Site:
@@ -377,6 +379,11 @@ class SiteRegistry:
             _SELECT + f" AND {column} = {{key:String}} LIMIT 1", parameters={"key": key}
         ).result_rows
         return Site(*rows[0]) if rows else None
+
+    def _load_many(self, column: str, keys: list[str]) -> list[Site]:
+        rows = self._lookups.query(_SELECT + f" AND {column} IN {{keys:Array(String)}}",
+                                   parameters={"keys": keys}).result_rows
+        return [Site(*row) for row in rows]
 
     def _site_ids(self) -> list[str]:
         return [row[0] for row in self._lookups.query("SELECT site_id FROM sites FINAL WHERE deleted = 0").result_rows]

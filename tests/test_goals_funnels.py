@@ -109,6 +109,29 @@ def test_a_sites_goals_answer_each_event_as_every_goal_would_and_forget_beyond_t
     assert goals.matching("pageview", "/p/1") == ("g1", "g3", "g4") and len(goals) == 4
 
 
+def test_a_batch_over_many_sites_reads_their_goals_in_one_query(services, monkeypatch):
+    """The stream core asked for each site's goals on its own: a batch over 1,835 sites spent 3.2 s
+    of 3.3 on 1,993 goal queries (a many-tenant audit). A batch over 300 sites, a third of them
+    with a goal, asks once, and each site's events convert on its own goals only."""
+    client = services.client
+    registry = GoalRegistry(client)
+    sites = [f"many-goals-{uuid.uuid4().hex[:10]}" for _ in range(300)]
+    for site in sites[::3]:
+        registry.create(site, "Pricing", "pageview", match_path="/pricing")
+    registry = GoalRegistry(client)  # nothing cached
+    singles, many = [], []
+    monkeypatch.setattr(registry._by_site, "_load", lambda site_id: singles.append(site_id))
+    load_sites = registry._load_sites
+    monkeypatch.setattr(registry._by_site, "_load_many", lambda ids: many.append(len(ids)) or load_sites(ids))
+    at = _now() - timedelta(minutes=5)
+    StreamCore(client, 1800, goals=registry).process([_ev(site, 1, at, path="/pricing") for site in sites])
+    assert many == [300] and not singles
+    converted = {row[0] for row in client.query(
+        "SELECT site_id FROM activity FINAL WHERE site_id IN {sites:Array(String)} AND kind = 'goal' AND events > 0",
+        parameters={"sites": sites}).result_rows}
+    assert converted == set(sites[::3])
+
+
 def test_a_pattern_of_many_wildcards_does_not_backtrack():
     # A regular expression took seconds here, growing with every `*`, on the stream core's thread.
     goal = Goal("s", "g", "n", "pageview", "/" + "*a" * 30 + "*b", "", _now())

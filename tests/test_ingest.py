@@ -312,3 +312,51 @@ def test_a_products_null_slugs_are_none_as_a_null_referrer_is():
         "id": " p1 ", "slug": None, "category_slug": None, "brand_slug": None, "partner_slug": "adtraction"}})
     assert click.product.model_dump() == {"id": "p1", "slug": "p1", "category_slug": "", "brand_slug": "",
                                           "partner_slug": "adtraction"}
+
+
+def test_a_read_takes_along_every_value_due_soon_and_a_batch_reads_what_it_needs_at_once():
+    """Thousands of sites, each seen less often than every few seconds, each cost a query of their
+    own when their cached row aged out (ingest's site, the stream core's goals): 2,040 → 183
+    events/s in a many-tenant audit. With `load_many`, one read refreshes every value asked for
+    lately and past half its time; `get_many` reads what is not cached in one query. A value
+    changed here (`forget`, `put`) while such a read ran is not overwritten by it."""
+    from streams import read_cache
+
+    store = {f"site-{n}": f"row-{n}" for n in range(500)}
+    singles, many = [], []
+
+    def load_many(keys):
+        many.append(list(keys))
+        return {key: store[key] for key in keys if key in store}
+
+    cache = ReadThroughCache(lambda key: singles.append(key) or store.get(key), hit_ttl_s=0.4, load_many=load_many)
+    assert cache.get_many([*store, "no-such-site"]) == store and len(many) == 1 and not singles
+    assert cache.get_many(list(store)) == store and len(many) == 1  # all fresh: no query
+    for key in store:
+        assert cache.get(key) == store[key]
+    assert not singles and len(many) == 1
+    time.sleep(0.25)  # past half their time: the next read takes them along
+    store["site-0"] = "row-0, renamed"
+    cache._hits["site-1"] = (cache._hits["site-1"][0], time.monotonic() - 1)  # aged out
+    assert cache.get("site-1") == "row-1" and len(many) == 2 and len(many[-1]) == 500 and many[-1][0] == "site-1"
+    time.sleep(0.25)  # the first read's time is over; the taken along ones are fresh
+    assert [cache.get(key) for key in store] == list(store.values()) and len(many) == 2 and not singles
+    # Only values asked for lately are taken along.
+    cache._used = {key: at if key == "site-2" else at - read_cache.TAKEN_ALONG_IF_USED_S - 1
+                   for key, at in cache._used.items()}
+    cache._hits["site-2"] = (cache._hits["site-2"][0], time.monotonic() - 1)
+    cache._hits["site-3"] = (cache._hits["site-3"][0], time.monotonic() - 1)
+    assert cache.get("site-3") == "row-3" and many[-1] == ["site-3", "site-2"]
+    # A read begun before a row changed here keeps nothing of what it read for others.
+    del store["site-4"]
+    cache._hits["site-5"] = (cache._hits["site-5"][0], time.monotonic() - 1)
+    cache._used["site-4"] = time.monotonic()
+    cache._hits["site-4"] = ("row-4", time.monotonic() - 1)
+
+    def forgotten_meanwhile(keys):
+        cache.put("site-4", "row-4, as written here")
+        return load_many(keys)
+
+    cache._load_many = forgotten_meanwhile
+    assert cache.get("site-5") == "row-5" and "site-4" in many[-1]
+    assert cache.get("site-4") == "row-4, as written here"
