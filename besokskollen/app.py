@@ -94,7 +94,7 @@ def open_services(settings: Settings, wait: bool = False) -> Services:
         log.warning("BK_ADMIN_KEY is revoked: it opens nothing; set a new one or unset it")
     # Lenient: live events get today's id rather than a 503 while ClickHouse cannot be asked.
     # Imports ask with the long timeout: theirs may read months of sessions.
-    salts = Salts(lookups, settings.historic_salt_days)
+    salts = Salts(lookups, settings.historic_salt_days, settings.raw_events_ttl_days)
     visitors = Visitors(salts, partial(latest_ends, lookups), partial(open_at, lookups), settings.session_timeout_s,
                         lenient=True, batch_lookups=(partial(latest_ends, client), partial(open_at, client)))
     return Services(settings, client, storage.for_queries(client, settings.clickhouse_url, lookups, wait),

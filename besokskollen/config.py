@@ -59,8 +59,9 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(16 * 1024, ge=1024)
     # Largest accepted /api/v1/events/import body; larger answers 413.
     max_import_bytes: int = Field(20 * 1024 * 1024, ge=64 * 1024)
-    # Days a salt made for a past day by an import is kept after it was made (live salts: 48 h).
-    historic_salt_days: int = Field(30, ge=1, le=36_500)
+    # A salt made for a past day by an import is kept as long as imports for that day may arrive
+    # (SPEC §5.3; live salts: 48 h); set, at most this many days after it was made.
+    historic_salt_days: int | None = Field(None, ge=1, le=36_500)
     # Where ingest keeps events answered 202 but not yet safe elsewhere (one directory per
     # process): distributed, those Kafka did not acknowledge in time; embedded, those the stream
     # core has not written yet. Unset: `spool` inside the embedded data folder, else `./spool`.

@@ -3,8 +3,11 @@ ingest process through ClickHouse.
 
 Live salts are deleted once they are older than yesterday's: past visitor ids can then never be
 recomputed. A salt made for a day that had already ended (created_at later than the day after
-it: made by an import of historic events) is kept `historic_days` after its creation instead, so
-importing the same file again within that time gives the same visitor ids.
+it: made by an import of historic events) is kept as long as imports for that day may arrive
+(SPEC §5.3): until the day is older than the oldest importable time (the raw-event TTL less a
+visitor's lifetime, `ingest/importer.py`), so lines added to a day later get the visitor ids its
+first import gave. `historic_days` (BK_HISTORIC_SALT_DAYS), when set, deletes it that many days
+after it was made instead, if that comes first.
 
 A process that reads today's salt also reads (or makes) tomorrow's: if ClickHouse is unavailable
 at midnight, ingest goes on taking events with it instead of answering 503 until ClickHouse is
@@ -22,6 +25,8 @@ from datetime import date, datetime, timedelta, timezone
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import Error as ClickHouseError
 
+from streams.buckets import VISITOR_LIFETIME
+
 log = logging.getLogger(__name__)
 
 # How long after a day's earliest salt proposal it is taken (`_read_all`): inserts take milliseconds.
@@ -33,7 +38,9 @@ EXPIRE_EVERY_S = 60
 # Live salts older than yesterday's (made before their day ended), and historic ones (made for a
 # day that had ended: by an import) past their time; never the key row.
 _EXPIRED = ("day < {before:Date} AND day != {key_day:Date}"
-            " AND (toDate(created_at) <= day + 1 OR created_at < {expired:DateTime64(6, 'UTC')})")
+            " AND (toDate(created_at) <= day + 1 OR day < {import_floor:Date}"
+            " OR created_at < {expired:DateTime64(6, 'UTC')})")
+_NEVER = datetime(2000, 1, 1, tzinfo=timezone.utc)  # no salt was made before it
 
 # Not a day: the row holding the installation's secret key for imported lines' content ids
 # (`importer.content_event_id`). Never purged; `besokskollen copy` carries it with the data.
@@ -41,9 +48,10 @@ ID_KEY_DAY = date(1970, 1, 1)
 
 
 class Salts:
-    def __init__(self, client: Client, historic_days: int = 30) -> None:
+    def __init__(self, client: Client, historic_days: int | None = None, raw_events_ttl_days: int = 400) -> None:
         self._client = client
         self._historic_days = historic_days
+        self._raw_events_ttl_days = raw_events_ttl_days
         self._cache: dict[date, bytes] = {}
         self._ahead: dict[date, bytes] = {}  # tomorrow's, read today
         self._day: date | None = None  # the UTC day the cache was last trimmed on
@@ -173,8 +181,10 @@ class Salts:
         self._forget(parameters["before"])
 
     def _expiry(self, now: datetime, before: date | None = None) -> dict:
+        oldest_importable = now - timedelta(days=self._raw_events_ttl_days) + VISITOR_LIFETIME
         return {"before": before or now.date() - timedelta(days=1), "key_day": ID_KEY_DAY,
-                "expired": now - timedelta(days=self._historic_days)}
+                "import_floor": oldest_importable.date(),
+                "expired": now - timedelta(days=self._historic_days) if self._historic_days else _NEVER}
 
     def _forget(self, before: date) -> None:
         for day in [d for d in self._cache if d < before]:

@@ -488,7 +488,7 @@ def test_salts_loaded_together_are_the_ones_every_process_agrees_on(services):
     """An import loads its days' salts at once: the salts a process reading day by day gets, for
     days that had one and days that had none, past days and today alike."""
     today = datetime.now(timezone.utc).date()
-    past = [today - timedelta(days=n) for n in range(400, 460)]
+    past = [today - timedelta(days=n) for n in range(100, 160)]  # importable: their salts stay
     had = Salts(services.client).for_day(past[7])
     loading = Salts(services.client)
     loading.load([*past, today])
@@ -910,28 +910,35 @@ async def test_a_live_event_gets_todays_id_when_the_store_cannot_be_asked(servic
     assert live.visitor_id(site, "81.227.6.1", BROWSER, at + MINUTE) == ids["81.227.6.1"][1]
 
 
-def test_historic_salts_outlive_live_ones_for_a_while(services):
-    """Live salts go once older than yesterday's; a salt made for a past day by an import stays
-    `historic_days` after it was made, so re-imports agree on visitor ids."""
+def test_historic_salts_are_kept_while_imports_for_their_day_may_arrive(services):
+    """Live salts go once older than yesterday's. A salt made for a past day by an import stays as
+    long as imports for that day may arrive (SPEC §5.3: the raw-event TTL less a visitor's
+    lifetime), so lines added to the day months later get the visitor ids the first import gave;
+    with `historic_days` (BK_HISTORIC_SALT_DAYS), at most that long after it was made. (A TTL of
+    6,000 days here: days that far back are this test's own.)"""
     client = services.client
     today = datetime.now(timezone.utc).replace(hour=12, minute=0, second=0, microsecond=0)
-    live_old = (today - timedelta(days=500)).date()
-    historic = (today - timedelta(days=501)).date()
-    historic_expired = (today - timedelta(days=560)).date()
-    rows = [[live_old, "00" * 16, today - timedelta(days=500)],
-            [historic, "11" * 16, today - timedelta(days=1)],
-            [historic_expired, "22" * 16, today - timedelta(days=40)]]
+    live_old = (today - timedelta(days=5000)).date()
+    historic = (today - timedelta(days=5001)).date()  # made 100 days ago: kept by default
+    historic_early = (today - timedelta(days=5002)).date()  # made 40 days ago
+    historic_unimportable = (today - timedelta(days=5998)).date()  # made yesterday; before the oldest importable day
+    rows = [[live_old, "00" * 16, today - timedelta(days=5000)],
+            [historic, "11" * 16, today - timedelta(days=100)],
+            [historic_early, "22" * 16, today - timedelta(days=40)],
+            [historic_unimportable, "33" * 16, today - timedelta(days=1)]]
     client.insert("salts", rows, column_names=["day", "salt", "created_at"])
-
-    # A new day's live salt purges the old ones.
-    Salts(client, historic_days=30).for_day((today + timedelta(days=3000 + uuid.uuid4().int % 1000)).date())
 
     def remaining() -> set:
         return {row[0] for row in client.query(
             "SELECT day FROM salts WHERE day IN {days:Array(Date)}",
-            parameters={"days": [live_old, historic, historic_expired]}).result_rows}
+            parameters={"days": [row[0] for row in rows]}).result_rows}
 
-    wait_until(lambda: remaining() == {historic}, 30, "the purge of old salts")
+    # A new day's live salt purges the old ones.
+    Salts(client, raw_events_ttl_days=6000).for_day((today + timedelta(days=3000 + uuid.uuid4().int % 1000)).date())
+    wait_until(lambda: remaining() == {historic, historic_early}, 30, "the purge of old salts")
+    Salts(client, historic_days=50, raw_events_ttl_days=6000).for_day(
+        (today + timedelta(days=4000 + uuid.uuid4().int % 1000)).date())
+    wait_until(lambda: remaining() == {historic_early}, 30, "the purge of salts made over 50 days ago")
 
 
 def test_a_process_without_events_still_expires_salts(services):
