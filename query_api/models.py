@@ -79,7 +79,7 @@ class Change(BaseModel):
     visitors: int | None = Field(description="Percent change; null when the previous period had none")
     pageviews: int | None
     sessions: int | None
-    bounce_rate: int | None = Field(description="Difference in percentage points; null when either period had no sessions")
+    bounce_rate: int | None = Field(description="Difference in percentage points; null when the previous rate is 0")
 
 
 class Comparison(BaseModel):

@@ -179,10 +179,10 @@ def overview(client: Client, site_id: str, period: Period, compare: bool = False
                 "visitors": change(current["visitors"], previous["visitors"]),
                 "pageviews": change(current["pageviews"], previous["pageviews"]),
                 "sessions": change(current["sessions"], previous["sessions"]),
-                # In points: the difference of the two rates shown. A period without sessions has
-                # no rate (its 0 is a placeholder), so there is nothing to compare on either side.
+                # SPEC §7.1 to the letter: in points, the difference of the two rates shown; null
+                # when the previous value is 0, as for the other changes.
                 "bounce_rate": (current["bounce_rate"] - previous["bounce_rate"]
-                                if previous["sessions"] and current["sessions"] else None),
+                                if previous["bounce_rate"] else None),
             },
         }
     return out

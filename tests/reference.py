@@ -585,9 +585,9 @@ class Reference:
         prev_first, prev_last = first - timedelta(days=length), first - timedelta(days=1)
         prev = self._totals(site_id, prev_first, prev_last)
         change = {key: percent_change(current[key], prev[key]) for key in ("visitors", "pageviews", "sessions")}
-        # Points, as the difference of the two whole-number rates shown; no sessions (on either
-        # side), no rate.
-        change["bounce_rate"] = (None if prev["sessions"] == 0 or current["sessions"] == 0
+        # SPEC §7.1 to the letter: null when the previous value (the rate shown) is 0, else the
+        # difference of the two whole-number rates shown, in points.
+        change["bounce_rate"] = (None if prev["bounce_rate"] == 0
                                  else current["bounce_rate"] - prev["bounce_rate"])
         return {"period": {"from": prev_first.isoformat(), "to": prev_last.isoformat()},
                 "visitors": prev["visitors"], "pageviews": prev["pageviews"], "sessions": prev["sessions"],

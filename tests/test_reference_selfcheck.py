@@ -260,7 +260,8 @@ def test_compare_with_empty_previous_period():
 
 def test_compare_with_empty_current_period():
     out = R.overview([ev("2026-11-09T10:00:00.000Z")], SITE, "UTC", "2026-11-10", "2026-11-10", compare=True)
-    assert out["comparison"]["change"] == {"visitors": -100, "pageviews": -100, "sessions": -100, "bounce_rate": None}
+    # The previous day's one session bounced (100 %); the current day shows 0.
+    assert out["comparison"]["change"] == {"visitors": -100, "pageviews": -100, "sessions": -100, "bounce_rate": -100}
 
 
 def test_compare_rounding_is_exact():

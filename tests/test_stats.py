@@ -357,21 +357,28 @@ async def test_compare_rounds_half_away_from_zero_and_lists_break_ties_by_code_p
                                 {"country": "DK", "visitors": 1}, {"country": "EE", "visitors": 1}]
 
 
-async def test_bounce_rate_change_is_null_without_sessions_in_either_period(client, services):
-    """A period without sessions has no bounce rate: its 0 is a placeholder, so "−100 points"
-    against a previous 100 % (a site whose tracker stopped) claimed an improvement that never
-    happened. Null, as without previous sessions."""
+async def test_bounce_rate_change_is_null_only_when_the_previous_rate_is_0(client, services):
+    """SPEC §7.1 to the letter: each change is `null` when the previous value is 0, and for
+    `bounce_rate` the difference of the rates shown, in points — against a day without sessions
+    (shown 0 %) too. (Until 2026-12-05 it was null whenever either period had no sessions, and a
+    number when the previous rate was 0 % over sessions: an independent reading of the spec
+    disagreed with both.)"""
     tz = "Europe/Stockholm"
     sid = (await _create_site(client, timezone=tz))["id"]
-    StreamCore(services.client, TIMEOUT).process([ev(sid, 1, local(tz, 2026, 4, 1, 12))])
+    StreamCore(services.client, TIMEOUT).process([
+        ev(sid, 1, local(tz, 2026, 4, 1, 12)),  # a bounce: 100 %
+        ev(sid, 2, local(tz, 2026, 4, 3, 12)), ev(sid, 2, local(tz, 2026, 4, 3, 12, 5)),  # none: 0 %
+        ev(sid, 3, local(tz, 2026, 4, 4, 12))])  # a bounce: 100 %
     async def change(day: str) -> dict:
         r = await client.get(f"{API}/stats/overview", params={"site_id": sid, "period": "custom", "from": day, "to": day,
                                                               "compare": "true"})
         assert r.status_code == 200, r.text
         return r.json()["data"]["comparison"]["change"]
 
-    assert await change("2026-04-02") == {"visitors": -100, "pageviews": -100, "sessions": -100, "bounce_rate": None}
+    assert await change("2026-04-02") == {"visitors": -100, "pageviews": -100, "sessions": -100, "bounce_rate": -100}
     assert await change("2026-04-01") == {"visitors": None, "pageviews": None, "sessions": None, "bounce_rate": None}
+    assert await change("2026-04-03") == {"visitors": None, "pageviews": None, "sessions": None, "bounce_rate": None}
+    assert await change("2026-04-04") == {"visitors": 0, "pageviews": -50, "sessions": 0, "bounce_rate": None}
 
 
 async def test_deleting_a_site_stops_serving_it(client, services):
