@@ -172,9 +172,7 @@ class GoalRegistry:
                 for site_id, group in itertools.groupby(rows, key=operator.itemgetter(0))}
 
     def _load_site(self, site_id: str) -> SiteGoals | None:
-        rows = self._lookups.query(_SELECT + " AND site_id = {site:String} ORDER BY created_at, goal_id",
-                                   parameters={"site": site_id}).result_rows
-        return SiteGoals(Goal(*row) for row in rows) or None
+        return self._load_sites([site_id]).get(site_id)
 
 
 # Activity rows of one goal from the stored events: per visitor and quarter hour the matching
