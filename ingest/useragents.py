@@ -69,8 +69,23 @@ _crawlers = _Crawlers()
 # Beside crawlerdetect's list: what it misses (Bluesky's link expander, an HTTP client, an AI
 # agent fetching for a user, a test runner), and the Slack desktop app, which its `Slack/` (meant
 # for Slack's fetchers, which say `Slackbot` anyway) takes for a bot.
-_MORE_BOTS = re2.compile(r"(?i)\bcardyb\b|^insomnia/|\bperplexity-user\b|\bcypress/[0-9]|\banthropic-ai\b")
+_MORE_BOTS = re2.compile(r"(?i)\bcardyb\b|\bperplexity-user\b|\bcypress/[0-9]|\banthropic-ai\b")
 _NOT_BOTS = re2.compile(r"Slack/[0-9.]+ Chrome/[0-9.]+ Electron/")
+# HTTP client libraries and tools are no bots by SPEC §5.1's definition (crawler user agents,
+# headless browsers, prefetch requests): a server beacon may send what its library says. A user
+# agent of nothing but their product tokens (and comments) is counted; crawlerdetect lists them,
+# so until 2026-12-05 `curl/8.5.0` or `python-requests/2.32.3` was dropped as a bot.
+_LIBRARY_TOKEN = re2.compile(
+    r"(?i)(?:curl|wget|python-requests|python-urllib|python-httpx|python|aiohttp|httpx|urllib3|pycurl|"
+    r"go-http-client|okhttp|axios|node-fetch|node|undici|got|superagent|deno|bun|java|apache-httpclient|"
+    r"libwww-perl|guzzlehttp|php|ruby|faraday|restsharp|dart|reqwest|httpie|postmanruntime|insomnia)"
+    r"(?:/\S*)?|v[0-9][0-9.]*")
+_COMMENT = re2.compile(r"\([^()]*\)")
+
+
+def _is_library(user_agent: str) -> bool:
+    tokens = _COMMENT.sub(" ", user_agent).split()
+    return bool(tokens) and all(_LIBRARY_TOKEN.fullmatch(token) for token in tokens)
 
 
 def warm_up() -> None:
@@ -93,9 +108,9 @@ def parse(user_agent: str) -> Agent:
 
 @lru_cache(maxsize=20_000)
 def _parse(user_agent: str) -> Agent:
-    # Blank is no browser: live, the HTTP server trims a header of spaces to nothing.
-    if (not user_agent.strip(" \t") or _MORE_BOTS.search(user_agent)
-            or (_crawlers.is_crawler(user_agent) and not _NOT_BOTS.search(user_agent))):
+    # A blank one (or none) is no bot by SPEC §5.1's definition either; it names no browser.
+    if _MORE_BOTS.search(user_agent) or (_crawlers.is_crawler(user_agent) and not _NOT_BOTS.search(user_agent)
+                                         and not _is_library(user_agent)):
         return Agent("", "", "", is_bot=True)
     result = ua_parser.parse(user_agent)
     browser = result.user_agent.family if result.user_agent else ""

@@ -141,7 +141,6 @@ async def test_a_trickling_event_is_answered_408_and_its_connection_closed(embed
 @pytest.mark.parametrize("headers", [
     {"user-agent": "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"},
     {"user-agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/131.0 Safari/537.36"},
-    {"user-agent": ""},
     {"sec-purpose": "prefetch"},
 ])
 async def test_bots_are_accepted_and_dropped_visibly(client, site, headers):

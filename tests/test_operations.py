@@ -162,7 +162,7 @@ def test_up_serves_health_and_metrics_that_move(tmp_path):
         site = httpx.post(f"{base}{API}/sites", json={"domain": "ops.example"}, headers=AUTH).json()["data"]["id"]
         body = {"site_id": site, "name": "pageview", "url": "https://ops.example/"}
         assert httpx.post(f"{base}/api/event", json=body, headers={"user-agent": BROWSER}).status_code == 202
-        assert httpx.post(f"{base}/api/event", json=body, headers={"user-agent": "curl/8.5"}).status_code == 202
+        assert httpx.post(f"{base}/api/event", json=body, headers={"user-agent": "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"}).status_code == 202
         assert httpx.post(f"{base}/api/event", json={"site_id": site}).status_code == 400
         wait_until(lambda: httpx.get(f"{base}{API}/stats/overview", params={"site_id": site}, headers=AUTH)
                    .json()["data"]["pageviews"] == 1, 30, "the pageview in the API")
