@@ -27,7 +27,9 @@ from streams.sites import SiteRegistry
 
 log = logging.getLogger(__name__)
 
-_NDJSON = "application/x-ndjson"
+# The body is NDJSON whatever it is labelled (`application/json`, `text/plain`, none: what HTTP
+# clients send by default), but not a form's parts: those wrap the file in boundaries.
+_NOT_NDJSON = "multipart/"
 # Events handed on at once: the Kafka producer batches them, memory stays bounded.
 _SEND_AT_ONCE = 1000
 # The largest body (BK_MAX_IMPORT_BYTES, 20 MiB by default) at ~70 KB/s.
@@ -61,8 +63,9 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, handoff:
         if not site_id:
             raise APIError(400, "missing_parameter", "site_id is required")
         site = await asyncio.to_thread(key.readable_site, site_id, sites)
-        if request.headers.get("content-type", "").split(";")[0].strip().lower() != _NDJSON:
-            raise APIError(415, "unsupported_media_type", f"send the events as {_NDJSON}, one per line")
+        if request.headers.get("content-type", "").strip().lower().startswith(_NOT_NDJSON):
+            raise APIError(415, "unsupported_media_type", "send the events as the body (application/x-ndjson, one"
+                                                          " per line), not as a form's file")
         if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
             raise APIError(415, "unsupported_media_type", "send the NDJSON uncompressed (no Content-Encoding)")
         try:

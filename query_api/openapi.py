@@ -41,7 +41,7 @@ EXTRA_ERRORS: dict[tuple[str, str], dict[str, str]] = {
     ("post", IMPORT_PATH): {
         "400": "A body that is not events (`empty_body`, `too_many_lines`), or `missing_parameter` (`site_id`)",
         "413": "Body larger than `BK_MAX_IMPORT_BYTES` (20 MiB by default; `body_too_large`): split the file",
-        "415": "Not `application/x-ndjson`, or compressed (`unsupported_media_type`)",
+        "415": "A `multipart/form-data` upload, or compressed (`unsupported_media_type`)",
         "503": "The events could not be stored (`unavailable`); sending the body again is safe",
     },
 }
@@ -51,7 +51,8 @@ EXTRA_ERRORS: dict[tuple[str, str], dict[str, str]] = {
 _IMPORT_OPERATION: dict[str, Any] = {
     "tags": ["import"],
     "summary": "Import historic events",
-    "description": "NDJSON, one event per line (README, Import). Each line is accepted whole, rejected with "
+    "description": "NDJSON, one event per line, or one JSON array of events, whatever the body's Content-Type "
+                   "(README, Import). Each line is accepted whole, rejected with "
                    "its line number and field, or dropped as a bot; the answer comes once the accepted "
                    "events are stored. Importing the same file again stores nothing new.",
     "operationId": "import_events",

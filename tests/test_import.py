@@ -432,7 +432,7 @@ async def test_a_live_event_continuing_an_imported_session_from_before_midnight_
     ({"authorization": "Bearer bk_not_a_key"}, "own", 401, "unauthorized"),
     ({}, "no-such-site", 404, "site_not_found"),
     ({}, None, 400, "missing_parameter"),
-    ({"content-type": "application/json"}, "own", 415, "unsupported_media_type"),
+    ({"content-type": "multipart/form-data; boundary=x"}, "own", 415, "unsupported_media_type"),
     ({"content-encoding": "gzip"}, "own", 415, "unsupported_media_type"),
 ])
 async def test_request_errors(client, site, headers, site_id, status, code):
@@ -441,6 +441,26 @@ async def test_request_errors(client, site, headers, site_id, status, code):
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code
     assert response.headers["cache-control"] == "no-store"
+
+
+async def test_a_body_is_read_as_ndjson_whatever_its_label_or_as_one_json_array(client, services, site):
+    """HTTP clients label a body as they like (`application/json`, or not at all): the events are
+    read all the same, and a JSON array of them too, each item a line numbered by its place. The
+    same events sent each way are stored once (their content ids)."""
+    lines = history(site.domain, 40, seed=11)
+    url = "/api/v1/events/import"
+    answers = [
+        await client.post(url, params={"site_id": site.site_id}, content=ndjson(lines)),  # no Content-Type
+        await client.post(url, params={"site_id": site.site_id}, content=ndjson(lines),
+                          headers={"content-type": "application/json"}),
+        await client.post(url, params={"site_id": site.site_id}, content=b"\xef\xbb\xbf " + orjson.dumps(lines),
+                          headers={"content-type": "application/json"}),
+        await post_import(client, site.site_id, orjson.dumps([*lines[:2], [1, 2], lines[2]])),
+    ]
+    assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+    assert [r.json()["data"]["accepted"] for r in answers] == [40, 40, 40, 3]
+    assert [(r["line"], r["code"]) for r in answers[3].json()["data"]["rejected"]] == [(3, "invalid_json")]
+    assert counts(services, site.site_id) == (40, 40)
 
 
 @pytest.mark.parametrize("timestamp, ok", [
