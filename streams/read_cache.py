@@ -68,6 +68,7 @@ class ReadThroughCache(Generic[K, V]):
         if self._flooded() and not self._among_known(key):
             self._note_miss(key)
             return None
+        changes = self._changes
         try:
             value = self._read(key)
         except Exception as exc:
@@ -78,11 +79,12 @@ class ReadThroughCache(Generic[K, V]):
             log.warning("cannot read %r (%s); serving it as last read", key, exc)
             return stale[0]
         if value is None:
-            self._note_miss(key)
+            self._note_miss(key, changes)
         else:
             now = time.monotonic()
             with self._lock:
-                self._hits[key] = (value, now)
+                if changes == self._changes:  # else the read may predate a change made here (`_store`)
+                    self._hits[key] = (value, now)
             if self._load_many is not None:
                 self._used[key] = now
         return value
@@ -145,13 +147,16 @@ class ReadThroughCache(Generic[K, V]):
                         self._misses.clear()
                     self._misses[key] = now
 
-    def _note_miss(self, key: K) -> None:
+    def _note_miss(self, key: K, changes: int | None = None) -> None:
+        """`changes` as a read for the key began: a miss read before a change made here (a site
+        created here meanwhile) is not kept."""
         now = time.monotonic()
         with self._lock:
-            self._hits.pop(key, None)
-            if len(self._misses) >= _MAX_MISSES:
-                self._misses.clear()
-            self._misses[key] = now
+            if changes is None or changes == self._changes:
+                self._hits.pop(key, None)
+                if len(self._misses) >= _MAX_MISSES:
+                    self._misses.clear()
+                self._misses[key] = now
             if int(now) != self._miss_second:
                 self._miss_second, self._misses_in_second = int(now), 0
             self._misses_in_second += 1

@@ -359,3 +359,13 @@ def test_a_read_takes_along_every_value_due_soon_and_a_batch_reads_what_it_needs
     cache._load_many = forgotten_meanwhile
     assert cache.get("site-5") == "row-5" and "site-4" in many[-1]
     assert cache.get("site-4") == "row-4, as written here"
+    # Nor does a read of one key: a site deleted here while its read was on the way stays gone.
+    cache._load_many = None
+    cache._hits["site-6"] = (cache._hits["site-6"][0], time.monotonic() - 1)
+
+    def deleted_meanwhile(key):
+        cache.forget(key)
+        return store.get(key)
+
+    cache._load = deleted_meanwhile
+    assert cache.get("site-6") == "row-6" and "site-6" not in cache._hits
