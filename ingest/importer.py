@@ -62,19 +62,6 @@ def content_event_id(site_id: str, e: ImportedEvent, key: bytes) -> str:
     return str(uuid.uuid5(uuid.UUID(bytes=key), orjson.dumps(content, option=orjson.OPT_SORT_KEYS).decode()))
 
 
-def _array_items(body: bytes) -> list[bytes] | None:
-    """A body that is one JSON array (a client that sent `[{…}, {…}]`, not NDJSON): its items, each
-    a line numbered by its place in the array. None for anything else."""
-    text = body.removeprefix(_BOM).lstrip()
-    if not text.startswith(b"["):
-        return None
-    try:
-        items = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None  # NDJSON whose first line is an array, or broken JSON: judged line by line
-    return [orjson.dumps(item) for item in items] if isinstance(items, list) else None
-
-
 def parse(body: bytes, site: Site, now: datetime, id_key: bytes, complete_since: datetime | None = None) -> Parsed:
     """Validate every line of `body` as an event of `site`, judged against the clock `now`;
     `id_key` keys the content ids of lines without an `event_id`. With
@@ -83,7 +70,7 @@ def parse(body: bytes, site: Site, now: datetime, id_key: bytes, complete_since:
     oldest = complete_since + VISITOR_LIFETIME if complete_since else None
     # A UTF-8 BOM starts Windows exports, and so every part of files joined with `cat`: skipped
     # at the start of any line (it is never JSON), so a line's verdict does not depend on where it is.
-    raw_lines = _array_items(body) or [line.removeprefix(_BOM) for line in body.split(b"\n")]
+    raw_lines = [line.removeprefix(_BOM) for line in body.split(b"\n")]
     while raw_lines and not raw_lines[-1].strip():  # blank lines at the end hold no events to count
         raw_lines.pop()
     if len(raw_lines) > MAX_LINES:

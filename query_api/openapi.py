@@ -51,8 +51,8 @@ EXTRA_ERRORS: dict[tuple[str, str], dict[str, str]] = {
 _IMPORT_OPERATION: dict[str, Any] = {
     "tags": ["import"],
     "summary": "Import historic events",
-    "description": "NDJSON, one event per line, or one JSON array of events, whatever the body's Content-Type "
-                   "(README, Import). Each line is accepted whole, rejected with "
+    "description": "NDJSON, one event per line, whatever the body's Content-Type (README, Import). Each line "
+                   "is accepted whole, rejected with "
                    "its line number and field, or dropped as a bot; the answer comes once the accepted "
                    "events are stored. Importing the same file again stores nothing new.",
     "operationId": "import_events",
