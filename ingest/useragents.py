@@ -66,8 +66,8 @@ def _re2_compiles(pattern: str) -> bool:
 
 
 _crawlers = _Crawlers()
-# Beside crawlerdetect's list: what it misses (Bluesky's link expander, an HTTP client, an AI
-# agent fetching for a user, a test runner), and the Slack desktop app, which its `Slack/` (meant
+# Beside crawlerdetect's list: what it misses (Bluesky's link expander, an AI agent fetching for
+# a user, a test runner), and the Slack desktop app, which its `Slack/` (meant
 # for Slack's fetchers, which say `Slackbot` anyway) takes for a bot.
 _MORE_BOTS = re2.compile(r"(?i)\bcardyb\b|\bperplexity-user\b|\bcypress/[0-9]|\banthropic-ai\b")
 _NOT_BOTS = re2.compile(r"Slack/[0-9.]+ Chrome/[0-9.]+ Electron/")

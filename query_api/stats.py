@@ -60,8 +60,8 @@ GROUP BY site_id, day
 # (`/sites?include_stats=true`): `_totals` of _OVERVIEW's rows needs no local days, only each
 # site's period edges, found by `transform` (a hash of the bound arrays). A statement per
 # timezone cost ~8 ms each: 3-5 s for an account with sites in 400 timezones. The arrays are
-# bound server-side, once: written into the statement (four times), 1,556 site ids of 20
-# characters passed ClickHouse's max_query_size (256 KiB) and the list answered 500.
+# bound server-side: written into the statement's text (the site list four times), 1,556 site
+# ids of 20 characters passed ClickHouse's max_query_size (256 KiB) and the list answered 500.
 _SITE_EDGE = "transform(site_id, sites, {edges}, toUInt32(0))"
 _TOTALS = f"""
 WITH {{sites:Array(String)}} AS sites, {{starts:Array(UInt32)}} AS starts, {{ends:Array(UInt32)}} AS ends,

@@ -166,8 +166,9 @@ class GoalRegistry:
         return {site_id: found.get(site_id, _NONE) for site_id in site_ids}
 
     def _load_sites(self, site_ids: list[str]) -> dict[str, SiteGoals]:
-        rows = self._lookups.query(_SELECT + " AND site_id IN {sites:Array(String)} ORDER BY site_id, created_at, goal_id",
-                                   parameters={"sites": site_ids}).result_rows
+        rows = self._lookups.query(
+            _SELECT + " AND site_id IN {sites:Array(String)} ORDER BY site_id, created_at, goal_id",
+            parameters={"sites": site_ids}).result_rows
         return {site_id: SiteGoals(Goal(*row) for row in group)
                 for site_id, group in itertools.groupby(rows, key=operator.itemgetter(0))}
 
