@@ -369,3 +369,55 @@ def test_a_read_takes_along_every_value_due_soon_and_a_batch_reads_what_it_needs
 
     cache._load = deleted_meanwhile
     assert cache.get("site-6") == "row-6" and "site-6" not in cache._hits
+
+
+def test_a_cache_read_by_many_threads_while_rows_change_here_ends_with_what_is_stored():
+    """Eight threads read (one key, or fifty at once) while another deletes and writes rows and
+    tells the cache (`forget`, `put`), as a process's own site deletes and creates do: nothing
+    raises, and once every entry's time is over each key reads as stored."""
+    import random
+    import threading
+
+    store = {f"k{n}": ("row", 0) for n in range(3000)}
+
+    def load_many(keys):
+        time.sleep(0.002)
+        return {key: store[key] for key in keys if key in store}
+
+    cache = ReadThroughCache(lambda key: time.sleep(0.0005) or store.get(key), miss_ttl_s=0.2, hit_ttl_s=0.4,
+                             load_many=load_many)
+    errors, stop = [], threading.Event()
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            try:
+                if rng.random() < 0.05:
+                    cache.get_many([f"k{rng.randrange(3200)}" for _ in range(50)])
+                else:
+                    cache.get(f"k{rng.randrange(3200)}")
+            except Exception as exc:  # noqa: BLE001 - collected, asserted below
+                errors.append(repr(exc))
+
+    def changes() -> None:
+        rng, n = random.Random(99), 0
+        while not stop.is_set():
+            key, n = f"k{rng.randrange(3200)}", n + 1
+            if key in store and rng.random() < 0.5:
+                del store[key]
+                cache.forget(key)
+            else:
+                store[key] = ("row", n)
+                cache.put(key, store[key])
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)] + [threading.Thread(target=changes)]
+    for thread in threads:
+        thread.start()
+    time.sleep(3)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    time.sleep(0.5)  # every hit and miss past its time
+    assert [key for key in (f"k{n}" for n in range(3200)) if cache.get(key) != store.get(key)] == []
