@@ -132,9 +132,13 @@ def _by_day(client: Client, site_id: str, period: Period, before: Period | None 
 
 def _totals(rows: dict[date, tuple], period: Period) -> dict:
     mine = [rows[day] for day in period.days if day in rows]
-    sessions, bounces = sum(row[5] for row in mine), sum(row[6] for row in mine)
-    return {"visitors": sum(row[3] + row[4] for row in mine), "pageviews": sum(row[1] for row in mine),
-            "sessions": sessions, "bounce_rate": percent(bounces, sessions)}
+    return _numbers(sum(row[3] + row[4] for row in mine), sum(row[1] for row in mine), sum(row[5] for row in mine),
+                    sum(row[6] for row in mine))
+
+
+def _numbers(visitors: int, pageviews: int, sessions: int, bounces: int) -> dict:
+    return {"visitors": visitors, "pageviews": pageviews, "sessions": sessions,
+            "bounce_rate": percent(bounces, sessions)}
 
 
 def totals(client: Client, site_id: str, period: Period) -> dict:
@@ -154,14 +158,9 @@ def totals_of_sites(client: Client, periods: dict[str, Period]) -> dict[str, dic
         "sites": site_list, "starts": starts, "ends": ends,
         "lifetime_ends": [min(end, start + int(VISITOR_LIFETIME.total_seconds())) for start, end in zip(starts, ends)],
         "start": min(starts), "end": max(ends)})
-    found = {site_id: (pageviews, visitors + returning, sessions, bounces)
+    found = {site_id: (visitors + returning, pageviews, sessions, bounces)
              for site_id, pageviews, visitors, returning, sessions, bounces in rows}
-    out = {}
-    for site_id in periods:
-        pageviews, visitors, sessions, bounces = found.get(site_id, (0, 0, 0, 0))
-        out[site_id] = {"visitors": visitors, "pageviews": pageviews, "sessions": sessions,
-                        "bounce_rate": percent(bounces, sessions)}
-    return out
+    return {site_id: _numbers(*found.get(site_id, (0, 0, 0, 0))) for site_id in periods}
 
 
 def overview(client: Client, site_id: str, period: Period, compare: bool = False) -> dict:

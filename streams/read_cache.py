@@ -81,12 +81,9 @@ class ReadThroughCache(Generic[K, V]):
         if value is None:
             self._note_miss(key, changes)
         else:
-            now = time.monotonic()
-            with self._lock:
-                if changes == self._changes:  # else the read may predate a change made here (`_store`)
-                    self._hits[key] = (value, now)
+            self._store([key], {key: value}, changes)
             if self._load_many is not None:
-                self._used[key] = now
+                self._used[key] = time.monotonic()
         return value
 
     def get_many(self, keys: Iterable[K]) -> dict[K, V]:
@@ -142,10 +139,14 @@ class ReadThroughCache(Generic[K, V]):
                     self._hits[key] = (found[key], now)
                     self._misses.pop(key, None)
                 else:
-                    self._hits.pop(key, None)
-                    if len(self._misses) >= _MAX_MISSES:
-                        self._misses.clear()
-                    self._misses[key] = now
+                    self._keep_miss(key, now)
+
+    def _keep_miss(self, key: K, now: float) -> None:
+        """(Under the lock.)"""
+        self._hits.pop(key, None)
+        if len(self._misses) >= _MAX_MISSES:
+            self._misses.clear()
+        self._misses[key] = now
 
     def _note_miss(self, key: K, changes: int | None = None) -> None:
         """`changes` as a read for the key began: a miss read before a change made here (a site
@@ -153,10 +154,7 @@ class ReadThroughCache(Generic[K, V]):
         now = time.monotonic()
         with self._lock:
             if changes is None or changes == self._changes:
-                self._hits.pop(key, None)
-                if len(self._misses) >= _MAX_MISSES:
-                    self._misses.clear()
-                self._misses[key] = now
+                self._keep_miss(key, now)
             if int(now) != self._miss_second:
                 self._miss_second, self._misses_in_second = int(now), 0
             self._misses_in_second += 1
