@@ -19,7 +19,7 @@ from ingest.event import Event
 from ingest.spool import Record, Spool
 from streams.embedded import EmbeddedRunner
 from streams.events import stored_event_ids
-from streams.topic import TopicRefused, ensure_topic, incarnation_headers
+from streams.topic import METADATA_MAX_AGE_MS, TopicRefused, ensure_topic, incarnation_headers
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ class KafkaHandoff:
             enable_idempotence=True,
             compression_type="gzip",
             linger_ms=5,
+            metadata_max_age_ms=METADATA_MAX_AGE_MS,
         )
         try:
             async with asyncio.timeout(_CONNECT_TIMEOUT_S):

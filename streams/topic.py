@@ -16,6 +16,10 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 log = logging.getLogger(__name__)
 
 INCARNATION_HEADER = "bk-site"
+# How often ingest's producer and the workers' consumers ask for the topic's partitions. Added
+# partitions move visitors, and until every producer sends by the new count one visitor's events
+# can go to two partitions (docs/operations.md, "Sizing"); aiokafka's default is 5 minutes.
+METADATA_MAX_AGE_MS = 30_000
 
 
 def incarnation_headers(incarnation: int | None) -> list[tuple[str, bytes]] | None:

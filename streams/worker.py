@@ -36,7 +36,7 @@ from ingest.event import Event
 from streams import monitor, replay, storage
 from streams.core import StreamCore, process_until_written
 from streams.sites import SiteRegistry, count_dropped
-from streams.topic import TopicRefused, ensure_topic, stamped_incarnation
+from streams.topic import METADATA_MAX_AGE_MS, TopicRefused, ensure_topic, stamped_incarnation
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,10 @@ class _FinishBatchFirst(ConsumerRebalanceListener):
     may be another worker's by now. Its records are read again by whoever owns them after the
     rebalance — from the committed offsets, or, where this worker kept them, from `_unread`."""
 
-    def __init__(self) -> None:
+    def __init__(self, consumer: AIOKafkaConsumer, topic: str, seen: PartitionCount) -> None:
         self.writing = asyncio.Lock()
         self.generation = 0
+        self._consumer, self._topic, self._seen = consumer, topic, seen
 
     async def on_partitions_revoked(self, revoked) -> None:
         async with self.writing:
@@ -81,9 +82,28 @@ class _FinishBatchFirst(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned) -> None:
         log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
+        self._seen.now(self._topic, len(self._consumer.partitions_for_topic(self._topic) or ()))
 
 
-async def consume(settings: Settings, core: StreamCore, sites: SiteRegistry, stats: monitor.BatchStats) -> None:
+class PartitionCount:
+    """Warns when the topic gains partitions while this worker runs: visitors move partition, and
+    until every ingest sends by the new count, two workers can write one visitor at once and count
+    a session of it twice (docs/operations.md, "Sizing", has the safe way)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def now(self, topic: str, count: int) -> None:
+        if self.count and count > self.count:
+            log.warning("topic %s went from %d to %d partitions while this worker ran: visitors move partition; with"
+                        " more than one worker running, a visitor active now can have a session counted twice. Run"
+                        " one worker until every ingest has refreshed its metadata (30 s) and the lag is 0"
+                        " (docs/operations.md, \"Sizing\")", topic, self.count, count)
+        self.count = max(self.count, count)
+
+
+async def consume(settings: Settings, core: StreamCore, sites: SiteRegistry, stats: monitor.BatchStats,
+                  partitions: PartitionCount | None = None) -> None:
     """Read the events topic in batches, write each through the core, then commit its offsets."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
@@ -95,8 +115,9 @@ async def consume(settings: Settings, core: StreamCore, sites: SiteRegistry, sta
         heartbeat_interval_ms=HEARTBEAT_MS,
         rebalance_timeout_ms=REBALANCE_TIMEOUT_MS,
         max_poll_records=BATCH_MAX,
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
     )
-    rebalances = _FinishBatchFirst()
+    rebalances = _FinishBatchFirst(consumer, settings.kafka_topic, partitions or PartitionCount())
     consumer.subscribe([settings.kafka_topic], listener=rebalances)
     try:
         await consumer.start()
@@ -239,11 +260,11 @@ def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) ->
 
     @app.task
     async def process() -> None:
-        delay = 1.0
+        delay, partitions = 1.0, PartitionCount()
         while True:
             started = time.monotonic()
             try:
-                await consume(settings, core, sites, stats)
+                await consume(settings, core, sites, stats, partitions)
             except KafkaError as exc:  # e.g. no broker reachable (at start, or restarted meanwhile)
                 if time.monotonic() - started > HEALTHY_STRETCH_S:  # a new outage starts from 1 s again
                     delay = 1.0

@@ -810,3 +810,79 @@ def test_a_site_deleted_and_created_again_within_a_second_counts_only_the_new_si
     today = datetime.now(timezone.utc).date()
     numbers = overview(client, new.site_id, Period(today - timedelta(days=1), today + timedelta(days=1), "UTC"))
     assert (numbers["pageviews"], numbers["visitors"]) == (len(kept), len(kept))
+
+
+def test_a_worker_warns_when_the_topic_gains_partitions_while_it_runs(caplog):
+    """Added partitions move visitors; with two workers writing one visitor at once a session of
+    it counts twice, so the operator is told the safe way (docs/operations.md, "Sizing")."""
+    import logging
+
+    from streams import worker
+
+    class Consumer:
+        count = 12
+
+        def partitions_for_topic(self, topic):
+            return set(range(self.count)) if topic == "events" else None
+
+    consumer, seen = Consumer(), worker.PartitionCount()
+    caplog.set_level(logging.INFO, logger="streams.worker")
+    listener = worker._FinishBatchFirst(consumer, "events", seen)
+    asyncio.run(listener.on_partitions_assigned(set()))
+    asyncio.run(listener.on_partitions_assigned(set()))  # a rebalance with the same count
+    assert "partitions while this worker ran" not in caplog.text
+    consumer.count = 24
+    # a consumer made again after an outage keeps what the process saw
+    asyncio.run(worker._FinishBatchFirst(consumer, "events", seen).on_partitions_assigned(set()))
+    assert "topic events went from 12 to 24 partitions while this worker ran" in caplog.text
+    assert "Run one worker until every ingest has refreshed its metadata" in caplog.text
+    assert seen.count == 24
+
+
+def test_a_worker_reads_partitions_added_to_the_topic_within_a_minute(kafka, services, caplog):
+    """The consumer asks for the topic's partitions every 30 s (METADATA_MAX_AGE_MS; aiokafka's
+    default is 5 minutes), takes the added ones and warns that visitors moved."""
+    import logging
+
+    from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
+
+    from besokskollen.config import Settings
+    from streams import monitor, worker
+    from streams.core import StreamCore
+    from streams.sites import SiteRegistry
+    from streams.topic import ensure_topic
+
+    topic = f"growing-{uuid.uuid4().hex[:8]}"
+    settings = Settings(kafka_bootstrap=kafka, kafka_topic=topic, kafka_group=f"g-{uuid.uuid4().hex[:8]}",
+                        clickhouse_url="http://127.0.0.1:1/")
+    caplog.set_level(logging.INFO, logger="streams.worker")
+
+    def assigned() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("assigned partitions")]
+
+    async def run() -> None:
+        await ensure_topic(kafka, topic, 2, 1)
+        seen = worker.PartitionCount()
+        task = asyncio.create_task(worker.consume(settings, StreamCore(services.client, 1800),
+                                                  SiteRegistry(services.client), monitor.BatchStats(), seen))
+        try:
+            async with asyncio.timeout(30):
+                while not assigned():
+                    await asyncio.sleep(0.2)
+            assert assigned() == ["assigned partitions [0, 1]"]
+            admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+            await admin.start()
+            try:
+                await admin.create_partitions({topic: NewPartitions(total_count=4)})
+            finally:
+                await admin.close()
+            async with asyncio.timeout(60):
+                while seen.count < 4:
+                    await asyncio.sleep(0.5)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(run())
+    assert assigned()[-1] == "assigned partitions [0, 1, 2, 3]"
+    assert f"topic {topic} went from 2 to 4 partitions while this worker ran" in caplog.text
