@@ -51,6 +51,12 @@ def _usage_error(args: argparse.Namespace, message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def _partition_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 10_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a partition count (1–10,000, as BK_KAFKA_PARTITIONS)")
+    return int(text)
+
+
 def _port(text: str) -> int:
     """A --port flag, checked as BK_PORT is (the OS would take 70000 as 70000 mod 65536)."""
     if not text.isdigit() or not 1 <= int(text) <= 65535:
@@ -253,6 +259,70 @@ def cmd_status(args: argparse.Namespace) -> None:
         print(line)
 
 
+def cmd_partitions(args: argparse.Namespace) -> None:
+    """Steps 2-3 of adding partitions (docs/operations.md, "Adding partitions"): with one worker in
+    the group, grow the topic, then wait until every ingest sends by the new count and what was
+    sent before is written; only then may more workers run."""
+    import asyncio
+    import time
+
+    from aiokafka.errors import KafkaError
+
+    from streams import monitor, topic
+
+    settings = _settings(args)
+    if settings.embedded:
+        _usage_error(args, "`partitions` grows the distributed topology's topic: set BK_KAFKA_BOOTSTRAP")
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    bootstrap, name, group = settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_group
+    try:
+        current = asyncio.run(topic.partition_count(bootstrap, name))
+        if not current:
+            _usage_error(args, f"Kafka at {bootstrap} has no topic {name!r} yet (ingest and the workers create it)")
+        if args.count < current:
+            _usage_error(args, f"topic {name} has {current} partitions; Kafka cannot take partitions away")
+        members = asyncio.run(monitor.group_members(bootstrap, group))
+        if members > 1 and not args.force:
+            _usage_error(args, f"{members} workers are in group {group}: scale them to one first (two workers"
+                               " writing one visitor at once can count it wrong while visitors move partition);"
+                               " --force adds the partitions anyway")
+        if args.count > current:
+            asyncio.run(topic.add_partitions(bootstrap, name, args.count))
+    except (KafkaError, OSError) as exc:
+        print(f"besokskollen partitions: Kafka at {bootstrap}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    # The same count again (a run interrupted while it waited) waits again from now.
+    print(f"topic {name}: {current} → {args.count} partitions" if args.count > current
+          else f"topic {name} has {current} partitions already")
+    if args.no_wait:
+        return
+    # Every producer (and consumer) asks for the partitions at least this often: past it, every
+    # ingest sends by the new count, and once what was taken before is written no visitor is on
+    # two partitions with events waiting.
+    switched = time.time() + topic.METADATA_MAX_AGE_MS / 1000 + 5
+    print(f"waiting until every ingest sends by {args.count} partitions and the events taken before are written;"
+          " keep one worker running meanwhile", flush=True)
+    said_members = False
+    while True:
+        time.sleep(2)
+        now = time.time()
+        if now < switched:
+            continue
+        try:
+            lags = asyncio.run(monitor.partition_lags(bootstrap, name, group))
+            members = asyncio.run(monitor.group_members(bootstrap, group))
+        except (KafkaError, OSError) as exc:
+            print(f"Kafka does not answer ({type(exc).__name__}); asking again", flush=True)
+            continue
+        if members > 1 and not said_members:
+            print(f"warning: {members} workers are in group {group}; one is safe until this ends", flush=True)
+            said_members = True
+        if monitor.written_since(lags, switched, time.time()):
+            break
+        print(monitor.describe(lags), flush=True)
+    print(f"done: every ingest sends by {args.count} partitions; scale the workers out (up to {args.count})")
+
+
 def cmd_keys_create(args: argparse.Namespace) -> None:
     from besokskollen.app import open_services
 
@@ -392,6 +462,16 @@ def parser() -> argparse.ArgumentParser:
     migrate.set_defaults(func=cmd_migrate)
     commands.add_parser("status", help="consumer lag, oldest unprocessed event, worker throughput"
                         ).set_defaults(func=cmd_status)
+    partitions = commands.add_parser(
+        "partitions", help="add partitions to the events topic, safely (run one worker meanwhile)",
+        description="Grows the events topic to COUNT partitions, then waits until every ingest sends by the "
+                    "new count and the events taken before are written (about a minute): visitors move "
+                    "partition, and two workers writing one visitor at once can count it wrong. Refuses while "
+                    "more than one worker is in the group (--force). Exit 0 when done, 2 on a usage or Kafka error.")
+    partitions.add_argument("count", type=_partition_count, help="the topic's new number of partitions")
+    partitions.add_argument("--force", action="store_true", help="add them with more than one worker running")
+    partitions.add_argument("--no-wait", action="store_true", help="add them and return at once")
+    partitions.set_defaults(func=cmd_partitions)
 
     import_ = with_data(commands.add_parser(
         "import", help="bulk-load historic events from an NDJSON file",

@@ -50,3 +50,25 @@ def collapse_kafka_repeats(every: float = 30.0) -> Repeats:
     for name in _KAFKA_MODULES:
         logging.getLogger(name).addFilter(repeats)
     return repeats
+
+
+class FaustsOwnTopic(logging.Filter):
+    """Drops the ERRORs Faust's livelock check logs about its own assignor topic. A worker's Faust
+    consumer reads no topic of ours (the events topic has an aiokafka consumer of its own,
+    streams/worker.py), and after a rebalance that hands it the assignor's partition it says every
+    few seconds that it has not fetched from it — "Aiokafka has not sent fetch request for
+    TP(topic='…-__assignor-__leader', …)" — though nothing ever waits there. An alert on ERROR
+    lines would page for it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted is not ours to judge
+            return True
+        return "-__assignor-__leader'" not in message
+
+
+def quiet_faust_own_topic() -> None:
+    logging.getLogger("faust.transport.drivers.aiokafka").addFilter(FaustsOwnTopic())

@@ -80,6 +80,26 @@ async def partition_lags(bootstrap: str, topic: str, group: str, ages: bool = Tr
         await admin.close()
 
 
+async def group_members(bootstrap: str, group: str) -> int:
+    """How many consumers (workers) are in the group now, whatever its state."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS)
+    try:
+        await admin.start()
+        try:
+            (response,) = await admin.describe_consumer_groups([group])
+        except GroupCoordinatorNotAvailableError:  # no member ever joined
+            return 0
+        return len(response.groups[0][5])  # (error, group, state, protocol type, protocol, members, …)
+    finally:
+        await admin.close()
+
+
+def written_since(lags: list[PartitionLag], moment: float, now: float) -> bool:
+    """Whether every event the topic took before `moment` (epoch seconds) is processed: each
+    partition caught up, or its oldest unprocessed event taken after `moment`."""
+    return all(p.lag == 0 or (p.oldest_age_s is not None and now - p.oldest_age_s > moment) for p in lags)
+
+
 async def _committed(admin: AIOKafkaAdminClient, group: str, tries: int = 20) -> dict:
     """The group's committed offsets. A broker where no group ever committed (no worker has
     started yet) has no offsets topic: asking creates it, and the coordinator is "not available"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 log = logging.getLogger(__name__)
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 INCARNATION_HEADER = "bk-site"
 # How often ingest's producer and the workers' consumers ask for the topic's partitions. Added
 # partitions move visitors, and until every producer sends by the new count one visitor's events
-# can go to two partitions (docs/operations.md, "Sizing"); aiokafka's default is 5 minutes.
+# can go to two partitions (docs/operations.md, "Adding partitions"); aiokafka's default is 5 minutes.
 METADATA_MAX_AGE_MS = 30_000
 
 
@@ -62,3 +62,28 @@ async def ensure_topic(bootstrap: str, topic: str, partitions: int, replication_
             raise TopicRefused(f"Kafka would not create topic {topic!r} with {partitions} partitions and replication"
                                f" factor {replication_factor}: {for_code(code).__name__} {''.join(message)}".rstrip())
     log.info("created topic %s with %d partitions", topic, partitions)
+
+
+async def partition_count(bootstrap: str, topic: str) -> int:
+    """How many partitions the topic has; 0 when it does not exist (asked of the list of every
+    topic, so that asking does not create it: see `monitor.topic_exists`)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        await admin.start()
+        if topic not in await admin.list_topics():
+            return 0
+        (metadata,) = await admin.describe_topics([topic])
+        return len(metadata.get("partitions", ()))
+    finally:
+        await admin.close()
+
+
+async def add_partitions(bootstrap: str, topic: str, total: int) -> None:
+    """Grow the topic to `total` partitions (Kafka cannot take any away). Added partitions move
+    visitors: `besokskollen partitions` waits until that is safe (docs/operations.md)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        await admin.start()
+        await admin.create_partitions({topic: NewPartitions(total_count=total)})  # a refusal raises
+    finally:
+        await admin.close()

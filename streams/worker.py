@@ -30,7 +30,7 @@ import prometheus_client
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from besokskollen import health, metrics
+from besokskollen import health, logs, metrics
 from besokskollen.config import Settings
 from ingest.event import Event
 from streams import monitor, replay, storage
@@ -82,13 +82,16 @@ class _FinishBatchFirst(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned) -> None:
         log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
-        self._seen.now(self._topic, len(self._consumer.partitions_for_topic(self._topic) or ()))
+        # A rebalance another member's metadata began can assign partitions this consumer's own
+        # metadata does not list yet.
+        self._seen.now(self._topic, max(len(self._consumer.partitions_for_topic(self._topic) or ()),
+                                        max((tp.partition + 1 for tp in assigned), default=0)))
 
 
 class PartitionCount:
     """Warns when the topic gains partitions while this worker runs: visitors move partition, and
-    until every ingest sends by the new count, two workers can write one visitor at once and count
-    a session of it twice (docs/operations.md, "Sizing", has the safe way)."""
+    until every ingest sends by the new count, two workers writing one visitor at once can count it
+    wrong (docs/operations.md, "Adding partitions", has the safe way)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -96,9 +99,9 @@ class PartitionCount:
     def now(self, topic: str, count: int) -> None:
         if self.count and count > self.count:
             log.warning("topic %s went from %d to %d partitions while this worker ran: visitors move partition; with"
-                        " more than one worker running, a visitor active now can have a session counted twice. Run"
-                        " one worker until every ingest has refreshed its metadata (30 s) and the lag is 0"
-                        " (docs/operations.md, \"Sizing\")", topic, self.count, count)
+                        " more than one worker running, a visitor active now can be counted wrong. Add partitions"
+                        " with `besokskollen partitions` and one worker (docs/operations.md, \"Adding partitions\")",
+                        topic, self.count, count)
         self.count = max(self.count, count)
 
 
@@ -317,6 +320,7 @@ def run(settings: Settings, sock: socket.socket, host: str, port: int, loglevel:
         # during a broker outage waits for it here instead. Once running, it rides outages out.
         asyncio.run(_until_broker_answers(settings))
     sock.close()  # Faust's web server binds the address itself
+    logs.quiet_faust_own_topic()
     faust.Worker(app, loglevel=loglevel).execute_from_commandline()
 
 

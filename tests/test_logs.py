@@ -59,3 +59,38 @@ def test_aiokafkas_loggers_get_the_filter():
         for name in list(logging.root.manager.loggerDict):
             if name.startswith("aiokafka"):
                 logging.getLogger(name).removeFilter(repeats)
+
+
+def test_fausts_errors_about_its_own_assignor_topic_go_and_others_stay():
+    """After a rebalance that gives Faust's consumer its assignor's partition (a worker killed in a
+    group of three), Faust logged an ERROR every few seconds that it had not fetched from it; our
+    events are read by another consumer. Logged here as Faust logs it."""
+    import io
+
+    from faust.transport.drivers import aiokafka as driver
+    from faust.types import TP
+    from mode.utils.logging import CompositeLogger
+
+    from besokskollen.logs import quiet_faust_own_topic
+
+    logger = logging.getLogger("faust.transport.drivers.aiokafka")
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        quiet_faust_own_topic()
+        log = CompositeLogger(logger, formatter=lambda severity, message, *args, **kw: f"[^--AIOKafkaConsumerThread]: {message}")
+        log.error(driver.SLOW_PROCESSING_NO_FETCH_SINCE_START, TP("bk-worker-__assignor-__leader", 0), "2 minutes ago")
+        log.error(driver.SLOW_PROCESSING_NO_RECENT_FETCH, TP("bk-worker-__assignor-__leader", 0), "1 minute ago")
+        log.error(driver.SLOW_PROCESSING_NO_RECENT_FETCH, TP("events", 3), "1 minute ago")
+        log.info("assigned %r", TP("bk-worker-__assignor-__leader", 0))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.filters.clear()
+    lines = out.getvalue().splitlines()
+    assert lines == ["[^--AIOKafkaConsumerThread]: Aiokafka stopped fetching from TP(topic='events', partition=3)"
+                     " (last done 1 minute ago)",
+                     "[^--AIOKafkaConsumerThread]: assigned TP(topic='bk-worker-__assignor-__leader', partition=0)"], lines

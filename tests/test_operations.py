@@ -835,8 +835,13 @@ def test_a_worker_warns_when_the_topic_gains_partitions_while_it_runs(caplog):
     # a consumer made again after an outage keeps what the process saw
     asyncio.run(worker._FinishBatchFirst(consumer, "events", seen).on_partitions_assigned(set()))
     assert "topic events went from 12 to 24 partitions while this worker ran" in caplog.text
-    assert "Run one worker until every ingest has refreshed its metadata" in caplog.text
+    assert "Add partitions with `besokskollen partitions` and one worker" in caplog.text
     assert seen.count == 24
+    # Assigned a partition its own metadata does not list yet (another member began the rebalance).
+    caplog.clear()
+    from aiokafka import TopicPartition
+    asyncio.run(listener.on_partitions_assigned({TopicPartition("events", 30)}))
+    assert "topic events went from 24 to 31 partitions" in caplog.text
 
 
 def test_a_worker_reads_partitions_added_to_the_topic_within_a_minute(kafka, services, caplog):
@@ -886,3 +891,109 @@ def test_a_worker_reads_partitions_added_to_the_topic_within_a_minute(kafka, ser
     asyncio.run(run())
     assert assigned()[-1] == "assigned partitions [0, 1, 2, 3]"
     assert f"topic {topic} went from 2 to 4 partitions while this worker ran" in caplog.text
+
+
+def test_partitions_refuses_what_is_unsafe_and_waits_until_events_taken_before_are_written(kafka, monkeypatch, capsys):
+    """`besokskollen partitions N` (docs/operations.md, "Adding partitions"): refused without the
+    topic, for fewer partitions and while two workers are in the group; with one, it grows the
+    topic and returns only once every ingest sends by the new count (METADATA_MAX_AGE_MS, here
+    shortened) and an event taken before is processed (its offset committed)."""
+    import threading
+
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    from besokskollen import cli
+    from streams import topic as topics
+    from tests.conftest import stable_group_size
+
+    name, group = f"grown-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "BK_KAFKA_BOOTSTRAP": kafka, "BK_KAFKA_TOPIC": name, "BK_KAFKA_GROUP": group}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "besokskollen", "partitions", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    missing = run("4")
+    assert missing.returncode == 2 and f"has no topic {name!r} yet" in missing.stderr, missing.stderr
+    asyncio.run(topics.ensure_topic(kafka, name, 2, 1))
+    fewer = run("1")
+    assert fewer.returncode == 2 and "has 2 partitions; Kafka cannot take partitions away" in fewer.stderr
+    assert run("0").returncode == 2  # not a count
+
+    # Two workers in the group: refused, and nothing added.
+    stop, ready = threading.Event(), threading.Event()
+
+    def two_members() -> None:
+        async def members() -> None:
+            consumers = [AIOKafkaConsumer(name, bootstrap_servers=kafka, group_id=group) for _ in range(2)]
+            for consumer in consumers:
+                await consumer.start()
+            ready.set()
+            while not stop.is_set():
+                await asyncio.gather(*(c.getmany(timeout_ms=200) for c in consumers))
+            for consumer in consumers:
+                await consumer.stop()
+        asyncio.run(members())
+
+    thread = threading.Thread(target=two_members)
+    thread.start()
+    try:
+        assert ready.wait(30)
+        wait_until(lambda: stable_group_size(kafka, group) == 2, 60, "two members in the group")
+        two = run("3")
+        assert two.returncode == 2 and f"2 workers are in group {group}: scale them to one first" in two.stderr
+        assert asyncio.run(topics.partition_count(kafka, name)) == 2
+    finally:
+        stop.set()
+        thread.join(30)
+    wait_until(lambda: stable_group_size(kafka, group) == 0, 60, "the group empty")
+
+    # One event taken before, not processed yet: the command waits for it.
+    async def produce() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka)
+        await producer.start()
+        try:
+            await producer.send_and_wait(name, b"{}", partition=1)
+        finally:
+            await producer.stop()
+
+    async def commit() -> None:  # a worker writing it
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            tp = TopicPartition(name, 1)
+            consumer.assign([tp])
+            await consumer.commit({tp: 1})
+        finally:
+            await consumer.stop()
+
+    asyncio.run(produce())
+    monkeypatch.setattr(topics, "METADATA_MAX_AGE_MS", 1000)
+    for key in ("BK_KAFKA_BOOTSTRAP", "BK_KAFKA_TOPIC", "BK_KAFKA_GROUP"):
+        monkeypatch.setenv(key, env[key])
+    written = threading.Timer(10, lambda: asyncio.run(commit()))
+    written.start()
+    started = time.monotonic()
+    try:
+        cli.main(["partitions", "4"])
+    finally:
+        written.cancel()
+    out = capsys.readouterr().out
+    assert f"topic {name}: 2 → 4 partitions" in out
+    assert "lag 1 (0:0 1:1 2:0 3:0)" in out, out  # said while it waited
+    assert out.rstrip().endswith("done: every ingest sends by 4 partitions; scale the workers out (up to 4)")
+    assert time.monotonic() - started >= 10  # not done before the event was
+    assert asyncio.run(topics.partition_count(kafka, name)) == 4
+    # Interrupted and run again with the same count: it waits again, adds nothing.
+    again = run("4", "--no-wait")
+    assert again.returncode == 0 and f"topic {name} has 4 partitions already" in again.stdout
+
+
+def test_events_taken_before_a_moment_are_written_when_each_partition_caught_up_or_waits_on_a_later_one():
+    from streams.monitor import PartitionLag, written_since
+
+    now = 1_000.0
+    assert written_since([PartitionLag(0, 5, 5, None), PartitionLag(1, 3, 3, None)], 990.0, now)
+    assert written_since([PartitionLag(0, 5, 9, 4.0)], 990.0, now)  # its oldest waiting was taken at 996
+    assert not written_since([PartitionLag(0, 5, 9, 20.0)], 990.0, now)  # taken at 980
+    assert not written_since([PartitionLag(0, 5, 9, None)], 990.0, now)  # waiting, age unknown
