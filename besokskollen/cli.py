@@ -212,6 +212,8 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     from streams import replay, storage
 
     settings = _settings(args)
+    if args.rebuild and not settings.embedded and not args.force:
+        _no_workers_writing(args, settings)
     client = storage.connect(settings.clickhouse_url)
     applied = replay.upgrade(client, settings.session_timeout_s, settings.raw_events_ttl_days,
                              settings.clickhouse_cluster)
@@ -227,6 +229,28 @@ def cmd_migrate(args: argparse.Namespace) -> None:
         if done.kept:
             print(f"kept the stored sessions and activity of {done.kept} visitors: some of their raw events are past"
                   " the raw-event TTL")
+
+
+def _no_workers_writing(args: argparse.Namespace, settings: Settings) -> None:
+    """A rebuild writes every visitor's derived rows again: beside a worker's batch of the same
+    visitor, each derives it without the other's events and the visitor can stay counted wrong
+    (as when partitions are added, docs/operations.md)."""
+    import asyncio
+
+    from aiokafka.errors import KafkaError
+
+    from streams import monitor
+
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    try:
+        members = asyncio.run(monitor.group_members(settings.kafka_bootstrap, settings.kafka_group))
+    except (KafkaError, OSError) as exc:
+        _usage_error(args, f"cannot ask Kafka at {settings.kafka_bootstrap} whether workers run ({type(exc).__name__});"
+                           " scale them to 0, then rebuild with --force")
+    if members:
+        _usage_error(args, f"{members} worker{'s are' if members > 1 else ' is'} in group {settings.kafka_group}: scale"
+                           " the workers to 0 first (a rebuild beside a worker's batch of the same visitor can count"
+                           " it wrong); --force rebuilds anyway")
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -459,6 +483,8 @@ def parser() -> argparse.ArgumentParser:
     migrate = with_data(commands.add_parser("migrate", help="create or upgrade the schema"))
     migrate.add_argument("--rebuild", action="store_true",
                          help="also rebuild sessions, activity and rollups from the stored raw events")
+    migrate.add_argument("--force", action="store_true",
+                         help="rebuild even while workers are in the group (BK_KAFKA_BOOTSTRAP set)")
     migrate.set_defaults(func=cmd_migrate)
     commands.add_parser("status", help="consumer lag, oldest unprocessed event, worker throughput"
                         ).set_defaults(func=cmd_status)

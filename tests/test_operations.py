@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -893,6 +895,42 @@ def test_a_worker_reads_partitions_added_to_the_topic_within_a_minute(kafka, ser
     assert f"topic {topic} went from 2 to 4 partitions while this worker ran" in caplog.text
 
 
+@contextmanager
+def _members(kafka: str, topic: str, group: str, n: int) -> Iterator[None]:
+    """`n` consumers in the group, subscribed to the topic (workers, as the group sees them), until
+    the block ends; then the group is empty again."""
+    import threading
+
+    from aiokafka import AIOKafkaConsumer
+
+    from tests.conftest import stable_group_size
+
+    stop, ready = threading.Event(), threading.Event()
+
+    def run() -> None:
+        async def members() -> None:
+            consumers = [AIOKafkaConsumer(topic, bootstrap_servers=kafka, group_id=group) for _ in range(n)]
+            for consumer in consumers:
+                await consumer.start()
+            ready.set()
+            while not stop.is_set():
+                await asyncio.gather(*(c.getmany(timeout_ms=200) for c in consumers))
+            for consumer in consumers:
+                await consumer.stop()
+        asyncio.run(members())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert ready.wait(30)
+        wait_until(lambda: stable_group_size(kafka, group) == n, 60, f"{n} members in the group")
+        yield
+    finally:
+        stop.set()
+        thread.join(30)
+    wait_until(lambda: stable_group_size(kafka, group) == 0, 60, "the group empty")
+
+
 def test_partitions_refuses_what_is_unsafe_and_waits_until_events_taken_before_are_written(kafka, monkeypatch, capsys):
     """`besokskollen partitions N` (docs/operations.md, "Adding partitions"): refused without the
     topic, for fewer partitions and while two workers are in the group; with one, it grows the
@@ -904,7 +942,6 @@ def test_partitions_refuses_what_is_unsafe_and_waits_until_events_taken_before_a
 
     from besokskollen import cli
     from streams import topic as topics
-    from tests.conftest import stable_group_size
 
     name, group = f"grown-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "BK_KAFKA_BOOTSTRAP": kafka, "BK_KAFKA_TOPIC": name, "BK_KAFKA_GROUP": group}
@@ -921,32 +958,10 @@ def test_partitions_refuses_what_is_unsafe_and_waits_until_events_taken_before_a
     assert run("0").returncode == 2  # not a count
 
     # Two workers in the group: refused, and nothing added.
-    stop, ready = threading.Event(), threading.Event()
-
-    def two_members() -> None:
-        async def members() -> None:
-            consumers = [AIOKafkaConsumer(name, bootstrap_servers=kafka, group_id=group) for _ in range(2)]
-            for consumer in consumers:
-                await consumer.start()
-            ready.set()
-            while not stop.is_set():
-                await asyncio.gather(*(c.getmany(timeout_ms=200) for c in consumers))
-            for consumer in consumers:
-                await consumer.stop()
-        asyncio.run(members())
-
-    thread = threading.Thread(target=two_members)
-    thread.start()
-    try:
-        assert ready.wait(30)
-        wait_until(lambda: stable_group_size(kafka, group) == 2, 60, "two members in the group")
+    with _members(kafka, name, group, 2):
         two = run("3")
         assert two.returncode == 2 and f"2 workers are in group {group}: scale them to one first" in two.stderr
         assert asyncio.run(topics.partition_count(kafka, name)) == 2
-    finally:
-        stop.set()
-        thread.join(30)
-    wait_until(lambda: stable_group_size(kafka, group) == 0, 60, "the group empty")
 
     # One event taken before, not processed yet: the command waits for it.
     async def produce() -> None:
@@ -997,3 +1012,31 @@ def test_events_taken_before_a_moment_are_written_when_each_partition_caught_up_
     assert written_since([PartitionLag(0, 5, 9, 4.0)], 990.0, now)  # its oldest waiting was taken at 996
     assert not written_since([PartitionLag(0, 5, 9, 20.0)], 990.0, now)  # taken at 980
     assert not written_since([PartitionLag(0, 5, 9, None)], 990.0, now)  # waiting, age unknown
+
+
+def test_a_rebuild_is_refused_while_workers_are_in_the_group(kafka, tmp_path):
+    """`migrate --rebuild` beside a worker's batch of the same visitor can count it wrong: with
+    BK_KAFKA_BOOTSTRAP set it asks the group first, and --force rebuilds anyway."""
+    from streams.topic import ensure_topic
+
+    name, group = f"rebuilt-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "BK_KAFKA_BOOTSTRAP": kafka, "BK_KAFKA_TOPIC": name, "BK_KAFKA_GROUP": group,
+           "BK_CLICKHOUSE_URL": f"chdb://{tmp_path / 'ch'}"}
+
+    def rebuild(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "besokskollen", "migrate", "--rebuild", *args], env=env,
+                              capture_output=True, text=True, timeout=180)
+
+    asyncio.run(ensure_topic(kafka, name, 2, 1))
+    with _members(kafka, name, group, 1):
+        refused = rebuild()
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert f"1 worker is in group {group}: scale the workers to 0 first" in refused.stderr
+        assert not (tmp_path / "ch").exists()  # refused before anything was opened
+        forced = rebuild("--force")
+        assert forced.returncode == 0 and "rebuilt sessions, activity and rollups from 0 stored events" in forced.stdout
+    alone = rebuild()
+    assert alone.returncode == 0 and "rebuilt sessions" in alone.stdout, alone.stderr
+    env["BK_KAFKA_BOOTSTRAP"] = f"127.0.0.1:{free_port()}"  # no broker: nothing tells whether workers run
+    unknown = rebuild()
+    assert unknown.returncode == 2 and "whether workers run" in unknown.stderr and "--force" in unknown.stderr
