@@ -305,12 +305,12 @@ def cmd_partitions(args: argparse.Namespace) -> None:
             _usage_error(args, f"Kafka at {bootstrap} has no topic {name!r} yet (ingest and the workers create it)")
         if args.count < current:
             _usage_error(args, f"topic {name} has {current} partitions; Kafka cannot take partitions away")
-        members = asyncio.run(monitor.group_members(bootstrap, group))
-        if members > 1 and not args.force:
-            _usage_error(args, f"{members} workers are in group {group}: scale them to one first (two workers"
-                               " writing one visitor at once can count it wrong while visitors move partition);"
-                               " --force adds the partitions anyway")
         if args.count > current:
+            members = asyncio.run(monitor.group_members(bootstrap, group))
+            if members > 1 and not args.force:
+                _usage_error(args, f"{members} workers are in group {group}: scale them to one first (two workers"
+                                   " writing one visitor at once can count it wrong while visitors move partition);"
+                                   " --force adds the partitions anyway")
             asyncio.run(topic.add_partitions(bootstrap, name, args.count))
     except (KafkaError, OSError) as exc:
         print(f"besokskollen partitions: Kafka at {bootstrap}: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -322,26 +322,32 @@ def cmd_partitions(args: argparse.Namespace) -> None:
         return
     # Every producer (and consumer) asks for the partitions at least this often: past it, every
     # ingest sends by the new count, and once what was taken before is written no visitor is on
-    # two partitions with events waiting.
-    switched = time.time() + topic.METADATA_MAX_AGE_MS / 1000 + 5
-    print(f"waiting until every ingest sends by {args.count} partitions and the events taken before are written;"
-          " keep one worker running meanwhile", flush=True)
-    said_members = False
+    # two partitions with events waiting. An outage stops those asks, so the wait starts over
+    # when Kafka answers again (what ingest spooled meanwhile is sent with what it knew then).
+    settle_s = topic.METADATA_MAX_AGE_MS / 1000 + 5
+    switched = time.time() + settle_s
+    print(f"waiting until every ingest sends by {args.count} partitions and the events taken before are written"
+          f" (at least {settle_s:.0f} s); keep one worker running meanwhile", flush=True)
+    outage, said_members = False, False
     while True:
         time.sleep(2)
-        now = time.time()
-        if now < switched:
-            continue
         try:
             lags = asyncio.run(monitor.partition_lags(bootstrap, name, group))
             members = asyncio.run(monitor.group_members(bootstrap, group))
         except (KafkaError, OSError) as exc:
             print(f"Kafka does not answer ({type(exc).__name__}); asking again", flush=True)
+            outage = True
             continue
+        now = time.time()
+        if outage:
+            outage, switched = False, now + settle_s
+            print(f"Kafka answers again; waiting {settle_s:.0f} s more, as the ingests ask again", flush=True)
         if members > 1 and not said_members:
             print(f"warning: {members} workers are in group {group}; one is safe until this ends", flush=True)
             said_members = True
-        if monitor.written_since(lags, switched, time.time()):
+        if now < switched:
+            continue
+        if monitor.written_since(lags, switched, now):
             break
         print(monitor.describe(lags), flush=True)
     print(f"done: every ingest sends by {args.count} partitions; scale the workers out (up to {args.count})")

@@ -1040,3 +1040,39 @@ def test_a_rebuild_is_refused_while_workers_are_in_the_group(kafka, tmp_path):
     env["BK_KAFKA_BOOTSTRAP"] = f"127.0.0.1:{free_port()}"  # no broker: nothing tells whether workers run
     unknown = rebuild()
     assert unknown.returncode == 2 and "whether workers run" in unknown.stderr and "--force" in unknown.stderr
+
+
+def test_partitions_waits_again_after_kafka_was_away_during_its_wait(kafka, monkeypatch, capsys):
+    """An outage during the wait stops the ingests' metadata asks as well: "done" right after Kafka
+    came back said every ingest sent by the new count while they still sent by the old one (audit
+    110). The wait starts over from the first answer after an outage."""
+    from aiokafka.errors import KafkaConnectionError
+
+    from besokskollen import cli
+    from streams import monitor
+    from streams import topic as topics
+
+    name, group = f"away-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
+    asyncio.run(topics.ensure_topic(kafka, name, 2, 1))
+    monkeypatch.setattr(topics, "METADATA_MAX_AGE_MS", 1000)  # the wait: 1 + 5 s
+    for key, value in (("BK_KAFKA_BOOTSTRAP", kafka), ("BK_KAFKA_TOPIC", name), ("BK_KAFKA_GROUP", group)):
+        monkeypatch.setenv(key, value)
+    asked, answered_again = [0], []
+    real = monitor.partition_lags
+
+    async def away_twice(*args, **kwargs):
+        asked[0] += 1
+        if asked[0] in (2, 3):
+            raise KafkaConnectionError("Unable to bootstrap")
+        if asked[0] == 4:
+            answered_again.append(time.monotonic())
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(monitor, "partition_lags", away_twice)
+    cli.main(["partitions", "3"])
+    done = time.monotonic()
+    out = capsys.readouterr().out
+    assert out.count("Kafka does not answer (KafkaConnectionError); asking again") == 2, out
+    assert "Kafka answers again; waiting 6 s more, as the ingests ask again" in out
+    assert done - answered_again[0] >= 6, (done - answered_again[0], out)
+    assert out.rstrip().endswith("done: every ingest sends by 3 partitions; scale the workers out (up to 3)")
