@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, ProducerFenced
 from clickhouse_connect.driver.client import Client
 
 from besokskollen import metrics
@@ -23,6 +23,10 @@ from streams.topic import METADATA_MAX_AGE_MS, TopicRefused, ensure_topic, incar
 
 log = logging.getLogger(__name__)
 
+# aiokafka's sender stops for good on these (every later send raises the same error): the broker
+# lost the producer's sequence state (an unclean restart, a truncated log) or fenced it. A new
+# producer (a new producer id) is the way on; the stream core stores an event id once.
+_PRODUCER_DEAD = (OutOfOrderSequenceNumber, ProducerFenced)
 # Spooled events go to Kafka this many at a time, each round waiting for every acknowledgement.
 _REPLAY_BATCH = 2000
 _REPLAY_ACK_TIMEOUT_S = 10.0
@@ -142,6 +146,9 @@ class KafkaHandoff:
     async def _connect(self) -> None:
         async with asyncio.timeout(_CONNECT_TIMEOUT_S):
             await ensure_topic(self._bootstrap, self._topic, self._partitions, self._replication_factor)
+        self._producer = await self._new_producer()
+
+    async def _new_producer(self) -> AIOKafkaProducer:
         # aiokafka binds to the running loop, so the producer is made here, not in __init__.
         # 5 ms of linger: a produce request carries what 5 ms of requests sent, and the broker's
         # cost is mostly per request. Under wrk with a worker running (every process on 2 cores),
@@ -162,7 +169,17 @@ class KafkaHandoff:
         except BaseException:
             await producer.stop()
             raise
-        self._producer = producer
+        return producer
+
+    async def _renew_producer(self, why: Exception) -> None:
+        log.warning("the Kafka producer stopped for good (%s: the broker lost or fenced its sequence state); making"
+                    " a new one", type(why).__name__)
+        old, self._producer = self._producer, await self._new_producer()
+        try:
+            async with asyncio.timeout(10):
+                await old.stop()
+        except Exception:  # noqa: BLE001 - the dead one's own errors; its events are in the spool
+            pass
 
     async def _keep_connecting(self) -> None:
         delay = 1.0
@@ -301,6 +318,11 @@ class KafkaHandoff:
                     log.info("spool: Kafka still unavailable (%s); %d bytes waiting", type(exc).__name__,
                              self.spool.pending_bytes)
                     self._spell_said = True
+                    if isinstance(exc, _PRODUCER_DEAD):
+                        try:
+                            await self._renew_producer(exc)
+                        except (TimeoutError, KafkaError, OSError):
+                            pass  # Kafka away as well: the same error next round, and another try
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue

@@ -994,3 +994,38 @@ def test_a_full_spool_answers_503_with_retry_after(killable_broker, clickhouse_h
     finally:
         small.stop()
         d.stop()
+
+
+async def test_a_producer_that_stopped_for_good_is_made_again_and_the_spool_is_sent(kafka, tmp_path, caplog):
+    """aiokafka's sender stops for good on OutOfOrderSequenceNumber (a broker that lost the
+    producer's sequence state: audit 110 saw it after an unclean broker restart), and every later
+    send raises it again: ingest spooled every event until it was restarted. Now the replay makes a
+    new producer and sends the spool."""
+    import uuid
+    from datetime import datetime, timezone
+
+    from aiokafka.errors import OutOfOrderSequenceNumber
+
+    from ingest import handoff
+    from ingest.event import Event
+
+    topic = f"dead-producer-{uuid.uuid4().hex[:8]}"
+    kafka_handoff = handoff.KafkaHandoff(kafka, topic, 1, 1, None, Spool(tmp_path, 1 << 20), 2.0)
+    caplog.set_level("INFO", logger=handoff.__name__)
+    await kafka_handoff.start()
+    try:
+        dead = kafka_handoff._producer
+        dead._message_accumulator.fail_all(OutOfOrderSequenceNumber())  # as aiokafka's dead sender leaves it
+        events = [Event(event_id=str(uuid.uuid4()), site_id="s", timestamp=datetime.now(timezone.utc), name="pageview",
+                        visitor_id=n, pathname="/") for n in range(5)]
+        for event in events:
+            await kafka_handoff.send(event, 1)  # answered: spooled
+        async with asyncio.timeout(60):
+            while kafka_handoff.spool.pending_records or kafka_handoff._spooling:
+                await asyncio.sleep(0.2)
+        assert kafka_handoff._producer is not dead
+    finally:
+        await kafka_handoff.stop()
+    assert "the Kafka producer stopped for good (OutOfOrderSequenceNumber" in caplog.text
+    sent = await asyncio.to_thread(topic_records, kafka, topic)
+    assert sorted(r.value for r in sent) == sorted(e.to_bytes() for e in events)
