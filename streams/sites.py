@@ -379,14 +379,12 @@ class SiteRegistry:
         return [self._remember(Site(*row)) for row in rows]
 
     def _load(self, column: str, key: str, client: Client | None = None) -> Site | None:
-        rows = (client or self._lookups).query(
-            _SELECT + f" AND {column} = {{key:String}} LIMIT 1", parameters={"key": key}
-        ).result_rows
-        return Site(*rows[0]) if rows else None
+        found = self._load_many(column, [key], client)
+        return found[0] if found else None
 
-    def _load_many(self, column: str, keys: list[str]) -> list[Site]:
-        rows = self._lookups.query(_SELECT + f" AND {column} IN {{keys:Array(String)}}",
-                                   parameters={"keys": keys}).result_rows
+    def _load_many(self, column: str, keys: list[str], client: Client | None = None) -> list[Site]:
+        rows = (client or self._lookups).query(_SELECT + f" AND {column} IN {{keys:Array(String)}}",
+                                               parameters={"keys": keys}).result_rows
         return [Site(*row) for row in rows]
 
     def _site_ids(self) -> list[str]:
