@@ -10,11 +10,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from aiokafka import AIOKafkaClient, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, ProducerFenced
 from clickhouse_connect.driver.client import Client
 
 from besokskollen import metrics
+from besokskollen.kafka_client import pace_metadata_updates
 from ingest.event import Event
 from ingest.spool import Record, Spool
 from streams.embedded import EmbeddedRunner
@@ -32,8 +33,6 @@ _REPLAY_BATCH = 2000
 _REPLAY_ACK_TIMEOUT_S = 10.0
 _SYNC_PERIOD_S = 1.0
 _CONNECT_TIMEOUT_S = 10.0
-# At most this many metadata updates a second (_pace_metadata_updates); aiokafka's retry backoff.
-_METADATA_EVERY_S = 0.1
 # How often, and how patiently, the broker connection is checked. A check of a live connection
 # costs no I/O, and the requests that arrive between an outage and its check each wait for it:
 # at 250 ms, the first wave of an outage waited ~165 ms (the outage test's p99 is 100 ms).
@@ -91,26 +90,6 @@ class InProcessHandoff:
         await self.runner.stop()
 
 
-def _pace_metadata_updates(client: AIOKafkaClient, every_s: float) -> None:
-    """Start a metadata update at most once per `every_s`. aiokafka's sender asks for one again as
-    soon as the last ended while a partition it has events for has no leader, without a pause. A
-    broker stopped cleanly under load names no leaders in its last metadata, every update after it
-    fails at once (connection refused), and ingest spun a whole core on them, 8,400 a second, until
-    the broker was back (after a SIGKILL the leaders stay known, and connecting is paced). Java's
-    client too waits retry.backoff.ms before a metadata update after a failed one."""
-    update = client._metadata_update  # the one call every update goes through (aiokafka 0.14)
-    last = float("-inf")
-
-    async def paced(cluster_metadata, topics):
-        nonlocal last
-        if (wait := last + every_s - time.monotonic()) > 0:
-            await asyncio.sleep(wait)
-        last = time.monotonic()
-        return await update(cluster_metadata, topics)
-
-    client._metadata_update = paced
-
-
 class KafkaHandoff:
     """Idempotent producer with acks=all. An event is answered 202 once the broker has it, or,
     when the broker has not acknowledged within `ack_timeout_s`, once it is in the spool.
@@ -130,6 +109,7 @@ class KafkaHandoff:
         self.spool = spool
         self._ack_timeout_s = ack_timeout_s
         self._store_timeout_s = store_timeout_s
+        pace_metadata_updates()
         self._producer: AIOKafkaProducer | None = None
         self._spooling = False
         self._wake = asyncio.Event()
@@ -185,7 +165,6 @@ class KafkaHandoff:
             linger_ms=5,
             metadata_max_age_ms=METADATA_MAX_AGE_MS,
         )
-        _pace_metadata_updates(producer.client, _METADATA_EVERY_S)
         try:
             async with asyncio.timeout(_CONNECT_TIMEOUT_S):
                 await producer.start()

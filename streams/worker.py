@@ -32,6 +32,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from besokskollen import health, logs, metrics
 from besokskollen.config import Settings
+from besokskollen.kafka_client import pace_metadata_updates
 from ingest.event import Event
 from streams import monitor, replay, storage
 from streams.core import StreamCore, process_until_written
@@ -217,6 +218,7 @@ def _faust_dir() -> str:
 
 def create_app(settings: Settings, host: str = "127.0.0.1", port: int = 8083) -> faust.App:
     """`settings` name a Kafka (the CLI refuses a worker without one)."""
+    pace_metadata_updates()  # Faust's consumers and producer
     app = faust.App(
         f"{settings.kafka_group}-worker",
         broker=broker_urls(settings.kafka_bootstrap),
