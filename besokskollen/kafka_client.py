@@ -1,4 +1,4 @@
-"""aiokafka's client with its metadata updates paced: one starts at most once per 0.1 s in a process.
+"""aiokafka's client with its metadata updates paced: each client starts one at most once per 0.1 s.
 
 aiokafka asks for metadata again the moment the last update ended while a partition it needs has
 no leader: its producer's sender when it holds events for one, its consumer's fetcher when it
