@@ -34,6 +34,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
+from time import monotonic as _monotonic
 
 from clickhouse_connect.driver.exceptions import Error as ClickHouseError
 
@@ -57,6 +58,7 @@ _SETTLE = timedelta(seconds=60)
 # it reads only the granules of sessions near midnight (`sessions` is sorted by start, with a
 # minmax index on end).
 _RELOAD = timedelta(seconds=60)
+_SAY_EVERY_S = 30.0
 
 Key = tuple[str, int]  # (site_id, visitor_id)
 
@@ -105,6 +107,7 @@ class Visitors:
         self._days: dict[date, _Day] = {}
         self._lock = threading.Lock()  # callers may hop to threads (visitor_id, when it asks)
         self._load_lock = threading.Lock()  # one load of a day's open sessions, not under _lock
+        self._said_at, self._unsaid = float("-inf"), 0  # say_unavailable
 
     @property
     def timeout(self) -> timedelta:
@@ -264,10 +267,23 @@ class Visitors:
         except ClickHouseError as exc:
             if not self.lenient:
                 raise
-            log.warning("ClickHouse is unavailable (%s): a visitor gets today's id", exc)
+            self.say_unavailable(exc, 1)
             end = None
         self.learn(yesterday, at, end)
         return end is not None
+
+    def say_unavailable(self, exc: Exception, visitors: int) -> None:
+        """A WARNING at most once per `_SAY_EVERY_S`, with how many visitors got today's id since:
+        once a ClickHouse outage outlasts the trust in the day's open sessions, every new visitor
+        asks, and each said so (50 lines a second at 150 events/s)."""
+        with self._lock:
+            self._unsaid += visitors
+            now = _monotonic()
+            if now - self._said_at < _SAY_EVERY_S:
+                return
+            unsaid, self._unsaid, self._said_at = self._unsaid, 0, now
+        log.warning("ClickHouse is unavailable (%s): %d visitor%s got today's id%s", exc, unsaid,
+                    "" if unsaid == 1 else "s", " since this was last said" if unsaid > visitors else "")
 
     def _day(self, day: date) -> _Day:
         with self._lock:
@@ -338,7 +354,7 @@ class CarryQuestions:
                 for _, done in asked.values():
                     done.done() or done.set_exception(exc)  # each waiting request answers 503
                 return
-            log.warning("ClickHouse is unavailable (%s): %d visitors get today's id", exc, len(asked))
+            self._visitors.say_unavailable(exc, len(asked))
             ends = {}
         for key, (at, done) in asked.items():
             self._visitors.learn(key, at, ends.get(key))

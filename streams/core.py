@@ -41,7 +41,7 @@ from clickhouse_connect.driver.client import Client
 
 from besokskollen import metrics
 from ingest.event import Event
-from streams import activity, rollups, sessions
+from streams import activity, rollups, sessions, storage
 from streams import events as raw_events
 from streams.buckets import history_windows
 from streams.goals import GoalRegistry, SiteGoals
@@ -369,14 +369,22 @@ async def process_until_written(core: StreamCore, batch: list[Event] | Callable[
         core.process(events, still_current=still_current)
         return len(events)
 
-    delay = 0.1
+    delay, said = 0.1, None
     while True:
         try:
             return await asyncio.to_thread(write)
         except BatchChanged:
             log.info("a site of the batch was deleted and created again while the batch was processed; processing it"
                      " again")
-        except Exception:
-            log.exception("the stream core failed on a batch; retrying in %.1fs", delay)
+        except Exception as exc:
+            # The traceback once, then a line a retry while it is the same failure: a ClickHouse
+            # away under load wrote ~100 lines of urllib3's chain every 5 s.
+            failure = (type(exc), storage.reason(exc))
+            if failure != said:
+                log.exception("the stream core failed on a batch; retrying in %.1fs", delay)
+                said = failure
+            else:
+                log.error("the stream core failed on the batch again (%s: %s); retrying in %.1fs", failure[0].__name__,
+                          failure[1], delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)

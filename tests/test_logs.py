@@ -94,3 +94,32 @@ def test_fausts_errors_about_its_own_assignor_topic_go_and_others_stay():
     assert lines == ["[^--AIOKafkaConsumerThread]: Aiokafka stopped fetching from TP(topic='events', partition=3)"
                      " (last done 1 minute ago)",
                      "[^--AIOKafkaConsumerThread]: assigned TP(topic='bk-worker-__assignor-__leader', partition=0)"], lines
+
+
+async def test_a_batch_failing_the_same_way_again_logs_its_traceback_once(caplog):
+    """While ClickHouse was away under load, the worker logged urllib3's whole chain (~100 lines)
+    at every retry of its batch: once, then a line a retry; a new kind of failure brings its own."""
+    from streams import core
+
+    def refused() -> Exception:
+        try:
+            try:
+                raise ConnectionRefusedError(111, "Connection refused")
+            except OSError as exc:
+                raise RuntimeError("HTTPConnectionPool: Max retries exceeded") from exc
+        except RuntimeError as exc:
+            return exc
+
+    failures = [refused(), refused(), refused(), ValueError("bad row"), ValueError("bad row")]
+
+    class Core:
+        def process(self, events, still_current=None):
+            if failures:
+                raise failures.pop(0)
+
+    caplog.set_level(logging.ERROR, logger=core.__name__)
+    assert await core.process_until_written(Core(), []) == 0
+    lines = [(r.exc_info is not None, r.getMessage()) for r in caplog.records]
+    assert [traceback for traceback, _ in lines] == [True, False, False, True, False], lines
+    assert "again (RuntimeError: Connection refused)" in lines[1][1]
+    assert "again (ValueError: bad row)" in lines[4][1]
