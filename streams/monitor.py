@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -36,16 +38,24 @@ class PartitionLag:
         return max(0, self.end - self.committed)
 
 
+@asynccontextmanager
+async def admin_client(bootstrap: str) -> AsyncIterator[AIOKafkaAdminClient]:
+    """An admin client whose requests end after `KAFKA_REQUEST_TIMEOUT_MS`, closed however its
+    use ends (its start too may fail: the broker may be away)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS)
+    try:
+        await admin.start()
+        yield admin
+    finally:
+        await admin.close()
+
+
 async def topic_exists(bootstrap: str, topic: str) -> bool:
     """Asked of the list of every topic: metadata asked for one topic by name lets the broker
     auto-create it, with the broker's default partitions (1 on a stock broker), which ingest and
     the workers would then keep."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS)
-    try:
-        await admin.start()
+    async with admin_client(bootstrap) as admin:
         return topic in await admin.list_topics()
-    finally:
-        await admin.close()
 
 
 async def partition_lags(bootstrap: str, topic: str, group: str, ages: bool = True) -> list[PartitionLag]:
@@ -82,16 +92,12 @@ async def partition_lags(bootstrap: str, topic: str, group: str, ages: bool = Tr
 
 async def group_members(bootstrap: str, group: str) -> int:
     """How many consumers (workers) are in the group now, whatever its state."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS)
-    try:
-        await admin.start()
+    async with admin_client(bootstrap) as admin:
         try:
             (response,) = await admin.describe_consumer_groups([group])
         except GroupCoordinatorNotAvailableError:  # no member ever joined
             return 0
         return len(response.groups[0][5])  # (error, group, state, protocol type, protocol, members, …)
-    finally:
-        await admin.close()
 
 
 def written_since(lags: list[PartitionLag], moment: float, now: float) -> bool:

@@ -13,7 +13,7 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
-from streams.monitor import KAFKA_REQUEST_TIMEOUT_MS  # a broker that hangs: 10 s, not aiokafka's 40
+from streams.monitor import admin_client  # a broker that hangs: 10 s, not aiokafka's 40
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +69,15 @@ async def ensure_topic(bootstrap: str, topic: str, partitions: int, replication_
 async def partition_count(bootstrap: str, topic: str) -> int:
     """How many partitions the topic has; 0 when it does not exist (asked of the list of every
     topic, so that asking does not create it: see `monitor.topic_exists`)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS)
-    try:
-        await admin.start()
+    async with admin_client(bootstrap) as admin:
         if topic not in await admin.list_topics():
             return 0
         (metadata,) = await admin.describe_topics([topic])
         return len(metadata.get("partitions", ()))
-    finally:
-        await admin.close()
 
 
 async def add_partitions(bootstrap: str, topic: str, total: int) -> None:
     """Grow the topic to `total` partitions (Kafka cannot take any away). Added partitions move
     visitors: `besokskollen partitions` waits until that is safe (docs/operations.md)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS)
-    try:
-        await admin.start()
+    async with admin_client(bootstrap) as admin:
         await admin.create_partitions({topic: NewPartitions(total_count=total)})  # a refusal raises
-    finally:
-        await admin.close()
