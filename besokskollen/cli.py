@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from pydantic import ValidationError
 
-from besokskollen.config import Settings, misspelt, server_url_problem, settings_problems
+from besokskollen.config import MAX_PARTITIONS, Settings, misspelt, server_url_problem, settings_problems
 from besokskollen.logs import collapse_kafka_repeats
 from ingest.event import without_control_characters
 from ingest.spool import Spool, SpoolLocked
@@ -52,8 +52,9 @@ def _usage_error(args: argparse.Namespace, message: str) -> NoReturn:
 
 
 def _partition_count(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 10_000:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a partition count (1–10,000, as BK_KAFKA_PARTITIONS)")
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PARTITIONS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a partition count (1–{MAX_PARTITIONS:,}, as BK_KAFKA_PARTITIONS)")
     return int(text)
 
 

@@ -29,6 +29,12 @@ def _default_clickhouse_url() -> str:
     return "chdb://" + str(Path("./data").resolve())
 
 
+# The most partitions a topic may be given (`BK_KAFKA_PARTITIONS`, `besokskollen partitions`):
+# more than a topic is ever given (Kafka advises ~4,000 partitions per broker); a number Kafka's
+# protocol cannot carry stopped ingest and the worker with a traceback.
+MAX_PARTITIONS = 10_000
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BK_", extra="ignore")
 
@@ -40,9 +46,7 @@ class Settings(BaseSettings):
     # Kafka cluster give each its own, so one's rebalances never pause the other's workers.
     kafka_group: str = Field("besokskollen", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._-]+$")
     # Partitions of the events topic when it is created; the most workers that can share it.
-    # At most 10,000: more than a topic is ever given (Kafka advises ~4,000 partitions per broker);
-    # a number Kafka's protocol cannot carry stopped ingest and the worker with a traceback.
-    kafka_partitions: int = Field(12, ge=1, le=10_000)
+    kafka_partitions: int = Field(12, ge=1, le=MAX_PARTITIONS)
     # Replication of the topics we and Faust create; 1 suits a single broker, use 3 on a cluster.
     kafka_replication_factor: int = Field(1, ge=1, le=32_767)  # the protocol's 16 bits
     admin_key: str | None = None
