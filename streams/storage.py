@@ -48,12 +48,14 @@ def _connections():
     return get_pool_manager(maxsize=_CONNECTIONS_KEPT)
 
 
-def connect(url: str, wait: bool = False, read_timeout_s: float | None = None) -> Client:
+def connect(url: str, wait: bool = False, read_timeout_s: float | None = None,
+            connect_timeout_s: int | None = None) -> Client:
     """`wait`: a server process started before ClickHouse answers waits for it, saying so, rather
     than exit (one-shot commands fail at once; the CLI says where it could not connect).
     `read_timeout_s`: how long a server that took the connection may take to answer, for what must
     answer quickly (a status); clickhouse-connect's default is 300 s, for long queries (imports,
-    replays), and a hung server held `status` that long."""
+    replays), and a hung server held `status` that long. `connect_timeout_s`: how long to wait for
+    a server to take a connection (clickhouse-connect's default: 10 s), tried twice."""
     if url.startswith("chdb://"):
         path = Path(url.removeprefix("chdb://"))
         if not path.is_absolute():
@@ -75,6 +77,7 @@ def connect(url: str, wait: bool = False, read_timeout_s: float | None = None) -
             # Plain HTTP only: an https:// URL's TLS options (verify, ca_cert, …) make a pool of their own.
             client = clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False, settings=SETTINGS,
                                                    **({"send_receive_timeout": read_timeout_s} if read_timeout_s else {}),
+                                                   **({"connect_timeout": connect_timeout_s} if connect_timeout_s else {}),
                                                    **({"pool_mgr": _connections()} if url.startswith("http://") else {}))
         except OperationalError as exc:
             if not wait:
@@ -92,6 +95,10 @@ def connect(url: str, wait: bool = False, read_timeout_s: float | None = None) -
 # clickhouse-connect's default, 300 s, and `/api/event` with it. After one failed, the next fail at
 # once for as long, rather than each waiting out its own timeout (README, "When ClickHouse hangs").
 LOOKUP_TIMEOUT_S = 5.0
+# A hung server whose accept queue is full never completes a connection, and urllib3 tries one
+# twice: with clickhouse-connect's 10 s, a lookup waited 20 s (audit 113). Twice this is within
+# LOOKUP_TIMEOUT_S; a server that is up completes one in a millisecond, a lost SYN in about 1 s.
+_LOOKUP_CONNECT_S = 2
 
 
 def for_lookups(client: Client, url: str, wait: bool = False) -> Client:
@@ -99,7 +106,8 @@ def for_lookups(client: Client, url: str, wait: bool = False) -> Client:
     in-process, and its one client serves."""
     if url.startswith("chdb://"):
         return client
-    return _fails_fast(connect(url, wait, read_timeout_s=LOOKUP_TIMEOUT_S), _Unanswered(LOOKUP_TIMEOUT_S))
+    return _fails_fast(connect(url, wait, read_timeout_s=LOOKUP_TIMEOUT_S, connect_timeout_s=_LOOKUP_CONNECT_S),
+                       _Unanswered(LOOKUP_TIMEOUT_S))
 
 
 # The query API's questions get this long: a dashboard or a Next.js page behind it gets a 503 it

@@ -413,7 +413,8 @@ def test_status_gives_up_on_a_hung_clickhouse_in_seconds(kafka):
 class _HangingProxy:
     """A TCP proxy to a server that, once `hang` is set, takes connections and bytes and answers
     nothing, as a hung (SIGSTOPped) ClickHouse does; `hang.clear()` lets the bytes through again.
-    `held` counts the reads that arrived while it hung."""
+    `held` counts the reads that arrived while it hung. `take_no_connections()`: as a hung server
+    whose accept queue is full."""
 
     def __init__(self, port: int) -> None:
         import contextlib
@@ -422,6 +423,7 @@ class _HangingProxy:
 
         self.hang = threading.Event()
         self.held = 0
+        self._ends: list[socket.socket] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
 
@@ -445,13 +447,62 @@ class _HangingProxy:
                 except OSError:
                     return  # closed
                 server = socket.create_connection(("127.0.0.1", port))
+                self._ends += [client, server]
                 threading.Thread(target=pipe, args=(client, server), daemon=True).start()
                 threading.Thread(target=pipe, args=(server, client), daemon=True).start()
 
         threading.Thread(target=accept, daemon=True).start()
 
+    def take_no_connections(self) -> None:
+        """The connections open are cut, and a new one is never completed: the port listens with
+        a full accept queue, where Linux drops a connection's SYN and the client waits on it."""
+        import contextlib
+        import socket
+
+        self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() under way, which else keeps it listening
+        self._listener.close()
+        for end in self._ends:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+        self._listener = socket.create_server(("127.0.0.1", self.port), backlog=0)
+        self._queued = []
+        for _ in range(2):  # a backlog of 0 queues one; the second waits
+            queued = socket.socket()
+            queued.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                queued.connect(("127.0.0.1", self.port))
+            self._queued.append(queued)
+
     def close(self) -> None:
         self._listener.close()
+        for queued in getattr(self, "_queued", []):
+            queued.close()
+
+
+def test_a_lookup_gives_up_in_bounded_time_on_a_clickhouse_that_takes_no_connections(clickhouse_http):
+    """A hung ClickHouse whose accept queue is full never completes a connection: the lookups'
+    client (what `/api/event` and the query API wait on) waited out clickhouse-connect's connect
+    timeout, 10 s, twice (audit 113: 5–20 s stalls). It gets a connect timeout within
+    LOOKUP_TIMEOUT_S, and the next lookups fail at once."""
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    from streams import storage
+
+    front = urlsplit(clickhouse_http)
+    proxy = _HangingProxy(front.port)
+    try:
+        lookups = storage.for_lookups(None, f"http://127.0.0.1:{proxy.port}/?{front.query}")
+        assert lookups.command("SELECT 1") == 1
+        proxy.take_no_connections()
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="(?i)connect"):
+            lookups.command("SELECT 2")
+        # Not a speed assertion: the connect timeouts the call waits on, 2 × 10 s before.
+        assert time.monotonic() - started < storage.LOOKUP_TIMEOUT_S + 1
+        with pytest.raises(OperationalError, match="not asked again"):
+            lookups.command("SELECT 3")
+    finally:
+        proxy.close()
 
 
 @pytest.mark.slow
