@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+from aiokafka.admin import NewPartitions, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from streams.monitor import admin_client  # a broker that hangs: 10 s, not aiokafka's 40
@@ -47,15 +47,12 @@ class TopicRefused(KafkaError):
 
 
 async def ensure_topic(bootstrap: str, topic: str, partitions: int, replication_factor: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     try:
-        await admin.start()
-        response = await admin.create_topics([NewTopic(topic, num_partitions=partitions,
-                                                       replication_factor=replication_factor)])
+        async with admin_client(bootstrap) as admin:
+            response = await admin.create_topics([NewTopic(topic, num_partitions=partitions,
+                                                           replication_factor=replication_factor)])
     except TopicAlreadyExistsError:
         return
-    finally:
-        await admin.close()
     # Refusals come back per topic in the response, not as an exception.
     for _name, code, *message in response.topic_errors:
         if code == TopicAlreadyExistsError.errno:
