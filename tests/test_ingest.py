@@ -241,6 +241,39 @@ def test_a_row_read_before_is_served_while_the_store_cannot_be_read():
     assert reads == ["known"]  # a failed read is not repeated on every request
 
 
+def test_while_one_caller_reads_a_row_again_the_others_get_it_as_last_read():
+    """On a hung ClickHouse a read waits out its timeout: when a site's row was due, every thread
+    of ingest's pool read it and waited (an audit: nothing answered for 4 s in every 9). One reads
+    it again; the others, and the check that keeps a request off the thread pool, answer from
+    memory. A key never read has nothing to serve: each caller reads it."""
+    import threading
+
+    release, reading = threading.Event(), threading.Event()
+    store, reads = {"known": "site", "new": "other"}, []
+
+    def load(key):
+        reads.append(key)
+        if store["known"] == "site v2":
+            reading.set()
+            release.wait(10)
+        return store.get(key)
+
+    cache = ReadThroughCache(load, miss_ttl_s=0, hit_ttl_s=0.1)
+    assert cache.get("known") == "site"
+    time.sleep(0.15)  # due
+    store["known"] = "site v2"
+    assert not cache.answers_without_io("known")
+    first = threading.Thread(target=lambda: reads.append(("first got", cache.get("known"))))
+    first.start()
+    assert reading.wait(10)
+    assert cache.answers_without_io("known") and not cache.answers_without_io("new")
+    assert [cache.get("known") for _ in range(3)] == ["site"] * 3  # no read of their own
+    release.set()
+    first.join(10)
+    assert reads == ["known", "known", ("first got", "site v2")]
+    assert cache.get("known") == "site v2" and reads[-1] == ("first got", "site v2")  # fresh: no read
+
+
 def test_a_flood_of_unknown_keys_costs_one_list_query_a_second_not_one_each():
     """Made-up site ids on /api/event (no key needed) or made-up API keys: past MISSES_PER_S
     unknown keys a second, the list of keys that exist answers; a key that exists is still
