@@ -27,10 +27,21 @@ _STARTING_RETRY_S = "5"
 
 
 def store_check(client: Client) -> Check:
+    """One question at a time: a probe gives up after _TIMEOUT_S, but its thread cannot be
+    stopped, and on a hung ClickHouse each probe left one asking in the default thread pool (6
+    threads here; the rate limiter's key reads and a batch's site reads queue there too). A probe
+    while the last one's question is unanswered waits on that question."""
     latest = max(version for version, _name, _steps in migrations.MIGRATIONS)
+    asking: asyncio.Future | None = None
 
     async def check() -> bool:
-        versions = await asyncio.to_thread(migrations.recorded_versions, client)
+        nonlocal asking
+        if asking is None or asking.done():
+            asking = asyncio.ensure_future(asyncio.to_thread(migrations.recorded_versions, client))
+            # Its failure may come after every probe waiting on it gave up: seen here, not logged
+            # by asyncio as never retrieved.
+            asking.add_done_callback(lambda done: done.cancelled() or done.exception())
+        versions = await asyncio.shield(asking)
         return latest in versions
 
     return check

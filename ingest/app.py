@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from besokskollen import metrics
 from besokskollen.config import Settings
+from besokskollen.logs import Repeats
 from ingest import clients, useragents
 from ingest.cors import CORS
 from ingest.enrich import enrich
@@ -28,6 +29,9 @@ from streams import storage
 from streams.sites import Site, SiteRegistry
 
 log = logging.getLogger(__name__)
+# A 503 for each event while ClickHouse is away (sites not cached): said once per 30 s, with how many more.
+_away_log = logging.getLogger(f"{__name__}.unavailable")
+_away_log.addFilter(Repeats())
 
 _PREFETCH = ("prefetch", "prerender")
 # A beacon's body (16 KiB at most) arrives in one packet; one still arriving after this is a
@@ -107,7 +111,7 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
         try:
             response = await accept(request)
         except OperationalError as exc:  # a lookup ClickHouse did not answer (a site not cached, a salt)
-            log.warning("could not accept an event: ClickHouse does not answer (%s)", storage.reason(exc))
+            _away_log.warning("could not accept an event: ClickHouse does not answer (%s)", storage.reason(exc))
             response = _error(503, "unavailable", "the event could not be stored; retry later",
                               {**CORS, "retry-after": str(STORAGE_RETRY_AFTER_S)})
         except Exception:

@@ -13,10 +13,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import get_route_path
 
+from besokskollen.logs import Repeats
+
 if TYPE_CHECKING:  # `ingest` answers in this shape too, and loads no FastAPI (~0.7 s of CPU at its start)
     from fastapi import FastAPI
 
 log = logging.getLogger(__name__)
+# A 503 for each request while ClickHouse is away: 35 lines a second from one api process in an
+# audit (115), which buried the rest. Said once per 30 s, with how many more.
+_away_log = logging.getLogger(f"{__name__}.unavailable")
+_away_log.addFilter(Repeats())
 
 
 class APIError(Exception):
@@ -128,7 +134,7 @@ def install(app: FastAPI) -> None:
         # ClickHouse does not answer (restarting, a network fault): nothing is wrong with the
         # request, and a client (a Next.js revalidation, a dashboard) should try again shortly,
         # keeping what it has (stale-if-error), rather than report a server error.
-        log.warning("ClickHouse does not answer on %s %s: %s", request.method, request.url.path, exc)
+        _away_log.warning("ClickHouse does not answer on %s %s: %s", request.method, request.url.path, exc)
         return error_response(503, "unavailable", "the data store does not answer; retry shortly",
                               {"Retry-After": str(STORAGE_RETRY_AFTER_S)})
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from datetime import date, datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -15,6 +16,7 @@ from clickhouse_connect.driver import options as clickhouse_options
 from clickhouse_connect.driver.binding import must_escape
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import OperationalError
+from urllib3.exceptions import ConnectTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +97,12 @@ def connect(url: str, wait: bool = False, read_timeout_s: float | None = None,
 # clickhouse-connect's default, 300 s, and `/api/event` with it. After one failed, the next fail at
 # once for as long, rather than each waiting out its own timeout (README, "When ClickHouse hangs").
 LOOKUP_TIMEOUT_S = 5.0
-# A hung server whose accept queue is full never completes a connection, and urllib3 tries one
-# twice: with clickhouse-connect's 10 s, a lookup waited 20 s (audit 113). Twice this is within
-# LOOKUP_TIMEOUT_S; a server that is up completes one in a millisecond, a lost SYN in about 1 s.
-_LOOKUP_CONNECT_S = 2
+# How long lookups and the query API's questions wait for a server to take a connection. A hung
+# server whose accept queue is full never does, and urllib3 tries twice: with clickhouse-connect's
+# 10 s, a lookup waited 20 s (audit 113), and each of the query API's 40 threads a question 20 s
+# (audit 115). Twice this is within LOOKUP_TIMEOUT_S; a server that is up takes one in a
+# millisecond, after a lost SYN in about 1 s.
+CONNECT_TIMEOUT_S = 2
 
 
 def for_lookups(client: Client, url: str, wait: bool = False) -> Client:
@@ -106,7 +110,7 @@ def for_lookups(client: Client, url: str, wait: bool = False) -> Client:
     in-process, and its one client serves."""
     if url.startswith("chdb://"):
         return client
-    return _fails_fast(connect(url, wait, read_timeout_s=LOOKUP_TIMEOUT_S, connect_timeout_s=_LOOKUP_CONNECT_S),
+    return _fails_fast(connect(url, wait, read_timeout_s=LOOKUP_TIMEOUT_S, connect_timeout_s=CONNECT_TIMEOUT_S),
                        _Unanswered(LOOKUP_TIMEOUT_S))
 
 
@@ -118,13 +122,15 @@ QUERY_TIMEOUT_S = 30.0
 
 def for_queries(client: Client, url: str, lookups: Client, wait: bool = False) -> Client:
     """A client of their own for the query API's reads (`QUERY_TIMEOUT_S`). It fails at once
-    while `lookups` (`for_lookups`' client) does, after one of its calls (a key, a site) found no
-    server; a question of its own that times out does not start that, since one slow question
-    says nothing about the next. Otherwise, on a hung server, every request waited out its own
-    timeout, queued behind the others for the thread pool."""
+    while `lookups` (`for_lookups`' client) does, after a call of either found no server to take
+    a connection, or one of the lookups' (a key, a site) had no answer in time. A question of its
+    own without an answer in time does not start that, since one slow question says nothing about
+    the next. Otherwise, on a hung server, every request waited out its own timeout, queued behind
+    the others for the thread pool."""
     if url.startswith("chdb://"):
         return client
-    return _fails_fast(connect(url, wait, read_timeout_s=QUERY_TIMEOUT_S), lookups.unanswered, records=False)
+    return _fails_fast(connect(url, wait, read_timeout_s=QUERY_TIMEOUT_S, connect_timeout_s=CONNECT_TIMEOUT_S),
+                       lookups.unanswered, records=no_connection)
 
 
 class _Unanswered:
@@ -144,10 +150,11 @@ class _Unanswered:
         self.at, self.reason = time.monotonic(), reason(exc)
 
 
-def _fails_fast(client: Client, state: _Unanswered, records: bool = True) -> Client:
-    """The client's calls raise OperationalError at once while `state` says so. `records`: whether
-    its own calls that could not reach ClickHouse or had no answer in time start that. The state
-    is kept as the client's `unanswered`, for another client to share."""
+def _fails_fast(client: Client, state: _Unanswered,
+               records: Callable[[OperationalError], bool] = lambda exc: True) -> Client:
+    """The client's calls raise OperationalError at once while `state` says so. `records`: which
+    of its own calls' failures (no server to connect to, or no answer in time) start that. The
+    state is kept as the client's `unanswered`, for another client to share."""
 
     def wrapped(method):
         @functools.wraps(method)
@@ -156,7 +163,7 @@ def _fails_fast(client: Client, state: _Unanswered, records: bool = True) -> Cli
             try:
                 return method(*args, **kwargs)
             except OperationalError as exc:
-                if records:
+                if records(exc):
                     state.record(exc)
                 raise
         return call
@@ -252,6 +259,17 @@ def server(url: str) -> str:
     """Where a ClickHouse URL points, without its credentials."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.hostname}:{parts.port or (8443 if parts.scheme == 'https' else 8123)}"
+
+
+def no_connection(exc: BaseException) -> bool:
+    """Whether no server took the connection (refused, or not in time), rather than a question
+    had no answer in time."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ConnectTimeoutError):  # NewConnectionError (a refusal) is one too
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def reason(exc: BaseException) -> str:

@@ -479,11 +479,13 @@ class _HangingProxy:
             queued.close()
 
 
-def test_a_lookup_gives_up_in_bounded_time_on_a_clickhouse_that_takes_no_connections(clickhouse_http):
+@pytest.mark.parametrize("first", ["lookup", "question"])
+def test_a_lookup_or_question_gives_up_in_bounded_time_on_a_clickhouse_that_takes_no_connections(clickhouse_http,
+                                                                                                   first):
     """A hung ClickHouse whose accept queue is full never completes a connection: the lookups'
-    client (what `/api/event` and the query API wait on) waited out clickhouse-connect's connect
-    timeout, 10 s, twice (audit 113: 5–20 s stalls). It gets a connect timeout within
-    LOOKUP_TIMEOUT_S, and the next lookups fail at once."""
+    client (what `/api/event` and the query API wait on) and the query API's questions waited out
+    clickhouse-connect's connect timeout, 10 s, twice (audits 113 and 115: 5–30 s stalls). Either
+    gets a connect timeout within LOOKUP_TIMEOUT_S, and then both fail at once for a while."""
     from clickhouse_connect.driver.exceptions import OperationalError
 
     from streams import storage
@@ -491,16 +493,19 @@ def test_a_lookup_gives_up_in_bounded_time_on_a_clickhouse_that_takes_no_connect
     front = urlsplit(clickhouse_http)
     proxy = _HangingProxy(front.port)
     try:
-        lookups = storage.for_lookups(None, f"http://127.0.0.1:{proxy.port}/?{front.query}")
-        assert lookups.command("SELECT 1") == 1
+        url = f"http://127.0.0.1:{proxy.port}/?{front.query}"
+        lookups = storage.for_lookups(None, url)
+        questions = storage.for_queries(None, url, lookups)
+        assert lookups.command("SELECT 1") == 1 and questions.command("SELECT 2") == 2
         proxy.take_no_connections()
         started = time.monotonic()
         with pytest.raises(OperationalError, match="(?i)connect"):
-            lookups.command("SELECT 2")
+            (lookups if first == "lookup" else questions).command("SELECT 3")
         # Not a speed assertion: the connect timeouts the call waits on, 2 × 10 s before.
         assert time.monotonic() - started < storage.LOOKUP_TIMEOUT_S + 1
-        with pytest.raises(OperationalError, match="not asked again"):
-            lookups.command("SELECT 3")
+        for client in (lookups, questions):
+            with pytest.raises(OperationalError, match="not asked again"):
+                client.command("SELECT 4")
     finally:
         proxy.close()
 
@@ -614,6 +619,37 @@ async def test_the_query_api_answers_503_in_bounded_time_while_clickhouse_hangs(
             assert (await overview()).status_code == 200
     finally:
         proxy.close()
+
+
+async def test_readiness_probes_on_a_hung_clickhouse_ask_one_question_at_a_time(monkeypatch):
+    """A probe gives up after 2 s, but the thread asking cannot be stopped: on a hung ClickHouse
+    each probe left one more waiting in the default thread pool (audit 115: 4-5 of its 6 threads,
+    where the rate limiter's key reads and a batch's site reads queue too). Probes while a
+    question is unanswered wait on that one; once it is answered, the next asks anew."""
+    import threading
+
+    from besokskollen import health
+    from streams import migrations
+
+    monkeypatch.setattr(health, "_TIMEOUT_S", 0.1)
+    answer, asked = threading.Event(), []
+    latest = max(version for version, _name, _steps in migrations.MIGRATIONS)
+
+    class Hung:
+        def query(self, sql):
+            asked.append(sql)
+            answer.wait(10)
+            return type("Result", (), {"result_rows": [(latest, name) for version, name, _ in migrations.MIGRATIONS
+                                                       if version == latest]})()
+
+    checks = {"clickhouse": health.store_check(Hung())}
+    for _ in range(4):
+        assert await health.readiness(checks) == (503, {"status": "unavailable", "checks": {"clickhouse": False}})
+    assert len(asked) == 1
+    answer.set()
+    await asyncio.sleep(0.2)  # the question's thread returns
+    assert (await health.readiness(checks))[0] == 200
+    assert len(asked) == 2
 
 
 def test_the_worker_logs_its_minute_report_while_clickhouse_or_kafka_is_away(monkeypatch, caplog):

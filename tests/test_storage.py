@@ -102,19 +102,27 @@ def test_after_a_lookup_found_no_server_the_next_fail_at_once_until_it_is_asked_
     assert client.query("d") == [1] and calls == ["a", "c", "d"]
 
 
-def test_the_query_client_fails_at_once_while_the_lookups_find_no_server_but_its_own_timeouts_do_not(monkeypatch):
+def test_the_query_client_fails_at_once_while_either_client_finds_no_server_but_its_own_timeouts_do_not(monkeypatch):
     """`for_queries`' client shares the lookups' state: a question of its own that times out (a
-    slow question) leaves the next to ask; a lookup that finds no server stops both for a while."""
+    slow question) leaves the next to ask; a lookup that finds no server, or a question that finds
+    none to take its connection (audit 115: each of the query API's 40 threads went on connecting,
+    20 s a question), stops both for a while."""
     import time
 
     import pytest
     from clickhouse_connect.driver.exceptions import OperationalError
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
     from streams import storage
 
     clock = [1000.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     calls = []
+
+    def no_connection(cause: Exception) -> OperationalError:
+        exc = OperationalError("HTTPConnectionPool(host='ch', port=8123): Max retries exceeded")
+        exc.__cause__ = cause
+        return exc
 
     class Server:
         def __init__(self, answers: list) -> None:
@@ -131,8 +139,10 @@ def test_the_query_client_fails_at_once_while_the_lookups_find_no_server_but_its
 
     lookups = storage._fails_fast(Server([OperationalError("Read timed out")]),
                                  storage._Unanswered(storage.LOOKUP_TIMEOUT_S))
-    queries = storage._fails_fast(Server([OperationalError("Read timed out"), [1], [2]]), lookups.unanswered,
-                                  records=False)
+    queries = storage._fails_fast(Server([OperationalError("Read timed out"), [1], [2],
+                                          no_connection(ConnectTimeoutError(None, "timed out")), [3],
+                                          no_connection(NewConnectionError(None, "Connection refused"))]),
+                                  lookups.unanswered, records=storage.no_connection)
     with pytest.raises(OperationalError, match="Read timed out"):
         queries.query("slow question")
     assert queries.query("next question") == [1]
@@ -143,7 +153,15 @@ def test_the_query_client_fails_at_once_while_the_lookups_find_no_server_but_its
         queries.query("not sent")
     clock[0] += 0.1
     assert queries.query("sent again") == [2]
-    assert calls == ["slow question", "next question", "key", "sent again"]
+    for cause in ("connect timeout", "refused"):
+        with pytest.raises(OperationalError, match="Max retries"):
+            queries.query(cause)
+        with pytest.raises(OperationalError, match="did not answer"):
+            lookups.query("key, not sent")
+        clock[0] += storage.LOOKUP_TIMEOUT_S
+        if cause == "connect timeout":
+            assert queries.query("answered") == [3]
+    assert calls == ["slow question", "next question", "key", "sent again", "connect timeout", "answered", "refused"]
 
 
 def test_queries_at_once_from_a_process_s_threads_keep_their_connections(clickhouse_http, caplog):
