@@ -16,7 +16,7 @@ from typing import NoReturn
 from pydantic import ValidationError
 
 from besokskollen.config import MAX_PARTITIONS, Settings, misspelt, server_url_problem, settings_problems
-from besokskollen.logs import collapse_kafka_repeats
+from besokskollen.logs import collapse_client_repeats
 from ingest.event import without_control_characters
 from ingest.spool import Spool, SpoolLocked
 
@@ -551,7 +551,7 @@ def main(argv: list[str] | None = None) -> None:
         # done is done again at the next start (migrations are idempotent).
         signal.signal(signal.SIGTERM, _stopped_while_starting)
         signal.signal(signal.SIGINT, _stopped_while_starting)
-        collapse_kafka_repeats()  # an outage's connection errors: a line per kind per 30 s
+        collapse_client_repeats()  # an outage's connection errors: a line per kind per 30 s
     else:
         # A one-shot command stopped by SIGTERM (a terminal closed, a job runner's timeout) ends as
         # after Ctrl-C: its summary and one line, not a silent death mid-chunk.

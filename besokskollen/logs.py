@@ -1,6 +1,7 @@
 """Repeated log lines collapsed: while Kafka is away, aiokafka logs an ERROR per failed connection,
 metadata refresh, fetch and coordinator lookup — ~140 lines a second in a worker, ~10 in ingest —
-which buries every other line of the outage. The first line of a kind is logged, the same kind
+which buries every other line of the outage; while ClickHouse takes no connections, urllib3 and
+clickhouse-connect log two WARNINGs per failed call (~6.5 a second in an api process, audit 115). The first line of a kind is logged, the same kind
 again at most once per `every` seconds with how many were left out; the processes' own lines
 ("no Kafka broker is reachable; spooling", readiness) say what is going on."""
 
@@ -17,6 +18,9 @@ _KAFKA_MODULES = ("aiokafka", "aiokafka.conn", "aiokafka.cluster", "aiokafka.con
                   "aiokafka.consumer.fetcher", "aiokafka.consumer.group_coordinator",
                   "aiokafka.consumer.subscription_state", "aiokafka.producer.producer", "aiokafka.producer.sender",
                   "aiokafka.admin.client")
+# What the ClickHouse client's HTTP layer logs per failed call: urllib3's "Retrying (…) after
+# connection broken by …" and clickhouse-connect's "Unexpected Http Driver Exception".
+_CLICKHOUSE_MODULES = ("urllib3.connectionpool", "clickhouse_connect.driver._backend.http_sync")
 
 
 class Repeats(logging.Filter):
@@ -43,11 +47,11 @@ class Repeats(logging.Filter):
         return False
 
 
-def collapse_kafka_repeats(every: float = 30.0) -> Repeats:
-    """Attach one `Repeats` to aiokafka's loggers (they outlive Faust's logging setup, which
-    keeps existing loggers)."""
+def collapse_client_repeats(every: float = 30.0) -> Repeats:
+    """Attach one `Repeats` to aiokafka's loggers and the ClickHouse client's (they outlive Faust's
+    logging setup, which keeps existing loggers)."""
     repeats = Repeats(every)
-    for name in _KAFKA_MODULES:
+    for name in (*_KAFKA_MODULES, *_CLICKHOUSE_MODULES):
         logging.getLogger(name).addFilter(repeats)
     return repeats
 

@@ -7,7 +7,7 @@ import logging
 
 from mode.utils.logging import ExtensionFormatter
 
-from besokskollen.logs import Repeats, collapse_kafka_repeats
+from besokskollen.logs import Repeats, collapse_client_repeats
 
 
 def _logger(repeats: Repeats, name: str = "test.repeats") -> tuple[logging.Logger, io.StringIO]:
@@ -49,15 +49,16 @@ def test_a_kind_of_line_comes_once_per_window_with_how_many_were_held_back():
     assert out.getvalue().splitlines()[-1] == "ERROR Unable to update metadata from [3]"
 
 
-def test_aiokafkas_loggers_get_the_filter():
-    repeats = collapse_kafka_repeats()
+def test_the_kafka_and_clickhouse_clients_loggers_get_the_filter():
+    repeats = collapse_client_repeats()
+    names = ("aiokafka", "aiokafka.conn", "aiokafka.consumer.fetcher", "aiokafka.consumer.group_coordinator",
+             "aiokafka.producer.sender", "urllib3.connectionpool", "clickhouse_connect.driver._backend.http_sync")
     try:
-        for name in ("aiokafka", "aiokafka.conn", "aiokafka.consumer.fetcher", "aiokafka.consumer.group_coordinator",
-                     "aiokafka.producer.sender"):
+        for name in names:
             assert repeats in logging.getLogger(name).filters, name
     finally:
         for name in list(logging.root.manager.loggerDict):
-            if name.startswith("aiokafka"):
+            if name.startswith(("aiokafka", "urllib3", "clickhouse_connect")):
                 logging.getLogger(name).removeFilter(repeats)
 
 
