@@ -53,6 +53,17 @@ class Handoff(Protocol):
         (`Site.incarnation`; a site deleted and created again keeps its id)."""
         ...
 
+    async def _handed_over(self) -> bool:
+        """Whether, while spooling, the spool's last records were acknowledged within the usual
+        bound, so that this event goes directly to Kafka, after them."""
+        if self._handover is None:
+            return False
+        try:
+            async with asyncio.timeout(self._ack_timeout_s):
+                return await asyncio.shield(self._handover) and not self._spooling
+        except TimeoutError:
+            return False
+
     async def send_all(self, events: Sequence[Event], incarnation: int, accepted_ms: int) -> None:
         """`send` for many events of one site (an import's), in order, taken at `accepted_ms`
         (the request's arrival: a worker tells the old site's events from a site created again by
@@ -78,6 +89,17 @@ class InProcessHandoff:
 
     async def send(self, event: Event, incarnation: int) -> None:
         await self.runner.submit(event, incarnation)
+
+    async def _handed_over(self) -> bool:
+        """Whether, while spooling, the spool's last records were acknowledged within the usual
+        bound, so that this event goes directly to Kafka, after them."""
+        if self._handover is None:
+            return False
+        try:
+            async with asyncio.timeout(self._ack_timeout_s):
+                return await asyncio.shield(self._handover) and not self._spooling
+        except TimeoutError:
+            return False
 
     async def send_all(self, events: Sequence[Event], incarnation: int, accepted_ms: int) -> None:
         await self.runner.submit_all(events, incarnation, accepted_ms)
@@ -115,6 +137,9 @@ class KafkaHandoff:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._waiting: set[asyncio.Future] = set()
+        # Set while the replay sends the spool's last records: events taken meanwhile wait for
+        # them (True: acknowledged, send directly; False: spool) rather than go behind them.
+        self._handover: asyncio.Future | None = None
         self._warned_at = float("-inf")
         self._switches_unsaid = 0
         # Whether this spell of spooling was said (its switch, or that Kafka is still away): then
@@ -262,7 +287,7 @@ class KafkaHandoff:
         key, value = event.kafka_key, event.to_bytes()
         if accepted_ms is None:
             accepted_ms = time.time_ns() // 1_000_000
-        if self._spooling:
+        if self._spooling and not await self._handed_over():
             self.spool.append(key, value, accepted_ms, incarnation)
             return
         loop = asyncio.get_running_loop()
@@ -287,6 +312,17 @@ class KafkaHandoff:
         finally:
             self._waiting.discard(outcome)
 
+    async def _handed_over(self) -> bool:
+        """Whether, while spooling, the spool's last records were acknowledged within the usual
+        bound, so that this event goes directly to Kafka, after them."""
+        if self._handover is None:
+            return False
+        try:
+            async with asyncio.timeout(self._ack_timeout_s):
+                return await asyncio.shield(self._handover) and not self._spooling
+        except TimeoutError:
+            return False
+
     async def send_all(self, events: Sequence[Event], incarnation: int, accepted_ms: int) -> None:
         # Concurrently, so the producer batches them; each is acknowledged or spooled on its own.
         await asyncio.gather(*(self.send(event, incarnation, accepted_ms) for event in events))
@@ -298,25 +334,32 @@ class KafkaHandoff:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            sent_one = False  # in this spell: Kafka has taken a round
             while self._spooling:
                 if not self.spool.pending_bytes:
                     if await self._reachable():
                         if not self.spool.pending_bytes:  # nothing slipped in during the check
-                            self._spooling = False
-                            # Said when the spell was (not for each short one left unsaid).
-                            log.log(logging.INFO if self._spell_said else logging.DEBUG,
-                                    "spool sent; events go to Kafka directly again")
-                            self._spell_said = False
+                            self._send_directly_again()
                         continue
                     await asyncio.sleep(delay)
                     continue
                 records, end = self.spool.read(_REPLAY_BATCH)
+                # The spool's last records, once a round got through: events taken while they are
+                # sent wait for them rather than go behind them, or under steady traffic the spool
+                # was seldom empty when looked at, and ingest spooled for 12-25 s after a backlog
+                # sent in 1 (audit 116). Not while Kafka may be away: each would wait to no end.
+                last = sent_one and len(records) == self.spool.pending_records
+                handover = self._handover = asyncio.get_running_loop().create_future() if last else None
                 try:
                     # One record first while Kafka may still be down: retries then pile up one
                     # copy per round in the producer, not a whole batch.
                     await self._send_all(records[:1])
                     await self._send_all(records[1:])
-                except (TimeoutError, KafkaError) as exc:
+                except BaseException as exc:
+                    self._hand_over(handover, False)
+                    if not isinstance(exc, (TimeoutError, KafkaError)):
+                        raise
+                    sent_one = False
                     log.info("spool: Kafka still unavailable (%s); %d bytes waiting", type(exc).__name__,
                              self.spool.pending_bytes)
                     self._spell_said = True
@@ -328,8 +371,24 @@ class KafkaHandoff:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue
-                delay = 0.5
+                delay, sent_one = 0.5, True
+                if handover is not None and self.spool.pending_records == len(records):
+                    # Nothing spooled since they were read (a wait that ran out): sent directly
+                    # again. Committed after: a crash between sends them twice, stored once.
+                    self._send_directly_again()
+                self._hand_over(handover, not self._spooling)
                 await self.spool.commit_off_loop(end)
+
+    def _send_directly_again(self) -> None:
+        self._spooling = False
+        # Said when the spell was (not for each short one left unsaid).
+        log.log(logging.INFO if self._spell_said else logging.DEBUG, "spool sent; events go to Kafka directly again")
+        self._spell_said = False
+
+    def _hand_over(self, handover: asyncio.Future | None, sent: bool) -> None:
+        if handover is not None:
+            self._handover = None
+            handover.set_result(sent)
 
     async def _send_all(self, records: list[Record]) -> None:
         if not records:
