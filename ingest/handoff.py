@@ -31,6 +31,10 @@ _PRODUCER_DEAD = (OutOfOrderSequenceNumber, ProducerFenced)
 # Spooled events go to Kafka this many at a time, each round waiting for every acknowledgement.
 _REPLAY_BATCH = 2000
 _REPLAY_ACK_TIMEOUT_S = 10.0
+# The longest pause between rounds that Kafka did not take. A round sends one record first, so a
+# round costs little; a hung broker's round ends at the timeout above. At 5 s the spool's first
+# events reached Kafka 3.4-6.5 s after a broker hung for 45-150 s was resumed (audit 116).
+_REPLAY_BACKOFF_MAX_S = 2.0
 _SYNC_PERIOD_S = 1.0
 _CONNECT_TIMEOUT_S = 10.0
 # How often, and how patiently, the broker connection is checked. A check of a live connection
@@ -369,7 +373,7 @@ class KafkaHandoff:
                         except (TimeoutError, KafkaError, OSError):
                             pass  # Kafka away as well: the same error next round, and another try
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                    delay = min(delay * 2, _REPLAY_BACKOFF_MAX_S)
                     continue
                 delay, sent_one = 0.5, True
                 if handover is not None and self.spool.pending_records == len(records):

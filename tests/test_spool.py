@@ -1128,5 +1128,7 @@ async def test_under_steady_traffic_the_spool_hands_back_to_kafka_once_sent_in_o
     values = [r.value for r in await asyncio.to_thread(topic_records, kafka, topic)]
     for events in sent.values():
         mine = [e.to_bytes() for e in events if e.event_id in answered]
-        # In its order, and once: a lost acknowledgement could send one twice, none here.
-        assert [v for v in values if v in set(mine)] == mine
+        got = [v for v in values if v in set(mine)]
+        # In its order. The one a sender had waiting for its acknowledgement when spooling began
+        # is spooled too, and may reach Kafka twice (the stream core stores an event id once).
+        assert list(dict.fromkeys(got)) == mine and len(got) - len(mine) <= 1
