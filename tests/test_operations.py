@@ -652,6 +652,28 @@ async def test_readiness_probes_on_a_hung_clickhouse_ask_one_question_at_a_time(
     assert len(asked) == 2
 
 
+async def test_the_lag_gauge_gives_up_within_its_period_on_a_hung_broker(monkeypatch):
+    """Against a hung broker each update of the lag gauge waited out the 10 s request timeout, and
+    Faust warned every 15 s that the 5 s timer overlapped (audit 116). An update gives up within
+    its period, leaving the gauge as it was."""
+    from besokskollen import metrics
+    from besokskollen.config import Settings
+    from streams import monitor, worker
+
+    asked = []
+
+    async def hung(*args, **kwargs):
+        asked.append(args)
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(monitor, "partition_lags", hung)
+    monkeypatch.setattr(worker, "LAG_METRICS_EVERY_S", 0.2)
+    metrics.CONSUMER_LAG.labels("0").set(7)
+    async with asyncio.timeout(10):
+        await worker.update_lag_gauge(Settings(kafka_bootstrap="127.0.0.1:1", clickhouse_url="http://127.0.0.1:1/"))
+    assert len(asked) == 1 and metrics.CONSUMER_LAG.labels("0")._value.get() == 7
+
+
 def test_the_worker_logs_its_minute_report_while_clickhouse_or_kafka_is_away(monkeypatch, caplog):
     """The once-a-minute line (events/s, batch latency, lag) is what an on-call engineer reads
     during an outage: it used to be skipped whole when either the lag (Kafka) or the report row
