@@ -57,17 +57,6 @@ class Handoff(Protocol):
         (`Site.incarnation`; a site deleted and created again keeps its id)."""
         ...
 
-    async def _handed_over(self) -> bool:
-        """Whether, while spooling, the spool's last records were acknowledged within the usual
-        bound, so that this event goes directly to Kafka, after them."""
-        if self._handover is None:
-            return False
-        try:
-            async with asyncio.timeout(self._ack_timeout_s):
-                return await asyncio.shield(self._handover) and not self._spooling
-        except TimeoutError:
-            return False
-
     async def send_all(self, events: Sequence[Event], incarnation: int, accepted_ms: int) -> None:
         """`send` for many events of one site (an import's), in order, taken at `accepted_ms`
         (the request's arrival: a worker tells the old site's events from a site created again by
@@ -93,17 +82,6 @@ class InProcessHandoff:
 
     async def send(self, event: Event, incarnation: int) -> None:
         await self.runner.submit(event, incarnation)
-
-    async def _handed_over(self) -> bool:
-        """Whether, while spooling, the spool's last records were acknowledged within the usual
-        bound, so that this event goes directly to Kafka, after them."""
-        if self._handover is None:
-            return False
-        try:
-            async with asyncio.timeout(self._ack_timeout_s):
-                return await asyncio.shield(self._handover) and not self._spooling
-        except TimeoutError:
-            return False
 
     async def send_all(self, events: Sequence[Event], incarnation: int, accepted_ms: int) -> None:
         await self.runner.submit_all(events, incarnation, accepted_ms)
