@@ -1,9 +1,10 @@
 """Repeated log lines collapsed: while Kafka is away, aiokafka logs an ERROR per failed connection,
 metadata refresh, fetch and coordinator lookup — ~140 lines a second in a worker, ~10 in ingest —
 which buries every other line of the outage; while ClickHouse takes no connections, urllib3 and
-clickhouse-connect log two WARNINGs per failed call (~6.5 a second in an api process, audit 115). The first line of a kind is logged, the same kind
-again at most once per `every` seconds with how many were left out; the processes' own lines
-("no Kafka broker is reachable; spooling", readiness) say what is going on."""
+clickhouse-connect log two WARNINGs per failed call (~6.5 a second in an api process, audit 115).
+The first line of a kind is logged, the same kind again at most once per `every` seconds with how
+many were left out; the processes' own lines ("no Kafka broker is reachable; spooling",
+readiness) say what is going on."""
 
 from __future__ import annotations
 

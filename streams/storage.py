@@ -77,9 +77,10 @@ def connect(url: str, wait: bool = False, read_timeout_s: float | None = None,
             # No session id: a server session runs one query at a time, and this client is shared
             # by the threads of a process (request handlers, the stream core).
             # Plain HTTP only: an https:// URL's TLS options (verify, ca_cert, …) make a pool of their own.
+            timeouts = {**({"send_receive_timeout": read_timeout_s} if read_timeout_s else {}),
+                        **({"connect_timeout": connect_timeout_s} if connect_timeout_s else {})}
             client = clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False, settings=SETTINGS,
-                                                   **({"send_receive_timeout": read_timeout_s} if read_timeout_s else {}),
-                                                   **({"connect_timeout": connect_timeout_s} if connect_timeout_s else {}),
+                                                   **timeouts,
                                                    **({"pool_mgr": _connections()} if url.startswith("http://") else {}))
         except OperationalError as exc:
             if not wait:
