@@ -7,7 +7,7 @@ import re
 from typing import TYPE_CHECKING
 
 import orjson
-from clickhouse_connect.driver.exceptions import OperationalError
+from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -34,6 +34,21 @@ class APIError(Exception):
 # Errors are not to be cached: a 404 for a site created a minute later, or a 429, would otherwise
 # be served for the success answers' 30 minutes by every shared cache.
 NO_STORE = "no-store"
+# ClickHouse errors that say it is short of something for a moment (descriptors, memory, query
+# slots), not that the question is wrong: a 503 to come back to, not a 500 to report. An audit
+# (118) that exhausted `up`'s open files got `Cannot open epoll descriptor … errno: 24` (EPOLL_ERROR)
+# as a 500 on every stats read.
+_SHORT_OF = frozenset({"EPOLL_ERROR", "CANNOT_CREATE_TIMER", "MEMORY_LIMIT_EXCEEDED", "CANNOT_ALLOCATE_MEMORY",
+                       "TOO_MANY_SIMULTANEOUS_QUERIES", "CANNOT_SCHEDULE_TASK"})
+_ERROR_NAME = re.compile(r"\(([A-Z][A-Z_]+)\)")
+_OUT_OF_FILES = re.compile(r"errno: 2[34]\b")  # ENFILE, EMFILE
+
+
+def short_of_resources(exc: Exception) -> bool:
+    text = str(exc)
+    return bool(_SHORT_OF.intersection(_ERROR_NAME.findall(text)) or _OUT_OF_FILES.search(text))
+
+
 # What a 503 for a data store that does not answer asks a client to wait: a ClickHouse restart
 # takes seconds.
 STORAGE_RETRY_AFTER_S = 5
@@ -137,6 +152,14 @@ def install(app: FastAPI) -> None:
         _away_log.warning("ClickHouse does not answer on %s %s: %s", request.method, request.url.path, exc)
         return error_response(503, "unavailable", "the data store does not answer; retry shortly",
                               {"Retry-After": str(STORAGE_RETRY_AFTER_S)})
+
+    @app.exception_handler(DatabaseError)
+    async def _storage_error(request: Request, exc: DatabaseError) -> Response:
+        if short_of_resources(exc):
+            _away_log.warning("ClickHouse is short of resources on %s %s: %s", request.method, request.url.path, exc)
+            return error_response(503, "unavailable", "the data store is busy; retry shortly",
+                                  {"Retry-After": str(STORAGE_RETRY_AFTER_S)})
+        return await _crash(request, exc)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> Response:

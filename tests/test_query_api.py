@@ -796,6 +796,47 @@ async def test_clicks_older_than_the_window_are_excluded(client, services, site)
     assert await products(30) == {"first-moment": 1, "now": 1, "just-before": 1, "long-ago": 1}
 
 
+@pytest.mark.parametrize("error, status", [
+    ("Code: 460. DB::Exception: Cannot create timer_fd descriptor: errno: 24, strerror: Too many open files."
+     " (CANNOT_CREATE_TIMER)", 503),
+    ("DB::ErrnoException: Cannot open epoll descriptor, errno: 24, strerror: Too many open files. (EPOLL_ERROR)", 503),
+    ("Code: 241. DB::Exception: Memory limit (total) exceeded: would use 9.31 GiB. (MEMORY_LIMIT_EXCEEDED)", 503),
+    ("Code: 47. DB::Exception: Unknown expression identifier `x`. (UNKNOWN_IDENTIFIER)", 500),
+])
+async def test_a_data_store_short_of_resources_is_a_503_and_a_wrong_question_a_500(services, site, error, status):
+    """`up` out of open files (an audit held 19,900 idle connections): the embedded ClickHouse
+    could not open an epoll descriptor, and every stats read was a 500 `internal_error` to report.
+    A shortage of descriptors, memory or query slots is a 503 to come back to; an error in the
+    question is still a 500. Alone and inside a batch."""
+    import dataclasses
+
+    import httpx
+    from clickhouse_connect.driver.exceptions import DatabaseError
+
+    from query_api.app import create_app
+    from tests.conftest import ADMIN_KEY
+
+    class Failing:
+        def __getattr__(self, name: str):
+            if name in ("query", "command", "insert", "raw_query"):
+                def fail(*args, **kwargs):
+                    raise DatabaseError(error)
+                return fail
+            return getattr(services.client, name)
+
+    app = create_app(dataclasses.replace(services.query_context, client=Failing()))
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
+                                 headers={"authorization": f"Bearer {ADMIN_KEY}"}) as failing:
+        alone = await failing.get(f"{API}/stats/overview", params={"site_id": site["id"], "period": "7d"})
+        code = {503: "unavailable", 500: "internal_error"}[status]
+        assert (alone.status_code, alone.json()["error"]["code"]) == (status, code), alone.text
+        assert (alone.headers.get("retry-after"), error not in alone.text) == ("5" if status == 503 else None, True)
+        batch = await failing.post(f"{API}/batch", json={"site_id": site["id"], "requests": [
+            {"endpoint": "stats/pages", "params": {"period": "7d"}}]})
+        assert batch.status_code == 200 and batch.json()["results"][0]["error"]["code"] == code, batch.text
+
+
 async def test_a_data_store_that_does_not_answer_is_a_503_with_retry_after(services, site, monkeypatch, caplog):
     """ClickHouse restarting (connection refused) answered 500 `internal_error`: a server error
     to report, where a client should keep its copy and come back in seconds. Alone and inside a
