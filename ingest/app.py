@@ -7,7 +7,7 @@ import asyncio
 import logging
 
 import orjson
-from clickhouse_connect.driver.exceptions import OperationalError
+from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -24,7 +24,7 @@ from ingest.handoff import Handoff
 from ingest.retries import FirstCopies
 from ingest.spool import RETRY_AFTER_S, SpoolFull, SpoolRefused
 from ingest.visitors import CarryQuestions, Visitors
-from query_api.errors import STORAGE_RETRY_AFTER_S
+from query_api.errors import STORAGE_RETRY_AFTER_S, short_of_resources
 from streams import storage
 from streams.sites import Site, SiteRegistry
 
@@ -114,10 +114,15 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
             _away_log.warning("could not accept an event: ClickHouse does not answer (%s)", storage.reason(exc))
             response = _error(503, "unavailable", "the event could not be stored; retry later",
                               {**CORS, "retry-after": str(STORAGE_RETRY_AFTER_S)})
-        except Exception:
+        except Exception as exc:
             # Storage or broker trouble is ours, not the client's: say so with a retryable 503.
-            log.exception("could not accept an event")
-            response = _error(503, "unavailable", "the event could not be stored; retry later")
+            if isinstance(exc, DatabaseError) and short_of_resources(exc):  # no traceback an event
+                _away_log.warning("could not accept an event: ClickHouse is short of resources (%s)", exc)
+                headers = {**CORS, "retry-after": str(STORAGE_RETRY_AFTER_S)}
+            else:
+                log.exception("could not accept an event")
+                headers = CORS
+            response = _error(503, "unavailable", "the event could not be stored; retry later", headers)
         if response.status_code != 202:
             metrics.EVENTS_REJECTED.labels(str(response.status_code)).inc()
         return response

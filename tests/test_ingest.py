@@ -214,6 +214,29 @@ async def test_a_journal_that_cannot_take_an_event_is_a_503_with_retry_after(cli
     assert "could not accept" not in caplog.text
 
 
+async def test_a_store_short_of_resources_is_a_503_with_retry_after_and_no_traceback(client, monkeypatch, caplog):
+    """`up` out of open files (an audit held 19,900 idle connections): the embedded ClickHouse
+    cannot open a descriptor for a lookup. A 503 to come back to, said once per 30 s, not a
+    traceback an event."""
+    from clickhouse_connect.driver.exceptions import DatabaseError
+
+    from besokskollen.logs import Repeats
+    from ingest import app as ingest_app
+
+    def short(*args, **kwargs):
+        raise DatabaseError("DB::ErrnoException: Cannot open epoll descriptor, errno: 24, strerror: Too many open"
+                            " files. (EPOLL_ERROR)")
+
+    monkeypatch.setattr(ingest_app._away_log, "filters", [Repeats()])  # not what earlier tests said
+    monkeypatch.setattr("streams.sites.SiteRegistry.get", short)
+    monkeypatch.setattr("streams.sites.SiteRegistry.answers_without_io", lambda self, **kwargs: True)
+    with caplog.at_level("WARNING"):
+        answers = [await post(client, pageview("s1-not-cached")) for _ in range(3)]
+    assert [(r.status_code, r.headers.get("retry-after"), r.json()["error"]["code"]) for r in answers] \
+        == [(503, "5", "unavailable")] * 3
+    assert "Traceback" not in caplog.text and caplog.text.count("short of resources") == 1
+
+
 def test_a_row_read_before_is_served_while_the_store_cannot_be_read():
     """Ingest keeps taking events for sites it knows while ClickHouse is restarted."""
     store = {"known": "site"}
