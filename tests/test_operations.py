@@ -424,6 +424,7 @@ class _HangingProxy:
         self.hang = threading.Event()
         self.held = 0
         self._ends: list[socket.socket] = []
+        self._queued: list[socket.socket] = []  # what fills the accept queue (take_no_connections)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
 
@@ -465,7 +466,6 @@ class _HangingProxy:
             with contextlib.suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
         self._listener = socket.create_server(("127.0.0.1", self.port), backlog=0)
-        self._queued = []
         for _ in range(2):  # a backlog of 0 queues one; the second waits
             queued = socket.socket()
             queued.setblocking(False)
@@ -475,7 +475,7 @@ class _HangingProxy:
 
     def close(self) -> None:
         self._listener.close()
-        for queued in getattr(self, "_queued", []):
+        for queued in self._queued:
             queued.close()
 
 
