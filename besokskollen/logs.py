@@ -48,6 +48,14 @@ class Repeats(logging.Filter):
         return False
 
 
+def collapsed_logger(name: str, every: float = 30.0) -> logging.Logger:
+    """A logger of its own for a line said once a request while a dependency is away (a 503 each):
+    each kind at most once per `every` seconds, with how many more."""
+    logger = logging.getLogger(name)
+    logger.addFilter(Repeats(every))
+    return logger
+
+
 def collapse_client_repeats(every: float = 30.0) -> Repeats:
     """Attach one `Repeats` to aiokafka's loggers and the ClickHouse client's (they outlive Faust's
     logging setup, which keeps existing loggers)."""

@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from besokskollen import metrics
 from besokskollen.config import Settings
-from besokskollen.logs import Repeats
+from besokskollen.logs import collapsed_logger
 from ingest import clients, useragents
 from ingest.cors import CORS
 from ingest.enrich import enrich
@@ -30,8 +30,7 @@ from streams.sites import Site, SiteRegistry
 
 log = logging.getLogger(__name__)
 # A 503 for each event while ClickHouse is away (sites not cached): said once per 30 s, with how many more.
-_away_log = logging.getLogger(f"{__name__}.unavailable")
-_away_log.addFilter(Repeats())
+_away_log = collapsed_logger(f"{__name__}.unavailable")
 
 _PREFETCH = ("prefetch", "prerender")
 # A beacon's body (16 KiB at most) arrives in one packet; one still arriving after this is a

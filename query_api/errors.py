@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import get_route_path
 
-from besokskollen.logs import Repeats
+from besokskollen.logs import collapsed_logger
 
 if TYPE_CHECKING:  # `ingest` answers in this shape too, and loads no FastAPI (~0.7 s of CPU at its start)
     from fastapi import FastAPI
@@ -21,8 +21,7 @@ if TYPE_CHECKING:  # `ingest` answers in this shape too, and loads no FastAPI (~
 log = logging.getLogger(__name__)
 # A 503 for each request while ClickHouse is away: 35 lines a second from one api process in an
 # audit (115), which buried the rest. Said once per 30 s, with how many more.
-_away_log = logging.getLogger(f"{__name__}.unavailable")
-_away_log.addFilter(Repeats())
+_away_log = collapsed_logger(f"{__name__}.unavailable")
 
 
 class APIError(Exception):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import date, datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -262,23 +262,25 @@ def server(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}:{parts.port or (8443 if parts.scheme == 'https' else 8123)}"
 
 
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The error and what caused it, down to the root (clickhouse-connect wraps urllib3's chain)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        yield cause
+        cause = cause.__cause__ or cause.__context__
+
+
 def no_connection(exc: BaseException) -> bool:
     """Whether no server took the connection (refused, or not in time), rather than a question
     had no answer in time."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, ConnectTimeoutError):  # NewConnectionError (a refusal) is one too
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
+    # NewConnectionError (a refusal) is a ConnectTimeoutError too
+    return any(isinstance(cause, ConnectTimeoutError) for cause in _causes(exc))
 
 
 def reason(exc: BaseException) -> str:
     """The root cause of a connection error in a few words ("Connection refused"):
     clickhouse-connect's own message carries the whole urllib3 chain."""
-    cause: BaseException | None = exc
-    while cause is not None:
+    for cause in _causes(exc):
         if isinstance(cause, OSError) and cause.strerror:
             return cause.strerror
-        cause = cause.__cause__ or cause.__context__
     return str(exc)[:200]
