@@ -1,5 +1,5 @@
 """`/healthz` (the process is alive) and `/readyz` (it can do its work: the store answers with the
-current schema and, for the processes that need one, a Kafka broker accepts connections) — 200
+current schema and, for the processes that need one, a Kafka broker answers) — 200
 or 503 with what failed. Also answered while a server starts (`answering_while_starting`)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,20 +49,41 @@ def store_check(client: Client) -> Check:
 
 
 def broker_check(servers: list[tuple[str, int]]) -> Check:
-    """Any bootstrap server (`Settings.kafka_servers`) accepts a TCP connection (a refused one is
-    seen at once)."""
+    """Any bootstrap server (`Settings.kafka_servers`) answers a request, all asked at once (a
+    refused connection is seen at once). An accepted connection is not enough: a hung broker's
+    kernel still accepts them, and it was called ready for the ~27 s it answered nothing."""
 
     async def check() -> bool:
-        for host, port in servers:
-            try:
-                _reader, writer = await asyncio.open_connection(host, port)
-            except OSError:
-                continue
-            writer.close()
-            return True
-        return False
+        asking = [asyncio.ensure_future(_answers_api_versions(host, port)) for host, port in servers]
+        try:
+            for answer in asyncio.as_completed(asking):
+                with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                    if await answer:
+                        return True
+            return False
+        finally:
+            for question in asking:
+                question.cancel()
 
     return check
+
+
+# Kafka's ApiVersions request (key 18, version 0; header v1, client id "readyz"), the first one
+# every client sends: a broker answers it whatever it supports.
+_CORRELATION_ID = 0x62_6B_72_64
+_REQUEST = struct.pack(">hhih", 18, 0, _CORRELATION_ID, 6) + b"readyz"
+_API_VERSIONS = struct.pack(">i", len(_REQUEST)) + _REQUEST
+
+
+async def _answers_api_versions(host: str, port: int) -> bool:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(_API_VERSIONS)
+        await writer.drain()
+        _size, correlation_id = struct.unpack(">ii", await reader.readexactly(8))
+        return correlation_id == _CORRELATION_ID
+    finally:
+        writer.close()
 
 
 async def readiness(checks: dict[str, Check]) -> tuple[int, dict]:

@@ -8,8 +8,12 @@ import asyncio
 import os
 import re
 import shutil
+import socket
+import socketserver
+import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -388,8 +392,6 @@ def test_status_gives_up_on_a_hung_clickhouse_in_seconds(kafka):
     """A ClickHouse that takes connections and never answers (a hung server, SIGSTOPped) held
     `status` for clickhouse-connect's default 300 s after its lag line: it ends in one line, exit
     2, once the report's read timeout passes."""
-    import socket
-
     from streams.monitor import STATUS_READ_TIMEOUT_S
     from streams.topic import ensure_topic
 
@@ -418,8 +420,6 @@ class _HangingProxy:
 
     def __init__(self, port: int) -> None:
         import contextlib
-        import socket
-        import threading
 
         self.hang = threading.Event()
         self.held = 0
@@ -458,7 +458,6 @@ class _HangingProxy:
         """The connections open are cut, and a new one is never completed: the port listens with
         a full accept queue, where Linux drops a connection's SYN and the client waits on it."""
         import contextlib
-        import socket
 
         self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() under way, which else keeps it listening
         self._listener.close()
@@ -626,7 +625,6 @@ async def test_readiness_probes_on_a_hung_clickhouse_ask_one_question_at_a_time(
     each probe left one more waiting in the default thread pool (audit 115: 4-5 of its 6 threads,
     where the rate limiter's key reads and a batch's site reads queue too). Probes while a
     question is unanswered wait on that one; once it is answered, the next asks anew."""
-    import threading
 
     from besokskollen import health
     from streams import migrations
@@ -807,23 +805,50 @@ def test_lag_reads_assign_once_and_the_lag_gauge_reads_no_record(kafka, caplog):
     assert assignments() == 0
 
 
+class _AnsweringBroker(socketserver.ThreadingTCPServer):
+    """Answers what a broker answers first: the request's correlation id (bytes 8–12)."""
+
+    allow_reuse_address = daemon_threads = True
+
+    class handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            request = self.request.recv(64)
+            self.request.sendall(struct.pack(">i", 4) + request[8:12])
+
+
 def test_readiness_reaches_a_bootstrap_server_given_without_its_port():
     """aiokafka takes `kafka` in BK_KAFKA_BOOTSTRAP as kafka:9092; the readiness check failed to
     parse it, so ingest and the worker were never ready (and compose's proxy never started)."""
-    import socket
-
     from besokskollen import health
     from besokskollen.config import Settings
 
-    with socket.socket() as listener:
-        try:
-            listener.bind(("127.0.0.1", 9092))
-            listener.listen()
-        except OSError:  # something listens there already: as good for this check
-            pass
+    try:
+        broker = _AnsweringBroker(("127.0.0.1", 9092), _AnsweringBroker.handler)
+    except OSError:  # something listens there already: skip rather than ask it
+        pytest.skip("127.0.0.1:9092 is taken")
+    with broker:
+        threading.Thread(target=broker.serve_forever, daemon=True).start()
         for bootstrap in ("127.0.0.1", "[::1]:1, 127.0.0.1"):
             servers = Settings(kafka_bootstrap=bootstrap).kafka_servers
             assert asyncio.run(health.broker_check(servers)())
+        broker.shutdown()
+
+
+def test_a_broker_that_takes_connections_but_answers_nothing_is_not_ready(kafka):
+    """A hung broker's kernel still completes connections: the check asks a question. A server
+    that answers is found even when another listed one hangs."""
+    from besokskollen import health
+    from besokskollen.config import Settings
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()  # never accepted, never answered
+        hung_server = f"127.0.0.1:{hung.getsockname()[1]}"
+        status, body = asyncio.run(health.readiness(
+            {"kafka": health.broker_check(Settings(kafka_bootstrap=hung_server).kafka_servers)}))
+        assert (status, body["checks"]) == (503, {"kafka": False})
+        both = Settings(kafka_bootstrap=f"{hung_server},{kafka}").kafka_servers
+        assert asyncio.run(health.readiness({"kafka": health.broker_check(both)}))[0] == 200
 
 
 def test_a_lag_whose_age_could_not_be_read_is_not_called_caught_up():
@@ -1008,7 +1033,6 @@ def test_a_worker_reads_partitions_added_to_the_topic_within_a_minute(kafka, ser
 def _members(kafka: str, topic: str, group: str, n: int) -> Iterator[None]:
     """`n` consumers in the group, subscribed to the topic (workers, as the group sees them), until
     the block ends; then the group is empty again."""
-    import threading
 
     from aiokafka import AIOKafkaConsumer
 
@@ -1045,7 +1069,6 @@ def test_partitions_refuses_what_is_unsafe_and_waits_until_events_taken_before_a
     topic, for fewer partitions and while two workers are in the group; with one, it grows the
     topic and returns only once every ingest sends by the new count (METADATA_MAX_AGE_MS, here
     shortened) and an event taken before is processed (its offset committed)."""
-    import threading
 
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
