@@ -135,6 +135,8 @@ def _serve(app, sock: socket.socket) -> None:
     """Serve on the socket `_listen` made (answered on while the server started)."""
     import uvicorn  # servers only: one-shot commands start ~0.2 s sooner without it
 
+    from besokskollen.http_protocol import HeadDeadlineProtocol
+
     # uvicorn takes SIGTERM, shuts down gracefully (the lifespan drains the journal) and then
     # raises the signal again under the handler that was in place before it started. With the
     # default one the process died of that signal — exit status 143 after a complete, clean stop,
@@ -149,7 +151,7 @@ def _serve(app, sock: socket.socket) -> None:
     gc.freeze()
     # proxy_headers off: X-Forwarded-For is honoured by our own code, and only from
     # BK_TRUSTED_PROXIES (uvicorn would otherwise replace the peer with it, hiding the proxy).
-    config = uvicorn.Config(app, log_level="info", access_log=False, proxy_headers=False)
+    config = uvicorn.Config(app, http=HeadDeadlineProtocol, log_level="info", access_log=False, proxy_headers=False)
     host, port = sock.getsockname()[:2]
     # uvicorn names no address for a socket it was given
     logging.getLogger("uvicorn.error").info("listening on http://%s:%s (Ctrl+C to stop)",

@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -16,6 +17,7 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 
+from besokskollen.http_protocol import HEAD_TIMEOUT_S
 from tests.conftest import ROOT, free_port, process, wait_until
 
 CLI = [sys.executable, "-m", "besokskollen"]
@@ -104,12 +106,16 @@ def test_migrate_is_idempotent_and_keys_create_prints_working_keys(tmp_path):
     base = f"http://127.0.0.1:{port}/api/v1"
     with process([*CLI, "up", "--data", data, "--port", str(port)], tmp_path / "up.log",
                  ready_url=f"{base}/openapi.json"):
+        # A connection that never sends a request is closed (HEAD_TIMEOUT_S), not held forever.
+        idle = socket.create_connection(("127.0.0.1", port), timeout=HEAD_TIMEOUT_S + 20)
         auth = {"authorization": f"Bearer {key}"}
         created_site = httpx.post(f"{base}/sites", json={"domain": "acme.example"}, headers=auth)
         assert created_site.status_code == 201
         listed = httpx.get(f"{base}/sites", headers=auth).json()
         assert listed == {"data": [created_site.json()["data"]], "meta": {"total": 1}}
         assert httpx.get(f"{base}/sites", headers={"authorization": "Bearer bk_wrong"}).status_code == 401
+        with idle:
+            assert idle.recv(1) == b""
 
 
 _AT_SCHEMA_5 = """
@@ -584,7 +590,6 @@ def test_servers_leave_what_starting_made_out_of_full_garbage_collections(monkey
     meanwhile. What starting made (~150,000 objects) lives as long as the process: frozen before
     serving, full collections no longer walk it."""
     import gc
-    import socket
 
     import uvicorn
 
@@ -806,7 +811,6 @@ def test_site_changes_across_two_api_processes_act_on_the_site_as_stored(clickho
 
 
 def test_a_server_whose_port_is_taken_stops_with_one_line(tmp_path):
-    import socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -1075,7 +1079,6 @@ def test_servers_stopped_while_they_start_exit_0_and_say_so(tmp_path):
 def test_a_one_shot_command_gives_up_on_a_hung_clickhouse_in_seconds(tmp_path):
     """A ClickHouse that takes connections and never answers held `migrate` for clickhouse-connect's
     default read timeout, 300 s (a Kubernetes migrate Job 5 minutes), before its one line."""
-    import socket
 
     from streams.storage import HANDSHAKE_TIMEOUT_S
 
@@ -1114,7 +1117,6 @@ def test_a_flag_replaces_its_variable_unread(tmp_path, monkeypatch):
 def test_sigterm_ends_an_import_as_ctrl_c_does_naming_the_lines_on_their_way(tmp_path):
     """An import stopped by SIGTERM died silently (-15); Ctrl-C's summary said "the lines sent
     before are stored" while the chunk on its way may have been stored too."""
-    import socket
 
     events = tmp_path / "events.ndjson"
     line = ('{"name": "pageview", "url": "https://example.com/", "timestamp": "2026-01-01T00:00:00Z",'

@@ -1,0 +1,122 @@
+"""The servers' HTTP protocol (besokskollen/http_protocol.py): a request's head has a deadline, a
+request whose head arrived does not, and kept-alive connections work as before. Served by uvicorn
+with the protocol, as `_serve` serves the apps, with a short deadline."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+
+from besokskollen import http_protocol
+from besokskollen.http_protocol import HeadDeadlineProtocol
+from tests.conftest import free_port, wait_until
+
+DEADLINE_S = 0.5
+
+
+async def _echo(scope, receive, send) -> None:
+    """Answers with the body it read."""
+    if scope["type"] != "http":
+        return
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+def server(monkeypatch) -> Iterator[int]:
+    monkeypatch.setattr(http_protocol, "HEAD_TIMEOUT_S", DEADLINE_S)
+    port = free_port()
+    config = uvicorn.Config(_echo, host="127.0.0.1", port=port, http=HeadDeadlineProtocol, lifespan="off",
+                            log_level="warning", timeout_keep_alive=30)
+    running = uvicorn.Server(config)
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    wait_until(lambda: running.started, 10, "the server")
+    yield port
+    running.should_exit = True
+    thread.join(10)
+
+
+def _connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def _read_all(connection: socket.socket) -> bytes:
+    """Everything until the server closes the connection (a timeout fails the test)."""
+    received = b""
+    while chunk := connection.recv(4096):
+        received += chunk
+    return received
+
+
+def _exchange(connection: socket.socket, body: bytes) -> bytes:
+    connection.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    answer = b""
+    while not answer.endswith(body) or b"\r\n\r\n" not in answer:
+        answer += connection.recv(4096)
+    return answer
+
+
+def test_a_connection_that_sends_nothing_is_closed_without_an_answer(server):
+    with _connect(server) as connection:
+        assert _read_all(connection) == b""
+
+
+def test_a_head_that_stalls_gets_408_and_is_closed(server):
+    with _connect(server) as connection:
+        connection.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n")
+        answer = _read_all(connection)
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"connection: close" in answer
+
+
+def test_a_head_that_trickles_in_past_the_deadline_is_cut(server):
+    """Each byte in time for a read, the whole head too late: the deadline is for the head."""
+    with _connect(server) as connection:
+        cut = False
+        for byte in b"GET / HTTP/1.1\r\nhost: x\r\nx-pad: " + b"a" * 40:
+            try:
+                connection.sendall(bytes([byte]))
+            except OSError:  # closed under us
+                cut = True
+                break
+            time.sleep(DEADLINE_S / 10)
+        answer = b"" if cut else _read_all(connection)
+    assert cut or answer.startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_slow_body_and_kept_alive_requests_are_not_cut(server):
+    """Once a head is in, the application owns the request (its body deadlines are its own); a
+    kept-alive connection gets a fresh deadline for each next head."""
+    with _connect(server) as connection:
+        connection.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nab")
+        time.sleep(DEADLINE_S * 3)
+        connection.sendall(b"cde")
+        answer = b""
+        while not answer.endswith(b"abcde"):
+            answer += connection.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        for n in range(3):
+            time.sleep(DEADLINE_S * 0.6)  # together past one deadline, each within its own
+            assert _exchange(connection, b"%d" % n).startswith(b"HTTP/1.1 200 ")
+        # Idle again past the deadline: closed, without an answer.
+        assert _read_all(connection) == b""
+
+
+def test_pipelined_requests_are_all_answered(server):
+    with _connect(server) as connection:
+        connection.sendall(b"".join(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\n%d" % n for n in range(3)))
+        answer = b""
+        while answer.count(b"HTTP/1.1 200 ") < 3 or not answer.endswith(b"2"):
+            answer += connection.recv(4096)
+        time.sleep(DEADLINE_S * 2)
+        assert _read_all(connection) == b""
