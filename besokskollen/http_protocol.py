@@ -34,7 +34,9 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_begun = True
-        if self._head_deadline is None:  # a pipelined request: its head has its own time
+        # A head that begins while an earlier request is answered (pipelined) gets its time
+        # from that answer on (on_response_complete): cutting it sooner would lose the answer.
+        if self._head_deadline is None and (self.cycle is None or self.cycle.response_complete):
             self._await_head()
 
     def on_headers_complete(self) -> None:

@@ -4,6 +4,7 @@ with the protocol, as `_serve` serves the apps, with a short deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -20,9 +21,11 @@ DEADLINE_S = 0.5
 
 
 async def _echo(scope, receive, send) -> None:
-    """Answers with the body it read."""
+    """Answers with the body it read; `/slow` after three deadlines."""
     if scope["type"] != "http":
         return
+    if scope["path"] == "/slow":
+        await asyncio.sleep(DEADLINE_S * 3)
     body, more = b"", True
     while more:
         message = await receive()
@@ -120,3 +123,12 @@ def test_pipelined_requests_are_all_answered(server):
             answer += connection.recv(4096)
         time.sleep(DEADLINE_S * 2)
         assert _read_all(connection) == b""
+
+
+def test_a_pipelined_head_waiting_behind_a_slow_answer_gets_its_time_after_that_answer(server):
+    """Cut while the earlier request was still answered, its 408 took that answer's place."""
+    with _connect(server) as connection:
+        connection.sendall(b"POST /slow HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\nsPOST / HTT")
+        answer = _read_all(connection)  # the slow answer, then the 408 a deadline after it
+    first, _, rest = answer.partition(b"\r\n\r\ns")
+    assert first.startswith(b"HTTP/1.1 200 ") and rest.startswith(b"HTTP/1.1 408 "), answer
