@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import AfterValidator
 
-from query_api.deps import Ctx, DecimalNumber, Integer, Key, SiteId, cached_json, readable_site
+from query_api.deps import ROLLUP_READ, Ctx, DecimalNumber, Integer, Key, SiteId, cached_json, readable_site
 from query_api.models import (PopularCategoriesResponse, PopularPartnersResponse, PopularProductsResponse,
                               TrendingResponse)
 from query_api.periods import iso_z, round_half_away, utc_days
@@ -114,7 +114,7 @@ def _popular(client: Client, site_id: str, start: datetime, end: datetime, dims:
               "separator": SEPARATOR, "limit": limit, "min_clicks": min_clicks}
     sql = (_POPULAR.replace("{columns}", columns or dims).replace("{dims}", dims).replace("{order}", order)
            .replace("{listed}", listed))
-    rows = client.query(sql, parameters=params).result_rows
+    rows = client.query(sql, parameters=params, settings=ROLLUP_READ).result_rows
     total = rows[0][-1] if rows else 0
     meta = {"period": {"from": iso_z(start), "to": iso_z(end)}, "total_clicks": total, "confidence": confidence(total)}
     return rows, meta

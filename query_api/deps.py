@@ -24,6 +24,13 @@ from streams.sites import Site, SiteRegistry
 
 CACHE_CONTROL = "public, max-age=1800, stale-while-revalidate=3600, stale-if-error=86400"
 
+# A site's reads of the rollups (stats, goals, popular) run on one thread: they read a few
+# thousand rows, and a second thread cost more CPU to set up than it saved time: ~10 % of the
+# ClickHouse CPU of each (4–29 % by query), as fast or faster (`tests/bench/bench_api_reads.py`).
+# Trending (raw events at its windows' edges; 17 → 21 ms alone), funnels (raw events) and an
+# account's totals (every site) keep every core.
+ROLLUP_READ = {"max_threads": 1}
+
 
 @dataclass(frozen=True, slots=True)
 class Context:

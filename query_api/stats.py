@@ -15,7 +15,7 @@ from clickhouse_connect.driver.client import Client
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from query_api.deps import Ctx, Integer, Key, SiteId, cached_json, readable_site
+from query_api.deps import ROLLUP_READ, Ctx, Integer, Key, SiteId, cached_json, readable_site
 from query_api.models import CountriesResponse, OverviewResponse, PagesResponse, ReferrersResponse
 from query_api.periods import Period, change, day_starts, percent, stats_period
 from streams.activity import SEPARATOR
@@ -114,7 +114,7 @@ def _params(tz: str, start: datetime, end: datetime, **extra) -> dict:
 
 
 def _query(client: Client, sql: str, params: dict) -> list[tuple]:
-    return client.query(sql, parameters=params).result_rows
+    return client.query(sql, parameters=params, settings=ROLLUP_READ).result_rows
 
 
 def _by_day(client: Client, site_id: str, period: Period, before: Period | None = None) -> dict[date, tuple]:
@@ -154,10 +154,10 @@ def totals_of_sites(client: Client, periods: dict[str, Period]) -> dict[str, dic
     site_list = list(periods)
     starts = [edges[period][0] for period in periods.values()]
     ends = [edges[period][1] for period in periods.values()]
-    rows = _query(client, _TOTALS, {
+    rows = client.query(_TOTALS, parameters={
         "sites": site_list, "starts": starts, "ends": ends,
         "lifetime_ends": [min(end, start + int(VISITOR_LIFETIME.total_seconds())) for start, end in zip(starts, ends)],
-        "start": min(starts), "end": max(ends)})
+        "start": min(starts), "end": max(ends)}).result_rows
     found = {site_id: (visitors + returning, pageviews, sessions, bounces)
              for site_id, pageviews, visitors, returning, sessions, bounces in rows}
     return {site_id: _numbers(*found.get(site_id, (0, 0, 0, 0))) for site_id in periods}

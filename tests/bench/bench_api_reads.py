@@ -1,0 +1,106 @@
+"""ClickHouse's cost of the query API's reads, in-process: wall time and the process's CPU (the
+embedded engine's threads included) per call of each endpoint's query, with the rollup reads'
+settings as the API runs them (`query_api.deps.ROLLUP_READ`) against ClickHouse's defaults, side
+by side in one run (alternating blocks, so drift hits both).
+
+    python3 tests/bench/bench_api_reads.py [--events 1000000] [--data /tmp/bk-bench-reads] [--repeats 30]
+
+The data is bench_query.py's traffic (one site, Europe/Stockholm, ~111k events a day with
+affiliate clicks), stored through the stream core once per data folder. Not run by CI: numbers on
+2 shared cores are noisy, compare the ratios."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.bench.bench_query import DOMAIN, SITE, TZ, generate  # noqa: E402
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def load(services, data: Path, events: int, end: datetime) -> int:
+    from besokskollen.app import DEFAULT_ACCOUNT
+    from streams.core import StreamCore
+
+    if services.sites.get(SITE) is None:
+        services.sites.create(DEFAULT_ACCOUNT, DOMAIN, "Bench", TZ, site_id=SITE)
+    marker = data / "loaded"
+    if not marker.exists():
+        core, stored, started = StreamCore(services.client, 1800), 0, time.perf_counter()
+        for day, batch in generate(events, end):
+            for i in range(0, len(batch), 25_000):
+                core.process(batch[i:i + 25_000])
+            stored += len(batch)
+            print(f"  {day}: {stored:,} events, {stored / (time.perf_counter() - started):,.0f} events/s",
+                  file=sys.stderr, flush=True)
+        marker.write_text(str(stored))
+    return services.client.query("SELECT count() FROM events").result_rows[0][0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--data", default="/tmp/bk-bench-reads")
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+
+    from besokskollen.app import open_services
+    from besokskollen.config import Settings
+    from query_api import affiliate, stats
+    from query_api.deps import ROLLUP_READ
+    from query_api.periods import stats_period, utc_days
+
+    data = Path(args.data)
+    services = open_services(Settings(clickhouse_url=f"chdb://{data}", kafka_bootstrap=None))
+    client = services.client
+    stored = load(services, data, args.events, datetime.now(timezone.utc))
+    ours = dict(ROLLUP_READ)
+    month, week = stats_period(client, "30d", TZ, None, None), stats_period(client, "7d", TZ, None, None)
+    calls = {
+        "overview 30d": lambda: stats.overview(client, SITE, month),
+        "overview 30d compare": lambda: stats.overview(client, SITE, month, compare=True),
+        "pages 30d": lambda: stats.pages(client, SITE, month, 10),
+        "referrers 30d": lambda: stats.referrers(client, SITE, month, 10, True),
+        "countries 7d": lambda: stats.countries(client, SITE, week, 10),
+        "popular products 7d": lambda: affiliate.popular_products(client, SITE, *utc_days(7), 20),
+        "popular partners 30d": lambda: affiliate.popular_partners(client, SITE, *utc_days(30), 20),
+    }
+    print(f"{stored:,} events stored; {args.repeats} calls per block, 4 blocks per setting, alternating")
+    print(f"{'query':24s} {'default wall/CPU ms':>20s} {'ROLLUP_READ wall/CPU ms':>24s}  CPU ratio")
+    ratios = []
+    for name, call in calls.items():
+        samples: dict[str, list[tuple[float, float]]] = {"default": [], "ours": []}
+        answers = {}
+        for block in range(8):
+            label = ("default", "ours")[block % 2]
+            ROLLUP_READ.clear()
+            ROLLUP_READ.update({} if label == "default" else ours)
+            answers[label] = call()
+            wall, cpu = time.perf_counter(), _cpu_s()
+            for _ in range(args.repeats):
+                call()
+            samples[label].append(((time.perf_counter() - wall) * 1000 / args.repeats,
+                                   (_cpu_s() - cpu) * 1000 / args.repeats))
+        assert answers["default"] == answers["ours"], f"{name}: the answers differ"
+        (dw, dc), (ow, oc) = ([statistics.median(x) for x in zip(*samples[k])] for k in ("default", "ours"))
+        ratios.append(oc / dc)
+        print(f"{name:24s} {dw:9.1f} / {dc:7.1f} {ow:12.1f} / {oc:8.1f}  {oc / dc:9.2f}")
+    ROLLUP_READ.clear()
+    ROLLUP_READ.update(ours)
+    print(f"CPU with ROLLUP_READ / default, median over the queries: {statistics.median(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()
