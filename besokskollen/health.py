@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from besokskollen.http_protocol import HEAD_TIMEOUT_S
 from ingest.cors import CORS
 from streams import migrations
 
@@ -150,6 +151,10 @@ class _StartingServer(ThreadingHTTPServer):
 
 
 class _StartingHandler(BaseHTTPRequestHandler):
+    # A connection that sends nothing is dropped, as the server drops one: each holds a thread
+    # here, and one accepted now would be held past the start.
+    timeout = HEAD_TIMEOUT_S
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = self.path.split("?", 1)[0]
         if path == "/healthz":
