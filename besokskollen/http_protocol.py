@@ -36,7 +36,7 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         self._head_begun = True
         # A head that begins while an earlier request is answered (pipelined) gets its time
         # from that answer on (on_response_complete): cutting it sooner would lose the answer.
-        if self._head_deadline is None and (self.cycle is None or self.cycle.response_complete):
+        if self._head_deadline is None and not self._answering():
             self._await_head()
 
     def on_headers_complete(self) -> None:
@@ -48,12 +48,16 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         super().on_response_complete()
         # uvicorn's keep-alive timeout closes an idle connection sooner; the deadline bounds a
         # next request that begins and then stalls.
-        if not self.transport.is_closing() and self._head_deadline is None and not self.pipeline:
+        if not self.transport.is_closing() and self._head_deadline is None and not self._answering():
             self._await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
         super().connection_lost(exc)
+
+    def _answering(self) -> bool:
+        """A request is being answered (a pipelined one, started as the last answer completed)."""
+        return self.cycle is not None and not self.cycle.response_complete
 
     def _await_head(self) -> None:
         self._head_deadline = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)

@@ -132,3 +132,16 @@ def test_a_pipelined_head_waiting_behind_a_slow_answer_gets_its_time_after_that_
         answer = _read_all(connection)  # the slow answer, then the 408 a deadline after it
     first, _, rest = answer.partition(b"\r\n\r\ns")
     assert first.startswith(b"HTTP/1.1 200 ") and rest.startswith(b"HTTP/1.1 408 "), answer
+
+
+def test_a_slow_pipelined_request_is_answered_whole(server):
+    """Started as the answer before it completed, it was not given a head deadline's cut."""
+    with _connect(server) as connection:
+        connection.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\nf"
+                           b"POST /slow HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\ns")
+        answer = b""
+        while not answer.endswith(b"s"):
+            chunk = connection.recv(4096)
+            assert chunk, answer  # closed before the slow answer
+            answer += chunk
+    assert answer.count(b"HTTP/1.1 200 ") == 2
