@@ -46,9 +46,15 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        # uvicorn's keep-alive timeout closes an idle connection sooner; the deadline bounds a
-        # next request that begins and then stalls.
-        if not self.transport.is_closing() and self._head_deadline is None and not self._answering():
+        if self.transport.is_closing() or self._answering():
+            return
+        if self._head_begun:
+            # Not idle: the next head began before this answer went out. uvicorn's keep-alive
+            # timer (5 s), stopped only by bytes that come after it, closed it silently.
+            self._unset_keepalive_if_required()
+        # An idle connection is closed sooner by that timer; the deadline bounds a next request
+        # that begins and then stalls.
+        if self._head_deadline is None:
             self._await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -17,7 +17,7 @@ from besokskollen import http_protocol
 from besokskollen.http_protocol import HeadDeadlineProtocol
 from tests.conftest import free_port, wait_until
 
-DEADLINE_S = 0.5
+DEADLINE_S = 1.0
 
 
 async def _echo(scope, receive, send) -> None:
@@ -37,10 +37,21 @@ async def _echo(scope, receive, send) -> None:
 
 @pytest.fixture
 def server(monkeypatch) -> Iterator[int]:
+    """uvicorn's keep-alive timeout out of the way."""
+    yield from _serve(monkeypatch, keep_alive_s=30)
+
+
+@pytest.fixture
+def server_as_run(monkeypatch) -> Iterator[int]:
+    """uvicorn's keep-alive timeout half the deadline, as the servers run (5 s and 10 s)."""
+    yield from _serve(monkeypatch, keep_alive_s=DEADLINE_S / 2)
+
+
+def _serve(monkeypatch, keep_alive_s: float) -> Iterator[int]:
     monkeypatch.setattr(http_protocol, "HEAD_TIMEOUT_S", DEADLINE_S)
     port = free_port()
     config = uvicorn.Config(_echo, host="127.0.0.1", port=port, http=HeadDeadlineProtocol, lifespan="off",
-                            log_level="warning", timeout_keep_alive=30)
+                            log_level="warning", timeout_keep_alive=keep_alive_s)
     running = uvicorn.Server(config)
     thread = threading.Thread(target=running.run, daemon=True)
     thread.start()
@@ -145,3 +156,22 @@ def test_a_slow_pipelined_request_is_answered_whole(server):
             assert chunk, answer  # closed before the slow answer
             answer += chunk
     assert answer.count(b"HTTP/1.1 200 ") == 2
+
+
+def test_a_head_begun_before_the_last_answer_gets_the_deadline_not_the_keep_alive_timeout(server_as_run):
+    """Its bytes came before the answer, so none came after it to stop uvicorn's keep-alive
+    timer: the connection was closed silently at the keep-alive timeout, a head in time unanswered."""
+    with _connect(server_as_run) as connection:
+        connection.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\naPOST / HTTP/1.1\r\nhost: x\r\n")
+        time.sleep(DEADLINE_S * 0.75)  # past the keep-alive timeout, within the deadline
+        connection.sendall(b"content-length: 1\r\n\r\nb")
+        answer = b""
+        while not answer.endswith(b"b"):
+            chunk = connection.recv(4096)
+            assert chunk, answer  # closed before the second answer
+            answer += chunk
+        assert answer.count(b"HTTP/1.1 200 ") == 2
+        # A begun head that stalls gets its 408 at the deadline, not a silent close.
+        connection.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\ncPOST / HTT")
+        answer = _read_all(connection)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 408 " in answer, answer
