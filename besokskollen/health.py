@@ -19,7 +19,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from besokskollen.http_protocol import HEAD_TIMEOUT_S
 from ingest.cors import CORS
 from streams import migrations
 
@@ -132,7 +131,9 @@ def answering_while_starting(sock: socket.socket) -> Iterator[None]:
     startup probe does not restart it mid-replay, nor into a crash-loop back-off that outlasts
     the outage), `/readyz` and everything else 503 with Retry-After. The socket stays open: the
     server takes it over, with any connection still waiting to be accepted."""
-    server = _StartingServer(sock)
+    from besokskollen import http_protocol  # here: it loads uvicorn, which one-shot commands need not
+
+    server = _StartingServer(sock, http_protocol.HEAD_TIMEOUT_S)
     thread = threading.Thread(target=server.serve_forever, name="answering-while-starting", daemon=True)
     thread.start()
     try:
@@ -144,16 +145,19 @@ def answering_while_starting(sock: socket.socket) -> Iterator[None]:
 class _StartingServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, head_timeout_s: float) -> None:
         super().__init__(sock.getsockname()[:2], _StartingHandler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock
+        self.head_timeout_s = head_timeout_s
 
 
 class _StartingHandler(BaseHTTPRequestHandler):
-    # A connection that sends nothing is dropped, as the server drops one: each holds a thread
-    # here, and one accepted now would be held past the start.
-    timeout = HEAD_TIMEOUT_S
+    def setup(self) -> None:
+        # A connection that sends nothing is dropped, as the server drops one: each holds a
+        # thread here, and one accepted now would be held past the start.
+        self.timeout = self.server.head_timeout_s
+        super().setup()
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = self.path.split("?", 1)[0]

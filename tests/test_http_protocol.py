@@ -73,12 +73,19 @@ def _read_all(connection: socket.socket) -> bytes:
     return received
 
 
+def _read_until(connection: socket.socket, end: bytes) -> bytes:
+    """What arrives until it ends with `end` (the server closing first fails the test)."""
+    received = b""
+    while not received.endswith(end):
+        chunk = connection.recv(4096)
+        assert chunk, f"closed after {received!r}"
+        received += chunk
+    return received
+
+
 def _exchange(connection: socket.socket, body: bytes) -> bytes:
     connection.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-    answer = b""
-    while not answer.endswith(body) or b"\r\n\r\n" not in answer:
-        answer += connection.recv(4096)
-    return answer
+    return _read_until(connection, b"\r\n\r\n" + body)
 
 
 def test_a_connection_that_sends_nothing_is_closed_without_an_answer(server):
@@ -115,10 +122,7 @@ def test_a_slow_body_and_kept_alive_requests_are_not_cut(server):
         connection.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nab")
         time.sleep(DEADLINE_S * 3)
         connection.sendall(b"cde")
-        answer = b""
-        while not answer.endswith(b"abcde"):
-            answer += connection.recv(4096)
-        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert _read_until(connection, b"abcde").startswith(b"HTTP/1.1 200 ")
         for n in range(3):
             time.sleep(DEADLINE_S * 0.6)  # together past one deadline, each within its own
             assert _exchange(connection, b"%d" % n).startswith(b"HTTP/1.1 200 ")
@@ -129,9 +133,7 @@ def test_a_slow_body_and_kept_alive_requests_are_not_cut(server):
 def test_pipelined_requests_are_all_answered(server):
     with _connect(server) as connection:
         connection.sendall(b"".join(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\n%d" % n for n in range(3)))
-        answer = b""
-        while answer.count(b"HTTP/1.1 200 ") < 3 or not answer.endswith(b"2"):
-            answer += connection.recv(4096)
+        assert _read_until(connection, b"\r\n\r\n2").count(b"HTTP/1.1 200 ") == 3
         time.sleep(DEADLINE_S * 2)
         assert _read_all(connection) == b""
 
@@ -150,12 +152,7 @@ def test_a_slow_pipelined_request_is_answered_whole(server):
     with _connect(server) as connection:
         connection.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\nf"
                            b"POST /slow HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\ns")
-        answer = b""
-        while not answer.endswith(b"s"):
-            chunk = connection.recv(4096)
-            assert chunk, answer  # closed before the slow answer
-            answer += chunk
-    assert answer.count(b"HTTP/1.1 200 ") == 2
+        assert _read_until(connection, b"\r\n\r\ns").count(b"HTTP/1.1 200 ") == 2
 
 
 def test_a_head_begun_before_the_last_answer_gets_the_deadline_not_the_keep_alive_timeout(server_as_run):
@@ -165,12 +162,7 @@ def test_a_head_begun_before_the_last_answer_gets_the_deadline_not_the_keep_aliv
         connection.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\naPOST / HTTP/1.1\r\nhost: x\r\n")
         time.sleep(DEADLINE_S * 0.75)  # past the keep-alive timeout, within the deadline
         connection.sendall(b"content-length: 1\r\n\r\nb")
-        answer = b""
-        while not answer.endswith(b"b"):
-            chunk = connection.recv(4096)
-            assert chunk, answer  # closed before the second answer
-            answer += chunk
-        assert answer.count(b"HTTP/1.1 200 ") == 2
+        assert _read_until(connection, b"\r\n\r\nb").count(b"HTTP/1.1 200 ") == 2
         # A begun head that stalls gets its 408 at the deadline, not a silent close.
         connection.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\ncPOST / HTT")
         answer = _read_all(connection)

@@ -161,11 +161,9 @@ def test_the_tracking_endpoint_answers_with_cors_while_a_server_starts():
 def test_a_starting_server_drops_a_connection_that_sends_nothing(monkeypatch):
     """Each connection held a thread of the starting server, and one that sent nothing held it,
     and its descriptor, for good: past the start too. It gets what a running server gives a head."""
-    from besokskollen import health
-    from besokskollen.http_protocol import HEAD_TIMEOUT_S
+    from besokskollen import health, http_protocol
 
-    assert health._StartingHandler.timeout == HEAD_TIMEOUT_S
-    monkeypatch.setattr(health._StartingHandler, "timeout", 0.5)
+    monkeypatch.setattr(http_protocol, "HEAD_TIMEOUT_S", 0.5)
     sock = health.listening_socket("127.0.0.1", 0)
     try:
         with health.answering_while_starting(sock), socket.create_connection(sock.getsockname(), timeout=10) as idle:

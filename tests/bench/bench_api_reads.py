@@ -22,31 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.bench.bench_query import DOMAIN, SITE, TZ, generate  # noqa: E402
+from tests.bench.bench_query import SITE, TZ, store_once  # noqa: E402
 
 
 def _cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def load(services, data: Path, events: int, end: datetime) -> int:
-    from besokskollen.app import DEFAULT_ACCOUNT
-    from streams.core import StreamCore
-
-    if services.sites.get(SITE) is None:
-        services.sites.create(DEFAULT_ACCOUNT, DOMAIN, "Bench", TZ, site_id=SITE)
-    marker = data / "loaded"
-    if not marker.exists():
-        core, stored, started = StreamCore(services.client, 1800), 0, time.perf_counter()
-        for day, batch in generate(events, end):
-            for i in range(0, len(batch), 25_000):
-                core.process(batch[i:i + 25_000])
-            stored += len(batch)
-            print(f"  {day}: {stored:,} events, {stored / (time.perf_counter() - started):,.0f} events/s",
-                  file=sys.stderr, flush=True)
-        marker.write_text(str(stored))
-    return services.client.query("SELECT count() FROM events").result_rows[0][0]
 
 
 def main() -> None:
@@ -61,11 +42,13 @@ def main() -> None:
     from query_api import affiliate, stats
     from query_api.deps import ROLLUP_READ
     from query_api.periods import stats_period, utc_days
+    from streams.core import StreamCore
 
     data = Path(args.data)
     services = open_services(Settings(clickhouse_url=f"chdb://{data}", kafka_bootstrap=None))
     client = services.client
-    stored = load(services, data, args.events, datetime.now(timezone.utc))
+    store_once(services, StreamCore(client, 1800), data, args.events, datetime.now(timezone.utc))
+    stored = client.query("SELECT count() FROM events").result_rows[0][0]
     ours = dict(ROLLUP_READ)
     month, week = stats_period(client, "30d", TZ, None, None), stats_period(client, "7d", TZ, None, None)
     calls = {

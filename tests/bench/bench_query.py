@@ -142,20 +142,14 @@ SETTINGS optimize_move_to_prewhere_if_final = 0
 """
 
 
-def child(size: int, data: Path, end: datetime, repeats: int) -> dict:
-    from besokskollen.app import DEFAULT_ACCOUNT, open_services
-    from besokskollen.config import Settings
-    from query_api import stats
-    from query_api.periods import stats_period
-    from streams.core import StreamCore
+def store_once(services, core, data: Path, size: int, end: datetime) -> dict:
+    """The bench site and `size` events of its traffic up to `end`, stored through the stream core
+    unless the data folder holds them already: {"events": how many, "seconds": how long it took}."""
+    from besokskollen.app import DEFAULT_ACCOUNT
 
-    services = open_services(Settings(clickhouse_url=f"chdb://{data}", admin_key=KEY, kafka_bootstrap=None))
-    client = services.client
-    core = StreamCore(client, 1800)
     if services.sites.get(SITE) is None:
         services.sites.create(DEFAULT_ACCOUNT, DOMAIN, "Bench", TZ, site_id=SITE)
     marker = data / "loaded.json"
-    report: dict = {"size": size}
     if not marker.exists():
         started, stored = time.perf_counter(), 0
         for day, events in generate(size, end):
@@ -165,7 +159,21 @@ def child(size: int, data: Path, end: datetime, repeats: int) -> dict:
             print(f"  {day}: {stored:,} events, {stored / (time.perf_counter() - started):,.0f} events/s",
                   file=sys.stderr, flush=True)
         marker.write_text(json.dumps({"events": stored, "seconds": time.perf_counter() - started}))
-    loaded = json.loads(marker.read_text())
+    return json.loads(marker.read_text())
+
+
+def child(size: int, data: Path, end: datetime, repeats: int) -> dict:
+    from besokskollen.app import open_services
+    from besokskollen.config import Settings
+    from query_api import stats
+    from query_api.periods import stats_period
+    from streams.core import StreamCore
+
+    services = open_services(Settings(clickhouse_url=f"chdb://{data}", admin_key=KEY, kafka_bootstrap=None))
+    client = services.client
+    core = StreamCore(client, 1800)
+    loaded = store_once(services, core, data, size, end)
+    report: dict = {"size": size}
     report.update(define_goals_and_funnel(client, data))
     report["stored_events"] = client.query("SELECT count() FROM events").result_rows[0][0]
     report["load_events_per_s"] = loaded["events"] / loaded["seconds"]
