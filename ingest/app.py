@@ -109,15 +109,13 @@ def routes(settings: Settings, sites: SiteRegistry, visitors: Visitors, carries:
     async def post_event(request: Request) -> Response:
         try:
             response = await accept(request)
-        except OperationalError as exc:  # a lookup ClickHouse did not answer (a site not cached, a salt)
-            _away_log.warning("could not accept an event: ClickHouse does not answer (%s)", storage.reason(exc))
-            response = _error(503, "unavailable", "the event could not be stored; retry later",
-                              {**CORS, "retry-after": str(STORAGE_RETRY_AFTER_S)})
         except Exception as exc:
             # Storage or broker trouble is ours, not the client's: say so with a retryable 503.
-            if isinstance(exc, DatabaseError) and short_of_resources(exc):  # no traceback an event
+            headers = {**CORS, "retry-after": str(STORAGE_RETRY_AFTER_S)}
+            if isinstance(exc, OperationalError):  # a lookup ClickHouse did not answer (a site not cached, a salt)
+                _away_log.warning("could not accept an event: ClickHouse does not answer (%s)", storage.reason(exc))
+            elif isinstance(exc, DatabaseError) and short_of_resources(exc):  # no traceback an event
                 _away_log.warning("could not accept an event: ClickHouse is short of resources (%s)", exc)
-                headers = {**CORS, "retry-after": str(STORAGE_RETRY_AFTER_S)}
             else:
                 log.exception("could not accept an event")
                 headers = CORS
