@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import AfterValidator
 
-from query_api.deps import ROLLUP_READ, Ctx, DecimalNumber, Integer, Key, SiteId, cached_json, readable_site
+from query_api.deps import ROLLUP_READ, Ctx, DecimalNumber, Integer, Key, SiteId, readable_site, shared_json
 from query_api.models import (PopularCategoriesResponse, PopularPartnersResponse, PopularProductsResponse,
                               TrendingResponse)
 from query_api.periods import iso_z, round_half_away, utc_days
@@ -197,8 +197,8 @@ def get_popular_products(request: Request, ctx: Ctx, key: Key, site_id: SiteId, 
                          brand_slug: Slug = "", min_clicks: Annotated[Integer, Query(ge=0)] = 0) -> Response:
     site = readable_site(ctx, key, site_id)
     start, end = utc_days(days)
-    return cached_json(request, popular_products(ctx.client, site.site_id, start, end, limit,
-                                                 category_slug, brand_slug, min_clicks))
+    return shared_json(request, site, popular_products, ctx.client, site.site_id, start, end, limit, category_slug,
+                       brand_slug, min_clicks)
 
 
 @router.get("/popular/categories", response_model=PopularCategoriesResponse)
@@ -206,7 +206,7 @@ def get_popular_categories(request: Request, ctx: Ctx, key: Key, site_id: SiteId
                            limit: Annotated[Integer, Query(ge=1, le=100)] = 10) -> Response:
     site = readable_site(ctx, key, site_id)
     start, end = utc_days(days)
-    return cached_json(request, popular_categories(ctx.client, site.site_id, start, end, limit))
+    return shared_json(request, site, popular_categories, ctx.client, site.site_id, start, end, limit)
 
 
 @router.get("/popular/partners", response_model=PopularPartnersResponse)
@@ -214,7 +214,7 @@ def get_popular_partners(request: Request, ctx: Ctx, key: Key, site_id: SiteId, 
                          limit: Annotated[Integer, Query(ge=1, le=100)] = 10) -> Response:
     site = readable_site(ctx, key, site_id)
     start, end = utc_days(days)
-    return cached_json(request, popular_partners(ctx.client, site.site_id, start, end, limit))
+    return shared_json(request, site, popular_partners, ctx.client, site.site_id, start, end, limit)
 
 
 @router.get("/trending/products", response_model=TrendingResponse)
@@ -228,7 +228,8 @@ def get_trending_products(
     category_slug: Slug = "", brand_slug: Slug = "",
 ) -> Response:
     site = readable_site(ctx, key, site_id)
-    now = datetime.now(timezone.utc)
-    return cached_json(request, trending_products(ctx.client, site.site_id, now, recent_hours, baseline_days,
-                                                  min_growth, min_recent_clicks, limit, category_slug, brand_slug,
-                                                  ctx.raw_events.complete_since(now) if ctx.raw_events else None))
+    # To the second, as the windows are (`trending_windows`): questions of one second share an answer.
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    return shared_json(request, site, trending_products, ctx.client, site.site_id, now, recent_hours, baseline_days,
+                       min_growth, min_recent_clicks, limit, category_slug, brand_slug,
+                       ctx.raw_events.complete_since(now) if ctx.raw_events else None)

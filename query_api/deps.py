@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Annotated, Any
@@ -15,6 +16,7 @@ from fastapi.responses import Response
 from pydantic import BeforeValidator
 
 from ingest.event import MAX_SITE_ID
+from query_api.coalescing import InFlight
 from query_api.errors import APIError
 from query_api.keys import ApiKey, KeyStore
 from streams.funnels import FunnelRegistry
@@ -97,6 +99,23 @@ def cached_json(request: Request, payload: dict[str, Any], status: int = 200) ->
     """JSON; a GET gets the ISR-friendly cache headers and a strong ETag, and a matching
     If-None-Match gets 304."""
     return cached(request, orjson.dumps(payload), "application/json", status)
+
+
+_ANSWERS = InFlight()
+
+
+def shared_json(request: Request, site: Site, compute: Callable[..., Any], *args: Any, data: bool = False) -> Response:
+    """`cached_json` of `compute(*args)` (under "data" with `data`), computed once for identical
+    questions asked at once (query_api/coalescing.py): the same computation and arguments, of the
+    same site (a site deleted and created again with its id is another). For reads of events
+    only: a question whose answer a request to this API changes (goals, funnels, sites) must see
+    that change, and could get a computation begun before it."""
+    def body() -> bytes:
+        answer = compute(*args)
+        return orjson.dumps({"data": answer} if data else answer)
+
+    return cached(request, _ANSWERS.run((compute, site.site_id, site.incarnation, data, *args), body),
+                  "application/json")
 
 
 def cached(request: Request, body: bytes, media_type: str, status: int = 200) -> Response:

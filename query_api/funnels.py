@@ -19,7 +19,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from ingest.event import MAX_SITE_ID, EventName, PagePath
-from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site
+from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site, shared_json
 from query_api.errors import APIError
 from query_api.models import FunnelCreated, FunnelsResponse, FunnelStatsResponse, Name
 from query_api.periods import Period, percent, stats_period
@@ -146,4 +146,5 @@ def get_funnel_stats(request: Request, ctx: Ctx, key: Key, funnel_id: str, perio
                      from_: From = None, to: To = None) -> Response:
     # The site as checked: read again, a site deleted meanwhile would be None.
     funnel, site = _readable_funnel(ctx, key, funnel_id)
-    return cached_json(request, {"data": funnel_stats(ctx.client, funnel, stats_period(ctx.client, period, site.timezone, from_, to))})
+    return shared_json(request, site, funnel_stats, ctx.client, funnel,
+                       stats_period(ctx.client, period, site.timezone, from_, to), data=True)

@@ -15,7 +15,7 @@ from clickhouse_connect.driver.client import Client
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from query_api.deps import ROLLUP_READ, Ctx, Integer, Key, SiteId, cached_json, readable_site
+from query_api.deps import ROLLUP_READ, Ctx, Integer, Key, SiteId, readable_site, shared_json
 from query_api.models import CountriesResponse, OverviewResponse, PagesResponse, ReferrersResponse
 from query_api.periods import Period, change, day_starts, percent, stats_period
 from streams.activity import SEPARATOR
@@ -236,14 +236,14 @@ def get_overview(request: Request, ctx: Ctx, key: Key, site_id: SiteId, period: 
                  compare: Annotated[bool, Query(description="Add the previous period of equal length")] = False,
                  ) -> Response:
     site, span = _site_period(ctx, key, site_id, period, from_, to)
-    return cached_json(request, {"data": overview(ctx.client, site.site_id, span, compare)})
+    return shared_json(request, site, overview, ctx.client, site.site_id, span, compare, data=True)
 
 
 @router.get("/stats/pages", response_model=PagesResponse)
 def get_pages(request: Request, ctx: Ctx, key: Key, site_id: SiteId, period: PeriodName = "30d",
               from_: From = None, to: To = None, limit: Limit = 10) -> Response:
     site, span = _site_period(ctx, key, site_id, period, from_, to)
-    return cached_json(request, {"data": pages(ctx.client, site.site_id, span, limit)})
+    return shared_json(request, site, pages, ctx.client, site.site_id, span, limit, data=True)
 
 
 @router.get("/stats/referrers", response_model=ReferrersResponse)
@@ -252,11 +252,11 @@ def get_referrers(request: Request, ctx: Ctx, key: Key, site_id: SiteId, period:
                   include_social: Annotated[bool, Query(description="Include social networks")] = False,
                   ) -> Response:
     site, span = _site_period(ctx, key, site_id, period, from_, to)
-    return cached_json(request, {"data": referrers(ctx.client, site.site_id, span, limit, include_social)})
+    return shared_json(request, site, referrers, ctx.client, site.site_id, span, limit, include_social, data=True)
 
 
 @router.get("/stats/countries", response_model=CountriesResponse)
 def get_countries(request: Request, ctx: Ctx, key: Key, site_id: SiteId, period: PeriodName = "30d",
                   from_: From = None, to: To = None, limit: Limit = 10) -> Response:
     site, span = _site_period(ctx, key, site_id, period, from_, to)
-    return cached_json(request, {"data": countries(ctx.client, site.site_id, span, limit)})
+    return shared_json(request, site, countries, ctx.client, site.site_id, span, limit, data=True)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import threading
 import uuid
 from collections import Counter
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import ROUND_HALF_UP, Decimal
+from time import monotonic, sleep
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -172,6 +174,86 @@ async def test_etag_changes_when_the_data_does(client, embedded, site):
     assert after.status_code == 200
     assert after.headers["etag"] != before
     assert after.json()["data"]["pageviews"] == 1
+
+
+def _wait_for(condition, timeout_s: float = 10.0) -> None:
+    deadline = monotonic() + timeout_s
+    while not condition():
+        assert monotonic() < deadline, "timed out"
+        sleep(0.005)
+
+
+def test_identical_questions_asked_at_once_are_computed_once():
+    """Concurrent identical questions wait for the one computation running and get its answer (or
+    its error); a question asked after it ended, or another question, is computed anew."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from besokskollen import metrics
+    from query_api.coalescing import InFlight
+
+    flight, release, calls = InFlight(), threading.Event(), []
+
+    def compute(n: int, fail: bool = False):
+        calls.append(n)
+        release.wait(10)
+        if fail:
+            raise ValueError(f"computation {n}")
+        return {"computation": n}
+
+    def shared() -> float:
+        return metrics.ANSWERS_SHARED._value.get()
+
+    with ThreadPoolExecutor(8) as pool:
+        for fail in (False, True):
+            release.clear()
+            calls.clear()
+            before = shared()
+            first = pool.submit(flight.run, "q", lambda: compute(1, fail))
+            _wait_for(lambda: calls == [1])
+            others = [pool.submit(flight.run, "q", lambda: compute(2, fail)) for _ in range(5)]
+            _wait_for(lambda: shared() == before + 5)  # all five wait on the first
+            assert flight.run("another", lambda: "not held up") == "not held up"
+            release.set()
+            for future in [first, *others]:
+                if fail:
+                    with pytest.raises(ValueError, match="computation 1"):
+                        future.result(10)
+                else:
+                    assert future.result(10) == {"computation": 1}
+            assert calls == [1]
+            assert flight.run("q", lambda: compute(3)) == {"computation": 3}  # ended: computed anew
+
+
+async def test_identical_stats_requests_at_once_share_one_computation(client, embedded, site, monkeypatch):
+    """A Next.js build or an ISR wave sends one question for many pages at once: identical
+    requests share one computation, and get the answer and ETag each would alone. Another
+    period is another question."""
+    from besokskollen import metrics
+    from query_api import stats
+
+    await post_event(client, site["id"], "81.227.9.9")
+    await embedded[1].runner.drain()
+    url = f"{API}/stats/overview?site_id={site['id']}&period=7d"
+    alone = await client.get(url)
+    overview, release, periods = stats.overview, threading.Event(), []
+
+    def held(client_, site_id, period, compare):
+        periods.append(period.length)
+        release.wait(10)
+        return overview(client_, site_id, period, compare)
+
+    monkeypatch.setattr(stats, "overview", held)
+    before = metrics.ANSWERS_SHARED._value.get()
+    requests = asyncio.gather(*(client.get(url) for _ in range(6)),
+                              client.get(f"{API}/stats/overview?site_id={site['id']}&period=30d"))
+    # the six share one computation, the 30 days have their own
+    await asyncio.to_thread(_wait_for, lambda: len(periods) == 2 and metrics.ANSWERS_SHARED._value.get() == before + 5)
+    release.set()
+    *same, month = await requests
+    assert sorted(periods) == [7, 30]
+    assert all(r.status_code == 200 and r.content == alone.content for r in same), [r.text for r in same]
+    assert {r.headers["etag"] for r in same} == {alone.headers["etag"]}
+    assert month.status_code == 200 and month.json()["data"]["pageviews"] == 1
 
 
 # -- sites ---------------------------------------------------------------------------------------
