@@ -63,7 +63,7 @@ class KeyStore:
         (`storage.for_lookups`); keys are written through `client`."""
         self._client = client
         self._lookups = lookups or client
-        self._cache: ReadThroughCache[str, ApiKey] = ReadThroughCache(self._load, known=self._hashes)
+        self._cache: ReadThroughCache[str, ApiKey] = ReadThroughCache(self._load, known=self._hashes, read_ahead=True)
 
     def create(self, account_id: str, site_id: str = "", key: str | None = None) -> str:
         """Store a key (a new random one unless given) and return it; the only time it is seen."""

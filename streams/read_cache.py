@@ -10,6 +10,9 @@ again a few seconds later): ingest keeps taking events for known sites while Cli
 restarted, as Kafka keeps them. While one caller reads a key again, the others get its value as
 last read rather than read it too: on a hung ClickHouse each read waits out its timeout, and every
 thread of ingest's pool did, answering nothing for 4 s in every 9 (an audit, 2026-12-05).
+With `read_ahead`, a value asked for past half its time is read again by a thread of the
+cache's own, so no request waits for that read (the one that did waited ~4 s on a hung
+ClickHouse); a value not asked for then is read when next asked, as without.
 
 With `load_many` (a query for many keys at once), a key read again takes along every other value
 past half its time that was asked for in the last TAKEN_ALONG_IF_USED_S, and `get_many` reads
@@ -39,8 +42,10 @@ log = logging.getLogger(__name__)
 class ReadThroughCache(Generic[K, V]):
     def __init__(self, load: Callable[[K], V | None], miss_ttl_s: float = 1.0, hit_ttl_s: float = 5.0,
                  known: Callable[[], Iterable[K]] | None = None,
-                 load_many: Callable[[list[K]], dict[K, V]] | None = None) -> None:
+                 load_many: Callable[[list[K]], dict[K, V]] | None = None, read_ahead: bool = False) -> None:
         """`load_many`: the values of the keys that have one (the others are misses)."""
+        self._read_ahead = read_ahead
+        self._reading_ahead = False  # one read ahead at a time (with `load_many` it takes along the others due)
         self._load = load
         self._load_many = load_many
         self._taking_along = threading.Lock()  # one read that takes others along at a time
@@ -65,6 +70,8 @@ class ReadThroughCache(Generic[K, V]):
         if (value := self._fresh_hit(key)) is not None:
             if self._load_many is not None:
                 self._used[key] = time.monotonic()
+            if self._read_ahead:
+                self._start_reading_ahead(key)
             return value
         if self._fresh_miss(key):
             return None
@@ -82,6 +89,32 @@ class ReadThroughCache(Generic[K, V]):
             if again:
                 with self._lock:
                     self._reading.discard(key)
+
+    def _start_reading_ahead(self, key: K) -> None:
+        """Read the key again on a thread of its own if it is past half its time. While that read
+        runs (on a hung ClickHouse, its timeout), callers get the value as last read, also past
+        its time."""
+        hit = self._hits.get(key)
+        if hit is None or self._reading_ahead or time.monotonic() - hit[1] <= self._hit_ttl_s / 2:
+            return
+        with self._lock:
+            if self._reading_ahead or key in self._reading:
+                return
+            self._reading_ahead = True
+            self._reading.add(key)
+        # Not a daemon: the interpreter waits for the read (bounded by the client's timeouts) rather
+        # than end under it while the embedded ClickHouse is closed.
+        threading.Thread(target=self._read_ahead_of_time, args=(key,), name="read-ahead").start()
+
+    def _read_ahead_of_time(self, key: K) -> None:
+        try:
+            self._read_again_or_anew(key)
+        except Exception as exc:  # noqa: BLE001 - the row was forgotten meanwhile: its next get reads it
+            log.debug("reading %r ahead failed: %s", key, exc)
+        finally:
+            with self._lock:
+                self._reading.discard(key)
+                self._reading_ahead = False
 
     def _read_by_another(self, key: K) -> V | None:
         """The key's value as last read, while another caller reads it again."""

@@ -161,10 +161,12 @@ class SiteRegistry:
         self._lookups = lookups or client
         self._by_id: ReadThroughCache[str, Site] = ReadThroughCache(
             lambda key: self._load("site_id", key), hit_ttl_s=REFRESH_S, known=self._site_ids,
-            load_many=lambda keys: {site.site_id: site for site in self._load_many("site_id", keys)})
+            load_many=lambda keys: {site.site_id: site for site in self._load_many("site_id", keys)},
+            read_ahead=True)
         self._by_domain: ReadThroughCache[str, Site] = ReadThroughCache(
             lambda key: self._load("domain", key), hit_ttl_s=REFRESH_S,
-            load_many=lambda keys: {site.domain: site for site in self._load_many("domain", keys)})
+            load_many=lambda keys: {site.domain: site for site in self._load_many("domain", keys)},
+            read_ahead=True)
 
     def create(self, account_id: str, domain: str, name: str = "", tz: str = DEFAULT_TIMEZONE,
                site_id: str | None = None) -> Site:

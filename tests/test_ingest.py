@@ -297,6 +297,57 @@ def test_while_one_caller_reads_a_row_again_the_others_get_it_as_last_read():
     assert cache.get("known") == "site v2" and reads[-1] == ("first got", "site v2")  # fresh: no read
 
 
+def test_a_row_asked_for_is_read_again_ahead_of_its_time_by_a_thread_of_its_own():
+    """With `read_ahead` (sites and API keys), a row asked for past half its time is read again in
+    the background: the request that found it due waited for that read (~4 s on a hung ClickHouse,
+    one request in every ~9 s in an audit). While the read hangs, the row is served as last read,
+    also past its time; a failed read keeps it. A row not asked for meanwhile is read when next
+    asked, as before: it is never served past its time without a read being made."""
+    import threading
+
+    release, store, reads = threading.Event(), {"known": "v1"}, []
+
+    def load(key):
+        reads.append(key)
+        if len(reads) > 1:
+            release.wait(10)
+        if store is None:
+            raise ConnectionError("ClickHouse is restarting")
+        return store.get(key)
+
+    def until(condition) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+
+    cache = ReadThroughCache(load, miss_ttl_s=0, hit_ttl_s=0.4, read_ahead=True)
+    assert cache.get("known") == "v1" and reads == ["known"]
+    assert cache.get("known") == "v1" and reads == ["known"]  # not half its time yet: no read
+    time.sleep(0.25)
+    store["known"] = "v2"
+    assert cache.get("known") == "v1"  # answered at once, the read goes on in the background
+    until(lambda: len(reads) == 2)
+    time.sleep(0.2)  # past its time, the read still hanging
+    assert cache.answers_without_io("known")
+    assert [cache.get("known") for _ in range(3)] == ["v1"] * 3 and len(reads) == 2
+    release.set()
+    until(lambda: cache.get("known") == "v2")
+    assert len(reads) == 2
+
+    time.sleep(0.25)
+    store = None
+    assert cache.get("known") == "v2"
+    until(lambda: len(reads) == 3)  # failed: served on
+    until(lambda: not cache._reading)
+    assert cache.get("known") == "v2"
+
+    time.sleep(0.45)  # not asked for meanwhile: past its time, read before it is served
+    store = {"known": "v3"}
+    assert not cache.answers_without_io("known")
+    assert cache.get("known") == "v3" and len(reads) == 4
+
+
 def test_a_flood_of_unknown_keys_costs_one_list_query_a_second_not_one_each():
     """Made-up site ids on /api/event (no key needed) or made-up API keys: past MISSES_PER_S
     unknown keys a second, the list of keys that exist answers; a key that exists is still
