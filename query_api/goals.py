@@ -5,18 +5,19 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from clickhouse_connect.driver.client import Client
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, model_validator
 
 from ingest.event import MAX_SITE_ID, EventName, PagePath
 from query_api import stats
-from query_api.deps import Ctx, Integer, Key, SiteId, cached_json, readable_site
+from query_api.deps import Ctx, Integer, Key, SiteId, cached_json, readable_site, shared_json
 from query_api.errors import APIError
 from query_api.models import GoalCreated, GoalsResponse, Name
-from query_api.periods import percent, stats_period
+from query_api.periods import Period, percent, stats_period
 from query_api.stats import From, PeriodName, To
-from streams.goals import Goal
+from streams.goals import Goal, GoalRegistry
 
 router = APIRouter(tags=["goals"])
 
@@ -56,19 +57,23 @@ def list_goals(request: Request, ctx: Ctx, key: Key, site_id: SiteId, period: Pe
     conversion_rate (converted visitors of all the period's visitors, percent)."""
     site = readable_site(ctx, key, site_id)
     span = stats_period(ctx.client, period, site.timezone, from_, to)
-    goals = ctx.goals.for_site(site.site_id)
+    return shared_json(request, site, goals_with_stats, ctx.client, ctx.goals, site.site_id, span, limit, data=True)
+
+
+def goals_with_stats(client: Client, registry: GoalRegistry, site_id: str, span: Period, limit: int | None) -> list:
+    goals = registry.for_site(site_id)
     # Only live goals: a deleted goal's rows linger until its delete mutations have run.
     converted = {goal_id: (visitors, events) for goal_id, visitors, events, _ in
-                 stats.breakdown(ctx.client, site.site_id, span, "goal", "value IN %(live)s", len(goals),
+                 stats.breakdown(client, site_id, span, "goal", "value IN %(live)s", len(goals),
                                  live=tuple(goal.goal_id for goal in goals))} if goals else {}
-    all_visitors = stats.totals(ctx.client, site.site_id, span)["visitors"] if goals else 0
+    all_visitors = stats.totals(client, site_id, span)["visitors"] if goals else 0
     data = []
     for goal in goals:
         visitors, conversions = converted.get(goal.goal_id, (0, 0))
         data.append({**_describe(goal), "visitors": visitors, "conversions": conversions,
                      "conversion_rate": percent(visitors, all_visitors)})
     data.sort(key=lambda row: (-row["visitors"], row["name"], row["id"]))
-    return cached_json(request, {"data": data[:limit]})
+    return data[:limit]
 
 
 @router.post("/goals", response_model=GoalCreated, status_code=201, response_model_exclude_none=True)
