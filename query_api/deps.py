@@ -105,11 +105,11 @@ _ANSWERS = InFlight()
 
 
 def shared_json(request: Request, site: Site, compute: Callable[..., Any], *args: Any, data: bool = False) -> Response:
-    """`cached_json` of `compute(*args)` (under "data" with `data`), computed once for identical
-    questions asked at once (query_api/coalescing.py): the same computation and arguments, of the
-    same site (a site deleted and created again with its id is another). For reads of events
-    only: a question whose answer a request to this API changes (goals, funnels, sites) must see
-    that change, and could get a computation begun before it."""
+    """`cached_json` of `compute(*args)` (under "data" with `data`), a computation shared by
+    identical questions asked at once (query_api/coalescing.py): the same computation and
+    arguments, of the same site (a site deleted and created again with its id is another).
+    `compute` reads what else it needs (a site's goals) itself: read before, it could be older
+    than the computation."""
     def body() -> bytes:
         answer = compute(*args)
         return orjson.dumps({"data": answer} if data else answer)
