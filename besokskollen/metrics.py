@@ -29,7 +29,7 @@ ROWS_WRITTEN = Counter("bk_rows_written_total", "Rows the stream core wrote, by 
 QUERY_SECONDS = Histogram("bk_query_seconds", "Query API response time, by endpoint", ["endpoint"],
                           buckets=(0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 ANSWERS_SHARED = Counter("bk_query_answers_shared_total",
-                         "Query API answers computed once for identical questions asked at the same time")
+                         "Query API answers shared with identical questions asked at the same time")
 RATE_LIMITED = Counter("bk_rate_limited_total", "Requests answered 429, by bucket kind", ["bucket"])
 
 
