@@ -92,8 +92,9 @@ class ReadThroughCache(Generic[K, V]):
 
     def _start_reading_ahead(self, key: K) -> None:
         """Read the key again on a thread of its own if it is past half its time. While that read
-        runs (on a hung ClickHouse, its timeout), callers get the value as last read, also past
-        its time."""
+        runs (on a hung ClickHouse, its timeout), callers get every value as last read, also past
+        its time (`_read_by_another`): the read is asking the database for them all, the ones it
+        takes along, and it says soon whether the database answers (if not, all are served on)."""
         hit = self._hits.get(key)
         if hit is None or self._reading_ahead or time.monotonic() - hit[1] <= self._hit_ttl_s / 2:
             return
@@ -117,20 +118,25 @@ class ReadThroughCache(Generic[K, V]):
                 self._reading_ahead = False
 
     def _read_by_another(self, key: K) -> V | None:
-        """The key's value as last read, while another caller reads it again."""
+        """The key's value as last read, while another caller reads it again, or while the cache
+        reads ahead."""
         hit = self._hits.get(key)
-        return hit[0] if hit is not None and key in self._reading else None
+        return hit[0] if hit is not None and (self._reading_ahead or key in self._reading) else None
 
     def _read_again_or_anew(self, key: K) -> V | None:
         changes = self._changes
         try:
             value = self._read(key)
         except Exception as exc:
+            # The database cannot be read: every value read before is served on, and asked for
+            # again a few seconds later, not by each next caller (an audit: with only this key
+            # served on, the other sites' reads, due one after another, each held a request).
             with self._lock:
+                now = time.monotonic()
+                self._hits = {k: (value, now) for k, (value, _) in self._hits.items()}
                 if (stale := self._hits.get(key)) is None:
                     raise
-                self._hits[key] = (stale[0], time.monotonic())  # not asked again at once
-            log.warning("cannot read %r (%s); serving it as last read", key, exc)
+            log.warning("cannot read %r (%s); serving it and every other value as last read", key, exc)
             return stale[0]
         if value is None:
             self._note_miss(key, changes)

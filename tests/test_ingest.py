@@ -348,6 +348,52 @@ def test_a_row_asked_for_is_read_again_ahead_of_its_time_by_a_thread_of_its_own(
     assert cache.get("known") == "v3" and len(reads) == 4
 
 
+def test_while_the_cache_reads_ahead_on_a_hung_database_no_request_waits_for_any_row():
+    """Many sites in use on a hung ClickHouse: while the read ahead hangs, every row is served as
+    last read, also those past their time that it does not read; once it fails, all are served on
+    for another while. An audit found requests for the other sites waiting 1–2 s each, their rows
+    read one after another by the requests themselves."""
+    import threading
+
+    hung, release, reads = threading.Event(), threading.Event(), []
+
+    def load_many(keys):
+        reads.append(list(keys))
+        if hung.is_set():
+            release.wait(10)
+            raise TimeoutError("ClickHouse does not answer")
+        return {key: f"row of {key}" for key in keys}
+
+    keys = [f"site-{n}" for n in range(5)]
+    cache = ReadThroughCache(lambda key: load_many([key]).get(key), hit_ttl_s=0.4, load_many=load_many,
+                             read_ahead=True)
+    assert cache.get_many(keys) == {key: f"row of {key}" for key in keys}
+    for key in keys:
+        cache.get(key)
+    hung.set()
+    time.sleep(0.25)
+    cache._hits["site-4"] = ("row of site-4", time.monotonic())  # fresh as the read ahead starts: not in it
+    assert cache.get("site-0") == "row of site-0"  # past half: the read ahead starts, and hangs
+    deadline = time.monotonic() + 10
+    while len(reads) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert "site-4" not in reads[1]
+    time.sleep(0.45)  # every row past its time
+    served = []
+    asking = threading.Thread(target=lambda: served.extend(cache.get(key) for key in keys))
+    asking.start()
+    asking.join(5)
+    assert not asking.is_alive() and served == [f"row of {key}" for key in keys]  # none waited for a read
+    assert all(cache.answers_without_io(key) for key in keys) and len(reads) == 2
+    release.set()
+    while cache._reading_ahead:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert all(cache.answers_without_io(key) for key in keys)  # failed: all served on
+    assert [cache.get(key) for key in keys] == served and len(reads) == 2
+
+
 def test_a_flood_of_unknown_keys_costs_one_list_query_a_second_not_one_each():
     """Made-up site ids on /api/event (no key needed) or made-up API keys: past MISSES_PER_S
     unknown keys a second, the list of keys that exist answers; a key that exists is still
