@@ -12,7 +12,9 @@ last read rather than read it too: on a hung ClickHouse each read waits out its 
 thread of ingest's pool did, answering nothing for 4 s in every 9 (an audit, 2026-12-05).
 With `read_ahead`, a value asked for past half its time is read again by a thread of the
 cache's own, so no request waits for that read (the one that did waited ~4 s on a hung
-ClickHouse); a value not asked for then is read when next asked, as without.
+ClickHouse); while that read runs every value is served as last read, and a read that fails
+serves every value on for another while. A value not asked for in its second half is read when
+next asked, before it is served, as without.
 
 With `load_many` (a query for many keys at once), a key read again takes along every other value
 past half its time that was asked for in the last TAKEN_ALONG_IF_USED_S, and `get_many` reads
@@ -102,7 +104,6 @@ class ReadThroughCache(Generic[K, V]):
             if self._reading_ahead or key in self._reading:
                 return
             self._reading_ahead = True
-            self._reading.add(key)
         # Not a daemon: the interpreter waits for the read (bounded by the client's timeouts) rather
         # than end under it while the embedded ClickHouse is closed.
         threading.Thread(target=self._read_ahead_of_time, args=(key,), name="read-ahead").start()
@@ -113,9 +114,7 @@ class ReadThroughCache(Generic[K, V]):
         except Exception as exc:  # noqa: BLE001 - the row was forgotten meanwhile: its next get reads it
             log.debug("reading %r ahead failed: %s", key, exc)
         finally:
-            with self._lock:
-                self._reading.discard(key)
-                self._reading_ahead = False
+            self._reading_ahead = False
 
     def _read_by_another(self, key: K) -> V | None:
         """The key's value as last read, while another caller reads it again, or while the cache
@@ -133,7 +132,7 @@ class ReadThroughCache(Generic[K, V]):
             # served on, the other sites' reads, due one after another, each held a request).
             with self._lock:
                 now = time.monotonic()
-                self._hits = {k: (value, now) for k, (value, _) in self._hits.items()}
+                self._hits = {k: (v, now) for k, (v, _) in self._hits.items()}
                 if (stale := self._hits.get(key)) is None:
                     raise
             log.warning("cannot read %r (%s); serving it and every other value as last read", key, exc)

@@ -339,7 +339,7 @@ def test_a_row_asked_for_is_read_again_ahead_of_its_time_by_a_thread_of_its_own(
     store = None
     assert cache.get("known") == "v2"
     until(lambda: len(reads) == 3)  # failed: served on
-    until(lambda: not cache._reading)
+    until(lambda: not cache._reading_ahead)
     assert cache.get("known") == "v2"
 
     time.sleep(0.45)  # not asked for meanwhile: past its time, read before it is served
