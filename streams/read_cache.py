@@ -135,7 +135,7 @@ class ReadThroughCache(Generic[K, V]):
                 self._hits = {k: (v, now) for k, (v, _) in self._hits.items()}
                 if (stale := self._hits.get(key)) is None:
                     raise
-            log.warning("cannot read %r (%s); serving it and every other value as last read", key, exc)
+            log.warning("cannot read %r (%s); serving it as last read, and every other value too", key, exc)
             return stale[0]
         if value is None:
             self._note_miss(key, changes)

@@ -60,7 +60,13 @@ class Site:
     domain: str
     name: str
     timezone: str
-    created_at: datetime  # in ms (what ClickHouse stores), read back without a timezone: UTC
+    created_at: datetime  # in ms (what ClickHouse stores), UTC
+
+    def __post_init__(self) -> None:
+        # Read back from ClickHouse without a timezone: made aware, so a site read equals the
+        # same site as created here (a read ahead replaced one with the other under a caller).
+        if self.created_at.tzinfo is None:
+            object.__setattr__(self, "created_at", self.created_at.replace(tzinfo=timezone.utc))
 
     @property
     def incarnation(self) -> int:
@@ -81,7 +87,7 @@ T = TypeVar("T")
 
 
 def _incarnation(created_at: datetime) -> int:
-    created = created_at if created_at.tzinfo else created_at.replace(tzinfo=timezone.utc)  # read back naive
+    created = created_at if created_at.tzinfo else created_at.replace(tzinfo=timezone.utc)  # read back naive (rows)
     return (created - _EPOCH) // timedelta(milliseconds=1)
 
 
