@@ -14,7 +14,9 @@ computations, and each waits at most for the rest of one and the whole of the ne
 
 A computation's error reaches each question that shared it as an error of its own: the same
 class, message and cause, with that request's traceback alone (raised again as one object, it
-gathered every waiter's frames: a herd of 40 logged 4.5 MB and held the event loop 0.37 s).
+gathered every waiter's frames: a herd of 40 logged 4.5 MB and held the event loop 0.37 s). An
+error of the computation under way also answers the questions waiting for the next: it happened
+after they were asked, and on a hung ClickHouse asking again would double their wait.
 A question that waits holds its request thread, as it would computing."""
 
 from __future__ import annotations
@@ -66,6 +68,13 @@ class InFlight:
             wait([before])
             with self._lock:
                 question.running, question.next = mine, None
+            # The one under way failed while these questions waited: so do they, without asking
+            # again. On a hung ClickHouse, each would otherwise wait out a second timeout (30 s)
+            # after the first; an error is no stale answer.
+            if (failure := before.exception()) is not None and (own := _copy_of(failure)) is not None:
+                self._done(key, question)
+                mine.set_exception(failure)
+                raise own
         try:
             result = compute()
         except BaseException as exc:
