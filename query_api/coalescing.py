@@ -21,6 +21,7 @@ A question that waits holds its request thread, as it would computing."""
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, wait
@@ -44,8 +45,9 @@ class InFlight:
         self._questions: dict[Hashable, _Question] = {}
 
     def run(self, key: Hashable, compute: Callable[[], T]) -> T:
-        """`compute()`, or the result of a computation under `key` that started after this call.
-        Called from request threads (the API's handlers are synchronous)."""
+        """`compute()`, or the result of a computation under `key` that started after this call
+        (or the error of one that ended after it). Called from request threads (the API's
+        handlers are synchronous)."""
         mine: Future | None = Future()
         with self._lock:
             question = self._questions.get(key)
@@ -61,49 +63,56 @@ class InFlight:
             metrics.ANSWERS_SHARED.inc()
             if (failure := shared.exception()) is None:
                 return shared.result()
-            if (own := _copy_of(failure)) is None:
-                return compute()
-            raise own
+            raise _copy_of(failure)
         if before is not None:
             wait([before])
+            # The one under way failed while these questions waited: so do they, without asking
+            # again (on a hung ClickHouse, each would wait out a second timeout after the first).
+            # Its end took them off the question (`_done`): those asked since start afresh.
+            if (failure := before.exception()) is not None:
+                mine.set_exception(failure)
+                raise _copy_of(failure)
             with self._lock:
                 question.running, question.next = mine, None
-            # The one under way failed while these questions waited: so do they, without asking
-            # again. On a hung ClickHouse, each would otherwise wait out a second timeout (30 s)
-            # after the first; an error is no stale answer.
-            if (failure := before.exception()) is not None and (own := _copy_of(failure)) is not None:
-                self._done(key, question)
-                mine.set_exception(failure)
-                raise own
         try:
             result = compute()
         except BaseException as exc:
-            self._done(key, question)
+            self._done(key, question, failed=True)
             mine.set_exception(exc)
             raise
         self._done(key, question)
         mine.set_result(result)
         return result
 
-    def _done(self, key: Hashable, question: _Question) -> None:
-        """Before the waiters are answered: the next computation may start at once."""
+    def _done(self, key: Hashable, question: _Question, failed: bool = False) -> None:
+        """Before the waiters are answered: the next computation may start at once. After a
+        failure the questions waiting for the next get that failure (`run`), and any question
+        asked from now on starts a computation of its own: none gets an error older than itself
+        (a failure counts from here; one asked between the raise and this lock may get it)."""
         with self._lock:
             question.running = None
-            if question.next is None:
+            if failed:
+                question.next = None
+            if question.next is None and self._questions.get(key) is question:
                 del self._questions[key]
 
 
-def _copy_of(exc: BaseException) -> BaseException | None:
-    """Another exception like `exc`: its class, arguments, attributes and cause, without its
-    traceback (the raise gives it the raiser's). Made without `__init__`, which may want other
-    arguments than `args` holds (APIError). None if the class does not allow it."""
+def _copy_of(exc: BaseException) -> BaseException:
+    """Another exception like `exc`, without its traceback (the raise gives it the raiser's):
+    a shallow copy, or, for a class whose `__init__` wants other arguments than `args` holds
+    (APIError), one made with `__new__` and given its arguments, attributes and cause. `exc`
+    itself if neither can be made."""
     try:
-        twin = type(exc).__new__(type(exc), *exc.args)
-        twin.args = exc.args
-        if hasattr(exc, "__dict__"):
-            twin.__dict__.update(exc.__dict__)
-    except Exception:  # noqa: BLE001 - the caller computes on its own instead
-        return None
+        twin = copy.copy(exc)
+    except Exception:  # noqa: BLE001 - made without __init__ below
+        try:
+            twin = type(exc).__new__(type(exc), *exc.args)
+            twin.args = exc.args
+            if hasattr(exc, "__dict__"):
+                twin.__dict__.update(exc.__dict__)
+        except Exception:  # noqa: BLE001 - raised as it is, tracebacks and all
+            return exc
+    twin.__traceback__ = None
     twin.__cause__, twin.__context__ = exc.__cause__, exc.__context__
     twin.__suppress_context__ = exc.__suppress_context__
     return twin

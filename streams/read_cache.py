@@ -77,8 +77,9 @@ class ReadThroughCache(Generic[K, V]):
             return value
         if self._fresh_miss(key):
             return None
+        changes = self._changes
         if self._flooded() and not self._among_known(key):
-            self._note_miss(key)
+            self._note_miss(key, changes)  # not over a `put` made while the list was read
             return None
         with self._lock:
             if (stale := self._read_by_another(key)) is not None:
@@ -106,7 +107,11 @@ class ReadThroughCache(Generic[K, V]):
             self._reading_ahead = True
         # Not a daemon: the interpreter waits for the read (bounded by the client's timeouts) rather
         # than end under it while the embedded ClickHouse is closed.
-        threading.Thread(target=self._read_ahead_of_time, args=(key,), name="read-ahead").start()
+        try:
+            threading.Thread(target=self._read_ahead_of_time, args=(key,), name="read-ahead").start()
+        except RuntimeError as exc:  # no thread to be had: the value is read when due, as without
+            self._reading_ahead = False
+            log.warning("cannot read %r ahead (%s)", key, exc)
 
     def _read_ahead_of_time(self, key: K) -> None:
         try:

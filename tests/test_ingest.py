@@ -394,6 +394,65 @@ def test_while_the_cache_reads_ahead_on_a_hung_database_no_request_waits_for_any
     assert [cache.get(key) for key in keys] == served and len(reads) == 2
 
 
+def test_a_read_ahead_without_a_thread_to_run_on_leaves_the_cache_as_it_was(monkeypatch):
+    """A thread that cannot be started ("can't start new thread") raised out of `get` and left
+    the cache reading ahead for good: every value served on past its time, never read again (a
+    fuzzer). Now the value is read when due, as without reading ahead."""
+    import threading
+
+    store, reads = {"known": "v1"}, []
+    cache = ReadThroughCache(lambda key: reads.append(key) or store.get(key), miss_ttl_s=0, hit_ttl_s=1.0,
+                             read_ahead=True)
+    assert cache.get("known") == "v1"
+    time.sleep(0.6)  # past half its time
+    start = threading.Thread.start
+
+    def refused(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    assert cache.get("known") == "v1" and not cache._reading_ahead
+    monkeypatch.setattr(threading.Thread, "start", start)
+    store["known"] = "v2"
+    time.sleep(0.5)  # past its time
+    assert cache.get("known") == "v2" and reads == ["known", "known"]
+
+
+def test_a_put_while_a_flooded_cache_reads_its_key_list_is_kept():
+    """Under a flood of made-up keys, a key missing from the list of keys (read as the flood
+    began) was noted a miss, and that took away a value `put` meanwhile (an API key created
+    here while made-up keys flooded in: refused for a second). Found by a fuzzer."""
+    import threading
+
+    from streams import read_cache
+
+    store, listing, put_done = {}, threading.Event(), threading.Event()
+
+    def known():
+        keys = list(store)
+        if listing.is_set():
+            put_done.wait(10)  # the put lands while the list is read
+        return keys
+
+    cache = ReadThroughCache(store.get, known=known)
+    for i in range(read_cache.MISSES_PER_S + 2):
+        cache.get(f"made-up-{i}")
+    # Flooded this second, and the list of keys due (set here: waiting a second for it on a busy
+    # machine could outlast the flood's second)
+    cache._miss_second, cache._misses_in_second = int(time.monotonic()), read_cache.MISSES_PER_S + 1
+    cache._known = (cache._known[0], time.monotonic() - 10)
+    assert cache._flooded()
+    listing.set()
+    racing = threading.Thread(target=cache.get, args=("new-key",))
+    racing.start()
+    time.sleep(0.05)
+    store["new-key"] = "created here"
+    cache.put("new-key", "created here")
+    put_done.set()
+    racing.join(10)
+    assert cache.get("new-key") == "created here"
+
+
 def test_a_flood_of_unknown_keys_costs_one_list_query_a_second_not_one_each():
     """Made-up site ids on /api/event (no key needed) or made-up API keys: past MISSES_PER_S
     unknown keys a second, the list of keys that exist answers; a key that exists is still
