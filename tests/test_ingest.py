@@ -12,7 +12,7 @@ from starlette.requests import ClientDisconnect, Request
 from ingest.app import BodyTooSlow, read_body
 from ingest.spool import SpoolFull, SpoolUnwritable
 from streams.read_cache import ReadThroughCache
-from tests.conftest import BROWSER
+from tests.conftest import BROWSER, wait_until
 from tests.traffic import Traffic
 
 
@@ -315,31 +315,25 @@ def test_a_row_asked_for_is_read_again_ahead_of_its_time_by_a_thread_of_its_own(
             raise ConnectionError("ClickHouse is restarting")
         return store.get(key)
 
-    def until(condition) -> None:
-        deadline = time.monotonic() + 10
-        while not condition():
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-
     cache = ReadThroughCache(load, miss_ttl_s=0, hit_ttl_s=0.4, read_ahead=True)
     assert cache.get("known") == "v1" and reads == ["known"]
     assert cache.get("known") == "v1" and reads == ["known"]  # not half its time yet: no read
     time.sleep(0.25)
     store["known"] = "v2"
     assert cache.get("known") == "v1"  # answered at once, the read goes on in the background
-    until(lambda: len(reads) == 2)
+    wait_until(lambda: len(reads) == 2, 10, "the read ahead", 0.005)
     time.sleep(0.2)  # past its time, the read still hanging
     assert cache.answers_without_io("known")
     assert [cache.get("known") for _ in range(3)] == ["v1"] * 3 and len(reads) == 2
     release.set()
-    until(lambda: cache.get("known") == "v2")
+    wait_until(lambda: cache.get("known") == "v2", 10, "the read ahead", 0.005)
     assert len(reads) == 2
 
     time.sleep(0.25)
     store = None
     assert cache.get("known") == "v2"
-    until(lambda: len(reads) == 3)  # failed: served on
-    until(lambda: not cache._reading_ahead)
+    wait_until(lambda: len(reads) == 3, 10, "the read ahead", 0.005)  # failed: served on
+    wait_until(lambda: not cache._reading_ahead, 10, "the read ahead", 0.005)
     assert cache.get("known") == "v2"
 
     time.sleep(0.45)  # not asked for meanwhile: past its time, read before it is served
@@ -374,10 +368,7 @@ def test_while_the_cache_reads_ahead_on_a_hung_database_no_request_waits_for_any
     time.sleep(0.25)
     cache._hits["site-4"] = ("row of site-4", time.monotonic())  # fresh as the read ahead starts: not in it
     assert cache.get("site-0") == "row of site-0"  # past half: the read ahead starts, and hangs
-    deadline = time.monotonic() + 10
-    while len(reads) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until(lambda: len(reads) == 2, 10, "the read ahead", 0.005)
     assert "site-4" not in reads[1]
     time.sleep(0.45)  # every row past its time
     served = []
@@ -387,9 +378,7 @@ def test_while_the_cache_reads_ahead_on_a_hung_database_no_request_waits_for_any
     assert not asking.is_alive() and served == [f"row of {key}" for key in keys]  # none waited for a read
     assert all(cache.answers_without_io(key) for key in keys) and len(reads) == 2
     release.set()
-    while cache._reading_ahead:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until(lambda: not cache._reading_ahead, 10, "the read ahead to fail", 0.005)
     assert all(cache.answers_without_io(key) for key in keys)  # failed: all served on
     assert [cache.get(key) for key in keys] == served and len(reads) == 2
 

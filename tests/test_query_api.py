@@ -11,14 +11,13 @@ import uuid
 from collections import Counter
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import ROUND_HALF_UP, Decimal
-from time import monotonic, sleep
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from ingest.event import Event
 from streams.core import StreamCore
-from tests.conftest import BROWSER
+from tests.conftest import BROWSER, wait_until
 
 CACHE_CONTROL = "public, max-age=1800, stale-while-revalidate=3600, stale-if-error=86400"
 API = "/api/v1"
@@ -176,13 +175,6 @@ async def test_etag_changes_when_the_data_does(client, embedded, site):
     assert after.json()["data"]["pageviews"] == 1
 
 
-def _wait_for(condition, timeout_s: float = 10.0) -> None:
-    deadline = monotonic() + timeout_s
-    while not condition():
-        assert monotonic() < deadline, "timed out"
-        sleep(0.005)
-
-
 def test_identical_questions_asked_at_once_share_a_computation_begun_after_they_were_asked():
     """Questions asked while the same question is computed wait for the next computation, which
     they share and which reads what was written before they were asked (an import, then a read:
@@ -215,10 +207,11 @@ def test_identical_questions_asked_at_once_share_a_computation_begun_after_they_
             calls.clear()
             store["rows"], before = 1, shared()
             first = pool.submit(flight.run, "q", lambda: compute(fail))
-            _wait_for(lambda: calls == [("start", 1)])
+            wait_until(lambda: calls == [("start", 1)], 10, "the first computation", 0.005)
             store["rows"] = 2  # written after the first computation read
             later = [pool.submit(flight.run, "q", lambda: compute(fail)) for _ in range(6)]
-            _wait_for(lambda: shared() == before + 5)  # one waits to compute next, five share it
+            # one waits to compute next, five share it
+            wait_until(lambda: shared() == before + 5, 10, "five sharing", 0.005)
             assert flight.run("another", lambda: "not held up") == "not held up"
             release.set()
             if fail == "first":
@@ -270,7 +263,8 @@ async def test_identical_stats_requests_at_once_share_computations(client, embed
     requests = asyncio.gather(*(client.get(url) for _ in range(6)),
                               client.get(f"{API}/stats/overview?site_id={site['id']}&period=30d"))
     # one computes, one waits to compute next, four share that; the 30 days have their own
-    await asyncio.to_thread(_wait_for, lambda: len(periods) == 2 and metrics.ANSWERS_SHARED._value.get() == before + 4)
+    await asyncio.to_thread(wait_until, lambda: len(periods) == 2 and metrics.ANSWERS_SHARED._value.get() == before + 4,
+                            10, "two computations and four sharing", 0.005)
     release.set()
     *same, month = await requests
     assert sorted(periods) == [7, 7, 30]
@@ -296,12 +290,13 @@ async def test_a_question_asked_after_a_write_is_not_answered_by_a_computation_b
     monkeypatch.setattr(goals, "goals_with_stats", held)
     url = f"{API}/goals?site_id={site['id']}"
     before = asyncio.ensure_future(client.get(url))
-    await asyncio.to_thread(_wait_for, lambda: deps._ANSWERS._questions)
+    await asyncio.to_thread(wait_until, lambda: deps._ANSWERS._questions, 10, "the first computation", 0.005)
     created = await client.post(f"{API}/goals", json={"site_id": site["id"], "name": "Köp", "event_type": "event",
                                                       "match_event": "purchase"})
     assert created.status_code == 201, created.text
     after = asyncio.ensure_future(client.get(url))
-    await asyncio.to_thread(_wait_for, lambda: any(q.next for q in deps._ANSWERS._questions.values()))
+    await asyncio.to_thread(wait_until, lambda: any(q.next for q in deps._ANSWERS._questions.values()), 10,
+                            "the next computation", 0.005)
     release.set()
     assert (await before).json()["data"] == []
     assert [g["name"] for g in (await after).json()["data"]] == ["Köp"]

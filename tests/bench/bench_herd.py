@@ -24,6 +24,9 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import http_ok, wait_until  # noqa: E402
 KEY = "bk_benchherd_0123456789abcdef0123"
 SITE = "mobildelar-se"
 ENDPOINTS = {
@@ -39,15 +42,13 @@ def start(checkout: Path, data: Path, port: int, demo: bool = False) -> subproce
     process = subprocess.Popen([sys.executable, "-m", "besokskollen", "up", "--data", str(data), "--port", str(port),
                                 *(["--demo"] if demo else [])], cwd=checkout, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}/readyz"], check=True)
-            return process
-        except subprocess.CalledProcessError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"up from {checkout} did not start") from None
-            time.sleep(0.5)
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise SystemExit(f"up from {checkout} exited with {process.returncode}")
+        return http_ok(f"http://127.0.0.1:{port}/readyz")
+
+    wait_until(ready, 300, f"up from {checkout}", 0.5)
+    return process
 
 
 def stop(process: subprocess.Popen) -> None:
