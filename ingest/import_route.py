@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from besokskollen.config import Settings
 from ingest import importer
-from ingest.app import BodyTooSlow, read_body
+from ingest.bodies import BodyTooSlow, read_body
 from ingest.event import Event, utcnow
 from ingest.handoff import Handoff
 from ingest.spool import RETRY_AFTER_S, SpoolFull, SpoolRefused

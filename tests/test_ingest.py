@@ -9,7 +9,7 @@ import orjson
 import pytest
 from starlette.requests import ClientDisconnect, Request
 
-from ingest.app import BodyTooSlow, read_body
+from ingest.bodies import BodyTooSlow, read_body
 from ingest.spool import SpoolFull, SpoolUnwritable
 from streams.read_cache import ReadThroughCache
 from tests.conftest import BROWSER, wait_until
@@ -111,6 +111,41 @@ async def test_a_body_that_trickles_in_is_cut_at_its_deadline():
         await read_body(request, 16_384, deadline_s=0.3)
 
 
+async def test_a_body_deadline_cancels_only_its_own_read():
+    """Body deadlines are kept by a sweep that cancels the reading task, as `asyncio.timeout` does
+    (ingest/app.py `_BodyDeadlines`): a task cut at its deadline goes on uncancelled, and a
+    cancellation from elsewhere while it reads stays a cancellation."""
+    import asyncio
+
+    from ingest import bodies
+
+    async def never() -> dict:
+        await asyncio.Event().wait()
+
+    def request() -> Request:
+        return Request({"type": "http", "method": "POST", "path": "/api/event", "headers": []}, never)
+
+    with pytest.raises(BodyTooSlow):
+        await read_body(request(), 16_384, deadline_s=0.1)
+    assert asyncio.current_task().cancelling() == 0
+    await asyncio.sleep(0.01)  # not cancelled again
+
+    reader = asyncio.create_task(read_body(request(), 16_384, deadline_s=10))
+    await asyncio.sleep(0.05)
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+
+    # Cancelled from elsewhere as its deadline expires: the cancellation wins.
+    reader = asyncio.create_task(read_body(request(), 16_384, deadline_s=0.01))
+    await asyncio.sleep(0.05)
+    bodies._deadlines._sweep(asyncio.get_running_loop())
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert not bodies._deadlines._due and not bodies._deadlines._expired
+
+
 async def test_a_trickling_event_is_answered_408_and_its_connection_closed(embedded, monkeypatch):
     """Kept open after the 408, the connection went on taking the rest of the body as slowly as
     the client sent it (an audit's was open 130 s later)."""
@@ -147,6 +182,36 @@ async def test_bots_are_accepted_and_dropped_visibly(client, site, headers):
     response = await post(client, pageview(site), **headers)
     assert response.status_code == 202
     assert response.headers["x-dropped"] == "bot"
+
+
+async def test_each_step_of_an_event_is_timed_and_counts_the_requests_that_got_to_it(client, site, monkeypatch):
+    """`/api/event` runs as named steps, each timed (one request in TIME_EVERY; here every one):
+    a request refused or dropped by a step runs no later one, and the drops count by reason."""
+    from ingest import app as ingest_app
+
+    monkeypatch.setattr(ingest_app, "TIME_EVERY", 1)
+
+    async def scraped() -> dict[str, float]:
+        text = (await client.get("/metrics")).text
+        return {name: float(value) for name, _, value in
+                (line.rpartition(" ") for line in text.splitlines() if line.startswith("bk_event"))}
+
+    before = await scraped()
+    assert (await post(client, pageview(site))).status_code == 202
+    assert (await post(client, pageview(site), **{"user-agent": "Mozilla/5.0 (compatible; bingbot/2.0)"})).headers[
+        "x-dropped"] == "bot"
+    assert (await post(client, pageview(site), **{"sec-purpose": "prefetch;prerender"})).headers["x-dropped"] == "bot"
+    assert (await post(client, b"{not json")).status_code == 400
+    assert (await post(client, pageview("no-such-site"))).status_code == 404
+    after = await scraped()
+
+    def moved(series: str) -> float:
+        return after.get(series, 0.0) - before.get(series, 0.0)
+
+    steps = ingest_app.EventSteps.ORDER
+    assert [moved(f'bk_event_steps_total{{step="{step}"}}') for step in steps] == [5, 5, 4, 3, 1, 1, 1]
+    assert all(moved(f'bk_event_step_seconds_total{{step="{step}"}}') > 0 for step in steps)
+    assert moved('bk_events_dropped_total{reason="bot"}') == moved('bk_events_dropped_total{reason="prefetch"}') == 1
 
 
 async def test_a_long_user_agent_is_judged_by_its_start(client, site, monkeypatch):
