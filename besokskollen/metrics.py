@@ -25,6 +25,8 @@ EVENTS_OF_DELETED_SITES = Counter("bk_events_of_deleted_sites_total",
                                   " and created again with the id since ingest took them)")
 BATCH_SECONDS = Histogram("bk_stream_batch_seconds", "Time to process one batch in the stream core",
                           buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+STAGE_SECONDS = Counter("bk_stream_stage_seconds", "Time the stream core spent in each stage of its batches",
+                        ["stage"])
 CONSUMER_LAG = Gauge("bk_consumer_lag", "Events in a partition not yet processed by the group", ["partition"])
 ROWS_WRITTEN = Counter("bk_rows_written_total", "Rows the stream core wrote, by table", ["table"])
 QUERY_SECONDS = Histogram("bk_query_seconds", "Query API response time, by endpoint", ["endpoint"],

@@ -88,6 +88,7 @@ class StreamCore:
         # partitions mid-batch, beyond the rebalance timeout) writes rows older than those of a
         # batch that read after it, and under FINAL the later reader's rows win.
         version = time.time_ns()
+        clock = time.perf_counter()
         # Keyed by (site_id, event_id): imported ids are stored as given, and one site's copy of
         # an id must not stand for (or drop) another site's.
         by_id = raw_events.first_arrivals(batch)
@@ -127,7 +128,9 @@ class StreamCore:
             days[visitor] |= {stored_as[(visitor[0], event_id)].timestamp.date() for event_id in event_ids}
         for owner in replaced:  # the copy to replace is read with its visitor's history
             days[owner[:2]].add(owner.timestamp.date())
+        clock = _stage("ids", clock)
         stored = self._history(days)
+        clock = _stage("history", clock)
 
         # The stored rows of events moving to another visitor are deleted too (with those an
         # earlier copy replaces, `_visitor`): a moved event's new row has the same key, but until
@@ -146,13 +149,18 @@ class StreamCore:
         # the site would write them for the new one: asked again here, in front of the writes.
         if still_current is not None and not still_current():
             raise BatchChanged
+        clock = _stage("derive", clock)
         sessions.write(self._client, changes.sessions, changes.dead_sessions, version)
+        clock = _stage("sessions", clock)
         activity.write(self._client, changes.activity, changes.dead_activity, version)
+        clock = _stage("activity", clock)
         rollups.rebuild(self._client, changes.rollup_keys)
+        clock = _stage("rollups", clock)
         # Killed after this and before the commit point, the redelivered batch finds neither copy
         # stored and derives what this one wrote.
         raw_events.delete(self._client, sorted(changes.superseded))
         raw_events.write(self._client, self._not_taken_meanwhile(changes.events), version)  # the commit point
+        _stage("raw_events", clock)
         for table, rows in (("sessions", len(changes.sessions) + len(changes.dead_sessions)),
                             ("activity", len(changes.activity) + len(changes.dead_activity)),
                             ("rollup_keys", len(changes.rollup_keys)), ("events", len(changes.events))):
@@ -312,6 +320,13 @@ class StreamCore:
         for e in ever:
             rows_seen.update(activity.activity([e], (), goals))
         return sessions_seen, rows_seen
+
+
+def _stage(name: str, started: float) -> float:
+    """Add the time since `started` to the stage's (`bk_stream_stage_seconds_total`); returns now."""
+    now = time.perf_counter()
+    metrics.STAGE_SECONDS.labels(name).inc(now - started)
+    return now
 
 
 def _out_of_time_order(events) -> bool:

@@ -192,7 +192,9 @@ def test_up_serves_health_and_metrics_that_move(tmp_path):
     for series in ("bk_events_accepted_total", 'bk_events_dropped_total{reason="bot"}',
                    'bk_events_rejected_total{status="400"}', 'bk_rows_written_total{table="events"}',
                    'bk_query_seconds_count{endpoint="GET /stats/overview"}', "bk_stream_events_total",
-                   "bk_stream_batch_seconds_count"):
+                   "bk_stream_batch_seconds_count",
+                   *(f'bk_stream_stage_seconds_total{{stage="{stage}"}}' for stage in (
+                       "ids", "history", "derive", "sessions", "activity", "rollups", "raw_events"))):
         assert moved(before, after, series), series
 
 
