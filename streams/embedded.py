@@ -58,8 +58,9 @@ class EmbeddedRunner:
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None  # while running
         self._recovered = False
-        self._waiting: list[Record] = []  # to journal at the end of this turn
-        self._appended: asyncio.Future[list[int]] | None = None
+        # (events, incarnation, when taken) to journal and queue at the end of this turn
+        self._waiting: list[tuple[Sequence[Event], int | None, int]] = []
+        self._appended: asyncio.Future[None] | None = None
         # Counted rather than "queue empty": under steady traffic the queue may never be empty,
         # and a drain must still end once what came before it is written.
         self._submitted = 0
@@ -90,28 +91,33 @@ class EmbeddedRunner:
             asyncio.get_running_loop().call_soon(self._append_waiting)
         if accepted_ms is None:
             accepted_ms = time.time_ns() // 1_000_000
-        appended, first = self._appended, len(self._waiting)
-        self._waiting.extend([Record(event.kafka_key, event.to_bytes(), accepted_ms, incarnation)
-                              for event in events])
-        try:
-            # Each record's own end: a batch may end inside the group, and the rest of the group
-            # must stay journaled until it is written.
-            ends = (await appended)[first:first + len(events)]
-        except BaseException:
-            for _ in events:
-                self._room.release()
-            raise
-        for event, end in zip(events, ends):
-            self._queue.put_nowait((event, end, incarnation, accepted_ms))
-        self._submitted += len(events)
+        self._waiting.append((events, incarnation, accepted_ms))
+        # Shielded: the turn's future is every submitter's, and one request cancelled while it
+        # waits (a server stopping) cancelled it for all of them, whose events were journaled.
+        await asyncio.shield(self._appended)
 
     def _append_waiting(self) -> None:
-        records, appended = self._waiting, self._appended
+        """Journal the turn's events and queue them, whether or not their submitters still wait:
+        an event journaled is written (a submitter cancelled meanwhile got no answer; its event
+        counts once, not twice). When the journal refuses them, their room is given back."""
+        groups, appended = self._waiting, self._appended
         self._waiting, self._appended = [], None
         try:
-            appended.set_result(self._journal.append_all(records))
+            # Each record's own end: a batch may end inside the turn's records, and the rest must
+            # stay journaled until they are written.
+            ends = iter(self._journal.append_all([Record(event.kafka_key, event.to_bytes(), accepted_ms, incarnation)
+                                                  for events, incarnation, accepted_ms in groups for event in events]))
         except Exception as exc:  # SpoolRefused (or another error): every event of the turn is refused
+            for events, _, _ in groups:
+                for _ in events:
+                    self._room.release()
             appended.set_exception(exc)
+            return
+        for events, incarnation, accepted_ms in groups:
+            for event in events:
+                self._queue.put_nowait((event, next(ends), incarnation, accepted_ms))
+            self._submitted += len(events)
+        appended.set_result(None)
 
     async def start(self) -> None:
         """Open the journal and start writing: first what a process that died left in it, then

@@ -701,6 +701,40 @@ async def test_a_batch_cut_inside_one_turns_events_leaves_the_rest_journaled(tmp
         await runner.stop()
 
 
+async def test_a_submitter_cancelled_in_its_turn_leaves_the_others_and_its_event_is_written(tmp_path, caplog):
+    """The events of one turn wait on one future. A request cancelled while it waited (a server
+    stopping) cancelled that future for every request of the turn, whose events were journaled:
+    they failed with CancelledError (no answer), and the journal callback raised. Now the others
+    are answered, and every journaled event is written, the cancelled one's too (its request got
+    no answer: it counts once, not twice)."""
+    class Core:
+        def __init__(self) -> None:
+            self.written: list[str] = []
+
+        def process(self, batch: list[Event], still_current=None) -> None:
+            self.written += [e.event_id for e in batch]
+
+    at = datetime.now(timezone.utc)
+    events = [Event(event_id=str(uuid.uuid4()), site_id="s", timestamp=at, name="pageview", visitor_id=n, pathname="/")
+              for n in range(4)]
+    core = Core()
+    runner = EmbeddedRunner(core, Spool(tmp_path, 1 << 20))
+    await runner.start()
+    try:
+        tasks = [asyncio.create_task(runner.submit(e)) for e in events[:3]]
+        tasks.append(asyncio.create_task(runner.submit_all(events[3:])))
+        await asyncio.sleep(0)  # each waits for the turn's journal write now
+        tasks[1].cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(results[1], asyncio.CancelledError)
+        assert [r for i, r in enumerate(results) if i != 1] == [None] * 3
+        await runner.drain()
+        assert core.written == [e.event_id for e in events]
+        assert "Exception in callback" not in caplog.text
+    finally:
+        await runner.stop()
+
+
 async def test_a_batch_takes_what_is_queued_and_what_comes_within_its_linger(tmp_path):
     """A backlog goes in batches of `max_batch`; events that trickle in while a batch lingers join
     it; one that comes after the linger starts the next batch. Each event is written once."""
