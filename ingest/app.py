@@ -203,7 +203,7 @@ class EventSteps:
     def enrich(self, b: Beacon) -> Outcome:
         country = clients.country(b.ip, b.peer, b.headers, self._trusted)
         b.event = enrich(b.incoming, b.site, b.agent, country, b.visitor_id, b.at)
-        if b.incoming.event_id:  # a client's retry of an event this process is sending takes its copy
+        if b.incoming.event_id:  # a client's retry takes the visitor id of its first copy (ingest/retries.py)
             b.event = self._first_copies.follow(b.event)
         return None
 
