@@ -80,8 +80,9 @@ def store(data: Path, size: int) -> None:
     for events in (before, busy):
         for i in range(0, len(events), 25_000):
             core.process(events[i:i + 25_000])
-            print(f"  {min(i + 25_000, len(events)):,} of {len(events):,} stored ({time.perf_counter() - started:.0f} s)",
-                  file=sys.stderr, flush=True)
+            done = min(i + 25_000, len(events))
+            print(f"  {done:,} of {len(events):,} stored ({time.perf_counter() - started:.0f} s)", file=sys.stderr,
+                  flush=True)
     (data / "loaded.json").write_text(json.dumps({"now": now.isoformat()}))
     return now
 
