@@ -25,6 +25,8 @@ from streams.retention import RawEvents
 from streams.sites import Site, SiteRegistry
 
 CACHE_CONTROL = "public, max-age=1800, stale-while-revalidate=3600, stale-if-error=86400"
+# A batch's sub-requests carry its site in their scope's state under this key (query_api/batch.py).
+BATCH_SITE = "batch_site"
 
 # A site's reads of the rollups (stats, goals, popular) run on one thread: they read a few
 # thousand rows, and a second thread cost more CPU to set up than it saved time: ~10 % of the

@@ -19,7 +19,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from ingest.event import MAX_SITE_ID, EventName, PagePath
-from query_api.deps import Ctx, Key, SiteId, cached_json, readable_site, shared_json
+from query_api.deps import BATCH_SITE, Ctx, Key, SiteId, cached_json, readable_site, shared_json
 from query_api.errors import APIError
 from query_api.models import FunnelCreated, FunnelsResponse, FunnelStatsResponse, Name
 from query_api.periods import Period, percent, stats_period
@@ -115,10 +115,14 @@ def funnel_stats(client: Client, funnel: Funnel, period: Period) -> dict:
             "overall_conversion": percent(reached[-1], reached[0])}
 
 
-def _readable_funnel(ctx, key, funnel_id: str, fresh: bool = False) -> tuple[Funnel, Site]:
+def _readable_funnel(ctx, key, funnel_id: str, fresh: bool = False, on_site: str | None = None) -> tuple[Funnel, Site]:
+    """The funnel and its site, as the key may read them; with `on_site` (a batch's site), a funnel
+    of another site is not found, whoever may read it."""
     funnel = ctx.funnels.get(funnel_id)
     if funnel is None:
         raise APIError(404, "funnel_not_found", f"no funnel with id {funnel_id!r}")
+    if on_site is not None and funnel.site_id != on_site:
+        raise APIError(404, "funnel_not_found", f"no funnel {funnel_id!r} on site {on_site!r}")
     return funnel, readable_site(ctx, key, funnel.site_id, f"funnel {funnel_id!r}", fresh)
 
 
@@ -145,6 +149,6 @@ def delete_funnel(ctx: Ctx, key: Key, funnel_id: str) -> Response:
 def get_funnel_stats(request: Request, ctx: Ctx, key: Key, funnel_id: str, period: PeriodName = "30d",
                      from_: From = None, to: To = None) -> Response:
     # The site as checked: read again, a site deleted meanwhile would be None.
-    funnel, site = _readable_funnel(ctx, key, funnel_id)
+    funnel, site = _readable_funnel(ctx, key, funnel_id, on_site=request.scope.get("state", {}).get(BATCH_SITE))
     return shared_json(request, site, funnel_stats, ctx.client, funnel,
                        stats_period(ctx.client, period, site.timezone, from_, to), data=True)
