@@ -352,7 +352,9 @@ class CarryQuestions:
         except Exception as exc:
             if not (self._visitors.lenient and isinstance(exc, ClickHouseError)):
                 for _, done in asked.values():
-                    done.done() or done.set_exception(exc)  # each waiting request answers 503
+                    if not done.done():  # each waiting request answers 503
+                        done.set_exception(exc)
+                        done.exception()  # seen: with every asker cancelled, asyncio logged it as never retrieved
                 return
             self._visitors.say_unavailable(exc, len(asked))
             ends = {}

@@ -112,6 +112,7 @@ class EmbeddedRunner:
                 for _ in events:
                     self._room.release()
             appended.set_exception(exc)
+            appended.exception()  # seen: with every submitter cancelled, asyncio would log it as never retrieved
             return
         for events, incarnation, accepted_ms in groups:
             for event in events:

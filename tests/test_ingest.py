@@ -146,6 +146,41 @@ async def test_a_body_deadline_cancels_only_its_own_read():
     assert not bodies._deadlines._due and not bodies._deadlines._expired
 
 
+async def test_a_failed_question_whose_askers_were_all_cancelled_logs_no_unretrieved_error(caplog):
+    """Requests that share a question about sessions open at midnight (`CarryQuestions`) wait on
+    its future through `asyncio.shield`. With every one of them cancelled before it failed, no one
+    read the failure, and asyncio logged "Future exception was never retrieved" with a traceback."""
+    import asyncio
+    import gc
+    from datetime import datetime, timedelta, timezone
+
+    from ingest.visitors import CarryQuestions
+
+    class Visitors:
+        lenient, timeout = False, timedelta(minutes=30)
+
+        def question(self, *args):
+            return ("s", 1)
+
+        def latest_ends(self, keys, since):
+            raise RuntimeError("the store refused (a test)")
+
+    carries = CarryQuestions(Visitors())
+
+    async def ask_and_cancel() -> None:  # its frames, which hold the question, go when it returns
+        askers = [asyncio.create_task(carries.settle("s", "192.0.2.1", "ua", datetime.now(timezone.utc)))
+                  for _ in range(2)]
+        await asyncio.sleep(0)
+        for asker in askers:
+            asker.cancel()
+        assert all(isinstance(r, asyncio.CancelledError) for r in await asyncio.gather(*askers, return_exceptions=True))
+
+    await ask_and_cancel()
+    await asyncio.to_thread(wait_until, lambda: not carries._answering, 5, "the question answered")
+    gc.collect()
+    assert "never retrieved" not in caplog.text
+
+
 async def test_a_trickling_event_is_answered_408_and_its_connection_closed(embedded, monkeypatch):
     """Kept open after the 408, the connection went on taking the rest of the body as slowly as
     the client sent it (an audit's was open 130 s later)."""
