@@ -701,23 +701,24 @@ async def test_a_batch_cut_inside_one_turns_events_leaves_the_rest_journaled(tmp
         await runner.stop()
 
 
+class _Noting:
+    """A stream core that notes the ids of the events it is given."""
+
+    def __init__(self) -> None:
+        self.written: list[str] = []
+
+    def process(self, batch: list[Event], still_current=None) -> None:
+        self.written += [e.event_id for e in batch]
+
+
 async def test_a_submitter_cancelled_in_its_turn_leaves_the_others_and_its_event_is_written(tmp_path, caplog):
     """The events of one turn wait on one future. A request cancelled while it waited (a server
     stopping) cancelled that future for every request of the turn, whose events were journaled:
     they failed with CancelledError (no answer), and the journal callback raised. Now the others
     are answered, and every journaled event is written, the cancelled one's too (its request got
     no answer: it counts once, not twice)."""
-    class Core:
-        def __init__(self) -> None:
-            self.written: list[str] = []
-
-        def process(self, batch: list[Event], still_current=None) -> None:
-            self.written += [e.event_id for e in batch]
-
-    at = datetime.now(timezone.utc)
-    events = [Event(event_id=str(uuid.uuid4()), site_id="s", timestamp=at, name="pageview", visitor_id=n, pathname="/")
-              for n in range(4)]
-    core = Core()
+    events = _pageviews("s", 4)
+    core = _Noting()
     runner = EmbeddedRunner(core, Spool(tmp_path, 1 << 20))
     await runner.start()
     try:
@@ -771,17 +772,8 @@ async def test_a_journal_cursor_that_cannot_be_saved_does_not_stop_the_stream_co
     be written). That used to end the runner's task silently: `up` went on answering 202 and wrote
     nothing until it was restarted. The batch is written; its records stay journaled (written
     again, harmlessly, at the next start) until a later cursor is saved."""
-    class Core:
-        def __init__(self) -> None:
-            self.written: list[str] = []
-
-        def process(self, batch: list[Event], still_current=None) -> None:
-            self.written += [e.event_id for e in batch]
-
-    at = datetime.now(timezone.utc)
-    events = [Event(event_id=str(uuid.uuid4()), site_id="s", timestamp=at, name="pageview", visitor_id=n, pathname="/")
-              for n in range(4)]
-    core = Core()
+    events = _pageviews("s", 4)
+    core = _Noting()
     runner = EmbeddedRunner(core, Spool(tmp_path, 1 << 20))
     await runner.start()
     try:
