@@ -113,7 +113,7 @@ async def test_a_body_that_trickles_in_is_cut_at_its_deadline():
 
 async def test_a_body_deadline_cancels_only_its_own_read():
     """Body deadlines are kept by a sweep that cancels the reading task, as `asyncio.timeout` does
-    (ingest/app.py `_BodyDeadlines`): a task cut at its deadline goes on uncancelled, and a
+    (ingest/bodies.py `_BodyDeadlines`): a task cut at its deadline goes on uncancelled, and a
     cancellation from elsewhere while it reads stays a cancellation."""
     import asyncio
 
